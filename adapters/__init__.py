@@ -1,0 +1,1 @@
+"""Adapters that hand off particular kinds of state (shipped as ``handoff.adapters``)."""

@@ -1,0 +1,56 @@
+"""warm-handoff: keep in-memory state warm across rolling and blue-green deploys."""
+
+from __future__ import annotations
+
+from handoff._errors import (
+    AuthenticationError,
+    BindError,
+    ClusterMismatch,
+    ConfigError,
+    ConnectError,
+    ConnectionClosed,
+    ConnectTimeout,
+    DiscoveryError,
+    FrameTooLarge,
+    HandoffError,
+    HandoffTimeout,
+    HandshakeError,
+    HandshakeRejected,
+    HandshakeTimeout,
+    HeartbeatTimeout,
+    LocalProtocolError,
+    NameConflict,
+    ProtocolError,
+    SelfConnection,
+    TLSError,
+    TransportError,
+    VersionMismatch,
+)
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AuthenticationError",
+    "BindError",
+    "ClusterMismatch",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionClosed",
+    "DiscoveryError",
+    "FrameTooLarge",
+    "HandoffError",
+    "HandoffTimeout",
+    "HandshakeError",
+    "HandshakeRejected",
+    "HandshakeTimeout",
+    "HeartbeatTimeout",
+    "LocalProtocolError",
+    "NameConflict",
+    "ProtocolError",
+    "SelfConnection",
+    "TLSError",
+    "TransportError",
+    "VersionMismatch",
+    "__version__",
+)

@@ -1,0 +1,129 @@
+"""The library's exceptions: one root, subclasses that say what failed.
+
+Errors from anyio, ssl, dnspython and the OS are translated into these at one edge
+(``handoff.transport`` for sockets, ``handoff.discovery`` for DNS) so that callers never
+have to know which backend raised what.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "AuthenticationError",
+    "BindError",
+    "ClusterMismatch",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionClosed",
+    "DiscoveryError",
+    "FrameTooLarge",
+    "HandoffError",
+    "HandoffTimeout",
+    "HandshakeError",
+    "HandshakeRejected",
+    "HandshakeTimeout",
+    "HeartbeatTimeout",
+    "LocalProtocolError",
+    "NameConflict",
+    "ProtocolError",
+    "SelfConnection",
+    "TLSError",
+    "TransportError",
+    "VersionMismatch",
+)
+
+
+class HandoffError(Exception):
+    """Root of every error raised by warm-handoff."""
+
+
+class ConfigError(HandoffError):
+    """The configuration is missing something or holds a value that cannot work.
+
+    The message names the setting (argument and environment variable) and how to fix it.
+    """
+
+
+class ProtocolError(HandoffError):
+    """The peer sent bytes that break the protocol: malformed, oversized or out of order."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's length prefix exceeds the limit; nothing of it was buffered."""
+
+
+class LocalProtocolError(HandoffError):
+    """This process tried to do something the protocol does not allow in the current state."""
+
+
+class HandshakeError(HandoffError):
+    """The two nodes could not establish a trusted connection."""
+
+
+class AuthenticationError(HandshakeError):
+    """The peer's proof of the shared cookie was wrong (different ``HANDOFF_COOKIE``)."""
+
+
+class ClusterMismatch(HandshakeError):
+    """The peer belongs to another cluster (different ``HANDOFF_CLUSTER``)."""
+
+
+class VersionMismatch(HandshakeError):
+    """The two nodes share no protocol version."""
+
+
+class SelfConnection(HandshakeError):
+    """The address dialled is this node itself."""
+
+
+class NameConflict(HandshakeError):
+    """Another live node uses this node's name (two processes with one ``HANDOFF_NODE_NAME``)."""
+
+
+class HandshakeRejected(HandshakeError):
+    """The peer refused the handshake for a reason it named."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"peer rejected the connection ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class HandoffTimeout(HandoffError):
+    """Something did not happen within its time limit."""
+
+
+class HandshakeTimeout(HandoffTimeout):
+    """The peer did not complete the handshake in time."""
+
+
+class HeartbeatTimeout(HandoffTimeout):
+    """Nothing was heard from an established peer within the heartbeat timeout."""
+
+
+class TransportError(HandoffError):
+    """A network-level failure: refused, reset, unreachable, closed."""
+
+
+class ConnectError(TransportError):
+    """A connection to a peer could not be opened."""
+
+
+class ConnectTimeout(ConnectError, HandoffTimeout):
+    """Opening a connection to a peer took longer than the connect timeout."""
+
+
+class ConnectionClosed(TransportError):
+    """The connection ended (closed, reset or broken) while it was in use."""
+
+
+class TLSError(TransportError):
+    """The TLS handshake failed: untrusted or mismatched certificates."""
+
+
+class BindError(TransportError, ConfigError):
+    """The node could not listen on its bind address (address in use, not available)."""
+
+
+class DiscoveryError(HandoffError):
+    """A discovery query failed. Logged and retried by the node; never fatal there."""

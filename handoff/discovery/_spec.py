@@ -1,0 +1,111 @@
+"""Parsing of the ``HANDOFF_DISCOVERY`` value into a typed, validated description."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from handoff._errors import ConfigError
+
+__all__ = ("DiscoverySpec", "PeerAddress", "parse_discovery_spec", "parse_host_port")
+
+DiscoveryKind = Literal["static", "dns", "fly", "none"]
+
+_FORMS = "'static:HOST:PORT,HOST:PORT', 'dns:NAME[:PORT]', 'fly' or 'none'"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    """An address that might be a peer, as discovery saw it (not yet a member)."""
+
+    host: str
+    port: int
+    meta: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySpec:
+    """What to ask to find peers. ``port`` is ``None`` when the node's own port applies."""
+
+    kind: DiscoveryKind
+    static: tuple[PeerAddress, ...] = ()
+    name: str = ""
+    port: int | None = None
+
+
+def _port(text: str, context: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"{context}: port {text!r} is not a number between 1 and 65535")
+    return int(text)
+
+
+def parse_host_port(
+    text: str, *, context: str, default_port: int | None = None
+) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port`` or (with a default port) a bare host.
+
+    ``context`` names the setting in error messages, e.g. ``"HANDOFF_BIND"``.
+    """
+    text = text.strip()
+    if not text:
+        raise ConfigError(f"{context}: empty address; expected HOST:PORT")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not host:
+            raise ConfigError(f"{context}: {text!r} has an unclosed '['; expected [IPV6]:PORT")
+        if not rest:
+            if default_port is None:
+                raise ConfigError(f"{context}: {text!r} has no port; expected [IPV6]:PORT")
+            return host, default_port
+        if not rest.startswith(":"):
+            raise ConfigError(f"{context}: {text!r}: expected ':' and a port after ']'")
+        return host, _port(rest[1:], context)
+    if text.count(":") > 1:
+        # A bare IPv6 address: the port, if any, must be written with brackets.
+        if default_port is None:
+            raise ConfigError(
+                f"{context}: {text!r} looks like an IPv6 address without a port; "
+                "write it as [IPV6]:PORT"
+            )
+        return text, default_port
+    host, sep, port = text.partition(":")
+    if not host:
+        raise ConfigError(f"{context}: {text!r} has no host; expected HOST:PORT")
+    if not sep:
+        if default_port is None:
+            raise ConfigError(f"{context}: {text!r} has no port; expected HOST:PORT")
+        return host, default_port
+    return host, _port(port, context)
+
+
+def parse_discovery_spec(text: str, *, context: str = "HANDOFF_DISCOVERY") -> DiscoverySpec:
+    """Parse a discovery setting; raise :class:`ConfigError` saying what is wrong."""
+    text = text.strip()
+    kind, _, rest = text.partition(":")
+    if kind == "none" and not rest:
+        return DiscoverySpec(kind="none")
+    if kind == "fly" and not rest:
+        return DiscoverySpec(kind="fly")
+    if kind == "static":
+        if not rest.strip():
+            raise ConfigError(f"{context}: 'static:' needs at least one HOST:PORT")
+        addresses = tuple(
+            PeerAddress(*parse_host_port(part, context=context))
+            for part in rest.split(",")
+            if part.strip()
+        )
+        if not addresses:
+            raise ConfigError(f"{context}: 'static:' needs at least one HOST:PORT")
+        return DiscoverySpec(kind="static", static=addresses)
+    if kind == "dns":
+        name, sep, port = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
+        if not sep:
+            name, port = rest, ""
+        name = name.strip().rstrip(".")
+        if not name or any(c.isspace() for c in name):
+            raise ConfigError(f"{context}: 'dns:' needs a DNS name, e.g. dns:myapp.internal")
+        return DiscoverySpec(kind="dns", name=name, port=_port(port, context) if port else None)
+    raise ConfigError(f"{context}: {text!r} is not a discovery setting; expected {_FORMS}")
