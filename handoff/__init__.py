@@ -26,6 +26,9 @@ from handoff._errors import (
     TransportError,
     VersionMismatch,
 )
+from handoff.membership import DownReason, MembershipEvent, NodeDown, NodeLeaving, NodeUp, Peer
+from handoff.node import Node
+from handoff.protocol import NodeState
 
 __version__ = "0.1.0"
 
@@ -38,6 +41,7 @@ __all__ = (
     "ConnectTimeout",
     "ConnectionClosed",
     "DiscoveryError",
+    "DownReason",
     "FrameTooLarge",
     "HandoffError",
     "HandoffTimeout",
@@ -46,7 +50,14 @@ __all__ = (
     "HandshakeTimeout",
     "HeartbeatTimeout",
     "LocalProtocolError",
+    "MembershipEvent",
     "NameConflict",
+    "Node",
+    "NodeDown",
+    "NodeLeaving",
+    "NodeState",
+    "NodeUp",
+    "Peer",
     "ProtocolError",
     "SelfConnection",
     "TLSError",

@@ -11,6 +11,7 @@ import struct
 from typing import Any
 
 import msgpack
+
 from handoff._errors import FrameTooLarge, ProtocolError
 
 __all__ = ("FrameDecoder", "check_depth", "encode_frame")
@@ -110,7 +111,6 @@ class FrameDecoder:
                 use_list=True,
                 strict_map_key=True,
                 ext_hook=_refuse_ext,
-                max_buffer_size=length,
                 max_str_len=length,
                 max_bin_len=length,
                 max_array_len=length,

@@ -1,0 +1,267 @@
+"""The peer table: who is up, and the node-up / leaving / node-down events.
+
+Pure logic with time passed in, so every rule is tested without sockets. The node feeds it
+what its links report; it answers with events to publish and links to close.
+
+Rules:
+
+- One connection per pair of nodes. Both sides often dial at once (each sees the other in
+  DNS); of two links between the same two incarnations, both sides keep the one dialled by
+  the node whose name sorts first, so they agree without talking about it.
+- A peer that closes a link as a duplicate is not down: the link it prefers is on its way.
+  It is held for a grace period and reported down only if no link replaces it.
+- A new incarnation under a known name (a restarted process) replaces the old one.
+- Absence from DNS is never a reason to drop a peer; only its links decide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+from handoff.protocol import NodeState, PeerInfo
+
+__all__ = (
+    "DUPLICATE",
+    "DownReason",
+    "LinkDecision",
+    "Membership",
+    "MembershipEvent",
+    "NodeDown",
+    "NodeLeaving",
+    "NodeUp",
+    "Peer",
+)
+
+DUPLICATE = "duplicate connection"
+
+
+class DownReason(StrEnum):
+    """Why a peer is considered gone."""
+
+    GOODBYE = "goodbye"
+    CONNECTION_LOST = "connection lost"
+    HEARTBEAT_TIMEOUT = "heartbeat timeout"
+    PROTOCOL_ERROR = "protocol error"
+    RESTARTED = "restarted"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """An authenticated member of the cluster, as this node sees it."""
+
+    name: str
+    release: str
+    address: str
+    state: NodeState
+    namespaces: Mapping[str, int]
+    started_at: float
+    incarnation: str = field(repr=False)
+    protocol_version: int = field(repr=False)
+    clock_offset: float = field(repr=False)
+    """The peer's wall clock minus ours at handshake time, in seconds."""
+
+    @property
+    def serving(self) -> bool:
+        """True while the peer takes work (not draining)."""
+        return self.state is NodeState.SERVING
+
+    @classmethod
+    def from_info(cls, info: PeerInfo, address: str) -> Peer:
+        """Build from what the handshake told; ``address`` is used if the peer gave none."""
+        return cls(
+            name=info.name,
+            release=info.release,
+            address=info.address or address,
+            state=info.state,
+            namespaces=MappingProxyType({ns.name: ns.version for ns in info.namespaces}),
+            started_at=info.started_at,
+            incarnation=info.incarnation,
+            protocol_version=info.protocol_version,
+            clock_offset=info.clock_offset,
+        )
+
+    def with_state(self, state: NodeState) -> Peer:
+        """The same peer in another state."""
+        return Peer(
+            self.name,
+            self.release,
+            self.address,
+            state,
+            self.namespaces,
+            self.started_at,
+            self.incarnation,
+            self.protocol_version,
+            self.clock_offset,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUp:
+    """A peer joined (authenticated)."""
+
+    peer: Peer
+    kind: str = "node-up"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLeaving:
+    """A peer started draining: it is still reachable but takes no new work."""
+
+    peer: Peer
+    kind: str = "leaving"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDown:
+    """A peer is gone, for ``reason`` (``detail`` says more, for logs)."""
+
+    peer: Peer
+    reason: DownReason
+    detail: str = ""
+    kind: str = "node-down"
+
+
+MembershipEvent = NodeUp | NodeLeaving | NodeDown
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDecision:
+    """What the node must do after a link completed its handshake."""
+
+    keep: bool
+    close: tuple[int, ...] = ()
+    events: tuple[MembershipEvent, ...] = ()
+
+
+@dataclass(slots=True)
+class _Entry:
+    peer: Peer
+    link: int
+    dialled: bool
+    addresses: set[str]
+
+
+class Membership:
+    """The authenticated peers of one node, keyed by name."""
+
+    def __init__(self, local_name: str, *, grace: float) -> None:
+        self._local_name = local_name
+        self._grace = grace
+        self._entries: dict[str, _Entry] = {}
+        # Peers whose link the other side closed as a duplicate: name -> (entry, deadline).
+        self._held: dict[str, tuple[_Entry, float]] = {}
+
+    def peers(self) -> list[Peer]:
+        """Authenticated peers, sorted by name."""
+        return [self._entries[name].peer for name in sorted(self._entries)]
+
+    def peer(self, name: str) -> Peer | None:
+        """The peer called ``name``, if it is up."""
+        entry = self._entries.get(name) or self._held.get(name, (None, 0.0))[0]
+        return entry.peer if entry else None
+
+    def link_of(self, name: str) -> int | None:
+        """The id of the link in use for peer ``name``."""
+        entry = self._entries.get(name)
+        return entry.link if entry else None
+
+    def knows_address(self, address: str) -> bool:
+        """True if a live peer is reachable at ``address`` (no need to dial it)."""
+        return any(address in entry.addresses for entry in self._entries.values()) or any(
+            address in entry.addresses for entry, _ in self._held.values()
+        )
+
+    def _preferred(self, peer_name: str, dialled: bool) -> bool:
+        dialler = self._local_name if dialled else peer_name
+        return dialler == min(self._local_name, peer_name)
+
+    def established(
+        self, link: int, info: PeerInfo, *, dialled: bool, address: str, now: float
+    ) -> LinkDecision:
+        """A link finished its handshake with ``info``; decide whether to keep it."""
+        peer = Peer.from_info(info, address)
+        entry = _Entry(peer, link, dialled, {address, peer.address} - {""})
+        current = self._entries.get(info.name)
+        held = self._held.pop(info.name, None)
+        if current is None and held is not None:
+            if held[0].peer.incarnation == info.incarnation:
+                # The replacement for a link closed as a duplicate: nothing changed for users.
+                self._entries[info.name] = entry
+                return LinkDecision(keep=True)
+            self._entries[info.name] = entry
+            return LinkDecision(
+                keep=True,
+                events=(NodeDown(held[0].peer, DownReason.RESTARTED), NodeUp(peer)),
+            )
+        if current is None:
+            self._entries[info.name] = entry
+            return LinkDecision(keep=True, events=(NodeUp(peer),))
+        if current.peer.incarnation != info.incarnation:
+            if info.started_at < current.peer.started_at:
+                return LinkDecision(keep=False)
+            self._entries[info.name] = entry
+            return LinkDecision(
+                keep=True,
+                close=(current.link,),
+                events=(NodeDown(current.peer, DownReason.RESTARTED), NodeUp(peer)),
+            )
+        # Same incarnation twice: the deterministic tie-break, silently.
+        if self._preferred(info.name, dialled) and not self._preferred(info.name, current.dialled):
+            entry.addresses |= current.addresses
+            self._entries[info.name] = entry
+            return LinkDecision(keep=True, close=(current.link,))
+        current.addresses |= entry.addresses
+        return LinkDecision(keep=False)
+
+    def state_changed(self, link: int, state: NodeState) -> list[MembershipEvent]:
+        """The peer on ``link`` changed state."""
+        entry = self._find(link)
+        if entry is None or entry.peer.state is state:
+            return []
+        entry.peer = entry.peer.with_state(state)
+        return [NodeLeaving(entry.peer)] if state is NodeState.DRAINING else []
+
+    def lost(
+        self, link: int, reason: DownReason, detail: str = "", *, now: float
+    ) -> list[MembershipEvent]:
+        """The link ended. Events only if it was the link in use for its peer."""
+        entry = self._find(link)
+        if entry is None:
+            return []
+        del self._entries[entry.peer.name]
+        if reason is DownReason.GOODBYE and detail == DUPLICATE:
+            self._held[entry.peer.name] = (entry, now + self._grace)
+            return []
+        return [NodeDown(entry.peer, reason, detail)]
+
+    def expire(self, now: float) -> list[MembershipEvent]:
+        """Report held peers whose replacement link never came."""
+        events: list[MembershipEvent] = []
+        for name, (entry, deadline) in list(self._held.items()):
+            if now >= deadline:
+                del self._held[name]
+                events.append(
+                    NodeDown(entry.peer, DownReason.CONNECTION_LOST, "duplicate never replaced")
+                )
+        return events
+
+    def next_deadline(self) -> float:
+        """When ``expire`` has something to do (``inf`` if never)."""
+        return min((deadline for _, deadline in self._held.values()), default=math.inf)
+
+    def clear(self) -> list[Peer]:
+        """Forget everyone (the local node stops); returns who was up."""
+        peers = self.peers()
+        self._entries.clear()
+        self._held.clear()
+        return peers
+
+    def _find(self, link: int) -> _Entry | None:
+        for entry in self._entries.values():
+            if entry.link == link:
+                return entry
+        return None

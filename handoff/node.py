@@ -1,0 +1,598 @@
+"""Node: one process's membership in a warm-handoff cluster.
+
+It listens for peers, dials the addresses discovery finds, authenticates both ways and keeps
+one link per peer alive with heartbeats. Applications see the result as ``node.peers()``,
+callbacks (``@node.on_node_up`` ...) and the async iterator ``node.events()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+from anyio.streams.memory import MemoryObjectSendStream
+
+from handoff._errors import (
+    AuthenticationError,
+    ClusterMismatch,
+    ConnectError,
+    DiscoveryError,
+    HandoffError,
+    HeartbeatTimeout,
+    LocalProtocolError,
+    NameConflict,
+    ProtocolError,
+    SelfConnection,
+    VersionMismatch,
+)
+from handoff.config import Settings, resolve_settings
+from handoff.discovery import Discovery, PeerAddress, make_discovery
+from handoff.membership import (
+    DUPLICATE,
+    DownReason,
+    Membership,
+    MembershipEvent,
+    NodeDown,
+    NodeLeaving,
+    Peer,
+)
+from handoff.protocol import (
+    Connection,
+    Event,
+    Limits,
+    LocalNode,
+    MessageReceived,
+    NamespaceVersion,
+    NodeState,
+    PeerGoodbye,
+    PeerInfo,
+    PeerStateChanged,
+    Role,
+)
+from handoff.transport import (
+    PeerLink,
+    TLSContexts,
+    format_address,
+    open_connection,
+    open_listener,
+    secure_server_side,
+)
+
+__all__ = ("Node",)
+
+logger = logging.getLogger("handoff.node")
+
+PeerCallback = Callable[[Peer], Awaitable[None] | None]
+DownCallback = Callable[[Peer, DownReason], Awaitable[None] | None]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+EVENT_BUFFER = 1024
+# Refused before they cost more than a socket: peers that connect and never authenticate.
+MAX_PENDING_HANDSHAKES = 256
+
+
+def _remote_of(stream: anyio.abc.ByteStream) -> str:
+    try:
+        address = stream.extra(SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:
+        return "unknown"
+    if isinstance(address, tuple):
+        return format_address(str(address[0]), int(address[1]))
+    return str(address)
+
+
+class Node:
+    """A member of a warm-handoff cluster.
+
+    Every argument is optional: explicit arguments win, then ``HANDOFF_*`` environment
+    variables, then Fly.io / Kubernetes detection (see :mod:`handoff.config`). Configuration
+    errors (a missing cookie, a malformed ``HANDOFF_BIND``) raise :class:`ConfigError` here,
+    at construction; a port in use raises :class:`BindError` from :meth:`start`.
+
+    Use it as ``async with node:`` or call :meth:`start` and :meth:`stop` from the same task.
+    """
+
+    def __init__(
+        self,
+        cluster: str | None = None,
+        *,
+        cookie: str | bytes | None = None,
+        release: str | None = None,
+        name: str | None = None,
+        bind: str | None = None,
+        discovery: str | None = None,
+        dns_server: str | None = None,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        drain_timeout: float | None = None,
+        warmup_timeout: float | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        heartbeat_timeout: float | None = None,
+        heartbeat_interval: float | None = None,
+        poll_interval: float | None = None,
+        handshake_timeout: float | None = None,
+        connect_timeout: float | None = None,
+        advertise: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+    ) -> None:
+        self.settings: Settings = resolve_settings(
+            environ=environ,
+            cluster=cluster,
+            cookie=cookie,
+            release=release,
+            name=name,
+            bind=bind,
+            discovery=discovery,
+            dns_server=dns_server,
+            snapshot_dir=snapshot_dir,
+            drain_timeout=drain_timeout,
+            warmup_timeout=warmup_timeout,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            heartbeat_timeout=heartbeat_timeout,
+            heartbeat_interval=heartbeat_interval,
+            poll_interval=poll_interval,
+            handshake_timeout=handshake_timeout,
+            connect_timeout=connect_timeout,
+            advertise=advertise,
+        )
+        s = self.settings
+        self.incarnation = secrets.token_hex(8)
+        self.started_at = 0.0
+        self._state = NodeState.SERVING
+        self._namespaces: dict[str, int] = {}
+        self._limits = Limits(
+            handshake_timeout=s.handshake_timeout,
+            heartbeat_interval=s.heartbeat_interval,
+            heartbeat_timeout=s.heartbeat_timeout,
+        )
+        self._membership = Membership(s.node_name, grace=s.handshake_timeout)
+        self._links: dict[int, PeerLink] = {}
+        self._link_ids = itertools.count(1)
+        self._up_callbacks: list[PeerCallback] = []
+        self._leaving_callbacks: list[PeerCallback] = []
+        self._down_callbacks: list[DownCallback] = []
+        self._subscribers: set[MemoryObjectSendStream[MembershipEvent]] = set()
+        self._max_pending = max_pending_handshakes
+        self._pending_handshakes = 0
+        self._dialling: set[str] = set()
+        self._self_addresses: set[str] = set()
+        self._last_discovery_error = ""
+        self._exit_stack: AsyncExitStack | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._listener: anyio.abc.SocketListener | None = None
+        self._tls: TLSContexts | None = None
+        self._discovery: Discovery | None = None
+        self._port = s.bind_port
+        self._stopping = False
+
+    # -- identity ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """This node's name (unique among live nodes of the cluster)."""
+        return self.settings.node_name
+
+    @property
+    def cluster(self) -> str:
+        """The cluster this node joins."""
+        return self.settings.cluster
+
+    @property
+    def release(self) -> str:
+        """This node's release (deploy) identifier."""
+        return self.settings.release
+
+    @property
+    def state(self) -> NodeState:
+        """``serving`` or ``draining``."""
+        return self._state
+
+    @property
+    def port(self) -> int:
+        """The port the node listens on (the real one when bound to port 0)."""
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` peers should dial to reach this node ("" if unknown)."""
+        host = self.settings.advertise_host
+        return format_address(host, self._port) if host else ""
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._task_group is not None
+
+    def peers(self) -> list[Peer]:
+        """The authenticated peers, sorted by name."""
+        return self._membership.peers()
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def on_node_up(self, callback: _F) -> _F:
+        """Decorator: call ``callback(peer)`` when a peer joins. May be async."""
+        self._up_callbacks.append(callback)
+        return callback
+
+    def on_node_leaving(self, callback: _F) -> _F:
+        """Decorator: call ``callback(peer)`` when a peer starts draining. May be async."""
+        self._leaving_callbacks.append(callback)
+        return callback
+
+    def on_node_down(self, callback: _F) -> _F:
+        """Decorator: call ``callback(peer, reason)`` when a peer is gone. May be async."""
+        self._down_callbacks.append(callback)
+        return callback
+
+    async def events(self) -> AsyncIterator[MembershipEvent]:
+        """Membership events from now on, until the node stops.
+
+        Each iterator has its own buffer of 1024 events; a consumer that falls further
+        behind loses the oldest-undelivered events, with a warning in the log.
+        """
+        send, receive = anyio.create_memory_object_stream[MembershipEvent](EVENT_BUFFER)
+        self._subscribers.add(send)
+        try:
+            async with receive:
+                async for event in receive:
+                    yield event
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    def _publish(self, events: tuple[MembershipEvent, ...] | list[MembershipEvent]) -> None:
+        for event in events:
+            peer = event.peer
+            if isinstance(event, NodeDown):
+                logger.info(
+                    "%s: node-down %s (release %s, %s): %s%s",
+                    self.name,
+                    peer.name,
+                    peer.release,
+                    peer.address,
+                    event.reason,
+                    f" ({event.detail})" if event.detail else "",
+                )
+                for down in self._down_callbacks:
+                    self._call(down, peer, event.reason)
+            elif isinstance(event, NodeLeaving):
+                logger.info(
+                    "%s: leaving %s (release %s, %s)",
+                    self.name,
+                    peer.name,
+                    peer.release,
+                    peer.address,
+                )
+                for leaving in self._leaving_callbacks:
+                    self._call(leaving, peer)
+            else:
+                logger.info(
+                    "%s: node-up %s (release %s, %s)",
+                    self.name,
+                    peer.name,
+                    peer.release,
+                    peer.address,
+                )
+                for up in self._up_callbacks:
+                    self._call(up, peer)
+            for send in list(self._subscribers):
+                try:
+                    send.send_nowait(event)
+                except anyio.WouldBlock:
+                    logger.warning("an events() consumer is %d events behind; dropped one", 1024)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self._subscribers.discard(send)
+
+    def _call(self, callback: Callable[..., Awaitable[None] | None], *args: object) -> None:
+        try:
+            result = callback(*args)
+        except Exception:
+            logger.exception("membership callback %r failed", callback)
+            return
+        if inspect.isawaitable(result) and self._task_group is not None:
+            self._task_group.start_soon(self._await_callback, callback, result)
+
+    @staticmethod
+    async def _await_callback(callback: object, result: Awaitable[None]) -> None:
+        try:
+            await result
+        except Exception:
+            logger.exception("membership callback %r failed", callback)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Listen, then find and join peers in the background. Returns once listening."""
+        if self._exit_stack is not None:
+            raise LocalProtocolError("this node is already started")
+        s = self.settings
+        for warning in s.warnings:
+            logger.warning("%s", warning)
+        self._tls = TLSContexts(s.tls) if s.tls else None
+        self._discovery = make_discovery(
+            s.discovery,
+            default_port=s.bind_port,
+            dns_server=s.dns_server,
+            fly_app=s.fly_app,
+            timeout=min(2.0, s.poll_interval),
+        )
+        listener = await open_listener(s.bind_host, s.bind_port)
+        local = listener.extra(SocketAttribute.local_address)
+        self._port = int(local[1]) if isinstance(local, tuple) else s.bind_port
+        self._self_addresses = {format_address(s.bind_host, self._port)}
+        if self.address:
+            self._self_addresses.add(self.address)
+        self.started_at = time.time()
+        self._stopping = False
+        stack = AsyncExitStack()
+        try:
+            await stack.enter_async_context(listener)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._exit_stack, self._listener = stack, listener
+        self._task_group.start_soon(self._accept_loop, listener)
+        self._task_group.start_soon(self._discovery_loop, self._discovery)
+        self._task_group.start_soon(self._expiry_loop)
+        logger.info(
+            "node %s (cluster %s, release %s) listening on %s%s; discovery %s",
+            s.node_name,
+            s.cluster,
+            s.release,
+            format_address(s.bind_host, self._port),
+            " with TLS" if self._tls else "",
+            self._discovery.describe(),
+        )
+
+    async def stop(self, reason: str = "node stopping") -> None:
+        """Say goodbye to every peer, stop listening and end all background work."""
+        stack, task_group = self._exit_stack, self._task_group
+        if stack is None or task_group is None:
+            return
+        self._stopping = True
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            async with anyio.create_task_group() as goodbyes:
+                for link in list(self._links.values()):
+                    goodbyes.start_soon(link.aclose, reason)
+        # The task group must be exited from the scope that entered it, so not shielded.
+        task_group.cancel_scope.cancel()
+        self._exit_stack = self._task_group = self._listener = None
+        try:
+            await stack.aclose()
+        finally:
+            self._membership.clear()
+            for send in list(self._subscribers):
+                send.close()
+            self._subscribers.clear()
+        logger.info("node %s stopped", self.name)
+
+    async def _set_state(self, state: NodeState) -> None:
+        """Change this node's state and tell every peer (serving -> draining)."""
+        if state is self._state:
+            return
+        self._state = state
+        async with anyio.create_task_group() as tell:
+            for link in list(self._links.values()):
+                tell.start_soon(self._tell_state, link, state)
+
+    @staticmethod
+    async def _tell_state(link: PeerLink, state: NodeState) -> None:
+        try:
+            await link.set_local_state(state)
+        except HandoffError as exc:
+            logger.debug("could not tell %s about state %s: %s", link.remote, state, exc)
+
+    def _local_node(self) -> LocalNode:
+        return LocalNode(
+            cluster=self.cluster,
+            name=self.name,
+            incarnation=self.incarnation,
+            release=self.release,
+            started_at=self.started_at,
+            state=self._state,
+            address=self.address,
+            namespaces=tuple(NamespaceVersion(n, v) for n, v in sorted(self._namespaces.items())),
+        )
+
+    def _connection(self, role: Role) -> Connection:
+        return Connection(
+            role,
+            self._local_node(),
+            self.settings.cookie,
+            now=anyio.current_time(),
+            limits=self._limits,
+        )
+
+    # -- background work --------------------------------------------------------------------
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener) -> None:
+        assert self._task_group is not None
+        while True:
+            try:
+                stream = await listener.accept()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            except OSError as exc:
+                # Out of file descriptors and the like: back off instead of spinning.
+                logger.warning("accepting a connection failed: %s", exc)
+                await anyio.sleep(0.1)
+                continue
+            if self._pending_handshakes >= self._max_pending:
+                logger.warning(
+                    "refusing a connection from %s: %d handshakes already pending",
+                    _remote_of(stream),
+                    self._pending_handshakes,
+                )
+                await anyio.aclose_forcefully(stream)
+                continue
+            self._pending_handshakes += 1
+            self._task_group.start_soon(self._serve_incoming, stream)
+
+    async def _serve_incoming(self, stream: anyio.abc.ByteStream) -> None:
+        remote = _remote_of(stream)
+        try:
+            if self._tls is not None:
+                stream = await secure_server_side(
+                    stream,
+                    self._tls.server,
+                    time_limit=self.settings.handshake_timeout,
+                    remote=remote,
+                )
+            link = PeerLink(stream, self._connection(Role.SERVER), remote)
+            peer, events = await link.handshake()
+        except HandoffError as exc:
+            self._log_refusal(remote, exc, incoming=True)
+            await anyio.aclose_forcefully(stream)
+            return
+        finally:
+            self._pending_handshakes -= 1
+        await self._run_link(link, peer, events, dialled=False, address=remote)
+
+    async def _dial(self, target: PeerAddress) -> None:
+        key = str(target)
+        self._dialling.add(key)
+        try:
+            stream = await open_connection(
+                target.host,
+                target.port,
+                time_limit=self.settings.connect_timeout,
+                tls=self._tls.client if self._tls else None,
+            )
+            link = PeerLink(stream, self._connection(Role.CLIENT), key)
+            try:
+                peer, events = await link.handshake()
+            except BaseException:
+                await link.aclose()
+                raise
+        except SelfConnection:
+            self._self_addresses.add(key)
+            return
+        except HandoffError as exc:
+            self._log_refusal(key, exc, incoming=False)
+            return
+        finally:
+            self._dialling.discard(key)
+        await self._run_link(link, peer, events, dialled=True, address=key)
+
+    @staticmethod
+    def _log_refusal(remote: str, exc: HandoffError, *, incoming: bool) -> None:
+        direction = "from" if incoming else "to"
+        if isinstance(exc, SelfConnection):
+            logger.debug("connection %s %s is this node itself", direction, remote)
+        elif isinstance(exc, AuthenticationError | ClusterMismatch | VersionMismatch):
+            logger.warning("refused connection %s %s: %s", direction, remote, exc)
+        elif isinstance(exc, NameConflict | ProtocolError):
+            logger.warning("dropped connection %s %s: %s", direction, remote, exc)
+        elif isinstance(exc, ConnectError):
+            # DNS lists nodes that are still starting; not worth more than debug.
+            logger.debug("cannot reach %s: %s", remote, exc)
+        else:
+            logger.info("connection %s %s failed: %s", direction, remote, exc)
+
+    async def _run_link(
+        self,
+        link: PeerLink,
+        peer: PeerInfo,
+        events: list[Event],
+        *,
+        dialled: bool,
+        address: str,
+    ) -> None:
+        link_id = next(self._link_ids)
+        decision = self._membership.established(
+            link_id, peer, dialled=dialled, address=address, now=anyio.current_time()
+        )
+        for other in decision.close:
+            stale = self._links.get(other)
+            if stale is not None and self._task_group is not None:
+                self._task_group.start_soon(stale.aclose, DUPLICATE)
+        if not decision.keep:
+            await link.aclose(DUPLICATE)
+            return
+        self._links[link_id] = link
+        self._publish(decision.events)
+        reason, detail = DownReason.CONNECTION_LOST, ""
+        try:
+            while True:
+                for event in events:
+                    if isinstance(event, PeerStateChanged):
+                        self._publish(self._membership.state_changed(link_id, event.state))
+                    elif isinstance(event, PeerGoodbye):
+                        reason, detail = DownReason.GOODBYE, event.reason
+                        return
+                    elif isinstance(event, MessageReceived):
+                        logger.debug("ignoring %s from %s", event.message, peer.name)
+                events = await link.next_events()
+        except HeartbeatTimeout as exc:
+            reason, detail = DownReason.HEARTBEAT_TIMEOUT, str(exc)
+        except ProtocolError as exc:
+            logger.warning("dropped %s: %s", peer.name, exc)
+            reason, detail = DownReason.PROTOCOL_ERROR, str(exc)
+        except HandoffError as exc:
+            reason, detail = DownReason.CONNECTION_LOST, str(exc)
+        finally:
+            self._links.pop(link_id, None)
+            await link.aclose()
+            if not self._stopping:
+                self._publish(
+                    self._membership.lost(link_id, reason, detail, now=anyio.current_time())
+                )
+
+    async def _discovery_loop(self, discovery: Discovery) -> None:
+        assert self._task_group is not None
+        while True:
+            try:
+                found = await discovery.discover()
+            except DiscoveryError as exc:
+                # Logged once per distinct failure, retried every poll: never fatal.
+                message = str(exc)
+                level = logging.DEBUG if message == self._last_discovery_error else logging.WARNING
+                logger.log(level, "discovery failed (will retry): %s", message)
+                self._last_discovery_error = message
+            else:
+                self._last_discovery_error = ""
+                for target in found:
+                    key = str(target)
+                    if (
+                        key in self._self_addresses
+                        or key in self._dialling
+                        or self._membership.knows_address(key)
+                    ):
+                        continue
+                    self._task_group.start_soon(self._dial, target)
+            await anyio.sleep(self.settings.poll_interval)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            now = anyio.current_time()
+            self._publish(self._membership.expire(now))
+            wait = self._membership.next_deadline() - now
+            await anyio.sleep(min(max(wait, 0.05), 1.0))
