@@ -92,6 +92,10 @@ def _remote_of(stream: anyio.abc.ByteStream) -> str:
     return str(address)
 
 
+def _describe(peer: Peer) -> str:
+    return f"{peer.name} (release {peer.release}, {peer.address})"
+
+
 class Node:
     """A member of a warm-handoff cluster.
 
@@ -260,11 +264,9 @@ class Node:
             peer = event.peer
             if isinstance(event, NodeDown):
                 logger.info(
-                    "%s: node-down %s (release %s, %s): %s%s",
+                    "%s: node-down %s: %s%s",
                     self.name,
-                    peer.name,
-                    peer.release,
-                    peer.address,
+                    _describe(peer),
                     event.reason,
                     f" ({event.detail})" if event.detail else "",
                 )

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 import msgpack
+
 from handoff._errors import (
     AuthenticationError,
     ClusterMismatch,
