@@ -37,7 +37,7 @@ class DiscoverySpec:
 
 
 def _port(text: str, context: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 0 < int(text) < 65536:
         raise ConfigError(f"{context}: port {text!r} is not a number between 1 and 65535")
     return int(text)
 
@@ -54,7 +54,9 @@ def parse_host_port(
         raise ConfigError(f"{context}: empty address; expected HOST:PORT")
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
-        if not sep or not host:
+        if sep and not host:
+            raise ConfigError(f"{context}: {text!r} has an empty host between '[' and ']'")
+        if not sep:
             raise ConfigError(f"{context}: {text!r} has an unclosed '['; expected [IPV6]:PORT")
         if not rest:
             if default_port is None:
@@ -72,6 +74,8 @@ def parse_host_port(
             )
         return text, default_port
     host, sep, port = text.partition(":")
+    if any(c.isspace() for c in host):
+        raise ConfigError(f"{context}: host {host!r} contains whitespace")
     if not host:
         raise ConfigError(f"{context}: {text!r} has no host; expected HOST:PORT")
     if not sep:
@@ -84,10 +88,10 @@ def parse_host_port(
 def parse_discovery_spec(text: str, *, context: str = "HANDOFF_DISCOVERY") -> DiscoverySpec:
     """Parse a discovery setting; raise :class:`ConfigError` saying what is wrong."""
     text = text.strip()
-    kind, _, rest = text.partition(":")
-    if kind == "none" and not rest:
+    kind, colon, rest = text.partition(":")
+    if kind == "none" and not colon:
         return DiscoverySpec(kind="none")
-    if kind == "fly" and not rest:
+    if kind == "fly" and not colon:
         return DiscoverySpec(kind="fly")
     if kind == "static":
         if not rest.strip():
@@ -101,11 +105,11 @@ def parse_discovery_spec(text: str, *, context: str = "HANDOFF_DISCOVERY") -> Di
             raise ConfigError(f"{context}: 'static:' needs at least one HOST:PORT")
         return DiscoverySpec(kind="static", static=addresses)
     if kind == "dns":
-        name, sep, port = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
-        if not sep:
-            name, port = rest, ""
+        name, sep, port = rest.partition(":")
         name = name.strip().rstrip(".")
         if not name or any(c.isspace() for c in name):
             raise ConfigError(f"{context}: 'dns:' needs a DNS name, e.g. dns:myapp.internal")
-        return DiscoverySpec(kind="dns", name=name, port=_port(port, context) if port else None)
+        if sep and (not port or ":" in port):
+            raise ConfigError(f"{context}: {text!r}: expected dns:NAME or dns:NAME:PORT")
+        return DiscoverySpec(kind="dns", name=name, port=_port(port, context) if sep else None)
     raise ConfigError(f"{context}: {text!r} is not a discovery setting; expected {_FORMS}")
