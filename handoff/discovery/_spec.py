@@ -42,9 +42,7 @@ def _port(text: str, context: str) -> int:
     return int(text)
 
 
-def parse_host_port(
-    text: str, *, context: str, default_port: int | None = None
-) -> tuple[str, int]:
+def parse_host_port(text: str, *, context: str, default_port: int | None = None) -> tuple[str, int]:
     """Split ``host:port``, ``[v6]:port`` or (with a default port) a bare host.
 
     ``context`` names the setting in error messages, e.g. ``"HANDOFF_BIND"``.
