@@ -1,0 +1,41 @@
+"""The wheel ships ``adapters/`` as ``handoff.adapters`` and installs no top-level ``adapters``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_wheel_layout(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("warm_handoff-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        scripts = archive.read(entry_points).decode()
+    top_level = {name.split("/")[0] for name in names}
+    assert {t for t in top_level if not t.endswith(".dist-info")} == {"handoff"}
+    assert "handoff/adapters/__init__.py" in names
+    assert "handoff/py.typed" in names
+    assert "handoff/protocol/__init__.py" in names
+    assert not any(name.startswith("adapters/") for name in names)
+    assert "handoff = handoff.cli:main" in scripts
+
+
+def test_editable_install_maps_adapters_into_the_package() -> None:
+    import handoff.adapters
+
+    assert Path(handoff.adapters.__file__).parent == ROOT / "adapters"
