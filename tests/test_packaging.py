@@ -38,4 +38,4 @@ def test_wheel_layout(tmp_path: Path) -> None:
 def test_editable_install_maps_adapters_into_the_package() -> None:
     import handoff.adapters
 
-    assert Path(handoff.adapters.__file__).parent == ROOT / "adapters"
+    assert Path(handoff.adapters.__file__).resolve().parent == ROOT / "adapters"
