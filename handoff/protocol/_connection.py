@@ -14,10 +14,11 @@ Handshake (client = the side that dialled)::
                                          <-  Info(server)
 
 ``proof_s = HMAC(cookie, "server" || transcript)`` and ``proof_c = HMAC(cookie, "client" ||
-transcript)``, where the transcript binds the chosen version, the cluster, both names and
-incarnations and both fresh nonces. The cookie never crosses the wire, a recorded transcript
-cannot be replayed (the other side's nonce is new), and the two labels stop a proof being
-reflected back. Nothing about the node's state is sent before both proofs are verified.
+transcript)``, where the transcript binds the chosen version, the client's offered versions,
+the cluster, both names and incarnations and both fresh nonces. The cookie never crosses the
+wire, a recorded transcript cannot be replayed (the other side's nonce is new), and the two
+labels stop a proof being reflected back. Nothing about the node's state is sent before both
+proofs are verified.
 """
 
 from __future__ import annotations
@@ -228,7 +229,10 @@ def allowed_incoming(state: ConnState) -> frozenset[type[Message]]:
 def _transcript(
     version: int, cluster: str, client: Hello, server_name: str, server_inc: str, s_nonce: bytes
 ) -> bytes:
-    fields = [MAGIC, version, cluster, client.name, client.incarnation, client.nonce]
+    # The client's whole offer is bound too, so that nobody on the path can strip versions
+    # from the Hello to force a downgrade.
+    offer = list(client.versions)
+    fields = [MAGIC, version, offer, cluster, client.name, client.incarnation, client.nonce]
     payload: bytes = msgpack.packb([*fields, server_name, server_inc, s_nonce], use_bin_type=True)
     return payload
 
@@ -315,7 +319,10 @@ class Connection:
         if state is self._local.state:
             return
         self._local = replace(self._local, state=state)
-        if self.state is S.ESTABLISHED:
+        # In AWAIT_INFO our Info is already queued (the client sends it with Auth, the server
+        # after verifying Auth), so the change must follow it; the peer accepts the StateChange
+        # because our Info, which precedes it on the stream, moves it to ESTABLISHED.
+        if self.state in (S.AWAIT_INFO, S.ESTABLISHED):
             self._queue(StateChange(state))
             self._last_sent = now
 

@@ -26,14 +26,18 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise ProtocolError(f"msgpack extension type {code} is not allowed here")
 
 
-def check_depth(obj: object, max_depth: int) -> None:
+def check_depth(obj: object, max_depth: int, *, allow_timestamps: bool = True) -> None:
     """Raise :class:`ProtocolError` if containers nest deeper than ``max_depth``.
 
     Iterative on purpose: a hostile payload must not be able to exhaust the Python stack.
+    With ``allow_timestamps=False`` a ``msgpack.Timestamp`` anywhere is refused too: msgpack
+    decodes extension type -1 itself, without consulting ``ext_hook``.
     """
     stack: list[tuple[object, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
+        if not allow_timestamps and isinstance(item, msgpack.Timestamp):
+            raise ProtocolError("msgpack extension type -1 (timestamp) is not allowed here")
         if isinstance(item, list | tuple):
             if depth > max_depth:
                 raise ProtocolError(f"message nests deeper than {max_depth} levels")
@@ -123,5 +127,5 @@ class FrameDecoder:
             raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from None
         if obj is None:
             raise ProtocolError("frame holds no message")
-        check_depth(obj, self._max_depth)
+        check_depth(obj, self._max_depth, allow_timestamps=False)
         return obj

@@ -1,0 +1,399 @@
+"""Message types: every one round-trips; every malformed field list is a ProtocolError."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from handoff._errors import ProtocolError
+from handoff.protocol import (
+    MESSAGE_TYPES,
+    Auth,
+    FrameDecoder,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Info,
+    Message,
+    NamespaceVersion,
+    NodeState,
+    Reject,
+    StateChange,
+    Welcome,
+    decode_message,
+    encode_frame,
+)
+from handoff.protocol._messages import (
+    MAGIC,
+    MAX_NAME,
+    MAX_NAMESPACES,
+    MAX_REASON,
+    MAX_VERSIONS,
+    NONCE_SIZE,
+    PROOF_SIZE,
+)
+
+# -- valid messages ------------------------------------------------------------------------
+
+names = st.text(min_size=1, max_size=MAX_NAME)
+finite = st.floats(allow_nan=False, allow_infinity=False)
+states = st.sampled_from(NodeState)
+blobs32 = st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE)
+namespace_versions = st.builds(
+    NamespaceVersion, names, st.integers(min_value=0, max_value=2**31 - 1)
+)
+
+STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
+    Hello: st.builds(
+        Hello,
+        st.lists(st.integers(1, 2**16 - 1), max_size=MAX_VERSIONS).map(tuple),
+        names,
+        names,
+        names,
+        blobs32,
+    ),
+    Welcome: st.builds(Welcome, st.integers(1, 2**16 - 1), names, names, names, blobs32, blobs32),
+    Auth: st.builds(Auth, st.binary(min_size=PROOF_SIZE, max_size=PROOF_SIZE)),
+    Info: st.builds(
+        Info,
+        names,
+        finite,
+        states,
+        st.text(max_size=MAX_NAME),
+        st.lists(namespace_versions, max_size=20).map(tuple),
+        finite,
+    ),
+    Reject: st.builds(Reject, st.text(min_size=1, max_size=64), st.text(max_size=MAX_REASON)),
+    Heartbeat: st.just(Heartbeat()),
+    StateChange: st.builds(StateChange, states),
+    Goodbye: st.builds(Goodbye, st.text(max_size=MAX_REASON)),
+}
+any_message = st.one_of(*STRATEGIES.values())
+
+NONCE = bytes(range(NONCE_SIZE))
+SAMPLES: dict[type[Message], Message] = {
+    Hello: Hello((1, 2), "shop", "node-a", "inc-1", NONCE),
+    Welcome: Welcome(1, "shop", "node-b", "inc-2", NONCE, NONCE[::-1]),
+    Auth: Auth(NONCE),
+    Info: Info(
+        "v1.2.3",
+        1_700_000_000.5,
+        NodeState.DRAINING,
+        "10.0.0.1:4370",
+        (NamespaceVersion("users", 2), NamespaceVersion("usage", 0)),
+        1_700_000_001.25,
+    ),
+    Reject: Reject("auth", "no"),
+    Heartbeat: Heartbeat(),
+    StateChange: StateChange(NodeState.SERVING),
+    Goodbye: Goodbye("bye"),
+}
+
+
+def test_every_message_type_is_covered() -> None:
+    assert set(STRATEGIES) == set(MESSAGE_TYPES.values())
+    assert set(SAMPLES) == set(MESSAGE_TYPES.values())
+
+
+def test_type_codes_are_unique_and_registered() -> None:
+    for code, cls in MESSAGE_TYPES.items():
+        assert code == cls.TYPE
+    assert len({cls.TYPE for cls in MESSAGE_TYPES.values()}) == len(MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("cls", list(SAMPLES), ids=lambda cls: cls.__name__)
+def test_sample_round_trips(cls: type[Message]) -> None:
+    message = SAMPLES[cls]
+    wire = message.to_wire()
+    assert wire[0] == cls.TYPE
+    assert decode_message(wire) == message
+
+
+@given(any_message)
+@settings(max_examples=300)
+def test_round_trip_through_to_wire(message: Message) -> None:
+    decoded = decode_message(message.to_wire())
+    assert decoded == message
+    assert type(decoded) is type(message)
+
+
+@given(any_message)
+@settings(max_examples=200)
+def test_round_trip_through_a_frame(message: Message) -> None:
+    decoder = FrameDecoder(1 << 20, 32)
+    decoder.feed(encode_frame(message.to_wire()))
+    assert decode_message(decoder.next_object()) == message
+
+
+def test_hello_magic_is_on_the_wire() -> None:
+    assert SAMPLES[Hello].to_wire()[1] == MAGIC
+
+
+def test_integral_float_fields_come_back_as_floats() -> None:
+    wire = SAMPLES[Info].to_wire()
+    wire[2] = 5  # started_at as an int on the wire
+    info = decode_message(wire)
+    assert isinstance(info, Info)
+    assert info.started_at == 5.0
+    assert type(info.started_at) is float
+
+
+# -- forward compatibility -----------------------------------------------------------------
+
+wire_values: st.SearchStrategy[Any] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@pytest.mark.parametrize("cls", [Hello, Reject], ids=lambda cls: cls.__name__)
+@given(extra=st.lists(wire_values, min_size=1, max_size=5))
+def test_hello_and_reject_tolerate_extra_fields(cls: type[Message], extra: list[Any]) -> None:
+    message = SAMPLES[cls]
+    assert decode_message([*message.to_wire(), *extra]) == message
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [cls for cls in SAMPLES if cls not in (Hello, Reject)],
+    ids=lambda cls: cls.__name__,
+)
+@given(extra=st.lists(wire_values, min_size=1, max_size=5))
+def test_other_messages_refuse_extra_fields(cls: type[Message], extra: list[Any]) -> None:
+    with pytest.raises(ProtocolError):
+        decode_message([*SAMPLES[cls].to_wire(), *extra])
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [cls for cls in SAMPLES if cls is not Heartbeat],
+    ids=lambda cls: cls.__name__,
+)
+def test_missing_fields_refused(cls: type[Message]) -> None:
+    wire = SAMPLES[cls].to_wire()
+    for keep in range(1, len(wire)):
+        with pytest.raises(ProtocolError, match="missing field"):
+            decode_message(wire[:keep])
+
+
+# -- malformed fields ----------------------------------------------------------------------
+
+
+def _not(*types: type) -> st.SearchStrategy[Any]:
+    """Wire values of none of ``types`` (bool counts as its own type, not as int)."""
+
+    def keep(value: Any) -> bool:
+        if isinstance(value, bool):
+            return bool not in types
+        return not isinstance(value, types)
+
+    return wire_values.filter(keep)
+
+
+def _texts(max_len: int, *, empty_ok: bool) -> st.SearchStrategy[Any]:
+    bad = _not(str) | st.text(min_size=max_len + 1, max_size=max_len + 40)
+    return bad if empty_ok else bad | st.just("")
+
+
+bad_name = _texts(MAX_NAME, empty_ok=False)
+bad_address = _texts(MAX_NAME, empty_ok=True)
+bad_code = _texts(64, empty_ok=False)
+bad_reason = _texts(MAX_REASON, empty_ok=True)
+bad_magic = _not(str) | st.text(max_size=20).filter(lambda text: text != MAGIC)
+bad_int16 = (
+    _not(int)
+    | st.booleans()
+    | st.integers(max_value=0)
+    | st.integers(min_value=2**16)
+    | st.just(1.0)
+)
+bad_version_item = (
+    _not(int) | st.booleans() | st.integers(max_value=0) | st.integers(min_value=2**16)
+)
+bad_versions = (
+    _not(list)
+    | st.lists(st.integers(1, 100), min_size=MAX_VERSIONS + 1, max_size=MAX_VERSIONS + 5)
+    | st.tuples(st.lists(st.integers(1, 100), max_size=3), bad_version_item).map(
+        lambda pair: [*pair[0], pair[1]]
+    )
+)
+bad_blob32 = (
+    _not(bytes)
+    | st.binary(max_size=NONCE_SIZE - 1)
+    | st.binary(min_size=NONCE_SIZE + 1, max_size=NONCE_SIZE + 8)
+    | st.just("x" * NONCE_SIZE)
+    | st.just(list(range(NONCE_SIZE)))
+)
+bad_number = _not(int, float) | st.booleans() | st.sampled_from([math.nan, math.inf, -math.inf])
+bad_state = _not(str) | st.text(max_size=20).filter(
+    lambda text: text not in {s.value for s in NodeState}
+)
+bad_namespace_item: st.SearchStrategy[Any] = (
+    _not(list)
+    | st.just([])
+    | st.just(["users"])
+    | st.just(["users", 1, 2])
+    | st.tuples(bad_name, st.integers(0, 10)).map(list)
+    | st.tuples(
+        st.just("users"),
+        _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=2**31),
+    ).map(list)
+)
+bad_namespaces = (
+    _not(list)
+    | st.just([["n", 1]] * (MAX_NAMESPACES + 1))
+    | st.tuples(st.lists(namespace_versions, max_size=3), bad_namespace_item).map(
+        lambda pair: [*([ns.name, ns.version] for ns in pair[0]), pair[1]]
+    )
+)
+
+# For each message: a strategy of invalid values for each of its fields, in wire order.
+BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
+    Hello: [bad_magic, bad_versions, bad_name, bad_name, bad_name, bad_blob32],
+    Welcome: [bad_int16, bad_name, bad_name, bad_name, bad_blob32, bad_blob32],
+    Auth: [bad_blob32],
+    Info: [bad_name, bad_number, bad_state, bad_address, bad_namespaces, bad_number],
+    Reject: [bad_code, bad_reason],
+    Heartbeat: [],
+    StateChange: [bad_state],
+    Goodbye: [bad_reason],
+}
+
+
+def test_bad_field_table_matches_the_wire_forms() -> None:
+    assert set(BAD_FIELDS) == set(MESSAGE_TYPES.values())
+    for cls, bad in BAD_FIELDS.items():
+        assert len(bad) == len(SAMPLES[cls].to_wire()) - 1, cls.__name__
+
+
+@given(st.data())
+@settings(max_examples=400)
+def test_one_bad_field_is_a_protocol_error(data: st.DataObject) -> None:
+    cls = data.draw(st.sampled_from([cls for cls, bad in BAD_FIELDS.items() if bad]))
+    message = data.draw(STRATEGIES[cls])
+    wire = message.to_wire()
+    index = data.draw(st.integers(0, len(BAD_FIELDS[cls]) - 1))
+    wire[index + 1] = data.draw(BAD_FIELDS[cls][index])
+    with pytest.raises(ProtocolError):
+        decode_message(wire)
+
+
+@pytest.mark.parametrize(
+    ("wire", "match"),
+    [
+        pytest.param(
+            [Welcome.TYPE, True, "c", "n", "i", NONCE, NONCE], "integer", id="welcome-bool-version"
+        ),
+        pytest.param(
+            [Hello.TYPE, MAGIC, [True], "c", "n", "i", NONCE], "versions", id="hello-bool-version"
+        ),
+        pytest.param(
+            [Info.TYPE, "r", True, "serving", "", [], 0.0], "number", id="info-bool-started-at"
+        ),
+        pytest.param(
+            [Info.TYPE, "r", 0.0, "serving", "", [["ns", False]], 0.0],
+            "namespaces",
+            id="info-bool-namespace-version",
+        ),
+        pytest.param(
+            [Info.TYPE, "r", 0.0, "serving", "", [], math.nan], "finite", id="info-nan-clock"
+        ),
+        pytest.param(
+            [Info.TYPE, "r", math.inf, "serving", "", [], 0.0], "finite", id="info-inf-started"
+        ),
+        pytest.param(
+            [Info.TYPE, "r", 0.0, "SERVING", "", [], 0.0], "unknown node state", id="info-state"
+        ),
+        pytest.param([StateChange.TYPE, "stopped"], "unknown node state", id="statechange-state"),
+        pytest.param([Auth.TYPE, NONCE[:31]], "32 bytes", id="auth-short-proof"),
+        pytest.param(
+            [Hello.TYPE, MAGIC, [1], "c", "n", "i", NONCE + b"!"], "32 bytes", id="hello-long-nonce"
+        ),
+        pytest.param(
+            [Hello.TYPE, "cold-handoff", [1], "c", "n", "i", NONCE], "magic", id="hello-magic"
+        ),
+        pytest.param(
+            [Hello.TYPE, MAGIC, [1], "c" * (MAX_NAME + 1), "n", "i", NONCE],
+            "chars",
+            id="hello-long-cluster",
+        ),
+        pytest.param([Goodbye.TYPE, "x" * (MAX_REASON + 1)], "chars", id="goodbye-long-reason"),
+        pytest.param([Reject.TYPE, "", "reason"], "chars", id="reject-empty-code"),
+        pytest.param([Heartbeat.TYPE, None], "fields", id="heartbeat-extra"),
+    ],
+)
+def test_specific_bad_fields(wire: list[Any], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_message(wire)
+
+
+def test_limits_are_inclusive() -> None:
+    longest = "n" * MAX_NAME
+    hello = Hello(tuple(range(1, MAX_VERSIONS + 1)), longest, longest, longest, NONCE)
+    assert decode_message(hello.to_wire()) == hello
+    goodbye = Goodbye("r" * MAX_REASON)
+    assert decode_message(goodbye.to_wire()) == goodbye
+    info = Info("r", 0.0, NodeState.SERVING, "", (NamespaceVersion("n", 0),) * MAX_NAMESPACES, 0)
+    assert decode_message(info.to_wire()) == info
+
+
+# -- type codes and envelopes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 9, 10, 99, 255, -1, 2**63, 2**64 - 1])
+def test_unknown_type_code(code: int) -> None:
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        decode_message([code])
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        pytest.param([], id="empty-array"),
+        pytest.param([True], id="bool-code"),
+        pytest.param([True, MAGIC, [1], "c", "n", "i", NONCE], id="bool-code-hello"),
+        pytest.param([1.0, MAGIC, [1], "c", "n", "i", NONCE], id="float-code"),
+        pytest.param(["1"], id="str-code"),
+        pytest.param([None], id="nil-code"),
+        pytest.param({"type": 1}, id="map"),
+        pytest.param("hello", id="str"),
+        pytest.param(6, id="int"),
+        pytest.param(b"\x06", id="bytes"),
+        pytest.param(None, id="nil"),
+    ],
+)
+def test_bad_envelopes(obj: object) -> None:
+    with pytest.raises(ProtocolError):
+        decode_message(obj)
+
+
+@given(wire_values)
+@settings(max_examples=300)
+def test_arbitrary_objects_give_a_message_or_a_protocol_error(obj: Any) -> None:
+    try:
+        message = decode_message(obj)
+    except ProtocolError:
+        return
+    assert isinstance(message, Message)
+
+
+@given(st.sampled_from(sorted(MESSAGE_TYPES)), st.lists(wire_values, max_size=8))
+@settings(max_examples=200)
+def test_arbitrary_fields_give_a_message_or_a_protocol_error(code: int, fields: list[Any]) -> None:
+    try:
+        message = decode_message([code, *fields])
+    except ProtocolError:
+        return
+    assert type(message) is MESSAGE_TYPES[code]
