@@ -52,6 +52,7 @@ from ._framing import FrameDecoder, encode_frame
 from ._messages import (
     MAGIC,
     NONCE_SIZE,
+    SESSION_MESSAGES,
     Auth,
     Goodbye,
     Heartbeat,
@@ -84,10 +85,6 @@ __all__ = (
 )
 
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
-
-# Session messages (state streaming) are added here by the layers that define them; in an
-# established connection they are handed to the application as MessageReceived events.
-SESSION_MESSAGES: frozenset[type[Message]] = frozenset()
 
 
 class Role(Enum):

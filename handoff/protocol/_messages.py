@@ -19,7 +19,13 @@ from handoff._errors import ProtocolError
 __all__ = (
     "MAGIC",
     "MESSAGE_TYPES",
+    "SESSION_MESSAGES",
+    "Accept",
+    "Ack",
     "Auth",
+    "Cancel",
+    "Chunk",
+    "End",
     "Goodbye",
     "Heartbeat",
     "Hello",
@@ -27,6 +33,8 @@ __all__ = (
     "Message",
     "NamespaceVersion",
     "NodeState",
+    "Offer",
+    "Refuse",
     "Reject",
     "RejectCode",
     "StateChange",
@@ -122,6 +130,12 @@ class _Fields:
             raise self._bad(what, "bytes", value)
         if len(value) != size:
             raise ProtocolError(f"{self._message}: field {what!r} must be {size} bytes")
+        return value
+
+    def data(self, what: str) -> bytes:
+        value = self._next(what)
+        if not isinstance(value, bytes) or not value:
+            raise self._bad(what, "non-empty bytes", value)
         return value
 
     def items(self, what: str, max_items: int) -> list[object]:
@@ -354,6 +368,188 @@ class Goodbye(Message):
         return message
 
 
+# -- session messages: streaming state between authenticated nodes -----------------------
+#
+# A sender offers one namespace per stream; the receiver accepts with an initial credit (a
+# number of chunks it is ready to buffer) or refuses with a reason. Every chunk is applied,
+# then acknowledged with what became of its records and fresh credit. Chunk payloads are
+# opaque bytes here: records hold user types decoded by the engine's codec, with its own
+# bounds, so that control frames stay strictly typed.
+
+MAX_STREAM = 2**31 - 1
+MAX_COUNT = 2**40
+MAX_CREDIT = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Offer(Message):
+    """The sender proposes to stream ``namespace`` (``records`` is a hint for progress)."""
+
+    TYPE: ClassVar[int] = 16
+    stream: int
+    namespace: str
+    kind: str
+    version: int
+    records: int
+
+    def fields(self) -> list[object]:
+        return [self.stream, self.namespace, self.kind, self.version, self.records]
+
+    @classmethod
+    def from_fields(cls, fields: list[object]) -> Self:
+        f = _Fields("Offer", fields)
+        message = cls(
+            f.integer("stream", 1, MAX_STREAM),
+            f.text("namespace"),
+            f.text("kind", 64),
+            f.integer("version", 0, 2**31 - 1),
+            f.integer("records", 0, MAX_COUNT),
+        )
+        f.done()
+        return message
+
+
+@dataclass(frozen=True, slots=True)
+class Accept(Message):
+    """The receiver takes the stream and may get ``credit`` chunks."""
+
+    TYPE: ClassVar[int] = 17
+    stream: int
+    credit: int
+
+    def fields(self) -> list[object]:
+        return [self.stream, self.credit]
+
+    @classmethod
+    def from_fields(cls, fields: list[object]) -> Self:
+        f = _Fields("Accept", fields)
+        message = cls(f.integer("stream", 1, MAX_STREAM), f.integer("credit", 1, MAX_CREDIT))
+        f.done()
+        return message
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse(Message):
+    """The receiver will not take the stream, for a reason meant for the drain report."""
+
+    TYPE: ClassVar[int] = 18
+    stream: int
+    reason: str
+
+    def fields(self) -> list[object]:
+        return [self.stream, self.reason]
+
+    @classmethod
+    def from_fields(cls, fields: list[object]) -> Self:
+        f = _Fields("Refuse", fields)
+        message = cls(f.integer("stream", 1, MAX_STREAM), f.text("reason", MAX_REASON))
+        f.done()
+        return message
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk(Message):
+    """``records`` records of a stream, encoded by the engine's codec in ``payload``."""
+
+    TYPE: ClassVar[int] = 19
+    stream: int
+    seq: int
+    records: int
+    payload: bytes
+
+    def fields(self) -> list[object]:
+        return [self.stream, self.seq, self.records, self.payload]
+
+    @classmethod
+    def from_fields(cls, fields: list[object]) -> Self:
+        f = _Fields("Chunk", fields)
+        stream = f.integer("stream", 1, MAX_STREAM)
+        seq = f.integer("seq", 0, MAX_COUNT)
+        records = f.integer("records", 1, MAX_COUNT)
+        payload = f.data("payload")
+        f.done()
+        return cls(stream, seq, records, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """Chunk ``seq`` was applied: how many records were applied, kept or dropped (why)."""
+
+    TYPE: ClassVar[int] = 20
+    stream: int
+    seq: int
+    applied: int
+    kept: int
+    dropped: tuple[tuple[str, int], ...]
+    credit: int
+
+    def fields(self) -> list[object]:
+        dropped = [[reason, count] for reason, count in self.dropped]
+        return [self.stream, self.seq, self.applied, self.kept, dropped, self.credit]
+
+    @classmethod
+    def from_fields(cls, fields: list[object]) -> Self:
+        f = _Fields("Ack", fields)
+        stream = f.integer("stream", 1, MAX_STREAM)
+        seq = f.integer("seq", 0, MAX_COUNT)
+        applied = f.integer("applied", 0, MAX_COUNT)
+        kept = f.integer("kept", 0, MAX_COUNT)
+        dropped = []
+        for item in f.items("dropped", 64):
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not 0 < len(item[0]) <= MAX_NAME
+                or not isinstance(item[1], int)
+                or isinstance(item[1], bool)
+                or not 0 <= item[1] <= MAX_COUNT
+            ):
+                raise ProtocolError("Ack: dropped must be [reason, count] pairs")
+            dropped.append((item[0], item[1]))
+        credit = f.integer("credit", 0, MAX_CREDIT)
+        f.done()
+        return cls(stream, seq, applied, kept, tuple(dropped), credit)
+
+
+@dataclass(frozen=True, slots=True)
+class End(Message):
+    """The sender has nothing more for this stream (``records`` sent in all)."""
+
+    TYPE: ClassVar[int] = 21
+    stream: int
+    records: int
+
+    def fields(self) -> list[object]:
+        return [self.stream, self.records]
+
+    @classmethod
+    def from_fields(cls, fields: list[object]) -> Self:
+        f = _Fields("End", fields)
+        message = cls(f.integer("stream", 1, MAX_STREAM), f.integer("records", 0, MAX_COUNT))
+        f.done()
+        return message
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """The sender abandons the stream (deadline, shutdown); chunks not acknowledged are void."""
+
+    TYPE: ClassVar[int] = 22
+    stream: int
+    reason: str
+
+    def fields(self) -> list[object]:
+        return [self.stream, self.reason]
+
+    @classmethod
+    def from_fields(cls, fields: list[object]) -> Self:
+        f = _Fields("Cancel", fields)
+        message = cls(f.integer("stream", 1, MAX_STREAM), f.text("reason", MAX_REASON))
+        f.done()
+        return message
+
+
 def _node_state(text: str) -> NodeState:
     try:
         return NodeState(text)
@@ -361,8 +557,30 @@ def _node_state(text: str) -> NodeState:
         raise ProtocolError(f"unknown node state {text!r}") from None
 
 
+SESSION_MESSAGES: frozenset[type[Message]] = frozenset(
+    {Offer, Accept, Refuse, Chunk, Ack, End, Cancel}
+)
+"""Messages that an established connection hands to the layer above."""
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Welcome, Auth, Info, Reject, Heartbeat, StateChange, Goodbye)
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Welcome,
+        Auth,
+        Info,
+        Reject,
+        Heartbeat,
+        StateChange,
+        Goodbye,
+        Offer,
+        Accept,
+        Refuse,
+        Chunk,
+        Ack,
+        End,
+        Cancel,
+    )
 }
 
 
