@@ -814,7 +814,7 @@ SAMPLE_MESSAGES: dict[type[Message], Message] = {
     Offer: Offer(1, "users", "cachetools", 1, 10),
     Accept: Accept(1, 4),
     Refuse: Refuse(1, "no"),
-    Chunk: Chunk(1, 0, 1, b"\x90"),
+    Chunk: Chunk(1, 0, 1, 0.0, b"\x90"),
     Ack: Ack(1, 0, 1, 0, (), 1),
     End: End(1, 1),
     Cancel: Cancel(1, "deadline"),

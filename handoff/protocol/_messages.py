@@ -449,16 +449,21 @@ class Refuse(Message):
 
 @dataclass(frozen=True, slots=True)
 class Chunk(Message):
-    """``records`` records of a stream, encoded by the engine's codec in ``payload``."""
+    """``records`` records of a stream, encoded by the engine's codec in ``payload``.
+
+    ``age`` is how many seconds before sending the oldest record's metadata was computed
+    (records wait for credit): the receiver shortens relative lifetimes by it.
+    """
 
     TYPE: ClassVar[int] = 19
     stream: int
     seq: int
     records: int
+    age: float
     payload: bytes
 
     def fields(self) -> list[object]:
-        return [self.stream, self.seq, self.records, self.payload]
+        return [self.stream, self.seq, self.records, self.age, self.payload]
 
     @classmethod
     def from_fields(cls, fields: list[object]) -> Self:
@@ -466,9 +471,12 @@ class Chunk(Message):
         stream = f.integer("stream", 1, MAX_STREAM)
         seq = f.integer("seq", 0, MAX_COUNT)
         records = f.integer("records", 1, MAX_COUNT)
+        age = f.number("age")
+        if age < 0:
+            raise ProtocolError("Chunk: field 'age' must not be negative")
         payload = f.data("payload")
         f.done()
-        return cls(stream, seq, records, payload)
+        return cls(stream, seq, records, age, payload)
 
 
 @dataclass(frozen=True, slots=True)
