@@ -3,10 +3,15 @@
 :class:`DNSResponder` is a real DNS server on loopback whose records you set from the
 test: point ``HANDOFF_DNS_SERVER`` at it to exercise ``dns:`` or ``fly`` discovery, in
 the test process or in child processes, without touching the network.
+
+:class:`NodeProcess` runs a node in a child process configured only by ``HANDOFF_*``
+variables and reports its membership events, so a test can kill, stop or pause real
+processes and watch the others notice.
 """
 
 from __future__ import annotations
 
 from handoff.testing._dns import DNSResponder
+from handoff.testing._process import NodeProcess, NodeProcessError, free_port, free_port_on_all
 
-__all__ = ("DNSResponder",)
+__all__ = ("DNSResponder", "NodeProcess", "NodeProcessError", "free_port", "free_port_on_all")
