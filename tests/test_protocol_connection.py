@@ -11,7 +11,7 @@ import itertools
 import math
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -53,6 +53,7 @@ from handoff.protocol import (
     Limits,
     LocalNode,
     Message,
+    MessageReceived,
     NamespaceVersion,
     NodeState,
     Offer,
@@ -68,6 +69,7 @@ from handoff.protocol import (
     decode_message,
     encode_frame,
 )
+from handoff.protocol._messages import MAX_COUNT, MAX_CREDIT, MAX_STREAM
 
 COOKIE = b"cookie-7f3a9c-correct-horse-battery-staple"
 OTHER_COOKIE = b"cookie-0000-some-other-cluster-secret"
@@ -864,6 +866,21 @@ DISALLOWED = [
 ]
 
 
+def test_sample_messages_cover_every_type() -> None:
+    assert set(SAMPLE_MESSAGES) == set(MESSAGE_TYPES.values())
+    for cls, message in SAMPLE_MESSAGES.items():
+        assert type(message) is cls
+
+
+def test_session_messages_are_disallowed_in_every_state_before_established() -> None:
+    # Independent of allowed_incoming: the cross product must hold every session message for
+    # every open state other than ESTABLISHED, on both roles.
+    covered = {tuple(param.values) for param in DISALLOWED}
+    for role, state in REACHABLE:
+        for cls in SESSION_MESSAGES:
+            assert ((role, state, cls) in covered) is (state is not ConnState.ESTABLISHED)
+
+
 def test_every_open_state_is_reached() -> None:
     assert {state for _, state in REACHABLE} == set(ConnState) - {ConnState.CLOSED}
     assert len(DISALLOWED) == sum(
@@ -914,8 +931,12 @@ def test_send_before_established_is_local_misuse(role: Role, state: ConnState) -
     conn = drive(role, state)
     with pytest.raises(LocalProtocolError):
         conn.send(Heartbeat(), now=0)
+    for cls in SESSION_MESSAGES:
+        with pytest.raises(LocalProtocolError, match=cls.__name__):
+            conn.send(SAMPLE_MESSAGES[cls], now=1.0)
     assert conn.state is state
     assert conn.data_to_send() == b""
+    assert conn.next_deadline() == LIMITS.handshake_timeout
 
 
 def test_send_of_a_control_message_is_local_misuse() -> None:
@@ -932,8 +953,238 @@ def test_send_of_a_control_message_is_local_misuse() -> None:
 def test_send_after_close_is_local_misuse() -> None:
     link = established()
     link.client.close("bye")
+    link.client.data_to_send()
     with pytest.raises(LocalProtocolError):
         link.client.send(Heartbeat(), now=0)
+    for cls in SESSION_MESSAGES:
+        with pytest.raises(LocalProtocolError):
+            link.client.send(SAMPLE_MESSAGES[cls], now=0)
+    assert link.client.data_to_send() == b""
+
+
+# -- session messages ----------------------------------------------------------------------
+
+SESSION_SAMPLES: list[Message] = [
+    *(message for cls, message in SAMPLE_MESSAGES.items() if cls in SESSION_MESSAGES),
+    Offer(MAX_STREAM, "n" * 255, "k" * 64, 2**31 - 1, MAX_COUNT),
+    Accept(MAX_STREAM, MAX_CREDIT),
+    Refuse(2, "r" * 1024),
+    Chunk(2, MAX_COUNT, MAX_COUNT, 12.5, bytes(range(256)) * 64),  # over the handshake limit
+    Ack(2, 5, 3, 1, (("expired", 1), ("too-large", 1)), 0),
+    Ack(2, 6, 0, 0, (("r" * 255, MAX_COUNT),) * 64, MAX_CREDIT),
+    End(2, 0),
+    Cancel(2, "shutdown"),
+]
+
+short_texts = st.text(min_size=1, max_size=40)
+stream_ids = st.integers(1, MAX_STREAM)
+record_counts = st.integers(0, MAX_COUNT)
+session_messages: st.SearchStrategy[Message] = st.one_of(
+    st.builds(
+        Offer, stream_ids, short_texts, short_texts, st.integers(0, 2**31 - 1), record_counts
+    ),
+    st.builds(Accept, stream_ids, st.integers(1, MAX_CREDIT)),
+    st.builds(Refuse, stream_ids, short_texts),
+    st.builds(
+        Chunk,
+        stream_ids,
+        record_counts,
+        st.integers(1, MAX_COUNT),
+        st.floats(0, 1e6),
+        st.binary(min_size=1, max_size=300),
+    ),
+    st.builds(
+        Ack,
+        stream_ids,
+        record_counts,
+        record_counts,
+        record_counts,
+        st.lists(st.tuples(short_texts, record_counts), max_size=4).map(tuple),
+        st.integers(0, MAX_CREDIT),
+    ),
+    st.builds(End, stream_ids, record_counts),
+    st.builds(Cancel, stream_ids, short_texts),
+)
+
+
+def test_session_samples_cover_every_session_message() -> None:
+    assert {type(message) for message in SESSION_SAMPLES} == SESSION_MESSAGES
+    assert any(len(frame(m)) > LIMITS.handshake_frame_size for m in SESSION_SAMPLES)
+
+
+@pytest.mark.parametrize("sender", ["client", "server"])
+@pytest.mark.parametrize("message", SESSION_SAMPLES, ids=lambda m: type(m).__name__)
+def test_session_message_is_delivered_as_sent(sender: str, message: Message) -> None:
+    link = established()
+    this, other = (link.client, link.server) if sender == "client" else (link.server, link.client)
+    this.send(message, now=0.5)
+    sent = this.data_to_send()
+    assert messages(sent) == [message]
+    events = other.receive_data(sent, now=0.5)
+    assert events == [MessageReceived(message)]
+    [event] = events
+    assert isinstance(event, MessageReceived)
+    assert type(event.message) is type(message)
+    assert state_of(this) is ConnState.ESTABLISHED
+    assert state_of(other) is ConnState.ESTABLISHED
+    assert other.data_to_send() == b""
+
+
+SessionStep = tuple[str, Message | NodeState]
+SESSION_STEPS = st.lists(
+    st.tuples(st.sampled_from(["client", "server"]), session_messages | st.sampled_from(NodeState)),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(SESSION_STEPS, st.data())
+@settings(max_examples=150, deadline=None)
+def test_session_messages_arrive_in_order_under_any_split(
+    steps: list[SessionStep], data: st.DataObject
+) -> None:
+    link = established(
+        make_client(seed=11),
+        make_server(seed=12),
+        to_server_chunks=chunker_from(data),
+        to_client_chunks=chunker_from(data),
+    )
+    expected: dict[str, list[Event]] = {"client": [], "server": []}
+    states = {"client": NodeState.SERVING, "server": NodeState.SERVING}
+    for sender, what in steps:
+        conn = link.client if sender == "client" else link.server
+        receiver = "server" if sender == "client" else "client"
+        if isinstance(what, NodeState):
+            conn.set_local_state(what, now=0)
+            if what is not states[sender]:
+                states[sender] = what
+                expected[receiver].append(PeerStateChanged(what))
+        else:
+            conn.send(what, now=0)
+            expected[receiver].append(MessageReceived(what))
+        if data.draw(st.booleans(), label="deliver now"):
+            link.pump()
+    link.pump()
+    assert link.client_events[1:] == expected["client"]
+    assert link.server_events[1:] == expected["server"]
+    assert not link.client_errors
+    assert not link.server_errors
+    assert link.client.state is ConnState.ESTABLISHED
+    assert link.server.state is ConnState.ESTABLISHED
+
+
+def test_session_messages_byte_at_a_time_both_ways() -> None:
+    link = established(to_server_chunks=bytewise, to_client_chunks=bytewise)
+    sent = [m for m in SESSION_SAMPLES if len(frame(m)) < 2048]
+    for message in sent:
+        link.client.send(message, now=0)
+        link.server.send(message, now=0)
+    link.pump()
+    expected = [MessageReceived(message) for message in sent]
+    assert link.client_events[1:] == expected
+    assert link.server_events[1:] == expected
+
+
+def test_session_message_right_behind_the_servers_info() -> None:
+    # The server is established once the client's Auth and Info arrive and may send at once:
+    # its first session message follows its Info on the stream, at every split point.
+    client, server = make_client(seed=21), make_server(seed=22)
+    server.receive_data(client.data_to_send(), now=0)
+    welcome = server.data_to_send()
+    client.receive_data(welcome, now=0)
+    server.receive_data(client.data_to_send(), now=0)
+    assert state_of(server) is ConnState.ESTABLISHED
+    offer = Offer(1, "users", "dict", 1, 3)
+    server.send(offer, now=0)
+    stream = server.data_to_send()
+    assert [type(m) for m in messages(stream)] == [Info, Offer]
+    for cut in range(len(stream) + 1):
+        fresh = make_client(seed=21)
+        fresh.data_to_send()
+        assert fresh.receive_data(welcome, now=0) == []
+        fresh.data_to_send()
+        events = fresh.receive_data(stream[:cut], now=0)
+        events += fresh.receive_data(stream[cut:], now=0)
+        assert [type(e) for e in events] == [HandshakeComplete, MessageReceived], cut
+        assert events[1] == MessageReceived(offer)
+        assert state_of(fresh) is ConnState.ESTABLISHED
+
+
+def test_session_messages_count_for_heartbeats() -> None:
+    link = established()
+    link.client.send(End(1, 0), now=0.8)
+    assert link.client.next_deadline() == pytest.approx(1.8)  # sending counts as a beat
+    assert link.server.receive_data(link.client.data_to_send(), now=2.5) == [
+        MessageReceived(End(1, 0))
+    ]
+    link.server.tick(now=5.4)  # heard from the client at 2.5: not yet overdue
+    assert not link.server.closed
+    with pytest.raises(HeartbeatTimeout):
+        link.server.tick(now=5.5)
+
+
+SMALL_FRAMES = replace(LIMITS, frame_size=512)
+
+
+def chunk_filling(body_size: int) -> Chunk:
+    """A Chunk whose frame body (without the 4-byte header) is exactly ``body_size`` bytes."""
+    for payload_size in range(1, body_size):
+        chunk = Chunk(1, 0, 1, 0.0, b"x" * payload_size)
+        if len(frame(chunk)) - 4 == body_size:
+            return chunk
+    raise AssertionError(f"no Chunk frame of exactly {body_size} bytes")
+
+
+@pytest.mark.parametrize("receiver", ["client", "server"])
+def test_chunk_at_the_frame_limit_is_delivered(receiver: str) -> None:
+    link = established(make_client(limits=SMALL_FRAMES), make_server(limits=SMALL_FRAMES))
+    this, other = (link.server, link.client) if receiver == "client" else (link.client, link.server)
+    chunk = chunk_filling(SMALL_FRAMES.frame_size)
+    this.send(chunk, now=0)
+    assert other.receive_data(this.data_to_send(), now=0) == [MessageReceived(chunk)]
+    assert state_of(other) is ConnState.ESTABLISHED
+
+
+@pytest.mark.parametrize("receiver", ["client", "server"])
+@pytest.mark.parametrize("header_split", [0, 1, 3])
+def test_chunk_over_the_frame_limit_is_refused(receiver: str, header_split: int) -> None:
+    link = established(make_client(limits=SMALL_FRAMES), make_server(limits=SMALL_FRAMES))
+    this, other = (link.server, link.client) if receiver == "client" else (link.client, link.server)
+    chunk = chunk_filling(SMALL_FRAMES.frame_size + 1)
+    this.send(chunk, now=0)  # the sender does not know the peer's limit
+    data = this.data_to_send()
+    assert messages(data) == [chunk]
+    for byte in data[:header_split]:
+        assert other.receive_data(bytes([byte]), now=0) == []
+    # Refused as soon as the header is complete, without waiting for the payload.
+    rest = data[header_split:4] if header_split else data
+    with pytest.raises(FrameTooLarge, match=str(SMALL_FRAMES.frame_size)):
+        other.receive_data(rest, now=0)
+    assert other.closed
+    [reject] = messages(other.data_to_send())
+    assert isinstance(reject, Reject)
+    assert reject.code == "protocol"
+    with pytest.raises(ProtocolError):
+        this.receive_data(frame(reject), now=0)
+    assert this.closed
+
+
+@given(
+    st.integers(SMALL_FRAMES.frame_size - 64, SMALL_FRAMES.frame_size + 16),
+    st.integers(0, 255),
+)
+@settings(max_examples=50, deadline=None)
+def test_chunk_payload_size_against_the_frame_limit(size: int, fill: int) -> None:
+    link = established(make_client(limits=SMALL_FRAMES), make_server(limits=SMALL_FRAMES))
+    chunk = Chunk(3, 1, 1, 0.5, bytes([fill]) * size)
+    link.client.send(chunk, now=0)
+    data = link.client.data_to_send()
+    if len(data) - 4 <= SMALL_FRAMES.frame_size:
+        assert link.server.receive_data(data, now=0) == [MessageReceived(chunk)]
+    else:
+        with pytest.raises(FrameTooLarge):
+            link.server.receive_data(data, now=0)
+        assert link.server.closed
 
 
 # -- heartbeats and timeouts ---------------------------------------------------------------

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from handoff._errors import ProtocolError
 from handoff.protocol import (
     MESSAGE_TYPES,
+    SESSION_MESSAGES,
+    Accept,
+    Ack,
     Auth,
+    Cancel,
+    Chunk,
+    End,
     FrameDecoder,
     Goodbye,
     Heartbeat,
@@ -21,6 +27,8 @@ from handoff.protocol import (
     Message,
     NamespaceVersion,
     NodeState,
+    Offer,
+    Refuse,
     Reject,
     StateChange,
     Welcome,
@@ -29,13 +37,20 @@ from handoff.protocol import (
 )
 from handoff.protocol._messages import (
     MAGIC,
+    MAX_COUNT,
+    MAX_CREDIT,
     MAX_NAME,
     MAX_NAMESPACES,
     MAX_REASON,
+    MAX_STREAM,
     MAX_VERSIONS,
     NONCE_SIZE,
     PROOF_SIZE,
 )
+
+MAX_DROPPED = 64
+MAX_KIND = 64
+MAX_SCHEMA = 2**31 - 1
 
 # -- valid messages ------------------------------------------------------------------------
 
@@ -46,6 +61,12 @@ blobs32 = st.binary(min_size=NONCE_SIZE, max_size=NONCE_SIZE)
 namespace_versions = st.builds(
     NamespaceVersion, names, st.integers(min_value=0, max_value=2**31 - 1)
 )
+streams = st.integers(1, MAX_STREAM)
+counts = st.integers(0, MAX_COUNT)
+reasons = st.text(min_size=1, max_size=MAX_REASON)
+payloads = st.binary(min_size=1, max_size=4096)
+ages = st.floats(min_value=0, allow_nan=False, allow_infinity=False)
+dropped_pairs = st.lists(st.tuples(names, counts), max_size=MAX_DROPPED).map(tuple)
 
 STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Hello: st.builds(
@@ -71,6 +92,20 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Heartbeat: st.just(Heartbeat()),
     StateChange: st.builds(StateChange, states),
     Goodbye: st.builds(Goodbye, st.text(max_size=MAX_REASON)),
+    Offer: st.builds(
+        Offer,
+        streams,
+        names,
+        st.text(min_size=1, max_size=MAX_KIND),
+        st.integers(0, MAX_SCHEMA),
+        counts,
+    ),
+    Accept: st.builds(Accept, streams, st.integers(1, MAX_CREDIT)),
+    Refuse: st.builds(Refuse, streams, reasons),
+    Chunk: st.builds(Chunk, streams, counts, st.integers(1, MAX_COUNT), ages, payloads),
+    Ack: st.builds(Ack, streams, counts, counts, counts, dropped_pairs, st.integers(0, MAX_CREDIT)),
+    End: st.builds(End, streams, counts),
+    Cancel: st.builds(Cancel, streams, reasons),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -91,12 +126,25 @@ SAMPLES: dict[type[Message], Message] = {
     Heartbeat: Heartbeat(),
     StateChange: StateChange(NodeState.SERVING),
     Goodbye: Goodbye("bye"),
+    Offer: Offer(7, "users", "cachetools.TTLCache", 2, 10_000),
+    Accept: Accept(7, 16),
+    Refuse: Refuse(7, "namespace 'users' is not tracked here"),
+    Chunk: Chunk(7, 3, 2, 0.25, b"\x92\xa1a\xa1b"),
+    Ack: Ack(7, 3, 1, 0, (("expired", 1),), 15),
+    End: End(7, 10_000),
+    Cancel: Cancel(7, "drain deadline"),
 }
 
 
 def test_every_message_type_is_covered() -> None:
     assert set(STRATEGIES) == set(MESSAGE_TYPES.values())
     assert set(SAMPLES) == set(MESSAGE_TYPES.values())
+
+
+def test_session_messages_are_the_new_types() -> None:
+    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel} == SESSION_MESSAGES
+    assert SESSION_MESSAGES.issubset(MESSAGE_TYPES.values())
+    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 23))
 
 
 def test_type_codes_are_unique_and_registered() -> None:
@@ -251,6 +299,56 @@ bad_namespace_item: st.SearchStrategy[Any] = (
         _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=2**31),
     ).map(list)
 )
+bad_stream = (
+    _not(int)
+    | st.booleans()
+    | st.integers(max_value=0)
+    | st.integers(min_value=MAX_STREAM + 1)
+    | st.just(1.0)
+)
+bad_count = (
+    _not(int)
+    | st.booleans()
+    | st.integers(max_value=-1)
+    | st.integers(min_value=MAX_COUNT + 1)
+    | st.just(0.0)
+)
+bad_records = bad_count | st.just(0)  # a Chunk carries at least one record
+bad_schema = (
+    _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=MAX_SCHEMA + 1)
+)
+bad_accept_credit = (
+    _not(int) | st.booleans() | st.integers(max_value=0) | st.integers(min_value=MAX_CREDIT + 1)
+)
+bad_ack_credit = (
+    _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=MAX_CREDIT + 1)
+)
+bad_kind = _texts(MAX_KIND, empty_ok=False)
+bad_session_reason = _texts(MAX_REASON, empty_ok=False)
+bad_age = bad_number | st.floats(max_value=-1e-300) | st.integers(max_value=-1)
+bad_payload = _not(bytes) | st.just(b"") | st.just("payload") | st.just([1, 2, 3])
+bad_dropped_item: st.SearchStrategy[Any] = (
+    _not(list)
+    | st.just([])
+    | st.just(["expired"])
+    | st.just(["expired", 1, 2])
+    | st.just([1, "expired"])
+    | st.tuples(bad_name, st.integers(0, 10)).map(list)
+    | st.tuples(
+        st.just("expired"),
+        _not(int)
+        | st.booleans()
+        | st.integers(max_value=-1)
+        | st.integers(min_value=MAX_COUNT + 1),
+    ).map(list)
+)
+bad_dropped = (
+    _not(list)
+    | st.just([["expired", 1]] * (MAX_DROPPED + 1))
+    | st.tuples(st.lists(st.tuples(names, counts), max_size=3), bad_dropped_item).map(
+        lambda pair: [*([reason, count] for reason, count in pair[0]), pair[1]]
+    )
+)
 bad_namespaces = (
     _not(list)
     | st.just([["n", 1]] * (MAX_NAMESPACES + 1))
@@ -269,6 +367,13 @@ BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     Heartbeat: [],
     StateChange: [bad_state],
     Goodbye: [bad_reason],
+    Offer: [bad_stream, bad_name, bad_kind, bad_schema, bad_count],
+    Accept: [bad_stream, bad_accept_credit],
+    Refuse: [bad_stream, bad_session_reason],
+    Chunk: [bad_stream, bad_count, bad_records, bad_age, bad_payload],
+    Ack: [bad_stream, bad_count, bad_count, bad_count, bad_dropped, bad_ack_credit],
+    End: [bad_stream, bad_count],
+    Cancel: [bad_stream, bad_session_reason],
 }
 
 
@@ -332,6 +437,42 @@ def test_one_bad_field_is_a_protocol_error(data: st.DataObject) -> None:
         pytest.param([Goodbye.TYPE, "x" * (MAX_REASON + 1)], "chars", id="goodbye-long-reason"),
         pytest.param([Reject.TYPE, "", "reason"], "chars", id="reject-empty-code"),
         pytest.param([Heartbeat.TYPE, None], "fields", id="heartbeat-extra"),
+        pytest.param([Offer.TYPE, True, "users", "k", 1, 1], "integer", id="offer-bool-stream"),
+        pytest.param([Offer.TYPE, 0, "users", "k", 1, 1], "range", id="offer-stream-zero"),
+        pytest.param(
+            [Offer.TYPE, MAX_STREAM + 1, "users", "k", 1, 1], "range", id="offer-stream-too-big"
+        ),
+        pytest.param([Offer.TYPE, 1, "users", "k" * 65, 1, 1], "chars", id="offer-long-kind"),
+        pytest.param([Offer.TYPE, 1, "users", "k", 1, -1], "range", id="offer-negative-records"),
+        pytest.param([Accept.TYPE, 1, 0], "range", id="accept-zero-credit"),
+        pytest.param([Accept.TYPE, 1, MAX_CREDIT + 1], "range", id="accept-credit-too-big"),
+        pytest.param([Accept.TYPE, 1, False], "integer", id="accept-bool-credit"),
+        pytest.param([Refuse.TYPE, 1, ""], "chars", id="refuse-empty-reason"),
+        pytest.param([Chunk.TYPE, 1, 0, 1, 0.0, b""], "non-empty bytes", id="chunk-empty-payload"),
+        pytest.param([Chunk.TYPE, 1, 0, 1, 0.0, "text"], "non-empty bytes", id="chunk-str-payload"),
+        pytest.param([Chunk.TYPE, 1, 0, 0, 0.0, b"x"], "range", id="chunk-zero-records"),
+        pytest.param([Chunk.TYPE, 1, MAX_COUNT + 1, 1, 0.0, b"x"], "range", id="chunk-seq-too-big"),
+        pytest.param([Chunk.TYPE, 1, 0.0, 1, 0.0, b"x"], "integer", id="chunk-float-seq"),
+        pytest.param([Chunk.TYPE, 1, 0, 1, -0.5, b"x"], "negative", id="chunk-negative-age"),
+        pytest.param([Chunk.TYPE, 1, 0, 1, math.inf, b"x"], "finite", id="chunk-inf-age"),
+        pytest.param([Chunk.TYPE, 1, 0, 1, math.nan, b"x"], "finite", id="chunk-nan-age"),
+        pytest.param([Chunk.TYPE, 1, 0, 1, True, b"x"], "number", id="chunk-bool-age"),
+        pytest.param([Ack.TYPE, 1, 0, 0, 0, [], -1], "range", id="ack-negative-credit"),
+        pytest.param([Ack.TYPE, 1, 0, 0, 0, [], MAX_CREDIT + 1], "range", id="ack-credit-too-big"),
+        pytest.param([Ack.TYPE, 1, 0, 0, 0, {}, 1], "array", id="ack-map-dropped"),
+        pytest.param([Ack.TYPE, 1, 0, 0, 0, [["x", True]], 1], "pairs", id="ack-bool-count"),
+        pytest.param([Ack.TYPE, 1, 0, 0, 0, [["", 1]], 1], "pairs", id="ack-empty-reason"),
+        pytest.param([Ack.TYPE, 1, 0, 0, 0, [["x", -1]], 1], "pairs", id="ack-negative-count"),
+        pytest.param([Ack.TYPE, 1, 0, 0, 0, [("x", 1)], 1], "pairs", id="ack-tuple-pair"),
+        pytest.param(
+            [Ack.TYPE, 1, 0, 0, 0, [["x", 1]] * (MAX_DROPPED + 1), 1],
+            "over 64 items",
+            id="ack-too-many-dropped",
+        ),
+        pytest.param([End.TYPE, 1, MAX_COUNT + 1], "range", id="end-records-too-big"),
+        pytest.param([Cancel.TYPE, 1, "x" * (MAX_REASON + 1)], "chars", id="cancel-long-reason"),
+        pytest.param([Cancel.TYPE, 1, "why", None], "fields", id="cancel-extra"),
+        pytest.param([End.TYPE, 1], "missing field", id="end-missing-records"),
     ],
 )
 def test_specific_bad_fields(wire: list[Any], match: str) -> None:
@@ -349,10 +490,37 @@ def test_limits_are_inclusive() -> None:
     assert decode_message(info.to_wire()) == info
 
 
+def test_integral_chunk_age_comes_back_as_a_float() -> None:
+    chunk = decode_message([Chunk.TYPE, 1, 0, 1, 3, b"x"])
+    assert isinstance(chunk, Chunk)
+    assert chunk.age == 3.0
+    assert type(chunk.age) is float
+
+
+def test_session_limits_are_inclusive() -> None:
+    longest_reason = "r" * MAX_REASON
+    dropped = (("n" * MAX_NAME, MAX_COUNT),) * MAX_DROPPED
+    for message in (
+        Offer(MAX_STREAM, "n" * MAX_NAME, "k" * MAX_KIND, MAX_SCHEMA, MAX_COUNT),
+        Offer(1, "n", "k", 0, 0),
+        Accept(MAX_STREAM, MAX_CREDIT),
+        Accept(1, 1),
+        Refuse(1, longest_reason),
+        Chunk(MAX_STREAM, MAX_COUNT, MAX_COUNT, 1e9, b"x"),
+        Chunk(1, 0, 1, 0.0, b"x"),
+        Ack(MAX_STREAM, MAX_COUNT, MAX_COUNT, MAX_COUNT, dropped, MAX_CREDIT),
+        Ack(1, 0, 0, 0, (), 0),
+        End(MAX_STREAM, MAX_COUNT),
+        End(1, 0),
+        Cancel(1, longest_reason),
+    ):
+        assert decode_message(message.to_wire()) == message
+
+
 # -- type codes and envelopes --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [0, 9, 10, 99, 255, -1, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("code", [0, 9, 10, 15, 23, 99, 255, -1, 2**63, 2**64 - 1])
 def test_unknown_type_code(code: int) -> None:
     with pytest.raises(ProtocolError, match="unknown message type"):
         decode_message([code])
