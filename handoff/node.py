@@ -78,7 +78,8 @@ DownCallback = Callable[[Peer, DownReason], Awaitable[None] | None]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 EVENT_BUFFER = 1024
-# Refused before they cost more than a socket: peers that connect and never authenticate.
+# Handshakes in progress at once; past this the oldest is dropped to admit a newcomer, so
+# peers that connect and never authenticate cost a socket each and cannot lock others out.
 MAX_PENDING_HANDSHAKES = 256
 
 
@@ -172,7 +173,9 @@ class Node:
         self._down_callbacks: list[DownCallback] = []
         self._subscribers: set[MemoryObjectSendStream[MembershipEvent]] = set()
         self._max_pending = max_pending_handshakes
-        self._pending_handshakes = 0
+        # Incoming handshakes in progress, oldest first (dicts keep insertion order).
+        self._pending: dict[int, anyio.CancelScope] = {}
+        self._pending_ids = itertools.count(1)
         self._dialling: set[str] = set()
         self._self_addresses: set[str] = set()
         self._last_discovery_error = ""
@@ -447,35 +450,48 @@ class Node:
                 logger.warning("accepting a connection failed: %s", exc)
                 await anyio.sleep(0.1)
                 continue
-            if self._pending_handshakes >= self._max_pending:
+            if len(self._pending) >= self._max_pending:
+                # Evict the oldest pending handshake instead of refusing the newcomer:
+                # otherwise sockets that connect and stay silent lock real peers out
+                # until they time out, and a slow trickle of them keeps it that way.
+                oldest = next(iter(self._pending))
                 logger.warning(
-                    "refusing a connection from %s: %d handshakes already pending",
+                    "%d handshakes pending: dropping the oldest to admit %s",
+                    len(self._pending),
                     _remote_of(stream),
-                    self._pending_handshakes,
                 )
-                await anyio.aclose_forcefully(stream)
-                continue
-            self._pending_handshakes += 1
-            self._task_group.start_soon(self._serve_incoming, stream)
+                self._pending.pop(oldest).cancel()
+            pending_id, scope = next(self._pending_ids), anyio.CancelScope()
+            self._pending[pending_id] = scope
+            self._task_group.start_soon(self._serve_incoming, stream, pending_id, scope)
 
-    async def _serve_incoming(self, stream: anyio.abc.ByteStream) -> None:
+    async def _serve_incoming(
+        self, stream: anyio.abc.ByteStream, pending_id: int, scope: anyio.CancelScope
+    ) -> None:
         remote = _remote_of(stream)
+        done: tuple[PeerLink, PeerInfo, list[Event]] | None = None
         try:
-            if self._tls is not None:
-                stream = await secure_server_side(
-                    stream,
-                    self._tls.server,
-                    time_limit=self.settings.handshake_timeout,
-                    remote=remote,
-                )
-            link = PeerLink(stream, self._connection(Role.SERVER), remote)
-            peer, events = await link.handshake()
+            with scope:  # cancelled if evicted by newer connections (see _accept_loop)
+                if self._tls is not None:
+                    stream = await secure_server_side(
+                        stream,
+                        self._tls.server,
+                        time_limit=self.settings.handshake_timeout,
+                        remote=remote,
+                    )
+                link = PeerLink(stream, self._connection(Role.SERVER), remote)
+                peer, events = await link.handshake()
+                done = link, peer, events
         except HandoffError as exc:
             self._log_refusal(remote, exc, incoming=True)
             await anyio.aclose_forcefully(stream)
             return
         finally:
-            self._pending_handshakes -= 1
+            self._pending.pop(pending_id, None)
+        if done is None:  # evicted (logged by _accept_loop)
+            await anyio.aclose_forcefully(stream)
+            return
+        link, peer, events = done
         await self._run_link(link, peer, events, dialled=False, address=remote)
 
     async def _dial(self, target: PeerAddress) -> None:
