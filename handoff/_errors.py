@@ -8,6 +8,7 @@ have to know which backend raised what.
 from __future__ import annotations
 
 __all__ = (
+    "AdapterNotFound",
     "AuthenticationError",
     "BindError",
     "ClusterMismatch",
@@ -25,8 +26,13 @@ __all__ = (
     "HeartbeatTimeout",
     "LocalProtocolError",
     "NameConflict",
+    "NoTransformPath",
     "ProtocolError",
+    "RecordDecodeError",
+    "RecordEncodeError",
     "SelfConnection",
+    "SnapshotCorrupt",
+    "SnapshotError",
     "TLSError",
     "TransportError",
     "VersionMismatch",
@@ -127,3 +133,56 @@ class BindError(TransportError, ConfigError):
 
 class DiscoveryError(HandoffError):
     """A discovery query failed. Logged and retried by the node; never fatal there."""
+
+
+class RecordEncodeError(HandoffError):
+    """A value could not be serialized: a type with no encoder, or nesting beyond the limit.
+
+    The message names the type and how to fix it (``Codec.register``).
+    """
+
+
+class RecordDecodeError(ProtocolError):
+    """Serialized records are malformed, nest too deep, or use an unknown extension type."""
+
+
+class NoTransformPath(HandoffError):
+    """A namespace cannot be converted between two schema versions: a hook is missing."""
+
+    def __init__(
+        self, namespace: str, from_version: int, to_version: int, missing_step: tuple[int, int]
+    ) -> None:
+        step_from, step_to = missing_step
+        direction = "upgrade" if step_to > step_from else "downgrade"
+        super().__init__(
+            f"cannot convert {namespace!r} from version {from_version} to {to_version}: "
+            f"no {direction} hook for {namespace!r} from version {step_from} to {step_to}; "
+            f"add @node.{direction}({namespace!r}, {step_from})"
+        )
+        self.namespace = namespace
+        self.from_version = from_version
+        self.to_version = to_version
+        self.missing_step = missing_step
+
+
+class SnapshotError(HandoffError):
+    """The snapshot store could not write, read or move a snapshot (disk full, I/O error)."""
+
+
+class SnapshotCorrupt(SnapshotError):
+    """A snapshot file is truncated, damaged, foreign or not a snapshot; nothing of it is used.
+
+    ``reason`` says what is wrong (``"checksum mismatch in chunk 2"``).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"snapshot {path} is unusable: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class AdapterNotFound(HandoffError):
+    """No adapter is known for the type of an object given to ``node.track``.
+
+    The message lists the supported types and how to register an adapter for another one.
+    """

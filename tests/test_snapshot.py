@@ -1,0 +1,333 @@
+"""The directory snapshot store: atomic writes, and nothing of a damaged file ever applied."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from handoff._codec import Codec
+from handoff._errors import ConfigError, SnapshotCorrupt, SnapshotError
+from handoff.snapshot import (
+    MAGIC,
+    DirectorySnapshotStore,
+    SnapshotInfo,
+    SnapshotStore,
+)
+
+NOW = 1_700_000_000.0
+codec = Codec()
+
+
+def make_store(path: Path, now: float = NOW) -> DirectorySnapshotStore:
+    return DirectorySnapshotStore(path, clock=lambda: now)
+
+
+def chunk(start: int, count: int) -> tuple[bytes, int]:
+    payload, failed = codec.encode_records(
+        [(f"k{i}", f"v{i}", 30.0) for i in range(start, start + count)]
+    )
+    assert not failed
+    return payload, count
+
+
+def write(
+    store: DirectorySnapshotStore,
+    chunks: list[tuple[bytes, int]],
+    *,
+    cluster: str = "shop",
+    namespace: str = "users",
+    created_at: float = NOW - 5,
+) -> SnapshotInfo:
+    with store.begin(
+        namespace,
+        cluster=cluster,
+        kind="cachetools",
+        version=2,
+        node="web-1",
+        release="v41",
+        created_at=created_at,
+    ) as writer:
+        for payload, count in chunks:
+            writer.write_chunk(payload, count)
+        return writer.commit()
+
+
+def small_snapshot(tmp_path: Path) -> bytes:
+    """The bytes of a committed snapshot with three small chunks."""
+    store = make_store(tmp_path / "src")
+    info = write(store, [chunk(0, 2), chunk(2, 1), chunk(3, 2)])
+    return info.path.read_bytes()
+
+
+def unusable(directory: Path, data: bytes) -> str:
+    """Put ``data`` in a fresh store as a snapshot; return why it was refused (it must be)."""
+    store = make_store(directory)
+    (directory / "0000000000001-users-damaged.snapshot").write_bytes(data)
+    infos = store.pending("shop")
+    if not infos:
+        reasons = list((directory / "corrupt").glob("*.reason.txt"))
+        assert len(reasons) == 1
+        return "pending: " + reasons[0].read_text()
+    (info,) = infos
+    yielded: list[tuple[bytes, int]] = []
+    with pytest.raises(SnapshotCorrupt) as caught:
+        yielded.extend(store.read(info))
+    assert yielded == [], "a chunk of a damaged snapshot was yielded"
+    return "read: " + caught.value.reason
+
+
+# -- the happy path ---------------------------------------------------------------------------
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "snaps")
+    assert isinstance(store, SnapshotStore)
+    chunks = [chunk(0, 3), chunk(3, 2)]
+    info = write(store, chunks)
+    assert info.records == 5
+    assert stat.S_IMODE(info.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "snaps").stat().st_mode) == 0o700
+
+    (listed,) = store.pending("shop")
+    assert listed == info
+    assert (listed.namespace, listed.kind, listed.version, listed.node, listed.release) == (
+        "users",
+        "cachetools",
+        2,
+        "web-1",
+        "v41",
+    )
+    assert listed.created_at == NOW - 5
+    assert listed.cluster == "shop"
+    assert list(store.read(listed)) == chunks
+    assert store.verify(listed) == 5
+    records = [
+        r for payload, n in store.read(listed) for r in codec.decode_records(payload, max_records=n)
+    ]
+    assert [r[0] for r in records] == ["k0", "k1", "k2", "k3", "k4"]
+
+    store.remove(listed)
+    assert store.pending("shop") == []
+    store.remove(listed)  # already gone: fine
+
+
+def test_empty_snapshot_and_ordering(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    later = write(store, [chunk(0, 1)], namespace="b/../weird name", created_at=NOW - 1)
+    earlier = write(store, [], namespace="a", created_at=NOW - 100)
+    (tmp_path / "README").write_text("not a snapshot, not ours")
+    assert [i.namespace for i in store.pending("shop")] == ["a", "b/../weird name"]
+    assert list(store.read(earlier)) == []
+    assert later.path.parent == tmp_path
+    assert (tmp_path / "README").exists()
+
+
+def test_writer_is_finished_once(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    writer = store.begin(
+        "users", cluster="shop", kind="mapping", version=1, node="n", release="r", created_at=NOW
+    )
+    writer.write_chunk(*chunk(0, 1))
+    writer.commit()
+    writer.abort()  # after commit: a no-op, the snapshot stays
+    assert len(store.pending("shop")) == 1
+    with pytest.raises(SnapshotError, match="already finished"):
+        writer.commit()
+    with pytest.raises(SnapshotError, match="already finished"):
+        writer.write_chunk(b"\x90", 0)
+
+
+# -- atomicity --------------------------------------------------------------------------------
+
+
+def test_uncommitted_snapshot_is_never_visible(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    writer = store.begin(
+        "users", cluster="shop", kind="mapping", version=1, node="n", release="r", created_at=NOW
+    )
+    writer.write_chunk(*chunk(0, 10))
+    # The process "crashes" here: nothing committed, nothing aborted.
+    assert store.pending("shop") == []
+    (temp,) = os.listdir(tmp_path)
+    assert temp.startswith(".")
+    assert temp.endswith(".tmp")
+    writer.abort()
+    assert os.listdir(tmp_path) == []
+
+
+def test_exception_in_with_block_aborts(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    with (  # noqa: PT012 - the with block is the subject
+        pytest.raises(RuntimeError, match="boom"),
+        store.begin(
+            "users", cluster="shop", kind="m", version=1, node="n", release="r", created_at=NOW
+        ) as writer,
+    ):
+        writer.write_chunk(*chunk(0, 1))
+        raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with store.begin(
+        "users", cluster="shop", kind="m", version=1, node="n", release="r", created_at=NOW
+    ) as writer:
+        writer.write_chunk(*chunk(0, 1))
+        # leaving without commit discards too
+    assert os.listdir(tmp_path) == []
+
+
+def test_stale_temporary_files_are_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_now = time.time()
+    stale = tmp_path / ".0001-users-aaaa.snapshot.1234abcd.tmp"
+    fresh = tmp_path / ".0002-users-bbbb.snapshot.5678abcd.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(MAGIC)
+    os.utime(stale, (real_now - 3601, real_now - 3601))
+    os.utime(fresh, (real_now - 3599, real_now - 3599))
+    store = make_store(tmp_path, now=real_now)
+    with caplog.at_level(logging.INFO, logger="handoff.snapshot"):
+        assert store.pending("shop") == []
+    assert not stale.exists()
+    assert fresh.exists()
+    assert "stale temporary snapshot" in caplog.text
+    # An hour later (by the injected clock) the other one goes too.
+    make_store(tmp_path, now=real_now + 3600).pending("shop")
+    assert os.listdir(tmp_path) == []
+
+
+# -- damage is always detected ----------------------------------------------------------------
+
+
+def test_every_truncation_is_detected(tmp_path: Path) -> None:
+    data = small_snapshot(tmp_path)
+    for size in range(len(data)):
+        reason = unusable(tmp_path / f"cut{size}", data[:size])
+        assert reason, size
+    assert "empty file" in unusable(tmp_path / "empty", b"")
+    assert "truncated" in unusable(tmp_path / "half", data[: len(data) // 2])
+
+
+def test_every_single_byte_flip_is_detected(tmp_path: Path) -> None:
+    data = small_snapshot(tmp_path)
+    for index in range(len(data)):
+        damaged = bytearray(data)
+        damaged[index] ^= 0x40
+        reason = unusable(tmp_path / f"flip{index}", bytes(damaged))
+        assert reason, index
+
+
+def test_damage_is_named(tmp_path: Path) -> None:
+    data = small_snapshot(tmp_path)
+    header_len = struct.unpack(">I", data[len(MAGIC) : len(MAGIC) + 4])[0]
+    first_chunk = len(MAGIC) + 4 + header_len
+    (len0,) = struct.unpack(">I", data[first_chunk : first_chunk + 4])
+    second_payload = first_chunk + 12 + len0 + 12
+
+    def flipped(index: int) -> bytes:
+        damaged = bytearray(data)
+        damaged[index] ^= 0x01
+        return bytes(damaged)
+
+    assert "checksum mismatch in chunk 2" in unusable(tmp_path / "a", flipped(second_payload + 1))
+    assert "checksum mismatch in chunk 1" in unusable(tmp_path / "b", flipped(first_chunk + 5))
+    assert "trailer digest mismatch" in unusable(tmp_path / "c", flipped(len(data) - 1))
+    assert "not a snapshot (bad magic)" in unusable(tmp_path / "d", flipped(0))
+    assert "trailer" in unusable(tmp_path / "e", data + b"\x00")
+    truncated = unusable(tmp_path / "f", data[: second_payload + 3])
+    assert "truncated after 1 of ? chunks" in truncated
+    # A chunk length beyond the limit is refused before anything is read.
+    huge = data[:first_chunk] + struct.pack(">III", 0xFFFFFFF0, 1, 0) + data[first_chunk + 12 :]
+    assert "more than 67108864" in unusable(tmp_path / "g", huge)
+    big_header = MAGIC + struct.pack(">I", 65 * 1024) + data[len(MAGIC) + 4 :]
+    assert "exceeds 65536" in unusable(tmp_path / "h", big_header)
+
+
+def test_nothing_is_yielded_before_the_last_chunk_is_verified(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    info = write(store, [chunk(0, 5), chunk(5, 5), chunk(10, 5)])
+    data = bytearray(info.path.read_bytes())
+    data[-60] ^= 0x01  # inside the last chunk's payload
+    info.path.write_bytes(bytes(data))
+    reader = store.read(info)
+    with pytest.raises(SnapshotCorrupt, match="checksum mismatch in chunk 3"):
+        next(reader)
+
+
+def test_foreign_cluster_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = make_store(tmp_path)
+    info = write(store, [chunk(0, 1)], cluster="other")
+    with caplog.at_level(logging.WARNING, logger="handoff.snapshot"):
+        assert store.pending("shop") == []
+    assert not info.path.exists()
+    moved = tmp_path / "corrupt" / info.path.name
+    assert moved.exists()
+    reason = Path(f"{moved}.reason.txt").read_text()
+    assert reason == "belongs to cluster 'other', this node is in 'shop'\n"
+    assert "belongs to cluster 'other'" in caplog.text
+    # Moved aside, not offered again.
+    assert store.pending("shop") == []
+
+
+def test_read_rechecks_the_header_against_the_listing(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    info = write(store, [chunk(0, 1)], cluster="other")
+    listed_as_shop = dataclasses.replace(info, cluster="shop")
+    with pytest.raises(SnapshotCorrupt, match="belongs to cluster 'other', this node is in 'shop'"):
+        list(store.read(listed_as_shop))
+    wrong_count = dataclasses.replace(info, records=2)
+    with pytest.raises(SnapshotCorrupt, match="holds 1 records"):
+        list(store.read(wrong_count))
+    info.path.unlink()
+    with pytest.raises(SnapshotCorrupt, match="unreadable"):
+        list(store.read(info))
+
+
+def test_bad_magic_and_empty_files(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    (tmp_path / "1-a.snapshot").write_bytes(b"PK\x03\x04 definitely a zip file")
+    (tmp_path / "2-b.snapshot").write_bytes(b"")
+    assert store.pending("shop") == []
+    assert (tmp_path / "corrupt" / "1-a.snapshot.reason.txt").read_text() == (
+        "not a snapshot (bad magic)\n"
+    )
+    assert (tmp_path / "corrupt" / "2-b.snapshot.reason.txt").read_text() == "empty file\n"
+
+
+def test_quarantine_explicitly_and_of_a_vanished_file(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    info = write(store, [chunk(0, 1)])
+    store.quarantine(info, "holds 'mapping' state, 'users' is 'cachetools'")
+    assert store.pending("shop") == []
+    assert (tmp_path / "corrupt" / f"{info.path.name}.reason.txt").exists()
+    store.quarantine(info, "again")  # gone already: logged, not raised
+    store.quarantine(str(tmp_path / "nothing.snapshot"), "never existed")
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_missing_directory_is_created(tmp_path: Path) -> None:
+    DirectorySnapshotStore(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_a_file_is_not_a_snapshot_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"HANDOFF_SNAPSHOT_DIR .* not a directory"):
+        DirectorySnapshotStore(tmp_path / "file")
+    with pytest.raises(ConfigError, match=r"HANDOFF_SNAPSHOT_DIR .* cannot be created"):
+        DirectorySnapshotStore(tmp_path / "file" / "sub")
+
+
+def test_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Root may write anywhere, so the permission check itself is simulated.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match=r"HANDOFF_SNAPSHOT_DIR .* not writable"):
+        DirectorySnapshotStore(tmp_path)
