@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
@@ -23,9 +23,12 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 from anyio.streams.memory import MemoryObjectSendStream
 
+from handoff._adapter import Adapter
+from handoff._codec import Codec
 from handoff._errors import (
     AuthenticationError,
     ClusterMismatch,
+    ConfigError,
     ConnectError,
     DiscoveryError,
     HandoffError,
@@ -36,8 +39,11 @@ from handoff._errors import (
     SelfConnection,
     VersionMismatch,
 )
+from handoff._registry import adapter_for
 from handoff.config import Settings, resolve_settings
 from handoff.discovery import Discovery, PeerAddress, make_discovery
+from handoff.engine import Drainer, DrainReport, Receiver, Tracked
+from handoff.engine._restore import restore_snapshots
 from handoff.membership import (
     DUPLICATE,
     DownReason,
@@ -48,18 +54,24 @@ from handoff.membership import (
     Peer,
 )
 from handoff.protocol import (
+    Accept,
+    Ack,
     Connection,
     Event,
     Limits,
     LocalNode,
+    Message,
     MessageReceived,
     NamespaceVersion,
     NodeState,
     PeerGoodbye,
     PeerInfo,
     PeerStateChanged,
+    Refuse,
     Role,
 )
+from handoff.snapshot import DirectorySnapshotStore, SnapshotStore
+from handoff.transforms import Transform, Transforms
 from handoff.transport import (
     PeerLink,
     TLSContexts,
@@ -76,6 +88,7 @@ logger = logging.getLogger("handoff.node")
 PeerCallback = Callable[[Peer], Awaitable[None] | None]
 DownCallback = Callable[[Peer, DownReason], Awaitable[None] | None]
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T", bound=Transform)
 
 EVENT_BUFFER = 1024
 # Handshakes in progress at once; past this the oldest is dropped to admit a newcomer, so
@@ -159,7 +172,30 @@ class Node:
         self.incarnation = secrets.token_hex(8)
         self.started_at = 0.0
         self._state = NodeState.SERVING
-        self._namespaces: dict[str, int] = {}
+        self._tracked: dict[str, Tracked] = {}
+        self.transforms = Transforms()
+        """The upgrade / downgrade hooks registered with :meth:`upgrade` and :meth:`downgrade`."""
+        self.codec = Codec()
+        """Serializer of records; register encoders for your own value types on it."""
+        self._snapshots: SnapshotStore | None = (
+            DirectorySnapshotStore(s.snapshot_dir) if s.snapshot_dir is not None else None
+        )
+        self._drainer: Drainer | None = None
+        self._drain_lock = anyio.Lock()
+        self.last_drain_report: DrainReport | None = None
+        """The report of this node's drain, once it has drained."""
+        self._warm = anyio.Event()
+        self.warm_reason = ""
+        """Why the node counts as warm: a restored snapshot, a received handoff, nothing
+        to wait for, or the warm-up timeout."""
+        self._receiver = Receiver(
+            node=s.node_name,
+            tracked=self._tracked,
+            transforms=self.transforms,
+            codec=self.codec,
+            accepting=self._refuse_reason,
+            on_complete=self._handoff_received,
+        )
         self._limits = Limits(
             handshake_timeout=s.handshake_timeout,
             heartbeat_interval=s.heartbeat_interval,
@@ -228,6 +264,126 @@ class Node:
     def peers(self) -> list[Peer]:
         """The authenticated peers, sorted by name."""
         return self._membership.peers()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def track(
+        self,
+        name: str,
+        obj: object,
+        *,
+        version: int = 1,
+        adapter: Adapter | None = None,
+        **options: Any,
+    ) -> Adapter:
+        """Hand ``obj`` off under ``name`` when this node drains, and receive it on start.
+
+        The adapter is chosen by the object's type (``cachetools`` caches, any mutable
+        mapping, and whatever third-party packages register) unless one is given;
+        ``options`` go to the adapter (e.g. ``merge=``). ``version`` is the schema version of
+        the records; register :meth:`upgrade` / :meth:`downgrade` hooks between versions.
+        Must be called before :meth:`start`: peers learn the namespaces in the handshake.
+        """
+        if self.running:
+            raise ConfigError(
+                f"track({name!r}) after start(): track every namespace before the node "
+                "starts, peers learn them when they connect"
+            )
+        if not isinstance(name, str) or not 0 < len(name) <= 255 or not name.isprintable():
+            raise ConfigError(f"namespace {name!r} must be 1..255 printable characters")
+        if name in self._tracked:
+            raise ConfigError(f"namespace {name!r} is already tracked")
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**31:
+            raise ConfigError(f"version of {name!r} must be an integer >= 0, got {version!r}")
+        chosen = adapter if adapter is not None else adapter_for(obj, **options)
+        self._tracked[name] = Tracked(name, obj, chosen, version)
+        return chosen
+
+    def upgrade(self, namespace: str, from_version: int) -> Callable[[_T], _T]:
+        """Decorator: ``fn(key, value) -> (key, value)`` turns a ``from_version`` record of
+        ``namespace`` into a ``from_version + 1`` one. Runs on the receiving (newer) node."""
+
+        def register(fn: _T) -> _T:
+            self.transforms.add_upgrade(namespace, from_version, fn)
+            return fn
+
+        return register
+
+    def downgrade(self, namespace: str, from_version: int) -> Callable[[_T], _T]:
+        """Decorator: ``fn(key, value) -> (key, value)`` turns a ``from_version`` record into
+        a ``from_version - 1`` one. Runs on the sending node when its successor is older (a
+        rollback): old code cannot know new formats."""
+
+        def register(fn: _T) -> _T:
+            self.transforms.add_downgrade(namespace, from_version, fn)
+            return fn
+
+        return register
+
+    @property
+    def tracked(self) -> Mapping[str, Tracked]:
+        """The tracked namespaces by name."""
+        return MappingProxyType(self._tracked)
+
+    @property
+    def is_warm(self) -> bool:
+        """True once handed-off state arrived, a snapshot was restored, there was nothing to
+        wait for, or ``warmup_timeout`` passed. Use it for readiness checks."""
+        return self._warm.is_set()
+
+    async def wait_warm(self) -> str:
+        """Wait until :attr:`is_warm`; returns :attr:`warm_reason`."""
+        await self._warm.wait()
+        return self.warm_reason
+
+    def _set_warm(self, reason: str) -> None:
+        if not self._warm.is_set():
+            self.warm_reason = reason
+            self._warm.set()
+            logger.info("%s is warm: %s", self.name, reason)
+
+    def _refuse_reason(self) -> str:
+        if self._state is not NodeState.SERVING:
+            return f"{self.name} is draining"
+        return ""
+
+    def _handoff_received(self, peer: str, namespace: str, records: int) -> None:
+        if self._receiver.active == 0:
+            self._set_warm(f"received a handoff from {peer}")
+
+    # A deadline, not a cancellation: at ``timeout`` the drain still snapshots what is left.
+    async def drain(self, *, timeout: float | None = None) -> DrainReport:  # noqa: ASYNC109
+        """Hand everything tracked to successors (or the snapshot store) and report.
+
+        Announces draining, picks serving peers (newer release first), streams each
+        namespace and returns within ``timeout`` (default ``drain_timeout``) whatever the
+        peers do. Draining twice returns the first report.
+        """
+        async with self._drain_lock:
+            if self.last_drain_report is not None:
+                return self.last_drain_report
+            if not self.running:
+                raise LocalProtocolError("drain() needs a started node")
+            limit = self.settings.drain_timeout if timeout is None else timeout
+            await self._set_state(NodeState.DRAINING)
+            self._drainer = Drainer(
+                node=self.name,
+                release=self.release,
+                cluster=self.cluster,
+                tracked=self._tracked,
+                transforms=self.transforms,
+                codec=self.codec,
+                snapshots=self._snapshots,
+                peers=self._peer_links,
+            )
+            try:
+                report = await self._drainer.run(time_limit=limit)
+            finally:
+                self._drainer = None
+            self.last_drain_report = report
+            log = logger.warning if report.dropped else logger.info
+            log("%s", report.summary())
+            return report
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -331,7 +487,11 @@ class Node:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
+        try:
+            if self.running:
+                await self.drain()
+        finally:
+            await self.stop()
 
     async def start(self) -> None:
         """Listen, then find and join peers in the background. Returns once listening."""
@@ -349,6 +509,20 @@ class Node:
             timeout=min(2.0, s.poll_interval),
         )
         listener = await open_listener(s.bind_host, s.bind_port)
+        if self._snapshots is not None and self._tracked:
+            try:
+                restored = restore_snapshots(
+                    self._snapshots,
+                    cluster=s.cluster,
+                    tracked=self._tracked,
+                    transforms=self.transforms,
+                    codec=self.codec,
+                )
+            except BaseException:
+                await listener.aclose()
+                raise
+            if restored:
+                self._set_warm("restored " + ", ".join(sorted(restored)) + " from snapshots")
         local = listener.extra(SocketAttribute.local_address)
         self._port = int(local[1]) if isinstance(local, tuple) else s.bind_port
         self._self_addresses = {format_address(s.bind_host, self._port)}
@@ -367,6 +541,7 @@ class Node:
         self._task_group.start_soon(self._accept_loop, listener)
         self._task_group.start_soon(self._discovery_loop, self._discovery)
         self._task_group.start_soon(self._expiry_loop)
+        self._task_group.start_soon(self._warmup)
         logger.info(
             "node %s (cluster %s, release %s) listening on %s%s; discovery %s",
             s.node_name,
@@ -424,7 +599,10 @@ class Node:
             started_at=self.started_at,
             state=self._state,
             address=self.address,
-            namespaces=tuple(NamespaceVersion(n, v) for n, v in sorted(self._namespaces.items())),
+            namespaces=tuple(
+                NamespaceVersion(t.name, t.version)
+                for t in sorted(self._tracked.values(), key=lambda t: t.name)
+            ),
         )
 
     def _connection(self, role: Role) -> Connection:
@@ -567,7 +745,7 @@ class Node:
                         reason, detail = DownReason.GOODBYE, event.reason
                         return
                     elif isinstance(event, MessageReceived):
-                        logger.debug("ignoring %s from %s", event.message, peer.name)
+                        await self._dispatch_session(peer.name, link, event.message)
                 events = await link.next_events()
         except HeartbeatTimeout as exc:
             reason, detail = DownReason.HEARTBEAT_TIMEOUT, str(exc)
@@ -578,11 +756,32 @@ class Node:
             reason, detail = DownReason.CONNECTION_LOST, str(exc)
         finally:
             self._links.pop(link_id, None)
+            if self._membership.link_of(peer.name) in (link_id, None):
+                # Streams die with the link that carried them (not with a replaced duplicate).
+                self._receiver.peer_lost(peer.name)
+                if self._drainer is not None:
+                    self._drainer.on_peer_lost(peer.name)
             await link.aclose()
             if not self._stopping:
                 self._publish(
                     self._membership.lost(link_id, reason, detail, now=anyio.current_time())
                 )
+
+    async def _dispatch_session(self, peer: str, link: PeerLink, message: Message) -> None:
+        if isinstance(message, Accept | Refuse | Ack):
+            if self._drainer is not None:
+                self._drainer.on_message(peer, message)
+        else:
+            await self._receiver.handle(peer, link, message)
+
+    def _peer_links(self) -> list[tuple[Peer, PeerLink]]:
+        pairs = []
+        for peer in self._membership.peers():
+            link_id = self._membership.link_of(peer.name)
+            link = self._links.get(link_id) if link_id is not None else None
+            if link is not None:
+                pairs.append((peer, link))
+        return pairs
 
     async def _discovery_loop(self, discovery: Discovery) -> None:
         assert self._task_group is not None
@@ -607,6 +806,14 @@ class Node:
                         continue
                     self._task_group.start_soon(self._dial, target)
             await anyio.sleep(self.settings.poll_interval)
+
+    async def _warmup(self) -> None:
+        if not self._tracked:
+            self._set_warm("nothing tracked")
+            return
+        with anyio.move_on_after(self.settings.warmup_timeout):
+            await self._warm.wait()
+        self._set_warm(f"warm-up timeout ({self.settings.warmup_timeout:g} s)")
 
     async def _expiry_loop(self) -> None:
         while True:

@@ -1,0 +1,135 @@
+"""The drain report: what became of every record a draining node held."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ("DrainReport", "NamespaceReport")
+
+
+def _add(counts: dict[str, int], reason: str, count: int) -> None:
+    if count:
+        counts[reason] = counts.get(reason, 0) + count
+
+
+@dataclass(slots=True)
+class NamespaceReport:
+    """One namespace's accounting. Invariant: ``records == acknowledged + snapshotted +
+    sum(dropped.values())`` once the drain has finished."""
+
+    namespace: str
+    version: int
+    records: int = 0
+    """Records the node held and exported."""
+    sent: int = 0
+    """Record transmissions, retries to another successor included."""
+    acknowledged: int = 0
+    """Records a successor acknowledged (applied, kept or dropped there, see below)."""
+    applied: int = 0
+    kept_existing: int = 0
+    receiver_dropped: dict[str, int] = field(default_factory=dict)
+    snapshotted: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Records this node gave up on, per reason."""
+    bytes: int = 0
+    seconds: float = 0.0
+    successors: list[str] = field(default_factory=list)
+    refusals: dict[str, str] = field(default_factory=dict)
+    """Successors that refused the namespace (or could not be offered it), with why."""
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` records as given up for ``reason``."""
+        _add(self.dropped, reason, count)
+
+    def receiver_drop(self, reason: str, count: int) -> None:
+        """Count records a successor acknowledged but did not keep."""
+        _add(self.receiver_dropped, reason, count)
+
+    @property
+    def accounted(self) -> int:
+        """Records whose fate is known."""
+        return self.acknowledged + self.snapshotted + sum(self.dropped.values())
+
+    @property
+    def complete(self) -> bool:
+        """True when every record is accounted for."""
+        return self.accounted == self.records
+
+
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    """The result of :meth:`handoff.Node.drain`, per namespace."""
+
+    node: str
+    release: str
+    seconds: float
+    namespaces: Mapping[str, NamespaceReport]
+    reason: str = "drain"
+
+    @property
+    def records(self) -> int:
+        """Records held at the start of the drain, all namespaces."""
+        return sum(ns.records for ns in self.namespaces.values())
+
+    @property
+    def acknowledged(self) -> int:
+        """Records acknowledged by successors, all namespaces."""
+        return sum(ns.acknowledged for ns in self.namespaces.values())
+
+    @property
+    def snapshotted(self) -> int:
+        """Records written to the snapshot store, all namespaces."""
+        return sum(ns.snapshotted for ns in self.namespaces.values())
+
+    @property
+    def dropped(self) -> int:
+        """Records given up by this node, all namespaces."""
+        return sum(sum(ns.dropped.values()) for ns in self.namespaces.values())
+
+    @property
+    def lost(self) -> int:
+        """Records that neither a successor nor a snapshot kept (dropped on either side)."""
+        return sum(
+            sum(ns.dropped.values()) + sum(ns.receiver_dropped.values())
+            for ns in self.namespaces.values()
+        )
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was dropped by this node."""
+        return self.dropped == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary."""
+        return {
+            "node": self.node,
+            "release": self.release,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 6),
+            "records": self.records,
+            "acknowledged": self.acknowledged,
+            "snapshotted": self.snapshotted,
+            "dropped": self.dropped,
+            "namespaces": {name: asdict(ns) for name, ns in self.namespaces.items()},
+        }
+
+    def to_json(self) -> str:
+        """The report as one JSON object."""
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        parts = []
+        for ns in self.namespaces.values():
+            dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(ns.dropped.items()))
+            parts.append(
+                f"{ns.namespace}: {ns.records} held, {ns.acknowledged} acknowledged"
+                f" by {', '.join(ns.successors) or 'nobody'}, {ns.snapshotted} snapshotted"
+                + (f", dropped {dropped}" if dropped else "")
+            )
+        return f"drain of {self.node} ({self.release}) in {self.seconds:.2f} s: " + (
+            "; ".join(parts) if parts else "nothing tracked"
+        )

@@ -1,0 +1,494 @@
+"""The draining side: stream every tracked namespace to successors, or snapshot it.
+
+Per namespace: offer it to the best tier of serving peers (newer release first), split keys
+across those that accept by rendezvous hashing, and send chunks as their credit allows. A
+chunk's records stay in memory until the successor acknowledges them; if it goes down, they
+and everything still queued for it go to the remaining successors, then to the next tier.
+What is left at the deadline, or with nobody to take it, goes to the snapshot store if there
+is one, and is otherwise counted as dropped. Memory held at any time is bounded by the
+successors' credit times the chunk size, whatever the size of the state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import anyio
+
+from handoff._adapter import Record
+from handoff._codec import Codec
+from handoff._errors import HandoffError, NoTransformPath
+from handoff.engine._planner import Router, successor_tiers
+from handoff.engine._report import DrainReport, NamespaceReport
+from handoff.engine._tracked import Tracked
+from handoff.membership import Peer
+from handoff.protocol import Accept, Ack, Cancel, Chunk, End, Message, Offer, Refuse
+from handoff.snapshot import SnapshotStore
+from handoff.transforms import Chain, Transforms
+from handoff.transport import PeerLink
+
+__all__ = ("Drainer",)
+
+logger = logging.getLogger("handoff.engine")
+
+TARGET_CHUNK_BYTES = 256 * 1024
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+FIRST_CHUNK_RECORDS = 256
+MAX_CHUNK_RECORDS = 8192
+# Share of the drain timeout kept for writing the snapshot when a store is configured.
+SNAPSHOT_RESERVE = 0.25
+
+
+class _StreamState(Enum):
+    OFFERED = "offered"
+    OPEN = "open"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class _Pending:
+    records: list[Record] = field(default_factory=list)
+    pulled_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _OutStream:
+    peer: Peer
+    link: PeerLink
+    stream: int
+    version: int
+    chain: Chain | None
+    state: _StreamState = _StreamState.OFFERED
+    credit: int = 0
+    next_seq: int = 0
+    pending: _Pending = field(default_factory=_Pending)
+    inflight: dict[int, tuple[list[Record], float]] = field(default_factory=dict)
+    sent_records: int = 0
+    acknowledged: int = 0
+    refusal: str = ""
+
+
+def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    while batch := list(itertools.islice(records, size)):
+        yield batch
+
+
+class Drainer:
+    """Runs one drain. The node feeds it the Accept/Refuse/Ack messages of its streams."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        release: str,
+        cluster: str,
+        tracked: Mapping[str, Tracked],
+        transforms: Transforms,
+        codec: Codec,
+        snapshots: SnapshotStore | None,
+        peers: Callable[[], Sequence[tuple[Peer, PeerLink]]],
+        clock: Callable[[], float] = anyio.current_time,
+        wall_clock: Callable[[], float] = time.time,
+        max_frame: int = 8 * 1024 * 1024,
+    ) -> None:
+        self._node = node
+        self._release = release
+        self._cluster = cluster
+        self._tracked = tracked
+        self._transforms = transforms
+        self._codec = codec
+        self._snapshots = snapshots
+        self._peers = peers
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._max_chunk_bytes = min(MAX_CHUNK_BYTES, max_frame - 1024)
+        self._stream_ids = itertools.count(1)
+        self._streams: dict[tuple[str, int], _OutStream] = {}
+        self._changed = anyio.Event()
+        self._bytes_per_record = 0.0
+
+    # -- messages from the node -------------------------------------------------------------
+
+    def on_message(self, peer: str, message: Message) -> None:
+        """An Accept, Refuse or Ack from ``peer`` for one of this drain's streams."""
+        if not isinstance(message, Accept | Refuse | Ack):
+            return
+        stream = self._streams.get((peer, message.stream))
+        if stream is None:
+            logger.debug("%s answered unknown stream %d", peer, message.stream)
+            return
+        if isinstance(message, Accept) and stream.state is _StreamState.OFFERED:
+            stream.state, stream.credit = _StreamState.OPEN, message.credit
+        elif isinstance(message, Refuse) and stream.state is _StreamState.OFFERED:
+            stream.state, stream.refusal = _StreamState.REFUSED, message.reason
+        elif isinstance(message, Ack) and stream.state is _StreamState.OPEN:
+            entry = stream.inflight.pop(message.seq, None)
+            if entry is None:
+                return  # a duplicate acknowledgement: already counted
+            report = self._report
+            count = len(entry[0])
+            stream.acknowledged += count
+            report.acknowledged += count
+            report.applied += message.applied
+            report.kept_existing += message.kept
+            for reason, dropped in message.dropped:
+                report.receiver_drop(reason, dropped)
+            stream.credit += message.credit
+        self._changed.set()
+
+    def on_peer_lost(self, peer: str) -> None:
+        """``peer``'s link ended: its unacknowledged records must go elsewhere."""
+        for (name, _), stream in self._streams.items():
+            if name == peer and stream.state in (_StreamState.OPEN, _StreamState.OFFERED):
+                self._fail(stream, "went down during the drain")
+        self._changed.set()
+
+    # -- the drain --------------------------------------------------------------------------
+
+    async def run(self, *, time_limit: float) -> DrainReport:
+        """Drain every namespace within ``time_limit`` seconds; report what became of them."""
+        started = self._clock()
+        deadline = started + time_limit
+        stream_until = deadline
+        if self._snapshots is not None:
+            stream_until = deadline - time_limit * SNAPSHOT_RESERVE
+        # Relative metadata (remaining TTLs) is computed from here on; a snapshot that says
+        # it was made at this moment makes restored lifetimes err on the short side.
+        self._drain_wall = self._wall_clock()
+        reports: dict[str, NamespaceReport] = {}
+        order = sorted(
+            self._tracked.values(), key=lambda t: (not t.adapter.moves_ownership, t.name)
+        )
+        for tracked in order:
+            report = reports[tracked.name] = NamespaceReport(tracked.name, tracked.version)
+            ns_started = self._clock()
+            await self._drain_namespace(tracked, report, stream_until, deadline)
+            report.seconds = self._clock() - ns_started
+            if not report.complete:  # pragma: no cover - a bug, never a user error
+                logger.error("drain report for %s does not add up: %r", tracked.name, report)
+        return DrainReport(self._node, self._release, self._clock() - started, reports)
+
+    async def _drain_namespace(
+        self, tracked: Tracked, report: NamespaceReport, stream_until: float, deadline: float
+    ) -> None:
+        self._report = report
+        exporter = self._counting(iter(tracked.adapter.export()), report)
+        retry: deque[tuple[Record, float]] = deque()
+        tiers = self._eligible_tiers(tracked, report)
+        streams: list[_OutStream] = []
+        router = Router([])
+        routed: list[str] = []
+        exhausted = False
+        while self._clock() < stream_until:
+            open_streams = [s for s in streams if s.state is _StreamState.OPEN]
+            if not open_streams:
+                for stream in streams:
+                    retry.extend(self._take_back(stream))
+                if not tiers:
+                    break
+                streams = await self._offer(tracked, tiers.pop(0), report, stream_until)
+                continue
+            names = [s.peer.name for s in open_streams]
+            if names != routed:
+                routed, router = names, Router(names)
+            if retry:
+                record, pulled_at = retry.popleft()
+            elif not exhausted:
+                next_record = next(exporter, None)
+                if next_record is None:
+                    exhausted = True
+                    continue
+                record, pulled_at = next_record, self._clock()
+            else:
+                if await self._finish(open_streams, stream_until):
+                    for stream in open_streams:
+                        await self._send(stream, End(stream.stream, stream.sent_records))
+                    self._note_successors(streams, report)
+                    return
+                continue
+            stream = open_streams[router.route(self._route_key(record))]
+            pending = stream.pending
+            if not pending.records:
+                pending.pulled_at = pulled_at
+            pending.records.append(record)
+            if len(pending.records) >= self._chunk_records():
+                await self._flush(stream, report, stream_until)
+        # Out of time or out of successors: everything not acknowledged goes to the snapshot.
+        leftovers: list[tuple[Record, float]] = list(retry)
+        for stream in streams:
+            leftovers.extend(self._take_back(stream))
+            if stream.state is _StreamState.OPEN:
+                await self._send(stream, Cancel(stream.stream, "drain deadline"))
+        self._note_successors(streams, report)
+        rest = itertools.chain((record for record, _ in leftovers), exporter)
+        reason = "deadline" if self._clock() >= stream_until else "no successor"
+        await self._snapshot_or_drop(tracked, report, rest, reason, deadline)
+
+    def _counting(self, records: Iterator[Record], report: NamespaceReport) -> Iterator[Record]:
+        for record in records:
+            report.records += 1
+            yield record
+
+    @staticmethod
+    def _route_key(record: Record) -> object:
+        key = record[0]
+        try:
+            hash(key)
+        except TypeError:
+            return repr(key)
+        return key
+
+    def _chunk_records(self) -> int:
+        if not self._bytes_per_record:
+            return FIRST_CHUNK_RECORDS
+        wanted = int(TARGET_CHUNK_BYTES / self._bytes_per_record)
+        return max(16, min(MAX_CHUNK_RECORDS, wanted))
+
+    def _eligible_tiers(self, tracked: Tracked, report: NamespaceReport) -> list[list[_Target]]:
+        links = {peer.name: (peer, link) for peer, link in self._peers()}
+        tiers: list[list[_Target]] = []
+        for tier in successor_tiers(self._release, [peer for peer, _ in links.values()]):
+            eligible: list[_Target] = []
+            for peer in tier:
+                version = peer.namespaces.get(tracked.name)
+                if version is None:
+                    report.refusals[peer.name] = f"does not track {tracked.name!r}"
+                    continue
+                chain: Chain | None = None
+                if version < tracked.version:
+                    # Old code cannot read new formats: downgrade here, before sending.
+                    try:
+                        chain = self._transforms.path(tracked.name, tracked.version, version)
+                    except NoTransformPath as exc:
+                        report.refusals[peer.name] = str(exc)
+                        continue
+                eligible.append(_Target(peer, links[peer.name][1], version, chain))
+            if eligible:
+                tiers.append(eligible)
+        return tiers
+
+    async def _offer(
+        self,
+        tracked: Tracked,
+        targets: list[_Target],
+        report: NamespaceReport,
+        until: float,
+    ) -> list[_OutStream]:
+        streams: list[_OutStream] = []
+        for target in targets:
+            stream = _OutStream(
+                target.peer,
+                target.link,
+                next(self._stream_ids),
+                min(target.version, tracked.version),
+                target.chain,
+            )
+            self._streams[(target.peer.name, stream.stream)] = stream
+            streams.append(stream)
+            offer = Offer(
+                stream.stream,
+                tracked.name,
+                tracked.adapter.kind,
+                stream.version,
+                len(tracked.adapter),
+            )
+            await self._send(stream, offer)
+        await self._wait(lambda: all(s.state is not _StreamState.OFFERED for s in streams), until)
+        for stream in streams:
+            if stream.state is _StreamState.OFFERED:
+                self._fail(stream, "did not answer the offer in time")
+            if stream.state is _StreamState.REFUSED:
+                report.refusals[stream.peer.name] = stream.refusal
+                logger.info("%s refused %r: %s", stream.peer.name, tracked.name, stream.refusal)
+        return streams
+
+    async def _send(self, stream: _OutStream, message: Message) -> bool:
+        try:
+            await stream.link.send(message)
+        except HandoffError as exc:
+            self._fail(stream, f"send failed: {exc}")
+            return False
+        return True
+
+    def _fail(self, stream: _OutStream, why: str) -> None:
+        if stream.state in (_StreamState.OPEN, _StreamState.OFFERED):
+            logger.warning("successor %s %s", stream.peer.name, why)
+            stream.state = _StreamState.FAILED
+            stream.refusal = why
+            self._changed.set()
+
+    def _take_back(self, stream: _OutStream) -> list[tuple[Record, float]]:
+        """Unacknowledged and queued records of a stream, oldest chunk first."""
+        taken = [
+            (record, pulled_at)
+            for seq in sorted(stream.inflight)
+            for record in stream.inflight[seq][0]
+            for pulled_at in (stream.inflight[seq][1],)
+        ]
+        taken += [(record, stream.pending.pulled_at) for record in stream.pending.records]
+        stream.inflight.clear()
+        stream.pending = _Pending()
+        return taken
+
+    async def _wait(self, done: Callable[[], bool], until: float) -> bool:
+        while not done():
+            remaining = until - self._clock()
+            if remaining <= 0:
+                return False
+            event = self._changed = anyio.Event()
+            with anyio.move_on_after(remaining):
+                await event.wait()
+        return True
+
+    async def _flush(self, stream: _OutStream, report: NamespaceReport, until: float) -> None:
+        """Send the stream's queued records as one chunk once it has credit."""
+        ready = await self._wait(
+            lambda: stream.credit > 0 or stream.state is not _StreamState.OPEN, until
+        )
+        if not ready or stream.state is not _StreamState.OPEN:
+            return  # the records stay queued: taken back by the caller
+        pending = stream.pending
+        stream.pending = _Pending()
+        records = pending.records
+        to_send = records
+        if stream.chain is not None:
+            to_send, failed = stream.chain.apply(records)
+            for reason, count in failed.items():
+                report.drop(reason, count)
+            if failed:
+                # Records the downgrade dropped are accounted for; keep the rest paired.
+                records = self._surviving(records, to_send, stream.chain)
+        payload, rejected = self._codec.encode_records(to_send)
+        for _, reason in rejected:
+            report.drop(reason)
+        if rejected:
+            rejected_ids = {id(r) for r, _ in rejected}
+            kept = [i for i, r in enumerate(to_send) if id(r) not in rejected_ids]
+            records = [records[i] for i in kept]
+            to_send = [to_send[i] for i in kept]
+        if not records:
+            return
+        if len(payload) > self._max_chunk_bytes:
+            await self._send_split(stream, report, records, pending.pulled_at, until)
+            return
+        self._bytes_per_record = len(payload) / len(records)
+        seq = stream.next_seq
+        stream.next_seq += 1
+        stream.credit -= 1
+        stream.inflight[seq] = (records, pending.pulled_at)
+        age = max(0.0, self._clock() - pending.pulled_at)
+        if await self._send(stream, Chunk(stream.stream, seq, len(records), age, payload)):
+            stream.sent_records += len(records)
+            report.sent += len(records)
+            report.bytes += len(payload)
+
+    async def _send_split(
+        self,
+        stream: _OutStream,
+        report: NamespaceReport,
+        records: list[Record],
+        pulled_at: float,
+        until: float,
+    ) -> None:
+        if len(records) == 1:
+            report.drop("record too large for a frame")
+            return
+        half = len(records) // 2
+        for part in (records[:half], records[half:]):
+            stream.pending = _Pending(part, pulled_at)
+            await self._flush(stream, report, until)
+            if stream.state is not _StreamState.OPEN:
+                return
+
+    @staticmethod
+    def _surviving(records: list[Record], transformed: list[Record], chain: Chain) -> list[Record]:
+        # Chains drop records whose hook failed; re-run per record to pair what survived
+        # with its original (rare path: only when a hook failed in this chunk).
+        survivors = []
+        for record in records:
+            ok, _ = chain.apply([record])
+            if ok:
+                survivors.append(record)
+        assert len(survivors) == len(transformed)
+        return survivors
+
+    async def _finish(self, streams: list[_OutStream], until: float) -> bool:
+        """Flush what is queued and wait for every acknowledgement. False: go round again
+        (a successor failed and its records are back in play)."""
+        report = self._report
+        for stream in streams:
+            if stream.pending.records:
+                await self._flush(stream, report, until)
+        return await self._wait(
+            lambda: (
+                all(not s.inflight and not s.pending.records for s in streams)
+                or any(s.state is not _StreamState.OPEN for s in streams)
+            ),
+            until,
+        ) and all(s.state is _StreamState.OPEN for s in streams)
+
+    @staticmethod
+    def _note_successors(streams: list[_OutStream], report: NamespaceReport) -> None:
+        for stream in streams:
+            if stream.acknowledged and stream.peer.name not in report.successors:
+                report.successors.append(stream.peer.name)
+
+    async def _snapshot_or_drop(
+        self,
+        tracked: Tracked,
+        report: NamespaceReport,
+        records: Iterator[Record],
+        reason: str,
+        deadline: float,
+    ) -> None:
+        store = self._snapshots
+        if store is None:
+            report.drop(f"{reason}, no snapshot store", sum(1 for _ in records))
+            return
+        first = next(records, None)
+        if first is None:
+            return
+        records = itertools.chain((first,), records)
+        writer = store.begin(
+            tracked.name,
+            cluster=self._cluster,
+            kind=tracked.adapter.kind,
+            version=tracked.version,
+            node=self._node,
+            release=self._release,
+            created_at=self._drain_wall,
+        )
+        written = 0
+        try:
+            for batch in _chunks(records, MAX_CHUNK_RECORDS):
+                if self._clock() >= deadline:
+                    report.drop("deadline", len(batch))
+                    continue
+                payload, rejected = self._codec.encode_records(batch)
+                for _, why in rejected:
+                    report.drop(why)
+                count = len(batch) - len(rejected)
+                if count:
+                    await anyio.to_thread.run_sync(writer.write_chunk, payload, count)
+                    written += count
+            await anyio.to_thread.run_sync(writer.commit)
+        except BaseException:
+            writer.abort()
+            raise
+        report.snapshotted += written
+        logger.info("snapshotted %d records of %r (%s)", written, tracked.name, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    peer: Peer
+    link: PeerLink
+    version: int
+    chain: Chain | None

@@ -1,0 +1,281 @@
+"""Draining and handing off state between nodes in one process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from cachetools import TTLCache
+
+from handoff import Node
+from handoff._adapter import ImportResult
+from handoff.adapters.mapping import MappingAdapter
+
+pytestmark = pytest.mark.anyio
+
+COOKIE = "test-cookie-0123456789abcdef"
+FAST: dict[str, Any] = {
+    "cookie": COOKIE,
+    "environ": {},
+    "poll_interval": 0.1,
+    "heartbeat_timeout": 2.0,
+    "handshake_timeout": 1.0,
+    "warmup_timeout": 5.0,
+}
+
+
+def node(name: str, host: str, *peers: Node, release: str = "v1", **kwargs: Any) -> Node:
+    discovery = "static:" + ",".join(p.address for p in peers) if peers else "none"
+    options = {**FAST, **kwargs}
+    return Node("shop", name=name, release=release, bind=f"{host}:0", discovery=discovery,
+                **options)  # fmt: skip
+
+
+async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    # Bounded polling across several nodes at once, which no single event covers.
+    with anyio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+def connected(*nodes: Node) -> Callable[[], bool]:
+    return lambda: all(len(n.peers()) == len(nodes) - 1 for n in nodes)
+
+
+async def test_dict_moves_to_the_successor_and_the_report_adds_up() -> None:
+    source = {f"k{i}": {"n": i, "blob": "x" * 100} for i in range(5000)}
+    target = {"k1": "receiver's own, newer", "mine": 1}
+    old = node("old", "127.0.0.2", release="v1")
+    old.track("users", source)
+    async with old:
+        new = node("new", "127.0.0.3", old, release="v2")
+        new.track("users", target)
+        async with new:
+            await wait_until(connected(old, new))
+            report = await old.drain()
+            assert await new.wait_warm() == "received a handoff from old"
+    users = report.namespaces["users"]
+    assert users.records == 5000
+    assert users.acknowledged == 5000
+    assert users.applied == 4999
+    assert users.kept_existing == 1
+    assert users.dropped == {}
+    assert users.successors == ["new"]
+    assert users.complete
+    assert report.ok
+    assert target["k1"] == "receiver's own, newer"
+    assert target["mine"] == 1
+    assert {k: v for k, v in target.items() if k not in ("k1", "mine")} == {
+        k: v for k, v in source.items() if k != "k1"
+    }
+    assert old.last_drain_report is report
+    assert '"acknowledged": 5000' in report.to_json()
+
+
+async def test_leaving_async_with_drains() -> None:
+    source = {i: i * i for i in range(100)}
+    target: dict[int, int] = {}
+    new = node("new", "127.0.0.3")
+    new.track("squares", target)
+    async with new:
+        old = node("old", "127.0.0.2", new)
+        old.track("squares", source)
+        async with old:
+            await wait_until(connected(old, new))
+        assert old.last_drain_report is not None
+        assert target == source
+
+
+async def test_one_old_node_three_new_ones_split_keys_by_rendezvous() -> None:
+    source = {f"user:{i}": i for i in range(3000)}
+    old = node("old", "127.0.0.2", release="v1")
+    old.track("users", source)
+    async with old:
+        targets: list[dict[str, int]] = [{} for _ in range(3)]
+        news = [node(f"new{i}", f"127.0.0.{3 + i}", old, release="v2") for i in range(3)]
+        for new, target in zip(news, targets, strict=True):
+            new.track("users", target)
+        async with news[0], news[1], news[2]:
+            await wait_until(lambda: len(old.peers()) == 3)
+            report = await old.drain()
+    union: dict[str, int] = {}
+    for target in targets:
+        assert not set(union) & set(target), "a key landed on two successors"
+        union.update(target)
+    assert union == source
+    sizes = sorted(len(t) for t in targets)
+    assert sizes[0] > 700, sizes  # even within reason: 1000 expected each
+    assert sorted(report.namespaces["users"].successors) == ["new0", "new1", "new2"]
+
+
+async def test_newer_release_is_preferred_over_same_and_older() -> None:
+    source = {i: i for i in range(200)}
+    old = node("mid", "127.0.0.2", release="v2")
+    old.track("n", source)
+    stores: dict[str, dict[int, int]] = {"older": {}, "same": {}, "newer": {}}
+    releases = {"older": "v1", "same": "v2", "newer": "v10"}
+    async with old:
+        others = [node(n, f"127.0.0.{3 + i}", old, release=releases[n])
+                  for i, n in enumerate(stores)]  # fmt: skip
+        for other in others:
+            other.track("n", stores[other.name])
+        async with others[0], others[1], others[2]:
+            await wait_until(lambda: len(old.peers()) == 3)
+            await old.drain()
+    assert stores["newer"] == source
+    assert stores["same"] == stores["older"] == {}
+
+
+async def test_no_successor_without_snapshot_store_counts_drops() -> None:
+    lonely = node("lonely", "127.0.0.2")
+    lonely.track("users", {"a": 1, "b": 2})
+    async with lonely:
+        report = await lonely.drain()
+    assert report.namespaces["users"].dropped == {"no successor, no snapshot store": 2}
+    assert not report.ok
+
+
+async def test_no_successor_snapshot_then_restore_through_upgrade_chain(tmp_path: Path) -> None:
+    first = node("first", "127.0.0.2", snapshot_dir=tmp_path)
+    first.track("users", {f"u{i}": f"name{i}" for i in range(1000)}, version=1)
+    async with first:
+        report = await first.drain()
+    assert report.namespaces["users"].snapshotted == 1000
+    assert report.ok
+    (written,) = tmp_path.glob("*.snapshot")  # noqa: ASYNC240 - a test's own tmp dir
+
+    restored: dict[str, Any] = {}
+    second = node("second", "127.0.0.2", snapshot_dir=tmp_path)
+    second.track("users", restored, version=3)
+
+    @second.upgrade("users", 1)
+    def v1_to_v2(key: Any, value: Any) -> tuple[Any, Any]:
+        return key, {"name": value}
+
+    @second.upgrade("users", 2)
+    def v2_to_v3(key: Any, value: Any) -> tuple[Any, Any]:
+        return key, {**value, "v": 3}
+
+    async with second:
+        assert second.is_warm
+        assert "snapshot" in second.warm_reason
+        assert not written.exists()  # removed once restored
+    assert restored["u7"] == {"name": "name7", "v": 3}
+    assert len(restored) == 1000
+    # Leaving drained again, with nobody to take it: a new snapshot, now at version 3.
+    assert second.last_drain_report is not None
+    assert second.last_drain_report.namespaces["users"].snapshotted == 1000
+
+
+async def test_rollback_downgrades_on_the_sender() -> None:
+    new_state = {f"u{i}": {"name": f"n{i}", "email": f"e{i}"} for i in range(50)}
+    old_state: dict[str, Any] = {}
+    rolled_back = node("v1-node", "127.0.0.3", release="v1")
+    rolled_back.track("users", old_state, version=1)
+    async with rolled_back:
+        leaving = node("v3-node", "127.0.0.2", rolled_back, release="v1")
+        leaving.track("users", new_state, version=3)
+
+        @leaving.downgrade("users", 3)
+        def v3_to_v2(key: Any, value: Any) -> tuple[Any, Any]:
+            return key, {"name": value["name"]}
+
+        @leaving.downgrade("users", 2)
+        def v2_to_v1(key: Any, value: Any) -> tuple[Any, Any]:
+            return key, value["name"]
+
+        async with leaving:
+            await wait_until(connected(rolled_back, leaving))
+            report = await leaving.drain()
+    assert report.namespaces["users"].acknowledged == 50
+    assert old_state == {k: v["name"] for k, v in new_state.items()}
+
+
+async def test_missing_step_is_refused_and_the_next_tier_takes_it() -> None:
+    source = {i: str(i) for i in range(100)}
+    cannot: dict[int, str] = {}
+    can: dict[int, str] = {}
+    old = node("old", "127.0.0.2", release="v1")
+    old.track("n", source, version=1)
+    async with old:
+        newer = node("newer", "127.0.0.3", old, release="v2")
+        newer.track("n", cannot, version=3)  # no upgrade hooks: cannot read v1
+
+        @newer.upgrade("n", 2)
+        def only_second_step(key: Any, value: Any) -> tuple[Any, Any]:
+            return key, value
+
+        same = node("same", "127.0.0.4", old, release="v1")
+        same.track("n", can, version=1)
+        async with newer, same:
+            await wait_until(lambda: len(old.peers()) == 2)
+            report = await old.drain()
+    ns = report.namespaces["n"]
+    assert "no upgrade hook for 'n' from version 1 to 2" in ns.refusals["newer"]
+    assert cannot == {}
+    assert can == source
+    assert ns.successors == ["same"]
+
+
+class SlowAdapter(MappingAdapter):
+    """Applies like the mapping adapter, but takes its time (a receiver under load)."""
+
+    delay = 0.2
+
+    def import_records(self, records: Any, *, age: float = 0.0) -> ImportResult:
+        import time
+
+        time.sleep(self.delay)  # blocking on purpose: the receiver is busy applying
+        return super().import_records(records, age=age)
+
+
+async def test_slow_receiver_drain_ends_by_its_deadline(tmp_path: Path) -> None:
+    source = {i: "v" * 100 for i in range(50_000)}
+    received: dict[int, str] = {}
+    slow = node("slow", "127.0.0.3")
+    slow.track("n", received, adapter=SlowAdapter(received))
+    async with slow:
+        old = node("old", "127.0.0.2", slow, snapshot_dir=tmp_path)
+        old.track("n", source)
+        async with old:
+            await wait_until(connected(old, slow))
+            started = anyio.current_time()
+            report = await old.drain(timeout=2.0)
+            elapsed = anyio.current_time() - started
+    ns = report.namespaces["n"]
+    assert elapsed < 2.5
+    assert ns.acknowledged > 0
+    assert ns.snapshotted > 0
+    assert ns.complete
+    assert ns.acknowledged + ns.snapshotted + sum(ns.dropped.values()) == 50_000
+
+
+async def test_ttl_and_lru_order_survive() -> None:
+    clock_a = [1000.0]
+    clock_b = [5.0]  # the two machines' clocks have nothing in common
+    source: TTLCache[str, int] = TTLCache(maxsize=100, ttl=60, timer=lambda: clock_a[0])
+    for i in range(10):
+        source[f"k{i}"] = i
+        clock_a[0] += 1  # at drain time k0 has 50 s left, k9 59 s
+    _ = source["k3"]  # k3 is now the most recently used
+    target: TTLCache[str, int] = TTLCache(maxsize=100, ttl=300, timer=lambda: clock_b[0])
+    new = node("new", "127.0.0.3")
+    new.track("c", target)
+    async with new:
+        old = node("old", "127.0.0.2", new)
+        old.track("c", source)
+        async with old:
+            await wait_until(connected(old, new))
+            await old.drain()
+        assert dict(target.items()) == dict(source.items())
+        clock_b[0] += 49.5
+        assert "k0" in target
+        clock_b[0] += 1  # past the 50 s k0 had left at the sender, though the receiver's ttl is 300
+        assert "k0" not in target
+        assert "k1" in target
+        # Least recently used first, as on the sender: k1 .. k9 with k3 moved to the end.
+        order = [target.popitem()[0] for _ in range(len(target))]
+        assert order == ["k1", "k2", "k4", "k5", "k6", "k7", "k8", "k9", "k3"]
