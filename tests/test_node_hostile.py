@@ -105,7 +105,7 @@ async def two_nodes(
             max_pending_handshakes=max_pending_handshakes,
         )
         # A tracked namespace, as Info would announce it to an authenticated peer.
-        a._namespaces[SECRET_NAMESPACE] = 3
+        a.track(SECRET_NAMESPACE, {"secret-key": "secret-value"}, version=3)
         log_a = await watch(tg, a)
         async with a:
             b = make_node("node-b", HOST_B, peers=[a], heartbeat_timeout=HEARTBEAT_TIMEOUT)
