@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import math
 import os
 import secrets
 import time
@@ -37,6 +38,7 @@ from handoff._errors import (
     NameConflict,
     ProtocolError,
     SelfConnection,
+    TLSError,
     VersionMismatch,
 )
 from handoff._registry import adapter_for
@@ -91,6 +93,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound=Transform)
 
 EVENT_BUFFER = 1024
+EVICTION_LOG_INTERVAL = 10.0
 # Handshakes in progress at once; past this the oldest is dropped to admit a newcomer, so
 # peers that connect and never authenticate cost a socket each and cannot lock others out.
 MAX_PENDING_HANDSHAKES = 256
@@ -212,6 +215,8 @@ class Node:
         # Incoming handshakes in progress, oldest first (dicts keep insertion order).
         self._pending: dict[int, anyio.CancelScope] = {}
         self._pending_ids = itertools.count(1)
+        self._evicted = 0
+        self._evictions_logged_at = -math.inf
         self._dialling: set[str] = set()
         self._self_addresses: set[str] = set()
         self._last_discovery_error = ""
@@ -633,12 +638,19 @@ class Node:
                 # otherwise sockets that connect and stay silent lock real peers out
                 # until they time out, and a slow trickle of them keeps it that way.
                 oldest = next(iter(self._pending))
-                logger.warning(
-                    "%d handshakes pending: dropping the oldest to admit %s",
-                    len(self._pending),
-                    _remote_of(stream),
-                )
                 self._pending.pop(oldest).cancel()
+                self._evicted += 1
+                now = anyio.current_time()
+                # Summarised: whoever floods us must not also control our log volume.
+                if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
+                    logger.warning(
+                        "%d pending handshakes (the cap): dropped the %d oldest so that "
+                        "new peers get in (latest from %s)",
+                        len(self._pending) + 1,
+                        self._evicted,
+                        _remote_of(stream),
+                    )
+                    self._evicted, self._evictions_logged_at = 0, now
             pending_id, scope = next(self._pending_ids), anyio.CancelScope()
             self._pending[pending_id] = scope
             self._task_group.start_soon(self._serve_incoming, stream, pending_id, scope)
@@ -662,6 +674,11 @@ class Node:
                 done = link, peer, events
         except HandoffError as exc:
             self._log_refusal(remote, exc, incoming=True)
+            await anyio.aclose_forcefully(stream)
+            return
+        except Exception:
+            # A bug of ours must cost one connection, never the node (invariant 6).
+            logger.exception("internal error in the handshake from %s; connection closed", remote)
             await anyio.aclose_forcefully(stream)
             return
         finally:
@@ -694,6 +711,9 @@ class Node:
         except HandoffError as exc:
             self._log_refusal(key, exc, incoming=False)
             return
+        except Exception:
+            logger.exception("internal error in the handshake to %s; connection closed", key)
+            return
         finally:
             self._dialling.discard(key)
         await self._run_link(link, peer, events, dialled=True, address=key)
@@ -705,7 +725,7 @@ class Node:
             logger.debug("connection %s %s is this node itself", direction, remote)
         elif isinstance(exc, AuthenticationError | ClusterMismatch | VersionMismatch):
             logger.warning("refused connection %s %s: %s", direction, remote, exc)
-        elif isinstance(exc, NameConflict | ProtocolError):
+        elif isinstance(exc, NameConflict | ProtocolError | TLSError):
             logger.warning("dropped connection %s %s: %s", direction, remote, exc)
         elif isinstance(exc, ConnectError):
             # DNS lists nodes that are still starting; not worth more than debug.
@@ -754,6 +774,9 @@ class Node:
             reason, detail = DownReason.PROTOCOL_ERROR, str(exc)
         except HandoffError as exc:
             reason, detail = DownReason.CONNECTION_LOST, str(exc)
+        except Exception as exc:
+            logger.exception("internal error on the link to %s; link closed", peer.name)
+            reason, detail = DownReason.PROTOCOL_ERROR, f"internal error: {exc!r}"
         finally:
             self._links.pop(link_id, None)
             if self._membership.link_of(peer.name) in (link_id, None):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from handoff._adapter import ImportResult
 from handoff._codec import Codec
 from handoff._errors import NoTransformPath, ProtocolError
 from handoff.engine._tracked import Tracked
@@ -148,7 +149,13 @@ class Receiver:
         if stream.chain is not None:
             records, dropped = stream.chain.apply(records)
         age = chunk.age + (self._clock() - arrived)
-        result = stream.tracked.adapter.import_records(records, age=age)
+        try:
+            result = stream.tracked.adapter.import_records(records, age=age)
+        except Exception as exc:
+            # An adapter bug (or a user's merge function) must not take the node down: the
+            # chunk is acknowledged as dropped, with the reason, and the next one may apply.
+            logger.exception("applying %d records of %r failed", len(records), stream.namespace)
+            result = ImportResult(dropped={f"import failed: {type(exc).__name__}": len(records)})
         for reason, count in result.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count
         stream.received += chunk.records
