@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
@@ -122,6 +123,8 @@ class Node:
     at construction; a port in use raises :class:`BindError` from :meth:`start`.
 
     Use it as ``async with node:`` or call :meth:`start` and :meth:`stop` from the same task.
+    Leaving ``async with`` drains first. With ``handle_signals=True`` (plain scripts; the
+    main thread only) SIGTERM and SIGINT start the drain too; see :meth:`wait_drained`.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class Node:
         advertise: str | None = None,
         environ: Mapping[str, str] | None = None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+        handle_signals: bool = False,
     ) -> None:
         self.settings: Settings = resolve_settings(
             environ=environ,
@@ -185,6 +189,8 @@ class Node:
         )
         self._drainer: Drainer | None = None
         self._drain_lock = anyio.Lock()
+        self._drained = anyio.Event()
+        self._handle_signals = handle_signals
         self.last_drain_report: DrainReport | None = None
         """The report of this node's drain, once it has drained."""
         self._warm = anyio.Event()
@@ -386,9 +392,31 @@ class Node:
             finally:
                 self._drainer = None
             self.last_drain_report = report
+            self._drained.set()
             log = logger.warning if report.dropped else logger.info
             log("%s", report.summary())
             return report
+
+    async def wait_drained(self) -> DrainReport:
+        """Wait until this node has drained (by any trigger) and return the report.
+
+        With ``handle_signals=True`` a plain script runs ``async with node: await
+        node.wait_drained()``: SIGTERM or SIGINT drains, then the block ends.
+        """
+        await self._drained.wait()
+        assert self.last_drain_report is not None
+        return self.last_drain_report
+
+    async def _signal_loop(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self._drain_lock.locked() or self.last_drain_report is not None:
+                    logger.warning("%s during the drain: the drain goes on to its deadline", name)
+                    continue
+                logger.info("%s: draining %s", name, self.name)
+                assert self._task_group is not None
+                self._task_group.start_soon(self.drain)
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -547,6 +575,8 @@ class Node:
         self._task_group.start_soon(self._discovery_loop, self._discovery)
         self._task_group.start_soon(self._expiry_loop)
         self._task_group.start_soon(self._warmup)
+        if self._handle_signals:
+            self._task_group.start_soon(self._signal_loop)
         logger.info(
             "node %s (cluster %s, release %s) listening on %s%s; discovery %s",
             s.node_name,
