@@ -179,7 +179,7 @@ class Drainer:
         self, tracked: Tracked, report: NamespaceReport, stream_until: float, deadline: float
     ) -> None:
         self._report = report
-        exporter = self._counting(iter(tracked.adapter.export()), report)
+        exporter = iter(tracked.adapter.export())
         retry: deque[tuple[Record, float]] = deque()
         tiers = self._eligible_tiers(tracked, report)
         streams: list[_OutStream] = []
@@ -198,14 +198,19 @@ class Drainer:
             names = [s.peer.name for s in open_streams]
             if names != routed:
                 routed, router = names, Router(names)
+            # Work in batches of a chunk: the per-record path is the drain's hot loop.
+            size = self._chunk_records()
             if retry:
-                record, pulled_at = retry.popleft()
+                taken = [retry.popleft() for _ in range(min(size, len(retry)))]
+                batch = [record for record, _ in taken]
+                pulled_at = min(pulled for _, pulled in taken)
             elif not exhausted:
-                next_record = next(exporter, None)
-                if next_record is None:
-                    exhausted = True
+                batch = list(itertools.islice(exporter, size))
+                pulled_at = self._clock()
+                report.records += len(batch)
+                exhausted = len(batch) < size
+                if not batch:
                     continue
-                record, pulled_at = next_record, self._clock()
             else:
                 if await self._finish(open_streams, stream_until):
                     for stream in open_streams:
@@ -213,13 +218,15 @@ class Drainer:
                     self._note_successors(streams, report)
                     return
                 continue
-            stream = open_streams[router.route(self._route_key(record))]
-            pending = stream.pending
-            if not pending.records:
-                pending.pulled_at = pulled_at
-            pending.records.append(record)
-            if len(pending.records) >= self._chunk_records():
-                await self._flush(stream, report, stream_until)
+            for index, records in self._split(batch, router, len(open_streams)):
+                stream = open_streams[index]
+                pending = stream.pending
+                pending.pulled_at = (
+                    min(pending.pulled_at, pulled_at) if pending.records else pulled_at
+                )
+                pending.records.extend(records)
+                if len(pending.records) >= size:
+                    await self._flush(stream, report, stream_until)
         # Out of time or out of successors: everything not acknowledged goes to the snapshot.
         leftovers: list[tuple[Record, float]] = list(retry)
         for stream in streams:
@@ -227,23 +234,36 @@ class Drainer:
             if stream.state is _StreamState.OPEN:
                 await self._send(stream, Cancel(stream.stream, "drain deadline"))
         self._note_successors(streams, report)
-        rest = itertools.chain((record for record, _ in leftovers), exporter)
+        rest = itertools.chain(
+            (record for record, _ in leftovers), self._counting(exporter, report)
+        )
         reason = "deadline" if self._clock() >= stream_until else "no successor"
         await self._snapshot_or_drop(tracked, report, rest, reason, deadline)
+
+    @staticmethod
+    def _split(
+        batch: list[Record], router: Router, streams: int
+    ) -> Iterator[tuple[int, list[Record]]]:
+        if streams == 1:
+            yield 0, batch
+            return
+        parts: list[list[Record]] = [[] for _ in range(streams)]
+        route = router.route
+        for record in batch:
+            key = record[0]
+            try:
+                index = route(key)
+            except TypeError:  # an unhashable key (a list in a plain dict's value?)
+                index = route(repr(key))
+            parts[index].append(record)
+        for index, part in enumerate(parts):
+            if part:
+                yield index, part
 
     def _counting(self, records: Iterator[Record], report: NamespaceReport) -> Iterator[Record]:
         for record in records:
             report.records += 1
             yield record
-
-    @staticmethod
-    def _route_key(record: Record) -> object:
-        key = record[0]
-        try:
-            hash(key)
-        except TypeError:
-            return repr(key)
-        return key
 
     def _chunk_records(self) -> int:
         if not self._bytes_per_record:

@@ -1,0 +1,299 @@
+"""Drain throughput: a TTLCache moved between two processes on loopback.
+
+Prints one JSON object. For each size N (100-byte values) it measures, in the same run:
+
+- ``drain``: ``node.drain()`` on the old node, from start until every chunk is acknowledged
+  (so the new node has applied everything), two node processes on 127.0.0.x;
+- ``bare_export``: iterating the full cache through its public API (``cache.items()``);
+- ``bare_import``: inserting N prepared entries into an empty TTLCache;
+- ``pickle_way``: what a team would write by hand: ``pickle.dumps(cache)``, send it over a
+  loopback socket, ``pickle.loads``, ``new_cache.update(old)``; from the start of pickling
+  until the receiver finished updating;
+- peak memory (``ru_maxrss``) growth of sender and receiver during the drain, the receiver
+  compared with a process that fills the same cache locally.
+
+Ratios are what to read (the machine is shared and noisy): ``drain / max(export, import)``
+(target <= 1.15: sending and applying overlap on two cores) and ``pickle_way / drain``
+(target >= 1.7). Each child process starts fresh so that one measurement's garbage does
+not weigh on the next. Usage: ``python benchmarks/drain_throughput.py [--sizes 100000,1000000]
+[--repeat 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import resource
+import socket
+import statistics
+import struct
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+VALUE_SIZE = 100
+COOKIE = "benchmark-cookie-0123456789abcdef"
+TTL = 3600.0
+
+
+def _value(i: int) -> str:
+    return f"{i:010d}".ljust(VALUE_SIZE, "v")
+
+
+def _filled(n: int) -> Any:
+    from cachetools import TTLCache
+
+    cache: Any = TTLCache(maxsize=n, ttl=TTL)
+    for i in range(n):
+        cache[f"key:{i}"] = _value(i)
+    return cache
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- bare export and import ------------------------------------------------------------------
+
+
+def _bare(n: int, out: Connection) -> None:
+    from cachetools import TTLCache
+
+    entries = [(f"key:{i}", _value(i)) for i in range(n)]
+    cache: Any = TTLCache(maxsize=n, ttl=TTL)
+    started = time.perf_counter()
+    for key, value in entries:
+        cache[key] = value
+    imported = time.perf_counter() - started
+    del entries
+    started = time.perf_counter()
+    count = 0
+    for _key, _value_ in cache.items():
+        count += 1
+    exported = time.perf_counter() - started
+    assert count == n
+    out.send({"bare_import": imported, "bare_export": exported, "maxrss_mib": _maxrss_mib()})
+
+
+# -- the drain -------------------------------------------------------------------------------
+
+
+def _node(name: str, host: str, discovery: str) -> Any:
+    import handoff
+
+    return handoff.Node(
+        "bench",
+        cookie=COOKIE,
+        name=name,
+        release=name,
+        bind=f"{host}:0",
+        discovery=discovery,
+        poll_interval=0.1,
+        drain_timeout=300,
+        warmup_timeout=600,
+        environ={},
+    )
+
+
+def _receiver(n: int, out: Connection) -> None:
+    import anyio
+    from cachetools import TTLCache
+
+    async def main() -> None:
+        cache: Any = TTLCache(maxsize=n, ttl=TTL)
+        node = _node("v2", "127.0.0.3", "none")
+        node.track("cache", cache)
+        # start/stop rather than ``async with``: leaving would drain this node in turn.
+        await node.start()
+        try:
+            out.send({"address": node.address})
+            await node.wait_warm()
+            out.send({"entries": len(cache), "maxrss_mib": _maxrss_mib()})
+            await anyio.to_thread.run_sync(out.recv)  # told to stop
+        finally:
+            await node.stop()
+
+    anyio.run(main)
+
+
+def _sender(n: int, receiver_address: str, out: Connection) -> None:
+    import anyio
+
+    async def main() -> None:
+        cache = _filled(n)
+        node = _node("v1", "127.0.0.2", f"static:{receiver_address}")
+        node.track("cache", cache)
+        async with node:
+            with anyio.fail_after(30):
+                while not node.peers():
+                    await anyio.sleep(0.01)
+            before = _maxrss_mib()
+            started = time.perf_counter()
+            report = await node.drain()
+            seconds = time.perf_counter() - started
+            out.send(
+                {
+                    "drain": seconds,
+                    "acknowledged": report.acknowledged,
+                    "bytes": report.namespaces["cache"].bytes,
+                    "maxrss_before_mib": before,
+                    "maxrss_after_mib": _maxrss_mib(),
+                }
+            )
+
+    anyio.run(main)
+
+
+def _reference(n: int, out: Connection) -> None:
+    cache = _filled(n)
+    out.send({"entries": len(cache), "maxrss_mib": _maxrss_mib()})
+
+
+# -- the pickle way --------------------------------------------------------------------------
+
+
+def _pickle_receiver(n: int, out: Connection) -> None:
+    from cachetools import TTLCache
+
+    server = socket.create_server(("127.0.0.3", 0))
+    out.send({"port": server.getsockname()[1]})
+    conn, _ = server.accept()
+    with conn:
+        (length,) = struct.unpack(">Q", conn.recv(8, socket.MSG_WAITALL))
+        data = bytearray()
+        while len(data) < length:
+            chunk = conn.recv(min(1 << 20, length - len(data)))
+            if not chunk:
+                raise ConnectionError("sender went away")
+            data += chunk
+        old = pickle.loads(data)
+        del data
+        cache: Any = TTLCache(maxsize=n, ttl=TTL)
+        cache.update(old)
+        conn.sendall(b"k")
+    out.send({"entries": len(cache)})
+
+
+def _pickle_sender(n: int, port: int, out: Connection) -> None:
+    cache = _filled(n)
+    with socket.create_connection(("127.0.0.3", port)) as conn:
+        started = time.perf_counter()
+        data = pickle.dumps(cache, protocol=pickle.HIGHEST_PROTOCOL)
+        conn.sendall(struct.pack(">Q", len(data)) + data)
+        if conn.recv(1) != b"k":
+            raise ConnectionError("receiver failed")
+        seconds = time.perf_counter() - started
+    out.send({"pickle_way": seconds, "pickle_bytes": len(data)})
+
+
+# -- orchestration ---------------------------------------------------------------------------
+
+_CTX = mp.get_context("spawn")
+
+
+def _start(target: Any, *args: Any) -> tuple[Any, Connection]:
+    parent, child = _CTX.Pipe()
+    process = _CTX.Process(target=target, args=(*args, child), daemon=True)
+    process.start()
+    return process, parent
+
+
+def _recv(conn: Connection, process: Any, seconds: float = 900) -> dict[str, Any]:
+    if not conn.poll(seconds):
+        process.kill()
+        raise TimeoutError(f"{process.name} said nothing for {seconds} s")
+    result: dict[str, Any] = conn.recv()
+    return result
+
+
+def _finish(*processes: Any) -> None:
+    for process in processes:
+        process.join(60)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def measure(n: int) -> dict[str, Any]:
+    """One round of every measurement for a cache of ``n`` entries."""
+    process, conn = _start(_bare, n)
+    bare = _recv(conn, process)
+    _finish(process)
+
+    receiver, rconn = _start(_receiver, n)
+    address = _recv(rconn, receiver)["address"]
+    sender, sconn = _start(_sender, n, address)
+    drained = _recv(sconn, sender)
+    received = _recv(rconn, receiver)
+    rconn.send("stop")
+    _finish(sender, receiver)
+
+    reference, refconn = _start(_reference, n)
+    ref = _recv(refconn, reference)
+    _finish(reference)
+
+    preceiver, pconn = _start(_pickle_receiver, n)
+    port = _recv(pconn, preceiver)["port"]
+    psender, psconn = _start(_pickle_sender, n, port)
+    pickled = _recv(psconn, psender)
+    precv = _recv(pconn, preceiver)
+    _finish(psender, preceiver)
+
+    if received["entries"] != n or drained["acknowledged"] != n or precv["entries"] != n:
+        raise AssertionError(f"incomplete transfer: {received}, {drained}, {precv}")
+    return {
+        "drain": drained["drain"],
+        "bare_export": bare["bare_export"],
+        "bare_import": bare["bare_import"],
+        "pickle_way": pickled["pickle_way"],
+        "wire_bytes": drained["bytes"],
+        "pickle_bytes": pickled["pickle_bytes"],
+        "sender_growth_mib": drained["maxrss_after_mib"] - drained["maxrss_before_mib"],
+        "receiver_excess_mib": received["maxrss_mib"] - ref["maxrss_mib"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    results: dict[str, Any] = {}
+    for n in sizes:
+        rounds = []
+        for index in range(args.repeat):
+            print(f"N={n} round {index + 1}/{args.repeat}...", file=sys.stderr, flush=True)
+            rounds.append(measure(n))
+        median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        median["drain_over_bare"] = median["drain"] / max(
+            median["bare_export"], median["bare_import"]
+        )
+        median["pickle_over_drain"] = median["pickle_way"] / median["drain"]
+        median["records_per_second"] = n / median["drain"]
+        results[str(n)] = {key: round(value, 4) for key, value in median.items()}
+    print(
+        json.dumps(
+            {
+                "benchmark": "drain_throughput",
+                "value_size": VALUE_SIZE,
+                "repeat": args.repeat,
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "targets": {"drain_over_bare": "<= 1.15", "pickle_over_drain": ">= 1.7",
+                            "memory_mib": "< 64"},
+                "results": results,
+            },
+            sort_keys=True,
+        )
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
