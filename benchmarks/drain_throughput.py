@@ -72,9 +72,7 @@ def _bare(n: int, out: Connection) -> None:
     imported = time.perf_counter() - started
     del entries
     started = time.perf_counter()
-    count = 0
-    for _key, _value_ in cache.items():
-        count += 1
+    count = sum(1 for _ in cache.items())
     exported = time.perf_counter() - started
     assert count == n
     out.send({"bare_import": imported, "bare_export": exported, "maxrss_mib": _maxrss_mib()})
@@ -128,10 +126,11 @@ def _sender(n: int, receiver_address: str, out: Connection) -> None:
         cache = _filled(n)
         node = _node("v1", "127.0.0.2", f"static:{receiver_address}")
         node.track("cache", cache)
+        joined = anyio.Event()
+        node.on_node_up(lambda peer: joined.set())
         async with node:
             with anyio.fail_after(30):
-                while not node.peers():
-                    await anyio.sleep(0.01)
+                await joined.wait()
             before = _maxrss_mib()
             started = time.perf_counter()
             report = await node.drain()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from handoff._adapter import Adapter, ImportResult, Record, SupportsChangeTracking, SupportsFreeze
 from handoff._errors import (
+    AdapterNotFound,
     AuthenticationError,
     BindError,
     ClusterMismatch,
@@ -20,12 +22,19 @@ from handoff._errors import (
     HeartbeatTimeout,
     LocalProtocolError,
     NameConflict,
+    NoTransformPath,
     ProtocolError,
+    RecordDecodeError,
+    RecordEncodeError,
     SelfConnection,
+    SnapshotCorrupt,
+    SnapshotError,
     TLSError,
     TransportError,
     VersionMismatch,
 )
+from handoff._registry import AdapterFactory, register_adapter
+from handoff.engine import DrainReport, NamespaceReport
 from handoff.membership import DownReason, MembershipEvent, NodeDown, NodeLeaving, NodeUp, Peer
 from handoff.node import Node
 from handoff.protocol import NodeState
@@ -33,6 +42,9 @@ from handoff.protocol import NodeState
 __version__ = "0.1.0"
 
 __all__ = (
+    "Adapter",
+    "AdapterFactory",
+    "AdapterNotFound",
     "AuthenticationError",
     "BindError",
     "ClusterMismatch",
@@ -42,6 +54,7 @@ __all__ = (
     "ConnectionClosed",
     "DiscoveryError",
     "DownReason",
+    "DrainReport",
     "FrameTooLarge",
     "HandoffError",
     "HandoffTimeout",
@@ -49,9 +62,12 @@ __all__ = (
     "HandshakeRejected",
     "HandshakeTimeout",
     "HeartbeatTimeout",
+    "ImportResult",
     "LocalProtocolError",
     "MembershipEvent",
     "NameConflict",
+    "NamespaceReport",
+    "NoTransformPath",
     "Node",
     "NodeDown",
     "NodeLeaving",
@@ -59,9 +75,17 @@ __all__ = (
     "NodeUp",
     "Peer",
     "ProtocolError",
+    "Record",
+    "RecordDecodeError",
+    "RecordEncodeError",
     "SelfConnection",
+    "SnapshotCorrupt",
+    "SnapshotError",
+    "SupportsChangeTracking",
+    "SupportsFreeze",
     "TLSError",
     "TransportError",
     "VersionMismatch",
     "__version__",
+    "register_adapter",
 )

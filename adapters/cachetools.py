@@ -1,0 +1,866 @@
+"""Adapters for cachetools caches: ``Cache``, ``FIFOCache``, ``LFUCache``, ``LRUCache``,
+``RRCache``, ``TLRUCache`` and ``TTLCache``.
+
+Records
+    All seven share the kind ``"cachetools"``, so a release may change its cache type (an
+    ``LRUCache`` can hand off to the ``TTLCache`` of the next release). A record is
+    ``(key, value, meta)`` where ``meta`` is a ``float`` for the seconds of life an entry
+    had left when it was exported (``TTLCache``, ``TLRUCache``; never an absolute time, as
+    clocks differ between machines), an ``int`` for an ``LFUCache`` use count, and ``None``
+    otherwise. The codec keeps ints and floats apart, so a receiver knows which it got and
+    uses what it understands: a TTL cache ignores use counts, an LFU cache starts an entry
+    without a count at 1.
+
+Export, hottest first (the order a drain should send in, so a deadline cuts the coldest)
+    ``LRUCache`` and ``TTLCache`` (which is LRU-ordered): most recently used first;
+    ``TLRUCache``: most recently used first; ``LFUCache``: highest use count first, and of
+    equal counts the one its cache would evict last first; ``FIFOCache``: newest first;
+    ``RRCache`` and plain ``Cache``: the cache's iteration order (they have no notion of
+    hot). The keys are listed when the export starts; each value (and its lifetime or
+    count) is read when its record is yielded, so keys deleted or expired meanwhile are
+    skipped. Reading never counts as a use: the source's recency and counts are untouched.
+
+Import (records arrive hottest first)
+    An entry the receiver already holds is kept (it is newer) unless the adapter was made
+    with ``merge``: then ``merge(existing, incoming)`` is stored, counts as a write on the
+    receiver, expires with the later of the two entries (never beyond the receiver's own
+    expiry for a new write) and, in an ``LFUCache``, keeps the higher count. A record whose
+    minus ``age`` is spent is dropped as ``"expired"``. An entry never outlives the expiry it
+    had on the sender: its expiry is the receiver's own (``ttl``, or ``ttu(...)``) or the
+    remaining lifetime, whichever ends first. ``TTLCache`` keeps its entries in expiry order,
+    so a shortened expiry is rounded down to a grid finer than 1/256 of the time left (see
+    ``_ExpiryIndex``): an imported entry may expire up to 0.4 % early, never late. A cache
+    that cannot expire entries drops records with a finite lifetime as
+    ``"expiry unsupported"`` rather than keep them forever.
+
+    Order survives: each imported entry goes to the cold end of what was imported before
+    it, and stays colder than the receiver's own entries, so after a handoff into an empty
+    cache its evictions come in the sender's order (LRU, FIFO, LFU with its counts, TTL and
+    TLRU recency). A receiver never evicts to make room: once a record does not fit
+    (``currsize + getsizeof(value) > maxsize``) it is dropped as ``"receiver full"`` and the
+    hotter entries already imported stay; a value larger than the whole cache is dropped as
+    ``"too large"``. A record whose key, value or merge function raises is dropped as
+    ``"error"`` and logged.
+
+cachetools internals
+    Reading without side effects and writing in place need a few private attributes
+    (``_Cache__data``, ``_LRUCache__order``, ``_FIFOCache__order``, ``_TTLCache__links`` and
+    ``__root``, ``_TLRUCache__items`` and ``__order``, and the LFU counters in one of three
+    layouts: count buckets with ordered keys since cachetools 7.3, count buckets with a set
+    of keys in 6.1 to 7.2, a ``Counter`` before). Each is read by one helper below, and
+    :func:`_verify_internals` checks them all when this module is imported, raising
+    :exc:`UnsupportedCachetools` instead of failing mid-drain. Before cachetools 7.3 LFU
+    counts survive but which of several equally used entries goes first is not kept
+    (:data:`LFU_TIES_PRESERVED`); 6.1 to 7.2 pick among them arbitrarily anyway.
+
+Concurrency
+    Adapters run on the node's event-loop thread, and neither they nor cachetools objects
+    are thread-safe: while an export or import runs, the application must not use the cache
+    from another thread (an application that shares a cache between threads already guards
+    it with a lock; it must hold that lock around the adapter's calls too).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from bisect import bisect_left, bisect_right
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from math import floor, frexp, ldexp
+from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
+
+import cachetools
+
+from handoff._adapter import ImportResult, Record
+from handoff._errors import HandoffError
+from handoff._registry import ClassFactory
+
+__all__ = (
+    "CACHETOOLS_ADAPTERS",
+    "CACHE_FACTORY",
+    "EXPIRED",
+    "EXPIRY_UNSUPPORTED",
+    "FIFO_CACHE_FACTORY",
+    "IMPORT_ERROR",
+    "LFU_CACHE_FACTORY",
+    "LFU_TIES_PRESERVED",
+    "LRU_CACHE_FACTORY",
+    "RECEIVER_FULL",
+    "RR_CACHE_FACTORY",
+    "TLRU_CACHE_FACTORY",
+    "TOO_LARGE",
+    "TTL_CACHE_FACTORY",
+    "CacheAdapter",
+    "FIFOCacheAdapter",
+    "LFUCacheAdapter",
+    "LRUCacheAdapter",
+    "Merge",
+    "RRCacheAdapter",
+    "TLRUCacheAdapter",
+    "TTLCacheAdapter",
+    "UnsupportedCachetools",
+)
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS: Final = ">=5.3,<9"
+
+EXPIRED: Final = "expired"
+"""Drop reason: the record's lifetime ran out before it could be applied."""
+EXPIRY_UNSUPPORTED: Final = "expiry unsupported"
+"""Drop reason: the record expires, and the receiving cache cannot expire entries."""
+RECEIVER_FULL: Final = "receiver full"
+"""Drop reason: the receiving cache is full of hotter entries."""
+TOO_LARGE: Final = "too large"
+"""Drop reason: ``getsizeof(value)`` exceeds the receiving cache's ``maxsize``."""
+IMPORT_ERROR: Final = "error"
+"""Drop reason: the record could not be applied (unhashable key, a raising merge ...)."""
+
+Merge = Callable[[Any, Any], Any]
+"""``merge(existing_value, incoming_value) -> value`` for keys both sides hold."""
+
+_MISSING: Final[Any] = object()
+_C = TypeVar("_C", bound="cachetools.Cache[Any, Any]")
+_GRID_BITS: Final = 8  # shortened TTL expiries lose at most 2**-8 of the time left
+
+
+class UnsupportedCachetools(HandoffError, ImportError):
+    """The installed cachetools is laid out differently from what these adapters know."""
+
+
+# --- cachetools internals: every private access goes through one of these helpers. ---
+
+
+def _data(cache: cachetools.Cache[Any, Any]) -> dict[Any, Any]:
+    """The cache's key -> value dict (reading it is not a use, unlike ``cache[key]``)."""
+    return cache._Cache__data  # type: ignore[attr-defined,no-any-return]
+
+
+def _lru_order(cache: cachetools.LRUCache[Any, Any]) -> OrderedDict[Any, None]:
+    """Keys from least to most recently used."""
+    return cache._LRUCache__order  # type: ignore[attr-defined,no-any-return]
+
+
+def _fifo_order(cache: cachetools.FIFOCache[Any, Any]) -> OrderedDict[Any, None]:
+    """Keys from first to last inserted."""
+    return cache._FIFOCache__order  # type: ignore[attr-defined,no-any-return]
+
+
+def _ttl_links(cache: cachetools.TTLCache[Any, Any]) -> OrderedDict[Any, Any]:
+    """Key -> link, from least to most recently used; ``link.expires``, ``link.key``."""
+    return cache._TTLCache__links  # type: ignore[attr-defined,no-any-return]
+
+
+def _ttl_root(cache: cachetools.TTLCache[Any, Any]) -> Any:
+    """Sentinel of the doubly linked list (``prev``/``next``) of links by expiry.
+
+    ``expire()`` stops at the first live link, so the list must stay sorted by expiry.
+    """
+    return cache._TTLCache__root  # type: ignore[attr-defined]
+
+
+def _tlru_items(cache: cachetools.TLRUCache[Any, Any]) -> OrderedDict[Any, Any]:
+    """Key -> item (``expires``, ``removed``), from least to most recently used."""
+    return cache._TLRUCache__items  # type: ignore[attr-defined,no-any-return]
+
+
+def _tlru_heap(cache: cachetools.TLRUCache[Any, Any]) -> list[Any]:
+    """Heap of items by expiry; replaced items stay in it, marked ``removed``.
+
+    ``expire()`` may rebuild the list, so never keep it across cache calls.
+    """
+    return cache._TLRUCache__order  # type: ignore[attr-defined,no-any-return]
+
+
+def _lfu_root(cache: cachetools.LFUCache[Any, Any]) -> Any:
+    """Sentinel of the linked list of count buckets (``count``, ``keys``), rarest first.
+
+    ``keys`` is an ``OrderedDict``, oldest arrival (evicted first) first, or before
+    cachetools 7.3 a ``set``. Only ``_bucket_*`` touch it.
+    """
+    return cache._LFUCache__root  # type: ignore[attr-defined]
+
+
+def _lfu_links(cache: cachetools.LFUCache[Any, Any]) -> dict[Any, Any]:
+    """Key -> its count bucket (cachetools >= 6.1)."""
+    return cache._LFUCache__links  # type: ignore[attr-defined,no-any-return]
+
+
+def _bucket_keys_hottest_first(bucket: Any) -> list[Any]:
+    """A bucket's keys, the one its cache would evict last first."""
+    keys = bucket.keys
+    return list(keys) if isinstance(keys, set) else list(reversed(keys))
+
+
+def _bucket_remove(bucket: Any, key: Any) -> bool:
+    """Take ``key`` out of its bucket; True if the bucket is now empty."""
+    keys = bucket.keys
+    if isinstance(keys, set):
+        keys.remove(key)
+    else:
+        del keys[key]
+    return not keys
+
+
+def _bucket_add(bucket: Any, key: Any, *, coldest: bool) -> None:
+    """Put ``key`` in a bucket: first (or last) to be evicted among its equals."""
+    keys = bucket.keys
+    if isinstance(keys, set):
+        keys.add(key)
+        return
+    keys[key] = None
+    if coldest:
+        keys.move_to_end(key, last=False)
+
+
+def _lfu_counter(cache: cachetools.LFUCache[Any, Any]) -> Counter[Any]:
+    """Key -> minus its use count (cachetools < 6.1; ties evict the first inserted)."""
+    return cache._LFUCache__counter  # type: ignore[attr-defined,no-any-return]
+
+
+def _unlink(node: Any) -> None:
+    node.prev.next = node.next
+    node.next.prev = node.prev
+
+
+def _insert_after(anchor: Any, node: Any) -> None:
+    node.prev = anchor
+    node.next = after = anchor.next
+    anchor.next = after.prev = node
+
+
+def _verify_internals() -> str:
+    """Check every internal the adapters use; return the LFU layout (see _LFU_LAYOUT)."""
+
+    def require(condition: bool, what: str) -> None:
+        if not condition:
+            raise UnsupportedCachetools(
+                f"handoff.adapters.cachetools supports cachetools {SUPPORTED_VERSIONS}, "
+                f"but the installed cachetools {cachetools.__version__} differs: {what}. "
+                f"Install cachetools{SUPPORTED_VERSIONS}."
+            )
+
+    def clock() -> float:
+        return 0.0
+
+    try:
+        cache: cachetools.Cache[str, int] = cachetools.Cache(2)
+        cache["a"] = 1
+        require(_data(cache) == {"a": 1}, "Cache data dict")
+
+        lru: cachetools.LRUCache[str, int] = cachetools.LRUCache(3)
+        lru["a"], lru["b"] = 1, 2
+        require(list(_lru_order(lru)) == ["a", "b"], "LRUCache order")
+
+        fifo: cachetools.FIFOCache[str, int] = cachetools.FIFOCache(3)
+        fifo["a"], fifo["b"] = 1, 2
+        require(list(_fifo_order(fifo)) == ["a", "b"], "FIFOCache order")
+
+        ttl: cachetools.TTLCache[str, int, float] = cachetools.TTLCache(3, 10.0, clock)
+        ttl["a"] = 1
+        link, root = _ttl_links(ttl)["a"], _ttl_root(ttl)
+        require(
+            isinstance(_ttl_links(ttl), OrderedDict)
+            and root.next is link is root.prev
+            and link.next is root is link.prev
+            and (link.key, link.expires) == ("a", 10.0),
+            "TTLCache links",
+        )
+        with ttl.timer as now:
+            require(now == 0.0, "TTLCache timer")
+
+        tlru: cachetools.TLRUCache[str, int, float] = cachetools.TLRUCache(
+            3, lambda _k, _v, now: now + 5.0, clock
+        )
+        tlru["a"] = 1
+        item = _tlru_items(tlru)["a"]
+        require(
+            _tlru_heap(tlru) == [item]
+            and (item.key, item.expires, item.removed) == ("a", 5.0, False)
+            and type(item)("b", 1.0).expires == 1.0,
+            "TLRUCache items",
+        )
+
+        lfu: cachetools.LFUCache[str, int] = cachetools.LFUCache(3)
+        lfu["a"] = 1
+        lfu["a"]  # a use: count 2
+        if hasattr(lfu, "_LFUCache__links"):
+            bucket = _lfu_links(lfu)["a"]
+            require(
+                _lfu_root(lfu).next is bucket
+                and bucket.count == 2
+                and list(bucket.keys) == ["a"]
+                and type(bucket)(3).count == 3,
+                "LFUCache count buckets",
+            )
+            return "set buckets" if isinstance(bucket.keys, set) else "ordered buckets"
+        require(_lfu_counter(lfu) == {"a": -2}, "LFUCache counter")
+        return "counter"
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        require(False, f"{type(exc).__name__}: {exc}")
+        raise  # unreachable: require raised
+
+
+_LFU_LAYOUT: Final = _verify_internals()
+"""``"ordered buckets"`` (cachetools >= 7.3), ``"set buckets"`` (6.1 to 7.2), ``"counter"``."""
+_LFU_LINKED: Final = _LFU_LAYOUT != "counter"
+
+LFU_TIES_PRESERVED: Final = _LFU_LAYOUT == "ordered buckets"
+"""Whether, among entries used equally often, the one an ``LFUCache`` would evict first
+is still evicted first after a handoff (cachetools >= 7.3); counts always survive."""
+
+
+class _Batch(NamedTuple):
+    """What one import call does per record: closures over the receiver's state."""
+
+    live: Callable[[Any], Any]
+    """``key -> value`` if the receiver holds ``key`` unexpired, else ``_MISSING``."""
+    insert: Callable[[Any, Any, float | None, int | None], bool]
+    """Store a key the receiver lacks, colder than all earlier imports; False: expired."""
+    overwrite: Callable[[Any, Any, float | None, int | None], bool]
+    """Store a merged value for a key the receiver holds; False: it expired at once."""
+
+
+def _live_in(cache: cachetools.Cache[Any, Any]) -> Callable[[Any], Any]:
+    get = _data(cache).get
+
+    def live(key: Any) -> Any:
+        return get(key, _MISSING)
+
+    return live
+
+
+def _store_in(cache: cachetools.Cache[Any, Any]) -> Callable[[Any, Any, Any, Any], bool]:
+    def store(key: Any, value: Any, _lifetime: Any, _count: Any) -> bool:
+        cache[key] = value
+        return True
+
+    return store
+
+
+class _ExpiryIndex:
+    """Finds where a link with a given expiry goes in a ``TTLCache``'s expiry-sorted list.
+
+    Searching a linked list is linear, so imported expiries are rounded down to a grid
+    (a power-of-two step at most 1/256 of the time left): many entries then share an expiry,
+    and a link goes right after the last one placed with the same expiry, found in a dict.
+    Only a new expiry value needs a search: a bisect over the values already placed, then a
+    short walk over the receiver's own links. Entries may vanish at any time, so each
+    remembered link is checked before use.
+    """
+
+    __slots__ = ("last", "values")
+
+    def __init__(self) -> None:
+        self.last: dict[float, Any] = {}  # expiry -> last link placed with it
+        self.values: list[float] = []  # sorted keys of last
+
+    def forget_before(self, now: float) -> None:
+        """Drop remembered expiries that have passed (their links are gone)."""
+        stale = bisect_right(self.values, now)
+        for value in self.values[:stale]:
+            del self.last[value]
+        del self.values[:stale]
+
+    def search(self, expires: float, root: Any, links: OrderedDict[Any, Any]) -> Any:
+        """The link after which one expiring at ``expires`` keeps the list sorted."""
+        last, values = self.last, self.values
+        if expires in last:  # remembered, but its link is gone
+            del last[expires]
+            del values[bisect_left(values, expires)]
+        index = bisect_left(values, expires)
+        anchor = root
+        while index > 0:
+            value = values[index - 1]
+            candidate = last[value]
+            if candidate.expires == value and links.get(candidate.key) is candidate:
+                anchor = candidate
+                break
+            del last[value]
+            del values[index - 1]
+            index -= 1
+        after = anchor.next
+        while after is not root and after.expires <= expires:
+            anchor, after = after, after.next
+        values.insert(index, expires)
+        return anchor
+
+
+def _round_down(now: float, expires: float) -> float:
+    """The largest point <= ``expires`` of a grid finer than 1/256 of the time left.
+
+    The result is later than ``now`` unless the time left is lost to float rounding.
+    """
+    step = ldexp(1.0, frexp(expires - now)[1] - _GRID_BITS - 1)
+    return floor(expires / step) * step
+
+
+class CacheAdapter(Generic[_C]):
+    """Hands off a ``cachetools.Cache``; the base of the other cachetools adapters.
+
+    A plain ``Cache`` has no notion of hot: export follows its iteration order (insertion
+    order, except that overwriting a key keeps its place). ``merge`` decides the value of
+    keys both sides hold; without it the receiver keeps its own.
+    """
+
+    kind: str = "cachetools"
+    moves_ownership: bool = False
+
+    _cache_type: ClassVar[type[cachetools.Cache[Any, Any]]] = cachetools.Cache
+    _expiring: ClassVar[bool] = False
+
+    def __init__(self, cache: _C, *, merge: Merge | None = None) -> None:
+        if not isinstance(cache, self._cache_type):
+            raise TypeError(
+                f"{type(self).__name__} adapts a cachetools.{self._cache_type.__name__}, "
+                f"not {type(cache).__name__}"
+            )
+        if merge is not None and not callable(merge):
+            raise TypeError(f"merge must be callable(existing, incoming), not {merge!r}")
+        self.cache = cache
+        self.merge = merge
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.cache).__name__}, merge={self.merge!r})"
+
+    # -- export --
+
+    def export(self) -> Iterator[Record]:
+        """Yield ``(key, value, meta)`` hottest first, reading each value when yielded."""
+        data = _data(self.cache)
+        for key in self._hottest_first():
+            value = data.get(key, _MISSING)
+            if value is not _MISSING:
+                yield key, value, None
+
+    def _hottest_first(self) -> list[Any]:
+        return list(_data(self.cache))
+
+    # -- import --
+
+    def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
+        """Apply hottest-first records; see the module documentation for the rules."""
+        if not records:
+            return ImportResult()
+        cache, merge = self.cache, self.merge
+        maxsize, getsizeof = cache.maxsize, cache.getsizeof
+        sized = getsizeof is not cachetools.Cache.getsizeof  # else every value counts 1
+        expiring = self._expiring
+        applied = kept = 0
+        dropped: dict[str, int] = {}
+        with self._batch() as (live, insert, overwrite):
+            currsize = cache.currsize
+            for record in records:
+                try:
+                    key, value, meta = record
+                    lifetime: float | None = None
+                    count: int | None = None
+                    if type(meta) is float:
+                        lifetime = meta - age
+                        if not lifetime > 0.0:
+                            dropped[EXPIRED] = dropped.get(EXPIRED, 0) + 1
+                            continue
+                        if not expiring:
+                            if lifetime != math.inf:
+                                reason = EXPIRY_UNSUPPORTED
+                                dropped[reason] = dropped.get(reason, 0) + 1
+                                continue
+                            lifetime = None
+                    elif type(meta) is int:
+                        count = meta
+                    existing = live(key)
+                    if existing is _MISSING:
+                        size = getsizeof(value) if sized else 1
+                        if size > maxsize:
+                            reason = TOO_LARGE
+                        elif currsize + size > maxsize:
+                            reason = RECEIVER_FULL
+                        elif insert(key, value, lifetime, count):
+                            currsize += size
+                            applied += 1
+                            continue
+                        else:
+                            reason = EXPIRED
+                    elif merge is None:
+                        kept += 1
+                        continue
+                    else:
+                        value = merge(existing, value)
+                        size = getsizeof(value)
+                        grown = size - getsizeof(existing)
+                        if size > maxsize:
+                            reason = TOO_LARGE
+                        elif currsize + grown > maxsize:
+                            reason = RECEIVER_FULL
+                        elif overwrite(key, value, lifetime, count):
+                            currsize += grown
+                            applied += 1
+                            continue
+                        else:
+                            currsize = cache.currsize  # the receiver's policy removed it
+                            reason = EXPIRED
+                except Exception:
+                    if IMPORT_ERROR not in dropped:  # one log line per batch is enough
+                        logger.warning("could not import a record into %r", self, exc_info=True)
+                    reason = IMPORT_ERROR
+                dropped[reason] = dropped.get(reason, 0) + 1
+        return ImportResult(applied, kept, dropped)
+
+    @contextmanager
+    def _batch(self) -> Iterator[_Batch]:
+        """The per-record operations of one import call (time frozen for timed caches)."""
+        store = _store_in(self.cache)
+        yield _Batch(_live_in(self.cache), store, store)
+
+
+class RRCacheAdapter(CacheAdapter[cachetools.RRCache[Any, Any]]):
+    """Hands off a ``cachetools.RRCache`` (random replacement: export in iteration order)."""
+
+    _cache_type = cachetools.RRCache
+
+
+class _OrderedAdapter(CacheAdapter[_C]):
+    """Caches whose eviction order is an ``OrderedDict`` of keys, first out first."""
+
+    def _order(self) -> OrderedDict[Any, None]:
+        raise NotImplementedError
+
+    def _hottest_first(self) -> list[Any]:
+        return list(reversed(self._order()))
+
+    @contextmanager
+    def _batch(self) -> Iterator[_Batch]:
+        cache, move = self.cache, self._order().move_to_end
+
+        def insert(key: Any, value: Any, _lifetime: Any, _count: Any) -> bool:
+            cache[key] = value
+            move(key, last=False)
+            return True
+
+        yield _Batch(_live_in(cache), insert, _store_in(cache))
+
+
+class LRUCacheAdapter(_OrderedAdapter[cachetools.LRUCache[Any, Any]]):
+    """Hands off a ``cachetools.LRUCache``: most recently used first; recency survives."""
+
+    _cache_type = cachetools.LRUCache
+
+    def _order(self) -> OrderedDict[Any, None]:
+        return _lru_order(self.cache)
+
+
+class FIFOCacheAdapter(_OrderedAdapter[cachetools.FIFOCache[Any, Any]]):
+    """Hands off a ``cachetools.FIFOCache``: newest first; insertion order survives."""
+
+    _cache_type = cachetools.FIFOCache
+
+    def _order(self) -> OrderedDict[Any, None]:
+        return _fifo_order(self.cache)
+
+
+class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
+    """Hands off a ``cachetools.LFUCache``: highest use count first; counts survive.
+
+    ``meta`` is the use count. A merged entry keeps the higher of the two counts (its merge
+    write counts as a use).
+    """
+
+    _cache_type = cachetools.LFUCache
+
+    def export(self) -> Iterator[Record]:
+        """Yield ``(key, value, use_count)`` from the most to the least used."""
+        data = _data(self.cache)
+        count_of = self._count_of()
+        for key in self._hottest_first():
+            value = data.get(key, _MISSING)
+            count = count_of(key)
+            if value is not _MISSING and count is not None:
+                yield key, value, count
+
+    def _count_of(self) -> Callable[[Any], int | None]:
+        if _LFU_LINKED:
+            links = _lfu_links(self.cache)
+
+            def linked_count(key: Any) -> int | None:
+                bucket = links.get(key)
+                return None if bucket is None else int(bucket.count)
+
+            return linked_count
+        counter = _lfu_counter(self.cache)
+
+        def counter_count(key: Any) -> int | None:
+            count = counter.get(key)
+            return None if count is None else -count
+
+        return counter_count
+
+    def _hottest_first(self) -> list[Any]:
+        if not _LFU_LINKED:
+            counter = _lfu_counter(self.cache)
+            # Values are minus the counts; among equals the first inserted is evicted first.
+            return sorted(reversed(counter), key=counter.__getitem__)
+        keys: list[Any] = []
+        root = _lfu_root(self.cache)
+        bucket = root.prev
+        while bucket is not root:
+            keys.extend(_bucket_keys_hottest_first(bucket))
+            bucket = bucket.prev
+        return keys
+
+    @contextmanager
+    def _batch(self) -> Iterator[_Batch]:
+        cache = self.cache
+        count_of = self._count_of()
+        hint: list[Any] = [None]  # the last bucket used: records come most used first
+
+        def insert(key: Any, value: Any, _lifetime: Any, count: int | None) -> bool:
+            cache[key] = value
+            hint[0] = self._set_count(key, 1 if count is None else count, hint[0], coldest=True)
+            return True
+
+        def overwrite(key: Any, value: Any, _lifetime: Any, count: int | None) -> bool:
+            cache[key] = value  # counts as a use
+            current = count_of(key)
+            if count is not None and current is not None and count > current:
+                self._set_count(key, count, None, coldest=False)
+            return True
+
+        yield _Batch(_live_in(cache), insert, overwrite)
+
+    def _set_count(self, key: Any, count: int, hint: Any, *, coldest: bool) -> Any:
+        """Give ``key`` use count ``count``, first (or last) to go among equal counts.
+
+        Returns the bucket used, a hint for the next call (buckets can vanish: checked).
+        """
+        count = max(count, 1)
+        if not _LFU_LINKED:
+            _lfu_counter(self.cache)[key] = -count
+            return None
+        links, root = _lfu_links(self.cache), _lfu_root(self.cache)
+        bucket = links[key]
+        if _bucket_remove(bucket, key):
+            _unlink(bucket)
+        start = hint if hint is not None and hint.prev.next is hint else root.prev
+        if start is not root and start.count < count:
+            start = root.prev
+        while start is not root and start.count > count:
+            start = start.prev
+        if start is root or start.count != count:
+            new = type(bucket)(count)
+            _insert_after(start, new)
+            start = new
+        _bucket_add(start, key, coldest=coldest)
+        links[key] = start
+        return start
+
+
+class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
+    """Hands off a ``cachetools.TTLCache``: most recently used first, with time left.
+
+    ``meta`` is the seconds of life left at export. On import an entry expires when the
+    receiver's ``ttl`` or its remaining lifetime (less ``age``) runs out, whichever is
+    first (rounded down to 1/256 of the time left).
+    """
+
+    _cache_type = cachetools.TTLCache
+    _expiring = True
+
+    def __init__(
+        self, cache: cachetools.TTLCache[Any, Any, Any], *, merge: Merge | None = None
+    ) -> None:
+        super().__init__(cache, merge=merge)
+        self._index = _ExpiryIndex()
+
+    def export(self) -> Iterator[Record]:
+        """Yield ``(key, value, seconds_left)`` from the most to the least recently used."""
+        cache = self.cache
+        data, links, timer = _data(cache), _ttl_links(cache), cache.timer
+        for key in list(reversed(links)):
+            link = links.get(key)
+            value = data.get(key, _MISSING)
+            if link is None or value is _MISSING:
+                continue
+            left = link.expires - timer()  # read per record: an earlier time overstates it
+            if left > 0:
+                yield key, value, float(left)
+
+    @contextmanager
+    def _batch(self) -> Iterator[_Batch]:
+        cache = self.cache
+        index = self._index
+        with cache.timer as now:  # frozen for the batch: the cache's own writes see it too
+            cache.expire(now)
+            index.forget_before(now)
+            data_get = _data(cache).get
+            links, root = _ttl_links(cache), _ttl_root(cache)
+            links_get, move, last, search = links.get, links.move_to_end, index.last, index.search
+            ttl = cache.ttl
+            own_expiry = now + ttl
+            new_link = type(root)
+            base_setitem = cachetools.Cache.__setitem__
+            # Unless a subclass changed how entries are stored, write the link directly
+            # instead of letting __setitem__ append it and then moving it.
+            direct = type(cache).__setitem__ is cachetools.TTLCache.__setitem__
+
+            def live(key: Any) -> Any:
+                link = links_get(key)
+                if link is None or not now < link.expires:
+                    return _MISSING
+                return data_get(key, _MISSING)
+
+            def place(link: Any, expires: float) -> None:
+                anchor: Any = last.get(expires)
+                if (
+                    anchor is None
+                    or anchor.expires != expires
+                    or links_get(anchor.key) is not anchor
+                ):
+                    anchor = search(expires, root, links)
+                link.prev = anchor
+                link.next = after = anchor.next
+                anchor.next = after.prev = link
+                last[expires] = link
+
+            def insert(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:
+                if lifetime is not None and lifetime < ttl:
+                    # _round_down(now, now + lifetime), inlined: this runs per record.
+                    step = ldexp(1.0, frexp(lifetime)[1] - _GRID_BITS - 1)
+                    expires = floor((now + lifetime) / step) * step
+                    if not expires > now:
+                        return False
+                else:
+                    expires = own_expiry
+                if direct and key not in links:
+                    base_setitem(cache, key, value)
+                    links[key] = link = new_link(key, expires)
+                    move(key, last=False)
+                    if expires == own_expiry:  # the latest expiry there is: append
+                        anchor = root.prev
+                    else:  # place(), inlined
+                        anchor = last.get(expires)
+                        if (
+                            anchor is None
+                            or anchor.expires != expires
+                            or links_get(anchor.key) is not anchor
+                        ):
+                            anchor = search(expires, root, links)
+                        last[expires] = link
+                    link.prev = anchor
+                    link.next = after = anchor.next
+                    anchor.next = after.prev = link
+                    return True
+                cache[key] = value  # appends the link, expiring at own_expiry
+                move(key, last=False)
+                if expires != own_expiry:
+                    link = links[key]
+                    _unlink(link)
+                    link.expires = expires
+                    place(link, expires)
+                return True
+
+            def overwrite(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:
+                held_until = links[key].expires
+                cache[key] = value  # moves the link to the end, expiring at own_expiry
+                until = held_until if lifetime is None else max(held_until, now + lifetime)
+                if lifetime is not None and until < own_expiry:
+                    link = links[key]
+                    _unlink(link)
+                    link.expires = expires = _round_down(now, until)
+                    place(link, expires)
+                return True
+
+            yield _Batch(live, insert, overwrite)
+
+
+class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
+    """Hands off a ``cachetools.TLRUCache``: most recently used first, with time left.
+
+    ``meta`` is the seconds of life left at export. On import the receiver's ``ttu``
+    computes the expiry, shortened to the remaining lifetime (less ``age``) if that ends
+    first.
+    """
+
+    _cache_type = cachetools.TLRUCache
+    _expiring = True
+
+    def export(self) -> Iterator[Record]:
+        """Yield ``(key, value, seconds_left)`` from the most to the least recently used."""
+        cache = self.cache
+        data, items, timer = _data(cache), _tlru_items(cache), cache.timer
+        for key in list(reversed(items)):
+            item = items.get(key)
+            value = data.get(key, _MISSING)
+            if item is None or value is _MISSING:
+                continue
+            left = item.expires - timer()
+            if left > 0:
+                yield key, value, float(left)
+
+    @contextmanager
+    def _batch(self) -> Iterator[_Batch]:
+        cache = self.cache
+        with cache.timer as now:
+            cache.expire(now)
+            data_get = _data(cache).get
+            items = _tlru_items(cache)
+
+            def live(key: Any) -> Any:
+                item = items.get(key)
+                if item is None or not now < item.expires:
+                    return _MISSING
+                return data_get(key, _MISSING)
+
+            def shorten(key: Any, until: float) -> None:
+                item = items[key]
+                if until < item.expires:
+                    # Heap entries cannot move: retire the item and push a replacement,
+                    # as TLRUCache itself does when a key is overwritten.
+                    item.removed = True
+                    items[key] = replacement = type(item)(key, until)
+                    heapq.heappush(_tlru_heap(cache), replacement)
+
+            def insert(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:
+                cache[key] = value
+                if key not in items:  # the receiver's ttu says it is already expired
+                    return False
+                items.move_to_end(key, last=False)
+                if lifetime is not None:
+                    shorten(key, now + lifetime)
+                return True
+
+            def overwrite(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:
+                held_until = items[key].expires
+                cache[key] = value
+                if key not in items:
+                    return False
+                if lifetime is not None:
+                    shorten(key, max(held_until, now + lifetime))
+                return True
+
+            yield _Batch(live, insert, overwrite)
+
+
+CACHE_FACTORY: Final = ClassFactory(CacheAdapter, (cachetools.Cache,))
+FIFO_CACHE_FACTORY: Final = ClassFactory(FIFOCacheAdapter, (cachetools.FIFOCache,))
+LFU_CACHE_FACTORY: Final = ClassFactory(LFUCacheAdapter, (cachetools.LFUCache,))
+LRU_CACHE_FACTORY: Final = ClassFactory(LRUCacheAdapter, (cachetools.LRUCache,))
+RR_CACHE_FACTORY: Final = ClassFactory(RRCacheAdapter, (cachetools.RRCache,))
+TLRU_CACHE_FACTORY: Final = ClassFactory(TLRUCacheAdapter, (cachetools.TLRUCache,))
+TTL_CACHE_FACTORY: Final = ClassFactory(TTLCacheAdapter, (cachetools.TTLCache,))
+
+CACHETOOLS_ADAPTERS: Final = (
+    CACHE_FACTORY,
+    FIFO_CACHE_FACTORY,
+    LFU_CACHE_FACTORY,
+    LRU_CACHE_FACTORY,
+    RR_CACHE_FACTORY,
+    TLRU_CACHE_FACTORY,
+    TTL_CACHE_FACTORY,
+)
+"""The factories for each cachetools type (the registry knows them by import path)."""
