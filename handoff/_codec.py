@@ -193,8 +193,8 @@ _gc_was_enabled = False
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold off the cyclic garbage collector while a large chunk is built.
+def gc_paused() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a large chunk is built or applied.
 
     Decoding allocates a container per record, and CPython runs a collection every 700
     allocations, repeatedly traversing the whole (for a cache, large) heap: that halves
@@ -235,7 +235,7 @@ class Codec:
     ``max_depth`` bounds how deeply containers nest in one key, value or meta (both ways).
     With ``pause_gc`` (the default), the cyclic garbage collector is held off while a chunk
     of more than 256 records is encoded or decoded, which doubles decoding speed; see
-    :func:`_gc_paused`.
+    :func:`gc_paused`.
 
     Register user types before the codec is first used from several threads: encoding and
     decoding are thread-safe, registration is not.
@@ -520,7 +520,7 @@ class Codec:
 
     def _maybe_pause_gc(self, records: int) -> AbstractContextManager[None]:
         if self.pause_gc and records > _GC_PAUSE_MIN_RECORDS:
-            return _gc_paused()
+            return gc_paused()
         return nullcontext()
 
     def _encode_records(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import anyio
 
 from handoff._adapter import ImportResult
-from handoff._codec import Codec
+from handoff._codec import Codec, gc_paused
 from handoff._errors import NoTransformPath, ProtocolError
 from handoff.engine._tracked import Tracked
 from handoff.protocol import Accept, Ack, Cancel, Chunk, End, Message, Offer, Refuse
@@ -142,6 +142,25 @@ class Receiver:
         if chunk.seq != stream.next_seq:
             raise ProtocolError(f"chunk {chunk.seq} out of order (expected {stream.next_seq})")
         stream.next_seq += 1
+        # Decoding and applying allocate a container per record: without the pause, the
+        # collector would traverse the whole (large, growing) cache every 700 of them.
+        with gc_paused():
+            result, dropped = self._apply(stream, chunk, arrived)
+        stream.received += chunk.records
+        await link.send(
+            Ack(
+                chunk.stream,
+                chunk.seq,
+                result.applied,
+                result.kept_existing,
+                tuple(sorted(dropped.items())),
+                1,
+            )
+        )
+
+    def _apply(
+        self, stream: _InStream, chunk: Chunk, arrived: float
+    ) -> tuple[ImportResult, dict[str, int]]:
         records = self._codec.decode_records(chunk.payload, max_records=chunk.records)
         if len(records) != chunk.records:
             raise ProtocolError(f"chunk says {chunk.records} records, holds {len(records)}")
@@ -158,14 +177,4 @@ class Receiver:
             result = ImportResult(dropped={f"import failed: {type(exc).__name__}": len(records)})
         for reason, count in result.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count
-        stream.received += chunk.records
-        await link.send(
-            Ack(
-                chunk.stream,
-                chunk.seq,
-                result.applied,
-                result.kept_existing,
-                tuple(sorted(dropped.items())),
-                1,
-            )
-        )
+        return result, dropped

@@ -22,14 +22,15 @@ from enum import Enum
 import anyio
 
 from handoff._adapter import Record
-from handoff._codec import Codec
+from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
 from handoff.engine._tracked import Tracked
 from handoff.membership import Peer
 from handoff.protocol import Accept, Ack, Cancel, Chunk, End, Message, Offer, Refuse
-from handoff.snapshot import SnapshotStore
+from handoff.snapshot import MAX_CHUNK as MAX_SNAPSHOT_CHUNK
+from handoff.snapshot import SnapshotStore, SnapshotWriter
 from handoff.transforms import Chain, Transforms
 from handoff.transport import PeerLink
 
@@ -37,7 +38,7 @@ __all__ = ("Drainer",)
 
 logger = logging.getLogger("handoff.engine")
 
-TARGET_CHUNK_BYTES = 256 * 1024
+TARGET_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 FIRST_CHUNK_RECORDS = 256
 MAX_CHUNK_RECORDS = 8192
@@ -73,11 +74,6 @@ class _OutStream:
     sent_records: int = 0
     acknowledged: int = 0
     refusal: str = ""
-
-
-def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
-    while batch := list(itertools.islice(records, size)):
-        yield batch
 
 
 class Drainer:
@@ -198,6 +194,11 @@ class Drainer:
             names = [s.peer.name for s in open_streams]
             if names != routed:
                 routed, router = names, Router(names)
+                # A successor left (down, refused, send failed): what it had queued or not
+                # yet acknowledged goes to the ones still open, not only once all are gone.
+                for stream in streams:
+                    if stream.state is not _StreamState.OPEN:
+                        retry.extend(self._take_back(stream))
             # Work in batches of a chunk: the per-record path is the drain's hot loop.
             size = self._chunk_records()
             if retry:
@@ -205,7 +206,8 @@ class Drainer:
                 batch = [record for record, _ in taken]
                 pulled_at = min(pulled for _, pulled in taken)
             elif not exhausted:
-                batch = list(itertools.islice(exporter, size))
+                with gc_paused():
+                    batch = list(itertools.islice(exporter, size))
                 pulled_at = self._clock()
                 report.records += len(batch)
                 exhausted = len(batch) < size
@@ -487,23 +489,47 @@ class Drainer:
         )
         written = 0
         try:
-            for batch in _chunks(records, MAX_CHUNK_RECORDS):
+            # Sized by bytes like stream chunks: a count alone lets large values make one
+            # chunk bigger than the store takes (64 MiB) and than memory should hold.
+            while batch := list(itertools.islice(records, self._snapshot_records())):
                 if self._clock() >= deadline:
                     report.drop("deadline", len(batch))
                     continue
-                payload, rejected = self._codec.encode_records(batch)
-                for _, why in rejected:
-                    report.drop(why)
-                count = len(batch) - len(rejected)
-                if count:
-                    await anyio.to_thread.run_sync(writer.write_chunk, payload, count)
-                    written += count
+                written += await self._write_snapshot_chunk(writer, report, batch)
             await anyio.to_thread.run_sync(writer.commit)
         except BaseException:
             writer.abort()
             raise
         report.snapshotted += written
         logger.info("snapshotted %d records of %r (%s)", written, tracked.name, reason)
+
+    def _snapshot_records(self) -> int:
+        if not self._bytes_per_record:
+            return FIRST_CHUNK_RECORDS
+        wanted = int(MAX_CHUNK_BYTES / self._bytes_per_record)
+        return max(1, min(MAX_CHUNK_RECORDS, wanted))
+
+    async def _write_snapshot_chunk(
+        self, writer: SnapshotWriter, report: NamespaceReport, batch: list[Record]
+    ) -> int:
+        """Encode and write ``batch``, halving it while it exceeds a chunk; returns the
+        records written."""
+        payload, rejected = self._codec.encode_records(batch)
+        if len(payload) > self._max_chunk_bytes and len(batch) > 1:
+            half = len(batch) // 2
+            first = await self._write_snapshot_chunk(writer, report, batch[:half])
+            return first + await self._write_snapshot_chunk(writer, report, batch[half:])
+        for _, why in rejected:
+            report.drop(why)
+        count = len(batch) - len(rejected)
+        if not count:
+            return 0
+        if len(payload) > MAX_SNAPSHOT_CHUNK:
+            report.drop("record too large for a snapshot chunk", count)
+            return 0
+        self._bytes_per_record = len(payload) / count
+        await anyio.to_thread.run_sync(writer.write_chunk, payload, count)
+        return count
 
 
 @dataclass(frozen=True, slots=True)
