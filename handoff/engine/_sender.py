@@ -423,10 +423,18 @@ class Drainer:
             report.drop("record too large for a frame")
             return
         half = len(records) // 2
-        for part in (records[:half], records[half:]):
+        parts = (records[:half], records[half:])
+        for index, part in enumerate(parts):
             stream.pending = _Pending(part, pulled_at)
             await self._flush(stream, report, until)
-            if stream.state is not _StreamState.OPEN:
+            if stream.pending.records or stream.state is not _StreamState.OPEN:
+                # Out of time or credit, or the stream failed: what was not sent stays
+                # queued after what is still there, for the caller to take back.
+                rest = [record for later in parts[index + 1 :] for record in later]
+                if rest and not stream.pending.records:
+                    stream.pending = _Pending(rest, pulled_at)
+                else:
+                    stream.pending.records.extend(rest)
                 return
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Run a node in a child process and watch its membership events, for multi-process tests.
+"""Run a node in a child process, watch its events and drive it, for multi-process tests.
 
 :class:`NodeProcess` starts ``python -c "...handoff.testing._process.main()"`` with the
 ``HANDOFF_*`` environment you give it. The child builds ``handoff.Node()`` purely from that
@@ -9,12 +9,80 @@ environment, writes one JSON object per line to its stdout, and nothing else:
 - ``{"event": "node-up" | "leaving" | "node-down", "peer": ..., "release": ...,
   "address": ..., "state": ..., "reason": ...}`` for every membership event (``reason``
   is ``None`` except for ``node-down``);
-- ``{"event": "stopping", "signal": "SIGTERM"}`` and ``{"event": "stopped"}`` around a clean
-  stop, or ``{"event": "error", "message": ...}`` if the node could not start.
+- ``{"event": "stopping", "signal": "SIGTERM"}`` (or ``"signal": null, "command": "stop"``)
+  and ``{"event": "stopped"}`` around a clean stop, or ``{"event": "error", "message": ...}``
+  if the node could not start (exit code 2 for a configuration error, 1 otherwise).
 
 It logs to stderr (the ``handoff`` logger, at ``log_level``) and runs until SIGTERM or
 SIGINT, then stops the node (saying goodbye to its peers) and exits 0. It also stops when
 its stdin reaches end of file, so a test runner that dies leaves no node behind.
+
+State to hand off
+-----------------
+With ``HANDOFF_TEST_STATE`` set to a JSON object (see :class:`StateConfig`), the child also
+holds state and tracks it before the node starts::
+
+    {"namespace": "cache", "type": "ttl", "entries": 20000, "value_size": 100,
+     "ttl": 300, "maxsize": 40000, "version": 1, "apply_delay": 0, "key_prefix": "k"}
+
+Every field is optional. ``type`` is ``"ttl"`` (``cachetools.TTLCache(maxsize, ttl)``),
+``"lru"`` (``cachetools.LRUCache(maxsize)``) or ``"dict"``; ``maxsize`` defaults to twice
+``entries`` (at least 2) and is ignored for ``"dict"``. The child fills ``entries`` entries
+in order ``i = 0, 1, ...``: key ``f"{key_prefix}{i}"``, value :func:`state_value` ``(i,
+value_size)``, a ``value_size``-character string derived from ``i``, so the parent can
+compute what a receiver must hold (:func:`expected_digest`). The namespace is tracked with
+``node.track(namespace, obj, version=version)`` through the adapter its type selects, wrapped
+so that every import (a received chunk, or a chunk of a restored snapshot) first sleeps
+``apply_delay`` seconds (blocking the event loop on purpose: a slow receiver) and then
+prints
+
+- ``{"event": "applied", "namespace": ..., "records": n, "total": t, "result":
+  {"applied": ..., "kept_existing": ..., "dropped": {reason: count}}}`` (``n`` records in
+  this chunk, ``t`` records imported so far);
+- ``{"event": "warm", "reason": ...}`` once, when ``node.is_warm`` becomes true (the
+  reason names the handoff, the snapshot or the warm-up timeout).
+
+A child with state drains on SIGTERM, SIGINT or end of stdin before it stops, as a real
+service would (prints ``drained``, see below); a child without state only stops, as before.
+Mind ``HANDOFF_DRAIN_TIMEOUT`` against the ``timeout`` of :meth:`NodeProcess.close`.
+
+Commands
+--------
+The child reads one command per line from its stdin (:meth:`NodeProcess.command` writes
+them and waits for the reply):
+
+- ``drain``: runs ``node.drain()`` in the background (other commands are still served) and
+  prints ``{"event": "drained", "report": report.as_dict()}``; a second ``drain`` replies
+  with the first report, as ``Node.drain`` does.
+- ``stats`` (or ``stats --no-digest``, which skips the two slow fields): prints
+  ``{"event": "stats", "entries": ..., "digest": ..., "unexpected": ..., "maxrss_kib": ...,
+  "rss_kib": ..., "warm": ..., "warm_reason": ..., "state": "serving" | "draining"}``.
+  ``entries`` is the number of live entries (expired ones are purged first), ``digest``
+  :func:`state_digest` of them, ``unexpected`` the number of entries that are not exactly
+  what :class:`StateConfig` generates (a wrong value for the key, or a key it never makes),
+  ``maxrss_kib`` the peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``, in KiB on
+  every platform) and ``rss_kib`` the current one (``None`` where ``/proc`` is missing).
+  ``maxrss_kib`` is read first, so the digest's own work does not count in it. Without
+  state, ``entries``, ``digest`` and ``unexpected`` are ``None``.
+- ``stop``: drains (as leaving ``async with node`` does; with or without state), prints
+  ``drained`` if no drain was reported yet, then stops as on SIGTERM and exits 0.
+
+Anything else gets ``{"event": "command-error", "command": line, "message": ...}``, which
+:meth:`NodeProcess.command` raises as :class:`NodeProcessError`.
+
+Example (tests/test_handoff_multiprocess.py has more)::
+
+    state = {"namespace": "cache", "type": "ttl", "entries": 20_000}
+    empty = {**state, "entries": 0, "maxsize": 40_000}
+    with NodeProcess({**env_old, STATE_ENV: json.dumps(state)}, name="old") as old:
+        old.wait_ready()
+        env_new["HANDOFF_DISCOVERY"] = f"static:{old.address}"
+        with NodeProcess({**env_new, STATE_ENV: json.dumps(empty)}, name="new") as new:
+            new.wait_for("node-up", peer="old", timeout=10)
+            old.wait_for("node-up", peer="new", timeout=10)
+            report = old.command("drain", timeout=30)["report"]
+            new.wait_for("warm", timeout=10)
+            assert new.command("stats")["digest"] == expected_digest(state)
 
 The helpers in this module are POSIX-only (signals such as SIGSTOP and SIGKILL).
 """
@@ -24,32 +92,53 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Final, Literal, Self
 
 import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.lowlevel
+import cachetools
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from handoff import ConfigError, HandoffError, Node, Peer
+from handoff._adapter import Adapter, ImportResult, Record
+from handoff._registry import adapter_for
+from handoff.adapters.cachetools import _data as _cache_data
+from handoff.engine import DrainReport
 from handoff.membership import DownReason
 
 __all__ = (
+    "STATE_ENV",
     "NodeProcess",
     "NodeProcessError",
+    "StateConfig",
+    "expected_digest",
     "free_port",
     "free_port_on_all",
+    "state_digest",
+    "state_value",
 )
 
 logger = logging.getLogger("handoff.testing")
+
+STATE_ENV: Final = "HANDOFF_TEST_STATE"
+"""The variable holding a child's :class:`StateConfig` as JSON."""
 
 #: Variables a child does not inherit from the parent unless asked to: the node must be
 #: configured only by the environment the test gives, not by the machine the test runs on.
@@ -59,7 +148,177 @@ _PLATFORM_PREFIXES = ("HANDOFF_", "FLY_")
 _STDERR_TAIL_LINES = 200
 _CHILD_CODE = "import sys; from handoff.testing._process import main; sys.exit(main())"
 
+#: The event each command answers with (:meth:`NodeProcess.command`).
+_REPLIES: Final[Mapping[str, str]] = {"drain": "drained", "stats": "stats", "stop": "stopped"}
+_COMMAND_ERROR: Final = "command-error"
+
 EventPredicate = Callable[[dict[str, Any]], bool]
+StateType = Literal["ttl", "lru", "dict"]
+_STATE_TYPES: Final = ("ttl", "lru", "dict")
+
+
+# -- the state a child holds ----------------------------------------------------------------
+
+
+def state_value(index: int, size: int) -> str:
+    """The value of entry ``index``: ``size`` characters, ``"{index}:"`` repeated."""
+    seed = f"{index}:"
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """What a child holds and tracks: the JSON object of ``HANDOFF_TEST_STATE``."""
+
+    namespace: str = "cache"
+    type: StateType = "ttl"
+    entries: int = 0
+    value_size: int = 100
+    ttl: float = 300.0
+    maxsize: int | None = None
+    version: int = 1
+    apply_delay: float = 0.0
+    """Seconds each import sleeps (blocking) before it applies its records."""
+    key_prefix: str = "k"
+
+    def __post_init__(self) -> None:
+        def integer(name: str, value: object, low: int) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        def number(name: str, value: object, *, positive: bool) -> None:
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value < 0
+                or (positive and value == 0)
+            ):
+                limit = "> 0" if positive else ">= 0"
+                raise ValueError(f"{name} must be a finite number {limit}, got {value!r}")
+
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise ValueError(f"namespace must be a non-empty string, got {self.namespace!r}")
+        if self.type not in _STATE_TYPES:
+            raise ValueError(f"type must be one of {', '.join(_STATE_TYPES)}, got {self.type!r}")
+        integer("entries", self.entries, 0)
+        integer("value_size", self.value_size, 1)
+        number("ttl", self.ttl, positive=True)
+        if self.maxsize is not None:
+            integer("maxsize", self.maxsize, 1)
+        integer("version", self.version, 0)
+        number("apply_delay", self.apply_delay, positive=False)
+        if not isinstance(self.key_prefix, str):
+            raise ValueError(f"key_prefix must be a string, got {self.key_prefix!r}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> StateConfig:
+        """Validate a decoded ``HANDOFF_TEST_STATE`` object (raises :class:`ValueError`)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def parse(cls, config: StateConfig | Mapping[str, Any] | str) -> StateConfig:
+        """A config from itself, a mapping, or JSON text."""
+        if isinstance(config, StateConfig):
+            return config
+        if isinstance(config, str):
+            try:
+                config = json.loads(config)
+            except ValueError as exc:
+                raise ValueError(f"not JSON: {exc}") from None
+        return cls.from_mapping(config)  # type: ignore[arg-type]
+
+    def to_json(self) -> str:
+        """The JSON text to put in ``HANDOFF_TEST_STATE``."""
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+    @property
+    def capacity(self) -> int:
+        """``maxsize`` of a cache: as given, else twice ``entries`` (at least 2)."""
+        return self.maxsize if self.maxsize is not None else max(self.entries, 1) * 2
+
+    def key(self, index: int) -> str:
+        """The key of entry ``index``."""
+        return f"{self.key_prefix}{index}"
+
+    def value(self, index: int) -> str:
+        """The value of entry ``index``."""
+        return state_value(index, self.value_size)
+
+    def index_of(self, key: object) -> int | None:
+        """The ``index`` whose :meth:`key` is ``key``, or ``None`` if none is."""
+        if not isinstance(key, str) or not key.startswith(self.key_prefix):
+            return None
+        digits = key[len(self.key_prefix) :]
+        if not digits.isdigit() or not digits.isascii() or str(int(digits)) != digits:
+            return None
+        return int(digits)
+
+    def create(self) -> Any:
+        """A new, empty object of :attr:`type`."""
+        if self.type == "ttl":
+            return cachetools.TTLCache(maxsize=self.capacity, ttl=self.ttl)
+        if self.type == "lru":
+            return cachetools.LRUCache(maxsize=self.capacity)
+        return {}
+
+    def unexpected(self, view: Mapping[Any, Any]) -> int:
+        """Entries of ``view`` that this config would not generate as they are."""
+        count = 0
+        for key, value in view.items():
+            index = self.index_of(key)
+            if index is None or value != self.value(index):
+                count += 1
+        return count
+
+
+def _sorted_keys(keys: Iterable[Any]) -> list[Any]:
+    listed = list(keys)
+    try:
+        return sorted(listed)
+    except TypeError:  # keys of several types: any order both sides agree on
+        return sorted(listed, key=repr)
+
+
+def _digest_pairs(pairs: Iterable[tuple[Any, Any]]) -> str:
+    digest = hashlib.sha256()
+    for key, value in pairs:
+        digest.update(f"{key!r}\t{value!r}\n".encode())
+    return digest.hexdigest()
+
+
+def state_digest(view: Mapping[Any, Any]) -> str:
+    """SHA-256 over ``f"{key!r}\\t{value!r}\\n"`` for every entry, keys sorted (by ``repr``
+    if they do not compare). Holds only the sorted list of keys, never a copy of values."""
+    return _digest_pairs((key, view[key]) for key in _sorted_keys(view))
+
+
+def expected_digest(config: StateConfig | Mapping[str, Any] | str) -> str:
+    """The :func:`state_digest` of a node that holds exactly what ``config`` generates
+    (its ``entries`` entries): what a successor that received all of it must report."""
+    state = StateConfig.parse(config)
+    ordered = sorted((state.key(i), i) for i in range(state.entries))
+    return _digest_pairs((key, state.value(index)) for key, index in ordered)
+
+
+def _live_view(obj: Any) -> Mapping[Any, Any]:
+    """The entries of a held object, read without counting as uses (no LRU update)."""
+    if isinstance(obj, cachetools.TTLCache):
+        obj.expire()
+    if isinstance(obj, cachetools.Cache):
+        return _cache_data(obj)
+    if isinstance(obj, Mapping):
+        return obj
+    raise TypeError(f"cannot read a {type(obj).__name__}")  # pragma: no cover
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -129,6 +388,10 @@ class NodeProcess:
             a.kill()
             b.wait_for("node-down", peer="node-a", timeout=5)
 
+    With ``HANDOFF_TEST_STATE`` in ``env`` the child holds state to hand off; drive it with
+    :meth:`command` (``"drain"``, ``"stats"``, ``"stop"``) or :meth:`send` (see the module
+    documentation).
+
     A thread reads the child's stdout: every JSON event line is appended to :attr:`events`
     with one key added, ``received_at``, the parent's :func:`time.monotonic` when the line
     was read (so latencies can be measured against ``time.monotonic()`` in the test).
@@ -158,6 +421,7 @@ class NodeProcess:
         self._paused = False
         self._terminating = False
         self._threads: list[threading.Thread] = []
+        self._stdin_lock = threading.Lock()
         self._closed = False
 
     # -- state ------------------------------------------------------------------------------
@@ -329,21 +593,24 @@ class NodeProcess:
         *,
         timeout: float = 10.0,
         since: int = 0,
+        count: int = 1,
     ) -> dict[str, Any]:
         """The first event from index ``since`` of :attr:`events` that matches, waiting for
-        it up to ``timeout`` seconds.
+        it up to ``timeout`` seconds; with ``count``, the ``count``-th one.
 
         ``what`` is an event kind (``"node-up"``, ``"leaving"``, ``"node-down"``,
-        ``"listening"``...) or a predicate on the event dict; ``peer`` also requires
-        ``event["peer"] == peer``. Events already seen count, so there is no race with an
-        event that arrives before the call; pass ``since=len(proc.events)`` to wait for a
-        new one.
+        ``"listening"``, ``"applied"`` ...) or a predicate on the event dict, called once
+        per event; ``peer`` also requires ``event["peer"] == peer``. Events already seen
+        count, so there is no race with an event that arrives before the call; pass
+        ``since=len(proc.events)`` (or the mark :meth:`send` returns) to wait for a new one.
 
         Raises :class:`TimeoutError` if no such event comes in time, and
         :class:`NodeProcessError` if the child exits first; both messages hold the events
         seen so far and the tail of the child's stderr.
         """
         self._process()
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
 
         def matches(event: dict[str, Any]) -> bool:
             if peer is not None and event.get("peer") != peer:
@@ -352,18 +619,23 @@ class NodeProcess:
 
         deadline = time.monotonic() + timeout
         index = since
+        found = 0
+        described = _describe_wait(what, peer) + (f" (#{count})" if count > 1 else "")
         with self._cond:
             while True:
                 for event in self._events[index:]:
                     if matches(event):
-                        return event
+                        found += 1
+                        if found == count:
+                            return event
                 index = max(index, len(self._events))
                 if self._eof:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
-                        f"{self.name}: no {_describe_wait(what, peer)} within {timeout:g} s"
+                        f"{self.name}: no {described} within {timeout:g} s"
+                        + (f" ({found} seen)" if count > 1 else "")
                         + self._report()
                     )
                 self._cond.wait(remaining)
@@ -376,9 +648,85 @@ class NodeProcess:
             thread.join(timeout=1.0)
         with self._cond:
             raise NodeProcessError(
-                f"{self.name} exited (code {proc.poll()}) before {_describe_wait(what, peer)}"
-                + self._report()
+                f"{self.name} exited (code {proc.poll()}) before {described}" + self._report()
             )
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        """Wait for the child to exit by itself (after ``stop``); return its exit code.
+
+        Raises :class:`TimeoutError` if it is still running after ``timeout`` seconds (it is
+        left running: :meth:`close` ends it).
+        """
+        proc = self._process()
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with self._cond:
+                raise TimeoutError(
+                    f"{self.name} still running {timeout:g} s later" + self._report()
+                ) from None
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def send(self, line: str) -> int:
+        """Write one command line to the child's stdin without waiting for its answer.
+
+        Returns the number of events seen before the line was written: pass it as
+        ``since=`` to :meth:`wait_for` to wait for the answer later (``send("drain")``,
+        do something, then ``wait_for("drained", since=mark, timeout=...)``).
+        Raises :class:`NodeProcessError` if the child is not running.
+        """
+        if "\n" in line or "\r" in line:
+            raise ValueError(f"a command is one line, got {line!r}")
+        proc = self._process()
+        if proc.poll() is not None or proc.stdin is None:
+            raise NodeProcessError(f"{self.name} is not running; cannot send {line!r}")
+        with self._cond:
+            mark = len(self._events)
+        with self._stdin_lock:
+            try:
+                proc.stdin.write(line + "\n")
+                proc.stdin.flush()
+            except (OSError, ValueError) as exc:
+                raise NodeProcessError(f"{self.name}: cannot send {line!r}: {exc}") from exc
+        return mark
+
+    def command(
+        self,
+        line: str,
+        *,
+        wait_for_event: str | EventPredicate | None = None,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """Send a command line and return the event that answers it.
+
+        By default the answer of ``drain`` is ``drained``, of ``stats`` ``stats`` and of
+        ``stop`` ``stopped``; ``wait_for_event`` (an event kind or a predicate) overrides
+        it, and is required for other lines. Only events after the line was written count.
+        Raises :class:`NodeProcessError` if the child rejects the command
+        (``command-error``) or exits first, :class:`TimeoutError` after ``timeout``.
+        """
+        words = line.split()
+        expected = wait_for_event
+        if expected is None:
+            expected = _REPLIES.get(words[0]) if words else None
+            if expected is None:
+                raise ValueError(f"which event answers {line!r}? pass wait_for_event")
+        command = line.strip()
+
+        def answer(event: dict[str, Any]) -> bool:
+            if event.get("event") == _COMMAND_ERROR and event.get("command") == command:
+                return True
+            if isinstance(expected, str):
+                return event.get("event") == expected
+            return expected(event)
+
+        answer.__name__ = f"the answer to {command!r}"
+        mark = self.send(line)
+        event = self.wait_for(answer, timeout=timeout, since=mark)
+        if event.get("event") == _COMMAND_ERROR and expected != _COMMAND_ERROR:
+            raise NodeProcessError(f"{self.name} rejected {command!r}: {event.get('message')}")
+        return event
 
     def _report(self) -> str:
         # Called with self._cond held.
@@ -482,10 +830,14 @@ class NodeProcess:
 
 # -- the child side -------------------------------------------------------------------------
 
+_emit_lock = threading.Lock()
+
 
 def _emit(event: Mapping[str, object]) -> None:
-    sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+    line = json.dumps(event, separators=(",", ":")) + "\n"
+    with _emit_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def _peer_fields(peer: Peer) -> dict[str, object]:
@@ -497,19 +849,287 @@ def _peer_fields(peer: Peer) -> dict[str, object]:
     }
 
 
-def _watch_stdin() -> None:
-    # The parent holds our stdin open; end of file means it is gone (or closed us). The raw
-    # descriptor, not sys.stdin: a daemon thread blocked inside a buffered object's lock
-    # can abort the interpreter at exit.
-    with contextlib.suppress(OSError):
-        while os.read(0, 4096):
-            pass
-    os.kill(os.getpid(), signal.SIGTERM)
+def _maxrss_kib() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS
 
 
-async def _run_node() -> int:
+def _rss_kib() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+class _ObservedAdapter:
+    """Delegates to the adapter the object's type selects; every import first sleeps
+    ``delay`` seconds (blocking: a receiver busy applying) and then prints ``applied``."""
+
+    def __init__(self, inner: Adapter, namespace: str, delay: float) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.moves_ownership = inner.moves_ownership
+        self.namespace = namespace
+        self.delay = delay
+        self.total = 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __repr__(self) -> str:
+        return f"_ObservedAdapter({self.inner!r}, delay={self.delay:g})"
+
+    def __getattr__(self, name: str) -> Any:
+        # Optional protocols (change tracking, freeze) of the wrapped adapter.
+        return getattr(self.inner, name)
+
+    def export(self) -> Iterator[Record]:
+        return self.inner.export()
+
+    def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
+        if self.delay:
+            time.sleep(self.delay)  # blocking on purpose: the event loop is busy applying
+        result = self.inner.import_records(records, age=age)
+        self.total += len(records)
+        _emit(
+            {
+                "event": "applied",
+                "namespace": self.namespace,
+                "records": len(records),
+                "total": self.total,
+                "result": {
+                    "applied": result.applied,
+                    "kept_existing": result.kept_existing,
+                    "dropped": dict(result.dropped),
+                },
+            }
+        )
+        return result
+
+
+class _HeldState:
+    """The object a child holds under ``HANDOFF_TEST_STATE``, filled and tracked."""
+
+    def __init__(self, node: Node, config: StateConfig) -> None:
+        self.config = config
+        self.obj = config.create()
+        for index in range(config.entries):
+            self.obj[config.key(index)] = config.value(index)
+        self.adapter = _ObservedAdapter(adapter_for(self.obj), config.namespace, config.apply_delay)
+        node.track(config.namespace, self.obj, version=config.version, adapter=self.adapter)
+
+
+class _StdinReader:
+    """Reads command lines from the raw stdin descriptor in a daemon thread.
+
+    Lines wait in a list until the event loop attaches; after that each is handed to the
+    loop through its token. The raw descriptor, not sys.stdin: a daemon thread blocked
+    inside a buffered object's lock can abort the interpreter at exit. At end of file the
+    process sends itself SIGTERM if ``stop_on_eof`` (the parent is gone, or closed us).
+    """
+
+    def __init__(self, *, stop_on_eof: bool) -> None:
+        self._stop_on_eof = stop_on_eof
+        self._lock = threading.Lock()
+        self._waiting: list[str] = []
+        self._deliver: Callable[[str], None] | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="stdin reader", daemon=True).start()
+
+    def attach(self, send: MemoryObjectSendStream[str]) -> None:
+        """Deliver lines to ``send`` from now on (call from the event loop)."""
+        token = anyio.lowlevel.current_token()
+
+        def put(line: str) -> None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                send.send_nowait(line)
+
+        def from_thread(line: str) -> None:
+            with contextlib.suppress(anyio.RunFinishedError, RuntimeError):
+                anyio.from_thread.run_sync(put, line, token=token)
+
+        with self._lock:
+            for line in self._waiting:
+                put(line)
+            self._waiting.clear()
+            self._deliver = from_thread
+
+    def detach(self) -> None:
+        """Stop delivering (later lines are ignored)."""
+        with self._lock:
+            self._deliver = self._ignore
+
+    @staticmethod
+    def _ignore(line: str) -> None:
+        logger.debug("ignored command after stop: %r", line)
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line:
+            return
+        with self._lock:
+            deliver = self._deliver
+            if deliver is None:
+                self._waiting.append(line)
+                return
+        deliver(line)
+
+    def _run(self) -> None:
+        buffered = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(0, 4096):
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                for raw in lines:
+                    self._line(raw)
+        self._line(buffered)
+        if self._stop_on_eof:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Runner:
+    """Serves signals and commands for one started node until it should stop."""
+
+    def __init__(self, node: Node, held: _HeldState | None, task_group: anyio.abc.TaskGroup):
+        self.node = node
+        self.held = held
+        self.task_group = task_group
+        self.stop_requested = anyio.Event()
+        self.drain_on_stop = False
+        self._draining = 0
+        self._drained_reported = False
+
+    def request_stop(self, event: dict[str, object], *, drain: bool) -> None:
+        if self.stop_requested.is_set():
+            return  # a second signal during the stop is swallowed
+        _emit(event)
+        self.drain_on_stop = drain
+        self.stop_requested.set()
+
+    async def watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            self.request_stop(
+                {"event": "stopping", "signal": signal.Signals(signum).name},
+                drain=self.held is not None,
+            )
+
+    async def announce_warm(self) -> None:
+        reason = await self.node.wait_warm()
+        _emit({"event": "warm", "reason": reason})
+
+    async def serve_commands(self, lines: MemoryObjectReceiveStream[str]) -> None:
+        async with lines:
+            async for line in lines:
+                self.handle(line)
+
+    def handle(self, line: str) -> None:
+        words = line.split()
+        if self.stop_requested.is_set():
+            self._reject(line, "the node is stopping")
+        elif words == ["drain"]:
+            self.task_group.start_soon(self.drain_command, line)
+        elif words[:1] == ["stats"] and words[1:] in ([], ["--no-digest"]):
+            _emit(self.stats(digest=not words[1:]))
+        elif words == ["stop"]:
+            self.request_stop({"event": "stopping", "signal": None, "command": "stop"}, drain=True)
+        else:
+            self._reject(line, "unknown command; known: drain, stats [--no-digest], stop")
+
+    @staticmethod
+    def _reject(line: str, message: str) -> None:
+        _emit({"event": _COMMAND_ERROR, "command": line, "message": message})
+
+    async def drain_command(self, line: str) -> None:
+        self._draining += 1
+        try:
+            report = await self.node.drain()
+        except Exception as exc:
+            logger.exception("drain failed")
+            self._reject(line, f"drain failed: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._draining -= 1
+        self._report_drained(report)
+
+    async def drain_for_stop(self) -> None:
+        # A drain started by a command answers it first (one "drained" event, not two).
+        while self._draining:  # noqa: ASYNC110 - bounded: a drain ends by its deadline
+            await anyio.sleep(0.01)
+        try:
+            report = await self.node.drain()
+        except Exception:
+            logger.exception("drain before stopping failed")
+            return
+        if not self._drained_reported:
+            self._report_drained(report)
+
+    def _report_drained(self, report: DrainReport) -> None:
+        self._drained_reported = True
+        _emit({"event": "drained", "report": report.as_dict()})
+
+    def stats(self, *, digest: bool) -> dict[str, object]:
+        peak = _maxrss_kib()  # first: the digest's own work must not count in it
+        entries: int | None = None
+        checksum: str | None = None
+        unexpected: int | None = None
+        if self.held is not None:
+            view = _live_view(self.held.obj)
+            entries = len(view)
+            if digest:
+                checksum = state_digest(view)
+                unexpected = self.held.config.unexpected(view)
+        return {
+            "event": "stats",
+            "entries": entries,
+            "digest": checksum,
+            "unexpected": unexpected,
+            "maxrss_kib": peak,
+            "rss_kib": _rss_kib(),
+            "warm": self.node.is_warm,
+            "warm_reason": self.node.warm_reason,
+            "state": str(self.node.state),
+        }
+
+
+async def _serve(
+    node: Node, held: _HeldState | None, signals: AsyncIterator[int], reader: _StdinReader
+) -> None:
+    send, receive = anyio.create_memory_object_stream[str](math.inf)
+    async with anyio.create_task_group() as task_group:
+        runner = _Runner(node, held, task_group)
+        reader.attach(send)
+        task_group.start_soon(runner.watch_signals, signals)
+        task_group.start_soon(runner.serve_commands, receive)
+        if held is not None:
+            task_group.start_soon(runner.announce_warm)
+        await runner.stop_requested.wait()
+        if runner.drain_on_stop:
+            await runner.drain_for_stop()
+        reader.detach()
+        send.close()
+        task_group.cancel_scope.cancel()
+
+
+def _state_from_env() -> StateConfig | None:
+    text = os.environ.get(STATE_ENV)
+    if text is None or not text.strip():
+        return None
+    return StateConfig.parse(text)
+
+
+async def _run_node(reader: _StdinReader) -> int:
+    try:
+        state = _state_from_env()
+    except (ValueError, TypeError) as exc:
+        _emit({"event": "error", "message": f"invalid {STATE_ENV}: {exc}"})
+        print(f"invalid {STATE_ENV}: {exc}", file=sys.stderr)
+        return 2
     try:
         node = Node()
+        held = _HeldState(node, state) if state is not None else None
     except ConfigError as exc:
         _emit({"event": "error", "message": f"configuration error: {exc}"})
         print(f"configuration error: {exc}", file=sys.stderr)
@@ -549,9 +1169,7 @@ async def _run_node() -> int:
                     "pid": os.getpid(),
                 }
             )
-            async for signum in signals:
-                _emit({"event": "stopping", "signal": signal.Signals(signum).name})
-                break
+            await _serve(node, held, signals, reader)
         finally:
             await node.stop()
     # Leaving the receiver restored the default handlers: a late signal must not turn a
@@ -563,11 +1181,13 @@ async def _run_node() -> int:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """Entry point of the child process: run one node from ``HANDOFF_*`` until signalled."""
+    """Entry point of the child process: run one node from ``HANDOFF_*`` until signalled
+    (or told to stop on stdin)."""
     parser = argparse.ArgumentParser(
         prog="handoff.testing._process",
         description="Run one warm-handoff node configured by HANDOFF_* variables, printing "
-        "its membership events as JSON lines, until SIGTERM or SIGINT.",
+        f"its events as JSON lines, until SIGTERM or SIGINT. {STATE_ENV} gives it state to "
+        "hand off; stdin takes the commands drain, stats [--no-digest] and stop.",
     )
     parser.add_argument("--log-level", default="INFO", help="level of the log on stderr")
     parser.add_argument(
@@ -583,9 +1203,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     package_logger = logging.getLogger("handoff")
     package_logger.addHandler(handler)
     package_logger.setLevel(args.log_level.upper())
-    if args.exit_on_stdin_eof:
-        threading.Thread(target=_watch_stdin, name="stdin watcher", daemon=True).start()
+    reader = _StdinReader(stop_on_eof=args.exit_on_stdin_eof)
+    reader.start()
     try:
-        return anyio.run(_run_node)
+        return anyio.run(_run_node, reader)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT before the receiver was set up
         return 130
