@@ -640,6 +640,15 @@ class Node:
             ),
         )
 
+    def _link(self, stream: anyio.abc.ByteStream, role: Role, remote: str) -> PeerLink:
+        # A peer that stops reading for as long as it may stay silent counts as gone.
+        return PeerLink(
+            stream,
+            self._connection(role),
+            remote,
+            send_timeout=self.settings.heartbeat_timeout,
+        )
+
     def _connection(self, role: Role) -> Connection:
         return Connection(
             role,
@@ -699,7 +708,7 @@ class Node:
                         time_limit=self.settings.handshake_timeout,
                         remote=remote,
                     )
-                link = PeerLink(stream, self._connection(Role.SERVER), remote)
+                link = self._link(stream, Role.SERVER, remote)
                 peer, events = await link.handshake()
                 done = link, peer, events
         except HandoffError as exc:
@@ -729,7 +738,7 @@ class Node:
                 time_limit=self.settings.connect_timeout,
                 tls=self._tls.client if self._tls else None,
             )
-            link = PeerLink(stream, self._connection(Role.CLIENT), key)
+            link = self._link(stream, Role.CLIENT, key)
             try:
                 peer, events = await link.handshake()
             except BaseException:

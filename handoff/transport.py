@@ -27,6 +27,7 @@ from handoff._errors import (
     ConnectTimeout,
     HandoffError,
     HandshakeTimeout,
+    HeartbeatTimeout,
     TLSError,
 )
 from handoff.protocol import Connection, Event, HandshakeComplete, Message, NodeState, PeerInfo
@@ -185,6 +186,11 @@ class PeerLink:
 
     One task reads (``handshake`` then ``next_events``); any task may ``send``. Timers
     (heartbeats, timeouts) run inside ``next_events`` from the connection's own deadline.
+
+    Every write is bounded by ``send_timeout``: a peer that stops reading (its process
+    paused, its socket buffers full) would otherwise block the writer, and with it the
+    heartbeat check queued behind the same lock, forever. A write cut off half way leaves
+    part of a frame on the wire, so the link is closed then.
     """
 
     def __init__(
@@ -194,25 +200,44 @@ class PeerLink:
         remote: str,
         *,
         clock: Callable[[], float] = anyio.current_time,
+        send_timeout: float = 5.0,
     ) -> None:
         self.connection = connection
         self.remote = remote
         self._stream = stream
         self._clock = clock
         self._send_lock = anyio.Lock()
+        self._send_timeout = send_timeout
+        self._broken = False
 
     @property
     def peer(self) -> PeerInfo | None:
         """The authenticated peer, once the handshake completed."""
         return self.connection.peer
 
-    async def _flush(self) -> None:
+    async def _flush(self, time_limit: float | None = None) -> None:
+        # Waiting for the lock is bounded too: by its holder's own time limit.
         async with self._send_lock:
             # Taken under the lock so that concurrent senders keep frame order.
             data = self.connection.data_to_send()
-            if data:
-                with translate_errors(self.remote):
+            if not data:
+                return
+            if self._broken:
+                raise ConnectionClosed(f"the link to {self.remote} was closed mid-frame")
+            limit = self._send_timeout if time_limit is None else time_limit
+            try:
+                with anyio.fail_after(max(0.0, limit)), translate_errors(self.remote):
                     await self._stream.send(data)
+            except TimeoutError:
+                self._broken = True
+                await anyio.aclose_forcefully(self._stream)
+                if time_limit is None:
+                    raise HeartbeatTimeout(
+                        f"{self.remote} stopped reading: a write was blocked for {limit:g} s"
+                    ) from None
+                raise ConnectionClosed(
+                    f"a write to {self.remote} did not finish in {limit:g} s; link closed"
+                ) from None
 
     async def handshake(self) -> tuple[PeerInfo, list[Event]]:
         """Run the handshake; return the peer and any events that arrived with it."""
@@ -253,10 +278,11 @@ class PeerLink:
             with suppress(HandoffError):
                 await self._flush()
 
-    async def send(self, message: Message) -> None:
-        """Send a session message."""
+    async def send(self, message: Message, *, time_limit: float | None = None) -> None:
+        """Send a session message, within ``time_limit`` seconds if given (else within the
+        send timeout). Past the limit the link is closed and ``ConnectionClosed`` raised."""
         self.connection.send(message, now=self._clock())
-        await self._flush()
+        await self._flush(time_limit)
 
     async def set_local_state(self, state: NodeState) -> None:
         """Tell the peer this node changed state."""

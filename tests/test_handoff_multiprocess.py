@@ -268,12 +268,6 @@ def test_deadline_holds_against_a_slow_receiver_and_the_rest_is_restored(
     assert received["entries"] + restored["entries"] >= entries
 
 
-@pytest.mark.xfail(
-    raises=TimeoutError,
-    strict=True,
-    reason="known bug: a send to a successor that stopped reading has no deadline, and "
-    "holds the link's send lock so its heartbeat timeout never fires (invariant 7)",
-)
 def test_deadline_holds_against_a_successor_that_stops_reading(
     nodes: Nodes, tmp_path: Path
 ) -> None:

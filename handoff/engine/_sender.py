@@ -40,7 +40,9 @@ logger = logging.getLogger("handoff.engine")
 
 TARGET_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
-FIRST_CHUNK_RECORDS = 256
+# Small, to learn the records' size before sizing chunks by bytes: large values must not
+# make the first chunk huge.
+FIRST_CHUNK_RECORDS = 16
 MAX_CHUNK_RECORDS = 8192
 # Share of the drain timeout kept for writing the snapshot when a store is configured.
 SNAPSHOT_RESERVE = 0.25
@@ -216,7 +218,7 @@ class Drainer:
             else:
                 if await self._finish(open_streams, stream_until):
                     for stream in open_streams:
-                        await self._send(stream, End(stream.stream, stream.sent_records))
+                        await self._send(stream, End(stream.stream, stream.sent_records), deadline)
                     self._note_successors(streams, report)
                     return
                 continue
@@ -234,7 +236,7 @@ class Drainer:
         for stream in streams:
             leftovers.extend(self._take_back(stream))
             if stream.state is _StreamState.OPEN:
-                await self._send(stream, Cancel(stream.stream, "drain deadline"))
+                await self._send(stream, Cancel(stream.stream, "drain deadline"), deadline)
         self._note_successors(streams, report)
         rest = itertools.chain(
             (record for record, _ in leftovers), self._counting(exporter, report)
@@ -321,7 +323,7 @@ class Drainer:
                 stream.version,
                 len(tracked.adapter),
             )
-            await self._send(stream, offer)
+            await self._send(stream, offer, until)
         await self._wait(lambda: all(s.state is not _StreamState.OFFERED for s in streams), until)
         for stream in streams:
             if stream.state is _StreamState.OFFERED:
@@ -331,9 +333,14 @@ class Drainer:
                 logger.info("%s refused %r: %s", stream.peer.name, tracked.name, stream.refusal)
         return streams
 
-    async def _send(self, stream: _OutStream, message: Message) -> bool:
+    async def _send(self, stream: _OutStream, message: Message, until: float) -> bool:
+        """Send within the drain's time (a stuck successor must not hold the deadline)."""
+        remaining = until - self._clock()
+        if remaining <= 0:
+            self._fail(stream, "could not be written to before the deadline")
+            return False
         try:
-            await stream.link.send(message)
+            await stream.link.send(message, time_limit=remaining)
         except HandoffError as exc:
             self._fail(stream, f"send failed: {exc}")
             return False
@@ -406,7 +413,8 @@ class Drainer:
         stream.credit -= 1
         stream.inflight[seq] = (records, pending.pulled_at)
         age = max(0.0, self._clock() - pending.pulled_at)
-        if await self._send(stream, Chunk(stream.stream, seq, len(records), age, payload)):
+        chunk = Chunk(stream.stream, seq, len(records), age, payload)
+        if await self._send(stream, chunk, until):
             stream.sent_records += len(records)
             report.sent += len(records)
             report.bytes += len(payload)
