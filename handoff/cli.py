@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from handoff import __version__
-from handoff.simulate import DEFAULT_SECONDS, run_simulation, summary
+from handoff.simulate import DEFAULT_ENTRIES, DEFAULT_SECONDS, run_simulation, summary
 
 __all__ = ("build_parser", "main")
 
@@ -27,13 +27,15 @@ SIMULATE_DESCRIPTION = """\
 Run a local cluster through a release, with real processes and real sockets.
 
 Starts a DNS server on 127.0.0.1 and three node processes that discover each other
-through it: node-a of the old release v1 and node-b and node-c of the new release v2, on
-127.0.0.2, 127.0.0.3 and 127.0.0.4. Shows every node-up as it happens, then stops node-a
-with SIGTERM as a deploy retires the old release and shows the node-down the others see,
-then shuts everything down and prints a summary.
+through it: node-a of the old release v1, holding a warm TTLCache, and node-b and node-c
+of the new release v2 with empty ones, on 127.0.0.2, 127.0.0.3 and 127.0.0.4. Shows every
+node-up as it happens, then stops node-a with SIGTERM as a deploy retires the old release:
+node-a drains its cache to node-b and node-c (keys split between them), and the drain
+report, the entries each new node now holds and the node-down the others see are shown.
+Then it shuts everything down and prints a summary.
 
-Exits 0 if every step happened within the time bound, 1 (saying what was missing)
-otherwise. Needs the loopback addresses 127.0.0.2-4 (present on Linux).
+Exits 0 if every step happened within the time bound and no entry was lost, 1 (saying
+what went wrong) otherwise. Needs the loopback addresses 127.0.0.2-4 (present on Linux).
 """
 
 
@@ -75,14 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"time bound for the whole run, shutdown excluded (default {DEFAULT_SECONDS:g})",
     )
+    simulate.add_argument(
+        "--entries",
+        type=_entries,
+        default=DEFAULT_ENTRIES,
+        metavar="N",
+        help=f"entries in the old node's cache (default {DEFAULT_ENTRIES})",
+    )
     return parser
+
+
+def _entries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 10000000, not {value}")
+    return value
 
 
 def _simulate(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
 
-    result = run_simulation(seconds=args.seconds, say=None if args.json else say)
+    result = run_simulation(
+        seconds=args.seconds, entries=args.entries, say=None if args.json else say
+    )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

@@ -1,16 +1,19 @@
 """``handoff simulate``: a local cluster of real node processes going through a release.
 
 It starts a DNS server on loopback and three node processes that find each other through
-it: ``node-a`` of the old release ``v1`` and ``node-b`` and ``node-c`` of the new release
-``v2``, on 127.0.0.2, 127.0.0.3 and 127.0.0.4. It shows each node-up as it happens, stops
-the old node with SIGTERM as a deploy would, shows the node-down the other two see, then
-shuts everything down. Every step has a time bound; anything missing is a
+it: ``node-a`` of the old release ``v1``, holding a warm ``TTLCache`` of ``entries`` entries,
+and ``node-b`` and ``node-c`` of the new release ``v2`` with empty caches, on 127.0.0.2,
+127.0.0.3 and 127.0.0.4. It shows each node-up as it happens, stops the old node with
+SIGTERM as a deploy would, so that it drains its cache to the new nodes, shows the drain
+report, what each new node now holds and the node-down the other two see, then shuts
+everything down. Every step has a time bound; anything missing is a
 :class:`SimulationError` naming what did not happen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import secrets
 import signal
@@ -21,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handoff.testing import DNSResponder, NodeProcess, free_port_on_all
+from handoff.testing._process import STATE_ENV
 
 __all__ = (
+    "DEFAULT_ENTRIES",
     "DEFAULT_SECONDS",
     "SimulatedNode",
     "SimulationError",
@@ -32,7 +37,12 @@ __all__ = (
 )
 
 #: The default time bound of the whole simulation, shutdown excluded.
-DEFAULT_SECONDS = 15.0
+DEFAULT_SECONDS = 30.0
+#: Entries in the old node's cache by default.
+DEFAULT_ENTRIES = 50_000
+
+NAMESPACE = "cache"
+DRAIN_TIMEOUT = 15.0
 
 DNS_NAME = "shop.test"
 CLUSTER = "shop"
@@ -104,6 +114,19 @@ class SimulationResult:
     """When the last node-up of the full mesh arrived."""
     down_seconds: dict[str, float] = field(default_factory=dict)
     """Per observer: seconds from the SIGTERM of the stopped node to its node-down."""
+    entries_before: int = 0
+    """Entries in the old node's cache before the deploy."""
+    entries_after: dict[str, int] = field(default_factory=dict)
+    """Entries each new node holds after the handoff."""
+    drain: dict[str, Any] | None = None
+    """The old node's drain report (``DrainReport.as_dict()``)."""
+    warm: dict[str, str] = field(default_factory=dict)
+    """Why each new node reported warm."""
+
+    @property
+    def lost(self) -> int:
+        """Entries of the old cache that no new node holds."""
+        return max(0, self.entries_before - sum(self.entries_after.values()))
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
@@ -125,6 +148,16 @@ class SimulationResult:
             "timings": {
                 "mesh": None if self.mesh_seconds is None else round(self.mesh_seconds, 4),
                 "node_down": {k: round(v, 4) for k, v in self.down_seconds.items()},
+            },
+            "handoff": {
+                "namespace": NAMESPACE,
+                "entries_before": self.entries_before,
+                "entries_after": sum(self.entries_after.values()),
+                "per_node": dict(sorted(self.entries_after.items())),
+                "lost": self.lost,
+                "handoff_seconds": None if self.drain is None else self.drain["seconds"],
+                "report": self.drain,
+                "warm": dict(sorted(self.warm.items())),
             },
             "events": [e.as_dict() for e in self.events],
         }
@@ -148,12 +181,13 @@ def format_event(event: SimulationEvent) -> str:
     elif event.address is not None:
         text += f" on {event.address} (release {event.release})"
     if event.reason:
-        text += f": {event.reason}"
+        text += f": {event.reason}" if event.peer is not None else f" {event.reason}"
     return text.rstrip()
 
 
 class _Simulation:
-    def __init__(self, seconds: float, say: Callable[[str], None]) -> None:
+    def __init__(self, seconds: float, entries: int, say: Callable[[str], None]) -> None:
+        self.entries = entries
         self.started = time.monotonic()
         self.deadline = self.started + seconds
         self.seconds = seconds
@@ -184,8 +218,15 @@ class _Simulation:
             dns.set_a(DNS_NAME, hosts)
             self.result.dns_server = dns.server_spec
             self.say(f"DNS server on {dns.server_spec}: {DNS_NAME} A {', '.join(hosts)}")
+            old_state = {"namespace": NAMESPACE, "type": "ttl", "entries": self.entries,
+                         "ttl": 600}  # fmt: skip
+            new_state = {**old_state, "entries": 0, "maxsize": max(2, 2 * self.entries)}
+            self.result.entries_before = self.entries
             for name, release, host in _PLAN:
+                state = old_state if name == _STOPPED else new_state
                 env = {
+                    STATE_ENV: json.dumps(state),
+                    "HANDOFF_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT),
                     "HANDOFF_COOKIE": cookie,
                     "HANDOFF_CLUSTER": CLUSTER,
                     "HANDOFF_RELEASE": release,
@@ -201,9 +242,11 @@ class _Simulation:
                 self.procs[name] = proc
                 proc.start()
                 self.result.nodes.append(SimulatedNode(name, release, f"{host}:{port}"))
-                self.say(f"starting {name} (release {release}) on {host}:{port}")
+                held = f", {self.entries} warm cache entries" if name == _STOPPED else ""
+                self.say(f"starting {name} (release {release}) on {host}:{port}{held}")
             self._form_mesh()
             self._stop_old_node()
+            self._count_entries()
         return self.result
 
     def _forward(self, name: str) -> Callable[[dict[str, Any]], None]:
@@ -240,7 +283,7 @@ class _Simulation:
         observers = {name for name in self.procs if name != _STOPPED}
         self.say(
             f"stopping {_STOPPED} (release {self.releases[_STOPPED]}) with SIGTERM, "
-            "as the deploy retires the old release"
+            "as the deploy retires the old release: it drains its cache to the new nodes"
         )
         sent = time.monotonic()
         victim.send_signal(signal.SIGTERM)
@@ -254,14 +297,21 @@ class _Simulation:
                 self.result.down_seconds[observer] = event.seconds - self.elapsed(sent)
 
         def done() -> bool:
-            return stopped and observers <= self.result.down_seconds.keys()
+            return (
+                stopped
+                and self.result.drain is not None
+                and observers <= self.result.down_seconds.keys()
+                and observers <= self.result.warm.keys()
+            )
 
         def missing() -> str:
-            waiting = [f"{_STOPPED} to stop"] if not stopped else []
+            waiting = [f"{_STOPPED} to drain"] if self.result.drain is None else []
+            waiting += [f"{_STOPPED} to stop"] if not stopped else []
             waiting += [
                 f"{o} to see {_STOPPED} down"
                 for o in sorted(observers - self.result.down_seconds.keys())
             ]
+            waiting += [f"{o} to be warm" for o in sorted(observers - self.result.warm.keys())]
             return ", ".join(waiting)
 
         self._pump(handle, done=done, missing=missing, alive=observers)
@@ -271,6 +321,22 @@ class _Simulation:
             raise SimulationError(f"{_STOPPED} did not exit after SIGTERM") from None
         if code != 0:
             raise SimulationError(f"{_STOPPED} exited with code {code} after SIGTERM, not 0")
+
+    def _count_entries(self) -> None:
+        for name, proc in sorted(self.procs.items()):
+            if name == _STOPPED:
+                continue
+            remaining = max(1.0, self.deadline - time.monotonic())
+            stats = proc.command("stats", timeout=remaining)
+            if stats.get("unexpected"):
+                raise SimulationError(f"{name} holds {stats['unexpected']} entries it should not")
+            self.result.entries_after[name] = int(stats["entries"])
+        per_node = ", ".join(f"{n} {c}" for n, c in sorted(self.result.entries_after.items()))
+        self.say(
+            f"after the deploy: {sum(self.result.entries_after.values())} of "
+            f"{self.result.entries_before} entries are warm on the new release ({per_node}); "
+            f"lost {self.result.lost}"
+        )
 
     def _pump(
         self,
@@ -320,6 +386,15 @@ class _Simulation:
             event = SimulationEvent(
                 seconds, observer, kind, release=str(raw["release"]), address=str(raw["address"])
             )
+        elif kind == "drained":
+            self.result.drain = report = raw["report"]
+            event = SimulationEvent(seconds, observer, kind)
+            self.say(format_event(event) + ": " + _describe_report(report))
+        elif kind == "warm":
+            reason = str(raw.get("reason"))
+            self.result.warm[observer] = reason
+            event = SimulationEvent(seconds, observer, kind, reason=reason)
+            self.say(format_event(event))
         else:
             event = SimulationEvent(seconds, observer, kind)
         self.result.events.append(event)
@@ -343,6 +418,18 @@ class _Simulation:
         ]
 
 
+def _describe_report(report: dict[str, Any]) -> str:
+    ns = report["namespaces"].get(NAMESPACE)
+    if ns is None:
+        return "nothing tracked"
+    dropped = sum(ns["dropped"].values()) + sum(ns["receiver_dropped"].values())
+    return (
+        f"{ns['records']} held, {ns['acknowledged']} acknowledged by "
+        f"{', '.join(ns['successors']) or 'nobody'} in {ns['seconds']:.2f}s "
+        f"({ns['bytes'] / 1e6:.1f} MB), {ns['snapshotted']} snapshotted, {dropped} dropped"
+    )
+
+
 @contextlib.contextmanager
 def _timed(result: SimulationResult, started: float) -> Iterator[None]:
     try:
@@ -352,7 +439,10 @@ def _timed(result: SimulationResult, started: float) -> Iterator[None]:
 
 
 def run_simulation(
-    *, seconds: float = DEFAULT_SECONDS, say: Callable[[str], None] | None = None
+    *,
+    seconds: float = DEFAULT_SECONDS,
+    entries: int = DEFAULT_ENTRIES,
+    say: Callable[[str], None] | None = None,
 ) -> SimulationResult:
     """Run the simulation; ``say`` receives progress lines as they happen.
 
@@ -361,7 +451,9 @@ def run_simulation(
     """
     if not seconds > 0:
         raise ValueError(f"seconds must be positive, not {seconds!r}")
-    simulation = _Simulation(seconds, say or (lambda _line: None))
+    if entries < 0:
+        raise ValueError(f"entries must not be negative, not {entries!r}")
+    simulation = _Simulation(seconds, entries, say or (lambda _line: None))
     result = simulation.result
     with _timed(result, simulation.started):
         try:
@@ -376,6 +468,9 @@ def run_simulation(
     unclean = {name: code for name, code in exit_codes.items() if code != 0}
     if unclean:
         result.error = f"nodes did not stop cleanly (exit codes {unclean})"
+        return result
+    if result.lost:
+        result.error = f"{result.lost} cache entries were lost in the handoff"
         return result
     result.ok = True
     return result
@@ -406,6 +501,12 @@ def summary(result: SimulationResult) -> list[str]:
         lines.append(
             f"  {result.stopped} stopped with SIGTERM: node-down ({', '.join(reasons)}) "
             f"seen by {seen}"
+        )
+    if result.drain is not None:
+        lines.append(
+            f"  handoff: {sum(result.entries_after.values())} of {result.entries_before} "
+            f"cache entries warm on the new release after {result.drain['seconds']:.2f}s, "
+            f"{result.lost} lost"
         )
     if result.ok:
         lines.append("  every node stopped cleanly (exit code 0)")

@@ -110,6 +110,24 @@ def test_simulate_json_reports_the_whole_run(capsys: pytest.CaptureFixture[str])
     times = [e["seconds"] for e in events]
     assert times == sorted(times)
 
+    handoff = report["handoff"]
+    assert handoff["entries_before"] == 50_000
+    assert handoff["entries_after"] == 50_000
+    assert handoff["lost"] == 0
+    assert set(handoff["per_node"]) == set(NODES) - {stopped}
+    assert min(handoff["per_node"].values()) > 20_000  # split between the two
+    drained = handoff["report"]["namespaces"]["cache"]
+    assert drained["acknowledged"] == 50_000
+    assert handoff["handoff_seconds"] > 0
+    assert all("handoff" in reason for reason in handoff["warm"].values())
+
+
+@pytest.mark.slow
+def test_simulate_entries_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--json", "--entries", "1000"]) == 0
+    handoff = json.loads(capsys.readouterr().out)["handoff"]
+    assert (handoff["entries_before"], handoff["entries_after"], handoff["lost"]) == (1000, 1000, 0)
+
 
 @pytest.mark.slow
 def test_simulate_prints_progress_and_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
