@@ -23,8 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from handoff.testing import DNSResponder, NodeProcess, free_port_on_all
-from handoff.testing._process import STATE_ENV
+from handoff.testing import STATE_ENV, DNSResponder, NodeProcess, free_port_on_all
 
 __all__ = (
     "DEFAULT_ENTRIES",
