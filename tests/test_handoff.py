@@ -282,3 +282,68 @@ async def test_ttl_and_lru_order_survive() -> None:
         popped = [target.popitem() for _ in range(len(target))]
         assert [key for key, _ in popped] == ["k1", "k2", "k4", "k5", "k6", "k7", "k8", "k9", "k3"]
         assert all(value == int(key[1:]) for key, value in popped)
+
+
+async def test_missing_step_with_nobody_else_goes_to_the_snapshot(tmp_path: Path) -> None:
+    old = node("old", "127.0.0.2", release="v1", snapshot_dir=tmp_path)
+    old.track("n", {i: i for i in range(100)}, version=1)
+    async with old:
+        newer = node("newer", "127.0.0.3", old, release="v2")
+        newer.track("n", {}, version=2)  # and no @newer.upgrade("n", 1)
+        async with newer:
+            await wait_until(connected(old, newer))
+            report = await old.drain()
+    ns = report.namespaces["n"]
+    assert "add @node.upgrade('n', 1)" in ns.refusals["newer"]
+    assert ns.snapshotted == 100
+    assert ns.acknowledged == 0
+    assert ns.complete
+
+
+async def test_a_failing_upgrade_hook_drops_only_its_records() -> None:
+    source = {i: i for i in range(300)}
+    received: dict[int, Any] = {}
+    old = node("old", "127.0.0.2", release="v1")
+    old.track("n", source, version=1)
+    async with old:
+        new = node("new", "127.0.0.3", old, release="v2")
+        new.track("n", received, version=2)
+
+        @new.upgrade("n", 1)
+        def picky(key: Any, value: Any) -> tuple[Any, Any]:
+            if key % 3 == 0:
+                raise ValueError("cannot convert multiples of three")
+            return key, {"v": value}
+
+        async with new:
+            await wait_until(connected(old, new))
+            report = await old.drain()
+    ns = report.namespaces["n"]
+    assert ns.acknowledged == 300
+    assert ns.applied == 200
+    assert ns.receiver_dropped == {"transform failed: ValueError": 100}
+    assert report.lost == 100
+    assert received == {k: {"v": v} for k, v in source.items() if k % 3}
+
+
+async def test_a_corrupt_snapshot_is_moved_aside_and_the_node_starts_cold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = node("first", "127.0.0.2", snapshot_dir=tmp_path)
+    first.track("users", {f"u{i}": i for i in range(500)})
+    async with first:
+        await first.drain()
+    (written,) = tmp_path.glob("*.snapshot")  # noqa: ASYNC240 - a test's own tmp dir
+    data = bytearray(written.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of a chunk
+    written.write_bytes(bytes(data))
+
+    restored: dict[str, int] = {}
+    second = node("second", "127.0.0.2", snapshot_dir=tmp_path, warmup_timeout=0.2)
+    second.track("users", restored)
+    async with second:
+        assert await second.wait_warm() == "warm-up timeout (0.2 s)"
+        assert restored == {}
+        assert not written.exists()
+        assert list((tmp_path / "corrupt").glob("*.snapshot"))
+    assert "not restored" in caplog.text or "unusable" in caplog.text
