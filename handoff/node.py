@@ -14,9 +14,10 @@ import math
 import os
 import secrets
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar
 
@@ -47,6 +48,7 @@ from handoff.config import Settings, resolve_settings
 from handoff.discovery import Discovery, PeerAddress, make_discovery
 from handoff.engine import Drainer, DrainReport, Receiver, Tracked
 from handoff.engine._restore import restore_snapshots
+from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
 from handoff.membership import (
     DUPLICATE,
     DownReason,
@@ -92,6 +94,7 @@ PeerCallback = Callable[[Peer], Awaitable[None] | None]
 DownCallback = Callable[[Peer, DownReason], Awaitable[None] | None]
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound=Transform)
+_A = TypeVar("_A")
 
 EVENT_BUFFER = 1024
 EVICTION_LOG_INTERVAL = 10.0
@@ -189,6 +192,10 @@ class Node:
         )
         self._drainer: Drainer | None = None
         self._drain_lock = anyio.Lock()
+        self._runner: ThreadRunner | None = None
+        self.lock = threading.RLock()
+        """Held while the node exports or applies a chunk of tracked state: threaded apps
+        hold it too around every access to a tracked object (see :mod:`handoff.lifecycle`)."""
         self._drained = anyio.Event()
         self._handle_signals = handle_signals
         self.last_drain_report: DrainReport | None = None
@@ -204,6 +211,7 @@ class Node:
             codec=self.codec,
             accepting=self._refuse_reason,
             on_complete=self._handoff_received,
+            lock=self.lock,
         )
         self._limits = Limits(
             handshake_timeout=s.handshake_timeout,
@@ -386,6 +394,7 @@ class Node:
                 codec=self.codec,
                 snapshots=self._snapshots,
                 peers=self._peer_links,
+                lock=self.lock,
             )
             try:
                 report = await self._drainer.run(time_limit=limit)
@@ -524,7 +533,7 @@ class Node:
             if self.running:
                 await self.drain()
         finally:
-            await self.stop()
+            await self._stop()
 
     async def start(self) -> None:
         """Listen, then find and join peers in the background. Returns once listening."""
@@ -544,13 +553,14 @@ class Node:
         listener = await open_listener(s.bind_host, s.bind_port)
         if self._snapshots is not None and self._tracked:
             try:
-                restored = restore_snapshots(
-                    self._snapshots,
-                    cluster=s.cluster,
-                    tracked=self._tracked,
-                    transforms=self.transforms,
-                    codec=self.codec,
-                )
+                with self.lock:
+                    restored = restore_snapshots(
+                        self._snapshots,
+                        cluster=s.cluster,
+                        tracked=self._tracked,
+                        transforms=self.transforms,
+                        codec=self.codec,
+                    )
             except BaseException:
                 await listener.aclose()
                 raise
@@ -587,8 +597,22 @@ class Node:
             self._discovery.describe(),
         )
 
-    async def stop(self, reason: str = "node stopping") -> None:
-        """Say goodbye to every peer, stop listening and end all background work."""
+    def stop(self, reason: str = "node stopping") -> Awaitable[None]:
+        """Say goodbye to every peer, stop listening and end all background work.
+
+        ``await node.stop()`` after :meth:`start`; a plain ``node.stop()`` after
+        :meth:`start_in_thread`, where it drains first (as leaving ``async with`` does) and
+        returns once the node's thread has finished.
+        """
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.stop()
+            return Done()
+        if not self.running:
+            return Done()  # nothing to stop, and no coroutine left unawaited by sync callers
+        return self._stop(reason)
+
+    async def _stop(self, reason: str = "node stopping") -> None:
         stack, task_group = self._exit_stack, self._task_group
         if stack is None or task_group is None:
             return
@@ -608,6 +632,57 @@ class Node:
                 send.close()
             self._subscribers.clear()
         logger.info("node %s stopped", self.name)
+
+    # -- hooks for services ---------------------------------------------------------------
+
+    def lifespan(self, app: object) -> AbstractAsyncContextManager[None]:
+        """ASGI lifespan: ``FastAPI(lifespan=node.lifespan)``, ``Starlette(lifespan=...)``.
+
+        Startup starts the node, restores a waiting snapshot and waits for warm-up (at most
+        ``warmup_timeout``); shutdown drains, then stops. See :mod:`handoff.lifecycle`.
+        """
+        return lifespan(self, app)
+
+    def lifespan_with(self, inner: Lifespan[_A]) -> Lifespan[_A]:
+        """The node's lifespan around the app's own: ``lifespan=node.lifespan_with(mine)``.
+
+        The node is warm before ``inner``'s startup runs and drains after its shutdown;
+        the state ``inner`` yields is passed on to the server.
+        """
+        return lifespan_with(self, inner)
+
+    def start_in_thread(self, *, wait_warm: bool = True, timeout: float = 30.0) -> None:
+        """Run the node in a background thread (threaded apps: Flask, Django, scripts).
+
+        Returns once the node listens, and, with ``wait_warm``, once it is warm (at most
+        ``warmup_timeout``). Stop it with ``node.stop()``, which drains first. Guard every
+        access to tracked objects with :attr:`lock`.
+        """
+        if self.running or self._runner is not None:
+            raise LocalProtocolError("this node is already started")
+        runner = ThreadRunner(self)
+        runner.start(wait_warm=wait_warm, timeout=timeout)
+        self._runner = runner
+
+    def readiness(self) -> tuple[int, dict[str, object]]:
+        """``(status, body)`` for a readiness endpoint: 200 once warm, 503 before.
+
+        For a Kubernetes readiness probe or a Fly check, e.g. in FastAPI::
+
+            @app.get("/readyz")
+            def ready(response: Response) -> dict[str, object]:
+                response.status_code, body = node.readiness()
+                return body
+        """
+        body: dict[str, object] = {
+            "ready": self.is_warm,
+            "reason": self.warm_reason or "warming up",
+            "node": self.name,
+            "release": self.release,
+            "state": self._state.value,
+            "peers": len(self._membership.peers()),
+        }
+        return (200 if self.is_warm else 503), body
 
     async def _set_state(self, state: NodeState) -> None:
         """Change this node's state and tell every peer (serving -> draining)."""

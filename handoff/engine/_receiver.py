@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import anyio
@@ -48,8 +49,10 @@ class Receiver:
         accepting: Callable[[], str | None],
         on_complete: Callable[[str, str, int], None],
         clock: Callable[[], float] = anyio.current_time,
+        lock: AbstractContextManager[object] | None = None,
     ) -> None:
         self._node = node
+        self._lock = lock if lock is not None else nullcontext()
         self._tracked = tracked
         self._transforms = transforms
         self._codec = codec
@@ -144,7 +147,7 @@ class Receiver:
         stream.next_seq += 1
         # Decoding and applying allocate a container per record: without the pause, the
         # collector would traverse the whole (large, growing) cache every 700 of them.
-        with gc_paused():
+        with self._lock, gc_paused():
             result, dropped = self._apply(stream, chunk, arrived)
         stream.received += chunk.records
         await link.send(

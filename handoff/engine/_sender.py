@@ -16,6 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -95,7 +96,9 @@ class Drainer:
         clock: Callable[[], float] = anyio.current_time,
         wall_clock: Callable[[], float] = time.time,
         max_frame: int = 8 * 1024 * 1024,
+        lock: AbstractContextManager[object] | None = None,
     ) -> None:
+        self._lock = lock if lock is not None else nullcontext()
         self._node = node
         self._release = release
         self._cluster = cluster
@@ -208,7 +211,7 @@ class Drainer:
                 batch = [record for record, _ in taken]
                 pulled_at = min(pulled for _, pulled in taken)
             elif not exhausted:
-                with gc_paused():
+                with self._lock, gc_paused():
                     batch = list(itertools.islice(exporter, size))
                 pulled_at = self._clock()
                 report.records += len(batch)
