@@ -30,7 +30,15 @@ def test_wheel_layout(tmp_path: Path) -> None:
     assert {t for t in top_level if not t.endswith(".dist-info")} == {"handoff"}
     assert "handoff/adapters/__init__.py" in names
     assert "handoff/py.typed" in names
-    assert "handoff/protocol/__init__.py" in names
+    # Every package of the source tree is in the wheel (a missing entry in pyproject's
+    # explicit package list breaks `import handoff` only after installation).
+    on_disk = {
+        path.parent.relative_to(ROOT).as_posix()
+        for path in (ROOT / "handoff").rglob("__init__.py")
+        if "adapters" not in path.relative_to(ROOT).parts
+    }
+    shipped = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
+    assert on_disk <= shipped, on_disk - shipped
     assert not any(name.startswith("adapters/") for name in names)
     assert "handoff = handoff.cli:main" in scripts
 
