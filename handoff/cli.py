@@ -1,41 +1,155 @@
 """The ``handoff`` command line.
 
-``handoff simulate`` runs a local cluster of real node processes through a release; see
-:mod:`handoff.simulate`. ``main(argv)`` returns the exit code instead of exiting, so it can
-be called from tests; the console script passes it to :func:`sys.exit`.
+- ``handoff status``, ``handoff drain``, ``handoff wait-ready`` talk to the node running on
+  this host through its control socket (:mod:`handoff.control`);
+- ``handoff doctor`` checks the configuration in the environment against the cluster:
+  discovery, then a handshake with every peer it finds;
+- ``handoff simulate`` runs a local blue-green deploy of real node processes under traffic,
+  without and with handoff (:mod:`handoff.simulate`).
+
+``main(argv)`` returns the exit code instead of exiting, so it can be called from tests; the
+console script passes it to :func:`sys.exit`. The exit codes are listed in
+:data:`EXIT_CODES_HELP` and in every command's ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import secrets
+import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
-from handoff import __version__
-from handoff.simulate import DEFAULT_ENTRIES, DEFAULT_SECONDS, run_simulation, summary
+import anyio
 
-__all__ = ("build_parser", "main")
+from handoff import __version__, simulate
+from handoff._errors import (
+    AuthenticationError,
+    ClusterMismatch,
+    ConfigError,
+    ConnectError,
+    DiscoveryError,
+    HandoffError,
+    HandshakeTimeout,
+    TLSError,
+    VersionMismatch,
+)
+from handoff.config import Settings, describe, resolve_settings
+from handoff.control import (
+    AmbiguousSocket,
+    ControlError,
+    ControlPermissionError,
+    NoNodeRunning,
+    call,
+    locate_socket,
+)
+from handoff.discovery import PeerAddress, make_discovery
+from handoff.protocol import (
+    Connection,
+    FrameDecoder,
+    HandshakeComplete,
+    Info,
+    Limits,
+    LocalNode,
+    NodeState,
+    PeerInfo,
+    Role,
+    decode_message,
+    encode_frame,
+)
+from handoff.transport import TLSContexts, open_connection, translate_errors
 
-# Exit codes: 0 success, 1 the command ran and failed, 2 usage error, 130 interrupted.
+__all__ = (
+    "EXIT_CODES_HELP",
+    "EXIT_CONTROL_ERROR",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_NODE",
+    "EXIT_PERMISSION",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+)
+
+#: The command ran and the answer is no (records dropped, not warm in time, problems found).
 EXIT_FAILED = 1
+#: Bad arguments.
+EXIT_USAGE = 2
+#: No node answers at the control socket.
+EXIT_NO_NODE = 3
+#: The control socket is another user's, or the node refused this user.
+EXIT_PERMISSION = 4
+#: The node answered with an error, or stopped answering.
+EXIT_CONTROL_ERROR = 5
+#: Interrupted (Ctrl-C).
 EXIT_INTERRUPTED = 130
 
-SIMULATE_DESCRIPTION = """\
-Run a local cluster through a release, with real processes and real sockets.
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success: status shown, the drain dropped nothing, the node is warm,
+       doctor found no problem, the simulation succeeded
+  1    the command ran and the answer is no: the drain dropped records, the node
+       was not warm in time, doctor found problems, the simulation failed
+  2    usage error
+  3    no node is running: nothing answers at the control socket
+  4    the control socket is not yours: another user's socket, or the node refused you
+  5    the node answered with an error or stopped answering
+  130  interrupted
+"""
 
-Starts a DNS server on 127.0.0.1 and three node processes that discover each other
-through it: node-a of the old release v1, holding a warm TTLCache, and node-b and node-c
-of the new release v2 with empty ones, on 127.0.0.2, 127.0.0.3 and 127.0.0.4. Shows every
-node-up as it happens, then stops node-a with SIGTERM as a deploy retires the old release:
-node-a drains its cache to node-b and node-c (keys split between them), and the drain
-report, the entries each new node now holds and the node-down the others see are shown.
-Then it shuts everything down and prints a summary.
+SOCKET_HELP = (
+    "the node's control socket (default: HANDOFF_CONTROL_SOCKET, else "
+    "${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<HANDOFF_CLUSTER>.sock, else the only socket "
+    "there)"
+)
 
-Exits 0 if every step happened within the time bound and no entry was lost, 1 (saying
-what went wrong) otherwise. Needs the loopback addresses 127.0.0.2-4 (present on Linux).
+# How long the CLI waits for a status answer; the node answers from memory at once.
+STATUS_TIME_LIMIT = 10.0
+# The wait for a drain's "started" line; after it the node's announced deadline applies.
+DRAIN_START_LIMIT = 10.0
+DEFAULT_WAIT_READY = 30.0
+# Beyond the wait the node was asked for: time to write the answer.
+WAIT_GRACE = 5.0
+# Peers probed at once by doctor: enough for any cluster, bounded for a huge DNS answer.
+DOCTOR_CONCURRENCY = 16
+# Clock differences above this are worth a warning (the handshake's measure includes the
+# one-way delay, well below this on a private network).
+CLOCK_TOLERANCE = 1.0
+
+STATUS_DESCRIPTION = """\
+Show the local node: its members (name, release, state, address), the namespaces it
+tracks with their entry counts and schema versions, and its last drain report. A table
+for people; --json prints the node's answer as one JSON object for scripts.
+"""
+
+DRAIN_DESCRIPTION = """\
+Ask the local node to hand its state off now, to its successors (or its snapshot store),
+and show the progress: records acknowledged so far per namespace. For preStop hooks and
+deploy scripts: the node keeps running, in the draining state, until it is stopped; a
+later drain (SIGTERM, lifespan shutdown) returns this drain's report. Exits 1 if the node
+dropped any record.
+"""
+
+WAIT_READY_DESCRIPTION = """\
+Wait until the local node is warm: it received handed-off state, restored a snapshot, had
+nothing to wait for, or its warm-up timeout passed. Exits 0 once warm, 1 if it was not
+warm within --timeout seconds.
+"""
+
+DOCTOR_DESCRIPTION = """\
+Check this host's warm-handoff configuration against the cluster, from the HANDOFF_*
+environment (as a node would read it): resolve the discovery query, connect to every
+address found and run the authentication handshake as a throwaway client (it never
+becomes a member), then check cookie, cluster, protocol version, schema versions (against
+the local node's, if one answers on the control socket) and clocks. Prints every problem
+with its fix; exits 0 if there is none, 1 otherwise.
 """
 
 
@@ -49,70 +163,624 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary_line: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=summary_line,
+        description=description,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _socket_and_json(parser: argparse.ArgumentParser, json_help: str) -> None:
+    parser.add_argument("--socket", metavar="PATH", help=SOCKET_HELP)
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``handoff`` command."""
     parser = argparse.ArgumentParser(
         prog="handoff",
         description="warm-handoff: keep in-memory state warm across rolling and blue-green "
         "deploys.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    simulate = commands.add_parser(
-        "simulate",
-        help="run a local cluster of node processes through a release",
-        description=SIMULATE_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+
+    status = _command(
+        commands, "status", "show the local node, its peers and state", STATUS_DESCRIPTION
     )
-    simulate.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object (nodes, events with timings, seconds) instead of "
-        "progress lines",
-    )
-    simulate.add_argument(
-        "--seconds",
+    _socket_and_json(status, "print the node's status as one JSON object")
+
+    drain = _command(commands, "drain", "hand the local node's state off now", DRAIN_DESCRIPTION)
+    drain.add_argument(
+        "--timeout",
         type=_positive_seconds,
-        default=DEFAULT_SECONDS,
         metavar="S",
-        help=f"time bound for the whole run, shutdown excluded (default {DEFAULT_SECONDS:g})",
+        help="deadline of the drain in seconds (default: the node's HANDOFF_DRAIN_TIMEOUT)",
     )
-    simulate.add_argument(
-        "--entries",
-        type=_entries,
-        default=DEFAULT_ENTRIES,
-        metavar="N",
-        help=f"entries in the old node's cache (default {DEFAULT_ENTRIES})",
+    _socket_and_json(drain, "print only the final drain report as one JSON object")
+
+    wait = _command(
+        commands, "wait-ready", "wait until the local node is warm", WAIT_READY_DESCRIPTION
     )
+    wait.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_WAIT_READY,
+        metavar="S",
+        help=f"give up after S seconds (default {DEFAULT_WAIT_READY:g})",
+    )
+    _socket_and_json(wait, "print the node's answer as one JSON object")
+
+    doctor = _command(
+        commands, "doctor", "check the configuration against the cluster", DOCTOR_DESCRIPTION
+    )
+    _socket_and_json(doctor, "print the findings as one JSON object")
+
+    simulate_parser = commands.add_parser(
+        "simulate", help=simulate.SIMULATE_HELP, epilog=EXIT_CODES_HELP
+    )
+    simulate.add_simulate_arguments(simulate_parser)
     return parser
 
 
-def _entries(text: str) -> int:
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True), flush=True)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [[str(c) for c in headers], *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+
+
+# -- talking to the local node ----------------------------------------------------------------
+
+
+def _ask(
+    args: argparse.Namespace,
+    request: Mapping[str, Any],
+    *,
+    time_limit: float,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    path = locate_socket(args.socket)
+    return anyio.run(
+        functools.partial(call, path, request, time_limit=time_limit, on_progress=on_progress)
+    )
+
+
+def _status(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"command": "status"}, time_limit=STATUS_TIME_LIMIT)
+    status: dict[str, Any] = reply["status"]
+    if args.json:
+        _print_json(status)
+        return 0
+    for line in _status_lines(status):
+        print(line)
+    return 0
+
+
+def _status_lines(status: Mapping[str, Any]) -> list[str]:
+    warm = f"warm ({status['warm_reason']})" if status["warm"] else "warming up"
+    lines = [
+        f"node {status['node']} of cluster {status['cluster']}, release {status['release']}, "
+        f"{status['state']}, {warm}",
+        f"address {status['address'] or '(none advertised)'}, pid {status['pid']}",
+        "",
+    ]
+    members = [
+        (
+            ("* " if m["self"] else "  ") + m["name"],
+            m["release"],
+            m["state"],
+            m["address"] or "-",
+        )
+        for m in status["members"]
+    ]
+    lines += _table(("  MEMBER", "RELEASE", "STATE", "ADDRESS"), members)
+    lines.append("")
+    if status["tracked"]:
+        tracked = [
+            (t["namespace"], t["kind"], "?" if t["entries"] is None else t["entries"], t["version"])
+            for t in status["tracked"]
+        ]
+        lines += _table(("NAMESPACE", "ADAPTER", "ENTRIES", "VERSION"), tracked)
+    else:
+        lines.append("no tracked namespaces")
+    lines.append("")
+    drain = status.get("last_drain")
+    lines.append("last drain: " + ("none" if drain is None else str(drain["summary"])))
+    return lines
+
+
+def _drain(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"command": "drain"}
+    if args.timeout is not None:
+        request["timeout"] = args.timeout
+
+    def show(progress: dict[str, Any]) -> None:
+        if args.json:
+            return
+        if progress.get("event") == "started":
+            already = " (already draining: waiting for its report)" if progress["already"] else ""
+            print(
+                f"draining {progress['node']} within {progress['timeout']:g} s{already}",
+                flush=True,
+            )
+        elif progress.get("event") == "namespace":
+            print(
+                f"  {progress['namespace']}: {progress['acknowledged']} acknowledged, "
+                f"{progress['snapshotted']} snapshotted, {progress['dropped']} dropped "
+                f"(of {progress['records']} exported so far)",
+                flush=True,
+            )
+
+    reply = _ask(args, request, time_limit=DRAIN_START_LIMIT, on_progress=show)
+    report: dict[str, Any] = reply["report"]
+    if args.json:
+        _print_json(report)
+    else:
+        print(report["summary"])
+    if not report["ok"]:
+        print(
+            f"handoff drain: error: {report['dropped']} records dropped (see the report)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return 0
+
+
+def _wait_ready(args: argparse.Namespace) -> int:
+    reply = _ask(
+        args,
+        {"command": "wait-ready", "timeout": args.timeout},
+        time_limit=args.timeout + WAIT_GRACE,
+    )
+    if args.json:
+        _print_json({k: v for k, v in reply.items() if k != "type"})
+    elif reply["warm"]:
+        print(f"{reply['node']} is warm: {reply['reason']}")
+    if not reply["warm"]:
+        print(
+            f"handoff wait-ready: error: {reply['node']} is not warm after {args.timeout:g} s",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return 0
+
+
+# -- doctor -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something ``handoff doctor`` found wrong, and how to fix it."""
+
+    what: str
+    fix: str
+    severity: Literal["error", "warning"] = "error"
+
+
+@dataclass(slots=True)
+class PeerCheck:
+    """What ``handoff doctor`` learned about one discovered address."""
+
+    address: str
+    ok: bool = False
+    name: str | None = None
+    release: str | None = None
+    state: str | None = None
+    protocol_version: int | None = None
+    clock_offset: float | None = None
+    namespaces: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    local: bool = False
+    """The node this host's control socket belongs to."""
+
+
+@dataclass(slots=True)
+class DoctorReport:
+    """Everything ``handoff doctor`` found (its ``--json`` output)."""
+
+    settings: list[tuple[str, str, str]] = field(default_factory=list)
+    cluster: str | None = None
+    discovery: str | None = None
+    addresses: list[str] = field(default_factory=list)
+    local: dict[str, Any] | None = None
+    local_note: str | None = None
+    peers: list[PeerCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong."""
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "ok": self.ok,
+            "cluster": self.cluster,
+            "settings": [{"setting": s, "value": v, "source": src} for s, v, src in self.settings],
+            "discovery": self.discovery,
+            "addresses": self.addresses,
+            "local": self.local,
+            "local_note": self.local_note,
+            "peers": [asdict(p) for p in self.peers],
+            "notes": self.notes,
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+_FIX_REACH = (
+    "check that a node runs there and listens on an address reachable from here "
+    "(HANDOFF_BIND 0.0.0.0:PORT or [::]:PORT, not 127.0.0.1, on another host), and that no "
+    "firewall blocks the port"
+)
+_FIX_COOKIE = (
+    "set the same HANDOFF_COOKIE on every node of the cluster, and in the environment "
+    "handoff doctor runs in"
+)
+_FIX_CLUSTER = "set the same HANDOFF_CLUSTER on every node that should hand state to the others"
+_FIX_VERSION = "run releases of warm-handoff that share a protocol version on every node"
+_FIX_TLS = (
+    "give every node (and handoff doctor) HANDOFF_TLS_CERT, HANDOFF_TLS_KEY and "
+    "HANDOFF_TLS_CA, certificates signed by the cluster's CA; TLS is on for all or for none"
+)
+_FIX_PROTOCOL = (
+    "check that the address is a warm-handoff node (not another service) and that TLS is "
+    "configured alike on both sides"
+)
+
+
+def _without_info(data: bytes) -> bytes:
+    """The outgoing frames minus this side's Info: the handshake then stops one message
+    short on the peer's side, so the doctor never becomes a member there."""
+    decoder = FrameDecoder(len(data) + 1, 64)
+    decoder.feed(data)
+    kept = bytearray()
+    while (obj := decoder.next_object()) is not None:
+        message = decode_message(obj)
+        if not isinstance(message, Info):
+            kept += encode_frame(message.to_wire())
+    return bytes(kept)
+
+
+async def _handshake(
+    target: PeerAddress, settings: Settings, tls: TLSContexts | None, identity: LocalNode
+) -> PeerInfo:
+    remote = str(target)
+    stream = await open_connection(
+        target.host,
+        target.port,
+        time_limit=settings.connect_timeout,
+        tls=tls.client if tls is not None else None,
+    )
+    connection = Connection(
+        Role.CLIENT,
+        identity,
+        settings.cookie,
+        now=anyio.current_time(),
+        limits=Limits(handshake_timeout=settings.handshake_timeout),
+    )
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value <= 10_000_000:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 10000000, not {value}")
-    return value
+        with anyio.fail_after(settings.handshake_timeout), translate_errors(remote):
+            await stream.send(connection.data_to_send())
+            while True:
+                data = await stream.receive()
+                try:
+                    events = connection.receive_data(data, now=anyio.current_time())
+                except HandoffError:
+                    # Tell the peer why (a queued Reject) so that its log says it too.
+                    reject = connection.data_to_send()
+                    if reject:
+                        with anyio.move_on_after(0.5):
+                            await stream.send(reject)
+                    raise
+                outgoing = _without_info(connection.data_to_send())
+                if outgoing:
+                    await stream.send(outgoing)
+                for event in events:
+                    if isinstance(event, HandshakeComplete):
+                        return event.peer
+    except TimeoutError:
+        raise HandshakeTimeout(
+            f"no complete handshake from {remote} within {settings.handshake_timeout:g} s"
+        ) from None
+    finally:
+        await anyio.aclose_forcefully(stream)
+
+
+def _probe_problem(check: PeerCheck, exc: HandoffError, cluster: str) -> Problem:
+    who = check.address + (f" ({check.name})" if check.name else "")
+    if isinstance(exc, ConnectError):
+        return Problem(f"cannot reach {who}: {exc}", _FIX_REACH)
+    if isinstance(exc, AuthenticationError):
+        return Problem(f"{who} does not share this cookie (HANDOFF_COOKIE): {exc}", _FIX_COOKIE)
+    if isinstance(exc, ClusterMismatch):
+        # The peer's message speaks from its side ("this node" is the peer).
+        return Problem(
+            f"{who} is not in cluster {cluster!r} (HANDOFF_CLUSTER); it says: {exc}",
+            _FIX_CLUSTER,
+        )
+    if isinstance(exc, VersionMismatch):
+        return Problem(f"{who} speaks another protocol version: {exc}", _FIX_VERSION)
+    if isinstance(exc, TLSError):
+        return Problem(f"TLS with {who} failed: {exc}", _FIX_TLS)
+    return Problem(f"handshake with {who} failed: {exc}", _FIX_PROTOCOL)
+
+
+@dataclass(slots=True)
+class _Findings:
+    """What one peer check found, merged into the report in discovery order."""
+
+    check: PeerCheck
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+async def _check_peer(
+    target: PeerAddress,
+    settings: Settings,
+    tls: TLSContexts | None,
+    identity: LocalNode,
+    local: Mapping[str, Any] | None,
+) -> _Findings:
+    check = PeerCheck(str(target))
+    found = _Findings(check)
+    try:
+        peer = await _handshake(target, settings, tls, identity)
+    except HandoffError as exc:
+        check.error = str(exc)
+        found.problems.append(_probe_problem(check, exc, settings.cluster))
+        return found
+    check.ok = True
+    check.name = peer.name
+    check.release = peer.release
+    check.state = peer.state.value
+    check.protocol_version = peer.protocol_version
+    check.clock_offset = round(peer.clock_offset, 3) + 0.0  # no "-0.000"
+    check.namespaces = {ns.name: ns.version for ns in peer.namespaces}
+    who = f"{peer.name} ({check.address})"
+    if abs(peer.clock_offset) > CLOCK_TOLERANCE:
+        found.problems.append(
+            Problem(
+                f"the clock of {who} differs from this host's by {peer.clock_offset:+.1f} s",
+                "synchronise the clocks (NTP, chrony); handoffs send remaining lifetimes so "
+                "caches stay correct, but snapshot ages and logs drift",
+                "warning",
+            )
+        )
+    if peer.state is NodeState.DRAINING:
+        found.notes.append(f"{who} is draining")
+    if local is None:
+        return found
+    if peer.name == local["node"]:
+        check.local = True
+        return found
+    ours: dict[str, int] = next(m for m in local["members"] if m["self"])["namespaces"]
+    for namespace, version in sorted(ours.items()):
+        theirs = check.namespaces.get(namespace)
+        if theirs is None:
+            found.problems.append(
+                Problem(
+                    f"{who} does not track {namespace!r}, which the local node "
+                    f"{local['node']} tracks (version {version}): {peer.name} refuses that "
+                    f"state when {local['node']} drains",
+                    f"track {namespace!r} on every release (node.track({namespace!r}, ...)), "
+                    "or expect it to go to other peers or to the snapshot store",
+                )
+            )
+        elif theirs != version:
+            found.notes.append(
+                f"{namespace!r}: version {version} on {local['node']}, {theirs} on "
+                f"{peer.name}: the newer release needs @node.upgrade / @node.downgrade hooks "
+                f"between {min(version, theirs)} and {max(version, theirs)}"
+            )
+    for namespace in sorted(set(check.namespaces) - set(ours)):
+        found.notes.append(
+            f"{peer.name} tracks {namespace!r}, the local node {local['node']} does not"
+        )
+    return found
+
+
+async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> DoctorReport:
+    report = DoctorReport()
+    host = "-".join(socket.gethostname().split())[:60] or "localhost"
+    name = f"doctor-{host}-{os.getpid()}"
+    try:
+        settings = resolve_settings(environ=environ, name=name)
+    except ConfigError as exc:
+        report.problems.append(
+            Problem(str(exc), "set the variable as the message says, as the nodes have it")
+        )
+        return report
+    report.settings = [row for row in describe(settings) if row[0] != "node_name"]
+    report.cluster = settings.cluster
+
+    try:
+        path = locate_socket(socket_arg, environ)
+        status = await call(path, {"command": "status"}, time_limit=STATUS_TIME_LIMIT)
+        report.local = status["status"]
+    except ControlError as exc:
+        report.local_note = f"{exc} (schema versions are listed, not compared)"
+    if report.local is not None and report.local["cluster"] != settings.cluster:
+        report.problems.append(
+            Problem(
+                f"the local node {report.local['node']} is in cluster "
+                f"{report.local['cluster']!r}, the environment here says {settings.cluster!r}",
+                "run handoff doctor with the node's environment (HANDOFF_CLUSTER), or point "
+                "--socket at the node of this cluster",
+            )
+        )
+
+    if settings.discovery.kind == "none":
+        report.discovery = "none"
+        report.problems.append(
+            Problem(
+                "no discovery configured (HANDOFF_DISCOVERY is none or unset): nodes never "
+                "find each other, so a draining node has nobody to hand its state to",
+                "set HANDOFF_DISCOVERY: dns:NAME[:PORT] (on Kubernetes the headless service, "
+                "with publishNotReadyAddresses: true), 'fly' on Fly.io, or "
+                "static:HOST:PORT,HOST:PORT",
+            )
+        )
+        return report
+    try:
+        tls = TLSContexts(settings.tls) if settings.tls is not None else None
+        discovery = make_discovery(
+            settings.discovery,
+            default_port=settings.bind_port,
+            dns_server=settings.dns_server,
+            fly_app=settings.fly_app,
+            timeout=min(2.0, settings.poll_interval),
+        )
+    except ConfigError as exc:
+        report.problems.append(Problem(str(exc), "fix the setting the message names"))
+        return report
+    report.discovery = discovery.describe()
+    try:
+        found = await discovery.discover()
+    except DiscoveryError as exc:
+        report.problems.append(
+            Problem(
+                f"discovery failed: {exc}",
+                "check that the name in HANDOFF_DISCOVERY exists and that the DNS server "
+                "(HANDOFF_DNS_SERVER, else /etc/resolv.conf) answers from here",
+            )
+        )
+        return report
+    report.addresses = [str(a) for a in found]
+    if not found:
+        report.problems.append(
+            Problem(
+                f"discovery ({report.discovery}) found no address",
+                "check the name in HANDOFF_DISCOVERY; on Kubernetes, not-ready pods are left "
+                "out of DNS unless the service sets publishNotReadyAddresses: true",
+            )
+        )
+        return report
+
+    identity = LocalNode(
+        cluster=settings.cluster,
+        name=name,
+        incarnation=secrets.token_hex(8),
+        release="doctor",
+        started_at=time.time(),
+        # Never a successor, should anything ever count it as a peer.
+        state=NodeState.DRAINING,
+    )
+    limiter = anyio.CapacityLimiter(DOCTOR_CONCURRENCY)
+    results: dict[int, _Findings] = {}
+
+    async def one(index: int, target: PeerAddress) -> None:
+        async with limiter:
+            results[index] = await _check_peer(target, settings, tls, identity, report.local)
+
+    async with anyio.create_task_group() as tasks:
+        for index, target in enumerate(found):
+            tasks.start_soon(one, index, target)
+    for index in sorted(results):
+        report.peers.append(results[index].check)
+        report.problems += results[index].problems
+        report.notes += results[index].notes
+    return report
+
+
+def _doctor_lines(report: DoctorReport) -> list[str]:
+    lines = [f"handoff doctor: cluster {report.cluster or '(unknown)'}"]
+    if report.settings:
+        lines.append("")
+        lines += ["  " + line for line in _table(("SETTING", "VALUE", "SOURCE"), report.settings)]
+    lines.append("")
+    if report.local is not None:
+        local = report.local
+        namespaces = ", ".join(f"{t['namespace']} v{t['version']}" for t in local["tracked"])
+        lines.append(
+            f"local node: {local['node']} ({local['state']}), tracks {namespaces or 'nothing'}"
+        )
+    elif report.local_note:
+        lines.append(f"local node: {report.local_note}")
+    if report.discovery is not None:
+        lines.append(f"discovery: {report.discovery}: {len(report.addresses)} address(es)")
+    if report.peers:
+        rows = []
+        for p in report.peers:
+            if p.ok:
+                namespaces = ", ".join(f"{n} v{v}" for n, v in sorted(p.namespaces.items()))
+                rows.append(
+                    (
+                        "ok",
+                        p.address,
+                        (p.name or "") + (" (local)" if p.local else ""),
+                        p.release or "",
+                        p.state or "",
+                        f"{p.clock_offset:+.3f} s",
+                        namespaces or "-",
+                    )
+                )
+            else:
+                rows.append(("FAIL", p.address, p.name or "", "", "", "", p.error or ""))
+        lines.append("")
+        lines += [
+            "  " + line
+            for line in _table(
+                ("", "ADDRESS", "NAME", "RELEASE", "STATE", "CLOCK", "NAMESPACES"), rows
+            )
+        ]
+    if report.notes:
+        lines.append("")
+        lines += [f"note: {note}" for note in report.notes]
+    lines.append("")
+    if report.ok:
+        lines.append("no problems found")
+    else:
+        lines.append(f"{len(report.problems)} problem(s):")
+        for number, problem in enumerate(report.problems, 1):
+            tag = " (warning)" if problem.severity == "warning" else ""
+            lines.append(f"  {number}. {problem.what}{tag}")
+            lines.append(f"     fix: {problem.fix}")
+    return lines
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    report = anyio.run(_doctor_checks, args.socket, os.environ)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        for line in _doctor_lines(report):
+            print(line)
+    return 0 if report.ok else EXIT_FAILED
+
+
+# -- simulate ---------------------------------------------------------------------------------
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    def say(line: str) -> None:
-        print(line, flush=True)
+    # Looked up at call time: the simulation lives (and is tested) in its own module.
+    return simulate.run_from_args(args)
 
-    result = run_simulation(
-        seconds=args.seconds, entries=args.entries, say=None if args.json else say
-    )
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-    else:
-        for line in summary(result):
-            print(line)
-    if not result.ok:
-        print(f"handoff simulate: error: {result.error}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+
+_COMMANDS: Mapping[str, Callable[[argparse.Namespace], int]] = {
+    "status": _status,
+    "drain": _drain,
+    "wait-ready": _wait_ready,
+    "doctor": _doctor,
+    "simulate": _simulate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,10 +794,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_FAILED
     if args.command is None:
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_USAGE
+    prefix = f"handoff {args.command}: error:"
     try:
-        if args.command == "simulate":
-            return _simulate(args)
+        return _COMMANDS[args.command](args)
+    except NoNodeRunning as exc:
+        print(f"{prefix} {exc}", file=sys.stderr)
+        return EXIT_NO_NODE
+    except ControlPermissionError as exc:
+        print(f"{prefix} {exc}", file=sys.stderr)
+        return EXIT_PERMISSION
+    except AmbiguousSocket as exc:
+        print(f"{prefix} {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ControlError as exc:
+        print(f"{prefix} {exc}", file=sys.stderr)
+        return EXIT_CONTROL_ERROR
     except KeyboardInterrupt:
         print("handoff: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -139,7 +819,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILED
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse checks
 
 
 if __name__ == "__main__":

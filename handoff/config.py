@@ -46,6 +46,8 @@ __all__ = (
     "Platform",
     "Settings",
     "TLSFiles",
+    "control_directory",
+    "default_control_socket",
     "describe",
     "resolve_settings",
 )
@@ -70,6 +72,8 @@ _DEFAULT_DRAIN_TIMEOUT: Mapping[Platform, float] = MappingProxyType(
 _MAX_NAME_LENGTH = 128
 # Short secrets can be guessed offline from one captured challenge/response.
 _MIN_COOKIE_BYTES = 16
+# sun_path holds 108 bytes on Linux (104 on macOS) including the terminating NUL.
+_MAX_SOCKET_PATH_BYTES = 103
 
 _COOKIE_HOWTO = (
     'Generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))". '
@@ -180,6 +184,12 @@ ENVIRONMENT_VARIABLES: tuple[tuple[str, str], ...] = (
         "HANDOFF_CONNECT_TIMEOUT",
         f"Seconds to open a connection to a peer. Default: {_DEFAULT_CONNECT_TIMEOUT:g}.",
     ),
+    (
+        "HANDOFF_CONTROL_SOCKET",
+        "Unix socket of the local control endpoint that the handoff CLI (status, drain, "
+        "wait-ready, doctor) talks to; an absolute path, or 'none' to disable it. Default: "
+        "${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<cluster>.sock.",
+    ),
 )
 
 #: Platform variables read for detection and defaults (set by the platform, not by users).
@@ -210,6 +220,7 @@ class Settings:
 
     ``advertise_host`` is the address peers should dial and that identifies this node;
     ``None`` when nothing says (the node listens on a wildcard address off any platform).
+    ``control_socket`` is the Unix socket the node serves the CLI on (``None``: none).
     ``warnings`` are advisories the node logs at start. ``sources`` maps each setting name
     (as in :func:`describe`) to where its value came from.
     """
@@ -235,6 +246,7 @@ class Settings:
     platform: Platform
     region: str | None
     fly_app: str | None
+    control_socket: Path | None = None
     warnings: tuple[str, ...] = ()
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
@@ -576,6 +588,65 @@ def _tls(
     return TLSFiles(cert=cert_path, key=key_path, ca=ca_path)
 
 
+def control_directory(environ: Mapping[str, str] | None = None) -> Path:
+    """``${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>``: where control sockets live by default.
+
+    Per user, so that nodes of different users never meet there; the node creates it with
+    mode 0700. ``environ`` defaults to ``os.environ``.
+    """
+    env = os.environ if environ is None else environ
+    runtime = env.get("XDG_RUNTIME_DIR", "").strip()
+    # A relative XDG_RUNTIME_DIR is invalid by the XDG spec; /tmp is the documented fallback.
+    base = Path(runtime) if runtime.startswith("/") else Path("/tmp")
+    return base / f"handoff-{os.geteuid()}"
+
+
+def default_control_socket(cluster: str, environ: Mapping[str, str] | None = None) -> Path:
+    """The control socket of a node of ``cluster`` when ``HANDOFF_CONTROL_SOCKET`` is unset:
+    ``${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<cluster>.sock``."""
+    # A cluster name may hold a slash; it must not reach into another directory.
+    return control_directory(environ) / (cluster.replace("/", "_") + ".sock")
+
+
+def _control_socket(
+    resolver: _Resolver, argument: str | os.PathLike[str] | None, cluster: str
+) -> tuple[Path | None, str | None]:
+    """The control socket path (``None``: disabled) and a warning, if any."""
+    label = _label("control_socket", "HANDOFF_CONTROL_SOCKET")
+    value, _ = resolver.pick(
+        "control_socket",
+        None if argument is None else os.fspath(argument),
+        "HANDOFF_CONTROL_SOCKET",
+    )
+    if value is None:
+        resolver.sources["control_socket"] = "default"
+        path = default_control_socket(cluster, resolver.environ)
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH_BYTES:
+            # A default that cannot work must not stop the node: it runs without the CLI.
+            return None, (
+                f"{label}: the default control socket {str(path)!r} is longer than Unix "
+                f"sockets allow ({_MAX_SOCKET_PATH_BYTES} bytes); the node runs without one. "
+                "Set HANDOFF_CONTROL_SOCKET to a shorter absolute path"
+            )
+        return path, None
+    text = value.strip()
+    if text.lower() == "none":
+        return None, None
+    if "\0" in text:
+        raise ConfigError(f"{label}: the path contains a NUL character")
+    if not text.startswith("/"):
+        raise ConfigError(
+            f"{label}: {_short(text)} is not an absolute path; give one (the CLI may run "
+            "from another directory), e.g. /run/handoff/shop.sock, or 'none' to disable"
+        )
+    if len(os.fsencode(text)) > _MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{label}: {_short(text)} is {len(os.fsencode(text))} bytes long; Unix socket "
+            f"paths may have at most {_MAX_SOCKET_PATH_BYTES}: use a shorter path"
+        )
+    return Path(text), None
+
+
 def _default_local_name() -> str:
     # Hostnames can be long or (on desktops) contain spaces; a default must always validate.
     host = "-".join(socket.gethostname().split()) or "localhost"
@@ -604,6 +675,7 @@ def resolve_settings(
     handshake_timeout: float | None = None,
     connect_timeout: float | None = None,
     advertise: str | None = None,
+    control_socket: str | os.PathLike[str] | None = None,
 ) -> Settings:
     """Resolve and validate a node's settings; raise :class:`ConfigError` on any problem.
 
@@ -832,6 +904,10 @@ def resolve_settings(
 
     tls = _tls(r, tls_cert, tls_key, tls_ca)
 
+    control_path, control_warning = _control_socket(r, control_socket, cluster_name)
+    if control_warning is not None:
+        warnings.append(control_warning)
+
     return Settings(
         cluster=cluster_name,
         cookie=cookie_bytes,
@@ -854,6 +930,7 @@ def resolve_settings(
         platform=platform,
         region=region,
         fly_app=fly_app,
+        control_socket=control_path,
         warnings=tuple(warnings),
         sources=MappingProxyType(dict(r.sources)),
     )
@@ -913,5 +990,6 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         ("connect_timeout", seconds(settings.connect_timeout)),
         ("region", optional(settings.region)),
         ("fly_app", optional(settings.fly_app)),
+        ("control_socket", optional(settings.control_socket, "(disabled)")),
     ]
     return [(key, value, settings.sources.get(key, "default")) for key, value in values]

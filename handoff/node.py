@@ -16,8 +16,9 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
+from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar
 
@@ -45,8 +46,9 @@ from handoff._errors import (
 )
 from handoff._registry import adapter_for
 from handoff.config import Settings, resolve_settings
+from handoff.control import ControlServer
 from handoff.discovery import Discovery, PeerAddress, make_discovery
-from handoff.engine import Drainer, DrainReport, Receiver, Tracked
+from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Tracked
 from handoff.engine._restore import restore_snapshots
 from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
 from handoff.membership import (
@@ -152,6 +154,7 @@ class Node:
         handshake_timeout: float | None = None,
         connect_timeout: float | None = None,
         advertise: str | None = None,
+        control_socket: str | os.PathLike[str] | None = None,
         environ: Mapping[str, str] | None = None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         handle_signals: bool = False,
@@ -177,6 +180,7 @@ class Node:
             handshake_timeout=handshake_timeout,
             connect_timeout=connect_timeout,
             advertise=advertise,
+            control_socket=control_socket,
         )
         s = self.settings
         self.incarnation = secrets.token_hex(8)
@@ -191,6 +195,8 @@ class Node:
             DirectorySnapshotStore(s.snapshot_dir) if s.snapshot_dir is not None else None
         )
         self._drainer: Drainer | None = None
+        self._drain_watchers: list[Callable[[NamespaceReport], None]] = []
+        self._control: ControlServer | None = None
         self._drain_lock = anyio.Lock()
         self._runner: ThreadRunner | None = None
         self.lock = threading.RLock()
@@ -274,6 +280,11 @@ class Node:
         """``host:port`` peers should dial to reach this node ("" if unknown)."""
         host = self.settings.advertise_host
         return format_address(host, self._port) if host else ""
+
+    @property
+    def control_socket(self) -> Path | None:
+        """The Unix socket this node serves the CLI on while running (``None``: none)."""
+        return self._control.path if self._control is not None else None
 
     @property
     def running(self) -> bool:
@@ -366,9 +377,8 @@ class Node:
             return f"{self.name} is draining"
         return ""
 
-    def _handoff_received(self, peer: str, namespace: str, records: int) -> None:
-        if self._receiver.active == 0:
-            self._set_warm(f"received a handoff from {peer}")
+    def _handoff_received(self, peer: str, records: int) -> None:
+        self._set_warm(f"received a handoff from {peer}")
 
     # A deadline, not a cancellation: at ``timeout`` the drain still snapshots what is left.
     async def drain(self, *, timeout: float | None = None) -> DrainReport:  # noqa: ASYNC109
@@ -395,6 +405,7 @@ class Node:
                 snapshots=self._snapshots,
                 peers=self._peer_links,
                 lock=self.lock,
+                progress=self._drain_progress,
             )
             try:
                 report = await self._drainer.run(time_limit=limit)
@@ -405,6 +416,25 @@ class Node:
             log = logger.warning if report.dropped else logger.info
             log("%s", report.summary())
             return report
+
+    @contextmanager
+    def watch_drain(self, callback: Callable[[NamespaceReport], None]) -> Iterator[None]:
+        """Within the block, call ``callback(namespace_report)`` whenever a drain makes
+        progress (an acknowledgement; a namespace done). It runs on the event loop: it must
+        not block, nor keep the report (it changes in place)."""
+        self._drain_watchers.append(callback)
+        try:
+            yield
+        finally:
+            self._drain_watchers.remove(callback)
+
+    def _drain_progress(self, report: NamespaceReport) -> None:
+        for watcher in list(self._drain_watchers):
+            try:
+                watcher(report)
+            except Exception:
+                # An observer must never break the drain it watches.
+                logger.exception("drain progress callback %r failed", watcher)
 
     async def wait_drained(self) -> DrainReport:
         """Wait until this node has drained (by any trigger) and return the report.
@@ -566,6 +596,17 @@ class Node:
                 raise
             if restored:
                 self._set_warm("restored " + ", ".join(sorted(restored)) + " from snapshots")
+        control: ControlServer | None = None
+        if s.control_socket is not None:
+            try:
+                control = await ControlServer.open(
+                    self,
+                    s.control_socket,
+                    explicit=s.sources.get("control_socket", "default") != "default",
+                )
+            except BaseException:
+                await listener.aclose()
+                raise
         local = listener.extra(SocketAttribute.local_address)
         self._port = int(local[1]) if isinstance(local, tuple) else s.bind_port
         self._self_addresses = {format_address(s.bind_host, self._port)}
@@ -576,15 +617,19 @@ class Node:
         stack = AsyncExitStack()
         try:
             await stack.enter_async_context(listener)
+            if control is not None:
+                stack.push_async_callback(control.aclose)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
         except BaseException:
             await stack.aclose()
             raise
-        self._exit_stack, self._listener = stack, listener
+        self._exit_stack, self._listener, self._control = stack, listener, control
         self._task_group.start_soon(self._accept_loop, listener)
         self._task_group.start_soon(self._discovery_loop, self._discovery)
         self._task_group.start_soon(self._expiry_loop)
         self._task_group.start_soon(self._warmup)
+        if control is not None:
+            self._task_group.start_soon(control.serve)
         if self._handle_signals:
             self._task_group.start_soon(self._signal_loop)
         logger.info(
@@ -627,6 +672,7 @@ class Node:
         try:
             await stack.aclose()
         finally:
+            self._control = None
             self._membership.clear()
             for send in list(self._subscribers):
                 send.close()

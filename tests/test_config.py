@@ -21,6 +21,8 @@ from handoff.config import (
     PLATFORM_VARIABLES,
     Settings,
     TLSFiles,
+    control_directory,
+    default_control_socket,
     describe,
     resolve_settings,
 )
@@ -999,6 +1001,65 @@ def test_tls_permission_denied_whoever_runs_the_tests(
     assert "permission denied" in message
 
 
+# --- control socket ----------------------------------------------------------------------
+
+
+def test_control_socket_default_is_per_user_and_cluster() -> None:
+    settings = resolve(LOCAL_ENV)
+    assert settings.control_socket == Path(f"/tmp/handoff-{os.geteuid()}/shop.sock")
+    assert settings.sources["control_socket"] == "default"
+    runtime = resolve({**LOCAL_ENV, "XDG_RUNTIME_DIR": "/run/user/1000"})
+    assert runtime.control_socket == Path(f"/run/user/1000/handoff-{os.geteuid()}/shop.sock")
+
+
+def test_control_socket_default_ignores_a_relative_runtime_dir() -> None:
+    assert control_directory({"XDG_RUNTIME_DIR": "run"}) == Path(f"/tmp/handoff-{os.geteuid()}")
+
+
+def test_control_socket_default_keeps_slashes_out_of_the_file_name() -> None:
+    path = default_control_socket("a/b", {})
+    assert path.parent == control_directory({})
+    assert path.name == "a_b.sock"
+
+
+def test_control_socket_from_environment_and_argument() -> None:
+    env = {**LOCAL_ENV, "HANDOFF_CONTROL_SOCKET": "/run/handoff/shop.sock"}
+    settings = resolve(env)
+    assert settings.control_socket == Path("/run/handoff/shop.sock")
+    assert settings.sources["control_socket"] == "HANDOFF_CONTROL_SOCKET"
+    chosen = resolve(env, control_socket=Path("/srv/ctl.sock"))
+    assert chosen.control_socket == Path("/srv/ctl.sock")
+    assert chosen.sources["control_socket"] == "argument"
+
+
+@pytest.mark.parametrize("value", ["none", "None", " none "])
+def test_control_socket_none_disables_it(value: str) -> None:
+    settings = resolve({**LOCAL_ENV, "HANDOFF_CONTROL_SOCKET": value})
+    assert settings.control_socket is None
+    rows = {s: v for s, v, _ in describe(settings)}
+    assert rows["control_socket"] == "(disabled)"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("relative/ctl.sock", "not an absolute path"),
+        ("/" + "x" * 200, "bytes long"),
+        ("/tmp/a\0b", "NUL"),
+    ],
+)
+def test_control_socket_malformed(value: str, problem: str) -> None:
+    message = config_error({**LOCAL_ENV, "HANDOFF_CONTROL_SOCKET": value})
+    assert "HANDOFF_CONTROL_SOCKET" in message
+    assert problem in message
+
+
+def test_control_socket_default_too_long_is_a_warning_not_an_error() -> None:
+    settings = resolve({**LOCAL_ENV, "XDG_RUNTIME_DIR": "/" + "r" * 120})
+    assert settings.control_socket is None
+    assert any("HANDOFF_CONTROL_SOCKET" in warning for warning in settings.warnings)
+
+
 # --- Settings and describe -------------------------------------------------------------
 
 
@@ -1056,6 +1117,7 @@ def test_describe_covers_every_setting_with_its_source(tmp_path: Path) -> None:
         "connect_timeout": ("2 s", "default"),
         "region": ("ams", "fly"),
         "fly_app": ("shop", "fly"),
+        "control_socket": (f"/tmp/handoff-{os.geteuid()}/shop.sock", "default"),
     }
 
 
@@ -1117,6 +1179,7 @@ CONTRACT = {
     "HANDOFF_HANDSHAKE_TIMEOUT",
     "HANDOFF_CONNECT_TIMEOUT",
     "HANDOFF_ADVERTISE",
+    "HANDOFF_CONTROL_SOCKET",
 }
 
 

@@ -347,3 +347,29 @@ async def test_a_corrupt_snapshot_is_moved_aside_and_the_node_starts_cold(
         assert not written.exists()
         assert list((tmp_path / "corrupt").glob("*.snapshot"))
     assert "not restored" in caplog.text or "unusable" in caplog.text
+
+
+async def test_successor_is_warm_only_once_every_namespace_arrived() -> None:
+    first: dict[int, int] = {}
+    second: dict[int, int] = {}
+    seen_when_warm: list[tuple[int, int]] = []
+    new = node("new", "127.0.0.3")
+    new.track("a-first", first)
+    new.track("b-second", second)
+    async with new, anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await new.wait_warm()
+            seen_when_warm.append((len(first), len(second)))
+
+        tg.start_soon(watch)
+        old = node("old", "127.0.0.2", new)
+        old.track("a-first", {i: i for i in range(3000)})
+        old.track("b-second", {i: i for i in range(3000)})
+        async with old:
+            await wait_until(connected(old, new))
+            await old.drain()
+            with anyio.fail_after(5):
+                await new.wait_warm()
+    assert seen_when_warm == [(3000, 3000)]
+    assert new.warm_reason == "received a handoff from old"

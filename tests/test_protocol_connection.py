@@ -42,6 +42,7 @@ from handoff.protocol import (
     Chunk,
     Connection,
     ConnState,
+    Done,
     End,
     Event,
     FrameDecoder,
@@ -820,6 +821,7 @@ SAMPLE_MESSAGES: dict[type[Message], Message] = {
     Ack: Ack(1, 0, 1, 0, (), 1),
     End: End(1, 1),
     Cancel: Cancel(1, "deadline"),
+    Done: Done(1),
 }
 
 

@@ -18,6 +18,7 @@ from handoff.protocol import (
     Auth,
     Cancel,
     Chunk,
+    Done,
     End,
     FrameDecoder,
     Goodbye,
@@ -106,6 +107,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Ack: st.builds(Ack, streams, counts, counts, counts, dropped_pairs, st.integers(0, MAX_CREDIT)),
     End: st.builds(End, streams, counts),
     Cancel: st.builds(Cancel, streams, reasons),
+    Done: st.builds(Done, counts),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -133,6 +135,7 @@ SAMPLES: dict[type[Message], Message] = {
     Ack: Ack(7, 3, 1, 0, (("expired", 1),), 15),
     End: End(7, 10_000),
     Cancel: Cancel(7, "drain deadline"),
+    Done: Done(10_000),
 }
 
 
@@ -142,9 +145,9 @@ def test_every_message_type_is_covered() -> None:
 
 
 def test_session_messages_are_the_new_types() -> None:
-    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel} == SESSION_MESSAGES
+    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Done} == SESSION_MESSAGES
     assert SESSION_MESSAGES.issubset(MESSAGE_TYPES.values())
-    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 23))
+    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 24))
 
 
 def test_type_codes_are_unique_and_registered() -> None:
@@ -374,6 +377,7 @@ BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     Ack: [bad_stream, bad_count, bad_count, bad_count, bad_dropped, bad_ack_credit],
     End: [bad_stream, bad_count],
     Cancel: [bad_stream, bad_session_reason],
+    Done: [bad_count],
 }
 
 
@@ -520,7 +524,7 @@ def test_session_limits_are_inclusive() -> None:
 # -- type codes and envelopes --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [0, 9, 10, 15, 23, 99, 255, -1, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("code", [0, 9, 10, 15, 24, 99, 255, -1, 2**63, 2**64 - 1])
 def test_unknown_type_code(code: int) -> None:
     with pytest.raises(ProtocolError, match="unknown message type"):
         decode_message([code])

@@ -13,7 +13,7 @@ from handoff._adapter import ImportResult
 from handoff._codec import Codec, gc_paused
 from handoff._errors import NoTransformPath, ProtocolError
 from handoff.engine._tracked import Tracked
-from handoff.protocol import Accept, Ack, Cancel, Chunk, End, Message, Offer, Refuse
+from handoff.protocol import Accept, Ack, Cancel, Chunk, Done, End, Message, Offer, Refuse
 from handoff.transforms import Chain, Transforms
 from handoff.transport import PeerLink
 
@@ -47,7 +47,7 @@ class Receiver:
         transforms: Transforms,
         codec: Codec,
         accepting: Callable[[], str | None],
-        on_complete: Callable[[str, str, int], None],
+        on_complete: Callable[[str, int], None],
         clock: Callable[[], float] = anyio.current_time,
         lock: AbstractContextManager[object] | None = None,
     ) -> None:
@@ -67,7 +67,7 @@ class Receiver:
         return len(self._streams)
 
     async def handle(self, peer: str, link: PeerLink, message: Message) -> None:
-        """Handle an Offer, Chunk, End or Cancel from ``peer``."""
+        """Handle an Offer, Chunk, End, Cancel or Done from ``peer``."""
         if isinstance(message, Offer):
             await self._offer(peer, link, message)
         elif isinstance(message, Chunk):
@@ -79,7 +79,9 @@ class Receiver:
             logger.info(
                 "received %d records of %r from %s", stream.received, stream.namespace, peer
             )
-            self._on_complete(peer, stream.namespace, stream.received)
+        elif isinstance(message, Done):
+            # Only now, not at the end of one namespace: the next one may be on its way.
+            self._on_complete(peer, message.records)
         elif isinstance(message, Cancel):
             stream = self._streams.pop((peer, message.stream), None)
             if stream is not None:

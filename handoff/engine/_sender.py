@@ -29,7 +29,7 @@ from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
 from handoff.engine._tracked import Tracked
 from handoff.membership import Peer
-from handoff.protocol import Accept, Ack, Cancel, Chunk, End, Message, Offer, Refuse
+from handoff.protocol import Accept, Ack, Cancel, Chunk, Done, End, Message, Offer, Refuse
 from handoff.snapshot import MAX_CHUNK as MAX_SNAPSHOT_CHUNK
 from handoff.snapshot import SnapshotStore, SnapshotWriter
 from handoff.transforms import Chain, Transforms
@@ -97,8 +97,12 @@ class Drainer:
         wall_clock: Callable[[], float] = time.time,
         max_frame: int = 8 * 1024 * 1024,
         lock: AbstractContextManager[object] | None = None,
+        progress: Callable[[NamespaceReport], None] | None = None,
     ) -> None:
+        """``progress(report)`` is called with the namespace's report (updated in place)
+        after each acknowledgement and when the namespace is done; it must not block."""
         self._lock = lock if lock is not None else nullcontext()
+        self._progress = progress
         self._node = node
         self._release = release
         self._cluster = cluster
@@ -142,6 +146,8 @@ class Drainer:
             for reason, dropped in message.dropped:
                 report.receiver_drop(reason, dropped)
             stream.credit += message.credit
+            if self._progress is not None:
+                self._progress(report)
         self._changed.set()
 
     def on_peer_lost(self, peer: str) -> None:
@@ -172,9 +178,28 @@ class Drainer:
             ns_started = self._clock()
             await self._drain_namespace(tracked, report, stream_until, deadline)
             report.seconds = self._clock() - ns_started
+            if self._progress is not None:
+                self._progress(report)
             if not report.complete:  # pragma: no cover - a bug, never a user error
                 logger.error("drain report for %s does not add up: %r", tracked.name, report)
+        await self._say_done(deadline)
         return DrainReport(self._node, self._release, self._clock() - started, reports)
+
+    async def _say_done(self, deadline: float) -> None:
+        """Tell every successor that took something that nothing more will come."""
+        served: dict[str, tuple[PeerLink, int]] = {}
+        for (name, _), stream in self._streams.items():
+            if stream.state is _StreamState.OPEN or stream.acknowledged:
+                link, acknowledged = served.get(name, (stream.link, 0))
+                served[name] = (link, acknowledged + stream.acknowledged)
+        for name, (link, acknowledged) in served.items():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                break
+            try:
+                await link.send(Done(acknowledged), time_limit=remaining)
+            except HandoffError as exc:
+                logger.debug("could not tell %s the drain is done: %s", name, exc)
 
     async def _drain_namespace(
         self, tracked: Tracked, report: NamespaceReport, stream_until: float, deadline: float

@@ -25,6 +25,7 @@ __all__ = (
     "Auth",
     "Cancel",
     "Chunk",
+    "Done",
     "End",
     "Goodbye",
     "Heartbeat",
@@ -558,6 +559,25 @@ class Cancel(Message):
         return message
 
 
+@dataclass(frozen=True, slots=True)
+class Done(Message):
+    """The sender's drain is over: nothing more will come from it (``records`` this
+    receiver acknowledged in all). The receiver counts itself warm from here."""
+
+    TYPE: ClassVar[int] = 23
+    records: int
+
+    def fields(self) -> list[object]:
+        return [self.records]
+
+    @classmethod
+    def from_fields(cls, fields: list[object]) -> Self:
+        f = _Fields("Done", fields)
+        message = cls(f.integer("records", 0, MAX_COUNT))
+        f.done()
+        return message
+
+
 def _node_state(text: str) -> NodeState:
     try:
         return NodeState(text)
@@ -566,7 +586,7 @@ def _node_state(text: str) -> NodeState:
 
 
 SESSION_MESSAGES: frozenset[type[Message]] = frozenset(
-    {Offer, Accept, Refuse, Chunk, Ack, End, Cancel}
+    {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Done}
 )
 """Messages that an established connection hands to the layer above."""
 
@@ -588,6 +608,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Ack,
         End,
         Cancel,
+        Done,
     )
 }
 

@@ -23,14 +23,17 @@ With ``HANDOFF_TEST_STATE`` set to a JSON object (see :class:`StateConfig`), the
 holds state and tracks it before the node starts::
 
     {"namespace": "cache", "type": "ttl", "entries": 20000, "value_size": 100,
-     "ttl": 300, "maxsize": 40000, "version": 1, "apply_delay": 0, "key_prefix": "k"}
+     "ttl": 300, "maxsize": 40000, "version": 1, "apply_delay": 0, "key_prefix": "k",
+     "hot_first": false, "drain_on_stop": true}
 
 Every field is optional. ``type`` is ``"ttl"`` (``cachetools.TTLCache(maxsize, ttl)``),
 ``"lru"`` (``cachetools.LRUCache(maxsize)``) or ``"dict"``; ``maxsize`` defaults to twice
 ``entries`` (at least 2) and is ignored for ``"dict"``. The child fills ``entries`` entries
-in order ``i = 0, 1, ...``: key ``f"{key_prefix}{i}"``, value :func:`state_value` ``(i,
-value_size)``, a ``value_size``-character string derived from ``i``, so the parent can
-compute what a receiver must hold (:func:`expected_digest`). The namespace is tracked with
+in order ``i = 0, 1, ...`` (with ``hot_first``, in the reverse order, so that entry 0 is
+the most recently used: what a cache under traffic where low indices are the hottest looks
+like): key ``f"{key_prefix}{i}"``, value :func:`state_value` ``(i, value_size)``, a
+``value_size``-character string derived from ``i``, so the parent can compute what a
+receiver must hold (:func:`expected_digest`). The namespace is tracked with
 ``node.track(namespace, obj, version=version)`` through the adapter its type selects, wrapped
 so that every import (a received chunk, or a chunk of a restored snapshot) first sleeps
 ``apply_delay`` seconds (blocking the event loop on purpose: a slow receiver) and then
@@ -43,7 +46,9 @@ prints
   reason names the handoff, the snapshot or the warm-up timeout).
 
 A child with state drains on SIGTERM, SIGINT or end of stdin before it stops, as a real
-service would (prints ``drained``, see below); a child without state only stops, as before.
+service would (prints ``drained``, see below); a child without state only stops, as before,
+and so does one whose state says ``"drain_on_stop": false`` (a service without handoff: its
+state is lost).
 Mind ``HANDOFF_DRAIN_TIMEOUT`` against the ``timeout`` of :meth:`NodeProcess.close`.
 
 Commands
@@ -66,6 +71,13 @@ them and waits for the reply):
   state, ``entries``, ``digest`` and ``unexpected`` are ``None``.
 - ``stop``: drains (as leaving ``async with node`` does; with or without state), prints
   ``drained`` if no drain was reported yet, then stops as on SIGTERM and exits 0.
+- ``traffic SPEC`` (needs state): serves synthetic requests from the held object, as
+  :class:`handoff._demo.TrafficSpec` ``SPEC`` (JSON, one line) describes, in the background:
+  keys ``f"{key_prefix}{rank}"``, values from :func:`state_value`, so what it loads is what
+  ``StateConfig`` generates. Replies ``{"event": "traffic-started", "requests": n}`` at
+  once, then prints one ``traffic`` event per bin and ``traffic-done`` at the end (see
+  :func:`handoff._demo.run_traffic`). The traffic stops, before any drain, as soon as the
+  node is told to stop. One stream at a time.
 
 Anything else gets ``{"event": "command-error", "command": line, "message": ...}``, which
 :meth:`NodeProcess.command` raises as :class:`NodeProcessError`.
@@ -118,6 +130,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from handoff import ConfigError, HandoffError, Node, Peer
 from handoff._adapter import Adapter, ImportResult, Record
+from handoff._demo import TrafficSpec, run_traffic
 from handoff._registry import adapter_for
 from handoff.adapters.cachetools import _data as _cache_data
 from handoff.engine import DrainReport
@@ -149,7 +162,12 @@ _STDERR_TAIL_LINES = 200
 _CHILD_CODE = "import sys; from handoff.testing._process import main; sys.exit(main())"
 
 #: The event each command answers with (:meth:`NodeProcess.command`).
-_REPLIES: Final[Mapping[str, str]] = {"drain": "drained", "stats": "stats", "stop": "stopped"}
+_REPLIES: Final[Mapping[str, str]] = {
+    "drain": "drained",
+    "stats": "stats",
+    "stop": "stopped",
+    "traffic": "traffic-started",
+}
 _COMMAND_ERROR: Final = "command-error"
 
 EventPredicate = Callable[[dict[str, Any]], bool]
@@ -180,6 +198,10 @@ class StateConfig:
     apply_delay: float = 0.0
     """Seconds each import sleeps (blocking) before it applies its records."""
     key_prefix: str = "k"
+    hot_first: bool = False
+    """Fill from the last index down, so that entry 0 is the most recently used."""
+    drain_on_stop: bool = True
+    """Drain on SIGTERM, SIGINT or end of stdin (false: stop at once, the state is lost)."""
 
     def __post_init__(self) -> None:
         def integer(name: str, value: object, low: int) -> None:
@@ -210,6 +232,9 @@ class StateConfig:
         number("apply_delay", self.apply_delay, positive=False)
         if not isinstance(self.key_prefix, str):
             raise ValueError(f"key_prefix must be a string, got {self.key_prefix!r}")
+        for name in ("hot_first", "drain_on_stop"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> StateConfig:
@@ -915,7 +940,8 @@ class _HeldState:
     def __init__(self, node: Node, config: StateConfig) -> None:
         self.config = config
         self.obj = config.create()
-        for index in range(config.entries):
+        order = range(config.entries)
+        for index in reversed(order) if config.hot_first else order:
             self.obj[config.key(index)] = config.value(index)
         self.adapter = _ObservedAdapter(adapter_for(self.obj), config.namespace, config.apply_delay)
         node.track(config.namespace, self.obj, version=config.version, adapter=self.adapter)
@@ -1001,6 +1027,7 @@ class _Runner:
         self.drain_on_stop = False
         self._draining = 0
         self._drained_reported = False
+        self._traffic = False
 
     def request_stop(self, event: dict[str, object], *, drain: bool) -> None:
         if self.stop_requested.is_set():
@@ -1013,7 +1040,7 @@ class _Runner:
         async for signum in signals:
             self.request_stop(
                 {"event": "stopping", "signal": signal.Signals(signum).name},
-                drain=self.held is not None,
+                drain=self.held is not None and self.held.config.drain_on_stop,
             )
 
     async def announce_warm(self) -> None:
@@ -1035,8 +1062,46 @@ class _Runner:
             _emit(self.stats(digest=not words[1:]))
         elif words == ["stop"]:
             self.request_stop({"event": "stopping", "signal": None, "command": "stop"}, drain=True)
+        elif words[:1] == ["traffic"]:
+            self.start_traffic(line)
         else:
-            self._reject(line, "unknown command; known: drain, stats [--no-digest], stop")
+            self._reject(
+                line, "unknown command; known: drain, stats [--no-digest], stop, traffic SPEC"
+            )
+
+    def start_traffic(self, line: str) -> None:
+        if self.held is None:
+            self._reject(line, f"traffic needs state to serve from ({STATE_ENV})")
+            return
+        if self._traffic:
+            self._reject(line, "traffic is already running")
+            return
+        try:
+            spec = TrafficSpec.parse(line.partition(" ")[2])
+            spec.owner(self.node.name)  # this node must be one of the spec's nodes
+        except ValueError as exc:
+            self._reject(line, f"invalid traffic spec: {exc}")
+            return
+        self._traffic = True
+        _emit({"event": "traffic-started", "requests": spec.requests})
+        self.task_group.start_soon(self.traffic, spec, self.held)
+
+    async def traffic(self, spec: TrafficSpec, held: _HeldState) -> None:
+        config = held.config
+        try:
+            await run_traffic(
+                spec,
+                held.obj,
+                me=self.node.name,
+                key_of=config.key,
+                value_of=config.value,
+                emit=_emit,
+                stopped=self.stop_requested.is_set,
+                lock=self.node.lock,
+                clock=time.monotonic,
+            )
+        finally:
+            self._traffic = False
 
     @staticmethod
     def _reject(line: str, message: str) -> None:
@@ -1187,7 +1252,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         prog="handoff.testing._process",
         description="Run one warm-handoff node configured by HANDOFF_* variables, printing "
         f"its events as JSON lines, until SIGTERM or SIGINT. {STATE_ENV} gives it state to "
-        "hand off; stdin takes the commands drain, stats [--no-digest] and stop.",
+        "hand off; stdin takes the commands drain, stats [--no-digest], stop and traffic SPEC.",
     )
     parser.add_argument("--log-level", default="INFO", help="level of the log on stderr")
     parser.add_argument(

@@ -1,0 +1,799 @@
+"""The local control endpoint: a Unix socket the ``handoff`` CLI uses to talk to a node.
+
+A running node serves it on ``HANDOFF_CONTROL_SOCKET`` (default
+``${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<cluster>.sock``; ``none`` disables it). Only
+processes of the node's own user, or root, may use it: the socket is mode 0600, the default
+directory mode 0700, and the server checks the peer's credentials (``SO_PEERCRED`` on Linux)
+before it reads a byte.
+
+The protocol is JSON lines, one request per connection. The client sends one object, the
+server answers with zero or more ``progress`` lines and one final ``result`` or ``error``
+line, then closes::
+
+    {"command": "status"}                     -> {"type": "result", "status": {...}}
+    {"command": "drain", "timeout": 5}        -> {"type": "progress", "event": "started", ...}
+                                                 {"type": "progress", "event": "namespace", ...}
+                                                 {"type": "result", "report": {...}, "ok": true}
+    {"command": "wait-ready", "timeout": 30}  -> {"type": "result", "warm": true, "reason": ...}
+    anything wrong                            -> {"type": "error", "code": ..., "error": ...}
+
+Everything is bounded: the request size, the time to send it, the time each reply line may
+take to be written, and the number of control connections served at once.
+
+A drain asked for here runs in the server's own task group, not the connection's: a client
+that goes away (Ctrl-C on ``handoff drain``) must not cut a drain short half way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import math
+import os
+import pwd
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from handoff._errors import ConfigError, HandoffError
+from handoff.config import control_directory, default_control_socket
+from handoff.engine import DrainReport, NamespaceReport
+from handoff.protocol import NodeState
+
+if TYPE_CHECKING:
+    from handoff.node import Node
+
+__all__ = (
+    "MAX_CONNECTIONS",
+    "MAX_REQUEST_BYTES",
+    "READ_TIMEOUT",
+    "AmbiguousSocket",
+    "ControlError",
+    "ControlPermissionError",
+    "ControlServer",
+    "ControlSocketError",
+    "NoNodeRunning",
+    "call",
+    "locate_socket",
+    "node_status",
+    "peer_uid",
+    "uid_allowed",
+)
+
+logger = logging.getLogger("handoff.control")
+
+#: Largest request line the server reads; requests are a few dozen bytes.
+MAX_REQUEST_BYTES = 4096
+#: Seconds a client has to send its request once connected.
+READ_TIMEOUT = 5.0
+#: Seconds one reply line may take to be written before the client counts as gone.
+WRITE_TIMEOUT = 5.0
+#: Control connections served at once; more are answered "busy" and closed.
+MAX_CONNECTIONS = 16
+#: Upper bound of a request's ``timeout``: an hour is longer than any drain or warm-up.
+MAX_REQUEST_TIMEOUT = 3600.0
+#: Largest reply line the client accepts (a status of a big cluster is a few hundred KiB).
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+# Progress lines are for people watching: coalesce acknowledgements into one line per
+# namespace at most this often instead of one per chunk.
+PROGRESS_INTERVAL = 0.2
+# A starting node holds the directory lock for a few system calls; waiting longer than
+# this means the holder is stuck (a stopped process) and we had better say so.
+_LOCK_TIMEOUT = 2.0
+_PROBE_TIMEOUT = 1.0
+# How long a refused client may take to stop sending before its connection is closed.
+_LINGER = 1.0
+# The client's patience beyond the deadline the node announced (its drain deadline is hard,
+# invariant 7; this covers writing the report and scheduling delays).
+_CLIENT_GRACE = 10.0
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class ControlError(HandoffError):
+    """The CLI could not get an answer from the local node's control socket."""
+
+
+class NoNodeRunning(ControlError):
+    """No node serves the control socket (nothing there, or a stale socket file)."""
+
+
+class ControlPermissionError(ControlError):
+    """The control socket belongs to another user, or the node refused this user."""
+
+
+class AmbiguousSocket(ControlError):
+    """Several nodes' sockets are in the default directory and nothing says which one."""
+
+
+class ControlSocketError(ConfigError):
+    """The node cannot serve its control socket (in use by another node, not a socket,
+    a directory that is not this user's). Raised by ``Node.start`` when
+    ``HANDOFF_CONTROL_SOCKET`` names the path; with the default path it is logged and the
+    node runs without a control socket."""
+
+
+# -- who may talk ---------------------------------------------------------------------------
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket, ``None`` where the
+    platform cannot tell (no ``SO_PEERCRED``: then file permissions alone protect it)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size)
+    except OSError:
+        return None
+    _pid, uid, _gid = _PEERCRED.unpack(data)
+    return int(uid)
+
+
+def uid_allowed(uid: int) -> bool:
+    """Whether a process of ``uid`` may use this process's control socket: the same user,
+    or root."""
+    return uid in (0, os.geteuid())
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+# -- what the node tells ----------------------------------------------------------------------
+
+
+def _report_dict(report: DrainReport) -> dict[str, Any]:
+    return {**report.as_dict(), "ok": report.ok, "summary": report.summary()}
+
+
+def _progress_dict(report: NamespaceReport) -> dict[str, Any]:
+    return {
+        "type": "progress",
+        "event": "namespace",
+        "namespace": report.namespace,
+        "version": report.version,
+        "records": report.records,
+        "sent": report.sent,
+        "acknowledged": report.acknowledged,
+        "snapshotted": report.snapshotted,
+        "dropped": sum(report.dropped.values()),
+        "successors": list(report.successors),
+    }
+
+
+def _entries(node: Node, name: str) -> int | None:
+    try:
+        return len(node.tracked[name].adapter)
+    except Exception:  # a third-party adapter's __len__ must not break status
+        logger.debug("len() of the adapter of %r failed", name, exc_info=True)
+        return None
+
+
+def node_status(node: Node) -> dict[str, Any]:
+    """What ``handoff status`` shows: this node, its members, tracked state, last drain."""
+    tracked = node.tracked
+    members: list[dict[str, Any]] = [
+        {
+            "name": node.name,
+            "release": node.release,
+            "state": node.state.value,
+            "address": node.address,
+            "self": True,
+            "started_at": node.started_at,
+            "namespaces": {name: t.version for name, t in sorted(tracked.items())},
+            "clock_offset": 0.0,
+        }
+    ]
+    members += [
+        {
+            "name": peer.name,
+            "release": peer.release,
+            "state": peer.state.value,
+            "address": peer.address,
+            "self": False,
+            "started_at": peer.started_at,
+            "namespaces": dict(sorted(peer.namespaces.items())),
+            "clock_offset": round(peer.clock_offset, 3) + 0.0,  # no -0.0
+        }
+        for peer in node.peers()
+    ]
+    report = node.last_drain_report
+    return {
+        "node": node.name,
+        "cluster": node.cluster,
+        "release": node.release,
+        "state": node.state.value,
+        "address": node.address,
+        "pid": os.getpid(),
+        "started_at": node.started_at,
+        "warm": node.is_warm,
+        "warm_reason": node.warm_reason,
+        "members": members,
+        "tracked": [
+            {
+                "namespace": name,
+                "kind": t.adapter.kind,
+                "entries": _entries(node, name),
+                "version": t.version,
+            }
+            for name, t in sorted(tracked.items())
+        ],
+        "last_drain": None if report is None else _report_dict(report),
+    }
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _request_timeout(request: Mapping[str, Any]) -> float | None:
+    value = request.get("timeout")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= MAX_REQUEST_TIMEOUT
+    ):
+        raise _BadRequest(
+            "bad-request",
+            f"timeout must be a number of seconds in (0, {MAX_REQUEST_TIMEOUT:g}], not {value!r}",
+        )
+    return float(value)
+
+
+@dataclass(slots=True)
+class _DrainWatch:
+    """Progress of one drain as one control connection sees it (latest per namespace)."""
+
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    finished: anyio.Event = field(default_factory=anyio.Event)
+    report: DrainReport | None = None
+    error: str = ""
+
+    def update(self, report: NamespaceReport) -> None:
+        self.latest[report.namespace] = _progress_dict(report)
+        self.wake.set()
+
+    def finish(self) -> None:
+        self.finished.set()
+        self.wake.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        items = list(self.latest.values())
+        self.latest.clear()
+        self.wake = anyio.Event()
+        return items
+
+
+async def _send(stream: anyio.abc.ByteStream, message: Mapping[str, Any]) -> None:
+    # Bounded: a client that stops reading must not hold a connection slot forever.
+    with anyio.fail_after(WRITE_TIMEOUT):
+        await stream.send(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "error": message}
+
+
+class ControlServer:
+    """Serves one node's control socket. Built by :meth:`open`; the node runs :meth:`serve`
+    in its task group and calls :meth:`aclose` when it stops."""
+
+    def __init__(
+        self,
+        node: Node,
+        listener: anyio.abc.SocketListener,
+        path: Path,
+        identity: tuple[int, int],
+    ) -> None:
+        self.node = node
+        self.path = path
+        """The socket's path."""
+        self._listener = listener
+        self._identity = identity
+        self._active = 0
+        self._refusing = 0
+        self._tasks: anyio.abc.TaskGroup | None = None
+
+    @classmethod
+    async def open(cls, node: Node, path: Path, *, explicit: bool) -> ControlServer | None:
+        """Listen on ``path``, replacing a stale socket file left by a node that died.
+
+        ``explicit``: the path came from ``HANDOFF_CONTROL_SOCKET`` (or the argument); then
+        any problem raises :class:`ControlSocketError`. For the default path a problem is a
+        warning and ``None`` is returned: several nodes of one cluster on one host (tests,
+        gunicorn workers) are legitimate, and only one of them can have the default socket.
+        """
+        try:
+            listener, identity = await _listen(path, explicit=explicit)
+        except ControlSocketError as exc:
+            if explicit:
+                raise
+            logger.warning("%s; %s runs without a control socket", exc, node.name)
+            return None
+        logger.info("%s: control socket for the handoff CLI at %s", node.name, path)
+        return cls(node, listener, path, identity)
+
+    async def aclose(self) -> None:
+        """Stop listening and remove the socket file (if it is still this server's)."""
+        with contextlib.suppress(OSError):
+            # While our listener is open nobody else takes the path over (they would find
+            # it alive), so the file there is ours if it is the one we made.
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
+        await self._listener.aclose()
+
+    async def serve(self) -> None:
+        """Accept control connections until the listener is closed or the task cancelled."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            while True:
+                try:
+                    stream = await self._listener.accept()
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    return
+                except OSError as exc:
+                    # Out of file descriptors and the like: back off instead of spinning.
+                    logger.warning("accepting a control connection failed: %s", exc)
+                    await anyio.sleep(0.1)
+                    continue
+                if self._active < MAX_CONNECTIONS:
+                    self._active += 1
+                    tasks.start_soon(self._handle, stream)
+                elif self._refusing < MAX_CONNECTIONS:
+                    self._refusing += 1
+                    tasks.start_soon(self._refuse_busy, stream)
+                else:  # a flood: not even a word for it
+                    await anyio.aclose_forcefully(stream)
+
+    async def _refuse_busy(self, stream: anyio.abc.SocketStream) -> None:
+        try:
+            async with stream:
+                message = (
+                    f"{self.node.name} is serving {MAX_CONNECTIONS} control connections "
+                    "already; try again"
+                )
+                await _last_word(stream, _error("busy", message))
+        except Exception:
+            logger.debug("could not tell a control client the server is busy", exc_info=True)
+        finally:
+            self._refusing -= 1
+
+    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
+        try:
+            async with stream:
+                await self._serve_one(stream)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError, OSError):
+            logger.debug("control client went away", exc_info=True)
+        except Exception:
+            # A bug of ours must cost one control connection, never the node.
+            logger.exception("internal error serving a control request")
+        finally:
+            self._active -= 1
+
+    async def _serve_one(self, stream: anyio.abc.SocketStream) -> None:
+        uid = peer_uid(stream.extra(SocketAttribute.raw_socket))
+        if uid is not None and not uid_allowed(uid):
+            logger.warning("refused a control connection from %s", _user(uid))
+            message = (
+                f"{_user(uid)} may not use the control socket of {self.node.name}: only its "
+                f"own user ({_user(os.geteuid())}) and root may"
+            )
+            await _last_word(stream, _error("forbidden", message))
+            return
+        try:
+            request = await _read_request(stream)
+            if request is None:
+                return  # connected and left without asking: a liveness probe
+            command = request.get("command")
+            if command == "status":
+                await _send(stream, {"type": "result", "status": node_status(self.node)})
+            elif command == "drain":
+                await self._drain(stream, _request_timeout(request))
+            elif command == "wait-ready":
+                await self._wait_ready(stream, _request_timeout(request))
+            else:
+                raise _BadRequest(
+                    "unknown-command",
+                    f"unknown command {command!r}; known: status, drain, wait-ready",
+                )
+        except _BadRequest as exc:
+            await _last_word(stream, _error(exc.code, str(exc)))
+
+    async def _wait_ready(self, stream: anyio.abc.ByteStream, seconds: float | None) -> None:
+        node = self.node
+        limit = seconds if seconds is not None else node.settings.warmup_timeout
+
+        async def wait() -> None:
+            with anyio.move_on_after(limit):
+                await node.wait_warm()
+
+        if not await _unless_hung_up(stream, wait):
+            return
+        await _send(
+            stream,
+            {
+                "type": "result",
+                "node": node.name,
+                "warm": node.is_warm,
+                "reason": node.warm_reason,
+                "waited": limit,
+            },
+        )
+
+    async def _drain(self, stream: anyio.abc.ByteStream, seconds: float | None) -> None:
+        node = self.node
+        assert self._tasks is not None
+        watch = _DrainWatch()
+        started = {
+            "type": "progress",
+            "event": "started",
+            "node": node.name,
+            "timeout": seconds if seconds is not None else node.settings.drain_timeout,
+            "already": node.last_drain_report is not None or node.state is NodeState.DRAINING,
+            "namespaces": sorted(node.tracked),
+        }
+
+        async def report_progress() -> None:
+            await _send(stream, started)
+            while True:
+                await watch.wake.wait()
+                for item in watch.take():
+                    await _send(stream, item)
+                if watch.finished.is_set():
+                    return
+                # Coalesce acknowledgements into one line per interval, but never wait
+                # past the end of the drain.
+                with anyio.move_on_after(PROGRESS_INTERVAL):
+                    await watch.finished.wait()
+
+        with node.watch_drain(watch.update):
+            self._tasks.start_soon(self._run_drain, seconds, watch)
+            if not await _unless_hung_up(stream, report_progress):
+                return  # the drain goes on in the server's task group
+        if watch.report is None:
+            await _send(stream, _error("drain-failed", watch.error or "the drain did not finish"))
+            return
+        await _send(stream, {"type": "result", "report": _report_dict(watch.report)})
+
+    async def _run_drain(self, seconds: float | None, watch: _DrainWatch) -> None:
+        try:
+            watch.report = await self.node.drain(timeout=seconds)
+        except Exception as exc:
+            logger.exception("drain asked for on the control socket failed")
+            watch.error = f"the drain failed: {type(exc).__name__}: {exc}"
+        finally:
+            watch.finish()
+
+
+async def _last_word(stream: anyio.abc.SocketStream, message: Mapping[str, Any]) -> None:
+    """Send a final error line to a client whose request may not have been read (whole).
+
+    Closing a Unix socket with unread data resets the connection, and the client would
+    then lose this line: so half-close, and read and drop what it sends, for a moment.
+    """
+    await _send(stream, message)
+    with anyio.move_on_after(_LINGER), contextlib.suppress(Exception):
+        await stream.send_eof()
+        while await stream.receive(MAX_REQUEST_BYTES):
+            pass
+
+
+async def _unless_hung_up(
+    stream: anyio.abc.ByteStream, work: Callable[[], Awaitable[None]]
+) -> bool:
+    """Run ``work``, but stop if the client hangs up (or says more than its one request)
+    first, so that a long wait does not hold a connection slot for a client that is gone.
+    Returns whether ``work`` finished."""
+    finished = False
+    error: Exception | None = None
+    async with anyio.create_task_group() as tasks:
+
+        async def watch() -> None:
+            with contextlib.suppress(Exception):
+                await stream.receive()
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        try:
+            await work()
+            finished = True
+        except Exception as exc:
+            # Raised after the group, unwrapped: the caller handles a broken stream itself.
+            error = exc
+        tasks.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return finished
+
+
+async def _read_request(stream: anyio.abc.ByteStream) -> dict[str, Any] | None:
+    buffered = BufferedByteReceiveStream(stream)
+    try:
+        with anyio.fail_after(READ_TIMEOUT):
+            line = await buffered.receive_until(b"\n", MAX_REQUEST_BYTES)
+    except TimeoutError:
+        raise _BadRequest("timeout", f"no request line within {READ_TIMEOUT:g} s") from None
+    except anyio.DelimiterNotFound:
+        raise _BadRequest(
+            "too-large", f"request longer than {MAX_REQUEST_BYTES} bytes without a newline"
+        ) from None
+    except (anyio.IncompleteRead, anyio.EndOfStream):
+        return None
+    try:
+        request = json.loads(line)
+    except ValueError:
+        raise _BadRequest("bad-request", "the request is not a JSON object") from None
+    if not isinstance(request, dict):
+        raise _BadRequest("bad-request", "the request is not a JSON object")
+    return request
+
+
+async def _listen(
+    path: Path, *, explicit: bool
+) -> tuple[anyio.abc.SocketListener, tuple[int, int]]:
+    origin = (
+        "HANDOFF_CONTROL_SOCKET"
+        if explicit
+        else "the default; set HANDOFF_CONTROL_SOCKET to another path, or none"
+    )
+    where = f"control socket {path} ({origin})"
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not explicit:
+            _make_private(directory, where)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise ControlSocketError(
+            f"{where}: cannot use the directory {directory}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        await _lock(fd, where)
+        # Blocking calls (a connect that may wait on a full backlog): off the event loop.
+        await anyio.to_thread.run_sync(_clear_stale, path, where)
+        try:
+            listener = await anyio.create_unix_listener(path, mode=0o600)
+        except OSError as exc:
+            raise ControlSocketError(f"{where}: cannot listen: {exc.strerror or exc}") from exc
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            await listener.aclose()
+            raise ControlSocketError(f"{where}: vanished after binding: {exc}") from exc
+        return listener, (st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _make_private(directory: Path, where: str) -> None:
+    """The default directory sits in a shared place (/tmp): it must be ours and 0700."""
+    st = os.lstat(directory)  # a symlink planted there by someone else must not be followed
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlSocketError(f"{where}: {directory} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ControlSocketError(
+            f"{where}: the directory {directory} belongs to {_user(st.st_uid)}, not to this "
+            f"user ({_user(os.geteuid())}); someone else could answer in this node's name"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
+
+
+async def _lock(fd: int, where: str) -> None:
+    """Lock the socket's directory so that two nodes starting at once do not both find a
+    stale socket and remove each other's fresh one."""
+    import fcntl  # POSIX only, like Unix sockets themselves
+
+    deadline = anyio.current_time() + _LOCK_TIMEOUT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if anyio.current_time() >= deadline:
+                raise ControlSocketError(
+                    f"{where}: its directory stayed locked by another starting node for "
+                    f"{_LOCK_TIMEOUT:g} s"
+                ) from None
+        # flock has no asynchronous wait, and the holder keeps it for a few system calls.
+        await anyio.sleep(0.01)
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_PROBE_TIMEOUT)
+        try:
+            probe.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # busy (backlog full) or not ours to replace: either way, not stale
+        return True
+
+
+def _clear_stale(path: Path, where: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlSocketError(
+            f"{where}: {path} exists and is not a socket; remove it or choose another path"
+        )
+    if _answers(path):
+        raise ControlSocketError(
+            f"{where}: another live node already serves it; give each node on this host its "
+            "own HANDOFF_CONTROL_SOCKET (or none)"
+        )
+    # Nobody answers: a node that was killed before it could clean up.
+    os.unlink(path)
+    logger.info("replaced the stale control socket %s", path)
+
+
+# -- the client -----------------------------------------------------------------------------
+
+_HOW_TO_POINT = "point the CLI at the node's socket with --socket PATH or HANDOFF_CONTROL_SOCKET"
+
+
+def locate_socket(
+    explicit: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path:
+    """The control socket the CLI should use: ``explicit`` (``--socket``), else
+    ``HANDOFF_CONTROL_SOCKET``, else the default path of ``HANDOFF_CLUSTER`` (or
+    ``FLY_APP_NAME``), else the only socket in the default directory."""
+    env = os.environ if environ is None else environ
+    if explicit is not None:
+        return Path(explicit)
+    configured = env.get("HANDOFF_CONTROL_SOCKET", "").strip()
+    if configured.lower() == "none":
+        raise NoNodeRunning(
+            "HANDOFF_CONTROL_SOCKET is 'none' here: the node serves no control socket. "
+            "Give it one, or pass --socket PATH"
+        )
+    if configured:
+        return Path(configured)
+    cluster = env.get("HANDOFF_CLUSTER", "").strip() or env.get("FLY_APP_NAME", "").strip()
+    if cluster:
+        return default_control_socket(cluster, env)
+    directory = control_directory(env)
+    try:
+        found = sorted(p for p in directory.glob("*.sock") if p.is_socket())
+    except OSError:
+        found = []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise NoNodeRunning(
+            f"no node is running here: no control socket in {directory} (and neither "
+            f"HANDOFF_CLUSTER nor HANDOFF_CONTROL_SOCKET is set). Start the node, or "
+            f"{_HOW_TO_POINT}"
+        )
+    raise AmbiguousSocket(
+        f"several nodes' control sockets in {directory}: "
+        f"{', '.join(p.name for p in found)}; pick one with --socket PATH or HANDOFF_CLUSTER"
+    )
+
+
+def _check_socket(path: Path) -> None:
+    try:
+        st = os.stat(path)
+    except PermissionError:
+        raise ControlPermissionError(
+            f"cannot reach the control socket {path}: permission denied (it is another "
+            f"user's). Run the command as the user the node runs as, or {_HOW_TO_POINT}"
+        ) from None
+    except OSError:
+        raise NoNodeRunning(
+            f"no node is running here: nothing at {path}. Start the node, or {_HOW_TO_POINT}"
+        ) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NoNodeRunning(f"{path} is not a socket, so no node serves there; {_HOW_TO_POINT}")
+    if st.st_uid != os.geteuid():
+        # Root could connect, but talking to another user's node is almost always the
+        # wrong socket; the node's own user can do it (sudo -u).
+        raise ControlPermissionError(
+            f"the control socket {path} belongs to {_user(st.st_uid)}, not to you "
+            f"({_user(os.geteuid())}): run the command as that user, or {_HOW_TO_POINT} "
+            "of your own node"
+        )
+
+
+async def _connect(path: Path) -> anyio.abc.SocketStream:
+    _check_socket(path)
+    try:
+        return await anyio.connect_unix(path)
+    except PermissionError:
+        raise ControlPermissionError(
+            f"cannot connect to the control socket {path}: permission denied. Run the "
+            f"command as the user the node runs as, or {_HOW_TO_POINT}"
+        ) from None
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            raise NoNodeRunning(
+                f"no node is running here: nobody answers at {path} (a socket left by a "
+                f"node that exited). Start the node, or {_HOW_TO_POINT}"
+            ) from None
+        raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+
+
+def _raise_reply_error(reply: Mapping[str, Any], path: Path) -> None:
+    code, message = str(reply.get("code", "")), str(reply.get("error", "unknown error"))
+    if code == "forbidden":
+        raise ControlPermissionError(f"the node at {path} refused: {message}")
+    raise ControlError(f"the node at {path} answered with an error ({code}): {message}")
+
+
+async def call(
+    path: Path,
+    request: Mapping[str, Any],
+    *,
+    time_limit: float,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Send one request to the node at ``path`` and return its final ``result`` line.
+
+    ``progress`` lines go to ``on_progress``. ``time_limit`` bounds the whole exchange; a
+    ``started`` line that announces a deadline extends it to that deadline plus a grace.
+    Raises :class:`NoNodeRunning`, :class:`ControlPermissionError` or :class:`ControlError`.
+    """
+    stream = await _connect(path)
+    async with stream:
+        try:
+            await stream.send(json.dumps(dict(request)).encode() + b"\n")
+            buffered = BufferedByteReceiveStream(stream)
+            deadline = anyio.current_time() + time_limit
+            while True:
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    line = await buffered.receive_until(b"\n", MAX_REPLY_BYTES)
+                try:
+                    reply = json.loads(line)
+                except ValueError:
+                    raise ControlError(f"the node at {path} sent a line that is not JSON") from None
+                if not isinstance(reply, dict):
+                    raise ControlError(f"the node at {path} sent a line that is not an object")
+                kind = reply.get("type")
+                if kind == "result":
+                    return reply
+                if kind == "error":
+                    _raise_reply_error(reply, path)
+                if kind == "progress":
+                    announced = reply.get("timeout")
+                    if isinstance(announced, int | float) and not isinstance(announced, bool):
+                        deadline = max(
+                            deadline, anyio.current_time() + float(announced) + _CLIENT_GRACE
+                        )
+                    if on_progress is not None:
+                        on_progress(reply)
+        except TimeoutError:
+            raise ControlError(f"the node at {path} did not answer within the time limit") from None
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            raise ControlError(
+                f"the node at {path} closed the connection before answering (did it stop?)"
+            ) from None
+        except anyio.DelimiterNotFound:
+            raise ControlError(f"the node at {path} sent a reply line that is too long") from None

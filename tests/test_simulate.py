@@ -1,0 +1,420 @@
+"""``handoff simulate``: the traffic model, the charts, the arguments, and real runs.
+
+The fast tests check the pieces without processes: Zipf sampling, the traffic spec, the
+balancer's split (it must be the drain's), the request loop, the terminal chart and the SVG.
+The slow ones run real deploys, cold and warm, on small settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import math
+import secrets
+import socket
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from handoff._demo import TrafficSpec, run_traffic, zipf_table
+from handoff.engine import Router
+from handoff.simulate import (
+    BIN_SECONDS,
+    Comparison,
+    DemoSettings,
+    DeployRun,
+    TrafficBin,
+    add_simulate_arguments,
+    render_chart,
+    render_svg,
+    render_table,
+    run_from_args,
+)
+from handoff.testing import STATE_ENV, NodeProcess, NodeProcessError, free_port
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="handoff simulate", exit_on_error=True)
+    add_simulate_arguments(parser)
+    return parser
+
+
+def _spec(**changes: Any) -> TrafficSpec:
+    now = time.monotonic()
+    fields: dict[str, Any] = {
+        "epoch": now,
+        "start": now,
+        "end": now + 0.3,
+        "rate": 1000.0,
+        "keys": 400,
+        "interval": 0.1,
+    }
+    return TrafficSpec(**{**fields, **changes})
+
+
+# -- the traffic model --------------------------------------------------------------------------
+
+
+def test_zipf_table_is_a_distribution_over_ranks() -> None:
+    table = zipf_table(1000, 1.0)
+    assert len(table) == 1000
+    assert table[-1] == 1.0
+    assert all(a < b for a, b in itertools.pairwise(table))
+    harmonic = sum(1 / (r + 1) for r in range(1000))
+    assert table[0] == pytest.approx(1 / harmonic)
+    with pytest.raises(ValueError, match="at least 1"):
+        zipf_table(0, 1.0)
+
+
+def test_traffic_spec_round_trips_and_rejects_nonsense() -> None:
+    spec = _spec(nodes=("node-b", "node-c"), balance="round-robin", seed=7)
+    assert TrafficSpec.parse(spec.to_json()) == spec
+    assert spec.requests == 300
+    assert spec.first_bin() == 0
+    assert spec.last_bin() == 2
+    for bad, message in (
+        ({"rate": 0}, "rate must be"),
+        ({"keys": 0}, "keys must be"),
+        ({"balance": "random"}, "balance must be"),
+        ({"nodes": ("a", "a")}, "must not repeat"),
+        ({"end": time.monotonic() - 10}, "need epoch <= start <= end"),
+        ({"interval": math.nan}, "interval must be"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _spec(**bad)
+    with pytest.raises(ValueError, match="unknown field"):
+        TrafficSpec.from_mapping({**json.loads(spec.to_json()), "colour": "red"})
+    with pytest.raises(ValueError, match="not JSON"):
+        TrafficSpec.parse("{")
+    with pytest.raises(ValueError, match="not one of the nodes"):
+        spec.owner("node-z")
+
+
+def test_the_balancer_splits_keys_as_the_drain_does() -> None:
+    nodes = ("node-b", "node-c", "node-d")
+    spec = _spec(nodes=nodes)
+    owners = {name: spec.owner(name) for name in nodes}
+    router = Router(list(nodes))
+    counts: Counter[str] = Counter()
+    for rank in range(3000):
+        key = f"k{rank}"
+        serving = [name for name, mine in owners.items() if mine(rank, key)]
+        assert serving == [nodes[router.route(key)]]
+        counts[serving[0]] += 1
+    assert min(counts.values()) > 800  # spread about evenly
+    round_robin = _spec(nodes=nodes, balance="round-robin")
+    assert [n for n in nodes if round_robin.owner(n)(4, "k0")] == ["node-c"]
+    assert _spec().owner("anyone")(0, "k0")
+
+
+def _collect(
+    spec: TrafficSpec, me: str, cache: dict[Any, Any], **kwargs: Any
+) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        await run_traffic(
+            spec,
+            cache,
+            me=me,
+            key_of=lambda rank: f"k{rank}",
+            value_of=lambda rank: f"v{rank}",
+            emit=lambda event: events.append(dict(event)),
+            stopped=kwargs.get("stopped", lambda: False),
+            lock=threading.RLock(),
+            clock=time.monotonic,
+        )
+
+    anyio.run(main)
+    return events
+
+
+def test_request_loop_counts_every_request_in_its_bin() -> None:
+    spec = _spec()
+    cache: dict[Any, Any] = {"k0": "v0"}
+    events = _collect(spec, "node-b", cache)
+    bins = [e for e in events if e["event"] == "traffic"]
+    done = events[-1]
+    assert done["event"] == "traffic-done"
+    assert done["complete"] is True
+    assert [b["bin"] for b in bins] == [0, 1, 2]
+    assert sum(b["requests"] for b in bins) == done["requests"] == spec.requests
+    for one in bins:
+        assert one["hits"] + one["backend_calls"] == one["requests"]
+    assert 0 < done["hits"] < done["requests"]
+    # What the backend answered was stored: values are the backend's.
+    assert all(cache[key] == "v" + key[1:] for key in cache)
+
+
+def test_request_loop_split_by_key_serves_each_request_once() -> None:
+    now = time.monotonic()
+    nodes = ("node-b", "node-c")
+    spec = _spec(epoch=now, start=now, end=now + 0.2, nodes=nodes)
+    served = [_collect(spec, name, {})[-1]["requests"] for name in nodes]
+    assert sum(served) == spec.requests
+    assert all(count > 0 for count in served)
+
+
+def test_request_loop_stops_when_told() -> None:
+    spec = _spec(end=time.monotonic() + 60)
+    deadline = time.monotonic() + 0.2
+    started = time.monotonic()
+    events = _collect(spec, "node-b", {}, stopped=lambda: time.monotonic() > deadline)
+    assert time.monotonic() - started < 2
+    assert events[-1]["event"] == "traffic-done"
+    assert events[-1]["complete"] is False
+
+
+# -- the output, from a made-up comparison ------------------------------------------------------
+
+
+def _comparison() -> Comparison:
+    settings = DemoSettings(entries=100, seconds=4)
+    comparison = Comparison(settings, ok=True)
+    for label, handoff in (("cold", False), ("warm", True)):
+        run = DeployRun(label, handoff, settings)
+        for index, one in enumerate(run.bins):
+            after = index >= settings.before_bins
+            rate = 0.9 if not after or handoff else 0.3 + 0.05 * (index - settings.before_bins)
+            hits = round(500 * rate)
+            one.add(TrafficBin(500, hits, 500 - hits))
+        run.entries_before = 100
+        run.entries_moved = 100 if handoff else 0
+        run.deploy.drain = {"seconds": 0.12} if handoff else None
+        setattr(comparison, label, run)
+    return comparison
+
+
+def test_terminal_chart_shows_both_runs_side_by_side() -> None:
+    comparison = _comparison()
+    lines = render_chart(comparison)
+    assert "cold: no handoff" in lines[1]
+    assert "warm: handoff" in lines[1]
+    assert [line.count("▲") for line in lines[1:] if "▲" in line] == [2]  # one per panel
+    assert lines[-1].split()[:3] == ["-1s", "0", "+3s"]
+    axis = next(line for line in lines[1:] if "▲" in line)
+    assert axis.count("0%") == 2
+    # 16 bins of 0.25 s, each drawn twice to fill 32 columns, 4 of them before the switch.
+    # Just below 100%, the warm run's bars are full throughout, the cold run's only before.
+    second = lines[1].index("warm: handoff") - 5
+    row = lines[3]
+    assert row[:second].count("█") == 8
+    assert row[second:].count("█") == 32
+    plain = render_chart(comparison, unicode=False)
+    assert all(line.isascii() for line in plain)
+    assert any("^" in line for line in plain)
+
+
+def test_table_lists_the_numbers_of_both_runs() -> None:
+    text = "\n".join(render_table(_comparison()))
+    assert "hit rate, first 2 s after" in text
+    assert "47.5%" in text
+    assert "0.12 s" in text
+    assert "100 of 100" in text
+
+
+def test_svg_is_valid_and_has_a_line_per_run_and_panel() -> None:
+    root = ET.fromstring(render_svg(_comparison()))
+    assert root.tag == f"{SVG}svg"
+    lines = root.findall(f"{SVG}polyline")
+    assert len(lines) == 4  # hit rate and backend calls, cold and warm
+    for line in lines:
+        points = [tuple(map(float, p.split(","))) for p in line.attrib["points"].split()]
+        assert len(points) == 16
+        xs = [x for x, _ in points]
+        assert xs == sorted(xs)
+    texts = " ".join(t.text or "" for t in root.iter(f"{SVG}text"))
+    assert "switch" in texts
+    assert "warm: handoff" in texts
+
+
+def test_json_of_a_comparison_has_the_headline_numbers() -> None:
+    data = _comparison().as_dict()
+    assert data["hit_rate_cold"] == pytest.approx(0.3 + 0.05 * 3.5, abs=0.01)
+    assert data["hit_rate_warm"] == pytest.approx(0.9, abs=0.01)
+    assert data["backend_calls_warm"] < data["backend_calls_cold"]
+    assert (data["entries_before"], data["entries_after"], data["lost"]) == (100, 100, 0)
+    assert len(data["cold"]["series"]) == DemoSettings(entries=100, seconds=4).bins
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--nodes", "0"],
+        ["--nodes", "9"],
+        ["--nodes", "two"],
+        ["--entries", "0"],
+        ["--entries", "1e3"],
+        ["--seconds", "0"],
+        ["--seconds", "nan"],
+        ["--seconds", "soon"],
+        ["--rate", "5"],
+        ["--balance", "random"],
+        ["--plot", "chart.png"],
+        ["--plot", "/no/such/directory/chart.svg"],
+        ["--no-such-option"],
+    ],
+)
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for word in ("--nodes", "--entries", "--seconds", "--json", "--plot", "SIGTERM", "SVG only"):
+        assert word in out
+    defaults = _parser().parse_args([])
+    assert (defaults.nodes, defaults.entries, defaults.seconds) == (2, 20_000, 8.0)
+
+
+# -- real runs -----------------------------------------------------------------------------------
+
+
+def _loopback_usable() -> bool:
+    try:
+        for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    args = _parser().parse_args(argv)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_from_args(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.slow
+def test_warm_deploy_keeps_the_hit_rate_and_spares_the_backend(tmp_path: Path) -> None:
+    if not _loopback_usable():
+        pytest.skip("needs 127.0.0.2-4 (on macOS: ifconfig lo0 alias 127.0.0.2)")
+    plot = tmp_path / "chart.svg"
+    started = time.monotonic()
+    code, out, err = _run(["--json", "--entries", "2000", "--seconds", "3", "--plot", str(plot)])
+    assert code == 0, err
+    assert time.monotonic() - started < 30
+    report = json.loads(out)
+    assert report["ok"] is True, report["error"]
+    assert (report["entries_before"], report["entries_after"], report["lost"]) == (2000, 2000, 0)
+    assert report["handoff_seconds"] > 0
+    assert report["hit_rate_before"] > 0.7
+    # Right after the switch the warm run keeps its hit rate; the cold one starts empty.
+    assert report["hit_rate_warm"] > report["hit_rate_cold"] + 0.1
+    assert report["hit_rate_warm"] > 0.7
+    assert report["backend_calls_warm"] < 0.75 * report["backend_calls_cold"]
+    cold, warm = report["cold"], report["warm"]
+    assert cold["lost"] == 2000
+    assert cold["handoff_seconds"] is None
+    assert warm["drain"]["namespaces"]["cache"]["acknowledged"] == 2000
+    settings = report["settings"]
+    for run in (cold, warm):
+        assert all(node["exit_code"] == 0 for node in run["nodes"])
+        assert len(run["series"]) == round(settings["seconds"] / BIN_SECONDS)
+        # Every request of the stream was served exactly once, by one node.
+        assert run["requests"]["after"] == round(
+            settings["rate"] * (settings["seconds"] - settings["seconds_before_switch"])
+        )
+        assert not run["late"]
+    # The same requests in both runs: the runs differ only by the handoff.
+    assert cold["series"][0]["requests"] == warm["series"][0]["requests"]
+    assert cold["backend_calls"]["before"] == warm["backend_calls"]["before"]
+    assert report["plot"] == str(plot)
+    root = ET.parse(plot).getroot()
+    assert root.tag == f"{SVG}svg"
+    assert len(root.findall(f"{SVG}polyline")) >= 4
+
+
+@pytest.mark.slow
+def test_readable_output_shows_progress_chart_and_table() -> None:
+    if not _loopback_usable():
+        pytest.skip("needs 127.0.0.2-4 (on macOS: ifconfig lo0 alias 127.0.0.2)")
+    code, out, err = _run(["--entries", "1000", "--seconds", "2", "--balance", "round-robin"])
+    assert code == 0, err
+    assert "cold run (without handoff)" in out
+    assert "warm run (with handoff)" in out
+    assert "switch: the balancer sends the traffic to node-b, node-c round-robin" in out
+    assert "node-a  drained: 1000 held, 1000 acknowledged" in out
+    assert "cache hit rate (a column is" in out
+    assert "hit rate, first" in out
+    assert "entries lost" in out
+    assert "round-robin" in out
+
+
+@pytest.mark.slow
+def test_node_process_serves_traffic_and_may_stop_without_draining() -> None:
+    state = {"entries": 50, "maxsize": 50, "hot_first": True, "drain_on_stop": False}
+    env = {
+        STATE_ENV: json.dumps(state),
+        "HANDOFF_COOKIE": secrets.token_urlsafe(16),
+        "HANDOFF_CLUSTER": "shop",
+        "HANDOFF_BIND": f"127.0.0.1:{free_port()}",
+        "HANDOFF_DISCOVERY": "none",
+    }
+    with NodeProcess(env, name="solo", log_level="WARNING") as node:
+        node.wait_ready(timeout=20)
+        now = time.monotonic()
+        spec = _spec(epoch=now, start=now + 0.1, end=now + 0.6, keys=200, interval=0.25)
+        with pytest.raises(NodeProcessError, match="invalid traffic spec"):
+            node.command("traffic {}", timeout=10)
+        started = node.command(f"traffic {spec.to_json()}", timeout=10)
+        assert started["requests"] == spec.requests
+        with pytest.raises(NodeProcessError, match="already running"):
+            node.command(f"traffic {spec.to_json()}", timeout=10)
+        done = node.wait_for("traffic-done", timeout=10)
+        assert done["complete"] is True
+        assert done["requests"] == spec.requests
+        # hot_first: rank 0 is the hottest entry, so the full cache serves it from the start.
+        assert done["hits"] > 0.5 * spec.requests
+        assert node.command("stats", timeout=10)["unexpected"] == 0
+        assert node.terminate(timeout=10) == 0
+        assert not [e for e in node.events if e["event"] == "drained"]
+
+
+@pytest.mark.slow
+def test_traffic_needs_state() -> None:
+    env = {
+        "HANDOFF_COOKIE": secrets.token_urlsafe(16),
+        "HANDOFF_CLUSTER": "shop",
+        "HANDOFF_BIND": f"127.0.0.1:{free_port()}",
+        "HANDOFF_DISCOVERY": "none",
+    }
+    with NodeProcess(env, name="stateless", log_level="WARNING") as node:
+        node.wait_ready(timeout=20)
+        with pytest.raises(NodeProcessError, match="needs state"):
+            node.command(f"traffic {_spec().to_json()}", timeout=10)
+
+
+def test_a_run_that_cannot_start_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An address no process here can bind (TEST-NET-1): the cold run fails before starting
+    # anything, and the command says so and exits 1.
+    monkeypatch.setattr("handoff.simulate._plan", lambda _nodes: [("node-a", "v1", "192.0.2.1")])
+    code, out, err = _run(["--json", "--entries", "10", "--seconds", "1"])
+    assert code == 1
+    report = json.loads(out)
+    assert report["ok"] is False
+    assert report["error"].startswith("cold run: cannot bind the loopback addresses 192.0.2.1")
+    assert report["warm"] is None
+    assert "handoff simulate: error: cold run: cannot bind" in err
