@@ -44,14 +44,14 @@ Import (records arrive hottest first)
 
 cachetools internals
     Reading without side effects and writing in place need a few private attributes
-    (``_Cache__data``, ``_LRUCache__order``, ``_FIFOCache__order``, ``_TTLCache__links`` and
-    ``__root``, ``_TLRUCache__items`` and ``__order``, and the LFU counters in one of three
-    layouts: count buckets with ordered keys since cachetools 7.3, count buckets with a set
-    of keys in 6.1 to 7.2, a ``Counter`` before). Each is read by one helper below, and
-    :func:`_verify_internals` checks them all when this module is imported, raising
-    :exc:`UnsupportedCachetools` instead of failing mid-drain. Before cachetools 7.3 LFU
-    counts survive but which of several equally used entries goes first is not kept
-    (:data:`LFU_TIES_PRESERVED`); 6.1 to 7.2 pick among them arbitrarily anyway.
+    (``_Cache__data`` and ``__currsize``, ``_LRUCache__order``, ``_FIFOCache__order``,
+    ``_TTLCache__links`` and ``__root``, ``_TLRUCache__items`` and ``__order``, and the LFU
+    counters in one of three layouts: count buckets with ordered keys since cachetools 7.3,
+    count buckets with a set of keys in 6.1 to 7.2, a ``Counter`` before). Each is used by
+    one helper below, and :func:`_verify_internals` checks them all when this module is
+    imported, raising :exc:`UnsupportedCachetools` instead of failing mid-drain. Before
+    cachetools 7.3 LFU counts survive but which of several equally used entries goes first
+    is not kept (:data:`LFU_TIES_PRESERVED`); 6.1 to 7.2 pick among them arbitrarily anyway.
 
 Concurrency
     Adapters run on the node's event-loop thread, and neither they nor cachetools objects
@@ -66,10 +66,12 @@ import heapq
 import logging
 import math
 from bisect import bisect_left, bisect_right
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain, compress, islice, repeat
 from math import floor, frexp, ldexp
+from operator import attrgetter, not_
 from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 import cachetools
@@ -125,6 +127,12 @@ Merge = Callable[[Any, Any], Any]
 _MISSING: Final[Any] = object()
 _C = TypeVar("_C", bound="cachetools.Cache[Any, Any]")
 _GRID_BITS: Final = 8  # shortened TTL expiries lose at most 2**-8 of the time left
+_RECORD_TYPES: Final = frozenset({tuple, list})
+_PLAIN_KEYS: Final = frozenset({str, bytes, int, float, bool, type(None)})
+"""Key types whose hashing and comparison run no Python code and cannot fail."""
+_PLAIN_OR_TUPLE_KEYS: Final = _PLAIN_KEYS | {tuple}
+_EXPIRES: Final = attrgetter("expires")
+_SLICE: Final = 512  # keys inserted at a time: their dict slots stay in the CPU's caches
 
 
 class UnsupportedCachetools(HandoffError, ImportError):
@@ -137,6 +145,18 @@ class UnsupportedCachetools(HandoffError, ImportError):
 def _data(cache: cachetools.Cache[Any, Any]) -> dict[Any, Any]:
     """The cache's key -> value dict (reading it is not a use, unlike ``cache[key]``)."""
     return cache._Cache__data  # type: ignore[attr-defined,no-any-return]
+
+
+def _store_new(
+    cache: cachetools.Cache[Any, Any], keys: Sequence[Any], values: Sequence[Any]
+) -> None:
+    """Store values under keys the cache lacks, as ``Cache.__setitem__`` would if nothing
+    had to be evicted: for the default ``getsizeof`` only (each value counts 1, and no
+    per-key sizes are kept). The caller checks that the keys fit."""
+    data = _data(cache)
+    held = len(data)
+    data.update(zip(keys, values, strict=True))
+    cache._Cache__currsize += len(data) - held  # type: ignore[attr-defined]
 
 
 def _lru_order(cache: cachetools.LRUCache[Any, Any]) -> OrderedDict[Any, None]:
@@ -221,6 +241,11 @@ def _lfu_counter(cache: cachetools.LFUCache[Any, Any]) -> Counter[Any]:
     return cache._LFUCache__counter  # type: ignore[attr-defined,no-any-return]
 
 
+def _run(calls: Iterable[object]) -> None:
+    """Exhaust an iterator of calls (``map(...)``) in C, discarding what they return."""
+    deque(calls, maxlen=0)
+
+
 def _unlink(node: Any) -> None:
     node.prev.next = node.next
     node.next.prev = node.prev
@@ -251,6 +276,13 @@ def _verify_internals() -> str:
         cache["a"] = 1
         require(_data(cache) == {"a": 1}, "Cache data dict")
 
+        plain: cachetools.Cache[str, int] = cachetools.Cache(3)
+        plain["a"] = 1
+        _store_new(plain, ("b",), (2,))
+        plain["c"], plain["d"] = 3, 4  # full: "d" evicts "a"
+        del plain["b"]  # a stored entry leaves like any other
+        require(dict(plain) == {"c": 3, "d": 4} and plain.currsize == 2, "Cache size accounting")
+
         lru: cachetools.LRUCache[str, int] = cachetools.LRUCache(3)
         lru["a"], lru["b"] = 1, 2
         require(list(_lru_order(lru)) == ["a", "b"], "LRUCache order")
@@ -262,11 +294,13 @@ def _verify_internals() -> str:
         ttl: cachetools.TTLCache[str, int, float] = cachetools.TTLCache(3, 10.0, clock)
         ttl["a"] = 1
         link, root = _ttl_links(ttl)["a"], _ttl_root(ttl)
+        made = type(link)("b", 5.0)
         require(
             isinstance(_ttl_links(ttl), OrderedDict)
             and root.next is link is root.prev
             and link.next is root is link.prev
-            and (link.key, link.expires) == ("a", 10.0),
+            and (link.key, link.expires) == ("a", 10.0)
+            and (made.key, made.expires) == ("b", 5.0),
             "TTLCache links",
         )
         with ttl.timer as now:
@@ -690,6 +724,193 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
             if left > 0:
                 yield key, value, float(left)
 
+    def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
+        """Apply hottest-first records; see the module documentation for the rules."""
+        cache = self.cache
+        if (
+            not records
+            or type(cache).__setitem__ is not cachetools.TTLCache.__setitem__
+            or cache.getsizeof is not cachetools.Cache.getsizeof
+        ):
+            return super().import_records(records, age=age)
+        with cache.timer:  # one frozen time for both parts
+            inserted, rest = self._insert_new(records, age)
+            result = super().import_records(rest, age=age)
+        if not inserted:
+            return result
+        return ImportResult(result.applied + inserted, result.kept_existing, result.dropped)
+
+    def _insert_new(self, records: Sequence[Record], age: float) -> tuple[int, Sequence[Record]]:
+        """Insert the records of keys the cache lacks at once: the common case of a handoff.
+
+        Returns how many were inserted, and the records left for the per-record path
+        (those of keys the cache holds, which it keeps). A chunk unlike the common case
+        goes to that path whole: records or keys not of plain types, a key repeated, new
+        keys that do not all fit, a record that expires at once or has a NaN lifetime,
+        lifetimes mixed with counts or ``None``, or a ``merge`` and a key the cache holds.
+        For a cache with the stock ``__setitem__`` and ``getsizeof`` (the caller checks),
+        the cache ends up exactly as inserting record by record leaves it (entries, sizes,
+        recency, expiries and their order), with C-level passes over the chunk instead of
+        several Python calls per record.
+        """
+        cache = self.cache
+        if not _RECORD_TYPES.issuperset(map(type, records)):
+            return 0, records
+        try:
+            keys, values, metas = zip(*records, strict=True)
+        except ValueError:  # records of different lengths, or all of a length other than 3
+            return 0, records
+        key_types = set(map(type, keys))
+        if not _PLAIN_KEYS.issuperset(key_types) and not (
+            _PLAIN_OR_TUPLE_KEYS.issuperset(key_types)
+            and _PLAIN_KEYS.issuperset(
+                map(type, chain.from_iterable(key for key in keys if type(key) is tuple))
+            )
+        ):
+            return 0, records
+        unique = set(keys)
+        if len(unique) != len(keys):
+            return 0, records
+        with cache.timer as now:
+            cache.expire(now)
+            self._index.forget_before(now)
+            found = self._expiries(metas, age, now)
+            if found is None:
+                return 0, records
+            expiries, single = found
+            # As insert() does, ask the links (expire() left them all alive) if a key is held.
+            links = _ttl_links(cache)
+            if self.merge is not None and not links.keys().isdisjoint(unique):
+                # Merged entries must take their turn among the new ones (they may share
+                # an expiry, and so an order in the expiry list): all one by one.
+                return 0, records
+            room = cache.maxsize - cache.currsize
+            if len(keys) > room and len(keys) - len(links.keys() & unique) > room:
+                return 0, records
+            new_link = type(_ttl_root(cache))
+            made: list[Any] = []
+            # A slice at a time, so that the several dict operations on a key find its
+            # memory warm. Keys the cache holds are left out, and their records returned.
+            held: list[bool] | None = None
+            contains, move = links.__contains__, links.move_to_end
+            for start in range(0, len(keys), _SLICE):
+                stop = start + _SLICE
+                part = keys[start:stop]
+                part_values = values[start:stop]
+                part_expiries = expiries[start:stop]
+                if links.keys().isdisjoint(part):
+                    if held is not None:
+                        held += repeat(False, len(part))
+                else:
+                    if held is None:
+                        held = [False] * start
+                    mask = list(map(contains, part))
+                    held += mask
+                    new = list(map(not_, mask))
+                    part = tuple(compress(part, new))
+                    part_values = tuple(compress(part_values, new))
+                    part_expiries = list(compress(part_expiries, new))
+                part_made = list(map(new_link, part, part_expiries))
+                # Each new key goes to the cold end of those before it, as insert() does.
+                links.update(zip(part, part_made, strict=True))
+                _run(map(move, part, repeat(False)))
+                _store_new(cache, part, part_values)
+                made += part_made
+            rest: Sequence[Record] = ()
+            if held is not None:
+                rest = list(compress(records, held))
+                expiries = list(compress(expiries, map(not_, held)))
+            if made:
+                self._place(made, expiries, single, now)
+        return len(made), rest
+
+    def _expiries(
+        self, metas: Sequence[Any], age: float, now: float
+    ) -> tuple[list[float], bool] | None:
+        """Each record's expiry, as insert() computes it, and whether they are all the same;
+        ``None`` (all left to insert()) if a record expires at once or has a NaN lifetime,
+        or if lifetimes (``float``) come mixed with counts or ``None``."""
+        ttl: float = self.cache.ttl
+        own_expiry = now + ttl
+        types = set(map(type, metas))
+        if float not in types:  # counts or None: no lifetime
+            return ([own_expiry] * len(metas), True) if own_expiry > now else None
+        if len(types) != 1:
+            return None
+        total = sum(metas)
+        if total != total:  # a NaN lifetime, which insert() drops as expired (or -inf and inf)
+            return None
+        # Expiries grow with lifetimes: the shortest and longest bound them all.
+        shortest, longest = min(metas) - age, max(metas) - age
+        if not shortest > 0.0:
+            return None
+        if shortest >= ttl:
+            return ([own_expiry] * len(metas), True) if own_expiry > now else None
+        exponent = frexp(shortest)[1]
+        if longest < ttl and frexp(longest)[1] == exponent:  # one grid step for all
+            step = ldexp(1.0, exponent - _GRID_BITS - 1)
+            lowest = floor((now + shortest) / step) * step
+            if not lowest > now:
+                return None
+            if floor((now + longest) / step) * step == lowest:  # the usual case
+                return [lowest] * len(metas), True
+            return [floor((now + (meta - age)) / step) * step for meta in metas], False
+
+        def expiry(meta: float) -> float:
+            lifetime = meta - age
+            if lifetime < ttl:
+                step = ldexp(1.0, frexp(lifetime)[1] - _GRID_BITS - 1)
+                return floor((now + lifetime) / step) * step
+            return own_expiry
+
+        expiries = list(map(expiry, metas))
+        return (expiries, False) if min(expiries) > now else None
+
+    def _place(self, made: list[Any], expiries: list[float], single: bool, now: float) -> None:
+        """Link new links into the expiry-ordered list, as insert() would one by one.
+
+        The links are sorted by expiry once (stable: of equal expiries the first imported
+        goes first; ``single``: all expiries are equal, nothing to sort), chained to each
+        other in C, and each run of equal expiries is spliced in where insert() would put
+        its first link: after the last link placed with that expiry, or where the index's
+        search finds, or, for the receiver's own expiry (the latest there is), at the end.
+        """
+        cache = self.cache
+        root, links = _ttl_root(cache), _ttl_links(cache)
+        own_expiry = now + cache.ttl
+        if single:
+            ordered, runs = made, [(expiries[0], len(made))]
+        else:
+            ordered = sorted(made, key=_EXPIRES)
+            sorted_expiries = sorted(expiries)
+            runs = [
+                (value, bisect_right(sorted_expiries, value)) for value in sorted(set(expiries))
+            ]
+        _run(map(setattr, ordered, repeat("next"), islice(ordered, 1, None)))
+        _run(map(setattr, islice(ordered, 1, None), repeat("prev"), ordered))
+        index = self._index
+        last, search, links_get = index.last, index.search, links.get
+        start = 0
+        for expires, end in runs:
+            first, final = ordered[start], ordered[end - 1]
+            if expires == own_expiry:
+                anchor = root.prev
+            else:
+                anchor = last.get(expires)
+                if (
+                    anchor is None
+                    or anchor.expires != expires
+                    or links_get(anchor.key) is not anchor
+                ):
+                    anchor = search(expires, root, links)
+                last[expires] = final
+            after = anchor.next
+            first.prev = anchor
+            anchor.next = first
+            final.next = after
+            after.prev = final
+            start = end
+
     @contextmanager
     def _batch(self) -> Iterator[_Batch]:
         cache = self.cache
@@ -715,9 +936,11 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
                 return data_get(key, _MISSING)
 
             def place(link: Any, expires: float) -> None:
+                """Link the unlinked ``link`` back in at ``expires``."""
                 anchor: Any = last.get(expires)
                 if (
                     anchor is None
+                    or anchor is link  # a merged entry's link, placed at this expiry before
                     or anchor.expires != expires
                     or links_get(anchor.key) is not anchor
                 ):

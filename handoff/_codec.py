@@ -221,6 +221,14 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise RecordDecodeError(f"msgpack extension type {code} is not allowed here")
 
 
+class _NotPlain(Exception):
+    """Stops :meth:`Codec._decode_plain_records` at the first extension type."""
+
+
+def _not_plain(code: int, data: bytes) -> Any:
+    raise _NotPlain
+
+
 def _describe_failure(exc: BaseException) -> str:
     if isinstance(exc, RecordEncodeError | TypeError) and str(exc).startswith("cannot encode"):
         return str(exc)
@@ -255,6 +263,9 @@ class Codec:
         # One ext hook per nesting level of container extension types, so that the depth of
         # nested unpacking (which recurses through the C unpacker) is bounded.
         self._hooks = [self._make_hook(level) for level in range(max_depth + 1)]
+        # Whether the last payload decoded held only scalar fields: if so, the next one is
+        # first tried on the fast path (a hint, so unsynchronised: a stale value costs time).
+        self._plain_hint = True
         self._install_builtins()
 
     # -- registration ---------------------------------------------------------------------
@@ -696,16 +707,66 @@ class Codec:
             return self._decode_records(payload)
 
     def _decode_records(self, payload: bytes) -> list[Record]:
+        if self._plain_hint:
+            records = self._decode_plain_records(payload)
+            if records is not None:
+                return records
         rows = self._unpack(payload, 0)
         if type(rows) is not list:
             raise RecordDecodeError("payload is not an array of records")
+        plain = True
         if rows:
             if set(map(type, rows)) != {list} or set(map(len, rows)) != {3}:
                 raise RecordDecodeError("every record must be a [key, value, meta] array")
             if not _SCALARS.issuperset(map(type, chain.from_iterable(rows))):
+                plain = False
                 reason = _find_problem(
                     chain.from_iterable(rows), self.max_depth, shared=bool(self._user_classes)
                 )
                 if reason is not None:
                     raise RecordDecodeError(reason)
+        self._plain_hint = plain
         return list(map(tuple, rows))
+
+    def _decode_plain_records(self, payload: bytes) -> list[Record] | None:
+        """The records of a payload that holds only scalar fields, or ``None`` otherwise.
+
+        The common case, decoded straight into tuples (msgpack's ``use_list=False``), with
+        no per-record conversion. It accepts a payload only if every record is an array of
+        three fields of exact ``str``/``bytes``/``int``/``float``/``bool``/``None`` types
+        and there is no extension type anywhere (the first one stops decoding, before any
+        decoder runs), so that it returns exactly what the general path would. Anything
+        else, malformed payloads included, is left to the general path, which decides (and
+        words any error): this path never accepts or refuses what the general one would not.
+        """
+        size = len(payload)
+        try:
+            rows = msgpack.unpackb(
+                payload,
+                raw=False,
+                use_list=False,
+                strict_map_key=False,
+                ext_hook=_not_plain,
+                max_str_len=size,
+                max_bin_len=size,
+                max_array_len=size,
+                max_map_len=size // 2,
+                max_ext_len=size,
+            )
+        except Exception:
+            self._plain_hint = False
+            return None
+        # Arrays decode as tuples here, and only arrays do (an extension type stopped the
+        # decoding above; msgpack's own Timestamp is no tuple and no scalar): a record that
+        # is a tuple is an array, and a field of one of the scalar types holds nothing.
+        if type(rows) is not tuple or (
+            rows
+            and (
+                set(map(type, rows)) != {tuple}
+                or set(map(len, rows)) != {3}
+                or not _SCALARS.issuperset(map(type, chain.from_iterable(rows)))
+            )
+        ):
+            self._plain_hint = False
+            return None
+        return list(rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any, ClassVar
 
 import cachetools
@@ -272,6 +272,17 @@ def test_missing_cachetools_internals_fail_at_import_with_the_supported_range(
         ct_adapters._verify_internals()
     assert isinstance(caught.value, ImportError)
     assert cachetools.__version__ in str(caught.value)
+
+
+def test_a_cache_that_keeps_sizes_differently_fails_at_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def stored_without_size(cache: Any, keys: Any, values: Any) -> None:
+        ct_adapters._data(cache).update(zip(keys, values, strict=True))
+
+    monkeypatch.setattr(ct_adapters, "_store_new", stored_without_size)
+    with pytest.raises(UnsupportedCachetools, match="Cache size accounting"):
+        ct_adapters._verify_internals()
 
 
 # --- TTL: never outlive the original expiry ---
@@ -547,6 +558,137 @@ def test_ttl_merge_never_extends_beyond_either_expiry() -> None:
     assert "k" in receiver
     clock.advance(0.1)
     assert "k" not in receiver
+
+
+@pytest.mark.parametrize("ttl_type", TTL_TYPES)
+def test_ttl_merging_the_entry_placed_last_keeps_the_cache_consistent(
+    ttl_type: type[cachetools.TTLCache[Any, Any, Any]],
+) -> None:
+    # A retried chunk: the merged entry goes back to the expiry it was placed at, where it
+    # was the last one placed (it once became its own neighbour, looping expire() forever).
+    clock = Clock(1000.0)
+    receiver = ttl_type(5, ttl=50, timer=clock)
+    adapter = TTLCacheAdapter(receiver, merge=lambda old, new: new + old)
+    receiver["own"] = 0
+    records: list[Record] = [("a", 1, 20.0), ("b", 1, 20.0)]
+    for chunk in (records, records[::-1], records[1:]):
+        adapter.import_records(chunk, age=3.0)
+        ttl_state(receiver)
+    assert dict(receiver) == {"own": 0, "a": 2, "b": 3}
+    clock.advance(17)
+    assert dict(receiver) == {"own": 0}
+    assert len(receiver) == 1
+
+
+class PerRecordTTLCacheAdapter(TTLCacheAdapter):
+    """The TTL adapter without its bulk insert: every record through insert()."""
+
+    def _insert_new(self, records: Sequence[Record], age: float) -> tuple[int, Sequence[Record]]:
+        return 0, records
+
+
+def ttl_state(cache: cachetools.TTLCache[Any, Any, Any]) -> Any:
+    """Everything a TTLCache's behaviour depends on: entries, recency, expiry order."""
+    root = ct_adapters._ttl_root(cache)
+    by_expiry = []
+    link = root.next
+    while link is not root:
+        assert link.next.prev is link
+        by_expiry.append((link.key, link.expires))
+        link = link.next
+    recency = [(key, link.expires) for key, link in ct_adapters._ttl_links(cache).items()]
+    assert sorted(by_expiry, key=repr) == sorted(recency, key=repr)
+    assert [expires for _key, expires in by_expiry] == sorted(e for _k, e in by_expiry)
+    return dict(ct_adapters._data(cache)), recency, by_expiry, cache.currsize
+
+
+ttl_keys = st.integers(0, 40) | st.sampled_from(["a", "b", (1, "x"), (2, None), b"k", 2.5])
+ttl_metas = st.sampled_from(
+    [0.5, 3.0, 7.25, 20.0, 49.0, 50.0, 80.0, 1e-300, math.inf, math.nan, -1.0, 0.0, 1e6]
+)
+ttl_chunks = st.one_of(
+    # Mostly chunks of lifetimes, some sharing one, some with one kind of other meta.
+    st.lists(st.tuples(ttl_keys, st.integers(), ttl_metas), max_size=12),
+    st.lists(st.tuples(ttl_keys, st.integers(), st.just(30.0)), max_size=12),
+    st.lists(st.tuples(ttl_keys, st.integers(), st.sampled_from([None, 3, True])), max_size=6),
+    st.lists(st.tuples(ttl_keys | st.just(("x", (1,))), st.integers(), ttl_metas), max_size=4),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("import"), ttl_chunks, st.sampled_from([0.0, 0.25, 3.0])),
+            st.tuples(st.sampled_from(["delete", "own", "advance"]), ttl_keys, st.just(0.0)),
+        ),
+        max_size=12,
+    ),
+    maxsize=st.sampled_from([5, 20, 100]),
+    merging=st.booleans(),
+)
+def test_ttl_bulk_insert_does_exactly_what_inserting_one_by_one_does(
+    steps: list[tuple[str, Any, float]], maxsize: int, merging: bool
+) -> None:
+    """Whatever the records and the receiver's state, importing a chunk at once leaves the
+    cache (entries, sizes, recency, expiries and their order) and the result as inserting
+    record by record does, and so do later imports."""
+    merge = (lambda old, new: (old, new)) if merging else None
+    sides = []
+    for adapter_type in (TTLCacheAdapter, PerRecordTTLCacheAdapter):
+        clock = Clock(1000.0)
+        cache: cachetools.TTLCache[Any, Any, Any] = cachetools.TTLCache(
+            maxsize, ttl=50, timer=clock
+        )
+        sides.append((clock, cache, adapter_type(cache, merge=merge)))
+    for operation, argument, age in steps:
+        outcomes = []
+        for clock, cache, adapter in sides:
+            if operation == "import":
+                outcomes.append(adapter.import_records(argument, age=age))
+            elif operation == "advance":
+                clock.advance(argument if isinstance(argument, int) else 7)
+            elif operation == "own" and (argument in cache or len(cache) < maxsize):
+                cache[argument] = "mine"
+            elif operation == "delete":
+                cache.pop(argument, None)
+            outcomes.append(ttl_state(cache))
+        bulk, one_by_one = outcomes[: len(outcomes) // 2], outcomes[len(outcomes) // 2 :]
+        assert repr(bulk) == repr(one_by_one)  # repr: NaN keys are not equal to themselves
+    (_, bulk_cache, _), (_, reference, _) = sides
+    assert pop_items(bulk_cache) == pop_items(reference)
+
+
+def test_ttl_import_into_a_stock_cache_inserts_in_bulk(monkeypatch: pytest.MonkeyPatch) -> None:
+    inserted_one_by_one = []
+    setitem = cachetools.Cache.__setitem__
+
+    def counting(self: Any, key: Any, value: Any) -> None:
+        inserted_one_by_one.append(key)
+        setitem(self, key, value)
+
+    monkeypatch.setattr(cachetools.Cache, "__setitem__", counting)
+    clock = Clock(0.0)
+    receiver: cachetools.TTLCache[Any, Any, Any] = cachetools.TTLCache(5000, ttl=60, timer=clock)
+    receiver["mine"] = receiver[3] = "own"
+    adapter = TTLCacheAdapter(receiver)
+    records: list[Record] = [(i, f"v{i}", 30.0 - i / 1000) for i in range(3000)]
+    assert adapter.import_records(records) == ImportResult(applied=2999, kept_existing=1)
+    assert inserted_one_by_one == []
+    assert len(receiver) == receiver.currsize == 3001
+    assert receiver[3] == "own"
+    assert pop_all(clone(receiver))[:3] == [2999, 2998, 2997]  # the coldest first, as sent
+    clock.advance(26.99)  # 2999 had 27.001 s left: rounded down to 27.0
+    assert 2999 in receiver
+    clock.advance(0.01)
+    assert 2999 not in receiver
+    assert 2000 in receiver
+    assert len(receiver) == len(list(receiver))
+    # A merge function makes held keys take their turn: the chunk goes one by one.
+    adapter = TTLCacheAdapter(receiver, merge=lambda old, new: new)
+    assert adapter.import_records([(5000, 1, 9.0), (3, "new", 9.0)]) == ImportResult(applied=2)
+    assert inserted_one_by_one == [5000]
+    assert receiver[3] == "new"
 
 
 # --- TLRU ---

@@ -546,6 +546,75 @@ def test_random_structures_never_escape_as_another_exception(rows: list[Any]) ->
     decode_or_refuse(codec, payload)
 
 
+def decode_outcome(codec: Codec, payload: bytes, *, plain_first: bool) -> Any:
+    """What decoding gives, or the error's message; ``plain_first`` tries the fast path."""
+    codec._plain_hint = plain_first
+    try:
+        return codec.decode_records(payload, max_records=1000)
+    except RecordDecodeError as exc:
+        return f"refused: {exc}"
+
+
+plain_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=5)
+)
+plain_rows = st.lists(st.lists(plain_scalars, min_size=3, max_size=3), max_size=5)
+odd_rows = st.lists(
+    st.lists(plain_scalars | raw_values, min_size=2, max_size=4)
+    | plain_scalars
+    | st.builds(msgpack.ExtType, ext_codes, st.binary(max_size=10)),
+    max_size=4,
+)
+
+
+@settings(max_examples=200)
+@given(st.one_of(plain_rows, odd_rows, st.lists(plain_scalars, max_size=3)))
+def test_the_plain_fast_path_decodes_exactly_as_the_general_one(rows: Any) -> None:
+    codec = money_codec()
+    payload = msgpack.packb(rows, use_bin_type=True)
+    fast = decode_outcome(codec, payload, plain_first=True)
+    general = decode_outcome(codec, payload, plain_first=False)
+    if isinstance(general, str):
+        assert fast == general
+    else:
+        assert_same(fast, general)
+        assert all(type(r) is tuple and len(r) == 3 for r in fast)
+
+
+def test_plain_payloads_decode_fast_and_the_others_as_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    codec = Codec()
+    plain = [("k", "v" * 100, 1.5), (1, b"x", None), (True, 2.0, -(2**63))]
+    with_lists = [("k", [1, [2]], None), ("j", {"a": [3]}, 7)]
+    encoded = {
+        name: codec.encode_records(recs)[0] for name, recs in (("p", plain), ("l", with_lists))
+    }
+    for name in ("p", "l", "l", "p", "p", "l"):
+        decoded = codec.decode_records(encoded[name], max_records=10)
+        assert_same(decoded, plain if name == "p" else with_lists)
+        # The fast path is tried first again once a payload held only scalars.
+        assert codec._plain_hint is (name == "p")
+    general = codec._unpack
+
+    def no_general_path(data: bytes, level: int, **kwargs: Any) -> Any:
+        assert data != encoded["p"], "a plain payload took the general path"
+        return general(data, level, **kwargs)
+
+    monkeypatch.setattr(codec, "_unpack", no_general_path)
+    codec._plain_hint = True
+    assert_same(codec.decode_records(encoded["p"], max_records=10), plain)
+    # A record must be a msgpack array: a tuple extension type holding three fields is not.
+    as_tuple = msgpack.packb([msgpack.ExtType(1, msgpack.packb(["k", 1, None]))])
+    for plain_first in (True, False):
+        assert "[key, value, meta]" in decode_outcome(codec, as_tuple, plain_first=plain_first)
+
+
 def test_codec_is_usable_from_several_threads() -> None:
     codec = Codec()
     recs = [((i, (i, "x")), {"v": (i,)}, None) for i in range(200)]
