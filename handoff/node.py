@@ -199,6 +199,7 @@ class Node:
         self._control: ControlServer | None = None
         self._drain_lock = anyio.Lock()
         self._runner: ThreadRunner | None = None
+        self._task_scopes: set[anyio.CancelScope] = set()
         self.lock = threading.RLock()
         """Held while the node exports or applies a chunk of tracked state: threaded apps
         hold it too around every access to a tracked object (see :mod:`handoff.lifecycle`)."""
@@ -455,7 +456,7 @@ class Node:
                     continue
                 logger.info("%s: draining %s", name, self.name)
                 assert self._task_group is not None
-                self._task_group.start_soon(self.drain)
+                self._spawn(self.drain)
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -538,7 +539,7 @@ class Node:
             logger.exception("membership callback %r failed", callback)
             return
         if inspect.isawaitable(result) and self._task_group is not None:
-            self._task_group.start_soon(self._await_callback, callback, result)
+            self._spawn(self._await_callback, callback, result)
 
     @staticmethod
     async def _await_callback(callback: object, result: Awaitable[None]) -> None:
@@ -561,7 +562,12 @@ class Node:
     ) -> None:
         try:
             if self.running:
-                await self.drain()
+                # Shielded: a cancelled app (Ctrl-C, a cancelled task group) is exactly when
+                # state must still move. The drain keeps its own deadline; the outer bound
+                # only guards against a bug there.
+                with anyio.CancelScope(shield=True) as scope:
+                    scope.deadline = anyio.current_time() + self.settings.drain_timeout + 5
+                    await self.drain()
         finally:
             await self._stop()
 
@@ -624,14 +630,14 @@ class Node:
             await stack.aclose()
             raise
         self._exit_stack, self._listener, self._control = stack, listener, control
-        self._task_group.start_soon(self._accept_loop, listener)
-        self._task_group.start_soon(self._discovery_loop, self._discovery)
-        self._task_group.start_soon(self._expiry_loop)
-        self._task_group.start_soon(self._warmup)
+        self._spawn(self._accept_loop, listener)
+        self._spawn(self._discovery_loop, self._discovery)
+        self._spawn(self._expiry_loop)
+        self._spawn(self._warmup)
         if control is not None:
-            self._task_group.start_soon(control.serve)
+            self._spawn(control.serve)
         if self._handle_signals:
-            self._task_group.start_soon(self._signal_loop)
+            self._spawn(self._signal_loop)
         logger.info(
             "node %s (cluster %s, release %s) listening on %s%s; discovery %s",
             s.node_name,
@@ -657,6 +663,26 @@ class Node:
             return Done()  # nothing to stop, and no coroutine left unawaited by sync callers
         return self._stop(reason)
 
+    def _spawn(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``function(*args)`` as a background task of the node.
+
+        Each task runs in a shielded scope of its own that only :meth:`stop` cancels: when
+        the application around the node is cancelled (Ctrl-C, a cancelled task group), the
+        links must stay up so that leaving ``async with node`` can still drain over them.
+        """
+        assert self._task_group is not None
+
+        async def run() -> None:
+            scope = anyio.CancelScope(shield=True)
+            self._task_scopes.add(scope)
+            try:
+                with scope:
+                    await function(*args)
+            finally:
+                self._task_scopes.discard(scope)
+
+        self._task_group.start_soon(run)
+
     async def _stop(self, reason: str = "node stopping") -> None:
         stack, task_group = self._exit_stack, self._task_group
         if stack is None or task_group is None:
@@ -667,6 +693,8 @@ class Node:
                 for link in list(self._links.values()):
                     goodbyes.start_soon(link.aclose, reason)
         # The task group must be exited from the scope that entered it, so not shielded.
+        for scope in list(self._task_scopes):
+            scope.cancel()
         task_group.cancel_scope.cancel()
         self._exit_stack = self._task_group = self._listener = None
         try:
@@ -813,7 +841,7 @@ class Node:
                     self._evicted, self._evictions_logged_at = 0, now
             pending_id, scope = next(self._pending_ids), anyio.CancelScope()
             self._pending[pending_id] = scope
-            self._task_group.start_soon(self._serve_incoming, stream, pending_id, scope)
+            self._spawn(self._serve_incoming, stream, pending_id, scope)
 
     async def _serve_incoming(
         self, stream: anyio.abc.ByteStream, pending_id: int, scope: anyio.CancelScope
@@ -909,7 +937,7 @@ class Node:
         for other in decision.close:
             stale = self._links.get(other)
             if stale is not None and self._task_group is not None:
-                self._task_group.start_soon(stale.aclose, DUPLICATE)
+                self._spawn(stale.aclose, DUPLICATE)
         if not decision.keep:
             await link.aclose(DUPLICATE)
             return
@@ -987,7 +1015,7 @@ class Node:
                         or self._membership.knows_address(key)
                     ):
                         continue
-                    self._task_group.start_soon(self._dial, target)
+                    self._spawn(self._dial, target)
             await anyio.sleep(self.settings.poll_interval)
 
     async def _warmup(self) -> None:

@@ -373,3 +373,20 @@ async def test_successor_is_warm_only_once_every_namespace_arrived() -> None:
                 await new.wait_warm()
     assert seen_when_warm == [(3000, 3000)]
     assert new.warm_reason == "received a handoff from old"
+
+
+async def test_cancelled_app_still_drains() -> None:
+    received: dict[int, int] = {}
+    new = node("new", "127.0.0.3")
+    new.track("n", received)
+    async with new:
+        old = node("old", "127.0.0.2", new)
+        old.track("n", {i: i for i in range(1000)})
+        with anyio.CancelScope() as app:
+            async with old:
+                await wait_until(connected(old, new))
+                app.cancel()  # the app is cancelled while the node is up
+                await anyio.sleep(10)  # never reached: cancelled here
+        assert old.last_drain_report is not None
+        assert old.last_drain_report.namespaces["n"].acknowledged == 1000
+    assert len(received) == 1000
