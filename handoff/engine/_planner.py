@@ -10,21 +10,28 @@ from handoff.membership import Peer
 
 __all__ = ("Router", "release_key", "successor_tiers")
 
-_RUNS = re.compile(r"(\d+)")
+_TOKENS = re.compile(r"[A-Za-z0-9]+")
+_PREFIXED_NUMBER = re.compile(r"([A-Za-z]*)(\d+)")
+
+ReleaseKey = tuple[tuple[int, str, int], ...]
 
 
-def release_key(release: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that orders releases naturally: ``v2 < v10``, ``deployment-01H.. < 01J..``.
+def release_key(release: str) -> ReleaseKey:
+    """Sort key that orders releases from older to newer.
 
-    Numbers compare as numbers and text as text, so release ids built from versions,
-    timestamps or ULIDs (Fly's ``deployment-<ULID>``) sort from older to newer.
+    The release is cut into alphanumeric tokens. A token that is a number, or letters then
+    a number (``v2``, ``rc10``, ``2024``), compares by that number, so ``v2 < v10`` and
+    ``1.2.9 < 1.2.10``; any other token compares as text, which keeps fixed-width ids such
+    as the ULID in Fly's ``deployment-01JZ...`` (or a hex timestamp) in time order.
     """
-    parts: list[tuple[int, int | str]] = []
-    for index, run in enumerate(_RUNS.split(release)):
-        if not run:
-            continue
-        parts.append((0, int(run)) if index % 2 else (1, run))
-    return tuple(parts)
+    key: list[tuple[int, str, int]] = []
+    for token in _TOKENS.findall(release):
+        match = _PREFIXED_NUMBER.fullmatch(token)
+        if match is not None:
+            key.append((0, match.group(1), int(match.group(2))))
+        else:
+            key.append((1, token, 0))
+    return tuple(key)
 
 
 def successor_tiers(local_release: str, peers: Sequence[Peer]) -> list[list[Peer]]:
