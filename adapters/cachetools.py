@@ -21,17 +21,16 @@ Export, hottest first (the order a drain should send in, so a deadline cuts the 
     skipped. Reading never counts as a use: the source's recency and counts are untouched.
 
 Import (records arrive hottest first)
-    An entry the receiver already holds is kept (it is newer) unless the adapter was made
-    with ``merge``: then ``merge(existing, incoming)`` is stored, counts as a write on the
-    receiver, expires with the later of the two entries (never beyond the receiver's own
-    expiry for a new write) and, in an ``LFUCache``, keeps the higher count. A record whose
-    minus ``age`` is spent is dropped as ``"expired"``. An entry never outlives the expiry it
-    had on the sender: its expiry is the receiver's own (``ttl``, or ``ttu(...)``) or the
-    remaining lifetime, whichever ends first. ``TTLCache`` keeps its entries in expiry order,
-    so a shortened expiry is rounded down to a grid finer than 1/256 of the time left (see
-    ``_ExpiryIndex``): an imported entry may expire up to 0.4 % early, never late. A cache
-    that cannot expire entries drops records with a finite lifetime as
-    ``"expiry unsupported"`` rather than keep them forever.
+    An entry the receiver already holds is kept (it is newer) unless the adapter was made with
+    ``merge``: then ``merge(existing, incoming)`` is stored, counts as a write on the receiver,
+    expires with the later of the two entries (never beyond the receiver's own expiry for a new
+    write) and, in an ``LFUCache``, keeps the higher count. A record whose remaining lifetime minus
+    ``age`` is spent is dropped as ``"expired"``. An entry never outlives the expiry it had on the
+    sender: its expiry is the receiver's own (``ttl``, or ``ttu(...)``) or the remaining lifetime,
+    whichever ends first. ``TTLCache`` keeps its entries in expiry order, so a shortened expiry is
+    rounded down to a grid finer than 1/256 of the time left (see ``_ExpiryIndex``): an imported
+    entry may expire up to 0.4 % early, never late. A cache that cannot expire entries drops records
+    with a finite lifetime as ``"expiry unsupported"`` rather than keep them forever.
 
     Order survives: each imported entry goes to the cold end of what was imported before
     it, and stays colder than the receiver's own entries, so after a handoff into an empty
@@ -55,9 +54,9 @@ cachetools internals
 
 Concurrency
     Adapters run on the node's event-loop thread, and neither they nor cachetools objects
-    are thread-safe: while an export or import runs, the application must not use the cache
-    from another thread (an application that shares a cache between threads already guards
-    it with a lock; it must hold that lock around the adapter's calls too).
+    are thread-safe. The node holds ``node.lock`` while an adapter exports or imports, so a
+    threaded application guards every access to a tracked cache with that lock
+    (``@cached(cache, lock=node.lock)``).
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ ENVIRONMENT_VARIABLES: tuple[tuple[str, str], ...] = (
     (
         "HANDOFF_DISCOVERY",
         "How to find peers: 'static:HOST:PORT,HOST:PORT', 'dns:NAME[:PORT]' (A/AAAA, "
-        "polled), 'fly' (the app's .internal names) or 'none'. Default: 'fly' on Fly.io, "
+        "polled), 'dns:_SERVICE._PROTO.NAME' (SRV), 'fly' (the app's .internal names) or "
+        "'none'. Default: 'fly' on Fly.io, "
         "'none' elsewhere.",
     ),
     (
@@ -142,7 +143,8 @@ ENVIRONMENT_VARIABLES: tuple[tuple[str, str], ...] = (
     ),
     (
         "HANDOFF_DRAIN_TIMEOUT",
-        "Seconds a drain may take before the node gives up and exits. Keep it below the "
+        "Seconds a drain may take: then streaming stops and the rest is snapshotted (at 3/4 "
+        "of it when a snapshot store is set) or counted as dropped. Keep it below the "
         "platform's grace period. Default: 4 on Fly.io (kill_timeout 5 s), 25 on "
         "Kubernetes (terminationGracePeriodSeconds 30 s), 10 elsewhere.",
     ),

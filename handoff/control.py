@@ -13,7 +13,8 @@ line, then closes::
     {"command": "status"}                     -> {"type": "result", "status": {...}}
     {"command": "drain", "timeout": 5}        -> {"type": "progress", "event": "started", ...}
                                                  {"type": "progress", "event": "namespace", ...}
-                                                 {"type": "result", "report": {...}, "ok": true}
+                                                 {"type": "result",
+                                                  "report": {..., "ok": true, "summary": ...}}
     {"command": "wait-ready", "timeout": 30}  -> {"type": "result", "warm": true, "reason": ...}
     anything wrong                            -> {"type": "error", "code": ..., "error": ...}
 

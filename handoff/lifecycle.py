@@ -1,7 +1,7 @@
 """How Python services start and stop a node: ASGI lifespan, a thread for sync apps.
 
-- ``FastAPI(lifespan=node.lifespan)`` (Starlette alike): on startup the node starts, joins,
-  restores a waiting snapshot and waits for warm-up (at most ``warmup_timeout``); on
+- ``FastAPI(lifespan=node.lifespan)`` (Starlette alike): on startup the node restores a
+  waiting snapshot, starts, joins and waits for warm-up (at most ``warmup_timeout``); on
   shutdown it drains, then says goodbye. uvicorn runs lifespan shutdown only after open
   connections have finished, so the drain sees the final state of the caches.
 - ``node.lifespan_with(app_lifespan)`` runs the app's own lifespan inside the node's: the

@@ -1,8 +1,10 @@
-"""Node: one process's membership in a warm-handoff cluster.
+"""Node: one process's part in a warm-handoff cluster.
 
 It listens for peers, dials the addresses discovery finds, authenticates both ways and keeps
-one link per peer alive with heartbeats. Applications see the result as ``node.peers()``,
-callbacks (``@node.on_node_up`` ...) and the async iterator ``node.events()``.
+one link per peer alive with heartbeats (``node.peers()``, ``@node.on_node_up``,
+``node.events()``). It holds the tracked namespaces (``node.track``, upgrade and downgrade
+hooks), restores snapshots at start, receives handoffs, and drains to successors or to the
+snapshot store (``node.drain()``), with hooks for ASGI and threaded services.
 """
 
 from __future__ import annotations
@@ -479,7 +481,7 @@ class Node:
         """Membership events from now on, until the node stops.
 
         Each iterator has its own buffer of 1024 events; a consumer that falls further
-        behind loses the oldest-undelivered events, with a warning in the log.
+        behind misses the newest events until it catches up, with a warning in the log.
         """
         send, receive = anyio.create_memory_object_stream[MembershipEvent](EVENT_BUFFER)
         self._subscribers.add(send)

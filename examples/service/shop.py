@@ -11,7 +11,7 @@ Three kinds of in-memory state, each handed to the successor when this process d
 - ``views``: a plain ``dict`` of view counts per product, handed off through the mapping
   adapter. When both sides hold a count the larger one is kept (``merge=max``), so a record
   delivered twice cannot inflate it; counts the successor took meanwhile can be lost.
-  Exact cluster-wide counters are ``handoff.Counters``' job, not a dict's.
+  Exact cluster-wide counters need a counters adapter (not shipped yet), not a dict.
 
 Every endpoint is ``async def``: tracked objects are touched only on the event loop, the
 thread on which the node exports and applies handed-off chunks. (A ``def`` endpoint runs in
