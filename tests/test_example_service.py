@@ -306,8 +306,15 @@ async def test_a_rollback_hands_the_shop_off_to_the_previous_release_downgraded(
         }
 
 
-def test_python_dash_m_reports_a_configuration_error() -> None:
-    env = {"PATH": "/usr/bin:/bin", "HANDOFF_CLUSTER": "shop"}  # no cookie
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({}, "HANDOFF_COOKIE"),  # no cookie
+        ({"HANDOFF_COOKIE": COOKIE, "SHOP_LOG_LEVEL": "loud"}, "SHOP_LOG_LEVEL"),
+    ],
+)
+def test_python_dash_m_reports_a_configuration_error(extra: dict[str, str], named: str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HANDOFF_CLUSTER": "shop", **extra}
     done = subprocess.run(
         [sys.executable, "-m", "examples.service", "--port", "0"],
         cwd=ROOT,
@@ -319,7 +326,7 @@ def test_python_dash_m_reports_a_configuration_error() -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "configuration error" in done.stderr
-    assert "HANDOFF_COOKIE" in done.stderr
+    assert named in done.stderr
 
 
 # -- under uvicorn ---------------------------------------------------------------------------

@@ -34,8 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds open HTTP requests get at shutdown before the drain starts (default 5)",
     )
     args = parser.parse_args(argv)
-    configure_logging()
     try:
+        configure_logging()
         app = create_app()
     except (ConfigError, ValueError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -22,6 +22,10 @@ def configure_logging(level: str | None = None) -> None:
     ``level`` defaults to ``$SHOP_LOG_LEVEL`` or INFO.
     """
     chosen = (level or os.environ.get("SHOP_LOG_LEVEL") or "INFO").upper()
+    if chosen not in logging.getLevelNamesMapping():
+        raise ValueError(
+            f"SHOP_LOG_LEVEL={chosen!r} is not a log level: use DEBUG, INFO, WARNING or ERROR"
+        )
     for name in ("handoff", "examples.service"):
         target = logging.getLogger(name)
         target.setLevel(chosen)
