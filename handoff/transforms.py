@@ -98,12 +98,22 @@ class Chain:
         ``"transform returned NoneType"`` when it returned something other than a
         ``(key, value)`` pair.
         """
+        _, out, dropped = self.apply_keeping(records)
+        return out, dropped
+
+    def apply_keeping(
+        self, records: Sequence[Record]
+    ) -> tuple[list[int], list[Record], dict[str, int]]:
+        """Like :meth:`apply`, plus the indices (into ``records``) of the records that
+        came through, so that a caller can pair each converted record with its original
+        without running the hooks again."""
         if not self.steps:
-            return list(records), {}
+            return list(range(len(records))), list(records), {}
+        kept: list[int] = []
         out: list[Record] = []
         dropped: dict[str, int] = {}
         steps = tuple(enumerate(self.steps))
-        for key, value, meta in records:
+        for position, (key, value, meta) in enumerate(records):
             for index, step in steps:
                 try:
                     result = step.fn(key, value)
@@ -120,10 +130,11 @@ class Chain:
                     break
                 key, value = result
             else:
+                kept.append(position)
                 out.append((key, value, meta))
                 continue
             dropped[reason] = dropped.get(reason, 0) + 1
-        return out, dropped
+        return kept, out, dropped
 
 
 class Transforms:

@@ -390,3 +390,29 @@ async def test_cancelled_app_still_drains() -> None:
         assert old.last_drain_report is not None
         assert old.last_drain_report.namespaces["n"].acknowledged == 1000
     assert len(received) == 1000
+
+
+async def test_each_downgrade_hook_runs_once_per_record_even_when_some_fail() -> None:
+    calls: list[int] = []
+    received: dict[int, Any] = {}
+    older = node("older", "127.0.0.3", release="v1")
+    older.track("n", received, version=1)
+    async with older:
+        newer = node("newer", "127.0.0.2", older, release="v1")
+        newer.track("n", {i: {"v": i} for i in range(100)}, version=2)
+
+        @newer.downgrade("n", 2)
+        def flaky(key: Any, value: Any) -> tuple[Any, Any]:
+            calls.append(key)
+            if key % 5 == 0:
+                raise ValueError("no old form for multiples of five")
+            return key, value["v"]
+
+        async with newer:
+            await wait_until(connected(older, newer))
+            report = await newer.drain()
+    ns = report.namespaces["n"]
+    assert sorted(calls) == list(range(100))  # hooks are not re-run to pair survivors
+    assert ns.dropped == {"transform failed: ValueError": 20}
+    assert ns.acknowledged == 80
+    assert received == {i: i for i in range(100) if i % 5}

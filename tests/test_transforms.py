@@ -176,3 +176,20 @@ def test_chain_repr_and_type() -> None:
     chain = users_transforms().path("users", 3, 1)
     assert isinstance(chain, Chain)
     assert repr(chain) == "Chain('users', 3 -> 1, 2 steps)"
+
+
+def test_apply_keeping_pairs_survivors_with_their_positions() -> None:
+    transforms = Transforms()
+
+    def halve(key: Any, value: Any) -> tuple[Any, Any]:
+        if value % 2:
+            raise ValueError("odd")
+        return key, value // 2
+
+    transforms.add_upgrade("n", 1, halve)
+    chain = transforms.path("n", 1, 2)
+    kept, out, dropped = chain.apply_keeping([("a", 4, None), ("b", 3, 1.5), ("c", 8, 2)])
+    assert kept == [0, 2]
+    assert out == [("a", 2, None), ("c", 4, 2)]
+    assert dropped == {"transform failed: ValueError": 1}
+    assert transforms.path("n", 2, 2).apply_keeping([("x", 1, None)]) == ([0], [("x", 1, None)], {})

@@ -416,12 +416,13 @@ class Drainer:
         records = pending.records
         to_send = records
         if stream.chain is not None:
-            to_send, failed = stream.chain.apply(records)
+            # Inflight keeps the originals (a retry to another successor may need another
+            # version), so each converted record stays paired with its original.
+            kept, to_send, failed = stream.chain.apply_keeping(records)
             for reason, count in failed.items():
                 report.drop(reason, count)
             if failed:
-                # Records the downgrade dropped are accounted for; keep the rest paired.
-                records = self._surviving(records, to_send, stream.chain)
+                records = [records[i] for i in kept]
         payload, rejected = self._codec.encode_records(to_send)
         for _, reason in rejected:
             report.drop(reason)
@@ -472,18 +473,6 @@ class Drainer:
                 else:
                     stream.pending.records.extend(rest)
                 return
-
-    @staticmethod
-    def _surviving(records: list[Record], transformed: list[Record], chain: Chain) -> list[Record]:
-        # Chains drop records whose hook failed; re-run per record to pair what survived
-        # with its original (rare path: only when a hook failed in this chunk).
-        survivors = []
-        for record in records:
-            ok, _ = chain.apply([record])
-            if ok:
-                survivors.append(record)
-        assert len(survivors) == len(transformed)
-        return survivors
 
     async def _finish(self, streams: list[_OutStream], until: float) -> bool:
         """Flush what is queued and wait for every acknowledgement. False: go round again
