@@ -46,6 +46,7 @@ import msgpack
 
 from handoff._adapter import Record
 from handoff._errors import HandoffError, RecordDecodeError, RecordEncodeError
+from handoff.protocol import size_limits
 
 __all__ = ("Codec",)
 
@@ -629,11 +630,7 @@ class Codec:
                 use_list=True,
                 strict_map_key=False,
                 ext_hook=self._hooks[level] if ext_hook is None else ext_hook,
-                max_str_len=size,
-                max_bin_len=size,
-                max_array_len=size,
-                max_map_len=size // 2,
-                max_ext_len=size,
+                **size_limits(size),
             )
         except HandoffError:
             raise
@@ -747,11 +744,7 @@ class Codec:
                 use_list=False,
                 strict_map_key=False,
                 ext_hook=_not_plain,
-                max_str_len=size,
-                max_bin_len=size,
-                max_array_len=size,
-                max_map_len=size // 2,
-                max_ext_len=size,
+                **size_limits(size),
             )
         except Exception:
             self._plain_hint = False

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -86,17 +86,7 @@ class Peer:
 
     def with_state(self, state: NodeState) -> Peer:
         """The same peer in another state."""
-        return Peer(
-            self.name,
-            self.release,
-            self.address,
-            state,
-            self.namespaces,
-            self.started_at,
-            self.incarnation,
-            self.protocol_version,
-            self.clock_offset,
-        )
+        return replace(self, state=state)
 
 
 @dataclass(frozen=True, slots=True)

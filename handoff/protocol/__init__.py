@@ -21,7 +21,7 @@ from ._connection import (
     Role,
     allowed_incoming,
 )
-from ._framing import FrameDecoder, check_depth, encode_frame
+from ._framing import FrameDecoder, check_depth, encode_frame, size_limits
 from ._messages import (
     MESSAGE_TYPES,
     SESSION_MESSAGES,
@@ -88,4 +88,5 @@ __all__ = (
     "check_depth",
     "decode_message",
     "encode_frame",
+    "size_limits",
 )

@@ -14,7 +14,7 @@ import msgpack
 
 from handoff._errors import FrameTooLarge, ProtocolError
 
-__all__ = ("FrameDecoder", "check_depth", "encode_frame")
+__all__ = ("FrameDecoder", "check_depth", "encode_frame", "size_limits")
 
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
@@ -46,6 +46,19 @@ def check_depth(obj: object, max_depth: int, *, allow_timestamps: bool = True) -
             if depth > max_depth:
                 raise ProtocolError(f"message nests deeper than {max_depth} levels")
             stack.extend((child, depth + 1) for child in item.values())
+
+
+def size_limits(size: int) -> dict[str, int]:
+    """msgpack's per-object limits for a payload of ``size`` bytes: nothing in it can claim
+    more items or bytes than the payload could hold, so a small hostile payload cannot make
+    the decoder allocate a large container up front."""
+    return {
+        "max_str_len": size,
+        "max_bin_len": size,
+        "max_array_len": size,
+        "max_map_len": size // 2,
+        "max_ext_len": size,
+    }
 
 
 def encode_frame(obj: object) -> bytes:
@@ -115,11 +128,7 @@ class FrameDecoder:
                 use_list=True,
                 strict_map_key=True,
                 ext_hook=_refuse_ext,
-                max_str_len=length,
-                max_bin_len=length,
-                max_array_len=length,
-                max_map_len=length // 2,
-                max_ext_len=length,
+                **size_limits(length),
             )
         except ProtocolError:
             raise
