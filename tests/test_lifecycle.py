@@ -96,7 +96,7 @@ def test_thread_lock_is_held_while_chunks_apply() -> None:
         wait_for(lambda: bool(old.peers()))
         stopper = threading.Thread(target=old.stop)
         stopper.start()
-        time.sleep(0.3)
+        time.sleep(0.3)  # a window for a chunk to arrive: none may apply under the lock
         assert received == {}  # nothing applied while the app holds the lock
         release.set()
         stopper.join(10)
