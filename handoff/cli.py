@@ -335,7 +335,8 @@ def _drain(args: argparse.Namespace) -> int:
         print(report["summary"])
     if not report["ok"]:
         print(
-            f"handoff drain: error: {report['dropped']} records dropped (see the report)",
+            f"handoff drain: error: {report['lost']} records lost ({report['dropped']} dropped "
+            f"by {report['node']}, {report['receiver_dropped']} by successors; see the report)",
             file=sys.stderr,
         )
         return EXIT_FAILED

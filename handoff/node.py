@@ -50,7 +50,8 @@ from handoff._registry import adapter_for
 from handoff.config import Settings, resolve_settings
 from handoff.control import ControlServer
 from handoff.discovery import Discovery, PeerAddress, make_discovery
-from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Tracked
+from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Sessions, Tracked
+from handoff.engine._fingerprint import Fingerprint, fingerprint_of
 from handoff.engine._restore import restore_snapshots
 from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
 from handoff.membership import (
@@ -63,8 +64,6 @@ from handoff.membership import (
     Peer,
 )
 from handoff.protocol import (
-    Accept,
-    Ack,
     Connection,
     Event,
     Limits,
@@ -76,7 +75,6 @@ from handoff.protocol import (
     PeerGoodbye,
     PeerInfo,
     PeerStateChanged,
-    Refuse,
     Role,
 )
 from handoff.snapshot import DirectorySnapshotStore, SnapshotStore
@@ -196,7 +194,6 @@ class Node:
         self._snapshots: SnapshotStore | None = (
             DirectorySnapshotStore(s.snapshot_dir) if s.snapshot_dir is not None else None
         )
-        self._drainer: Drainer | None = None
         self._drain_watchers: list[Callable[[NamespaceReport], None]] = []
         self._control: ControlServer | None = None
         self._drain_lock = anyio.Lock()
@@ -209,6 +206,9 @@ class Node:
         self._handle_signals = handle_signals
         self.last_drain_report: DrainReport | None = None
         """The report of this node's drain, once it has drained."""
+        self.catch_up_report: DrainReport | None = None
+        """The report of the catch-up at stop after an earlier drain (records written
+        after the drain exported them), once it ran."""
         self._warm = anyio.Event()
         self.warm_reason = ""
         """Why the node counts as warm: a restored snapshot, a received handoff, nothing
@@ -222,6 +222,9 @@ class Node:
             on_complete=self._handoff_received,
             lock=self.lock,
         )
+        self._sessions = Sessions(self._receiver)
+        # What the last drain exported, per namespace, while the node may keep serving.
+        self._exported: dict[str, Fingerprint] = {}
         self._limits = Limits(
             handshake_timeout=s.handshake_timeout,
             heartbeat_interval=s.heartbeat_interval,
@@ -387,38 +390,83 @@ class Node:
     async def drain(self, *, timeout: float | None = None) -> DrainReport:  # noqa: ASYNC109
         """Hand everything tracked to successors (or the snapshot store) and report.
 
-        Announces draining, picks serving peers (newer release first), streams each
-        namespace and returns within ``timeout`` (default ``drain_timeout``) whatever the
-        peers do. Draining twice returns the first report.
+        Announces draining (from then on the node refuses incoming state and
+        :meth:`readiness` answers 503), lets streams it accepted before finish or
+        withdraws from them, picks serving peers (see "Successor choice" in the README),
+        streams each namespace and returns within ``timeout`` (default ``drain_timeout``)
+        whatever the peers do. Draining twice returns the first report; if the app keeps
+        writing after a drain, stopping the node sends the state again (a catch-up, see
+        :attr:`catch_up_report`).
         """
+        return await self._drain(time_limit=timeout, stopping=False)
+
+    async def _drain(self, *, time_limit: float | None, stopping: bool) -> DrainReport:
         async with self._drain_lock:
             if self.last_drain_report is not None:
                 return self.last_drain_report
             if not self.running:
                 raise LocalProtocolError("drain() needs a started node")
-            limit = self.settings.drain_timeout if timeout is None else timeout
+            limit = self.settings.drain_timeout if time_limit is None else time_limit
+            # First announce it: from here on offers are refused and peers re-route.
             await self._set_state(NodeState.DRAINING)
-            self._drainer = Drainer(
-                node=self.name,
-                release=self.release,
-                cluster=self.cluster,
-                tracked=self._tracked,
-                transforms=self.transforms,
-                codec=self.codec,
-                snapshots=self._snapshots,
-                peers=self._peer_links,
-                lock=self.lock,
-                progress=self._drain_progress,
-            )
-            try:
-                report = await self._drainer.run(time_limit=limit)
-            finally:
-                self._drainer = None
+            # A drain on the way out needs no fingerprints: nothing is written after it.
+            drainer = self._drainer("drain", fingerprints=not stopping)
+            report = await self._sessions.drain(drainer, time_limit=limit)
+            self._log_report(report)
+            self._exported = drainer.fingerprints
             self.last_drain_report = report
             self._drained.set()
-            log = logger.warning if report.dropped else logger.info
-            log("%s", report.summary())
             return report
+
+    async def _catch_up(self) -> None:
+        """At stop after a drain that left the node serving: send again the namespaces
+        whose records changed since the drain exported them, so that what the app wrote
+        since reaches successors (or the snapshot store, or the report as dropped).
+        Successors keep entries they already hold."""
+        async with self._drain_lock:
+            exported, self._exported = self._exported, {}
+            if self.last_drain_report is None or not exported:
+                return
+            changed = []
+            for name, tracked in self._tracked.items():
+                before = exported.get(name)
+                now = await anyio.to_thread.run_sync(
+                    fingerprint_of, tracked.adapter, self.lock, self.codec.packb
+                )
+                if before is None or not before.matches(now):
+                    changed.append(name)
+            if not changed:
+                logger.info("%s: nothing written since the drain, no catch-up needed", self.name)
+                return
+            drainer = self._drainer("catch-up", only=changed)
+            report = await self._sessions.drain(drainer, time_limit=self.settings.drain_timeout)
+            self._log_report(report)
+            self.catch_up_report = report
+
+    @staticmethod
+    def _log_report(report: DrainReport) -> None:
+        log = logger.info if report.ok else logger.warning
+        log("%s", report.summary())
+
+    def _drainer(
+        self, reason: str, *, fingerprints: bool = False, only: list[str] | None = None
+    ) -> Drainer:
+        return Drainer(
+            node=self.name,
+            release=self.release,
+            cluster=self.cluster,
+            tracked=self._tracked,
+            transforms=self.transforms,
+            codec=self.codec,
+            snapshots=self._snapshots,
+            peers=self._peer_links,
+            lock=self.lock,
+            progress=self._drain_progress,
+            reason=reason,
+            started_at=self.started_at,
+            fingerprints=fingerprints,
+            only=only,
+        )
 
     @contextmanager
     def watch_drain(self, callback: Callable[[NamespaceReport], None]) -> Iterator[None]:
@@ -569,9 +617,12 @@ class Node:
                 # only guards against a bug there.
                 with anyio.CancelScope(shield=True) as scope:
                     scope.deadline = anyio.current_time() + self.settings.drain_timeout + 5
-                    await self.drain()
+                    if self.last_drain_report is None:
+                        await self._drain(time_limit=None, stopping=True)
+                    else:
+                        await self._catch_up()
         finally:
-            await self._stop()
+            await self._stop(catch_up=False)
 
     async def start(self) -> None:
         """Listen, then find and join peers in the background. Returns once listening."""
@@ -655,7 +706,9 @@ class Node:
 
         ``await node.stop()`` after :meth:`start`; a plain ``node.stop()`` after
         :meth:`start_in_thread`, where it drains first (as leaving ``async with`` does) and
-        returns once the node's thread has finished.
+        returns once the node's thread has finished. A node that drained earlier and kept
+        serving first sends its state again (the catch-up: records written after the drain
+        are handed off too, see :attr:`catch_up_report`).
         """
         runner, self._runner = self._runner, None
         if runner is not None:
@@ -685,10 +738,16 @@ class Node:
 
         self._task_group.start_soon(run)
 
-    async def _stop(self, reason: str = "node stopping") -> None:
+    async def _stop(self, reason: str = "node stopping", *, catch_up: bool = True) -> None:
         stack, task_group = self._exit_stack, self._task_group
         if stack is None or task_group is None:
             return
+        if catch_up and self.last_drain_report is not None:
+            # Drained earlier while the app kept serving: what it wrote since must not be
+            # left behind silently.
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + self.settings.drain_timeout + 5
+                await self._catch_up()
         self._stopping = True
         with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
             async with anyio.create_task_group() as goodbyes:
@@ -741,7 +800,9 @@ class Node:
         self._runner = runner
 
     def readiness(self) -> tuple[int, dict[str, object]]:
-        """``(status, body)`` for a readiness endpoint: 200 once warm, 503 before.
+        """``(status, body)`` for a readiness endpoint: 200 once warm and serving, 503
+        while warming up and from the moment the node drains (so that load balancers stop
+        sending it the requests whose writes would come after its handoff).
 
         For a Kubernetes readiness probe or a Fly check, e.g. in FastAPI::
 
@@ -750,15 +811,20 @@ class Node:
                 response.status_code, body = node.readiness()
                 return body
         """
+        ready = self.is_warm and self._state is NodeState.SERVING
+        if self._state is not NodeState.SERVING:
+            reason = f"{self._state.value}: this node is handing its state off"
+        else:
+            reason = self.warm_reason or "warming up"
         body: dict[str, object] = {
-            "ready": self.is_warm,
-            "reason": self.warm_reason or "warming up",
+            "ready": ready,
+            "reason": reason,
             "node": self.name,
             "release": self.release,
             "state": self._state.value,
             "peers": len(self._membership.peers()),
         }
-        return (200 if self.is_warm else 503), body
+        return (200 if ready else 503), body
 
     async def _set_state(self, state: NodeState) -> None:
         """Change this node's state and tell every peer (serving -> draining)."""
@@ -971,9 +1037,7 @@ class Node:
             self._links.pop(link_id, None)
             if self._membership.link_of(peer.name) in (link_id, None):
                 # Streams die with the link that carried them (not with a replaced duplicate).
-                self._receiver.peer_lost(peer.name)
-                if self._drainer is not None:
-                    self._drainer.on_peer_lost(peer.name)
+                self._sessions.peer_lost(peer.name)
             await link.aclose()
             if not self._stopping:
                 self._publish(
@@ -981,11 +1045,7 @@ class Node:
                 )
 
     async def _dispatch_session(self, peer: str, link: PeerLink, message: Message) -> None:
-        if isinstance(message, Accept | Refuse | Ack):
-            if self._drainer is not None:
-                self._drainer.on_message(peer, message)
-        else:
-            await self._receiver.handle(peer, link, message)
+        await self._sessions.handle(peer, link, message)
 
     def _peer_links(self) -> list[tuple[Peer, PeerLink]]:
         pairs = []

@@ -8,10 +8,12 @@ from collections.abc import Hashable, Sequence
 
 from handoff.membership import Peer
 
-__all__ = ("Router", "release_key", "successor_tiers")
+__all__ = ("Router", "compare_releases", "release_key", "successor_tiers")
 
 _TOKENS = re.compile(r"[A-Za-z0-9]+")
 _PREFIXED_NUMBER = re.compile(r"([A-Za-z]*)(\d+)")
+# A ULID: 48 bits of milliseconds then 80 random bits, in Crockford's base 32.
+_ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.IGNORECASE)
 
 ReleaseKey = tuple[tuple[int, str, int], ...]
 
@@ -34,20 +36,51 @@ def release_key(release: str) -> ReleaseKey:
     return tuple(key)
 
 
-def successor_tiers(local_release: str, peers: Sequence[Peer]) -> list[list[Peer]]:
-    """Serving peers grouped by preference: newer release, then the same, then older.
+def compare_releases(release: str, other: str) -> int | None:
+    """-1, 0 or 1 when ``release`` is older than, the same as or newer than ``other``;
+    ``None`` when their names do not tell (git SHAs such as ``f00dbee`` and ``a11ce55``).
 
-    Empty tiers are left out; peers within a tier are sorted by name.
+    Names tell when, at the first token where they differ, both tokens are numbers with the
+    same letter prefix (``v2``/``v10``, ``2024-01-05``/``2024-01-10``) or both are ULIDs
+    (Fly's ``deployment-01JZ...``, time-ordered by construction); or when one name is the
+    other plus more tokens (``1.2`` < ``1.2.1``).
     """
-    mine = release_key(local_release)
+    if release == other:
+        return 0
+    mine, theirs = release_key(release), release_key(other)
+    for a, b in zip(mine, theirs, strict=False):
+        if a == b:
+            continue
+        numbers = a[0] == b[0] == 0 and a[1] == b[1]
+        ulids = a[0] == b[0] == 1 and bool(_ULID.fullmatch(a[1])) and bool(_ULID.fullmatch(b[1]))
+        if numbers or ulids:
+            return -1 if a < b else 1
+        return None
+    if len(mine) == len(theirs):
+        return None  # the same tokens, other separators: nothing to go by
+    return -1 if len(mine) < len(theirs) else 1
+
+
+def successor_tiers(
+    local_release: str, peers: Sequence[Peer], *, local_started_at: float = 0.0
+) -> list[list[Peer]]:
+    """Serving peers grouped by preference: newer, then the same release, then older.
+
+    Draining peers are left out (they are leaving too). Where release names do not compare
+    (:func:`compare_releases`), a peer that started after this node counts as newer - the
+    fresh node of a new deploy - and one that started before it as older. Empty tiers are
+    left out; peers within a tier are sorted by name.
+    """
     newer: list[Peer] = []
     same: list[Peer] = []
     older: list[Peer] = []
     for peer in sorted(peers, key=lambda p: p.name):
         if not peer.serving:
             continue
-        theirs = release_key(peer.release)
-        (newer if theirs > mine else same if theirs == mine else older).append(peer)
+        order = compare_releases(peer.release, local_release)
+        if order is None:
+            order = 1 if peer.started_at > local_started_at else -1
+        (newer if order > 0 else same if order == 0 else older).append(peer)
     return [tier for tier in (newer, same, older) if tier]
 
 

@@ -1,4 +1,12 @@
-"""The receiving side: accept offered namespaces, apply chunks, acknowledge them."""
+"""The receiving side: accept offered namespaces, apply chunks, acknowledge them.
+
+A node takes state only while it serves. When it starts to drain it refuses new offers
+(the sender re-routes at once), lets the streams it already accepted finish
+(:meth:`Receiver.settle`, bounded by its own deadline) and withdraws from those still open
+(:meth:`Receiver.withdraw`): what was acknowledged is applied here and leaves with this
+node's own drain; what was not, the sender takes back and sends elsewhere. So an
+acknowledgement always means "applied by a node that keeps it or hands it on".
+"""
 
 from __future__ import annotations
 
@@ -11,11 +19,22 @@ import anyio
 
 from handoff._adapter import ImportResult
 from handoff._codec import Codec, gc_paused
-from handoff._errors import NoTransformPath, ProtocolError
+from handoff._errors import HandoffError, NoTransformPath, ProtocolError
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._tracked import Tracked
-from handoff.protocol import Accept, Ack, Cancel, Chunk, Done, End, Message, Offer, Refuse
+from handoff.protocol import (
+    Accept,
+    Ack,
+    Cancel,
+    Chunk,
+    Done,
+    End,
+    InboundStream,
+    Message,
+    Offer,
+    Refuse,
+)
 from handoff.transforms import Chain, Transforms
-from handoff.transport import PeerLink
 
 __all__ = ("Receiver",)
 
@@ -24,6 +43,7 @@ logger = logging.getLogger("handoff.engine")
 # Chunks a sender may have in flight per stream: enough to keep the link busy while one
 # chunk is applied, small enough that the receiver's extra memory stays a few MiB.
 INITIAL_CREDIT = 4
+MAX_ACK_REASONS = 64
 
 
 @dataclass(slots=True)
@@ -31,9 +51,18 @@ class _InStream:
     namespace: str
     tracked: Tracked
     chain: Chain | None
-    expected: int
-    received: int = 0
-    next_seq: int = 0
+    machine: InboundStream
+    link: Link
+
+
+def _wire_reasons(dropped: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+    """Drop reasons as an Ack carries them: at most 64, each at most 255 characters."""
+    merged: dict[str, int] = {}
+    for reason, count in sorted(dropped.items(), key=lambda item: -item[1]):
+        if len(merged) >= MAX_ACK_REASONS - 1 and reason[:255] not in merged:
+            reason = "other reasons"
+        merged[reason[:255]] = merged.get(reason[:255], 0) + count
+    return tuple(sorted(merged.items()))
 
 
 class Receiver:
@@ -48,9 +77,10 @@ class Receiver:
         codec: Codec,
         accepting: Callable[[], str | None],
         on_complete: Callable[[str, int], None],
-        clock: Callable[[], float] = anyio.current_time,
+        clock: Clock = ANYIO_CLOCK,
         lock: AbstractContextManager[object] | None = None,
     ) -> None:
+        """``accepting()`` returns why offers are refused now ("" or None: they are not)."""
         self._node = node
         self._lock = lock if lock is not None else nullcontext()
         self._tracked = tracked
@@ -59,37 +89,49 @@ class Receiver:
         self._accepting = accepting
         self._on_complete = on_complete
         self._clock = clock
+        # Streams withdrawn by this node stay here (finished) until their peer goes, so
+        # that chunks and an End that crossed the withdrawal on the wire are recognised.
         self._streams: dict[tuple[str, int], _InStream] = {}
+        self._changed = anyio.Event()
 
     @property
     def active(self) -> int:
-        """Streams being received now."""
-        return len(self._streams)
+        """Streams being received now (offered or open)."""
+        return sum(1 for s in self._streams.values() if not s.machine.state.finished)
 
-    async def handle(self, peer: str, link: PeerLink, message: Message) -> None:
+    async def handle(self, peer: str, link: Link, message: Message) -> None:
         """Handle an Offer, Chunk, End, Cancel or Done from ``peer``."""
         if isinstance(message, Offer):
             await self._offer(peer, link, message)
         elif isinstance(message, Chunk):
             await self._chunk(peer, link, message)
-        elif isinstance(message, End):
-            stream = self._streams.pop((peer, message.stream), None)
-            if stream is None:
-                raise ProtocolError(f"End for unknown stream {message.stream}")
-            logger.info(
-                "received %d records of %r from %s", stream.received, stream.namespace, peer
-            )
         elif isinstance(message, Done):
             # Only now, not at the end of one namespace: the next one may be on its way.
             self._on_complete(peer, message.records)
-        elif isinstance(message, Cancel):
-            stream = self._streams.pop((peer, message.stream), None)
-            if stream is not None:
+        elif isinstance(message, End | Cancel):
+            key = (peer, message.stream)
+            stream = self._streams.get(key)
+            if stream is None:
+                if isinstance(message, End):
+                    raise ProtocolError(f"End for unknown stream {message.stream}")
+                return
+            if not stream.machine.receive(message):
+                return  # crossed this node's withdrawal: already handled
+            del self._streams[key]
+            self._changed.set()
+            if isinstance(message, End):
+                logger.info(
+                    "received %d records of %r from %s",
+                    stream.machine.records,
+                    stream.namespace,
+                    peer,
+                )
+            else:
                 logger.info(
                     "%s cancelled %r after %d records: %s",
                     peer,
                     stream.namespace,
-                    stream.received,
+                    stream.machine.records,
                     message.reason,
                 )
 
@@ -97,6 +139,41 @@ class Receiver:
         """Forget the streams of a peer whose link ended."""
         for key in [key for key in self._streams if key[0] == peer]:
             del self._streams[key]
+        self._changed.set()
+
+    async def settle(self, until: float) -> bool:
+        """Wait until no stream is being received, or until ``until``. True if none is."""
+        while self.active:
+            if self._clock.now() >= until:
+                return False
+            self._changed = anyio.Event()
+            await self._clock.wait(self._changed, until)
+        return True
+
+    async def withdraw(self, reason: str, until: float) -> int:
+        """Stop every stream still being received: the senders take back what this node
+        has not acknowledged. Returns how many streams were withdrawn."""
+        withdrawn = 0
+        for (peer, _), stream in list(self._streams.items()):
+            if stream.machine.state.finished:
+                continue
+            refusal = Refuse(stream.machine.stream, reason[:1024])
+            stream.machine.send(refusal)
+            withdrawn += 1
+            logger.info(
+                "withdrew from %r of %s after %d records: %s",
+                stream.namespace,
+                peer,
+                stream.machine.records,
+                reason,
+            )
+            try:
+                await stream.link.send(refusal, time_limit=max(0.0, until - self._clock.now()))
+            except HandoffError as exc:
+                # The link is gone: the sender re-routes for that reason instead.
+                logger.debug("could not tell %s about the withdrawal: %s", peer, exc)
+        self._changed.set()
+        return withdrawn
 
     def _refusal(self, offer: Offer) -> tuple[str, Chain | None]:
         busy = self._accepting()
@@ -124,44 +201,50 @@ class Receiver:
             return str(exc), None
         return "", chain
 
-    async def _offer(self, peer: str, link: PeerLink, offer: Offer) -> None:
+    async def _offer(self, peer: str, link: Link, offer: Offer) -> None:
         key = (peer, offer.stream)
         if key in self._streams:
             raise ProtocolError(f"stream {offer.stream} offered twice")
+        machine = InboundStream(offer)
         reason, chain = self._refusal(offer)
         if reason:
             logger.info("refused %r from %s: %s", offer.namespace, peer, reason)
-            await link.send(Refuse(offer.stream, reason[:1024]))
+            refusal = Refuse(offer.stream, reason[:1024])
+            machine.send(refusal)
+            await link.send(refusal)
             return
         tracked = self._tracked[offer.namespace]
-        self._streams[key] = _InStream(offer.namespace, tracked, chain, offer.records)
-        await link.send(Accept(offer.stream, INITIAL_CREDIT))
+        self._streams[key] = _InStream(offer.namespace, tracked, chain, machine, link)
+        self._changed.set()
+        accept = Accept(offer.stream, INITIAL_CREDIT)
+        machine.send(accept)
+        await link.send(accept)
 
-    async def _chunk(self, peer: str, link: PeerLink, chunk: Chunk) -> None:
-        arrived = self._clock()
+    async def _chunk(self, peer: str, link: Link, chunk: Chunk) -> None:
+        arrived = self._clock.now()
         stream = self._streams.get((peer, chunk.stream))
         if stream is None:
             # Cancelled or never offered: a late chunk after a Cancel is not an error.
             logger.debug("chunk for unknown stream %d from %s", chunk.stream, peer)
             return
-        if chunk.seq != stream.next_seq:
-            raise ProtocolError(f"chunk {chunk.seq} out of order (expected {stream.next_seq})")
-        stream.next_seq += 1
+        if not stream.machine.receive(chunk):
+            return  # crossed this node's withdrawal: the sender takes it back
         # Decoding and applying allocate a container per record: without the pause, the
         # collector would traverse the whole (large, growing) cache every 700 of them.
         with self._lock, gc_paused():
             result, dropped = self._apply(stream, chunk, arrived)
-        stream.received += chunk.records
-        await link.send(
-            Ack(
-                chunk.stream,
-                chunk.seq,
-                result.applied,
-                result.kept_existing,
-                tuple(sorted(dropped.items())),
-                1,
-            )
+        # No await between applying and queueing the Ack: a withdrawal cannot slip in and
+        # make the sender re-route records that are already applied here.
+        ack = Ack(
+            chunk.stream,
+            chunk.seq,
+            result.applied,
+            result.kept_existing,
+            _wire_reasons(dropped),
+            1,
         )
+        stream.machine.send(ack)
+        await link.send(ack)
 
     def _apply(
         self, stream: _InStream, chunk: Chunk, arrived: float
@@ -172,7 +255,7 @@ class Receiver:
         dropped: dict[str, int] = {}
         if stream.chain is not None:
             records, dropped = stream.chain.apply(records)
-        age = chunk.age + (self._clock() - arrived)
+        age = chunk.age + (self._clock.now() - arrived)
         try:
             result = stream.tracked.adapter.import_records(records, age=age)
         except Exception as exc:
@@ -180,6 +263,16 @@ class Receiver:
             # chunk is acknowledged as dropped, with the reason, and the next one may apply.
             logger.exception("applying %d records of %r failed", len(records), stream.namespace)
             result = ImportResult(dropped={f"import failed: {type(exc).__name__}": len(records)})
+        if result.total != len(records):
+            # The sender checks every Ack adds up; a miscounting adapter must not cost the
+            # link, nor let the report claim what nobody knows.
+            logger.error(
+                "the adapter of %r accounted for %d of %d records",
+                stream.namespace,
+                result.total,
+                len(records),
+            )
+            result = ImportResult(dropped={"outcome unknown: adapter miscounted": len(records)})
         for reason, count in result.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count
         return result, dropped

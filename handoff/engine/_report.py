@@ -58,6 +58,33 @@ class NamespaceReport:
         """True when every record is accounted for."""
         return self.accounted == self.records
 
+    @property
+    def lost(self) -> int:
+        """Records neither a successor nor the snapshot store kept (dropped on either side)."""
+        return sum(self.dropped.values()) + sum(self.receiver_dropped.values())
+
+    def summary(self) -> str:
+        """One clause for the drain's log line, naming every reason for a loss."""
+        text = (
+            f"{self.namespace}: {self.records} held, {self.acknowledged} acknowledged"
+            f" by {', '.join(self.successors) or 'nobody'}"
+        )
+        if self.kept_existing:
+            text += f" ({self.kept_existing} kept their newer copy there)"
+        if self.receiver_dropped:
+            text += f" (dropped there: {_reasons(self.receiver_dropped)})"
+        text += f", {self.snapshotted} snapshotted"
+        if self.dropped:
+            text += f", dropped {_reasons(self.dropped)}"
+            if self.refusals:
+                refused = "; ".join(f"{peer}: {why}" for peer, why in sorted(self.refusals.items()))
+                text += f" (refused by {refused})"
+        return text
+
+
+def _reasons(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+
 
 @dataclass(frozen=True, slots=True)
 class DrainReport:
@@ -90,17 +117,20 @@ class DrainReport:
         return sum(sum(ns.dropped.values()) for ns in self.namespaces.values())
 
     @property
+    def receiver_dropped(self) -> int:
+        """Records successors acknowledged without keeping them (expired, receiver full,
+        upgrade hook failed ...), all namespaces."""
+        return sum(sum(ns.receiver_dropped.values()) for ns in self.namespaces.values())
+
+    @property
     def lost(self) -> int:
         """Records that neither a successor nor a snapshot kept (dropped on either side)."""
-        return sum(
-            sum(ns.dropped.values()) + sum(ns.receiver_dropped.values())
-            for ns in self.namespaces.values()
-        )
+        return self.dropped + self.receiver_dropped
 
     @property
     def ok(self) -> bool:
-        """True when nothing was dropped by this node."""
-        return self.dropped == 0
+        """True when nothing was dropped anywhere: by this node or by a successor."""
+        return self.lost == 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary."""
@@ -113,6 +143,9 @@ class DrainReport:
             "acknowledged": self.acknowledged,
             "snapshotted": self.snapshotted,
             "dropped": self.dropped,
+            "receiver_dropped": self.receiver_dropped,
+            "lost": self.lost,
+            "ok": self.ok,
             "namespaces": {name: asdict(ns) for name, ns in self.namespaces.items()},
         }
 
@@ -122,14 +155,7 @@ class DrainReport:
 
     def summary(self) -> str:
         """One line for the log."""
-        parts = []
-        for ns in self.namespaces.values():
-            dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(ns.dropped.items()))
-            parts.append(
-                f"{ns.namespace}: {ns.records} held, {ns.acknowledged} acknowledged"
-                f" by {', '.join(ns.successors) or 'nobody'}, {ns.snapshotted} snapshotted"
-                + (f", dropped {dropped}" if dropped else "")
-            )
-        return f"drain of {self.node} ({self.release}) in {self.seconds:.2f} s: " + (
+        parts = [ns.summary() for ns in self.namespaces.values()]
+        return f"{self.reason} of {self.node} ({self.release}) in {self.seconds:.2f} s: " + (
             "; ".join(parts) if parts else "nothing tracked"
         )

@@ -15,25 +15,37 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from enum import Enum
 
 import anyio
 
 from handoff._adapter import Record
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath
+from handoff.engine._fingerprint import Fingerprint
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
 from handoff.engine._tracked import Tracked
 from handoff.membership import Peer
-from handoff.protocol import Accept, Ack, Cancel, Chunk, Done, End, Message, Offer, Refuse
+from handoff.protocol import (
+    Accept,
+    Ack,
+    Cancel,
+    Chunk,
+    Done,
+    End,
+    Message,
+    Offer,
+    OutboundStream,
+    Refuse,
+    StreamState,
+)
 from handoff.snapshot import MAX_CHUNK as MAX_SNAPSHOT_CHUNK
 from handoff.snapshot import SnapshotStore, SnapshotWriter
 from handoff.transforms import Chain, Transforms
-from handoff.transport import PeerLink
 
 __all__ = ("Drainer",)
 
@@ -49,13 +61,6 @@ MAX_CHUNK_RECORDS = 8192
 SNAPSHOT_RESERVE = 0.25
 
 
-class _StreamState(Enum):
-    OFFERED = "offered"
-    OPEN = "open"
-    REFUSED = "refused"
-    FAILED = "failed"
-
-
 @dataclass(slots=True)
 class _Pending:
     records: list[Record] = field(default_factory=list)
@@ -65,18 +70,30 @@ class _Pending:
 @dataclass(slots=True)
 class _OutStream:
     peer: Peer
-    link: PeerLink
-    stream: int
+    link: Link
+    machine: OutboundStream
     version: int
     chain: Chain | None
-    state: _StreamState = _StreamState.OFFERED
-    credit: int = 0
-    next_seq: int = 0
     pending: _Pending = field(default_factory=_Pending)
     inflight: dict[int, tuple[list[Record], float]] = field(default_factory=dict)
-    sent_records: int = 0
+    """The records of chunks sent and not acknowledged, kept to send elsewhere."""
     acknowledged: int = 0
-    refusal: str = ""
+
+    @property
+    def stream(self) -> int:
+        return self.machine.stream
+
+    @property
+    def state(self) -> StreamState:
+        return self.machine.state
+
+    @property
+    def credit(self) -> int:
+        return self.machine.credit
+
+    @property
+    def sent_records(self) -> int:
+        return self.machine.records
 
 
 class Drainer:
@@ -92,15 +109,28 @@ class Drainer:
         transforms: Transforms,
         codec: Codec,
         snapshots: SnapshotStore | None,
-        peers: Callable[[], Sequence[tuple[Peer, PeerLink]]],
-        clock: Callable[[], float] = anyio.current_time,
+        peers: Callable[[], Sequence[tuple[Peer, Link]]],
+        clock: Clock = ANYIO_CLOCK,
         wall_clock: Callable[[], float] = time.time,
         max_frame: int = 8 * 1024 * 1024,
         lock: AbstractContextManager[object] | None = None,
         progress: Callable[[NamespaceReport], None] | None = None,
+        reason: str = "drain",
+        started_at: float = 0.0,
+        fingerprints: bool = False,
+        only: Collection[str] | None = None,
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
-        after each acknowledgement and when the namespace is done; it must not block."""
+        after each acknowledgement and when the namespace is done; it must not block.
+        ``started_at`` (this node's start, wall clock) orders successors whose release
+        names do not compare with this node's. ``reason`` names the drain in its report
+        ("drain", or "catch-up" for records written after a drain). With
+        ``fingerprints`` the drain keeps a :class:`Fingerprint` of each namespace's export
+        (:attr:`fingerprints`) for a later catch-up to compare with; ``only`` limits the
+        drain to those namespaces."""
+        self.fingerprints: dict[str, Fingerprint] = {}
+        self._keep_fingerprints = fingerprints
+        self._only = None if only is None else frozenset(only)
         self._lock = lock if lock is not None else nullcontext()
         self._progress = progress
         self._node = node
@@ -113,6 +143,8 @@ class Drainer:
         self._peers = peers
         self._clock = clock
         self._wall_clock = wall_clock
+        self._reason = reason
+        self._started_at = started_at
         self._max_chunk_bytes = min(MAX_CHUNK_BYTES, max_frame - 1024)
         self._stream_ids = itertools.count(1)
         self._streams: dict[tuple[str, int], _OutStream] = {}
@@ -129,14 +161,17 @@ class Drainer:
         if stream is None:
             logger.debug("%s answered unknown stream %d", peer, message.stream)
             return
-        if isinstance(message, Accept) and stream.state is _StreamState.OFFERED:
-            stream.state, stream.credit = _StreamState.OPEN, message.credit
-        elif isinstance(message, Refuse) and stream.state is _StreamState.OFFERED:
-            stream.state, stream.refusal = _StreamState.REFUSED, message.reason
-        elif isinstance(message, Ack) and stream.state is _StreamState.OPEN:
-            entry = stream.inflight.pop(message.seq, None)
-            if entry is None:
-                return  # a duplicate acknowledgement: already counted
+        was_open = stream.state is StreamState.OPEN
+        # Raises ProtocolError for an answer the stream does not allow (the link drops,
+        # and the stream's records go elsewhere); False for a late one.
+        if not stream.machine.receive(message):
+            return
+        if isinstance(message, Refuse) and was_open:
+            # The successor started draining before the stream ended: what it did not
+            # acknowledge is taken back and re-routed by the drain loop.
+            logger.info("%s withdrew from %r: %s", peer, self._report.namespace, message.reason)
+        elif isinstance(message, Ack):
+            entry = stream.inflight.pop(message.seq)
             report = self._report
             count = len(entry[0])
             stream.acknowledged += count
@@ -145,7 +180,6 @@ class Drainer:
             report.kept_existing += message.kept
             for reason, dropped in message.dropped:
                 report.receiver_drop(reason, dropped)
-            stream.credit += message.credit
             if self._progress is not None:
                 self._progress(report)
         self._changed.set()
@@ -153,7 +187,7 @@ class Drainer:
     def on_peer_lost(self, peer: str) -> None:
         """``peer``'s link ended: its unacknowledged records must go elsewhere."""
         for (name, _), stream in self._streams.items():
-            if name == peer and stream.state in (_StreamState.OPEN, _StreamState.OFFERED):
+            if name == peer:
                 self._fail(stream, "went down during the drain")
         self._changed.set()
 
@@ -161,7 +195,7 @@ class Drainer:
 
     async def run(self, *, time_limit: float) -> DrainReport:
         """Drain every namespace within ``time_limit`` seconds; report what became of them."""
-        started = self._clock()
+        started = self._clock.now()
         deadline = started + time_limit
         stream_until = deadline
         if self._snapshots is not None:
@@ -174,26 +208,32 @@ class Drainer:
             self._tracked.values(), key=lambda t: (not t.adapter.moves_ownership, t.name)
         )
         for tracked in order:
+            if self._only is not None and tracked.name not in self._only:
+                continue
+            if self._keep_fingerprints:
+                self.fingerprints[tracked.name] = Fingerprint(self._codec.packb)
             report = reports[tracked.name] = NamespaceReport(tracked.name, tracked.version)
-            ns_started = self._clock()
+            ns_started = self._clock.now()
             await self._drain_namespace(tracked, report, stream_until, deadline)
-            report.seconds = self._clock() - ns_started
+            report.seconds = self._clock.now() - ns_started
             if self._progress is not None:
                 self._progress(report)
             if not report.complete:  # pragma: no cover - a bug, never a user error
                 logger.error("drain report for %s does not add up: %r", tracked.name, report)
         await self._say_done(deadline)
-        return DrainReport(self._node, self._release, self._clock() - started, reports)
+        return DrainReport(
+            self._node, self._release, self._clock.now() - started, reports, self._reason
+        )
 
     async def _say_done(self, deadline: float) -> None:
         """Tell every successor that took something that nothing more will come."""
-        served: dict[str, tuple[PeerLink, int]] = {}
+        served: dict[str, tuple[Link, int]] = {}
         for (name, _), stream in self._streams.items():
-            if stream.state is _StreamState.OPEN or stream.acknowledged:
+            if stream.state is StreamState.ENDED or stream.acknowledged:
                 link, acknowledged = served.get(name, (stream.link, 0))
                 served[name] = (link, acknowledged + stream.acknowledged)
         for name, (link, acknowledged) in served.items():
-            remaining = deadline - self._clock()
+            remaining = deadline - self._clock.now()
             if remaining <= 0:
                 break
             try:
@@ -212,8 +252,8 @@ class Drainer:
         router = Router([])
         routed: list[str] = []
         exhausted = False
-        while self._clock() < stream_until:
-            open_streams = [s for s in streams if s.state is _StreamState.OPEN]
+        while self._clock.now() < stream_until:
+            open_streams = [s for s in streams if s.state is StreamState.OPEN]
             if not open_streams:
                 for stream in streams:
                     retry.extend(self._take_back(stream))
@@ -227,7 +267,7 @@ class Drainer:
                 # A successor left (down, refused, send failed): what it had queued or not
                 # yet acknowledged goes to the ones still open, not only once all are gone.
                 for stream in streams:
-                    if stream.state is not _StreamState.OPEN:
+                    if stream.state is not StreamState.OPEN:
                         retry.extend(self._take_back(stream))
             # Work in batches of a chunk: the per-record path is the drain's hot loop.
             size = self._chunk_records()
@@ -238,9 +278,11 @@ class Drainer:
             elif not exhausted:
                 with self._lock, gc_paused():
                     batch = list(itertools.islice(exporter, size))
-                pulled_at = self._clock()
+                pulled_at = self._clock.now()
                 report.records += len(batch)
                 exhausted = len(batch) < size
+                if self._keep_fingerprints:
+                    self.fingerprints[tracked.name].add(batch)
                 if not batch:
                     continue
             else:
@@ -263,13 +305,14 @@ class Drainer:
         leftovers: list[tuple[Record, float]] = list(retry)
         for stream in streams:
             leftovers.extend(self._take_back(stream))
-            if stream.state is _StreamState.OPEN:
+            if stream.state is StreamState.OPEN:
                 await self._send(stream, Cancel(stream.stream, "drain deadline"), deadline)
         self._note_successors(streams, report)
         rest = itertools.chain(
-            (record for record, _ in leftovers), self._counting(exporter, report)
+            (record for record, _ in leftovers),
+            self._counting(exporter, report, self.fingerprints.get(tracked.name)),
         )
-        reason = "deadline" if self._clock() >= stream_until else "no successor"
+        reason = "deadline" if self._clock.now() >= stream_until else "no successor"
         await self._snapshot_or_drop(tracked, report, rest, reason, deadline)
 
     @staticmethod
@@ -292,9 +335,13 @@ class Drainer:
             if part:
                 yield index, part
 
-    def _counting(self, records: Iterator[Record], report: NamespaceReport) -> Iterator[Record]:
+    def _counting(
+        self, records: Iterator[Record], report: NamespaceReport, fingerprint: Fingerprint | None
+    ) -> Iterator[Record]:
         for record in records:
             report.records += 1
+            if fingerprint is not None:
+                fingerprint.add((record,))
             yield record
 
     def _chunk_records(self) -> int:
@@ -306,7 +353,8 @@ class Drainer:
     def _eligible_tiers(self, tracked: Tracked, report: NamespaceReport) -> list[list[_Target]]:
         links = {peer.name: (peer, link) for peer, link in self._peers()}
         tiers: list[list[_Target]] = []
-        for tier in successor_tiers(self._release, [peer for peer, _ in links.values()]):
+        candidates = [peer for peer, _ in links.values()]
+        for tier in successor_tiers(self._release, candidates, local_started_at=self._started_at):
             eligible: list[_Target] = []
             for peer in tier:
                 version = peer.namespaces.get(tracked.name)
@@ -338,7 +386,7 @@ class Drainer:
             stream = _OutStream(
                 target.peer,
                 target.link,
-                next(self._stream_ids),
+                OutboundStream(next(self._stream_ids)),
                 min(target.version, tracked.version),
                 target.chain,
             )
@@ -352,21 +400,24 @@ class Drainer:
                 len(tracked.adapter),
             )
             await self._send(stream, offer, until)
-        await self._wait(lambda: all(s.state is not _StreamState.OFFERED for s in streams), until)
+        await self._wait(lambda: all(s.state is not StreamState.OFFERED for s in streams), until)
         for stream in streams:
-            if stream.state is _StreamState.OFFERED:
+            if stream.state is StreamState.OFFERED:
                 self._fail(stream, "did not answer the offer in time")
-            if stream.state is _StreamState.REFUSED:
-                report.refusals[stream.peer.name] = stream.refusal
-                logger.info("%s refused %r: %s", stream.peer.name, tracked.name, stream.refusal)
+            if stream.state is StreamState.REFUSED:
+                report.refusals[stream.peer.name] = stream.machine.reason
+                logger.info(
+                    "%s refused %r: %s", stream.peer.name, tracked.name, stream.machine.reason
+                )
         return streams
 
     async def _send(self, stream: _OutStream, message: Message, until: float) -> bool:
         """Send within the drain's time (a stuck successor must not hold the deadline)."""
-        remaining = until - self._clock()
+        remaining = until - self._clock.now()
         if remaining <= 0:
             self._fail(stream, "could not be written to before the deadline")
             return False
+        stream.machine.send(message)
         try:
             await stream.link.send(message, time_limit=remaining)
         except HandoffError as exc:
@@ -375,10 +426,8 @@ class Drainer:
         return True
 
     def _fail(self, stream: _OutStream, why: str) -> None:
-        if stream.state in (_StreamState.OPEN, _StreamState.OFFERED):
+        if stream.machine.fail(why):
             logger.warning("successor %s %s", stream.peer.name, why)
-            stream.state = _StreamState.FAILED
-            stream.refusal = why
             self._changed.set()
 
     def _take_back(self, stream: _OutStream) -> list[tuple[Record, float]]:
@@ -396,20 +445,18 @@ class Drainer:
 
     async def _wait(self, done: Callable[[], bool], until: float) -> bool:
         while not done():
-            remaining = until - self._clock()
-            if remaining <= 0:
+            if self._clock.now() >= until:
                 return False
-            event = self._changed = anyio.Event()
-            with anyio.move_on_after(remaining):
-                await event.wait()
+            self._changed = anyio.Event()
+            await self._clock.wait(self._changed, until)
         return True
 
     async def _flush(self, stream: _OutStream, report: NamespaceReport, until: float) -> None:
         """Send the stream's queued records as one chunk once it has credit."""
         ready = await self._wait(
-            lambda: stream.credit > 0 or stream.state is not _StreamState.OPEN, until
+            lambda: stream.credit > 0 or stream.state is not StreamState.OPEN, until
         )
-        if not ready or stream.state is not _StreamState.OPEN:
+        if not ready or stream.state is not StreamState.OPEN:
             return  # the records stay queued: taken back by the caller
         pending = stream.pending
         stream.pending = _Pending()
@@ -437,14 +484,11 @@ class Drainer:
             await self._send_split(stream, report, records, pending.pulled_at, until)
             return
         self._bytes_per_record = len(payload) / len(records)
-        seq = stream.next_seq
-        stream.next_seq += 1
-        stream.credit -= 1
+        seq = stream.machine.next_seq
         stream.inflight[seq] = (records, pending.pulled_at)
-        age = max(0.0, self._clock() - pending.pulled_at)
+        age = max(0.0, self._clock.now() - pending.pulled_at)
         chunk = Chunk(stream.stream, seq, len(records), age, payload)
         if await self._send(stream, chunk, until):
-            stream.sent_records += len(records)
             report.sent += len(records)
             report.bytes += len(payload)
 
@@ -464,7 +508,7 @@ class Drainer:
         for index, part in enumerate(parts):
             stream.pending = _Pending(part, pulled_at)
             await self._flush(stream, report, until)
-            if stream.pending.records or stream.state is not _StreamState.OPEN:
+            if stream.pending.records or stream.state is not StreamState.OPEN:
                 # Out of time or credit, or the stream failed: what was not sent stays
                 # queued after what is still there, for the caller to take back.
                 rest = [record for later in parts[index + 1 :] for record in later]
@@ -484,10 +528,10 @@ class Drainer:
         return await self._wait(
             lambda: (
                 all(not s.inflight and not s.pending.records for s in streams)
-                or any(s.state is not _StreamState.OPEN for s in streams)
+                or any(s.state is not StreamState.OPEN for s in streams)
             ),
             until,
-        ) and all(s.state is _StreamState.OPEN for s in streams)
+        ) and all(s.state is StreamState.OPEN for s in streams)
 
     @staticmethod
     def _note_successors(streams: list[_OutStream], report: NamespaceReport) -> None:
@@ -525,7 +569,7 @@ class Drainer:
             # Sized by bytes like stream chunks: a count alone lets large values make one
             # chunk bigger than the store takes (64 MiB) and than memory should hold.
             while batch := list(itertools.islice(records, self._snapshot_records())):
-                if self._clock() >= deadline:
+                if self._clock.now() >= deadline:
                     report.drop("deadline", len(batch))
                     continue
                 written += await self._write_snapshot_chunk(writer, report, batch)
@@ -568,6 +612,6 @@ class Drainer:
 @dataclass(frozen=True, slots=True)
 class _Target:
     peer: Peer
-    link: PeerLink
+    link: Link
     version: int
     chain: Chain | None

@@ -47,10 +47,20 @@ from ._messages import (
     Welcome,
     decode_message,
 )
+from ._streams import (
+    SENT_BY,
+    STREAM_TRANSITIONS,
+    InboundStream,
+    OutboundStream,
+    Side,
+    StreamState,
+)
 
 __all__ = (
     "MESSAGE_TYPES",
+    "SENT_BY",
     "SESSION_MESSAGES",
+    "STREAM_TRANSITIONS",
     "SUPPORTED_VERSIONS",
     "Accept",
     "Ack",
@@ -67,6 +77,7 @@ __all__ = (
     "HandshakeComplete",
     "Heartbeat",
     "Hello",
+    "InboundStream",
     "Info",
     "Limits",
     "LocalNode",
@@ -75,6 +86,7 @@ __all__ = (
     "NamespaceVersion",
     "NodeState",
     "Offer",
+    "OutboundStream",
     "PeerGoodbye",
     "PeerInfo",
     "PeerStateChanged",
@@ -82,7 +94,9 @@ __all__ = (
     "Reject",
     "RejectCode",
     "Role",
+    "Side",
     "StateChange",
+    "StreamState",
     "Welcome",
     "allowed_incoming",
     "check_depth",

@@ -1,0 +1,77 @@
+"""Sessions: where stream messages go, and the order in which a node gives up its state.
+
+The mesh hands every session message here. What a receiver sends (Accept, Refuse, Ack)
+answers one of this node's outgoing streams and goes to the drain in progress; what a
+sender sends (Offer, Chunk, End, Cancel, Done) goes to the receiver.
+
+A drain runs in three steps (DESIGN.md, "Ownership"). The node has already announced that
+it drains, so its receiver refuses new offers. Then the streams it accepted while serving
+may finish, within part of its own deadline; those still open are withdrawn, and their
+senders re-route what was not acknowledged. Only then does it export, so everything it
+acknowledged leaves with its own drain.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link
+from handoff.engine._receiver import Receiver
+from handoff.engine._report import DrainReport
+from handoff.engine._sender import Drainer
+from handoff.protocol import Accept, Ack, Message, Refuse
+
+__all__ = ("INBOUND_SHARE", "Sessions")
+
+logger = logging.getLogger("handoff.engine")
+
+# Share of a drain's time that streams accepted before it may take to finish. The rest is
+# for this node's own export: it must hand on what it received as well as what it held.
+INBOUND_SHARE = 0.4
+
+
+class Sessions:
+    """Routes stream messages to the receiver and the current drain; runs drains."""
+
+    def __init__(self, receiver: Receiver, *, clock: Clock = ANYIO_CLOCK) -> None:
+        self.receiver = receiver
+        self._clock = clock
+        self._drainer: Drainer | None = None
+
+    @property
+    def draining(self) -> bool:
+        """True while a drain runs."""
+        return self._drainer is not None
+
+    async def handle(self, peer: str, link: Link, message: Message) -> None:
+        """Route one session message from ``peer`` (ProtocolError: drop the link)."""
+        if isinstance(message, Accept | Refuse | Ack):
+            if self._drainer is not None:
+                self._drainer.on_message(peer, message)
+            else:
+                logger.debug("%s answered a stream after the drain: %r", peer, message)
+        else:
+            await self.receiver.handle(peer, link, message)
+
+    def peer_lost(self, peer: str) -> None:
+        """The current link to ``peer`` ended: its streams in both directions end too."""
+        self.receiver.peer_lost(peer)
+        if self._drainer is not None:
+            self._drainer.on_peer_lost(peer)
+
+    async def drain(self, drainer: Drainer, *, time_limit: float) -> DrainReport:
+        """Finish or withdraw inbound streams, then run ``drainer``, all within
+        ``time_limit`` seconds. The caller has already stopped accepting offers."""
+        started = self._clock.now()
+        deadline = started + time_limit
+        if not await self.receiver.settle(started + time_limit * INBOUND_SHARE):
+            withdrawn = await self.receiver.withdraw(
+                "draining: the receiver is leaving too; send what it did not acknowledge elsewhere",
+                deadline,
+            )
+            logger.info("withdrew from %d inbound stream(s) to drain in time", withdrawn)
+        self._drainer = drainer
+        try:
+            return await drainer.run(time_limit=max(0.0, deadline - self._clock.now()))
+        finally:
+            self._drainer = None
