@@ -9,10 +9,7 @@ snapshot store (``node.drain()``), with hooks for ASGI and threaded services.
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import logging
-import math
 import os
 import secrets
 import signal
@@ -27,96 +24,36 @@ from typing import Any, Self, TypeVar
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
-from anyio.streams.memory import MemoryObjectSendStream
 
 from handoff._adapter import Adapter
 from handoff._codec import Codec
-from handoff._errors import (
-    AuthenticationError,
-    ClusterMismatch,
-    ConfigError,
-    ConnectError,
-    DiscoveryError,
-    HandoffError,
-    HeartbeatTimeout,
-    LocalProtocolError,
-    NameConflict,
-    ProtocolError,
-    SelfConnection,
-    TLSError,
-    VersionMismatch,
-)
+from handoff._errors import ConfigError, LocalProtocolError
+from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
 from handoff._registry import adapter_for
 from handoff.config import Settings, resolve_settings
 from handoff.control import ControlServer
-from handoff.discovery import Discovery, PeerAddress, make_discovery
+from handoff.discovery import make_discovery
 from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Sessions, Tracked
 from handoff.engine._fingerprint import Fingerprint, fingerprint_of
 from handoff.engine._restore import restore_snapshots
 from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
-from handoff.membership import (
-    DUPLICATE,
-    DownReason,
-    Membership,
-    MembershipEvent,
-    NodeDown,
-    NodeLeaving,
-    Peer,
-)
+from handoff.membership import Membership, MembershipEvent, Peer
 from handoff.protocol import (
-    Connection,
-    Event,
-    Limits,
     LocalNode,
-    Message,
-    MessageReceived,
     NamespaceVersion,
     NodeState,
-    PeerGoodbye,
-    PeerInfo,
-    PeerStateChanged,
-    Role,
 )
 from handoff.snapshot import DirectorySnapshotStore, SnapshotStore
 from handoff.transforms import Transform, Transforms
-from handoff.transport import (
-    PeerLink,
-    TLSContexts,
-    format_address,
-    open_connection,
-    open_listener,
-    secure_server_side,
-)
+from handoff.transport import PeerLink, TLSContexts, format_address, open_listener
 
 __all__ = ("Node",)
 
 logger = logging.getLogger("handoff.node")
 
-PeerCallback = Callable[[Peer], Awaitable[None] | None]
-DownCallback = Callable[[Peer, DownReason], Awaitable[None] | None]
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound=Transform)
 _A = TypeVar("_A")
-
-EVENT_BUFFER = 1024
-EVICTION_LOG_INTERVAL = 10.0
-# Handshakes in progress at once; past this the oldest is dropped to admit a newcomer, so
-# peers that connect and never authenticate cost a socket each and cannot lock others out.
-MAX_PENDING_HANDSHAKES = 256
-
-
-def _remote_of(stream: anyio.abc.ByteStream) -> str:
-    try:
-        address = stream.extra(SocketAttribute.remote_address)
-    except anyio.TypedAttributeLookupError:
-        return "unknown"
-    if isinstance(address, tuple):
-        return format_address(str(address[0]), int(address[1]))
-    return str(address)
-
-
-def _describe(peer: Peer) -> str:
-    return f"{peer.name} (release {peer.release}, {peer.address})"
 
 
 class Node:
@@ -185,7 +122,6 @@ class Node:
         s = self.settings
         self.incarnation = secrets.token_hex(8)
         self.started_at = 0.0
-        self._state = NodeState.SERVING
         self._tracked: dict[str, Tracked] = {}
         self.transforms = Transforms()
         """The upgrade / downgrade hooks registered with :meth:`upgrade` and :meth:`downgrade`."""
@@ -225,34 +161,20 @@ class Node:
         self._sessions = Sessions(self._receiver)
         # What the last drain exported, per namespace, while the node may keep serving.
         self._exported: dict[str, Fingerprint] = {}
-        self._limits = Limits(
-            handshake_timeout=s.handshake_timeout,
-            heartbeat_interval=s.heartbeat_interval,
-            heartbeat_timeout=s.heartbeat_timeout,
-        )
         self._membership = Membership(s.node_name, grace=s.handshake_timeout)
-        self._links: dict[int, PeerLink] = {}
-        self._link_ids = itertools.count(1)
-        self._up_callbacks: list[PeerCallback] = []
-        self._leaving_callbacks: list[PeerCallback] = []
-        self._down_callbacks: list[DownCallback] = []
-        self._subscribers: set[MemoryObjectSendStream[MembershipEvent]] = set()
-        self._max_pending = max_pending_handshakes
-        # Incoming handshakes in progress, oldest first (dicts keep insertion order).
-        self._pending: dict[int, anyio.CancelScope] = {}
-        self._pending_ids = itertools.count(1)
-        self._evicted = 0
-        self._evictions_logged_at = -math.inf
-        self._dialling: set[str] = set()
-        self._self_addresses: set[str] = set()
-        self._last_discovery_error = ""
+        self._mesh = Mesh(
+            s,
+            membership=self._membership,
+            local_node=self._local_node,
+            spawn=self._spawn,
+            on_session_message=self._sessions.handle,
+            on_peer_lost=self._sessions.peer_lost,
+            max_pending_handshakes=max_pending_handshakes,
+        )
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._listener: anyio.abc.SocketListener | None = None
-        self._tls: TLSContexts | None = None
-        self._discovery: Discovery | None = None
         self._port = s.bind_port
-        self._stopping = False
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -277,6 +199,11 @@ class Node:
         return self._state
 
     @property
+    def _state(self) -> NodeState:
+        # The mesh owns the state: it is what tells the peers when it changes.
+        return self._mesh.state
+
+    @property
     def port(self) -> int:
         """The port the node listens on (the real one when bound to port 0)."""
         return self._port
@@ -299,7 +226,7 @@ class Node:
 
     def peers(self) -> list[Peer]:
         """The authenticated peers, sorted by name."""
-        return self._membership.peers()
+        return self._mesh.peers()
 
     # -- state ------------------------------------------------------------------------------
 
@@ -512,17 +439,17 @@ class Node:
 
     def on_node_up(self, callback: _F) -> _F:
         """Decorator: call ``callback(peer)`` when a peer joins. May be async."""
-        self._up_callbacks.append(callback)
+        self._mesh.on_node_up(callback)
         return callback
 
     def on_node_leaving(self, callback: _F) -> _F:
         """Decorator: call ``callback(peer)`` when a peer starts draining. May be async."""
-        self._leaving_callbacks.append(callback)
+        self._mesh.on_node_leaving(callback)
         return callback
 
     def on_node_down(self, callback: _F) -> _F:
         """Decorator: call ``callback(peer, reason)`` when a peer is gone. May be async."""
-        self._down_callbacks.append(callback)
+        self._mesh.on_node_down(callback)
         return callback
 
     async def events(self) -> AsyncIterator[MembershipEvent]:
@@ -531,72 +458,10 @@ class Node:
         Each iterator has its own buffer of 1024 events; a consumer that falls further
         behind misses the newest events until it catches up, with a warning in the log.
         """
-        send, receive = anyio.create_memory_object_stream[MembershipEvent](EVENT_BUFFER)
-        self._subscribers.add(send)
-        try:
+        with self._mesh.subscribe() as receive:
             async with receive:
                 async for event in receive:
                     yield event
-        finally:
-            self._subscribers.discard(send)
-            send.close()
-
-    def _publish(self, events: tuple[MembershipEvent, ...] | list[MembershipEvent]) -> None:
-        for event in events:
-            peer = event.peer
-            if isinstance(event, NodeDown):
-                logger.info(
-                    "%s: node-down %s: %s%s",
-                    self.name,
-                    _describe(peer),
-                    event.reason,
-                    f" ({event.detail})" if event.detail else "",
-                )
-                for down in self._down_callbacks:
-                    self._call(down, peer, event.reason)
-            elif isinstance(event, NodeLeaving):
-                logger.info(
-                    "%s: leaving %s (release %s, %s)",
-                    self.name,
-                    peer.name,
-                    peer.release,
-                    peer.address,
-                )
-                for leaving in self._leaving_callbacks:
-                    self._call(leaving, peer)
-            else:
-                logger.info(
-                    "%s: node-up %s (release %s, %s)",
-                    self.name,
-                    peer.name,
-                    peer.release,
-                    peer.address,
-                )
-                for up in self._up_callbacks:
-                    self._call(up, peer)
-            for send in list(self._subscribers):
-                try:
-                    send.send_nowait(event)
-                except anyio.WouldBlock:
-                    logger.warning("an events() consumer is %d events behind; dropped one", 1024)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    self._subscribers.discard(send)
-
-    def _call(self, callback: Callable[..., Awaitable[None] | None], *args: object) -> None:
-        try:
-            result = callback(*args)
-        except Exception:
-            logger.exception("membership callback %r failed", callback)
-            return
-        if inspect.isawaitable(result) and self._task_group is not None:
-            self._spawn(self._await_callback, callback, result)
-
-    @staticmethod
-    async def _await_callback(callback: object, result: Awaitable[None]) -> None:
-        try:
-            await result
-        except Exception:
-            logger.exception("membership callback %r failed", callback)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -631,8 +496,8 @@ class Node:
         s = self.settings
         for warning in s.warnings:
             logger.warning("%s", warning)
-        self._tls = TLSContexts(s.tls) if s.tls else None
-        self._discovery = make_discovery(
+        tls = TLSContexts(s.tls) if s.tls else None
+        discovery = make_discovery(
             s.discovery,
             default_port=s.bind_port,
             dns_server=s.dns_server,
@@ -668,11 +533,10 @@ class Node:
                 raise
         local = listener.extra(SocketAttribute.local_address)
         self._port = int(local[1]) if isinstance(local, tuple) else s.bind_port
-        self._self_addresses = {format_address(s.bind_host, self._port)}
+        own_addresses = {format_address(s.bind_host, self._port)}
         if self.address:
-            self._self_addresses.add(self.address)
+            own_addresses.add(self.address)
         self.started_at = time.time()
-        self._stopping = False
         stack = AsyncExitStack()
         try:
             await stack.enter_async_context(listener)
@@ -683,9 +547,7 @@ class Node:
             await stack.aclose()
             raise
         self._exit_stack, self._listener, self._control = stack, listener, control
-        self._spawn(self._accept_loop, listener)
-        self._spawn(self._discovery_loop, self._discovery)
-        self._spawn(self._expiry_loop)
+        self._mesh.start(listener, discovery=discovery, tls=tls, own_addresses=own_addresses)
         self._spawn(self._warmup)
         if control is not None:
             self._spawn(control.serve)
@@ -697,8 +559,8 @@ class Node:
             s.cluster,
             s.release,
             format_address(s.bind_host, self._port),
-            " with TLS" if self._tls else "",
-            self._discovery.describe(),
+            " with TLS" if tls else "",
+            discovery.describe(),
         )
 
     def stop(self, reason: str = "node stopping") -> Awaitable[None]:
@@ -748,11 +610,7 @@ class Node:
             with anyio.CancelScope(shield=True) as scope:
                 scope.deadline = anyio.current_time() + self.settings.drain_timeout + 5
                 await self._catch_up()
-        self._stopping = True
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
-            async with anyio.create_task_group() as goodbyes:
-                for link in list(self._links.values()):
-                    goodbyes.start_soon(link.aclose, reason)
+        await self._mesh.stop(reason)
         # The task group must be exited from the scope that entered it, so not shielded.
         for scope in list(self._task_scopes):
             scope.cancel()
@@ -762,10 +620,7 @@ class Node:
             await stack.aclose()
         finally:
             self._control = None
-            self._membership.clear()
-            for send in list(self._subscribers):
-                send.close()
-            self._subscribers.clear()
+            self._mesh.close()
         logger.info("node %s stopped", self.name)
 
     # -- hooks for services ---------------------------------------------------------------
@@ -828,19 +683,7 @@ class Node:
 
     async def _set_state(self, state: NodeState) -> None:
         """Change this node's state and tell every peer (serving -> draining)."""
-        if state is self._state:
-            return
-        self._state = state
-        async with anyio.create_task_group() as tell:
-            for link in list(self._links.values()):
-                tell.start_soon(self._tell_state, link, state)
-
-    @staticmethod
-    async def _tell_state(link: PeerLink, state: NodeState) -> None:
-        try:
-            await link.set_local_state(state)
-        except HandoffError as exc:
-            logger.debug("could not tell %s about state %s: %s", link.remote, state, exc)
+        await self._mesh.set_state(state)
 
     def _local_node(self) -> LocalNode:
         return LocalNode(
@@ -857,228 +700,10 @@ class Node:
             ),
         )
 
-    def _link(self, stream: anyio.abc.ByteStream, role: Role, remote: str) -> PeerLink:
-        # A peer that stops reading for as long as it may stay silent counts as gone.
-        return PeerLink(
-            stream,
-            self._connection(role),
-            remote,
-            send_timeout=self.settings.heartbeat_timeout,
-        )
-
-    def _connection(self, role: Role) -> Connection:
-        return Connection(
-            role,
-            self._local_node(),
-            self.settings.cookie,
-            now=anyio.current_time(),
-            limits=self._limits,
-        )
-
     # -- background work --------------------------------------------------------------------
 
-    async def _accept_loop(self, listener: anyio.abc.SocketListener) -> None:
-        assert self._task_group is not None
-        while True:
-            try:
-                stream = await listener.accept()
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                return
-            except OSError as exc:
-                # Out of file descriptors and the like: back off instead of spinning.
-                logger.warning("accepting a connection failed: %s", exc)
-                await anyio.sleep(0.1)
-                continue
-            if len(self._pending) >= self._max_pending:
-                # Evict the oldest pending handshake instead of refusing the newcomer:
-                # otherwise sockets that connect and stay silent lock real peers out
-                # until they time out, and a slow trickle of them keeps it that way.
-                oldest = next(iter(self._pending))
-                self._pending.pop(oldest).cancel()
-                self._evicted += 1
-                now = anyio.current_time()
-                # Summarised: whoever floods us must not also control our log volume.
-                if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
-                    logger.warning(
-                        "%d pending handshakes (the cap): dropped the %d oldest so that "
-                        "new peers get in (latest from %s)",
-                        len(self._pending) + 1,
-                        self._evicted,
-                        _remote_of(stream),
-                    )
-                    self._evicted, self._evictions_logged_at = 0, now
-            pending_id, scope = next(self._pending_ids), anyio.CancelScope()
-            self._pending[pending_id] = scope
-            self._spawn(self._serve_incoming, stream, pending_id, scope)
-
-    async def _serve_incoming(
-        self, stream: anyio.abc.ByteStream, pending_id: int, scope: anyio.CancelScope
-    ) -> None:
-        remote = _remote_of(stream)
-        done: tuple[PeerLink, PeerInfo, list[Event]] | None = None
-        try:
-            with scope:  # cancelled if evicted by newer connections (see _accept_loop)
-                if self._tls is not None:
-                    stream = await secure_server_side(
-                        stream,
-                        self._tls.server,
-                        time_limit=self.settings.handshake_timeout,
-                        remote=remote,
-                    )
-                link = self._link(stream, Role.SERVER, remote)
-                peer, events = await link.handshake()
-                done = link, peer, events
-        except HandoffError as exc:
-            self._log_refusal(remote, exc, incoming=True)
-            await anyio.aclose_forcefully(stream)
-            return
-        except Exception:
-            # A bug of ours must cost one connection, never the node (invariant 6).
-            logger.exception("internal error in the handshake from %s; connection closed", remote)
-            await anyio.aclose_forcefully(stream)
-            return
-        finally:
-            self._pending.pop(pending_id, None)
-        if done is None:  # evicted (logged by _accept_loop)
-            await anyio.aclose_forcefully(stream)
-            return
-        link, peer, events = done
-        await self._run_link(link, peer, events, dialled=False, address=remote)
-
-    async def _dial(self, target: PeerAddress) -> None:
-        key = str(target)
-        self._dialling.add(key)
-        try:
-            stream = await open_connection(
-                target.host,
-                target.port,
-                time_limit=self.settings.connect_timeout,
-                tls=self._tls.client if self._tls else None,
-            )
-            link = self._link(stream, Role.CLIENT, key)
-            try:
-                peer, events = await link.handshake()
-            except BaseException:
-                await link.aclose()
-                raise
-        except SelfConnection:
-            self._self_addresses.add(key)
-            return
-        except HandoffError as exc:
-            self._log_refusal(key, exc, incoming=False)
-            return
-        except Exception:
-            logger.exception("internal error in the handshake to %s; connection closed", key)
-            return
-        finally:
-            self._dialling.discard(key)
-        await self._run_link(link, peer, events, dialled=True, address=key)
-
-    @staticmethod
-    def _log_refusal(remote: str, exc: HandoffError, *, incoming: bool) -> None:
-        direction = "from" if incoming else "to"
-        if isinstance(exc, SelfConnection):
-            logger.debug("connection %s %s is this node itself", direction, remote)
-        elif isinstance(exc, AuthenticationError | ClusterMismatch | VersionMismatch):
-            logger.warning("refused connection %s %s: %s", direction, remote, exc)
-        elif isinstance(exc, NameConflict | ProtocolError | TLSError):
-            logger.warning("dropped connection %s %s: %s", direction, remote, exc)
-        elif isinstance(exc, ConnectError):
-            # DNS lists nodes that are still starting; not worth more than debug.
-            logger.debug("cannot reach %s: %s", remote, exc)
-        else:
-            logger.info("connection %s %s failed: %s", direction, remote, exc)
-
-    async def _run_link(
-        self,
-        link: PeerLink,
-        peer: PeerInfo,
-        events: list[Event],
-        *,
-        dialled: bool,
-        address: str,
-    ) -> None:
-        link_id = next(self._link_ids)
-        decision = self._membership.established(
-            link_id, peer, dialled=dialled, address=address, now=anyio.current_time()
-        )
-        for other in decision.close:
-            stale = self._links.get(other)
-            if stale is not None and self._task_group is not None:
-                self._spawn(stale.aclose, DUPLICATE)
-        if not decision.keep:
-            await link.aclose(DUPLICATE)
-            return
-        self._links[link_id] = link
-        self._publish(decision.events)
-        reason, detail = DownReason.CONNECTION_LOST, ""
-        try:
-            while True:
-                for event in events:
-                    if isinstance(event, PeerStateChanged):
-                        self._publish(self._membership.state_changed(link_id, event.state))
-                    elif isinstance(event, PeerGoodbye):
-                        reason, detail = DownReason.GOODBYE, event.reason
-                        return
-                    elif isinstance(event, MessageReceived):
-                        await self._dispatch_session(peer.name, link, event.message)
-                events = await link.next_events()
-        except HeartbeatTimeout as exc:
-            reason, detail = DownReason.HEARTBEAT_TIMEOUT, str(exc)
-        except ProtocolError as exc:
-            logger.warning("dropped %s: %s", peer.name, exc)
-            reason, detail = DownReason.PROTOCOL_ERROR, str(exc)
-        except HandoffError as exc:
-            reason, detail = DownReason.CONNECTION_LOST, str(exc)
-        except Exception as exc:
-            logger.exception("internal error on the link to %s; link closed", peer.name)
-            reason, detail = DownReason.PROTOCOL_ERROR, f"internal error: {exc!r}"
-        finally:
-            self._links.pop(link_id, None)
-            if self._membership.link_of(peer.name) in (link_id, None):
-                # Streams die with the link that carried them (not with a replaced duplicate).
-                self._sessions.peer_lost(peer.name)
-            await link.aclose()
-            if not self._stopping:
-                self._publish(
-                    self._membership.lost(link_id, reason, detail, now=anyio.current_time())
-                )
-
-    async def _dispatch_session(self, peer: str, link: PeerLink, message: Message) -> None:
-        await self._sessions.handle(peer, link, message)
-
     def _peer_links(self) -> list[tuple[Peer, PeerLink]]:
-        pairs = []
-        for peer in self._membership.peers():
-            link_id = self._membership.link_of(peer.name)
-            link = self._links.get(link_id) if link_id is not None else None
-            if link is not None:
-                pairs.append((peer, link))
-        return pairs
-
-    async def _discovery_loop(self, discovery: Discovery) -> None:
-        assert self._task_group is not None
-        while True:
-            try:
-                found = await discovery.discover()
-            except DiscoveryError as exc:
-                # Logged once per distinct failure, retried every poll: never fatal.
-                message = str(exc)
-                level = logging.DEBUG if message == self._last_discovery_error else logging.WARNING
-                logger.log(level, "discovery failed (will retry): %s", message)
-                self._last_discovery_error = message
-            else:
-                self._last_discovery_error = ""
-                for target in found:
-                    key = str(target)
-                    if (
-                        key in self._self_addresses
-                        or key in self._dialling
-                        or self._membership.knows_address(key)
-                    ):
-                        continue
-                    self._spawn(self._dial, target)
-            await anyio.sleep(self.settings.poll_interval)
+        return self._mesh.peer_links()
 
     async def _warmup(self) -> None:
         if not self._tracked:
@@ -1087,10 +712,3 @@ class Node:
         with anyio.move_on_after(self.settings.warmup_timeout):
             await self._warm.wait()
         self._set_warm(f"warm-up timeout ({self.settings.warmup_timeout:g} s)")
-
-    async def _expiry_loop(self) -> None:
-        while True:
-            now = anyio.current_time()
-            self._publish(self._membership.expire(now))
-            wait = self._membership.next_deadline() - now
-            await anyio.sleep(min(max(wait, 0.05), 1.0))

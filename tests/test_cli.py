@@ -261,7 +261,7 @@ async def test_drain_that_drops_records_fails(
     report = json.loads(captured.out)
     assert report["dropped"] == 1
     assert report["namespaces"]["users"]["dropped"] == {"no successor, no snapshot store": 1}
-    assert "handoff drain: error: 1 records lost (1 dropped by alone, 0 by successors" in captured.err
+    assert "error: 1 records lost (1 dropped by alone, 0 by successors" in captured.err
 
 
 @pytest.mark.anyio

@@ -174,8 +174,8 @@ async def test_simultaneous_dials_leave_one_link_and_one_node_up_each() -> None:
             await wait_until(lambda: names(a) == ["b"] and names(b) == ["a"])  # noqa: B023
             # Several poll rounds: nobody re-dials a known peer, nothing flaps.
             await anyio.sleep(0.5)
-            assert len(a._links) == 1
-            assert len(b._links) == 1
+            assert len(a._mesh._links) == 1
+            assert len(b._mesh._links) == 1
             assert [e.kind for e in seen_a] == ["node-up"]
             assert [e.kind for e in seen_b] == ["node-up"]
 

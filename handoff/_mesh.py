@@ -1,0 +1,550 @@
+"""The peer mesh: who this node is linked to, and what it hears about them.
+
+It accepts and dials connections, runs the handshakes (TLS server side included), keeps one
+link per peer (heartbeats run inside :class:`~handoff.transport.PeerLink`), polls discovery,
+expires peers that never came back, and publishes membership events to callbacks and
+``events()`` subscribers. It does not interpret session messages (offers, chunks,
+acknowledgements): it hands them to the ``on_session_message`` callback it was given and
+reports a peer's lost link through ``on_peer_lost``, so data flows one way, from the mesh to
+the sessions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from handoff._errors import (
+    AuthenticationError,
+    ClusterMismatch,
+    ConnectError,
+    DiscoveryError,
+    HandoffError,
+    HeartbeatTimeout,
+    NameConflict,
+    ProtocolError,
+    SelfConnection,
+    TLSError,
+    VersionMismatch,
+)
+from handoff.config import Settings
+from handoff.discovery import Discovery, PeerAddress
+from handoff.membership import (
+    DUPLICATE,
+    DownReason,
+    Membership,
+    MembershipEvent,
+    NodeDown,
+    NodeLeaving,
+    Peer,
+)
+from handoff.protocol import (
+    Connection,
+    Event,
+    Limits,
+    LocalNode,
+    Message,
+    MessageReceived,
+    NodeState,
+    PeerGoodbye,
+    PeerInfo,
+    PeerStateChanged,
+    Role,
+)
+from handoff.transport import (
+    PeerLink,
+    TLSContexts,
+    format_address,
+    open_connection,
+    secure_server_side,
+)
+
+__all__ = (
+    "EVENT_BUFFER",
+    "MAX_PENDING_HANDSHAKES",
+    "DownCallback",
+    "Mesh",
+    "PeerCallback",
+    "SessionHandler",
+    "Spawn",
+)
+
+# The node's own logger: these lines (node-up, refused connections, ...) were always
+# "handoff.node" ones, and users' logging configuration may select them by that name.
+logger = logging.getLogger("handoff.node")
+
+PeerCallback = Callable[[Peer], Awaitable[None] | None]
+DownCallback = Callable[[Peer, DownReason], Awaitable[None] | None]
+SessionHandler = Callable[[str, PeerLink, Message], Awaitable[None]]
+"""``(peer name, link, message)``: a session message (offer, chunk, ack, ...) arrived."""
+
+EVENT_BUFFER = 1024
+EVICTION_LOG_INTERVAL = 10.0
+# Handshakes in progress at once; past this the oldest is dropped to admit a newcomer, so
+# peers that connect and never authenticate cost a socket each and cannot lock others out.
+MAX_PENDING_HANDSHAKES = 256
+
+
+class Spawn(Protocol):
+    """Runs ``function(*args)`` as a background task of the node (see ``Node._spawn``)."""
+
+    def __call__(self, function: Callable[..., Awaitable[object]], *args: object) -> None: ...
+
+
+def _remote_of(stream: anyio.abc.ByteStream) -> str:
+    try:
+        address = stream.extra(SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:
+        return "unknown"
+    if isinstance(address, tuple):
+        return format_address(str(address[0]), int(address[1]))
+    return str(address)
+
+
+def _describe(peer: Peer) -> str:
+    return f"{peer.name} (release {peer.release}, {peer.address})"
+
+
+class Mesh:
+    """The links of one node to its peers, and the membership events they produce.
+
+    ``local_node`` is called for every handshake, so peers always learn the current
+    identity (state, address, namespaces). Background work goes through ``spawn``, which
+    must keep tasks running until the owner stops the node: the mesh only spawns between
+    :meth:`start` and the end of :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        membership: Membership,
+        local_node: Callable[[], LocalNode],
+        spawn: Spawn,
+        on_session_message: SessionHandler,
+        on_peer_lost: Callable[[str], None],
+        max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+    ) -> None:
+        self._settings = settings
+        self._membership = membership
+        self._local_node = local_node
+        self._spawn = spawn
+        self._on_session_message = on_session_message
+        self._on_peer_lost = on_peer_lost
+        self._max_pending = max_pending_handshakes
+        self._state = NodeState.SERVING
+        self._limits = Limits(
+            handshake_timeout=settings.handshake_timeout,
+            heartbeat_interval=settings.heartbeat_interval,
+            heartbeat_timeout=settings.heartbeat_timeout,
+        )
+        self._links: dict[int, PeerLink] = {}
+        self._link_ids = itertools.count(1)
+        self._up_callbacks: list[PeerCallback] = []
+        self._leaving_callbacks: list[PeerCallback] = []
+        self._down_callbacks: list[DownCallback] = []
+        self._subscribers: set[MemoryObjectSendStream[MembershipEvent]] = set()
+        # Incoming handshakes in progress, oldest first (dicts keep insertion order).
+        self._pending: dict[int, anyio.CancelScope] = {}
+        self._pending_ids = itertools.count(1)
+        self._evicted = 0
+        self._evictions_logged_at = -math.inf
+        self._dialling: set[str] = set()
+        self._self_addresses: set[str] = set()
+        self._last_discovery_error = ""
+        self._tls: TLSContexts | None = None
+        self._running = False
+        self._stopping = False
+
+    @property
+    def state(self) -> NodeState:
+        """This node's state as its peers know it."""
+        return self._state
+
+    def peers(self) -> list[Peer]:
+        """The authenticated peers, sorted by name."""
+        return self._membership.peers()
+
+    def peer_links(self) -> list[tuple[Peer, PeerLink]]:
+        """Every authenticated peer with the link that currently carries it."""
+        pairs = []
+        for peer in self._membership.peers():
+            link_id = self._membership.link_of(peer.name)
+            link = self._links.get(link_id) if link_id is not None else None
+            if link is not None:
+                pairs.append((peer, link))
+        return pairs
+
+    async def set_state(self, state: NodeState) -> None:
+        """Change this node's state and tell every peer (serving -> draining)."""
+        if state is self._state:
+            return
+        self._state = state
+        async with anyio.create_task_group() as tell:
+            for link in list(self._links.values()):
+                tell.start_soon(self._tell_state, link, state)
+
+    @staticmethod
+    async def _tell_state(link: PeerLink, state: NodeState) -> None:
+        try:
+            await link.set_local_state(state)
+        except HandoffError as exc:
+            logger.debug("could not tell %s about state %s: %s", link.remote, state, exc)
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def start(
+        self,
+        listener: anyio.abc.SocketListener,
+        *,
+        discovery: Discovery,
+        tls: TLSContexts | None,
+        own_addresses: Iterable[str],
+    ) -> None:
+        """Accept peers on ``listener``, dial what ``discovery`` finds (never
+        ``own_addresses``) and expire lost peers, in tasks started through ``spawn``.
+
+        The caller keeps the listener (and closes it after :meth:`stop`).
+        """
+        self._tls = tls
+        self._self_addresses = set(own_addresses)
+        self._stopping = False
+        self._running = True
+        self._spawn(self._accept_loop, listener)
+        self._spawn(self._discovery_loop, discovery)
+        self._spawn(self._expiry_loop)
+
+    async def stop(self, reason: str) -> None:
+        """Say goodbye to every peer (at most 2 s, even when cancelled); no node-down
+        events for links that end from now on. The caller then cancels the tasks it
+        spawned and calls :meth:`close`."""
+        self._stopping = True
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            async with anyio.create_task_group() as goodbyes:
+                for link in list(self._links.values()):
+                    goodbyes.start_soon(link.aclose, reason)
+        self._running = False
+
+    def close(self) -> None:
+        """Forget every peer and end every ``events()`` iterator (after :meth:`stop`)."""
+        self._membership.clear()
+        for send in list(self._subscribers):
+            send.close()
+        self._subscribers.clear()
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def on_node_up(self, callback: PeerCallback) -> None:
+        """Call ``callback(peer)`` when a peer joins. May be async."""
+        self._up_callbacks.append(callback)
+
+    def on_node_leaving(self, callback: PeerCallback) -> None:
+        """Call ``callback(peer)`` when a peer starts draining. May be async."""
+        self._leaving_callbacks.append(callback)
+
+    def on_node_down(self, callback: DownCallback) -> None:
+        """Call ``callback(peer, reason)`` when a peer is gone. May be async."""
+        self._down_callbacks.append(callback)
+
+    @contextmanager
+    def subscribe(self) -> Iterator[MemoryObjectReceiveStream[MembershipEvent]]:
+        """Within the block, every membership event also goes to the stream yielded.
+
+        It buffers :data:`EVENT_BUFFER` events; past that, the newest are dropped with a
+        warning. The stream ends when the mesh is closed.
+        """
+        send, receive = anyio.create_memory_object_stream[MembershipEvent](EVENT_BUFFER)
+        self._subscribers.add(send)
+        try:
+            yield receive
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    def _publish(self, events: tuple[MembershipEvent, ...] | list[MembershipEvent]) -> None:
+        name = self._settings.node_name
+        for event in events:
+            peer = event.peer
+            if isinstance(event, NodeDown):
+                logger.info(
+                    "%s: node-down %s: %s%s",
+                    name,
+                    _describe(peer),
+                    event.reason,
+                    f" ({event.detail})" if event.detail else "",
+                )
+                for down in self._down_callbacks:
+                    self._call(down, peer, event.reason)
+            elif isinstance(event, NodeLeaving):
+                logger.info(
+                    "%s: leaving %s (release %s, %s)",
+                    name,
+                    peer.name,
+                    peer.release,
+                    peer.address,
+                )
+                for leaving in self._leaving_callbacks:
+                    self._call(leaving, peer)
+            else:
+                logger.info(
+                    "%s: node-up %s (release %s, %s)",
+                    name,
+                    peer.name,
+                    peer.release,
+                    peer.address,
+                )
+                for up in self._up_callbacks:
+                    self._call(up, peer)
+            for send in list(self._subscribers):
+                try:
+                    send.send_nowait(event)
+                except anyio.WouldBlock:
+                    logger.warning(
+                        "an events() consumer is %d events behind; dropped one", EVENT_BUFFER
+                    )
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self._subscribers.discard(send)
+
+    def _call(self, callback: Callable[..., Awaitable[None] | None], *args: object) -> None:
+        try:
+            result = callback(*args)
+        except Exception:
+            logger.exception("membership callback %r failed", callback)
+            return
+        if inspect.isawaitable(result) and self._running:
+            self._spawn(self._await_callback, callback, result)
+
+    @staticmethod
+    async def _await_callback(callback: object, result: Awaitable[None]) -> None:
+        try:
+            await result
+        except Exception:
+            logger.exception("membership callback %r failed", callback)
+
+    # -- links ------------------------------------------------------------------------------
+
+    def _link(self, stream: anyio.abc.ByteStream, role: Role, remote: str) -> PeerLink:
+        # A peer that stops reading for as long as it may stay silent counts as gone.
+        return PeerLink(
+            stream,
+            self._connection(role),
+            remote,
+            send_timeout=self._settings.heartbeat_timeout,
+        )
+
+    def _connection(self, role: Role) -> Connection:
+        return Connection(
+            role,
+            self._local_node(),
+            self._settings.cookie,
+            now=anyio.current_time(),
+            limits=self._limits,
+        )
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                return
+            except OSError as exc:
+                # Out of file descriptors and the like: back off instead of spinning.
+                logger.warning("accepting a connection failed: %s", exc)
+                await anyio.sleep(0.1)
+                continue
+            if len(self._pending) >= self._max_pending:
+                # Evict the oldest pending handshake instead of refusing the newcomer:
+                # otherwise sockets that connect and stay silent lock real peers out
+                # until they time out, and a slow trickle of them keeps it that way.
+                oldest = next(iter(self._pending))
+                self._pending.pop(oldest).cancel()
+                self._evicted += 1
+                now = anyio.current_time()
+                # Summarised: whoever floods us must not also control our log volume.
+                if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
+                    logger.warning(
+                        "%d pending handshakes (the cap): dropped the %d oldest so that "
+                        "new peers get in (latest from %s)",
+                        len(self._pending) + 1,
+                        self._evicted,
+                        _remote_of(stream),
+                    )
+                    self._evicted, self._evictions_logged_at = 0, now
+            pending_id, scope = next(self._pending_ids), anyio.CancelScope()
+            self._pending[pending_id] = scope
+            self._spawn(self._serve_incoming, stream, pending_id, scope)
+
+    async def _serve_incoming(
+        self, stream: anyio.abc.ByteStream, pending_id: int, scope: anyio.CancelScope
+    ) -> None:
+        remote = _remote_of(stream)
+        done: tuple[PeerLink, PeerInfo, list[Event]] | None = None
+        try:
+            with scope:  # cancelled if evicted by newer connections (see _accept_loop)
+                if self._tls is not None:
+                    stream = await secure_server_side(
+                        stream,
+                        self._tls.server,
+                        time_limit=self._settings.handshake_timeout,
+                        remote=remote,
+                    )
+                link = self._link(stream, Role.SERVER, remote)
+                peer, events = await link.handshake()
+                done = link, peer, events
+        except HandoffError as exc:
+            self._log_refusal(remote, exc, incoming=True)
+            await anyio.aclose_forcefully(stream)
+            return
+        except Exception:
+            # A bug of ours must cost one connection, never the node (invariant 6).
+            logger.exception("internal error in the handshake from %s; connection closed", remote)
+            await anyio.aclose_forcefully(stream)
+            return
+        finally:
+            self._pending.pop(pending_id, None)
+        if done is None:  # evicted (logged by _accept_loop)
+            await anyio.aclose_forcefully(stream)
+            return
+        link, peer, events = done
+        await self._run_link(link, peer, events, dialled=False, address=remote)
+
+    async def _dial(self, target: PeerAddress) -> None:
+        key = str(target)
+        self._dialling.add(key)
+        try:
+            stream = await open_connection(
+                target.host,
+                target.port,
+                time_limit=self._settings.connect_timeout,
+                tls=self._tls.client if self._tls else None,
+            )
+            link = self._link(stream, Role.CLIENT, key)
+            try:
+                peer, events = await link.handshake()
+            except BaseException:
+                await link.aclose()
+                raise
+        except SelfConnection:
+            self._self_addresses.add(key)
+            return
+        except HandoffError as exc:
+            self._log_refusal(key, exc, incoming=False)
+            return
+        except Exception:
+            logger.exception("internal error in the handshake to %s; connection closed", key)
+            return
+        finally:
+            self._dialling.discard(key)
+        await self._run_link(link, peer, events, dialled=True, address=key)
+
+    @staticmethod
+    def _log_refusal(remote: str, exc: HandoffError, *, incoming: bool) -> None:
+        direction = "from" if incoming else "to"
+        if isinstance(exc, SelfConnection):
+            logger.debug("connection %s %s is this node itself", direction, remote)
+        elif isinstance(exc, AuthenticationError | ClusterMismatch | VersionMismatch):
+            logger.warning("refused connection %s %s: %s", direction, remote, exc)
+        elif isinstance(exc, NameConflict | ProtocolError | TLSError):
+            logger.warning("dropped connection %s %s: %s", direction, remote, exc)
+        elif isinstance(exc, ConnectError):
+            # DNS lists nodes that are still starting; not worth more than debug.
+            logger.debug("cannot reach %s: %s", remote, exc)
+        else:
+            logger.info("connection %s %s failed: %s", direction, remote, exc)
+
+    async def _run_link(
+        self,
+        link: PeerLink,
+        peer: PeerInfo,
+        events: list[Event],
+        *,
+        dialled: bool,
+        address: str,
+    ) -> None:
+        link_id = next(self._link_ids)
+        decision = self._membership.established(
+            link_id, peer, dialled=dialled, address=address, now=anyio.current_time()
+        )
+        for other in decision.close:
+            stale = self._links.get(other)
+            if stale is not None and self._running:
+                self._spawn(stale.aclose, DUPLICATE)
+        if not decision.keep:
+            await link.aclose(DUPLICATE)
+            return
+        self._links[link_id] = link
+        self._publish(decision.events)
+        reason, detail = DownReason.CONNECTION_LOST, ""
+        try:
+            while True:
+                for event in events:
+                    if isinstance(event, PeerStateChanged):
+                        self._publish(self._membership.state_changed(link_id, event.state))
+                    elif isinstance(event, PeerGoodbye):
+                        reason, detail = DownReason.GOODBYE, event.reason
+                        return
+                    elif isinstance(event, MessageReceived):
+                        await self._on_session_message(peer.name, link, event.message)
+                events = await link.next_events()
+        except HeartbeatTimeout as exc:
+            reason, detail = DownReason.HEARTBEAT_TIMEOUT, str(exc)
+        except ProtocolError as exc:
+            logger.warning("dropped %s: %s", peer.name, exc)
+            reason, detail = DownReason.PROTOCOL_ERROR, str(exc)
+        except HandoffError as exc:
+            reason, detail = DownReason.CONNECTION_LOST, str(exc)
+        except Exception as exc:
+            logger.exception("internal error on the link to %s; link closed", peer.name)
+            reason, detail = DownReason.PROTOCOL_ERROR, f"internal error: {exc!r}"
+        finally:
+            self._links.pop(link_id, None)
+            if self._membership.link_of(peer.name) in (link_id, None):
+                # Streams die with the link that carried them (not with a replaced duplicate).
+                self._on_peer_lost(peer.name)
+            await link.aclose()
+            if not self._stopping:
+                self._publish(
+                    self._membership.lost(link_id, reason, detail, now=anyio.current_time())
+                )
+
+    # -- background loops -------------------------------------------------------------------
+
+    async def _discovery_loop(self, discovery: Discovery) -> None:
+        while True:
+            try:
+                found = await discovery.discover()
+            except DiscoveryError as exc:
+                # Logged once per distinct failure, retried every poll: never fatal.
+                message = str(exc)
+                level = logging.DEBUG if message == self._last_discovery_error else logging.WARNING
+                logger.log(level, "discovery failed (will retry): %s", message)
+                self._last_discovery_error = message
+            else:
+                self._last_discovery_error = ""
+                for target in found:
+                    key = str(target)
+                    if (
+                        key in self._self_addresses
+                        or key in self._dialling
+                        or self._membership.knows_address(key)
+                    ):
+                        continue
+                    self._spawn(self._dial, target)
+            await anyio.sleep(self._settings.poll_interval)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            now = anyio.current_time()
+            self._publish(self._membership.expire(now))
+            wait = self._membership.next_deadline() - now
+            await anyio.sleep(min(max(wait, 0.05), 1.0))
