@@ -306,6 +306,25 @@ class StateConfig:
         return count
 
 
+def genuine_by_prefix(view: Mapping[Any, Any], value_size: int) -> dict[str, int]:
+    """Entries whose value is what a node with their key's prefix (``key_prefix``) and
+    ``value_size`` generates, counted per prefix: which source nodes' state a node holds.
+    Entries that match no such node are counted under ``""``."""
+    counts: dict[str, int] = {}
+    for key, value in view.items():
+        prefix = key.rstrip("0123456789") if isinstance(key, str) else None
+        digits = key[len(prefix) :] if isinstance(key, str) and prefix is not None else ""
+        genuine = (
+            prefix is not None
+            and digits.isdigit()
+            and str(int(digits)) == digits
+            and value == state_value(int(digits), value_size)
+        )
+        name = prefix if genuine and prefix is not None else ""
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def _sorted_keys(keys: Iterable[Any]) -> list[Any]:
     listed = list(keys)
     try:
@@ -1140,17 +1159,20 @@ class _Runner:
         entries: int | None = None
         checksum: str | None = None
         unexpected: int | None = None
+        by_prefix: dict[str, int] | None = None
         if self.held is not None:
             view = _live_view(self.held.obj)
             entries = len(view)
             if digest:
                 checksum = state_digest(view)
                 unexpected = self.held.config.unexpected(view)
+                by_prefix = genuine_by_prefix(view, self.held.config.value_size)
         return {
             "event": "stats",
             "entries": entries,
             "digest": checksum,
             "unexpected": unexpected,
+            "by_prefix": by_prefix,
             "maxrss_kib": peak,
             "rss_kib": _rss_kib(),
             "warm": self.node.is_warm,
