@@ -96,7 +96,7 @@ def _lost(report: Mapping[str, Any]) -> int:
     dropped = sum(ns["dropped"].values())
     # Invariant 1 on every report: each record acknowledged, snapshotted or dropped.
     assert ns["records"] == ns["acknowledged"] + ns["snapshotted"] + dropped, ns
-    return dropped + sum(ns["receiver_dropped"].values())
+    return int(dropped + sum(ns["receiver_dropped"].values()))
 
 
 def _drain_together(
