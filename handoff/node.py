@@ -357,9 +357,7 @@ class Node:
             changed = []
             for name, tracked in self._tracked.items():
                 before = exported.get(name)
-                now = await anyio.to_thread.run_sync(
-                    fingerprint_of, tracked.adapter, self.lock, self.codec.packb
-                )
+                now = await fingerprint_of(tracked.adapter, self.lock, self.codec.packb)
                 if before is None or not before.matches(now):
                     changed.append(name)
             if not changed:

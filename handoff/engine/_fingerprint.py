@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
+import anyio.lowlevel
+
 from handoff._adapter import Adapter, Record
 
 __all__ = ("Fingerprint", "fingerprint_of")
@@ -67,11 +69,12 @@ class Fingerprint:
         return self.known and other.known and (self._count, self._sum) == (other._count, other._sum)
 
 
-def fingerprint_of(
+async def fingerprint_of(
     adapter: Adapter, lock: AbstractContextManager[object], encode: Callable[[Any], bytes]
 ) -> Fingerprint:
-    """The fingerprint of what ``adapter`` would export now (taken in chunks, under
-    ``lock``, like a drain's export)."""
+    """The fingerprint of what ``adapter`` would export now. Taken on the event loop in
+    chunks, under ``lock``, like a drain's export (an asyncio app writes to its caches from
+    the loop's thread without the lock), yielding to other tasks between chunks."""
     fingerprint = Fingerprint(encode)
     records = iter(adapter.export())
     while True:
@@ -80,3 +83,4 @@ def fingerprint_of(
         if not batch:
             return fingerprint
         fingerprint.add(batch)
+        await anyio.lowlevel.checkpoint()

@@ -152,14 +152,16 @@ class Receiver:
 
     async def withdraw(self, reason: str, until: float) -> int:
         """Stop every stream still being received: the senders take back what this node
-        has not acknowledged. Returns how many streams were withdrawn."""
-        withdrawn = 0
-        for (peer, _), stream in list(self._streams.items()):
+        has not acknowledged. Returns how many streams were withdrawn. Each sender is told
+        at the same time and within ``until``: one that stopped reading loses its link
+        instead (and re-routes for that reason), it cannot hold this node's drain."""
+        withdrawn: list[tuple[str, _InStream, Refuse]] = []
+        for (peer, _), stream in self._streams.items():
             if stream.machine.state.finished:
                 continue
             refusal = Refuse(stream.machine.stream, reason[:1024])
             stream.machine.send(refusal)
-            withdrawn += 1
+            withdrawn.append((peer, stream, refusal))
             logger.info(
                 "withdrew from %r of %s after %d records: %s",
                 stream.namespace,
@@ -167,13 +169,18 @@ class Receiver:
                 stream.machine.records,
                 reason,
             )
-            try:
-                await stream.link.send(refusal, time_limit=max(0.0, until - self._clock.now()))
-            except HandoffError as exc:
-                # The link is gone: the sender re-routes for that reason instead.
-                logger.debug("could not tell %s about the withdrawal: %s", peer, exc)
         self._changed.set()
-        return withdrawn
+
+        async def tell(peer: str, link: Link, refusal: Refuse) -> None:
+            try:
+                await link.send(refusal, time_limit=max(0.0, until - self._clock.now()))
+            except HandoffError as exc:
+                logger.debug("could not tell %s about the withdrawal: %s", peer, exc)
+
+        async with anyio.create_task_group() as group:
+            for peer, stream, refusal in withdrawn:
+                group.start_soon(tell, peer, stream.link, refusal)
+        return len(withdrawn)
 
     def _refusal(self, offer: Offer) -> tuple[str, Chain | None]:
         busy = self._accepting()

@@ -403,7 +403,12 @@ class Drainer:
         await self._wait(lambda: all(s.state is not StreamState.OFFERED for s in streams), until)
         for stream in streams:
             if stream.state is StreamState.OFFERED:
-                self._fail(stream, "did not answer the offer in time")
+                # Said, so that a late Accept does not leave the successor with an open
+                # stream nobody ends (it would wait for it when it drains in turn).
+                why = "did not answer the offer in time"
+                if await self._send(stream, Cancel(stream.stream, why), until):
+                    logger.warning("successor %s %s", stream.peer.name, why)
+                    report.refusals[stream.peer.name] = why
             if stream.state is StreamState.REFUSED:
                 report.refusals[stream.peer.name] = stream.machine.reason
                 logger.info(

@@ -28,6 +28,8 @@ logger = logging.getLogger("handoff.engine")
 # Share of a drain's time that streams accepted before it may take to finish. The rest is
 # for this node's own export: it must hand on what it received as well as what it held.
 INBOUND_SHARE = 0.4
+# Share of it for telling the senders of the streams still open that this node withdraws.
+WITHDRAW_SHARE = 0.05
 
 
 class Sessions:
@@ -64,10 +66,11 @@ class Sessions:
         ``time_limit`` seconds. The caller has already stopped accepting offers."""
         started = self._clock.now()
         deadline = started + time_limit
-        if not await self.receiver.settle(started + time_limit * INBOUND_SHARE):
+        settled = started + time_limit * INBOUND_SHARE
+        if not await self.receiver.settle(settled):
             withdrawn = await self.receiver.withdraw(
                 "draining: the receiver is leaving too; send what it did not acknowledge elsewhere",
-                deadline,
+                settled + time_limit * WITHDRAW_SHARE,
             )
             logger.info("withdrew from %d inbound stream(s) to drain in time", withdrawn)
         self._drainer = drainer
