@@ -1,9 +1,15 @@
-"""Shared helpers for tests that run real nodes on loopback: event logs and raw sockets."""
+"""Shared helpers for tests that run real nodes on loopback: event logs, raw sockets, node
+processes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import json
+import secrets
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -12,16 +18,24 @@ import anyio.lowlevel
 from handoff import Node
 from handoff.membership import MembershipEvent, NodeDown, NodeUp
 from handoff.protocol import FrameDecoder, Message, decode_message
+from handoff.testing import NodeProcess
+from handoff.testing._process import STATE_ENV
 
 __all__ = (
     "CLUSTER",
     "COOKIE",
+    "FAST",
     "OTHER_COOKIE",
     "EventLog",
+    "ProcessCluster",
+    "connected",
     "decode_frames",
+    "handoff_node",
+    "loopback_aliases_usable",
     "make_node",
     "read_until_closed",
     "static_to",
+    "wait_until",
     "watch",
 )
 
@@ -33,6 +47,88 @@ OTHER_COOKIE = b"not-the-cookie-9876543210zyxw"
 _CLIENT_FRAME_LIMIT = 1024 * 1024
 _CLIENT_DEPTH = 32
 _WAIT_STEPS = 100_000
+
+
+def loopback_aliases_usable(hosts: Sequence[str]) -> bool:
+    """True if this machine can bind every one of ``hosts`` (Linux can bind 127.0.0.0/8)."""
+    try:
+        for host in hosts:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+class ProcessCluster:
+    """Starts node processes of one cluster; every one is ended (and reaped) when
+    ``stack`` closes."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self._cookie = secrets.token_urlsafe(32)
+
+    def start(
+        self,
+        name: str,
+        host: str,
+        *,
+        state: Mapping[str, Any],
+        release: str = "v1",
+        port: int = 0,
+        peers: Sequence[str] = (),
+        snapshot_dir: Path | None = None,
+        drain_timeout: float = 30.0,
+    ) -> NodeProcess:
+        """A node on ``host:port`` holding ``state``, dialling the addresses ``peers``."""
+        env = {
+            "HANDOFF_COOKIE": self._cookie,
+            "HANDOFF_CLUSTER": CLUSTER,
+            "HANDOFF_RELEASE": release,
+            "HANDOFF_BIND": f"{host}:{port}",
+            "HANDOFF_DISCOVERY": "static:" + ",".join(peers) if peers else "none",
+            "HANDOFF_POLL_INTERVAL": "0.2",
+            "HANDOFF_HEARTBEAT_TIMEOUT": "6",
+            "HANDOFF_DRAIN_TIMEOUT": str(drain_timeout),
+            # Warm because of the handoff, not because the warm-up wait ran out.
+            "HANDOFF_WARMUP_TIMEOUT": "120",
+            STATE_ENV: json.dumps(state),
+        }
+        if snapshot_dir is not None:
+            env["HANDOFF_SNAPSHOT_DIR"] = str(snapshot_dir)
+        # Entered into the stack as soon as it exists: closed even if a later step fails.
+        return self._stack.enter_context(NodeProcess(env, name=name))
+
+
+# Timings for in-process handoff tests: quick to connect, quick to notice a dead peer.
+FAST: dict[str, Any] = {
+    "cookie": COOKIE,
+    "environ": {},
+    "poll_interval": 0.1,
+    "heartbeat_timeout": 2.0,
+    "handshake_timeout": 1.0,
+    "warmup_timeout": 5.0,
+}
+
+
+def handoff_node(name: str, host: str, *peers: Node, release: str = "v1", **kwargs: Any) -> Node:
+    """A node of cluster ``shop`` on ``host`` (port 0) dialling the started ``peers``."""
+    discovery = "static:" + ",".join(p.address for p in peers) if peers else "none"
+    return Node(CLUSTER, name=name, release=release, bind=f"{host}:0", discovery=discovery,
+                **{**FAST, **kwargs})  # fmt: skip
+
+
+async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll ``predicate`` until true: for conditions across several nodes at once, which
+    no single event covers."""
+    with anyio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+def connected(*nodes: Node) -> Callable[[], bool]:
+    """True once every node sees all the others."""
+    return lambda: all(len(n.peers()) == len(nodes) - 1 for n in nodes)
 
 
 def static_to(*nodes: Node) -> str:

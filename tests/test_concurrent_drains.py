@@ -13,9 +13,6 @@ whether or not release names sort (git SHAs).
 from __future__ import annotations
 
 import contextlib
-import json
-import secrets
-import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -23,6 +20,7 @@ from typing import Any
 import pytest
 
 from handoff.testing import NodeProcess
+from tests._helpers import ProcessCluster, loopback_aliases_usable
 
 pytestmark = pytest.mark.slow
 
@@ -33,53 +31,12 @@ STARTUP_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 20.0
 
 
-def _loopback_aliases_usable() -> bool:
-    try:
-        for host in HOSTS:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-    except OSError:
-        return False
-    return True
-
-
-class Cluster:
-    """Node processes of one cluster; every one is ended (and reaped) at teardown."""
-
-    def __init__(self, stack: contextlib.ExitStack) -> None:
-        self._stack = stack
-        self._cookie = secrets.token_urlsafe(32)
-
-    def start(
-        self,
-        name: str,
-        host: str,
-        *,
-        release: str,
-        state: Mapping[str, Any],
-        peers: Sequence[str] = (),
-    ) -> NodeProcess:
-        env = {
-            "HANDOFF_COOKIE": self._cookie,
-            "HANDOFF_CLUSTER": "shop",
-            "HANDOFF_RELEASE": release,
-            "HANDOFF_BIND": f"{host}:0",
-            "HANDOFF_DISCOVERY": "static:" + ",".join(peers) if peers else "none",
-            "HANDOFF_POLL_INTERVAL": "0.2",
-            "HANDOFF_HEARTBEAT_TIMEOUT": "6",
-            "HANDOFF_DRAIN_TIMEOUT": "30",
-            "HANDOFF_WARMUP_TIMEOUT": "120",
-            "HANDOFF_TEST_STATE": json.dumps(state),
-        }
-        return self._stack.enter_context(NodeProcess(env, name=name))
-
-
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    if not _loopback_aliases_usable():
+def cluster() -> Iterator[ProcessCluster]:
+    if not loopback_aliases_usable(HOSTS):
         pytest.skip(f"cannot bind {', '.join(HOSTS)} (on macOS: ifconfig lo0 alias 127.0.0.2)")
     with contextlib.ExitStack() as stack:
-        yield Cluster(stack)
+        yield ProcessCluster(stack)
 
 
 def _connected(*nodes: NodeProcess) -> None:
@@ -100,7 +57,7 @@ def _lost(report: Mapping[str, Any]) -> int:
 
 
 def _drain_together(
-    cluster: Cluster,
+    cluster: ProcessCluster,
     serving: NodeProcess,
     *,
     release: str,
@@ -136,7 +93,7 @@ def _drain_together(
     ids=["sortable releases", "git SHAs"],
 )
 def test_two_nodes_draining_together_lose_nothing(
-    cluster: Cluster, old_release: str, new_release: str
+    cluster: ProcessCluster, old_release: str, new_release: str
 ) -> None:
     serving = cluster.start(
         "serving",
@@ -167,7 +124,7 @@ def test_two_nodes_draining_together_lose_nothing(
     ))  # fmt: skip
 
 
-def test_three_nodes_draining_in_a_chain_lose_nothing(cluster: Cluster) -> None:
+def test_three_nodes_draining_in_a_chain_lose_nothing(cluster: ProcessCluster) -> None:
     serving = cluster.start(
         "serving", HOSTS[0], release="v1", state={"namespace": "n", "type": "dict", "entries": 0}
     )

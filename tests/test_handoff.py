@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,39 +9,12 @@ import anyio
 import pytest
 from cachetools import TTLCache
 
-from handoff import Node
 from handoff._adapter import ImportResult
 from handoff.adapters.mapping import MappingAdapter
+from tests._helpers import connected, wait_until
+from tests._helpers import handoff_node as node
 
 pytestmark = pytest.mark.anyio
-
-COOKIE = "test-cookie-0123456789abcdef"
-FAST: dict[str, Any] = {
-    "cookie": COOKIE,
-    "environ": {},
-    "poll_interval": 0.1,
-    "heartbeat_timeout": 2.0,
-    "handshake_timeout": 1.0,
-    "warmup_timeout": 5.0,
-}
-
-
-def node(name: str, host: str, *peers: Node, release: str = "v1", **kwargs: Any) -> Node:
-    discovery = "static:" + ",".join(p.address for p in peers) if peers else "none"
-    options = {**FAST, **kwargs}
-    return Node("shop", name=name, release=release, bind=f"{host}:0", discovery=discovery,
-                **options)  # fmt: skip
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    # Bounded polling across several nodes at once, which no single event covers.
-    with anyio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-
-
-def connected(*nodes: Node) -> Callable[[], bool]:
-    return lambda: all(len(n.peers()) == len(nodes) - 1 for n in nodes)
 
 
 async def test_dict_moves_to_the_successor_and_the_report_adds_up() -> None:
@@ -246,7 +218,10 @@ async def test_slow_receiver_drain_ends_by_its_deadline(tmp_path: Path) -> None:
             report = await old.drain(timeout=2.0)
             elapsed = anyio.current_time() - started
     ns = report.namespaces["n"]
-    assert elapsed < 2.5
+    # Both nodes share one event loop here, which the receiver's blocking apply holds for
+    # its delay: the deadline can be overshot by one apply, plus scheduling on a busy box.
+    # (The multi-process deadline tests measure the bound without this handicap.)
+    assert elapsed < 2.0 + SlowAdapter.delay + 0.5
     assert ns.acknowledged > 0
     assert ns.snapshotted > 0
     assert ns.complete

@@ -11,18 +11,17 @@ handoff measured by the kernel (invariant 8).
 from __future__ import annotations
 
 import contextlib
-import json
-import secrets
-import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from handoff.testing import NodeProcess, NodeProcessError, free_port
-from handoff.testing._process import STATE_ENV, expected_digest
+from handoff.testing._process import expected_digest
+from tests._helpers import ProcessCluster as Nodes
+from tests._helpers import loopback_aliases_usable
 
 pytestmark = pytest.mark.slow
 
@@ -36,58 +35,9 @@ MIB = 1024
 MEMORY_LIMIT_KIB = 64 * MIB
 
 
-def _loopback_aliases_usable() -> bool:
-    try:
-        for host in HOSTS:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-    except OSError:
-        return False
-    return True
-
-
-class Nodes:
-    """Starts node processes of one cluster; every one is ended (and reaped) at teardown."""
-
-    def __init__(self, stack: contextlib.ExitStack) -> None:
-        self._stack = stack
-        self._cookie = secrets.token_urlsafe(32)
-
-    def start(
-        self,
-        name: str,
-        host: str,
-        *,
-        state: Mapping[str, Any],
-        release: str = "v1",
-        port: int = 0,
-        peers: Sequence[str] = (),
-        snapshot_dir: Path | None = None,
-        drain_timeout: float = 30.0,
-    ) -> NodeProcess:
-        """A node on ``host:port`` holding ``state``, dialling the addresses ``peers``."""
-        env = {
-            "HANDOFF_COOKIE": self._cookie,
-            "HANDOFF_CLUSTER": CLUSTER,
-            "HANDOFF_RELEASE": release,
-            "HANDOFF_BIND": f"{host}:{port}",
-            "HANDOFF_DISCOVERY": "static:" + ",".join(peers) if peers else "none",
-            "HANDOFF_POLL_INTERVAL": "0.2",
-            "HANDOFF_HEARTBEAT_TIMEOUT": "6",
-            "HANDOFF_DRAIN_TIMEOUT": str(drain_timeout),
-            # Warm because of the handoff, not because the warm-up wait ran out.
-            "HANDOFF_WARMUP_TIMEOUT": "120",
-            STATE_ENV: json.dumps(state),
-        }
-        if snapshot_dir is not None:
-            env["HANDOFF_SNAPSHOT_DIR"] = str(snapshot_dir)
-        # Entered into the stack as soon as it exists: closed even if a later step fails.
-        return self._stack.enter_context(NodeProcess(env, name=name))
-
-
 @pytest.fixture
 def nodes() -> Iterator[Nodes]:
-    if not _loopback_aliases_usable():
+    if not loopback_aliases_usable(HOSTS):
         pytest.skip(f"cannot bind {', '.join(HOSTS)} (on macOS: ifconfig lo0 alias 127.0.0.2)")
     with contextlib.ExitStack() as stack:
         yield Nodes(stack)

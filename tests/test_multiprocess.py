@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from handoff.testing import DNSResponder, NodeProcess, NodeProcessError, free_port_on_all
+from tests._helpers import loopback_aliases_usable
 
 pytestmark = pytest.mark.slow
 
@@ -45,20 +45,10 @@ class Cluster:
         return [node for other, node in self.nodes.items() if other != name]
 
 
-def _loopback_aliases_usable() -> bool:
-    try:
-        for host in HOSTS:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     """Three nodes in full mesh; every process is ended by the fixture, pass or fail."""
-    if not _loopback_aliases_usable():
+    if not loopback_aliases_usable(HOSTS):
         pytest.skip(f"cannot bind {', '.join(HOSTS)} (on macOS: ifconfig lo0 alias 127.0.0.2)")
     cookie = secrets.token_urlsafe(32)
     with DNSResponder() as dns, contextlib.ExitStack() as stack:

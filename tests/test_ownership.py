@@ -7,46 +7,19 @@ at stop (or reported), and successors are chosen by start time where releases do
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from cachetools import LRUCache, TTLCache
 
-from handoff import Node
 from handoff.engine import compare_releases, successor_tiers
 from handoff.membership import Peer
 from handoff.protocol import NodeState
+from tests._helpers import connected, wait_until
+from tests._helpers import handoff_node as node
 
 pytestmark = pytest.mark.anyio
-
-FAST: dict[str, Any] = {
-    "cookie": "test-cookie-0123456789abcdef",
-    "environ": {},
-    "poll_interval": 0.1,
-    "heartbeat_timeout": 2.0,
-    "handshake_timeout": 1.0,
-    "warmup_timeout": 5.0,
-}
-
-
-def node(name: str, host: str, *peers: Node, release: str = "v1", **kwargs: Any) -> Node:
-    discovery = "static:" + ",".join(p.address for p in peers) if peers else "none"
-    return Node("shop", name=name, release=release, bind=f"{host}:0", discovery=discovery,
-                **{**FAST, **kwargs})  # fmt: skip
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    with anyio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110 - several nodes, no single event
-            await anyio.sleep(0.01)
-
-
-def connected(*nodes: Node) -> Callable[[], bool]:
-    return lambda: all(len(n.peers()) == len(nodes) - 1 for n in nodes)
-
 
 # -- receiver-side drops reach the sender -----------------------------------------------------
 
