@@ -644,7 +644,25 @@ class Node:
 
         Returns once the node listens, and, with ``wait_warm``, once it is warm (at most
         ``warmup_timeout``). Stop it with ``node.stop()``, which drains first. Guard every
-        access to tracked objects with :attr:`lock`.
+        access to tracked objects with :attr:`lock`. Without ``node.stop()`` the node
+        drains at interpreter exit and, started from the main thread of an app that left
+        SIGTERM and SIGINT to Python, on those (see :mod:`handoff.lifecycle`). Flask's
+        development server::
+
+            if __name__ == "__main__":
+                node.start_in_thread()
+                app.run(use_reloader=False)  # the reloader would start a second node
+                node.stop()  # Ctrl-C ends app.run()
+
+        gunicorn (one worker, ``threads`` for concurrency), in ``gunicorn.conf.py``::
+
+            def post_worker_init(worker):
+                from app import node
+                node.start_in_thread()
+
+            def worker_exit(server, worker):  # on TERM, INT and QUIT
+                from app import node
+                node.stop()
         """
         if self.running or self._runner is not None:
             raise LocalProtocolError("this node is already started")

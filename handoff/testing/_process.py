@@ -440,6 +440,10 @@ class NodeProcess:
     with one key added, ``received_at``, the parent's :func:`time.monotonic` when the line
     was read (so latencies can be measured against ``time.monotonic()`` in the test).
     ``on_event(event)``, if given, is called from that thread for each event.
+
+    ``program``, if given, is the child's command line instead of the built-in node runner
+    (e.g. ``[sys.executable, "my_app.py"]``: an app that runs a node its own way); it must
+    print the same JSON events, ``listening`` first, and ``log_level`` does not apply.
     """
 
     def __init__(
@@ -450,8 +454,10 @@ class NodeProcess:
         log_level: str = "INFO",
         on_event: Callable[[dict[str, Any]], None] | None = None,
         inherit_platform_env: bool = False,
+        program: Sequence[str] | None = None,
     ) -> None:
         self.name = name
+        self.program = list(program) if program is not None else None
         self.env: dict[str, str] = {"HANDOFF_NODE_NAME": name, **env}
         self.log_level = log_level
         self._on_event = on_event
@@ -545,15 +551,16 @@ class NodeProcess:
         """Start the child; returns at once (see :meth:`wait_ready`)."""
         if self._proc is not None:
             raise NodeProcessError(f"{self.name} was already started")
+        argv = self.program or [
+            sys.executable,
+            "-c",
+            _CHILD_CODE,
+            "--log-level",
+            self.log_level,
+            "--exit-on-stdin-eof",
+        ]
         self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _CHILD_CODE,
-                "--log-level",
-                self.log_level,
-                "--exit-on-stdin-eof",
-            ],
+            argv,
             env=self._child_env(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
