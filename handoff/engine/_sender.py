@@ -291,7 +291,11 @@ class Drainer:
             else:
                 if await self._finish(open_streams, stream_until):
                     for stream in open_streams:
-                        await self._send(stream, End(stream.stream, stream.sent_records), deadline)
+                        # Each End is an await: a successor may withdraw or go down before
+                        # its turn. Everything it had is acknowledged, so it needs no End.
+                        if stream.state is StreamState.OPEN:
+                            end = End(stream.stream, stream.sent_records)
+                            await self._send(stream, end, deadline)
                     self._note_successors(streams, report)
                     return
                 continue
@@ -416,6 +420,8 @@ class Drainer:
 
     async def _send(self, stream: _OutStream, message: Message, until: float) -> bool:
         """Send within the drain's time (a stuck successor must not hold the deadline)."""
+        if stream.state.finished:
+            return False  # withdrawn or failed while the caller awaited something else
         remaining = until - self._clock.now()
         if remaining <= 0:
             self._fail(stream, "could not be written to before the deadline")
