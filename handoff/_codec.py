@@ -517,6 +517,24 @@ class Codec:
         except Exception as exc:
             raise RecordEncodeError(_describe_failure(exc)) from exc
 
+    def fingerprint_encoder(self) -> Callable[[object], bytes]:
+        """A fast serializer for fingerprints of state (never for the wire): one reused
+        Packer, tuples packed as arrays, what it cannot pack (big integers) through
+        :meth:`packb`. Its bytes tell apart what ``hash()`` does not (-1 and -2; 1, 1.0 and
+        True; an object hashed by identity and mutated in place). Not thread-safe: take
+        one per fingerprint."""
+        pack = msgpack.Packer(default=self._default, use_bin_type=True, strict_types=False).pack
+        packb = self.packb
+
+        def encode(obj: object) -> bytes:
+            try:
+                data: bytes = pack(obj)
+            except Exception:
+                return packb(obj)
+            return data
+
+        return encode
+
     def encode_records(self, records: Sequence[Record]) -> tuple[bytes, list[tuple[Record, str]]]:
         """Serialize records as one msgpack array of ``[key, value, meta]`` arrays.
 

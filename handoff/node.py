@@ -9,6 +9,7 @@ snapshot store (``node.drain()``), with hooks for ASGI and threaded services.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -159,6 +160,10 @@ class Node:
             lock=self.lock,
         )
         self._sessions = Sessions(self._receiver)
+        # One numbering for all of this node's drains: a receiver keeps a stream that a
+        # drain gave up on at its deadline (no time left for a Cancel) until the link goes;
+        # the catch-up reusing its id was "offered twice", a dropped link and lost records.
+        self._stream_ids = itertools.count(1)
         # What the last drain exported, per namespace, while the node may keep serving.
         self._exported: dict[str, Fingerprint] = {}
         self._membership = Membership(s.node_name, grace=s.handshake_timeout)
@@ -357,7 +362,9 @@ class Node:
             changed = []
             for name, tracked in self._tracked.items():
                 before = exported.get(name)
-                now = await fingerprint_of(tracked.adapter, self.lock, self.codec.packb)
+                now = await fingerprint_of(
+                    tracked.adapter, self.lock, self.codec.fingerprint_encoder()
+                )
                 if before is None or not before.matches(now):
                     changed.append(name)
             if not changed:
@@ -391,6 +398,7 @@ class Node:
             started_at=self.started_at,
             fingerprints=fingerprints,
             only=only,
+            stream_ids=self._stream_ids,
         )
 
     @contextmanager

@@ -5,12 +5,16 @@ to its caches, until it stops. At stop it compares what it holds with what the d
 exported and sends the namespaces that changed again (the catch-up), instead of re-sending
 everything or silently leaving the new writes behind.
 
-The fingerprint is the count of records and the sum of ``hash((key, value))`` over them:
-order-independent, so it can be accumulated chunk by chunk as the drain exports. A record
-that cannot be hashed (a dict or list value) is hashed through its encoded bytes instead;
-one that cannot be encoded either makes the fingerprint unknown, and an unknown
-fingerprint always counts as changed. Hashes of str/bytes are salted per process, which is
-fine: both fingerprints are taken in the same process.
+The fingerprint is the count of records and the sum of the hashes of their encoded
+``[key, value]`` (:meth:`Codec.fingerprint_encoder`): order-independent, so it can be
+accumulated chunk by chunk as the drain exports. Not ``hash((key, value))``: CPython hashes
+-1 like -2 (a balance going from -1 to -2 went unseen), 1 like 1.0 and True, and objects
+without ``__eq__`` by identity (one mutated in place went unseen); and unhashable values
+(dicts, lists) then cost an exception and a one-off Packer each, ~50 us a record on the
+event loop, which pushed a manual drain far past its deadline. A record that cannot be
+encoded makes the fingerprint unknown, and an unknown fingerprint always counts as
+changed. Hashes of bytes are salted per process, which is fine: both fingerprints are
+taken in the same process.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class Fingerprint:
     __slots__ = ("_count", "_encode", "_sum", "known")
 
     def __init__(self, encode: Callable[[Any], bytes]) -> None:
-        """``encode(obj)`` serializes what cannot be hashed (the drain's codec)."""
+        """``encode(obj)`` serializes a record's key and value
+        (:meth:`Codec.fingerprint_encoder`)."""
         self._count = 0
         self._sum = 0
         self._encode = encode
@@ -47,22 +52,14 @@ class Fingerprint:
         """Fold ``records`` in."""
         if not self.known:
             return
-        batch = [(record[0], record[1]) for record in records]
+        encode = self._encode
         try:
-            total = sum(map(hash, batch))
-        except TypeError:
-            total = 0
-            for pair in batch:
-                try:
-                    total += hash(pair)
-                except TypeError:
-                    try:
-                        total += hash(self._encode(pair))
-                    except Exception:
-                        self.known = False
-                        return
-        self._sum = (self._sum + total) & _MASK
-        self._count += len(batch)
+            hashes = [hash(encode([record[0], record[1]])) for record in records]
+        except Exception:
+            self.known = False
+            return
+        self._sum = (self._sum + sum(hashes)) & _MASK
+        self._count += len(hashes)
 
     def matches(self, other: Fingerprint) -> bool:
         """True only when both are known and equal."""

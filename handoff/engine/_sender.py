@@ -119,6 +119,7 @@ class Drainer:
         started_at: float = 0.0,
         fingerprints: bool = False,
         only: Collection[str] | None = None,
+        stream_ids: Iterator[int] | None = None,
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
@@ -127,7 +128,9 @@ class Drainer:
         ("drain", or "catch-up" for records written after a drain). With
         ``fingerprints`` the drain keeps a :class:`Fingerprint` of each namespace's export
         (:attr:`fingerprints`) for a later catch-up to compare with; ``only`` limits the
-        drain to those namespaces."""
+        drain to those namespaces. ``stream_ids`` numbers the streams: pass the node's own
+        counter, so that a later drain (the catch-up) never offers a stream id that a
+        receiver may still hold from an earlier one."""
         self.fingerprints: dict[str, Fingerprint] = {}
         self._keep_fingerprints = fingerprints
         self._only = None if only is None else frozenset(only)
@@ -146,7 +149,7 @@ class Drainer:
         self._reason = reason
         self._started_at = started_at
         self._max_chunk_bytes = min(MAX_CHUNK_BYTES, max_frame - 1024)
-        self._stream_ids = itertools.count(1)
+        self._stream_ids = stream_ids if stream_ids is not None else itertools.count(1)
         self._streams: dict[tuple[str, int], _OutStream] = {}
         self._changed = anyio.Event()
         self._bytes_per_record = 0.0
@@ -211,7 +214,7 @@ class Drainer:
             if self._only is not None and tracked.name not in self._only:
                 continue
             if self._keep_fingerprints:
-                self.fingerprints[tracked.name] = Fingerprint(self._codec.packb)
+                self.fingerprints[tracked.name] = Fingerprint(self._codec.fingerprint_encoder())
             report = reports[tracked.name] = NamespaceReport(tracked.name, tracked.version)
             ns_started = self._clock.now()
             await self._drain_namespace(tracked, report, stream_until, deadline)
@@ -288,7 +291,11 @@ class Drainer:
             else:
                 if await self._finish(open_streams, stream_until):
                     for stream in open_streams:
-                        await self._send(stream, End(stream.stream, stream.sent_records), deadline)
+                        # Each End is an await: a successor may withdraw or go down before
+                        # its turn. Everything it had is acknowledged, so it needs no End.
+                        if stream.state is StreamState.OPEN:
+                            end = End(stream.stream, stream.sent_records)
+                            await self._send(stream, end, deadline)
                     self._note_successors(streams, report)
                     return
                 continue
@@ -418,6 +425,8 @@ class Drainer:
 
     async def _send(self, stream: _OutStream, message: Message, until: float) -> bool:
         """Send within the drain's time (a stuck successor must not hold the deadline)."""
+        if stream.state.finished:
+            return False  # withdrawn or failed while the caller awaited something else
         remaining = until - self._clock.now()
         if remaining <= 0:
             self._fail(stream, "could not be written to before the deadline")
