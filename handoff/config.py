@@ -30,11 +30,11 @@ import ipaddress
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from ._errors import ConfigError
 from .discovery._spec import DiscoverySpec, parse_discovery_spec, parse_host_port
@@ -87,125 +87,6 @@ _K8S_NO_DISCOVERY_WARNING = (
     "(with publishNotReadyAddresses: true) so that nodes find each other"
 )
 
-#: The environment variables this library reads, with what each one means.
-#: Rendered in the README and by ``handoff doctor``; this is the deploy contract.
-ENVIRONMENT_VARIABLES: tuple[tuple[str, str], ...] = (
-    (
-        "HANDOFF_CLUSTER",
-        "Cluster name; nodes only join peers of the same cluster. "
-        "Default on Fly.io: FLY_APP_NAME. Required elsewhere.",
-    ),
-    (
-        "HANDOFF_COOKIE",
-        "Required. Shared secret (at least 16 bytes) that every node of the cluster must "
-        "have; peers prove they know it before any state moves. Surrounding whitespace is "
-        "stripped.",
-    ),
-    (
-        "HANDOFF_RELEASE",
-        "Release (version) of this node; successors prefer newer releases. Default on "
-        "Fly.io: the deployment tag of FLY_IMAGE_REF; elsewhere 'unversioned'.",
-    ),
-    (
-        "HANDOFF_NODE_NAME",
-        "Unique name of this node. Default: FLY_MACHINE_ID on Fly.io, the pod name "
-        "(HOSTNAME) on Kubernetes, HOST-PID elsewhere.",
-    ),
-    (
-        "HANDOFF_BIND",
-        f"Listen address, HOST:PORT or [IPV6]:PORT (a bare host uses port {DEFAULT_PORT}; "
-        f"port 0 picks a free port). Default: [::]:{DEFAULT_PORT} on Fly.io, "
-        f"0.0.0.0:{DEFAULT_PORT} on Kubernetes ([::] if POD_IP is IPv6), "
-        f"127.0.0.1:{DEFAULT_PORT} elsewhere.",
-    ),
-    (
-        "HANDOFF_ADVERTISE",
-        "Host (IP address or name) that peers dial to reach this node. Default: "
-        "FLY_PRIVATE_IP on Fly.io, POD_IP on Kubernetes, else the bind host if it is a "
-        "specific address.",
-    ),
-    (
-        "HANDOFF_DISCOVERY",
-        "How to find peers: 'static:HOST:PORT,HOST:PORT', 'dns:NAME[:PORT]' (A/AAAA, "
-        "polled), 'dns:_SERVICE._PROTO.NAME' (SRV), 'fly' (the app's .internal names) or "
-        "'none'. Default: 'fly' on Fly.io, "
-        "'none' elsewhere.",
-    ),
-    (
-        "HANDOFF_DNS_SERVER",
-        "DNS server for discovery, IP[:PORT] or [IPV6]:PORT (default port 53); overrides "
-        "/etc/resolv.conf.",
-    ),
-    (
-        "HANDOFF_SNAPSHOT_DIR",
-        "Directory for snapshots of state that no peer could take (put it on a volume to "
-        "survive a restart). Default: no snapshots.",
-    ),
-    (
-        "HANDOFF_DRAIN_TIMEOUT",
-        "Seconds a drain may take: then streaming stops and the rest is snapshotted (at 3/4 "
-        "of it when a snapshot store is set) or counted as dropped. Keep it below the "
-        "platform's grace period. Default: 4 on Fly.io (kill_timeout 5 s), 25 on "
-        "Kubernetes (terminationGracePeriodSeconds 30 s), 10 elsewhere.",
-    ),
-    (
-        "HANDOFF_WARMUP_TIMEOUT",
-        f"Seconds a starting node waits for handed-off state before it reports ready. "
-        f"Default: {_DEFAULT_WARMUP_TIMEOUT:g}.",
-    ),
-    (
-        "HANDOFF_TLS_CERT",
-        "PEM certificate of this node. Enables mutual TLS; needs HANDOFF_TLS_KEY and "
-        "HANDOFF_TLS_CA.",
-    ),
-    ("HANDOFF_TLS_KEY", "PEM private key for HANDOFF_TLS_CERT."),
-    (
-        "HANDOFF_TLS_CA",
-        "PEM CA bundle that peers' certificates are verified against (mutual TLS).",
-    ),
-    (
-        "HANDOFF_HEARTBEAT_TIMEOUT",
-        f"Seconds of silence after which a peer counts as down. "
-        f"Default: {_DEFAULT_HEARTBEAT_TIMEOUT:g}.",
-    ),
-    (
-        "HANDOFF_HEARTBEAT_INTERVAL",
-        "Seconds between heartbeats; must be below the heartbeat timeout. "
-        "Default: a third of the heartbeat timeout.",
-    ),
-    (
-        "HANDOFF_POLL_INTERVAL",
-        f"Seconds between discovery queries. Default: {_DEFAULT_POLL_INTERVAL:g}.",
-    ),
-    (
-        "HANDOFF_HANDSHAKE_TIMEOUT",
-        f"Seconds a peer has to complete the authentication handshake. "
-        f"Default: {_DEFAULT_HANDSHAKE_TIMEOUT:g}.",
-    ),
-    (
-        "HANDOFF_CONNECT_TIMEOUT",
-        f"Seconds to open a connection to a peer. Default: {_DEFAULT_CONNECT_TIMEOUT:g}.",
-    ),
-    (
-        "HANDOFF_CONTROL_SOCKET",
-        "Unix socket of the local control endpoint that the handoff CLI (status, drain, "
-        "wait-ready, doctor) talks to; an absolute path, or 'none' to disable it. Default: "
-        "${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<cluster>.sock.",
-    ),
-)
-
-#: Platform variables read for detection and defaults (set by the platform, not by users).
-PLATFORM_VARIABLES: tuple[tuple[str, str], ...] = (
-    ("FLY_APP_NAME", "Fly.io detected; default cluster name; the app for 'fly' discovery."),
-    ("FLY_MACHINE_ID", "Fly.io: default node name (FLY_ALLOC_ID as fallback)."),
-    ("FLY_IMAGE_REF", "Fly.io: its deployment tag is the default release."),
-    ("FLY_PRIVATE_IP", "Fly.io: default advertised address (6PN)."),
-    ("FLY_REGION", "Fly.io: region of this Machine."),
-    ("KUBERNETES_SERVICE_HOST", "Kubernetes detected."),
-    ("POD_IP", "Kubernetes: default advertised address (set it with fieldRef status.podIP)."),
-    ("HOSTNAME", "Kubernetes: the pod name, default node name."),
-)
-
 
 @dataclass(frozen=True, slots=True)
 class TLSFiles:
@@ -255,90 +136,175 @@ class Settings:
     )
 
 
-class _Resolver:
-    """Looks settings up in precedence order and remembers where each value came from."""
+# -- the ladder ------------------------------------------------------------------------------
+#
+# Every setting is one _Setting row; resolve_settings walks _LADDER once, in order, and for
+# each row takes the first rung that says something: the argument, the HANDOFF_* variable,
+# the value detected on the platform (all three go through the row's parser, so a value
+# from anywhere is checked alike), else the row's built-in default. The order matters: a
+# row may read rows before it (advertise reads bind) and its check runs as soon as it is
+# resolved, so the first problem reported is the same whatever else is wrong.
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self.environ = environ
-        self.sources: dict[str, str] = {}
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Context:
+    """What the ladder knows while it resolves: the platform and the settings so far."""
+
+    environ: Mapping[str, str]
+    platform: Platform
+    fly_app: str | None
+    region: str | None
+    pod_ip: str | None
+    values: dict[str, object] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def detect(cls, environ: Mapping[str, str]) -> _Context:
+        """Fly.io when ``FLY_APP_NAME`` is set, else Kubernetes, else local."""
+        fly_app = _env(environ, "FLY_APP_NAME")
+        platform: Platform
+        if fly_app is not None:
+            platform = "fly"
+        elif _env(environ, "KUBERNETES_SERVICE_HOST") is not None:
+            platform = "kubernetes"
+        else:
+            platform = "local"
+        region = _env(environ, "FLY_REGION") if platform == "fly" else None
+        pod_ip = _env(environ, "POD_IP") if platform == "kubernetes" else None
+        context = cls(environ, platform, fly_app, region, pod_ip)
+        context.sources["platform"] = platform if platform != "local" else "default"
+        context.sources["region"] = "fly" if region is not None else "default"
+        context.sources["fly_app"] = "fly" if fly_app is not None else "default"
+        return context
 
     def env(self, name: str) -> str | None:
         """The stripped value of ``name``; ``None`` when unset or blank."""
-        value = self.environ.get(name)
-        if value is None or not value.strip():
-            return None
-        return value.strip()
+        return _env(self.environ, name)
 
-    def pick(
-        self, setting: str, argument: str | None, env_name: str
-    ) -> tuple[str | None, str | None]:
-        """The argument, else the variable: ``(value, source)``; both ``None`` if neither."""
+    def value(self, setting: _Setting[T]) -> T:
+        """The resolved value of an earlier row."""
+        return cast(T, self.values[setting.key])
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a value being parsed came from, for error messages."""
+
+    setting: _Setting[Any]
+    source: str  # "argument", the HANDOFF_* variable, "fly", "kubernetes" or "default"
+    detail: str = ""  # the platform variable behind a detected value, if any
+
+    @property
+    def label(self) -> str:
+        return self.setting.label
+
+    @property
+    def whence(self) -> str:
+        # The label already names the argument and HANDOFF_* variable; a value the platform
+        # supplied needs its own variable named, or the user cannot find where it came from.
+        return f" (from {self.detail})" if self.detail else ""
+
+
+def _undetected(context: _Context) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Setting(Generic[T]):
+    """One setting's ladder: its argument, then ``env``, then ``platform``, then ``default``.
+
+    ``parse`` checks and converts a value from any of the first three (an argument keeps its
+    Python type; the others are strings, or what ``platform`` returns). ``platform`` returns
+    ``(value, variable it came from)`` or ``None``. ``default`` builds the value when nothing
+    says (it may raise, or add a warning). ``check`` runs once the row is resolved, for rules
+    that involve other rows. ``blank_is_unset``: an empty variable counts as unset.
+    """
+
+    key: str  # the name in Settings.sources and describe()
+    env: str
+    doc: str  # what the variable means, for ENVIRONMENT_VARIABLES
+    parse: Callable[[Any, _Origin], T]
+    default: Callable[[_Context], T]
+    platform: Callable[[_Context], tuple[object, str] | None] = _undetected
+    check: Callable[[_Context], None] | None = None
+    blank_is_unset: bool = True
+    keyword: str = ""  # of resolve_settings() and Node(), when it is not the key
+
+    @property
+    def argument(self) -> str:
+        return self.keyword or self.key
+
+    @property
+    def label(self) -> str:
+        return f"{self.env} (Node({self.argument}=...))"
+
+    def resolve(self, context: _Context, argument: object) -> None:
+        """Find, check and record this setting's value and source in ``context``."""
+        found: tuple[object, str, str] | None = None
         if argument is not None:
-            self.sources[setting] = "argument"
-            return argument, "argument"
-        value = self.env(env_name)
-        if value is not None:
-            self.sources[setting] = env_name
-            return value, env_name
-        return None, None
+            found = (argument, "argument", "")
+        elif (text := self._from_env(context)) is not None:
+            found = (text, self.env, "")
+        elif (detected := self.platform(context)) is not None:
+            found = (detected[0], context.platform, detected[1])
+        if found is None:
+            context.sources[self.key] = "default"
+            context.values[self.key] = self.default(context)
+        else:
+            value, source, detail = found
+            context.sources[self.key] = source
+            context.values[self.key] = self.parse(value, _Origin(self, source, detail))
+        if self.check is not None:
+            self.check(context)
+
+    def _from_env(self, context: _Context) -> str | None:
+        if self.blank_is_unset:
+            return context.env(self.env)
+        return context.environ.get(self.env)
 
 
-def _label(argument: str, env_name: str) -> str:
-    return f"{env_name} (Node({argument}=...))"
-
-
-def _origin(source: str | None, detail: str | None = None) -> str:
-    # The label already names the argument and HANDOFF_* variable; a value the platform
-    # supplied needs its own variable named, or the user cannot find where it came from.
-    if source in ("fly", "kubernetes", "default") and detail:
-        return f" (from {detail})"
-    return ""
+# -- parsers: (value, origin) -> checked value ------------------------------------------------
 
 
 def _short(value: str) -> str:
     return repr(value if len(value) <= 60 else value[:57] + "...")
 
 
-def _check_name(
-    value: str, *, argument: str, env_name: str, what: str, source: str | None, detail: str
-) -> str:
-    label = _label(argument, env_name)
-    value = value.strip()
-    if not value:
-        raise ConfigError(f"{label}: the {what} is empty; set a non-empty {what}")
-    if len(value) > _MAX_NAME_LENGTH:
-        raise ConfigError(
-            f"{label}{_origin(source, detail)}: the {what} {_short(value)} is {len(value)} "
-            f"characters long; use at most {_MAX_NAME_LENGTH}"
-        )
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise ConfigError(
-            f"{label}{_origin(source, detail)}: the {what} {_short(value)} contains whitespace "
-            "or unprintable characters; use letters, digits and punctuation such as - _ ."
-        )
-    return value
+def _name(what: str) -> Callable[[str, _Origin], str]:
+    def parse(value: str, origin: _Origin) -> str:
+        label, whence = origin.label, origin.whence
+        value = value.strip()
+        if not value:
+            raise ConfigError(f"{label}: the {what} is empty; set a non-empty {what}")
+        if len(value) > _MAX_NAME_LENGTH:
+            raise ConfigError(
+                f"{label}{whence}: the {what} {_short(value)} is {len(value)} "
+                f"characters long; use at most {_MAX_NAME_LENGTH}"
+            )
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ConfigError(
+                f"{label}{whence}: the {what} {_short(value)} contains whitespace "
+                "or unprintable characters; use letters, digits and punctuation such as - _ ."
+            )
+        return value
+
+    return parse
 
 
-def _cookie(resolver: _Resolver, argument: str | bytes | None) -> bytes:
-    label = _label("cookie", "HANDOFF_COOKIE")
-    raw: str | bytes
-    if argument is not None:
-        if not isinstance(argument, str | bytes):
-            raise ConfigError(
-                f"{label}: the cookie must be str or bytes, not {type(argument).__name__}"
-            )
-        raw = argument
-        resolver.sources["cookie"] = "argument"
-    else:
-        env_value = resolver.environ.get("HANDOFF_COOKIE")
-        if env_value is None:
-            raise ConfigError(
-                f"{label}: no cookie. The cookie is a shared secret that every node of the "
-                f"cluster needs (the same value everywhere); there is no default. "
-                f"{_COOKIE_HOWTO}"
-            )
-        raw = env_value
-        resolver.sources["cookie"] = "HANDOFF_COOKIE"
+def _cookie(raw: object, origin: _Origin) -> bytes:
+    label = origin.label
+    if not isinstance(raw, str | bytes):
+        raise ConfigError(f"{label}: the cookie must be str or bytes, not {type(raw).__name__}")
     if not raw:
         raise ConfigError(f"{label}: the cookie is empty. {_COOKIE_HOWTO}")
     # Env files and secret mounts often carry a trailing newline: strip it the same way for
@@ -353,15 +319,6 @@ def _cookie(resolver: _Resolver, argument: str | bytes | None) -> bytes:
             f"handshake). {_COOKIE_HOWTO}"
         )
     return cookie
-
-
-def _release_from_image_ref(ref: str) -> str:
-    """``registry.fly.io/app:deployment-01H...`` -> ``deployment-01H...``; no tag: the ref."""
-    name = ref.partition("@")[0]
-    # Only a colon in the last path segment is a tag; earlier ones are a registry port.
-    last = name.rsplit("/", 1)[-1]
-    _, sep, tag = last.rpartition(":")
-    return tag if sep and tag else ref
 
 
 def _is_unspecified(host: str) -> bool:
@@ -400,8 +357,8 @@ def _host_port(text: str, *, context: str, default_port: int | None) -> tuple[st
         ) from exc
 
 
-def _bind(text: str) -> tuple[str, int]:
-    context = _label("bind", "HANDOFF_BIND")
+def _bind(text: str, origin: _Origin) -> tuple[str, int]:
+    context = origin.label
     text = text.strip()
     head, sep, port = text.rpartition(":")
     # Port 0 (pick a free port, for tests) is outside what parse_host_port accepts; only
@@ -416,8 +373,8 @@ def _bind(text: str) -> tuple[str, int]:
     return host, port_number
 
 
-def _advertise(text: str, *, source: str | None, detail: str) -> str:
-    label = _label("advertise", "HANDOFF_ADVERTISE")
+def _advertise(text: str, origin: _Origin) -> str:
+    label, whence = origin.label, origin.whence
     host = text.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -425,35 +382,36 @@ def _advertise(text: str, *, source: str | None, detail: str) -> str:
         raise ConfigError(f"{label}: the advertised host is empty; give an IP address or name")
     if any(c.isspace() or not c.isprintable() for c in host) or "[" in host or "]" in host:
         raise ConfigError(
-            f"{label}{_origin(source, detail)}: {_short(text)} is not a host; "
-            "give an IP address or DNS name"
+            f"{label}{whence}: {_short(text)} is not a host; give an IP address or DNS name"
         )
     if host.count(":") == 1:
         raise ConfigError(
-            f"{label}{_origin(source, detail)}: {_short(text)} looks like HOST:PORT; give only "
+            f"{label}{whence}: {_short(text)} looks like HOST:PORT; give only "
             "the host (peers dial it on the bind port)"
         )
     if _is_unspecified(host):
         raise ConfigError(
-            f"{label}{_origin(source, detail)}: {_short(text)} is a wildcard address that "
+            f"{label}{whence}: {_short(text)} is a wildcard address that "
             "peers cannot dial; give this node's own IP address or name"
         )
     return host
 
 
-def _discovery(text: str) -> DiscoverySpec:
-    context = _label("discovery", "HANDOFF_DISCOVERY")
+def _discovery(value: str | DiscoverySpec, origin: _Origin) -> DiscoverySpec:
+    if isinstance(value, DiscoverySpec):
+        return value
+    context = origin.label
     try:
-        return parse_discovery_spec(text, context=context)
+        return parse_discovery_spec(value, context=context)
     except ValueError as exc:
         # See _host_port: stray int() errors still have to name the setting.
         raise ConfigError(
-            f"{context}: {_short(text)} has a port that is not a number between 1 and 65535"
+            f"{context}: {_short(value)} has a port that is not a number between 1 and 65535"
         ) from exc
 
 
-def _dns_server(text: str) -> tuple[str, int]:
-    context = _label("dns_server", "HANDOFF_DNS_SERVER")
+def _dns_server(text: str, origin: _Origin) -> tuple[str, int]:
+    context = origin.label
     host, port = _host_port(text, context=context, default_port=_DEFAULT_DNS_PORT)
     try:
         ipaddress.ip_address(host)
@@ -465,55 +423,176 @@ def _dns_server(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _seconds(
-    resolver: _Resolver, setting: str, argument: float | None, env_name: str
-) -> float | None:
-    label = _label(setting, env_name)
-    value: float
-    if argument is not None:
-        if isinstance(argument, bool) or not isinstance(argument, int | float):
-            raise ConfigError(
-                f"{label}: expected a number of seconds, got {type(argument).__name__}"
-            )
-        value = float(argument)
-        resolver.sources[setting] = "argument"
-        given = repr(argument)
-    else:
-        text = resolver.env(env_name)
-        if text is None:
-            return None
+def _seconds(value: object, origin: _Origin) -> float:
+    label = origin.label
+    seconds: float
+    if isinstance(value, str) and origin.source != "argument":
         try:
-            value = float(text)
+            seconds = float(value)
         except ValueError:
+            env = origin.setting.env
             raise ConfigError(
-                f"{label}: {_short(text)} is not a number; give seconds, e.g. {env_name}=5 or 2.5"
+                f"{label}: {_short(value)} is not a number; give seconds, e.g. {env}=5 or 2.5"
             ) from None
-        resolver.sources[setting] = env_name
-        given = repr(text)
-    if not math.isfinite(value) or value <= 0:
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{label}: expected a number of seconds, got {type(value).__name__}")
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError(
-            f"{label}: {given} is not a usable time; give a finite number of seconds greater than 0"
+            f"{label}: {value!r} is not a usable time; give a finite number of seconds "
+            "greater than 0"
         )
-    return value
+    return seconds
 
 
-def _seconds_or_default(
-    resolver: _Resolver,
-    setting: str,
-    argument: float | None,
-    env_name: str,
-    default: float,
-    default_source: str = "default",
-) -> float:
-    value = _seconds(resolver, setting, argument, env_name)
-    if value is None:
-        resolver.sources[setting] = default_source
-        return default
-    return value
+def _path(value: str | os.PathLike[str], origin: _Origin) -> Path:
+    return Path(value)
 
 
-def _readable_file(path: Path, *, argument: str, env_name: str) -> None:
-    label = _label(argument, env_name)
+def _control_socket(value: str | os.PathLike[str], origin: _Origin) -> Path | None:
+    label = origin.label
+    text = os.fspath(value).strip()
+    if text.lower() == "none":
+        return None
+    if "\0" in text:
+        raise ConfigError(f"{label}: the path contains a NUL character")
+    if not text.startswith("/"):
+        raise ConfigError(
+            f"{label}: {_short(text)} is not an absolute path; give one (the CLI may run "
+            "from another directory), e.g. /run/handoff/shop.sock, or 'none' to disable"
+        )
+    if len(os.fsencode(text)) > _MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{label}: {_short(text)} is {len(os.fsencode(text))} bytes long; Unix socket "
+            f"paths may have at most {_MAX_SOCKET_PATH_BYTES}: use a shorter path"
+        )
+    return Path(text)
+
+
+# -- what the platform says, defaults and checks that span rows --------------------------------
+
+
+def _release_from_image_ref(ref: str) -> str:
+    """``registry.fly.io/app:deployment-01H...`` -> ``deployment-01H...``; no tag: the ref."""
+    name = ref.partition("@")[0]
+    # Only a colon in the last path segment is a tag; earlier ones are a registry port.
+    last = name.rsplit("/", 1)[-1]
+    _, sep, tag = last.rpartition(":")
+    return tag if sep and tag else ref
+
+
+def _no_cookie(context: _Context) -> bytes:
+    raise ConfigError(
+        f"{_COOKIE.label}: no cookie. The cookie is a shared secret that every node of the "
+        f"cluster needs (the same value everywhere); there is no default. {_COOKIE_HOWTO}"
+    )
+
+
+def _fly_cluster(context: _Context) -> tuple[object, str] | None:
+    return None if context.fly_app is None else (context.fly_app, "FLY_APP_NAME")
+
+
+def _no_cluster(context: _Context) -> str:
+    raise ConfigError(
+        "no cluster name: pass Node(cluster=...) or set HANDOFF_CLUSTER; nodes only "
+        "join peers of the same cluster"
+    )
+
+
+def _fly_release(context: _Context) -> tuple[object, str] | None:
+    image_ref = context.env("FLY_IMAGE_REF") if context.platform == "fly" else None
+    return None if image_ref is None else (_release_from_image_ref(image_ref), "FLY_IMAGE_REF")
+
+
+def _platform_node_name(context: _Context) -> tuple[object, str] | None:
+    if context.platform == "fly":
+        machine = context.env("FLY_MACHINE_ID") or context.env("FLY_ALLOC_ID")
+        return None if machine is None else (machine, "FLY_MACHINE_ID")
+    if context.platform == "kubernetes":
+        pod_name = context.env("HOSTNAME")
+        return (pod_name if pod_name is not None else socket.gethostname()), "HOSTNAME"
+    return None
+
+
+def _local_node_name(context: _Context) -> str:
+    # Hostnames can be long or (on desktops) contain spaces; a default must always validate,
+    # and it goes through the same check as a given name in case it does not.
+    host = "-".join(socket.gethostname().split()) or "localhost"
+    return _NODE_NAME.parse(f"{host[:100]}-{os.getpid()}", _Origin(_NODE_NAME, "default"))
+
+
+def _platform_bind(context: _Context) -> tuple[object, str] | None:
+    if context.platform == "fly":
+        return f"[::]:{DEFAULT_PORT}", ""
+    if context.platform == "kubernetes":
+        pod_ip = context.pod_ip
+        host = "[::]" if pod_ip is not None and _is_ipv6(pod_ip) else "0.0.0.0"
+        return f"{host}:{DEFAULT_PORT}", ""
+    return None
+
+
+def _platform_advertise(context: _Context) -> tuple[object, str] | None:
+    if context.platform == "fly" and (private_ip := context.env("FLY_PRIVATE_IP")) is not None:
+        return private_ip, "FLY_PRIVATE_IP"
+    if context.pod_ip is not None:
+        return context.pod_ip, "POD_IP"
+    return None
+
+
+def _bind_host_if_specific(context: _Context) -> str | None:
+    bind_host, _ = context.value(_BIND)
+    return None if _is_unspecified(bind_host) else bind_host
+
+
+def _warn_if_unreachable(context: _Context) -> None:
+    bind_host, _ = context.value(_BIND)
+    advertise_host = context.value(_ADVERTISE)
+    if advertise_host is not None and _is_loopback(bind_host) and not _is_loopback(advertise_host):
+        context.warnings.append(
+            f"the node listens on loopback ({bind_host}) but advertises {advertise_host}: "
+            "peers on other hosts cannot connect; set HANDOFF_BIND to a wildcard address "
+            "such as [::]:4370 or 0.0.0.0:4370"
+        )
+
+
+def _fly_discovery(context: _Context) -> tuple[object, str] | None:
+    return ("fly", "FLY_APP_NAME") if context.platform == "fly" else None
+
+
+def _check_discovery(context: _Context) -> None:
+    if context.platform == "kubernetes" and context.sources[_DISCOVERY.key] == "default":
+        context.warnings.append(_K8S_NO_DISCOVERY_WARNING)
+    if context.value(_DISCOVERY).kind == "fly" and context.fly_app is None:
+        raise ConfigError(
+            f"{_DISCOVERY.label}: 'fly' discovery works only on "
+            "Fly.io, where FLY_APP_NAME is set, and it is not set here; off Fly use "
+            "'dns:NAME[:PORT]' or 'static:HOST:PORT,...'"
+        )
+
+
+def _platform_drain_timeout(context: _Context) -> tuple[object, str] | None:
+    if context.platform == "local":
+        return None
+    return _DEFAULT_DRAIN_TIMEOUT[context.platform], ""
+
+
+def _constant(value: T) -> Callable[[_Context], T]:
+    return lambda context: value
+
+
+def _check_heartbeat(context: _Context) -> None:
+    interval = context.value(_HEARTBEAT_INTERVAL)
+    timeout = context.value(_HEARTBEAT_TIMEOUT)
+    if interval >= timeout:
+        raise ConfigError(
+            f"{_HEARTBEAT_INTERVAL.label} is {interval:g} s but {_HEARTBEAT_TIMEOUT.label} is "
+            f"{timeout:g} s: the interval must be shorter than the timeout (a third of it "
+            "is usual), or healthy peers are declared down"
+        )
+
+
+def _readable_file(path: Path, label: str) -> None:
     try:
         # Opening is the only reliable test: os.access ignores ACLs and misreports as root.
         with path.open("rb"):
@@ -538,56 +617,275 @@ def _readable_file(path: Path, *, argument: str, env_name: str) -> None:
         ) from None
 
 
-def _tls(
-    resolver: _Resolver,
-    cert: str | os.PathLike[str] | None,
-    key: str | os.PathLike[str] | None,
-    ca: str | os.PathLike[str] | None,
-) -> TLSFiles | None:
-    paths: dict[str, Path | None] = {}
-    for setting, argument, env_name in (
-        ("tls_cert", cert, "HANDOFF_TLS_CERT"),
-        ("tls_key", key, "HANDOFF_TLS_KEY"),
-        ("tls_ca", ca, "HANDOFF_TLS_CA"),
-    ):
-        if argument is not None:
-            resolver.sources[setting] = "argument"
-            paths[setting] = Path(argument)
-        elif (text := resolver.env(env_name)) is not None:
-            resolver.sources[setting] = env_name
-            paths[setting] = Path(text)
-        else:
-            resolver.sources[setting] = "default"
-            paths[setting] = None
-    cert_path, key_path, ca_path = paths["tls_cert"], paths["tls_key"], paths["tls_ca"]
-    if cert_path is None and key_path is None and ca_path is None:
-        return None
-    if cert_path is None or key_path is None:
-        given, missing = (
-            ("tls_cert", "tls_key") if cert_path is not None else ("tls_key", "tls_cert")
-        )
-        if cert_path is None and key_path is None:
-            raise ConfigError(
-                f"{_label('tls_ca', 'HANDOFF_TLS_CA')} is set but "
-                f"{_label('tls_cert', 'HANDOFF_TLS_CERT')} and "
-                f"{_label('tls_key', 'HANDOFF_TLS_KEY')} are not: TLS is mutual, so every node "
-                "needs its own certificate and key as well as the CA; set all three or none"
-            )
+def _check_tls(context: _Context) -> None:
+    cert, key, ca = (context.value(s) for s in (_TLS_CERT, _TLS_KEY, _TLS_CA))
+    if cert is None and key is None and ca is None:
+        return
+    if cert is None and key is None:
         raise ConfigError(
-            f"{_label(given, 'HANDOFF_' + given.upper())} is set but "
-            f"{_label(missing, 'HANDOFF_' + missing.upper())} is not: a certificate and its "
+            f"{_TLS_CA.label} is set but {_TLS_CERT.label} and {_TLS_KEY.label} are not: TLS "
+            "is mutual, so every node needs its own certificate and key as well as the CA; "
+            "set all three or none"
+        )
+    if cert is None or key is None:
+        given, missing = (_TLS_CERT, _TLS_KEY) if cert is not None else (_TLS_KEY, _TLS_CERT)
+        raise ConfigError(
+            f"{given.label} is set but {missing.label} is not: a certificate and its "
             "private key go together; set both (and HANDOFF_TLS_CA) or neither"
         )
-    if ca_path is None:
+    if ca is None:
         raise ConfigError(
-            f"{_label('tls_ca', 'HANDOFF_TLS_CA')} is not set but a certificate is: TLS is "
+            f"{_TLS_CA.label} is not set but a certificate is: TLS is "
             "mutual and peers' certificates are verified against this CA bundle; set it to "
             "the PEM file of the CA that signed the nodes' certificates"
         )
-    _readable_file(cert_path, argument="tls_cert", env_name="HANDOFF_TLS_CERT")
-    _readable_file(key_path, argument="tls_key", env_name="HANDOFF_TLS_KEY")
-    _readable_file(ca_path, argument="tls_ca", env_name="HANDOFF_TLS_CA")
-    return TLSFiles(cert=cert_path, key=key_path, ca=ca_path)
+    for setting, path in ((_TLS_CERT, cert), (_TLS_KEY, key), (_TLS_CA, ca)):
+        _readable_file(path, setting.label)
+
+
+def _tls_files(context: _Context) -> TLSFiles | None:
+    cert, key, ca = (context.value(s) for s in (_TLS_CERT, _TLS_KEY, _TLS_CA))
+    # _check_tls made sure that the three are all set or all unset.
+    if cert is None or key is None or ca is None:
+        return None
+    return TLSFiles(cert=cert, key=key, ca=ca)
+
+
+def _default_control_socket(context: _Context) -> Path | None:
+    path = default_control_socket(context.value(_CLUSTER), context.environ)
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH_BYTES:
+        # A default that cannot work must not stop the node: it runs without the CLI.
+        context.warnings.append(
+            f"{_CONTROL_SOCKET.label}: the default control socket {str(path)!r} is longer "
+            f"than Unix sockets allow ({_MAX_SOCKET_PATH_BYTES} bytes); the node runs without "
+            "one. Set HANDOFF_CONTROL_SOCKET to a shorter absolute path"
+        )
+        return None
+    return path
+
+
+# -- the table -------------------------------------------------------------------------------
+
+_COOKIE: _Setting[bytes] = _Setting(
+    "cookie",
+    "HANDOFF_COOKIE",
+    "Required. Shared secret (at least 16 bytes) that every node of the cluster must "
+    "have; peers prove they know it before any state moves. Surrounding whitespace is "
+    "stripped.",
+    parse=_cookie,
+    default=_no_cookie,
+    # An empty secret is a mistake to report, not a reason to look elsewhere.
+    blank_is_unset=False,
+)
+_CLUSTER: _Setting[str] = _Setting(
+    "cluster",
+    "HANDOFF_CLUSTER",
+    "Cluster name; nodes only join peers of the same cluster. "
+    "Default on Fly.io: FLY_APP_NAME. Required elsewhere.",
+    parse=_name("cluster name"),
+    platform=_fly_cluster,
+    default=_no_cluster,
+)
+_RELEASE: _Setting[str] = _Setting(
+    "release",
+    "HANDOFF_RELEASE",
+    "Release (version) of this node; successors prefer newer releases. Default on "
+    "Fly.io: the deployment tag of FLY_IMAGE_REF; elsewhere 'unversioned'.",
+    parse=_name("release"),
+    platform=_fly_release,
+    default=_constant(_DEFAULT_RELEASE),
+)
+_NODE_NAME: _Setting[str] = _Setting(
+    "node_name",
+    "HANDOFF_NODE_NAME",
+    "Unique name of this node. Default: FLY_MACHINE_ID on Fly.io, the pod name "
+    "(HOSTNAME) on Kubernetes, HOST-PID elsewhere.",
+    parse=_name("node name"),
+    platform=_platform_node_name,
+    default=_local_node_name,
+    keyword="name",
+)
+_BIND: _Setting[tuple[str, int]] = _Setting(
+    "bind",
+    "HANDOFF_BIND",
+    f"Listen address, HOST:PORT or [IPV6]:PORT (a bare host uses port {DEFAULT_PORT}; "
+    f"port 0 picks a free port). Default: [::]:{DEFAULT_PORT} on Fly.io, "
+    f"0.0.0.0:{DEFAULT_PORT} on Kubernetes ([::] if POD_IP is IPv6), "
+    f"127.0.0.1:{DEFAULT_PORT} elsewhere.",
+    parse=_bind,
+    platform=_platform_bind,
+    default=_constant(("127.0.0.1", DEFAULT_PORT)),
+)
+_ADVERTISE: _Setting[str | None] = _Setting(
+    "advertise",
+    "HANDOFF_ADVERTISE",
+    "Host (IP address or name) that peers dial to reach this node. Default: "
+    "FLY_PRIVATE_IP on Fly.io, POD_IP on Kubernetes, else the bind host if it is a "
+    "specific address.",
+    parse=_advertise,
+    platform=_platform_advertise,
+    default=_bind_host_if_specific,
+    check=_warn_if_unreachable,
+)
+_DISCOVERY: _Setting[DiscoverySpec] = _Setting(
+    "discovery",
+    "HANDOFF_DISCOVERY",
+    "How to find peers: 'static:HOST:PORT,HOST:PORT', 'dns:NAME[:PORT]' (A/AAAA, "
+    "polled), 'dns:_SERVICE._PROTO.NAME' (SRV), 'fly' (the app's .internal names) or "
+    "'none'. Default: 'fly' on Fly.io, "
+    "'none' elsewhere.",
+    parse=_discovery,
+    platform=_fly_discovery,
+    default=_constant(DiscoverySpec(kind="none")),
+    check=_check_discovery,
+)
+_DNS_SERVER: _Setting[tuple[str, int] | None] = _Setting(
+    "dns_server",
+    "HANDOFF_DNS_SERVER",
+    "DNS server for discovery, IP[:PORT] or [IPV6]:PORT (default port 53); overrides "
+    "/etc/resolv.conf.",
+    parse=_dns_server,
+    default=_constant(None),
+)
+_SNAPSHOT_DIR: _Setting[Path | None] = _Setting(
+    "snapshot_dir",
+    "HANDOFF_SNAPSHOT_DIR",
+    "Directory for snapshots of state that no peer could take (put it on a volume to "
+    "survive a restart). Default: no snapshots.",
+    parse=_path,
+    default=_constant(None),
+)
+_DRAIN_TIMEOUT: _Setting[float] = _Setting(
+    "drain_timeout",
+    "HANDOFF_DRAIN_TIMEOUT",
+    "Seconds a drain may take: then streaming stops and the rest is snapshotted (at 3/4 "
+    "of it when a snapshot store is set) or counted as dropped. Keep it below the "
+    "platform's grace period. Default: 4 on Fly.io (kill_timeout 5 s), 25 on "
+    "Kubernetes (terminationGracePeriodSeconds 30 s), 10 elsewhere.",
+    parse=_seconds,
+    platform=_platform_drain_timeout,
+    default=_constant(_DEFAULT_DRAIN_TIMEOUT["local"]),
+)
+_WARMUP_TIMEOUT: _Setting[float] = _Setting(
+    "warmup_timeout",
+    "HANDOFF_WARMUP_TIMEOUT",
+    f"Seconds a starting node waits for handed-off state before it reports ready. "
+    f"Default: {_DEFAULT_WARMUP_TIMEOUT:g}.",
+    parse=_seconds,
+    default=_constant(_DEFAULT_WARMUP_TIMEOUT),
+)
+_HEARTBEAT_TIMEOUT: _Setting[float] = _Setting(
+    "heartbeat_timeout",
+    "HANDOFF_HEARTBEAT_TIMEOUT",
+    f"Seconds of silence after which a peer counts as down. "
+    f"Default: {_DEFAULT_HEARTBEAT_TIMEOUT:g}.",
+    parse=_seconds,
+    default=_constant(_DEFAULT_HEARTBEAT_TIMEOUT),
+)
+_HEARTBEAT_INTERVAL: _Setting[float] = _Setting(
+    "heartbeat_interval",
+    "HANDOFF_HEARTBEAT_INTERVAL",
+    "Seconds between heartbeats; must be below the heartbeat timeout. "
+    "Default: a third of the heartbeat timeout.",
+    parse=_seconds,
+    default=lambda context: context.value(_HEARTBEAT_TIMEOUT) / 3,
+    check=_check_heartbeat,
+)
+_POLL_INTERVAL: _Setting[float] = _Setting(
+    "poll_interval",
+    "HANDOFF_POLL_INTERVAL",
+    f"Seconds between discovery queries. Default: {_DEFAULT_POLL_INTERVAL:g}.",
+    parse=_seconds,
+    default=_constant(_DEFAULT_POLL_INTERVAL),
+)
+_HANDSHAKE_TIMEOUT: _Setting[float] = _Setting(
+    "handshake_timeout",
+    "HANDOFF_HANDSHAKE_TIMEOUT",
+    f"Seconds a peer has to complete the authentication handshake. "
+    f"Default: {_DEFAULT_HANDSHAKE_TIMEOUT:g}.",
+    parse=_seconds,
+    default=_constant(_DEFAULT_HANDSHAKE_TIMEOUT),
+)
+_CONNECT_TIMEOUT: _Setting[float] = _Setting(
+    "connect_timeout",
+    "HANDOFF_CONNECT_TIMEOUT",
+    f"Seconds to open a connection to a peer. Default: {_DEFAULT_CONNECT_TIMEOUT:g}.",
+    parse=_seconds,
+    default=_constant(_DEFAULT_CONNECT_TIMEOUT),
+)
+_TLS_CERT: _Setting[Path | None] = _Setting(
+    "tls_cert",
+    "HANDOFF_TLS_CERT",
+    "PEM certificate of this node. Enables mutual TLS; needs HANDOFF_TLS_KEY and HANDOFF_TLS_CA.",
+    parse=_path,
+    default=_constant(None),
+)
+_TLS_KEY: _Setting[Path | None] = _Setting(
+    "tls_key",
+    "HANDOFF_TLS_KEY",
+    "PEM private key for HANDOFF_TLS_CERT.",
+    parse=_path,
+    default=_constant(None),
+)
+_TLS_CA: _Setting[Path | None] = _Setting(
+    "tls_ca",
+    "HANDOFF_TLS_CA",
+    "PEM CA bundle that peers' certificates are verified against (mutual TLS).",
+    parse=_path,
+    default=_constant(None),
+    check=_check_tls,
+)
+_CONTROL_SOCKET: _Setting[Path | None] = _Setting(
+    "control_socket",
+    "HANDOFF_CONTROL_SOCKET",
+    "Unix socket of the local control endpoint that the handoff CLI (status, drain, "
+    "wait-ready, doctor) talks to; an absolute path, or 'none' to disable it. Default: "
+    "${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<cluster>.sock.",
+    parse=_control_socket,
+    default=_default_control_socket,
+)
+
+# Resolution order: each row may read the rows before it.
+_LADDER: tuple[_Setting[Any], ...] = (
+    _COOKIE,
+    _CLUSTER,
+    _RELEASE,
+    _NODE_NAME,
+    _BIND,
+    _ADVERTISE,
+    _DISCOVERY,
+    _DNS_SERVER,
+    _SNAPSHOT_DIR,
+    _DRAIN_TIMEOUT,
+    _WARMUP_TIMEOUT,
+    _HEARTBEAT_TIMEOUT,
+    _HEARTBEAT_INTERVAL,
+    _POLL_INTERVAL,
+    _HANDSHAKE_TIMEOUT,
+    _CONNECT_TIMEOUT,
+    _TLS_CERT,
+    _TLS_KEY,
+    _TLS_CA,
+    _CONTROL_SOCKET,
+)
+
+#: The environment variables this library reads, with what each one means.
+#: Rendered in the README and by ``handoff doctor``; this is the deploy contract.
+ENVIRONMENT_VARIABLES: tuple[tuple[str, str], ...] = tuple(
+    (setting.env, setting.doc) for setting in _LADDER
+)
+
+#: Platform variables read for detection and defaults (set by the platform, not by users).
+PLATFORM_VARIABLES: tuple[tuple[str, str], ...] = (
+    ("FLY_APP_NAME", "Fly.io detected; default cluster name; the app for 'fly' discovery."),
+    ("FLY_MACHINE_ID", "Fly.io: default node name (FLY_ALLOC_ID as fallback)."),
+    ("FLY_IMAGE_REF", "Fly.io: its deployment tag is the default release."),
+    ("FLY_PRIVATE_IP", "Fly.io: default advertised address (6PN)."),
+    ("FLY_REGION", "Fly.io: region of this Machine."),
+    ("KUBERNETES_SERVICE_HOST", "Kubernetes detected."),
+    ("POD_IP", "Kubernetes: default advertised address (set it with fieldRef status.podIP)."),
+    ("HOSTNAME", "Kubernetes: the pod name, default node name."),
+)
 
 
 def control_directory(environ: Mapping[str, str] | None = None) -> Path:
@@ -608,51 +906,6 @@ def default_control_socket(cluster: str, environ: Mapping[str, str] | None = Non
     ``${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<cluster>.sock``."""
     # A cluster name may hold a slash; it must not reach into another directory.
     return control_directory(environ) / (cluster.replace("/", "_") + ".sock")
-
-
-def _control_socket(
-    resolver: _Resolver, argument: str | os.PathLike[str] | None, cluster: str
-) -> tuple[Path | None, str | None]:
-    """The control socket path (``None``: disabled) and a warning, if any."""
-    label = _label("control_socket", "HANDOFF_CONTROL_SOCKET")
-    value, _ = resolver.pick(
-        "control_socket",
-        None if argument is None else os.fspath(argument),
-        "HANDOFF_CONTROL_SOCKET",
-    )
-    if value is None:
-        resolver.sources["control_socket"] = "default"
-        path = default_control_socket(cluster, resolver.environ)
-        if len(os.fsencode(path)) > _MAX_SOCKET_PATH_BYTES:
-            # A default that cannot work must not stop the node: it runs without the CLI.
-            return None, (
-                f"{label}: the default control socket {str(path)!r} is longer than Unix "
-                f"sockets allow ({_MAX_SOCKET_PATH_BYTES} bytes); the node runs without one. "
-                "Set HANDOFF_CONTROL_SOCKET to a shorter absolute path"
-            )
-        return path, None
-    text = value.strip()
-    if text.lower() == "none":
-        return None, None
-    if "\0" in text:
-        raise ConfigError(f"{label}: the path contains a NUL character")
-    if not text.startswith("/"):
-        raise ConfigError(
-            f"{label}: {_short(text)} is not an absolute path; give one (the CLI may run "
-            "from another directory), e.g. /run/handoff/shop.sock, or 'none' to disable"
-        )
-    if len(os.fsencode(text)) > _MAX_SOCKET_PATH_BYTES:
-        raise ConfigError(
-            f"{label}: {_short(text)} is {len(os.fsencode(text))} bytes long; Unix socket "
-            f"paths may have at most {_MAX_SOCKET_PATH_BYTES}: use a shorter path"
-        )
-    return Path(text), None
-
-
-def _default_local_name() -> str:
-    # Hostnames can be long or (on desktops) contain spaces; a default must always validate.
-    host = "-".join(socket.gethostname().split()) or "localhost"
-    return f"{host[:100]}-{os.getpid()}"
 
 
 def resolve_settings(
@@ -689,252 +942,39 @@ def resolve_settings(
     to allow longer drains raise ``kill_timeout`` in ``fly.toml`` and
     ``HANDOFF_DRAIN_TIMEOUT`` together.
     """
-    env: Mapping[str, str] = os.environ if environ is None else environ
-    r = _Resolver(env)
-    warnings: list[str] = []
-
-    fly_app = r.env("FLY_APP_NAME")
-    platform: Platform
-    if fly_app is not None:
-        platform = "fly"
-    elif r.env("KUBERNETES_SERVICE_HOST") is not None:
-        platform = "kubernetes"
-    else:
-        platform = "local"
-    r.sources["platform"] = platform if platform != "local" else "default"
-    region = r.env("FLY_REGION") if platform == "fly" else None
-    r.sources["region"] = "fly" if region is not None else "default"
-    r.sources["fly_app"] = "fly" if fly_app is not None else "default"
-    pod_ip = r.env("POD_IP") if platform == "kubernetes" else None
-
-    cookie_bytes = _cookie(r, cookie)
-
-    # cluster
-    value, source = r.pick("cluster", cluster, "HANDOFF_CLUSTER")
-    detail = ""
-    if value is None:
-        if fly_app is None:
-            raise ConfigError(
-                "no cluster name: pass Node(cluster=...) or set HANDOFF_CLUSTER; nodes only "
-                "join peers of the same cluster"
-            )
-        value, source, detail = fly_app, "fly", "FLY_APP_NAME"
-        r.sources["cluster"] = source
-    cluster_name = _check_name(
-        value,
-        argument="cluster",
-        env_name="HANDOFF_CLUSTER",
-        what="cluster name",
-        source=source,
-        detail=detail,
-    )
-
-    # release
-    value, source = r.pick("release", release, "HANDOFF_RELEASE")
-    detail = ""
-    if value is None:
-        image_ref = r.env("FLY_IMAGE_REF") if platform == "fly" else None
-        if image_ref is not None:
-            value, source, detail = _release_from_image_ref(image_ref), "fly", "FLY_IMAGE_REF"
-        else:
-            value, source = _DEFAULT_RELEASE, "default"
-        r.sources["release"] = source
-    release_name = _check_name(
-        value,
-        argument="release",
-        env_name="HANDOFF_RELEASE",
-        what="release",
-        source=source,
-        detail=detail,
-    )
-
-    # node name
-    value, source = r.pick("node_name", name, "HANDOFF_NODE_NAME")
-    detail = ""
-    if value is None:
-        if platform == "fly" and (machine := r.env("FLY_MACHINE_ID") or r.env("FLY_ALLOC_ID")):
-            value, source, detail = machine, "fly", "FLY_MACHINE_ID"
-        elif platform == "kubernetes":
-            pod_name = r.env("HOSTNAME")
-            value = pod_name if pod_name is not None else socket.gethostname()
-            source, detail = "kubernetes", "HOSTNAME"
-        else:
-            value, source = _default_local_name(), "default"
-        r.sources["node_name"] = source
-    node_name = _check_name(
-        value,
-        argument="name",
-        env_name="HANDOFF_NODE_NAME",
-        what="node name",
-        source=source,
-        detail=detail,
-    )
-
-    # bind
-    value, _ = r.pick("bind", bind, "HANDOFF_BIND")
-    if value is not None:
-        bind_host, bind_port = _bind(value)
-    elif platform == "fly":
-        bind_host, bind_port = "::", DEFAULT_PORT
-        r.sources["bind"] = "fly"
-    elif platform == "kubernetes":
-        bind_host = "::" if pod_ip is not None and _is_ipv6(pod_ip) else "0.0.0.0"
-        bind_port = DEFAULT_PORT
-        r.sources["bind"] = "kubernetes"
-    else:
-        bind_host, bind_port = "127.0.0.1", DEFAULT_PORT
-        r.sources["bind"] = "default"
-
-    # advertise
-    value, source = r.pick("advertise", advertise, "HANDOFF_ADVERTISE")
-    detail = ""
-    advertise_host: str | None
-    if value is None:
-        if platform == "fly" and (private_ip := r.env("FLY_PRIVATE_IP")) is not None:
-            value, source, detail = private_ip, "fly", "FLY_PRIVATE_IP"
-        elif pod_ip is not None:
-            value, source, detail = pod_ip, "kubernetes", "POD_IP"
-        else:
-            source = "default"
-        r.sources["advertise"] = source
-    if value is not None:
-        advertise_host = _advertise(value, source=source, detail=detail)
-    elif not _is_unspecified(bind_host):
-        advertise_host = bind_host
-    else:
-        advertise_host = None
-    if advertise_host is not None and _is_loopback(bind_host) and not _is_loopback(advertise_host):
-        warnings.append(
-            f"the node listens on loopback ({bind_host}) but advertises {advertise_host}: "
-            "peers on other hosts cannot connect; set HANDOFF_BIND to a wildcard address "
-            "such as [::]:4370 or 0.0.0.0:4370"
-        )
-
-    # discovery
-    discovery_spec: DiscoverySpec
-    if discovery is not None:
-        r.sources["discovery"] = "argument"
-        discovery_spec = (
-            discovery if isinstance(discovery, DiscoverySpec) else (_discovery(discovery))
-        )
-    elif (text := r.env("HANDOFF_DISCOVERY")) is not None:
-        r.sources["discovery"] = "HANDOFF_DISCOVERY"
-        discovery_spec = _discovery(text)
-    elif platform == "fly":
-        r.sources["discovery"] = "fly"
-        discovery_spec = DiscoverySpec(kind="fly")
-    else:
-        r.sources["discovery"] = "default"
-        discovery_spec = DiscoverySpec(kind="none")
-        if platform == "kubernetes":
-            warnings.append(_K8S_NO_DISCOVERY_WARNING)
-    if discovery_spec.kind == "fly" and fly_app is None:
-        raise ConfigError(
-            f"{_label('discovery', 'HANDOFF_DISCOVERY')}: 'fly' discovery works only on "
-            "Fly.io, where FLY_APP_NAME is set, and it is not set here; off Fly use "
-            "'dns:NAME[:PORT]' or 'static:HOST:PORT,...'"
-        )
-
-    # dns server
-    value, _ = r.pick("dns_server", dns_server, "HANDOFF_DNS_SERVER")
-    if value is None:
-        r.sources["dns_server"] = "default"
-    dns = _dns_server(value) if value is not None else None
-
-    # snapshot dir
-    snapshot_path: Path | None
-    if snapshot_dir is not None:
-        r.sources["snapshot_dir"] = "argument"
-        snapshot_path = Path(snapshot_dir)
-    elif (text := r.env("HANDOFF_SNAPSHOT_DIR")) is not None:
-        r.sources["snapshot_dir"] = "HANDOFF_SNAPSHOT_DIR"
-        snapshot_path = Path(text)
-    else:
-        r.sources["snapshot_dir"] = "default"
-        snapshot_path = None
-
-    # timeouts
-    drain = _seconds_or_default(
-        r,
-        "drain_timeout",
-        drain_timeout,
-        "HANDOFF_DRAIN_TIMEOUT",
-        _DEFAULT_DRAIN_TIMEOUT[platform],
-        platform if platform != "local" else "default",
-    )
-    warmup = _seconds_or_default(
-        r, "warmup_timeout", warmup_timeout, "HANDOFF_WARMUP_TIMEOUT", _DEFAULT_WARMUP_TIMEOUT
-    )
-    hb_timeout = _seconds_or_default(
-        r,
-        "heartbeat_timeout",
-        heartbeat_timeout,
-        "HANDOFF_HEARTBEAT_TIMEOUT",
-        _DEFAULT_HEARTBEAT_TIMEOUT,
-    )
-    hb_interval = _seconds_or_default(
-        r,
-        "heartbeat_interval",
-        heartbeat_interval,
-        "HANDOFF_HEARTBEAT_INTERVAL",
-        hb_timeout / 3,
-    )
-    if hb_interval >= hb_timeout:
-        raise ConfigError(
-            f"{_label('heartbeat_interval', 'HANDOFF_HEARTBEAT_INTERVAL')} is {hb_interval:g} s "
-            f"but {_label('heartbeat_timeout', 'HANDOFF_HEARTBEAT_TIMEOUT')} is "
-            f"{hb_timeout:g} s: the interval must be shorter than the timeout (a third of it "
-            "is usual), or healthy peers are declared down"
-        )
-    poll = _seconds_or_default(
-        r, "poll_interval", poll_interval, "HANDOFF_POLL_INTERVAL", _DEFAULT_POLL_INTERVAL
-    )
-    handshake = _seconds_or_default(
-        r,
-        "handshake_timeout",
-        handshake_timeout,
-        "HANDOFF_HANDSHAKE_TIMEOUT",
-        _DEFAULT_HANDSHAKE_TIMEOUT,
-    )
-    connect = _seconds_or_default(
-        r,
-        "connect_timeout",
-        connect_timeout,
-        "HANDOFF_CONNECT_TIMEOUT",
-        _DEFAULT_CONNECT_TIMEOUT,
-    )
-
-    tls = _tls(r, tls_cert, tls_key, tls_ca)
-
-    control_path, control_warning = _control_socket(r, control_socket, cluster_name)
-    if control_warning is not None:
-        warnings.append(control_warning)
-
+    # The keyword arguments by name, taken before any other local exists; each row of the
+    # ladder names its keyword (a test checks that they match the signature).
+    arguments = dict(locals())
+    context = _Context.detect(os.environ if environ is None else environ)
+    for setting in _LADDER:
+        setting.resolve(context, arguments[setting.argument])
+    value = context.value
+    bind_host, bind_port = value(_BIND)
     return Settings(
-        cluster=cluster_name,
-        cookie=cookie_bytes,
-        release=release_name,
-        node_name=node_name,
+        cluster=value(_CLUSTER),
+        cookie=value(_COOKIE),
+        release=value(_RELEASE),
+        node_name=value(_NODE_NAME),
         bind_host=bind_host,
         bind_port=bind_port,
-        advertise_host=advertise_host,
-        discovery=discovery_spec,
-        dns_server=dns,
-        snapshot_dir=snapshot_path,
-        drain_timeout=drain,
-        warmup_timeout=warmup,
-        tls=tls,
-        heartbeat_interval=hb_interval,
-        heartbeat_timeout=hb_timeout,
-        handshake_timeout=handshake,
-        connect_timeout=connect,
-        poll_interval=poll,
-        platform=platform,
-        region=region,
-        fly_app=fly_app,
-        control_socket=control_path,
-        warnings=tuple(warnings),
-        sources=MappingProxyType(dict(r.sources)),
+        advertise_host=value(_ADVERTISE),
+        discovery=value(_DISCOVERY),
+        dns_server=value(_DNS_SERVER),
+        snapshot_dir=value(_SNAPSHOT_DIR),
+        drain_timeout=value(_DRAIN_TIMEOUT),
+        warmup_timeout=value(_WARMUP_TIMEOUT),
+        tls=_tls_files(context),
+        heartbeat_interval=value(_HEARTBEAT_INTERVAL),
+        heartbeat_timeout=value(_HEARTBEAT_TIMEOUT),
+        handshake_timeout=value(_HANDSHAKE_TIMEOUT),
+        connect_timeout=value(_CONNECT_TIMEOUT),
+        poll_interval=value(_POLL_INTERVAL),
+        platform=context.platform,
+        region=context.region,
+        fly_app=context.fly_app,
+        control_socket=value(_CONTROL_SOCKET),
+        warnings=tuple(context.warnings),
+        sources=MappingProxyType(dict(context.sources)),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from handoff._errors import ConfigError
+from handoff.config import _LADDER as LADDER
 from handoff.config import (
     DEFAULT_PORT,
     ENVIRONMENT_VARIABLES,
@@ -1207,3 +1209,12 @@ def test_every_documented_variable_is_read(name: str) -> None:
         assert name in outcome
     else:
         assert outcome != resolve(LOCAL_ENV)
+
+
+def test_every_keyword_has_one_row_of_the_ladder() -> None:
+    # resolve_settings hands each row the keyword argument the row names.
+    keywords = set(inspect.signature(resolve_settings).parameters) - {"environ"}
+    rows = [setting.argument for setting in LADDER]
+    assert len(rows) == len(set(rows))
+    assert set(rows) == keywords
+    assert {setting.env for setting in LADDER} == CONTRACT

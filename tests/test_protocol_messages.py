@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import pytest
 from hypothesis import given, settings
@@ -47,6 +48,8 @@ from handoff.protocol._messages import (
     MAX_VERSIONS,
     NONCE_SIZE,
     PROOF_SIZE,
+    Integer,
+    _message,
 )
 
 MAX_DROPPED = 64
@@ -182,6 +185,71 @@ def test_round_trip_through_a_frame(message: Message) -> None:
 
 def test_hello_magic_is_on_the_wire() -> None:
     assert SAMPLES[Hello].to_wire()[1] == MAGIC
+
+
+# SAMPLES byte for byte on the wire: a change here breaks talking to peers of other releases.
+GOLDEN_FRAMES: dict[type[Message], str] = {
+    Hello: "000000469701ac7761726d2d68616e646f6666920102a473686f70a66e6f64652d61a5696e632d31"
+    "c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    Welcome: "00000059970201a473686f70a66e6f64652d62a5696e632d32c420000102030405060708090a0b0c"
+    "0d0e0f101112131415161718191a1b1c1d1e1fc4201f1e1d1c1b1a191817161514131211100f0e0d0c0b0a"
+    "09080706050403020100",
+    Auth: "000000249203c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    Info: "000000439704a676312e322e33cb41d954fc40200000a8647261696e696e67ad31302e302e302e313a"
+    "343337309292a575736572730292a5757361676500cb41d954fc40500000",
+    Reject: "0000000a9305a461757468a26e6f",
+    Heartbeat: "000000029106",
+    StateChange: "0000000a9207a773657276696e67",
+    Goodbye: "000000069208a3627965",
+    Offer: "00000021961007a57573657273b36361636865746f6f6c732e54544c436163686502cd2710",
+    Accept: "0000000493110710",
+    Refuse: "0000002a931207d9256e616d6573706163652027757365727327206973206e6f7420747261636b65"
+    "642068657265",
+    Chunk: "000000159613070302cb3fd0000000000000c40592a161a162",
+    Ack: "000000129714070301009192a765787069726564010f",
+    End: "00000006931507cd2710",
+    Cancel: "00000012931607ae647261696e20646561646c696e65",
+    Done: "000000059217cd2710",
+}
+
+
+@pytest.mark.parametrize("cls", list(SAMPLES), ids=lambda cls: cls.__name__)
+def test_wire_format_is_pinned(cls: type[Message]) -> None:
+    frame = encode_frame(SAMPLES[cls].to_wire())
+    assert frame.hex() == GOLDEN_FRAMES[cls]
+    decoder = FrameDecoder(1 << 20, 32)
+    decoder.feed(bytes.fromhex(GOLDEN_FRAMES[cls]))
+    assert decode_message(decoder.next_object()) == SAMPLES[cls]
+
+
+def test_fields_are_the_wire_form_without_the_type_code() -> None:
+    for message in SAMPLES.values():
+        assert message.fields() == message.to_wire()[1:]
+        assert type(message).from_fields(message.fields()) == message
+
+
+def test_a_message_field_without_a_wire_kind_is_refused_at_definition() -> None:
+    with pytest.raises(TypeError, match="wire kind"):
+
+        @_message()
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class Unkinded(Message):
+            TYPE: ClassVar[int] = 200
+            stream: int
+
+    assert 200 not in MESSAGE_TYPES
+
+
+def test_a_taken_type_code_is_refused_at_definition() -> None:
+    with pytest.raises(TypeError, match="taken"):
+
+        @_message()
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class Twin(Message):
+            TYPE: ClassVar[int] = Chunk.TYPE
+            stream: Annotated[int, Integer(1, 2)]
+
+    assert MESSAGE_TYPES[Chunk.TYPE] is Chunk
 
 
 def test_integral_float_fields_come_back_as_floats() -> None:

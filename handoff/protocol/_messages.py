@@ -1,18 +1,38 @@
 """Message types and their strict wire form.
 
-Every message is a msgpack array ``[type_code, field, ...]``. Decoding checks the type code,
-the number of fields and each field's type and size; anything else is a
-:class:`ProtocolError`. ``Hello`` and ``Reject`` keep their shape in every protocol version
-(and tolerate extra trailing fields) so that nodes of different versions can always tell
-each other, in words, why they cannot talk.
+Every message is a msgpack array ``[type_code, field, ...]``. Each message class lists its
+wire fields once, in wire order, each annotated with its kind (``Annotated[int,
+Integer(1, MAX_STREAM)]``); encoding and validated decoding are both derived from that list.
+Decoding checks the type code, the number of fields and each field's type and size; anything
+else is a :class:`ProtocolError`. ``Hello`` and ``Reject`` keep their shape in every protocol
+version (and tolerate extra trailing fields) so that nodes of different versions can always
+tell each other, in words, why they cannot talk.
+
+Adding a field is one annotated line in its class; adding a message is one class with the
+``@_message`` decorator, which registers its type code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import operator
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import ClassVar, Self
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    NoReturn,
+    Self,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from handoff._errors import ProtocolError
 
@@ -50,6 +70,12 @@ MAX_NAME = 255
 MAX_REASON = 1024
 MAX_NAMESPACES = 1024
 MAX_VERSIONS = 16
+MAX_STREAM = 2**31 - 1
+MAX_SCHEMA = 2**31 - 1
+MAX_COUNT = 2**40
+MAX_CREDIT = 1024
+MAX_KIND = 64
+MAX_DROPPED = 64
 
 
 class NodeState(StrEnum):
@@ -80,293 +106,476 @@ class NamespaceVersion:
     version: int
 
 
-class _Fields:
-    """Reads and validates positional fields of one message."""
+# -- field kinds ---------------------------------------------------------------------------
+#
+# A kind builds, once per message field, a reader: a closure that validates one wire value
+# and returns what the message stores. Readers run for every field of every frame, Chunks
+# and Acks included, so they close over their bounds and test the common exact type first.
 
-    def __init__(self, message: str, fields: list[object], *, extra_ok: bool = False) -> None:
-        self._message = message
-        self._fields = fields
-        self._index = 0
-        self._extra_ok = extra_ok
+Reader = Callable[[object], Any]
 
-    def _next(self, what: str) -> object:
-        if self._index >= len(self._fields):
-            raise ProtocolError(f"{self._message}: missing field {what!r}")
-        value = self._fields[self._index]
-        self._index += 1
-        return value
 
-    def _bad(self, what: str, expected: str, value: object) -> ProtocolError:
-        return ProtocolError(
-            f"{self._message}: field {what!r} must be {expected}, got {type(value).__name__}"
-        )
+def _bad(where: str, expected: str, value: object) -> ProtocolError:
+    return ProtocolError(f"{where} must be {expected}, got {type(value).__name__}")
 
-    def text(self, what: str, max_len: int = MAX_NAME, *, empty_ok: bool = False) -> str:
-        value = self._next(what)
-        if not isinstance(value, str):
-            raise self._bad(what, "a string", value)
-        if len(value) > max_len or (not value and not empty_ok):
-            raise ProtocolError(f"{self._message}: field {what!r} must be 1..{max_len} chars")
-        return value
 
-    def integer(self, what: str, low: int, high: int) -> int:
-        value = self._next(what)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self._bad(what, "an integer", value)
-        if not low <= value <= high:
-            raise ProtocolError(f"{self._message}: field {what!r} out of range")
-        return value
+class Kind(ABC):
+    """How one wire field is checked when read and shaped when written."""
 
-    def number(self, what: str) -> float:
-        value = self._next(what)
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise self._bad(what, "a number", value)
-        if not math.isfinite(value):
-            raise ProtocolError(f"{self._message}: field {what!r} must be finite")
-        return float(value)
+    @abstractmethod
+    def reader(self, message: str, field: str) -> Reader:
+        """A function that validates one wire value of ``message.field`` and converts it."""
 
-    def blob(self, what: str, size: int) -> bytes:
-        value = self._next(what)
-        if not isinstance(value, bytes):
-            raise self._bad(what, "bytes", value)
-        if len(value) != size:
-            raise ProtocolError(f"{self._message}: field {what!r} must be {size} bytes")
-        return value
+    def writer(self) -> Callable[[Any], object] | None:
+        """What turns the stored value into its wire value; ``None``: it goes as it is."""
+        return None
 
-    def data(self, what: str) -> bytes:
-        value = self._next(what)
-        if not isinstance(value, bytes) or not value:
-            raise self._bad(what, "non-empty bytes", value)
-        return value
 
-    def items(self, what: str, max_items: int) -> list[object]:
-        value = self._next(what)
-        if not isinstance(value, list):
-            raise self._bad(what, "an array", value)
-        if len(value) > max_items:
-            raise ProtocolError(f"{self._message}: field {what!r} has over {max_items} items")
-        return value
+@dataclass(frozen=True, slots=True)
+class Text(Kind):
+    """A string of 1 (0 with ``empty_ok``) to ``max_len`` characters."""
 
-    def done(self) -> None:
-        if self._index != len(self._fields) and not self._extra_ok:
-            raise ProtocolError(
-                f"{self._message}: expected {self._index} fields, got {len(self._fields)}"
-            )
+    max_len: int = MAX_NAME
+    empty_ok: bool = False
+
+    def reader(self, message: str, field: str) -> Reader:
+        where = f"{message}: field {field!r}"
+        low, high = (0 if self.empty_ok else 1), self.max_len
+
+        def read(value: object) -> str:
+            if not isinstance(value, str):
+                raise _bad(where, "a string", value)
+            if not low <= len(value) <= high:
+                raise ProtocolError(f"{where} must be {low}..{high} chars")
+            return value
+
+        return read
+
+
+@dataclass(frozen=True, slots=True)
+class Integer(Kind):
+    """An integer in ``low..high`` (inclusive); never a bool."""
+
+    low: int
+    high: int
+
+    def reader(self, message: str, field: str) -> Reader:
+        where = f"{message}: field {field!r}"
+        low, high = self.low, self.high
+
+        def read(value: object) -> int:
+            if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
+                if low <= value <= high:
+                    return value
+                raise ProtocolError(f"{where} out of range {low}..{high}")
+            raise _bad(where, "an integer", value)
+
+        return read
+
+
+@dataclass(frozen=True, slots=True)
+class Number(Kind):
+    """A finite number (an integer on the wire comes back as a float); never a bool."""
+
+    nonnegative: bool = False
+
+    def reader(self, message: str, field: str) -> Reader:
+        where = f"{message}: field {field!r}"
+        nonnegative = self.nonnegative
+        isfinite = math.isfinite
+
+        def read(value: object) -> float:
+            if type(value) is float or (
+                isinstance(value, int | float) and not isinstance(value, bool)
+            ):
+                if not isfinite(value):
+                    raise ProtocolError(f"{where} must be finite")
+                if nonnegative and value < 0:
+                    raise ProtocolError(f"{where} must not be negative")
+                return float(value)
+            raise _bad(where, "a number", value)
+
+        return read
+
+
+@dataclass(frozen=True, slots=True)
+class Blob(Kind):
+    """Exactly ``size`` bytes (nonces, proofs)."""
+
+    size: int
+
+    def reader(self, message: str, field: str) -> Reader:
+        where = f"{message}: field {field!r}"
+        size = self.size
+
+        def read(value: object) -> bytes:
+            if not isinstance(value, bytes):
+                raise _bad(where, "bytes", value)
+            if len(value) != size:
+                raise ProtocolError(f"{where} must be {size} bytes")
+            return value
+
+        return read
+
+
+@dataclass(frozen=True, slots=True)
+class Data(Kind):
+    """Non-empty opaque bytes; their size is bounded by the frame."""
+
+    def reader(self, message: str, field: str) -> Reader:
+        where = f"{message}: field {field!r}"
+
+        def read(value: object) -> bytes:
+            if isinstance(value, bytes) and value:
+                return value
+            raise _bad(where, "non-empty bytes", value)
+
+        return read
+
+
+def _array(where: str, value: object, max_items: int) -> list[object]:
+    if not isinstance(value, list):
+        raise _bad(where, "an array", value)
+    if len(value) > max_items:
+        raise ProtocolError(f"{where} has over {max_items} items")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Integers(Kind):
+    """Up to ``max_items`` integers in ``low..high``, stored as a tuple."""
+
+    max_items: int
+    low: int
+    high: int
+
+    def reader(self, message: str, field: str) -> Reader:
+        where = f"{message}: field {field!r}"
+        max_items, low, high = self.max_items, self.low, self.high
+
+        def read(value: object) -> tuple[int, ...]:
+            items = _array(where, value, max_items)
+            for item in items:
+                if not isinstance(item, int) or isinstance(item, bool) or not low <= item <= high:
+                    raise ProtocolError(f"{where} must hold integers in {low}..{high}")
+            return tuple(items)  # type: ignore[arg-type]  # every item was checked above
+
+        return read
+
+    def writer(self) -> Callable[[Any], object]:
+        return list
+
+
+@dataclass(frozen=True, slots=True)
+class Pairs(Kind):
+    """Up to ``max_items`` ``[name, count]`` arrays: names of 1..MAX_NAME characters, counts
+    in ``0..high``; each pair is stored as ``build(name, count)`` and sent as ``split(item)``.
+    ``shape`` names the two parts for error messages, e.g. ``"[reason, count]"``."""
+
+    max_items: int
+    high: int
+    shape: str
+    build: Callable[[str, int], object]
+    split: Callable[[Any], list[object]]
+
+    def reader(self, message: str, field: str) -> Reader:
+        where = f"{message}: field {field!r}"
+        refused = f"{message}: {field} must be {self.shape} pairs"
+        max_items, high, build = self.max_items, self.high, self.build
+
+        def read(value: object) -> tuple[object, ...]:
+            pairs = []
+            for item in _array(where, value, max_items):
+                if (
+                    not isinstance(item, list)
+                    or len(item) != 2
+                    or not isinstance(item[0], str)
+                    or not 0 < len(item[0]) <= MAX_NAME
+                    or not isinstance(item[1], int)
+                    or isinstance(item[1], bool)
+                    or not 0 <= item[1] <= high
+                ):
+                    raise ProtocolError(refused)
+                pairs.append(build(item[0], item[1]))
+            return tuple(pairs)
+
+        return read
+
+    def writer(self) -> Callable[[Any], object]:
+        split = self.split
+        return lambda items: [split(item) for item in items]
+
+
+_NODE_STATES = {state.value: state for state in NodeState}
+
+
+@dataclass(frozen=True, slots=True)
+class State(Kind):
+    """A :class:`NodeState`, sent as its value."""
+
+    def reader(self, message: str, field: str) -> Reader:
+        as_text = Text().reader(message, field)
+
+        def read(value: object) -> NodeState:
+            state = _NODE_STATES.get(as_text(value))
+            if state is None:
+                raise ProtocolError(f"{message}: unknown node state {value!r}")
+            return state
+
+        return read
+
+    def writer(self) -> Callable[[Any], object]:
+        return operator.attrgetter("value")
+
+
+@dataclass(frozen=True, slots=True)
+class Magic(Kind):
+    """The constant :data:`MAGIC` that opens every ``Hello``: strangers are told apart."""
+
+    def reader(self, message: str, field: str) -> Reader:
+        def read(value: object) -> str:
+            if type(value) is not str or value != MAGIC:
+                raise ProtocolError(f"{message}: not a warm-handoff peer (bad magic)")
+            return value
+
+        return read
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _WireForm:
+    """A message class's codec, derived once from its annotated fields by ``@_message``."""
+
+    names: tuple[str, ...]  # the wire fields in order, after the type code
+    readers: tuple[Reader, ...]
+    constants: tuple[int, ...]  # positions of ClassVar constants: checked, not stored
+    extra_ok: bool
+    encode: Callable[[Any], list[object]]
 
 
 class Message:
-    """Base of all protocol messages."""
+    """Base of all protocol messages.
+
+    A message's wire fields are its annotated attributes, in order: dataclass fields (sent
+    and stored) and ``ClassVar`` constants (sent as the class's value, checked on receipt,
+    not stored). ``@_message`` derives the codec from them.
+    """
 
     TYPE: ClassVar[int]
+    _WIRE: ClassVar[_WireForm]
 
     def fields(self) -> list[object]:
         """The message's fields in wire order."""
-        raise NotImplementedError
+        return self._WIRE.encode(self)[1:]
 
     def to_wire(self) -> list[object]:
         """The msgpack-ready array for this message."""
-        return [self.TYPE, *self.fields()]
+        return self._WIRE.encode(self)
 
     @classmethod
     def from_fields(cls, fields: list[object]) -> Self:
         """Build the message from its wire fields, validating every one."""
-        raise NotImplementedError
+        form = cls._WIRE
+        readers = form.readers
+        if len(fields) != len(readers) and not (form.extra_ok and len(fields) > len(readers)):
+            cls._refuse_count(fields)
+        # map stops at the shorter input: tolerated extra fields are ignored.
+        if not form.constants:
+            return cls(*map(operator.call, readers, fields))
+        values = list(map(operator.call, readers, fields))
+        for index in reversed(form.constants):
+            del values[index]
+        return cls(*values)
+
+    @classmethod
+    def _refuse_count(cls, fields: list[object]) -> NoReturn:
+        form = cls._WIRE
+        # A bad field before the gap is the better diagnosis, as when reading in order.
+        for read, value in zip(form.readers, fields, strict=False):
+            read(value)
+        if len(fields) < len(form.names):
+            raise ProtocolError(f"{cls.__name__}: missing field {form.names[len(fields)]!r}")
+        raise ProtocolError(f"{cls.__name__}: expected {len(form.names)} fields, got {len(fields)}")
 
 
+MESSAGE_TYPES: dict[int, type[Message]] = {}
+_SESSION: set[type[Message]] = set()
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _message(*, session: bool = False, extra_ok: bool = False) -> Callable[[type[_M]], type[_M]]:
+    """Register a message dataclass and derive its codec from its annotated fields.
+
+    ``session``: handed to the layer above once the connection is established.
+    ``extra_ok``: trailing fields from newer versions are ignored instead of refused.
+    """
+
+    def register(cls: type[_M]) -> type[_M]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__}: put @_message above @dataclass")
+        if cls.TYPE in MESSAGE_TYPES:
+            raise TypeError(f"{cls.__name__}: type code {cls.TYPE} is taken")
+        fields = _wire_fields(cls)
+        names = tuple(name for name, _, _ in fields)
+        stored = [name for name, _, constant in fields if not constant]
+        if stored != [f.name for f in dataclasses.fields(cls) if f.init]:
+            raise TypeError(
+                f"{cls.__name__}: the wire fields must be the __init__ fields, in order"
+            )
+        readers = tuple(kind.reader(cls.__name__, name) for name, kind, _ in fields)
+        constants = tuple(index for index, (_, _, constant) in enumerate(fields) if constant)
+        for index in constants:
+            readers[index](getattr(cls, names[index]))  # what is sent must be accepted
+        writers = [
+            (index + 1, write)  # +1: after the type code
+            for index, (_, kind, _) in enumerate(fields)
+            if (write := kind.writer()) is not None
+        ]
+        encode = _encoder(cls.TYPE, names, writers)
+        cls._WIRE = _WireForm(names, readers, constants, extra_ok, encode)
+        MESSAGE_TYPES[cls.TYPE] = cls
+        if session:
+            _SESSION.add(cls)
+        return cls
+
+    return register
+
+
+def _wire_fields(cls: type[Message]) -> list[tuple[str, Kind, bool]]:
+    """``(name, kind, constant)`` for each wire field of ``cls``, in wire order."""
+    hints = get_type_hints(cls, include_extras=True)
+    fields = []
+    for name in inspect.get_annotations(cls):
+        hint = hints[name]
+        constant = get_origin(hint) is ClassVar
+        if constant:
+            hint = get_args(hint)[0]
+        kinds = [k for k in getattr(hint, "__metadata__", ()) if isinstance(k, Kind)]
+        if not kinds and constant:
+            continue  # TYPE and the like: not on the wire
+        if len(kinds) != 1:
+            raise TypeError(f"{cls.__name__}.{name}: annotate the field with one wire kind")
+        fields.append((name, kinds[0], constant))
+    return fields
+
+
+def _encoder(
+    code: int, names: tuple[str, ...], writers: list[tuple[int, Callable[[Any], object]]]
+) -> Callable[[Any], list[object]]:
+    get: Callable[[Any], tuple[object, ...]]
+    if len(names) > 1:
+        get = operator.attrgetter(*names)  # one C call for all fields
+    else:
+        get = lambda message: tuple(getattr(message, name) for name in names)  # noqa: E731
+    if not writers:
+        return lambda message: [code, *get(message)]
+
+    def encode(message: Message) -> list[object]:
+        wire = [code, *get(message)]
+        for index, write in writers:
+            wire[index] = write(wire[index])
+        return wire
+
+    return encode
+
+
+@_message(extra_ok=True)
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
     """First message of the dialling side: who it is and which versions it speaks."""
 
     TYPE: ClassVar[int] = 1
-    versions: tuple[int, ...]
-    cluster: str
-    name: str
-    incarnation: str
-    nonce: bytes
-
-    def fields(self) -> list[object]:
-        return [MAGIC, list(self.versions), self.cluster, self.name, self.incarnation, self.nonce]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Hello", fields, extra_ok=True)
-        if f.text("magic") != MAGIC:
-            raise ProtocolError("Hello: not a warm-handoff peer (bad magic)")
-        raw_versions = f.items("versions", MAX_VERSIONS)
-        versions = []
-        for v in raw_versions:
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**16:
-                raise ProtocolError("Hello: protocol versions must be small positive integers")
-            versions.append(v)
-        cluster, name, incarnation = f.text("cluster"), f.text("name"), f.text("incarnation")
-        nonce = f.blob("nonce", NONCE_SIZE)
-        f.done()
-        return cls(tuple(versions), cluster, name, incarnation, nonce)
+    magic: ClassVar[Annotated[str, Magic()]] = MAGIC
+    versions: Annotated[tuple[int, ...], Integers(MAX_VERSIONS, 1, 2**16 - 1)]
+    cluster: Annotated[str, Text()]
+    name: Annotated[str, Text()]
+    incarnation: Annotated[str, Text()]
+    nonce: Annotated[bytes, Blob(NONCE_SIZE)]
 
 
+@_message()
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
     """The accepting side's answer: chosen version, identity, its nonce and its proof."""
 
     TYPE: ClassVar[int] = 2
-    version: int
-    cluster: str
-    name: str
-    incarnation: str
-    nonce: bytes
-    proof: bytes
-
-    def fields(self) -> list[object]:
-        return [self.version, self.cluster, self.name, self.incarnation, self.nonce, self.proof]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Welcome", fields)
-        message = cls(
-            f.integer("version", 1, 2**16 - 1),
-            f.text("cluster"),
-            f.text("name"),
-            f.text("incarnation"),
-            f.blob("nonce", NONCE_SIZE),
-            f.blob("proof", PROOF_SIZE),
-        )
-        f.done()
-        return message
+    version: Annotated[int, Integer(1, 2**16 - 1)]
+    cluster: Annotated[str, Text()]
+    name: Annotated[str, Text()]
+    incarnation: Annotated[str, Text()]
+    nonce: Annotated[bytes, Blob(NONCE_SIZE)]
+    proof: Annotated[bytes, Blob(PROOF_SIZE)]
 
 
+@_message()
 @dataclass(frozen=True, slots=True)
 class Auth(Message):
     """The dialling side's proof of the cookie over the whole handshake transcript."""
 
     TYPE: ClassVar[int] = 3
-    proof: bytes
-
-    def fields(self) -> list[object]:
-        return [self.proof]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Auth", fields)
-        message = cls(f.blob("proof", PROOF_SIZE))
-        f.done()
-        return message
+    proof: Annotated[bytes, Blob(PROOF_SIZE)]
 
 
+_NAMESPACES = Pairs(
+    MAX_NAMESPACES,
+    MAX_SCHEMA,
+    "[name, version]",
+    build=NamespaceVersion,
+    split=lambda ns: [ns.name, ns.version],
+)
+
+
+@_message()
 @dataclass(frozen=True, slots=True)
 class Info(Message):
     """What a node tells an authenticated peer about itself."""
 
     TYPE: ClassVar[int] = 4
-    release: str
-    started_at: float
-    state: NodeState
-    address: str
-    namespaces: tuple[NamespaceVersion, ...]
-    clock: float
-
-    def fields(self) -> list[object]:
-        return [
-            self.release,
-            self.started_at,
-            self.state.value,
-            self.address,
-            [[ns.name, ns.version] for ns in self.namespaces],
-            self.clock,
-        ]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Info", fields)
-        release = f.text("release")
-        started_at = f.number("started_at")
-        state = _node_state(f.text("state"))
-        address = f.text("address", empty_ok=True)
-        namespaces = []
-        for item in f.items("namespaces", MAX_NAMESPACES):
-            if (
-                not isinstance(item, list)
-                or len(item) != 2
-                or not isinstance(item[0], str)
-                or not 0 < len(item[0]) <= MAX_NAME
-                or not isinstance(item[1], int)
-                or isinstance(item[1], bool)
-                or not 0 <= item[1] < 2**31
-            ):
-                raise ProtocolError("Info: namespaces must be [name, version] pairs")
-            namespaces.append(NamespaceVersion(item[0], item[1]))
-        clock = f.number("clock")
-        f.done()
-        return cls(release, started_at, state, address, tuple(namespaces), clock)
+    release: Annotated[str, Text()]
+    started_at: Annotated[float, Number()]
+    state: Annotated[NodeState, State()]
+    address: Annotated[str, Text(empty_ok=True)]
+    namespaces: Annotated[tuple[NamespaceVersion, ...], _NAMESPACES]
+    clock: Annotated[float, Number()]
 
 
+@_message(extra_ok=True)
 @dataclass(frozen=True, slots=True)
 class Reject(Message):
     """A refusal or fatal error, with a reason meant for humans; the sender then closes."""
 
     TYPE: ClassVar[int] = 5
-    code: str
-    reason: str
-
-    def fields(self) -> list[object]:
-        return [self.code, self.reason]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Reject", fields, extra_ok=True)
-        message = cls(f.text("code", 64), f.text("reason", MAX_REASON, empty_ok=True))
-        f.done()
-        return message
+    code: Annotated[str, Text(64)]
+    reason: Annotated[str, Text(MAX_REASON, empty_ok=True)]
 
 
+@_message()
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
     """Liveness signal; any frame counts, this one is sent when nothing else was."""
 
     TYPE: ClassVar[int] = 6
 
-    def fields(self) -> list[object]:
-        return []
 
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        _Fields("Heartbeat", fields).done()
-        return cls()
-
-
+@_message()
 @dataclass(frozen=True, slots=True)
 class StateChange(Message):
     """The sender changed state (serving -> draining)."""
 
     TYPE: ClassVar[int] = 7
-    state: NodeState
-
-    def fields(self) -> list[object]:
-        return [self.state.value]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("StateChange", fields)
-        message = cls(_node_state(f.text("state")))
-        f.done()
-        return message
+    state: Annotated[NodeState, State()]
 
 
+@_message()
 @dataclass(frozen=True, slots=True)
 class Goodbye(Message):
     """The sender is closing this connection on purpose, for the reason given."""
 
     TYPE: ClassVar[int] = 8
-    reason: str
-
-    def fields(self) -> list[object]:
-        return [self.reason]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Goodbye", fields)
-        message = cls(f.text("reason", MAX_REASON, empty_ok=True))
-        f.done()
-        return message
+    reason: Annotated[str, Text(MAX_REASON, empty_ok=True)]
 
 
 # -- session messages: streaming state between authenticated nodes -----------------------
@@ -377,77 +586,46 @@ class Goodbye(Message):
 # opaque bytes here: records hold user types decoded by the engine's codec, with its own
 # bounds, so that control frames stay strictly typed.
 
-MAX_STREAM = 2**31 - 1
-MAX_COUNT = 2**40
-MAX_CREDIT = 1024
+_STREAM = Integer(1, MAX_STREAM)
+_COUNT = Integer(0, MAX_COUNT)
+_SESSION_REASON = Text(MAX_REASON)
+_DROPPED = Pairs(MAX_DROPPED, MAX_COUNT, "[reason, count]", build=lambda *pair: pair, split=list)
 
 
+@_message(session=True)
 @dataclass(frozen=True, slots=True)
 class Offer(Message):
     """The sender proposes to stream ``namespace`` (``records`` is a hint for progress)."""
 
     TYPE: ClassVar[int] = 16
-    stream: int
-    namespace: str
-    kind: str
-    version: int
-    records: int
-
-    def fields(self) -> list[object]:
-        return [self.stream, self.namespace, self.kind, self.version, self.records]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Offer", fields)
-        message = cls(
-            f.integer("stream", 1, MAX_STREAM),
-            f.text("namespace"),
-            f.text("kind", 64),
-            f.integer("version", 0, 2**31 - 1),
-            f.integer("records", 0, MAX_COUNT),
-        )
-        f.done()
-        return message
+    stream: Annotated[int, _STREAM]
+    namespace: Annotated[str, Text()]
+    kind: Annotated[str, Text(MAX_KIND)]
+    version: Annotated[int, Integer(0, MAX_SCHEMA)]
+    records: Annotated[int, _COUNT]
 
 
+@_message(session=True)
 @dataclass(frozen=True, slots=True)
 class Accept(Message):
     """The receiver takes the stream and may get ``credit`` chunks."""
 
     TYPE: ClassVar[int] = 17
-    stream: int
-    credit: int
-
-    def fields(self) -> list[object]:
-        return [self.stream, self.credit]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Accept", fields)
-        message = cls(f.integer("stream", 1, MAX_STREAM), f.integer("credit", 1, MAX_CREDIT))
-        f.done()
-        return message
+    stream: Annotated[int, _STREAM]
+    credit: Annotated[int, Integer(1, MAX_CREDIT)]
 
 
+@_message(session=True)
 @dataclass(frozen=True, slots=True)
 class Refuse(Message):
     """The receiver will not take the stream, for a reason meant for the drain report."""
 
     TYPE: ClassVar[int] = 18
-    stream: int
-    reason: str
-
-    def fields(self) -> list[object]:
-        return [self.stream, self.reason]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Refuse", fields)
-        message = cls(f.integer("stream", 1, MAX_STREAM), f.text("reason", MAX_REASON))
-        f.done()
-        return message
+    stream: Annotated[int, _STREAM]
+    reason: Annotated[str, _SESSION_REASON]
 
 
+@_message(session=True)
 @dataclass(frozen=True, slots=True)
 class Chunk(Message):
     """``records`` records of a stream, encoded by the engine's codec in ``payload``.
@@ -457,170 +635,69 @@ class Chunk(Message):
     """
 
     TYPE: ClassVar[int] = 19
-    stream: int
-    seq: int
-    records: int
-    age: float
-    payload: bytes
-
-    def fields(self) -> list[object]:
-        return [self.stream, self.seq, self.records, self.age, self.payload]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Chunk", fields)
-        stream = f.integer("stream", 1, MAX_STREAM)
-        seq = f.integer("seq", 0, MAX_COUNT)
-        records = f.integer("records", 1, MAX_COUNT)
-        age = f.number("age")
-        if age < 0:
-            raise ProtocolError("Chunk: field 'age' must not be negative")
-        payload = f.data("payload")
-        f.done()
-        return cls(stream, seq, records, age, payload)
+    stream: Annotated[int, _STREAM]
+    seq: Annotated[int, _COUNT]
+    records: Annotated[int, Integer(1, MAX_COUNT)]
+    age: Annotated[float, Number(nonnegative=True)]
+    payload: Annotated[bytes, Data()]
 
 
+@_message(session=True)
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
     """Chunk ``seq`` was applied: how many records were applied, kept or dropped (why)."""
 
     TYPE: ClassVar[int] = 20
-    stream: int
-    seq: int
-    applied: int
-    kept: int
-    dropped: tuple[tuple[str, int], ...]
-    credit: int
-
-    def fields(self) -> list[object]:
-        dropped = [[reason, count] for reason, count in self.dropped]
-        return [self.stream, self.seq, self.applied, self.kept, dropped, self.credit]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Ack", fields)
-        stream = f.integer("stream", 1, MAX_STREAM)
-        seq = f.integer("seq", 0, MAX_COUNT)
-        applied = f.integer("applied", 0, MAX_COUNT)
-        kept = f.integer("kept", 0, MAX_COUNT)
-        dropped = []
-        for item in f.items("dropped", 64):
-            if (
-                not isinstance(item, list)
-                or len(item) != 2
-                or not isinstance(item[0], str)
-                or not 0 < len(item[0]) <= MAX_NAME
-                or not isinstance(item[1], int)
-                or isinstance(item[1], bool)
-                or not 0 <= item[1] <= MAX_COUNT
-            ):
-                raise ProtocolError("Ack: dropped must be [reason, count] pairs")
-            dropped.append((item[0], item[1]))
-        credit = f.integer("credit", 0, MAX_CREDIT)
-        f.done()
-        return cls(stream, seq, applied, kept, tuple(dropped), credit)
+    stream: Annotated[int, _STREAM]
+    seq: Annotated[int, _COUNT]
+    applied: Annotated[int, _COUNT]
+    kept: Annotated[int, _COUNT]
+    dropped: Annotated[tuple[tuple[str, int], ...], _DROPPED]
+    credit: Annotated[int, Integer(0, MAX_CREDIT)]
 
 
+@_message(session=True)
 @dataclass(frozen=True, slots=True)
 class End(Message):
     """The sender has nothing more for this stream (``records`` sent in all)."""
 
     TYPE: ClassVar[int] = 21
-    stream: int
-    records: int
-
-    def fields(self) -> list[object]:
-        return [self.stream, self.records]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("End", fields)
-        message = cls(f.integer("stream", 1, MAX_STREAM), f.integer("records", 0, MAX_COUNT))
-        f.done()
-        return message
+    stream: Annotated[int, _STREAM]
+    records: Annotated[int, _COUNT]
 
 
+@_message(session=True)
 @dataclass(frozen=True, slots=True)
 class Cancel(Message):
     """The sender abandons the stream (deadline, shutdown); chunks not acknowledged are void."""
 
     TYPE: ClassVar[int] = 22
-    stream: int
-    reason: str
-
-    def fields(self) -> list[object]:
-        return [self.stream, self.reason]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Cancel", fields)
-        message = cls(f.integer("stream", 1, MAX_STREAM), f.text("reason", MAX_REASON))
-        f.done()
-        return message
+    stream: Annotated[int, _STREAM]
+    reason: Annotated[str, _SESSION_REASON]
 
 
+@_message(session=True)
 @dataclass(frozen=True, slots=True)
 class Done(Message):
     """The sender's drain is over: nothing more will come from it (``records`` this
     receiver acknowledged in all). The receiver counts itself warm from here."""
 
     TYPE: ClassVar[int] = 23
-    records: int
-
-    def fields(self) -> list[object]:
-        return [self.records]
-
-    @classmethod
-    def from_fields(cls, fields: list[object]) -> Self:
-        f = _Fields("Done", fields)
-        message = cls(f.integer("records", 0, MAX_COUNT))
-        f.done()
-        return message
+    records: Annotated[int, _COUNT]
 
 
-def _node_state(text: str) -> NodeState:
-    try:
-        return NodeState(text)
-    except ValueError:
-        raise ProtocolError(f"unknown node state {text!r}") from None
-
-
-SESSION_MESSAGES: frozenset[type[Message]] = frozenset(
-    {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Done}
-)
+SESSION_MESSAGES: frozenset[type[Message]] = frozenset(_SESSION)
 """Messages that an established connection hands to the layer above."""
-
-MESSAGE_TYPES: dict[int, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        Welcome,
-        Auth,
-        Info,
-        Reject,
-        Heartbeat,
-        StateChange,
-        Goodbye,
-        Offer,
-        Accept,
-        Refuse,
-        Chunk,
-        Ack,
-        End,
-        Cancel,
-        Done,
-    )
-}
 
 
 def decode_message(obj: object) -> Message:
     """Turn one decoded frame into a message, or raise :class:`ProtocolError`."""
     if not isinstance(obj, list) or not obj:
         raise ProtocolError("a message must be a non-empty array")
-    code, *fields = obj
+    code = obj[0]
     if not isinstance(code, int) or isinstance(code, bool):
         raise ProtocolError("message type must be an integer")
     cls = MESSAGE_TYPES.get(code)
     if cls is None:
         raise ProtocolError(f"unknown message type {code}")
-    return cls.from_fields(fields)
+    return cls.from_fields(obj[1:])
