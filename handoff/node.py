@@ -9,6 +9,7 @@ snapshot store (``node.drain()``), with hooks for ASGI and threaded services.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from handoff._adapter import Adapter
+from handoff._adapter import Adapter, Record
 from handoff._codec import Codec
 from handoff._errors import ConfigError, LocalProtocolError
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
@@ -35,8 +36,9 @@ from handoff.config import Settings, resolve_settings
 from handoff.control import ControlServer
 from handoff.discovery import make_discovery
 from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Sessions, Tracked
-from handoff.engine._fingerprint import Fingerprint, fingerprint_of
+from handoff.engine._fingerprint import ExportLog, changed_records
 from handoff.engine._restore import restore_snapshots
+from handoff.engine._sender import CATCH_UP
 from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
 from handoff.membership import Membership, MembershipEvent, Peer
 from handoff.protocol import (
@@ -165,7 +167,7 @@ class Node:
         # the catch-up reusing its id was "offered twice", a dropped link and lost records.
         self._stream_ids = itertools.count(1)
         # What the last drain exported, per namespace, while the node may keep serving.
-        self._exported: dict[str, Fingerprint] = {}
+        self._exported: dict[str, ExportLog] = {}
         self._membership = Membership(s.node_name, grace=s.handshake_timeout)
         self._mesh = Mesh(
             s,
@@ -341,38 +343,37 @@ class Node:
             limit = self.settings.drain_timeout if time_limit is None else time_limit
             # First announce it: from here on offers are refused and peers re-route.
             await self._set_state(NodeState.DRAINING)
-            # A drain on the way out needs no fingerprints: nothing is written after it.
+            # A drain on the way out keeps no log of what it exported: nothing follows it.
             drainer = self._drainer("drain", fingerprints=not stopping)
             report = await self._sessions.drain(drainer, time_limit=limit)
             self._log_report(report)
-            self._exported = drainer.fingerprints
+            if not stopping:
+                self._spawn(self._sessions.send_late)
+            self._exported = drainer.exported
             self.last_drain_report = report
             self._drained.set()
             return report
 
     async def _catch_up(self) -> None:
-        """At stop after a drain that left the node serving: send again the namespaces
-        whose records changed since the drain exported them, so that what the app wrote
-        since reaches successors (or the snapshot store, or the report as dropped).
-        Successors keep entries they already hold."""
+        """At stop after a drain that left the node serving: send the records written
+        since the drain exported them (new keys and changed values), so that they reach
+        successors, or the snapshot store, or the report as lost."""
         async with self._drain_lock:
             exported, self._exported = self._exported, {}
             if self.last_drain_report is None or not exported:
                 return
-            changed = []
-            for name, tracked in self._tracked.items():
-                before = exported.get(name)
-                now = await fingerprint_of(
-                    tracked.adapter, self.lock, self.codec.fingerprint_encoder()
-                )
-                if before is None or not before.matches(now):
-                    changed.append(name)
-            if not changed:
-                logger.info("%s: nothing written since the drain, no catch-up needed", self.name)
-                return
-            drainer = self._drainer("catch-up", only=changed)
+            sources: dict[str, Callable[[], Iterator[Record]]] = {
+                name: functools.partial(changed_records, tracked.adapter, exported[name])
+                if name in exported
+                else tracked.adapter.export
+                for name, tracked in self._tracked.items()
+            }
+            drainer = self._drainer(CATCH_UP, sources=sources)
             report = await self._sessions.drain(drainer, time_limit=self.settings.drain_timeout)
-            self._log_report(report)
+            if report.records:
+                self._log_report(report)
+            else:
+                logger.info("%s: nothing written since the drain", self.name)
             self.catch_up_report = report
 
     @staticmethod
@@ -381,7 +382,11 @@ class Node:
         log("%s", report.summary())
 
     def _drainer(
-        self, reason: str, *, fingerprints: bool = False, only: list[str] | None = None
+        self,
+        reason: str,
+        *,
+        fingerprints: bool = False,
+        sources: Mapping[str, Callable[[], Iterator[Record]]] | None = None,
     ) -> Drainer:
         return Drainer(
             node=self.name,
@@ -397,7 +402,7 @@ class Node:
             reason=reason,
             started_at=self.started_at,
             fingerprints=fingerprints,
-            only=only,
+            sources=sources,
             stream_ids=self._stream_ids,
         )
 

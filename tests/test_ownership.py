@@ -14,6 +14,7 @@ import pytest
 from cachetools import LRUCache, TTLCache
 
 from handoff.engine import compare_releases, successor_tiers
+from handoff.engine._sender import KEPT_OLDER
 from handoff.membership import Peer
 from handoff.protocol import NodeState
 from tests._helpers import connected, wait_until
@@ -141,14 +142,19 @@ async def test_writes_after_a_manual_drain_are_caught_up_at_stop() -> None:
             assert first.namespaces["cache"].acknowledged == 100
             cache["late"] = "written after the drain"  # the app still serves
             cache["k1"] = "updated after the drain"
-        assert old.catch_up_report is not None
-        ns = old.catch_up_report.namespaces["cache"]
-        assert old.catch_up_report.reason == "catch-up"
-        assert ns.records == 101
-        assert ns.acknowledged == 101
-        assert ns.applied == 1  # "late"; the successor keeps the copies it holds
-        assert ns.kept_existing == 100
+        report = old.catch_up_report
+        assert report is not None
+        assert report.reason == "catch-up"
+        ns = report.namespaces["cache"]
+        assert ns.records == 2  # exactly what was written after the drain
+        assert ns.acknowledged == 2
+        assert ns.applied == 1  # "late" arrives ...
+        # ... the update does not (successors never overwrite), and the report says so.
+        assert ns.receiver_dropped == {KEPT_OLDER: 1}
+        assert not report.ok
+        assert "written after the drain, the successor kept its older copy" in report.summary()
     assert received["late"] == "written after the drain"
+    assert received["k1"] == 1
 
 
 async def test_no_catch_up_when_nothing_was_written_after_the_drain(tmp_path: Path) -> None:
@@ -157,7 +163,8 @@ async def test_no_catch_up_when_nothing_was_written_after_the_drain(tmp_path: Pa
     async with lonely:
         report = await lonely.drain()
         assert report.namespaces["cache"].snapshotted == 2
-    assert lonely.catch_up_report is None
+    assert lonely.catch_up_report is not None
+    assert lonely.catch_up_report.records == 0
     assert len(list(tmp_path.glob("*.snapshot"))) == 1  # noqa: ASYNC240 - a test's tmp dir
 
 
@@ -170,6 +177,7 @@ async def test_writes_after_a_manual_drain_with_nobody_to_take_them_are_reported
         cache["b"] = 2
     report = lonely.catch_up_report
     assert report is not None
+    # "b", and "a" again: the catch-up also retries what the drain could not place.
     assert report.namespaces["cache"].dropped == {"no successor, no snapshot store": 2}
     assert not report.ok
     assert report.summary().startswith("catch-up of lonely")

@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -24,7 +24,7 @@ import anyio
 from handoff._adapter import Record
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath
-from handoff.engine._fingerprint import Fingerprint
+from handoff.engine._fingerprint import ExportLog
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
@@ -59,6 +59,10 @@ FIRST_CHUNK_RECORDS = 16
 MAX_CHUNK_RECORDS = 8192
 # Share of the drain timeout kept for writing the snapshot when a store is configured.
 SNAPSHOT_RESERVE = 0.25
+CATCH_UP = "catch-up"
+KEPT_OLDER = "written after the drain, the successor kept its older copy"
+# Seconds (at most) kept at the end of a drain to cancel the streams still open.
+CANCEL_RESERVE = 0.1
 
 
 @dataclass(slots=True)
@@ -118,22 +122,27 @@ class Drainer:
         reason: str = "drain",
         started_at: float = 0.0,
         fingerprints: bool = False,
-        only: Collection[str] | None = None,
+        sources: Mapping[str, Callable[[], Iterator[Record]]] | None = None,
         stream_ids: Iterator[int] | None = None,
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
         ``started_at`` (this node's start, wall clock) orders successors whose release
         names do not compare with this node's. ``reason`` names the drain in its report
-        ("drain", or "catch-up" for records written after a drain). With
-        ``fingerprints`` the drain keeps a :class:`Fingerprint` of each namespace's export
-        (:attr:`fingerprints`) for a later catch-up to compare with; ``only`` limits the
-        drain to those namespaces. ``stream_ids`` numbers the streams: pass the node's own
-        counter, so that a later drain (the catch-up) never offers a stream id that a
-        receiver may still hold from an earlier one."""
-        self.fingerprints: dict[str, Fingerprint] = {}
+        ("drain", or "catch-up" for records written after a drain: there a record the
+        successor did not apply because it held the key is reported as lost, since the
+        successor's copy is the older one). With ``fingerprints`` the drain logs what it
+        exports (:attr:`exported`, an :class:`ExportLog` per namespace) for a later
+        catch-up; ``sources`` replaces the export of the namespaces it names (and limits the
+        drain to them). ``stream_ids`` numbers the streams: pass the node's own counter, so
+        that a later drain (the catch-up) never offers a stream id that a receiver may still
+        hold from an earlier one."""
+        self.exported: dict[str, ExportLog] = {}
+        self.late: list[tuple[str, Link, Cancel]] = []
+        """Cancels the deadline left no time for: ``(peer, link, message)``, for the node to
+        send once the drain is over."""
         self._keep_fingerprints = fingerprints
-        self._only = None if only is None else frozenset(only)
+        self._sources = sources
         self._lock = lock if lock is not None else nullcontext()
         self._progress = progress
         self._node = node
@@ -180,7 +189,12 @@ class Drainer:
             stream.acknowledged += count
             report.acknowledged += count
             report.applied += message.applied
-            report.kept_existing += message.kept
+            if self._reason == CATCH_UP:
+                # The catch-up sends only records written after the drain: a successor
+                # that kept its own copy kept the older one, and the update is lost.
+                report.receiver_drop(KEPT_OLDER, message.kept)
+            else:
+                report.kept_existing += message.kept
             for reason, dropped in message.dropped:
                 report.receiver_drop(reason, dropped)
             if self._progress is not None:
@@ -200,7 +214,10 @@ class Drainer:
         """Drain every namespace within ``time_limit`` seconds; report what became of them."""
         started = self._clock.now()
         deadline = started + time_limit
-        stream_until = deadline
+        # Streaming stops a moment before the deadline, so that the streams still open can
+        # be cancelled in time: a receiver would otherwise count them as arriving, and wait
+        # for them when it drains in turn.
+        stream_until = deadline - min(CANCEL_RESERVE, time_limit * 0.05)
         if self._snapshots is not None:
             stream_until = deadline - time_limit * SNAPSHOT_RESERVE
         # Relative metadata (remaining TTLs) is computed from here on; a snapshot that says
@@ -211,10 +228,10 @@ class Drainer:
             self._tracked.values(), key=lambda t: (not t.adapter.moves_ownership, t.name)
         )
         for tracked in order:
-            if self._only is not None and tracked.name not in self._only:
+            if self._sources is not None and tracked.name not in self._sources:
                 continue
             if self._keep_fingerprints:
-                self.fingerprints[tracked.name] = Fingerprint(self._codec.fingerprint_encoder())
+                self.exported[tracked.name] = ExportLog(self._codec.fingerprint_encoder())
             report = reports[tracked.name] = NamespaceReport(tracked.name, tracked.version)
             ns_started = self._clock.now()
             await self._drain_namespace(tracked, report, stream_until, deadline)
@@ -248,7 +265,8 @@ class Drainer:
         self, tracked: Tracked, report: NamespaceReport, stream_until: float, deadline: float
     ) -> None:
         self._report = report
-        exporter = iter(tracked.adapter.export())
+        source = self._sources.get(tracked.name) if self._sources is not None else None
+        exporter = iter(source() if source is not None else tracked.adapter.export())
         retry: deque[tuple[Record, float]] = deque()
         tiers = self._eligible_tiers(tracked, report)
         streams: list[_OutStream] = []
@@ -262,7 +280,7 @@ class Drainer:
                     retry.extend(self._take_back(stream))
                 if not tiers:
                     break
-                streams = await self._offer(tracked, tiers.pop(0), report, stream_until)
+                streams = await self._offer(tracked, tiers.pop(0), report, stream_until, deadline)
                 continue
             names = [s.peer.name for s in open_streams]
             if names != routed:
@@ -285,7 +303,7 @@ class Drainer:
                 report.records += len(batch)
                 exhausted = len(batch) < size
                 if self._keep_fingerprints:
-                    self.fingerprints[tracked.name].add(batch)
+                    self.exported[tracked.name].add(batch)
                 if not batch:
                     continue
             else:
@@ -315,12 +333,16 @@ class Drainer:
             if stream.state is StreamState.OPEN:
                 await self._send(stream, Cancel(stream.stream, "drain deadline"), deadline)
         self._note_successors(streams, report)
-        rest = itertools.chain(
-            (record for record, _ in leftovers),
-            self._counting(exporter, report, self.fingerprints.get(tracked.name)),
-        )
         reason = "deadline" if self._clock.now() >= stream_until else "no successor"
-        await self._snapshot_or_drop(tracked, report, rest, reason, deadline)
+        await self._snapshot_or_drop(
+            tracked,
+            report,
+            [record for record, _ in leftovers],
+            exporter,
+            sized=source is None,
+            reason=reason,
+            deadline=deadline,
+        )
 
     @staticmethod
     def _split(
@@ -342,14 +364,25 @@ class Drainer:
             if part:
                 yield index, part
 
-    def _counting(
-        self, records: Iterator[Record], report: NamespaceReport, fingerprint: Fingerprint | None
-    ) -> Iterator[Record]:
+    def _counting(self, records: Iterator[Record], report: NamespaceReport) -> Iterator[Record]:
+        log = self.exported.get(report.namespace)
         for record in records:
             report.records += 1
-            if fingerprint is not None:
-                fingerprint.add((record,))
+            if log is not None:
+                log.add((record,))
             yield record
+
+    def _count_rest(
+        self, tracked: Tracked, report: NamespaceReport, exporter: Iterator[Record], *, sized: bool
+    ) -> int:
+        """Count what the export still holds into the report; returns how many."""
+        if sized:
+            # By the object's size, not one by one: iterating a large cache (1-6 us a
+            # record on the event loop) would overrun the deadline by seconds.
+            left = max(0, len(tracked.adapter) - report.records)
+            report.records += left
+            return left
+        return sum(1 for _ in self._counting(exporter, report))
 
     def _chunk_records(self) -> int:
         if not self._bytes_per_record:
@@ -387,6 +420,7 @@ class Drainer:
         targets: list[_Target],
         report: NamespaceReport,
         until: float,
+        deadline: float,
     ) -> list[_OutStream]:
         streams: list[_OutStream] = []
         for target in targets:
@@ -413,7 +447,7 @@ class Drainer:
                 # Said, so that a late Accept does not leave the successor with an open
                 # stream nobody ends (it would wait for it when it drains in turn).
                 why = "did not answer the offer in time"
-                if await self._send(stream, Cancel(stream.stream, why), until):
+                if await self._send(stream, Cancel(stream.stream, why), deadline):
                     logger.warning("successor %s %s", stream.peer.name, why)
                     report.refusals[stream.peer.name] = why
             if stream.state is StreamState.REFUSED:
@@ -429,6 +463,10 @@ class Drainer:
             return False  # withdrawn or failed while the caller awaited something else
         remaining = until - self._clock.now()
         if remaining <= 0:
+            if isinstance(message, Cancel):
+                # Out of time, but the receiver must learn that the stream is over (it
+                # would wait for it when it drains in turn): the node sends it afterwards.
+                self.late.append((stream.peer.name, stream.link, message))
             self._fail(stream, "could not be written to before the deadline")
             return False
         stream.machine.send(message)
@@ -557,14 +595,23 @@ class Drainer:
         self,
         tracked: Tracked,
         report: NamespaceReport,
-        records: Iterator[Record],
+        leftovers: list[Record],
+        exporter: Iterator[Record],
+        *,
+        sized: bool,
         reason: str,
         deadline: float,
     ) -> None:
+        """Write ``leftovers`` and the rest of ``exporter`` to the snapshot store, or count
+        them as dropped. ``sized``: the exporter is the adapter's own export, so its size
+        tells how many records are left."""
         store = self._snapshots
         if store is None:
-            report.drop(f"{reason}, no snapshot store", sum(1 for _ in records))
+            rest = self._count_rest(tracked, report, exporter, sized=sized)
+            report.drop(f"{reason}, no snapshot store", len(leftovers) + rest)
             return
+        taken = iter(leftovers)
+        records = itertools.chain(taken, self._counting(exporter, report))
         first = next(records, None)
         if first is None:
             return
@@ -584,8 +631,10 @@ class Drainer:
             # chunk bigger than the store takes (64 MiB) and than memory should hold.
             while batch := list(itertools.islice(records, self._snapshot_records())):
                 if self._clock.now() >= deadline:
-                    report.drop("deadline", len(batch))
-                    continue
+                    rest = sum(1 for _ in taken)
+                    rest += self._count_rest(tracked, report, exporter, sized=sized)
+                    report.drop("deadline", len(batch) + rest)
+                    break
                 written += await self._write_snapshot_chunk(writer, report, batch)
             await anyio.to_thread.run_sync(writer.commit)
         except BaseException:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import logging
 
+import anyio
+
+from handoff._errors import HandoffError
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._receiver import Receiver
 from handoff.engine._report import DrainReport
@@ -30,6 +33,8 @@ logger = logging.getLogger("handoff.engine")
 INBOUND_SHARE = 0.4
 # Share of it for telling the senders of the streams still open that this node withdraws.
 WITHDRAW_SHARE = 0.05
+# Seconds each message a drain had no time left for may take once the drain is over.
+LATE_SEND_LIMIT = 1.0
 
 
 class Sessions:
@@ -39,6 +44,7 @@ class Sessions:
         self.receiver = receiver
         self._clock = clock
         self._drainer: Drainer | None = None
+        self._late: list[tuple[str, Link, Message]] = []
 
     @property
     def draining(self) -> bool:
@@ -78,3 +84,20 @@ class Sessions:
             return await drainer.run(time_limit=max(0.0, deadline - self._clock.now()))
         finally:
             self._drainer = None
+            self._late.extend(drainer.late)
+
+    async def send_late(self, time_limit: float = LATE_SEND_LIMIT) -> None:
+        """Send what past drains had no time left for (Cancels of streams they gave up at
+        their deadline), each within ``time_limit`` seconds. Run once a drain is over, when
+        the node keeps running: its successors stop waiting for those streams."""
+        late, self._late = self._late, []
+
+        async def send(peer: str, link: Link, message: Message) -> None:
+            try:
+                await link.send(message, time_limit=time_limit)
+            except HandoffError as exc:
+                logger.debug("could not send %r to %s after the drain: %s", message, peer, exc)
+
+        async with anyio.create_task_group() as group:
+            for peer, link, message in late:
+                group.start_soon(send, peer, link, message)
