@@ -241,7 +241,6 @@ def test_messages_that_belong_to_no_stream_are_refused(side: Side, message: Mess
         machine.send(message)
 
 
-@pytest.mark.xfail(strict=True, reason="a second Offer while offered is not refused yet")
 def test_an_offer_is_sent_once_and_never_arrives_on_a_stream_in_progress() -> None:
     sender = OutboundStream(S)
     sender.send(offer())

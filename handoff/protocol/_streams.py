@@ -160,12 +160,16 @@ class OutboundStream(_Machine):
 
     def __init__(self, stream: int) -> None:
         _Machine.__init__(self, stream, Side.SENDER)
+        self.offered = False
 
     def send(self, message: Message) -> None:
         """Record that ``message`` is being sent; raises :class:`LocalProtocolError` if the
         stream does not allow it (a chunk without credit or out of sequence)."""
-        if isinstance(message, Offer) and self.state is not StreamState.OFFERED:
-            raise LocalProtocolError(f"stream {self.stream} was already offered")
+        if isinstance(message, Offer):
+            # The state alone cannot tell: a stream is OFFERED from its creation on.
+            if self.offered or self.state is not StreamState.OFFERED:
+                raise LocalProtocolError(f"stream {self.stream} was already offered")
+            self.offered = True
         if isinstance(message, Chunk):
             if self.state is StreamState.OPEN and self.credit <= 0:
                 raise LocalProtocolError(f"stream {self.stream}: no credit for a chunk")
