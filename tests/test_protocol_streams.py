@@ -384,7 +384,6 @@ def test_dropped_counts_of_several_reasons_add_up_together() -> None:
     assert machine.receive(Ack(S, 0, 1, 1, (("expired", 2), ("receiver full", 2)), 1))
 
 
-@pytest.mark.xfail(strict=True, reason="the receiver's own excess credit is a ProtocolError")
 def test_credit_above_max_credit_is_refused_on_both_ends() -> None:
     sender = outbound(StreamState.OFFERED)
     with pytest.raises(ProtocolError, match="credit beyond"):

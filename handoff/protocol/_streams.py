@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from handoff._errors import LocalProtocolError, ProtocolError
+from handoff._errors import HandoffError, LocalProtocolError, ProtocolError
 
 from ._messages import MAX_CREDIT, Accept, Ack, Cancel, Chunk, End, Message, Offer, Refuse
 
@@ -150,9 +150,11 @@ def _other(side: Side) -> Side:
     return Side.RECEIVER if side is Side.SENDER else Side.SENDER
 
 
-def _check_credit(stream: int, credit: int, unacked: int) -> None:
+def _check_credit(
+    stream: int, credit: int, unacked: int, error: type[HandoffError] = ProtocolError
+) -> None:
     if credit + unacked > MAX_CREDIT:
-        raise ProtocolError(f"stream {stream}: credit beyond {MAX_CREDIT} chunks")
+        raise error(f"stream {stream}: credit beyond {MAX_CREDIT} chunks")
 
 
 class OutboundStream(_Machine):
@@ -228,7 +230,8 @@ class InboundStream(_Machine):
             raise LocalProtocolError(f"stream {self.stream}: no chunk {message.seq} to Ack")
         if isinstance(message, Accept | Ack):
             unacked = len(self.unacked) - (1 if isinstance(message, Ack) else 0)
-            _check_credit(self.stream, self.credit + message.credit, unacked)
+            # Granting too much is this node's own mistake, not the peer's.
+            _check_credit(self.stream, self.credit + message.credit, unacked, LocalProtocolError)
         self._step(message, incoming=False)
         if isinstance(message, Accept):
             self.credit = message.credit
