@@ -511,7 +511,6 @@ async def test_a_plain_drain_is_acknowledged_and_the_report_adds_up() -> None:
 # -- a receiver that withdraws ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="successors lists only the last tier's")
 async def test_a_successor_that_withdraws_mid_stream_gets_only_what_it_acknowledged() -> None:
     held = users("a", 200)
     async with network() as net:

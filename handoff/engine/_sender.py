@@ -270,6 +270,8 @@ class Drainer:
         retry: deque[tuple[Record, float]] = deque()
         tiers = self._eligible_tiers(tracked, report)
         streams: list[_OutStream] = []
+        # Every tier's streams: a successor that acknowledged part and then left is one too.
+        offered: list[_OutStream] = []
         router = Router([])
         routed: list[str] = []
         exhausted = False
@@ -281,6 +283,7 @@ class Drainer:
                 if not tiers:
                     break
                 streams = await self._offer(tracked, tiers.pop(0), report, stream_until, deadline)
+                offered += streams
                 continue
             names = [s.peer.name for s in open_streams]
             if names != routed:
@@ -314,7 +317,7 @@ class Drainer:
                         if stream.state is StreamState.OPEN:
                             end = End(stream.stream, stream.sent_records)
                             await self._send(stream, end, deadline)
-                    self._note_successors(streams, report)
+                    self._note_successors(offered, report)
                     return
                 continue
             for index, records in self._split(batch, router, len(open_streams)):
@@ -332,7 +335,7 @@ class Drainer:
             leftovers.extend(self._take_back(stream))
             if stream.state is StreamState.OPEN:
                 await self._send(stream, Cancel(stream.stream, "drain deadline"), deadline)
-        self._note_successors(streams, report)
+        self._note_successors(offered, report)
         reason = "deadline" if self._clock.now() >= stream_until else "no successor"
         await self._snapshot_or_drop(
             tracked,
