@@ -867,3 +867,27 @@ async def test_a_withdrawal_while_end_goes_to_another_successor() -> None:
     assert report_a.acknowledged == 200
     assert [type(m) for m in net.wire(a, c).sent if isinstance(m, End | Cancel)] == []
     assert b.data("users") == held
+
+
+async def test_an_offer_answered_too_late_is_cancelled_and_a_later_drain_can_use_the_link() -> None:
+    """b is stalled when a offers: a gives up on it at the deadline. b must hear that the
+    stream is over, or it keeps it open: its own drain would wait for it, and a's catch-up
+    drain (whose stream ids start again at 1) would find the id taken."""
+    held = users("u", 100)
+    async with network() as net:
+        a = net.node("a", track("users", dict(held)))
+        b = net.node("b", track("users", {}), release="v2")
+        net.connect(a, b)
+        b_a = net.wire(b, a)
+        b_a.hold()
+        first = await net.finish(net.start(a.drain))
+        b_a.release()
+        await net.drive(lambda: not b_a.queue)
+        assert b.receiver.active == 0
+        catch_up = await net.finish(net.start(a.drain))
+
+    assert first.namespaces["users"].dropped == {"deadline, no snapshot store": 100}
+    assert net.protocol_errors == []
+    assert_adds_up(catch_up)
+    assert catch_up.ok, catch_up.summary()
+    assert b.data("users") == held
