@@ -35,7 +35,7 @@ import pytest
 from cachetools import TTLCache
 
 from handoff._codec import Codec
-from handoff._errors import ConnectionClosed, ProtocolError
+from handoff._errors import ConnectionClosed, HandoffError, ProtocolError
 from handoff._registry import adapter_for
 from handoff.engine import Drainer, DrainReport, Receiver, Sessions, Tracked, _sender
 from handoff.engine._receiver import INITIAL_CREDIT
@@ -219,6 +219,9 @@ class Wire:
                 # What the mesh does: log, drop the link, both ends lose the peer.
                 self.net.protocol_errors.append((self.dst.name, self.src.name, str(exc)))
                 self.net.cut(self.src, self.dst, f"protocol error: {exc}")
+            except HandoffError as exc:
+                # An answer sent on a link that went down meanwhile: the link is gone.
+                self.net.cut(self.src, self.dst, f"connection lost: {exc}")
 
 
 # -- nodes ------------------------------------------------------------------------------------
@@ -263,7 +266,6 @@ class FakeNode:
             clock=net.clock,
         )
         self.sessions = Sessions(self.receiver, clock=net.clock)
-        self.report: DrainReport | None = None
 
     def __repr__(self) -> str:
         return f"FakeNode({self.name})"
@@ -315,8 +317,7 @@ class FakeNode:
             wall_clock=lambda: 1_700_000_000.0,
             started_at=self.started_at,
         )
-        self.report = await self.sessions.drain(drainer, time_limit=time_limit)
-        return self.report
+        return await self.sessions.drain(drainer, time_limit=time_limit)
 
 
 @dataclass
@@ -390,17 +391,19 @@ class Net:
     async def drive(self, until: Callable[[], bool], *, jumps: int = 200) -> None:
         """Let everything run; whenever all tasks are blocked and ``until()`` is still
         false, move the clock to the next deadline somebody waits for."""
-        for _ in range(jumps):
+        while True:
             await anyio.wait_all_tasks_blocked()
             if until():
                 return
             deadline = self.clock.next_deadline()
-            if deadline is not None:
-                self.clock.advance(deadline - self.clock.now())
-            else:
-                # Nobody waits on the clock: a thread (snapshot writing) is at work.
+            if deadline is None:
+                # Nobody waits on the clock: a thread (writing a snapshot) is at work, or
+                # the test hangs (``network`` bounds that).
                 await anyio.sleep(0.01)
-        raise AssertionError(f"not done after {jumps} clock jumps")
+                continue
+            jumps -= 1
+            assert jumps >= 0, "the clock keeps jumping and the test's goal is not reached"
+            self.clock.advance(deadline - self.clock.now())
 
     async def finish(self, running: Running[T]) -> T:
         await self.drive(running.done.is_set)
@@ -522,13 +525,14 @@ async def test_a_successor_that_withdraws_mid_stream_gets_only_what_it_acknowled
         # b applies two chunks, then stops reading for a while: what a sends meanwhile
         # waits on the wire and will cross b's withdrawal.
         a_b.hold_after = lambda m: isinstance(m, Chunk) and m.seq == 1
+        started = net.clock.now()
         draining_a = net.start(a.drain)
         await net.drive(lambda: a_b.held)
         # b starts draining too: it lets a's stream go on for INBOUND_SHARE of its time,
         # then withdraws.
         draining_b = net.start(b.drain)
         await net.drive(lambda: any(isinstance(m, Refuse) for m in b_a.delivered))
-        assert net.clock.now() == pytest.approx(1000.0 + 10.0 * INBOUND_SHARE)
+        assert net.clock.now() == pytest.approx(started + 10.0 * INBOUND_SHARE)
         crossing = len(a_b.queue)
         a_b.release()
         report_a = await net.finish(draining_a)
@@ -563,10 +567,11 @@ async def test_two_nodes_draining_at_once_leave_every_key_on_the_serving_node(
     head_start: int, stalled: bool
 ) -> None:
     """Issue 7: a and b drain at the same time, c serves. Release names that do not compare
-    (git SHAs): a prefers b, which started after it. Whatever b had received from a when it
-    started draining (``head_start`` messages), every key of a and b must end on c, or be
-    reported lost: never only on a node that is leaving. ``stalled``: what a sends next
-    reaches b only after b's time for inbound streams ran out (b withdraws)."""
+    (git SHAs): a counts b (started after it) as newer, like c, and splits its keys between
+    them; b prefers c. Whatever b had received from a when it started draining
+    (``head_start`` messages), every key of a and b must end on c, or be reported lost:
+    never only on a node that is leaving. ``stalled``: what a sends next reaches b only
+    after b's time for inbound streams ran out (b withdraws)."""
     held = {
         "a": (users("a", 150), users("ac", 40)),
         "b": (users("b", 120), users("bc", 30)),
@@ -891,3 +896,22 @@ async def test_an_offer_answered_too_late_is_cancelled_and_a_later_drain_can_use
     assert_adds_up(catch_up)
     assert catch_up.ok, catch_up.summary()
     assert b.data("users") == held
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="left for the lead: the drain waits for every successor of a tier in turn, so "
+    "one that stops answering (until the heartbeat timeout drops it) starves the others",
+)
+async def test_a_stalled_successor_does_not_starve_a_healthy_one() -> None:
+    held = users("u", 100)
+    async with network() as net:
+        a = net.node("a", track("users", dict(held)))
+        b = net.node("b", track("users", {}), release="v2")
+        c = net.node("c", track("users", {}), release="v2")
+        net.connect(a, b, c)
+        net.wire(b, a).hold()  # b is connected but never answers
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    assert c.data("users") == held
