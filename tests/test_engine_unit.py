@@ -20,6 +20,7 @@ hundred records make many chunks.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -254,6 +255,7 @@ class FakeNode:
         self.links: dict[str, Wire] = {}
         self.view: dict[str, NodeState] = {}
         """The state of each peer as this node last heard it."""
+        self.stream_ids = itertools.count(1)
         self.completed: list[tuple[str, int]] = []
         """Done messages received: (peer, records it says this node acknowledged)."""
         self.receiver = Receiver(
@@ -316,8 +318,12 @@ class FakeNode:
             clock=self.net.clock,
             wall_clock=lambda: 1_700_000_000.0,
             started_at=self.started_at,
+            stream_ids=self.stream_ids,
         )
-        return await self.sessions.drain(drainer, time_limit=time_limit)
+        report = await self.sessions.drain(drainer, time_limit=time_limit)
+        # The node goes on running: Cancels the deadline left no time for go out now.
+        self.net.start(self.sessions.send_late)
+        return report
 
 
 @dataclass
@@ -876,8 +882,8 @@ async def test_a_withdrawal_while_end_goes_to_another_successor() -> None:
 
 async def test_an_offer_answered_too_late_is_cancelled_and_a_later_drain_can_use_the_link() -> None:
     """b is stalled when a offers: a gives up on it at the deadline. b must hear that the
-    stream is over, or it keeps it open: its own drain would wait for it, and a's catch-up
-    drain (whose stream ids start again at 1) would find the id taken."""
+    stream is over, or it keeps it open: its own drain would wait for it (and before
+    streams were numbered per node, a's catch-up drain found stream 1 taken)."""
     held = users("u", 100)
     async with network() as net:
         a = net.node("a", track("users", dict(held)))
