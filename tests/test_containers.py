@@ -36,11 +36,11 @@ from examples.service.local_deploy import (
     warm_deploy,
 )
 from handoff.testing import DNSResponder, free_port, free_port_on_all
+from tests._helpers import loopback_aliases_usable
 from tests.test_example_service import (
     HOSTS,
     PROCESS_TIMEOUT,
     check_warm_successor,
-    loopback_aliases_usable,
     service_env,
 )
 
@@ -94,7 +94,7 @@ def test_dns_discovered_successor_is_warm(hosts: tuple[str, str]) -> None:
 
 @pytest.fixture
 def hosts() -> tuple[str, str]:
-    if not loopback_aliases_usable():
+    if not loopback_aliases_usable(HOSTS):
         pytest.skip(f"cannot bind {', '.join(HOSTS)} (on macOS: ifconfig lo0 alias 127.0.0.2)")
     return HOSTS
 

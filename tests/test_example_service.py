@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -32,6 +31,7 @@ from examples.service.local_deploy import DeployOutcome, ServiceProcess, warm_de
 from examples.service.shop import product_v1_to_v2, product_v2_to_v1
 from handoff import Node, Peer
 from handoff.testing import free_port
+from tests._helpers import loopback_aliases_usable
 
 ROOT = Path(__file__).resolve().parent.parent
 COOKIE = "example-shop-cookie-0123456789abcdef"
@@ -332,20 +332,9 @@ def test_python_dash_m_reports_a_configuration_error(extra: dict[str, str], name
 # -- under uvicorn ---------------------------------------------------------------------------
 
 
-def loopback_aliases_usable() -> bool:
-    """True if this machine can bind the loopback aliases in HOSTS (Linux can)."""
-    try:
-        for host in HOSTS:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
 def hosts() -> tuple[str, str]:
-    if not loopback_aliases_usable():
+    if not loopback_aliases_usable(HOSTS):
         pytest.skip(f"cannot bind {', '.join(HOSTS)} (on macOS: ifconfig lo0 alias 127.0.0.2)")
     return HOSTS
 

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from handoff import Node
 from handoff.lifecycle import drain_unstopped
 from handoff.testing import NodeProcess
 from handoff.testing._process import STATE_ENV, expected_digest, state_value
+from tests._helpers import loopback_aliases_usable
 
 APP = Path(__file__).resolve().parent / "_threaded_app.py"
 HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -37,16 +37,6 @@ CONNECT_TIMEOUT = 20.0
 EXIT_TIMEOUT = 60.0  # a drain of 2,000 entries takes well under a second; this is slack
 ENTRIES = 2000
 COOKIE = "test-cookie-0123456789abcdef"
-
-
-def _loopback_aliases_usable() -> bool:
-    try:
-        for host in HOSTS:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-    except OSError:
-        return False
-    return True
 
 
 def _env(host: str, *, discovery: str, state: dict[str, Any]) -> dict[str, str]:
@@ -66,7 +56,7 @@ def _env(host: str, *, discovery: str, state: dict[str, Any]) -> dict[str, str]:
 
 @pytest.fixture
 def stack() -> Iterator[contextlib.ExitStack]:
-    if not _loopback_aliases_usable():
+    if not loopback_aliases_usable(HOSTS):
         pytest.skip(f"cannot bind {', '.join(HOSTS)} (on macOS: ifconfig lo0 alias 127.0.0.2)")
     with contextlib.ExitStack() as stack:
         yield stack
@@ -186,7 +176,7 @@ def test_a_forked_child_does_not_hang_on_its_parents_node(tmp_path: Path) -> Non
         print("parent drained:", node.last_drain_report is not None, flush=True)
         """
     )
-    if not _loopback_aliases_usable():
+    if not loopback_aliases_usable(HOSTS):
         pytest.skip("cannot bind 127.0.0.2")
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=EXIT_TIMEOUT
