@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any, ClassVar
 
@@ -27,6 +28,7 @@ from handoff.adapters.cachetools import (
     UnsupportedCachetools,
 )
 from handoff.adapters.mapping import MappingAdapter
+from tests._cachetools_versions import FLAVOURS, OLDEST, Flavour, flavour
 from tests.adapter_contract import AdapterContract, Merge
 
 
@@ -1030,6 +1032,23 @@ def test_errors_are_logged_once_per_batch(caplog: pytest.LogCaptureFixture) -> N
         result = LRUCacheAdapter(receiver).import_records(records)
     assert result == ImportResult(applied=1, dropped={"error": 2})
     assert len(caplog.records) == 1
+
+
+# --- on the oldest and the newest supported cachetools ---
+
+
+@pytest.fixture(scope="module", params=FLAVOURS)
+def release(request: pytest.FixtureRequest) -> Flavour:
+    """The installed cachetools, then the oldest supported (see tests/_cachetools_versions)."""
+    return flavour(request.param)
+
+
+def test_the_oldest_release_is_loaded_beside_the_installed_one() -> None:
+    oldest = flavour(OLDEST)
+    assert oldest.cachetools.__version__ == OLDEST
+    assert oldest.adapters.cachetools is oldest.cachetools
+    assert not oldest.adapters.LFU_TIES_PRESERVED  # its own checks ran: it has the old layout
+    assert sys.modules["cachetools"] is cachetools is not oldest.cachetools
 
 
 # --- mappings ---
