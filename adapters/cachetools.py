@@ -43,7 +43,8 @@ Import (records arrive hottest first)
 
 cachetools internals
     Reading without side effects and writing in place need a few private attributes
-    (``_Cache__data`` and ``__currsize``, ``_LRUCache__order``, ``_FIFOCache__order``,
+    (``_Cache__data`` and ``__currsize``, ``__maxsize`` before cachetools 7.1.7 only, whose
+    overwrites evict more than they must, ``_LRUCache__order``, ``_FIFOCache__order``,
     ``_TTLCache__links`` and ``__root``, ``_TLRUCache__items`` and ``__order``, and the LFU
     counters in one of three layouts: count buckets with ordered keys since cachetools 7.3,
     count buckets with a set of keys in 6.1 to 7.2, a ``Counter`` before). Each is used by
@@ -158,6 +159,25 @@ def _store_new(
     cache._Cache__currsize += len(data) - held  # type: ignore[attr-defined]
 
 
+@contextmanager
+def _making_no_room(cache: cachetools.Cache[Any, Any], size: float) -> Iterator[None]:
+    """Within, ``cache[key] = value`` of a held key whose new size is at most ``size``
+    evicts nothing when its growth fits (the caller checks that it does).
+
+    Before cachetools 7.1.7, ``Cache.__setitem__`` makes room for the whole new size of an
+    overwritten key that grows, not for its growth (cachetools #405: it evicts although the
+    growth fits). Raising ``maxsize`` by the new size for that one write stops the eviction
+    loop and nothing else: the write's own ``value too large`` check uses the raised bound,
+    which is why the caller checks ``size <= maxsize`` itself.
+    """
+    held = cache._Cache__maxsize  # type: ignore[attr-defined]
+    cache._Cache__maxsize = held + size  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        cache._Cache__maxsize = held  # type: ignore[attr-defined]
+
+
 def _lru_order(cache: cachetools.LRUCache[Any, Any]) -> OrderedDict[Any, None]:
     """Keys from least to most recently used."""
     return cache._LRUCache__order  # type: ignore[attr-defined,no-any-return]
@@ -256,6 +276,15 @@ def _insert_after(anchor: Any, node: Any) -> None:
     anchor.next = after.prev = node
 
 
+def _overwrite_makes_room_for_whole_size() -> bool:
+    """Whether ``cache[key] = value`` of a held key that grows evicts until the whole new
+    size fits, rather than the growth (cachetools before 7.1.7; see _making_no_room)."""
+    probe: cachetools.Cache[str, str] = cachetools.Cache(3, getsizeof=len)
+    probe["a"], probe["b"] = "x", "x"
+    probe["b"] = "xx"  # grows by 1: fits beside "a"
+    return "a" not in probe
+
+
 def _verify_internals() -> str:
     """Check every internal the adapters use; return the LFU layout (see _LFU_LAYOUT)."""
 
@@ -281,6 +310,16 @@ def _verify_internals() -> str:
         plain["c"], plain["d"] = 3, 4  # full: "d" evicts "a"
         del plain["b"]  # a stored entry leaves like any other
         require(dict(plain) == {"c": 3, "d": 4} and plain.currsize == 2, "Cache size accounting")
+
+        if _overwrite_makes_room_for_whole_size():
+            sized: cachetools.Cache[str, str] = cachetools.Cache(3, getsizeof=len)
+            sized["a"], sized["b"] = "x", "x"
+            with _making_no_room(sized, 2):
+                sized["b"] = "xx"
+            require(
+                dict(sized) == {"a": "x", "b": "xx"} and (sized.currsize, sized.maxsize) == (3, 3),
+                "Cache maxsize",
+            )
 
         lru: cachetools.LRUCache[str, int] = cachetools.LRUCache(3)
         lru["a"], lru["b"] = 1, 2
@@ -341,6 +380,8 @@ _LFU_LAYOUT: Final = _verify_internals()
 """``"ordered buckets"`` (cachetools >= 7.3), ``"set buckets"`` (6.1 to 7.2), ``"counter"``."""
 _LFU_LINKED: Final = _LFU_LAYOUT != "counter"
 
+_OVERWRITE_MAKES_ROOM_FOR_WHOLE_SIZE: Final = _overwrite_makes_room_for_whole_size()
+
 LFU_TIES_PRESERVED: Final = _LFU_LAYOUT == "ordered buckets"
 """Whether, among entries used equally often, the one an ``LFUCache`` would evict first
 is still evicted first after a handoff (cachetools >= 7.3); counts always survive."""
@@ -372,6 +413,19 @@ def _store_in(cache: cachetools.Cache[Any, Any]) -> Callable[[Any, Any, Any, Any
         return True
 
     return store
+
+
+def _overwriting_in_room(
+    cache: cachetools.Cache[Any, Any], overwrite: Callable[[Any, Any, Any, Any], bool]
+) -> Callable[[Any, Any, Any, Any], bool]:
+    """``overwrite`` that evicts nothing to store a merged value whose growth fits."""
+    getsizeof = cache.getsizeof
+
+    def in_room(key: Any, value: Any, lifetime: Any, count: Any) -> bool:
+        with _making_no_room(cache, getsizeof(value)):
+            return overwrite(key, value, lifetime, count)
+
+    return in_room
 
 
 class _ExpiryIndex:
@@ -488,6 +542,8 @@ class CacheAdapter(Generic[_C]):
         applied = kept = 0
         dropped: dict[str, int] = {}
         with self._batch() as (live, insert, overwrite):
+            if sized and _OVERWRITE_MAKES_ROOM_FOR_WHOLE_SIZE:
+                overwrite = _overwriting_in_room(cache, overwrite)
             currsize = cache.currsize
             for record in records:
                 try:

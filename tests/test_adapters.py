@@ -1051,6 +1051,59 @@ def test_the_oldest_release_is_loaded_beside_the_installed_one() -> None:
     assert sys.modules["cachetools"] is cachetools is not oldest.cachetools
 
 
+CACHE_TYPES = ("Cache", "RRCache", "LRUCache", "FIFOCache", "LFUCache", "TTLCache", "TLRUCache")
+
+
+def sized_cache(release: Flavour, cache_type: str, maxsize: int, clock: Clock) -> Any:
+    """A cache of ``cache_type`` whose values are their own sizes; entries live 100 s."""
+    ct = release.cachetools
+    if cache_type == "TTLCache":
+        return ct.TTLCache(maxsize, ttl=100, timer=clock, getsizeof=int)
+    if cache_type == "TLRUCache":
+        return ct.TLRUCache(maxsize, lambda _k, _v, now: now + 100, timer=clock, getsizeof=int)
+    if cache_type == "RRCache":  # evictions in a known order: the test does not pass by chance
+        return ct.RRCache(maxsize, choice=max, getsizeof=int)
+    return getattr(ct, cache_type)(maxsize, getsizeof=int)
+
+
+def adapter_of(release: Flavour, cache: Any, *, merge: Merge | None = None) -> Any:
+    return getattr(release.adapters, type(cache).__name__.replace("Cache", "") + "CacheAdapter")(
+        cache, merge=merge
+    )
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+def test_a_merge_that_grows_a_value_within_room_evicts_nothing(
+    release: Flavour, cache_type: str
+) -> None:
+    # cachetools before 7.1.7 made room for the whole new size when a key was overwritten,
+    # not for its growth (cachetools #405): own entries and imported ones were evicted.
+    receiver = sized_cache(release, cache_type, 10, Clock(1000.0))
+    receiver["own"], receiver["b"] = 2, 3
+    adapter = adapter_of(release, receiver, merge=lambda old, new: old + new)
+    result = adapter.import_records([("new", 1, None), ("b", 4, None)])
+    assert result == ImportResult(applied=2)
+    assert receiver.currsize == 10
+    assert receiver.maxsize == 10
+    assert dict(receiver) == {"own": 2, "b": 7, "new": 1}
+    receiver["more"] = 1  # the cache is full again: its own writes evict as before
+    assert len(receiver) < 4
+    assert receiver.currsize <= 10
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+def test_a_merge_that_outgrows_the_room_left_changes_nothing(
+    release: Flavour, cache_type: str
+) -> None:
+    receiver = sized_cache(release, cache_type, 10, Clock(1000.0))
+    receiver["own"], receiver["b"] = 2, 3
+    adapter = adapter_of(release, receiver, merge=lambda old, new: old + new)
+    result = adapter.import_records([("b", 6, None)])
+    assert result == ImportResult(dropped={"receiver full": 1})
+    assert receiver.currsize == 5
+    assert dict(receiver) == {"own": 2, "b": 3}
+
+
 # --- mappings ---
 
 
