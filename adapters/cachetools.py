@@ -25,12 +25,13 @@ Import (records arrive hottest first)
     ``merge``: then ``merge(existing, incoming)`` is stored, counts as a write on the receiver,
     expires with the later of the two entries (never beyond the receiver's own expiry for a new
     write) and, in an ``LFUCache``, keeps the higher count. A record whose remaining lifetime minus
-    ``age`` is spent is dropped as ``"expired"``. An entry never outlives the expiry it had on the
-    sender: its expiry is the receiver's own (``ttl``, or ``ttu(...)``) or the remaining lifetime,
-    whichever ends first. ``TTLCache`` keeps its entries in expiry order, so a shortened expiry is
-    rounded down to a grid finer than 1/256 of the time left (see ``_ExpiryIndex``): an imported
-    entry may expire up to 0.4 % early, never late. A cache that cannot expire entries drops records
-    with a finite lifetime as ``"expiry unsupported"`` rather than keep them forever.
+    ``age`` is spent, or too short for the receiver's clock to tell its end from now, is dropped
+    as ``"expired"``. An entry never outlives the expiry it had on the sender: its expiry is the
+    receiver's own (``ttl``, or ``ttu(...)``) or the remaining lifetime, whichever ends first.
+    ``TTLCache`` keeps its entries in expiry order, so a shortened expiry is rounded down to a
+    grid finer than 1/256 of the time left (see ``_ExpiryIndex``): an imported entry may expire
+    up to 0.4 % early, never late. A cache that cannot expire entries drops records with a
+    finite lifetime as ``"expiry unsupported"`` rather than keep them forever.
 
     Order survives: each imported entry goes to the cold end of what was imported before
     it, and stays colder than the receiver's own entries, so after a handoff into an empty
@@ -1104,12 +1105,14 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
                     heapq.heappush(_tlru_heap(cache), replacement)
 
             def insert(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:
+                until = math.inf if lifetime is None else now + lifetime
+                if not until > now:  # a lifetime below the clock's resolution at now
+                    return False
                 cache[key] = value
                 if key not in items:  # the receiver's ttu says it is already expired
                     return False
                 items.move_to_end(key, last=False)
-                if lifetime is not None:
-                    shorten(key, now + lifetime)
+                shorten(key, until)
                 return True
 
             def overwrite(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:

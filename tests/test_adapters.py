@@ -1104,6 +1104,22 @@ def test_a_merge_that_outgrows_the_room_left_changes_nothing(
     assert dict(receiver) == {"own": 2, "b": 3}
 
 
+@pytest.mark.parametrize("cache_type", ["TTLCache", "TLRUCache"])
+def test_a_lifetime_lost_to_the_clocks_resolution_is_expired(
+    release: Flavour, cache_type: str
+) -> None:
+    # 1.5000000000000004 - 1.5 is 4.4e-16 s, less than half the spacing of floats near
+    # 3.5e9 (4.8e-7): now + lifetime == now, an entry that expires as it is stored.
+    clock = Clock(3.5e9)
+    receiver = sized_cache(release, cache_type, 1, clock)
+    records: list[Record] = [("a", 1, 1.5000000000000004), ("b", 1, 60.0)]
+    result = adapter_of(release, receiver).import_records(records, age=1.5)
+    assert result == ImportResult(applied=1, dropped={"expired": 1})
+    assert receiver.currsize == 1
+    receiver.expire()
+    assert dict(receiver) == {"b": 1}
+
+
 # --- mappings ---
 
 
