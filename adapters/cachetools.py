@@ -24,14 +24,17 @@ Import (records arrive hottest first)
     An entry the receiver already holds is kept (it is newer) unless the adapter was made with
     ``merge``: then ``merge(existing, incoming)`` is stored, counts as a write on the receiver,
     expires with the later of the two entries (never beyond the receiver's own expiry for a new
-    write) and, in an ``LFUCache``, keeps the higher count. A record whose remaining lifetime minus
-    ``age`` is spent, or too short for the receiver's clock to tell its end from now, is dropped
-    as ``"expired"``. An entry never outlives the expiry it had on the sender: its expiry is the
-    receiver's own (``ttl``, or ``ttu(...)``) or the remaining lifetime, whichever ends first.
-    ``TTLCache`` keeps its entries in expiry order, so a shortened expiry is rounded down to a
-    grid finer than 1/256 of the time left (see ``_ExpiryIndex``): an imported entry may expire
-    up to 0.4 % early, never late. A cache that cannot expire entries drops records with a
-    finite lifetime as ``"expiry unsupported"`` rather than keep them forever.
+    write) and, in an ``LFUCache``, keeps the higher count. A merged value that a
+    ``TLRUCache``'s ``ttu`` expires at once is dropped as ``"expired"``; the entry is then what
+    the cache's own write leaves (gone, or unchanged before cachetools 7.1.5). A record whose
+    remaining lifetime minus ``age`` is spent, or too short for the receiver's clock to tell
+    its end from now, is dropped as ``"expired"``. An entry never outlives the expiry it had on
+    the sender: its expiry is the receiver's own (``ttl``, or ``ttu(...)``) or the remaining
+    lifetime, whichever ends first. ``TTLCache`` keeps its entries in expiry order, so a
+    shortened expiry is rounded down to a grid finer than 1/256 of the time left (see
+    ``_ExpiryIndex``): an imported entry may expire up to 0.4 % early, never late. A cache
+    that cannot expire entries drops records with a finite lifetime as ``"expiry
+    unsupported"`` rather than keep them forever.
 
     Order survives: each imported entry goes to the cold end of what was imported before
     it, and stays colder than the receiver's own entries, so after a handoff into an empty
@@ -1116,9 +1119,12 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
                 return True
 
             def overwrite(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:
-                held_until = items[key].expires
+                held = items[key]
+                held_until = held.expires
                 cache[key] = value
-                if key not in items:
+                # The receiver's ttu says the merged value is already expired: cachetools
+                # >= 7.1.5 removes the entry, earlier releases skip the write and keep it.
+                if items.get(key, held) is held:
                     return False
                 if lifetime is not None:
                     shorten(key, max(held_until, now + lifetime))

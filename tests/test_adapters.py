@@ -1120,6 +1120,24 @@ def test_a_lifetime_lost_to_the_clocks_resolution_is_expired(
     assert dict(receiver) == {"b": 1}
 
 
+def test_a_tlru_merge_whose_value_the_receivers_ttu_refuses_is_not_applied(
+    release: Flavour,
+) -> None:
+    # cachetools before 7.1.5 skips such a write and keeps the entry it had; later ones
+    # remove the entry. Either way the merged value is not stored.
+    clock = Clock(1000.0)
+    receiver = release.cachetools.TLRUCache(
+        10, lambda _k, value, now: now if value % 5 == 0 else now + 100, timer=clock
+    )
+    receiver["a"] = 2
+    written = clone(receiver)
+    written["a"] = 5  # what the receiver's own write of the merged value does
+    adapter = adapter_of(release, receiver, merge=lambda old, new: old + new)
+    assert adapter.import_records([("a", 3, None)]) == ImportResult(dropped={"expired": 1})
+    assert dict(receiver) == dict(written)
+    assert receiver.currsize == written.currsize
+
+
 # --- mappings ---
 
 
