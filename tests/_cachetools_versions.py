@@ -35,7 +35,7 @@ FLAVOURS = ("installed", OLDEST)
 """Parameters for a ``flavour`` fixture: the installed cachetools, then the oldest."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Flavour:
     """One cachetools release and the adapters imported against it."""
 
@@ -43,8 +43,8 @@ class Flavour:
     cachetools: Any
     adapters: Any
 
-    def __str__(self) -> str:
-        return f"cachetools {self.version}"
+    def __repr__(self) -> str:
+        return f"<cachetools {self.version}>"
 
 
 def flavour(name: str) -> Flavour:
@@ -78,7 +78,11 @@ def _side_loaded(version: str) -> Flavour:
             raise ImportError(f"cannot load {installed_adapters.__file__}")
         adapters: ModuleType = importlib.util.module_from_spec(spec)
         sys.modules[name] = adapters
-        spec.loader.exec_module(adapters)
+        try:
+            spec.loader.exec_module(adapters)
+        except BaseException:
+            del sys.modules[name]
+            raise
     finally:
         sys.path.remove(str(wheel))
         for name in [name for name in sys.modules if _is_cachetools(name)]:
