@@ -24,13 +24,17 @@ Import (records arrive hottest first)
     An entry the receiver already holds is kept (it is newer) unless the adapter was made with
     ``merge``: then ``merge(existing, incoming)`` is stored, counts as a write on the receiver,
     expires with the later of the two entries (never beyond the receiver's own expiry for a new
-    write) and, in an ``LFUCache``, keeps the higher count. A record whose remaining lifetime minus
-    ``age`` is spent is dropped as ``"expired"``. An entry never outlives the expiry it had on the
-    sender: its expiry is the receiver's own (``ttl``, or ``ttu(...)``) or the remaining lifetime,
-    whichever ends first. ``TTLCache`` keeps its entries in expiry order, so a shortened expiry is
-    rounded down to a grid finer than 1/256 of the time left (see ``_ExpiryIndex``): an imported
-    entry may expire up to 0.4 % early, never late. A cache that cannot expire entries drops records
-    with a finite lifetime as ``"expiry unsupported"`` rather than keep them forever.
+    write) and, in an ``LFUCache``, keeps the higher count. A merged value that a
+    ``TLRUCache``'s ``ttu`` expires at once is dropped as ``"expired"``; the entry is then what
+    the cache's own write leaves (gone, or unchanged before cachetools 7.1.5). A record whose
+    remaining lifetime minus ``age`` is spent, or too short for the receiver's clock to tell
+    its end from now, is dropped as ``"expired"``. An entry never outlives the expiry it had on
+    the sender: its expiry is the receiver's own (``ttl``, or ``ttu(...)``) or the remaining
+    lifetime, whichever ends first. ``TTLCache`` keeps its entries in expiry order, so a
+    shortened expiry is rounded down to a grid finer than 1/256 of the time left (see
+    ``_ExpiryIndex``): an imported entry may expire up to 0.4 % early, never late. A cache
+    that cannot expire entries drops records with a finite lifetime as ``"expiry
+    unsupported"`` rather than keep them forever.
 
     Order survives: each imported entry goes to the cold end of what was imported before
     it, and stays colder than the receiver's own entries, so after a handoff into an empty
@@ -43,7 +47,8 @@ Import (records arrive hottest first)
 
 cachetools internals
     Reading without side effects and writing in place need a few private attributes
-    (``_Cache__data`` and ``__currsize``, ``_LRUCache__order``, ``_FIFOCache__order``,
+    (``_Cache__data`` and ``__currsize``, ``__maxsize`` before cachetools 7.1.7 only, whose
+    overwrites evict more than they must, ``_LRUCache__order``, ``_FIFOCache__order``,
     ``_TTLCache__links`` and ``__root``, ``_TLRUCache__items`` and ``__order``, and the LFU
     counters in one of three layouts: count buckets with ordered keys since cachetools 7.3,
     count buckets with a set of keys in 6.1 to 7.2, a ``Counter`` before). Each is used by
@@ -158,6 +163,25 @@ def _store_new(
     cache._Cache__currsize += len(data) - held  # type: ignore[attr-defined]
 
 
+@contextmanager
+def _making_no_room(cache: cachetools.Cache[Any, Any], size: float) -> Iterator[None]:
+    """Within, ``cache[key] = value`` of a held key whose new size is at most ``size``
+    evicts nothing when its growth fits (the caller checks that it does).
+
+    Before cachetools 7.1.7, ``Cache.__setitem__`` makes room for the whole new size of an
+    overwritten key that grows, not for its growth (cachetools #405: it evicts although the
+    growth fits). Raising ``maxsize`` by the new size for that one write stops the eviction
+    loop and nothing else: the write's own ``value too large`` check uses the raised bound,
+    which is why the caller checks ``size <= maxsize`` itself.
+    """
+    held = cache._Cache__maxsize  # type: ignore[attr-defined]
+    cache._Cache__maxsize = held + size  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        cache._Cache__maxsize = held  # type: ignore[attr-defined]
+
+
 def _lru_order(cache: cachetools.LRUCache[Any, Any]) -> OrderedDict[Any, None]:
     """Keys from least to most recently used."""
     return cache._LRUCache__order  # type: ignore[attr-defined,no-any-return]
@@ -256,6 +280,15 @@ def _insert_after(anchor: Any, node: Any) -> None:
     anchor.next = after.prev = node
 
 
+def _overwrite_makes_room_for_whole_size() -> bool:
+    """Whether ``cache[key] = value`` of a held key that grows evicts until the whole new
+    size fits, rather than the growth (cachetools before 7.1.7; see _making_no_room)."""
+    probe: cachetools.Cache[str, str] = cachetools.Cache(3, getsizeof=len)
+    probe["a"], probe["b"] = "x", "x"
+    probe["b"] = "xx"  # grows by 1: fits beside "a"
+    return "a" not in probe
+
+
 def _verify_internals() -> str:
     """Check every internal the adapters use; return the LFU layout (see _LFU_LAYOUT)."""
 
@@ -281,6 +314,16 @@ def _verify_internals() -> str:
         plain["c"], plain["d"] = 3, 4  # full: "d" evicts "a"
         del plain["b"]  # a stored entry leaves like any other
         require(dict(plain) == {"c": 3, "d": 4} and plain.currsize == 2, "Cache size accounting")
+
+        if _overwrite_makes_room_for_whole_size():
+            sized: cachetools.Cache[str, str] = cachetools.Cache(3, getsizeof=len)
+            sized["a"], sized["b"] = "x", "x"
+            with _making_no_room(sized, 2):
+                sized["b"] = "xx"
+            require(
+                dict(sized) == {"a": "x", "b": "xx"} and (sized.currsize, sized.maxsize) == (3, 3),
+                "Cache maxsize",
+            )
 
         lru: cachetools.LRUCache[str, int] = cachetools.LRUCache(3)
         lru["a"], lru["b"] = 1, 2
@@ -341,6 +384,8 @@ _LFU_LAYOUT: Final = _verify_internals()
 """``"ordered buckets"`` (cachetools >= 7.3), ``"set buckets"`` (6.1 to 7.2), ``"counter"``."""
 _LFU_LINKED: Final = _LFU_LAYOUT != "counter"
 
+_OVERWRITE_MAKES_ROOM_FOR_WHOLE_SIZE: Final = _overwrite_makes_room_for_whole_size()
+
 LFU_TIES_PRESERVED: Final = _LFU_LAYOUT == "ordered buckets"
 """Whether, among entries used equally often, the one an ``LFUCache`` would evict first
 is still evicted first after a handoff (cachetools >= 7.3); counts always survive."""
@@ -372,6 +417,19 @@ def _store_in(cache: cachetools.Cache[Any, Any]) -> Callable[[Any, Any, Any, Any
         return True
 
     return store
+
+
+def _overwriting_in_room(
+    cache: cachetools.Cache[Any, Any], overwrite: Callable[[Any, Any, Any, Any], bool]
+) -> Callable[[Any, Any, Any, Any], bool]:
+    """``overwrite`` that evicts nothing to store a merged value whose growth fits."""
+    getsizeof = cache.getsizeof
+
+    def in_room(key: Any, value: Any, lifetime: Any, count: Any) -> bool:
+        with _making_no_room(cache, getsizeof(value)):
+            return overwrite(key, value, lifetime, count)
+
+    return in_room
 
 
 class _ExpiryIndex:
@@ -488,6 +546,8 @@ class CacheAdapter(Generic[_C]):
         applied = kept = 0
         dropped: dict[str, int] = {}
         with self._batch() as (live, insert, overwrite):
+            if sized and _OVERWRITE_MAKES_ROOM_FOR_WHOLE_SIZE:
+                overwrite = _overwriting_in_room(cache, overwrite)
             currsize = cache.currsize
             for record in records:
                 try:
@@ -1048,18 +1108,23 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
                     heapq.heappush(_tlru_heap(cache), replacement)
 
             def insert(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:
+                until = math.inf if lifetime is None else now + lifetime
+                if not until > now:  # a lifetime below the clock's resolution at now
+                    return False
                 cache[key] = value
                 if key not in items:  # the receiver's ttu says it is already expired
                     return False
                 items.move_to_end(key, last=False)
-                if lifetime is not None:
-                    shorten(key, now + lifetime)
+                shorten(key, until)
                 return True
 
             def overwrite(key: Any, value: Any, lifetime: float | None, _count: Any) -> bool:
-                held_until = items[key].expires
+                held = items[key]
+                held_until = held.expires
                 cache[key] = value
-                if key not in items:
+                # The receiver's ttu says the merged value is already expired: cachetools
+                # >= 7.1.5 removes the entry, earlier releases skip the write and keep it.
+                if items.get(key, held) is held:
                     return False
                 if lifetime is not None:
                     shorten(key, max(held_until, now + lifetime))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any, ClassVar
 
@@ -27,6 +28,7 @@ from handoff.adapters.cachetools import (
     UnsupportedCachetools,
 )
 from handoff.adapters.mapping import MappingAdapter
+from tests._cachetools_versions import FLAVOURS, OLDEST, Flavour, flavour
 from tests.adapter_contract import AdapterContract, Merge
 
 
@@ -1030,6 +1032,110 @@ def test_errors_are_logged_once_per_batch(caplog: pytest.LogCaptureFixture) -> N
         result = LRUCacheAdapter(receiver).import_records(records)
     assert result == ImportResult(applied=1, dropped={"error": 2})
     assert len(caplog.records) == 1
+
+
+# --- on the oldest and the newest supported cachetools ---
+
+
+@pytest.fixture(scope="module", params=FLAVOURS)
+def release(request: pytest.FixtureRequest) -> Flavour:
+    """The installed cachetools, then the oldest supported (see tests/_cachetools_versions)."""
+    return flavour(request.param)
+
+
+def test_the_oldest_release_is_loaded_beside_the_installed_one() -> None:
+    oldest = flavour(OLDEST)
+    assert oldest.cachetools.__version__ == OLDEST
+    assert oldest.adapters.cachetools is oldest.cachetools
+    assert not oldest.adapters.LFU_TIES_PRESERVED  # its own checks ran: it has the old layout
+    assert sys.modules["cachetools"] is cachetools is not oldest.cachetools
+
+
+CACHE_TYPES = ("Cache", "RRCache", "LRUCache", "FIFOCache", "LFUCache", "TTLCache", "TLRUCache")
+
+
+def sized_cache(release: Flavour, cache_type: str, maxsize: int, clock: Clock) -> Any:
+    """A cache of ``cache_type`` whose values are their own sizes; entries live 100 s."""
+    ct = release.cachetools
+    if cache_type == "TTLCache":
+        return ct.TTLCache(maxsize, ttl=100, timer=clock, getsizeof=int)
+    if cache_type == "TLRUCache":
+        return ct.TLRUCache(maxsize, lambda _k, _v, now: now + 100, timer=clock, getsizeof=int)
+    if cache_type == "RRCache":  # evictions in a known order: the test does not pass by chance
+        return ct.RRCache(maxsize, choice=max, getsizeof=int)
+    return getattr(ct, cache_type)(maxsize, getsizeof=int)
+
+
+def adapter_of(release: Flavour, cache: Any, *, merge: Merge | None = None) -> Any:
+    return getattr(release.adapters, type(cache).__name__.replace("Cache", "") + "CacheAdapter")(
+        cache, merge=merge
+    )
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+def test_a_merge_that_grows_a_value_within_room_evicts_nothing(
+    release: Flavour, cache_type: str
+) -> None:
+    # cachetools before 7.1.7 made room for the whole new size when a key was overwritten,
+    # not for its growth (cachetools #405): own entries and imported ones were evicted.
+    receiver = sized_cache(release, cache_type, 10, Clock(1000.0))
+    receiver["own"], receiver["b"] = 2, 3
+    adapter = adapter_of(release, receiver, merge=lambda old, new: old + new)
+    result = adapter.import_records([("new", 1, None), ("b", 4, None)])
+    assert result == ImportResult(applied=2)
+    assert receiver.currsize == 10
+    assert receiver.maxsize == 10
+    assert dict(receiver) == {"own": 2, "b": 7, "new": 1}
+    receiver["more"] = 1  # the cache is full again: its own writes evict as before
+    assert len(receiver) < 4
+    assert receiver.currsize <= 10
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+def test_a_merge_that_outgrows_the_room_left_changes_nothing(
+    release: Flavour, cache_type: str
+) -> None:
+    receiver = sized_cache(release, cache_type, 10, Clock(1000.0))
+    receiver["own"], receiver["b"] = 2, 3
+    adapter = adapter_of(release, receiver, merge=lambda old, new: old + new)
+    result = adapter.import_records([("b", 6, None)])
+    assert result == ImportResult(dropped={"receiver full": 1})
+    assert receiver.currsize == 5
+    assert dict(receiver) == {"own": 2, "b": 3}
+
+
+@pytest.mark.parametrize("cache_type", ["TTLCache", "TLRUCache"])
+def test_a_lifetime_lost_to_the_clocks_resolution_is_expired(
+    release: Flavour, cache_type: str
+) -> None:
+    # 1.5000000000000004 - 1.5 is 4.4e-16 s, less than half the spacing of floats near
+    # 3.5e9 (4.8e-7): now + lifetime == now, an entry that expires as it is stored.
+    clock = Clock(3.5e9)
+    receiver = sized_cache(release, cache_type, 1, clock)
+    records: list[Record] = [("a", 1, 1.5000000000000004), ("b", 1, 60.0)]
+    result = adapter_of(release, receiver).import_records(records, age=1.5)
+    assert result == ImportResult(applied=1, dropped={"expired": 1})
+    assert receiver.currsize == 1
+    receiver.expire()
+    assert dict(receiver) == {"b": 1}
+
+
+def test_a_tlru_merge_whose_value_the_receivers_ttu_refuses_is_not_applied(
+    release: Flavour,
+) -> None:
+    # cachetools before 7.1.5 skips such a write and keeps the entry it had; later ones
+    # remove the entry. Either way the merged value is not stored.
+    clock = Clock(1000.0)
+    receiver = release.cachetools.TLRUCache(
+        10, lambda _k, value, now: now if value % 5 == 0 else now + 100, timer=clock
+    )
+    receiver["a"] = 2
+    written = clone(receiver)
+    written["a"] = 5  # what the receiver's own write of the merged value does
+    adapter = adapter_of(release, receiver, merge=lambda old, new: old + new)
+    assert adapter.import_records([("a", 3, None)]) == ImportResult(dropped={"expired": 1})
+    assert dict(receiver) == dict(written)
+    assert receiver.currsize == written.currsize
 
 
 # --- mappings ---
