@@ -7,14 +7,14 @@ leaving the new writes behind. A successor that already holds such a key keeps i
 (successors never overwrite): the catch-up then reports the record as not applied, so an
 update made after the drain is never lost without a word.
 
-The log keeps one 64-bit hash per exported record: of its encoded ``[key, value]``
-(:meth:`Codec.fingerprint_encoder`), not of ``hash((key, value))``: CPython hashes -1 like
--2, 1 like 1.0 and True, and objects without ``__eq__`` by identity (one mutated in place
-would go unseen). That is 8 bytes a record for as long as the node runs after the drain: a
-manual drain's price (a drain on the way out keeps no log). A record that cannot be encoded
-counts as changed. Hashes of bytes are salted per process, which is fine: both sides of the
-comparison are taken in the same process.
-"""
+The log keeps one 64-bit hash per record the drain exported (past its deadline a drain
+counts the rest by the object's size, so those the catch-up sends as well): of its
+encoded ``[key, value]`` (:meth:`Codec.fingerprint_encoder`), not of ``hash((key, value))``:
+CPython hashes -1 like -2, 1 like 1.0 and True, and objects without ``__eq__`` by identity
+(one mutated in place would go unseen). That is 8 bytes a record for as long as the node
+runs after the drain: a manual drain's price (a drain on the way out keeps no log). A record
+that cannot be encoded counts as changed. Hashes of bytes are salted per process, which is
+fine: both sides of the comparison are taken in the same process."""
 
 from __future__ import annotations
 

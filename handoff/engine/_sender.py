@@ -131,12 +131,13 @@ class Drainer:
         names do not compare with this node's. ``reason`` names the drain in its report
         ("drain", or "catch-up" for records written after a drain: there a record the
         successor did not apply because it held the key is reported as lost, since the
-        successor's copy is the older one). With ``fingerprints`` the drain logs what it
-        exports (:attr:`exported`, an :class:`ExportLog` per namespace) for a later
-        catch-up; ``sources`` replaces the export of the namespaces it names (and limits the
-        drain to them). ``stream_ids`` numbers the streams: pass the node's own counter, so
-        that a later drain (the catch-up) never offers a stream id that a receiver may still
-        hold from an earlier one."""
+        successor's copy is the older one). With ``fingerprints`` the drain logs what
+        it exported (:attr:`exported`, an :class:`ExportLog` per namespace) for a later
+        catch-up to send what it lacks: what changed since, and what a deadline left
+        unexported; ``sources`` replaces the export of the namespaces it names
+        (and limits the drain to them). ``stream_ids`` numbers the streams: pass the
+        node's own counter, so that a later drain (the catch-up) never offers a stream
+        id that a receiver may still hold from an earlier one."""
         self.exported: dict[str, ExportLog] = {}
         self.late: list[tuple[str, Link, Cancel]] = []
         """Cancels the deadline left no time for: ``(peer, link, message)``, for the node to
@@ -368,6 +369,7 @@ class Drainer:
                 yield index, part
 
     def _counting(self, records: Iterator[Record], report: NamespaceReport) -> Iterator[Record]:
+        """``records`` as they are pulled from the export: counted, and logged."""
         log = self.exported.get(report.namespace)
         for record in records:
             report.records += 1
@@ -376,16 +378,29 @@ class Drainer:
             yield record
 
     def _count_rest(
-        self, tracked: Tracked, report: NamespaceReport, exporter: Iterator[Record], *, sized: bool
+        self,
+        tracked: Tracked,
+        report: NamespaceReport,
+        exporter: Iterator[Record],
+        *,
+        sized: bool,
+        deadline: float,
     ) -> int:
-        """Count what the export still holds into the report; returns how many."""
-        if sized:
-            # By the object's size, not one by one: iterating a large cache (1-6 us a
-            # record on the event loop) would overrun the deadline by seconds.
-            left = max(0, len(tracked.adapter) - report.records)
-            report.records += left
-            return left
-        return sum(1 for _ in self._counting(exporter, report))
+        """Count what the export still holds into the report; returns how many. One by one
+        while there is time; past the deadline, when ``sized``, by the object's size:
+        iterating a large cache (1-6 us a record on the event loop) would overrun the
+        deadline by seconds. The size may count entries the export would skip (expired,
+        not yet purged): the report errs on the side of loss."""
+        counting = self._counting(exporter, report)
+        counted = 0
+        while not sized or self._clock.now() < deadline:
+            step = sum(1 for _ in itertools.islice(counting, MAX_CHUNK_RECORDS))
+            counted += step
+            if step < MAX_CHUNK_RECORDS:
+                return counted
+        left = max(0, len(tracked.adapter) - report.records)
+        report.records += left
+        return counted + left
 
     def _chunk_records(self) -> int:
         if not self._bytes_per_record:
@@ -610,7 +625,7 @@ class Drainer:
         tells how many records are left."""
         store = self._snapshots
         if store is None:
-            rest = self._count_rest(tracked, report, exporter, sized=sized)
+            rest = self._count_rest(tracked, report, exporter, sized=sized, deadline=deadline)
             report.drop(f"{reason}, no snapshot store", len(leftovers) + rest)
             return
         taken = iter(leftovers)
@@ -635,7 +650,9 @@ class Drainer:
             while batch := list(itertools.islice(records, self._snapshot_records())):
                 if self._clock.now() >= deadline:
                     rest = sum(1 for _ in taken)
-                    rest += self._count_rest(tracked, report, exporter, sized=sized)
+                    rest += self._count_rest(
+                        tracked, report, exporter, sized=sized, deadline=deadline
+                    )
                     report.drop("deadline", len(batch) + rest)
                     break
                 written += await self._write_snapshot_chunk(writer, report, batch)
