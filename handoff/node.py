@@ -48,7 +48,7 @@ from handoff.protocol import (
 )
 from handoff.snapshot import DirectorySnapshotStore, SnapshotStore
 from handoff.transforms import Transform, Transforms
-from handoff.transport import PeerLink, TLSContexts, format_address, open_listener
+from handoff.transport import TLSContexts, format_address, open_listener
 
 __all__ = ("Node",)
 
@@ -180,7 +180,6 @@ class Node:
         )
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._listener: anyio.abc.SocketListener | None = None
         self._port = s.bind_port
 
     # -- identity ---------------------------------------------------------------------------
@@ -328,9 +327,9 @@ class Node:
         :meth:`readiness` answers 503), lets streams it accepted before finish or
         withdraws from them, picks serving peers (see "Successor choice" in the README),
         streams each namespace and returns within ``timeout`` (default ``drain_timeout``)
-        whatever the peers do. Draining twice returns the first report; if the app keeps
-        writing after a drain, stopping the node sends the state again (a catch-up, see
-        :attr:`catch_up_report`).
+        whatever the peers do. Draining twice returns the first report. If the app keeps
+        writing after this drain, stopping the node sends what was written since (the
+        catch-up, see :attr:`catch_up_report`).
         """
         return await self._drain(time_limit=timeout, stopping=False)
 
@@ -342,7 +341,7 @@ class Node:
                 raise LocalProtocolError("drain() needs a started node")
             limit = self.settings.drain_timeout if time_limit is None else time_limit
             # First announce it: from here on offers are refused and peers re-route.
-            await self._set_state(NodeState.DRAINING)
+            await self._mesh.set_state(NodeState.DRAINING)
             # A drain on the way out keeps no log of what it exported: nothing follows it.
             drainer = self._drainer("drain", fingerprints=not stopping)
             report = await self._sessions.drain(drainer, time_limit=limit)
@@ -396,7 +395,7 @@ class Node:
             transforms=self.transforms,
             codec=self.codec,
             snapshots=self._snapshots,
-            peers=self._peer_links,
+            peers=self._mesh.peer_links,
             lock=self.lock,
             progress=self._drain_progress,
             reason=reason,
@@ -439,8 +438,11 @@ class Node:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if self._drain_lock.locked() or self.last_drain_report is not None:
+                if self._drain_lock.locked():
                     logger.warning("%s during the drain: the drain goes on to its deadline", name)
+                    continue
+                if self.last_drain_report is not None:
+                    logger.warning("%s: %s has drained already", name, self.name)
                     continue
                 logger.info("%s: draining %s", name, self.name)
                 assert self._task_group is not None
@@ -557,7 +559,7 @@ class Node:
         except BaseException:
             await stack.aclose()
             raise
-        self._exit_stack, self._listener, self._control = stack, listener, control
+        self._exit_stack, self._control = stack, control
         self._mesh.start(listener, discovery=discovery, tls=tls, own_addresses=own_addresses)
         self._spawn(self._warmup)
         if control is not None:
@@ -626,7 +628,7 @@ class Node:
         for scope in list(self._task_scopes):
             scope.cancel()
         task_group.cancel_scope.cancel()
-        self._exit_stack = self._task_group = self._listener = None
+        self._exit_stack = self._task_group = None
         try:
             await stack.aclose()
         finally:
@@ -710,10 +712,6 @@ class Node:
         }
         return (200 if ready else 503), body
 
-    async def _set_state(self, state: NodeState) -> None:
-        """Change this node's state and tell every peer (serving -> draining)."""
-        await self._mesh.set_state(state)
-
     def _local_node(self) -> LocalNode:
         return LocalNode(
             cluster=self.cluster,
@@ -730,9 +728,6 @@ class Node:
         )
 
     # -- background work --------------------------------------------------------------------
-
-    def _peer_links(self) -> list[tuple[Peer, PeerLink]]:
-        return self._mesh.peer_links()
 
     async def _warmup(self) -> None:
         if not self._tracked:

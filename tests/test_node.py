@@ -125,7 +125,7 @@ async def test_events_iterator_and_callbacks_report_up_leaving_down() -> None:
         b = make_node("b", "127.0.0.3", static(a))
         async with b:
             await wait_until(lambda: names(a) == ["b"])
-            await b._set_state(NodeState.DRAINING)
+            await b._mesh.set_state(NodeState.DRAINING)
             await wait_until(lambda: leaving == ["b"])
             assert a.peers()[0].state is NodeState.DRAINING
         await wait_until(lambda: downs != [])

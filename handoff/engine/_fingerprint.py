@@ -40,9 +40,6 @@ class ExportLog:
         self._hashes = array("q")
         self._sealed = False
 
-    def __len__(self) -> int:
-        return len(self._hashes)
-
     def _hash(self, record: Record) -> int | None:
         try:
             return hash(self._encode([record[0], record[1]]))

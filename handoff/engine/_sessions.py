@@ -46,11 +46,6 @@ class Sessions:
         self._drainer: Drainer | None = None
         self._late: list[tuple[str, Link, Message]] = []
 
-    @property
-    def draining(self) -> bool:
-        """True while a drain runs."""
-        return self._drainer is not None
-
     async def handle(self, peer: str, link: Link, message: Message) -> None:
         """Route one session message from ``peer`` (ProtocolError: drop the link)."""
         if isinstance(message, Accept | Refuse | Ack):

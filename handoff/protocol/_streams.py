@@ -222,7 +222,6 @@ class InboundStream(_Machine):
 
     def __init__(self, offer: Offer) -> None:
         _Machine.__init__(self, offer.stream, Side.RECEIVER)
-        self.offered_records = offer.records
 
     def send(self, message: Message) -> None:
         """Record that ``message`` (Accept, Refuse or Ack) is being sent."""
