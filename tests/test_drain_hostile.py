@@ -39,7 +39,7 @@ from handoff.protocol import (
 )
 from handoff.transforms import Transforms
 from handoff.transport import PeerLink
-from tests._helpers import CLUSTER, COOKIE
+from tests._helpers import CLUSTER, COOKIE, wait_until
 from tests.test_mesh import Harness
 
 pytestmark = pytest.mark.anyio
@@ -108,9 +108,7 @@ async def attacked(
             old = _node("old", "127.0.0.2", "v1", discovery, drain_timeout)
             old.track("n", {f"k{i}": i for i in range(ENTRIES)})
             async with old:
-                with anyio.fail_after(5):
-                    while len(old.peers()) < 2:  # noqa: ASYNC110
-                        await anyio.sleep(0.01)
+                await wait_until(lambda: len(old.peers()) == 2)
                 yield old, received, hostile
 
 

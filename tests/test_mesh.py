@@ -26,7 +26,7 @@ from handoff.membership import (
 )
 from handoff.protocol import LocalNode, Message, NodeState, Offer
 from handoff.transport import PeerLink, open_listener
-from tests._helpers import CLUSTER, COOKIE, read_until_closed
+from tests._helpers import CLUSTER, COOKIE, read_until_closed, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -108,13 +108,6 @@ class Harness:
 async def next_event(events: MemoryObjectReceiveStream[MembershipEvent]) -> MembershipEvent:
     with anyio.fail_after(5):
         return await events.receive()
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    # Bounded polling for what no membership event announces (callbacks, sessions).
-    with anyio.fail_after(5):
-        while not predicate():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
 
 
 async def test_callbacks_sessions_and_lost_peers(caplog: pytest.LogCaptureFixture) -> None:
