@@ -260,9 +260,10 @@ def drain_unstopped(trigger: str, *, why: str = "") -> None:
     and the app has not stopped: what interpreter exit, SIGTERM and SIGINT run (see the
     module's documentation). ``trigger`` and ``why`` go into the warning logged per node.
 
-    The drains run at the same time (their deadlines do not add up); each wait is bounded
-    by the node's ``drain_timeout`` plus a few seconds. Nodes a forked child inherited are
-    only forgotten, with a warning: their thread is not in this process.
+    The drains run at the same time, and the waits for them share one bound: the longest
+    ``drain_timeout`` plus a few seconds. A node that does not stop by then is given up.
+    Nodes a forked child inherited are only forgotten, with a warning: their thread is not
+    in this process.
     """
     for inherited in _unstopped.inherited():
         inherited.stop()  # says why a fork cannot drain it, and forgets it
@@ -276,12 +277,15 @@ def drain_unstopped(trigger: str, *, why: str = "") -> None:
             runner.node.settings.drain_timeout,
         )
         runner.request_stop()
+    # One deadline for all: they drain at the same time, so the waits must not add up.
+    limit = max((r.node.settings.drain_timeout for r in runners), default=0.0) + _STOP_SLACK
+    deadline = time.monotonic() + limit
     for runner in runners:
-        limit = runner.node.settings.drain_timeout + _STOP_SLACK
         try:
-            finished = runner.stop(timeout=limit)
+            finished = runner.stop(timeout=max(0.0, deadline - time.monotonic()))
         except Exception:
             logger.exception("node %s: the drain on %s failed", runner.node.name, trigger)
+            _unstopped.discard(runner)
             continue
         if not finished:
             logger.error(
@@ -290,6 +294,7 @@ def drain_unstopped(trigger: str, *, why: str = "") -> None:
                 trigger,
                 limit,
             )
+            _unstopped.discard(runner)  # not waited for again at exit
 
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
@@ -301,7 +306,9 @@ class _Unstopped:
     signals that would otherwise end the process at once."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: the signal handler runs on the main thread, which may be holding it
+        # (start_in_thread, stop, the exit hook) when the signal lands.
+        self._lock = threading.RLock()
         self._runners: dict[ThreadRunner, None] = {}  # ordered: drains start in start order
         self._exit_hook = False
         self._previous: dict[int, _Handler] = {}  # signals we handle -> the handler before

@@ -298,3 +298,27 @@ def test_an_apps_own_sigterm_handler_is_left_alone(caplog: pytest.LogCaptureFixt
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_that_lands_while_the_main_thread_holds_the_registry_lock_still_drains() -> None:
+    # The main thread holds the registry's lock in start_in_thread(), node.stop() and the
+    # exit hook; the signal handler runs on that same thread and took the lock too: with a
+    # plain Lock the process hung for ever instead of draining and ending.
+    script = textwrap.dedent(
+        """
+        import os, signal, time, handoff
+        from handoff import lifecycle
+        node = handoff.Node("shop", cookie="x" * 20, bind="127.0.0.1:0", environ={},
+                            control_socket="none", discovery="none", drain_timeout=2)
+        node.start_in_thread(wait_warm=False)
+        assert signal.getsignal(signal.SIGTERM) is lifecycle._on_signal
+        with lifecycle._unstopped._lock:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, lock held
+            time.sleep(0.1)
+        time.sleep(30)  # the drain ends the process with SIGTERM, as SIG_DFL would
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert done.returncode == -signal.SIGTERM, done.stderr
