@@ -128,7 +128,6 @@ class Mesh:
         self,
         settings: Settings,
         *,
-        membership: Membership,
         local_node: Callable[[], LocalNode],
         spawn: Spawn,
         on_session_message: SessionHandler,
@@ -136,7 +135,8 @@ class Mesh:
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
     ) -> None:
         self._settings = settings
-        self._membership = membership
+        # Duplicate links are held for a handshake's time before the tie-break.
+        self._membership = Membership(settings.node_name, grace=settings.handshake_timeout)
         self._local_node = local_node
         self._spawn = spawn
         self._on_session_message = on_session_message

@@ -870,7 +870,7 @@ _LADDER: tuple[_Setting[Any], ...] = (
 )
 
 #: The environment variables this library reads, with what each one means.
-#: Rendered in the README and by ``handoff doctor``; this is the deploy contract.
+#: The README's table lists the same names (tests/test_docs.py checks); the deploy contract.
 ENVIRONMENT_VARIABLES: tuple[tuple[str, str], ...] = tuple(
     (setting.env, setting.doc) for setting in _LADDER
 )

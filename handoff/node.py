@@ -40,7 +40,7 @@ from handoff.engine._fingerprint import ExportLog, changed_records
 from handoff.engine._restore import restore_snapshots
 from handoff.engine._sender import CATCH_UP
 from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
-from handoff.membership import Membership, MembershipEvent, Peer
+from handoff.membership import MembershipEvent, Peer
 from handoff.protocol import (
     LocalNode,
     NamespaceVersion,
@@ -168,10 +168,8 @@ class Node:
         self._stream_ids = itertools.count(1)
         # What the last drain exported, per namespace, while the node may keep serving.
         self._exported: dict[str, ExportLog] = {}
-        self._membership = Membership(s.node_name, grace=s.handshake_timeout)
         self._mesh = Mesh(
             s,
-            membership=self._membership,
             local_node=self._local_node,
             spawn=self._spawn,
             on_session_message=self._sessions.handle,
@@ -667,7 +665,7 @@ class Node:
             if __name__ == "__main__":
                 node.start_in_thread()
                 app.run(use_reloader=False)  # the reloader would start a second node
-                node.stop()  # Ctrl-C ends app.run()
+                node.stop()  # drains; a no-op if a signal already did
 
         gunicorn (one worker, ``threads`` for concurrency), in ``gunicorn.conf.py``::
 
@@ -708,7 +706,7 @@ class Node:
             "node": self.name,
             "release": self.release,
             "state": self._state.value,
-            "peers": len(self._membership.peers()),
+            "peers": len(self._mesh.peers()),
         }
         return (200 if ready else 503), body
 

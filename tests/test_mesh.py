@@ -17,7 +17,6 @@ from handoff.config import resolve_settings
 from handoff.discovery import PeerAddress, StaticDiscovery
 from handoff.membership import (
     DownReason,
-    Membership,
     MembershipEvent,
     NodeDown,
     NodeLeaving,
@@ -56,7 +55,6 @@ class Harness:
         self._task_group: anyio.abc.TaskGroup | None = None
         self.mesh = Mesh(
             self.settings,
-            membership=Membership(name, grace=handshake_timeout),
             local_node=self._local_node,
             spawn=self._spawn,
             on_session_message=self._session,
@@ -134,6 +132,8 @@ async def test_callbacks_sessions_and_lost_peers(caplog: pytest.LogCaptureFixtur
                 # A failing callback costs nothing to the next one, nor to subscribers.
                 await wait_until(lambda: ups == ["b"])
                 assert "membership callback" in caplog.text
+                # The dialling side finishes its handshake after the listening side.
+                await wait_until(lambda: len(b.mesh.peer_links()) == 1)
                 [(peer, link)] = b.mesh.peer_links()
                 assert peer.name == "a"
                 # Session messages are not the mesh's business: they go to the callback.

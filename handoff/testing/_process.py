@@ -309,18 +309,14 @@ class StateConfig:
 def genuine_by_prefix(view: Mapping[Any, Any], value_size: int) -> dict[str, int]:
     """Entries whose value is what a node with their key's prefix (``key_prefix``) and
     ``value_size`` generates, counted per prefix: which source nodes' state a node holds.
-    Entries that match no such node are counted under ``""``."""
+    Entries that match no such node are counted under ``""``. The prefix is the key without
+    its trailing digits, so prefixes must not end in a digit."""
     counts: dict[str, int] = {}
     for key, value in view.items():
-        prefix = key.rstrip("0123456789") if isinstance(key, str) else None
-        digits = key[len(prefix) :] if isinstance(key, str) and prefix is not None else ""
-        genuine = (
-            prefix is not None
-            and digits.isdigit()
-            and str(int(digits)) == digits
-            and value == state_value(int(digits), value_size)
-        )
-        name = prefix if genuine and prefix is not None else ""
+        prefix = key.rstrip("0123456789") if isinstance(key, str) else ""
+        source = StateConfig(key_prefix=prefix, value_size=value_size)
+        index = source.index_of(key)
+        name = prefix if index is not None and value == source.value(index) else ""
         counts[name] = counts.get(name, 0) + 1
     return counts
 
