@@ -151,9 +151,11 @@ def test_a_second_signal_does_not_cut_the_drain_short(stack: contextlib.ExitStac
 
 
 @pytest.mark.slow
-def test_a_forked_child_does_not_hang_on_its_parents_node(tmp_path: Path) -> None:
+@pytest.mark.parametrize("child_stops", [True, False], ids=["node.stop()", "exit hook"])
+def test_a_forked_child_does_not_hang_on_its_parents_node(child_stops: bool) -> None:
     # gunicorn --preload, multiprocessing with fork: the child inherits the node but not its
     # thread. Stopping it there (worker_exit, interpreter exit) must neither hang nor drain.
+    stop = "node.stop()" if child_stops else "pass  # the exit hook finds the node"
     code = textwrap.dedent(
         f"""
         import os, sys
@@ -167,7 +169,7 @@ def test_a_forked_child_does_not_hang_on_its_parents_node(tmp_path: Path) -> Non
         node.start_in_thread(wait_warm=False)
         pid = os.fork()
         if pid == 0:
-            node.stop()
+            {stop}
             sys.exit(0)  # the interpreter's exit must not wait for the missing thread
         _, status = os.waitpid(pid, 0)
         print("child", os.waitstatus_to_exitcode(status), flush=True)
