@@ -53,16 +53,12 @@ from handoff.control import (
 from handoff.discovery import PeerAddress, make_discovery
 from handoff.protocol import (
     Connection,
-    FrameDecoder,
     HandshakeComplete,
-    Info,
     Limits,
     LocalNode,
     NodeState,
     PeerInfo,
     Role,
-    decode_message,
-    encode_frame,
 )
 from handoff.transport import TLSContexts, open_connection, translate_errors
 
@@ -447,19 +443,6 @@ _FIX_PROTOCOL = (
 )
 
 
-def _without_info(data: bytes) -> bytes:
-    """The outgoing frames minus this side's Info: the handshake then stops one message
-    short on the peer's side, so the doctor never becomes a member there."""
-    decoder = FrameDecoder(len(data) + 1, 64)
-    decoder.feed(data)
-    kept = bytearray()
-    while (obj := decoder.next_object()) is not None:
-        message = decode_message(obj)
-        if not isinstance(message, Info):
-            kept += encode_frame(message.to_wire())
-    return bytes(kept)
-
-
 async def _handshake(
     target: PeerAddress, settings: Settings, tls: TLSContexts | None, identity: LocalNode
 ) -> PeerInfo:
@@ -476,6 +459,7 @@ async def _handshake(
         settings.cookie,
         now=anyio.current_time(),
         limits=Limits(handshake_timeout=settings.handshake_timeout),
+        announce=False,
     )
     try:
         with anyio.fail_after(settings.handshake_timeout), translate_errors(remote):
@@ -491,7 +475,7 @@ async def _handshake(
                         with anyio.move_on_after(0.5):
                             await stream.send(reject)
                     raise
-                outgoing = _without_info(connection.data_to_send())
+                outgoing = connection.data_to_send()
                 if outgoing:
                     await stream.send(outgoing)
                 for event in events:
