@@ -30,6 +30,7 @@ from anyio.abc import SocketAttribute
 from handoff._adapter import Adapter, Record
 from handoff._codec import Codec
 from handoff._errors import ConfigError, LocalProtocolError
+from handoff._keys import cluster_key
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
 from handoff._registry import adapter_for
 from handoff.config import Settings, resolve_settings
@@ -130,9 +131,11 @@ class Node:
         """The upgrade / downgrade hooks registered with :meth:`upgrade` and :meth:`downgrade`."""
         self.codec = Codec()
         """Serializer of records; register encoders for your own value types on it."""
-        self._snapshots: SnapshotStore | None = (
-            DirectorySnapshotStore(s.snapshot_dir) if s.snapshot_dir is not None else None
-        )
+        self._snapshots: SnapshotStore | None = None
+        if s.snapshot_dir is not None:
+            # Only a holder of the cookie can make a snapshot this node restores.
+            key = cluster_key(s.cookie, s.cluster).derive("snapshot")
+            self._snapshots = DirectorySnapshotStore(s.snapshot_dir, key=key)
         self._drain_watchers: list[Callable[[NamespaceReport], None]] = []
         self._control: ControlServer | None = None
         self._drain_lock = anyio.Lock()
