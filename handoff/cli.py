@@ -41,8 +41,12 @@ from handoff._errors import (
     TLSError,
     VersionMismatch,
 )
+from handoff._text import peer_text
 from handoff.config import Settings, describe, resolve_settings
 from handoff.control import (
+    REPORT_SHAPE,
+    STATUS_SHAPE,
+    WAIT_READY_SHAPE,
     AmbiguousSocket,
     ControlError,
     ControlPermissionError,
@@ -254,15 +258,20 @@ def _ask(
     *,
     time_limit: float,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    shape: Any = None,
 ) -> dict[str, Any]:
     path = locate_socket(args.socket)
     return anyio.run(
-        functools.partial(call, path, request, time_limit=time_limit, on_progress=on_progress)
+        functools.partial(
+            call, path, request, time_limit=time_limit, on_progress=on_progress, shape=shape
+        )
     )
 
 
 def _status(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"command": "status"}, time_limit=STATUS_TIME_LIMIT)
+    reply = _ask(
+        args, {"command": "status"}, time_limit=STATUS_TIME_LIMIT, shape={"status": STATUS_SHAPE}
+    )
     status: dict[str, Any] = reply["status"]
     if args.json:
         _print_json(status)
@@ -273,19 +282,21 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _status_lines(status: Mapping[str, Any]) -> list[str]:
-    warm = f"warm ({status['warm_reason']})" if status["warm"] else "warming up"
+    # Every string here may come from a peer (names, releases) or stand for one: escaped.
+    t = peer_text
+    warm = f"warm ({t(status['warm_reason'])})" if status["warm"] else "warming up"
     lines = [
-        f"node {status['node']} of cluster {status['cluster']}, release {status['release']}, "
-        f"{status['state']}, {warm}",
-        f"address {status['address'] or '(none advertised)'}, pid {status['pid']}",
+        f"node {t(status['node'])} of cluster {t(status['cluster'])}, release "
+        f"{t(status['release'])}, {t(status['state'])}, {warm}",
+        f"address {t(status['address'] or '(none advertised)')}, pid {status['pid']}",
         "",
     ]
     members = [
         (
-            ("* " if m["self"] else "  ") + m["name"],
-            m["release"],
-            m["state"],
-            m["address"] or "-",
+            ("* " if m["self"] else "  ") + t(m["name"]),
+            t(m["release"]),
+            t(m["state"]),
+            t(m["address"] or "-"),
         )
         for m in status["members"]
     ]
@@ -293,15 +304,20 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
     lines.append("")
     if status["tracked"]:
         tracked = [
-            (t["namespace"], t["kind"], "?" if t["entries"] is None else t["entries"], t["version"])
-            for t in status["tracked"]
+            (
+                peer_text(n["namespace"]),
+                peer_text(n["kind"]),
+                "?" if n["entries"] is None else n["entries"],
+                n["version"],
+            )
+            for n in status["tracked"]
         ]
         lines += _table(("NAMESPACE", "ADAPTER", "ENTRIES", "VERSION"), tracked)
     else:
         lines.append("no tracked namespaces")
     lines.append("")
     drain = status.get("last_drain")
-    lines.append("last drain: " + ("none" if drain is None else str(drain["summary"])))
+    lines.append("last drain: " + ("none" if drain is None else t(drain["summary"], 2000)))
     return lines
 
 
@@ -316,27 +332,34 @@ def _drain(args: argparse.Namespace) -> int:
         if progress.get("event") == "started":
             already = " (already draining: waiting for its report)" if progress["already"] else ""
             print(
-                f"draining {progress['node']} within {progress['timeout']:g} s{already}",
+                f"draining {peer_text(progress['node'])} within {progress['timeout']:g} s{already}",
                 flush=True,
             )
         elif progress.get("event") == "namespace":
             print(
-                f"  {progress['namespace']}: {progress['acknowledged']} acknowledged, "
+                f"  {peer_text(progress['namespace'])}: {progress['acknowledged']} acknowledged, "
                 f"{progress['snapshotted']} snapshotted, {progress['dropped']} dropped "
                 f"(of {progress['records']} exported so far)",
                 flush=True,
             )
 
-    reply = _ask(args, request, time_limit=DRAIN_START_LIMIT, on_progress=show)
+    reply = _ask(
+        args,
+        request,
+        time_limit=DRAIN_START_LIMIT,
+        on_progress=show,
+        shape={"report": REPORT_SHAPE},
+    )
     report: dict[str, Any] = reply["report"]
     if args.json:
         _print_json(report)
     else:
-        print(report["summary"])
+        print(peer_text(report["summary"], 10_000))
     if not report["ok"]:
         print(
             f"handoff drain: error: {report['lost']} records lost ({report['dropped']} dropped "
-            f"by {report['node']}, {report['receiver_dropped']} by successors; see the report)",
+            f"by {peer_text(report['node'])}, {report['receiver_dropped']} by successors; see "
+            "the report)",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -348,14 +371,16 @@ def _wait_ready(args: argparse.Namespace) -> int:
         args,
         {"command": "wait-ready", "timeout": args.timeout},
         time_limit=args.timeout + WAIT_GRACE,
+        shape=WAIT_READY_SHAPE,
     )
     if args.json:
         _print_json({k: v for k, v in reply.items() if k != "type"})
     elif reply["warm"]:
-        print(f"{reply['node']} is warm: {reply['reason']}")
+        print(f"{peer_text(reply['node'])} is warm: {peer_text(reply['reason'])}")
     if not reply["warm"]:
         print(
-            f"handoff wait-ready: error: {reply['node']} is not warm after {args.timeout:g} s",
+            f"handoff wait-ready: error: {peer_text(reply['node'])} is not warm after "
+            f"{args.timeout:g} s",
             file=sys.stderr,
         )
         return EXIT_FAILED

@@ -83,7 +83,7 @@ def refusal(directory: Path, data: bytes, key: bytes = KEY) -> str:
     infos = store.pending("shop")
     if infos:
         (info,) = infos
-        yielded = []
+        yielded: list[tuple[bytes, int]] = []
         with pytest.raises(SnapshotCorrupt) as caught:
             yielded.extend(store.read(info))
         assert yielded == []
