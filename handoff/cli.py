@@ -533,20 +533,22 @@ async def _handshake(
 def _probe_problem(check: PeerCheck, exc: HandoffError, cluster: str) -> Problem:
     who = check.address + (f" ({check.name})" if check.name else "")
     if isinstance(exc, ConnectError):
-        return Problem(f"cannot reach {who}: {exc}", _FIX_REACH)
+        return Problem(f"cannot reach {who}: {check.error}", _FIX_REACH)
     if isinstance(exc, AuthenticationError):
-        return Problem(f"{who} does not share this cookie (HANDOFF_COOKIE): {exc}", _FIX_COOKIE)
+        return Problem(
+            f"{who} does not share this cookie (HANDOFF_COOKIE): {check.error}", _FIX_COOKIE
+        )
     if isinstance(exc, ClusterMismatch):
         # The peer's message speaks from its side ("this node" is the peer).
         return Problem(
-            f"{who} is not in cluster {cluster!r} (HANDOFF_CLUSTER); it says: {exc}",
+            f"{who} is not in cluster {cluster!r} (HANDOFF_CLUSTER); it says: {check.error}",
             _FIX_CLUSTER,
         )
     if isinstance(exc, VersionMismatch):
-        return Problem(f"{who} speaks another protocol version: {exc}", _FIX_VERSION)
+        return Problem(f"{who} speaks another protocol version: {check.error}", _FIX_VERSION)
     if isinstance(exc, TLSError):
-        return Problem(f"TLS with {who} failed: {exc}", _FIX_TLS)
-    return Problem(f"handshake with {who} failed: {exc}", _FIX_PROTOCOL)
+        return Problem(f"TLS with {who} failed: {check.error}", _FIX_TLS)
+    return Problem(f"handshake with {who} failed: {check.error}", _FIX_PROTOCOL)
 
 
 @dataclass(slots=True)
@@ -570,17 +572,19 @@ async def _check_peer(
     try:
         peer = await _handshake(target, settings, tls, identity)
     except HandoffError as exc:
-        check.error = str(exc)
+        # A rejection's reason is the peer's text.
+        check.error = peer_text(exc, 1000)
         found.problems.append(_probe_problem(check, exc, settings.cluster))
         return found
+    # The peer chose its name, release and namespace names: escaped before they are shown.
     check.ok = True
-    check.name = peer.name
-    check.release = peer.release
+    check.name = peer_text(peer.name)
+    check.release = peer_text(peer.release)
     check.state = peer.state.value
     check.protocol_version = peer.protocol_version
     check.clock_offset = round(peer.clock_offset, 3) + 0.0  # no "-0.000"
-    check.namespaces = {ns.name: ns.version for ns in peer.namespaces}
-    who = f"{peer.name} ({check.address})"
+    check.namespaces = {peer_text(ns.name): ns.version for ns in peer.namespaces}
+    who = f"{check.name} ({check.address})"
     if abs(peer.clock_offset) > CLOCK_TOLERANCE:
         found.problems.append(
             Problem(
@@ -594,32 +598,31 @@ async def _check_peer(
         found.notes.append(f"{who} is draining")
     if local is None:
         return found
-    if peer.name == local["node"]:
+    me = peer_text(local["node"])
+    if check.name == me:
         check.local = True
         return found
-    ours: dict[str, int] = next(m for m in local["members"] if m["self"])["namespaces"]
+    ours: dict[str, int] = next((m["namespaces"] for m in local["members"] if m["self"]), {})
     for namespace, version in sorted(ours.items()):
         theirs = check.namespaces.get(namespace)
         if theirs is None:
             found.problems.append(
                 Problem(
                     f"{who} does not track {namespace!r}, which the local node "
-                    f"{local['node']} tracks (version {version}): {peer.name} refuses that "
-                    f"state when {local['node']} drains",
+                    f"{me} tracks (version {version}): {check.name} refuses that "
+                    f"state when {me} drains",
                     f"track {namespace!r} on every release (node.track({namespace!r}, ...)), "
                     "or expect it to go to other peers or to the snapshot store",
                 )
             )
         elif theirs != version:
             found.notes.append(
-                f"{namespace!r}: version {version} on {local['node']}, {theirs} on "
-                f"{peer.name}: the newer release needs @node.upgrade / @node.downgrade hooks "
+                f"{namespace!r}: version {version} on {me}, {theirs} on "
+                f"{check.name}: the newer release needs @node.upgrade / @node.downgrade hooks "
                 f"between {min(version, theirs)} and {max(version, theirs)}"
             )
     for namespace in sorted(set(check.namespaces) - set(ours)):
-        found.notes.append(
-            f"{peer.name} tracks {namespace!r}, the local node {local['node']} does not"
-        )
+        found.notes.append(f"{check.name} tracks {namespace!r}, the local node {me} does not")
     return found
 
 
@@ -639,14 +642,19 @@ async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> 
 
     try:
         path = locate_socket(socket_arg, environ)
-        status = await call(path, {"command": "status"}, time_limit=STATUS_TIME_LIMIT)
+        status = await call(
+            path,
+            {"command": "status"},
+            time_limit=STATUS_TIME_LIMIT,
+            shape={"status": STATUS_SHAPE},
+        )
         report.local = status["status"]
     except ControlError as exc:
         report.local_note = f"{exc} (schema versions are listed, not compared)"
     if report.local is not None and report.local["cluster"] != settings.cluster:
         report.problems.append(
             Problem(
-                f"the local node {report.local['node']} is in cluster "
+                f"the local node {peer_text(report.local['node'])} is in cluster "
                 f"{report.local['cluster']!r}, the environment here says {settings.cluster!r}",
                 "run handoff doctor with the node's environment (HANDOFF_CLUSTER), or point "
                 "--socket at the node of this cluster",
@@ -734,9 +742,12 @@ def _doctor_lines(report: DoctorReport) -> list[str]:
     lines.append("")
     if report.local is not None:
         local = report.local
-        namespaces = ", ".join(f"{t['namespace']} v{t['version']}" for t in local["tracked"])
+        namespaces = ", ".join(
+            f"{peer_text(t['namespace'])} v{t['version']}" for t in local["tracked"]
+        )
         lines.append(
-            f"local node: {local['node']} ({local['state']}), tracks {namespaces or 'nothing'}"
+            f"local node: {peer_text(local['node'])} ({peer_text(local['state'])}), tracks "
+            f"{namespaces or 'nothing'}"
         )
     elif report.local_note:
         lines.append(f"local node: {report.local_note}")

@@ -337,3 +337,32 @@ def test_peer_text_is_escaped_in_status_output(
     assert "\x07" not in out
     assert "FORGED LINE" not in out.replace("\\nFORGED LINE", "")
     assert "\\x1b]0;owned\\x07peer\\nFORGED LINE" in out
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        {**GOOD_STATUS, "tracked": ["users"]},
+        {
+            **GOOD_STATUS,
+            "node": "\x1b[2Jwiped",
+            "tracked": [{"namespace": "\x1b[31mred", "kind": "k", "entries": 1, "version": 1}],
+        },
+    ],
+    ids=["tracked of the wrong type", "escapes"],
+)
+def test_doctor_survives_a_hostile_local_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: dict[str, Any]
+) -> None:
+    path = tmp_path / "fake.sock"
+    env = {
+        "HANDOFF_CLUSTER": "shop",
+        "HANDOFF_COOKIE": COOKIE,
+        "HANDOFF_CONTROL_SOCKET": str(path),
+        "HANDOFF_DISCOVERY": "static:127.0.0.1:9",
+    }
+    with fake_node(path, [result(status=status)]):
+        code, out, err = cli(capsys, "doctor", env=env)
+    assert code == 1  # nobody listens at the discovered address
+    assert "Traceback" not in err
+    assert "\x1b" not in out
