@@ -4,7 +4,14 @@ A running node serves it on ``HANDOFF_CONTROL_SOCKET`` (default
 ``${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<cluster>.sock``; ``none`` disables it). Only
 processes of the node's own user, or root, may use it: the socket is mode 0600, the default
 directory mode 0700, and the server checks the peer's credentials (``SO_PEERCRED`` on Linux)
-before it reads a byte.
+before it reads a byte. A default directory that is not this user's own (another user made
+it, it is a link, or others may write it) is left alone: the node serves in a fresh private
+``handoff-<uid>-XXXXXXXX`` directory beside it instead, where :func:`locate_socket` looks
+next. So a squatter can neither answer in the node's name nor leave it without a socket.
+
+The client trusts only a socket of its own user, reached without a symbolic link, in a
+directory nobody else can write; every reply line is checked against the shape the CLI
+reads (:func:`shape_problem`) before anything of it is shown.
 
 The protocol is JSON lines, one request per connection. The client sends one object, the
 server answers with zero or more ``progress`` lines and one final ``result`` or ``error``
