@@ -74,6 +74,20 @@ def layout(data: bytes) -> tuple[int, list[tuple[int, int]], int]:
     return header_end, chunks, offset
 
 
+def restore_into_empty(store: DirectorySnapshotStore) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore the store's snapshots of "users" into an empty dict: (what restore reported,
+    what the dict then holds)."""
+    target: dict[str, Any] = {}
+    restored = restore_snapshots(
+        store,
+        cluster="shop",
+        tracked={"users": Tracked("users", target, adapter_for(target), 1)},
+        transforms=Transforms(),
+        codec=codec,
+    )
+    return dict(restored), target
+
+
 def refusal(directory: Path, data: bytes, key: bytes = KEY) -> str:
     """Offer ``data`` as a snapshot in a fresh store; why it was refused (it must be)."""
     store = store_at(directory, key)
@@ -158,18 +172,9 @@ def old_format(chunks: list[tuple[bytes, int]]) -> bytes:
 
 
 def test_a_hand_made_file_with_valid_old_checksums_is_never_restored(tmp_path: Path) -> None:
-    target: dict[str, Any] = {}
     store = store_at(tmp_path)
     (tmp_path / "0000000000001-users-forged.snapshot").write_bytes(old_format([payload(0, 3)]))
-    restored = restore_snapshots(
-        store,
-        cluster="shop",
-        tracked={"users": Tracked("users", target, adapter_for(target), 1)},
-        transforms=Transforms(),
-        codec=codec,
-    )
-    assert restored == {}
-    assert target == {}
+    assert restore_into_empty(store) == ({}, {})
     reason = (tmp_path / "corrupt" / "0000000000001-users-forged.snapshot.reason.txt").read_text()
     assert reason.startswith("format 1 (checksums anyone can recompute, no authentication)")
 
@@ -242,16 +247,7 @@ def test_an_undecodable_second_chunk_means_nothing_is_applied(tmp_path: Path) ->
     store = store_at(tmp_path)
     # Authenticated (the writer had the key) but not records: a bug, or a codec change.
     info = write(store, [payload(0, 3), (b"\xc1 not msgpack", 2), payload(5, 1)])
-    target: dict[str, Any] = {}
-    restored = restore_snapshots(
-        store,
-        cluster="shop",
-        tracked={"users": Tracked("users", target, adapter_for(target), 1)},
-        transforms=Transforms(),
-        codec=codec,
-    )
-    assert target == {}
-    assert restored == {}
+    assert restore_into_empty(store) == ({}, {})
     assert not info.path.exists()
     assert (tmp_path / "corrupt" / info.path.name).exists()
 
