@@ -150,9 +150,11 @@ class Node:
         """The upgrade / downgrade hooks registered with :meth:`upgrade` and :meth:`downgrade`."""
         self.codec = Codec()
         """Serializer of records; register encoders for your own value types on it."""
-        self._snapshots: SnapshotStore | None = (
-            DirectorySnapshotStore(s.snapshot_dir) if s.snapshot_dir is not None else None
-        )
+        self._snapshots: SnapshotStore | None = None
+        if s.snapshot_dir is not None:
+            # Only a holder of the cookie can make a snapshot this node restores.
+            key = cluster_key(s.cookie, s.cluster).derive("snapshot")
+            self._snapshots = DirectorySnapshotStore(s.snapshot_dir, key=key)
         self._drain_watchers: list[Callable[[NamespaceReport], None]] = []
         self._control: ControlServer | None = None
         self._drain_lock = anyio.Lock()
