@@ -41,6 +41,7 @@ from handoff.config import Settings
 from handoff.discovery import Discovery, PeerAddress
 from handoff.membership import (
     DUPLICATE,
+    NAME_IN_USE,
     DownReason,
     Membership,
     MembershipEvent,
@@ -136,7 +137,11 @@ class Mesh:
     ) -> None:
         self._settings = settings
         # Duplicate links are held for a handshake's time before the tie-break.
-        self._membership = Membership(settings.node_name, grace=settings.handshake_timeout)
+        self._membership = Membership(
+            settings.node_name,
+            grace=settings.handshake_timeout,
+            heartbeat_timeout=settings.heartbeat_timeout,
+        )
         self._local_node = local_node
         self._spawn = spawn
         self._on_session_message = on_session_message
@@ -333,6 +338,10 @@ class Mesh:
 
     # -- links ------------------------------------------------------------------------------
 
+    def _last_heard(self, link_id: int) -> float:
+        link = self._links.get(link_id)
+        return link.last_received if link is not None else -math.inf
+
     def _link(self, stream: anyio.abc.ByteStream, role: Role, remote: str) -> PeerLink:
         # A peer that stops reading for as long as it may stay silent counts as gone.
         return PeerLink(
@@ -473,14 +482,27 @@ class Mesh:
     ) -> None:
         link_id = next(self._link_ids)
         decision = self._membership.established(
-            link_id, peer, dialled=dialled, address=address, now=anyio.current_time()
+            link_id,
+            peer,
+            dialled=dialled,
+            address=address,
+            now=anyio.current_time(),
+            last_heard=self._last_heard,
         )
         for other in decision.close:
             stale = self._links.get(other)
             if stale is not None and self._running:
                 self._spawn(stale.aclose, DUPLICATE)
         if not decision.keep:
-            await link.aclose(DUPLICATE)
+            if decision.reason == NAME_IN_USE:
+                logger.warning(
+                    "%s: refused %s from %s: a live node already has that name (it is "
+                    "admitted once that node's link is gone)",
+                    self._settings.node_name,
+                    peer.name,
+                    address,
+                )
+            await link.aclose(decision.reason)
             return
         self._links[link_id] = link
         self._publish(decision.events)
@@ -492,6 +514,14 @@ class Mesh:
                         self._publish(self._membership.state_changed(link_id, event.state))
                     elif isinstance(event, PeerGoodbye):
                         reason, detail = DownReason.GOODBYE, event.reason
+                        if detail == NAME_IN_USE:
+                            logger.warning(
+                                "%s: %s refused this node: it has a live link to another "
+                                "node named %s; retrying",
+                                self._settings.node_name,
+                                peer.name,
+                                self._settings.node_name,
+                            )
                         return
                     elif isinstance(event, MessageReceived):
                         await self._on_session_message(peer.name, link, event.message)
