@@ -37,6 +37,8 @@ from handoff._errors import (
     TLSError,
     VersionMismatch,
 )
+from handoff._guard import PendingHandshakes, source_of
+from handoff._text import peer_text
 from handoff.config import Settings
 from handoff.discovery import Discovery, PeerAddress
 from handoff.membership import (
@@ -73,6 +75,7 @@ from handoff.transport import (
 __all__ = (
     "EVENT_BUFFER",
     "MAX_PENDING_HANDSHAKES",
+    "MAX_PENDING_PER_SOURCE",
     "DownCallback",
     "Mesh",
     "PeerCallback",
@@ -91,9 +94,13 @@ SessionHandler = Callable[[str, PeerLink, Message], Awaitable[None]]
 
 EVENT_BUFFER = 1024
 EVICTION_LOG_INTERVAL = 10.0
-# Handshakes in progress at once; past this the oldest is dropped to admit a newcomer, so
-# peers that connect and never authenticate cost a socket each and cannot lock others out.
+# Handshakes in progress at once; past this one is dropped to admit a newcomer (see
+# PendingHandshakes: the source holding the most pays), so peers that connect and never
+# authenticate cost a socket each and cannot lock others out.
 MAX_PENDING_HANDSHAKES = 256
+# Handshakes in progress from one address (an IPv6 /64): a flood from there only ever
+# displaces its own. Several worker nodes on one machine dial at once, hence not 1 or 2.
+MAX_PENDING_PER_SOURCE = 8
 
 
 class Spawn(Protocol):
@@ -110,6 +117,14 @@ def _remote_of(stream: anyio.abc.ByteStream) -> str:
     if isinstance(address, tuple):
         return format_address(str(address[0]), int(address[1]))
     return str(address)
+
+
+def _source_of(stream: anyio.abc.ByteStream) -> str:
+    try:
+        address = stream.extra(SocketAttribute.remote_address)
+    except anyio.TypedAttributeLookupError:
+        return "unknown"
+    return source_of(str(address[0])) if isinstance(address, tuple) else str(address)
 
 
 def _describe(peer: Peer) -> str:
@@ -134,6 +149,7 @@ class Mesh:
         on_session_message: SessionHandler,
         on_peer_lost: Callable[[str], None],
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+        max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
     ) -> None:
         self._settings = settings
         # Duplicate links are held for a handshake's time before the tie-break.
@@ -146,7 +162,6 @@ class Mesh:
         self._spawn = spawn
         self._on_session_message = on_session_message
         self._on_peer_lost = on_peer_lost
-        self._max_pending = max_pending_handshakes
         self._state = NodeState.SERVING
         self._limits = Limits(
             handshake_timeout=settings.handshake_timeout,
@@ -159,9 +174,9 @@ class Mesh:
         self._leaving_callbacks: list[PeerCallback] = []
         self._down_callbacks: list[DownCallback] = []
         self._subscribers: set[MemoryObjectSendStream[MembershipEvent]] = set()
-        # Incoming handshakes in progress, oldest first (dicts keep insertion order).
-        self._pending: dict[int, anyio.CancelScope] = {}
-        self._pending_ids = itertools.count(1)
+        # Incoming handshakes in progress, and how to cancel each.
+        self._pending = PendingHandshakes(max_pending_handshakes, max_pending_per_source)
+        self._pending_scopes: dict[int, anyio.CancelScope] = {}
         self._evicted = 0
         self._evictions_logged_at = -math.inf
         self._dialling: set[str] = set()
@@ -371,27 +386,38 @@ class Mesh:
                 logger.warning("accepting a connection failed: %s", exc)
                 await anyio.sleep(0.1)
                 continue
-            if len(self._pending) >= self._max_pending:
-                # Evict the oldest pending handshake instead of refusing the newcomer:
-                # otherwise sockets that connect and stay silent lock real peers out
-                # until they time out, and a slow trickle of them keeps it that way.
-                oldest = next(iter(self._pending))
-                self._pending.pop(oldest).cancel()
-                self._evicted += 1
-                now = anyio.current_time()
-                # Summarised: whoever floods us must not also control our log volume.
-                if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
-                    logger.warning(
-                        "%d pending handshakes (the cap): dropped the %d oldest so that "
-                        "new peers get in (latest from %s)",
-                        len(self._pending) + 1,
-                        self._evicted,
-                        _remote_of(stream),
-                    )
-                    self._evicted, self._evictions_logged_at = 0, now
-            pending_id, scope = next(self._pending_ids), anyio.CancelScope()
-            self._pending[pending_id] = scope
-            self._spawn(self._serve_incoming, stream, pending_id, scope)
+            source = _source_of(stream)
+            admission = self._pending.admit(source)
+            for evicted in admission.evicted:
+                scope = self._pending_scopes.pop(evicted, None)
+                if scope is not None:
+                    scope.cancel()
+            if admission.evicted or admission.id is None:
+                self._note_eviction(source)
+            if admission.id is None:
+                await anyio.aclose_forcefully(stream)
+                continue
+            scope = anyio.CancelScope()
+            self._pending_scopes[admission.id] = scope
+            self._spawn(self._serve_incoming, stream, admission.id, scope)
+
+    def _note_eviction(self, source: str) -> None:
+        # Summarised: whoever floods us must not also control our log volume.
+        self._evicted += 1
+        now = anyio.current_time()
+        if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
+            logger.warning(
+                "%d pending handshakes (the cap is %d in all, %d per address): dropped %d "
+                "so that new peers get in, taken from the addresses holding the most "
+                "(latest from %s, which holds %d)",
+                len(self._pending),
+                self._pending.total,
+                self._pending.per_source,
+                self._evicted,
+                peer_text(source),
+                self._pending.count(source),
+            )
+            self._evicted, self._evictions_logged_at = 0, now
 
     async def _serve_incoming(
         self, stream: anyio.abc.ByteStream, pending_id: int, scope: anyio.CancelScope
@@ -420,7 +446,8 @@ class Mesh:
             await anyio.aclose_forcefully(stream)
             return
         finally:
-            self._pending.pop(pending_id, None)
+            self._pending.done(pending_id)
+            self._pending_scopes.pop(pending_id, None)
         if done is None:  # evicted (logged by _accept_loop)
             await anyio.aclose_forcefully(stream)
             return

@@ -23,9 +23,26 @@ from handoff.membership import (
     NodeUp,
     Peer,
 )
-from handoff.protocol import LocalNode, Message, NodeState, Offer
+from handoff.protocol import (
+    Connection,
+    HandshakeComplete,
+    Limits,
+    LocalNode,
+    Message,
+    NodeState,
+    Offer,
+    Role,
+)
 from handoff.transport import PeerLink, open_listener
-from tests._helpers import CLUSTER, COOKIE, read_until_closed, wait_until
+from tests._helpers import (
+    CLUSTER,
+    COOKIE,
+    loopback_aliases_usable,
+    read_until_closed,
+    wait_until,
+)
+
+FLOOD_HOST = "127.0.0.9"
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +51,13 @@ class Harness:
     """One mesh on loopback; records the session messages and lost peers it reports."""
 
     def __init__(
-        self, name: str, host: str, *, max_pending: int = 256, handshake_timeout: float = 1.0
+        self,
+        name: str,
+        host: str,
+        *,
+        max_pending: int = 256,
+        max_pending_per_source: int = 8,
+        handshake_timeout: float = 1.0,
     ) -> None:
         self.name, self.host, self.port = name, host, 0
         self.settings = resolve_settings(
@@ -60,6 +83,7 @@ class Harness:
             on_session_message=self._session,
             on_peer_lost=self.lost.append,
             max_pending_handshakes=max_pending,
+            max_pending_per_source=max_pending_per_source,
         )
 
     def _local_node(self) -> LocalNode:
@@ -169,7 +193,7 @@ async def test_the_oldest_pending_handshake_makes_way_for_a_newcomer(
             silent = [await anyio.connect_tcp("127.0.0.2", a.port) for _ in range(3)]
             try:
                 assert await read_until_closed(silent[0], within=2.0) == b""
-                assert "pending handshakes (the cap)" in caplog.text
+                assert "pending handshakes (the cap is" in caplog.text
                 for stream in silent[1:]:
                     with anyio.move_on_after(0.2) as waited:
                         await stream.receive()
@@ -183,3 +207,93 @@ async def test_the_oldest_pending_handshake_makes_way_for_a_newcomer(
             finally:
                 for stream in silent:
                     await anyio.aclose_forcefully(stream)
+
+
+async def _flood(
+    port: int, count: int, *, source: str = FLOOD_HOST
+) -> list[anyio.abc.SocketStream]:
+    """``count`` connections from ``source`` that never say a word (closed by the caller)."""
+    streams = []
+    with anyio.fail_after(10):
+        for _ in range(count):
+            streams.append(await anyio.connect_tcp("127.0.0.2", port, local_host=source))
+            # Let the listener accept each one before the next.
+            await anyio.lowlevel.checkpoint()
+    return streams
+
+
+async def test_a_connect_flood_from_one_address_cannot_keep_a_slow_peer_out() -> None:
+    if not loopback_aliases_usable(["127.0.0.3", FLOOD_HOST]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    # Handshakes would time out after a minute: only eviction closes a pending one.
+    a = Harness("a", "127.0.0.2", max_pending=4, handshake_timeout=60.0)
+    honest = Connection(
+        Role.CLIENT,
+        LocalNode(CLUSTER, "far", "incarnation-of-far", "v1", 0.0),
+        COOKIE,
+        now=0.0,
+        limits=Limits(handshake_timeout=60.0, heartbeat_timeout=60.0),
+    )
+    flood: list[anyio.abc.SocketStream] = []
+    with a.mesh.subscribe() as events:
+        async with a.run():
+            stream = await anyio.connect_tcp("127.0.0.2", a.port, local_host="127.0.0.3")
+            try:
+                with anyio.fail_after(5):
+                    await stream.send(honest.data_to_send())  # Hello
+                    welcome = await stream.receive()
+                    assert honest.receive_data(welcome, now=0.0) == []
+                    # A cross-region round trip: meanwhile someone connects as fast as it
+                    # can, 10 times the whole cap, all from one address.
+                    flood = await _flood(a.port, 40)
+                    # Past its own cap of 8 the flood evicts its own: at most 3 (the total
+                    # cap, less the honest one) of the 40 are still open.
+                    assert await read_until_closed(flood[0], within=2.0) == b""
+                    await stream.send(honest.data_to_send())  # Auth and Info, late
+                    done = honest.receive_data(await stream.receive(), now=0.0)
+                    assert any(isinstance(e, HandshakeComplete) for e in done)
+                    up = await next_event(events)
+                    assert isinstance(up, NodeUp)
+                    assert up.peer.name == "far"
+            finally:
+                await anyio.aclose_forcefully(stream)
+                for silent in flood:
+                    await anyio.aclose_forcefully(silent)
+
+
+async def test_one_address_holds_at_most_its_share_of_pending_handshakes() -> None:
+    if not loopback_aliases_usable([FLOOD_HOST]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    a = Harness("a", "127.0.0.2", max_pending_per_source=2, handshake_timeout=60.0)
+    async with a.run():
+        flood = await _flood(a.port, 5)
+        try:
+            for stream in flood[:3]:
+                assert await read_until_closed(stream, within=2.0) == b""
+            for stream in flood[3:]:
+                with anyio.move_on_after(0.2) as waited:
+                    await stream.receive()
+                assert waited.cancelled_caught, "a younger pending handshake was dropped"
+        finally:
+            for stream in flood:
+                await anyio.aclose_forcefully(stream)
+
+
+async def test_lone_handshakes_are_never_evicted_the_newcomer_waits() -> None:
+    hosts = [f"127.0.0.{i}" for i in (10, 11, 12, 13)]
+    if not loopback_aliases_usable(hosts):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    a = Harness("a", "127.0.0.2", max_pending=3, handshake_timeout=60.0)
+    async with a.run():
+        lone = [(await _flood(a.port, 1, source=host))[0] for host in hosts[:3]]
+        [newcomer] = await _flood(a.port, 1, source=hosts[3])
+        try:
+            # Every address holds one: the newcomer is turned away, nobody is evicted.
+            assert await read_until_closed(newcomer, within=2.0) == b""
+            for stream in lone:
+                with anyio.move_on_after(0.2) as waited:
+                    await stream.receive()
+                assert waited.cancelled_caught, "a lone pending handshake was evicted"
+        finally:
+            for stream in [*lone, newcomer]:
+                await anyio.aclose_forcefully(stream)
