@@ -37,7 +37,7 @@ from handoff._errors import (
     TLSError,
     VersionMismatch,
 )
-from handoff._guard import PendingHandshakes, source_of
+from handoff._guard import LogLimiter, PendingHandshakes, source_of
 from handoff._text import peer_text
 from handoff.config import Settings
 from handoff.discovery import Discovery, PeerAddress
@@ -101,6 +101,10 @@ MAX_PENDING_HANDSHAKES = 256
 # Handshakes in progress from one address (an IPv6 /64): a flood from there only ever
 # displaces its own. Several worker nodes on one machine dial at once, hence not 1 or 2.
 MAX_PENDING_PER_SOURCE = 8
+# Log lines about refused or failed connections, per address: a burst, then one summary
+# per interval. Whoever provokes them must not also decide how much the node logs.
+REFUSAL_LOG_BURST = 5
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 class Spawn(Protocol):
@@ -128,7 +132,14 @@ def _source_of(stream: anyio.abc.ByteStream) -> str:
 
 
 def _describe(peer: Peer) -> str:
-    return f"{peer.name} (release {peer.release}, {peer.address})"
+    # Every part is the peer's own word: escaped and cut before it reaches a log.
+    return f"{peer_text(peer.name)} (release {peer_text(peer.release)}, {peer_text(peer.address)})"
+
+
+def _host_of(address: str) -> str:
+    """The host of ``host:port`` (``[v6]:port`` too)."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address else address
+    return host.strip("[]")
 
 
 class Mesh:
@@ -137,7 +148,8 @@ class Mesh:
     ``local_node`` is called for every handshake, so peers always learn the current
     identity (state, address, namespaces). Background work goes through ``spawn``, which
     must keep tasks running until the owner stops the node: the mesh only spawns between
-    :meth:`start` and the end of :meth:`stop`.
+    :meth:`start` and the end of :meth:`stop`. ``log_clock`` times the limits on log lines
+    about refused connections (tests pass a fake one).
     """
 
     def __init__(
@@ -150,6 +162,7 @@ class Mesh:
         on_peer_lost: Callable[[str], None],
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
+        log_clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._settings = settings
         # Duplicate links are held for a handshake's time before the tie-break.
@@ -178,6 +191,9 @@ class Mesh:
         self._pending = PendingHandshakes(max_pending_handshakes, max_pending_per_source)
         self._pending_scopes: dict[int, anyio.CancelScope] = {}
         self._evicted = 0
+        self._refusal_log = LogLimiter(
+            burst=REFUSAL_LOG_BURST, interval=REFUSAL_LOG_INTERVAL, clock=log_clock
+        )
         self._evictions_logged_at = -math.inf
         self._dialling: set[str] = set()
         self._self_addresses: set[str] = set()
@@ -219,7 +235,12 @@ class Mesh:
         try:
             await link.set_local_state(state)
         except HandoffError as exc:
-            logger.debug("could not tell %s about state %s: %s", link.remote, state, exc)
+            logger.debug(
+                "could not tell %s about state %s: %s",
+                peer_text(link.remote),
+                state,
+                peer_text(exc),
+            )
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -301,28 +322,16 @@ class Mesh:
                     name,
                     _describe(peer),
                     event.reason,
-                    f" ({event.detail})" if event.detail else "",
+                    f" ({peer_text(event.detail)})" if event.detail else "",
                 )
                 for down in self._down_callbacks:
                     self._call(down, peer, event.reason)
             elif isinstance(event, NodeLeaving):
-                logger.info(
-                    "%s: leaving %s (release %s, %s)",
-                    name,
-                    peer.name,
-                    peer.release,
-                    peer.address,
-                )
+                logger.info("%s: leaving %s", name, _describe(peer))
                 for leaving in self._leaving_callbacks:
                     self._call(leaving, peer)
             else:
-                logger.info(
-                    "%s: node-up %s (release %s, %s)",
-                    name,
-                    peer.name,
-                    peer.release,
-                    peer.address,
-                )
+                logger.info("%s: node-up %s", name, _describe(peer))
                 for up in self._up_callbacks:
                     self._call(up, peer)
             for send in list(self._subscribers):
@@ -399,7 +408,7 @@ class Mesh:
                 continue
             scope = anyio.CancelScope()
             self._pending_scopes[admission.id] = scope
-            self._spawn(self._serve_incoming, stream, admission.id, scope)
+            self._spawn(self._serve_incoming, stream, source, admission.id, scope)
 
     def _note_eviction(self, source: str) -> None:
         # Summarised: whoever floods us must not also control our log volume.
@@ -420,7 +429,11 @@ class Mesh:
             self._evicted, self._evictions_logged_at = 0, now
 
     async def _serve_incoming(
-        self, stream: anyio.abc.ByteStream, pending_id: int, scope: anyio.CancelScope
+        self,
+        stream: anyio.abc.ByteStream,
+        source: str,
+        pending_id: int,
+        scope: anyio.CancelScope,
     ) -> None:
         remote = _remote_of(stream)
         done: tuple[PeerLink, PeerInfo, list[Event]] | None = None
@@ -437,12 +450,16 @@ class Mesh:
                 peer, events = await link.handshake()
                 done = link, peer, events
         except HandoffError as exc:
-            self._log_refusal(remote, exc, incoming=True)
+            self._log_refusal(source, remote, exc, incoming=True)
             await anyio.aclose_forcefully(stream)
             return
         except Exception:
-            # A bug of ours must cost one connection, never the node (invariant 6).
-            logger.exception("internal error in the handshake from %s; connection closed", remote)
+            # A bug of ours must cost one connection, never the node (invariant 6); a
+            # peer that found one must not flood the log with it either.
+            if self._refusal_log.allow(source):
+                logger.exception(
+                    "internal error in the handshake from %s; connection closed", remote
+                )
             await anyio.aclose_forcefully(stream)
             return
         finally:
@@ -474,29 +491,46 @@ class Mesh:
             self._self_addresses.add(key)
             return
         except HandoffError as exc:
-            self._log_refusal(key, exc, incoming=False)
+            self._log_refusal(source_of(target.host), key, exc, incoming=False)
             return
         except Exception:
-            logger.exception("internal error in the handshake to %s; connection closed", key)
+            if self._refusal_log.allow(source_of(target.host)):
+                logger.exception(
+                    "internal error in the handshake to %s; connection closed", peer_text(key)
+                )
             return
         finally:
             self._dialling.discard(key)
         await self._run_link(link, peer, events, dialled=True, address=key)
 
-    @staticmethod
-    def _log_refusal(remote: str, exc: HandoffError, *, incoming: bool) -> None:
+    def _log_refusal(self, source: str, remote: str, exc: HandoffError, *, incoming: bool) -> None:
+        if not self._refusal_log.allow(source):
+            return  # counted; _flush_log_summaries says how many
         direction = "from" if incoming else "to"
+        # The message may quote the peer (a Reject's reason): escaped and cut like its name.
+        remote, exc_text = peer_text(remote), peer_text(exc)
         if isinstance(exc, SelfConnection):
             logger.debug("connection %s %s is this node itself", direction, remote)
         elif isinstance(exc, AuthenticationError | ClusterMismatch | VersionMismatch):
-            logger.warning("refused connection %s %s: %s", direction, remote, exc)
+            logger.warning("refused connection %s %s: %s", direction, remote, exc_text)
         elif isinstance(exc, NameConflict | ProtocolError | TLSError):
-            logger.warning("dropped connection %s %s: %s", direction, remote, exc)
+            logger.warning("dropped connection %s %s: %s", direction, remote, exc_text)
         elif isinstance(exc, ConnectError):
             # DNS lists nodes that are still starting; not worth more than debug.
-            logger.debug("cannot reach %s: %s", remote, exc)
+            logger.debug("cannot reach %s: %s", remote, exc_text)
         else:
-            logger.info("connection %s %s failed: %s", direction, remote, exc)
+            logger.info("connection %s %s failed: %s", direction, remote, exc_text)
+
+    def _flush_log_summaries(self) -> None:
+        for source, suppressed in self._refusal_log.flush():
+            logger.warning(
+                "suppressed %d similar messages about connections with %s (at most %d per "
+                "%g s per address)",
+                suppressed,
+                peer_text(source),
+                REFUSAL_LOG_BURST,
+                REFUSAL_LOG_INTERVAL,
+            )
 
     async def _run_link(
         self,
@@ -521,13 +555,15 @@ class Mesh:
             if stale is not None and self._running:
                 self._spawn(stale.aclose, DUPLICATE)
         if not decision.keep:
-            if decision.reason == NAME_IN_USE:
+            if decision.reason == NAME_IN_USE and self._refusal_log.allow(
+                source_of(_host_of(address))
+            ):
                 logger.warning(
                     "%s: refused %s from %s: a live node already has that name (it is "
                     "admitted once that node's link is gone)",
                     self._settings.node_name,
-                    peer.name,
-                    address,
+                    peer_text(peer.name),
+                    peer_text(address),
                 )
             await link.aclose(decision.reason)
             return
@@ -540,29 +576,32 @@ class Mesh:
                     if isinstance(event, PeerStateChanged):
                         self._publish(self._membership.state_changed(link_id, event.state))
                     elif isinstance(event, PeerGoodbye):
-                        reason, detail = DownReason.GOODBYE, event.reason
-                        if detail == NAME_IN_USE:
+                        reason, detail = DownReason.GOODBYE, peer_text(event.reason)
+                        if event.reason == NAME_IN_USE and self._refusal_log.allow(
+                            source_of(_host_of(address))
+                        ):
                             logger.warning(
                                 "%s: %s refused this node: it has a live link to another "
                                 "node named %s; retrying",
                                 self._settings.node_name,
-                                peer.name,
+                                peer_text(peer.name),
                                 self._settings.node_name,
                             )
                         return
                     elif isinstance(event, MessageReceived):
                         await self._on_session_message(peer.name, link, event.message)
                 events = await link.next_events()
+        # Details reach logs, callbacks and the CLI, and may quote the peer: made safe here.
         except HeartbeatTimeout as exc:
-            reason, detail = DownReason.HEARTBEAT_TIMEOUT, str(exc)
+            reason, detail = DownReason.HEARTBEAT_TIMEOUT, peer_text(exc)
         except ProtocolError as exc:
-            logger.warning("dropped %s: %s", peer.name, exc)
-            reason, detail = DownReason.PROTOCOL_ERROR, str(exc)
+            logger.warning("dropped %s: %s", peer_text(peer.name), peer_text(exc))
+            reason, detail = DownReason.PROTOCOL_ERROR, peer_text(exc)
         except HandoffError as exc:
-            reason, detail = DownReason.CONNECTION_LOST, str(exc)
+            reason, detail = DownReason.CONNECTION_LOST, peer_text(exc)
         except Exception as exc:
-            logger.exception("internal error on the link to %s; link closed", peer.name)
-            reason, detail = DownReason.PROTOCOL_ERROR, f"internal error: {exc!r}"
+            logger.exception("internal error on the link to %s; link closed", peer_text(peer.name))
+            reason, detail = DownReason.PROTOCOL_ERROR, peer_text(f"internal error: {exc!r}")
         finally:
             self._links.pop(link_id, None)
             if self._membership.link_of(peer.name) in (link_id, None):
@@ -584,7 +623,7 @@ class Mesh:
                 # Logged once per distinct failure, retried every poll: never fatal.
                 message = str(exc)
                 level = logging.DEBUG if message == self._last_discovery_error else logging.WARNING
-                logger.log(level, "discovery failed (will retry): %s", message)
+                logger.log(level, "discovery failed (will retry): %s", peer_text(message))
                 self._last_discovery_error = message
             else:
                 self._last_discovery_error = ""
@@ -603,5 +642,6 @@ class Mesh:
         while True:
             now = anyio.current_time()
             self._publish(self._membership.expire(now))
+            self._flush_log_summaries()
             wait = self._membership.next_deadline() - now
             await anyio.sleep(min(max(wait, 0.05), 1.0))

@@ -31,7 +31,9 @@ from handoff.protocol import (
     Message,
     NodeState,
     Offer,
+    Reject,
     Role,
+    encode_frame,
 )
 from handoff.transport import PeerLink, open_listener
 from tests._helpers import (
@@ -58,6 +60,7 @@ class Harness:
         max_pending: int = 256,
         max_pending_per_source: int = 8,
         handshake_timeout: float = 1.0,
+        log_clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.name, self.host, self.port = name, host, 0
         self.settings = resolve_settings(
@@ -84,6 +87,7 @@ class Harness:
             on_peer_lost=self.lost.append,
             max_pending_handshakes=max_pending,
             max_pending_per_source=max_pending_per_source,
+            log_clock=log_clock,
         )
 
     def _local_node(self) -> LocalNode:
@@ -103,11 +107,14 @@ class Harness:
         self.sessions.append((peer, link, message))
 
     @asynccontextmanager
-    async def run(self, dial: Sequence[Harness] = ()) -> AsyncIterator[None]:
-        """Listen and dial ``dial`` until the block ends, then stop the way a Node does."""
+    async def run(
+        self, dial: Sequence[Harness] = (), *, also: Sequence[PeerAddress] = ()
+    ) -> AsyncIterator[None]:
+        """Listen and dial ``dial`` (and the addresses ``also``) until the block ends, then
+        stop the way a Node does."""
         listener = await open_listener(self.host, 0)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        discovery = StaticDiscovery(PeerAddress(h.host, h.port) for h in dial)
+        discovery = StaticDiscovery([*(PeerAddress(h.host, h.port) for h in dial), *also])
         async with listener:
             try:
                 async with anyio.create_task_group() as self._task_group:
@@ -297,3 +304,118 @@ async def test_lone_handshakes_are_never_evicted_the_newcomer_waits() -> None:
         finally:
             for stream in [*lone, newcomer]:
                 await anyio.aclose_forcefully(stream)
+
+
+HOSTILE_REASON = "\x1b[2J\x1b[31mpwned\nCRITICAL handoff.node: forged line" + "x" * 5000
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_peer_text_in_refusals_is_escaped_and_the_lines_are_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if not loopback_aliases_usable([FLOOD_HOST]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    caplog.set_level(logging.INFO, logger="handoff")
+    clock = FakeClock()
+    a = Harness("a", "127.0.0.2", log_clock=clock)
+    answered = 0
+
+    async def refuse(stream: anyio.abc.SocketStream) -> None:
+        # Not a node: it answers every Hello with a Reject that says what it likes.
+        nonlocal answered
+        async with stream:
+            with anyio.move_on_after(2):
+                await stream.receive()
+                await stream.send(encode_frame(Reject("auth", HOSTILE_REASON[:1024]).to_wire()))
+                answered += 1
+
+    hostile = await anyio.create_tcp_listener(local_host=FLOOD_HOST)
+    port = hostile.extra(anyio.abc.SocketAttribute.local_port)
+    async with hostile, anyio.create_task_group() as serving:
+        serving.start_soon(hostile.serve, refuse)
+        async with a.run(also=[PeerAddress(FLOOD_HOST, port)]):
+            # It is dialled every poll (0.1 s) and refuses every time.
+            await wait_until(lambda: answered >= 12)
+            lines = [r.getMessage() for r in caplog.records if "refused connection" in r.message]
+            assert len(lines) == 5  # REFUSAL_LOG_BURST, however often it happens
+            for line in lines:
+                assert "\x1b" not in line
+                assert "\n" not in line
+                assert "\\x1b[2J" in line
+                assert len(line) < 600
+            assert "suppressed" not in caplog.text
+            before = answered
+            clock.now += 60.0  # the interval ends: one summary line says what was left out
+            await wait_until(lambda: "suppressed" in caplog.text)
+            [summary] = [r.getMessage() for r in caplog.records if "suppressed" in r.message]
+            suppressed = int(summary.split()[1])
+            assert suppressed >= before - 5 - 2  # two may still have been under way
+            assert FLOOD_HOST in summary
+        serving.cancel_scope.cancel()
+
+
+async def test_failed_handshakes_from_one_address_are_logged_a_few_times(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if not loopback_aliases_usable([FLOOD_HOST, "127.0.0.3"]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    caplog.set_level(logging.INFO, logger="handoff")
+    a = Harness("a", "127.0.0.2", log_clock=FakeClock())
+
+    async def garbage(source: str) -> None:
+        stream = await anyio.connect_tcp("127.0.0.2", a.port, local_host=source)
+        async with stream:
+            await stream.send(b"\x00\x00\x00\x03\x93\x01\x02")  # not a Hello
+            await read_until_closed(stream, within=2.0)
+
+    async with a.run():
+        for _ in range(20):
+            await garbage(FLOOD_HOST)
+        await garbage("127.0.0.3")  # someone else still gets its line
+    lines = [r.getMessage() for r in caplog.records if "dropped connection from" in r.message]
+    assert sum(FLOOD_HOST in line for line in lines) == 5
+    assert sum("127.0.0.3" in line for line in lines) == 1
+
+
+async def test_an_authenticated_peers_name_release_and_goodbye_are_escaped_in_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="handoff")
+    a = Harness("a", "127.0.0.2")
+    evil = Connection(
+        Role.CLIENT,
+        LocalNode(CLUSTER, "evil\x1b[2J\nWARNING forged", "inc", "v1\x1b]0;title\x07", 0.0),
+        COOKIE,
+        now=0.0,
+    )
+    with a.mesh.subscribe() as events:
+        async with a.run():
+            stream = await anyio.connect_tcp("127.0.0.2", a.port)
+            async with stream:
+                with anyio.fail_after(5):
+                    done = False
+                    while not done:
+                        await stream.send(evil.data_to_send())
+                        received = evil.receive_data(await stream.receive(), now=0.0)
+                        done = any(isinstance(e, HandshakeComplete) for e in received)
+                    assert isinstance(await next_event(events), NodeUp)
+                    evil.close("bye\x1b[31m\nCRITICAL forged")
+                    await stream.send(evil.data_to_send())
+                    down = await next_event(events)
+            assert isinstance(down, NodeDown)
+            # The event keeps the peer's real name; its detail, meant for logs, is escaped.
+            assert down.peer.name == "evil\x1b[2J\nWARNING forged"
+            assert down.detail == "bye\\x1b[31m\\nCRITICAL forged"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("node-up evil\\x1b[2J\\nWARNING forged" in m for m in messages)
+    assert any("release v1\\x1b]0;title\\x07" in m for m in messages)
+    for message in messages:
+        assert "\x1b" not in message
+        assert "\n" not in message
