@@ -114,12 +114,20 @@ class Spawn(Protocol):
 
 
 def _remote_of(stream: anyio.abc.ByteStream) -> str:
+    return _endpoint(stream, SocketAttribute.remote_address)
+
+
+def _endpoint(stream: anyio.abc.ByteStream, attribute: object) -> str:
+    """``host:port`` of one end of ``stream``'s socket (IPv4-mapped IPv6 shown as IPv4)."""
     try:
-        address = stream.extra(SocketAttribute.remote_address)
+        address = stream.extra(attribute)
     except anyio.TypedAttributeLookupError:
         return "unknown"
     if isinstance(address, tuple):
-        return format_address(str(address[0]), int(address[1]))
+        host = str(address[0])
+        if host.startswith("::ffff:") and "." in host:
+            host = host.removeprefix("::ffff:")
+        return format_address(host, int(address[1]))
     return str(address)
 
 
@@ -197,6 +205,9 @@ class Mesh:
         self._evictions_logged_at = -math.inf
         self._dialling: set[str] = set()
         self._self_addresses: set[str] = set()
+        # Local ends of our own recent dials -> (address dialled, until when to remember):
+        # a handshake failing as "self" on our listener from one of these was our own.
+        self._own_dials: dict[str, tuple[str, float]] = {}
         self._last_discovery_error = ""
         self._tls: TLSContexts | None = None
         self._running = False
@@ -450,7 +461,8 @@ class Mesh:
                 peer, events = await link.handshake()
                 done = link, peer, events
         except HandoffError as exc:
-            self._log_refusal(source, remote, exc, incoming=True)
+            if not (isinstance(exc, SelfConnection) and self._reached_itself(remote)):
+                self._log_refusal(source, remote, exc, incoming=True)
             await anyio.aclose_forcefully(stream)
             return
         except Exception:
@@ -471,6 +483,29 @@ class Mesh:
         link, peer, events = done
         await self._run_link(link, peer, events, dialled=False, address=remote)
 
+    def _remember_dial(self, local: str, key: str) -> None:
+        now = anyio.current_time()
+        for endpoint, (_, until) in list(self._own_dials.items()):
+            if until <= now:
+                del self._own_dials[endpoint]
+        # Long enough for our own listener to see this dial's Hello, and bounded by the
+        # dials of one connect-and-handshake time, whatever peers do.
+        limit = self._settings.connect_timeout + self._settings.handshake_timeout
+        self._own_dials[local] = (key, now + limit)
+
+    def _reached_itself(self, remote: str) -> bool:
+        """True if the connection from ``remote`` that failed as "self" on our listener is
+        one of our own dials: the peer's word plus a source address no one else can have
+        (the local end of a socket of ours). The address dialled is then never dialled
+        again."""
+        dial = self._own_dials.pop(remote, None)
+        if dial is None or dial[1] <= anyio.current_time():
+            return False
+        key = dial[0]
+        self._self_addresses.add(key)
+        logger.debug("%s is this node's own listener: not dialled again", peer_text(key))
+        return True
+
     async def _dial(self, target: PeerAddress) -> None:
         key = str(target)
         self._dialling.add(key)
@@ -481,16 +516,17 @@ class Mesh:
                 time_limit=self._settings.connect_timeout,
                 tls=self._tls.client if self._tls else None,
             )
+            self._remember_dial(_endpoint(stream, SocketAttribute.local_address), key)
             link = self._link(stream, Role.CLIENT, key)
             try:
                 peer, events = await link.handshake()
             except BaseException:
                 await link.aclose()
                 raise
-        except SelfConnection:
-            self._self_addresses.add(key)
-            return
         except HandoffError as exc:
+            # A Reject("self") too: it comes before authentication, so anyone can send
+            # it. Only our own listener can tell that we reached ourselves
+            # (_reached_itself); until then the address is retried like any failure.
             self._log_refusal(source_of(target.host), key, exc, incoming=False)
             return
         except Exception:
@@ -510,7 +546,12 @@ class Mesh:
         # The message may quote the peer (a Reject's reason): escaped and cut like its name.
         remote, exc_text = peer_text(remote), peer_text(exc)
         if isinstance(exc, SelfConnection):
-            logger.debug("connection %s %s is this node itself", direction, remote)
+            logger.debug(
+                "connection %s %s claims to be this node (not believed: %s)",
+                direction,
+                remote,
+                "not one of its own dials" if incoming else "retried like any failure",
+            )
         elif isinstance(exc, AuthenticationError | ClusterMismatch | VersionMismatch):
             logger.warning("refused connection %s %s: %s", direction, remote, exc_text)
         elif isinstance(exc, NameConflict | ProtocolError | TLSError):

@@ -108,13 +108,18 @@ class Harness:
 
     @asynccontextmanager
     async def run(
-        self, dial: Sequence[Harness] = (), *, also: Sequence[PeerAddress] = ()
+        self,
+        dial: Sequence[Harness] = (),
+        *,
+        also: Sequence[PeerAddress] = (),
+        own_port_at: str | None = None,
     ) -> AsyncIterator[None]:
-        """Listen and dial ``dial`` (and the addresses ``also``) until the block ends, then
-        stop the way a Node does."""
+        """Listen and dial ``dial`` (and the addresses ``also``, and this mesh's own port
+        at host ``own_port_at``) until the block ends, then stop the way a Node does."""
         listener = await open_listener(self.host, 0)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        discovery = StaticDiscovery([*(PeerAddress(h.host, h.port) for h in dial), *also])
+        itself = [PeerAddress(own_port_at, self.port)] if own_port_at else []
+        discovery = StaticDiscovery([*(PeerAddress(h.host, h.port) for h in dial), *also, *itself])
         async with listener:
             try:
                 async with anyio.create_task_group() as self._task_group:
@@ -419,3 +424,42 @@ async def test_an_authenticated_peers_name_release_and_goodbye_are_escaped_in_lo
     for message in messages:
         assert "\x1b" not in message
         assert "\n" not in message
+
+
+async def test_a_forged_reject_self_does_not_stop_the_dialling() -> None:
+    if not loopback_aliases_usable([FLOOD_HOST]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    a = Harness("a", "127.0.0.2")
+    answered = 0
+
+    async def claim_to_be_a(stream: anyio.abc.SocketStream) -> None:
+        # Anyone can send this before authenticating: it must not make a give up on
+        # the address (a real peer may be there later, or behind it).
+        nonlocal answered
+        async with stream:
+            with anyio.move_on_after(2):
+                await stream.receive()
+                await stream.send(encode_frame(Reject("self", "connected to itself").to_wire()))
+                answered += 1
+
+    hostile = await anyio.create_tcp_listener(local_host=FLOOD_HOST)
+    port = hostile.extra(anyio.abc.SocketAttribute.local_port)
+    async with hostile, anyio.create_task_group() as serving:
+        serving.start_soon(hostile.serve, claim_to_be_a)
+        async with a.run(also=[PeerAddress(FLOOD_HOST, port)]):
+            await wait_until(lambda: answered >= 3)
+        serving.cancel_scope.cancel()
+
+
+async def test_a_node_that_reaches_its_own_listener_stops_dialling_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="handoff")
+    # Listening on every address, it knows itself as 0.0.0.0:port only; discovery lists
+    # 127.0.0.2:port, which is this very node.
+    a = Harness("a", "0.0.0.0")
+    async with a.run(own_port_at="127.0.0.2"):
+        await wait_until(lambda: "this node's own listener" in caplog.text)
+        await anyio.sleep(0.5)  # five more polls
+    assert caplog.text.count("this node's own listener") == 1
+    assert a.mesh.peers() == []
