@@ -314,6 +314,32 @@ async def test_lone_handshakes_are_never_evicted_the_newcomer_waits() -> None:
 HOSTILE_REASON = "\x1b[2J\x1b[31mpwned\nCRITICAL handoff.node: forged line" + "x" * 5000
 
 
+class Rejecter:
+    """Not a node: it answers every Hello with the Reject it was given; counts them."""
+
+    def __init__(self, reject: Reject) -> None:
+        self.frame = encode_frame(reject.to_wire())
+        self.answered = 0
+        self.address = PeerAddress(FLOOD_HOST, 0)
+
+    async def _answer(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with anyio.move_on_after(2):
+                await stream.receive()
+                await stream.send(self.frame)
+                self.answered += 1
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[Rejecter]:
+        """Listen on :data:`FLOOD_HOST` until the block ends."""
+        listener = await anyio.create_tcp_listener(local_host=FLOOD_HOST)
+        self.address = PeerAddress(FLOOD_HOST, listener.extra(anyio.abc.SocketAttribute.local_port))
+        async with listener, anyio.create_task_group() as tasks:
+            tasks.start_soon(listener.serve, self._answer)
+            yield self
+            tasks.cancel_scope.cancel()
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -330,40 +356,25 @@ async def test_peer_text_in_refusals_is_escaped_and_the_lines_are_limited(
     caplog.set_level(logging.INFO, logger="handoff")
     clock = FakeClock()
     a = Harness("a", "127.0.0.2", log_clock=clock)
-    answered = 0
-
-    async def refuse(stream: anyio.abc.SocketStream) -> None:
-        # Not a node: it answers every Hello with a Reject that says what it likes.
-        nonlocal answered
-        async with stream:
-            with anyio.move_on_after(2):
-                await stream.receive()
-                await stream.send(encode_frame(Reject("auth", HOSTILE_REASON[:1024]).to_wire()))
-                answered += 1
-
-    hostile = await anyio.create_tcp_listener(local_host=FLOOD_HOST)
-    port = hostile.extra(anyio.abc.SocketAttribute.local_port)
-    async with hostile, anyio.create_task_group() as serving:
-        serving.start_soon(hostile.serve, refuse)
-        async with a.run(also=[PeerAddress(FLOOD_HOST, port)]):
-            # It is dialled every poll (0.1 s) and refuses every time.
-            await wait_until(lambda: answered >= 12)
-            lines = [r.getMessage() for r in caplog.records if "refused connection" in r.message]
-            assert len(lines) == 5  # REFUSAL_LOG_BURST, however often it happens
-            for line in lines:
-                assert "\x1b" not in line
-                assert "\n" not in line
-                assert "\\x1b[2J" in line
-                assert len(line) < 600
-            assert "suppressed" not in caplog.text
-            before = answered
-            clock.now += 60.0  # the interval ends: one summary line says what was left out
-            await wait_until(lambda: "suppressed" in caplog.text)
-            [summary] = [r.getMessage() for r in caplog.records if "suppressed" in r.message]
-            suppressed = int(summary.split()[1])
-            assert suppressed >= before - 5 - 2  # two may still have been under way
-            assert FLOOD_HOST in summary
-        serving.cancel_scope.cancel()
+    # It says what it likes in its Reject, and is dialled every poll (0.1 s).
+    rejecter = Rejecter(Reject("auth", HOSTILE_REASON[:1024]))
+    async with rejecter.serving() as hostile, a.run(also=[hostile.address]):
+        await wait_until(lambda: hostile.answered >= 12)
+        lines = [r.getMessage() for r in caplog.records if "refused connection" in r.message]
+        assert len(lines) == 5  # REFUSAL_LOG_BURST, however often it happens
+        for line in lines:
+            assert "\x1b" not in line
+            assert "\n" not in line
+            assert "\\x1b[2J" in line
+            assert len(line) < 600
+        assert "suppressed" not in caplog.text
+        before = hostile.answered
+        clock.now += 60.0  # the interval ends: one summary line says what was left out
+        await wait_until(lambda: "suppressed" in caplog.text)
+        [summary] = [r.getMessage() for r in caplog.records if "suppressed" in r.message]
+        suppressed = int(summary.split()[1])
+        assert suppressed >= before - 5 - 2  # two may still have been under way
+        assert FLOOD_HOST in summary
 
 
 async def test_failed_handshakes_from_one_address_are_logged_a_few_times(
@@ -430,25 +441,11 @@ async def test_a_forged_reject_self_does_not_stop_the_dialling() -> None:
     if not loopback_aliases_usable([FLOOD_HOST]):
         pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
     a = Harness("a", "127.0.0.2")
-    answered = 0
-
-    async def claim_to_be_a(stream: anyio.abc.SocketStream) -> None:
-        # Anyone can send this before authenticating: it must not make a give up on
-        # the address (a real peer may be there later, or behind it).
-        nonlocal answered
-        async with stream:
-            with anyio.move_on_after(2):
-                await stream.receive()
-                await stream.send(encode_frame(Reject("self", "connected to itself").to_wire()))
-                answered += 1
-
-    hostile = await anyio.create_tcp_listener(local_host=FLOOD_HOST)
-    port = hostile.extra(anyio.abc.SocketAttribute.local_port)
-    async with hostile, anyio.create_task_group() as serving:
-        serving.start_soon(hostile.serve, claim_to_be_a)
-        async with a.run(also=[PeerAddress(FLOOD_HOST, port)]):
-            await wait_until(lambda: answered >= 3)
-        serving.cancel_scope.cancel()
+    # Anyone can send this before authenticating: it must not make a give up on the
+    # address (a real peer may be there later).
+    rejecter = Rejecter(Reject("self", "connected to itself"))
+    async with rejecter.serving() as hostile, a.run(also=[hostile.address]):
+        await wait_until(lambda: hostile.answered >= 3)
 
 
 async def test_a_node_that_reaches_its_own_listener_stops_dialling_it(

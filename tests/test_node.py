@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import pytest
 
@@ -181,24 +182,31 @@ async def test_simultaneous_dials_leave_one_link_and_one_node_up_each() -> None:
             assert [e.kind for e in seen_b] == ["node-up"]
 
 
+async def join_then_fall_silent(
+    stream: anyio.abc.SocketStream, name: str, incarnation: str
+) -> None:
+    """Run a client handshake on ``stream`` as ``name``, then never send (nor read) again."""
+    connection = Connection(
+        Role.CLIENT,
+        LocalNode("shop", name, incarnation, "v0", 0.0),
+        COOKIE.encode(),
+        now=anyio.current_time(),
+        limits=Limits(heartbeat_timeout=60),
+    )
+    with anyio.fail_after(5):
+        await stream.send(connection.data_to_send())
+        done = False
+        while not done:
+            events = connection.receive_data(await stream.receive(), now=anyio.current_time())
+            await stream.send(connection.data_to_send())
+            done = any(isinstance(e, HandshakeComplete) for e in events)
+
+
 async def test_silent_peer_is_reported_down_by_heartbeat_timeout() -> None:
     async with make_node("a", "127.0.0.2", heartbeat_timeout=0.6) as a, recording(a) as seen:
         stream = await anyio.connect_tcp("127.0.0.2", a.port)
-        silent = Connection(
-            Role.CLIENT,
-            LocalNode("shop", "mute", "inc", "v0", 0.0),
-            COOKIE.encode(),
-            now=anyio.current_time(),
-            limits=Limits(heartbeat_timeout=60),
-        )
         async with stream:
-            with anyio.fail_after(5):
-                await stream.send(silent.data_to_send())
-                done = False
-                while not done:
-                    events = silent.receive_data(await stream.receive(), now=anyio.current_time())
-                    await stream.send(silent.data_to_send())
-                    done = any(isinstance(e, HandshakeComplete) for e in events)
+            await join_then_fall_silent(stream, "mute", "inc")
             await wait_until(lambda: names(a) == ["mute"])
             started = anyio.current_time()
             # From here on the peer sends nothing at all, but keeps its socket open.
@@ -264,21 +272,8 @@ async def test_a_restarted_node_gets_in_once_the_old_one_times_out() -> None:
     # The old process froze (or its machine vanished): its socket stays open, silent.
     async with make_node("a", "127.0.0.2", heartbeat_timeout=0.6) as a, recording(a) as seen:
         stream = await anyio.connect_tcp("127.0.0.2", a.port)
-        frozen = Connection(
-            Role.CLIENT,
-            LocalNode("shop", "b", "old-incarnation", "v0", 0.0),
-            COOKIE.encode(),
-            now=anyio.current_time(),
-            limits=Limits(heartbeat_timeout=60),
-        )
         async with stream:
-            with anyio.fail_after(5):
-                await stream.send(frozen.data_to_send())
-                done = False
-                while not done:
-                    events = frozen.receive_data(await stream.receive(), now=anyio.current_time())
-                    await stream.send(frozen.data_to_send())
-                    done = any(isinstance(e, HandshakeComplete) for e in events)
+            await join_then_fall_silent(stream, "b", "old-incarnation")
             heard = anyio.current_time()
             await wait_until(lambda: names(a) == ["b"])
             async with make_node("b", "127.0.0.3", static(a), heartbeat_timeout=0.6) as restarted:
