@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from handoff._adapter import ImportResult
 from handoff._codec import Codec
 from handoff._errors import NoTransformPath, RecordDecodeError, SnapshotError
+from handoff.engine._intake import intake
 from handoff.engine._tracked import Tracked
 from handoff.snapshot import SnapshotStore
 from handoff.transforms import Transforms
@@ -32,7 +33,10 @@ def restore_snapshots(
 
     A snapshot that is corrupt, truncated, of another kind or of a version this release
     cannot convert is moved aside with the reason and logged; the node starts cold for that
-    namespace. Snapshots of namespaces this node does not track are left for a release that
+    namespace. So is one whose chunk is past the codec's bounds (a planted hash flood or
+    decode bomb, refused within milliseconds): nothing of that chunk is applied, the chunks
+    before it are. The namespace's validator rejects records as on a live handoff.
+    Snapshots of namespaces this node does not track are left for a release that
     does.
     """
     restored: dict[str, ImportResult] = {}
@@ -55,8 +59,7 @@ def restore_snapshots(
         result = ImportResult()
         try:
             for payload, count in store.read(info):
-                records = codec.decode_records(payload, max_records=count)
-                records, dropped = chain.apply(records)
+                records, dropped = intake(codec, target, chain, payload, count)
                 result = result + ImportResult(dropped=dropped)
                 result = result + target.adapter.import_records(records, age=age)
         except (SnapshotError, RecordDecodeError) as exc:
