@@ -55,9 +55,10 @@ def _pairs() -> Iterator[tuple[int, int]]:
     # hash makes the pair's hash a chosen constant (an int hash reaches a quarter of them).
     target = 0x0123_4567_89AB_CDEF
     inner = _rotr((target * pow(_P1, -1, 2**64)) & _MASK, 31)
+    inverse = pow(_P2, -1, 2**64)
     for first in range(1, 10**9):
         acc = (_rotl((_P5 + first * _P2) & _MASK, 31) * _P1) & _MASK
-        second = _int_with_hash(((inner - acc) * pow(_P2, -1, 2**64)) & _MASK)
+        second = _int_with_hash(((inner - acc) * inverse) & _MASK)
         if second is not None:
             yield first, second
 
