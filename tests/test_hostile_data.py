@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import anyio
+import cachetools
 import msgpack
 import pytest
 
@@ -25,6 +26,7 @@ from handoff._codec import (
     Codec,
 )
 from handoff._errors import ConfigError, PayloadRefused, RecordDecodeError, RecordEncodeError
+from handoff.adapters.cachetools import MAX_IMPORTED_COUNT, LFUCacheAdapter
 from handoff.adapters.mapping import MappingAdapter
 from handoff.engine._intake import REJECTED, intake
 from handoff.engine._receiver import MAX_STREAMS_PER_PEER
@@ -370,3 +372,29 @@ def test_restore_applies_the_validator(tmp_path: Path) -> None:
     )
     assert restored["n"].dropped == {REJECTED: 1}
     assert received == {"a": 1}
+
+
+# -- LFU use counts -----------------------------------------------------------------------------
+
+
+def _counts(cache: cachetools.LFUCache[Any, Any]) -> dict[Any, int]:
+    return {key: count for key, _, count in LFUCacheAdapter(cache).export()}
+
+
+def test_an_incoming_lfu_count_cannot_pin_an_entry_forever() -> None:
+    cache: cachetools.LFUCache[str, int] = cachetools.LFUCache(10)
+    adapter = LFUCacheAdapter(cache)
+    adapter.import_records([("pinned", 1, 2**62), ("honest", 2, 500)])
+    assert _counts(cache) == {"pinned": MAX_IMPORTED_COUNT, "honest": 500}
+    # A later chunk cannot ratchet it up: the ceiling is the receiver's own highest count.
+    adapter.import_records([("again", 3, 2**62)])
+    assert _counts(cache)["again"] == MAX_IMPORTED_COUNT
+
+
+def test_a_receiver_whose_own_counts_are_higher_keeps_incoming_ones_up_to_them() -> None:
+    cache: cachetools.LFUCache[str, int] = cachetools.LFUCache(10)
+    LFUCacheAdapter(cache).import_records([("mine", 0, MAX_IMPORTED_COUNT)])
+    for _ in range(5):
+        cache["mine"]  # its own uses: above the floor now
+    LFUCacheAdapter(cache).import_records([("theirs", 1, 2**62)])
+    assert _counts(cache)["theirs"] == MAX_IMPORTED_COUNT + 5
