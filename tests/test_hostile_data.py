@@ -17,6 +17,8 @@ import anyio
 import cachetools
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from handoff import Node
 from handoff._codec import (
@@ -44,6 +46,7 @@ from tests._hostile_payloads import (
     empty_map_bomb,
     encode,
 )
+from tests.test_codec import records as honest_records
 from tests.test_mesh import Harness
 
 pytestmark = pytest.mark.anyio
@@ -398,3 +401,34 @@ def test_a_receiver_whose_own_counts_are_higher_keeps_incoming_ones_up_to_them()
         cache["mine"]  # its own uses: above the floor now
     LFUCacheAdapter(cache).import_records([("theirs", 1, 2**62)])
     assert _counts(cache)["theirs"] == MAX_IMPORTED_COUNT + 5
+
+
+# -- honest data always passes, bombs never do ------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(honest_records)
+def test_the_bounds_never_refuse_what_the_codec_encodes(recs: list[tuple[Any, Any, Any]]) -> None:
+    codec = Codec()
+    payload, failed = codec.encode_records(recs)
+    assert failed == []
+    assert len(codec.decode_records(payload, max_records=len(recs))) == len(recs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.sampled_from([b"\x90", b"\x80", b"\xd4\x02\x90"]),  # [], {}, set()
+    st.integers(2_000, 50_000),
+)
+def test_the_bounds_always_refuse_a_bomb(item: bytes, size: int) -> None:
+    payload = b"\x91\x93\xa4bomb\xdd" + size.to_bytes(4, "big") + item * size + b"\xc0"
+    with pytest.raises(PayloadRefused, match="memory"):
+        Codec().decode_records(payload, max_records=1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(MAX_HASH_COLLISIONS + 1, 200), st.booleans())
+def test_the_bounds_always_refuse_colliding_keys(count: int, pairs: bool) -> None:
+    keys: list[Any] = colliding_pairs(count) if pairs else colliding_bigints(count)
+    with pytest.raises(PayloadRefused, match="share one hash"):
+        _decode(encode([(key, 0, None) for key in keys]))
