@@ -854,7 +854,9 @@ class Codec:
         count = _array_length(payload)
         if count > max_records:
             raise RecordDecodeError(f"{count} records in one payload; the limit is {max_records}")
-        with self._maybe_pause_gc(count):
+        # By size too: a payload of few records can still hold millions of containers (a
+        # bomb), and collections while they are built would triple the time to refuse it.
+        with self._maybe_pause_gc(max(count, len(payload) // 256)):
             return self._decode_records(payload)
 
     def _decode_records(self, payload: bytes) -> list[Record]:
