@@ -9,14 +9,18 @@ Prints one JSON object. For each size N (100-byte values) it measures, in the sa
 - ``pickle_way``: what a team would write by hand: ``pickle.dumps(cache)``, send it over a
   loopback socket, ``pickle.loads``, ``new_cache.update(old)``; from the start of pickling
   until the receiver finished updating;
+- ``manual_drain_clear``: the manual drain again with the secure channel's cipher replaced,
+  in both processes, by one that frames the same bytes (same sizes, a zero tag) without
+  encrypting or authenticating: the baseline for what the channel costs;
 - peak memory (``ru_maxrss``) growth of sender and receiver during the drain, the receiver
   compared with a process that fills the same cache locally.
 
 Ratios are what to read (the machine is shared and noisy): ``drain / max(export, import)``
 (target <= 1.15: sending and applying overlap on two cores) and ``pickle_way / drain``
-(target >= 1.7). Each child process starts fresh so that one measurement's garbage does
-not weigh on the next. Usage: ``python benchmarks/drain_throughput.py [--sizes 100000,1000000]
-[--repeat 3]``.
+(target >= 1.7); ``channel_over_clear`` = ``manual_drain / manual_drain_clear`` (target
+<= 1.10: the secure channel costs at most 10%). Each child process starts fresh so that one
+measurement's garbage does not weigh on the next. Usage:
+``python benchmarks/drain_throughput.py [--sizes 100000,1000000] [--repeat 3]``.
 """
 
 from __future__ import annotations
@@ -81,6 +85,29 @@ def _bare(n: int, out: Connection) -> None:
 # -- the drain -------------------------------------------------------------------------------
 
 
+class _ClearCipher:
+    """The secure channel's frame layout (header, payload, 16-byte tag) with no
+    cryptography: installed only in the baseline's processes."""
+
+    def __init__(self, key: bytes) -> None:
+        del key
+
+    def seal(self, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload) + 16) + payload + bytes(16)
+
+    def open(self, sealed: bytes) -> bytes:
+        return sealed[:-16]
+
+
+def _without_channel_crypto() -> None:
+    from handoff.protocol import Connection
+
+    defaults = Connection.__init__.__kwdefaults__
+    assert defaults is not None
+    assert "cipher_factory" in defaults
+    defaults["cipher_factory"] = _ClearCipher
+
+
 def _node(name: str, host: str, discovery: str) -> Any:
     import handoff
 
@@ -98,9 +125,12 @@ def _node(name: str, host: str, discovery: str) -> Any:
     )
 
 
-def _receiver(n: int, out: Connection) -> None:
+def _receiver(n: int, clear: bool, out: Connection) -> None:
     import anyio
     from cachetools import TTLCache
+
+    if clear:
+        _without_channel_crypto()
 
     async def main() -> None:
         cache: Any = TTLCache(maxsize=n, ttl=TTL)
@@ -119,8 +149,11 @@ def _receiver(n: int, out: Connection) -> None:
     anyio.run(main)
 
 
-def _sender(n: int, receiver_address: str, manual: bool, out: Connection) -> None:
+def _sender(n: int, receiver_address: str, manual: bool, clear: bool, out: Connection) -> None:
     import anyio
+
+    if clear:
+        _without_channel_crypto()
 
     async def main() -> None:
         cache = _filled(n)
@@ -230,17 +263,18 @@ def measure(n: int) -> dict[str, Any]:
     _finish(process)
 
     drains = {}
-    for manual in (False, True):
-        receiver, rconn = _start(_receiver, n)
+    # (manual, clear): the drain at stop, node.drain(), node.drain() without channel crypto.
+    for mode in ((False, False), (True, False), (True, True)):
+        receiver, rconn = _start(_receiver, n, mode[1])
         address = _recv(rconn, receiver)["address"]
-        sender, sconn = _start(_sender, n, address, manual)
-        drains[manual] = drained = _recv(sconn, sender)
-        drains[manual]["received"] = received = _recv(rconn, receiver)
+        sender, sconn = _start(_sender, n, address, *mode)
+        drains[mode] = drained = _recv(sconn, sender)
+        drains[mode]["received"] = received = _recv(rconn, receiver)
         rconn.send("stop")
         _finish(sender, receiver)
         if received["entries"] != n or drained["acknowledged"] != n:
             raise AssertionError(f"incomplete transfer: {received}, {drained}")
-    drained, received = drains[False], drains[False]["received"]
+    drained, received = drains[False, False], drains[False, False]["received"]
 
     reference, refconn = _start(_reference, n)
     ref = _recv(refconn, reference)
@@ -257,7 +291,8 @@ def measure(n: int) -> dict[str, Any]:
         raise AssertionError(f"incomplete transfer: {precv}")
     return {
         "drain": drained["drain"],
-        "manual_drain": drains[True]["drain"],
+        "manual_drain": drains[True, False]["drain"],
+        "manual_drain_clear": drains[True, True]["drain"],
         "bare_export": bare["bare_export"],
         "bare_import": bare["bare_import"],
         "pickle_way": pickled["pickle_way"],
@@ -286,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         median["pickle_over_drain"] = median["pickle_way"] / median["drain"]
         median["manual_over_drain"] = median["manual_drain"] / median["drain"]
+        median["channel_over_clear"] = median["manual_drain"] / median["manual_drain_clear"]
         median["records_per_second"] = n / median["drain"]
         results[str(n)] = {key: round(value, 4) for key, value in median.items()}
     print(
@@ -297,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "cpus": os.cpu_count(),
                 "targets": {"drain_over_bare": "<= 1.15", "pickle_over_drain": ">= 1.7",
-                            "memory_mib": "< 64"},
+                            "channel_over_clear": "<= 1.10", "memory_mib": "< 64"},
                 "results": results,
             },
             sort_keys=True,

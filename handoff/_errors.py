@@ -17,6 +17,7 @@ __all__ = (
     "ConnectTimeout",
     "ConnectionClosed",
     "DiscoveryError",
+    "FrameAuthenticationError",
     "FrameTooLarge",
     "HandoffError",
     "HandoffTimeout",
@@ -57,6 +58,11 @@ class ProtocolError(HandoffError):
 
 class FrameTooLarge(ProtocolError):
     """A frame's length prefix exceeds the limit; nothing of it was buffered."""
+
+
+class FrameAuthenticationError(ProtocolError):
+    """A frame of the secure channel failed authentication: tampered, replayed, reordered or
+    injected by someone without the session keys. Nothing of it was applied."""
 
 
 class LocalProtocolError(HandoffError):

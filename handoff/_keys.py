@@ -38,15 +38,18 @@ class ClusterKey:
             raise ValueError(f"a cluster key is {KEY_SIZE} bytes, not {len(key)}")
         self._key = key
 
-    def derive(self, label: str, *, context: bytes = b"", length: int = KEY_SIZE) -> bytes:
-        """A subkey for one purpose (``label``), bound to ``context`` (e.g. a transcript)."""
+    def derive(
+        self, label: str, *, context: bytes = b"", secret: bytes = b"", length: int = KEY_SIZE
+    ) -> bytes:
+        """A subkey for one purpose (``label``), bound to ``context`` (e.g. a transcript
+        hash) and mixed with ``secret`` (e.g. an ephemeral Diffie-Hellman result)."""
         hkdf = HKDF(
             algorithm=hashes.SHA256(),
             length=length,
             salt=context or None,
             info=b"warm-handoff " + label.encode(),
         )
-        return hkdf.derive(self._key)
+        return hkdf.derive(self._key + secret)
 
     def __repr__(self) -> str:
         return "ClusterKey(...)"

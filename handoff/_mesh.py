@@ -37,10 +37,13 @@ from handoff._errors import (
     TLSError,
     VersionMismatch,
 )
+from handoff._guard import LogLimiter, PendingHandshakes, source_of
+from handoff._text import peer_text
 from handoff.config import Settings
 from handoff.discovery import Discovery, PeerAddress
 from handoff.membership import (
     DUPLICATE,
+    NAME_IN_USE,
     DownReason,
     Membership,
     MembershipEvent,
@@ -72,6 +75,7 @@ from handoff.transport import (
 __all__ = (
     "EVENT_BUFFER",
     "MAX_PENDING_HANDSHAKES",
+    "MAX_PENDING_PER_SOURCE",
     "DownCallback",
     "Mesh",
     "PeerCallback",
@@ -90,9 +94,17 @@ SessionHandler = Callable[[str, PeerLink, Message], Awaitable[None]]
 
 EVENT_BUFFER = 1024
 EVICTION_LOG_INTERVAL = 10.0
-# Handshakes in progress at once; past this the oldest is dropped to admit a newcomer, so
-# peers that connect and never authenticate cost a socket each and cannot lock others out.
+# Handshakes in progress at once; past this one is dropped to admit a newcomer (see
+# PendingHandshakes: the source holding the most pays), so peers that connect and never
+# authenticate cost a socket each and cannot lock others out.
 MAX_PENDING_HANDSHAKES = 256
+# Handshakes in progress from one address (an IPv6 /64): a flood from there only ever
+# displaces its own. Several worker nodes on one machine dial at once, hence not 1 or 2.
+MAX_PENDING_PER_SOURCE = 8
+# Log lines about refused or failed connections, per address: a burst, then one summary
+# per interval. Whoever provokes them must not also decide how much the node logs.
+REFUSAL_LOG_BURST = 5
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 class Spawn(Protocol):
@@ -102,17 +114,40 @@ class Spawn(Protocol):
 
 
 def _remote_of(stream: anyio.abc.ByteStream) -> str:
+    return _endpoint(stream, SocketAttribute.remote_address)
+
+
+def _endpoint(stream: anyio.abc.ByteStream, attribute: object) -> str:
+    """``host:port`` of one end of ``stream``'s socket (IPv4-mapped IPv6 shown as IPv4)."""
+    try:
+        address = stream.extra(attribute)
+    except anyio.TypedAttributeLookupError:
+        return "unknown"
+    if isinstance(address, tuple):
+        host = str(address[0])
+        if host.startswith("::ffff:") and "." in host:
+            host = host.removeprefix("::ffff:")
+        return format_address(host, int(address[1]))
+    return str(address)
+
+
+def _source_of(stream: anyio.abc.ByteStream) -> str:
     try:
         address = stream.extra(SocketAttribute.remote_address)
     except anyio.TypedAttributeLookupError:
         return "unknown"
-    if isinstance(address, tuple):
-        return format_address(str(address[0]), int(address[1]))
-    return str(address)
+    return source_of(str(address[0])) if isinstance(address, tuple) else str(address)
 
 
 def _describe(peer: Peer) -> str:
-    return f"{peer.name} (release {peer.release}, {peer.address})"
+    # Every part is the peer's own word: escaped and cut before it reaches a log.
+    return f"{peer_text(peer.name)} (release {peer_text(peer.release)}, {peer_text(peer.address)})"
+
+
+def _host_of(address: str) -> str:
+    """The host of ``host:port`` (``[v6]:port`` too)."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address else address
+    return host.strip("[]")
 
 
 class Mesh:
@@ -121,7 +156,8 @@ class Mesh:
     ``local_node`` is called for every handshake, so peers always learn the current
     identity (state, address, namespaces). Background work goes through ``spawn``, which
     must keep tasks running until the owner stops the node: the mesh only spawns between
-    :meth:`start` and the end of :meth:`stop`.
+    :meth:`start` and the end of :meth:`stop`. ``log_clock`` times the limits on log lines
+    about refused connections (tests pass a fake one).
     """
 
     def __init__(
@@ -133,15 +169,20 @@ class Mesh:
         on_session_message: SessionHandler,
         on_peer_lost: Callable[[str], None],
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+        max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
+        log_clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self._settings = settings
         # Duplicate links are held for a handshake's time before the tie-break.
-        self._membership = Membership(settings.node_name, grace=settings.handshake_timeout)
+        self._membership = Membership(
+            settings.node_name,
+            grace=settings.handshake_timeout,
+            heartbeat_timeout=settings.heartbeat_timeout,
+        )
         self._local_node = local_node
         self._spawn = spawn
         self._on_session_message = on_session_message
         self._on_peer_lost = on_peer_lost
-        self._max_pending = max_pending_handshakes
         self._state = NodeState.SERVING
         self._limits = Limits(
             handshake_timeout=settings.handshake_timeout,
@@ -154,13 +195,19 @@ class Mesh:
         self._leaving_callbacks: list[PeerCallback] = []
         self._down_callbacks: list[DownCallback] = []
         self._subscribers: set[MemoryObjectSendStream[MembershipEvent]] = set()
-        # Incoming handshakes in progress, oldest first (dicts keep insertion order).
-        self._pending: dict[int, anyio.CancelScope] = {}
-        self._pending_ids = itertools.count(1)
+        # Incoming handshakes in progress, and how to cancel each.
+        self._pending = PendingHandshakes(max_pending_handshakes, max_pending_per_source)
+        self._pending_scopes: dict[int, anyio.CancelScope] = {}
         self._evicted = 0
+        self._refusal_log = LogLimiter(
+            burst=REFUSAL_LOG_BURST, interval=REFUSAL_LOG_INTERVAL, clock=log_clock
+        )
         self._evictions_logged_at = -math.inf
         self._dialling: set[str] = set()
         self._self_addresses: set[str] = set()
+        # Local ends of our own recent dials -> (address dialled, until when to remember):
+        # a handshake failing as "self" on our listener from one of these was our own.
+        self._own_dials: dict[str, tuple[str, float]] = {}
         self._last_discovery_error = ""
         self._tls: TLSContexts | None = None
         self._running = False
@@ -199,7 +246,12 @@ class Mesh:
         try:
             await link.set_local_state(state)
         except HandoffError as exc:
-            logger.debug("could not tell %s about state %s: %s", link.remote, state, exc)
+            logger.debug(
+                "could not tell %s about state %s: %s",
+                peer_text(link.remote),
+                state,
+                peer_text(exc),
+            )
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -281,28 +333,16 @@ class Mesh:
                     name,
                     _describe(peer),
                     event.reason,
-                    f" ({event.detail})" if event.detail else "",
+                    f" ({peer_text(event.detail)})" if event.detail else "",
                 )
                 for down in self._down_callbacks:
                     self._call(down, peer, event.reason)
             elif isinstance(event, NodeLeaving):
-                logger.info(
-                    "%s: leaving %s (release %s, %s)",
-                    name,
-                    peer.name,
-                    peer.release,
-                    peer.address,
-                )
+                logger.info("%s: leaving %s", name, _describe(peer))
                 for leaving in self._leaving_callbacks:
                     self._call(leaving, peer)
             else:
-                logger.info(
-                    "%s: node-up %s (release %s, %s)",
-                    name,
-                    peer.name,
-                    peer.release,
-                    peer.address,
-                )
+                logger.info("%s: node-up %s", name, _describe(peer))
                 for up in self._up_callbacks:
                     self._call(up, peer)
             for send in list(self._subscribers):
@@ -333,6 +373,10 @@ class Mesh:
 
     # -- links ------------------------------------------------------------------------------
 
+    def _last_heard(self, link_id: int) -> float:
+        link = self._links.get(link_id)
+        return link.last_received if link is not None else -math.inf
+
     def _link(self, stream: anyio.abc.ByteStream, role: Role, remote: str) -> PeerLink:
         # A peer that stops reading for as long as it may stay silent counts as gone.
         return PeerLink(
@@ -362,30 +406,45 @@ class Mesh:
                 logger.warning("accepting a connection failed: %s", exc)
                 await anyio.sleep(0.1)
                 continue
-            if len(self._pending) >= self._max_pending:
-                # Evict the oldest pending handshake instead of refusing the newcomer:
-                # otherwise sockets that connect and stay silent lock real peers out
-                # until they time out, and a slow trickle of them keeps it that way.
-                oldest = next(iter(self._pending))
-                self._pending.pop(oldest).cancel()
-                self._evicted += 1
-                now = anyio.current_time()
-                # Summarised: whoever floods us must not also control our log volume.
-                if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
-                    logger.warning(
-                        "%d pending handshakes (the cap): dropped the %d oldest so that "
-                        "new peers get in (latest from %s)",
-                        len(self._pending) + 1,
-                        self._evicted,
-                        _remote_of(stream),
-                    )
-                    self._evicted, self._evictions_logged_at = 0, now
-            pending_id, scope = next(self._pending_ids), anyio.CancelScope()
-            self._pending[pending_id] = scope
-            self._spawn(self._serve_incoming, stream, pending_id, scope)
+            source = _source_of(stream)
+            admission = self._pending.admit(source)
+            for evicted in admission.evicted:
+                scope = self._pending_scopes.pop(evicted, None)
+                if scope is not None:
+                    scope.cancel()
+            if admission.evicted or admission.id is None:
+                self._note_eviction(source)
+            if admission.id is None:
+                await anyio.aclose_forcefully(stream)
+                continue
+            scope = anyio.CancelScope()
+            self._pending_scopes[admission.id] = scope
+            self._spawn(self._serve_incoming, stream, source, admission.id, scope)
+
+    def _note_eviction(self, source: str) -> None:
+        # Summarised: whoever floods us must not also control our log volume.
+        self._evicted += 1
+        now = anyio.current_time()
+        if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
+            logger.warning(
+                "%d pending handshakes (the cap is %d in all, %d per address): dropped %d "
+                "so that new peers get in, taken from the addresses holding the most "
+                "(latest from %s, which holds %d)",
+                len(self._pending),
+                self._pending.total,
+                self._pending.per_source,
+                self._evicted,
+                peer_text(source),
+                self._pending.count(source),
+            )
+            self._evicted, self._evictions_logged_at = 0, now
 
     async def _serve_incoming(
-        self, stream: anyio.abc.ByteStream, pending_id: int, scope: anyio.CancelScope
+        self,
+        stream: anyio.abc.ByteStream,
+        source: str,
+        pending_id: int,
+        scope: anyio.CancelScope,
     ) -> None:
         remote = _remote_of(stream)
         done: tuple[PeerLink, PeerInfo, list[Event]] | None = None
@@ -402,21 +461,50 @@ class Mesh:
                 peer, events = await link.handshake()
                 done = link, peer, events
         except HandoffError as exc:
-            self._log_refusal(remote, exc, incoming=True)
+            if not (isinstance(exc, SelfConnection) and self._reached_itself(remote)):
+                self._log_refusal(source, remote, exc, incoming=True)
             await anyio.aclose_forcefully(stream)
             return
         except Exception:
-            # A bug of ours must cost one connection, never the node (invariant 6).
-            logger.exception("internal error in the handshake from %s; connection closed", remote)
+            # A bug of ours must cost one connection, never the node (invariant 6); a
+            # peer that found one must not flood the log with it either.
+            if self._refusal_log.allow(source):
+                logger.exception(
+                    "internal error in the handshake from %s; connection closed", remote
+                )
             await anyio.aclose_forcefully(stream)
             return
         finally:
-            self._pending.pop(pending_id, None)
+            self._pending.done(pending_id)
+            self._pending_scopes.pop(pending_id, None)
         if done is None:  # evicted (logged by _accept_loop)
             await anyio.aclose_forcefully(stream)
             return
         link, peer, events = done
         await self._run_link(link, peer, events, dialled=False, address=remote)
+
+    def _remember_dial(self, local: str, key: str) -> None:
+        now = anyio.current_time()
+        for endpoint, (_, until) in list(self._own_dials.items()):
+            if until <= now:
+                del self._own_dials[endpoint]
+        # Long enough for our own listener to see this dial's Hello, and bounded by the
+        # dials of one connect-and-handshake time, whatever peers do.
+        limit = self._settings.connect_timeout + self._settings.handshake_timeout
+        self._own_dials[local] = (key, now + limit)
+
+    def _reached_itself(self, remote: str) -> bool:
+        """True if the connection from ``remote`` that failed as "self" on our listener is
+        one of our own dials: the peer's word plus a source address no one else can have
+        (the local end of a socket of ours). The address dialled is then never dialled
+        again."""
+        dial = self._own_dials.pop(remote, None)
+        if dial is None or dial[1] <= anyio.current_time():
+            return False
+        key = dial[0]
+        self._self_addresses.add(key)
+        logger.debug("%s is this node's own listener: not dialled again", peer_text(key))
+        return True
 
     async def _dial(self, target: PeerAddress) -> None:
         key = str(target)
@@ -428,39 +516,62 @@ class Mesh:
                 time_limit=self._settings.connect_timeout,
                 tls=self._tls.client if self._tls else None,
             )
+            self._remember_dial(_endpoint(stream, SocketAttribute.local_address), key)
             link = self._link(stream, Role.CLIENT, key)
             try:
                 peer, events = await link.handshake()
             except BaseException:
                 await link.aclose()
                 raise
-        except SelfConnection:
-            self._self_addresses.add(key)
-            return
         except HandoffError as exc:
-            self._log_refusal(key, exc, incoming=False)
+            # A Reject("self") too: it comes before authentication, so anyone can send
+            # it. Only our own listener can tell that we reached ourselves
+            # (_reached_itself); until then the address is retried like any failure.
+            self._log_refusal(source_of(target.host), key, exc, incoming=False)
             return
         except Exception:
-            logger.exception("internal error in the handshake to %s; connection closed", key)
+            if self._refusal_log.allow(source_of(target.host)):
+                logger.exception(
+                    "internal error in the handshake to %s; connection closed", peer_text(key)
+                )
             return
         finally:
             self._dialling.discard(key)
         await self._run_link(link, peer, events, dialled=True, address=key)
 
-    @staticmethod
-    def _log_refusal(remote: str, exc: HandoffError, *, incoming: bool) -> None:
+    def _log_refusal(self, source: str, remote: str, exc: HandoffError, *, incoming: bool) -> None:
+        if not self._refusal_log.allow(source):
+            return  # counted; _flush_log_summaries says how many
         direction = "from" if incoming else "to"
+        # The message may quote the peer (a Reject's reason): escaped and cut like its name.
+        remote, exc_text = peer_text(remote), peer_text(exc)
         if isinstance(exc, SelfConnection):
-            logger.debug("connection %s %s is this node itself", direction, remote)
+            logger.debug(
+                "connection %s %s claims to be this node (not believed: %s)",
+                direction,
+                remote,
+                "not one of its own dials" if incoming else "retried like any failure",
+            )
         elif isinstance(exc, AuthenticationError | ClusterMismatch | VersionMismatch):
-            logger.warning("refused connection %s %s: %s", direction, remote, exc)
+            logger.warning("refused connection %s %s: %s", direction, remote, exc_text)
         elif isinstance(exc, NameConflict | ProtocolError | TLSError):
-            logger.warning("dropped connection %s %s: %s", direction, remote, exc)
+            logger.warning("dropped connection %s %s: %s", direction, remote, exc_text)
         elif isinstance(exc, ConnectError):
             # DNS lists nodes that are still starting; not worth more than debug.
-            logger.debug("cannot reach %s: %s", remote, exc)
+            logger.debug("cannot reach %s: %s", remote, exc_text)
         else:
-            logger.info("connection %s %s failed: %s", direction, remote, exc)
+            logger.info("connection %s %s failed: %s", direction, remote, exc_text)
+
+    def _flush_log_summaries(self) -> None:
+        for source, suppressed in self._refusal_log.flush():
+            logger.warning(
+                "suppressed %d similar messages about connections with %s (at most %d per "
+                "%g s per address)",
+                suppressed,
+                peer_text(source),
+                REFUSAL_LOG_BURST,
+                REFUSAL_LOG_INTERVAL,
+            )
 
     async def _run_link(
         self,
@@ -473,14 +584,29 @@ class Mesh:
     ) -> None:
         link_id = next(self._link_ids)
         decision = self._membership.established(
-            link_id, peer, dialled=dialled, address=address, now=anyio.current_time()
+            link_id,
+            peer,
+            dialled=dialled,
+            address=address,
+            now=anyio.current_time(),
+            last_heard=self._last_heard,
         )
         for other in decision.close:
             stale = self._links.get(other)
             if stale is not None and self._running:
                 self._spawn(stale.aclose, DUPLICATE)
         if not decision.keep:
-            await link.aclose(DUPLICATE)
+            if decision.reason == NAME_IN_USE and self._refusal_log.allow(
+                source_of(_host_of(address))
+            ):
+                logger.warning(
+                    "%s: refused %s from %s: a live node already has that name (it is "
+                    "admitted once that node's link is gone)",
+                    self._settings.node_name,
+                    peer_text(peer.name),
+                    peer_text(address),
+                )
+            await link.aclose(decision.reason)
             return
         self._links[link_id] = link
         self._publish(decision.events)
@@ -491,21 +617,32 @@ class Mesh:
                     if isinstance(event, PeerStateChanged):
                         self._publish(self._membership.state_changed(link_id, event.state))
                     elif isinstance(event, PeerGoodbye):
-                        reason, detail = DownReason.GOODBYE, event.reason
+                        reason, detail = DownReason.GOODBYE, peer_text(event.reason)
+                        if event.reason == NAME_IN_USE and self._refusal_log.allow(
+                            source_of(_host_of(address))
+                        ):
+                            logger.warning(
+                                "%s: %s refused this node: it has a live link to another "
+                                "node named %s; retrying",
+                                self._settings.node_name,
+                                peer_text(peer.name),
+                                self._settings.node_name,
+                            )
                         return
                     elif isinstance(event, MessageReceived):
                         await self._on_session_message(peer.name, link, event.message)
                 events = await link.next_events()
+        # Details reach logs, callbacks and the CLI, and may quote the peer: made safe here.
         except HeartbeatTimeout as exc:
-            reason, detail = DownReason.HEARTBEAT_TIMEOUT, str(exc)
+            reason, detail = DownReason.HEARTBEAT_TIMEOUT, peer_text(exc)
         except ProtocolError as exc:
-            logger.warning("dropped %s: %s", peer.name, exc)
-            reason, detail = DownReason.PROTOCOL_ERROR, str(exc)
+            logger.warning("dropped %s: %s", peer_text(peer.name), peer_text(exc))
+            reason, detail = DownReason.PROTOCOL_ERROR, peer_text(exc)
         except HandoffError as exc:
-            reason, detail = DownReason.CONNECTION_LOST, str(exc)
+            reason, detail = DownReason.CONNECTION_LOST, peer_text(exc)
         except Exception as exc:
-            logger.exception("internal error on the link to %s; link closed", peer.name)
-            reason, detail = DownReason.PROTOCOL_ERROR, f"internal error: {exc!r}"
+            logger.exception("internal error on the link to %s; link closed", peer_text(peer.name))
+            reason, detail = DownReason.PROTOCOL_ERROR, peer_text(f"internal error: {exc!r}")
         finally:
             self._links.pop(link_id, None)
             if self._membership.link_of(peer.name) in (link_id, None):
@@ -527,7 +664,7 @@ class Mesh:
                 # Logged once per distinct failure, retried every poll: never fatal.
                 message = str(exc)
                 level = logging.DEBUG if message == self._last_discovery_error else logging.WARNING
-                logger.log(level, "discovery failed (will retry): %s", message)
+                logger.log(level, "discovery failed (will retry): %s", peer_text(message))
                 self._last_discovery_error = message
             else:
                 self._last_discovery_error = ""
@@ -546,5 +683,6 @@ class Mesh:
         while True:
             now = anyio.current_time()
             self._publish(self._membership.expire(now))
+            self._flush_log_summaries()
             wait = self._membership.next_deadline() - now
             await anyio.sleep(min(max(wait, 0.05), 1.0))

@@ -41,8 +41,12 @@ from handoff._errors import (
     TLSError,
     VersionMismatch,
 )
+from handoff._text import peer_text
 from handoff.config import Settings, describe, resolve_settings
 from handoff.control import (
+    REPORT_SHAPE,
+    STATUS_SHAPE,
+    WAIT_READY_SHAPE,
     AmbiguousSocket,
     ControlError,
     ControlPermissionError,
@@ -53,16 +57,12 @@ from handoff.control import (
 from handoff.discovery import PeerAddress, make_discovery
 from handoff.protocol import (
     Connection,
-    FrameDecoder,
     HandshakeComplete,
-    Info,
     Limits,
     LocalNode,
     NodeState,
     PeerInfo,
     Role,
-    decode_message,
-    encode_frame,
 )
 from handoff.transport import TLSContexts, open_connection, translate_errors
 
@@ -254,15 +254,20 @@ def _ask(
     *,
     time_limit: float,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    shape: Any = None,
 ) -> dict[str, Any]:
     path = locate_socket(args.socket)
     return anyio.run(
-        functools.partial(call, path, request, time_limit=time_limit, on_progress=on_progress)
+        functools.partial(
+            call, path, request, time_limit=time_limit, on_progress=on_progress, shape=shape
+        )
     )
 
 
 def _status(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"command": "status"}, time_limit=STATUS_TIME_LIMIT)
+    reply = _ask(
+        args, {"command": "status"}, time_limit=STATUS_TIME_LIMIT, shape={"status": STATUS_SHAPE}
+    )
     status: dict[str, Any] = reply["status"]
     if args.json:
         _print_json(status)
@@ -273,19 +278,21 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _status_lines(status: Mapping[str, Any]) -> list[str]:
-    warm = f"warm ({status['warm_reason']})" if status["warm"] else "warming up"
+    # Every string here may come from a peer (names, releases) or stand for one: escaped.
+    t = peer_text
+    warm = f"warm ({t(status['warm_reason'])})" if status["warm"] else "warming up"
     lines = [
-        f"node {status['node']} of cluster {status['cluster']}, release {status['release']}, "
-        f"{status['state']}, {warm}",
-        f"address {status['address'] or '(none advertised)'}, pid {status['pid']}",
+        f"node {t(status['node'])} of cluster {t(status['cluster'])}, release "
+        f"{t(status['release'])}, {t(status['state'])}, {warm}",
+        f"address {t(status['address'] or '(none advertised)')}, pid {status['pid']}",
         "",
     ]
     members = [
         (
-            ("* " if m["self"] else "  ") + m["name"],
-            m["release"],
-            m["state"],
-            m["address"] or "-",
+            ("* " if m["self"] else "  ") + t(m["name"]),
+            t(m["release"]),
+            t(m["state"]),
+            t(m["address"] or "-"),
         )
         for m in status["members"]
     ]
@@ -293,15 +300,20 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
     lines.append("")
     if status["tracked"]:
         tracked = [
-            (t["namespace"], t["kind"], "?" if t["entries"] is None else t["entries"], t["version"])
-            for t in status["tracked"]
+            (
+                peer_text(n["namespace"]),
+                peer_text(n["kind"]),
+                "?" if n["entries"] is None else n["entries"],
+                n["version"],
+            )
+            for n in status["tracked"]
         ]
         lines += _table(("NAMESPACE", "ADAPTER", "ENTRIES", "VERSION"), tracked)
     else:
         lines.append("no tracked namespaces")
     lines.append("")
     drain = status.get("last_drain")
-    lines.append("last drain: " + ("none" if drain is None else str(drain["summary"])))
+    lines.append("last drain: " + ("none" if drain is None else t(drain["summary"], 2000)))
     return lines
 
 
@@ -316,27 +328,34 @@ def _drain(args: argparse.Namespace) -> int:
         if progress.get("event") == "started":
             already = " (already draining: waiting for its report)" if progress["already"] else ""
             print(
-                f"draining {progress['node']} within {progress['timeout']:g} s{already}",
+                f"draining {peer_text(progress['node'])} within {progress['timeout']:g} s{already}",
                 flush=True,
             )
         elif progress.get("event") == "namespace":
             print(
-                f"  {progress['namespace']}: {progress['acknowledged']} acknowledged, "
+                f"  {peer_text(progress['namespace'])}: {progress['acknowledged']} acknowledged, "
                 f"{progress['snapshotted']} snapshotted, {progress['dropped']} dropped "
                 f"(of {progress['records']} exported so far)",
                 flush=True,
             )
 
-    reply = _ask(args, request, time_limit=DRAIN_START_LIMIT, on_progress=show)
+    reply = _ask(
+        args,
+        request,
+        time_limit=DRAIN_START_LIMIT,
+        on_progress=show,
+        shape={"report": REPORT_SHAPE},
+    )
     report: dict[str, Any] = reply["report"]
     if args.json:
         _print_json(report)
     else:
-        print(report["summary"])
+        print(peer_text(report["summary"], 10_000))
     if not report["ok"]:
         print(
             f"handoff drain: error: {report['lost']} records lost ({report['dropped']} dropped "
-            f"by {report['node']}, {report['receiver_dropped']} by successors; see the report)",
+            f"by {peer_text(report['node'])}, {report['receiver_dropped']} by successors; see "
+            "the report)",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -348,14 +367,16 @@ def _wait_ready(args: argparse.Namespace) -> int:
         args,
         {"command": "wait-ready", "timeout": args.timeout},
         time_limit=args.timeout + WAIT_GRACE,
+        shape=WAIT_READY_SHAPE,
     )
     if args.json:
         _print_json({k: v for k, v in reply.items() if k != "type"})
     elif reply["warm"]:
-        print(f"{reply['node']} is warm: {reply['reason']}")
+        print(f"{peer_text(reply['node'])} is warm: {peer_text(reply['reason'])}")
     if not reply["warm"]:
         print(
-            f"handoff wait-ready: error: {reply['node']} is not warm after {args.timeout:g} s",
+            f"handoff wait-ready: error: {peer_text(reply['node'])} is not warm after "
+            f"{args.timeout:g} s",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -447,19 +468,6 @@ _FIX_PROTOCOL = (
 )
 
 
-def _without_info(data: bytes) -> bytes:
-    """The outgoing frames minus this side's Info: the handshake then stops one message
-    short on the peer's side, so the doctor never becomes a member there."""
-    decoder = FrameDecoder(len(data) + 1, 64)
-    decoder.feed(data)
-    kept = bytearray()
-    while (obj := decoder.next_object()) is not None:
-        message = decode_message(obj)
-        if not isinstance(message, Info):
-            kept += encode_frame(message.to_wire())
-    return bytes(kept)
-
-
 async def _handshake(
     target: PeerAddress, settings: Settings, tls: TLSContexts | None, identity: LocalNode
 ) -> PeerInfo:
@@ -476,6 +484,7 @@ async def _handshake(
         settings.cookie,
         now=anyio.current_time(),
         limits=Limits(handshake_timeout=settings.handshake_timeout),
+        announce=False,
     )
     try:
         with anyio.fail_after(settings.handshake_timeout), translate_errors(remote):
@@ -491,7 +500,7 @@ async def _handshake(
                         with anyio.move_on_after(0.5):
                             await stream.send(reject)
                     raise
-                outgoing = _without_info(connection.data_to_send())
+                outgoing = connection.data_to_send()
                 if outgoing:
                     await stream.send(outgoing)
                 for event in events:
@@ -508,20 +517,22 @@ async def _handshake(
 def _probe_problem(check: PeerCheck, exc: HandoffError, cluster: str) -> Problem:
     who = check.address + (f" ({check.name})" if check.name else "")
     if isinstance(exc, ConnectError):
-        return Problem(f"cannot reach {who}: {exc}", _FIX_REACH)
+        return Problem(f"cannot reach {who}: {check.error}", _FIX_REACH)
     if isinstance(exc, AuthenticationError):
-        return Problem(f"{who} does not share this cookie (HANDOFF_COOKIE): {exc}", _FIX_COOKIE)
+        return Problem(
+            f"{who} does not share this cookie (HANDOFF_COOKIE): {check.error}", _FIX_COOKIE
+        )
     if isinstance(exc, ClusterMismatch):
         # The peer's message speaks from its side ("this node" is the peer).
         return Problem(
-            f"{who} is not in cluster {cluster!r} (HANDOFF_CLUSTER); it says: {exc}",
+            f"{who} is not in cluster {cluster!r} (HANDOFF_CLUSTER); it says: {check.error}",
             _FIX_CLUSTER,
         )
     if isinstance(exc, VersionMismatch):
-        return Problem(f"{who} speaks another protocol version: {exc}", _FIX_VERSION)
+        return Problem(f"{who} speaks another protocol version: {check.error}", _FIX_VERSION)
     if isinstance(exc, TLSError):
-        return Problem(f"TLS with {who} failed: {exc}", _FIX_TLS)
-    return Problem(f"handshake with {who} failed: {exc}", _FIX_PROTOCOL)
+        return Problem(f"TLS with {who} failed: {check.error}", _FIX_TLS)
+    return Problem(f"handshake with {who} failed: {check.error}", _FIX_PROTOCOL)
 
 
 @dataclass(slots=True)
@@ -545,17 +556,19 @@ async def _check_peer(
     try:
         peer = await _handshake(target, settings, tls, identity)
     except HandoffError as exc:
-        check.error = str(exc)
+        # A rejection's reason is the peer's text.
+        check.error = peer_text(exc, 1000)
         found.problems.append(_probe_problem(check, exc, settings.cluster))
         return found
+    # The peer chose its name, release and namespace names: escaped before they are shown.
     check.ok = True
-    check.name = peer.name
-    check.release = peer.release
+    check.name = peer_text(peer.name)
+    check.release = peer_text(peer.release)
     check.state = peer.state.value
     check.protocol_version = peer.protocol_version
     check.clock_offset = round(peer.clock_offset, 3) + 0.0  # no "-0.000"
-    check.namespaces = {ns.name: ns.version for ns in peer.namespaces}
-    who = f"{peer.name} ({check.address})"
+    check.namespaces = {peer_text(ns.name): ns.version for ns in peer.namespaces}
+    who = f"{check.name} ({check.address})"
     if abs(peer.clock_offset) > CLOCK_TOLERANCE:
         found.problems.append(
             Problem(
@@ -569,32 +582,31 @@ async def _check_peer(
         found.notes.append(f"{who} is draining")
     if local is None:
         return found
-    if peer.name == local["node"]:
+    me = peer_text(local["node"])
+    if check.name == me:
         check.local = True
         return found
-    ours: dict[str, int] = next(m for m in local["members"] if m["self"])["namespaces"]
+    ours: dict[str, int] = next((m["namespaces"] for m in local["members"] if m["self"]), {})
     for namespace, version in sorted(ours.items()):
         theirs = check.namespaces.get(namespace)
         if theirs is None:
             found.problems.append(
                 Problem(
                     f"{who} does not track {namespace!r}, which the local node "
-                    f"{local['node']} tracks (version {version}): {peer.name} refuses that "
-                    f"state when {local['node']} drains",
+                    f"{me} tracks (version {version}): {check.name} refuses that "
+                    f"state when {me} drains",
                     f"track {namespace!r} on every release (node.track({namespace!r}, ...)), "
                     "or expect it to go to other peers or to the snapshot store",
                 )
             )
         elif theirs != version:
             found.notes.append(
-                f"{namespace!r}: version {version} on {local['node']}, {theirs} on "
-                f"{peer.name}: the newer release needs @node.upgrade / @node.downgrade hooks "
+                f"{namespace!r}: version {version} on {me}, {theirs} on "
+                f"{check.name}: the newer release needs @node.upgrade / @node.downgrade hooks "
                 f"between {min(version, theirs)} and {max(version, theirs)}"
             )
     for namespace in sorted(set(check.namespaces) - set(ours)):
-        found.notes.append(
-            f"{peer.name} tracks {namespace!r}, the local node {local['node']} does not"
-        )
+        found.notes.append(f"{check.name} tracks {namespace!r}, the local node {me} does not")
     return found
 
 
@@ -614,14 +626,19 @@ async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> 
 
     try:
         path = locate_socket(socket_arg, environ)
-        status = await call(path, {"command": "status"}, time_limit=STATUS_TIME_LIMIT)
+        status = await call(
+            path,
+            {"command": "status"},
+            time_limit=STATUS_TIME_LIMIT,
+            shape={"status": STATUS_SHAPE},
+        )
         report.local = status["status"]
     except ControlError as exc:
         report.local_note = f"{exc} (schema versions are listed, not compared)"
     if report.local is not None and report.local["cluster"] != settings.cluster:
         report.problems.append(
             Problem(
-                f"the local node {report.local['node']} is in cluster "
+                f"the local node {peer_text(report.local['node'])} is in cluster "
                 f"{report.local['cluster']!r}, the environment here says {settings.cluster!r}",
                 "run handoff doctor with the node's environment (HANDOFF_CLUSTER), or point "
                 "--socket at the node of this cluster",
@@ -709,9 +726,12 @@ def _doctor_lines(report: DoctorReport) -> list[str]:
     lines.append("")
     if report.local is not None:
         local = report.local
-        namespaces = ", ".join(f"{t['namespace']} v{t['version']}" for t in local["tracked"])
+        namespaces = ", ".join(
+            f"{peer_text(t['namespace'])} v{t['version']}" for t in local["tracked"]
+        )
         lines.append(
-            f"local node: {local['node']} ({local['state']}), tracks {namespaces or 'nothing'}"
+            f"local node: {peer_text(local['node'])} ({peer_text(local['state'])}), tracks "
+            f"{namespaces or 'nothing'}"
         )
     elif report.local_note:
         lines.append(f"local node: {report.local_note}")

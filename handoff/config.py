@@ -40,6 +40,7 @@ from ._errors import ConfigError
 from .discovery._spec import DiscoverySpec, parse_discovery_spec, parse_host_port
 
 __all__ = (
+    "COOKIE_HOWTO",
     "DEFAULT_PORT",
     "ENVIRONMENT_VARIABLES",
     "PLATFORM_VARIABLES",
@@ -75,7 +76,7 @@ _MIN_COOKIE_BYTES = 16
 # sun_path holds 108 bytes on Linux (104 on macOS) including the terminating NUL.
 _MAX_SOCKET_PATH_BYTES = 103
 
-_COOKIE_HOWTO = (
+COOKIE_HOWTO = (
     'Generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))". '
     "On Fly.io: fly secrets set HANDOFF_COOKIE=<value>. On Kubernetes: put it in a Secret "
     "and expose it with env: [{name: HANDOFF_COOKIE, valueFrom: {secretKeyRef: ...}}]."
@@ -306,17 +307,17 @@ def _cookie(raw: object, origin: _Origin) -> bytes:
     if not isinstance(raw, str | bytes):
         raise ConfigError(f"{label}: the cookie must be str or bytes, not {type(raw).__name__}")
     if not raw:
-        raise ConfigError(f"{label}: the cookie is empty. {_COOKIE_HOWTO}")
+        raise ConfigError(f"{label}: the cookie is empty. {COOKIE_HOWTO}")
     # Env files and secret mounts often carry a trailing newline: strip it the same way for
     # every input so that nodes configured differently still agree on the secret.
     cookie = raw.strip().encode() if isinstance(raw, str) else raw.strip()
     if not cookie:
-        raise ConfigError(f"{label}: the cookie is only whitespace. {_COOKIE_HOWTO}")
+        raise ConfigError(f"{label}: the cookie is only whitespace. {COOKIE_HOWTO}")
     if len(cookie) < _MIN_COOKIE_BYTES:
         raise ConfigError(
             f"{label}: the cookie is {len(cookie)} bytes long; use at least "
             f"{_MIN_COOKIE_BYTES} (a short secret can be guessed offline from a captured "
-            f"handshake). {_COOKIE_HOWTO}"
+            f"handshake). {COOKIE_HOWTO}"
         )
     return cookie
 
@@ -485,7 +486,7 @@ def _release_from_image_ref(ref: str) -> str:
 def _no_cookie(context: _Context) -> bytes:
     raise ConfigError(
         f"{_COOKIE.label}: no cookie. The cookie is a shared secret that every node of the "
-        f"cluster needs (the same value everywhere); there is no default. {_COOKIE_HOWTO}"
+        f"cluster needs (the same value everywhere); there is no default. {COOKIE_HOWTO}"
     )
 
 

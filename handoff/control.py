@@ -4,7 +4,14 @@ A running node serves it on ``HANDOFF_CONTROL_SOCKET`` (default
 ``${XDG_RUNTIME_DIR or /tmp}/handoff-<uid>/<cluster>.sock``; ``none`` disables it). Only
 processes of the node's own user, or root, may use it: the socket is mode 0600, the default
 directory mode 0700, and the server checks the peer's credentials (``SO_PEERCRED`` on Linux)
-before it reads a byte.
+before it reads a byte. A default directory that is not this user's own (another user made
+it, it is a link, or others may write it) is left alone: the node serves in a fresh private
+``handoff-<uid>-XXXXXXXX`` directory beside it instead, where :func:`locate_socket` looks
+next. So a squatter can neither answer in the node's name nor leave it without a socket.
+
+The client trusts only a socket of its own user, reached without a symbolic link, in a
+directory nobody else can write; every reply line is checked against the shape the CLI
+reads (:func:`shape_problem`) before anything of it is shown.
 
 The protocol is JSON lines, one request per connection. The client sends one object, the
 server answers with zero or more ``progress`` lines and one final ``result`` or ``error``
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import math
@@ -37,6 +45,7 @@ import pwd
 import socket
 import stat
 import struct
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +57,7 @@ from anyio.abc import SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from handoff._errors import ConfigError, HandoffError
+from handoff._text import peer_text
 from handoff.config import control_directory, default_control_socket
 from handoff.engine import DrainReport, NamespaceReport
 from handoff.protocol import NodeState
@@ -56,19 +66,26 @@ if TYPE_CHECKING:
     from handoff.node import Node
 
 __all__ = (
+    "MAX_ANNOUNCED_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_REQUEST_BYTES",
     "READ_TIMEOUT",
+    "REPORT_SHAPE",
+    "STATUS_SHAPE",
+    "WAIT_READY_SHAPE",
     "AmbiguousSocket",
     "ControlError",
     "ControlPermissionError",
     "ControlServer",
     "ControlSocketError",
+    "MapOf",
     "NoNodeRunning",
     "call",
     "locate_socket",
     "node_status",
     "peer_uid",
+    "shape_problem",
+    "squatted",
     "uid_allowed",
 )
 
@@ -84,6 +101,8 @@ WRITE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
 #: Upper bound of a request's ``timeout``: an hour is longer than any drain or warm-up.
 MAX_REQUEST_TIMEOUT = 3600.0
+#: Longest deadline the CLI believes a node announces (a larger one is cut to this).
+MAX_ANNOUNCED_TIMEOUT = MAX_REQUEST_TIMEOUT
 #: Largest reply line the client accepts (a status of a big cluster is a few hundred KiB).
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 # Progress lines are for people watching: coalesce acknowledgements into one line per
@@ -308,12 +327,14 @@ class ControlServer:
         listener: anyio.abc.SocketListener,
         path: Path,
         identity: tuple[int, int],
+        fresh: Path | None = None,
     ) -> None:
         self.node = node
         self.path = path
         """The socket's path."""
         self._listener = listener
         self._identity = identity
+        self._fresh = fresh
         self._active = 0
         self._refusing = 0
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -328,14 +349,14 @@ class ControlServer:
         gunicorn workers) are legitimate, and only one of them can have the default socket.
         """
         try:
-            listener, identity = await _listen(path, explicit=explicit)
+            listener, identity, path, fresh = await _listen(path, explicit=explicit)
         except ControlSocketError as exc:
             if explicit:
                 raise
             logger.warning("%s; %s runs without a control socket", exc, node.name)
             return None
         logger.info("%s: control socket for the handoff CLI at %s", node.name, path)
-        return cls(node, listener, path, identity)
+        return cls(node, listener, path, identity, fresh)
 
     async def aclose(self) -> None:
         """Stop listening and remove the socket file (if it is still this server's)."""
@@ -345,6 +366,9 @@ class ControlServer:
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._identity:
                 os.unlink(self.path)
+        if self._fresh is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._fresh)  # only if empty: never anything another put there
         await self._listener.aclose()
 
     async def serve(self) -> None:
@@ -555,7 +579,9 @@ async def _read_request(stream: anyio.abc.ByteStream) -> dict[str, Any] | None:
 
 async def _listen(
     path: Path, *, explicit: bool
-) -> tuple[anyio.abc.SocketListener, tuple[int, int]]:
+) -> tuple[anyio.abc.SocketListener, tuple[int, int], Path, Path | None]:
+    """Listen on ``path``; returns the listener, the socket's identity, the path actually
+    used and the fresh private directory made for it (``None`` when the usual one served)."""
     origin = (
         "HANDOFF_CONTROL_SOCKET"
         if explicit
@@ -563,10 +589,13 @@ async def _listen(
     )
     where = f"control socket {path} ({origin})"
     directory = path.parent
+    fresh: Path | None = None
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not explicit:
-            _make_private(directory, where)
+            fresh = _private_or_fresh(directory, where)
+            if fresh is not None:
+                directory, path = fresh, fresh / path.name
         fd = os.open(directory, os.O_RDONLY)
     except OSError as exc:
         raise ControlSocketError(
@@ -585,23 +614,53 @@ async def _listen(
         except OSError as exc:
             await listener.aclose()
             raise ControlSocketError(f"{where}: vanished after binding: {exc}") from exc
-        return listener, (st.st_dev, st.st_ino)
+        return listener, (st.st_dev, st.st_ino), path, fresh
     finally:
         os.close(fd)  # releases the lock
 
 
-def _make_private(directory: Path, where: str) -> None:
-    """The default directory sits in a shared place (/tmp): it must be ours and 0700."""
-    st = os.lstat(directory)  # a symlink planted there by someone else must not be followed
+def squatted(st: os.stat_result, directory: Path) -> str | None:
+    """Why ``directory`` (its lstat ``st``) cannot hold this user's control sockets, or
+    ``None``: it must be a real directory (not a link) of this user nobody else can write."""
+    if stat.S_ISLNK(st.st_mode):
+        return f"{directory} is a symbolic link, not a directory"
     if not stat.S_ISDIR(st.st_mode):
-        raise ControlSocketError(f"{where}: {directory} is not a directory")
+        return f"{directory} is not a directory"
     if st.st_uid != os.geteuid():
-        raise ControlSocketError(
-            f"{where}: the directory {directory} belongs to {_user(st.st_uid)}, not to this "
-            f"user ({_user(os.geteuid())}); someone else could answer in this node's name"
+        return (
+            f"the directory {directory} belongs to {_user(st.st_uid)}, not to this user "
+            f"({_user(os.geteuid())})"
         )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(directory, 0o700)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        return f"the directory {directory} is writable by others (mode {mode:04o})"
+    return None
+
+
+def _private_or_fresh(directory: Path, where: str) -> Path | None:
+    """The default directory sits in a shared place (/tmp): use it if it is ours and nobody
+    else can write it (made 0700), else make a fresh private one beside it and return that.
+
+    A squatter must not leave the node without a socket: the fresh directory
+    (``handoff-<uid>-XXXXXXXX``) is where the CLI looks next (:func:`locate_socket`).
+    """
+    st = os.lstat(directory)  # a symlink planted there by someone else must not be followed
+    problem = squatted(st, directory)
+    if problem is None:
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(directory, 0o700)
+        return None
+    fresh = Path(tempfile.mkdtemp(prefix=directory.name + "-", dir=directory.parent))
+    logger.warning(
+        "%s: %s; someone else could answer in this node's name there, so the node is serving "
+        "it in a fresh private directory, %s (the handoff CLI finds it there). Remove %s to "
+        "get the usual path back",
+        where,
+        problem,
+        fresh,
+        directory,
+    )
+    return fresh
 
 
 async def _lock(fd: int, where: str) -> None:
@@ -660,13 +719,65 @@ def _clear_stale(path: Path, where: str) -> None:
 _HOW_TO_POINT = "point the CLI at the node's socket with --socket PATH or HANDOFF_CONTROL_SOCKET"
 
 
+def _fallback_directories(directory: Path) -> list[Path]:
+    """The fresh private directories nodes made beside a squatted default ``directory``."""
+    found = []
+    try:
+        candidates = sorted(directory.parent.glob(glob.escape(directory.name) + "-*"))
+    except OSError:
+        return []
+    for candidate in candidates:
+        with contextlib.suppress(OSError):
+            if squatted(os.lstat(candidate), candidate) is None:
+                found.append(candidate)
+    return found
+
+
+def _sockets(directories: list[Path], name: str = "*.sock") -> list[Path]:
+    found = []
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            found += [p for p in directory.glob(name) if stat.S_ISSOCK(os.lstat(p).st_mode)]
+    return found
+
+
+def _usable(directory: Path) -> bool:
+    try:
+        return squatted(os.lstat(directory), directory) is None
+    except OSError:
+        return False
+
+
+def _default_socket(path: Path) -> Path:
+    """``path`` in the default directory, or where a node went when that was squatted."""
+    directory = path.parent
+    if _usable(directory) and path.exists():
+        return path
+    # The newest: older ones are left by nodes that were killed.
+    found = _sockets(_fallback_directories(directory), glob.escape(path.name))
+    if found:
+        return max(found, key=lambda p: os.lstat(p).st_mtime)
+    if directory.exists() and not _usable(directory):
+        raise ControlPermissionError(
+            f"the control socket directory {directory} is not a private directory of yours "
+            f"(someone else's, a link, or writable by others), and no node serves in a fresh "
+            f"directory beside it; remove it, or {_HOW_TO_POINT}"
+        )
+    return path
+
+
 def locate_socket(
     explicit: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Path:
     """The control socket the CLI should use: ``explicit`` (``--socket``), else
     ``HANDOFF_CONTROL_SOCKET``, else the default path of ``HANDOFF_CLUSTER`` (or
-    ``FLY_APP_NAME``), else the only socket in the default directory."""
+    ``FLY_APP_NAME``), else the only socket in the default directory.
+
+    The default directory counts only if it is a real directory of this user that nobody
+    else can write; if it is not (squatted), the fresh private directories that nodes
+    then make beside it (``handoff-<uid>-*``) are searched instead.
+    """
     env = os.environ if environ is None else environ
     if explicit is not None:
         return Path(explicit)
@@ -680,12 +791,10 @@ def locate_socket(
         return Path(configured)
     cluster = env.get("HANDOFF_CLUSTER", "").strip() or env.get("FLY_APP_NAME", "").strip()
     if cluster:
-        return default_control_socket(cluster, env)
+        return _default_socket(default_control_socket(cluster, env))
     directory = control_directory(env)
-    try:
-        found = sorted(p for p in directory.glob("*.sock") if p.is_socket())
-    except OSError:
-        found = []
+    usual = [directory] if _usable(directory) else []
+    found = sorted(_sockets(usual + _fallback_directories(directory)))
     if len(found) == 1:
         return found[0]
     if not found:
@@ -701,8 +810,10 @@ def locate_socket(
 
 
 def _check_socket(path: Path) -> None:
+    """Refuse anything but a socket of this user, reached without a planted link, in a
+    directory nobody else can swap it in."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except PermissionError:
         raise ControlPermissionError(
             f"cannot reach the control socket {path}: permission denied (it is another "
@@ -712,6 +823,11 @@ def _check_socket(path: Path) -> None:
         raise NoNodeRunning(
             f"no node is running here: nothing at {path}. Start the node, or {_HOW_TO_POINT}"
         ) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ControlPermissionError(
+            f"{path} is a symbolic link: the CLI does not follow links to a control socket "
+            f"(one could lead to another node's); {_HOW_TO_POINT} itself"
+        )
     if not stat.S_ISSOCK(st.st_mode):
         raise NoNodeRunning(f"{path} is not a socket, so no node serves there; {_HOW_TO_POINT}")
     if st.st_uid != os.geteuid():
@@ -722,6 +838,33 @@ def _check_socket(path: Path) -> None:
             f"({_user(os.geteuid())}): run the command as that user, or {_HOW_TO_POINT} "
             "of your own node"
         )
+    problem = _parent_problem(path.parent)
+    if problem is not None:
+        raise ControlPermissionError(
+            f"the control socket {path} is not safe to use: {problem}; {_HOW_TO_POINT} in a "
+            "directory of yours"
+        )
+
+
+def _parent_problem(directory: Path) -> str | None:
+    # Links and directories of this user or root only: only they could have put the socket
+    # there. A world-writable directory is fine with the sticky bit (/tmp): then nobody
+    # else can replace this user's socket in it.
+    trusted = (0, os.geteuid())
+    try:
+        link = os.lstat(directory)
+        st = os.stat(directory)
+    except OSError as exc:
+        return f"cannot check its directory {directory}: {exc.strerror or exc}"
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+        return f"its directory {directory} is a link made by {_user(link.st_uid)}"
+    if st.st_uid not in trusted:
+        return f"its directory {directory} belongs to {_user(st.st_uid)}"
+    if stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return (
+            f"its directory {directory} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+    return None
 
 
 async def _connect(path: Path) -> anyio.abc.SocketStream:
@@ -742,8 +885,125 @@ async def _connect(path: Path) -> anyio.abc.SocketStream:
         raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
 
 
+# -- what the client accepts ------------------------------------------------------------------
+#
+# A reply is checked against the shape of what the CLI reads from it before anything is
+# shown: a node (or whatever answers at the socket) that sends the wrong types gets a
+# one-line error, never a traceback. A shape is a type or tuple of types (``bool`` is not
+# a number here), a dict of required keys (others are allowed), a one-item list (every
+# item has that shape) or a :class:`MapOf`.
+
+
+@dataclass(frozen=True, slots=True)
+class MapOf:
+    """A shape: a JSON object with any keys whose values all have the shape ``values``."""
+
+    values: Any
+
+
+_NUMBER = (int, float)
+_TEXT_OR_NONE = (str, type(None))
+_INT_OR_NONE = (int, type(None))
+
+STATUS_SHAPE: Any = {
+    "node": str,
+    "cluster": str,
+    "release": str,
+    "state": str,
+    "address": _TEXT_OR_NONE,
+    "pid": int,
+    "warm": bool,
+    "warm_reason": str,
+    "members": [
+        {
+            "self": bool,
+            "name": str,
+            "release": str,
+            "state": str,
+            "address": _TEXT_OR_NONE,
+            "namespaces": MapOf(int),
+        }
+    ],
+    "tracked": [{"namespace": str, "kind": str, "entries": _INT_OR_NONE, "version": int}],
+    "last_drain": (type(None), {"summary": str}),
+}
+REPORT_SHAPE: Any = {
+    "node": str,
+    "summary": str,
+    "ok": bool,
+    "lost": int,
+    "dropped": int,
+    "receiver_dropped": int,
+}
+WAIT_READY_SHAPE: Any = {"node": str, "warm": bool, "reason": str}
+_PROGRESS_SHAPES: Mapping[str, Any] = {
+    "started": {"node": str, "timeout": _NUMBER, "already": bool},
+    "namespace": {
+        "namespace": str,
+        "records": int,
+        "acknowledged": int,
+        "snapshotted": int,
+        "dropped": int,
+    },
+}
+_ERROR_SHAPE: Any = {"code": str, "error": str}
+
+
+def shape_problem(value: object, shape: Any, where: str = "the reply") -> str | None:
+    """What in ``value`` does not have ``shape`` (see above), or ``None``."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} is not an object"
+        for key, inner in shape.items():
+            if key not in value:
+                return f"{where} has no {key!r}"
+            problem = shape_problem(value[key], inner, f"{where}.{key}")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} is not a list"
+        for index, item in enumerate(value):
+            problem = shape_problem(item, shape[0], f"{where}[{index}]")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(shape, MapOf):
+        if not isinstance(value, dict):
+            return f"{where} is not an object"
+        for key, item in value.items():
+            problem = shape_problem(item, shape.values, f"{where}[{peer_text(key, 40)!r}]")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(shape, tuple) and any(isinstance(s, dict | list | MapOf) for s in shape):
+        problems = [shape_problem(value, s, where) for s in shape]
+        return None if None in problems else problems[-1]
+    kinds = shape if isinstance(shape, tuple) else (shape,)
+    if isinstance(value, bool) and bool not in kinds:
+        return f"{where} is not {_names(kinds)}"
+    if not isinstance(value, kinds):
+        return f"{where} is not {_names(kinds)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} is not a finite number"
+    return None
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    words = {str: "text", int: "an integer", float: "a number", bool: "true or false"}
+    return " or ".join(words.get(k, "null" if k is type(None) else k.__name__) for k in kinds)
+
+
+def _malformed(path: Path, problem: str) -> ControlError:
+    return ControlError(f"the node at {path} sent a malformed reply: {problem}")
+
+
 def _raise_reply_error(reply: Mapping[str, Any], path: Path) -> None:
-    code, message = str(reply.get("code", "")), str(reply.get("error", "unknown error"))
+    problem = shape_problem(reply, _ERROR_SHAPE, "the error")
+    if problem is not None:
+        raise _malformed(path, problem)
+    code, message = peer_text(reply["code"], 40), peer_text(reply["error"], 1000)
     if code == "forbidden":
         raise ControlPermissionError(f"the node at {path} refused: {message}")
     raise ControlError(f"the node at {path} answered with an error ({code}): {message}")
@@ -755,11 +1015,14 @@ async def call(
     *,
     time_limit: float,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    shape: Any = None,
 ) -> dict[str, Any]:
     """Send one request to the node at ``path`` and return its final ``result`` line.
 
-    ``progress`` lines go to ``on_progress``. ``time_limit`` bounds the whole exchange; a
-    ``started`` line that announces a deadline extends it to that deadline plus a grace.
+    ``progress`` lines go to ``on_progress``. ``time_limit`` bounds the whole exchange; the
+    first ``started`` line may extend it once, to the deadline it announces (at most
+    :data:`MAX_ANNOUNCED_TIMEOUT`) plus a grace. With ``shape``, the result must have it
+    (see :func:`shape_problem`); progress lines are always checked before they are passed on.
     Raises :class:`NoNodeRunning`, :class:`ControlPermissionError` or :class:`ControlError`.
     """
     stream = await _connect(path)
@@ -768,28 +1031,39 @@ async def call(
             await stream.send(json.dumps(dict(request)).encode() + b"\n")
             buffered = BufferedByteReceiveStream(stream)
             deadline = anyio.current_time() + time_limit
+            extended = False
             while True:
                 with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                     line = await buffered.receive_until(b"\n", MAX_REPLY_BYTES)
                 try:
                     reply = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     raise ControlError(f"the node at {path} sent a line that is not JSON") from None
                 if not isinstance(reply, dict):
                     raise ControlError(f"the node at {path} sent a line that is not an object")
                 kind = reply.get("type")
                 if kind == "result":
+                    problem = None if shape is None else shape_problem(reply, shape)
+                    if problem is not None:
+                        raise _malformed(path, problem)
                     return reply
                 if kind == "error":
                     _raise_reply_error(reply, path)
-                if kind == "progress":
-                    announced = reply.get("timeout")
-                    if isinstance(announced, int | float) and not isinstance(announced, bool):
-                        deadline = max(
-                            deadline, anyio.current_time() + float(announced) + _CLIENT_GRACE
-                        )
-                    if on_progress is not None:
-                        on_progress(reply)
+                if kind != "progress":
+                    continue
+                progress_shape = _PROGRESS_SHAPES.get(reply.get("event"))  # type: ignore[arg-type]
+                if progress_shape is None:
+                    continue  # an event this CLI does not know: a newer node's
+                problem = shape_problem(reply, progress_shape, "a progress line")
+                if problem is not None:
+                    raise _malformed(path, problem)
+                if reply["event"] == "started" and not extended:
+                    # Once: a node that keeps announcing must not keep the CLI forever.
+                    extended = True
+                    announced = min(max(0.0, float(reply["timeout"])), MAX_ANNOUNCED_TIMEOUT)
+                    deadline = max(deadline, anyio.current_time() + announced + _CLIENT_GRACE)
+                if on_progress is not None:
+                    on_progress(reply)
         except TimeoutError:
             raise ControlError(f"the node at {path} did not answer within the time limit") from None
         except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, OSError):

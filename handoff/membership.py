@@ -10,14 +10,18 @@ Rules:
   the node whose name sorts first, so they agree without talking about it.
 - A peer that closes a link as a duplicate is not down: the link it prefers is on its way.
   It is held for a grace period and reported down only if no link replaces it.
-- A new incarnation under a known name (a restarted process) replaces the old one.
+- A new incarnation under a known name (a restarted process) replaces the old one only
+  once the old one's link is dead: closed, or silent past the heartbeat timeout. While the
+  old link is heard from, the newcomer is refused with :data:`NAME_IN_USE` (it retries
+  later), whatever start time it claims: start times are self-declared, and believing them
+  would let any cookie holder take over a live node's name and receive its drain.
 - Absence from DNS is never a reason to drop a peer; only its links decide.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import MappingProxyType
@@ -26,6 +30,7 @@ from handoff.protocol import NodeState, PeerInfo
 
 __all__ = (
     "DUPLICATE",
+    "NAME_IN_USE",
     "DownReason",
     "LinkDecision",
     "Membership",
@@ -37,6 +42,10 @@ __all__ = (
 )
 
 DUPLICATE = "duplicate connection"
+NAME_IN_USE = "name in use by a live node"
+"""Goodbye reason of a link refused because its peer's name belongs to another live
+incarnation; the refused side retries later (a restarted node gets in once the old link is
+dead)."""
 
 
 class DownReason(StrEnum):
@@ -120,11 +129,13 @@ MembershipEvent = NodeUp | NodeLeaving | NodeDown
 
 @dataclass(frozen=True, slots=True)
 class LinkDecision:
-    """What the node must do after a link completed its handshake."""
+    """What the node must do after a link completed its handshake: if not ``keep``, close
+    the new link saying ``reason``."""
 
     keep: bool
     close: tuple[int, ...] = ()
     events: tuple[MembershipEvent, ...] = ()
+    reason: str = DUPLICATE
 
 
 @dataclass(slots=True)
@@ -138,9 +149,12 @@ class _Entry:
 class Membership:
     """The authenticated peers of one node, keyed by name."""
 
-    def __init__(self, local_name: str, *, grace: float) -> None:
+    def __init__(
+        self, local_name: str, *, grace: float, heartbeat_timeout: float = math.inf
+    ) -> None:
         self._local_name = local_name
         self._grace = grace
+        self._heartbeat_timeout = heartbeat_timeout
         self._entries: dict[str, _Entry] = {}
         # Peers whose link the other side closed as a duplicate: name -> (entry, deadline).
         self._held: dict[str, tuple[_Entry, float]] = {}
@@ -170,29 +184,48 @@ class Membership:
         return dialler == min(self._local_name, peer_name)
 
     def established(
-        self, link: int, info: PeerInfo, *, dialled: bool, address: str, now: float
+        self,
+        link: int,
+        info: PeerInfo,
+        *,
+        dialled: bool,
+        address: str,
+        now: float,
+        last_heard: Callable[[int], float] | None = None,
     ) -> LinkDecision:
-        """A link finished its handshake with ``info``; decide whether to keep it."""
+        """A link finished its handshake with ``info``; decide whether to keep it.
+
+        ``last_heard(link)`` is when a link in use last received anything (monotonic, like
+        ``now``); without it every link in use counts as heard from just now.
+        """
         peer = Peer.from_info(info, address)
         entry = _Entry(peer, link, dialled, {address, peer.address} - {""})
         current = self._entries.get(info.name)
-        held = self._held.pop(info.name, None)
+        held = self._held.get(info.name)
         if current is None and held is not None:
-            if held[0].peer.incarnation == info.incarnation:
+            held_entry, deadline = held
+            if held_entry.peer.incarnation == info.incarnation:
                 # The replacement for a link closed as a duplicate: nothing changed for users.
+                del self._held[info.name]
                 self._entries[info.name] = entry
                 return LinkDecision(keep=True)
+            if now < deadline:
+                # Its preferred link is on its way: the peer is as alive as a heard one.
+                return LinkDecision(keep=False, reason=NAME_IN_USE)
+            del self._held[info.name]
             self._entries[info.name] = entry
             return LinkDecision(
                 keep=True,
-                events=(NodeDown(held[0].peer, DownReason.RESTARTED), NodeUp(peer)),
+                events=(NodeDown(held_entry.peer, DownReason.RESTARTED), NodeUp(peer)),
             )
         if current is None:
             self._entries[info.name] = entry
             return LinkDecision(keep=True, events=(NodeUp(peer),))
         if current.peer.incarnation != info.incarnation:
-            if info.started_at < current.peer.started_at:
-                return LinkDecision(keep=False)
+            heard = now if last_heard is None else last_heard(current.link)
+            alive = now - heard < self._heartbeat_timeout
+            if alive or info.started_at < current.peer.started_at:
+                return LinkDecision(keep=False, reason=NAME_IN_USE)
             self._entries[info.name] = entry
             return LinkDecision(
                 keep=True,

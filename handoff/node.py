@@ -30,9 +30,10 @@ from anyio.abc import SocketAttribute
 from handoff._adapter import Adapter, Record
 from handoff._codec import Codec
 from handoff._errors import ConfigError, LocalProtocolError
+from handoff._keys import cluster_key, cookie_weakness
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
 from handoff._registry import adapter_for
-from handoff.config import Settings, resolve_settings
+from handoff.config import COOKIE_HOWTO, Settings, resolve_settings
 from handoff.control import ControlServer
 from handoff.discovery import make_discovery
 from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Sessions, Tracked
@@ -53,6 +54,20 @@ from handoff.transport import TLSContexts, format_address, open_listener
 __all__ = ("Node",)
 
 logger = logging.getLogger("handoff.node")
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_if_weak(cookie: bytes) -> None:
+    # Cached: once per process and cookie, however many nodes it builds.
+    weakness = cookie_weakness(cookie)
+    if weakness is not None:
+        logger.warning(
+            "HANDOFF_COOKIE looks guessable: %s. Whoever records one handshake can test "
+            "guesses offline (each costs one scrypt, ~50 ms of a core). %s",
+            weakness,
+            COOKIE_HOWTO,
+        )
+
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound=Transform)
@@ -123,6 +138,11 @@ class Node:
             control_socket=control_socket,
         )
         s = self.settings
+        # The process's one scrypt (cached by cookie and cluster): handshakes and snapshot
+        # files derive their keys from it, so it is paid here rather than in the first
+        # handshake on the event loop.
+        cluster_key(s.cookie, s.cluster)
+        _warn_if_weak(s.cookie)
         self.incarnation = secrets.token_hex(8)
         self.started_at = 0.0
         self._tracked: dict[str, Tracked] = {}
@@ -130,9 +150,11 @@ class Node:
         """The upgrade / downgrade hooks registered with :meth:`upgrade` and :meth:`downgrade`."""
         self.codec = Codec()
         """Serializer of records; register encoders for your own value types on it."""
-        self._snapshots: SnapshotStore | None = (
-            DirectorySnapshotStore(s.snapshot_dir) if s.snapshot_dir is not None else None
-        )
+        self._snapshots: SnapshotStore | None = None
+        if s.snapshot_dir is not None:
+            # Only a holder of the cookie can make a snapshot this node restores.
+            key = cluster_key(s.cookie, s.cluster).derive("snapshot")
+            self._snapshots = DirectorySnapshotStore(s.snapshot_dir, key=key)
         self._drain_watchers: list[Callable[[NamespaceReport], None]] = []
         self._control: ControlServer | None = None
         self._drain_lock = anyio.Lock()

@@ -7,48 +7,68 @@ keeps one file per snapshot in a local directory (``HANDOFF_SNAPSHOT_DIR``).
 
 Guarantees of the directory store:
 
+* Only this user can plant a snapshot: the directory must belong to the process's user and
+  must not be writable by group or others (:class:`~handoff._errors.ConfigError` at
+  construction otherwise, naming the ``chmod`` / ``chown`` to run). A directory the store
+  creates itself is mode 0700 and passes.
+* Only the cluster can make one: every part of a file is authenticated with HMAC-SHA256
+  under a key derived from the cookie (``cluster_key(cookie, cluster).derive("snapshot")``),
+  so a hand-made file, a file of another cookie, or chunks reordered, dropped or spliced
+  from another snapshot are refused.
 * A snapshot is visible only once complete: it is written to a temporary file in the same
   directory, flushed and fsynced, renamed over its final name, and the directory is
   fsynced. A crash mid-write leaves a temporary file, never a partial snapshot; stale
   temporary files are removed after an hour.
 * Nothing of a damaged snapshot is applied: :meth:`DirectorySnapshotStore.read` verifies
-  every chunk checksum, the record count and the digest of the whole file before it yields
-  the first chunk. Verification streams the file, so memory stays bounded.
-* Unusable files (corrupt, foreign cluster, not a snapshot) are moved to ``corrupt/`` with a
-  ``.reason.txt`` beside them, so that they can be inspected and are not retried forever.
+  every chunk's tag, the chunk and record counts and the trailer before it yields the first
+  chunk. Verification streams the file, so memory stays bounded.
+* No symlink is followed: snapshots are opened with ``O_NOFOLLOW``; ``corrupt/`` must be a
+  real directory of this user, and reason files are written to a fresh temporary file and
+  renamed into place (a rename replaces a planted link, it never writes through it).
+* Unusable files (corrupt, unauthenticated, of the old format, foreign cluster, not a
+  snapshot) are moved to ``corrupt/`` with a ``.reason.txt`` beside them, so that they can
+  be inspected and are not retried forever.
 
-File format, version 1 (all integers big-endian)::
+File format, version 2 (all integers big-endian; ``K`` is the snapshot key, ``H`` the
+header's tag, ``mac(...)`` HMAC-SHA256 under ``K`` of the concatenation)::
 
     b"WARM-HANDOFF-SNAPSHOT\\n"                   magic, 22 bytes
     u32 length, msgpack map                      header, at most 64 KiB:
-        {"format": 1, "cluster": str, "namespace": str, "kind": str, "version": int,
-         "node": str, "release": str, "created_at": float (Unix time)}
-    chunk*                                       each:
+        {"format": 2, "id": str (random), "cluster": str, "namespace": str, "kind": str,
+         "version": int, "node": str, "release": str, "created_at": float (Unix time)}
+    32 bytes H                                   mac(b"header\\0", magic, length, header)
+    chunk*                                       the i-th (from 1):
         u32 length                               payload bytes, at most 64 MiB
         u32 records                              records in the payload
-        u32 crc32                                CRC-32 of the records field and payload
         payload                                  opaque (the codec's encoded records)
+        32 bytes                                 mac(b"chunk\\0", H, u32 i, length, records,
+                                                     payload)
     trailer:
         u32 0xFFFFFFFF                           marks the trailer (never a chunk length)
+        u32 chunks                               how many chunks came before
         u64 records                              total records, the sum over the chunks
-        32 bytes                                 SHA-256 of every byte before the trailer
+        32 bytes                                 mac(b"trailer\\0", H, chunks, records)
 
-The per-chunk record count lets a reader bound the decoding of each chunk; the CRC of each
-chunk pinpoints damage, the trailer's digest covers everything (header included) and its
-presence proves the file is complete. Nothing may follow the trailer.
+Binding every chunk to ``H`` (which covers the header's random ``id``) and to its index, and
+the trailer to the chunk count, means chunks cannot be reordered, dropped, repeated or taken
+from another snapshot made with the same key. The per-chunk record count lets a reader bound
+the decoding of each chunk. Nothing may follow the trailer. Version 1 files (CRC-32 and an
+unkeyed SHA-256, which anyone can recompute) are refused and moved aside.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import hmac
 import logging
 import os
+import pwd
 import re
+import secrets
+import stat
 import struct
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,21 +88,26 @@ __all__ = (
 logger = logging.getLogger("handoff.snapshot")
 
 MAGIC: Final = b"WARM-HANDOFF-SNAPSHOT\n"
-FORMAT: Final = 1
+FORMAT: Final = 2
 MAX_HEADER: Final = 64 * 1024
 MAX_CHUNK: Final = 64 * 1024 * 1024
 TRAILER_MARKER: Final = 0xFFFFFFFF
+TAG_SIZE: Final = 32
 SUFFIX: Final = ".snapshot"
 TEMP_SUFFIX: Final = ".tmp"
 STALE_TEMP_SECONDS: Final = 3600.0
 CORRUPT_DIR: Final = "corrupt"
+REASON_SUFFIX: Final = ".reason.txt"
 
 _U32 = struct.Struct(">I")
-_CHUNK = struct.Struct(">III")
-_TRAILER = struct.Struct(">IQ32s")
+_CHUNK = struct.Struct(">II")
+_INDEX = struct.Struct(">I")
+_COUNTS = struct.Struct(">IQ")
+_TRAILER = struct.Struct(f">IIQ{TAG_SIZE}s")
 _READ_BLOCK: Final = 1024 * 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _HEADER_FIELDS: Final = {
+    "id": str,
     "cluster": str,
     "namespace": str,
     "kind": str,
@@ -90,6 +115,11 @@ _HEADER_FIELDS: Final = {
     "node": str,
     "release": str,
 }
+# Opening a planted FIFO must not block, nor a planted link lead elsewhere.
+_OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_CREATE_FLAGS: Final = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+)
 
 _codec = Codec(max_depth=4)
 
@@ -194,16 +224,70 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def directory_problem(st: os.stat_result, path: Path) -> str | None:
+    """Why a directory with status ``st`` may not hold this user's snapshots (with the
+    command that fixes it), or ``None`` when it may.
+
+    Whoever can write the directory can plant, replace or remove snapshots: so it must be
+    this process's user's, and writable by nobody else.
+    """
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory: point it at a directory"
+    me = os.geteuid()
+    if st.st_uid != me:
+        return (
+            f"{path} belongs to {_user(st.st_uid)}, not to this process's user "
+            f"({_user(me)}), who would trust whatever that user puts there; run "
+            f"`chown {me} {path}` or choose a directory of this user"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        who = {0o020: "its group", 0o002: "others"}.get(mode & 0o022, "its group and others")
+        return (
+            f"{path} is writable by {who} (mode {mode:04o}), who could plant or replace "
+            f"snapshots; run `chmod go-w {path}`"
+        )
+    return None
+
+
+class _Mac:
+    """HMAC-SHA256 of one part of a snapshot, fed as the part is written or read."""
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, key: bytes, label: bytes, *parts: bytes) -> None:
+        self._mac = hmac.new(key, label + b"\0", "sha256")
+        for part in parts:
+            self._mac.update(part)
+
+    def update(self, data: bytes) -> None:
+        self._mac.update(data)
+
+    def digest(self) -> bytes:
+        return self._mac.digest()
+
+    def matches(self, tag: bytes) -> bool:
+        return hmac.compare_digest(self._mac.digest(), tag)
+
+
 class _DirectoryWriter:
     """A snapshot being written to a temporary file of a :class:`DirectorySnapshotStore`."""
 
-    def __init__(self, directory: Path, final: Path, header: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, final: Path, header: dict[str, Any], key: bytes) -> None:
         self._directory = directory
         self._final = final
         self._header = header
+        self._key = key
         self._records = 0
+        self._chunks = 0
         self._done = False
-        self._hash = hashlib.sha256()
         fd, temp = _mkstemp(directory, final.name)
         self._temp = Path(temp)
         self._file: IO[bytes] = os.fdopen(fd, "wb")
@@ -211,7 +295,9 @@ class _DirectoryWriter:
             encoded = _codec.packb(header)
             if len(encoded) > MAX_HEADER:
                 raise ValueError(f"snapshot header of {len(encoded)} bytes exceeds {MAX_HEADER}")
-            self._write(MAGIC + _U32.pack(len(encoded)) + encoded)
+            start = MAGIC + _U32.pack(len(encoded)) + encoded
+            self._header_tag = _Mac(key, b"header", start).digest()
+            self._write(start + self._header_tag)
         except BaseException:
             self.abort()
             raise
@@ -222,7 +308,6 @@ class _DirectoryWriter:
         except OSError as exc:
             self.abort()
             raise SnapshotError(f"cannot write snapshot {self._temp}: {exc}") from exc
-        self._hash.update(data)
 
     def write_chunk(self, payload: bytes, records: int) -> None:
         """Append one chunk of ``records`` encoded records (at most 64 MiB)."""
@@ -232,18 +317,22 @@ class _DirectoryWriter:
             raise ValueError(f"snapshot chunk of {len(payload)} bytes exceeds {MAX_CHUNK}")
         if not 0 <= records <= 0xFFFFFFFF:
             raise ValueError(f"record count out of range: {records}")
-        count = _U32.pack(records)
-        crc = zlib.crc32(payload, zlib.crc32(count))
-        self._write(_CHUNK.pack(len(payload), records, crc))
+        self._chunks += 1
+        head = _CHUNK.pack(len(payload), records)
+        mac = _Mac(self._key, b"chunk", self._header_tag, _INDEX.pack(self._chunks), head)
+        mac.update(payload)
+        self._write(head)
         self._write(payload)
+        self._write(mac.digest())
         self._records += records
 
     def commit(self) -> SnapshotInfo:
         """Write the trailer, fsync, and rename the file to its final name."""
         if self._done:
             raise SnapshotError(f"snapshot {self._final.name} is already finished")
-        digest = self._hash.digest()
-        self._write(_TRAILER.pack(TRAILER_MARKER, self._records, digest))
+        counts = _COUNTS.pack(self._chunks, self._records)
+        tag = _Mac(self._key, b"trailer", self._header_tag, counts).digest()
+        self._write(_U32.pack(TRAILER_MARKER) + counts + tag)
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -254,19 +343,8 @@ class _DirectoryWriter:
             raise SnapshotError(f"cannot commit snapshot {self._final}: {exc}") from exc
         self._done = True
         _fsync_dir(self._directory)
-        h = self._header
         logger.debug("snapshot %s committed: %d records", self._final, self._records)
-        return SnapshotInfo(
-            path=self._final,
-            cluster=h["cluster"],
-            namespace=h["namespace"],
-            kind=h["kind"],
-            version=h["version"],
-            node=h["node"],
-            release=h["release"],
-            created_at=h["created_at"],
-            records=self._records,
-        )
+        return _info(self._final, self._header, self._records)
 
     def abort(self) -> None:
         """Discard the temporary file; a no-op once committed or aborted."""
@@ -290,22 +368,51 @@ class _DirectoryWriter:
         self.abort()
 
 
+def _info(path: Path, header: dict[str, Any], records: int) -> SnapshotInfo:
+    return SnapshotInfo(
+        path=path,
+        cluster=header["cluster"],
+        namespace=header["namespace"],
+        kind=header["kind"],
+        version=header["version"],
+        node=header["node"],
+        release=header["release"],
+        created_at=header["created_at"],
+        records=records,
+    )
+
+
 def _mkstemp(directory: Path, name: str) -> tuple[int, str]:
     path = directory / f".{name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, _CREATE_FLAGS, 0o600)
     except OSError as exc:
         raise SnapshotError(f"cannot create a snapshot in {directory}: {exc}") from exc
     return fd, str(path)
 
 
-class _Reader:
-    """Reads one snapshot file with every length bounded; raises SnapshotCorrupt."""
+def _open_snapshot(path: Path) -> IO[bytes]:
+    """Open a snapshot for reading: never through a symlink, only a regular file."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotCorrupt(str(path), "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
-    def __init__(self, file: IO[bytes], path: Path) -> None:
+
+class _Reader:
+    """Reads one snapshot file with every length bounded and every part authenticated;
+    raises SnapshotCorrupt."""
+
+    def __init__(self, file: IO[bytes], path: Path, key: bytes) -> None:
         self.file = file
         self.path = path
-        self.hash = hashlib.sha256()
+        self.key = key
+        self.header_tag = b""
 
     def corrupt(self, reason: str) -> SnapshotCorrupt:
         return SnapshotCorrupt(str(self.path), reason)
@@ -314,15 +421,15 @@ class _Reader:
         data = self.file.read(size)
         if len(data) != size:
             raise self.corrupt(f"truncated in {what}")
-        self.hash.update(data)
         return data
 
-    def header(self) -> dict[str, Any]:
+    def header(self, cluster: str) -> dict[str, Any]:
+        """Read and authenticate the header of a snapshot of ``cluster``."""
         magic = self.file.read(len(MAGIC))
         if magic != MAGIC:
             raise self.corrupt("empty file" if not magic else "not a snapshot (bad magic)")
-        self.hash.update(magic)
-        (length,) = _U32.unpack(self.exact(_U32.size, "the header"))
+        length_field = self.exact(_U32.size, "the header")
+        (length,) = _U32.unpack(length_field)
         if length > MAX_HEADER:
             raise self.corrupt(f"header of {length} bytes exceeds {MAX_HEADER}")
         data = self.exact(length, "the header")
@@ -332,8 +439,24 @@ class _Reader:
             raise self.corrupt(f"unreadable header ({exc})") from None
         if not isinstance(header, dict):
             raise self.corrupt("unreadable header (not a map)")
+        if header.get("format") == 1:
+            raise self.corrupt(
+                "format 1 (checksums anyone can recompute, no authentication): written by an "
+                "older warm-handoff, or by hand; never restored. Delete it"
+            )
         if header.get("format") != FORMAT:
             raise self.corrupt(f"unsupported format {header.get('format')!r}")
+        if header.get("cluster") != cluster:
+            # Said before authentication: another cluster's key cannot be checked anyway.
+            raise self.corrupt(
+                f"belongs to cluster {header.get('cluster')!r}, this node is in {cluster!r}"
+            )
+        tag = self.exact(TAG_SIZE, "the header")
+        if not _Mac(self.key, b"header", magic, length_field, data).matches(tag):
+            raise self.corrupt(
+                "authentication failed in the header: made with another cookie, or by hand"
+            )
+        self.header_tag = tag
         for field, kind in _HEADER_FIELDS.items():
             if type(header.get(field)) is not kind:
                 raise self.corrupt(f"unreadable header ({field!r} missing or not {kind.__name__})")
@@ -343,8 +466,23 @@ class _Reader:
         header["created_at"] = float(created)
         return header
 
+    def trailer(self, first: bytes, chunks: int, total: int) -> None:
+        rest = self.file.read(_TRAILER.size - _U32.size)
+        if len(rest) != _TRAILER.size - _U32.size:
+            raise self.corrupt(f"truncated in the trailer after {chunks} chunks")
+        _, count, records, tag = _TRAILER.unpack(first + rest)
+        counts = _COUNTS.pack(count, records)
+        if not _Mac(self.key, b"trailer", self.header_tag, counts).matches(tag):
+            raise self.corrupt("authentication failed in the trailer")
+        if count != chunks:
+            raise self.corrupt(f"trailer counts {count} chunks, the file holds {chunks}")
+        if records != total:
+            raise self.corrupt(f"trailer counts {records} records, the chunks hold {total}")
+        if self.file.read(1):
+            raise self.corrupt("data after the trailer")
+
     def chunks(self, *, keep: bool) -> Iterator[tuple[bytes, int]]:
-        """Walk the chunks after the header, checking each CRC; ends after a good trailer.
+        """Walk the chunks after the header, authenticating each; ends after a good trailer.
 
         With ``keep=False`` payloads are streamed in blocks and ``b""`` is yielded instead.
         """
@@ -356,29 +494,17 @@ class _Reader:
                 raise self.corrupt(f"truncated after {index} of ? chunks (the trailer is missing)")
             (length,) = _U32.unpack(first)
             if length == TRAILER_MARKER:
-                digest = self.hash.digest()
-                rest = self.file.read(_TRAILER.size - _U32.size)
-                if len(rest) != _TRAILER.size - _U32.size:
-                    raise self.corrupt(f"truncated in the trailer after {index} chunks")
-                _, records, expected = _TRAILER.unpack(first + rest)
-                if expected != digest:
-                    raise self.corrupt("trailer digest mismatch")
-                if records != total:
-                    raise self.corrupt(f"trailer counts {records} records, the chunks hold {total}")
-                if self.file.read(1):
-                    raise self.corrupt("data after the trailer")
+                self.trailer(first, index, total)
                 return
-            self.hash.update(first)
             index += 1
             rest = self.file.read(_CHUNK.size - _U32.size)
             if len(rest) != _CHUNK.size - _U32.size:
                 raise self.corrupt(f"truncated after {index - 1} of ? chunks (in a chunk header)")
-            self.hash.update(rest)
             if length > MAX_CHUNK:
                 raise self.corrupt(f"chunk {index} claims {length} bytes, more than {MAX_CHUNK}")
-            records, crc = struct.unpack(">II", rest)
+            (records,) = _U32.unpack(rest)
             total += records
-            running = zlib.crc32(_U32.pack(records))
+            mac = _Mac(self.key, b"chunk", self.header_tag, _INDEX.pack(index), first + rest)
             parts: list[bytes] = []
             remaining = length
             while remaining:
@@ -388,37 +514,61 @@ class _Reader:
                         f"truncated after {index - 1} of ? chunks (inside chunk {index})"
                     )
                 remaining -= len(block)
-                running = zlib.crc32(block, running)
-                self.hash.update(block)
+                mac.update(block)
                 if keep:
                     parts.append(block)
-            if running != crc:
-                raise self.corrupt(f"checksum mismatch in chunk {index}")
-            yield (b"".join(parts) if keep else b""), records
+            tag = self.file.read(TAG_SIZE)
+            if len(tag) != TAG_SIZE:
+                raise self.corrupt(
+                    f"truncated after {index - 1} of ? chunks (in chunk {index}'s tag)"
+                )
+            if not mac.matches(tag):
+                raise self.corrupt(
+                    f"authentication failed in chunk {index}: damaged, reordered, taken from "
+                    "another snapshot, or made with another cookie"
+                )
+            yield b"".join(parts), records
 
 
 class DirectorySnapshotStore:
     """Snapshots as files in a local directory (put it on a volume to survive restarts).
 
-    The directory is created (mode 0o700) if missing. ``clock`` is wall-clock time, used to
-    age temporary files; tests inject their own.
+    The directory is created (mode 0o700) if missing; an existing one must belong to this
+    process's user and be writable by nobody else, or the store refuses it with a
+    :class:`~handoff._errors.ConfigError` that says what to run. ``key`` authenticates the
+    files (32 bytes; a node passes ``cluster_key(cookie, cluster).derive("snapshot")``), so
+    only nodes with the cluster's cookie can make a snapshot this store restores. ``clock``
+    is wall-clock time, used to age temporary files; tests inject their own.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key: bytes,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        if len(key) < 32:
+            raise ValueError("a snapshot key needs at least 32 bytes")
         self.path = Path(path)
+        self._key = key
         self._clock = clock
         where = f"HANDOFF_SNAPSHOT_DIR ({self.path})"
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{where} exists and is not a directory: point it at a directory")
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Followed on purpose: the setting may name a link to a volume; the directory
+            # it leads to is what must be private.
+            st = os.stat(self.path)
         except OSError as exc:
             raise ConfigError(
                 f"{where} cannot be created: {exc.strerror or exc}; create it or choose "
                 f"another path"
             ) from None
+        problem = directory_problem(st, self.path)
+        if problem is not None:
+            raise ConfigError(f"HANDOFF_SNAPSHOT_DIR: {problem}")
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise ConfigError(
                 f"{where} is not writable by this process: fix its permissions or choose "
@@ -444,6 +594,9 @@ class DirectorySnapshotStore:
         """Start a snapshot; see :class:`SnapshotWriter`."""
         header: dict[str, Any] = {
             "format": FORMAT,
+            # Makes every header (and so every chunk's binding) unique, even for two
+            # snapshots of one namespace made in the same instant.
+            "id": secrets.token_hex(16),
             "cluster": cluster,
             "namespace": namespace,
             "kind": kind,
@@ -456,15 +609,15 @@ class DirectorySnapshotStore:
         millis = max(0, int(created_at * 1000))
         safe = _UNSAFE.sub("_", namespace)[:64] or "_"
         final = self.path / f"{millis:015d}-{safe}-{uuid.uuid4().hex[:12]}{SUFFIX}"
-        return _DirectoryWriter(self.path, final, header)
+        return _DirectoryWriter(self.path, final, header, self._key)
 
     # -- finding ----------------------------------------------------------------------------
 
     def pending(self, cluster: str) -> list[SnapshotInfo]:
         """Complete snapshots of ``cluster``, oldest first.
 
-        Removes temporary files older than an hour (left by a crash) and moves unreadable or
-        foreign snapshots to ``corrupt/``, logging each.
+        Removes temporary files older than an hour (left by a crash) and moves unreadable,
+        unauthenticated or foreign snapshots to ``corrupt/``, logging each.
         """
         found: list[SnapshotInfo] = []
         try:
@@ -504,37 +657,27 @@ class DirectorySnapshotStore:
             logger.warning("cannot remove stale temporary snapshot %s: %s", entry.path, exc)
 
     def _inspect(self, path: Path, cluster: str) -> SnapshotInfo:
-        with open(path, "rb") as file:
-            reader = _Reader(file, path)
-            header = reader.header()
-            if header["cluster"] != cluster:
-                raise reader.corrupt(
-                    f"belongs to cluster {header['cluster']!r}, this node is in {cluster!r}"
-                )
-            # The record count comes from the trailer; read() verifies it with the rest.
+        with _open_snapshot(path) as file:
+            reader = _Reader(file, path, self._key)
+            header = reader.header(cluster)
+            # The record count comes from the (authenticated) trailer; read() verifies the
+            # chunks against it.
             start = file.tell()
             size = os.fstat(file.fileno()).st_size
-            marker = records = 0
             if size >= start + _TRAILER.size:
                 file.seek(size - _TRAILER.size)
-                marker, records, _ = _TRAILER.unpack(file.read(_TRAILER.size))
-            if marker != TRAILER_MARKER:
-                # Already broken: walk it to say where (bounded memory, like any check).
-                file.seek(start)
-                for _ in reader.chunks(keep=False):
-                    pass
-                raise reader.corrupt("no trailer at the end (truncated or damaged)")
-        return SnapshotInfo(
-            path=path,
-            cluster=cluster,
-            namespace=header["namespace"],
-            kind=header["kind"],
-            version=header["version"],
-            node=header["node"],
-            release=header["release"],
-            created_at=header["created_at"],
-            records=records,
-        )
+                first = file.read(_U32.size)
+                if _U32.unpack(first) == (TRAILER_MARKER,):
+                    # Authenticates the counts; read() checks the chunks against them.
+                    _, chunks, records, _ = _TRAILER.unpack(first + file.read())
+                    file.seek(size - _TRAILER.size + _U32.size)
+                    reader.trailer(first, chunks, records)
+                    return _info(path, header, records)
+            # Already broken: walk it to say where (bounded memory, like any check).
+            file.seek(start)
+            for _ in reader.chunks(keep=False):
+                pass
+            raise reader.corrupt("no trailer at the end (truncated or damaged)")
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -544,7 +687,7 @@ class DirectorySnapshotStore:
         Raises :class:`~handoff._errors.SnapshotCorrupt` with the reason.
         """
         try:
-            with open(info.path, "rb") as file:
+            with _open_snapshot(info.path) as file:
                 reader = self._open(file, info)
                 return sum(records for _, records in reader.chunks(keep=False))
         except OSError as exc:
@@ -553,12 +696,12 @@ class DirectorySnapshotStore:
     def read(self, info: SnapshotInfo) -> Iterator[tuple[bytes, int]]:
         """Yield ``(payload, records)`` per chunk after a full verification pass.
 
-        Nothing is yielded unless every checksum, the record count and the digest check
-        out, so nothing of a truncated or corrupt file is ever applied. The chunks are then
-        read again from the same open file and their checksums checked again.
+        Nothing is yielded unless every chunk's tag, the counts and the trailer check out,
+        so nothing of a truncated, forged or corrupt file is ever yielded. The chunks are
+        then read again from the same open file and authenticated again.
         """
         try:
-            with open(info.path, "rb") as file:
+            with _open_snapshot(info.path) as file:
                 total = sum(records for _, records in self._open(file, info).chunks(keep=False))
                 if total != info.records:
                     raise SnapshotCorrupt(
@@ -571,12 +714,8 @@ class DirectorySnapshotStore:
             raise SnapshotCorrupt(str(info.path), f"unreadable ({exc})") from exc
 
     def _open(self, file: IO[bytes], info: SnapshotInfo) -> _Reader:
-        reader = _Reader(file, info.path)
-        header = reader.header()
-        if header["cluster"] != info.cluster:
-            raise reader.corrupt(
-                f"belongs to cluster {header['cluster']!r}, this node is in {info.cluster!r}"
-            )
+        reader = _Reader(file, info.path, self._key)
+        header = reader.header(info.cluster)
         for field in ("namespace", "kind", "version", "node", "release", "created_at"):
             if header[field] != getattr(info, field):
                 raise reader.corrupt(f"header {field} changed since the snapshot was listed")
@@ -588,20 +727,41 @@ class DirectorySnapshotStore:
         """Move a snapshot to ``corrupt/`` with a ``.reason.txt`` beside it.
 
         Never raises: a snapshot that cannot be moved is logged (and will be met again).
+        ``corrupt/`` must be a real directory of this user, private like the store; nothing
+        is written through a link planted there.
         """
         path = info_or_path.path if isinstance(info_or_path, SnapshotInfo) else Path(info_or_path)
         target_dir = self.path / CORRUPT_DIR
         try:
-            target_dir.mkdir(mode=0o700, exist_ok=True)
-            target = target_dir / path.name
-            os.replace(path, target)
-            Path(f"{target}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(target_dir, 0o700)
+            fd = os.open(target_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            logger.warning(
+                "cannot move snapshot %s aside (%s): %s is unusable: %s",
+                path,
+                reason,
+                target_dir,
+                exc.strerror or exc,
+            )
+            return
+        try:
+            problem = directory_problem(os.fstat(fd), target_dir)
+            if problem is not None:
+                logger.warning("snapshot %s not moved aside (%s): %s", path, reason, problem)
+                return
+            # Within directories this store checked; a rename replaces a link at the
+            # destination, never writes through it.
+            os.replace(path, path.name, dst_dir_fd=fd)
+            _write_beside(fd, path.name + REASON_SUFFIX, reason + "\n")
         except FileNotFoundError:
             logger.debug("snapshot %s already gone, not moved aside", path)
         except OSError as exc:
             logger.warning("cannot move snapshot %s aside (%s): %s", path, reason, exc)
         else:
             logger.info("snapshot %s moved to %s: %s", path.name, target_dir, reason)
+        finally:
+            os.close(fd)
 
     def remove(self, info: SnapshotInfo) -> None:
         """Delete a restored snapshot (a snapshot already gone is not an error)."""
@@ -611,3 +771,17 @@ class DirectorySnapshotStore:
             pass
         except OSError as exc:
             raise SnapshotError(f"cannot remove restored snapshot {info.path}: {exc}") from exc
+
+
+def _write_beside(dir_fd: int, name: str, text: str) -> None:
+    """Write ``name`` in the directory ``dir_fd`` through a fresh file and a rename."""
+    temp = f".{name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    fd = os.open(temp, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise

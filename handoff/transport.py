@@ -209,6 +209,9 @@ class PeerLink:
         self._send_lock = anyio.Lock()
         self._send_timeout = send_timeout
         self._broken = False
+        self.last_received = clock()
+        """When bytes last arrived from the peer (``clock`` time): the mesh refuses to
+        replace a link heard from within its heartbeat timeout."""
 
     @property
     def peer(self) -> PeerInfo | None:
@@ -262,7 +265,8 @@ class PeerLink:
                     with translate_errors(self.remote):
                         data = await self._stream.receive(RECEIVE_SIZE)
                 if data:
-                    events = self.connection.receive_data(data, now=self._clock())
+                    self.last_received = self._clock()
+                    events = self.connection.receive_data(data, now=self.last_received)
                     await self._flush()
                     if events:
                         return events

@@ -238,6 +238,18 @@ async def read_until_closed(stream: anyio.abc.ByteStream, *, within: float) -> b
     raise AssertionError("the peer kept sending without closing")
 
 
+def split_frames(data: bytes) -> list[bytes]:
+    """Cut a byte stream into whole frames (header included; a cut-off tail is dropped)."""
+    frames = []
+    while len(data) >= 4:
+        end = 4 + int.from_bytes(data[:4], "big")
+        if len(data) < end:
+            break
+        frames.append(data[:end])
+        data = data[end:]
+    return frames
+
+
 def decode_frames(data: bytes) -> list[Message]:
     """The protocol messages in ``data`` (complete frames only; a cut-off tail is ignored)."""
     decoder = FrameDecoder(_CLIENT_FRAME_LIMIT, _CLIENT_DEPTH)

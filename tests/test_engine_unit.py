@@ -735,7 +735,7 @@ async def test_a_stalled_successor_cannot_hold_the_drain_past_its_deadline(
     stall: str, store: bool, tmp_path: Path
 ) -> None:
     held = users("u", 200)
-    snapshots = DirectorySnapshotStore(tmp_path / "snapshots") if store else None
+    snapshots = DirectorySnapshotStore(tmp_path / "snapshots", key=bytes(32)) if store else None
     async with network() as net:
         a = net.node("a", track("users", dict(held)), snapshots=snapshots)
         b = net.node("b", track("users", {}), release="v2")

@@ -28,9 +28,10 @@ from handoff._codec import (
     Codec,
 )
 from handoff._errors import ConfigError, PayloadRefused, RecordDecodeError, RecordEncodeError
+from handoff._keys import cluster_key
 from handoff.adapters.cachetools import MAX_IMPORTED_COUNT, LFUCacheAdapter
 from handoff.adapters.mapping import MappingAdapter
-from handoff.engine._intake import REJECTED, intake
+from handoff.engine._intake import REJECTED, admit
 from handoff.engine._receiver import MAX_STREAMS_PER_PEER
 from handoff.engine._restore import restore_snapshots
 from handoff.engine._tracked import Tracked
@@ -38,7 +39,7 @@ from handoff.protocol import Accept, Chunk, Message, Offer, Refuse
 from handoff.snapshot import DirectorySnapshotStore
 from handoff.transforms import Transforms
 from handoff.transport import PeerLink
-from tests._helpers import CLUSTER, connected, handoff_node, wait_until
+from tests._helpers import CLUSTER, COOKIE, connected, handoff_node, wait_until
 from tests._hostile_payloads import (
     colliding_bigints,
     colliding_pairs,
@@ -316,7 +317,7 @@ def test_a_validator_that_raises_rejects_and_a_non_callable_is_a_config_error() 
         raise ValueError("unexpected")
 
     tracked = Tracked("n", {}, MappingAdapter({}), 1, picky)
-    records, dropped = intake(Codec(), tracked, None, encode([("k", 1, None)]), 1)
+    records, dropped = admit(tracked, None, [("k", 1, None)])
     assert (records, dropped) == ([], {REJECTED: 1})
     with pytest.raises(ConfigError, match="callable"):
         handoff_node("x", VICTIM).track("n", {}, validate=True)  # type: ignore[arg-type]
@@ -325,8 +326,13 @@ def test_a_validator_that_raises_rejects_and_a_non_callable_is_a_config_error() 
 # -- planted snapshots ------------------------------------------------------------------------
 
 
+def _store(directory: Path) -> DirectorySnapshotStore:
+    # Signed as the cluster's nodes sign them: "planted" by a holder of the cookie.
+    return DirectorySnapshotStore(directory, key=cluster_key(COOKIE, CLUSTER).derive("snapshot"))
+
+
 def _plant(directory: Path, payload: bytes, records: int) -> None:
-    store = DirectorySnapshotStore(directory)
+    store = _store(directory)
     with store.begin(
         "n", cluster=CLUSTER, kind="mapping", version=1, node="gone", release="v0",
         created_at=time.time(),
@@ -367,7 +373,7 @@ def test_restore_applies_the_validator(tmp_path: Path) -> None:
     received: dict[Any, Any] = {}
     tracked = {"n": Tracked("n", received, MappingAdapter(received), 1, lambda k, v: v == 1)}
     restored = restore_snapshots(
-        DirectorySnapshotStore(tmp_path),
+        _store(tmp_path),
         cluster=CLUSTER,
         tracked=tracked,
         transforms=Transforms(),

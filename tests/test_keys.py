@@ -80,3 +80,15 @@ def test_peer_text_is_one_escaped_bounded_line() -> None:
     assert shown.startswith("x\\x1b[2J\\nWARNING forged")
     long = peer_text("y" * 10_000, limit=50)
     assert long == "y" * 50 + "...(+9950 chars)"
+
+
+def test_a_node_warns_once_about_a_guessable_cookie(caplog: pytest.LogCaptureFixture) -> None:
+    from handoff import Node
+
+    for _ in range(2):
+        Node("keys-test", cookie="changeme-changeme-changeme", environ={}, discovery="none")
+    warnings = [r for r in caplog.records if "looks guessable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "changeme" in warnings[0].getMessage()
+    assert "secrets.token_urlsafe" in warnings[0].getMessage()
+    assert "changeme-changeme-changeme" not in warnings[0].getMessage()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handoff.membership import (
     DUPLICATE,
+    NAME_IN_USE,
     DownReason,
     Membership,
     MembershipEvent,
@@ -111,19 +113,55 @@ def test_held_peer_without_replacement_goes_down_after_grace() -> None:
     assert events[0].reason is DownReason.CONNECTION_LOST
 
 
-def test_held_peer_replaced_by_new_incarnation_reports_restart() -> None:
+def test_held_peer_replaced_by_new_incarnation_after_the_grace_reports_restart() -> None:
     table = Membership("b", grace=5)
     table.established(2, info("a", "old"), dialled=True, address="a", now=0)
     table.lost(2, DownReason.GOODBYE, DUPLICATE, now=1)
-    decision = table.established(3, info("a", "new", 2.0), dialled=True, address="a", now=2)
+    decision = table.established(3, info("a", "new", 2.0), dialled=True, address="a", now=6)
+    assert decision.keep
     assert kinds(decision.events) == ["node-down", "node-up"]
 
 
-def test_new_incarnation_replaces_old_one() -> None:
-    table = Membership("a", grace=5)
+def silent_since(heard: dict[int, float]) -> Callable[[int], float]:
+    """``last_heard`` for the table: when each link last received bytes."""
+    return lambda link: heard.get(link, -math.inf)
+
+
+def test_new_incarnation_is_refused_while_the_old_link_is_heard_from() -> None:
+    # A cookie holder claiming a live node's name with a later start time must not take
+    # the name over: the real node would be dropped as "restarted" and its drain lost.
+    table = Membership("a", grace=5, heartbeat_timeout=3)
+    table.established(1, info("b", "real", started_at=1.0), dialled=True, address="b", now=0)
+    for now in (0.0, 2.9):
+        decision = table.established(
+            2,
+            info("b", "impostor", started_at=50.0),
+            dialled=False,
+            address="evil",
+            now=now,
+            last_heard=silent_since({1: 0.0}),
+        )
+        assert not decision.keep
+        assert decision.reason == NAME_IN_USE
+        assert decision.close == ()
+        assert decision.events == ()
+        assert table.link_of("b") == 1
+        assert table.peers()[0].incarnation == "real"
+        # The refused link ending is not news either.
+        assert table.lost(2, DownReason.GOODBYE, NAME_IN_USE, now=now) == []
+    assert not table.knows_address("evil")
+
+
+def test_new_incarnation_replaces_one_silent_past_the_heartbeat_timeout() -> None:
+    table = Membership("a", grace=5, heartbeat_timeout=3)
     table.established(1, info("b", "old", started_at=1.0), dialled=True, address="b", now=0)
     decision = table.established(
-        2, info("b", "new", started_at=2.0), dialled=True, address="b", now=0
+        2,
+        info("b", "new", started_at=2.0),
+        dialled=True,
+        address="b",
+        now=10,
+        last_heard=silent_since({1: 7.0}),
     )
     assert decision.keep
     assert decision.close == (1,)
@@ -133,17 +171,50 @@ def test_new_incarnation_replaces_old_one() -> None:
     assert down.reason is DownReason.RESTARTED
     assert down.peer.incarnation == "old"
     # The old link ending afterwards is not news.
-    assert table.lost(1, DownReason.CONNECTION_LOST, now=0) == []
+    assert table.lost(1, DownReason.CONNECTION_LOST, now=10) == []
     assert table.peers()[0].incarnation == "new"
 
 
+def test_restarted_node_gets_in_once_the_old_link_is_gone() -> None:
+    table = Membership("a", grace=5, heartbeat_timeout=3)
+    table.established(1, info("b", "old", started_at=1.0), dialled=True, address="b", now=0)
+    refused = table.established(2, info("b", "new", 2.0), dialled=True, address="b", now=1)
+    assert not refused.keep
+    assert kinds(table.lost(1, DownReason.CONNECTION_LOST, now=1.5)) == ["node-down"]
+    decision = table.established(3, info("b", "new", 2.0), dialled=True, address="b", now=2)
+    assert decision.keep
+    assert kinds(decision.events) == ["node-up"]
+
+
 def test_stale_incarnation_arriving_late_is_refused() -> None:
-    table = Membership("a", grace=5)
+    table = Membership("a", grace=5, heartbeat_timeout=3)
     table.established(1, info("b", "new", started_at=2.0), dialled=True, address="b", now=0)
-    decision = table.established(
-        2, info("b", "old", started_at=1.0), dialled=True, address="b", now=0
-    )
-    assert not decision.keep
+    for now, heard in ((0.0, 0.0), (10.0, 0.0)):  # heard from or silent: still refused
+        decision = table.established(
+            2,
+            info("b", "old", started_at=1.0),
+            dialled=True,
+            address="b",
+            now=now,
+            last_heard=silent_since({1: heard}),
+        )
+        assert not decision.keep
+        assert decision.reason == NAME_IN_USE
+        assert decision.events == ()
+
+
+def test_other_incarnation_is_refused_while_a_duplicate_is_held() -> None:
+    # The held peer said "my preferred link is on its way": it is alive until the grace ends.
+    table = Membership("b", grace=5, heartbeat_timeout=3)
+    table.established(2, info("a", "real"), dialled=True, address="a", now=0)
+    table.lost(2, DownReason.GOODBYE, DUPLICATE, now=1)
+    refused = table.established(3, info("a", "impostor", 9.0), dialled=False, address="x", now=2)
+    assert not refused.keep
+    assert refused.reason == NAME_IN_USE
+    assert refused.events == ()
+    # The real replacement still arrives silently.
+    decision = table.established(4, info("a", "real"), dialled=False, address="a", now=3)
+    assert decision.keep
     assert decision.events == ()
 
 

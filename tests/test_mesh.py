@@ -23,9 +23,28 @@ from handoff.membership import (
     NodeUp,
     Peer,
 )
-from handoff.protocol import LocalNode, Message, NodeState, Offer
+from handoff.protocol import (
+    Connection,
+    HandshakeComplete,
+    Limits,
+    LocalNode,
+    Message,
+    NodeState,
+    Offer,
+    Reject,
+    Role,
+    encode_frame,
+)
 from handoff.transport import PeerLink, open_listener
-from tests._helpers import CLUSTER, COOKIE, read_until_closed, wait_until
+from tests._helpers import (
+    CLUSTER,
+    COOKIE,
+    loopback_aliases_usable,
+    read_until_closed,
+    wait_until,
+)
+
+FLOOD_HOST = "127.0.0.9"
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +53,14 @@ class Harness:
     """One mesh on loopback; records the session messages and lost peers it reports."""
 
     def __init__(
-        self, name: str, host: str, *, max_pending: int = 256, handshake_timeout: float = 1.0
+        self,
+        name: str,
+        host: str,
+        *,
+        max_pending: int = 256,
+        max_pending_per_source: int = 8,
+        handshake_timeout: float = 1.0,
+        log_clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.name, self.host, self.port = name, host, 0
         self.settings = resolve_settings(
@@ -60,6 +86,8 @@ class Harness:
             on_session_message=self._session,
             on_peer_lost=self.lost.append,
             max_pending_handshakes=max_pending,
+            max_pending_per_source=max_pending_per_source,
+            log_clock=log_clock,
         )
 
     def _local_node(self) -> LocalNode:
@@ -79,11 +107,19 @@ class Harness:
         self.sessions.append((peer, link, message))
 
     @asynccontextmanager
-    async def run(self, dial: Sequence[Harness] = ()) -> AsyncIterator[None]:
-        """Listen and dial ``dial`` until the block ends, then stop the way a Node does."""
+    async def run(
+        self,
+        dial: Sequence[Harness] = (),
+        *,
+        also: Sequence[PeerAddress] = (),
+        own_port_at: str | None = None,
+    ) -> AsyncIterator[None]:
+        """Listen and dial ``dial`` (and the addresses ``also``, and this mesh's own port
+        at host ``own_port_at``) until the block ends, then stop the way a Node does."""
         listener = await open_listener(self.host, 0)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        discovery = StaticDiscovery(PeerAddress(h.host, h.port) for h in dial)
+        itself = [PeerAddress(own_port_at, self.port)] if own_port_at else []
+        discovery = StaticDiscovery([*(PeerAddress(h.host, h.port) for h in dial), *also, *itself])
         async with listener:
             try:
                 async with anyio.create_task_group() as self._task_group:
@@ -169,7 +205,7 @@ async def test_the_oldest_pending_handshake_makes_way_for_a_newcomer(
             silent = [await anyio.connect_tcp("127.0.0.2", a.port) for _ in range(3)]
             try:
                 assert await read_until_closed(silent[0], within=2.0) == b""
-                assert "pending handshakes (the cap)" in caplog.text
+                assert "pending handshakes (the cap is" in caplog.text
                 for stream in silent[1:]:
                     with anyio.move_on_after(0.2) as waited:
                         await stream.receive()
@@ -183,3 +219,244 @@ async def test_the_oldest_pending_handshake_makes_way_for_a_newcomer(
             finally:
                 for stream in silent:
                     await anyio.aclose_forcefully(stream)
+
+
+async def _flood(
+    port: int, count: int, *, source: str = FLOOD_HOST
+) -> list[anyio.abc.SocketStream]:
+    """``count`` connections from ``source`` that never say a word (closed by the caller)."""
+    streams = []
+    with anyio.fail_after(10):
+        for _ in range(count):
+            streams.append(await anyio.connect_tcp("127.0.0.2", port, local_host=source))
+            # Let the listener accept each one before the next.
+            await anyio.lowlevel.checkpoint()
+    return streams
+
+
+async def test_a_connect_flood_from_one_address_cannot_keep_a_slow_peer_out() -> None:
+    if not loopback_aliases_usable(["127.0.0.3", FLOOD_HOST]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    # Handshakes would time out after a minute: only eviction closes a pending one.
+    a = Harness("a", "127.0.0.2", max_pending=4, handshake_timeout=60.0)
+    honest = Connection(
+        Role.CLIENT,
+        LocalNode(CLUSTER, "far", "incarnation-of-far", "v1", 0.0),
+        COOKIE,
+        now=0.0,
+        limits=Limits(handshake_timeout=60.0, heartbeat_timeout=60.0),
+    )
+    flood: list[anyio.abc.SocketStream] = []
+    with a.mesh.subscribe() as events:
+        async with a.run():
+            stream = await anyio.connect_tcp("127.0.0.2", a.port, local_host="127.0.0.3")
+            try:
+                with anyio.fail_after(5):
+                    await stream.send(honest.data_to_send())  # Hello
+                    welcome = await stream.receive()
+                    assert honest.receive_data(welcome, now=0.0) == []
+                    # A cross-region round trip: meanwhile someone connects as fast as it
+                    # can, 10 times the whole cap, all from one address.
+                    flood = await _flood(a.port, 40)
+                    # Past its own cap of 8 the flood evicts its own: at most 3 (the total
+                    # cap, less the honest one) of the 40 are still open.
+                    assert await read_until_closed(flood[0], within=2.0) == b""
+                    await stream.send(honest.data_to_send())  # Auth and Info, late
+                    done = honest.receive_data(await stream.receive(), now=0.0)
+                    assert any(isinstance(e, HandshakeComplete) for e in done)
+                    up = await next_event(events)
+                    assert isinstance(up, NodeUp)
+                    assert up.peer.name == "far"
+            finally:
+                await anyio.aclose_forcefully(stream)
+                for silent in flood:
+                    await anyio.aclose_forcefully(silent)
+
+
+async def test_one_address_holds_at_most_its_share_of_pending_handshakes() -> None:
+    if not loopback_aliases_usable([FLOOD_HOST]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    a = Harness("a", "127.0.0.2", max_pending_per_source=2, handshake_timeout=60.0)
+    async with a.run():
+        flood = await _flood(a.port, 5)
+        try:
+            for stream in flood[:3]:
+                assert await read_until_closed(stream, within=2.0) == b""
+            for stream in flood[3:]:
+                with anyio.move_on_after(0.2) as waited:
+                    await stream.receive()
+                assert waited.cancelled_caught, "a younger pending handshake was dropped"
+        finally:
+            for stream in flood:
+                await anyio.aclose_forcefully(stream)
+
+
+async def test_lone_handshakes_are_never_evicted_the_newcomer_waits() -> None:
+    hosts = [f"127.0.0.{i}" for i in (10, 11, 12, 13)]
+    if not loopback_aliases_usable(hosts):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    a = Harness("a", "127.0.0.2", max_pending=3, handshake_timeout=60.0)
+    async with a.run():
+        lone = [(await _flood(a.port, 1, source=host))[0] for host in hosts[:3]]
+        [newcomer] = await _flood(a.port, 1, source=hosts[3])
+        try:
+            # Every address holds one: the newcomer is turned away, nobody is evicted.
+            assert await read_until_closed(newcomer, within=2.0) == b""
+            for stream in lone:
+                with anyio.move_on_after(0.2) as waited:
+                    await stream.receive()
+                assert waited.cancelled_caught, "a lone pending handshake was evicted"
+        finally:
+            for stream in [*lone, newcomer]:
+                await anyio.aclose_forcefully(stream)
+
+
+HOSTILE_REASON = "\x1b[2J\x1b[31mpwned\nCRITICAL handoff.node: forged line" + "x" * 5000
+
+
+class Rejecter:
+    """Not a node: it answers every Hello with the Reject it was given; counts them."""
+
+    def __init__(self, reject: Reject) -> None:
+        self.frame = encode_frame(reject.to_wire())
+        self.answered = 0
+        self.address = PeerAddress(FLOOD_HOST, 0)
+
+    async def _answer(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with anyio.move_on_after(2):
+                await stream.receive()
+                await stream.send(self.frame)
+                self.answered += 1
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[Rejecter]:
+        """Listen on :data:`FLOOD_HOST` until the block ends."""
+        listener = await anyio.create_tcp_listener(local_host=FLOOD_HOST)
+        self.address = PeerAddress(FLOOD_HOST, listener.extra(anyio.abc.SocketAttribute.local_port))
+        async with listener, anyio.create_task_group() as tasks:
+            tasks.start_soon(listener.serve, self._answer)
+            yield self
+            tasks.cancel_scope.cancel()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_peer_text_in_refusals_is_escaped_and_the_lines_are_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if not loopback_aliases_usable([FLOOD_HOST]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    caplog.set_level(logging.INFO, logger="handoff")
+    clock = FakeClock()
+    a = Harness("a", "127.0.0.2", log_clock=clock)
+    # It says what it likes in its Reject, and is dialled every poll (0.1 s).
+    rejecter = Rejecter(Reject("auth", HOSTILE_REASON[:1024]))
+    async with rejecter.serving() as hostile, a.run(also=[hostile.address]):
+        await wait_until(lambda: hostile.answered >= 12)
+        lines = [r.getMessage() for r in caplog.records if "refused connection" in r.message]
+        assert len(lines) == 5  # REFUSAL_LOG_BURST, however often it happens
+        for line in lines:
+            assert "\x1b" not in line
+            assert "\n" not in line
+            assert "\\x1b[2J" in line
+            assert len(line) < 600
+        assert "suppressed" not in caplog.text
+        before = hostile.answered
+        clock.now += 60.0  # the interval ends: one summary line says what was left out
+        await wait_until(lambda: "suppressed" in caplog.text)
+        [summary] = [r.getMessage() for r in caplog.records if "suppressed" in r.message]
+        suppressed = int(summary.split()[1])
+        assert suppressed >= before - 5 - 2  # two may still have been under way
+        assert FLOOD_HOST in summary
+
+
+async def test_failed_handshakes_from_one_address_are_logged_a_few_times(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if not loopback_aliases_usable([FLOOD_HOST, "127.0.0.3"]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    caplog.set_level(logging.INFO, logger="handoff")
+    a = Harness("a", "127.0.0.2", log_clock=FakeClock())
+
+    async def garbage(source: str) -> None:
+        stream = await anyio.connect_tcp("127.0.0.2", a.port, local_host=source)
+        async with stream:
+            await stream.send(b"\x00\x00\x00\x03\x93\x01\x02")  # not a Hello
+            await read_until_closed(stream, within=2.0)
+
+    async with a.run():
+        for _ in range(20):
+            await garbage(FLOOD_HOST)
+        await garbage("127.0.0.3")  # someone else still gets its line
+    lines = [r.getMessage() for r in caplog.records if "dropped connection from" in r.message]
+    assert sum(FLOOD_HOST in line for line in lines) == 5
+    assert sum("127.0.0.3" in line for line in lines) == 1
+
+
+async def test_an_authenticated_peers_name_release_and_goodbye_are_escaped_in_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="handoff")
+    a = Harness("a", "127.0.0.2")
+    evil = Connection(
+        Role.CLIENT,
+        LocalNode(CLUSTER, "evil\x1b[2J\nWARNING forged", "inc", "v1\x1b]0;title\x07", 0.0),
+        COOKIE,
+        now=0.0,
+    )
+    with a.mesh.subscribe() as events:
+        async with a.run():
+            stream = await anyio.connect_tcp("127.0.0.2", a.port)
+            async with stream:
+                with anyio.fail_after(5):
+                    done = False
+                    while not done:
+                        await stream.send(evil.data_to_send())
+                        received = evil.receive_data(await stream.receive(), now=0.0)
+                        done = any(isinstance(e, HandshakeComplete) for e in received)
+                    assert isinstance(await next_event(events), NodeUp)
+                    evil.close("bye\x1b[31m\nCRITICAL forged")
+                    await stream.send(evil.data_to_send())
+                    down = await next_event(events)
+            assert isinstance(down, NodeDown)
+            # The event keeps the peer's real name; its detail, meant for logs, is escaped.
+            assert down.peer.name == "evil\x1b[2J\nWARNING forged"
+            assert down.detail == "bye\\x1b[31m\\nCRITICAL forged"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("node-up evil\\x1b[2J\\nWARNING forged" in m for m in messages)
+    assert any("release v1\\x1b]0;title\\x07" in m for m in messages)
+    for message in messages:
+        assert "\x1b" not in message
+        assert "\n" not in message
+
+
+async def test_a_forged_reject_self_does_not_stop_the_dialling() -> None:
+    if not loopback_aliases_usable([FLOOD_HOST]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    a = Harness("a", "127.0.0.2")
+    # Anyone can send this before authenticating: it must not make a give up on the
+    # address (a real peer may be there later).
+    rejecter = Rejecter(Reject("self", "connected to itself"))
+    async with rejecter.serving() as hostile, a.run(also=[hostile.address]):
+        await wait_until(lambda: hostile.answered >= 3)
+
+
+async def test_a_node_that_reaches_its_own_listener_stops_dialling_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="handoff")
+    # Listening on every address, it knows itself as 0.0.0.0:port only; discovery lists
+    # 127.0.0.2:port, which is this very node.
+    a = Harness("a", "0.0.0.0")
+    async with a.run(own_port_at="127.0.0.2"):
+        await wait_until(lambda: "this node's own listener" in caplog.text)
+        await anyio.sleep(0.5)  # five more polls
+    assert caplog.text.count("this node's own listener") == 1
+    assert a.mesh.peers() == []

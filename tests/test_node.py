@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import pytest
 
@@ -25,6 +26,7 @@ from handoff import (
     NodeUp,
     Peer,
 )
+from handoff.membership import NAME_IN_USE
 from handoff.protocol import Connection, HandshakeComplete, Limits, LocalNode, Role
 
 pytestmark = pytest.mark.anyio
@@ -180,24 +182,31 @@ async def test_simultaneous_dials_leave_one_link_and_one_node_up_each() -> None:
             assert [e.kind for e in seen_b] == ["node-up"]
 
 
+async def join_then_fall_silent(
+    stream: anyio.abc.SocketStream, name: str, incarnation: str
+) -> None:
+    """Run a client handshake on ``stream`` as ``name``, then never send (nor read) again."""
+    connection = Connection(
+        Role.CLIENT,
+        LocalNode("shop", name, incarnation, "v0", 0.0),
+        COOKIE.encode(),
+        now=anyio.current_time(),
+        limits=Limits(heartbeat_timeout=60),
+    )
+    with anyio.fail_after(5):
+        await stream.send(connection.data_to_send())
+        done = False
+        while not done:
+            events = connection.receive_data(await stream.receive(), now=anyio.current_time())
+            await stream.send(connection.data_to_send())
+            done = any(isinstance(e, HandshakeComplete) for e in events)
+
+
 async def test_silent_peer_is_reported_down_by_heartbeat_timeout() -> None:
     async with make_node("a", "127.0.0.2", heartbeat_timeout=0.6) as a, recording(a) as seen:
         stream = await anyio.connect_tcp("127.0.0.2", a.port)
-        silent = Connection(
-            Role.CLIENT,
-            LocalNode("shop", "mute", "inc", "v0", 0.0),
-            COOKIE.encode(),
-            now=anyio.current_time(),
-            limits=Limits(heartbeat_timeout=60),
-        )
         async with stream:
-            with anyio.fail_after(5):
-                await stream.send(silent.data_to_send())
-                done = False
-                while not done:
-                    events = silent.receive_data(await stream.receive(), now=anyio.current_time())
-                    await stream.send(silent.data_to_send())
-                    done = any(isinstance(e, HandshakeComplete) for e in events)
+            await join_then_fall_silent(stream, "mute", "inc")
             await wait_until(lambda: names(a) == ["mute"])
             started = anyio.current_time()
             # From here on the peer sends nothing at all, but keeps its socket open.
@@ -209,23 +218,75 @@ async def test_silent_peer_is_reported_down_by_heartbeat_timeout() -> None:
     assert 0.4 <= elapsed < 2.0
 
 
-async def test_restarted_node_under_same_name_replaces_the_old_one() -> None:
-    async with make_node("a", "127.0.0.2") as a, recording(a) as seen:
-        first = make_node("b", "127.0.0.3", static(a))
-        async with first:
+async def test_a_later_start_time_does_not_take_over_a_live_nodes_name() -> None:
+    source = {f"k{i}": i for i in range(200)}
+    real_target: dict[str, int] = {}
+    impostor_target: dict[str, int] = {}
+    a = make_node("a", "127.0.0.2")
+    a.track("users", source)
+    stop_real, real_stopped = anyio.Event(), anyio.Event()
+
+    async def run(node: Node) -> None:
+        # In a task of its own: it stops before the impostor that started after it.
+        async with node:
+            await stop_real.wait()
+        real_stopped.set()
+
+    async with a, recording(a) as seen_a, anyio.create_task_group() as tasks:
+        real = make_node("b", "127.0.0.3", static(a))
+        real.track("users", real_target)
+        tasks.start_soon(run, real)
+        await wait_until(lambda: names(a) == ["b"])
+        # Another process of the cluster calls itself b and claims a later start.
+        impostor = make_node("b", "127.0.0.4", static(a))
+        impostor.track("users", impostor_target)
+        async with impostor, recording(impostor) as seen_impostor:
+            assert impostor.started_at > real.started_at
+            # It dials a every poll and is refused every time, with a reason.
+            await wait_until(lambda: sum(isinstance(e, NodeDown) for e in seen_impostor) >= 3)
+            refusals = [e for e in seen_impostor if isinstance(e, NodeDown)]
+            assert {e.detail for e in refusals} == {NAME_IN_USE}
+            assert [p.incarnation for p in a.peers()] == [real.incarnation]
+            report = await a.drain()
+            assert report.namespaces["users"].successors == ["b"]
+            assert report.namespaces["users"].acknowledged == 200
+            assert real_target == source
+            assert impostor_target == {}
+            # The real b leaves: the other process (a restart, say) now gets in.
+            stop_real.set()
+            with anyio.fail_after(5):
+                await real_stopped.wait()
+            started = anyio.current_time()
+            await wait_until(lambda: [p.incarnation for p in a.peers()] == [impostor.incarnation])
+            assert anyio.current_time() - started < 1.0 + 0.5  # heartbeat timeout + slack
+    # The real b was never dropped as "restarted": it left when it stopped.
+    assert [e.kind for e in seen_a if e.peer.incarnation == real.incarnation] == [
+        "node-up",
+        "leaving",
+        "node-down",
+    ]
+    assert not any(isinstance(e, NodeDown) and e.reason is DownReason.RESTARTED for e in seen_a)
+
+
+async def test_a_restarted_node_gets_in_once_the_old_one_times_out() -> None:
+    # The old process froze (or its machine vanished): its socket stays open, silent.
+    async with make_node("a", "127.0.0.2", heartbeat_timeout=0.6) as a, recording(a) as seen:
+        stream = await anyio.connect_tcp("127.0.0.2", a.port)
+        async with stream:
+            await join_then_fall_silent(stream, "b", "old-incarnation")
+            heard = anyio.current_time()
             await wait_until(lambda: names(a) == ["b"])
-            old_incarnation = a.peers()[0].incarnation
-            second = make_node("b", "127.0.0.4", static(a))
-            async with second:
+            async with make_node("b", "127.0.0.3", static(a), heartbeat_timeout=0.6) as restarted:
                 await wait_until(
-                    lambda: bool(a.peers()) and a.peers()[0].incarnation != old_incarnation
+                    lambda: [p.incarnation for p in a.peers()] == [restarted.incarnation]
                 )
-                assert second.incarnation == a.peers()[0].incarnation
-    kinds = [(e.kind, getattr(e, "reason", None)) for e in seen[:3]]
-    assert kinds == [
-        ("node-up", None),
-        ("node-down", DownReason.RESTARTED),
-        ("node-up", None),
+                admitted = anyio.current_time() - heard
+    # Not before the old link timed out, and soon after: one heartbeat timeout plus a poll.
+    assert 0.6 <= admitted < 0.6 + 0.6
+    assert [(e.kind, e.peer.incarnation) for e in seen[:3]] == [
+        ("node-up", "old-incarnation"),
+        ("node-down", "old-incarnation"),
+        ("node-up", restarted.incarnation),
     ]
 
 

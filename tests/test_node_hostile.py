@@ -30,6 +30,7 @@ from handoff._errors import (
 )
 from handoff.membership import NodeUp
 from handoff.protocol import (
+    SUPPORTED_VERSIONS,
     Auth,
     Connection,
     HandshakeComplete,
@@ -50,6 +51,7 @@ from tests._helpers import (
     decode_frames,
     make_node,
     read_until_closed,
+    split_frames,
     watch,
 )
 
@@ -153,7 +155,7 @@ def intruder(
     *,
     cluster: str = CLUSTER,
     cookie: bytes = OTHER_COOKIE,
-    versions: tuple[int, ...] = (1,),
+    versions: tuple[int, ...] = SUPPORTED_VERSIONS,
 ) -> Connection:
     """A real protocol client, possibly with the wrong cookie, cluster or versions."""
     local = LocalNode(cluster, name, incarnation, "intruder-release", 0.0)
@@ -211,7 +213,9 @@ def frame(payload: bytes) -> bytes:
 
 def hello(*, cluster: str = CLUSTER, versions: list[int] | None = None) -> bytes:
     return encode_frame(
-        Hello(tuple(versions or [1]), cluster, "intruder", "0123456789abcdef", NONCE).to_wire()
+        Hello(
+            tuple(versions or SUPPORTED_VERSIONS), cluster, "intruder", "0123456789abcdef", NONCE
+        ).to_wire()
     )
 
 
@@ -246,19 +250,24 @@ async def impersonate_b(stream: anyio.abc.ByteStream, cluster: Cluster) -> bytes
 
 
 async def forged_auth(stream: anyio.abc.ByteStream, cluster: Cluster) -> bytes:
-    """Ignore the server's proof and answer with a made-up one: A must say "auth"."""
+    """Ignore the server's proof and answer with a made-up one: A refuses ("auth") in the
+    secure channel, so the forger gets one frame it cannot open, and nothing else."""
     await stream.send(hello())
     with anyio.fail_after(BOUND):
         first = await stream.receive()
     (welcome,) = decode_frames(first)
     assert isinstance(welcome, Welcome)
-    forged = encode_frame(Auth(random.Random(7).randbytes(32)).to_wire())
+    fake = random.Random(7)
+    forged = encode_frame(Auth(fake.randbytes(32), fake.randbytes(32)).to_wire())
     await stream.send(forged + fake_info())
     rest = await read_until_closed(stream, within=BOUND)
-    *_, reject = decode_frames(rest)
-    assert isinstance(reject, Reject)
-    assert reject.code == "auth"
-    return first + rest
+    for secret in cluster.secrets():
+        assert secret not in rest
+    (length,) = struct.unpack_from(">I", rest)
+    assert len(rest) == 4 + length, "one sealed frame (the Reject), then the end"
+    with pytest.raises(HandoffError):
+        decode_frames(rest)
+    return first
 
 
 async def info_without_auth(stream: anyio.abc.ByteStream, cluster: Cluster) -> bytes:
@@ -300,8 +309,19 @@ async def unsupported_version(stream: anyio.abc.ByteStream, cluster: Cluster) ->
     assert isinstance(reject, Reject)
     assert reject.code == "version"
     assert "[99]" in reject.reason
-    assert "[1]" in reject.reason
+    assert str(list(SUPPORTED_VERSIONS)) in reject.reason
     return received
+
+
+async def previous_protocol(stream: anyio.abc.ByteStream, cluster: Cluster) -> bytes:
+    """A node of protocol 1 (no secure channel) is refused, and told why."""
+    outcome = await drive(stream, intruder(cookie=COOKIE, versions=(1,)))
+    assert isinstance(outcome.error, VersionMismatch)
+    (reject,) = decode_frames(outcome.received)
+    assert isinstance(reject, Reject)
+    assert reject.code == "version"
+    assert "no encrypted channel" in reject.reason
+    return outcome.received
 
 
 async def reject_first(stream: anyio.abc.ByteStream, cluster: Cluster) -> bytes:
@@ -355,7 +375,7 @@ def nested(payload: bytes) -> Attack:
 
 async def ext_type_in_hello(stream: anyio.abc.ByteStream, cluster: Cluster) -> bytes:
     """A msgpack extension value (the route to custom decoders) in a handshake frame."""
-    wire = Hello((1,), CLUSTER, "intruder", "0123456789abcdef", NONCE).to_wire()
+    wire = Hello(SUPPORTED_VERSIONS, CLUSTER, "intruder", "0123456789abcdef", NONCE).to_wire()
     wire[3] = msgpack.ExtType(42, b"payload")
     await stream.send(frame(msgpack.packb(wire, use_bin_type=True)))
     return await read_until_closed(stream, within=BOUND)
@@ -367,7 +387,7 @@ def hello_with_extra(extra: bytes) -> bytes:
     Hello tolerates extra trailing fields (for future versions), so only the depth bound
     stands between a deeply nested extra field and a Welcome.
     """
-    wire = Hello((1,), CLUSTER, "intruder", "0123456789abcdef", NONCE).to_wire()
+    wire = Hello(SUPPORTED_VERSIONS, CLUSTER, "intruder", "0123456789abcdef", NONCE).to_wire()
     packed: bytes = msgpack.packb(wire, use_bin_type=True)
     assert packed[0] == 0x90 + len(wire)  # a fixarray: bump its length by one
     return bytes([packed[0] + 1]) + packed[1:] + extra
@@ -388,6 +408,7 @@ PROMPT_CASES: list[tuple[str, Attack]] = [
     ("hello-twice", hello_twice),
     ("wrong-cluster", wrong_cluster),
     ("unsupported-version", unsupported_version),
+    ("previous-protocol", previous_protocol),
     ("reject-first", reject_first),
     ("four-gib-length-prefix", four_gib_prefix),
     ("nested-10000-arrays", nested(DEEP_ARRAYS)),
@@ -474,9 +495,11 @@ async def record_session(cluster: Cluster) -> tuple[bytes, Welcome]:
                     sent += out
                     await stream.send(out)
                 chunk = await stream.receive()
-                for message in decode_frames(chunk):
-                    if isinstance(message, Welcome):
-                        welcome = message
+                if welcome is None:  # the first answer, in clear; the rest is sealed
+                    (first, *_) = split_frames(chunk)
+                    (message,) = decode_frames(first)
+                    assert isinstance(message, Welcome)
+                    welcome = message
                 events = client.receive_data(chunk, now=anyio.current_time())
                 if any(isinstance(e, HandshakeComplete) for e in events):
                     break
@@ -500,8 +523,7 @@ async def test_replayed_transcript_fails_authentication(interactive: bool) -> No
         stream = await anyio.connect_tcp(HOST_A, cluster.a.port)
         async with stream:
             if interactive:
-                (recorded_hello, *_) = decode_frames(transcript)
-                hello_length = len(encode_frame(recorded_hello.to_wire()))
+                hello_length = len(split_frames(transcript)[0])
                 await stream.send(transcript[:hello_length])
                 with anyio.fail_after(BOUND):
                     first = await stream.receive()
@@ -510,11 +532,15 @@ async def test_replayed_transcript_fails_authentication(interactive: bool) -> No
             else:
                 await stream.send(transcript)
                 received = await read_until_closed(stream, within=PROMPT)
-        welcome, reject = assert_nothing_leaked(cluster, received)
+        # A's answer: a fresh Welcome, then its refusal sealed with keys the replayer cannot
+        # have (it has neither the cookie nor the recorded session's ephemeral secrets).
+        welcome_frame, sealed_reject = split_frames(received)
+        (welcome,) = assert_nothing_leaked(cluster, welcome_frame)
         assert isinstance(welcome, Welcome)
         assert welcome.nonce != first_welcome.nonce
-        assert isinstance(reject, Reject)
-        assert reject.code == "auth"
+        assert welcome.key != first_welcome.key
+        with pytest.raises(HandoffError):
+            decode_frames(sealed_reject)
         assert not any(isinstance(e, NodeUp) for e in cluster.log_a.since(marks[0]))
         assert_cluster_intact(cluster, marks)
         await assert_new_node_joins(cluster)

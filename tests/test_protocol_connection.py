@@ -70,6 +70,8 @@ from handoff.protocol import (
     decode_message,
     encode_frame,
 )
+from handoff.protocol._channel import TAG_SIZE, FrameCipher
+from handoff.protocol._framing import encode_payload
 from handoff.protocol._messages import MAX_COUNT, MAX_CREDIT, MAX_STREAM
 
 COOKIE = b"cookie-7f3a9c-correct-horse-battery-staple"
@@ -138,6 +140,7 @@ def make_client(
         versions=versions,
         wall_clock=lambda: CLIENT_WALL,
         nonce_factory=nonce_factory(seed),
+        cipher_factory=ObservedCipher,
     )
 
 
@@ -159,6 +162,7 @@ def make_server(
         versions=versions,
         wall_clock=lambda: SERVER_WALL,
         nonce_factory=nonce_factory(seed),
+        cipher_factory=ObservedCipher,
     )
 
 
@@ -172,14 +176,48 @@ def split_frames(data: bytes) -> list[bytes]:
     return frames
 
 
+# Plaintext of every frame an ObservedCipher sealed, by the sealed bytes: the connections
+# under test really encrypt (and their peers really decrypt); this only lets a test read
+# what went over the wire.
+SEALED: dict[bytes, bytes] = {}
+
+
+class ObservedCipher(FrameCipher):
+    __slots__ = ("key",)
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def seal(self, payload: bytes) -> bytes:
+        sealed = super().seal(payload)
+        SEALED[sealed] = payload
+        return sealed
+
+
 def messages(data: bytes) -> list[Message]:
+    """The messages in a byte stream, sealed frames included (see ``SEALED``)."""
     decoder = FrameDecoder(1 << 24, 64)
-    decoder.feed(data)
     found = []
-    while (obj := decoder.next_object()) is not None:
-        found.append(decode_message(obj))
+    for whole_frame in split_frames(data):
+        decoder.feed(whole_frame)
+        payload = decoder.next_payload()
+        assert payload is not None
+        found.append(decode_message(decoder.decode(SEALED.get(whole_frame, payload))))
     assert decoder.buffered == 0
     return found
+
+
+def sealed_for(receiver: Connection, *sent: Message) -> bytes:
+    """``sent`` as frames ``receiver`` accepts next: sealed with its peer's session key once
+    it has one, as a peer whose own logic would never send them (a buggy or hostile peer)."""
+    cipher = receiver._receive_cipher
+    if cipher is None:
+        return b"".join(frame(message) for message in sent)
+    assert isinstance(cipher, ObservedCipher)
+    twin = FrameCipher(cipher.key)
+    twin._sequence = cipher._sequence
+    return b"".join(twin.seal(encode_payload(message.to_wire())) for message in sent)
 
 
 def frame(message: Message) -> bytes:
@@ -471,7 +509,7 @@ def test_name_conflict_is_only_judged_after_authentication() -> None:
 def test_welcome_with_a_version_not_offered() -> None:
     client = make_client(versions=(1,))
     client.data_to_send()
-    bogus = Welcome(7, "shop", "node-b", "i", b"n" * 32, b"p" * 32)
+    bogus = Welcome(7, "shop", "node-b", "i", b"n" * 32, b"k" * 32, b"p" * 32)
     with pytest.raises(ProtocolError, match="not offered"):
         client.receive_data(frame(bogus), now=0)
     [reject] = messages(client.data_to_send())
@@ -482,7 +520,7 @@ def test_welcome_with_a_version_not_offered() -> None:
 def test_welcome_from_another_cluster() -> None:
     client = make_client()
     client.data_to_send()
-    bogus = Welcome(1, "warehouse", "node-b", "i", b"n" * 32, b"p" * 32)
+    bogus = Welcome(1, "warehouse", "node-b", "i", b"n" * 32, b"k" * 32, b"p" * 32)
     with pytest.raises(ClusterMismatch):
         client.receive_data(frame(bogus), now=0)
     [reject] = messages(client.data_to_send())
@@ -519,7 +557,7 @@ def test_reject_during_handshake_maps_to_an_error(code: str, error: type[Handoff
 def test_reject_when_established_is_a_protocol_error() -> None:
     link = established()
     with pytest.raises(ProtocolError, match="overloaded"):
-        link.client.receive_data(frame(Reject("busy", "overloaded")), now=0)
+        link.client.receive_data(sealed_for(link.client, Reject("busy", "overloaded")), now=0)
     assert link.client.closed
     assert link.client.data_to_send() == b""
 
@@ -579,7 +617,7 @@ def test_reflected_server_proof_is_not_a_client_proof() -> None:
     welcome = messages(server.data_to_send())[0]
     assert isinstance(welcome, Welcome)
     with pytest.raises(AuthenticationError):
-        server.receive_data(frame(Auth(welcome.proof)), now=0)
+        server.receive_data(frame(Auth(welcome.key, welcome.proof)), now=0)
 
 
 def _all_sessions() -> list[FakeLink]:
@@ -634,7 +672,7 @@ def test_forged_auth_with_info_gets_no_info_back() -> None:
     server.data_to_send()
     client_info = Info("r", 0.0, NodeState.SERVING, "", (), 0.0)
     with pytest.raises(AuthenticationError):
-        server.receive_data(frame(Auth(b"\x00" * 32)) + frame(client_info), now=0)
+        server.receive_data(frame(Auth(b"\x09" * 32, b"\x00" * 32)) + frame(client_info), now=0)
     assert [type(m) for m in messages(server.data_to_send())] == [Reject]
     assert server.peer is None
 
@@ -662,7 +700,7 @@ def test_handshake_frames_are_limited_until_authenticated() -> None:
 def test_frame_limit_after_authentication() -> None:
     link = established()
     with pytest.raises(FrameTooLarge):
-        link.server.receive_data(struct.pack(">I", LIMITS.frame_size + 1), now=0)
+        link.server.receive_data(struct.pack(">I", LIMITS.frame_size + TAG_SIZE + 1), now=0)
     assert link.server.closed
 
 
@@ -807,8 +845,8 @@ def test_allowed_incoming_table() -> None:
 NONCE = bytes(range(32))
 SAMPLE_MESSAGES: dict[type[Message], Message] = {
     Hello: Hello((1,), "shop", "node-z", "inc-z", NONCE),
-    Welcome: Welcome(1, "shop", "node-z", "inc-z", NONCE, NONCE),
-    Auth: Auth(NONCE),
+    Welcome: Welcome(1, "shop", "node-z", "inc-z", NONCE, NONCE, NONCE),
+    Auth: Auth(NONCE, NONCE),
     Info: Info("r", 0.0, NodeState.SERVING, "", (), 0.0),
     Reject: Reject("busy", "no"),
     Heartbeat: Heartbeat(),
@@ -896,7 +934,7 @@ def test_disallowed_message_is_a_protocol_error(
 ) -> None:
     conn = drive(role, state)
     with pytest.raises(ProtocolError, match="not allowed") as info:
-        conn.receive_data(frame(SAMPLE_MESSAGES[cls]), now=0)
+        conn.receive_data(sealed_for(conn, SAMPLE_MESSAGES[cls]), now=0)
     assert type(info.value) is ProtocolError
     assert conn.closed
     assert conn.state is ConnState.CLOSED
@@ -1160,14 +1198,15 @@ def test_chunk_over_the_frame_limit_is_refused(receiver: str, header_split: int)
         assert other.receive_data(bytes([byte]), now=0) == []
     # Refused as soon as the header is complete, without waiting for the payload.
     rest = data[header_split:4] if header_split else data
-    with pytest.raises(FrameTooLarge, match=str(SMALL_FRAMES.frame_size)):
+    with pytest.raises(FrameTooLarge, match=str(SMALL_FRAMES.frame_size + TAG_SIZE)):
         other.receive_data(rest, now=0)
     assert other.closed
-    [reject] = messages(other.data_to_send())
+    answer = other.data_to_send()
+    [reject] = messages(answer)
     assert isinstance(reject, Reject)
     assert reject.code == "protocol"
     with pytest.raises(ProtocolError):
-        this.receive_data(frame(reject), now=0)
+        this.receive_data(answer, now=0)
     assert this.closed
 
 
@@ -1181,7 +1220,7 @@ def test_chunk_payload_size_against_the_frame_limit(size: int, fill: int) -> Non
     chunk = Chunk(3, 1, 1, 0.5, bytes([fill]) * size)
     link.client.send(chunk, now=0)
     data = link.client.data_to_send()
-    if len(data) - 4 <= SMALL_FRAMES.frame_size:
+    if len(data) - 4 - TAG_SIZE <= SMALL_FRAMES.frame_size:
         assert link.server.receive_data(data, now=0) == [MessageReceived(chunk)]
     else:
         with pytest.raises(FrameTooLarge):
@@ -1223,12 +1262,13 @@ def test_silence_past_heartbeat_timeout() -> None:
     with pytest.raises(HeartbeatTimeout, match="3"):
         client.tick(now=3.0)
     assert client.closed
-    *beats, reject = messages(client.data_to_send())
+    sent = client.data_to_send()
+    *beats, reject = messages(sent)
     assert beats == [Heartbeat(), Heartbeat()]
     assert isinstance(reject, Reject)
     assert reject.code == "timeout"
     with pytest.raises(HandoffError, match="timeout"):
-        link.server.receive_data(frame(reject), now=3.0)
+        link.server.receive_data(sent, now=3.0)
     assert link.server.closed
 
 
@@ -1286,8 +1326,8 @@ def test_a_trickled_frame_does_not_keep_the_peer_alive() -> None:
 
 def test_trickled_frame_completing_in_time_counts() -> None:
     link = established()
-    heartbeat = frame(Heartbeat())
     client = link.client
+    heartbeat = sealed_for(client, Heartbeat())
     for i, byte in enumerate(heartbeat):
         client.receive_data(bytes([byte]), now=2.0 + i * 0.1)
     completed_at = 2.0 + (len(heartbeat) - 1) * 0.1
@@ -1441,7 +1481,7 @@ def test_long_goodbye_reason_is_truncated_to_what_the_peer_accepts() -> None:
 
 def test_frames_after_goodbye_are_ignored() -> None:
     link = established()
-    data = frame(Goodbye("bye")) + frame(Heartbeat()) + frame(StateChange(NodeState.DRAINING))
+    data = sealed_for(link.client, Goodbye("bye"), Heartbeat(), StateChange(NodeState.DRAINING))
     assert link.client.receive_data(data, now=0) == [PeerGoodbye("bye")]
     assert link.client.closed
 

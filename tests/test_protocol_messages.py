@@ -81,8 +81,10 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         names,
         blobs32,
     ),
-    Welcome: st.builds(Welcome, st.integers(1, 2**16 - 1), names, names, names, blobs32, blobs32),
-    Auth: st.builds(Auth, st.binary(min_size=PROOF_SIZE, max_size=PROOF_SIZE)),
+    Welcome: st.builds(
+        Welcome, st.integers(1, 2**16 - 1), names, names, names, blobs32, blobs32, blobs32
+    ),
+    Auth: st.builds(Auth, blobs32, st.binary(min_size=PROOF_SIZE, max_size=PROOF_SIZE)),
     Info: st.builds(
         Info,
         names,
@@ -117,8 +119,8 @@ any_message = st.one_of(*STRATEGIES.values())
 NONCE = bytes(range(NONCE_SIZE))
 SAMPLES: dict[type[Message], Message] = {
     Hello: Hello((1, 2), "shop", "node-a", "inc-1", NONCE),
-    Welcome: Welcome(1, "shop", "node-b", "inc-2", NONCE, NONCE[::-1]),
-    Auth: Auth(NONCE),
+    Welcome: Welcome(1, "shop", "node-b", "inc-2", NONCE, bytes(32), NONCE[::-1]),
+    Auth: Auth(bytes(32), NONCE),
     Info: Info(
         "v1.2.3",
         1_700_000_000.5,
@@ -191,10 +193,11 @@ def test_hello_magic_is_on_the_wire() -> None:
 GOLDEN_FRAMES: dict[type[Message], str] = {
     Hello: "000000469701ac7761726d2d68616e646f6666920102a473686f70a66e6f64652d61a5696e632d31"
     "c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
-    Welcome: "00000059970201a473686f70a66e6f64652d62a5696e632d32c420000102030405060708090a0b0c"
-    "0d0e0f101112131415161718191a1b1c1d1e1fc4201f1e1d1c1b1a191817161514131211100f0e0d0c0b0a"
-    "09080706050403020100",
-    Auth: "000000249203c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    Welcome: "0000007b980201a473686f70a66e6f64652d62a5696e632d32c420000102030405060708090a0b0c"
+    "0d0e0f101112131415161718191a1b1c1d1e1fc420000000000000000000000000000000000000000000000000"
+    "0000000000000000c4201f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100",
+    Auth: "000000469303c4200000000000000000000000000000000000000000000000000000000000000000c420"
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
     Info: "000000439704a676312e322e33cb41d954fc40200000a8647261696e696e67ad31302e302e302e313a"
     "343337309292a575736572730292a5757361676500cb41d954fc40500000",
     Reject: "0000000a9305a461757468a26e6f",
@@ -431,8 +434,8 @@ bad_namespaces = (
 # For each message: a strategy of invalid values for each of its fields, in wire order.
 BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     Hello: [bad_magic, bad_versions, bad_name, bad_name, bad_name, bad_blob32],
-    Welcome: [bad_int16, bad_name, bad_name, bad_name, bad_blob32, bad_blob32],
-    Auth: [bad_blob32],
+    Welcome: [bad_int16, bad_name, bad_name, bad_name, bad_blob32, bad_blob32, bad_blob32],
+    Auth: [bad_blob32, bad_blob32],
     Info: [bad_name, bad_number, bad_state, bad_address, bad_namespaces, bad_number],
     Reject: [bad_code, bad_reason],
     Heartbeat: [],
@@ -471,7 +474,9 @@ def test_one_bad_field_is_a_protocol_error(data: st.DataObject) -> None:
     ("wire", "match"),
     [
         pytest.param(
-            [Welcome.TYPE, True, "c", "n", "i", NONCE, NONCE], "integer", id="welcome-bool-version"
+            [Welcome.TYPE, True, "c", "n", "i", NONCE, NONCE, NONCE],
+            "integer",
+            id="welcome-bool-version",
         ),
         pytest.param(
             [Hello.TYPE, MAGIC, [True], "c", "n", "i", NONCE], "versions", id="hello-bool-version"
@@ -494,7 +499,7 @@ def test_one_bad_field_is_a_protocol_error(data: st.DataObject) -> None:
             [Info.TYPE, "r", 0.0, "SERVING", "", [], 0.0], "unknown node state", id="info-state"
         ),
         pytest.param([StateChange.TYPE, "stopped"], "unknown node state", id="statechange-state"),
-        pytest.param([Auth.TYPE, NONCE[:31]], "32 bytes", id="auth-short-proof"),
+        pytest.param([Auth.TYPE, NONCE, NONCE[:31]], "32 bytes", id="auth-short-proof"),
         pytest.param(
             [Hello.TYPE, MAGIC, [1], "c", "n", "i", NONCE + b"!"], "32 bytes", id="hello-long-nonce"
         ),

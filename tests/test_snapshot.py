@@ -25,8 +25,11 @@ NOW = 1_700_000_000.0
 codec = Codec()
 
 
+KEY = bytes(range(32))
+
+
 def make_store(path: Path, now: float = NOW) -> DirectorySnapshotStore:
-    return DirectorySnapshotStore(path, clock=lambda: now)
+    return DirectorySnapshotStore(path, key=KEY, clock=lambda: now)
 
 
 def chunk(start: int, count: int) -> tuple[bytes, int]:
@@ -223,27 +226,41 @@ def test_every_single_byte_flip_is_detected(tmp_path: Path) -> None:
         assert reason, index
 
 
+def chunk_offsets(data: bytes) -> list[int]:
+    """Where each chunk of a format 2 snapshot starts, then where the trailer starts."""
+    (header_len,) = struct.unpack(">I", data[len(MAGIC) : len(MAGIC) + 4])
+    offset = len(MAGIC) + 4 + header_len + 32
+    offsets = [offset]
+    while data[offset : offset + 4] != b"\xff\xff\xff\xff":
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        offset += 8 + length + 32
+        offsets.append(offset)
+    return offsets
+
+
 def test_damage_is_named(tmp_path: Path) -> None:
     data = small_snapshot(tmp_path)
-    header_len = struct.unpack(">I", data[len(MAGIC) : len(MAGIC) + 4])[0]
-    first_chunk = len(MAGIC) + 4 + header_len
-    (len0,) = struct.unpack(">I", data[first_chunk : first_chunk + 4])
-    second_payload = first_chunk + 12 + len0 + 12
+    first_chunk, second_chunk, third_chunk, trailer = chunk_offsets(data)
 
     def flipped(index: int) -> bytes:
         damaged = bytearray(data)
         damaged[index] ^= 0x01
         return bytes(damaged)
 
-    assert "checksum mismatch in chunk 2" in unusable(tmp_path / "a", flipped(second_payload + 1))
-    assert "checksum mismatch in chunk 1" in unusable(tmp_path / "b", flipped(first_chunk + 5))
-    assert "trailer digest mismatch" in unusable(tmp_path / "c", flipped(len(data) - 1))
+    assert "authentication failed in chunk 2" in unusable(tmp_path / "a", flipped(second_chunk + 9))
+    assert "authentication failed in chunk 1" in unusable(tmp_path / "b", flipped(first_chunk + 5))
+    assert "authentication failed in the trailer" in unusable(
+        tmp_path / "c", flipped(len(data) - 1)
+    )
+    # The last chunk dropped: the trailer still counts it.
+    dropped = data[:third_chunk] + data[trailer:]
+    assert "trailer counts 3 chunks, the file holds 2" in unusable(tmp_path / "c2", dropped)
     assert "not a snapshot (bad magic)" in unusable(tmp_path / "d", flipped(0))
     assert "trailer" in unusable(tmp_path / "e", data + b"\x00")
-    truncated = unusable(tmp_path / "f", data[: second_payload + 3])
+    truncated = unusable(tmp_path / "f", data[: second_chunk + 11])
     assert "truncated after 1 of ? chunks" in truncated
     # A chunk length beyond the limit is refused before anything is read.
-    huge = data[:first_chunk] + struct.pack(">III", 0xFFFFFFF0, 1, 0) + data[first_chunk + 12 :]
+    huge = data[:first_chunk] + struct.pack(">II", 0xFFFFFFF0, 1) + data[first_chunk + 8 :]
     assert "more than 67108864" in unusable(tmp_path / "g", huge)
     big_header = MAGIC + struct.pack(">I", 65 * 1024) + data[len(MAGIC) + 4 :]
     assert "exceeds 65536" in unusable(tmp_path / "h", big_header)
@@ -253,10 +270,10 @@ def test_nothing_is_yielded_before_the_last_chunk_is_verified(tmp_path: Path) ->
     store = make_store(tmp_path)
     info = write(store, [chunk(0, 5), chunk(5, 5), chunk(10, 5)])
     data = bytearray(info.path.read_bytes())
-    data[-60] ^= 0x01  # inside the last chunk's payload
+    data[-100] ^= 0x01  # inside the last chunk's payload
     info.path.write_bytes(bytes(data))
     reader = store.read(info)
-    with pytest.raises(SnapshotCorrupt, match="checksum mismatch in chunk 3"):
+    with pytest.raises(SnapshotCorrupt, match="authentication failed in chunk 3"):
         next(reader)
 
 
@@ -314,20 +331,20 @@ def test_quarantine_explicitly_and_of_a_vanished_file(tmp_path: Path) -> None:
 
 
 def test_missing_directory_is_created(tmp_path: Path) -> None:
-    DirectorySnapshotStore(tmp_path / "a" / "b")
+    make_store(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir()
 
 
 def test_a_file_is_not_a_snapshot_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"HANDOFF_SNAPSHOT_DIR .* not a directory"):
-        DirectorySnapshotStore(tmp_path / "file")
+        make_store(tmp_path / "file")
     with pytest.raises(ConfigError, match=r"HANDOFF_SNAPSHOT_DIR .* cannot be created"):
-        DirectorySnapshotStore(tmp_path / "file" / "sub")
+        make_store(tmp_path / "file" / "sub")
 
 
 def test_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Root may write anywhere, so the permission check itself is simulated.
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(ConfigError, match=r"HANDOFF_SNAPSHOT_DIR .* not writable"):
-        DirectorySnapshotStore(tmp_path)
+        make_store(tmp_path)

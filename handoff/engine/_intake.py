@@ -1,6 +1,6 @@
-"""What a receiver does with one payload before its adapter sees it, for a live handoff
-and a snapshot alike: decode it within the codec's bounds, upgrade it, and let the
-namespace's validator reject what the application does not expect."""
+"""What a receiver does with decoded records before its adapter sees them, for a live
+handoff and a snapshot alike: upgrade them, and let the namespace's validator reject what
+the application does not expect. (Decoding, within the codec's bounds, comes first.)"""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from handoff._adapter import Record
-from handoff._codec import Codec
 from handoff.engine._tracked import Tracked
 from handoff.transforms import Chain
 
-__all__ = ("REJECTED", "Validator", "intake")
+__all__ = ("REJECTED", "Validator", "admit")
 
 logger = logging.getLogger("handoff.engine")
 
@@ -23,16 +22,10 @@ Validator = Callable[[Any, Any], bool]
 REJECTED = "rejected by the namespace's validator"
 
 
-def intake(
-    codec: Codec, tracked: Tracked, chain: Chain | None, payload: bytes, count: int
+def admit(
+    tracked: Tracked, chain: Chain | None, records: list[Record]
 ) -> tuple[list[Record], dict[str, int]]:
-    """The records of ``payload`` to import, and those dropped per reason.
-
-    Raises :class:`~handoff._errors.RecordDecodeError` (its subclass
-    :class:`~handoff._errors.PayloadRefused` for a payload past the codec's bounds):
-    then nothing of it may be applied.
-    """
-    records = codec.decode_records(payload, max_records=count)
+    """The decoded ``records`` to import into ``tracked``, and those dropped per reason."""
     dropped: dict[str, int] = {}
     if chain is not None:
         records, dropped = chain.apply(records)

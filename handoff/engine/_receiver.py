@@ -20,7 +20,7 @@ import anyio
 from handoff._adapter import ImportResult
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, PayloadRefused, ProtocolError
-from handoff.engine._intake import intake
+from handoff.engine._intake import admit
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._tracked import Tracked
 from handoff.protocol import (
@@ -286,14 +286,10 @@ class Receiver:
     def _apply(
         self, stream: _InStream, chunk: Chunk, arrived: float
     ) -> tuple[ImportResult, dict[str, int]]:
-        records, dropped = intake(
-            self._codec, stream.tracked, stream.chain, chunk.payload, chunk.records
-        )
-        # Records are the chunk's less those dropped before the adapter (upgrade hooks,
-        # the validator): the count is the chunk's own claim.
-        held = len(records) + sum(dropped.values())
-        if held != chunk.records:
-            raise ProtocolError(f"chunk says {chunk.records} records, holds {held}")
+        records = self._codec.decode_records(chunk.payload, max_records=chunk.records)
+        if len(records) != chunk.records:
+            raise ProtocolError(f"chunk says {chunk.records} records, holds {len(records)}")
+        records, dropped = admit(stream.tracked, stream.chain, records)
         age = chunk.age + (self._clock.now() - arrived)
         try:
             result = stream.tracked.adapter.import_records(records, age=age)

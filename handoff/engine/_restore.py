@@ -5,19 +5,33 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
-from handoff._adapter import ImportResult
+from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec
 from handoff._errors import NoTransformPath, RecordDecodeError, SnapshotError
-from handoff.engine._intake import intake
+from handoff.engine._intake import admit
 from handoff.engine._tracked import Tracked
-from handoff.snapshot import SnapshotStore
+from handoff.snapshot import SnapshotInfo, SnapshotStore
 from handoff.transforms import Transforms
 
-__all__ = ("restore_snapshots",)
+__all__ = ("decoded_chunks", "restore_snapshots")
 
 logger = logging.getLogger("handoff.snapshot")
+
+
+def decoded_chunks(
+    store: SnapshotStore, info: SnapshotInfo, codec: Codec
+) -> Iterator[list[Record]]:
+    """The records of ``info``, one decoded chunk at a time.
+
+    The store authenticates the whole file before it yields its first chunk; decoding (and
+    its bounds) happens here, one chunk in memory at a time. :func:`restore_snapshots` walks
+    this twice, a checking pass and an applying pass, so that a chunk that cannot be decoded
+    stops the restore before anything of the file was applied.
+    """
+    for payload, count in store.read(info):
+        yield codec.decode_records(payload, max_records=count)
 
 
 def restore_snapshots(
@@ -33,9 +47,10 @@ def restore_snapshots(
 
     A snapshot that is corrupt, truncated, of another kind or of a version this release
     cannot convert is moved aside with the reason and logged; the node starts cold for that
-    namespace. So is one whose chunk is past the codec's bounds (a planted hash flood or
-    decode bomb, refused within milliseconds): nothing of that chunk is applied, the chunks
-    before it are. The namespace's validator rejects records as on a live handoff.
+    namespace. So is one with a chunk past the codec's bounds (a planted hash flood or
+    decode bomb, refused within a second per MB): every chunk is decoded before any is
+    applied, so nothing of it is. The namespace's validator rejects records as on a live
+    handoff.
     Snapshots of namespaces this node does not track are left for a release that
     does.
     """
@@ -58,12 +73,15 @@ def restore_snapshots(
         age = max(0.0, wall_clock() - info.created_at)
         result = ImportResult()
         try:
-            for payload, count in store.read(info):
-                records, dropped = intake(codec, target, chain, payload, count)
+            # Every chunk authenticated and decoded before the first is applied: a file that
+            # fails half way must change nothing.
+            for _ in decoded_chunks(store, info, codec):
+                pass
+            for records in decoded_chunks(store, info, codec):
+                records, dropped = admit(target, chain, records)
                 result = result + ImportResult(dropped=dropped)
                 result = result + target.adapter.import_records(records, age=age)
         except (SnapshotError, RecordDecodeError) as exc:
-            # Verified before anything was applied, so a corrupt file changed nothing.
             logger.warning("snapshot %s not restored: %s", info.path, exc)
             store.quarantine(info, str(exc))
             continue

@@ -9,16 +9,23 @@ Handshake (client = the side that dialled)::
 
     client                                  server
     Hello(versions, cluster, name, nonce_c)  ->
-                                         <-  Welcome(version, cluster, name, nonce_s, proof_s)
-    Auth(proof_c), Info(client)             ->
-                                         <-  Info(server)
+                             <-  Welcome(version, cluster, name, nonce_s, key_s, proof_s)
+    Auth(key_c, proof_c), [Info(client)]    ->
+                                         <-  [Info(server)]
+    [every later frame, both ways]
 
-``proof_s = HMAC(cookie, "server" || transcript)`` and ``proof_c = HMAC(cookie, "client" ||
-transcript)``, where the transcript binds the chosen version, the client's offered versions,
-the cluster, both names and incarnations and both fresh nonces. The cookie never crosses the
-wire, a recorded transcript cannot be replayed (the other side's nonce is new), and the two
-labels stop a proof being reflected back. Nothing about the node's state is sent before both
-proofs are verified.
+``proof_s = HMAC(K, "server" || T_s)`` and ``proof_c = HMAC(K, "client" || T_s || key_c)``,
+where ``K`` is a subkey of the scrypt-stretched cookie (:mod:`handoff._keys`) and the
+transcript ``T_s`` binds the chosen version, the client's offered versions, the cluster, both
+names and incarnations, both fresh nonces and the server's ephemeral X25519 key. The cookie
+never crosses the wire, a recorded transcript cannot be replayed (the other side's nonce is
+new), the two labels stop a proof being reflected back, and a guess at the cookie costs an
+attacker one scrypt. Nothing about the node's state is sent before both proofs are verified.
+
+Frames in brackets travel in the secure channel (:mod:`._channel`): sealed with per-direction
+keys derived from the stretched cookie, the X25519 exchange of ``key_c`` and ``key_s``, and
+the whole transcript. Only ``Hello``, ``Welcome``, ``Auth`` and a ``Reject`` before the
+channel exists travel in clear; none carries state.
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ from handoff._errors import (
     SelfConnection,
     VersionMismatch,
 )
+from handoff._keys import ClusterKey, cluster_key
 
-from ._framing import FrameDecoder, encode_frame
+from ._channel import PUBLIC_KEY_SIZE, TAG_SIZE, Ephemeral, FrameCipher, session_keys
+from ._framing import FrameDecoder, encode_frame, encode_payload
 from ._messages import (
     MAGIC,
     NONCE_SIZE,
@@ -84,7 +93,10 @@ __all__ = (
     "Role",
 )
 
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+# Version 1 had no secure channel: its frames after the handshake were in clear. A node of
+# version 1 is refused (with a message that says why) rather than spoken to insecurely.
+SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
+_UNENCRYPTED_VERSIONS = frozenset({1})
 
 
 class Role(Enum):
@@ -109,7 +121,8 @@ class ConnState(Enum):
 class Limits:
     """Bounds applied to what a peer may make this side buffer and decode."""
 
-    handshake_frame_size: int = 64 * 1024
+    # The largest handshake message (a Hello or Reject of maximal text fields) is ~4 KiB.
+    handshake_frame_size: int = 8 * 1024
     frame_size: int = 8 * 1024 * 1024
     depth: int = 32
     handshake_timeout: float = 5.0
@@ -224,55 +237,83 @@ def allowed_incoming(state: ConnState) -> frozenset[type[Message]]:
 
 
 def _transcript(
-    version: int, cluster: str, client: Hello, server_name: str, server_inc: str, s_nonce: bytes
+    version: int,
+    cluster: str,
+    client: Hello,
+    server_name: str,
+    server_inc: str,
+    s_nonce: bytes,
+    s_key: bytes,
 ) -> bytes:
     # The client's whole offer is bound too, so that nobody on the path can strip versions
     # from the Hello to force a downgrade.
     offer = list(client.versions)
     fields = [MAGIC, version, offer, cluster, client.name, client.incarnation, client.nonce]
-    payload: bytes = msgpack.packb([*fields, server_name, server_inc, s_nonce], use_bin_type=True)
+    server = [server_name, server_inc, s_nonce, s_key]
+    payload: bytes = msgpack.packb([*fields, *server], use_bin_type=True)
     return payload
 
 
-def _proof(cookie: bytes, label: bytes, transcript: bytes) -> bytes:
-    return hmac.new(cookie, label + b"\0" + transcript, hashlib.sha256).digest()
+def _proof(key: bytes, label: bytes, transcript: bytes) -> bytes:
+    return hmac.new(key, label + b"\0" + transcript, hashlib.sha256).digest()
+
+
+def _full_transcript(server_transcript: bytes, client_key: bytes) -> bytes:
+    # msgpack items are self-delimiting, so appending one keeps the encoding unambiguous.
+    tail: bytes = msgpack.packb(client_key, use_bin_type=True)
+    return server_transcript + tail
 
 
 class Connection:
     """The protocol state of one connection. Does no I/O.
 
     ``now`` arguments are monotonic seconds from the caller's clock; ``wall_clock`` gives the
-    Unix time sent in ``Info`` so that peers can see clock differences.
+    Unix time sent in ``Info`` so that peers can see clock differences. ``cookie`` is the
+    cluster's cookie or, better, its stretched key (:func:`handoff._keys.cluster_key`, which
+    costs tens of milliseconds once and is cached per process).
     """
 
     def __init__(
         self,
         role: Role,
         local: LocalNode,
-        cookie: bytes,
+        cookie: bytes | ClusterKey,
         *,
         now: float,
         limits: Limits | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         wall_clock: Callable[[], float] = time.time,
         nonce_factory: Callable[[int], bytes] = secrets.token_bytes,
+        cipher_factory: Callable[[bytes], FrameCipher] = FrameCipher,
+        announce: bool = True,
     ) -> None:
         if not cookie:
             raise LocalProtocolError("an empty cookie cannot authenticate anything")
         self.role = role
         self._local = local
-        self._cookie = cookie
+        self._key = cookie if isinstance(cookie, ClusterKey) else cluster_key(cookie, local.cluster)
+        self._proof_key = self._key.derive("handshake proof")
         self._limits = limits or Limits()
         self._versions = versions
         self._wall_clock = wall_clock
         self._nonce_factory = nonce_factory
+        # A seam for tests that observe plaintext and for the benchmark's baseline.
+        self._cipher_factory = cipher_factory
+        # A probe (``handoff doctor``) verifies the peer and reads its Info but sends none of
+        # its own, so the handshake stops one message short on the peer's side and the probe
+        # never becomes a member there.
+        self._announce = announce
         self._decoder = FrameDecoder(self._limits.handshake_frame_size, self._limits.depth)
         self._outgoing = bytearray()
         self._handshake_deadline = now + self._limits.handshake_timeout
         self._last_received = now
         self._last_sent = now
         self._hello: Hello | None = None
-        self._expected_proof = b""
+        self._peer_hello: Hello | None = None
+        self._ephemeral: Ephemeral | None = None
+        self._server_transcript = b""
+        self._send_cipher: FrameCipher | None = None
+        self._receive_cipher: FrameCipher | None = None
         self._version = 0
         self._peer_identity: tuple[str, str, str] | None = None
         self.peer: PeerInfo | None = None
@@ -294,7 +335,25 @@ class Connection:
     # -- outgoing ---------------------------------------------------------------------------
 
     def _queue(self, message: Message) -> None:
-        self._outgoing += encode_frame(message.to_wire())
+        if self._send_cipher is None:
+            self._outgoing += encode_frame(message.to_wire())
+        else:
+            self._outgoing += self._send_cipher.seal(encode_payload(message.to_wire()))
+
+    @property
+    def hello_nonce(self) -> bytes | None:
+        """The nonce of the Hello this side sent (client side only)."""
+        return self._hello.nonce if self._hello is not None else None
+
+    @property
+    def peer_hello_nonce(self) -> bytes | None:
+        """The nonce of the Hello this side received (server side only)."""
+        return self._peer_hello.nonce if self._peer_hello is not None else None
+
+    @property
+    def encrypted(self) -> bool:
+        """True once both directions travel in the secure channel."""
+        return self._send_cipher is not None and self._receive_cipher is not None
 
     def data_to_send(self) -> bytes:
         """Bytes queued for the peer since the last call (possibly empty)."""
@@ -344,11 +403,13 @@ class Connection:
         try:
             self._decoder.feed(data)
             while not self.closed:
-                obj = self._decoder.next_object()
-                if obj is None:
+                payload = self._decoder.next_payload()
+                if payload is None:
                     break
+                if self._receive_cipher is not None:
+                    payload = self._receive_cipher.open(payload)
                 self._last_received = now
-                events.extend(self._dispatch(decode_message(obj)))
+                events.extend(self._dispatch(decode_message(self._decoder.decode(payload))))
         except HandoffError as exc:
             self._fail(exc)
             raise
@@ -387,12 +448,19 @@ class Connection:
     def _on_hello(self, hello: Message) -> list[Event]:
         assert isinstance(hello, Hello)
         self.peer_name = hello.name
+        self._peer_hello = hello
         self._peer_identity = (hello.name, hello.incarnation, hello.cluster)
         common = set(hello.versions) & set(self._versions)
         if not common:
+            hint = ""
+            if set(hello.versions) <= _UNENCRYPTED_VERSIONS:
+                hint = (
+                    " (the peer runs an older warm-handoff whose protocol has no encrypted "
+                    "channel; it is refused rather than spoken to in clear: upgrade it)"
+                )
             raise VersionMismatch(
                 f"unsupported protocol version: peer speaks {sorted(hello.versions)}, "
-                f"this node speaks {sorted(self._versions)}"
+                f"this node speaks {sorted(self._versions)}{hint}"
             )
         if hello.cluster != self._local.cluster:
             raise ClusterMismatch(
@@ -404,13 +472,15 @@ class Connection:
         self._version = max(common)
         nonce = self._nonce_factory(NONCE_SIZE)
         local = self._local
+        self._ephemeral = Ephemeral(self._nonce_factory(PUBLIC_KEY_SIZE))
+        key = self._ephemeral.public
         transcript = _transcript(
-            self._version, local.cluster, hello, local.name, local.incarnation, nonce
+            self._version, local.cluster, hello, local.name, local.incarnation, nonce, key
         )
-        self._expected_proof = _proof(self._cookie, b"client", transcript)
-        proof = _proof(self._cookie, b"server", transcript)
+        self._server_transcript = transcript
+        proof = _proof(self._proof_key, b"server", transcript)
         self._queue(
-            Welcome(self._version, local.cluster, local.name, local.incarnation, nonce, proof)
+            Welcome(self._version, local.cluster, local.name, local.incarnation, nonce, key, proof)
         )
         return []
 
@@ -433,31 +503,47 @@ class Connection:
             welcome.name,
             welcome.incarnation,
             welcome.nonce,
+            welcome.key,
         )
-        if not hmac.compare_digest(welcome.proof, _proof(self._cookie, b"server", transcript)):
+        if not hmac.compare_digest(welcome.proof, _proof(self._proof_key, b"server", transcript)):
             raise AuthenticationError(
                 "authentication failed: the peer does not know this cluster's cookie "
                 "(HANDOFF_COOKIE differs between the nodes)"
             )
         self._version = welcome.version
-        self._authenticated()
-        self._queue(Auth(_proof(self._cookie, b"client", transcript)))
-        self._queue(self._info())
+        ephemeral = Ephemeral(self._nonce_factory(PUBLIC_KEY_SIZE))
+        full = _full_transcript(transcript, ephemeral.public)
+        keys = session_keys(self._key, ephemeral.exchange(welcome.key), full)
+        self._queue(Auth(ephemeral.public, _proof(self._proof_key, b"client", full)))
+        # From here on both directions are sealed: our Info is the first sealed frame, and
+        # the server seals everything after verifying our Auth.
+        self._authenticated(keys.client_to_server, keys.server_to_client)
+        if self._announce:
+            self._queue(self._info())
         return []
 
     def _on_auth(self, auth: Message) -> list[Event]:
         assert isinstance(auth, Auth)
-        if not hmac.compare_digest(auth.proof, self._expected_proof):
+        assert self._ephemeral is not None
+        full = _full_transcript(self._server_transcript, auth.key)
+        keys = session_keys(self._key, self._ephemeral.exchange(auth.key), full)
+        self._ephemeral = None
+        # Sealed from here even if the proof fails: the client switched to the channel when
+        # it sent Auth, so a Reject in clear would reach it as a forgery. (A client without
+        # the cookie never gets this far: it cannot verify the Welcome.)
+        self._authenticated(keys.server_to_client, keys.client_to_server)
+        if not hmac.compare_digest(auth.proof, _proof(self._proof_key, b"client", full)):
             raise AuthenticationError(
                 "authentication failed: the peer does not know this cluster's cookie "
                 "(HANDOFF_COOKIE differs between the nodes)"
             )
-        self._authenticated()
         self._queue(self._info())
         return []
 
-    def _authenticated(self) -> None:
-        self._decoder.set_limits(self._limits.frame_size, self._limits.depth)
+    def _authenticated(self, send_key: bytes, receive_key: bytes) -> None:
+        self._send_cipher = self._cipher_factory(send_key)
+        self._receive_cipher = self._cipher_factory(receive_key)
+        self._decoder.set_limits(self._limits.frame_size + TAG_SIZE, self._limits.depth)
 
     def _info(self) -> Info:
         local = self._local

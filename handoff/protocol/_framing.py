@@ -14,7 +14,7 @@ import msgpack
 
 from handoff._errors import FrameTooLarge, ProtocolError
 
-__all__ = ("FrameDecoder", "check_depth", "encode_frame", "size_limits")
+__all__ = ("FrameDecoder", "check_depth", "encode_frame", "encode_payload", "size_limits")
 
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
@@ -61,9 +61,15 @@ def size_limits(size: int) -> dict[str, int]:
     }
 
 
-def encode_frame(obj: object) -> bytes:
-    """Serialize one object as a frame (header + msgpack payload)."""
+def encode_payload(obj: object) -> bytes:
+    """Serialize one object as a frame payload (msgpack, no header)."""
     payload: bytes = msgpack.packb(obj, use_bin_type=True)
+    return payload
+
+
+def encode_frame(obj: object) -> bytes:
+    """Serialize one object as a frame in clear (header + msgpack payload)."""
+    payload = encode_payload(obj)
     return _HEADER.pack(len(payload)) + payload
 
 
@@ -108,12 +114,8 @@ class FrameDecoder:
                 )
             self._expected = length
 
-    def next_object(self) -> Any:
-        """Return the next decoded object, or ``None`` if no complete frame is buffered.
-
-        ``None`` is never a valid message payload (every message is an array), so it is a
-        safe "need more data" marker; a frame holding msgpack nil is a protocol error.
-        """
+    def next_payload(self) -> bytes | None:
+        """Return the next complete frame's payload, or ``None`` if none is buffered yet."""
         self._check_header()
         length = self._expected
         if length is None or len(self._buffer) < HEADER_SIZE + length:
@@ -121,6 +123,14 @@ class FrameDecoder:
         payload = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + length])
         del self._buffer[: HEADER_SIZE + length]
         self._expected = None
+        return payload
+
+    def decode(self, payload: bytes) -> Any:
+        """Decode one frame payload (plaintext) within this decoder's limits.
+
+        ``None`` is never a valid message payload (every message is an array), so a frame
+        holding msgpack nil is a protocol error.
+        """
         try:
             obj = msgpack.unpackb(
                 payload,
@@ -128,7 +138,7 @@ class FrameDecoder:
                 use_list=True,
                 strict_map_key=True,
                 ext_hook=_refuse_ext,
-                **size_limits(length),
+                **size_limits(len(payload)),
             )
         except ProtocolError:
             raise
@@ -138,3 +148,8 @@ class FrameDecoder:
             raise ProtocolError("frame holds no message")
         check_depth(obj, self._max_depth, allow_timestamps=False)
         return obj
+
+    def next_object(self) -> Any:
+        """Return the next decoded object, or ``None`` if no complete frame is buffered."""
+        payload = self.next_payload()
+        return None if payload is None else self.decode(payload)

@@ -66,6 +66,7 @@ __all__ = (
 MAGIC = "warm-handoff"
 NONCE_SIZE = 32
 PROOF_SIZE = 32
+PUBLIC_KEY_SIZE = 32
 MAX_NAME = 255
 MAX_REASON = 1024
 MAX_NAMESPACES = 1024
@@ -499,7 +500,8 @@ class Hello(Message):
 @_message()
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
-    """The accepting side's answer: chosen version, identity, its nonce and its proof."""
+    """The accepting side's answer: chosen version, identity, its nonce, its ephemeral
+    X25519 key for the secure channel, and its proof of the cookie."""
 
     TYPE: ClassVar[int] = 2
     version: Annotated[int, Integer(1, 2**16 - 1)]
@@ -507,15 +509,18 @@ class Welcome(Message):
     name: Annotated[str, Text()]
     incarnation: Annotated[str, Text()]
     nonce: Annotated[bytes, Blob(NONCE_SIZE)]
+    key: Annotated[bytes, Blob(PUBLIC_KEY_SIZE)]
     proof: Annotated[bytes, Blob(PROOF_SIZE)]
 
 
 @_message()
 @dataclass(frozen=True, slots=True)
 class Auth(Message):
-    """The dialling side's proof of the cookie over the whole handshake transcript."""
+    """The dialling side's ephemeral key and its proof of the cookie over the whole
+    handshake transcript (that key included)."""
 
     TYPE: ClassVar[int] = 3
+    key: Annotated[bytes, Blob(PUBLIC_KEY_SIZE)]
     proof: Annotated[bytes, Blob(PROOF_SIZE)]
 
 
