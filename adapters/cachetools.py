@@ -94,6 +94,7 @@ __all__ = (
     "LFU_CACHE_FACTORY",
     "LFU_TIES_PRESERVED",
     "LRU_CACHE_FACTORY",
+    "MAX_IMPORTED_COUNT",
     "RECEIVER_FULL",
     "RR_CACHE_FACTORY",
     "TLRU_CACHE_FACTORY",
@@ -657,11 +658,22 @@ class FIFOCacheAdapter(_OrderedAdapter[cachetools.FIFOCache[Any, Any]]):
         return _fifo_order(self.cache)
 
 
+MAX_IMPORTED_COUNT: Final = 1 << 16
+"""The floor of the ceiling on imported LFU use counts (see :class:`LFUCacheAdapter`)."""
+
+
 class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
     """Hands off a ``cachetools.LFUCache``: highest use count first; counts survive.
 
     ``meta`` is the use count. A merged entry keeps the higher of the two counts (its merge
-    write counts as a use).
+    write counts as a use). An incoming count is clamped to the receiver's own range: at
+    most the highest count the receiver holds when the chunk arrives, or
+    :data:`MAX_IMPORTED_COUNT` (65,536) if that is lower. A peer's ``2**62`` would
+    otherwise pin an entry forever (every other entry would need as many uses first), and
+    as imported counts never exceed the ceiling, chunk after chunk cannot ratchet it up:
+    only the receiver's own uses raise it. Honest counts above it arrive tied at the
+    ceiling, still the hottest, in the sender's order where cachetools keeps the order of
+    ties (:data:`LFU_TIES_PRESERVED`).
     """
 
     _cache_type = cachetools.LFUCache
@@ -706,22 +718,30 @@ class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
             bucket = bucket.prev
         return keys
 
+    def _highest_count(self) -> int:
+        if not _LFU_LINKED:
+            return -min(_lfu_counter(self.cache).values(), default=0)
+        root = _lfu_root(self.cache)
+        return 0 if root.prev is root else int(root.prev.count)
+
     @contextmanager
     def _batch(self) -> Iterator[_Batch]:
         cache = self.cache
         count_of = self._count_of()
         hint: list[Any] = [None]  # the last bucket used: records come most used first
+        ceiling = max(self._highest_count(), MAX_IMPORTED_COUNT)
 
         def insert(key: Any, value: Any, _lifetime: Any, count: int | None) -> bool:
             cache[key] = value
-            hint[0] = self._set_count(key, 1 if count is None else count, hint[0], coldest=True)
+            count = 1 if count is None else min(count, ceiling)
+            hint[0] = self._set_count(key, count, hint[0], coldest=True)
             return True
 
         def overwrite(key: Any, value: Any, _lifetime: Any, count: int | None) -> bool:
             cache[key] = value  # counts as a use
             current = count_of(key)
-            if count is not None and current is not None and count > current:
-                self._set_count(key, count, None, coldest=False)
+            if count is not None and current is not None and min(count, ceiling) > current:
+                self._set_count(key, min(count, ceiling), None, coldest=False)
             return True
 
         yield _Batch(_live_in(cache), insert, overwrite)

@@ -6,6 +6,32 @@ arbitrary objects. Decoding is bounded: container lengths are capped by the payl
 nesting by ``max_depth``, the record count by the caller, and every failure is a
 :class:`~handoff._errors.RecordDecodeError` (a :class:`~handoff._errors.ProtocolError`).
 
+A payload is also bounded in what it may build (invariant 9), checked while it is decoded,
+before anything quadratic or large exists; past a bound decoding stops with
+:class:`~handoff._errors.PayloadRefused`:
+
+* hash floods: at most :data:`MAX_HASH_COLLISIONS` distinct hashable values of extension
+  types (tuples, frozensets, big ints, Decimals, UUIDs ...) in one payload may share one
+  hash. Those hashes are not randomized (``hash(k * (2**61 - 1)) == 0``), so without the
+  bound a peer could make every key of a dict, a set or the receiving cache collide, and
+  building it quadratic: 0.5 MB froze a receiver for 10-24 s. The count is made as each
+  value is decoded, before it can be inserted anywhere. Values of msgpack's own types
+  cannot flood: ``str`` and ``bytes`` hashes are randomized, and at most ~20 ints or
+  floats share a hash;
+* decode bombs: the containers a payload builds (lists, dicts, tuples, sets and extension
+  values, counted by ``sys.getsizeof``, which includes the pointer to every element) may
+  take at most :data:`RETAINED_PER_BYTE` (40) times the payload's size, or 64 KiB for a
+  small one. Measured on CPython 3.11 (``tests/test_hostile_data.py``): cache values of
+  strings, numbers, small dicts and lists take 1-34x; empty arrays, maps and sets take
+  65-75x, one-entry dicts 77x, so millions of them are refused; so are large sets of small
+  ints (~75x: a set slot costs far more than the byte that encodes its element). Scalars
+  cost at most ~20x (a 2-character string), so a payload never holds more than about 60
+  times its size;
+* ``Decimal``: signalling NaNs (they raise on every comparison), more than
+  :data:`MAX_DECIMAL_DIGITS` digits and adjusted exponents beyond
+  :data:`MAX_DECIMAL_EXPONENT` (``int()`` of ``1E+999999999`` does not finish) are refused,
+  by the encoder too.
+
 What round-trips, and how:
 
 * natively (msgpack): ``None``, ``bool``, ``int`` in the 64-bit range, ``float``, ``str``,
@@ -33,7 +59,9 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import gc
+import itertools
 import struct
+import sys
 import threading
 import uuid
 import zoneinfo
@@ -45,7 +73,7 @@ from typing import Any, Final
 import msgpack
 
 from handoff._adapter import Record
-from handoff._errors import HandoffError, RecordDecodeError, RecordEncodeError
+from handoff._errors import HandoffError, PayloadRefused, RecordDecodeError, RecordEncodeError
 from handoff.protocol import size_limits
 
 __all__ = ("Codec",)
@@ -65,6 +93,17 @@ EXT_BIGINT: Final = 11
 
 USER_CODES: Final = range(64, 128)
 MAX_BIGINT_BITS: Final = 8192
+
+MAX_HASH_COLLISIONS: Final = 8
+"""Distinct hashable extension values of one payload that may share one hash."""
+RETAINED_PER_BYTE: Final = 40
+"""Bytes of containers one payload may build per byte of it (see the module docs)."""
+MIN_RETAINED: Final = 64 * 1024
+"""What a payload may build however small it is."""
+MAX_DECIMAL_DIGITS: Final = 4300
+"""Digits of a ``Decimal``: CPython's default limit for converting an int from text."""
+MAX_DECIMAL_EXPONENT: Final = 6144
+"""Largest adjusted exponent of a finite ``Decimal`` either way (IEEE decimal128's)."""
 
 _INT64_MIN: Final = -(2**63)
 _UINT64_MAX: Final = 2**64 - 1
@@ -220,6 +259,86 @@ def gc_paused() -> Iterator[None]:
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise RecordDecodeError(f"msgpack extension type {code} is not allowed here")
+
+
+class _Budget:
+    """What one payload may still build: bytes of containers, and distinct hashable
+    extension values per hash (see the module documentation)."""
+
+    __slots__ = ("left", "seen")
+
+    def __init__(self, size: int) -> None:
+        self.left = max(MIN_RETAINED, RETAINED_PER_BYTE * size)
+        self.seen: dict[int, list[object]] = {}
+
+    def charge(self, obj: Any) -> Any:
+        """Count a container msgpack built (its ``list_hook`` and ``object_hook``)."""
+        self.left -= sys.getsizeof(obj)
+        if self.left < 0:
+            raise PayloadRefused(_BOMB_REASON)
+        return obj
+
+    def charge_hashable(self, obj: Any) -> Any:
+        """Count an extension value; refuse it if too many distinct ones share its hash."""
+        self.charge(obj)
+        try:
+            key = hash(obj)
+        except Exception:
+            return obj  # unhashable: it can be neither a key nor a set element
+        # Keyed by hash values, which are ints and cannot collide among themselves.
+        same = self.seen.get(key)
+        if same is None:
+            self.seen[key] = [obj]
+        elif not any(obj == other for other in same):
+            if len(same) >= MAX_HASH_COLLISIONS:
+                raise PayloadRefused(
+                    f"more than {MAX_HASH_COLLISIONS} distinct values share one hash "
+                    f"(a hash flood: keys that would make building a dict quadratic)"
+                )
+            same.append(obj)
+        return obj
+
+
+_BOMB_REASON: Final = (
+    f"the payload would take more than {RETAINED_PER_BYTE} times its size in memory "
+    f"(a decode bomb: containers that cost far more than their bytes)"
+)
+
+
+def _check_decimal(value: decimal.Decimal) -> str | None:
+    """Why ``value`` is unsafe to hand to an application, or ``None``."""
+    if value.is_snan():
+        return "a signalling NaN Decimal (it raises on every comparison)"
+    if len(value.as_tuple().digits) > MAX_DECIMAL_DIGITS:
+        return f"a Decimal of more than {MAX_DECIMAL_DIGITS} digits"
+    if value.is_finite() and abs(value.adjusted()) > MAX_DECIMAL_EXPONENT:
+        return f"a Decimal whose exponent is beyond +-{MAX_DECIMAL_EXPONENT}"
+    return None
+
+
+def _encode_decimal(value: decimal.Decimal) -> msgpack.ExtType:
+    problem = _check_decimal(value)
+    if problem is not None:
+        raise RecordEncodeError(f"cannot encode value of type Decimal: {problem}")
+    return msgpack.ExtType(EXT_DECIMAL, str(value).encode("ascii"))
+
+
+def _not_plain_map(obj: object) -> Any:
+    raise _NotPlain
+
+
+def _counting_arrays(limit: int) -> Callable[[Any], Any]:
+    """A ``list_hook`` that stops decoding at array ``limit + 1``: a payload of scalar
+    records has one array a record and one around them, so no more can be plain, and
+    nested arrays (48 bytes a byte as tuples) are never built in bulk on the fast path."""
+    counter = itertools.count(1)
+
+    def hook(array: Any) -> Any:
+        if next(counter) > limit:
+            raise _NotPlain
+        return array
+
+    return hook
 
 
 class _NotPlain(Exception):
@@ -394,12 +513,7 @@ class Codec:
             ),
             lambda data, level: dt.timedelta(*_TIMEDELTA.unpack(data)),
         )
-        self._add(
-            decimal.Decimal,
-            EXT_DECIMAL,
-            lambda d: msgpack.ExtType(EXT_DECIMAL, str(d).encode("ascii")),
-            self._decode_decimal,
-        )
+        self._add(decimal.Decimal, EXT_DECIMAL, _encode_decimal, self._decode_decimal)
         self._add(
             uuid.UUID,
             EXT_UUID,
@@ -623,7 +737,7 @@ class Codec:
             if decoder is None:
                 raise RecordDecodeError(f"unknown msgpack extension type {code}")
             try:
-                return decoder(data, level)
+                value = decoder(data, level)
             except HandoffError:
                 raise
             except Exception as exc:
@@ -632,6 +746,10 @@ class Codec:
                 raise RecordDecodeError(
                     f"malformed extension type {code} ({type(exc).__name__}: {exc})"
                 ) from None
+            # Counted before the caller (msgpack building a dict, a set's constructor, the
+            # receiving cache) can insert it anywhere.
+            budget: _Budget = self._local.budget
+            return budget.charge_hashable(value)
 
         return hook
 
@@ -641,6 +759,12 @@ class Codec:
         if level > self.max_depth:
             raise RecordDecodeError(f"record nests deeper than {self.max_depth} levels")
         size = len(data)
+        local = self._local
+        # One budget for a payload and every extension value nested in it.
+        budget: _Budget | None = getattr(local, "budget", None)
+        outermost = budget is None
+        if budget is None:
+            budget = local.budget = _Budget(size)
         try:
             return msgpack.unpackb(
                 data,
@@ -648,6 +772,8 @@ class Codec:
                 use_list=True,
                 strict_map_key=False,
                 ext_hook=self._hooks[level] if ext_hook is None else ext_hook,
+                list_hook=budget.charge,
+                object_hook=budget.charge,
                 **size_limits(size),
             )
         except HandoffError:
@@ -662,6 +788,9 @@ class Codec:
             # ValueError covers truncation, extra data, bad bytes, the C stack limit and
             # invalid UTF-8; TypeError an unhashable map key.
             raise RecordDecodeError(f"malformed payload ({type(exc).__name__}: {exc})") from None
+        finally:
+            if outermost:
+                local.budget = None
 
     def _decode_bigint(self, data: bytes, level: int) -> int:
         if not data or len(data) * 8 > MAX_BIGINT_BITS + 8:
@@ -698,7 +827,14 @@ class Codec:
         return dt.time(h, mi, s, us, tzinfo=tz, fold=fold)
 
     def _decode_decimal(self, data: bytes, level: int) -> decimal.Decimal:
-        return decimal.Decimal(data.decode("ascii"))
+        # A sign, a point, an exponent of a few digits: anything longer has too many digits.
+        if len(data) > MAX_DECIMAL_DIGITS + 16:
+            raise PayloadRefused(f"a Decimal of more than {MAX_DECIMAL_DIGITS} digits")
+        value = decimal.Decimal(data.decode("ascii"))
+        problem = _check_decimal(value)
+        if problem is not None:
+            raise PayloadRefused(problem)
+        return value
 
     def unpackb(self, data: bytes) -> object:
         """Deserialize one value. Raises :class:`~handoff._errors.RecordDecodeError`."""
@@ -718,7 +854,9 @@ class Codec:
         count = _array_length(payload)
         if count > max_records:
             raise RecordDecodeError(f"{count} records in one payload; the limit is {max_records}")
-        with self._maybe_pause_gc(count):
+        # By size too: a payload of few records can still hold millions of containers (a
+        # bomb), and collections while they are built would triple the time to refuse it.
+        with self._maybe_pause_gc(max(count, len(payload) // 256)):
             return self._decode_records(payload)
 
     def _decode_records(self, payload: bytes) -> list[Record]:
@@ -762,6 +900,9 @@ class Codec:
                 use_list=False,
                 strict_map_key=False,
                 ext_hook=_not_plain,
+                # A map is never plain, and its keys could be tuples (arrays) that collide.
+                object_hook=_not_plain_map,
+                list_hook=_counting_arrays(_array_length(payload) + 1),
                 **size_limits(size),
             )
         except Exception:

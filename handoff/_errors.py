@@ -28,6 +28,7 @@ __all__ = (
     "LocalProtocolError",
     "NameConflict",
     "NoTransformPath",
+    "PayloadRefused",
     "ProtocolError",
     "RecordDecodeError",
     "RecordEncodeError",
@@ -150,6 +151,14 @@ class RecordEncodeError(HandoffError):
 
 class RecordDecodeError(ProtocolError):
     """Serialized records are malformed, nest too deep, or use an unknown extension type."""
+
+
+class PayloadRefused(RecordDecodeError):
+    """Well-formed records that exceed what a receiver takes from one payload: keys that
+    share one hash beyond a small bound (a hash flood), more memory than a small multiple
+    of the payload's size (a decode bomb), or an unsafe value (a signalling or enormous
+    ``Decimal``). A live receiver refuses the stream with the reason, and keeps the link; a
+    snapshot holding one is quarantined."""
 
 
 class NoTransformPath(HandoffError):

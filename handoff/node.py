@@ -263,6 +263,7 @@ class Node:
         *,
         version: int = 1,
         adapter: Adapter | None = None,
+        validate: Callable[[Any, Any], bool] | None = None,
         **options: Any,
     ) -> Adapter:
         """Hand ``obj`` off under ``name`` when this node drains, and receive it on start.
@@ -271,6 +272,12 @@ class Node:
         mapping, and whatever third-party packages register) unless one is given;
         ``options`` go to the adapter (e.g. ``merge=``). ``version`` is the schema version of
         the records; register :meth:`upgrade` / :meth:`downgrade` hooks between versions.
+        ``validate(key, value)`` runs on this node for every record it receives, from a
+        handoff or a snapshot, after the upgrade hooks: a false result (or an exception)
+        rejects the record, counted as dropped with the reason "rejected by the
+        namespace's validator", which the sender's drain report shows (and is then not
+        ``ok``). Use it to refuse types and values the application does not expect: any
+        peer holding the cookie can send anything the codec decodes.
         Must be called before :meth:`start`: peers learn the namespaces in the handshake.
         """
         if self.running:
@@ -284,8 +291,10 @@ class Node:
             raise ConfigError(f"namespace {name!r} is already tracked")
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**31:
             raise ConfigError(f"version of {name!r} must be an integer >= 0, got {version!r}")
+        if validate is not None and not callable(validate):
+            raise ConfigError(f"validate of {name!r} must be callable(key, value): {validate!r}")
         chosen = adapter if adapter is not None else adapter_for(obj, **options)
-        self._tracked[name] = Tracked(name, obj, chosen, version)
+        self._tracked[name] = Tracked(name, obj, chosen, version, validate)
         return chosen
 
     def upgrade(self, namespace: str, from_version: int) -> Callable[[_T], _T]:

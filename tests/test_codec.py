@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handoff._codec import MAX_BIGINT_BITS, Codec, _find_problem
+from handoff._codec import MAX_BIGINT_BITS, Codec, _check_decimal, _find_problem
 from handoff._errors import ProtocolError, RecordDecodeError, RecordEncodeError
 
 try:
@@ -97,12 +97,13 @@ hashable_scalars = (
     | st.dates()
     | st.times(timezones=zones)
     | st.timedeltas()
-    | st.decimals(allow_nan=False)
+    | st.decimals(allow_nan=False).filter(lambda d: _check_decimal(d) is None)
     | st.uuids()
     | st.complex_numbers(allow_nan=False)
 )
-# Signalling NaNs cannot be hashed: values only.
-unhashable_scalars = st.decimals(allow_nan=True)
+# Quiet NaNs hash by identity and never equal themselves: values only. (Signalling NaNs and
+# enormous Decimals are refused: tests/test_hostile_data.py.)
+unhashable_scalars = st.decimals(allow_nan=True).filter(lambda d: _check_decimal(d) is None)
 hashables = st.recursive(
     hashable_scalars,
     lambda children: (
@@ -198,7 +199,7 @@ def test_special_numbers() -> None:
     codec = Codec()
     for number in (2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 2**MAX_BIGINT_BITS - 1, -(2**700)):
         assert_same(codec.unpackb(codec.packb(number)), number)
-    for dec in ("NaN", "-0", "1E+999", "sNaN", "-Infinity", "0.000001000"):
+    for dec in ("NaN", "-0", "1E+999", "-Infinity", "0.000001000"):
         assert_same(codec.unpackb(codec.packb(decimal.Decimal(dec))), decimal.Decimal(dec))
     nan = codec.unpackb(codec.packb(float("nan")))
     assert isinstance(nan, float)

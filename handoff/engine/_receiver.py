@@ -19,7 +19,8 @@ import anyio
 
 from handoff._adapter import ImportResult
 from handoff._codec import Codec, gc_paused
-from handoff._errors import HandoffError, NoTransformPath, ProtocolError
+from handoff._errors import HandoffError, NoTransformPath, PayloadRefused, ProtocolError
+from handoff.engine._intake import admit
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._tracked import Tracked
 from handoff.protocol import (
@@ -44,6 +45,11 @@ logger = logging.getLogger("handoff.engine")
 # chunk is applied, small enough that the receiver's extra memory stays a few MiB.
 INITIAL_CREDIT = 4
 MAX_ACK_REASONS = 64
+# Streams one peer may have here at once, open or refused (a refused one is remembered
+# until the link ends, to recognise what crossed the refusal): a sender streams one
+# namespace at a time to each successor, so this is plenty, and a peer offering fresh
+# stream ids cannot make the receiver keep more. Past it, offers are refused.
+MAX_STREAMS_PER_PEER = 32
 
 
 @dataclass(slots=True)
@@ -213,7 +219,17 @@ class Receiver:
         if key in self._streams:
             raise ProtocolError(f"stream {offer.stream} offered twice")
         machine = InboundStream(offer)
-        reason, chain = self._refusal(offer)
+        held = sum(1 for other, _ in self._streams if other == peer)
+        if held >= MAX_STREAMS_PER_PEER:
+            reason, chain = (
+                (
+                    f"{self._node} already holds {held} streams of {peer} (open or refused): "
+                    f"the limit is {MAX_STREAMS_PER_PEER}"
+                ),
+                None,
+            )
+        else:
+            reason, chain = self._refusal(offer)
         if reason:
             logger.info("refused %r from %s: %s", offer.namespace, peer, reason)
             refusal = Refuse(offer.stream, reason[:1024])
@@ -238,8 +254,12 @@ class Receiver:
             return  # crossed this node's withdrawal: the sender takes it back
         # Decoding and applying allocate a container per record: without the pause, the
         # collector would traverse the whole (large, growing) cache every 700 of them.
-        with self._lock, gc_paused():
-            result, dropped = self._apply(stream, chunk, arrived)
+        try:
+            with self._lock, gc_paused():
+                result, dropped = self._apply(stream, chunk, arrived)
+        except PayloadRefused as exc:
+            await self._refuse_stream(peer, stream, f"chunk {chunk.seq} refused: {exc}")
+            return
         # No await between applying and queueing the Ack: a withdrawal cannot slip in and
         # make the sender re-route records that are already applied here.
         ack = Ack(
@@ -253,15 +273,23 @@ class Receiver:
         stream.machine.send(ack)
         await link.send(ack)
 
+    async def _refuse_stream(self, peer: str, stream: _InStream, reason: str) -> None:
+        """Refuse an open stream: nothing of the chunk was applied, and the sender takes
+        back every record not acknowledged (it sees the reason). The link stays up: a
+        well-formed chunk past a bound is no broken protocol, and heartbeats go on."""
+        logger.warning("refused %r from %s: %s", stream.namespace, peer, reason)
+        refusal = Refuse(stream.machine.stream, reason[:1024])
+        stream.machine.send(refusal)
+        self._changed.set()
+        await stream.link.send(refusal)
+
     def _apply(
         self, stream: _InStream, chunk: Chunk, arrived: float
     ) -> tuple[ImportResult, dict[str, int]]:
         records = self._codec.decode_records(chunk.payload, max_records=chunk.records)
         if len(records) != chunk.records:
             raise ProtocolError(f"chunk says {chunk.records} records, holds {len(records)}")
-        dropped: dict[str, int] = {}
-        if stream.chain is not None:
-            records, dropped = stream.chain.apply(records)
+        records, dropped = admit(stream.tracked, stream.chain, records)
         age = chunk.age + (self._clock.now() - arrived)
         try:
             result = stream.tracked.adapter.import_records(records, age=age)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec
 from handoff._errors import NoTransformPath, RecordDecodeError, SnapshotError
+from handoff.engine._intake import admit
 from handoff.engine._tracked import Tracked
 from handoff.snapshot import SnapshotInfo, SnapshotStore
 from handoff.transforms import Transforms
@@ -46,7 +47,11 @@ def restore_snapshots(
 
     A snapshot that is corrupt, truncated, of another kind or of a version this release
     cannot convert is moved aside with the reason and logged; the node starts cold for that
-    namespace. Snapshots of namespaces this node does not track are left for a release that
+    namespace. So is one with a chunk past the codec's bounds (a planted hash flood or
+    decode bomb, refused within a second per MB): every chunk is decoded before any is
+    applied, so nothing of it is. The namespace's validator rejects records as on a live
+    handoff.
+    Snapshots of namespaces this node does not track are left for a release that
     does.
     """
     restored: dict[str, ImportResult] = {}
@@ -73,7 +78,7 @@ def restore_snapshots(
             for _ in decoded_chunks(store, info, codec):
                 pass
             for records in decoded_chunks(store, info, codec):
-                records, dropped = chain.apply(records)
+                records, dropped = admit(target, chain, records)
                 result = result + ImportResult(dropped=dropped)
                 result = result + target.adapter.import_records(records, age=age)
         except (SnapshotError, RecordDecodeError) as exc:

@@ -183,6 +183,9 @@ class Drainer:
             # The successor started draining before the stream ended: what it did not
             # acknowledge is taken back and re-routed by the drain loop.
             logger.info("%s withdrew from %r: %s", peer, self._report.namespace, message.reason)
+            # Kept for the report: a successor may also refuse a stream whose chunk is past
+            # its bounds (a hash flood, a decode bomb), and the operator must see why.
+            self._report.refusals[peer] = message.reason
         elif isinstance(message, Ack):
             entry = stream.inflight.pop(message.seq)
             report = self._report
