@@ -6,14 +6,23 @@ the reason when it is not fixed here).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
 
 from handoff import Node
+from handoff._codec import Codec
+from handoff._guard import PendingHandshakes
+from handoff._keys import cluster_key
+from handoff._registry import adapter_for
+from handoff.engine._restore import restore_snapshots
+from handoff.engine._tracked import Tracked
 from handoff.membership import Membership
 from handoff.protocol import (
     Connection,
@@ -23,6 +32,8 @@ from handoff.protocol import (
     PeerInfo,
     Role,
 )
+from handoff.snapshot import DirectorySnapshotStore, SnapshotInfo
+from handoff.transforms import Transforms
 from tests._helpers import CLUSTER, COOKIE, connected, make_node, wait_until
 
 HOST_A, HOST_B, HOST_EVIL = "127.0.0.2", "127.0.0.3", "127.0.0.9"
@@ -146,3 +157,77 @@ async def test_an_insider_cannot_take_over_a_live_nodes_name_with_its_incarnatio
                 # A still talks to the real node-a; the real node-a still sees node-z.
                 assert [p.address for p in a.peers()] == [real_address]
                 assert [p.name for p in b.peers()] == ["node-z"]
+
+
+# -- one snapshot restored by two nodes sharing the directory ----------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="no claim on a snapshot before it is restored: two nodes sharing "
+    "HANDOFF_SNAPSHOT_DIR (workers of one machine) that start together both apply it; "
+    "harmless for caches, a double count once counters are restored this way. Fix: "
+    "flock the open file (LOCK_EX|LOCK_NB) from the first read to the removal, and skip "
+    "a file that is locked or already unlinked (st_nlink == 0)",
+)
+def test_a_snapshot_is_restored_by_one_node_only(tmp_path: Path) -> None:
+    key = cluster_key(b"snapshot-tests-cookie-0123456789", CLUSTER).derive("snapshot")
+    first, second = (DirectorySnapshotStore(tmp_path, key=key) for _ in range(2))
+    codec = Codec()
+    data, failed = codec.encode_records([("k", 1, None)])
+    assert not failed
+    with first.begin(
+        "n", cluster=CLUSTER, kind="mapping", version=1, node="old", release="v1",
+        created_at=time.time(),
+    ) as writer:  # fmt: skip
+        writer.write_chunk(data, 1)
+        writer.commit()
+
+    targets: list[dict[str, Any]] = [{}, {}]
+
+    def restore(store: DirectorySnapshotStore, target: dict[str, Any]) -> None:
+        restore_snapshots(
+            store,
+            cluster=CLUSTER,
+            tracked={"n": Tracked("n", target, adapter_for(target), 1)},
+            transforms=Transforms(),
+            codec=codec,
+        )
+
+    class Racing(DirectorySnapshotStore):
+        """The first node: the second one restores while the first is reading."""
+
+        raced = False
+        reads = 0
+
+        def read(self, info: SnapshotInfo) -> Iterator[tuple[bytes, int]]:
+            Racing.reads += 1
+            for chunk in super().read(info):
+                # The applying pass holds the file open when the second node starts.
+                if Racing.reads == 2 and not Racing.raced:
+                    Racing.raced = True
+                    restore(second, targets[1])
+                yield chunk
+
+    racing = Racing(tmp_path, key=key)
+    restore(racing, targets[0])
+    assert Racing.raced
+    assert [len(t) for t in targets].count(1) == 1, f"restored by both nodes: {targets}"
+
+
+# -- pending handshakes held by many addresses, one each ---------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="when every source holds one pending handshake the newcomer is turned away, so "
+    "whoever holds MAX_PENDING_HANDSHAKES source addresses (256 IPv4 hosts, or a /8 of "
+    "loopback) and reconnects at each handshake timeout keeps every new peer out of the "
+    "listener (dials out still work). Fix: evict the oldest pending handshake instead; a "
+    "genuine one completes in a round trip, a silent one is the oldest",
+)
+def test_singleton_sources_cannot_keep_a_new_peer_out() -> None:
+    pending = PendingHandshakes(total=4, per_source=2)
+    for i in range(4):
+        assert pending.admit(f"127.0.0.{10 + i}").id is not None
+    assert pending.admit("127.0.0.3").id is not None
