@@ -7,7 +7,12 @@ Rules:
 
 - One connection per pair of nodes. Both sides often dial at once (each sees the other in
   DNS); of two links between the same two incarnations, both sides keep the one dialled by
-  the node whose name sorts first, so they agree without talking about it.
+  the node whose name sorts first, so they agree without talking about it. The incarnation
+  is no secret (it travels in clear in every handshake), so a second link of a known
+  incarnation replaces a live one only when it can be the peer's own: both completed within
+  the grace (two dials at once), the link in use is silent past the heartbeat timeout, or
+  the new one comes from a host the peer is known at. Otherwise a cookie holder could take
+  over a live node's name by claiming its incarnation.
 - A peer that closes a link as a duplicate is not down: the link it prefers is on its way.
   It is held for a grace period and reported down only if no link replaces it.
 - A new incarnation under a known name (a restarted process) replaces the old one only
@@ -144,6 +149,14 @@ class _Entry:
     link: int
     dialled: bool
     addresses: set[str]
+    since: float = -math.inf
+    """When the link was established (monotonic, like ``now``)."""
+
+
+def _host_of(address: str) -> str:
+    """The host of ``host:port`` (``[v6]:port`` too)."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address else address
+    return host.strip("[]")
 
 
 class Membership:
@@ -199,7 +212,7 @@ class Membership:
         ``now``); without it every link in use counts as heard from just now.
         """
         peer = Peer.from_info(info, address)
-        entry = _Entry(peer, link, dialled, {address, peer.address} - {""})
+        entry = _Entry(peer, link, dialled, {address, peer.address} - {""}, since=now)
         current = self._entries.get(info.name)
         held = self._held.get(info.name)
         if current is None and held is not None:
@@ -232,13 +245,33 @@ class Membership:
                 close=(current.link,),
                 events=(NodeDown(current.peer, DownReason.RESTARTED), NodeUp(peer)),
             )
-        # Same incarnation twice: the deterministic tie-break, silently.
+        # Same incarnation twice: the deterministic tie-break, silently. The incarnation is
+        # no secret (it travels in clear in every Hello and Welcome), so a claim to it alone
+        # must not displace a settled, live link: only the race of two dials, a dead link or
+        # a link from the same host as the one in use can be the peer's own second link.
         if self._preferred(info.name, dialled) and not self._preferred(info.name, current.dialled):
+            if not self._may_be_same_node(current, address, now, last_heard):
+                return LinkDecision(keep=False)
             entry.addresses |= current.addresses
             self._entries[info.name] = entry
             return LinkDecision(keep=True, close=(current.link,))
         current.addresses |= entry.addresses
         return LinkDecision(keep=False)
+
+    def _may_be_same_node(
+        self,
+        current: _Entry,
+        address: str,
+        now: float,
+        last_heard: Callable[[int], float] | None,
+    ) -> bool:
+        if now - current.since < self._grace:
+            return True  # both nodes dialled at once: the two links complete together
+        heard = now if last_heard is None else last_heard(current.link)
+        if now - heard >= self._heartbeat_timeout:
+            return True
+        host = _host_of(address)
+        return any(_host_of(known) == host for known in current.addresses)
 
     def state_changed(self, link: int, state: NodeState) -> list[MembershipEvent]:
         """The peer on ``link`` changed state."""
