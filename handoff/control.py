@@ -870,7 +870,7 @@ def _parent_problem(directory: Path) -> str | None:
 async def _connect(path: Path) -> anyio.abc.SocketStream:
     _check_socket(path)
     try:
-        return await anyio.connect_unix(path)
+        stream = await anyio.connect_unix(path)
     except PermissionError:
         raise ControlPermissionError(
             f"cannot connect to the control socket {path}: permission denied. Run the "
@@ -883,6 +883,16 @@ async def _connect(path: Path) -> anyio.abc.SocketStream:
                 f"node that exited). Start the node, or {_HOW_TO_POINT}"
             ) from None
         raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+    # The checks above looked at a path, which can be swapped before the connect: what
+    # answers must itself be a process of this user (or root), as the node checks us.
+    uid = peer_uid(stream.extra(anyio.abc.SocketAttribute.raw_socket))
+    if uid is not None and not uid_allowed(uid):
+        await anyio.aclose_forcefully(stream)
+        raise ControlPermissionError(
+            f"the control socket {path} is served by {_user(uid)}, not by this user: "
+            f"refusing to talk to it. {_HOW_TO_POINT}"
+        )
+    return stream
 
 
 # -- what the client accepts ------------------------------------------------------------------

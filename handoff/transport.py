@@ -50,6 +50,7 @@ __all__ = (
 logger = logging.getLogger("handoff.transport")
 
 RECEIVE_SIZE = 65536
+LATE_READ_GRACE = 0.01
 
 
 def format_address(host: str, port: int) -> str:
@@ -261,7 +262,10 @@ class PeerLink:
                 await self._flush()
                 deadline = self.connection.next_deadline()
                 data = b""
-                with anyio.move_on_after(max(0.0, deadline - self._clock())):
+                # A deadline already past (this task was busy: a long session message)
+                # must not count the peer silent while its bytes wait in the socket, so
+                # there is always one short look before the timers run.
+                with anyio.move_on_after(max(LATE_READ_GRACE, deadline - self._clock())):
                     with translate_errors(self.remote):
                         data = await self._stream.receive(RECEIVE_SIZE)
                 if data:

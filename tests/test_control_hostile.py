@@ -158,6 +158,28 @@ def test_the_cli_refuses_a_socket_in_a_directory_others_can_write(
     assert "writable by" in err
 
 
+def test_the_cli_refuses_a_socket_served_by_another_user(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The path checks pass (a socket of ours, in a private directory), but between them and
+    # the connect the path could be swapped: what answers is checked too (SO_PEERCRED).
+    # Tests run as root, whom every uid check trusts, so the kernel's answer is replaced.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    real_peer_uid = control.peer_uid
+
+    def another_user_serves(sock: socket.socket) -> int | None:
+        # Only the client's end is unnamed: the node's own check of the CLI stays real.
+        return 4242 if sock.getsockname() in ("", b"") else real_peer_uid(sock)
+
+    monkeypatch.setattr(control, "peer_uid", another_user_serves)
+    with running(make_node("victim", private / "shop.sock", {})) as victim:
+        code, _, err = cli(capsys, "drain", "--socket", str(private / "shop.sock"))
+        assert code == EXIT_PERMISSION
+        assert "served by uid 4242" in err
+        assert victim.state is NodeState.SERVING
+
+
 # -- hostile replies ------------------------------------------------------------------------------
 
 

@@ -184,7 +184,9 @@ class _Ticker:
 
 
 @asynccontextmanager
-async def _attacked() -> AsyncIterator[tuple[Node, dict[Any, Any], Harness, PeerLink, _Ticker]]:
+async def _attacked(
+    evil_heartbeat_timeout: float = 2.0,
+) -> AsyncIterator[tuple[Node, dict[Any, Any], Harness, PeerLink, _Ticker]]:
     """A victim node (serving "n"), an honest peer linked to it, and a raw mesh member
     linked to it that will send what it likes."""
     received: dict[Any, Any] = {}
@@ -195,7 +197,7 @@ async def _attacked() -> AsyncIterator[tuple[Node, dict[Any, Any], Harness, Peer
         tg.start_soon(ticker.run)
         honest = handoff_node("honest", HONEST, victim)
         async with honest:
-            evil = Harness("evil", EVIL)
+            evil = Harness("evil", EVIL, heartbeat_timeout=evil_heartbeat_timeout)
             async with evil.run(dial=[SimpleNamespace(host=VICTIM, port=victim.port)]):  # type: ignore[list-item]
                 await wait_until(lambda: len(victim.peers()) == 2 and bool(evil.mesh.peer_links()))
                 [(_, link)] = evil.mesh.peer_links()
@@ -255,7 +257,23 @@ async def test_a_decode_bomb_from_a_peer_is_refused_and_nothing_is_kept() -> Non
             refusal = await _offer_and_send(evil, link, stream, bomb(BOMB_BYTES), BOMB_PROMPT)
             assert "memory" in refusal.reason
         assert received == {}
-        assert ticker.longest < BOMB_PROMPT
+        assert ticker.longest < PROMPT
+
+
+# Near the largest chunk a peer may send (8 MiB frames): seconds of work to refuse.
+BIG_BOMB_BYTES = 3_000_000
+
+
+async def test_the_largest_decode_bomb_costs_a_worker_thread_not_the_event_loop() -> None:
+    # Refusing it takes seconds of decoding (the budget is spent 40 bytes per byte): done on
+    # the event loop, that stopped every heartbeat of the node for as long (1.5-3 s). In a
+    # worker thread only the attacker's own link waits (its reader is busy with the chunk),
+    # so here the attacker is patient enough to hear the refusal.
+    async with _attacked(evil_heartbeat_timeout=60.0) as (_, received, evil, link, ticker):
+        refusal = await _offer_and_send(evil, link, 1, empty_array_bomb(BIG_BOMB_BYTES), 20.0)
+        assert "memory" in refusal.reason
+        assert received == {}
+        assert ticker.longest < PROMPT
 
 
 async def test_a_peer_cannot_keep_opening_streams() -> None:

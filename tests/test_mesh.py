@@ -60,6 +60,7 @@ class Harness:
         max_pending: int = 256,
         max_pending_per_source: int = 8,
         handshake_timeout: float = 1.0,
+        heartbeat_timeout: float = 2.0,
         log_clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.name, self.host, self.port = name, host, 0
@@ -72,7 +73,7 @@ class Harness:
             bind=f"{host}:0",
             discovery="none",
             poll_interval=0.1,
-            heartbeat_timeout=2.0,
+            heartbeat_timeout=heartbeat_timeout,
             handshake_timeout=handshake_timeout,
             connect_timeout=1.0,
         )

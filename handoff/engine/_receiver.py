@@ -10,14 +10,16 @@ acknowledgement always means "applied by a node that keeps it or hands it on".
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import anyio
+import anyio.to_thread
 
-from handoff._adapter import ImportResult
+from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, PayloadRefused, ProtocolError
 from handoff.engine._intake import admit
@@ -34,6 +36,7 @@ from handoff.protocol import (
     Message,
     Offer,
     Refuse,
+    StreamState,
 )
 from handoff.transforms import Chain, Transforms
 
@@ -252,14 +255,20 @@ class Receiver:
             return
         if not stream.machine.receive(chunk):
             return  # crossed this node's withdrawal: the sender takes it back
-        # Decoding and applying allocate a container per record: without the pause, the
-        # collector would traverse the whole (large, growing) cache every 700 of them.
         try:
-            with self._lock, gc_paused():
-                result, dropped = self._apply(stream, chunk, arrived)
+            records = await self._decode(chunk)
         except PayloadRefused as exc:
-            await self._refuse_stream(peer, stream, f"chunk {chunk.seq} refused: {exc}")
+            if stream.machine.state is StreamState.OPEN:
+                await self._refuse_stream(peer, stream, f"chunk {chunk.seq} refused: {exc}")
             return
+        if stream.machine.state is not StreamState.OPEN:
+            # This node withdrew (or the link went) while the chunk was decoded: nothing of
+            # it is applied, and the sender takes it back as it does every unacknowledged one.
+            return
+        # Applying allocates a container per record: without the pause, the collector
+        # would traverse the whole (large, growing) cache every 700 of them.
+        with self._lock, gc_paused():
+            result, dropped = self._apply(stream, records, chunk, arrived)
         # No await between applying and queueing the Ack: a withdrawal cannot slip in and
         # make the sender re-route records that are already applied here.
         ack = Ack(
@@ -283,12 +292,21 @@ class Receiver:
         self._changed.set()
         await stream.link.send(refusal)
 
-    def _apply(
-        self, stream: _InStream, chunk: Chunk, arrived: float
-    ) -> tuple[ImportResult, dict[str, int]]:
-        records = self._codec.decode_records(chunk.payload, max_records=chunk.records)
+    async def _decode(self, chunk: Chunk) -> list[Record]:
+        # In a worker thread: a chunk's decoding is bounded (the codec refuses hash floods
+        # and decode bombs) but a large hostile one still takes a second or more to refuse,
+        # and on the event loop that second would stop every heartbeat of this node. The
+        # thread shares the interpreter, so the loop still gets its turn every few ms.
+        records = await anyio.to_thread.run_sync(
+            functools.partial(self._codec.decode_records, chunk.payload, max_records=chunk.records)
+        )
         if len(records) != chunk.records:
             raise ProtocolError(f"chunk says {chunk.records} records, holds {len(records)}")
+        return records
+
+    def _apply(
+        self, stream: _InStream, records: list[Record], chunk: Chunk, arrived: float
+    ) -> tuple[ImportResult, dict[str, int]]:
         records, dropped = admit(stream.tracked, stream.chain, records)
         age = chunk.age + (self._clock.now() - arrived)
         try:
