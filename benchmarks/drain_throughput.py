@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 VALUE_SIZE = 100
-COOKIE = "benchmark-cookie-0123456789abcdef"
+COOKIE = "Qm7vR2xK9pLwT4nZ8cYb3HdF6sJ1gA5e"  # generated: a typed one draws a warning
 TTL = 3600.0
 
 

@@ -348,8 +348,14 @@ def test_socket_of_another_user(tmp_path: Path, capsys: pytest.CaptureFixture[st
 async def test_node_refuses_another_uid(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    real_peer_uid = control.peer_uid
+
+    def the_cli_is_nobody(sock: socket.socket) -> int | None:
+        # Only the node's end is named: the CLI's own check of the node stays real.
+        return real_peer_uid(sock) if sock.getsockname() in ("", b"") else NOBODY
+
     async with make_node("a", tmp_path / "a.sock"):
-        monkeypatch.setattr(control, "peer_uid", lambda sock: NOBODY)
+        monkeypatch.setattr(control, "peer_uid", the_cli_is_nobody)
         code = await run_cli("drain", "--socket", str(tmp_path / "a.sock"))
     assert code == EXIT_PERMISSION
     err = capsys.readouterr().err

@@ -186,7 +186,7 @@ def test_the_cli_refuses_a_socket_served_by_another_user(
 @contextmanager
 def fake_node(path: Path, lines: list[bytes], *, pause: float = 0.0) -> Iterator[None]:
     """A Unix socket server that answers every connection with ``lines`` (``pause`` apart),
-    then stays silent until the client leaves."""
+    then stays silent until the client leaves; with no lines it hangs up at once."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen()
@@ -204,7 +204,7 @@ def fake_node(path: Path, lines: list[bytes], *, pause: float = 0.0) -> Iterator
                     for line in lines:
                         conn.sendall(line)
                         stop.wait(pause)
-                    while not stop.is_set() and conn.recv(4096):
+                    while lines and not stop.is_set() and conn.recv(4096):
                         pass
                 except OSError:
                     pass

@@ -62,6 +62,11 @@ BOMB_BYTES = 1_000_000
 BOMB_PROMPT = 1.5
 
 
+def _record_count(payload: bytes) -> int:
+    """The length of the payload's top-level array (array 16 or fixarray, as encoded here)."""
+    return int.from_bytes(payload[1:3], "big") if payload[0] == 0xDC else payload[0] & 0x0F
+
+
 def _decode(payload: bytes) -> list[Any]:
     return Codec().decode_records(payload, max_records=100_000)
 
@@ -227,7 +232,7 @@ async def _offer_and_send(
     await link.send(Offer(stream, "n", "mapping", 1, 1))
     accept = await _answer(evil, stream, Accept, within=PROMPT)
     assert isinstance(accept, Accept), accept
-    records = int.from_bytes(payload[1:3], "big") if payload[0] == 0xDC else payload[0] & 0x0F
+    records = _record_count(payload)
     started = time.monotonic()
     await link.send(Chunk(stream, 0, records, 0.0, payload))
     refusal = await _answer(evil, stream, Refuse, within=within + 1.0)
@@ -237,12 +242,13 @@ async def _offer_and_send(
 
 
 async def test_a_hash_flood_from_a_peer_is_refused_and_heartbeats_keep_flowing() -> None:
-    # 20,000 colliding keys of one dict: the victim's event loop froze for 8 s building it.
-    flood = encode([("k", dict.fromkeys(colliding_pairs(20_000), 0), None)])
+    # Colliding keys of one dict: 20,000 froze the victim's event loop for 8 s (building the
+    # payload here costs the test as much, so it sends fewer: still far past the bound).
+    flood = encode([("k", dict.fromkeys(colliding_pairs(FLOOD), 0), None)])
     async with _attacked() as (_, received, evil, link, ticker):
         refusal = await _offer_and_send(evil, link, 1, flood)
         assert "share one hash" in refusal.reason
-        keys = encode([(key, 0, None) for key in colliding_bigints(20_000)])
+        keys = encode([(key, 0, None) for key in colliding_bigints(FLOOD)])
         refusal = await _offer_and_send(evil, link, 2, keys)
         assert "share one hash" in refusal.reason
         assert received == {}
@@ -362,8 +368,8 @@ def _plant(directory: Path, payload: bytes, records: int) -> None:
 @pytest.mark.parametrize(
     "payload",
     [
-        encode([(key, 0, None) for key in colliding_bigints(20_000)]),
-        encode([("k", dict.fromkeys(colliding_pairs(20_000), 0), None)]),
+        encode([(key, 0, None) for key in colliding_bigints(FLOOD)]),
+        encode([("k", dict.fromkeys(colliding_pairs(FLOOD), 0), None)]),
         empty_array_bomb(BOMB_BYTES),
         empty_map_bomb(BOMB_BYTES),
     ],
@@ -372,7 +378,7 @@ def _plant(directory: Path, payload: bytes, records: int) -> None:
 async def test_a_planted_snapshot_is_quarantined_without_blocking_start(
     tmp_path: Path, payload: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    records = 20_000 if payload[0] == 0xDC else 1
+    records = _record_count(payload)
     _plant(tmp_path, payload, records)
     received: dict[Any, Any] = {}
     node = handoff_node("fresh", VICTIM, snapshot_dir=tmp_path)

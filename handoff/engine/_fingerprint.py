@@ -25,7 +25,14 @@ from typing import Any
 
 from handoff._adapter import Adapter, Record
 
-__all__ = ("ExportLog", "changed_records")
+__all__ = ("SCAN_PAUSE", "SCAN_STEP", "ExportLog", "changed_records")
+
+SCAN_STEP = 4096
+SCAN_PAUSE: Record = (object(), None, None)
+"""Yielded by :func:`changed_records` after :data:`SCAN_STEP` records that did not change:
+the drain then gives the event loop its turn. A catch-up of a large cache that barely
+changed would otherwise scan all of it (seconds for a million records) in one pull, and
+stop the node's heartbeats for as long."""
 
 
 class ExportLog:
@@ -65,7 +72,14 @@ class ExportLog:
 
 def changed_records(adapter: Adapter, log: ExportLog) -> Iterator[Record]:
     """The records ``adapter`` exports now that ``log`` does not hold: written (or
-    rewritten) after the drain. Lazy, like the export itself."""
+    rewritten) after the drain, with a :data:`SCAN_PAUSE` after every :data:`SCAN_STEP`
+    unchanged ones. Lazy, like the export itself."""
+    unchanged = 0
     for record in adapter.export():
         if log.changed(record):
             yield record
+        else:
+            unchanged += 1
+            if unchanged == SCAN_STEP:
+                unchanged = 0
+                yield SCAN_PAUSE

@@ -20,11 +20,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 
 from handoff._adapter import Record
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath
-from handoff.engine._fingerprint import ExportLog
+from handoff.engine._fingerprint import SCAN_PAUSE, ExportLog
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
@@ -98,6 +99,19 @@ class _OutStream:
     @property
     def sent_records(self) -> int:
         return self.machine.records
+
+
+def _pull_until_pause(records: Iterator[Record], size: int) -> tuple[list[Record], bool]:
+    """Up to ``size`` records, stopping early at a :data:`SCAN_PAUSE`; and whether
+    ``records`` ran out."""
+    batch: list[Record] = []
+    for record in records:
+        if record is SCAN_PAUSE:
+            return batch, False
+        batch.append(record)
+        if len(batch) == size:
+            return batch, False
+    return batch, True
 
 
 class Drainer:
@@ -305,13 +319,17 @@ class Drainer:
                 pulled_at = min(pulled for _, pulled in taken)
             elif not exhausted:
                 with self._lock, gc_paused():
-                    batch = list(itertools.islice(exporter, size))
+                    if source is None:
+                        batch = list(itertools.islice(exporter, size))
+                        exhausted = len(batch) < size
+                    else:
+                        batch, exhausted = _pull_until_pause(exporter, size)
                 pulled_at = self._clock.now()
                 report.records += len(batch)
-                exhausted = len(batch) < size
                 if self._keep_fingerprints:
                     self.exported[tracked.name].add(batch)
                 if not batch:
+                    await anyio.lowlevel.checkpoint()  # a scan paused: the loop's turn
                     continue
             else:
                 if await self._finish(open_streams, stream_until):
@@ -375,6 +393,8 @@ class Drainer:
         """``records`` as they are pulled from the export: counted, and logged."""
         log = self.exported.get(report.namespace)
         for record in records:
+            if record is SCAN_PAUSE:
+                continue
             report.records += 1
             if log is not None:
                 log.add((record,))
