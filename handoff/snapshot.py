@@ -606,6 +606,11 @@ class DirectorySnapshotStore:
     files (32 bytes; a node passes ``cluster_key(cookie, cluster).derive("snapshot")``), so
     only nodes with the cluster's cookie can make a snapshot this store restores. ``clock``
     is wall-clock time, used to age temporary files; tests inject their own.
+
+    Several processes may share the directory: a snapshot is restored only through a
+    :meth:`claim` (an exclusive ``flock`` held from the first read until the file is
+    removed or moved to ``corrupt/``), so exactly one of them applies it; the kernel drops
+    the claim of a process that dies, and the next one to start restores the file.
     """
 
     def __init__(
