@@ -710,6 +710,11 @@ class DirectorySnapshotStore:
                 logger.warning("snapshot %s moved aside: %s", path, exc.reason)
                 self.quarantine(path, exc.reason)
                 continue
+            except FileNotFoundError:
+                # Restored or moved aside by another node sharing the directory since it
+                # was listed: expected with several workers, not worth a warning.
+                logger.debug("snapshot %s gone since it was listed", path)
+                continue
             except OSError as exc:
                 logger.warning("snapshot %s skipped: %s", path, exc)
                 continue
