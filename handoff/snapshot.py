@@ -28,6 +28,14 @@ Guarantees of the directory store:
 * Unusable files (corrupt, unauthenticated, of the old format, foreign cluster, not a
   snapshot) are moved to ``corrupt/`` with a ``.reason.txt`` beside them, so that they can
   be inspected and are not retried forever.
+* One restorer per snapshot: several processes may share the directory (the worker
+  processes of one machine). A restorer first claims the file
+  (:meth:`DirectorySnapshotStore.claim`): an exclusive ``flock`` on its own descriptor,
+  held from the first read through verification and application until the file is
+  removed or moved to ``corrupt/``. A file another process holds is skipped, and so is
+  one that was removed or moved before the claim was won, so its records are applied
+  once. The kernel drops the lock with a process that dies (even by ``SIGKILL``), so the
+  next node to start restores what a crashed one left.
 
 File format, version 2 (all integers big-endian; ``K`` is the snapshot key, ``H`` the
 header's tag, ``mac(...)`` HMAC-SHA256 under ``K`` of the concatenation)::
@@ -59,6 +67,8 @@ unkeyed SHA-256, which anyone can recompute) are refused and moved aside.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hmac
 import logging
 import os
@@ -80,6 +90,7 @@ from handoff._errors import ConfigError, HandoffError, SnapshotCorrupt, Snapshot
 
 __all__ = (
     "DirectorySnapshotStore",
+    "SnapshotClaim",
     "SnapshotInfo",
     "SnapshotStore",
     "SnapshotWriter",
@@ -171,9 +182,55 @@ class SnapshotWriter(Protocol):
 
 
 @runtime_checkable
+class SnapshotClaim(Protocol):
+    """The exclusive right to restore one snapshot, from :meth:`SnapshotStore.claim`.
+
+    While a claim is held no other claim on the same snapshot can be won, in this process
+    or another one sharing the store. The holder reads the snapshot through the claim and
+    ends it by :meth:`remove` (restored) or :meth:`quarantine` (unusable); leaving the
+    ``with`` block releases it in any case, leaving the snapshot in place for the next
+    claimant if it was neither removed nor moved aside.
+    """
+
+    @property
+    def info(self) -> SnapshotInfo:
+        """The claimed snapshot."""
+        ...
+
+    def read(self) -> Iterator[tuple[bytes, int]]:
+        """Like :meth:`SnapshotStore.read`, of the claimed snapshot; may be walked again."""
+        ...
+
+    def remove(self) -> None:
+        """Delete the restored snapshot, then release the claim."""
+        ...
+
+    def quarantine(self, reason: str) -> None:
+        """Move the snapshot aside (see :meth:`SnapshotStore.quarantine`), then release."""
+        ...
+
+    def release(self) -> None:
+        """Give the claim up. Safe to call more than once."""
+        ...
+
+    def __enter__(self) -> SnapshotClaim: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+@runtime_checkable
 class SnapshotStore(Protocol):
     """Where snapshots are kept. Implementations must never expose a partial snapshot and
-    must verify a snapshot completely before :meth:`read` yields anything of it."""
+    must verify a snapshot completely before :meth:`read` yields anything of it.
+
+    Several nodes may share a store; a snapshot is restored through a :meth:`claim`, so that
+    exactly one of them applies it.
+    """
 
     def begin(
         self,
@@ -193,11 +250,21 @@ class SnapshotStore(Protocol):
         """Complete snapshots of ``cluster``, oldest first. Unusable ones are moved aside."""
         ...
 
+    def claim(self, info: SnapshotInfo) -> SnapshotClaim | None:
+        """Claim ``info`` for restoring, or ``None`` when another node holds it or it is
+        already gone (restored or moved aside since it was listed).
+
+        Raises :class:`~handoff._errors.SnapshotError` when it cannot be opened (and
+        :class:`~handoff._errors.SnapshotCorrupt` when it is not a snapshot file at all).
+        """
+        ...
+
     def read(self, info: SnapshotInfo) -> Iterator[tuple[bytes, int]]:
         """Yield ``(payload, records)`` per chunk, only after verifying the whole snapshot.
 
         Raises :class:`~handoff._errors.SnapshotCorrupt` (before the first chunk) if it is
-        damaged, truncated or foreign.
+        damaged, truncated or foreign. Reading claims nothing: restore through
+        :meth:`claim`.
         """
         ...
 
@@ -539,6 +606,11 @@ class DirectorySnapshotStore:
     files (32 bytes; a node passes ``cluster_key(cookie, cluster).derive("snapshot")``), so
     only nodes with the cluster's cookie can make a snapshot this store restores. ``clock``
     is wall-clock time, used to age temporary files; tests inject their own.
+
+    Several processes may share the directory: a snapshot is restored only through a
+    :meth:`claim` (an exclusive ``flock`` held from the first read until the file is
+    removed or moved to ``corrupt/``), so exactly one of them applies it; the kernel drops
+    the claim of a process that dies, and the next one to start restores the file.
     """
 
     def __init__(
@@ -638,6 +710,11 @@ class DirectorySnapshotStore:
                 logger.warning("snapshot %s moved aside: %s", path, exc.reason)
                 self.quarantine(path, exc.reason)
                 continue
+            except FileNotFoundError:
+                # Restored or moved aside by another node sharing the directory since it
+                # was listed: expected with several workers, not worth a warning.
+                logger.debug("snapshot %s gone since it was listed", path)
+                continue
             except OSError as exc:
                 logger.warning("snapshot %s skipped: %s", path, exc)
                 continue
@@ -679,6 +756,57 @@ class DirectorySnapshotStore:
                 pass
             raise reader.corrupt("no trailer at the end (truncated or damaged)")
 
+    # -- claiming ---------------------------------------------------------------------------
+
+    def claim(self, info: SnapshotInfo) -> SnapshotClaim | None:
+        """Claim ``info`` for restoring; ``None`` when another process holds it or it is gone.
+
+        The claim is an exclusive, non-blocking ``flock`` on the snapshot's own descriptor
+        (opened without following links), held until the claim ends. ``flock`` and not
+        ``fcntl``/``lockf`` locks: those belong to the process, so two stores of one process
+        would not exclude each other, and closing any descriptor of the file would drop
+        them. The kernel drops the lock with its process, so a restorer killed with
+        ``SIGKILL`` leaves the snapshot to the next one. A file unlinked or renamed between
+        listing and locking (restored or moved aside by the previous holder) is not
+        claimed. Raises :class:`~handoff._errors.SnapshotCorrupt` for what is not a regular
+        file (a link planted since listing) and :class:`~handoff._errors.SnapshotError` when
+        the file cannot be opened or locked (it is then left in place).
+        """
+        try:
+            file = _open_snapshot(info.path)
+        except FileNotFoundError:
+            logger.info("snapshot %s already restored or moved aside by another process", info.path)
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SnapshotCorrupt(str(info.path), f"unreadable ({exc})") from exc
+            raise SnapshotError(f"cannot open snapshot {info.path}: {exc}") from exc
+        try:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("snapshot %s is being restored by another process: skipped", info.path)
+                file.close()
+                return None
+            except OSError as exc:
+                # Restoring without the lock could apply the records twice: leave it.
+                raise SnapshotError(
+                    f"cannot lock snapshot {info.path} ({exc}): the snapshot directory must "
+                    "support flock; left in place"
+                ) from exc
+            st = os.fstat(file.fileno())
+            if st.st_nlink == 0 or not _still_named(info.path, st):
+                # The previous holder finished with it between our open and our lock.
+                logger.info(
+                    "snapshot %s already restored or moved aside by another process", info.path
+                )
+                file.close()
+                return None
+        except BaseException:
+            file.close()
+            raise
+        return _DirectoryClaim(self, info, file, st)
+
     # -- reading ----------------------------------------------------------------------------
 
     def verify(self, info: SnapshotInfo) -> int:
@@ -702,14 +830,22 @@ class DirectorySnapshotStore:
         """
         try:
             with _open_snapshot(info.path) as file:
-                total = sum(records for _, records in self._open(file, info).chunks(keep=False))
-                if total != info.records:
-                    raise SnapshotCorrupt(
-                        str(info.path), f"holds {total} records, {info.records} when listed"
-                    )
-                file.seek(0)
-                reader = self._open(file, info)
-                yield from reader.chunks(keep=True)
+                yield from self._read_open(file, info)
+        except OSError as exc:
+            raise SnapshotCorrupt(str(info.path), f"unreadable ({exc})") from exc
+
+    def _read_open(self, file: IO[bytes], info: SnapshotInfo) -> Iterator[tuple[bytes, int]]:
+        # A verification pass, then the yielding pass, both from the start of ``file``.
+        try:
+            file.seek(0)
+            total = sum(records for _, records in self._open(file, info).chunks(keep=False))
+            if total != info.records:
+                raise SnapshotCorrupt(
+                    str(info.path), f"holds {total} records, {info.records} when listed"
+                )
+            file.seek(0)
+            reader = self._open(file, info)
+            yield from reader.chunks(keep=True)
         except OSError as exc:
             raise SnapshotCorrupt(str(info.path), f"unreadable ({exc})") from exc
 
@@ -771,6 +907,85 @@ class DirectorySnapshotStore:
             pass
         except OSError as exc:
             raise SnapshotError(f"cannot remove restored snapshot {info.path}: {exc}") from exc
+
+
+def _still_named(path: Path, st: os.stat_result) -> bool:
+    """Whether ``path`` still names the file whose status is ``st`` (without following links)."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+class _DirectoryClaim:
+    """A won claim of a :class:`DirectorySnapshotStore`: the snapshot's file, open and locked.
+
+    Everything the holder does to the snapshot goes through this one descriptor, so what is
+    verified is what is applied, and the lock is held until the file is gone.
+    """
+
+    def __init__(
+        self, store: DirectorySnapshotStore, info: SnapshotInfo, file: IO[bytes], st: os.stat_result
+    ) -> None:
+        self._store = store
+        self._info = info
+        self._file: IO[bytes] | None = file
+        self._st = st
+
+    @property
+    def info(self) -> SnapshotInfo:
+        """The claimed snapshot."""
+        return self._info
+
+    def read(self) -> Iterator[tuple[bytes, int]]:
+        """Verify, then yield ``(payload, records)`` per chunk, from the locked descriptor."""
+        if self._file is None:
+            raise SnapshotError(f"the claim on snapshot {self._info.path} was released")
+        yield from self._store._read_open(self._file, self._info)
+
+    def remove(self) -> None:
+        """Delete the restored snapshot, then release the claim."""
+        try:
+            if self._file is None:
+                raise SnapshotError(f"the claim on snapshot {self._info.path} was released")
+            # Only a holder removes or moves a claimed file, so the name is still ours unless
+            # someone outside the protocol touched it: never delete what we did not restore.
+            if _still_named(self._info.path, self._st):
+                self._store.remove(self._info)
+            else:
+                logger.warning("snapshot %s was replaced while restoring: left", self._info.path)
+        finally:
+            self.release()
+
+    def quarantine(self, reason: str) -> None:
+        """Move the snapshot to ``corrupt/`` with ``reason``, then release the claim."""
+        try:
+            if self._file is not None and _still_named(self._info.path, self._st):
+                self._store.quarantine(self._info, reason)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Unlock and close; safe to call more than once."""
+        file, self._file = self._file, None
+        if file is None:
+            return
+        # Explicit: a forked child sharing the descriptor must not keep the claim alive.
+        with contextlib.suppress(OSError):
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        file.close()
+
+    def __enter__(self) -> _DirectoryClaim:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 def _write_beside(dir_fd: int, name: str, text: str) -> None:

@@ -7,7 +7,7 @@ the reason when it is not fixed here).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from handoff.protocol import (
     PeerInfo,
     Role,
 )
-from handoff.snapshot import DirectorySnapshotStore, SnapshotInfo
+from handoff.snapshot import DirectorySnapshotStore
 from handoff.transforms import Transforms
 from tests._helpers import CLUSTER, COOKIE, connected, make_node, wait_until
 
@@ -162,15 +162,9 @@ async def test_an_insider_cannot_take_over_a_live_nodes_name_with_its_incarnatio
 # -- one snapshot restored by two nodes sharing the directory ----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no claim on a snapshot before it is restored: two nodes sharing "
-    "HANDOFF_SNAPSHOT_DIR (workers of one machine) that start together both apply it; "
-    "harmless for caches, a double count once counters are restored this way. Fix: "
-    "flock the open file (LOCK_EX|LOCK_NB) from the first read to the removal, and skip "
-    "a file that is locked or already unlinked (st_nlink == 0)",
-)
 def test_a_snapshot_is_restored_by_one_node_only(tmp_path: Path) -> None:
+    """Two nodes sharing HANDOFF_SNAPSHOT_DIR (workers of one machine) that start together
+    must not both apply one snapshot: harmless for caches, a double count for counters."""
     key = cluster_key(b"snapshot-tests-cookie-0123456789", CLUSTER).derive("snapshot")
     first, second = (DirectorySnapshotStore(tmp_path, key=key) for _ in range(2))
     codec = Codec()
@@ -184,35 +178,34 @@ def test_a_snapshot_is_restored_by_one_node_only(tmp_path: Path) -> None:
         writer.commit()
 
     targets: list[dict[str, Any]] = [{}, {}]
+    raced: list[bool] = []
 
-    def restore(store: DirectorySnapshotStore, target: dict[str, Any]) -> None:
+    def restore(
+        store: DirectorySnapshotStore,
+        target: dict[str, Any],
+        validate: Callable[[Any, Any], bool] | None = None,
+    ) -> None:
         restore_snapshots(
             store,
             cluster=CLUSTER,
-            tracked={"n": Tracked("n", target, adapter_for(target), 1)},
+            tracked={"n": Tracked("n", target, adapter_for(target), 1, validate)},
             transforms=Transforms(),
             codec=codec,
         )
 
-    class Racing(DirectorySnapshotStore):
-        """The first node: the second one restores while the first is reading."""
+    def second_node_starts(key: Any, value: Any) -> bool:
+        # Runs in the first node's applying pass, with the file open and verified: the
+        # second node starts right then, on the same directory.
+        if not raced:
+            raced.append(True)
+            restore(second, targets[1])
+        return True
 
-        raced = False
-        reads = 0
-
-        def read(self, info: SnapshotInfo) -> Iterator[tuple[bytes, int]]:
-            Racing.reads += 1
-            for chunk in super().read(info):
-                # The applying pass holds the file open when the second node starts.
-                if Racing.reads == 2 and not Racing.raced:
-                    Racing.raced = True
-                    restore(second, targets[1])
-                yield chunk
-
-    racing = Racing(tmp_path, key=key)
-    restore(racing, targets[0])
-    assert Racing.raced
+    restore(first, targets[0], second_node_starts)
+    assert raced
     assert [len(t) for t in targets].count(1) == 1, f"restored by both nodes: {targets}"
+    assert targets[0] == {"k": 1}, "the first to claim it restores it"
+    assert first.pending(CLUSTER) == []
 
 
 # -- pending handshakes held by many addresses, one each ---------------------------------------

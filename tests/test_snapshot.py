@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import stat
@@ -348,3 +349,76 @@ def test_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(ConfigError, match=r"HANDOFF_SNAPSHOT_DIR .* not writable"):
         make_store(tmp_path)
+
+
+# -- claims: one restorer per snapshot --------------------------------------------------------
+
+
+def test_a_held_claim_keeps_every_other_claimant_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = make_store(tmp_path), make_store(tmp_path)
+    info = write(first, [chunk(0, 2)])
+    claim = first.claim(info)
+    assert claim is not None
+    with claim:
+        caplog.set_level(logging.INFO, logger="handoff.snapshot")
+        # Another store (another process, in production) and even this one are turned away:
+        # the lock belongs to the open file, not to the process.
+        assert second.claim(info) is None
+        assert first.claim(info) is None
+        assert "being restored by another process" in caplog.text
+        assert list(claim.read()) == [chunk(0, 2)]
+        assert list(claim.read()) == [chunk(0, 2)], "a claim may be read again"
+    # Released without removing: the snapshot waits for the next claimant.
+    again = second.claim(info)
+    assert again is not None
+    with again:
+        again.remove()
+    assert not info.path.exists()
+    assert second.pending("shop") == []
+    assert second.claim(info) is None, "a removed snapshot cannot be claimed"
+
+
+def test_a_snapshot_removed_while_its_claim_was_awaited_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = make_store(tmp_path), make_store(tmp_path)
+    info = write(first, [chunk(0, 2)])
+    holder = first.claim(info)
+    assert holder is not None
+    real_flock = fcntl.flock
+
+    def holder_finishes_first(fd: int, operation: int) -> None:
+        # The second claimant opened the file; the holder removes it and lets go before the
+        # second one locks it: the lock is won on a file that is no longer there.
+        if operation & fcntl.LOCK_EX and holder is not None and fd != holder_fd:
+            holder.remove()
+        real_flock(fd, operation)
+
+    holder_fd = holder._file.fileno()  # type: ignore[attr-defined]
+    monkeypatch.setattr(fcntl, "flock", holder_finishes_first)
+    assert second.claim(info) is None
+
+
+def test_a_claimed_snapshot_moved_aside_is_gone_for_every_claimant(tmp_path: Path) -> None:
+    first, second = make_store(tmp_path), make_store(tmp_path)
+    info = write(first, [chunk(0, 2)])
+    claim = first.claim(info)
+    assert claim is not None
+    claim.quarantine("damaged, says the test")
+    with pytest.raises(SnapshotError, match="released"):
+        list(claim.read())
+    assert (tmp_path / "corrupt" / info.path.name).exists()
+    assert (tmp_path / "corrupt" / f"{info.path.name}.reason.txt").exists()
+    assert second.claim(info) is None
+    assert second.pending("shop") == []
+
+
+def test_a_link_planted_before_the_claim_is_refused(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "snaps")
+    info = write(store, [chunk(0, 1)])
+    info.path.unlink()
+    info.path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SnapshotCorrupt, match="unreadable"):
+        store.claim(info)
