@@ -41,8 +41,15 @@ from handoff._errors import (
     TLSError,
     VersionMismatch,
 )
+from handoff._keys import cookie_weakness
 from handoff._text import peer_text
-from handoff.config import Settings, describe, resolve_settings
+from handoff.config import (
+    COOKIE_HOWTO,
+    Settings,
+    describe,
+    resolve_settings,
+    unknown_variables,
+)
 from handoff.control import (
     REPORT_SHAPE,
     STATUS_SHAPE,
@@ -623,6 +630,13 @@ async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> 
         return report
     report.settings = [row for row in describe(settings) if row[0] != "node_name"]
     report.cluster = settings.cluster
+    for unknown in unknown_variables(environ):
+        report.problems.append(
+            Problem(unknown, "rename or remove the variable (the node ignores it too)")
+        )
+    weakness = cookie_weakness(settings.cookie)
+    if weakness is not None:
+        report.notes.append(f"HANDOFF_COOKIE looks guessable: {weakness}; {COOKIE_HOWTO}")
 
     try:
         path = locate_socket(socket_arg, environ)

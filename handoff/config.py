@@ -26,6 +26,7 @@ together: ``kill_timeout`` in ``fly.toml`` (or ``terminationGracePeriodSeconds``
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -51,6 +52,7 @@ __all__ = (
     "default_control_socket",
     "describe",
     "resolve_settings",
+    "unknown_variables",
 )
 
 Platform = Literal["fly", "kubernetes", "local"]
@@ -949,6 +951,7 @@ def resolve_settings(
     context = _Context.detect(os.environ if environ is None else environ)
     for setting in _LADDER:
         setting.resolve(context, arguments[setting.argument])
+    context.warnings.extend(unknown_variables(context.environ))
     value = context.value
     bind_host, bind_port = value(_BIND)
     return Settings(
@@ -977,6 +980,31 @@ def resolve_settings(
         warnings=tuple(context.warnings),
         sources=MappingProxyType(dict(context.sources)),
     )
+
+
+# Read by handoff.testing's node processes, not by a node.
+_OTHER_VARIABLES = frozenset({"HANDOFF_TEST_STATE"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``HANDOFF_*`` variable no setting reads (a typo such as
+    ``HANDOFF_DISCOVRY`` silently leaves the default in force), naming the closest known one."""
+    known = [name for name, _ in ENVIRONMENT_VARIABLES]
+    found = []
+    for name in sorted(environ):
+        if not name.startswith("HANDOFF_") or name in known or name in _OTHER_VARIABLES:
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        prefix = len("HANDOFF_")
+        suffixes = [k[prefix:] for k in known]
+        close = difflib.get_close_matches(name[prefix:], suffixes, n=1, cutoff=0.7)
+        hint = (
+            f"did you mean HANDOFF_{close[0]}?"
+            if close
+            else "the README's Configuration table lists the known ones"
+        )
+        found.append(f"{_short(name)} is set but no setting reads it: {hint} (it has no effect)")
+    return found
 
 
 def _format_address(host: str, port: int) -> str:

@@ -574,6 +574,19 @@ async def test_doctor_without_discovery(
 
 
 @pytest.mark.anyio
+async def test_doctor_names_unknown_variables_and_a_guessable_cookie(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    doctor_env(clean_env, "none", tmp_path / "none.sock", HANDOFF_DISCOVRY="dns:shop.test")
+    code, report = await run_doctor(capsys)
+    assert code == EXIT_FAILED
+    typo, no_discovery = report["problems"]
+    assert "did you mean HANDOFF_DISCOVERY?" in typo["what"]
+    assert "no discovery configured" in no_discovery["what"]
+    assert any("HANDOFF_COOKIE looks guessable" in note for note in report["notes"])
+
+
+@pytest.mark.anyio
 async def test_doctor_when_dns_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
 ) -> None:
@@ -618,3 +631,16 @@ def test_doctor_without_a_cookie(
     assert "1 problem(s):" in out
     assert "HANDOFF_COOKIE" in out
     assert "fix:" in out
+
+
+def test_python_dash_m_handoff_is_the_handoff_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "handoff", "--version"],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"handoff {handoff.__version__}"

@@ -1218,3 +1218,25 @@ def test_every_keyword_has_one_row_of_the_ladder() -> None:
     assert len(rows) == len(set(rows))
     assert set(rows) == keywords
     assert {setting.env for setting in LADDER} == CONTRACT
+
+
+def test_an_unknown_handoff_variable_warns_and_names_the_closest_known_one() -> None:
+    environ = {
+        "HANDOFF_COOKIE": "Qm7vR2xK9pLwT4nZ8cYb3HdF6sJ1gA5e",
+        "HANDOFF_CLUSTER": "shop",
+        "HANDOFF_DISCOVRY": "dns:shop.internal",  # the typo leaves discovery at its default
+        "HANDOFF_DRAINTIMEOUT": "3",
+        "HANDOFF_SOMETHING_ELSE": "1",
+        "HANDOFF_TEST_STATE": "{}",  # handoff.testing's, not a setting: no warning
+        "NOT_OURS": "1",
+    }
+    settings = resolve_settings(environ=environ)
+    assert settings.discovery.kind == "none"  # the typo had no effect: the local default
+    unknown = [w for w in settings.warnings if "no setting reads it" in w]
+    assert len(unknown) == 3
+    assert unknown[0].startswith(
+        "'HANDOFF_DISCOVRY' is set but no setting reads it: did you mean HANDOFF_DISCOVERY?"
+    )
+    assert "did you mean HANDOFF_DRAIN_TIMEOUT?" in unknown[1]
+    assert "README's Configuration table" in unknown[2]
+    assert not any("TEST_STATE" in w or "NOT_OURS" in w for w in settings.warnings)
