@@ -904,11 +904,6 @@ async def test_an_offer_answered_too_late_is_cancelled_and_a_later_drain_can_use
     assert b.data("users") == held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="left for the lead: the drain waits for every successor of a tier in turn, so "
-    "one that stops answering (until the heartbeat timeout drops it) starves the others",
-)
 async def test_a_stalled_successor_does_not_starve_a_healthy_one() -> None:
     held = users("u", 100)
     async with network() as net:
