@@ -4,6 +4,9 @@ Per namespace: offer it to the best tier of serving peers (newer release first),
 across those that accept by rendezvous hashing, and send chunks as their credit allows. A
 chunk's records stay in memory until the successor acknowledges them; if it goes down, they
 and everything still queued for it go to the remaining successors, then to the next tier.
+A successor that stops answering while another of its tier answers (no Accept, Ack or credit
+for the stall time, :data:`STALL_SHARE`) is treated the same way: its stream is cancelled,
+and acknowledgements it sends after that are late and count for nothing.
 What is left at the deadline, or with nobody to take it, goes to the snapshot store if there
 is one, and is otherwise counted as dropped. Memory held at any time is bounded by the
 successors' credit times the chunk size, whatever the size of the state.
