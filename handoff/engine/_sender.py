@@ -4,6 +4,9 @@ Per namespace: offer it to the best tier of serving peers (newer release first),
 across those that accept by rendezvous hashing, and send chunks as their credit allows. A
 chunk's records stay in memory until the successor acknowledges them; if it goes down, they
 and everything still queued for it go to the remaining successors, then to the next tier.
+A successor that stops answering while another of its tier answers (no Accept, Ack or credit
+for the stall time, :data:`STALL_SHARE`) is treated the same way: its stream is cancelled,
+and acknowledgements it sends after that are late and count for nothing.
 What is left at the deadline, or with nobody to take it, goes to the snapshot store if there
 is one, and is otherwise counted as dropped. Memory held at any time is bounded by the
 successors' credit times the chunk size, whatever the size of the state.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -64,6 +68,17 @@ CATCH_UP = "catch-up"
 KEPT_OLDER = "written after the drain, the successor kept its older copy"
 # Seconds (at most) kept at the end of a drain to cancel the streams still open.
 CANCEL_RESERVE = 0.1
+# A successor that owes the drain an answer (to its offer, an acknowledgement, credit) and
+# gives none for this share of the drain's time is stalled: its process paused, or a peer
+# that holds credit. While another successor of its tier answers, its stream is cancelled
+# and what it did not acknowledge goes to the others, as when a successor goes down;
+# otherwise the drain would wait for it until the heartbeat timeout drops its link, which
+# the drain's time may not even cover (3 s by default, a Fly drain has 4). The floor spares
+# a busy but healthy successor (a collection pause, a large chunk to apply); the ceiling is
+# the default heartbeat timeout, past which a silent peer counts as down anyway.
+STALL_SHARE = 0.2
+STALL_FLOOR = 0.5
+STALL_CEILING = 3.0
 
 
 @dataclass(slots=True)
@@ -83,6 +98,8 @@ class _OutStream:
     inflight: dict[int, tuple[list[Record], float]] = field(default_factory=dict)
     """The records of chunks sent and not acknowledged, kept to send elsewhere."""
     acknowledged: int = 0
+    progress_at: float = 0.0
+    """When the successor last answered on this stream, or the drain began to wait on it."""
 
     @property
     def stream(self) -> int:
@@ -177,6 +194,10 @@ class Drainer:
         self._streams: dict[tuple[str, int], _OutStream] = {}
         self._changed = anyio.Event()
         self._bytes_per_record = 0.0
+        self._stall_after = STALL_CEILING
+        self._tier: list[_OutStream] = []
+        """The streams of the tier the current namespace goes to: each other's fallback."""
+        self._deadline = math.inf
 
     # -- messages from the node -------------------------------------------------------------
 
@@ -193,6 +214,7 @@ class Drainer:
         # and the stream's records go elsewhere); False for a late one.
         if not stream.machine.receive(message):
             return
+        stream.progress_at = self._clock.now()
         if isinstance(message, Refuse) and was_open:
             # The successor started draining before the stream ended: what it did not
             # acknowledge is taken back and re-routed by the drain loop.
@@ -231,7 +253,8 @@ class Drainer:
     async def run(self, *, time_limit: float) -> DrainReport:
         """Drain every namespace within ``time_limit`` seconds; report what became of them."""
         started = self._clock.now()
-        deadline = started + time_limit
+        deadline = self._deadline = started + time_limit
+        self._stall_after = min(STALL_CEILING, max(STALL_FLOOR, time_limit * STALL_SHARE))
         # Streaming stops a moment before the deadline, so that the streams still open can
         # be cancelled in time: a receiver would otherwise count them as arriving, and wait
         # for them when it drains in turn.
@@ -301,6 +324,7 @@ class Drainer:
                 if not tiers:
                     break
                 streams = await self._offer(tracked, tiers.pop(0), report, stream_until, deadline)
+                self._tier = streams
                 offered += streams
                 continue
             names = [s.peer.name for s in open_streams]
@@ -481,8 +505,19 @@ class Drainer:
                 stream.version,
                 len(tracked.adapter),
             )
+            stream.progress_at = self._clock.now()
             await self._send(stream, offer, until)
-        await self._wait(lambda: all(s.state is not StreamState.OFFERED for s in streams), until)
+
+        def answered() -> bool:
+            return all(s.state is not StreamState.OFFERED for s in streams)
+
+        # A successor that does not answer must not hold back those that did: past the
+        # stall time, once one of them accepted, the silent ones are given up on. With
+        # nobody else to take their share, they are waited for as long as the drain lasts.
+        if not await self._wait(answered, min(until, self._clock.now() + self._stall_after)):
+            await self._wait(
+                lambda: answered() or any(s.state is StreamState.OPEN for s in streams), until
+            )
         for stream in streams:
             if stream.state is StreamState.OFFERED:
                 # Said, so that a late Accept does not leave the successor with an open
@@ -536,18 +571,68 @@ class Drainer:
         stream.pending = _Pending()
         return taken
 
-    async def _wait(self, done: Callable[[], bool], until: float) -> bool:
+    async def _wait(self, done: Callable[[], bool], until: float, *, stalls: bool = False) -> bool:
+        """Wait until ``done()`` (True) or ``until`` (False). With ``stalls``, the streams of
+        the tier that stall meanwhile are cancelled (see :data:`STALL_SHARE`): ``done`` must
+        then hold once the stream the caller waits on is no longer open."""
         while not done():
-            if self._clock.now() >= until:
+            now = self._clock.now()
+            if now >= until:
                 return False
+            wake = until
+            if stalls:
+                if await self._give_up_on_stalled():
+                    continue
+                # Woken by the next stall, not only by messages: a silent peer sends none.
+                wake = min(until, self._next_stall(now))
             self._changed = anyio.Event()
-            await self._clock.wait(self._changed, until)
+            await self._clock.wait(self._changed, wake)
+        return True
+
+    def _stalls_at(self, stream: _OutStream) -> float:
+        """When ``stream`` counts as stalled if its successor stays silent; never if the
+        successor owes the drain nothing (an idle stream is not a stalled one)."""
+        state = stream.state
+        if state is StreamState.OPEN:
+            owes = bool(stream.inflight) or (bool(stream.pending.records) and stream.credit <= 0)
+        else:
+            owes = state is StreamState.OFFERED
+        return stream.progress_at + self._stall_after if owes else math.inf
+
+    def _next_stall(self, now: float) -> float:
+        return min(
+            (at for at in map(self._stalls_at, self._tier) if at > now),
+            default=math.inf,
+        )
+
+    async def _give_up_on_stalled(self) -> bool:
+        """Cancel the streams of the tier that stalled, if another one still answers: the
+        drain loop then takes their records back and routes them to it. True if any."""
+        now = self._clock.now()
+        stalled: list[_OutStream] = []
+        answering = False
+        for stream in self._tier:
+            if self._stalls_at(stream) <= now:
+                stalled.append(stream)
+            elif stream.state is StreamState.OPEN:
+                answering = True
+        if not stalled or not answering:
+            return False
+        why = f"made no progress for {self._stall_after:g} s"
+        for stream in stalled:
+            # Within the stall time too: a peer whose link takes no Cancel holds nothing
+            # back (past the limit the link drops, and the peer with it).
+            cancel = Cancel(stream.stream, why)
+            if await self._send(stream, cancel, min(self._deadline, now + self._stall_after)):
+                logger.warning("successor %s %s: its share goes elsewhere", stream.peer.name, why)
+            self._report.refusals[stream.peer.name] = why
+        self._changed.set()
         return True
 
     async def _flush(self, stream: _OutStream, report: NamespaceReport, until: float) -> None:
         """Send the stream's queued records as one chunk once it has credit."""
         ready = await self._wait(
-            lambda: stream.credit > 0 or stream.state is not StreamState.OPEN, until
+            lambda: stream.credit > 0 or stream.state is not StreamState.OPEN, until, stalls=True
         )
         if not ready or stream.state is not StreamState.OPEN:
             return  # the records stay queued: taken back by the caller
@@ -578,8 +663,11 @@ class Drainer:
             return
         self._bytes_per_record = len(payload) / len(records)
         seq = stream.machine.next_seq
+        now = self._clock.now()
+        if not stream.inflight:
+            stream.progress_at = now  # it owed nothing until now: the stall clock starts
         stream.inflight[seq] = (records, pending.pulled_at)
-        age = max(0.0, self._clock.now() - pending.pulled_at)
+        age = max(0.0, now - pending.pulled_at)
         chunk = Chunk(stream.stream, seq, len(records), age, payload)
         if await self._send(stream, chunk, until):
             report.sent += len(records)
@@ -624,6 +712,7 @@ class Drainer:
                 or any(s.state is not StreamState.OPEN for s in streams)
             ),
             until,
+            stalls=True,
         ) and all(s.state is StreamState.OPEN for s in streams)
 
     @staticmethod
