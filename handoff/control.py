@@ -79,6 +79,7 @@ __all__ = (
     "ControlServer",
     "ControlSocketError",
     "MapOf",
+    "NoControlSocket",
     "NoNodeRunning",
     "call",
     "locate_socket",
@@ -126,6 +127,11 @@ class ControlError(HandoffError):
 
 class NoNodeRunning(ControlError):
     """No node serves the control socket (nothing there, or a stale socket file)."""
+
+
+class NoControlSocket(NoNodeRunning):
+    """The configuration says the node serves no control socket (``none``): waiting for one
+    is pointless."""
 
 
 class ControlPermissionError(ControlError):
@@ -451,6 +457,7 @@ class ControlServer:
     async def _wait_ready(self, stream: anyio.abc.ByteStream, seconds: float | None) -> None:
         node = self.node
         limit = seconds if seconds is not None else node.settings.warmup_timeout
+        started = anyio.current_time()
 
         async def wait() -> None:
             with anyio.move_on_after(limit):
@@ -465,7 +472,7 @@ class ControlServer:
                 "node": node.name,
                 "warm": node.is_warm,
                 "reason": node.warm_reason,
-                "waited": limit,
+                "waited": round(anyio.current_time() - started, 3),
             },
         )
 
@@ -783,7 +790,7 @@ def locate_socket(
         return Path(explicit)
     configured = env.get("HANDOFF_CONTROL_SOCKET", "").strip()
     if configured.lower() == "none":
-        raise NoNodeRunning(
+        raise NoControlSocket(
             "HANDOFF_CONTROL_SOCKET is 'none' here: the node serves no control socket. "
             "Give it one, or pass --socket PATH"
         )

@@ -276,13 +276,61 @@ async def test_wait_ready_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtu
         )
         assert code == EXIT_FAILED
         captured = capsys.readouterr()
-        assert json.loads(captured.out) == {
-            "node": "cold",
-            "warm": False,
-            "reason": "",
-            "waited": 0.2,
-        }
-        assert "cold is not warm after 0.2 s" in captured.err
+        answer = json.loads(captured.out)
+        waited = answer.pop("waited")
+        assert answer == {"node": "cold", "warm": False, "reason": ""}
+        assert 0.2 <= waited < 5
+        assert f"cold is not warm after {waited:.3f} s" in captured.err
+
+
+@pytest.mark.anyio
+async def test_wait_ready_waits_for_the_socket_to_appear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A deploy script runs wait-ready right after starting the process: the node binds its
+    # socket later, and the CLI reports the whole wait, not just the node's part.
+    path = tmp_path / "late.sock"
+    async with anyio.create_task_group() as tasks:
+        codes: list[int] = []
+
+        async def wait_ready() -> None:
+            codes.append(await run_cli("wait-ready", "--timeout", "10", "--socket", str(path)))
+
+        tasks.start_soon(wait_ready)
+        await anyio.sleep(0.5)
+        assert not codes, "wait-ready gave up before the socket appeared"
+        async with make_node("late", path):
+            with anyio.fail_after(5):
+                while not codes:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+    assert codes == [0]
+    out = capsys.readouterr().out
+    assert "late is warm: nothing tracked (waited " in out
+    waited = float(out.split("(waited ")[1].split(" s)")[0])
+    assert 0.5 <= waited < 10
+
+
+def test_wait_ready_gives_up_on_a_missing_socket_after_the_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "missing.sock"
+    started = time.monotonic()
+    assert main(["wait-ready", "--timeout", "0.3", "--socket", str(missing)]) == EXIT_NO_NODE
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 3
+    err = capsys.readouterr().err
+    assert f"no node is running here: nothing at {missing}" in err
+    assert "(waited 0.3" in err
+
+
+def test_wait_ready_does_not_wait_when_the_socket_is_configured_away(
+    capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    clean_env.setenv("HANDOFF_CONTROL_SOCKET", "none")
+    started = time.monotonic()
+    assert main(["wait-ready", "--timeout", "30"]) == EXIT_NO_NODE
+    assert time.monotonic() - started < 1
+    assert "HANDOFF_CONTROL_SOCKET is 'none' here" in capsys.readouterr().err
 
 
 # -- errors: no node, not yours, a broken node ---------------------------------------------------
@@ -298,7 +346,9 @@ async def test_no_node_running(
 ) -> None:
     missing = tmp_path / "missing.sock"
     clean_env.setenv("HANDOFF_CONTROL_SOCKET", str(missing))
-    assert await run_cli(command) == EXIT_NO_NODE
+    # wait-ready waits for the socket to appear: a short wait, then the same answer.
+    extra = ["--timeout", "0.2"] if command == "wait-ready" else []
+    assert await run_cli(command, *extra) == EXIT_NO_NODE
     err = capsys.readouterr().err
     assert f"handoff {command}: error: no node is running here: nothing at {missing}" in err
     assert "--socket PATH or HANDOFF_CONTROL_SOCKET" in err

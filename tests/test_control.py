@@ -410,11 +410,14 @@ async def test_wait_ready_answers_warm_or_not_in_time(tmp_path: Path) -> None:
         reply = await call(
             tmp_path / "cold.sock", {"command": "wait-ready", "timeout": 0.2}, time_limit=5
         )
-        assert (reply["node"], reply["warm"], reply["waited"]) == ("cold", False, 0.2)
+        assert (reply["node"], reply["warm"]) == ("cold", False)
+        # The real time waited, not the time asked for.
+        assert 0.2 <= reply["waited"] < 5
         reply = await call(
             tmp_path / "idle.sock", {"command": "wait-ready", "timeout": 5}, time_limit=5
         )
         assert (reply["node"], reply["warm"], reply["reason"]) == ("idle", True, "nothing tracked")
+        assert reply["waited"] < 1, "an idle node is warm at once"
         assert idle.is_warm
 
 
