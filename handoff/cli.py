@@ -42,7 +42,7 @@ from handoff._errors import (
     VersionMismatch,
 )
 from handoff._keys import cookie_weakness
-from handoff._text import peer_text
+from handoff._text import duration, peer_text
 from handoff.config import (
     COOKIE_HOWTO,
     Settings,
@@ -344,7 +344,8 @@ def _drain(args: argparse.Namespace) -> int:
         if progress.get("event") == "started":
             already = " (already draining: waiting for its report)" if progress["already"] else ""
             print(
-                f"draining {peer_text(progress['node'])} within {progress['timeout']:g} s{already}",
+                f"draining {peer_text(progress['node'])} within "
+                f"{duration(progress['timeout'])}{already}",
                 flush=True,
             )
         elif progress.get("event") == "namespace":
@@ -390,12 +391,12 @@ def _wait_ready(args: argparse.Namespace) -> int:
     elif reply["warm"]:
         print(
             f"{peer_text(reply['node'])} is warm: {peer_text(reply['reason'])} "
-            f"(waited {waited:.3f} s)"
+            f"(waited {duration(waited)})"
         )
     if not reply["warm"]:
         print(
             f"handoff wait-ready: error: {peer_text(reply['node'])} is not warm after "
-            f"{waited:.3f} s",
+            f"{duration(waited)}",
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -425,7 +426,7 @@ async def _wait_ready_call(
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NoNodeRunning(
-                    f"{exc} (waited {time.monotonic() - started:.3f} s for it)"
+                    f"{exc} (waited {duration(time.monotonic() - started)} for it)"
                 ) from None
             await anyio.sleep(min(SOCKET_POLL_INTERVAL, left))
 
@@ -555,7 +556,7 @@ async def _handshake(
                         return event.peer
     except TimeoutError:
         raise HandshakeTimeout(
-            f"no complete handshake from {remote} within {settings.handshake_timeout:g} s"
+            f"no complete handshake from {remote} within {duration(settings.handshake_timeout)}"
         ) from None
     finally:
         await anyio.aclose_forcefully(stream)
@@ -619,7 +620,8 @@ async def _check_peer(
     if abs(peer.clock_offset) > CLOCK_TOLERANCE:
         found.problems.append(
             Problem(
-                f"the clock of {who} differs from this host's by {peer.clock_offset:+.1f} s",
+                f"the clock of {who} differs from this host's by "
+                f"{duration(peer.clock_offset, signed=True)}",
                 "synchronise the clocks (NTP, chrony); handoffs send remaining lifetimes so "
                 "caches stay correct, but snapshot ages and logs drift",
                 "warning",
@@ -803,7 +805,7 @@ def _doctor_lines(report: DoctorReport) -> list[str]:
                         (p.name or "") + (" (local)" if p.local else ""),
                         p.release or "",
                         p.state or "",
-                        f"{p.clock_offset:+.3f} s",
+                        duration(p.clock_offset or 0.0, signed=True),
                         namespaces or "-",
                     )
                 )

@@ -42,6 +42,7 @@ from typing import Any, TextIO
 from xml.sax.saxutils import escape
 
 from handoff._demo import BALANCES, TrafficSpec
+from handoff._text import duration
 from handoff.testing import STATE_ENV, DNSResponder, NodeProcess, free_port_on_all
 
 __all__ = (
@@ -1029,7 +1030,7 @@ def render_table(comparison: Comparison) -> list[str]:
 
     def handoff(run: DeployRun) -> str:
         seconds = run.handoff_seconds
-        return "none" if seconds is None else f"{seconds:.2f} s"
+        return "none" if seconds is None else duration(seconds)
 
     rows = [
         ("hit rate before the switch", cells(lambda r: _percent(r.before().hit_rate))),
@@ -1288,7 +1289,7 @@ def _headline(comparison: Comparison) -> list[str]:
     seconds = warm.handoff_seconds
     lines.append(
         f"handoff: {warm.entries_moved} of {warm.entries_before} entries moved"
-        + ("" if seconds is None else f" in {seconds:.2f} s")
+        + ("" if seconds is None else f" in {duration(seconds)}")
         + f", {warm.lost} lost; without handoff all {cold.entries_before} were lost"
     )
     return lines
@@ -1481,7 +1482,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(line, file=out)
         if comparison.plot is not None:
             print(f"chart written to {comparison.plot}", file=out)
-        print(f"done in {comparison.seconds:.1f} s", file=out)
+        print(f"done in {duration(comparison.seconds)}", file=out)
     if not comparison.ok:
         print(f"handoff simulate: error: {comparison.error}", file=sys.stderr)
         return 1

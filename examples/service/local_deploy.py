@@ -43,7 +43,7 @@ _TAIL_LINES = 60
 
 #: Lines the tests and the demo wait for (uvicorn's, the shop's and the node's).
 SERVING = re.compile(r"Uvicorn running on http://\S+")
-DRAIN_REPORT = re.compile(r"drain of \S+ \(\S+\) in [\d.]+ s: .*")
+DRAIN_REPORT = re.compile(r"drain of \S+ \(\S+\) in [\d.]+ m?s: .*")
 
 
 def joined(peer: str) -> re.Pattern[str]:

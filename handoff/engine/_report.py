@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from handoff._text import duration
+
 __all__ = ("DrainReport", "NamespaceReport")
 
 
@@ -156,6 +158,6 @@ class DrainReport:
     def summary(self) -> str:
         """One line for the log."""
         parts = [ns.summary() for ns in self.namespaces.values()]
-        return f"{self.reason} of {self.node} ({self.release}) in {self.seconds:.2f} s: " + (
+        return f"{self.reason} of {self.node} ({self.release}) in {duration(self.seconds)}: " + (
             "; ".join(parts) if parts else "nothing tracked"
         )
