@@ -85,6 +85,28 @@ class Node:
     Use it as ``async with node:`` or call :meth:`start` and :meth:`stop` from the same task.
     Leaving ``async with`` drains first. With ``handle_signals=True`` (plain scripts; the
     main thread only) SIGTERM and SIGINT start the drain too; see :meth:`wait_drained`.
+
+    Attributes:
+        settings: The resolved configuration (:class:`handoff.config.Settings`): arguments,
+            then ``HANDOFF_*`` variables, then platform detection.
+        lock: A :class:`threading.RLock` held while the node exports or applies a chunk of
+            tracked state: threaded apps hold it too around every access to a tracked
+            object (see :mod:`handoff.lifecycle`).
+        codec: The serializer of records (``handoff._codec.Codec``); register encoders for
+            your own value types on it before the first handoff.
+        transforms: The upgrade / downgrade hooks registered with :meth:`upgrade` and
+            :meth:`downgrade` (:class:`handoff.transforms.Transforms`).
+        last_drain_report: The :class:`DrainReport` of this node's drain, once it has
+            drained; ``None`` before.
+        catch_up_report: The :class:`DrainReport` of the catch-up at stop after an earlier
+            drain (records written after the drain exported them), once it ran; ``None``
+            before.
+        warm_reason: Why the node counts as warm: a restored snapshot, a received handoff,
+            nothing to wait for, or the warm-up timeout; ``""`` while not warm.
+        is_warm: True once the node is warm (a property, see below): use it for readiness
+            checks.
+        incarnation: Random per process, so peers tell a restarted node from the old one.
+        started_at: Wall-clock time (``time.time()``) the node started; 0.0 before.
     """
 
     def __init__(
@@ -146,10 +168,10 @@ class Node:
         self.incarnation = secrets.token_hex(8)
         self.started_at = 0.0
         self._tracked: dict[str, Tracked] = {}
+        # Public attributes are documented in the class docstring: help() shows no
+        # docstring written after an assignment.
         self.transforms = Transforms()
-        """The upgrade / downgrade hooks registered with :meth:`upgrade` and :meth:`downgrade`."""
         self.codec = Codec()
-        """Serializer of records; register encoders for your own value types on it."""
         self._snapshots: SnapshotStore | None = None
         if s.snapshot_dir is not None:
             # Only a holder of the cookie can make a snapshot this node restores.
@@ -161,19 +183,12 @@ class Node:
         self._runner: ThreadRunner | None = None
         self._task_scopes: set[anyio.CancelScope] = set()
         self.lock = threading.RLock()
-        """Held while the node exports or applies a chunk of tracked state: threaded apps
-        hold it too around every access to a tracked object (see :mod:`handoff.lifecycle`)."""
         self._drained = anyio.Event()
         self._handle_signals = handle_signals
         self.last_drain_report: DrainReport | None = None
-        """The report of this node's drain, once it has drained."""
         self.catch_up_report: DrainReport | None = None
-        """The report of the catch-up at stop after an earlier drain (records written
-        after the drain exported them), once it ran."""
         self._warm = anyio.Event()
         self.warm_reason = ""
-        """Why the node counts as warm: a restored snapshot, a received handoff, nothing
-        to wait for, or the warm-up timeout."""
         self._receiver = Receiver(
             node=s.node_name,
             tracked=self._tracked,

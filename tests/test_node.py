@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pydoc
+import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
+import handoff
 from handoff import (
     BindError,
     ConfigError,
@@ -346,3 +349,28 @@ async def test_dual_stack_bind_accepts_ipv4_and_ipv6() -> None:
                 with anyio.fail_after(5):
                     reply = await stream.receive()
                 assert reply  # a Reject frame, from the same dual-stack listener
+
+
+# Every attribute the README uses, and the node's other public attributes.
+DOCUMENTED_ATTRIBUTES = (
+    "lock",
+    "codec",
+    "transforms",
+    "last_drain_report",
+    "catch_up_report",
+    "warm_reason",
+    "is_warm",
+    "settings",
+    "incarnation",
+    "started_at",
+)
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_ATTRIBUTES)
+def test_help_documents_every_public_attribute(name: str) -> None:
+    # help() shows no docstring written after an assignment: each attribute must head an
+    # entry of its own (the class docstring's "Attributes" section, or a property), with
+    # a description after it.
+    text = pydoc.plain(pydoc.render_doc(handoff.Node))
+    entry = re.search(rf"^[ |]*{name}(: \S.*| *\n[ |]*\S.*)$", text, re.M)
+    assert entry, f"help(handoff.Node) does not document {name}"
