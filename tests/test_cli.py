@@ -268,6 +268,25 @@ async def test_drain_that_drops_records_fails(
 
 
 @pytest.mark.anyio
+async def test_a_record_over_the_frame_limit_is_dropped_with_the_limit_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A value larger than a chunk may be cannot be sent: the drain's summary is where the
+    # operator learns that the limit exists, so it states it.
+    async with pair(tmp_path, entries=10) as (a, b):
+        a.tracked["users"].obj["huge"] = b"x" * (5 * 1024 * 1024)
+        code = await run_cli("drain", "--timeout", "10", "--socket", str(tmp_path / "a.sock"))
+        assert len(b.tracked["users"].obj) == 10
+    assert code == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "dropped 1 record too large for a frame (over 4194304 bytes encoded)" in out
+    assert a.last_drain_report is not None
+    assert a.last_drain_report.namespaces["users"].dropped == {
+        "record too large for a frame (over 4194304 bytes encoded)": 1
+    }
+
+
+@pytest.mark.anyio
 async def test_wait_ready_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cold = make_node("cold", tmp_path / "cold.sock", warmup_timeout=30)
     cold.track("users", {})

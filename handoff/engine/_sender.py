@@ -682,7 +682,10 @@ class Drainer:
         until: float,
     ) -> None:
         if len(records) == 1:
-            report.drop("record too large for a frame")
+            # The limit in the reason: the report is where a user learns it exists.
+            report.drop(
+                f"record too large for a frame (over {self._max_chunk_bytes} bytes encoded)"
+            )
             return
         half = len(records) // 2
         parts = (records[:half], records[half:])
@@ -797,7 +800,10 @@ class Drainer:
         if not count:
             return 0
         if len(payload) > MAX_SNAPSHOT_CHUNK:
-            report.drop("record too large for a snapshot chunk", count)
+            report.drop(
+                f"record too large for a snapshot chunk (over {MAX_SNAPSHOT_CHUNK} bytes encoded)",
+                count,
+            )
             return 0
         self._bytes_per_record = len(payload) / count
         await anyio.to_thread.run_sync(writer.write_chunk, payload, count)
