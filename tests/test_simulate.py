@@ -220,7 +220,7 @@ def test_table_lists_the_numbers_of_both_runs() -> None:
     text = "\n".join(render_table(_comparison()))
     assert "hit rate, first 2 s after" in text
     assert "47.5%" in text
-    assert "0.12 s" in text
+    assert "120 ms" in text  # the handoff time: milliseconds below a second
     assert "100 of 100" in text
 
 
