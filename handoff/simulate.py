@@ -62,6 +62,7 @@ __all__ = (
     "TrafficBin",
     "add_simulate_arguments",
     "format_event",
+    "loopback_aliases_usable",
     "render_chart",
     "render_svg",
     "render_table",
@@ -470,7 +471,9 @@ def _rate_before(run: DeployRun | None) -> float | None:
 # -- running a deploy ----------------------------------------------------------------------------
 
 
-def _loopback_aliases_usable(hosts: list[str]) -> bool:
+def loopback_aliases_usable(hosts: Sequence[str]) -> bool:
+    """True if this machine can bind every one of ``hosts`` (Linux can bind 127.0.0.0/8;
+    other systems need aliases for loopback addresses other than 127.0.0.1)."""
     try:
         for host in hosts:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -539,7 +542,7 @@ class _Simulation:
 
     def run(self) -> SimulationResult:
         hosts = [host for _, _, host in self.plan]
-        if not _loopback_aliases_usable(hosts):
+        if not loopback_aliases_usable(hosts):
             raise SimulationError(
                 f"cannot bind the loopback addresses {', '.join(hosts)} the nodes use "
                 "(Linux has all of 127.0.0.0/8; on macOS add aliases first: "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import anyio.lowlevel
 from handoff import Node
 from handoff.membership import MembershipEvent, NodeDown, NodeUp
 from handoff.protocol import FrameDecoder, Message, decode_message
+from handoff.simulate import loopback_aliases_usable
 from handoff.testing import NodeProcess
 from handoff.testing._process import STATE_ENV
 
@@ -47,17 +47,6 @@ OTHER_COOKIE = b"not-the-cookie-9876543210zyxw"
 _CLIENT_FRAME_LIMIT = 1024 * 1024
 _CLIENT_DEPTH = 32
 _WAIT_STEPS = 100_000
-
-
-def loopback_aliases_usable(hosts: Sequence[str]) -> bool:
-    """True if this machine can bind every one of ``hosts`` (Linux can bind 127.0.0.0/8)."""
-    try:
-        for host in hosts:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((host, 0))
-    except OSError:
-        return False
-    return True
 
 
 class ProcessCluster:
