@@ -309,7 +309,6 @@ class Connection:
         self._last_received = now
         self._last_sent = now
         self._hello: Hello | None = None
-        self._peer_hello: Hello | None = None
         self._ephemeral: Ephemeral | None = None
         self._server_transcript = b""
         self._send_cipher: FrameCipher | None = None
@@ -339,16 +338,6 @@ class Connection:
             self._outgoing += encode_frame(message.to_wire())
         else:
             self._outgoing += self._send_cipher.seal(encode_payload(message.to_wire()))
-
-    @property
-    def hello_nonce(self) -> bytes | None:
-        """The nonce of the Hello this side sent (client side only)."""
-        return self._hello.nonce if self._hello is not None else None
-
-    @property
-    def peer_hello_nonce(self) -> bytes | None:
-        """The nonce of the Hello this side received (server side only)."""
-        return self._peer_hello.nonce if self._peer_hello is not None else None
 
     @property
     def encrypted(self) -> bool:
@@ -448,7 +437,6 @@ class Connection:
     def _on_hello(self, hello: Message) -> list[Event]:
         assert isinstance(hello, Hello)
         self.peer_name = hello.name
-        self._peer_hello = hello
         self._peer_identity = (hello.name, hello.incarnation, hello.cluster)
         common = set(hello.versions) & set(self._versions)
         if not common:
