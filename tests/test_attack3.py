@@ -17,7 +17,9 @@ pytestmark = pytest.mark.anyio
 LARGE = 300_000
 
 
-async def _catch_up_alone(cache: dict[str, Any], **kwargs: Any) -> tuple[Any, float, float]:
+async def _catch_up_alone(
+    cache: dict[str, Any], *, drain_timeout: float = 5.0, **kwargs: Any
+) -> tuple[Any, float, float]:
     """Drain a lone node by hand, write one key, stop it; return the catch-up report, the
     longest stall of the event loop during the stop, and how long the stop took."""
     longest = 0.0
@@ -30,11 +32,11 @@ async def _catch_up_alone(cache: dict[str, Any], **kwargs: Any) -> tuple[Any, fl
             now = time.monotonic()
             longest, last = max(longest, now - last), now
 
-    old = node("old", "127.0.0.2", drain_timeout=5.0, **kwargs)
+    old = node("old", "127.0.0.2", drain_timeout=drain_timeout, **kwargs)
     old.track("cache", cache)
     async with anyio.create_task_group() as ticker:
         async with old:
-            await old.drain()
+            await old.drain(timeout=30.0)
             cache["late"] = "written after the drain"
             ticker.start_soon(tick)
             stopping = time.monotonic()
@@ -62,3 +64,81 @@ async def test_a_catch_up_into_the_snapshot_store_keeps_the_event_loop_turning(
     assert report is not None
     assert report.namespaces["cache"].snapshotted == 1
     assert longest < 0.9, f"the event loop stood still for {longest:.2f} s"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding 3c: an unsized source (the catch-up's changed_records) is counted one "
+    "by one past the deadline",
+)
+async def test_a_catch_up_with_no_successor_ends_by_its_deadline() -> None:
+    # Invariant 7. _count_rest counts by the object's size past the deadline only when the
+    # source is the adapter's own export; the catch-up's source is changed_records, so the
+    # whole scan runs whatever the deadline (1.5-1.7 s here for a 0.3 s drain_timeout; at a
+    # million records, seconds past the platform's grace).
+    cache: dict[str, Any] = {f"k{i}": i for i in range(LARGE)}
+    report, _, _ = await _catch_up_alone(cache, drain_timeout=0.3)
+    assert report is not None
+    assert report.seconds < 0.3 + 0.3, report.summary()
+
+
+# -- restore: an adapter that raises -------------------------------------------------------
+
+
+def test_an_adapter_that_raises_on_restore_neither_stops_the_start_nor_restores_twice(
+    tmp_path: Path,
+) -> None:
+    # The receiver turns an adapter's exception into dropped records ("an adapter bug must
+    # not take the node down"); restore did not: the exception left restore_snapshots, so
+    # Node.start failed with the first chunk applied and the snapshot left in place, to be
+    # applied again (and fail again) at every restart.
+    from handoff._codec import Codec
+    from handoff._keys import cluster_key
+    from handoff.adapters.mapping import MappingAdapter
+    from handoff.engine._restore import restore_snapshots
+    from handoff.engine._tracked import Tracked
+    from handoff.snapshot import DirectorySnapshotStore
+    from handoff.transforms import Transforms
+
+    codec = Codec()
+    key = cluster_key(b"snapshot-tests-cookie-0123456789", "shop").derive("snapshot")
+    store = DirectorySnapshotStore(tmp_path, key=key)
+    with store.begin(
+        "users",
+        cluster="shop",
+        kind="mapping",
+        version=1,
+        node="web-1",
+        release="v1",
+        created_at=time.time(),
+    ) as writer:
+        for start in (0, 10):
+            data, failed = codec.encode_records(
+                [(f"k{i}", i, None) for i in range(start, start + 10)]
+            )
+            assert not failed
+            writer.write_chunk(data, 10)
+        writer.commit()
+
+    class Flaky(MappingAdapter):
+        calls = 0
+
+        def import_records(self, records: Any, *, age: float = 0.0) -> Any:
+            Flaky.calls += 1
+            if Flaky.calls == 2:
+                raise RuntimeError("a bug in a user's adapter")
+            return super().import_records(records, age=age)
+
+    target: dict[str, Any] = {}
+    restored = restore_snapshots(
+        store,
+        cluster="shop",
+        tracked={"users": Tracked("users", target, Flaky(target), 1)},
+        transforms=Transforms(),
+        codec=codec,
+    )
+    result = restored["users"]
+    assert result.applied == 10
+    assert result.dropped == {"import failed: RuntimeError": 10}
+    assert len(target) == 10
+    assert store.pending("shop") == []  # restored once: not again at the next start
