@@ -170,3 +170,59 @@ async def test_the_catch_up_sends_every_record_its_drain_dropped_at_the_deadline
     assert report is not None
     # Every record the drain dropped at its deadline, and the one written since.
     assert report.namespaces["cache"].records == cut + 1, (drained.summary(), report.summary())
+
+
+# -- receiver: a withdrawal while a chunk is decoded (held) -------------------------------
+
+
+async def test_a_chunk_decoded_across_the_receivers_withdrawal_is_neither_applied_nor_acked() -> (
+    None
+):
+    import threading
+
+    from handoff._codec import Codec
+    from handoff._registry import adapter_for
+    from handoff.engine._receiver import Receiver
+    from handoff.engine._tracked import Tracked
+    from handoff.protocol import Ack, Chunk, Offer, Refuse
+    from handoff.transforms import Transforms
+
+    class Wire:
+        def __init__(self) -> None:
+            self.sent: list[Any] = []
+
+        async def send(self, message: Any, time_limit: float | None = None) -> None:
+            self.sent.append(message)
+
+    codec = Codec()
+    target: dict[str, Any] = {}
+    release = threading.Event()
+    decoding = threading.Event()
+    real = codec.decode_records
+
+    def held(payload: bytes, *, max_records: int) -> Any:
+        decoding.set()
+        release.wait(5)
+        return real(payload, max_records=max_records)
+
+    codec.decode_records = held  # type: ignore[method-assign]
+    receiver = Receiver(
+        node="b",
+        tracked={"users": Tracked("users", target, adapter_for(target), 1)},
+        transforms=Transforms(),
+        codec=codec,
+        accepting=lambda: "",
+        on_complete=lambda peer, records: None,
+    )
+    wire = Wire()
+    await receiver.handle("a", wire, Offer(1, "users", "mapping", 1, 3))  # type: ignore[arg-type]
+    payload, _ = Codec().encode_records([(f"k{i}", i, None) for i in range(3)])
+    async with anyio.create_task_group() as group:
+        group.start_soon(receiver.handle, "a", wire, Chunk(1, 0, 3, 0.0, payload))
+        while not decoding.is_set():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+        assert await receiver.withdraw("draining", anyio.current_time() + 1) == 1
+        release.set()
+    assert target == {}
+    assert not any(isinstance(m, Ack) for m in wire.sent)
+    assert isinstance(wire.sent[-1], Refuse)
