@@ -8,11 +8,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from handoff._adapter import Record
+from handoff._adapter import ImportResult, Record
 from handoff.engine._tracked import Tracked
 from handoff.transforms import Chain
 
-__all__ = ("REJECTED", "Validator", "admit")
+__all__ = ("REJECTED", "Validator", "admit", "import_guarded")
 
 logger = logging.getLogger("handoff.engine")
 
@@ -49,3 +49,25 @@ def _validated(name: str, validate: Validator, records: list[Record]) -> tuple[l
         if ok:
             kept.append(record)
     return kept, len(records) - len(kept)
+
+
+def import_guarded(tracked: Tracked, records: list[Record], *, age: float) -> ImportResult:
+    """Import admitted ``records`` into ``tracked``'s adapter. An adapter bug (or a user's
+    merge function) must not take the node down, on a live handoff or a restore at start:
+    an exception drops the batch with its reason, and a result that does not account for
+    every record (a miscounting adapter) drops it as unknown, so no report claims what
+    nobody knows."""
+    try:
+        result = tracked.adapter.import_records(records, age=age)
+    except Exception as exc:
+        logger.exception("applying %d records of %r failed", len(records), tracked.name)
+        return ImportResult(dropped={f"import failed: {type(exc).__name__}": len(records)})
+    if result.total != len(records):
+        logger.error(
+            "the adapter of %r accounted for %d of %d records",
+            tracked.name,
+            result.total,
+            len(records),
+        )
+        return ImportResult(dropped={"outcome unknown: adapter miscounted": len(records)})
+    return result

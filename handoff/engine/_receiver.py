@@ -22,7 +22,7 @@ import anyio.to_thread
 from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, PayloadRefused, ProtocolError
-from handoff.engine._intake import admit
+from handoff.engine._intake import admit, import_guarded
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._tracked import Tracked
 from handoff.protocol import (
@@ -309,23 +309,7 @@ class Receiver:
     ) -> tuple[ImportResult, dict[str, int]]:
         records, dropped = admit(stream.tracked, stream.chain, records)
         age = chunk.age + (self._clock.now() - arrived)
-        try:
-            result = stream.tracked.adapter.import_records(records, age=age)
-        except Exception as exc:
-            # An adapter bug (or a user's merge function) must not take the node down: the
-            # chunk is acknowledged as dropped, with the reason, and the next one may apply.
-            logger.exception("applying %d records of %r failed", len(records), stream.namespace)
-            result = ImportResult(dropped={f"import failed: {type(exc).__name__}": len(records)})
-        if result.total != len(records):
-            # The sender checks every Ack adds up; a miscounting adapter must not cost the
-            # link, nor let the report claim what nobody knows.
-            logger.error(
-                "the adapter of %r accounted for %d of %d records",
-                stream.namespace,
-                result.total,
-                len(records),
-            )
-            result = ImportResult(dropped={"outcome unknown: adapter miscounted": len(records)})
+        result = import_guarded(stream.tracked, records, age=age)
         for reason, count in result.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count
         return result, dropped

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec
 from handoff._errors import NoTransformPath, RecordDecodeError, SnapshotCorrupt, SnapshotError
-from handoff.engine._intake import admit
+from handoff.engine._intake import admit, import_guarded
 from handoff.engine._tracked import Tracked
 from handoff.snapshot import SnapshotClaim, SnapshotStore
 from handoff.transforms import Transforms
@@ -111,7 +111,7 @@ def _restore_claimed(
         for records in decoded_chunks(claim, codec):
             records, dropped = admit(target, chain, records)
             result = result + ImportResult(dropped=dropped)
-            result = result + target.adapter.import_records(records, age=age)
+            result = result + import_guarded(target, records, age=age)
     except (SnapshotError, RecordDecodeError) as exc:
         logger.warning("snapshot %s not restored: %s", info.path, exc)
         claim.quarantine(str(exc))

@@ -414,17 +414,34 @@ class Drainer:
                 yield index, part
 
     def _counting(self, records: Iterator[Record], report: NamespaceReport) -> Iterator[Record]:
-        """``records`` as they are pulled from the export: counted, and logged."""
+        """``records`` as they are pulled from the export: counted, and logged. A
+        :data:`SCAN_PAUSE` passes through uncounted: pull with :meth:`_pull_counted`."""
         log = self.exported.get(report.namespace)
         for record in records:
             if record is SCAN_PAUSE:
+                yield record
                 continue
             report.records += 1
             if log is not None:
                 log.add((record,))
             yield record
 
-    def _count_rest(
+    async def _pull_counted(
+        self, counting: Iterator[Record], size: int
+    ) -> tuple[list[Record], bool]:
+        """Up to ``size`` records of ``counting`` (a :meth:`_counting` of an export), and
+        whether it ran out. The event loop gets its turn at every :data:`SCAN_PAUSE` (a
+        catch-up's scan of unchanged records) and after the pull: never one long pull."""
+        batch: list[Record] = []
+        exhausted = False
+        while len(batch) < size and not exhausted:
+            with self._lock:
+                part, exhausted = _pull_until_pause(counting, size - len(batch))
+            batch += part
+            await anyio.lowlevel.checkpoint()
+        return batch, exhausted
+
+    async def _count_rest(
         self,
         tracked: Tracked,
         report: NamespaceReport,
@@ -441,9 +458,9 @@ class Drainer:
         counting = self._counting(exporter, report)
         counted = 0
         while not sized or self._clock.now() < deadline:
-            step = sum(1 for _ in itertools.islice(counting, MAX_CHUNK_RECORDS))
-            counted += step
-            if step < MAX_CHUNK_RECORDS:
+            batch, exhausted = await self._pull_counted(counting, MAX_CHUNK_RECORDS)
+            counted += len(batch)
+            if exhausted:
                 return counted
         left = max(0, len(tracked.adapter) - report.records)
         report.records += left
@@ -740,15 +757,25 @@ class Drainer:
         tells how many records are left."""
         store = self._snapshots
         if store is None:
-            rest = self._count_rest(tracked, report, exporter, sized=sized, deadline=deadline)
+            rest = await self._count_rest(tracked, report, exporter, sized=sized, deadline=deadline)
             report.drop(f"{reason}, no snapshot store", len(leftovers) + rest)
             return
-        taken = iter(leftovers)
-        records = itertools.chain(taken, self._counting(exporter, report))
-        first = next(records, None)
-        if first is None:
+        taken = deque(leftovers)
+        counting = self._counting(exporter, report)
+        exhausted = False
+
+        async def next_batch() -> list[Record]:
+            nonlocal exhausted
+            size = self._snapshot_records()
+            batch = [taken.popleft() for _ in range(min(size, len(taken)))]
+            if len(batch) < size and not exhausted:
+                more, exhausted = await self._pull_counted(counting, size - len(batch))
+                batch += more
+            return batch
+
+        batch = await next_batch()
+        if not batch:
             return
-        records = itertools.chain((first,), records)
         writer = store.begin(
             tracked.name,
             cluster=self._cluster,
@@ -762,15 +789,17 @@ class Drainer:
         try:
             # Sized by bytes like stream chunks: a count alone lets large values make one
             # chunk bigger than the store takes (64 MiB) and than memory should hold.
-            while batch := list(itertools.islice(records, self._snapshot_records())):
+            while batch:
                 if self._clock.now() >= deadline:
-                    rest = sum(1 for _ in taken)
-                    rest += self._count_rest(
+                    rest = len(taken)
+                    taken.clear()
+                    rest += await self._count_rest(
                         tracked, report, exporter, sized=sized, deadline=deadline
                     )
                     report.drop("deadline", len(batch) + rest)
                     break
                 written += await self._write_snapshot_chunk(writer, report, batch)
+                batch = await next_batch()
             await anyio.to_thread.run_sync(writer.commit)
         except BaseException:
             writer.abort()
