@@ -215,7 +215,7 @@ async def test_a_chunk_decoded_across_the_receivers_withdrawal_is_neither_applie
         on_complete=lambda peer, records: None,
     )
     wire = Wire()
-    await receiver.handle("a", wire, Offer(1, "users", "mapping", 1, 3))  # type: ignore[arg-type]
+    await receiver.handle("a", wire, Offer(1, "users", "mapping", 1, 3))
     payload, _ = Codec().encode_records([(f"k{i}", i, None) for i in range(3)])
     async with anyio.create_task_group() as group:
         group.start_soon(receiver.handle, "a", wire, Chunk(1, 0, 3, 0.0, payload))
