@@ -23,6 +23,7 @@ __all__ = (
     "Record",
     "SupportsChangeTracking",
     "SupportsFreeze",
+    "SupportsGiveBack",
 )
 
 Record = tuple[Any, Any, Any]
@@ -66,7 +67,10 @@ class Adapter(Protocol):
     a receiver accepts a namespace only from a sender whose adapter has the same kind.
     ``moves_ownership`` is ``False`` for caches, whose copies are harmless, and ``True`` for
     state that must live in exactly one place (counters, actors): the engine then streams
-    it first and never leaves a copy behind on the sender.
+    it first and never leaves a copy behind on the sender. Such an adapter's
+    :meth:`export` *takes* what it yields (a counter's amount leaves the object as its
+    record is yielded; what is written afterwards is new and goes with the next export),
+    and it implements :class:`SupportsGiveBack` for what the engine could hand to nobody.
     """
 
     kind: str
@@ -119,4 +123,21 @@ class SupportsFreeze(Protocol):
 
     def thaw(self) -> None:
         """Resume processing (the handoff failed and the state stays here)."""
+        ...
+
+
+@runtime_checkable
+class SupportsGiveBack(Protocol):
+    """Adapters that move ownership: take back records nobody received.
+
+    The engine calls :meth:`give_back` with records it took from :meth:`Adapter.export`
+    and knows were applied nowhere (no successor and no snapshot store, a deadline, a
+    record no successor's version can hold): they return to the object, which keeps
+    serving with them (and hands them on at the next drain or the catch-up at stop).
+    Records whose fate is unknown (sent, never acknowledged nor refused) are never
+    given back: they may already count elsewhere.
+    """
+
+    def give_back(self, records: Sequence[Record]) -> None:
+        """Merge ``records`` (as exported, metadata relative to the export) back in."""
         ...
