@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from handoff._adapter import Adapter, ImportResult, Record, SupportsChangeTracking, SupportsFreeze
+from handoff._adapter import (
+    Adapter,
+    ImportResult,
+    Record,
+    SupportsChangeTracking,
+    SupportsFreeze,
+    SupportsGiveBack,
+)
 from handoff._errors import (
     AdapterNotFound,
     AuthenticationError,
@@ -20,6 +27,7 @@ from handoff._errors import (
     HandshakeRejected,
     HandshakeTimeout,
     HeartbeatTimeout,
+    InexactCountsWarning,
     LocalProtocolError,
     NameConflict,
     NoTransformPath,
@@ -34,6 +42,7 @@ from handoff._errors import (
     VersionMismatch,
 )
 from handoff._registry import AdapterFactory, register_adapter
+from handoff.adapters.counters import Counters
 from handoff.engine import DrainReport, NamespaceReport
 from handoff.membership import DownReason, MembershipEvent, NodeDown, NodeLeaving, NodeUp, Peer
 from handoff.node import Node
@@ -52,6 +61,7 @@ __all__ = (
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
+    "Counters",
     "DiscoveryError",
     "DownReason",
     "DrainReport",
@@ -63,6 +73,7 @@ __all__ = (
     "HandshakeTimeout",
     "HeartbeatTimeout",
     "ImportResult",
+    "InexactCountsWarning",
     "LocalProtocolError",
     "MembershipEvent",
     "NameConflict",
@@ -83,6 +94,7 @@ __all__ = (
     "SnapshotError",
     "SupportsChangeTracking",
     "SupportsFreeze",
+    "SupportsGiveBack",
     "TLSError",
     "TransportError",
     "VersionMismatch",

@@ -25,6 +25,7 @@ __all__ = (
     "HandshakeRejected",
     "HandshakeTimeout",
     "HeartbeatTimeout",
+    "InexactCountsWarning",
     "LocalProtocolError",
     "NameConflict",
     "NoTransformPath",
@@ -200,4 +201,14 @@ class AdapterNotFound(HandoffError):
     """No adapter is known for the type of an object given to ``node.track``.
 
     The message lists the supported types and how to register an adapter for another one.
+    """
+
+
+class InexactCountsWarning(UserWarning):
+    """A tracked object holds counts that a handoff would not keep exact.
+
+    ``node.track`` warns with it for a ``collections.Counter`` or a mapping of ints: as a
+    plain mapping it is copied, not moved, and a receiver keeps its own values, so counts
+    are lost (or, with ``merge=operator.add``, counted twice after two deploys). Use
+    :class:`handoff.Counters`.
     """

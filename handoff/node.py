@@ -9,6 +9,7 @@ snapshot store (``node.drain()``), with hooks for ASGI and threaded services.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -17,6 +18,7 @@ import secrets
 import signal
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
 from pathlib import Path
@@ -29,7 +31,7 @@ from anyio.abc import SocketAttribute
 
 from handoff._adapter import Adapter, Record
 from handoff._codec import Codec
-from handoff._errors import ConfigError, LocalProtocolError
+from handoff._errors import ConfigError, InexactCountsWarning, LocalProtocolError
 from handoff._keys import cluster_key, cookie_weakness
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
 from handoff._registry import adapter_for
@@ -67,6 +69,38 @@ def _warn_if_weak(cookie: bytes) -> None:
             weakness,
             COOKIE_HOWTO,
         )
+
+
+# Values of a tracked mapping looked at to tell whether it holds counts (at start-up).
+_COUNTS_SCAN = 10_000
+
+
+def _holds_counts(obj: object) -> bool:
+    """True for a ``collections.Counter``, a ``defaultdict(int)`` or a non-empty mapping
+    whose values (the first :data:`_COUNTS_SCAN` of them) are all ints."""
+    if isinstance(obj, collections.Counter):
+        return True
+    if isinstance(obj, collections.defaultdict) and obj.default_factory is int:
+        return True
+    if not isinstance(obj, dict) or not obj:
+        return False
+    return all(type(value) is int for value in itertools.islice(dict.values(obj), _COUNTS_SCAN))
+
+
+def _warn_if_counts(name: str, obj: object) -> None:
+    if not _holds_counts(obj):
+        return
+    message = (
+        f"namespace {name!r} tracks a {type(obj).__name__} of counts as a plain mapping: "
+        "a handoff copies it, and the receiver keeps its own values, so counts are lost "
+        "(sender page=10, receiver page=3: 3). For exact counts track a handoff.Counters "
+        "(counts move exactly once and add up). merge=operator.add adds the two sides, but "
+        "a mapping is copied, not moved: the sender keeps its counts, and a merge adds on "
+        "every delivery, so counts can be added twice (two deploys in a row, a retried "
+        "chunk, a catch-up)."
+    )
+    logger.warning("%s", message)
+    warnings.warn(message, InexactCountsWarning, stacklevel=3)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -310,6 +344,8 @@ class Node:
         if validate is not None and not callable(validate):
             raise ConfigError(f"validate of {name!r} must be callable(key, value): {validate!r}")
         chosen = adapter if adapter is not None else adapter_for(obj, **options)
+        if adapter is None and chosen.kind == "mapping" and options.get("merge") is None:
+            _warn_if_counts(name, obj)
         self._tracked[name] = Tracked(name, obj, chosen, version, validate)
         return chosen
 
@@ -406,9 +442,12 @@ class Node:
             exported, self._exported = self._exported, None
             if self.last_drain_report is None or exported is None:
                 return
+            # An adapter that moves ownership took what the drain exported: everything it
+            # holds now was written since (comparing with the log would skip, and lose, an
+            # amount equal to one exported).
             sources: dict[str, Callable[[], Iterator[Record]]] = {
                 name: functools.partial(changed_records, tracked.adapter, exported[name])
-                if name in exported
+                if name in exported and not tracked.adapter.moves_ownership
                 else tracked.adapter.export
                 for name, tracked in self._tracked.items()
             }
