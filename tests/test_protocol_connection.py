@@ -65,6 +65,7 @@ from handoff.protocol import (
     Reject,
     Role,
     StateChange,
+    Tally,
     Welcome,
     allowed_incoming,
     decode_message,
@@ -860,6 +861,7 @@ SAMPLE_MESSAGES: dict[type[Message], Message] = {
     End: End(1, 1),
     Cancel: Cancel(1, "deadline"),
     Done: Done(1),
+    Tally: Tally("usage", "inc-z", 1, 1, 0, b"\x90"),
 }
 
 
@@ -1014,6 +1016,7 @@ SESSION_SAMPLES: list[Message] = [
     Ack(2, 6, 0, 0, (("r" * 255, MAX_COUNT),) * 64, MAX_CREDIT),
     End(2, 0),
     Cancel(2, "shutdown"),
+    Tally("u" * 255, "i" * 255, MAX_COUNT, MAX_COUNT, 4096, bytes(range(256)) * 64),
 ]
 
 short_texts = st.text(min_size=1, max_size=40)
@@ -1044,6 +1047,15 @@ session_messages: st.SearchStrategy[Message] = st.one_of(
     ),
     st.builds(End, stream_ids, record_counts),
     st.builds(Cancel, stream_ids, short_texts),
+    st.builds(
+        Tally,
+        short_texts,
+        short_texts,
+        st.integers(1, MAX_COUNT),
+        record_counts,
+        st.integers(0, 4096),
+        st.binary(min_size=1, max_size=300),
+    ),
 )
 
 

@@ -33,6 +33,7 @@ from handoff.protocol import (
     Refuse,
     Reject,
     StateChange,
+    Tally,
     Welcome,
     decode_message,
     encode_frame,
@@ -45,6 +46,7 @@ from handoff.protocol._messages import (
     MAX_NAMESPACES,
     MAX_REASON,
     MAX_STREAM,
+    MAX_TALLY_RECORDS,
     MAX_VERSIONS,
     NONCE_SIZE,
     PROOF_SIZE,
@@ -113,6 +115,15 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     End: st.builds(End, streams, counts),
     Cancel: st.builds(Cancel, streams, reasons),
     Done: st.builds(Done, counts),
+    Tally: st.builds(
+        Tally,
+        names,
+        names,
+        st.integers(1, MAX_COUNT),
+        counts,
+        st.integers(0, MAX_TALLY_RECORDS),
+        payloads,
+    ),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -141,6 +152,7 @@ SAMPLES: dict[type[Message], Message] = {
     End: End(7, 10_000),
     Cancel: Cancel(7, "drain deadline"),
     Done: Done(10_000),
+    Tally: Tally("usage", "inc-1", 9, 0, 1, b"\x91\x93\xa4page\x0a\xc0"),
 }
 
 
@@ -150,9 +162,10 @@ def test_every_message_type_is_covered() -> None:
 
 
 def test_session_messages_are_the_new_types() -> None:
-    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Done} == SESSION_MESSAGES
+    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Done, Tally} == SESSION_MESSAGES
     assert SESSION_MESSAGES.issubset(MESSAGE_TYPES.values())
-    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 24))
+    # 24 is Closed's (the lead's branch); 25 Tally's.
+    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == [*range(16, 24), 25]
 
 
 def test_type_codes_are_unique_and_registered() -> None:
@@ -213,6 +226,7 @@ GOLDEN_FRAMES: dict[type[Message], str] = {
     End: "00000006931507cd2710",
     Cancel: "00000012931607ae647261696e20646561646c696e65",
     Done: "000000059217cd2710",
+    Tally: "0000001c9719a57573616765a5696e632d31090001c4099193a4706167650ac0",
 }
 
 
@@ -397,6 +411,12 @@ bad_accept_credit = (
 bad_ack_credit = (
     _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=MAX_CREDIT + 1)
 )
+bad_tally_records = (
+    _not(int)
+    | st.booleans()
+    | st.integers(max_value=-1)
+    | st.integers(min_value=MAX_TALLY_RECORDS + 1)
+)
 bad_kind = _texts(MAX_KIND, empty_ok=False)
 bad_session_reason = _texts(MAX_REASON, empty_ok=False)
 bad_age = bad_number | st.floats(max_value=-1e-300) | st.integers(max_value=-1)
@@ -449,6 +469,7 @@ BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     End: [bad_stream, bad_count],
     Cancel: [bad_stream, bad_session_reason],
     Done: [bad_count],
+    Tally: [bad_name, bad_name, bad_records, bad_count, bad_tally_records, bad_payload],
 }
 
 

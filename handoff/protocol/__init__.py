@@ -23,6 +23,7 @@ from ._connection import (
 )
 from ._framing import FrameDecoder, check_depth, encode_frame, size_limits
 from ._messages import (
+    MAX_TALLY_RECORDS,
     MESSAGE_TYPES,
     SESSION_MESSAGES,
     Accept,
@@ -44,6 +45,7 @@ from ._messages import (
     Reject,
     RejectCode,
     StateChange,
+    Tally,
     Welcome,
     decode_message,
 )
@@ -57,6 +59,7 @@ from ._streams import (
 )
 
 __all__ = (
+    "MAX_TALLY_RECORDS",
     "MESSAGE_TYPES",
     "SENT_BY",
     "SESSION_MESSAGES",
@@ -97,6 +100,7 @@ __all__ = (
     "Side",
     "StateChange",
     "StreamState",
+    "Tally",
     "Welcome",
     "allowed_incoming",
     "check_depth",
