@@ -261,6 +261,31 @@ async def test_a_failed_send_is_repaired_by_a_full_report() -> None:
     assert b.counters.items() == [("lost", 5)]  # "x" is gone there too
 
 
+class LosingLink(FakeLink):
+    """Delivers, but the link is reported lost while the send is under way."""
+
+    def __init__(self, tallies: Tallies, peer: str) -> None:
+        super().__init__()
+        self.tallies, self.peer, self.lose = tallies, peer, True
+
+    async def send(self, message: Message, *, time_limit: float | None = None) -> None:
+        await super().send(message, time_limit=time_limit)
+        if self.lose:
+            self.lose = False
+            self.tallies.peer_lost(self.peer)
+
+
+@pytest.mark.anyio
+async def test_a_full_report_sent_as_the_link_went_is_sent_again() -> None:
+    a = Side("a")
+    link = LosingLink(a.tallies, "b")
+    a.peers = [(peer("b"), link)]
+    a.counters.incr("x")
+    await a.report()
+    await a.report()  # the peer's next link has not had a full report yet
+    assert [m.full_from != 0 for m in link.sent if isinstance(m, Tally)] == [True, True]
+
+
 @pytest.mark.anyio
 async def test_every_peer_gets_a_full_report_now_and_then() -> None:
     a = Side("a")

@@ -197,6 +197,7 @@ class Tallies:
     ) -> None:
         origin = (peer.name, peer.incarnation)
         synced = self._synced.setdefault(name, set())
+        life = self._lives.get(peer.name, 0)
         first = 0
         try:
             for index, (count, payload) in enumerate(pieces):
@@ -209,8 +210,8 @@ class Tallies:
             synced.discard(origin)  # what it missed comes with a full report
             logger.debug("could not report %r to %s: %s", name, peer.name, exc)
             return
-        if full:
-            synced.add(origin)
+        if full and self._lives.get(peer.name, 0) == life:
+            synced.add(origin)  # (a link that went meanwhile: its successor gets a full)
 
     async def handle(self, peer: str, message: Tally) -> None:
         """Apply a peer's report (a malformed one is a :class:`ProtocolError`)."""
