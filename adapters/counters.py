@@ -216,23 +216,27 @@ class Counters:
 
     def _incr_slow(self, key: Any, n: int) -> int:
         # Called with the lock held: a new window, or cluster scope.
-        now = self._timer()
         values = self._values
+        now: float | None = None
         if not self._windowed:
             value = values[key] = values.get(key, 0) + n
-        elif (deadline := self._deadlines.get(key)) is not None and deadline > now:
-            value = values[key] = values[key] + n
         else:
-            if deadline is not None:
-                del self._deadlines[key]  # the window restarts: to the end of the order
+            now = self._timer()
+            deadline = self._deadlines.get(key)
+            if deadline is not None and deadline > now:
+                value = values[key] = values[key] + n
             else:
-                self._purge_front(now)
-            assert self._ttl is not None
-            self._deadlines[key] = now + self._ttl
-            value = values[key] = n
+                if deadline is not None:
+                    del self._deadlines[key]  # the window restarts: to the end of the order
+                else:
+                    self._purge_front(now)
+                assert self._ttl is not None
+                self._deadlines[key] = now + self._ttl
+                value = values[key] = n
         if self._mode == _CLUSTER:
             self._dirty.add(key)
-            value += self._remote(key, now)
+            if self._views:
+                value += self._remote(key, self._timer() if now is None else now)
         return value
 
     def reset(self, key: Hashable) -> int:
