@@ -473,3 +473,23 @@ async def test_a_handoff_keeps_the_cluster_total_exact() -> None:
                 await wait_until(lambda: all(x["page"] == 14 for x in counters), BOUND)
             # c went down: its share leaves the others' totals (it took its count along).
             await wait_until(lambda: counters[1]["page"] == 14 - counters[2].local("page"))
+
+
+@pytest.mark.anyio
+async def test_a_report_that_fails_is_logged_and_the_loop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a = Side("a")
+    calls = 0
+
+    def broken(*, full: bool) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("adapter bug")
+
+    a.adapter.tally = broken  # type: ignore[method-assign]
+    a.counters._interval = 0.01
+    with anyio.move_on_after(0.2):
+        await a.tallies.run()
+    assert calls > 2
+    assert "could not report 'usage'" in caplog.text

@@ -130,7 +130,13 @@ class Tallies:
             for tracked, adapter, interval in scoped:
                 if due[tracked.name] <= now:
                     due[tracked.name] = now + interval
-                    await self.report(tracked, adapter)
+                    try:
+                        await self.report(tracked, adapter)
+                    except Exception:
+                        # A report that failed must not take the node down: the next one
+                        # goes to every peer in full.
+                        logger.exception("could not report %r to the peers", tracked.name)
+                        self._synced.pop(tracked.name, None)
             await anyio.sleep(max(0.0, min(due.values()) - self._clock.now()))
 
     async def report(self, tracked: Tracked, adapter: SupportsClusterScope) -> None:
