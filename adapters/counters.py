@@ -30,10 +30,17 @@ Import adds
     not a finite number as ``"invalid remaining time"``, an unusable key or record as
     ``"error"``.
 
+Cluster scope
+    ``Counters(scope="cluster")`` reads cluster-wide (see :class:`Counters`): the adapter
+    reports the node's own amounts to its peers (:meth:`CountersAdapter.tally`, sent by
+    ``handoff.engine._tally`` every ``interval``) and keeps theirs
+    (:meth:`CountersAdapter.apply_tally`), per peer incarnation, until the peer goes down
+    (:meth:`CountersAdapter.forget`). A handoff moves only the node's own amounts.
+
 Concurrency
     Every method is thread-safe: one ``threading.Lock`` guards the object, so threaded apps
     (Flask, gunicorn threads) call it from any thread without ``node.lock``. An increment
-    is O(1).
+    is O(1) (in cluster scope, plus one look-up per peer that reported).
 """
 
 from __future__ import annotations
