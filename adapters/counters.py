@@ -30,10 +30,17 @@ Import adds
     not a finite number as ``"invalid remaining time"``, an unusable key or record as
     ``"error"``.
 
+Cluster scope
+    ``Counters(scope="cluster")`` reads cluster-wide (see :class:`Counters`): the adapter
+    reports the node's own amounts to its peers (:meth:`CountersAdapter.tally`, sent by
+    ``handoff.engine._tally`` every ``interval``) and keeps theirs
+    (:meth:`CountersAdapter.apply_tally`), per peer incarnation, until the peer goes down
+    (:meth:`CountersAdapter.forget`). A handoff moves only the node's own amounts.
+
 Concurrency
     Every method is thread-safe: one ``threading.Lock`` guards the object, so threaded apps
     (Flask, gunicorn threads) call it from any thread without ``node.lock``. An increment
-    is O(1).
+    is O(1) (in cluster scope, plus one look-up per peer that reported).
 """
 
 from __future__ import annotations
@@ -43,17 +50,20 @@ import math
 import operator
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from handoff._adapter import ImportResult, Record
 from handoff._registry import ClassFactory
 
 __all__ = (
+    "CLUSTER",
     "COUNTERS_FACTORY",
+    "DEFAULT_INTERVAL",
     "EXPIRED",
     "IMPORT_ERROR",
     "INVALID_REMAINING",
+    "LOCAL",
     "NOT_AN_INTEGER",
     "Counters",
     "CountersAdapter",
@@ -85,6 +95,17 @@ def _unhashable(key: object) -> TypeError:
     return TypeError(f"counter keys must be hashable, not {type(key).__name__} ({key!r})")
 
 
+LOCAL: Final = "local"
+"""Scope of counters that each node reads for itself."""
+CLUSTER: Final = "cluster"
+"""Scope of counters whose reads give the cluster-wide total."""
+DEFAULT_INTERVAL: Final = 0.5
+"""Seconds between two reports of a cluster-scoped node's own amounts to its peers."""
+
+# Modes: what an increment must do beyond adding (the fast path is mode 0).
+_PLAIN, _WINDOWED, _CLUSTER = 0, 1, 2
+
+
 class Counters:
     """Named integer counters that stay exact across deploys (see :mod:`handoff.adapters.counters`).
 
@@ -98,50 +119,94 @@ class Counters:
     :meth:`keys`, :meth:`items` and :meth:`total`. ``timer`` is the clock of the windows
     (``time.monotonic`` by default; tests pass a fake one).
 
+    ``scope="cluster"`` (default ``"local"``) makes every read cluster-wide: ``counters[key]``,
+    :meth:`get`, the values :meth:`incr` and :meth:`decr` return, :meth:`items`,
+    :meth:`keys`, ``len``, ``in`` and :meth:`total` give this node's own amount plus what
+    the other nodes tracking the namespace (at the same schema version) last reported of
+    theirs, so a global rate limit reads ``if counters.incr(ip) > 100``, the same code as a
+    local one. :meth:`local` and :meth:`local_items` give this node's own share; :meth:`reset`
+    and a handoff move only that share. Each node reports the keys whose own amount changed
+    every ``interval`` seconds (default 0.5) to its peers, as absolute amounts; a peer's
+    share is forgotten when it goes down. Staleness: a read misses at most what the other
+    nodes counted in the last ``interval`` plus one round trip; during a handoff the moved
+    counts may show twice or not at all for at most that long, then the total is exact.
+
     Track it with ``node.track("usage", counters)``: the counts then move to the node's
     successors at a drain, added to theirs, exactly once.
     """
 
-    __slots__ = ("__weakref__", "_deadlines", "_lock", "_timer", "_ttl", "_values", "_windowed")
+    __slots__ = (
+        "__weakref__",
+        "_deadlines",
+        "_dirty",
+        "_interval",
+        "_lock",
+        "_mode",
+        "_scope",
+        "_timer",
+        "_ttl",
+        "_values",
+        "_views",
+        "_windowed",
+    )
 
     def __init__(
-        self, *, ttl: float | None = None, timer: Callable[[], float] = time.monotonic
+        self,
+        *,
+        ttl: float | None = None,
+        timer: Callable[[], float] = time.monotonic,
+        scope: str = LOCAL,
+        interval: float = DEFAULT_INTERVAL,
     ) -> None:
-        if ttl is not None and (
-            isinstance(ttl, bool)
-            or not isinstance(ttl, int | float)
-            or not math.isfinite(ttl)
-            or ttl <= 0
-        ):
+        if ttl is not None and not _positive(ttl):
             raise ValueError(
                 f"ttl must be a positive finite number of seconds or None, not {ttl!r}"
             )
         if not callable(timer):
             raise TypeError(f"timer must be callable() -> float, not {timer!r}")
+        if scope not in (LOCAL, CLUSTER):
+            raise ValueError(f"scope must be {LOCAL!r} or {CLUSTER!r}, not {scope!r}")
+        if not _positive(interval):
+            raise ValueError(
+                f"interval must be a positive finite number of seconds, not {interval!r}"
+            )
         self._ttl: float | None = None if ttl is None else float(ttl)
         self._timer = timer
+        self._scope = scope
+        self._interval = float(interval)
         self._lock = threading.Lock()
         self._values: dict[Any, int] = {}
         # key -> the timer's time its window ends, in window-start order (windowed only).
         self._deadlines: dict[Any, float] = {}
         self._windowed = ttl is not None
+        # Cluster scope: keys whose own amount changed since the last report, and the
+        # peers' reported amounts: (peer, incarnation) -> key -> [seq, amount, deadline].
+        self._dirty: set[Any] = set()
+        self._views: dict[tuple[str, str], dict[Any, list[Any]]] = {}
+        self._mode = _CLUSTER if scope == CLUSTER else _WINDOWED if self._windowed else _PLAIN
 
     # -- writing ---------------------------------------------------------------------------
 
     def incr(self, key: Hashable, n: int = 1) -> int:
-        """Add ``n`` (an ``int``; default 1) to ``key`` and return its new value."""
+        """Add ``n`` (an ``int``; default 1) to ``key`` and return its new value (cluster
+        scope: the new cluster-wide value)."""
         if n.__class__ is not int:
             n = _amount(n)
         lock = self._lock
         lock.acquire()
         try:
             values = self._values
-            if not self._windowed:
+            mode = self._mode
+            if mode == _PLAIN:
                 value = values[key] = values.get(key, 0) + n
-            elif (deadline := self._deadlines.get(key)) is not None and deadline > self._timer():
+            elif (
+                mode == _WINDOWED
+                and (deadline := self._deadlines.get(key)) is not None
+                and deadline > self._timer()
+            ):
                 value = values[key] = values[key] + n
             else:
-                value = self._new_window(key, n)
+                value = self._incr_slow(key, n)
         except TypeError:
             if not isinstance(key, Hashable):
                 raise _unhashable(key) from None
@@ -156,22 +221,36 @@ class Counters:
             n = _amount(n)
         return self.incr(key, -n)
 
-    def _new_window(self, key: Any, n: int) -> int:
-        # Called with the lock held: ``key`` holds no live window.
-        now = self._timer()
-        if key in self._deadlines:
-            del self._deadlines[key]  # the window restarts: to the end of the order
+    def _incr_slow(self, key: Any, n: int) -> int:
+        # Called with the lock held: a new window, or cluster scope.
+        values = self._values
+        now: float | None = None
+        if not self._windowed:
+            value = values[key] = values.get(key, 0) + n
         else:
-            self._purge_front(now)
-        assert self._ttl is not None
-        self._deadlines[key] = now + self._ttl
-        self._values[key] = n
-        return n
+            now = self._timer()
+            deadline = self._deadlines.get(key)
+            if deadline is not None and deadline > now:
+                value = values[key] = values[key] + n
+            else:
+                if deadline is not None:
+                    del self._deadlines[key]  # the window restarts: to the end of the order
+                else:
+                    self._purge_front(now)
+                assert self._ttl is not None
+                self._deadlines[key] = now + self._ttl
+                value = values[key] = n
+        if self._mode == _CLUSTER:
+            self._dirty.add(key)
+            if self._views:
+                value += self._remote(key, self._timer() if now is None else now)
+        return value
 
     def reset(self, key: Hashable) -> int:
-        """Remove ``key``; return what it held (``0`` if unknown or expired)."""
+        """Remove ``key``; return what it held (``0`` if unknown or expired). In cluster
+        scope only this node's own share is removed (and returned)."""
         with self._lock:
-            return self._pop(key, self._now())
+            return self._pop(key, self._timer())
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -181,44 +260,62 @@ class Counters:
 
     def get(self, key: Hashable, default: int = 0) -> int:
         """The value of ``key``, or ``default`` when it holds no live count."""
-        if not self._windowed:
+        if self._mode == _PLAIN:
             try:
                 return self._values.get(key, default)
             except TypeError:
                 if not isinstance(key, Hashable):
                     raise _unhashable(key) from None
                 raise
-        with self._lock:
-            deadline = self._deadlines.get(key)
-            if deadline is None or deadline <= self._timer():
-                return default
-            return self._values[key]
+        try:
+            with self._lock:
+                now = self._timer()
+                own = self._own(key, now)
+                if self._mode != _CLUSTER:
+                    return default if own is None else own
+                remote = self._remote(key, now, default=None)
+        except TypeError:
+            if not isinstance(key, Hashable):
+                raise _unhashable(key) from None
+            raise
+        if own is None and remote is None:
+            return default
+        return (own or 0) + (remote or 0)
 
-    def __contains__(self, key: object) -> bool:
-        """True if ``key`` holds a live count (possibly ``0`` after a :meth:`decr`)."""
-        if not self._windowed:
-            return key in self._values
+    def local(self, key: Hashable) -> int:
+        """This node's own amount of ``key`` (what a handoff would move); in local scope
+        the same as ``counters[key]``."""
         with self._lock:
-            deadline = self._deadlines.get(key)
-            return deadline is not None and deadline > self._timer()
+            own = self._own(key, self._timer())
+        return own or 0
 
-    def __len__(self) -> int:
-        """Number of keys holding a live count."""
-        with self._lock:
-            self._purge_all()
-            return len(self._values)
-
-    def keys(self) -> list[Any]:
-        """The keys holding a live count (a snapshot, in first-count order)."""
-        with self._lock:
-            self._purge_all()
-            return list(self._values)
-
-    def items(self) -> list[tuple[Any, int]]:
-        """``(key, value)`` of every live key (a snapshot)."""
+    def local_items(self) -> list[tuple[Any, int]]:
+        """``(key, own amount)`` of every key this node holds a live count of (a snapshot)."""
         with self._lock:
             self._purge_all()
             return list(self._values.items())
+
+    def __contains__(self, key: object) -> bool:
+        """True if ``key`` holds a live count (possibly ``0`` after a :meth:`decr`)."""
+        if self._mode == _PLAIN:
+            return key in self._values
+        with self._lock:
+            now = self._timer()
+            if self._own(key, now) is not None:
+                return True
+            return self._mode == _CLUSTER and self._remote(key, now, default=None) is not None
+
+    def __len__(self) -> int:
+        """Number of keys holding a live count."""
+        return len(self._snapshot())
+
+    def keys(self) -> list[Any]:
+        """The keys holding a live count (a snapshot, in first-count order)."""
+        return list(self._snapshot())
+
+    def items(self) -> list[tuple[Any, int]]:
+        """``(key, value)`` of every live key (a snapshot)."""
+        return list(self._snapshot().items())
 
     def __iter__(self) -> Iterator[Any]:
         """Iterate over a snapshot of :meth:`keys`."""
@@ -226,12 +323,10 @@ class Counters:
 
     def total(self) -> int:
         """Sum of all live values."""
-        with self._lock:
-            self._purge_all()
-            return sum(self._values.values())
+        return sum(self._snapshot().values())
 
     def remaining(self, key: Hashable) -> float | None:
-        """Seconds left in ``key``'s window; ``None`` without ``ttl`` or a live window."""
+        """Seconds left in ``key``'s own window; ``None`` without ``ttl`` or a live window."""
         with self._lock:
             deadline = self._deadlines.get(key)
             if deadline is None:
@@ -244,21 +339,63 @@ class Counters:
         """Seconds of each key's window (``None``: counts never expire)."""
         return self._ttl
 
+    @property
+    def scope(self) -> str:
+        """``"local"`` or ``"cluster"`` (see the class documentation)."""
+        return self._scope
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two reports of this node's own amounts (cluster scope)."""
+        return self._interval
+
     def __repr__(self) -> str:
         shown = self.items()
         head = ", ".join(f"{k!r}: {v!r}" for k, v in shown[:8])
         more = f", ... ({len(shown)} keys)" if len(shown) > 8 else ""
         ttl = f", ttl={self._ttl:g}" if self._ttl is not None else ""
-        return f"Counters({{{head}{more}}}{ttl})"
+        scope = f", scope={self._scope!r}" if self._scope != LOCAL else ""
+        return f"Counters({{{head}{more}}}{ttl}{scope})"
 
-    # -- for the adapter (and the lock held) -----------------------------------------------
+    # -- the lock held ---------------------------------------------------------------------
 
-    def _now(self) -> float:
-        return self._timer() if self._windowed else 0.0
+    def _snapshot(self) -> dict[Any, int]:
+        with self._lock:
+            self._purge_all()
+            if self._mode != _CLUSTER:
+                return dict(self._values)
+            now = self._timer()
+            totals = dict(self._values)
+            for view in self._views.values():
+                for key, (_seq, amount, deadline) in view.items():
+                    if amount and (deadline is None or deadline > now):
+                        totals[key] = totals.get(key, 0) + amount
+            return totals
+
+    def _own(self, key: Any, now: float) -> int | None:
+        """This node's live amount of ``key``, or ``None``."""
+        if self._windowed:
+            deadline = self._deadlines.get(key)
+            if deadline is None or deadline <= now:
+                return None
+            return self._values[key]
+        return self._values.get(key)
+
+    def _remote(self, key: Any, now: float, default: Any = 0) -> Any:
+        """Sum of the peers' live amounts of ``key`` (``default`` if none holds one)."""
+        total, found = 0, False
+        for view in self._views.values():
+            entry = view.get(key)
+            if entry is not None and entry[1] and (entry[2] is None or entry[2] > now):
+                total += entry[1]
+                found = True
+        return total if found else default
 
     def _pop(self, key: Any, now: float) -> int:
         """Remove ``key``; what it held if live, else 0."""
         value = self._values.pop(key, 0)
+        if self._mode == _CLUSTER:
+            self._dirty.add(key)
         if self._windowed:
             deadline = self._deadlines.pop(key, None)
             if deadline is None or deadline <= now:
@@ -271,19 +408,24 @@ class Counters:
             value = self._values.get(key, 0)
             if not value:
                 return None
-            if not self._windowed:
-                del self._values[key]
-                return value, None
-            now = self._timer()
-            deadline = self._deadlines.get(key)
-            if deadline is None or deadline <= now:
-                return None  # expired: left for the purge
-            del self._values[key], self._deadlines[key]
-            return value, deadline - now
+            remaining = None
+            if self._windowed:
+                now = self._timer()
+                deadline = self._deadlines.get(key)
+                if deadline is None or deadline <= now:
+                    return None  # expired: left for the purge
+                del self._deadlines[key]
+                remaining = deadline - now
+            del self._values[key]
+            if self._mode == _CLUSTER:
+                self._dirty.add(key)
+            return value, remaining
 
     def _add(self, key: Any, amount: int, remaining: float | None, now: float) -> None:
         """Add ``amount`` with ``remaining`` seconds of window (> 0 or None)."""
         values = self._values
+        if self._mode == _CLUSTER:
+            self._dirty.add(key)
         if not self._windowed:
             values[key] = values.get(key, 0) + amount
             return
@@ -334,6 +476,89 @@ class Counters:
             del self._deadlines[key]
             self._values.pop(key, None)
 
+    # -- cluster scope: reports out and in --------------------------------------------------
+
+    def _report(self, *, full: bool) -> list[Record]:
+        """``(key, own amount, remaining)`` of the keys changed since the last delta report
+        (``full=False``: taken, so each change is reported once; amount 0: none left), or
+        of every key this node holds a live, non-zero amount of (``full=True``)."""
+        with self._lock:
+            now = self._timer()
+            if full:
+                keys: Iterable[Any] = list(self._values)
+            else:
+                keys, self._dirty = self._dirty, set()
+            records: list[Record] = []
+            for key in keys:
+                own = self._own(key, now)
+                if not own and full:
+                    continue
+                remaining = None
+                if own and self._windowed:
+                    remaining = self._deadlines[key] - now
+                records.append((key, own or 0, remaining))
+            return records
+
+    def _apply_report(
+        self, origin: tuple[str, str], seq: int, records: Sequence[Record], full_from: int
+    ) -> int:
+        """Keep what a peer reported of its own amounts; returns the records refused."""
+        refused = 0
+        with self._lock:
+            now = self._timer()
+            for name, incarnation in [o for o in self._views if o[0] == origin[0]]:
+                if incarnation != origin[1]:
+                    del self._views[(name, incarnation)]  # a restarted peer's former life
+            view = self._views.setdefault(origin, {})
+            for record in records:
+                if not isinstance(record, tuple | list) or len(record) != 3:
+                    refused += 1
+                    continue
+                key, amount, remaining = record
+                if amount.__class__ is not int or (
+                    remaining is not None
+                    and (
+                        isinstance(remaining, bool)
+                        or not isinstance(remaining, int | float)
+                        or not math.isfinite(remaining)
+                    )
+                ):
+                    refused += 1
+                    continue
+                try:
+                    entry = view.get(key)
+                except TypeError:
+                    refused += 1
+                    continue
+                if entry is not None and entry[0] >= seq:
+                    continue  # an older report than the one kept
+                deadline = None if remaining is None else now + remaining
+                view[key] = [seq, amount, deadline]
+            if full_from:
+                # A full report ended: keys it did not refresh are gone, and expired ones too.
+                for key in [
+                    k
+                    for k, (s, a, d) in view.items()
+                    if s < full_from or not a or (d is not None and d <= now)
+                ]:
+                    del view[key]
+        return refused
+
+    def _forget(self, peer: str) -> None:
+        """Drop what ``peer`` (any incarnation) reported: it went down."""
+        with self._lock:
+            for origin in [o for o in self._views if o[0] == peer]:
+                del self._views[origin]
+
+
+def _positive(number: object) -> bool:
+    return (
+        not isinstance(number, bool)
+        and isinstance(number, int | float)
+        and math.isfinite(number)
+        and number > 0
+    )
+
 
 class CountersAdapter:
     """Hands off a :class:`Counters` with ownership semantics; see the module documentation."""
@@ -354,6 +579,29 @@ class CountersAdapter:
 
     def __repr__(self) -> str:
         return f"CountersAdapter({self.counters!r})"
+
+    @property
+    def tally_interval(self) -> float | None:
+        """Seconds between reports of this node's own amounts to its peers; ``None``: the
+        counters are local, nothing is reported."""
+        counters = self.counters
+        return counters.interval if counters.scope == CLUSTER else None
+
+    def tally(self, *, full: bool) -> list[Record]:
+        """This node's own amounts to report: of the keys changed since the last call with
+        ``full=False`` (amount 0: none left), or of every key held (``full=True``)."""
+        return self.counters._report(full=full)
+
+    def apply_tally(
+        self, origin: tuple[str, str], seq: int, records: Sequence[Record], *, full_from: int
+    ) -> int:
+        """Keep what ``origin`` (peer name, incarnation) reported in its Tally ``seq``;
+        returns how many records were unusable (and ignored)."""
+        return self.counters._apply_report(origin, seq, records, full_from)
+
+    def forget(self, peer: str) -> None:
+        """``peer`` went down: its share leaves the cluster-wide totals."""
+        self.counters._forget(peer)
 
     def export(self) -> Iterator[Record]:
         """Take each key's amount as its record is yielded: ``(key, amount, remaining)``."""
@@ -378,7 +626,7 @@ class CountersAdapter:
         applied = 0
         dropped: dict[str, int] = {}
         with counters._lock:
-            now = counters._now()
+            now = counters._timer()
             for record in records:
                 reason = self._merge_one(counters, record, age, now)
                 if reason:

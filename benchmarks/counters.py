@@ -6,8 +6,11 @@ and noisy: the ratio is what to read, and each figure is the best of its rounds)
 - ``counter``: ``c[key] += 1`` on a ``collections.Counter`` (no lock: not thread-safe);
 - ``counters``: ``counters.incr(key)`` on a ``handoff.Counters()`` (locked, thread-safe);
 - ``counters_ttl``: ``counters.incr(key)`` on a ``handoff.Counters(ttl=60)`` (fixed windows);
+- ``counters_cluster``: ``counters.incr(key)`` on a ``handoff.Counters(scope="cluster")``
+  with no peers (the increment also marks the key for the next report and returns the
+  cluster-wide value);
 - ``ratio`` = ``counter / counters`` increments per second (target <= 2.0), and
-  ``ratio_ttl`` likewise for the windowed counters.
+  ``ratio_ttl`` and ``ratio_cluster`` likewise for the windowed and cluster-scoped ones.
 
 The keys are ``--keys`` short strings (1,000 by default) visited in turn. Usage:
 ``python benchmarks/counters.py [--keys 1000] [--increments 200000] [--rounds 15]``.
@@ -23,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,7 +45,7 @@ def _counter_loop(keys: list[str], repeat: int) -> Callable[[], None]:
     return run
 
 
-def _counters_loop(keys: list[str], repeat: int, **options: float) -> Callable[[], None]:
+def _counters_loop(keys: list[str], repeat: int, **options: Any) -> Callable[[], None]:
     counters = handoff.Counters(**options)
 
     def run() -> None:
@@ -72,6 +76,7 @@ def main() -> None:
         "counter": _counter_loop(keys, repeat),
         "counters": _counters_loop(keys, repeat),
         "counters_ttl": _counters_loop(keys, repeat, ttl=60.0),
+        "counters_cluster": _counters_loop(keys, repeat, scope="cluster"),
     }
     best = dict.fromkeys(loops, float("inf"))
     for _ in range(args.rounds):
@@ -91,6 +96,7 @@ def main() -> None:
                 },
                 "ratio": round(per_second["counter"] / per_second["counters"], 2),
                 "ratio_ttl": round(per_second["counter"] / per_second["counters_ttl"], 2),
+                "ratio_cluster": round(per_second["counter"] / per_second["counters_cluster"], 2),
                 "target_ratio": 2.0,
             },
             indent=2,

@@ -38,7 +38,15 @@ from handoff._registry import adapter_for
 from handoff.config import COOKIE_HOWTO, Settings, resolve_settings
 from handoff.control import ControlServer
 from handoff.discovery import make_discovery
-from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Sessions, Tracked
+from handoff.engine import (
+    Drainer,
+    DrainReport,
+    NamespaceReport,
+    Receiver,
+    Sessions,
+    Tallies,
+    Tracked,
+)
 from handoff.engine._fingerprint import ExportLog, changed_records
 from handoff.engine._restore import restore_snapshots
 from handoff.engine._sender import CATCH_UP
@@ -232,7 +240,14 @@ class Node:
             on_complete=self._handoff_received,
             lock=self.lock,
         )
-        self._sessions = Sessions(self._receiver)
+        # Cluster-scoped counters report this node's own amounts to the peers.
+        self._tallies = Tallies(
+            incarnation=self.incarnation,
+            tracked=self._tracked,
+            codec=self.codec,
+            peers=lambda: self._mesh.peer_links(),
+        )
+        self._sessions = Sessions(self._receiver, tallies=self._tallies)
         # One numbering for all of this node's drains: a receiver keeps a stream that a
         # drain gave up on at its deadline (no time left for a Cancel) until the link goes;
         # the catch-up reusing its id was "offered twice", a dropped link and lost records.
@@ -646,6 +661,8 @@ class Node:
         self._exit_stack, self._control = stack, control
         self._mesh.start(listener, discovery=discovery, tls=tls, own_addresses=own_addresses)
         self._spawn(self._warmup)
+        if self._tallies.scoped():
+            self._spawn(self._tallies.run)
         if control is not None:
             self._spawn(control.serve)
         if self._handle_signals:

@@ -12,6 +12,7 @@ import operator
 import sys
 import threading
 import warnings
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -598,3 +599,29 @@ async def test_increments_after_a_manual_drain_go_with_the_catch_up() -> None:
         assert old.catch_up_report.namespaces["usage"].applied == 2
         assert held.items() == [("page", 20), ("home", 1)]
         assert len(sent) == 0
+
+
+@pytest.mark.anyio
+async def test_counts_with_no_successor_go_to_the_snapshot_and_add_up_at_restore(
+    tmp_path: Path,
+) -> None:
+    first_counts = Counters(ttl=3600)
+    first_counts.incr("page", 10)
+    first_counts.incr("ip", 4)
+    first = node("first", "127.0.0.2", snapshot_dir=tmp_path)
+    first.track("usage", first_counts)
+    async with first:
+        report = await first.drain()
+    assert report.namespaces["usage"].snapshotted == 2
+    assert len(first_counts) == 0  # taken: they live in the snapshot now
+
+    second_counts = Counters(ttl=3600)
+    second_counts.incr("page", 3)
+    second = node("second", "127.0.0.2", snapshot_dir=tmp_path)
+    second.track("usage", second_counts)
+    async with second:
+        assert second_counts["page"] == 13
+        assert second_counts["ip"] == 4
+        left = second_counts.remaining("ip")
+        assert left is not None
+        assert 3500 < left < 3600  # the window travelled as remaining time

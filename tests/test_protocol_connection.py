@@ -66,6 +66,7 @@ from handoff.protocol import (
     Reject,
     Role,
     StateChange,
+    Tally,
     Welcome,
     allowed_incoming,
     decode_message,
@@ -862,6 +863,7 @@ SAMPLE_MESSAGES: dict[type[Message], Message] = {
     Cancel: Cancel(1, "deadline"),
     Closed: Closed(1),
     Done: Done(1),
+    Tally: Tally("usage", "inc-z", 1, 1, 0, b"\x90"),
 }
 
 
@@ -1017,6 +1019,7 @@ SESSION_SAMPLES: list[Message] = [
     End(2, 0),
     Closed(2),
     Cancel(2, "shutdown"),
+    Tally("u" * 255, "i" * 255, MAX_COUNT, MAX_COUNT, 4096, bytes(range(256)) * 64),
 ]
 
 short_texts = st.text(min_size=1, max_size=40)
@@ -1047,6 +1050,15 @@ session_messages: st.SearchStrategy[Message] = st.one_of(
     ),
     st.builds(End, stream_ids, record_counts),
     st.builds(Cancel, stream_ids, short_texts),
+    st.builds(
+        Tally,
+        short_texts,
+        short_texts,
+        st.integers(1, MAX_COUNT),
+        record_counts,
+        st.integers(0, 4096),
+        st.binary(min_size=1, max_size=300),
+    ),
 )
 
 

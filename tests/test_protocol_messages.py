@@ -34,6 +34,7 @@ from handoff.protocol import (
     Refuse,
     Reject,
     StateChange,
+    Tally,
     Welcome,
     decode_message,
     encode_frame,
@@ -46,6 +47,7 @@ from handoff.protocol._messages import (
     MAX_NAMESPACES,
     MAX_REASON,
     MAX_STREAM,
+    MAX_TALLY_RECORDS,
     MAX_VERSIONS,
     NONCE_SIZE,
     PROOF_SIZE,
@@ -115,6 +117,15 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Cancel: st.builds(Cancel, streams, reasons),
     Closed: st.builds(Closed, streams),
     Done: st.builds(Done, counts),
+    Tally: st.builds(
+        Tally,
+        names,
+        names,
+        st.integers(1, MAX_COUNT),
+        counts,
+        st.integers(0, MAX_TALLY_RECORDS),
+        payloads,
+    ),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -144,6 +155,7 @@ SAMPLES: dict[type[Message], Message] = {
     Cancel: Cancel(7, "drain deadline"),
     Closed: Closed(7),
     Done: Done(10_000),
+    Tally: Tally("usage", "inc-1", 9, 0, 1, b"\x91\x93\xa4page\x0a\xc0"),
 }
 
 
@@ -153,9 +165,9 @@ def test_every_message_type_is_covered() -> None:
 
 
 def test_session_messages_are_the_new_types() -> None:
-    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Closed, Done} == SESSION_MESSAGES
+    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Closed, Done, Tally} == SESSION_MESSAGES
     assert SESSION_MESSAGES.issubset(MESSAGE_TYPES.values())
-    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 25))
+    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 26))
 
 
 def test_type_codes_are_unique_and_registered() -> None:
@@ -217,6 +229,7 @@ GOLDEN_FRAMES: dict[type[Message], str] = {
     Cancel: "00000012931607ae647261696e20646561646c696e65",
     Closed: "00000003921807",
     Done: "000000059217cd2710",
+    Tally: "0000001c9719a57573616765a5696e632d31090001c4099193a4706167650ac0",
 }
 
 
@@ -401,6 +414,12 @@ bad_accept_credit = (
 bad_ack_credit = (
     _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=MAX_CREDIT + 1)
 )
+bad_tally_records = (
+    _not(int)
+    | st.booleans()
+    | st.integers(max_value=-1)
+    | st.integers(min_value=MAX_TALLY_RECORDS + 1)
+)
 bad_kind = _texts(MAX_KIND, empty_ok=False)
 bad_session_reason = _texts(MAX_REASON, empty_ok=False)
 bad_age = bad_number | st.floats(max_value=-1e-300) | st.integers(max_value=-1)
@@ -454,6 +473,7 @@ BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     Cancel: [bad_stream, bad_session_reason],
     Closed: [bad_stream],
     Done: [bad_count],
+    Tally: [bad_name, bad_name, bad_records, bad_count, bad_tally_records, bad_payload],
 }
 
 

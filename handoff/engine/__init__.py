@@ -1,5 +1,5 @@
 """The handoff engine: sessions (message routing, drain order), planner (successors, key
-split), sender, receiver, restore, report."""
+split), sender, receiver, restore, report, tallies (cluster-scoped counters)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from handoff.engine._receiver import Receiver
 from handoff.engine._report import DrainReport, NamespaceReport
 from handoff.engine._sender import Drainer
 from handoff.engine._sessions import Sessions
+from handoff.engine._tally import Tallies
 from handoff.engine._tracked import Tracked
 
 __all__ = (
@@ -22,6 +23,7 @@ __all__ = (
     "Receiver",
     "Router",
     "Sessions",
+    "Tallies",
     "Tracked",
     "compare_releases",
     "release_key",

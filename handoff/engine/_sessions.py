@@ -1,8 +1,9 @@
 """Sessions: where stream messages go, and the order in which a node gives up its state.
 
-The mesh hands every session message here. What a receiver sends (Accept, Refuse, Ack, Closed)
-answers one of this node's outgoing streams and goes to the drain in progress; what a
-sender sends (Offer, Chunk, End, Cancel, Done) goes to the receiver.
+The mesh hands every session message here. What a receiver sends (Accept, Refuse, Ack,
+Closed) answers one of this node's outgoing streams and goes to the drain in progress; what a
+sender sends (Offer, Chunk, End, Cancel, Done) goes to the receiver; a peer's report of its
+cluster-scoped counters (Tally) goes to the tallies.
 
 A drain runs in three steps (DESIGN.md, "Ownership"). The node has already announced that
 it drains, so its receiver refuses new offers. Then the streams it accepted while serving
@@ -22,7 +23,8 @@ from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._receiver import Receiver
 from handoff.engine._report import DrainReport
 from handoff.engine._sender import Drainer
-from handoff.protocol import Accept, Ack, Closed, Message, Refuse
+from handoff.engine._tally import Tallies
+from handoff.protocol import Accept, Ack, Closed, Message, Refuse, Tally
 
 __all__ = ("INBOUND_SHARE", "Sessions")
 
@@ -40,8 +42,11 @@ LATE_SEND_LIMIT = 1.0
 class Sessions:
     """Routes stream messages to the receiver and the current drain; runs drains."""
 
-    def __init__(self, receiver: Receiver, *, clock: Clock = ANYIO_CLOCK) -> None:
+    def __init__(
+        self, receiver: Receiver, *, clock: Clock = ANYIO_CLOCK, tallies: Tallies | None = None
+    ) -> None:
         self.receiver = receiver
+        self.tallies = tallies
         self._clock = clock
         self._drainer: Drainer | None = None
         self._late: list[tuple[str, Link, Message]] = []
@@ -53,12 +58,17 @@ class Sessions:
                 self._drainer.on_message(peer, message)
             else:
                 logger.debug("%s answered a stream after the drain: %r", peer, message)
+        elif isinstance(message, Tally):
+            if self.tallies is not None:
+                await self.tallies.handle(peer, message)
         else:
             await self.receiver.handle(peer, link, message)
 
     def peer_lost(self, peer: str) -> None:
         """The current link to ``peer`` ended: its streams in both directions end too."""
         self.receiver.peer_lost(peer)
+        if self.tallies is not None:
+            self.tallies.peer_lost(peer)
         if self._drainer is not None:
             self._drainer.on_peer_lost(peer)
 

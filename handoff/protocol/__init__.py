@@ -23,6 +23,7 @@ from ._connection import (
 )
 from ._framing import FrameDecoder, check_depth, encode_frame, size_limits
 from ._messages import (
+    MAX_TALLY_RECORDS,
     MESSAGE_TYPES,
     SESSION_MESSAGES,
     Accept,
@@ -45,6 +46,7 @@ from ._messages import (
     Reject,
     RejectCode,
     StateChange,
+    Tally,
     Welcome,
     decode_message,
 )
@@ -58,6 +60,7 @@ from ._streams import (
 )
 
 __all__ = (
+    "MAX_TALLY_RECORDS",
     "MESSAGE_TYPES",
     "SENT_BY",
     "SESSION_MESSAGES",
@@ -99,6 +102,7 @@ __all__ = (
     "Side",
     "StateChange",
     "StreamState",
+    "Tally",
     "Welcome",
     "allowed_incoming",
     "check_depth",

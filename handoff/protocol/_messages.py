@@ -38,6 +38,7 @@ from handoff._errors import ProtocolError
 
 __all__ = (
     "MAGIC",
+    "MAX_TALLY_RECORDS",
     "MESSAGE_TYPES",
     "SESSION_MESSAGES",
     "Accept",
@@ -59,6 +60,7 @@ __all__ = (
     "Reject",
     "RejectCode",
     "StateChange",
+    "Tally",
     "Welcome",
     "decode_message",
 )
@@ -701,6 +703,32 @@ class Done(Message):
 
     TYPE: ClassVar[int] = 23
     records: Annotated[int, _COUNT]
+
+
+MAX_TALLY_RECORDS = 4096
+"""Keys in one :class:`Tally` at most (a report of more keys goes in several)."""
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
+class Tally(Message):
+    """A node's own amounts of some keys of a cluster-scoped ``namespace`` (counters).
+
+    ``payload`` holds ``records`` ``[key, amount, remaining]`` records, encoded by the
+    engine's codec like a Chunk's: absolute amounts (0: none left), not increments, so a
+    lost, repeated or reordered Tally is harmless. ``seq`` grows with every Tally of the
+    sender's ``incarnation``: the receiver keeps, per key, the value of the latest one.
+    ``full_from`` is 0, or, on the last Tally of a full report (every key the sender
+    holds), the ``seq`` of its first one: keys not refreshed since are gone.
+    """
+
+    TYPE: ClassVar[int] = 25
+    namespace: Annotated[str, Text()]
+    incarnation: Annotated[str, Text()]
+    seq: Annotated[int, Integer(1, MAX_COUNT)]
+    full_from: Annotated[int, _COUNT]
+    records: Annotated[int, Integer(0, MAX_TALLY_RECORDS)]
+    payload: Annotated[bytes, Data()]
 
 
 SESSION_MESSAGES: frozenset[type[Message]] = frozenset(_SESSION)
