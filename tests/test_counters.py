@@ -28,6 +28,7 @@ from handoff.adapters.counters import (
     NOT_AN_INTEGER,
     CountersAdapter,
 )
+from handoff.discovery import PeerAddress
 from tests._helpers import connected, wait_until
 from tests._helpers import handoff_node as node
 from tests.adapter_contract import AdapterContract, Merge
@@ -625,3 +626,34 @@ async def test_counts_with_no_successor_go_to_the_snapshot_and_add_up_at_restore
         left = second_counts.remaining("ip")
         assert left is not None
         assert 3500 < left < 3600  # the window travelled as remaining time
+
+
+@pytest.mark.anyio
+async def test_counts_nobody_takes_are_given_back_and_go_with_the_catch_up() -> None:
+    """No successor and no snapshot store: a drain that took the counts gives them back
+    (the node keeps serving with them) and the report says they were dropped. At stop the
+    catch-up takes them again, with what the app added meanwhile, and the successor that
+    joined since gets them all."""
+    later = Counters()
+    later.incr("page", 1)
+    successor = node("successor", "127.0.0.3", release="v2", control_socket="none")
+    successor.track("usage", later)
+    async with successor:
+        counts = Counters()
+        counts.incr("page", 10)
+        counts.incr("ip", 4)
+        alone = node("alone", "127.0.0.2", control_socket="none")
+        alone.track("usage", counts)
+        async with alone:
+            report = await alone.drain()
+            assert report.namespaces["usage"].dropped == {"no successor, no snapshot store": 2}
+            assert not report.ok
+            assert (counts["page"], counts["ip"]) == (10, 4)  # given back
+            counts.incr("page", 5)
+            # The successor appears (as a DNS poll would find it).
+            alone._mesh._spawn(alone._mesh._dial, PeerAddress("127.0.0.3", successor.port))
+            await wait_until(lambda: len(alone.peers()) == 1)
+        assert alone.catch_up_report is not None
+        assert alone.catch_up_report.ok, alone.catch_up_report.summary()
+        assert len(counts) == 0
+        assert (later["page"], later["ip"]) == (16, 4)
