@@ -8,7 +8,8 @@ places, most authoritative first:
 2. the entry-point group ``handoff.adapters`` of installed distributions, loaded once, on the
    first look-up, so third-party packages extend the registry without being imported by the
    application;
-3. the built-in adapters (cachetools caches, any ``MutableMapping``), known by import path so
+3. the built-in adapters (cachetools caches, any ``MutableMapping``, the ``limits`` package's
+   ``MemoryStorage``), known by import path so
    that importing :mod:`handoff` imports no adapter code until an object needs it.
 
 The factory whose type is nearest in ``type(obj).__mro__`` wins, whatever its source, so an
@@ -94,6 +95,7 @@ _BUILTINS: tuple[tuple[str, str], ...] = (
     ("cachetools:TLRUCache", "handoff.adapters.cachetools:TLRU_CACHE_FACTORY"),
     ("cachetools:TTLCache", "handoff.adapters.cachetools:TTL_CACHE_FACTORY"),
     ("collections.abc:MutableMapping", "handoff.adapters.mapping:MAPPING_FACTORY"),
+    ("limits.storage.memory:MemoryStorage", "handoff.adapters.limits:MEMORY_STORAGE_FACTORY"),
 )
 
 # Sources, most authoritative first (lower ranks better).
