@@ -295,7 +295,10 @@ class LimitsAdapter:
         self._last_taken: float | None = None  # time.monotonic() of the latest record taken
 
     def __len__(self) -> int:
-        return len(self.storage.storage) + len(self.storage.events)
+        storage = self.storage
+        return sum(map(bool, list(storage.storage.values()))) + sum(
+            map(bool, list(storage.events.values()))
+        )
 
     def __repr__(self) -> str:
         return f"LimitsAdapter({type(self.storage).__name__})"
@@ -305,17 +308,26 @@ class LimitsAdapter:
     def export(self) -> Iterator[Record]:
         """Take each window from the storage as its record is yielded (see the module)."""
         storage = self.storage
-        for key in list(storage.events):
+        # A taken key is emptied rather than removed: limits reads keys outside their locks
+        # (its expiry thread indexes the keys it listed; an expired key is removed before
+        # an increment takes the lock, which loses a concurrent hit), so a count goes to 0
+        # and keeps its expiration: the next hit starts a fresh window, as after a reset.
+        events, counts = storage.events, storage.storage
+        for key in list(events):
             with _key_lock(storage, key):
-                hits = storage.events.pop(key, None)
+                hits = events.get(key)
+                if hits:
+                    events[key] = []
             record = self._moving_record(key, hits)
             if record is not None:
                 self._last_taken = time.monotonic()
                 yield record
-        for key in list(storage.storage):
+        for key in list(counts):
             with _key_lock(storage, key):
-                count = storage.storage.pop(key, None)
-                expires = storage.expirations.pop(key, None)
+                count = counts.get(key)
+                expires = storage.expirations.get(key)
+                if count:
+                    counts[key] = 0
             record = self._counter_record(key, count, expires)
             if record is not None:
                 self._last_taken = time.monotonic()
@@ -409,9 +421,9 @@ class LimitsAdapter:
     def _add(self, key: str, count: int, expires: float, now: float) -> str:
         storage = self.storage
         with _key_lock(storage, key):
-            held_until = storage.expirations.get(key)
-            if held_until is not None and held_until > now:
-                total = storage.storage.get(key, 0) + count
+            held, held_until = storage.storage.get(key, 0), storage.expirations.get(key)
+            if held > 0 and held_until is not None and held_until > now:
+                total = held + count
                 expires = max(expires, held_until)
             else:
                 total = count
