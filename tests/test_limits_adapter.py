@@ -10,11 +10,13 @@ and in a real drain between two nodes on loopback. The wall clock is faked (``li
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import flask
@@ -444,6 +446,48 @@ def test_importing_handoff_does_not_import_limits() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+OLDEST_WHEEL = Path(__file__).resolve().parent / "limits_wheels" / "limits-4.3-py3-none-any.whl"
+ON_THE_OLDEST = """
+import limits
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import STRATEGIES
+from handoff.adapters.limits import LimitsAdapter
+
+item = parse("5/minute")
+for name, strategy in sorted(STRATEGIES.items()):
+    a, b = MemoryStorage(), MemoryStorage()
+    for _ in range(4):
+        assert strategy(a).hit(item, "client")
+    records = list(LimitsAdapter(a).export())
+    result = LimitsAdapter(b).import_records(records, age=0.5)
+    more = 0
+    while strategy(b).hit(item, "client"):
+        more += 1
+    print(limits.__version__, name, records[0][2][0], result.applied, more)
+    a.timer.cancel()
+    b.timer.cancel()
+"""
+
+
+def test_the_oldest_supported_limits_hands_off_too() -> None:
+    # limits 4.3 (the oldest release SUPPORTED_VERSIONS allows), imported from its wheel.
+    out = subprocess.run(
+        [sys.executable, "-c", ON_THE_OLDEST],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(OLDEST_WHEEL)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "4.3 fixed-window fixed 1 1",
+        "4.3 fixed-window-elastic-expiry fixed 1 1",  # removed in limits 5
+        "4.3 moving-window moving 1 1",
+        "4.3 sliding-window-counter sliding 1 1",
+    ]
 
 
 def test_an_unknown_release_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
