@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import flask
 import httpx
 import limits
@@ -621,3 +622,31 @@ async def test_a_drain_hands_the_limits_to_the_successor(strategy: str, clock: C
     assert limits_report.dropped == {}
     assert report.ok
     assert len(LimitsAdapter(old_storage)) == 0
+
+
+@pytest.mark.anyio
+async def test_windows_wait_in_a_snapshot_with_their_time_running(tmp_path: Path) -> None:
+    # The real clock: the snapshot's age comes from the wall clock the engine was given.
+    first_storage, second_storage = MemoryStorage(), MemoryStorage()
+    key = FIVE_PER_MINUTE.key_for("client")
+    try:
+        spend(FixedWindowRateLimiter(first_storage), FIVE_PER_MINUTE, 4)
+        resets_at = first_storage.expirations[key]
+        first = node("first", "127.0.0.2", snapshot_dir=tmp_path)
+        first.track("limits", first_storage)
+        async with first:
+            pass  # alone: the drain writes a snapshot
+        assert first.last_drain_report is not None
+        assert first.last_drain_report.namespaces["limits"].snapshotted == 1
+        await anyio.sleep(0.3)  # in the snapshot
+        second = node("second", "127.0.0.2", snapshot_dir=tmp_path)
+        second.track("limits", second_storage)
+        async with second:
+            assert "snapshot" in second.warm_reason
+            assert second_storage.storage[key] == 4
+            # It resets when it would have on the first node (not 0.3 s later).
+            assert second_storage.expirations[key] == pytest.approx(resets_at, abs=0.1)
+            assert allowed(FixedWindowRateLimiter(second_storage), FIVE_PER_MINUTE) == 1
+    finally:
+        first_storage.timer.cancel()
+        second_storage.timer.cancel()
