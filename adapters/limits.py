@@ -39,7 +39,9 @@ Import (``age`` seconds after the export: time spent in a snapshot or in flight)
     read from the key) are kept: ``limits`` looks no further back. A sliding-window count
     joins the receiver's count for the same window (the current one, or the previous one).
     A window whose time is over is dropped as ``"expired"``. Records that cannot come from
-    this adapter (a hostile or broken peer) are dropped as ``"malformed"``, hits whose
+    this adapter (a hostile or broken peer: wrong shapes or types, counts beyond
+    :data:`MAX_COUNT`, a window longer than the period its key names, or than
+    :data:`MAX_SECONDS` for a key that names none) are dropped as ``"malformed"``, hits whose
     period differs from the receiver's hits of the same key as ``"period mismatch"``;
     nothing raises.
 
@@ -88,6 +90,7 @@ __all__ = (
     "MALFORMED",
     "MAX_COUNT",
     "MAX_EVENTS",
+    "MAX_SECONDS",
     "MEMORY_STORAGE_FACTORY",
     "PERIOD_MISMATCH",
     "SUPPORTED_VERSIONS",
@@ -115,6 +118,10 @@ IMPORT_ERROR: Final = "error"
 
 MAX_COUNT: Final = 2**62
 """Largest count a record may carry (a window's count, or the sum after a merge)."""
+MAX_SECONDS: Final = 10 * 366 * 86_400.0
+"""Longest window (or moving-window period) accepted for a key that does not name its limit;
+a key that does (``.../5/1/minute``) accepts at most its limit's period."""
+_SLACK: Final = 1e-3  # float rounding between the sender's subtraction and the period
 MAX_EVENTS: Final = 100_000
 """Most moving-window hits kept for a key whose limit cannot be read from the key."""
 _MAX_DIGITS: Final = 18
@@ -274,6 +281,13 @@ def _seconds(value: Any) -> float | None:
     return None
 
 
+def _longest(key: str) -> float:
+    """The longest a window of ``key`` may last: its limit's period, read from the key, or
+    :data:`MAX_SECONDS` for keys that do not say (so that no record keeps a key forever)."""
+    limit = _limit_of(key)
+    return MAX_SECONDS if limit is None else limit.period + _SLACK
+
+
 def _count(value: Any) -> int | None:
     if type(value) is int and 0 < value <= MAX_COUNT:
         return value
@@ -406,7 +420,7 @@ class LimitsAdapter:
         tag, now = meta[0], time.time()
         if tag == "fixed" and len(meta) == 2:
             count, left = _count(value), _seconds(meta[1])
-            if count is None or left is None:
+            if count is None or left is None or left > _longest(key):
                 return MALFORMED
             left -= age
             if not left > 0.0:
@@ -448,6 +462,8 @@ class LimitsAdapter:
         ):
             return MALFORMED
         period = limit.period
+        if not -period - _SLACK < ends_in <= period + _SLACK:  # previous or current window
+            return MALFORMED
         # The receiver's window whose end is nearest the end the sender's clock gave.
         window = round((now + ends_in - age) / period) - 1
         current = int(now / period)  # limits' own number for the current window
@@ -460,6 +476,8 @@ class LimitsAdapter:
     def _add_moving(self, key: str, value: Any, period_value: Any, age: float, now: float) -> str:
         period = _seconds(period_value)
         if type(value) is not list or not value or period is None or not period > 0.0:
+            return MALFORMED
+        if period > _longest(key):
             return MALFORMED
         limit = _limit_of(key)
         if limit is not None and (

@@ -386,6 +386,11 @@ def test_malformed_records_are_dropped_with_a_reason_and_nothing_raises(
         ("no limit in this key", 1, ("sliding", 60.0, 3.0)),
         (f"{key}/29000000", 1, ("sliding", 60.0, 3.0)),  # already numbered
         (key, 1, ("sliding", 60.0)),
+        (key, 1, ("sliding", 60.0, 1e308)),
+        (key, 1, ("sliding", 60.0, -1e308)),
+        (key, 1, ("fixed", 61.0)),  # longer than the key's limit lasts
+        ("no limit in this key", 1, ("fixed", 1e308)),
+        ("no limit in this key", [1.0], ("moving", 1e308)),
     ]
     result = LimitsAdapter(b).import_records(hostile)
     assert result.total == len(hostile)
