@@ -203,8 +203,9 @@ class Node:
         # drain gave up on at its deadline (no time left for a Cancel) until the link goes;
         # the catch-up reusing its id was "offered twice", a dropped link and lost records.
         self._stream_ids = itertools.count(1)
-        # What the last drain exported, per namespace, while the node may keep serving.
-        self._exported: dict[str, ExportLog] = {}
+        # What the last drain exported, per namespace, while the node may keep serving
+        # (None: no catch-up is due). Ownership namespaces keep no log: their export takes.
+        self._exported: dict[str, ExportLog] | None = None
         self._mesh = Mesh(
             s,
             local_node=self._local_node,
@@ -392,7 +393,7 @@ class Node:
             self._log_report(report)
             if not stopping:
                 self._spawn(self._sessions.send_late)
-            self._exported = drainer.exported
+            self._exported = None if stopping else drainer.exported
             self.last_drain_report = report
             self._drained.set()
             return report
@@ -402,8 +403,8 @@ class Node:
         since the drain exported them (new keys and changed values), so that they reach
         successors, or the snapshot store, or the report as lost."""
         async with self._drain_lock:
-            exported, self._exported = self._exported, {}
-            if self.last_drain_report is None or not exported:
+            exported, self._exported = self._exported, None
+            if self.last_drain_report is None or exported is None:
                 return
             sources: dict[str, Callable[[], Iterator[Record]]] = {
                 name: functools.partial(changed_records, tracked.adapter, exported[name])

@@ -40,6 +40,7 @@ from handoff.protocol import (
     Auth,
     Cancel,
     Chunk,
+    Closed,
     Connection,
     ConnState,
     Done,
@@ -859,6 +860,7 @@ SAMPLE_MESSAGES: dict[type[Message], Message] = {
     Ack: Ack(1, 0, 1, 0, (), 1),
     End: End(1, 1),
     Cancel: Cancel(1, "deadline"),
+    Closed: Closed(1),
     Done: Done(1),
 }
 
@@ -1013,6 +1015,7 @@ SESSION_SAMPLES: list[Message] = [
     Ack(2, 5, 3, 1, (("expired", 1), ("too-large", 1)), 0),
     Ack(2, 6, 0, 0, (("r" * 255, MAX_COUNT),) * 64, MAX_CREDIT),
     End(2, 0),
+    Closed(2),
     Cancel(2, "shutdown"),
 ]
 

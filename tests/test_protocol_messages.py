@@ -19,6 +19,7 @@ from handoff.protocol import (
     Auth,
     Cancel,
     Chunk,
+    Closed,
     Done,
     End,
     FrameDecoder,
@@ -112,6 +113,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Ack: st.builds(Ack, streams, counts, counts, counts, dropped_pairs, st.integers(0, MAX_CREDIT)),
     End: st.builds(End, streams, counts),
     Cancel: st.builds(Cancel, streams, reasons),
+    Closed: st.builds(Closed, streams),
     Done: st.builds(Done, counts),
 }
 any_message = st.one_of(*STRATEGIES.values())
@@ -140,6 +142,7 @@ SAMPLES: dict[type[Message], Message] = {
     Ack: Ack(7, 3, 1, 0, (("expired", 1),), 15),
     End: End(7, 10_000),
     Cancel: Cancel(7, "drain deadline"),
+    Closed: Closed(7),
     Done: Done(10_000),
 }
 
@@ -150,9 +153,9 @@ def test_every_message_type_is_covered() -> None:
 
 
 def test_session_messages_are_the_new_types() -> None:
-    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Done} == SESSION_MESSAGES
+    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Closed, Done} == SESSION_MESSAGES
     assert SESSION_MESSAGES.issubset(MESSAGE_TYPES.values())
-    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 24))
+    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 25))
 
 
 def test_type_codes_are_unique_and_registered() -> None:
@@ -212,6 +215,7 @@ GOLDEN_FRAMES: dict[type[Message], str] = {
     Ack: "000000129714070301009192a765787069726564010f",
     End: "00000006931507cd2710",
     Cancel: "00000012931607ae647261696e20646561646c696e65",
+    Closed: "00000003921807",
     Done: "000000059217cd2710",
 }
 
@@ -448,6 +452,7 @@ BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     Ack: [bad_stream, bad_count, bad_count, bad_count, bad_dropped, bad_ack_credit],
     End: [bad_stream, bad_count],
     Cancel: [bad_stream, bad_session_reason],
+    Closed: [bad_stream],
     Done: [bad_count],
 }
 
@@ -597,7 +602,7 @@ def test_session_limits_are_inclusive() -> None:
 # -- type codes and envelopes --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [0, 9, 10, 15, 24, 99, 255, -1, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("code", [0, 9, 10, 15, 31, 99, 255, -1, 2**63, 2**64 - 1])
 def test_unknown_type_code(code: int) -> None:
     with pytest.raises(ProtocolError, match="unknown message type"):
         decode_message([code])

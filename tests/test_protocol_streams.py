@@ -25,6 +25,7 @@ from handoff.protocol import (
     Ack,
     Cancel,
     Chunk,
+    Closed,
     Done,
     End,
     Heartbeat,
@@ -77,6 +78,8 @@ def outbound(state: StreamState, *, outstanding: bool = False) -> OutboundStream
             machine.send(End(S, 0))
         elif outstanding:
             machine.send(chunk(0, 3))
+        if state is StreamState.CANCELLING:
+            machine.send(Cancel(S, "stalled"))
     assert machine.state is state
     return machine
 
@@ -97,6 +100,8 @@ def inbound(state: StreamState, *, outstanding: bool = False) -> InboundStream:
             assert machine.receive(End(S, 0))
         elif outstanding:
             assert machine.receive(chunk(0, 3))
+        if state is StreamState.CANCELLING:
+            assert machine.receive(Cancel(S, "stalled"))
     assert machine.state is state
     return machine
 
@@ -122,6 +127,8 @@ def valid(kind: type[Message], machine: Machine) -> Message:
         return ack(seq, machine.unacked.get(seq, 1))
     if kind is End:
         return End(S, machine.records)
+    if kind is Closed:
+        return Closed(S)
     raise AssertionError(kind)
 
 
@@ -201,7 +208,12 @@ def test_late_messages_are_ignored_whatever_they_say(side: Side, state: StreamSt
     machine = build(side, state)
     before = snapshot(machine)
     if side is Side.SENDER:
-        late: list[Message] = [ack(5, 1000), Accept(S, MAX_CREDIT), Refuse(S, "late")]
+        late: list[Message] = [
+            ack(5, 1000),
+            Accept(S, MAX_CREDIT),
+            Refuse(S, "late"),
+            Closed(S),
+        ]
     else:
         late = [chunk(9, 50), End(S, 12345), Cancel(S, "late")]
     for message in late:
@@ -492,25 +504,46 @@ def test_end_crossing_a_withdrawal_leaves_both_ends_agreeing() -> None:
     assert (receiver.state, receiver.unacked) == (StreamState.REFUSED, {})
 
 
-def test_acks_crossing_a_cancel_are_ignored_and_the_chunk_stays_unacknowledged() -> None:
+def test_acks_crossing_a_cancel_count_and_closed_settles_the_rest() -> None:
+    """The sender learns exactly which chunks the receiver applied: those acknowledged
+    before its Closed. The rest were not applied and may go elsewhere, exactly once."""
     sender, receiver = outbound(StreamState.OPEN), inbound(StreamState.OPEN)
     sender.send(chunk(0, 3))
+    sender.send(chunk(1, 2))
     receiver.receive(chunk(0, 3))
     receiver.send(ack(0, 3))
     sender.send(Cancel(S, "drain deadline"))
-    assert sender.receive(ack(0, 3)) is False
-    assert sender.unacked == {0: 3}  # it goes to the snapshot; the copy there is a duplicate
+    assert sender.state is StreamState.CANCELLING
+    assert receiver.receive(chunk(1, 2))  # on the wire before the Cancel: it arrives
     assert receiver.receive(Cancel(S, "drain deadline"))
-    assert receiver.state is StreamState.CANCELLED
+    assert receiver.state is StreamState.CANCELLING
+    receiver.send(Closed(S))  # chunk 1 arrived, and was not applied: no Ack for it
+    assert state_of(receiver) is StreamState.CANCELLED
+    assert sender.receive(ack(0, 3))
+    assert sender.unacked == {1: 2}
+    assert sender.receive(Closed(S))
+    assert (state_of(sender), sender.unacked) == (StreamState.CANCELLED, {1: 2})
+    with pytest.raises(LocalProtocolError):
+        receiver.send(Closed(S))  # once
+
+
+def test_closed_is_only_an_answer_to_a_cancel() -> None:
+    sender = outbound(StreamState.OPEN, outstanding=True)
+    with pytest.raises(ProtocolError, match="Closed is not allowed while open"):
+        sender.receive(Closed(S))
+    receiver = inbound(StreamState.OPEN)
+    with pytest.raises(LocalProtocolError, match="Closed is not allowed while open"):
+        receiver.send(Closed(S))
 
 
 def test_cancel_crossing_a_withdrawal() -> None:
+    # The withdrawal answers the Cancel as Closed would: nothing unacknowledged was applied.
     sender, receiver = outbound(StreamState.OPEN), inbound(StreamState.OPEN)
     sender.send(Cancel(S, "drain deadline"))
     receiver.send(Refuse(S, "draining"))
     assert receiver.receive(Cancel(S, "drain deadline")) is False
-    assert sender.receive(Refuse(S, "draining")) is False
-    assert (sender.state, receiver.state) == (StreamState.CANCELLED, StreamState.REFUSED)
+    assert sender.receive(Refuse(S, "draining"))
+    assert (sender.state, receiver.state) == (StreamState.REFUSED, StreamState.REFUSED)
 
 
 def test_an_accept_crossing_a_cancel_of_the_offer() -> None:
@@ -520,7 +553,9 @@ def test_an_accept_crossing_a_cancel_of_the_offer() -> None:
     assert sender.receive(Accept(S, 4)) is False
     assert sender.credit == 0
     assert receiver.receive(Cancel(S, "no answer in time"))
+    receiver.send(Closed(S))
     assert receiver.state is StreamState.CANCELLED
+    assert sender.receive(Closed(S)) is False  # late: the sender never opened it
 
 
 # -- both ends through a wire, at random ---------------------------------------------------
@@ -550,6 +585,8 @@ class StreamPair(RuleBasedStateMachine):
         self.applied_when_stopped: int | None = None
         self.unacked_when_stopped: dict[int, int] | None = None
         self.link_lost = False
+        self.settled = False
+        """The sender cancelled, and the receiver's Closed (or Refuse) answered it."""
         self._send(offer(0))
 
     def _send(self, message: Message) -> None:
@@ -582,7 +619,7 @@ class StreamPair(RuleBasedStateMachine):
         receiver_done = receiver is None or receiver.state.finished
         if sender.state is StreamState.OPEN and not sender.unacked:
             stops.append("send_end")
-        if not sender.state.finished:
+        if sender.state in (StreamState.OFFERED, StreamState.OPEN):
             stops.append("cancel")
         if receiver is not None and receiver.state is StreamState.OPEN and not receiver.unacked:
             # The engine acknowledges every chunk as it applies it, so a withdrawal never
@@ -625,6 +662,9 @@ class StreamPair(RuleBasedStateMachine):
             # Late only because the sender stopped first, never otherwise.
             assert was.finished
             assert self.sender.state is was
+        if isinstance(message, Closed | Refuse) and taken and was is StreamState.CANCELLING:
+            self.settled = True
+            event("a cancel was settled by the receiver's answer")
         if isinstance(message, Ack):
             (self.taken_acks if taken else self.ignored_acks)[message.seq] = message
             if not taken:
@@ -649,6 +689,8 @@ class StreamPair(RuleBasedStateMachine):
                 event("a Chunk crossed the receiver's stop")
         elif isinstance(message, Chunk):
             self.chunks_applied[message.seq] = message.records
+        if self.receiver.state is StreamState.CANCELLING:
+            self._answer(Closed(S))  # at once, after the Acks of what it applied
 
     def _acknowledge(self, data: st.DataObject) -> None:
         assert self.receiver is not None
@@ -686,6 +728,14 @@ class StreamPair(RuleBasedStateMachine):
         )  # fmt: skip
         for seq in self.sent_acks.keys() - self.taken_acks.keys():
             assert seq in self.sender.unacked
+
+    @invariant()
+    def a_settled_cancel_leaves_exactly_the_unapplied_chunks(self) -> None:
+        """After Closed, the sender's unacknowledged chunks are exactly those the receiver
+        never acknowledged: state that moves exactly once can go elsewhere, once."""
+        if self.settled:
+            assert not (self.sender.unacked.keys() & self.sent_acks.keys())
+            assert self.sender.unacked.keys() == self.chunks_sent.keys() - self.sent_acks.keys()
 
     @invariant()
     def acknowledged_records_match(self) -> None:

@@ -30,6 +30,7 @@ from handoff.protocol import (
     Ack,
     Cancel,
     Chunk,
+    Closed,
     Done,
     End,
     InboundStream,
@@ -128,6 +129,12 @@ class Receiver:
                 return  # crossed this node's withdrawal: already handled
             del self._streams[key]
             self._changed.set()
+            if stream.machine.state is StreamState.CANCELLING:
+                # After the Acks of every chunk applied here (none is applied from now on):
+                # the sender learns exactly which of its chunks count here.
+                closed = Closed(message.stream)
+                stream.machine.send(closed)
+                await link.send(closed)
             if isinstance(message, End):
                 logger.info(
                     "received %d records of %r from %s",
@@ -147,7 +154,24 @@ class Receiver:
     def peer_lost(self, peer: str) -> None:
         """Forget the streams of a peer whose link ended."""
         for key in [key for key in self._streams if key[0] == peer]:
-            del self._streams[key]
+            stream = self._streams.pop(key)
+            machine = stream.machine
+            if (
+                not machine.state.finished
+                and machine.records
+                and stream.tracked.adapter.moves_ownership
+            ):
+                # The sender cannot know which of the last chunks were applied here: if it
+                # is alive and re-sends them elsewhere, they count in both places. Its
+                # report counts them as in doubt; this line says where the other copy is.
+                logger.warning(
+                    "the link to %s ended during its handoff of %r (%d records received "
+                    "here): what it had not seen acknowledged may be re-sent elsewhere, "
+                    "and would then count twice",
+                    peer,
+                    stream.namespace,
+                    machine.records,
+                )
         self._changed.set()
 
     async def settle(self, until: float) -> bool:

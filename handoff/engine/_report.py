@@ -41,6 +41,11 @@ class NamespaceReport:
     successors: list[str] = field(default_factory=list)
     refusals: dict[str, str] = field(default_factory=dict)
     """Successors that refused the namespace (or could not be offered it), with why."""
+    in_doubt: int = 0
+    """Records of state that moves exactly once (counters, actors) re-sent after the
+    successor they were sent to lost its link before acknowledging them. Exact if it
+    crashed (what it held is lost with it); counted twice if it still runs (a partition).
+    The records are also counted where they ended (acknowledged, snapshotted, dropped)."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` records as given up for ``reason``."""
@@ -76,6 +81,11 @@ class NamespaceReport:
         if self.receiver_dropped:
             text += f" (dropped there: {_reasons(self.receiver_dropped)})"
         text += f", {self.snapshotted} snapshotted"
+        if self.in_doubt:
+            text += (
+                f", {self.in_doubt} re-sent after a successor's link ended before it "
+                "acknowledged them (they count twice if it still runs)"
+            )
         if self.dropped:
             text += f", dropped {_reasons(self.dropped)}"
             if self.refusals:
@@ -130,9 +140,16 @@ class DrainReport:
         return self.dropped + self.receiver_dropped
 
     @property
+    def in_doubt(self) -> int:
+        """Ownership records re-sent whose first successor may still hold them, all
+        namespaces (see :attr:`NamespaceReport.in_doubt`)."""
+        return sum(ns.in_doubt for ns in self.namespaces.values())
+
+    @property
     def ok(self) -> bool:
-        """True when nothing was dropped anywhere: by this node or by a successor."""
-        return self.lost == 0
+        """True when nothing was dropped anywhere (by this node or by a successor) and
+        nothing that moves exactly once is in doubt."""
+        return self.lost == 0 and self.in_doubt == 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary."""
@@ -147,6 +164,7 @@ class DrainReport:
             "dropped": self.dropped,
             "receiver_dropped": self.receiver_dropped,
             "lost": self.lost,
+            "in_doubt": self.in_doubt,
             "ok": self.ok,
             "namespaces": {name: asdict(ns) for name, ns in self.namespaces.items()},
         }

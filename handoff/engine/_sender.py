@@ -10,10 +10,21 @@ and acknowledgements it sends after that are late and count for nothing.
 What is left at the deadline, or with nobody to take it, goes to the snapshot store if there
 is one, and is otherwise counted as dropped. Memory held at any time is bounded by the
 successors' credit times the chunk size, whatever the size of the state.
+
+State that moves ownership (counters, actors) must arrive exactly once, so a chunk sent to
+a successor stays bound to it until its fate is known: acknowledged (applied there),
+refused or withdrawn (not applied: the receiver's Acks precede its Refuse on the wire), or
+cancelled and confirmed (the receiver's Closed follows the Acks of what it applied). Only
+then does the rest go elsewhere. A successor whose link ends first is presumed crashed,
+taking what it applied with it: its unacknowledged chunks are re-sent and counted in the
+report as ``in_doubt`` (exact if it crashed, twice if it still runs behind a partition). A
+chunk still bound at the deadline is reported as of unknown outcome, never re-sent nor
+snapshotted; what nobody received at all is given back to the adapter.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -26,7 +37,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.lowlevel
 
-from handoff._adapter import Record
+from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath
 from handoff.engine._fingerprint import SCAN_PAUSE, ExportLog
@@ -40,6 +51,7 @@ from handoff.protocol import (
     Ack,
     Cancel,
     Chunk,
+    Closed,
     Done,
     End,
     Message,
@@ -65,6 +77,9 @@ MAX_CHUNK_RECORDS = 8192
 # Share of the drain timeout kept for writing the snapshot when a store is configured.
 SNAPSHOT_RESERVE = 0.25
 CATCH_UP = "catch-up"
+OUTCOME_UNKNOWN = (
+    "outcome unknown: sent to {peer}, which neither acknowledged nor refused it in time"
+)
 KEPT_OLDER = "written after the drain, the successor kept its older copy"
 # Seconds (at most) kept at the end of a drain to cancel the streams still open.
 CANCEL_RESERVE = 0.1
@@ -98,6 +113,11 @@ class _OutStream:
     inflight: dict[int, tuple[list[Record], float]] = field(default_factory=dict)
     """The records of chunks sent and not acknowledged, kept to send elsewhere."""
     acknowledged: int = 0
+    ownership: bool = False
+    """The namespace moves ownership: unacknowledged chunks stay bound to this successor
+    until their fate is known (see the module documentation)."""
+    link_lost: bool = False
+    """The stream failed because its link ended (the successor is presumed crashed)."""
     progress_at: float = 0.0
     """When the successor last answered on this stream, or the drain began to wait on it."""
 
@@ -198,12 +218,14 @@ class Drainer:
         self._tier: list[_OutStream] = []
         """The streams of the tier the current namespace goes to: each other's fallback."""
         self._deadline = math.inf
+        self._namespace: Tracked | None = None
+        self._given_back = 0
 
     # -- messages from the node -------------------------------------------------------------
 
     def on_message(self, peer: str, message: Message) -> None:
-        """An Accept, Refuse or Ack from ``peer`` for one of this drain's streams."""
-        if not isinstance(message, Accept | Refuse | Ack):
+        """An Accept, Refuse, Ack or Closed from ``peer`` for one of this drain's streams."""
+        if not isinstance(message, Accept | Refuse | Ack | Closed):
             return
         stream = self._streams.get((peer, message.stream))
         if stream is None:
@@ -223,7 +245,11 @@ class Drainer:
             # its bounds (a hash flood, a decode bomb), and the operator must see why.
             self._report.refusals[peer] = message.reason
         elif isinstance(message, Ack):
-            entry = stream.inflight.pop(message.seq)
+            entry = stream.inflight.pop(message.seq, None)
+            if entry is None:
+                # A cache's chunk that crossed its Cancel: its records were already sent
+                # elsewhere, and count there.
+                return
             report = self._report
             count = len(entry[0])
             stream.acknowledged += count
@@ -245,7 +271,7 @@ class Drainer:
         """``peer``'s link ended: its unacknowledged records must go elsewhere."""
         for (name, _), stream in self._streams.items():
             if name == peer:
-                self._fail(stream, "went down during the drain")
+                self._fail(stream, "went down during the drain", link_lost=True)
         self._changed.set()
 
     # -- the drain --------------------------------------------------------------------------
@@ -271,7 +297,9 @@ class Drainer:
         for tracked in order:
             if self._sources is not None and tracked.name not in self._sources:
                 continue
-            if self._keep_fingerprints:
+            # Ownership state needs no log: its export takes what it sends, so whatever it
+            # holds at the catch-up was written after the drain.
+            if self._keep_fingerprints and not tracked.adapter.moves_ownership:
                 self.exported[tracked.name] = ExportLog(self._codec.fingerprint_encoder())
             report = reports[tracked.name] = NamespaceReport(tracked.name, tracked.version)
             ns_started = self._clock.now()
@@ -306,6 +334,8 @@ class Drainer:
         self, tracked: Tracked, report: NamespaceReport, stream_until: float, deadline: float
     ) -> None:
         self._report = report
+        self._namespace = tracked
+        self._given_back = 0
         source = self._sources.get(tracked.name) if self._sources is not None else None
         exporter = iter(source() if source is not None else tracked.adapter.export())
         retry: deque[tuple[Record, float]] = deque()
@@ -317,10 +347,13 @@ class Drainer:
         routed: list[str] = []
         exhausted = False
         while self._clock.now() < stream_until:
+            # Streams that stopped (and, for ownership, whose chunks' fate became known)
+            # give back what they had: it goes to the successors still open.
+            for stream in offered:
+                if stream.state is not StreamState.OPEN:
+                    retry.extend(self._take_back(stream))
             open_streams = [s for s in streams if s.state is StreamState.OPEN]
             if not open_streams:
-                for stream in streams:
-                    retry.extend(self._take_back(stream))
                 if not tiers:
                     break
                 streams = await self._offer(tracked, tiers.pop(0), report, stream_until, deadline)
@@ -330,11 +363,6 @@ class Drainer:
             names = [s.peer.name for s in open_streams]
             if names != routed:
                 routed, router = names, Router(names)
-                # A successor left (down, refused, send failed): what it had queued or not
-                # yet acknowledged goes to the ones still open, not only once all are gone.
-                for stream in streams:
-                    if stream.state is not StreamState.OPEN:
-                        retry.extend(self._take_back(stream))
             # Work in batches of a chunk: the per-record path is the drain's hot loop.
             size = self._chunk_records()
             if retry:
@@ -350,13 +378,24 @@ class Drainer:
                         batch, exhausted = _pull_until_pause(exporter, size)
                 pulled_at = self._clock.now()
                 report.records += len(batch)
-                if self._keep_fingerprints:
-                    self.exported[tracked.name].add(batch)
+                log = self.exported.get(tracked.name)
+                if log is not None:
+                    log.add(batch)
                 if not batch:
                     await anyio.lowlevel.checkpoint()  # a scan paused: the loop's turn
                     continue
             else:
                 if await self._finish(open_streams, stream_until):
+                    if self._bound(offered):
+                        # Chunks of a cancelled stream wait for their fate: applied there,
+                        # or to be sent to the successors still open (not yet ended).
+                        await self._wait(
+                            functools.partial(self._resolved_or_stopped, offered, open_streams),
+                            stream_until,
+                        )
+                        # Past the streaming time, the end of the namespace deals with
+                        # what is still bound (and cancels the streams, ended or not).
+                        continue
                     for stream in open_streams:
                         # Each End is an await: a successor may withdraw or go down before
                         # its turn. Everything it had is acknowledged, so it needs no End.
@@ -378,9 +417,16 @@ class Drainer:
         # Out of time or out of successors: everything not acknowledged goes to the snapshot.
         leftovers: list[tuple[Record, float]] = list(retry)
         for stream in streams:
-            leftovers.extend(self._take_back(stream))
             if stream.state is StreamState.OPEN:
                 await self._send(stream, Cancel(stream.stream, "drain deadline"), deadline)
+        if self._bound(offered):
+            # What the receivers applied of it is acknowledged before their Closed: wait
+            # for that (within the time kept for the end), so that what they did not
+            # apply can still go to the snapshot store, and only the rest is unknown.
+            await self._wait(lambda: not self._bound(offered), self._resolve_until(deadline))
+        for stream in offered:
+            leftovers.extend(self._take_back(stream))
+            self._report_unknown(stream, report)
         self._note_successors(offered, report)
         reason = "deadline" if self._clock.now() >= stream_until else "no successor"
         await self._snapshot_or_drop(
@@ -454,15 +500,21 @@ class Drainer:
         while there is time; past the deadline, when ``sized``, by the object's size:
         iterating a large cache (1-6 us a record on the event loop) would overrun the
         deadline by seconds. The size may count entries the export would skip (expired,
-        not yet purged): the report errs on the side of loss."""
+        not yet purged): the report errs on the side of loss. An ownership export takes
+        what it yields: what is counted here is given back."""
         counting = self._counting(exporter, report)
         counted = 0
         while not sized or self._clock.now() < deadline:
             batch, exhausted = await self._pull_counted(counting, MAX_CHUNK_RECORDS)
             counted += len(batch)
+            self._give_back(batch)
             if exhausted:
                 return counted
-        left = max(0, len(tracked.adapter) - report.records)
+        if isinstance(tracked.adapter, SupportsGiveBack) and tracked.adapter.moves_ownership:
+            # What it holds is what was never taken, plus what was given back.
+            left = max(0, len(tracked.adapter) - self._given_back)
+        else:
+            left = max(0, len(tracked.adapter) - report.records)
         report.records += left
         return counted + left
 
@@ -513,6 +565,7 @@ class Drainer:
                 min(target.version, tracked.version),
                 target.chain,
             )
+            stream.ownership = tracked.adapter.moves_ownership
             self._streams[(target.peer.name, stream.stream)] = stream
             streams.append(stream)
             offer = Offer(
@@ -566,27 +619,97 @@ class Drainer:
         try:
             await stream.link.send(message, time_limit=remaining)
         except HandoffError as exc:
-            self._fail(stream, f"send failed: {exc}")
+            # The link is closed for good (a send that fails or overruns closes it).
+            self._fail(stream, f"send failed: {exc}", link_lost=True)
             return False
         return True
 
-    def _fail(self, stream: _OutStream, why: str) -> None:
+    def _fail(self, stream: _OutStream, why: str, *, link_lost: bool = False) -> None:
         if stream.machine.fail(why):
+            stream.link_lost = link_lost
             logger.warning("successor %s %s", stream.peer.name, why)
             self._changed.set()
 
+    def _give_back(self, records: Sequence[Record]) -> None:
+        """Return records the drain took and nobody received to an ownership adapter (it
+        keeps serving with them: they leave with the catch-up or the next drain)."""
+        tracked = self._namespace
+        if not records or tracked is None or not isinstance(tracked.adapter, SupportsGiveBack):
+            return
+        self._given_back += len(records)
+        with self._lock:
+            try:
+                tracked.adapter.give_back(records)
+            except Exception:
+                logger.exception("could not give %d records back to %r", len(records), tracked.name)
+
+    @staticmethod
+    def _bound_here(stream: _OutStream) -> bool:
+        """Whether the stream's unacknowledged chunks must wait for their fate: ownership
+        state a successor may have applied, which it has not yet confirmed or refused."""
+        if not stream.ownership or not stream.inflight:
+            return False
+        state = stream.state
+        if state is StreamState.FAILED:
+            return not stream.link_lost  # given up locally: the successor may hold them
+        return state is StreamState.CANCELLING or state is StreamState.OPEN
+
+    def _resolved_or_stopped(self, offered: list[_OutStream], waiting: list[_OutStream]) -> bool:
+        return not self._bound(offered) or any(s.state is not StreamState.OPEN for s in waiting)
+
+    def _bound(self, streams: list[_OutStream]) -> bool:
+        """Whether any stopped stream of ``streams`` still holds chunks of unknown fate."""
+        return any(s.state is not StreamState.OPEN and self._bound_here(s) for s in streams)
+
+    def _resolve_until(self, deadline: float) -> float:
+        """How long the end of a namespace waits for cancelled streams' Closed: half of
+        the time left, so that the snapshot store still has its share."""
+        now = self._clock.now()
+        return now + max(0.0, deadline - now) / 2
+
+    def _report_unknown(self, stream: _OutStream, report: NamespaceReport) -> None:
+        """Count chunks still bound to ``stream`` as of unknown outcome (at the end)."""
+        if not self._bound_here(stream) or stream.state is StreamState.OPEN:
+            return
+        count = sum(len(records) for records, _ in stream.inflight.values())
+        stream.inflight.clear()
+        report.drop(OUTCOME_UNKNOWN.format(peer=stream.peer.name), count)
+        logger.warning(
+            "%d records of %r sent to %s have an unknown outcome: it neither acknowledged "
+            "nor refused them before the deadline (it may hold them)",
+            count,
+            report.namespace,
+            stream.peer.name,
+        )
+
     def _take_back(self, stream: _OutStream) -> list[tuple[Record, float]]:
-        """Unacknowledged and queued records of a stream, oldest chunk first."""
+        """Unacknowledged and queued records of a stream, oldest chunk first. Chunks bound
+        to the successor (:meth:`_bound_here`) stay with it until their fate is known."""
+        queued = [(record, stream.pending.pulled_at) for record in stream.pending.records]
+        stream.pending = _Pending()
+        if self._bound_here(stream):
+            return queued
+        if stream.ownership and stream.link_lost and stream.inflight:
+            count = sum(len(records) for records, _ in stream.inflight.values())
+            self._report.in_doubt += count
+            self._report.refusals.setdefault(
+                stream.peer.name, "its link ended before it acknowledged every chunk"
+            )
+            logger.warning(
+                "%s's link ended with %d records of %r unacknowledged: they are re-sent; "
+                "if it crashed they are exact, if it still runs they may count twice",
+                stream.peer.name,
+                count,
+                self._report.namespace,
+            )
         taken = [
             (record, pulled_at)
             for seq in sorted(stream.inflight)
             for record in stream.inflight[seq][0]
             for pulled_at in (stream.inflight[seq][1],)
         ]
-        taken += [(record, stream.pending.pulled_at) for record in stream.pending.records]
         stream.inflight.clear()
-        stream.pending = _Pending()
-        return taken
+        return taken + queued
 
     async def _wait(self, done: Callable[[], bool], until: float, *, stalls: bool = False) -> bool:
         """Wait until ``done()`` (True) or ``until`` (False). With ``stalls``, the streams of
@@ -664,6 +787,8 @@ class Drainer:
             for reason, count in failed.items():
                 report.drop(reason, count)
             if failed:
+                kept_ids = set(kept)
+                self._give_back([r for i, r in enumerate(records) if i not in kept_ids])
                 records = [records[i] for i in kept]
         payload, rejected = self._codec.encode_records(to_send)
         for _, reason in rejected:
@@ -671,6 +796,8 @@ class Drainer:
         if rejected:
             rejected_ids = {id(r) for r, _ in rejected}
             kept = [i for i, r in enumerate(to_send) if id(r) not in rejected_ids]
+            kept_ids = set(kept)
+            self._give_back([r for i, r in enumerate(records) if i not in kept_ids])
             records = [records[i] for i in kept]
             to_send = [to_send[i] for i in kept]
         if not records:
@@ -703,6 +830,7 @@ class Drainer:
             report.drop(
                 f"record too large for a frame (over {self._max_chunk_bytes} bytes encoded)"
             )
+            self._give_back(records)
             return
         half = len(records) // 2
         parts = (records[:half], records[half:])
@@ -757,6 +885,7 @@ class Drainer:
         tells how many records are left."""
         store = self._snapshots
         if store is None:
+            self._give_back(leftovers)
             rest = await self._count_rest(tracked, report, exporter, sized=sized, deadline=deadline)
             report.drop(f"{reason}, no snapshot store", len(leftovers) + rest)
             return
@@ -791,6 +920,7 @@ class Drainer:
             # chunk bigger than the store takes (64 MiB) and than memory should hold.
             while batch:
                 if self._clock.now() >= deadline:
+                    self._give_back(batch + list(taken))
                     rest = len(taken)
                     taken.clear()
                     rest += await self._count_rest(

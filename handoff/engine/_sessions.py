@@ -1,6 +1,6 @@
 """Sessions: where stream messages go, and the order in which a node gives up its state.
 
-The mesh hands every session message here. What a receiver sends (Accept, Refuse, Ack)
+The mesh hands every session message here. What a receiver sends (Accept, Refuse, Ack, Closed)
 answers one of this node's outgoing streams and goes to the drain in progress; what a
 sender sends (Offer, Chunk, End, Cancel, Done) goes to the receiver.
 
@@ -22,7 +22,7 @@ from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._receiver import Receiver
 from handoff.engine._report import DrainReport
 from handoff.engine._sender import Drainer
-from handoff.protocol import Accept, Ack, Message, Refuse
+from handoff.protocol import Accept, Ack, Closed, Message, Refuse
 
 __all__ = ("INBOUND_SHARE", "Sessions")
 
@@ -48,7 +48,7 @@ class Sessions:
 
     async def handle(self, peer: str, link: Link, message: Message) -> None:
         """Route one session message from ``peer`` (ProtocolError: drop the link)."""
-        if isinstance(message, Accept | Refuse | Ack):
+        if isinstance(message, Accept | Refuse | Ack | Closed):
             if self._drainer is not None:
                 self._drainer.on_message(peer, message)
             else:

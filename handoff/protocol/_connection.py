@@ -95,8 +95,11 @@ __all__ = (
 
 # Version 1 had no secure channel: its frames after the handshake were in clear. A node of
 # version 1 is refused (with a message that says why) rather than spoken to insecurely.
-SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
+# Version 2 could not confirm a cancelled stream (no Closed): a sender could not tell which
+# of its chunks the receiver applied, so counters handed off through it could count twice.
+SUPPORTED_VERSIONS: tuple[int, ...] = (3,)
 _UNENCRYPTED_VERSIONS = frozenset({1})
+_UNCONFIRMED_VERSIONS = frozenset({2})
 
 
 class Role(Enum):
@@ -445,6 +448,12 @@ class Connection:
                 hint = (
                     " (the peer runs an older warm-handoff whose protocol has no encrypted "
                     "channel; it is refused rather than spoken to in clear: upgrade it)"
+                )
+            elif set(hello.versions) <= _UNENCRYPTED_VERSIONS | _UNCONFIRMED_VERSIONS:
+                hint = (
+                    " (the peer runs an older warm-handoff whose streams cannot confirm a "
+                    "cancelled handoff, so counters moved through it could count twice: "
+                    "upgrade it)"
                 )
             raise VersionMismatch(
                 f"unsupported protocol version: peer speaks {sorted(hello.versions)}, "

@@ -683,6 +683,18 @@ class Cancel(Message):
 
 @_message(session=True)
 @dataclass(frozen=True, slots=True)
+class Closed(Message):
+    """The receiver's answer to a Cancel of an open stream: every chunk it applied was
+    acknowledged before this message, and none will be applied after it. Until it comes,
+    the sender cannot tell whether its unacknowledged chunks were applied, so state that
+    must move exactly once (counters, actors) stays bound to this receiver meanwhile."""
+
+    TYPE: ClassVar[int] = 24
+    stream: Annotated[int, _STREAM]
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
 class Done(Message):
     """The sender's drain is over: nothing more will come from it (``records`` this
     receiver acknowledged in all). The receiver counts itself warm from here."""

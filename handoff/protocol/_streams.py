@@ -14,10 +14,14 @@ A stream::
                     <------------  Ack(seq, outcome, credit)
     End(records)    ------------>  (ended)
 
-Either end may stop an open stream: the sender with ``Cancel`` (deadline), the receiver with
-``Refuse`` (it started draining: "withdrawn"; the sender takes back what is not acknowledged
-and re-routes it). Messages crossing such a stop on the wire are late, not errors: a
-finished stream absorbs them.
+Either end may stop an open stream: the sender with ``Cancel`` (deadline, a stalled
+receiver), the receiver with ``Refuse`` (it started draining: "withdrawn"; the sender takes
+back what is not acknowledged and re-routes it). A receiver answers a Cancel of an open
+stream with ``Closed``: the Acks of every chunk it applied precede it on the wire, and
+nothing is applied after it. Until then the sender is ``cancelling``: Acks still count, so
+it learns exactly which chunks were applied (state that moves exactly once waits for that
+answer before it goes anywhere else). Messages crossing such a stop on the wire are late,
+not errors: a finished stream absorbs them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,18 @@ from enum import Enum
 
 from handoff._errors import HandoffError, LocalProtocolError, ProtocolError
 
-from ._messages import MAX_CREDIT, Accept, Ack, Cancel, Chunk, End, Message, Offer, Refuse
+from ._messages import (
+    MAX_CREDIT,
+    Accept,
+    Ack,
+    Cancel,
+    Chunk,
+    Closed,
+    End,
+    Message,
+    Offer,
+    Refuse,
+)
 
 __all__ = (
     "SENT_BY",
@@ -48,6 +63,8 @@ class StreamState(Enum):
     """The sender said End: every chunk was sent (and, on the sender, acknowledged)."""
     REFUSED = "refused"
     """The receiver refused the offer, or withdrew from an open stream."""
+    CANCELLING = "cancelling"
+    """The sender cancelled the open stream and waits for the receiver's Closed."""
     CANCELLED = "cancelled"
     FAILED = "failed"
     """Ended locally: the link went down, a time limit passed, a send failed."""
@@ -55,7 +72,7 @@ class StreamState(Enum):
     @property
     def finished(self) -> bool:
         """True once nothing more happens on the stream."""
-        return self not in (StreamState.OFFERED, StreamState.OPEN)
+        return self not in (StreamState.OFFERED, StreamState.OPEN, StreamState.CANCELLING)
 
 
 class Side(Enum):
@@ -73,13 +90,16 @@ SENT_BY: dict[type[Message], Side] = {
     Accept: Side.RECEIVER,
     Refuse: Side.RECEIVER,
     Ack: Side.RECEIVER,
+    Closed: Side.RECEIVER,
 }
 
 _S = StreamState
 
 # The one table, for both ends: (state, message type) -> next state. Offer creates a stream
 # (in OFFERED), so it appears in no row. A message missing from the row of an unfinished
-# state is a protocol error; in a finished state every message is late and ignored.
+# state is a protocol error; in a finished state every message is late and ignored. A
+# Cancel of an open stream leaves both ends CANCELLING: the receiver answers at once with
+# Closed, the sender counts the Acks that precede it.
 STREAM_TRANSITIONS: dict[StreamState, dict[type[Message], StreamState]] = {
     _S.OFFERED: {Accept: _S.OPEN, Refuse: _S.REFUSED, Cancel: _S.CANCELLED},
     _S.OPEN: {
@@ -87,8 +107,9 @@ STREAM_TRANSITIONS: dict[StreamState, dict[type[Message], StreamState]] = {
         Ack: _S.OPEN,
         End: _S.ENDED,
         Refuse: _S.REFUSED,
-        Cancel: _S.CANCELLED,
+        Cancel: _S.CANCELLING,
     },
+    _S.CANCELLING: {Ack: _S.CANCELLING, Closed: _S.CANCELLED, Refuse: _S.REFUSED},
 }
 
 
@@ -191,8 +212,8 @@ class OutboundStream(_Machine):
             self.records += message.records
 
     def receive(self, message: Message) -> bool:
-        """Apply an Accept, Refuse or Ack from the receiver. False: it is late (the stream
-        had already finished here) and changes nothing."""
+        """Apply an Accept, Refuse, Ack or Closed from the receiver. False: it is late (the
+        stream had already finished here) and changes nothing."""
         if isinstance(message, Ack) and not self.state.finished:
             records = self.unacked.get(message.seq)
             if records is None:
@@ -224,7 +245,8 @@ class InboundStream(_Machine):
         _Machine.__init__(self, offer.stream, Side.RECEIVER)
 
     def send(self, message: Message) -> None:
-        """Record that ``message`` (Accept, Refuse or Ack) is being sent."""
+        """Record that ``message`` (Accept, Refuse, Ack, or Closed once the sender's
+        Cancel arrived) is being sent."""
         if isinstance(message, Ack) and message.seq not in self.unacked:
             raise LocalProtocolError(f"stream {self.stream}: no chunk {message.seq} to Ack")
         if isinstance(message, Accept | Ack):
