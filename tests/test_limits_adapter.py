@@ -630,6 +630,27 @@ async def test_a_drain_hands_the_limits_to_the_successor(strategy: str, clock: C
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_a_drain_with_nobody_to_take_the_windows_gives_them_back(
+    strategy: str, clock: Clock
+) -> None:
+    storage = MemoryStorage()
+    limiter = STRATEGIES[strategy](storage)
+    try:
+        spend(limiter, FIVE_PER_MINUTE, 4)
+        lonely = node("lonely", "127.0.0.2")
+        lonely.track("limits", storage)
+        async with lonely:
+            report = await lonely.drain()  # no successor, no snapshot store
+            # The engine gave the windows back: the node keeps limiting with them.
+            assert allowed(limiter, FIVE_PER_MINUTE) == 1
+    finally:
+        storage.timer.cancel()
+    windows = report.namespaces["limits"]
+    assert (windows.records, windows.dropped) == (1, {"no successor, no snapshot store": 1})
+
+
+@pytest.mark.anyio
 async def test_windows_wait_in_a_snapshot_with_their_time_running(tmp_path: Path) -> None:
     # The real clock: the snapshot's age comes from the wall clock the engine was given.
     first_storage, second_storage = MemoryStorage(), MemoryStorage()
