@@ -9,8 +9,9 @@ Flask-Limiter and slowapi use by default: rate-limit windows survive a deploy.
 Ownership
     Rate-limit counts must live in one place, so the adapter moves ownership
     (``moves_ownership = True``): :meth:`LimitsAdapter.export` *takes* each window from the
-    storage as it yields its record (under the key's lock), and hits that come afterwards
-    start a fresh window that goes with the next export (the catch-up at stop).
+    storage as it yields its record (under the key's lock, leaving the key with a count of
+    0 or no hits rather than removing it), and hits that come afterwards start a fresh
+    window that goes with the next export (the catch-up at stop).
     :meth:`LimitsAdapter.give_back` merges back what the engine could hand to nobody.
     Delivering each record exactly once is the engine's job: the adapter adds what it is
     given.
@@ -51,8 +52,11 @@ with ``atime`` and ``expiry``, ``locks``, and the window numbers of
 ``sliding_window_keys``), so importing this module checks both the version and the layout,
 and raises :exc:`UnsupportedLimits` rather than guess. ``limits`` 4.3 introduced the plain
 ``Entry`` the adapter builds (4.1 and 4.2 kept hits as ``LockableEntry`` locks; before 4.1
-there were neither per-key locks nor sliding windows). The asynchronous
-``limits.aio.storage.MemoryStorage`` is not supported.
+there were neither per-key locks nor sliding windows); 4.3 to 5.8 share the layout, and
+a release from 6 on is refused until it has been checked. The asynchronous
+``limits.aio.storage.MemoryStorage`` is not supported: its expiry task cuts a key's hits at
+an index it computed before an ``await`` (inside the key's lock since 5.8, outside it in
+5.0 to 5.7), so hits merged in meanwhile could be cut off.
 
 Concurrency
     Every read and write of a key holds the storage's lock for that key, as ``limits``
