@@ -8,10 +8,10 @@ places, most authoritative first:
 2. the entry-point group ``handoff.adapters`` of installed distributions, loaded once, on the
    first look-up, so third-party packages extend the registry without being imported by the
    application;
-3. the built-in adapters (cachetools caches, any ``MutableMapping``, ``handoff.Counters``),
-   known by import path so that importing :mod:`handoff` imports no adapter code until an
-   object needs it (the counters module is the exception: :mod:`handoff` exports its
-   ``Counters`` class).
+3. the built-in adapters (cachetools caches, any ``MutableMapping``, ``handoff.Counters``,
+   the ``limits`` package's ``MemoryStorage``), known by import path so that importing
+   :mod:`handoff` imports no adapter code until an object needs it (the counters module is
+   the exception: :mod:`handoff` exports its ``Counters`` class).
 
 The factory whose type is nearest in ``type(obj).__mro__`` wins, whatever its source, so an
 ``LRUCache`` gets the LRU adapter rather than the one for ``Cache`` or ``MutableMapping``.
@@ -97,6 +97,7 @@ _BUILTINS: tuple[tuple[str, str], ...] = (
     ("cachetools:TTLCache", "handoff.adapters.cachetools:TTL_CACHE_FACTORY"),
     ("collections.abc:MutableMapping", "handoff.adapters.mapping:MAPPING_FACTORY"),
     ("handoff.adapters.counters:Counters", "handoff.adapters.counters:COUNTERS_FACTORY"),
+    ("limits.storage.memory:MemoryStorage", "handoff.adapters.limits:MEMORY_STORAGE_FACTORY"),
 )
 
 # Sources, most authoritative first (lower ranks better).

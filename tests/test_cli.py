@@ -601,7 +601,7 @@ async def test_doctor_with_two_healthy_nodes_found_through_dns(
     assert peers["a"]["local"] is True
     assert (peers["b"]["release"], peers["b"]["state"]) == ("v2", "serving")
     assert peers["b"]["namespaces"] == {"users": 2}
-    assert peers["b"]["protocol_version"] == 2
+    assert peers["b"]["protocol_version"] == 3
     assert abs(peers["b"]["clock_offset"]) < 1
     assert seen_a == seen_b == []
     assert "no problems found" in human
