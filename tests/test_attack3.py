@@ -144,19 +144,13 @@ def test_an_adapter_that_raises_on_restore_neither_stops_the_start_nor_restores_
     assert store.pending("shop") == []  # restored once: not again at the next start
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 3d: the drain logs a record as exported when it is pulled, not when it "
-    "reaches a successor or the store",
-)
 async def test_the_catch_up_sends_every_record_its_drain_dropped_at_the_deadline(
     tmp_path: Path,
 ) -> None:
-    # _fingerprint: "past its deadline a drain counts the rest by the object's size, so
-    # those the catch-up sends as well". But the batch pulled when the deadline struck (up
-    # to 8,192 records, in _snapshot_or_drop; in the stream path: the retry queue and every
-    # chunk in flight) is logged as exported, dropped "deadline" like the rest, and never
-    # sent by the catch-up, which reports only the others.
+    # Finding 3d (fixed): the batch pulled when the deadline struck (up to 8,192 records, in
+    # _snapshot_or_drop; in the stream path: the retry queue and every chunk in flight) was
+    # logged as exported when pulled, dropped "deadline" like the rest, and never sent by
+    # the catch-up. The log now holds what a successor acknowledged or the store wrote.
     cache: dict[str, Any] = {f"k{i}": i for i in range(LARGE)}
     old = node("old", "127.0.0.2", drain_timeout=30.0, snapshot_dir=tmp_path)
     old.track("cache", cache)

@@ -38,13 +38,14 @@ stop the node's heartbeats for as long."""
 class ExportLog:
     """The hashes of the records one namespace's drain exported."""
 
-    __slots__ = ("_encode", "_hashes", "_sealed")
+    __slots__ = ("_encode", "_forgotten", "_hashes", "_sealed")
 
     def __init__(self, encode: Callable[[Any], bytes]) -> None:
         """``encode(obj)`` serializes a record's ``[key, value]``
         (:meth:`Codec.fingerprint_encoder`; one per log, it is not thread-safe)."""
         self._encode = encode
         self._hashes = array("q")
+        self._forgotten = array("q")
         self._sealed = False
 
     def _hash(self, record: Record) -> int | None:
@@ -57,17 +58,26 @@ class ExportLog:
         """Log exported ``records``."""
         self._hashes.extend(h for h in map(self._hash, records) if h is not None)
 
+    def forget(self, records: Iterable[Record]) -> None:
+        """Records the drain pulled and then gave up on at its deadline: the catch-up
+        sends them, as it sends those the deadline left unexported."""
+        self._forgotten.extend(h for h in map(self._hash, records) if h is not None)
+
     def changed(self, record: Record) -> bool:
-        """True unless ``record`` is exactly one the drain exported."""
+        """True unless ``record`` is exactly one the drain exported (and did not forget)."""
         if not self._sealed:
             self._hashes = array("q", sorted(self._hashes))
+            self._forgotten = array("q", sorted(self._forgotten))
             self._sealed = True
         digest = self._hash(record)
         if digest is None:
             return True
-        hashes = self._hashes
-        index = bisect_left(hashes, digest)
-        return index == len(hashes) or hashes[index] != digest
+        return not _holds(self._hashes, digest) or _holds(self._forgotten, digest)
+
+
+def _holds(hashes: array[int], digest: int) -> bool:
+    index = bisect_left(hashes, digest)
+    return index < len(hashes) and hashes[index] == digest
 
 
 def changed_records(adapter: Adapter, log: ExportLog) -> Iterator[Record]:

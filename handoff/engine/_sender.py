@@ -495,8 +495,11 @@ class Drainer:
         *,
         sized: bool,
         deadline: float,
+        forget: bool = False,
     ) -> int:
-        """Count what the export still holds into the report; returns how many. One by one
+        """Count what the export still holds into the report; returns how many. With
+        ``forget`` (a deadline cut them off) the export log forgets them, so that a
+        catch-up sends them. One by one
         while there is time; past the deadline, when ``sized``, by the object's size:
         iterating a large cache (1-6 us a record on the event loop) would overrun the
         deadline by seconds. The size may count entries the export would skip (expired,
@@ -508,6 +511,8 @@ class Drainer:
             batch, exhausted = await self._pull_counted(counting, MAX_CHUNK_RECORDS)
             counted += len(batch)
             self._give_back(batch)
+            if forget:
+                self._forget(report, batch)
             if exhausted:
                 return counted
         if isinstance(tracked.adapter, SupportsGiveBack) and tracked.adapter.moves_ownership:
@@ -642,6 +647,11 @@ class Drainer:
                 tracked.adapter.give_back(records)
             except Exception:
                 logger.exception("could not give %d records back to %r", len(records), tracked.name)
+
+    def _forget(self, report: NamespaceReport, records: Sequence[Record]) -> None:
+        log = self.exported.get(report.namespace)
+        if log is not None and records:
+            log.forget(records)
 
     @staticmethod
     def _bound_here(stream: _OutStream) -> bool:
@@ -884,9 +894,14 @@ class Drainer:
         them as dropped. ``sized``: the exporter is the adapter's own export, so its size
         tells how many records are left."""
         store = self._snapshots
+        cut = reason == "deadline"
         if store is None:
             self._give_back(leftovers)
-            rest = await self._count_rest(tracked, report, exporter, sized=sized, deadline=deadline)
+            if cut:
+                self._forget(report, leftovers)
+            rest = await self._count_rest(
+                tracked, report, exporter, sized=sized, deadline=deadline, forget=cut
+            )
             report.drop(f"{reason}, no snapshot store", len(leftovers) + rest)
             return
         taken = deque(leftovers)
@@ -921,10 +936,11 @@ class Drainer:
             while batch:
                 if self._clock.now() >= deadline:
                     self._give_back(batch + list(taken))
+                    self._forget(report, batch + list(taken))
                     rest = len(taken)
                     taken.clear()
                     rest += await self._count_rest(
-                        tracked, report, exporter, sized=sized, deadline=deadline
+                        tracked, report, exporter, sized=sized, deadline=deadline, forget=True
                     )
                     report.drop("deadline", len(batch) + rest)
                     break
