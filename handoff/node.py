@@ -445,6 +445,8 @@ class Node:
             if not stopping:
                 self._spawn(self._sessions.send_late)
             self._exported = None if stopping else drainer.exported
+            for log in drainer.exported.values():
+                log.seal()
             self.last_drain_report = report
             self._drained.set()
             return report

@@ -66,20 +66,23 @@ async def test_a_catch_up_into_the_snapshot_store_keeps_the_event_loop_turning(
     assert longest < 0.9, f"the event loop stood still for {longest:.2f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 3c: an unsized source (the catch-up's changed_records) is counted one "
-    "by one past the deadline",
-)
 async def test_a_catch_up_with_no_successor_ends_by_its_deadline() -> None:
-    # Invariant 7. _count_rest counts by the object's size past the deadline only when the
-    # source is the adapter's own export; the catch-up's source is changed_records, so the
-    # whole scan runs whatever the deadline (1.5-1.7 s here for a 0.3 s drain_timeout; at a
-    # million records, seconds past the platform's grace).
+    # Invariant 7, finding 3c (fixed). _count_rest counted by the object's size past the
+    # deadline only when the source was the adapter's own export; the catch-up's source is
+    # changed_records, so the whole scan ran whatever the deadline (1.5-1.7 s here for a
+    # 0.3 s drain_timeout; at a million records, seconds past the platform's grace). Now the
+    # scan stops at the deadline, and what it did not check is reported as such.
+    from handoff.engine._sender import NOT_CHECKED
+
     cache: dict[str, Any] = {f"k{i}": i for i in range(LARGE)}
     report, _, _ = await _catch_up_alone(cache, drain_timeout=0.3)
     assert report is not None
     assert report.seconds < 0.3 + 0.3, report.summary()
+    ns = report.namespaces["cache"]
+    assert ns.records == ns.acknowledged + ns.snapshotted + sum(ns.dropped.values())
+    unchecked = ns.dropped.get(NOT_CHECKED, 0)
+    assert 0 < unchecked < LARGE + 1
+    assert not report.ok
 
 
 # -- restore: an adapter that raises -------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 from handoff._adapter import Adapter, Record
 
-__all__ = ("SCAN_PAUSE", "SCAN_STEP", "ExportLog", "changed_records")
+__all__ = ("SCAN_PAUSE", "SCAN_STEP", "ChangedRecords", "ExportLog", "changed_records")
 
 SCAN_STEP = 4096
 SCAN_PAUSE: Record = (object(), None, None)
@@ -57,18 +57,25 @@ class ExportLog:
     def add(self, records: Iterable[Record]) -> None:
         """Log exported ``records``."""
         self._hashes.extend(h for h in map(self._hash, records) if h is not None)
+        self._sealed = False
 
     def forget(self, records: Iterable[Record]) -> None:
         """Records the drain pulled and then gave up on at its deadline: the catch-up
         sends them, as it sends those the deadline left unexported."""
         self._forgotten.extend(h for h in map(self._hash, records) if h is not None)
+        self._sealed = False
 
-    def changed(self, record: Record) -> bool:
-        """True unless ``record`` is exactly one the drain exported (and did not forget)."""
+    def seal(self) -> None:
+        """Sort the log for look-ups (once: at the end of the drain, so that the catch-up's
+        deadline does not pay for it; ~0.1 s for 300,000 records)."""
         if not self._sealed:
             self._hashes = array("q", sorted(self._hashes))
             self._forgotten = array("q", sorted(self._forgotten))
             self._sealed = True
+
+    def changed(self, record: Record) -> bool:
+        """True unless ``record`` is exactly one the drain exported (and did not forget)."""
+        self.seal()
         digest = self._hash(record)
         if digest is None:
             return True
@@ -80,16 +87,38 @@ def _holds(hashes: array[int], digest: int) -> bool:
     return index < len(hashes) and hashes[index] == digest
 
 
-def changed_records(adapter: Adapter, log: ExportLog) -> Iterator[Record]:
+class ChangedRecords:
     """The records ``adapter`` exports now that ``log`` does not hold: written (or
     rewritten) after the drain, with a :data:`SCAN_PAUSE` after every :data:`SCAN_STEP`
-    unchanged ones. Lazy, like the export itself."""
-    unchanged = 0
-    for record in adapter.export():
-        if log.changed(record):
-            yield record
-        else:
-            unchanged += 1
-            if unchanged == SCAN_STEP:
-                unchanged = 0
-                yield SCAN_PAUSE
+    unchanged ones. Lazy, like the export itself. :attr:`scanned` says how many records of
+    the export it has looked at: a drain that must stop at its deadline counts the rest
+    without looking (at a million records, the scan alone takes seconds)."""
+
+    __slots__ = ("_records", "scanned")
+
+    def __init__(self, adapter: Adapter, log: ExportLog) -> None:
+        self.scanned = 0
+        self._records = self._scan(adapter, log)
+
+    def __iter__(self) -> Iterator[Record]:
+        return self
+
+    def __next__(self) -> Record:
+        return next(self._records)
+
+    def _scan(self, adapter: Adapter, log: ExportLog) -> Iterator[Record]:
+        unchanged = 0
+        for record in adapter.export():
+            self.scanned += 1
+            if log.changed(record):
+                yield record
+            else:
+                unchanged += 1
+                if unchanged == SCAN_STEP:
+                    unchanged = 0
+                    yield SCAN_PAUSE
+
+
+def changed_records(adapter: Adapter, log: ExportLog) -> ChangedRecords:
+    """See :class:`ChangedRecords`."""
+    return ChangedRecords(adapter, log)

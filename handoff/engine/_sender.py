@@ -40,7 +40,7 @@ import anyio.lowlevel
 from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath
-from handoff.engine._fingerprint import SCAN_PAUSE, ExportLog
+from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
@@ -80,6 +80,7 @@ CATCH_UP = "catch-up"
 OUTCOME_UNKNOWN = (
     "outcome unknown: sent to {peer}, which neither acknowledged nor refused it in time"
 )
+NOT_CHECKED = "deadline: not checked for changes since the drain (may be unchanged)"
 KEPT_OLDER = "written after the drain, the successor kept its older copy"
 # Seconds (at most) kept at the end of a drain to cancel the streams still open.
 CANCEL_RESERVE = 0.1
@@ -473,14 +474,15 @@ class Drainer:
             yield record
 
     async def _pull_counted(
-        self, counting: Iterator[Record], size: int
+        self, counting: Iterator[Record], size: int, *, until: float = math.inf
     ) -> tuple[list[Record], bool]:
         """Up to ``size`` records of ``counting`` (a :meth:`_counting` of an export), and
         whether it ran out. The event loop gets its turn at every :data:`SCAN_PAUSE` (a
-        catch-up's scan of unchanged records) and after the pull: never one long pull."""
+        catch-up's scan of unchanged records) and after the pull: never one long pull.
+        At ``until`` it returns what it has (a scan of unchanged records may be long)."""
         batch: list[Record] = []
         exhausted = False
-        while len(batch) < size and not exhausted:
+        while len(batch) < size and not exhausted and self._clock.now() < until:
             with self._lock:
                 part, exhausted = _pull_until_pause(counting, size - len(batch))
             batch += part
@@ -507,14 +509,26 @@ class Drainer:
         what it yields: what is counted here is given back."""
         counting = self._counting(exporter, report)
         counted = 0
-        while not sized or self._clock.now() < deadline:
-            batch, exhausted = await self._pull_counted(counting, MAX_CHUNK_RECORDS)
+        # A scan of what changed since a drain (the catch-up) says how far it got: past the
+        # deadline the rest is counted without looking, as a sized export is.
+        scan = exporter if isinstance(exporter, ChangedRecords) else None
+        while (not sized and scan is None) or self._clock.now() < deadline:
+            batch, exhausted = await self._pull_counted(
+                counting, MAX_CHUNK_RECORDS, until=deadline if scan is not None else math.inf
+            )
             counted += len(batch)
             self._give_back(batch)
             if forget:
                 self._forget(report, batch)
             if exhausted:
                 return counted
+        if scan is not None:
+            # Not known to have changed: the catch-up may not send them, and cannot say
+            # they are safe either. Counted (and so not ok) under a reason that says so.
+            unchecked = max(0, len(tracked.adapter) - scan.scanned)
+            report.records += unchecked
+            report.drop(NOT_CHECKED, unchecked)
+            return counted
         if isinstance(tracked.adapter, SupportsGiveBack) and tracked.adapter.moves_ownership:
             # What it holds is what was never taken, plus what was given back.
             left = max(0, len(tracked.adapter) - self._given_back)
@@ -897,8 +911,6 @@ class Drainer:
         cut = reason == "deadline"
         if store is None:
             self._give_back(leftovers)
-            if cut:
-                self._forget(report, leftovers)
             rest = await self._count_rest(
                 tracked, report, exporter, sized=sized, deadline=deadline, forget=cut
             )
@@ -907,14 +919,19 @@ class Drainer:
         taken = deque(leftovers)
         counting = self._counting(exporter, report)
         exhausted = False
+        # Records of the batch in hand pulled from the export (never sent anywhere), after
+        # those taken back from streams (which a successor may have applied late).
+        pulled = 0
 
         async def next_batch() -> list[Record]:
-            nonlocal exhausted
+            nonlocal exhausted, pulled
             size = self._snapshot_records()
             batch = [taken.popleft() for _ in range(min(size, len(taken)))]
+            pulled = 0
             if len(batch) < size and not exhausted:
                 more, exhausted = await self._pull_counted(counting, size - len(batch))
                 batch += more
+                pulled = len(more)
             return batch
 
         batch = await next_batch()
@@ -936,7 +953,8 @@ class Drainer:
             while batch:
                 if self._clock.now() >= deadline:
                     self._give_back(batch + list(taken))
-                    self._forget(report, batch + list(taken))
+                    # What was never sent is not on any successor: the catch-up sends it.
+                    self._forget(report, batch[len(batch) - pulled :])
                     rest = len(taken)
                     taken.clear()
                     rest += await self._count_rest(
