@@ -142,6 +142,8 @@ class World:
     names: Iterator[int] = field(default_factory=lambda: iter(range(1, 10_000)))
     reports: list[DrainReport] = field(default_factory=list)
     cut_during_drain: list[tuple[Wire, Wire]] = field(default_factory=list)
+    tampered: list[str] = field(default_factory=list)
+    """Successors sent a duplicated or reordered chunk in the current deploy."""
 
     # -- nodes ----------------------------------------------------------------------------
 
@@ -362,6 +364,7 @@ def _install(world: World, draining: FakeNode, fault: str, k: int) -> list[Wire]
             def duplicate(m: Message, out: Wire = out) -> None:
                 if isinstance(m, Chunk) and m.seq == k:
                     out.queue.append(m)
+                    world.tampered.append(out.dst.name)
 
             out.on_send = duplicate
         elif fault == "reorder":
@@ -379,6 +382,7 @@ def _install(world: World, draining: FakeNode, fault: str, k: int) -> list[Wire]
                     out.queue.append(m)
                     out.queue.append(first)
                     skip.add(id(m))
+                    world.tampered.append(out.dst.name)
 
             def drop(m: Message, stash: list[Message] = stash, skip: set[int] = skip) -> bool:
                 if id(m) in skip:
@@ -411,8 +415,18 @@ async def deploy(world: World, pick: int, fault: str, k: int) -> None:
         draining = sorted(live, key=lambda n: int(n.release[1:]))[pick % len(live)]
     held = _install(world, draining, fault, k)
     world.draining = draining.name
+    errors = len(net.protocol_errors)
     report = await net.finish(net.start(lambda: draining.drain(time_limit=10.0)))
     world.draining = None
+    # A duplicated or reordered chunk is a protocol error: the successor drops the link.
+    new_errors = net.protocol_errors[errors:]
+    for peer in world.tampered:
+        assert any(
+            (at, src) == (peer, draining.name) and "out of order" in why
+            for at, src, why in new_errors
+        ), (peer, new_errors)
+    assert len(new_errors) == len(world.tampered), new_errors
+    world.tampered.clear()
     world.tally_overlaps()
     world.note(report)
     ns = report.namespaces[NAMESPACE]
