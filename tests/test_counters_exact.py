@@ -448,8 +448,8 @@ async def deploy(world: World, pick: int, fault: str, k: int) -> None:
 
 
 STEP = st.one_of(
-    st.tuples(st.just("incr"), st.integers(0, 2**32), st.integers(1000, 3000)),
-    st.tuples(st.just("incr"), st.integers(0, 2**32), st.integers(1000, 3000)),
+    st.tuples(st.just("incr"), st.integers(0, 2**32), st.integers(1500, 4000)),
+    st.tuples(st.just("incr"), st.integers(0, 2**32), st.integers(1500, 4000)),
     st.tuples(st.just("spawn"), st.just(0), st.just(0)),
     st.tuples(st.just("deploy"), st.integers(0, 7), st.sampled_from(range(len(FAULTS)))),
     st.tuples(st.just("deploy"), st.integers(0, 7), st.sampled_from(range(len(FAULTS)))),
@@ -519,7 +519,7 @@ async def run_program(program: list[tuple[str, int, int]], windowed: bool) -> No
 
 
 @settings(
-    max_examples=50,
+    max_examples=40,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
