@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.from_thread
 
-from handoff._errors import HandoffError, LocalProtocolError
+from handoff._errors import HandoffError, LocalProtocolError, PortsInUse
 
 if TYPE_CHECKING:
     from handoff.node import Node
@@ -75,12 +75,33 @@ class Done:
         yield  # pragma: no cover - makes this a generator
 
 
+@asynccontextmanager
+async def _joined(node: Node) -> AsyncIterator[bool]:
+    """``async with node`` for servers: yields whether the node runs. Every port of its
+    range in use (:class:`PortsInUse`: more workers on this machine than ports) is a
+    condition of the machine, not of the configuration: the app serves without a node
+    (logged as an error, :attr:`Node.join_error`) instead of the server stopping. Any other
+    start error (a missing cookie, a wrong bind address) still stops it."""
+    try:
+        await node.start()
+    except PortsInUse as exc:
+        node._serve_without(exc)
+        yield False
+        return
+    try:
+        yield True
+    except BaseException as exc:
+        await node.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    await node.__aexit__(None, None, None)
+
+
 def lifespan(node: Node, app: object) -> AbstractAsyncContextManager[None]:
     """The ASGI lifespan of ``node``: ``FastAPI(lifespan=node.lifespan)``."""
 
     @asynccontextmanager
     async def run() -> AsyncIterator[None]:
-        async with node:
+        async with _joined(node):
             await node.wait_warm()  # bounded by warmup_timeout
             yield
 
@@ -93,7 +114,7 @@ def lifespan_with(node: Node, inner: Lifespan[_App]) -> Lifespan[_App]:
     def composed(app: _App) -> AbstractAsyncContextManager[Any]:
         @asynccontextmanager
         async def run() -> AsyncIterator[Any]:
-            async with node:
+            async with _joined(node):
                 await node.wait_warm()
                 async with inner(app) as state:
                     yield state
@@ -151,6 +172,10 @@ class ThreadRunner:
         if self._error is not None:
             error, self._error = self._error, None
             self._close_portal()
+            if isinstance(error, PortsInUse):
+                # The app serves on without a node (see _joined); stop() has nothing to do.
+                self._node._serve_without(error)
+                return
             raise error
         # From here on the node runs: whatever ends this process must drain it first.
         _unstopped.add(self)

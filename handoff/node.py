@@ -9,6 +9,7 @@ snapshot store (``node.drain()``), with hooks for ASGI and threaded services.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -29,11 +30,11 @@ from anyio.abc import SocketAttribute
 
 from handoff._adapter import Adapter, Record
 from handoff._codec import Codec
-from handoff._errors import ConfigError, LocalProtocolError
+from handoff._errors import BindError, ConfigError, LocalProtocolError, PortsInUse
 from handoff._keys import cluster_key, cookie_weakness
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
 from handoff._registry import adapter_for
-from handoff.config import COOKIE_HOWTO, Settings, resolve_settings
+from handoff.config import COOKIE_HOWTO, Settings, for_worker, resolve_settings, worker_ports
 from handoff.control import ControlServer
 from handoff.discovery import make_discovery
 from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Sessions, Tracked
@@ -44,12 +45,13 @@ from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_w
 from handoff.membership import MembershipEvent, Peer
 from handoff.protocol import (
     LocalNode,
+    Message,
     NamespaceVersion,
     NodeState,
 )
 from handoff.snapshot import DirectorySnapshotStore, SnapshotStore
 from handoff.transforms import Transform, Transforms
-from handoff.transport import TLSContexts, format_address, open_listener
+from handoff.transport import PeerLink, TLSContexts, format_address, open_listener
 
 __all__ = ("Node",)
 
@@ -103,6 +105,9 @@ class Node:
             before.
         warm_reason: Why the node counts as warm: a restored snapshot, a received handoff,
             nothing to wait for, or the warm-up timeout; ``""`` while not warm.
+        join_error: Why this process serves without a node (every port of its range was
+            in use, see ``HANDOFF_PORT_RANGE``): the ASGI lifespan and
+            :meth:`start_in_thread` log it and let the app serve on; ``""`` otherwise.
         is_warm: True once the node is warm (a property, see below): use it for readiness
             checks.
         incarnation: Random per process, so peers tell a restarted node from the old one.
@@ -132,6 +137,7 @@ class Node:
         connect_timeout: float | None = None,
         advertise: str | None = None,
         control_socket: str | os.PathLike[str] | None = None,
+        port_range: int | None = None,
         environ: Mapping[str, str] | None = None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         handle_signals: bool = False,
@@ -158,8 +164,10 @@ class Node:
             connect_timeout=connect_timeout,
             advertise=advertise,
             control_socket=control_socket,
+            port_range=port_range,
         )
         s = self.settings
+        self._built_by = os.getpid()
         # The process's one scrypt (cached by cookie and cluster): handshakes and snapshot
         # files derive their keys from it, so it is paid here rather than in the first
         # handshake on the event loop.
@@ -189,16 +197,8 @@ class Node:
         self.catch_up_report: DrainReport | None = None
         self._warm = anyio.Event()
         self.warm_reason = ""
-        self._receiver = Receiver(
-            node=s.node_name,
-            tracked=self._tracked,
-            transforms=self.transforms,
-            codec=self.codec,
-            accepting=self._refuse_reason,
-            on_complete=self._handoff_received,
-            lock=self.lock,
-        )
-        self._sessions = Sessions(self._receiver)
+        self.join_error = ""
+        self._receiver, self._sessions = self._new_sessions()
         # One numbering for all of this node's drains: a receiver keeps a stream that a
         # drain gave up on at its deadline (no time left for a Cancel) until the link goes;
         # the catch-up reusing its id was "offered twice", a dropped link and lost records.
@@ -210,13 +210,31 @@ class Node:
             s,
             local_node=self._local_node,
             spawn=self._spawn,
-            on_session_message=self._sessions.handle,
-            on_peer_lost=self._sessions.peer_lost,
+            on_session_message=self._session_message,
+            on_peer_lost=self._peer_lost,
             max_pending_handshakes=max_pending_handshakes,
         )
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._port = s.bind_port
+
+    def _new_sessions(self) -> tuple[Receiver, Sessions]:
+        receiver = Receiver(
+            node=self.settings.node_name,
+            tracked=self._tracked,
+            transforms=self.transforms,
+            codec=self.codec,
+            accepting=self._refuse_reason,
+            on_complete=self._handoff_received,
+            lock=self.lock,
+        )
+        return receiver, Sessions(receiver)
+
+    async def _session_message(self, peer: str, link: PeerLink, message: Message) -> None:
+        await self._sessions.handle(peer, link, message)
+
+    def _peer_lost(self, peer: str) -> None:
+        self._sessions.peer_lost(peer)
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -355,6 +373,18 @@ class Node:
             self.warm_reason = reason
             self._warm.set()
             logger.info("%s is warm: %s", self.name, reason)
+
+    def _serve_without(self, exc: PortsInUse) -> None:
+        """The ASGI lifespan and the thread runner: this process could not join (no port
+        free); the app serves on without a node, and says so loudly."""
+        self.join_error = str(exc)
+        logger.error(
+            "%s: this process serves WITHOUT a node: its tracked state is neither received "
+            "nor handed off. %s",
+            self.name,
+            exc,
+        )
+        self._set_warm(f"not joined: {exc}")
 
     def _refuse_reason(self) -> str:
         if self._state is not NodeState.SERVING:
@@ -561,8 +591,11 @@ class Node:
             dns_server=s.dns_server,
             fly_app=s.fly_app,
             timeout=min(2.0, s.poll_interval),
+            ports=s.port_range,
         )
-        listener = await open_listener(s.bind_host, s.bind_port)
+        listener, port = await self._listen()
+        self._take_identity(port)
+        s = self.settings
         if self._snapshots is not None and self._tracked:
             try:
                 with self.lock:
@@ -589,8 +622,6 @@ class Node:
             except BaseException:
                 await listener.aclose()
                 raise
-        local = listener.extra(SocketAttribute.local_address)
-        self._port = int(local[1]) if isinstance(local, tuple) else s.bind_port
         own_addresses = {format_address(s.bind_host, self._port)}
         if self.address:
             own_addresses.add(self.address)
@@ -620,6 +651,60 @@ class Node:
             " with TLS" if tls else "",
             discovery.describe(),
         )
+
+    async def _listen(self) -> tuple[anyio.abc.SocketListener, int]:
+        """Listen on the bind port, else on the first free one of the range after it (the
+        worker processes of one machine take one each); :class:`PortsInUse` if none is."""
+        s = self.settings
+        ports = worker_ports(s.bind_port, s.port_range)
+        for port in ports:
+            try:
+                listener = await open_listener(s.bind_host, port)
+            except BindError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            local = listener.extra(SocketAttribute.local_address)
+            return listener, int(local[1]) if isinstance(local, tuple) else port
+        where = format_address(s.bind_host, ports[0])
+        if len(ports) == 1:
+            raise PortsInUse(
+                f"cannot listen on {where}: address already in use (another process, another "
+                "node?, listens there); stop it, set HANDOFF_BIND to a free port, or let worker "
+                "processes take the following ports (HANDOFF_PORT_RANGE above 1)"
+            )
+        raise PortsInUse(
+            f"cannot listen on {where}: it and the {len(ports) - 1} ports after it "
+            f"(HANDOFF_PORT_RANGE={s.port_range}) are all in use, by other worker "
+            "processes of this machine or other programs: run fewer workers per machine or "
+            "raise HANDOFF_PORT_RANGE (and free those ports), or set HANDOFF_BIND elsewhere"
+        )
+
+    def _take_identity(self, port: int) -> None:
+        """The name (and control socket) of a node that listens on ``port`` in this
+        process: see :func:`handoff.config.for_worker`."""
+        self._port = port
+        pid = os.getpid()
+        if pid != self._built_by:
+            # A forked worker (gunicorn --preload) is another process than its parent.
+            self.incarnation = secrets.token_hex(8)
+        settings = for_worker(self.settings, port, pid=pid, built_by=self._built_by)
+        if settings is self.settings:
+            return
+        if port != self.settings.bind_port:
+            logger.info(
+                "port %d is in use (another worker of this machine?): this node listens on "
+                "%d and is called %s",
+                self.settings.bind_port,
+                port,
+                settings.node_name,
+            )
+        for warning in settings.warnings[len(self.settings.warnings) :]:
+            logger.warning("%s", warning)
+        self.settings = settings
+        self._mesh.adopt(settings)
+        self._receiver, self._sessions = self._new_sessions()
 
     def stop(self, reason: str = "node stopping") -> Awaitable[None]:
         """Say goodbye to every peer, stop listening and end all background work.
