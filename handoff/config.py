@@ -792,9 +792,9 @@ _DISCOVERY: _Setting[DiscoverySpec] = _Setting(
     "discovery",
     "HANDOFF_DISCOVERY",
     "How to find peers: 'static:HOST[:PORT],HOST[:PORT]' (a host without a port: the "
-    "port range), 'dns:NAME[:PORT]' (A/AAAA, polled, the port range on each address), 'dns:_SERVICE._PROTO.NAME' (SRV), 'fly' (the app's .internal names) or "
-    "'none'. Default: 'fly' on Fly.io, "
-    "'none' elsewhere.",
+    "port range), 'dns:NAME[:PORT]' (A/AAAA, polled, the port range on each address), "
+    "'dns:_SERVICE._PROTO.NAME' (SRV), 'fly' (the app's .internal names) or "
+    "'none'. Default: 'fly' on Fly.io, 'none' elsewhere.",
     parse=_discovery,
     platform=_fly_discovery,
     default=_constant(DiscoverySpec(kind="none")),

@@ -75,7 +75,8 @@ def test_thread_start_errors_surface_in_the_caller() -> None:
         clash.start_in_thread()
         assert not clash.running
         assert "already in use" in clash.join_error
-        assert clash.is_warm and clash.warm_reason.startswith("not joined: ")
+        assert clash.is_warm
+        assert clash.warm_reason.startswith("not joined: ")
         clash.stop()  # nothing to stop
     finally:
         first.stop()

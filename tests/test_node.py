@@ -18,7 +18,6 @@ import pytest
 import handoff
 from handoff import (
     BindError,
-    PortsInUse,
     ConfigError,
     DownReason,
     LocalProtocolError,
@@ -29,6 +28,7 @@ from handoff import (
     NodeState,
     NodeUp,
     Peer,
+    PortsInUse,
 )
 from handoff.membership import NAME_IN_USE
 from handoff.protocol import Connection, HandshakeComplete, Limits, LocalNode, Role
