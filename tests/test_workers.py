@@ -62,7 +62,7 @@ def test_port_range_defaults_to_16_and_is_checked() -> None:
         with pytest.raises(ConfigError, match="HANDOFF_PORT_RANGE"):
             resolve_settings(environ={**ENV, "HANDOFF_PORT_RANGE": bad})
     with pytest.raises(ConfigError, match="HANDOFF_PORT_RANGE"):
-        resolve_settings(environ=ENV, port_range=True)  # type: ignore[arg-type]
+        resolve_settings(environ=ENV, port_range=True)
     # Port 0 (any free port, for tests) has no range; the range stops at 65535.
     assert list(worker_ports(0, 16)) == [0]
     assert list(worker_ports(65534, 16)) == [65534, 65535]
@@ -220,12 +220,11 @@ async def test_a_worker_without_a_port_serves_on_under_the_asgi_lifespan(
     holder = worker("127.0.0.2", base, port_range=1)
     late = worker("127.0.0.2", base, port_range=1)
     served = False
-    async with running(holder):
-        async with late.lifespan(object()):
-            served = True
-            assert not late.running
-            assert late.is_warm
-            assert "already in use" in late.join_error
+    async with running(holder), late.lifespan(object()):
+        served = True
+        assert not late.running
+        assert late.is_warm
+        assert "already in use" in late.join_error
     assert served
     assert any("serves WITHOUT a node" in r.getMessage() for r in caplog.records)
 
