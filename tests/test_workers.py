@@ -28,7 +28,7 @@ from tests._helpers import FAST, wait_until
 
 pytestmark = pytest.mark.anyio
 
-COOKIE = "workers-cookie-0123456789abcdef"
+COOKIE = "zQ8v-Lr2mW9xT4kP7nB3yH6cJ1"
 ENV = {"HANDOFF_COOKIE": COOKIE, "HANDOFF_CLUSTER": "shop"}
 
 
