@@ -32,6 +32,13 @@ A threaded app that never calls ``node.stop()`` still drains (:func:`drain_unsto
 
 A forked child (gunicorn ``--preload``) inherits the node but not its thread: there
 ``node.stop()`` and the exit hook only warn, instead of waiting forever for that thread.
+With ``--preload``, build the node at import but start it in each worker (the lifespan,
+or gunicorn's ``post_worker_init``): it then takes that worker's name, incarnation and port.
+
+Several workers per machine each run a node (see ``HANDOFF_PORT_RANGE``). A worker whose
+node finds every port of its range in use (:class:`~handoff.PortsInUse`) is a condition of
+the machine, not a configuration error: the lifespan and the thread runner log it as an
+error, set ``node.join_error`` and let the app serve on without a node.
 """
 
 from __future__ import annotations

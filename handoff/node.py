@@ -82,7 +82,10 @@ class Node:
     Every argument is optional: explicit arguments win, then ``HANDOFF_*`` environment
     variables, then Fly.io / Kubernetes detection (see :mod:`handoff.config`). Configuration
     errors (a missing cookie, a malformed ``HANDOFF_BIND``) raise :class:`ConfigError` here,
-    at construction; a port in use raises :class:`BindError` from :meth:`start`.
+    at construction. A port in use makes :meth:`start` take the next free one of
+    ``HANDOFF_PORT_RANGE`` (several worker processes per machine; the node then appends
+    ``-PORT`` to its name); with none free it raises :class:`PortsInUse`, which the ASGI
+    lifespan and :meth:`start_in_thread` log as an error while the app serves on.
 
     Use it as ``async with node:`` or call :meth:`start` and :meth:`stop` from the same task.
     Leaving ``async with`` drains first. With ``handle_signals=True`` (plain scripts; the
@@ -799,7 +802,8 @@ class Node:
                 app.run(use_reloader=False)  # the reloader would start a second node
                 node.stop()  # drains; a no-op if a signal already did
 
-        gunicorn (one worker, ``threads`` for concurrency), in ``gunicorn.conf.py``::
+        gunicorn (any number of workers: each runs its own node; ``--preload`` too, since
+        the node starts in the worker), in ``gunicorn.conf.py``::
 
             def post_worker_init(worker):
                 from app import node
