@@ -704,6 +704,10 @@ class Mesh:
                 logger.log(level, "discovery failed (will retry): %s", peer_text(message))
                 self._last_discovery_error = message
             else:
+                if self._stopping:
+                    # The node stops: it may already have let go of its task group (a
+                    # discovery answered without a checkpoint races the cancellation).
+                    return
                 self._last_discovery_error = ""
                 # Only addresses discovery still gives are remembered (bounded memory).
                 keys = {str(target) for target in found}

@@ -20,6 +20,7 @@ import anyio
 import pytest
 
 from handoff import ConfigError, Node, PortsInUse
+from handoff.cli import _doctor_checks
 from handoff.config import for_worker, resolve_settings, worker_ports
 from handoff.discovery import DnsDiscovery, PeerAddress, make_discovery, parse_discovery_spec
 from handoff.discovery._dns import merge_addresses
@@ -277,3 +278,27 @@ async def test_two_draining_workers_spread_over_the_next_releases_workers() -> N
         for got in received:
             for w in range(2):
                 assert any(key.startswith(f"{w}-") for key in got), (w, len(got))
+
+
+async def test_doctor_says_how_many_ports_of_the_range_are_taken_here(tmp_path: Path) -> None:
+    base = free_range(["127.0.0.2"], 2)
+    env = {
+        **ENV,
+        "HANDOFF_BIND": f"127.0.0.2:{base}",
+        "HANDOFF_PORT_RANGE": "2",
+        "HANDOFF_CONTROL_SOCKET": str(tmp_path / "none-here.sock"),
+    }
+    with contextlib.ExitStack() as stack:
+        for taken in range(2):
+            sock = stack.enter_context(socket.socket())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.2", base + taken))
+            sock.listen()
+            report = await _doctor_checks(None, env)
+            ports = [n for n in report.notes if "ports" in n and "in use on this host" in n]
+            assert ports == [
+                f"{taken + 1} of the 2 ports {base}..{base + 1} are in use on this host (the "
+                f"worker nodes here: {', '.join(str(base + p) for p in range(taken + 1))})"
+            ]
+            full = [p for p in report.problems if "serves WITHOUT a node" in p.what]
+            assert len(full) == taken  # a problem only once every port is taken
