@@ -37,7 +37,7 @@ from handoff._errors import (
 from handoff._registry import AdapterFactory, register_adapter
 from handoff.engine import DrainReport, NamespaceReport
 from handoff.membership import DownReason, MembershipEvent, NodeDown, NodeLeaving, NodeUp, Peer
-from handoff.node import Node
+from handoff.node import Node, ReceivedHandoff
 from handoff.protocol import NodeState
 
 __version__ = "0.1.0"
@@ -77,6 +77,7 @@ __all__ = (
     "Peer",
     "PortsInUse",
     "ProtocolError",
+    "ReceivedHandoff",
     "Record",
     "RecordDecodeError",
     "RecordEncodeError",

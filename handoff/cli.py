@@ -332,6 +332,16 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
     lines.append("")
     drain = status.get("last_drain")
     lines.append("last drain: " + ("none" if drain is None else t(drain["summary"], 2000)))
+    received = status.get("last_received")
+    if received is None:
+        lines.append("last received: none")
+    else:
+        release = f" (release {t(received['release'])})" if received["release"] else ""
+        ago = duration(max(0.0, time.time() - received["at"]))
+        lines.append(
+            f"last received: {received['records']} records from {t(received['peer'])}"
+            f"{release}, {ago} ago"
+        )
     return lines
 
 

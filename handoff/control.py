@@ -210,7 +210,8 @@ def _entries(node: Node, name: str) -> int | None:
 
 
 def node_status(node: Node) -> dict[str, Any]:
-    """What ``handoff status`` shows: this node, its members, tracked state, last drain."""
+    """What ``handoff status`` shows (and ``node.stats()`` returns): this node, its
+    members, tracked state, the last drain and the last handoff received."""
     tracked = node.tracked
     members: list[dict[str, Any]] = [
         {
@@ -238,6 +239,7 @@ def node_status(node: Node) -> dict[str, Any]:
         for peer in node.peers()
     ]
     report = node.last_drain_report
+    received = node.last_received
     return {
         "node": node.name,
         "cluster": node.cluster,
@@ -245,6 +247,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "state": node.state.value,
         "address": node.address,
         "pid": os.getpid(),
+        "port": node.port,
         "started_at": node.started_at,
         "warm": node.is_warm,
         "warm_reason": node.warm_reason,
@@ -259,6 +262,15 @@ def node_status(node: Node) -> dict[str, Any]:
             for name, t in sorted(tracked.items())
         ],
         "last_drain": None if report is None else _report_dict(report),
+        "last_received": None
+        if received is None
+        else {
+            "peer": received.peer,
+            "release": received.release,
+            "records": received.records,
+            "at": received.at,
+        },
+        "join_error": node.join_error,
     }
 
 
@@ -943,6 +955,7 @@ STATUS_SHAPE: Any = {
     ],
     "tracked": [{"namespace": str, "kind": str, "entries": _INT_OR_NONE, "version": int}],
     "last_drain": (type(None), {"summary": str}),
+    "last_received": (type(None), {"peer": str, "release": str, "records": int, "at": _NUMBER}),
 }
 REPORT_SHAPE: Any = {
     "node": str,

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar
@@ -35,7 +36,7 @@ from handoff._keys import cluster_key, cookie_weakness
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
 from handoff._registry import adapter_for
 from handoff.config import COOKIE_HOWTO, Settings, for_worker, resolve_settings, worker_ports
-from handoff.control import ControlServer
+from handoff.control import ControlServer, node_status
 from handoff.discovery import make_discovery
 from handoff.engine import Drainer, DrainReport, NamespaceReport, Receiver, Sessions, Tracked
 from handoff.engine._fingerprint import ExportLog, changed_records
@@ -53,7 +54,7 @@ from handoff.snapshot import DirectorySnapshotStore, SnapshotStore
 from handoff.transforms import Transform, Transforms
 from handoff.transport import PeerLink, TLSContexts, format_address, open_listener
 
-__all__ = ("Node",)
+__all__ = ("Node", "ReceivedHandoff")
 
 logger = logging.getLogger("handoff.node")
 
@@ -69,6 +70,20 @@ def _warn_if_weak(cookie: bytes) -> None:
             weakness,
             COOKIE_HOWTO,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedHandoff:
+    """The last handoff a node received completely (:attr:`Node.last_received`)."""
+
+    peer: str
+    """The node that handed its state over."""
+    release: str
+    """Its release ("" if it was gone by the time the handoff completed)."""
+    records: int
+    """How many records it sent in all (every namespace)."""
+    at: float
+    """When it completed (``time.time()``)."""
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -108,6 +123,9 @@ class Node:
             before.
         warm_reason: Why the node counts as warm: a restored snapshot, a received handoff,
             nothing to wait for, or the warm-up timeout; ``""`` while not warm.
+        last_received: The :class:`ReceivedHandoff` of the last handoff this node received
+            completely (from whom, how many records, when); ``None`` before. The records
+            arrive (and count towards warmth) before this is set.
         join_error: Why this process serves without a node (every port of its range was
             in use, see ``HANDOFF_PORT_RANGE``): the ASGI lifespan and
             :meth:`start_in_thread` log it and let the app serve on; ``""`` otherwise.
@@ -201,6 +219,7 @@ class Node:
         self._warm = anyio.Event()
         self.warm_reason = ""
         self.join_error = ""
+        self.last_received: ReceivedHandoff | None = None
         self._receiver, self._sessions = self._new_sessions()
         # One numbering for all of this node's drains: a receiver keeps a stream that a
         # drain gave up on at its deadline (no time left for a Cancel) until the link goes;
@@ -395,7 +414,20 @@ class Node:
         return ""
 
     def _handoff_received(self, peer: str, records: int) -> None:
+        sender = next((p for p in self._mesh.peers() if p.name == peer), None)
+        self.last_received = ReceivedHandoff(
+            peer, sender.release if sender is not None else "", records, time.time()
+        )
         self._set_warm(f"received a handoff from {peer}")
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of this node as plain data (JSON-ready), what ``handoff status``
+        shows: ``node``, ``cluster``, ``release``, ``state``, ``address``, ``port``, ``pid``,
+        ``warm`` and ``warm_reason``, ``join_error``, ``members`` (this node and its peers
+        with their releases, states and namespace versions), ``tracked`` (per namespace:
+        adapter kind, entries, schema version), ``last_drain`` (the report, or ``None``) and
+        ``last_received`` (``peer``, ``release``, ``records``, ``at``; or ``None``)."""
+        return node_status(self)
 
     # A deadline, not a cancellation: at ``timeout`` the drain still snapshots what is left.
     async def drain(self, *, timeout: float | None = None) -> DrainReport:  # noqa: ASYNC109
