@@ -188,6 +188,8 @@ class Node:
             port_range=port_range,
         )
         s = self.settings
+        # What was configured, before a start names the node after its worker's port.
+        self._configured = s
         self._built_by = os.getpid()
         # The process's one scrypt (cached by cookie and cluster): handshakes and snapshot
         # files derive their keys from it, so it is paid here rather than in the first
@@ -724,18 +726,21 @@ class Node:
         if pid != self._built_by:
             # A forked worker (gunicorn --preload) is another process than its parent.
             self.incarnation = secrets.token_hex(8)
-        settings = for_worker(self.settings, port, pid=pid, built_by=self._built_by)
-        if settings is self.settings:
+        # Always from what was configured: a node started again (after a stop, or a failed
+        # start) must not pile suffixes up.
+        configured = self._configured
+        settings = for_worker(configured, port, pid=pid, built_by=self._built_by)
+        if settings == self.settings:
             return
-        if port != self.settings.bind_port:
+        if port != configured.bind_port:
             logger.info(
                 "port %d is in use (another worker of this machine?): this node listens on "
                 "%d and is called %s",
-                self.settings.bind_port,
+                configured.bind_port,
                 port,
                 settings.node_name,
             )
-        for warning in settings.warnings[len(self.settings.warnings) :]:
+        for warning in settings.warnings[len(configured.warnings) :]:
             logger.warning("%s", warning)
         self.settings = settings
         self._mesh.adopt(settings)

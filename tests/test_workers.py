@@ -302,3 +302,16 @@ async def test_doctor_says_how_many_ports_of_the_range_are_taken_here(tmp_path: 
             ]
             full = [p for p in report.problems if "serves WITHOUT a node" in p.what]
             assert len(full) == taken  # a problem only once every port is taken
+
+
+async def test_a_worker_started_again_keeps_one_suffix() -> None:
+    base = free_range(["127.0.0.2"], 4)
+    first, second = (worker("127.0.0.2", base) for _ in range(2))
+    async with first:
+        for _ in range(2):
+            async with second:
+                assert second.name == f"v1@127.0.0.2-{base + 1}"
+    # Alone now, on the configured port: the configured name again.
+    async with second:
+        assert second.name == "v1@127.0.0.2"
+        assert second.port == base

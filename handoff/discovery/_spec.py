@@ -40,7 +40,8 @@ def port_range(
 ) -> list[PeerAddress]:
     """``host`` on ``port`` and the ``count - 1`` ports after it (cut at 65535), those marked
     as probes: where the worker processes of one machine listen (``HANDOFF_PORT_RANGE``)."""
-    last = min(port + max(count, 1), 65536)
+    # Port 0 (any free port, for tests) has no range.
+    last = min(port + (max(count, 1) if port else 1), 65536)
     return [PeerAddress(host, p, meta, probe=p != port) for p in range(port, last)]
 
 
