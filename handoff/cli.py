@@ -53,6 +53,7 @@ from handoff.config import (
     worker_ports,
 )
 from handoff.control import (
+    RECEIVED_SHAPE,
     REPORT_SHAPE,
     STATUS_SHAPE,
     WAIT_READY_SHAPE,
@@ -63,6 +64,7 @@ from handoff.control import (
     NoNodeRunning,
     call,
     locate_socket,
+    shape_problem,
 )
 from handoff.discovery import PeerAddress, make_discovery
 from handoff.protocol import (
@@ -333,7 +335,9 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
     drain = status.get("last_drain")
     lines.append("last drain: " + ("none" if drain is None else t(drain["summary"], 2000)))
     received = status.get("last_received")
-    if received is None:
+    if shape_problem(received, RECEIVED_SHAPE) is not None:
+        lines.append("last received: (not readable)")
+    elif received is None:
         lines.append("last received: none")
     else:
         release = f" (release {t(received['release'])})" if received["release"] else ""

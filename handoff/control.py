@@ -70,6 +70,7 @@ __all__ = (
     "MAX_CONNECTIONS",
     "MAX_REQUEST_BYTES",
     "READ_TIMEOUT",
+    "RECEIVED_SHAPE",
     "REPORT_SHAPE",
     "STATUS_SHAPE",
     "WAIT_READY_SHAPE",
@@ -955,8 +956,13 @@ STATUS_SHAPE: Any = {
     ],
     "tracked": [{"namespace": str, "kind": str, "entries": _INT_OR_NONE, "version": int}],
     "last_drain": (type(None), {"summary": str}),
-    "last_received": (type(None), {"peer": str, "release": str, "records": int, "at": _NUMBER}),
 }
+#: ``last_received`` of a status: optional (nodes before it existed do not send it), so
+#: checked on its own where it is shown.
+RECEIVED_SHAPE: Any = (
+    type(None),
+    {"peer": str, "release": str, "records": int, "at": _NUMBER},
+)
 REPORT_SHAPE: Any = {
     "node": str,
     "summary": str,

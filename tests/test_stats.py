@@ -69,3 +69,32 @@ async def test_stats_and_status_show_the_last_received_handoff(
     assert "last drain: none" in out
     assert "last received: 50 records from old (release v1), " in out
     assert out.rstrip().endswith(" ago")
+
+
+def test_status_escapes_or_skips_what_a_hostile_node_says_it_received() -> None:
+    from handoff.cli import _status_lines
+
+    base: dict[str, object] = {
+        "node": "n",
+        "cluster": "c",
+        "release": "r",
+        "state": "serving",
+        "address": None,
+        "pid": 1,
+        "warm": True,
+        "warm_reason": "x",
+        "members": [],
+        "tracked": [],
+        "last_drain": None,
+    }
+    evil = "\x1b]0;owned\x07peer\nFORGED"
+    received = {"peer": evil, "release": evil, "records": 3, "at": time.time()}
+    text = "\n".join(_status_lines({**base, "last_received": received}))
+    assert "\x1b" not in text
+    assert "\nFORGED" not in text
+    assert "last received: 3 records from " in text
+    for bad in ({"peer": 1}, "yes", {**received, "records": "3"}):
+        lines = _status_lines({**base, "last_received": bad})
+        assert lines[-1] == "last received: (not readable)"
+    # A node from before last_received existed: not sent at all.
+    assert _status_lines(base)[-1] == "last received: none"
