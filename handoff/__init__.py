@@ -31,6 +31,7 @@ from handoff._errors import (
     LocalProtocolError,
     NameConflict,
     NoTransformPath,
+    PortsInUse,
     ProtocolError,
     RecordDecodeError,
     RecordEncodeError,
@@ -45,7 +46,7 @@ from handoff._registry import AdapterFactory, register_adapter
 from handoff.adapters.counters import Counters
 from handoff.engine import DrainReport, NamespaceReport
 from handoff.membership import DownReason, MembershipEvent, NodeDown, NodeLeaving, NodeUp, Peer
-from handoff.node import Node
+from handoff.node import Node, ReceivedHandoff
 from handoff.protocol import NodeState
 
 __version__ = "0.1.0"
@@ -85,7 +86,9 @@ __all__ = (
     "NodeState",
     "NodeUp",
     "Peer",
+    "PortsInUse",
     "ProtocolError",
+    "ReceivedHandoff",
     "Record",
     "RecordDecodeError",
     "RecordEncodeError",

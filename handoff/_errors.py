@@ -30,6 +30,7 @@ __all__ = (
     "NameConflict",
     "NoTransformPath",
     "PayloadRefused",
+    "PortsInUse",
     "ProtocolError",
     "RecordDecodeError",
     "RecordEncodeError",
@@ -137,6 +138,13 @@ class TLSError(TransportError):
 
 class BindError(TransportError, ConfigError):
     """The node could not listen on its bind address (address in use, not available)."""
+
+
+class PortsInUse(BindError):
+    """Every port of the node's range (``HANDOFF_PORT_RANGE`` from the bind port on) is in
+    use: more worker processes on this machine than the range has ports, or other programs
+    there. A condition of the machine, not of the configuration: the ASGI lifespan and the
+    thread runner log it as an error and let the app serve without a node."""
 
 
 class DiscoveryError(HandoffError):

@@ -99,12 +99,18 @@ EVICTION_LOG_INTERVAL = 10.0
 # authenticate cost a socket each and cannot lock others out.
 MAX_PENDING_HANDSHAKES = 256
 # Handshakes in progress from one address (an IPv6 /64): a flood from there only ever
-# displaces its own. Several worker nodes on one machine dial at once, hence not 1 or 2.
-MAX_PENDING_PER_SOURCE = 8
+# displaces its own. Several worker nodes on one machine dial at once (as many as the
+# default port range, HANDOFF_PORT_RANGE, has ports), hence not 1 or 2.
+MAX_PENDING_PER_SOURCE = 16
 # Log lines about refused or failed connections, per address: a burst, then one summary
 # per interval. Whoever provokes them must not also decide how much the node logs.
 REFUSAL_LOG_BURST = 5
 REFUSAL_LOG_INTERVAL = 60.0
+# A probed port (beyond the first of a port range: a possible second worker) where nobody
+# listens is tried again after twice as long each time, up to this: a new worker there
+# dials everyone itself at start, so waiting costs no time to join, and the machines of a
+# big cluster do not knock on every empty port of each other's range every poll.
+PROBE_BACKOFF_LIMIT = 60.0
 
 
 class Spawn(Protocol):
@@ -204,6 +210,8 @@ class Mesh:
         )
         self._evictions_logged_at = -math.inf
         self._dialling: set[str] = set()
+        # Probed addresses where nobody listened: address -> (retry after, last wait).
+        self._probe_backoff: dict[str, tuple[float, float]] = {}
         self._self_addresses: set[str] = set()
         # Local ends of our own recent dials -> (address dialled, until when to remember):
         # a handshake failing as "self" on our listener from one of these was our own.
@@ -212,6 +220,18 @@ class Mesh:
         self._tls: TLSContexts | None = None
         self._running = False
         self._stopping = False
+
+    def adopt(self, settings: Settings) -> None:
+        """Take the node's final settings before :meth:`start`: its name is known once it
+        listens (a worker on a port after its configured one appends ``-PORT``)."""
+        if self._running:
+            raise RuntimeError("the mesh runs already: its node cannot change its name")
+        self._settings = settings
+        self._membership = Membership(
+            settings.node_name,
+            grace=settings.handshake_timeout,
+            heartbeat_timeout=settings.heartbeat_timeout,
+        )
 
     @property
     def state(self) -> NodeState:
@@ -524,6 +544,11 @@ class Mesh:
                 await link.aclose()
                 raise
         except HandoffError as exc:
+            if target.probe and isinstance(exc, ConnectError):
+                # Nobody on this port of the range: normal, not worth a log line.
+                self._back_off(key)
+                logger.debug("nobody listens on %s (probed): %s", key, peer_text(exc))
+                return
             # A Reject("self") too: it comes before authentication, so anyone can send
             # it. Only our own listener can tell that we reached ourselves
             # (_reached_itself); until then the address is retried like any failure.
@@ -537,7 +562,19 @@ class Mesh:
             return
         finally:
             self._dialling.discard(key)
+        self._probe_backoff.pop(key, None)
         await self._run_link(link, peer, events, dialled=True, address=key)
+
+    def _back_off(self, key: str) -> None:
+        _, wait = self._probe_backoff.get(key, (0.0, self._settings.poll_interval / 2))
+        wait = min(wait * 2, PROBE_BACKOFF_LIMIT)
+        self._probe_backoff[key] = (anyio.current_time() + wait, wait)
+
+    def _backing_off(self, target: PeerAddress) -> bool:
+        if not target.probe:
+            return False
+        entry = self._probe_backoff.get(str(target))
+        return entry is not None and anyio.current_time() < entry[0]
 
     def _log_refusal(self, source: str, remote: str, exc: HandoffError, *, incoming: bool) -> None:
         if not self._refusal_log.allow(source):
@@ -667,13 +704,22 @@ class Mesh:
                 logger.log(level, "discovery failed (will retry): %s", peer_text(message))
                 self._last_discovery_error = message
             else:
+                if self._stopping:
+                    # The node stops: it may already have let go of its task group (a
+                    # discovery answered without a checkpoint races the cancellation).
+                    return
                 self._last_discovery_error = ""
+                # Only addresses discovery still gives are remembered (bounded memory).
+                keys = {str(target) for target in found}
+                for gone in self._probe_backoff.keys() - keys:
+                    del self._probe_backoff[gone]
                 for target in found:
                     key = str(target)
                     if (
                         key in self._self_addresses
                         or key in self._dialling
                         or self._membership.knows_address(key)
+                        or self._backing_off(target)
                     ):
                         continue
                     self._spawn(self._dial, target)

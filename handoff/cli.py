@@ -15,6 +15,7 @@ console script passes it to :func:`sys.exit`. The exit codes are listed in
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import math
@@ -49,8 +50,10 @@ from handoff.config import (
     describe,
     resolve_settings,
     unknown_variables,
+    worker_ports,
 )
 from handoff.control import (
+    RECEIVED_SHAPE,
     REPORT_SHAPE,
     STATUS_SHAPE,
     WAIT_READY_SHAPE,
@@ -61,6 +64,7 @@ from handoff.control import (
     NoNodeRunning,
     call,
     locate_socket,
+    shape_problem,
 )
 from handoff.discovery import PeerAddress, make_discovery
 from handoff.protocol import (
@@ -330,6 +334,18 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
     lines.append("")
     drain = status.get("last_drain")
     lines.append("last drain: " + ("none" if drain is None else t(drain["summary"], 2000)))
+    received = status.get("last_received")
+    if shape_problem(received, RECEIVED_SHAPE) is not None:
+        lines.append("last received: (not readable)")
+    elif received is None:
+        lines.append("last received: none")
+    else:
+        release = f" (release {t(received['release'])})" if received["release"] else ""
+        ago = duration(max(0.0, time.time() - received["at"]))
+        lines.append(
+            f"last received: {received['records']} records from {t(received['peer'])}"
+            f"{release}, {ago} ago"
+        )
     return lines
 
 
@@ -590,6 +606,8 @@ class _Findings:
     check: PeerCheck
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    absent: bool = False
+    """A probed port of the range (a possible worker) where nobody listens: not reported."""
 
 
 async def _check_peer(
@@ -604,6 +622,9 @@ async def _check_peer(
     try:
         peer = await _handshake(target, settings, tls, identity)
     except HandoffError as exc:
+        if target.probe and isinstance(exc, ConnectError):
+            found.absent = True
+            return found
         # A rejection's reason is the peer's text.
         check.error = peer_text(exc, 1000)
         found.problems.append(_probe_problem(check, exc, settings.cluster))
@@ -659,6 +680,49 @@ async def _check_peer(
     return found
 
 
+def _check_ports(settings: Settings, report: DoctorReport) -> None:
+    """How many ports of the node's range are taken on this host: all of them means that a
+    worker process starting now serves without a node (PortsInUse)."""
+    ports = worker_ports(settings.bind_port, settings.port_range)
+    if ports[0] == 0:
+        return
+    busy = [port for port in ports if _port_in_use(settings.bind_host, port)]
+    if not busy:
+        return
+    first, last = ports[0], ports[-1]
+    report.notes.append(
+        f"{len(busy)} of the {len(ports)} ports {first}..{last} are in use on this host "
+        f"(the worker nodes here: {', '.join(map(str, busy))})"
+    )
+    if len(busy) == len(ports):
+        report.problems.append(
+            Problem(
+                f"every port of {first}..{last} (HANDOFF_BIND, HANDOFF_PORT_RANGE="
+                f"{settings.port_range}) is in use on this host: a worker process that "
+                "starts now serves WITHOUT a node (its state is neither received nor handed "
+                "off; its log says 'serves WITHOUT a node')",
+                "run fewer worker processes per machine, or raise HANDOFF_PORT_RANGE "
+                "(on every node: discovery probes that many ports)",
+            )
+        )
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    # A bind without listen: nothing connects to the nodes, so none of them logs a probe.
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> DoctorReport:
     report = DoctorReport()
     host = "-".join(socket.gethostname().split())[:60] or "localhost"
@@ -701,6 +765,7 @@ async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> 
             )
         )
 
+    _check_ports(settings, report)
     if settings.discovery.kind == "none":
         report.discovery = "none"
         report.problems.append(
@@ -721,6 +786,7 @@ async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> 
             dns_server=settings.dns_server,
             fly_app=settings.fly_app,
             timeout=min(2.0, settings.poll_interval),
+            ports=settings.port_range,
         )
     except ConfigError as exc:
         report.problems.append(Problem(str(exc), "fix the setting the message names"))
@@ -768,6 +834,8 @@ async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> 
         for index, target in enumerate(found):
             tasks.start_soon(one, index, target)
     for index in sorted(results):
+        if results[index].absent:
+            continue
         report.peers.append(results[index].check)
         report.problems += results[index].problems
         report.notes += results[index].notes

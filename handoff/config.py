@@ -26,6 +26,7 @@ together: ``kill_timeout`` in ``fly.toml`` (or ``terminationGracePeriodSeconds``
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -43,6 +44,7 @@ from .discovery._spec import DiscoverySpec, parse_discovery_spec, parse_host_por
 __all__ = (
     "COOKIE_HOWTO",
     "DEFAULT_PORT",
+    "DEFAULT_PORT_RANGE",
     "ENVIRONMENT_VARIABLES",
     "PLATFORM_VARIABLES",
     "Platform",
@@ -51,14 +53,20 @@ __all__ = (
     "control_directory",
     "default_control_socket",
     "describe",
+    "for_worker",
     "resolve_settings",
     "unknown_variables",
+    "worker_ports",
 )
 
 Platform = Literal["fly", "kubernetes", "local"]
 
 #: The port a node listens on unless told otherwise.
 DEFAULT_PORT = 4370
+#: Ports a node tries from its configured one on (4370..4385), and discovery probes on every
+#: address it finds: several worker processes of one machine each take the next free one.
+DEFAULT_PORT_RANGE = 16
+_MAX_PORT_RANGE = 256
 
 _DEFAULT_DNS_PORT = 53
 _DEFAULT_RELEASE = "unversioned"
@@ -107,6 +115,8 @@ class Settings:
     ``advertise_host`` is the address peers should dial and that identifies this node;
     ``None`` when nothing says (the node listens on a wildcard address off any platform).
     ``control_socket`` is the Unix socket the node serves the CLI on (``None``: none).
+    ``port_range`` is how many ports from ``bind_port`` on a node may take (the first free
+    one; several workers per machine) and discovery probes on each address it finds.
     ``warnings`` are advisories the node logs at start. ``sources`` maps each setting name
     (as in :func:`describe`) to where its value came from.
     """
@@ -133,6 +143,7 @@ class Settings:
     region: str | None
     fly_app: str | None
     control_socket: Path | None = None
+    port_range: int = DEFAULT_PORT_RANGE
     warnings: tuple[str, ...] = ()
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
@@ -449,6 +460,37 @@ def _seconds(value: object, origin: _Origin) -> float:
     return seconds
 
 
+def _port_range(value: object, origin: _Origin) -> int:
+    label = origin.label
+    if isinstance(value, str) and origin.source != "argument":
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()):
+            raise ConfigError(
+                f"{label}: {_short(value)} is not a whole number; give how many ports a "
+                f"node may try from its own on, e.g. {origin.setting.env}={DEFAULT_PORT_RANGE}"
+            )
+        count = int(text)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{label}: expected a whole number of ports, got {type(value).__name__}")
+    else:
+        count = value
+    if not 1 <= count <= _MAX_PORT_RANGE:
+        raise ConfigError(
+            f"{label}: {count!r} is not between 1 and {_MAX_PORT_RANGE}; 1 means exactly the "
+            "bind port (one node per address), more lets worker processes of one machine "
+            "take the following ports"
+        )
+    return count
+
+
+def worker_ports(port: int, count: int) -> range:
+    """The ports a node bound to ``port`` may take, in order, and that discovery probes:
+    ``port`` .. ``port + count - 1`` (cut at 65535); only ``port`` itself for port 0."""
+    if port == 0:
+        return range(0, 1)
+    return range(port, min(port + count, 65536))
+
+
 def _path(value: str | os.PathLike[str], origin: _Origin) -> Path:
     return Path(value)
 
@@ -519,10 +561,14 @@ def _platform_node_name(context: _Context) -> tuple[object, str] | None:
 
 
 def _local_node_name(context: _Context) -> str:
+    return _host_pid_name(os.getpid())
+
+
+def _host_pid_name(pid: int) -> str:
     # Hostnames can be long or (on desktops) contain spaces; a default must always validate,
     # and it goes through the same check as a given name in case it does not.
     host = "-".join(socket.gethostname().split()) or "localhost"
-    return _NODE_NAME.parse(f"{host[:100]}-{os.getpid()}", _Origin(_NODE_NAME, "default"))
+    return _NODE_NAME.parse(f"{host[:100]}-{pid}", _Origin(_NODE_NAME, "default"))
 
 
 def _platform_bind(context: _Context) -> tuple[object, str] | None:
@@ -702,7 +748,8 @@ _NODE_NAME: _Setting[str] = _Setting(
     "node_name",
     "HANDOFF_NODE_NAME",
     "Unique name of this node. Default: FLY_MACHINE_ID on Fly.io, the pod name "
-    "(HOSTNAME) on Kubernetes, HOST-PID elsewhere.",
+    "(HOSTNAME) on Kubernetes, HOST-PID elsewhere. A worker that listens on a port after "
+    "its configured one appends -PORT.",
     parse=_name("node name"),
     platform=_platform_node_name,
     default=_local_node_name,
@@ -719,6 +766,17 @@ _BIND: _Setting[tuple[str, int]] = _Setting(
     platform=_platform_bind,
     default=_constant(("127.0.0.1", DEFAULT_PORT)),
 )
+_PORT_RANGE: _Setting[int] = _Setting(
+    "port_range",
+    "HANDOFF_PORT_RANGE",
+    "How many ports from the bind port on a node may take: when the port is in use "
+    "(another worker process of this machine listens there) it takes the next free one, "
+    "and appends -PORT to its name and control socket. DNS and 'fly' discovery, and "
+    "static hosts given without a port, probe that many ports on every address; 1 turns "
+    f"both off. Default: {DEFAULT_PORT_RANGE}.",
+    parse=_port_range,
+    default=_constant(DEFAULT_PORT_RANGE),
+)
 _ADVERTISE: _Setting[str | None] = _Setting(
     "advertise",
     "HANDOFF_ADVERTISE",
@@ -733,10 +791,10 @@ _ADVERTISE: _Setting[str | None] = _Setting(
 _DISCOVERY: _Setting[DiscoverySpec] = _Setting(
     "discovery",
     "HANDOFF_DISCOVERY",
-    "How to find peers: 'static:HOST:PORT,HOST:PORT', 'dns:NAME[:PORT]' (A/AAAA, "
-    "polled), 'dns:_SERVICE._PROTO.NAME' (SRV), 'fly' (the app's .internal names) or "
-    "'none'. Default: 'fly' on Fly.io, "
-    "'none' elsewhere.",
+    "How to find peers: 'static:HOST[:PORT],HOST[:PORT]' (a host without a port: the "
+    "port range), 'dns:NAME[:PORT]' (A/AAAA, polled, the port range on each address), "
+    "'dns:_SERVICE._PROTO.NAME' (SRV), 'fly' (the app's .internal names) or "
+    "'none'. Default: 'fly' on Fly.io, 'none' elsewhere.",
     parse=_discovery,
     platform=_fly_discovery,
     default=_constant(DiscoverySpec(kind="none")),
@@ -855,6 +913,7 @@ _LADDER: tuple[_Setting[Any], ...] = (
     _RELEASE,
     _NODE_NAME,
     _BIND,
+    _PORT_RANGE,
     _ADVERTISE,
     _DISCOVERY,
     _DNS_SERVER,
@@ -911,6 +970,39 @@ def default_control_socket(cluster: str, environ: Mapping[str, str] | None = Non
     return control_directory(environ) / (cluster.replace("/", "_") + ".sock")
 
 
+def for_worker(settings: Settings, port: int, *, pid: int, built_by: int) -> Settings:
+    """``settings`` of a node that listens on ``port``, in process ``pid``.
+
+    Several worker processes of one machine start with the same environment, so with the
+    same name and control socket; their ports tell them apart. A node on a port other than
+    its configured one (the configured port was in use: a sibling worker holds it) appends
+    ``-PORT`` to its name and to its control socket's name (``shop.sock`` becomes
+    ``shop-4371.sock``), whatever set them. The default local name (``HOST-PID``) is
+    rebuilt when the node starts in another process than the one that built the settings
+    (gunicorn ``--preload`` forks workers from the master that imported the app).
+    """
+    name = settings.node_name
+    if settings.sources.get(_NODE_NAME.key, "default") == "default" and pid != built_by:
+        name = _host_pid_name(pid)
+    control = settings.control_socket
+    warnings = settings.warnings
+    if port != settings.bind_port and settings.bind_port != 0:
+        suffix = f"-{port}"
+        name = name[: _MAX_NAME_LENGTH - len(suffix)] + suffix
+        if control is not None:
+            control = control.with_name(f"{control.stem}{suffix}{control.suffix}")
+            if len(os.fsencode(control)) > _MAX_SOCKET_PATH_BYTES:
+                warnings += (
+                    f"{_CONTROL_SOCKET.label}: this worker's control socket {str(control)!r} "
+                    f"is longer than Unix sockets allow ({_MAX_SOCKET_PATH_BYTES} bytes); it "
+                    "runs without one. Set HANDOFF_CONTROL_SOCKET to a shorter path",
+                )
+                control = None
+    if name == settings.node_name and control == settings.control_socket:
+        return settings
+    return dataclasses.replace(settings, node_name=name, control_socket=control, warnings=warnings)
+
+
 def resolve_settings(
     *,
     environ: Mapping[str, str] | None = None,
@@ -934,6 +1026,7 @@ def resolve_settings(
     connect_timeout: float | None = None,
     advertise: str | None = None,
     control_socket: str | os.PathLike[str] | None = None,
+    port_range: int | None = None,
 ) -> Settings:
     """Resolve and validate a node's settings; raise :class:`ConfigError` on any problem.
 
@@ -977,6 +1070,7 @@ def resolve_settings(
         region=context.region,
         fly_app=context.fly_app,
         control_socket=value(_CONTROL_SOCKET),
+        port_range=value(_PORT_RANGE),
         warnings=tuple(context.warnings),
         sources=MappingProxyType(dict(context.sources)),
     )
@@ -1011,9 +1105,18 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _format_ports(settings: Settings) -> str:
+    ports = worker_ports(settings.bind_port, settings.port_range)
+    if len(ports) == 1:
+        return f"{settings.port_range} (port {ports[0]} only)"
+    return f"{settings.port_range} (ports {ports[0]}..{ports[-1]})"
+
+
 def _format_discovery(spec: DiscoverySpec) -> str:
     if spec.kind == "static":
-        return "static:" + ",".join(str(address) for address in spec.static)
+        return "static:" + ",".join(
+            [str(address) for address in spec.static] + list(spec.static_hosts)
+        )
     if spec.kind == "dns":
         return f"dns:{spec.name}" + (f":{spec.port}" if spec.port is not None else "")
     return spec.kind
@@ -1040,6 +1143,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         ("release", settings.release),
         ("node_name", settings.node_name),
         ("bind", _format_address(settings.bind_host, settings.bind_port)),
+        ("port_range", _format_ports(settings)),
         ("advertise", optional(settings.advertise_host)),
         ("discovery", _format_discovery(settings.discovery)),
         (

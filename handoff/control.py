@@ -70,6 +70,7 @@ __all__ = (
     "MAX_CONNECTIONS",
     "MAX_REQUEST_BYTES",
     "READ_TIMEOUT",
+    "RECEIVED_SHAPE",
     "REPORT_SHAPE",
     "STATUS_SHAPE",
     "WAIT_READY_SHAPE",
@@ -210,7 +211,8 @@ def _entries(node: Node, name: str) -> int | None:
 
 
 def node_status(node: Node) -> dict[str, Any]:
-    """What ``handoff status`` shows: this node, its members, tracked state, last drain."""
+    """What ``handoff status`` shows (and ``node.stats()`` returns): this node, its
+    members, tracked state, the last drain and the last handoff received."""
     tracked = node.tracked
     members: list[dict[str, Any]] = [
         {
@@ -238,6 +240,7 @@ def node_status(node: Node) -> dict[str, Any]:
         for peer in node.peers()
     ]
     report = node.last_drain_report
+    received = node.last_received
     return {
         "node": node.name,
         "cluster": node.cluster,
@@ -245,6 +248,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "state": node.state.value,
         "address": node.address,
         "pid": os.getpid(),
+        "port": node.port,
         "started_at": node.started_at,
         "warm": node.is_warm,
         "warm_reason": node.warm_reason,
@@ -259,6 +263,15 @@ def node_status(node: Node) -> dict[str, Any]:
             for name, t in sorted(tracked.items())
         ],
         "last_drain": None if report is None else _report_dict(report),
+        "last_received": None
+        if received is None
+        else {
+            "peer": received.peer,
+            "release": received.release,
+            "records": received.records,
+            "at": received.at,
+        },
+        "join_error": node.join_error,
     }
 
 
@@ -944,6 +957,12 @@ STATUS_SHAPE: Any = {
     "tracked": [{"namespace": str, "kind": str, "entries": _INT_OR_NONE, "version": int}],
     "last_drain": (type(None), {"summary": str}),
 }
+#: ``last_received`` of a status: optional (nodes before it existed do not send it), so
+#: checked on its own where it is shown.
+RECEIVED_SHAPE: Any = (
+    type(None),
+    {"peer": str, "release": str, "records": int, "at": _NUMBER},
+)
 REPORT_SHAPE: Any = {
     "node": str,
     "summary": str,

@@ -32,6 +32,13 @@ A threaded app that never calls ``node.stop()`` still drains (:func:`drain_unsto
 
 A forked child (gunicorn ``--preload``) inherits the node but not its thread: there
 ``node.stop()`` and the exit hook only warn, instead of waiting forever for that thread.
+With ``--preload``, build the node at import but start it in each worker (the lifespan,
+or gunicorn's ``post_worker_init``): it then takes that worker's name, incarnation and port.
+
+Several workers per machine each run a node (see ``HANDOFF_PORT_RANGE``). A worker whose
+node finds every port of its range in use (:class:`~handoff.PortsInUse`) is a condition of
+the machine, not a configuration error: the lifespan and the thread runner log it as an
+error, set ``node.join_error`` and let the app serve on without a node.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.from_thread
 
-from handoff._errors import HandoffError, LocalProtocolError
+from handoff._errors import HandoffError, LocalProtocolError, PortsInUse
 
 if TYPE_CHECKING:
     from handoff.node import Node
@@ -75,12 +82,33 @@ class Done:
         yield  # pragma: no cover - makes this a generator
 
 
+@asynccontextmanager
+async def _joined(node: Node) -> AsyncIterator[bool]:
+    """``async with node`` for servers: yields whether the node runs. Every port of its
+    range in use (:class:`PortsInUse`: more workers on this machine than ports) is a
+    condition of the machine, not of the configuration: the app serves without a node
+    (logged as an error, :attr:`Node.join_error`) instead of the server stopping. Any other
+    start error (a missing cookie, a wrong bind address) still stops it."""
+    try:
+        await node.start()
+    except PortsInUse as exc:
+        node._serve_without(exc)
+        yield False
+        return
+    try:
+        yield True
+    except BaseException as exc:
+        await node.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    await node.__aexit__(None, None, None)
+
+
 def lifespan(node: Node, app: object) -> AbstractAsyncContextManager[None]:
     """The ASGI lifespan of ``node``: ``FastAPI(lifespan=node.lifespan)``."""
 
     @asynccontextmanager
     async def run() -> AsyncIterator[None]:
-        async with node:
+        async with _joined(node):
             await node.wait_warm()  # bounded by warmup_timeout
             yield
 
@@ -93,7 +121,7 @@ def lifespan_with(node: Node, inner: Lifespan[_App]) -> Lifespan[_App]:
     def composed(app: _App) -> AbstractAsyncContextManager[Any]:
         @asynccontextmanager
         async def run() -> AsyncIterator[Any]:
-            async with node:
+            async with _joined(node):
                 await node.wait_warm()
                 async with inner(app) as state:
                     yield state
@@ -151,6 +179,10 @@ class ThreadRunner:
         if self._error is not None:
             error, self._error = self._error, None
             self._close_portal()
+            if isinstance(error, PortsInUse):
+                # The app serves on without a node (see _joined); stop() has nothing to do.
+                self._node._serve_without(error)
+                return
             raise error
         # From here on the node runs: whatever ends this process must drain it first.
         _unstopped.add(self)

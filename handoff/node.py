@@ -10,6 +10,7 @@ snapshot store (``node.drain()``), with hooks for ASGI and threaded services.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import itertools
 import logging
@@ -21,6 +22,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar
@@ -31,12 +33,18 @@ from anyio.abc import SocketAttribute
 
 from handoff._adapter import Adapter, Record
 from handoff._codec import Codec
-from handoff._errors import ConfigError, InexactCountsWarning, LocalProtocolError
+from handoff._errors import (
+    BindError,
+    ConfigError,
+    InexactCountsWarning,
+    LocalProtocolError,
+    PortsInUse,
+)
 from handoff._keys import cluster_key, cookie_weakness
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
 from handoff._registry import adapter_for
-from handoff.config import COOKIE_HOWTO, Settings, resolve_settings
-from handoff.control import ControlServer
+from handoff.config import COOKIE_HOWTO, Settings, for_worker, resolve_settings, worker_ports
+from handoff.control import ControlServer, node_status
 from handoff.discovery import make_discovery
 from handoff.engine import (
     Drainer,
@@ -54,14 +62,15 @@ from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_w
 from handoff.membership import MembershipEvent, Peer
 from handoff.protocol import (
     LocalNode,
+    Message,
     NamespaceVersion,
     NodeState,
 )
 from handoff.snapshot import DirectorySnapshotStore, SnapshotStore
 from handoff.transforms import Transform, Transforms
-from handoff.transport import TLSContexts, format_address, open_listener
+from handoff.transport import PeerLink, TLSContexts, format_address, open_listener
 
-__all__ = ("Node",)
+__all__ = ("Node", "ReceivedHandoff")
 
 logger = logging.getLogger("handoff.node")
 
@@ -111,6 +120,20 @@ def _warn_if_counts(name: str, obj: object) -> None:
     warnings.warn(message, InexactCountsWarning, stacklevel=3)
 
 
+@dataclass(frozen=True, slots=True)
+class ReceivedHandoff:
+    """The last handoff a node received completely (:attr:`Node.last_received`)."""
+
+    peer: str
+    """The node that handed its state over."""
+    release: str
+    """Its release ("" if it was gone by the time the handoff completed)."""
+    records: int
+    """How many records it sent in all (every namespace)."""
+    at: float
+    """When it completed (``time.time()``)."""
+
+
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound=Transform)
 _A = TypeVar("_A")
@@ -122,7 +145,10 @@ class Node:
     Every argument is optional: explicit arguments win, then ``HANDOFF_*`` environment
     variables, then Fly.io / Kubernetes detection (see :mod:`handoff.config`). Configuration
     errors (a missing cookie, a malformed ``HANDOFF_BIND``) raise :class:`ConfigError` here,
-    at construction; a port in use raises :class:`BindError` from :meth:`start`.
+    at construction. A port in use makes :meth:`start` take the next free one of
+    ``HANDOFF_PORT_RANGE`` (several worker processes per machine; the node then appends
+    ``-PORT`` to its name); with none free it raises :class:`PortsInUse`, which the ASGI
+    lifespan and :meth:`start_in_thread` log as an error while the app serves on.
 
     Use it as ``async with node:`` or call :meth:`start` and :meth:`stop` from the same task.
     Leaving ``async with`` drains first. With ``handle_signals=True`` (plain scripts; the
@@ -145,6 +171,12 @@ class Node:
             before.
         warm_reason: Why the node counts as warm: a restored snapshot, a received handoff,
             nothing to wait for, or the warm-up timeout; ``""`` while not warm.
+        last_received: The :class:`ReceivedHandoff` of the last handoff this node received
+            completely (from whom, how many records, when); ``None`` before. The records
+            arrive (and count towards warmth) before this is set.
+        join_error: Why this process serves without a node (every port of its range was
+            in use, see ``HANDOFF_PORT_RANGE``): the ASGI lifespan and
+            :meth:`start_in_thread` log it and let the app serve on; ``""`` otherwise.
         is_warm: True once the node is warm (a property, see below): use it for readiness
             checks.
         incarnation: Random per process, so peers tell a restarted node from the old one.
@@ -174,6 +206,7 @@ class Node:
         connect_timeout: float | None = None,
         advertise: str | None = None,
         control_socket: str | os.PathLike[str] | None = None,
+        port_range: int | None = None,
         environ: Mapping[str, str] | None = None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         handle_signals: bool = False,
@@ -200,8 +233,12 @@ class Node:
             connect_timeout=connect_timeout,
             advertise=advertise,
             control_socket=control_socket,
+            port_range=port_range,
         )
         s = self.settings
+        # What was configured, before a start names the node after its worker's port.
+        self._configured = s
+        self._built_by = os.getpid()
         # The process's one scrypt (cached by cookie and cluster): handshakes and snapshot
         # files derive their keys from it, so it is paid here rather than in the first
         # handshake on the event loop.
@@ -231,8 +268,31 @@ class Node:
         self.catch_up_report: DrainReport | None = None
         self._warm = anyio.Event()
         self.warm_reason = ""
-        self._receiver = Receiver(
-            node=s.node_name,
+        self.join_error = ""
+        self.last_received: ReceivedHandoff | None = None
+        self._receiver, self._sessions = self._new_sessions()
+        # One numbering for all of this node's drains: a receiver keeps a stream that a
+        # drain gave up on at its deadline (no time left for a Cancel) until the link goes;
+        # the catch-up reusing its id was "offered twice", a dropped link and lost records.
+        self._stream_ids = itertools.count(1)
+        # What the last drain exported, per namespace, while the node may keep serving
+        # (None: no catch-up is due). Ownership namespaces keep no log: their export takes.
+        self._exported: dict[str, ExportLog] | None = None
+        self._mesh = Mesh(
+            s,
+            local_node=self._local_node,
+            spawn=self._spawn,
+            on_session_message=self._session_message,
+            on_peer_lost=self._peer_lost,
+            max_pending_handshakes=max_pending_handshakes,
+        )
+        self._exit_stack: AsyncExitStack | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._port = s.bind_port
+
+    def _new_sessions(self) -> tuple[Receiver, Sessions]:
+        receiver = Receiver(
+            node=self.settings.node_name,
             tracked=self._tracked,
             transforms=self.transforms,
             codec=self.codec,
@@ -247,25 +307,13 @@ class Node:
             codec=self.codec,
             peers=lambda: self._mesh.peer_links(),
         )
-        self._sessions = Sessions(self._receiver, tallies=self._tallies)
-        # One numbering for all of this node's drains: a receiver keeps a stream that a
-        # drain gave up on at its deadline (no time left for a Cancel) until the link goes;
-        # the catch-up reusing its id was "offered twice", a dropped link and lost records.
-        self._stream_ids = itertools.count(1)
-        # What the last drain exported, per namespace, while the node may keep serving
-        # (None: no catch-up is due). Ownership namespaces keep no log: their export takes.
-        self._exported: dict[str, ExportLog] | None = None
-        self._mesh = Mesh(
-            s,
-            local_node=self._local_node,
-            spawn=self._spawn,
-            on_session_message=self._sessions.handle,
-            on_peer_lost=self._sessions.peer_lost,
-            max_pending_handshakes=max_pending_handshakes,
-        )
-        self._exit_stack: AsyncExitStack | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._port = s.bind_port
+        return receiver, Sessions(receiver, tallies=self._tallies)
+
+    async def _session_message(self, peer: str, link: PeerLink, message: Message) -> None:
+        await self._sessions.handle(peer, link, message)
+
+    def _peer_lost(self, peer: str) -> None:
+        self._sessions.peer_lost(peer)
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -407,13 +455,38 @@ class Node:
             self._warm.set()
             logger.info("%s is warm: %s", self.name, reason)
 
+    def _serve_without(self, exc: PortsInUse) -> None:
+        """The ASGI lifespan and the thread runner: this process could not join (no port
+        free); the app serves on without a node, and says so loudly."""
+        self.join_error = str(exc)
+        logger.error(
+            "%s: this process serves WITHOUT a node: its tracked state is neither received "
+            "nor handed off. %s",
+            self.name,
+            exc,
+        )
+        self._set_warm(f"not joined: {exc}")
+
     def _refuse_reason(self) -> str:
         if self._state is not NodeState.SERVING:
             return f"{self.name} is draining"
         return ""
 
     def _handoff_received(self, peer: str, records: int) -> None:
+        sender = next((p for p in self._mesh.peers() if p.name == peer), None)
+        self.last_received = ReceivedHandoff(
+            peer, sender.release if sender is not None else "", records, time.time()
+        )
         self._set_warm(f"received a handoff from {peer}")
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of this node as plain data (JSON-ready), what ``handoff status``
+        shows: ``node``, ``cluster``, ``release``, ``state``, ``address``, ``port``, ``pid``,
+        ``warm`` and ``warm_reason``, ``join_error``, ``members`` (this node and its peers
+        with their releases, states and namespace versions), ``tracked`` (per namespace:
+        adapter kind, entries, schema version), ``last_drain`` (the report, or ``None``) and
+        ``last_received`` (``peer``, ``release``, ``records``, ``at``; or ``None``)."""
+        return node_status(self)
 
     # A deadline, not a cancellation: at ``timeout`` the drain still snapshots what is left.
     async def drain(self, *, timeout: float | None = None) -> DrainReport:  # noqa: ASYNC109
@@ -617,8 +690,11 @@ class Node:
             dns_server=s.dns_server,
             fly_app=s.fly_app,
             timeout=min(2.0, s.poll_interval),
+            ports=s.port_range,
         )
-        listener = await open_listener(s.bind_host, s.bind_port)
+        listener, port = await self._listen()
+        self._take_identity(port)
+        s = self.settings
         if self._snapshots is not None and self._tracked:
             try:
                 with self.lock:
@@ -645,8 +721,6 @@ class Node:
             except BaseException:
                 await listener.aclose()
                 raise
-        local = listener.extra(SocketAttribute.local_address)
-        self._port = int(local[1]) if isinstance(local, tuple) else s.bind_port
         own_addresses = {format_address(s.bind_host, self._port)}
         if self.address:
             own_addresses.add(self.address)
@@ -678,6 +752,63 @@ class Node:
             " with TLS" if tls else "",
             discovery.describe(),
         )
+
+    async def _listen(self) -> tuple[anyio.abc.SocketListener, int]:
+        """Listen on the bind port, else on the first free one of the range after it (the
+        worker processes of one machine take one each); :class:`PortsInUse` if none is."""
+        s = self.settings
+        ports = worker_ports(s.bind_port, s.port_range)
+        for port in ports:
+            try:
+                listener = await open_listener(s.bind_host, port)
+            except BindError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            local = listener.extra(SocketAttribute.local_address)
+            return listener, int(local[1]) if isinstance(local, tuple) else port
+        where = format_address(s.bind_host, ports[0])
+        if len(ports) == 1:
+            raise PortsInUse(
+                f"cannot listen on {where}: address already in use (another process, another "
+                "node?, listens there); stop it, set HANDOFF_BIND to a free port, or let worker "
+                "processes take the following ports (HANDOFF_PORT_RANGE above 1)"
+            )
+        raise PortsInUse(
+            f"cannot listen on {where}: it and the {len(ports) - 1} ports after it "
+            f"(HANDOFF_PORT_RANGE={s.port_range}) are all in use, by other worker "
+            "processes of this machine or other programs: run fewer workers per machine or "
+            "raise HANDOFF_PORT_RANGE (and free those ports), or set HANDOFF_BIND elsewhere"
+        )
+
+    def _take_identity(self, port: int) -> None:
+        """The name (and control socket) of a node that listens on ``port`` in this
+        process: see :func:`handoff.config.for_worker`."""
+        self._port = port
+        pid = os.getpid()
+        if pid != self._built_by:
+            # A forked worker (gunicorn --preload) is another process than its parent.
+            self.incarnation = secrets.token_hex(8)
+        # Always from what was configured: a node started again (after a stop, or a failed
+        # start) must not pile suffixes up.
+        configured = self._configured
+        settings = for_worker(configured, port, pid=pid, built_by=self._built_by)
+        if settings == self.settings:
+            return
+        if port != configured.bind_port:
+            logger.info(
+                "port %d is in use (another worker of this machine?): this node listens on "
+                "%d and is called %s",
+                configured.bind_port,
+                port,
+                settings.node_name,
+            )
+        for warning in settings.warnings[len(configured.warnings) :]:
+            logger.warning("%s", warning)
+        self.settings = settings
+        self._mesh.adopt(settings)
+        self._receiver, self._sessions = self._new_sessions()
 
     def stop(self, reason: str = "node stopping") -> Awaitable[None]:
         """Say goodbye to every peer, stop listening and end all background work.
@@ -772,7 +903,8 @@ class Node:
                 app.run(use_reloader=False)  # the reloader would start a second node
                 node.stop()  # drains; a no-op if a signal already did
 
-        gunicorn (one worker, ``threads`` for concurrency), in ``gunicorn.conf.py``::
+        gunicorn (any number of workers: each runs its own node; ``--preload`` too, since
+        the node starts in the worker), in ``gunicorn.conf.py``::
 
             def post_worker_init(worker):
                 from app import node

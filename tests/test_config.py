@@ -643,7 +643,7 @@ def test_discovery_spec_object_is_used_as_is() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["dns:", "static:", "static:a", "consul:x", "dns:x:99999", "static:a:²", "dns:a b"]
+    "text", ["dns:", "static:", "static:,", "consul:x", "dns:x:99999", "static:a:²", "dns:a b"]
 )
 def test_discovery_malformed(text: str) -> None:
     for message in (
@@ -1103,6 +1103,7 @@ def test_describe_covers_every_setting_with_its_source(tmp_path: Path) -> None:
         "release": ("deployment-01JABCDEF", "fly"),
         "node_name": ("683d314fdd4d68", "fly"),
         "bind": ("[::]:4370", "fly"),
+        "port_range": ("16 (ports 4370..4385)", "default"),
         "advertise": ("fdaa:0:1:a7b:1::2", "fly"),
         "discovery": ("static:a:1,[fdaa::5]:2", "argument"),
         "dns_server": ("[fdaa::3]:53", "HANDOFF_DNS_SERVER"),
@@ -1182,6 +1183,7 @@ CONTRACT = {
     "HANDOFF_CONNECT_TIMEOUT",
     "HANDOFF_ADVERTISE",
     "HANDOFF_CONTROL_SOCKET",
+    "HANDOFF_PORT_RANGE",
 }
 
 

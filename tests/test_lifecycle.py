@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from handoff import LocalProtocolError, Node
+from handoff import BindError, LocalProtocolError, Node
 
 COOKIE = "test-cookie-0123456789abcdef"
 FAST: dict[str, Any] = {
@@ -63,11 +63,21 @@ def test_thread_start_errors_surface_in_the_caller() -> None:
     first = node("first", "127.0.0.2")
     first.start_in_thread()
     try:
-        clash = Node("shop", name="clash", bind=f"127.0.0.2:{first.port}", **FAST)
-        with pytest.raises(Exception, match="already in use"):
-            clash.start_in_thread()
+        # An address of no interface here: a configuration error, raised in the caller.
+        wrong = Node("shop", name="wrong", bind="192.0.2.1:4370", **FAST)
+        with pytest.raises(BindError, match="no interface"):
+            wrong.start_in_thread()
         with pytest.raises(LocalProtocolError, match="already started"):
             first.start_in_thread()
+        # Every port of the range in use is a condition of the machine: the app serves on
+        # without a node (several workers, too few ports), and says so.
+        clash = Node("shop", name="clash", bind=f"127.0.0.2:{first.port}", port_range=1, **FAST)
+        clash.start_in_thread()
+        assert not clash.running
+        assert "already in use" in clash.join_error
+        assert clash.is_warm
+        assert clash.warm_reason.startswith("not joined: ")
+        clash.stop()  # nothing to stop
     finally:
         first.stop()
     first.stop()  # idempotent

@@ -28,6 +28,7 @@ from handoff import (
     NodeState,
     NodeUp,
     Peer,
+    PortsInUse,
 )
 from handoff.membership import NAME_IN_USE
 from handoff.protocol import Connection, HandshakeComplete, Limits, LocalNode, Role
@@ -311,9 +312,12 @@ async def test_wrong_cookie_never_joins(caplog: pytest.LogCaptureFixture) -> Non
 
 async def test_port_in_use_is_a_clear_bind_error() -> None:
     async with make_node("a", "127.0.0.2") as a:
-        clash = Node("shop", cookie=COOKIE, name="b", bind=f"127.0.0.2:{a.port}", environ={})
-        with pytest.raises(BindError, match=r"already in use.*HANDOFF_BIND"):
+        clash = Node(
+            "shop", cookie=COOKIE, name="b", bind=f"127.0.0.2:{a.port}", port_range=1, environ={}
+        )
+        with pytest.raises(PortsInUse, match=r"already in use.*HANDOFF_BIND") as info:
             await clash.start()
+        assert isinstance(info.value, BindError)
         assert not clash.running
 
 

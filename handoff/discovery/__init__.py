@@ -9,7 +9,7 @@ from __future__ import annotations
 from ._base import Discovery, NoDiscovery, StaticDiscovery, make_discovery
 from ._dns import DnsDiscovery
 from ._fly import FlyDiscovery
-from ._spec import DiscoverySpec, PeerAddress, parse_discovery_spec, parse_host_port
+from ._spec import DiscoverySpec, PeerAddress, parse_discovery_spec, parse_host_port, port_range
 
 __all__ = (
     "Discovery",
@@ -22,4 +22,5 @@ __all__ = (
     "make_discovery",
     "parse_discovery_spec",
     "parse_host_port",
+    "port_range",
 )

@@ -25,7 +25,7 @@ import dns.resolver
 
 from handoff._errors import ConfigError, DiscoveryError
 
-from ._spec import PeerAddress
+from ._spec import PeerAddress, port_range
 
 __all__ = ("DnsDiscovery",)
 
@@ -207,7 +207,8 @@ def _sort_key(address: PeerAddress) -> tuple[int, int, str, int]:
 
 
 def merge_addresses(addresses: Iterable[PeerAddress]) -> list[PeerAddress]:
-    """Deduplicate by host and port (keeping metadata where one copy has it) and sort.
+    """Deduplicate by host and port (keeping metadata where one copy has it, and a probe
+    only where every copy is one) and sort.
 
     IPv4 sorts before IPv6, each in numeric order, so that the same records always give
     the same list whatever order the server returned them in.
@@ -219,8 +220,16 @@ def merge_addresses(addresses: Iterable[PeerAddress]) -> list[PeerAddress]:
             host = ipaddress.ip_address(host).compressed
         key = (host, address.port)
         known = seen.get(key)
-        if known is None or (not known.meta and address.meta):
-            seen[key] = PeerAddress(host, address.port, address.meta)
+        if known is None:
+            seen[key] = PeerAddress(host, address.port, address.meta, probe=address.probe)
+        elif (not known.meta and address.meta) or (known.probe and not address.probe):
+            # An address is a probe only if every copy of it is.
+            seen[key] = PeerAddress(
+                host,
+                address.port,
+                known.meta or address.meta,
+                probe=known.probe and address.probe,
+            )
     return sorted(seen.values(), key=_sort_key)
 
 
@@ -239,7 +248,9 @@ class DnsDiscovery:
     Without it, resolv.conf (``resolv_conf``) is read once, here: no usable configuration
     raises :class:`ConfigError` at construction, since it cannot fix itself later (dnspython
     never re-reads the file). Its search list applies as in getaddrinfo(), so a short
-    Kubernetes service name works. ``timeout`` is a hard bound on each query,
+    Kubernetes service name works. ``ports``: each A/AAAA address is also probed on the
+    ``ports - 1`` ports after ``port`` (``HANDOFF_PORT_RANGE``: worker processes of one
+    machine); SRV records name exact ports. ``timeout`` is a hard bound on each query,
     retransmissions included; queries run concurrently, so :meth:`discover` takes at most
     ``timeout`` (A/AAAA) or twice that (SRV, then the targets).
     """
@@ -252,23 +263,29 @@ class DnsDiscovery:
         dns_server: tuple[str, int] | None = None,
         timeout: float = 2.0,
         resolv_conf: str = RESOLV_CONF,
+        ports: int = 1,
     ) -> None:
         self._resolver = _Resolver(dns_server=dns_server, timeout=timeout, resolv_conf=resolv_conf)
         self.name = name
         self.port = port
+        self.ports = ports
         self._qname = self._resolver.qname(name, context="HANDOFF_DISCOVERY")
         self.is_srv = name.startswith("_")
 
     def describe(self) -> str:
         """E.g. ``dns:shop.internal (A/AAAA, port 4370) via 127.0.0.1:5353``."""
-        kinds = "SRV" if self.is_srv else f"A/AAAA, port {self.port}"
+        last = min(self.port + self.ports - 1, 65535)
+        ports = f"ports {self.port}..{last}" if last > self.port else f"port {self.port}"
+        kinds = "SRV" if self.is_srv else f"A/AAAA, {ports}"
         return f"dns:{self.name} ({kinds}) via {self._resolver.server}"
 
     async def discover(self) -> list[PeerAddress]:
         """Ask DNS now; see the class documentation for what counts as a failure."""
         if not self.is_srv:
             (hosts,) = await self._resolver.addresses([self._qname])
-            return merge_addresses(PeerAddress(host, self.port) for host in hosts)
+            return merge_addresses(
+                address for host in hosts for address in port_range(host, self.port, self.ports)
+            )
 
         records = await self._resolver.query(self._qname, dns.rdatatype.SRV)
         targets: list[tuple[dns.name.Name, int]] = []

@@ -12,7 +12,7 @@ import dns.rdtypes.ANY.TXT
 from handoff._errors import ConfigError, DiscoveryError
 
 from ._dns import RESOLV_CONF, _Resolver, logger, merge_addresses, rdata_addresses
-from ._spec import PeerAddress
+from ._spec import PeerAddress, port_range
 
 __all__ = ("FlyDiscovery",)
 
@@ -51,7 +51,9 @@ class FlyDiscovery:
     record of ``vms.<app>.internal`` (``"<machine_id> <region>"`` pairs); then the AAAA
     of ``<machine_id>.vm.<app>.internal`` for each listed Machine, to learn which address
     belongs to which Machine. Each address then carries ``meta`` of
-    ``(("machine_id", id), ("region", region))`` where known.
+    ``(("machine_id", id), ("region", region))`` where known. Each address is probed on
+    ``port`` and the ``ports - 1`` after it (``HANDOFF_PORT_RANGE``: the worker processes
+    of one Machine).
 
     Only the ``<app>.internal`` query must succeed: when the TXT or a per-machine query
     fails, the addresses are returned without that metadata (logged at debug level).
@@ -71,21 +73,25 @@ class FlyDiscovery:
         dns_server: tuple[str, int] | None = None,
         timeout: float = 2.0,
         resolv_conf: str = RESOLV_CONF,
+        ports: int = 1,
     ) -> None:
         if not _APP_NAME.match(app):
             raise ConfigError(f"FLY_APP_NAME: {app!r} is not a valid Fly app name")
         self._resolver = _Resolver(dns_server=dns_server, timeout=timeout, resolv_conf=resolv_conf)
         self.app = app
         self.port = port
+        self.ports = ports
         # Absolute names: a resolv.conf search list must never turn them into others.
         self._internal = dns.name.from_text(f"{app}.internal")
         self._vms = dns.name.from_text(f"vms.{app}.internal")
 
     def describe(self) -> str:
         """E.g. ``fly:shop (AAAA shop.internal, TXT vms.shop.internal, port 4370) via ...``."""
+        last = min(self.port + self.ports - 1, 65535)
+        ports = f"ports {self.port}..{last}" if last > self.port else f"port {self.port}"
         return (
             f"fly:{self.app} (AAAA {self.app}.internal, TXT vms.{self.app}.internal, "
-            f"port {self.port}) via {self._resolver.server}"
+            f"{ports}) via {self._resolver.server}"
         )
 
     async def discover(self) -> list[PeerAddress]:
@@ -95,7 +101,11 @@ class FlyDiscovery:
         )
         if isinstance(internal, DiscoveryError):
             raise internal
-        found = [PeerAddress(host, self.port) for host in rdata_addresses(internal)]
+        found = [
+            address
+            for host in rdata_addresses(internal)
+            for address in port_range(host, self.port, self.ports)
+        ]
         if isinstance(vms, DiscoveryError):
             logger.debug("fly discovery: no machine ids and regions: %s", vms)
             return merge_addresses(found)
@@ -112,5 +122,9 @@ class FlyDiscovery:
                 if region
                 else (("machine_id", machine_id),)
             )
-            found.extend(PeerAddress(host, self.port, meta) for host in rdata_addresses(result))
+            found.extend(
+                address
+                for host in rdata_addresses(result)
+                for address in port_range(host, self.port, self.ports, meta)
+            )
         return merge_addresses(found)

@@ -7,11 +7,17 @@ from typing import Literal
 
 from handoff._errors import ConfigError
 
-__all__ = ("DiscoverySpec", "PeerAddress", "parse_discovery_spec", "parse_host_port")
+__all__ = (
+    "DiscoverySpec",
+    "PeerAddress",
+    "parse_discovery_spec",
+    "parse_host_port",
+    "port_range",
+)
 
 DiscoveryKind = Literal["static", "dns", "fly", "none"]
 
-_FORMS = "'static:HOST:PORT,HOST:PORT', 'dns:NAME[:PORT]', 'fly' or 'none'"
+_FORMS = "'static:HOST[:PORT],HOST[:PORT]', 'dns:NAME[:PORT]', 'fly' or 'none'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,17 +27,36 @@ class PeerAddress:
     host: str
     port: int
     meta: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    probe: bool = field(default=False, compare=False)
+    """True for the ports beyond the first of a probed range (``HANDOFF_PORT_RANGE``): a
+    node there is possible (a second worker process), not expected."""
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def port_range(
+    host: str, port: int, count: int, meta: tuple[tuple[str, str], ...] = ()
+) -> list[PeerAddress]:
+    """``host`` on ``port`` and the ``count - 1`` ports after it (cut at 65535), those marked
+    as probes: where the worker processes of one machine listen (``HANDOFF_PORT_RANGE``)."""
+    # Port 0 (any free port, for tests) has no range.
+    last = min(port + (max(count, 1) if port else 1), 65536)
+    return [PeerAddress(host, p, meta, probe=p != port) for p in range(port, last)]
+
+
 @dataclass(frozen=True, slots=True)
 class DiscoverySpec:
-    """What to ask to find peers. ``port`` is ``None`` when the node's own port applies."""
+    """What to ask to find peers. ``port`` is ``None`` when the node's own port applies.
+
+    ``static`` are the ``HOST:PORT`` entries of a static list (dialled exactly as given);
+    ``static_hosts`` its entries without a port, probed on the node's port range like DNS
+    answers.
+    """
 
     kind: DiscoveryKind
     static: tuple[PeerAddress, ...] = ()
+    static_hosts: tuple[str, ...] = ()
     name: str = ""
     port: int | None = None
 
@@ -94,14 +119,20 @@ def parse_discovery_spec(text: str, *, context: str = "HANDOFF_DISCOVERY") -> Di
     if kind == "static":
         if not rest.strip():
             raise ConfigError(f"{context}: 'static:' needs at least one HOST:PORT")
-        addresses = tuple(
-            PeerAddress(*parse_host_port(part, context=context))
-            for part in rest.split(",")
-            if part.strip()
-        )
-        if not addresses:
+        addresses: list[PeerAddress] = []
+        hosts: list[str] = []
+        for part in rest.split(","):
+            if not part.strip():
+                continue
+            # Port 0 stands for "none given": no real entry can have it.
+            host, number = parse_host_port(part, context=context, default_port=0)
+            if number:
+                addresses.append(PeerAddress(host, number))
+            elif host not in hosts:
+                hosts.append(host)
+        if not addresses and not hosts:
             raise ConfigError(f"{context}: 'static:' needs at least one HOST:PORT")
-        return DiscoverySpec(kind="static", static=addresses)
+        return DiscoverySpec(kind="static", static=tuple(addresses), static_hosts=tuple(hosts))
     if kind == "dns":
         name, sep, port = rest.partition(":")
         name = name.strip().rstrip(".")

@@ -1,0 +1,100 @@
+"""``node.stats()`` and ``handoff status``: the last handoff a node received."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from handoff import Node, ReceivedHandoff
+from handoff.cli import main
+from tests._helpers import FAST, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def node(name: str, host: str, release: str, tmp_path: Path, discovery: str = "none") -> Node:
+    return Node(
+        "shop",
+        **{
+            **FAST,
+            "name": name,
+            "release": release,
+            "bind": f"{host}:0",
+            "discovery": discovery,
+            "control_socket": str(tmp_path / f"{name}.sock"),
+        },
+    )
+
+
+async def test_stats_and_status_show_the_last_received_handoff(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    received: dict[str, int] = {}
+    new = node("new", "127.0.0.3", "v2", tmp_path)
+    new.track("entries", received)
+    async with new:
+        stats = new.stats()
+        assert stats["last_received"] is None
+        assert stats["node"] == "new"
+        assert stats["port"] == new.port
+        assert stats["tracked"] == [
+            {"namespace": "entries", "kind": "mapping", "entries": 0, "version": 1}
+        ]
+        old = node("old", "127.0.0.2", "v1", tmp_path, discovery=f"static:{new.address}")
+        old.track("entries", {f"k{i}": i for i in range(50)})
+        before = time.time()
+        async with old:
+            await wait_until(lambda: bool(old.peers()))
+        await wait_until(lambda: new.last_received is not None)
+        last = new.last_received
+        assert isinstance(last, ReceivedHandoff)
+        assert (last.peer, last.release, last.records) == ("old", "v1", 50)
+        assert before <= last.at <= time.time()
+        stats = new.stats()
+        assert stats["last_received"] == {
+            "peer": "old",
+            "release": "v1",
+            "records": 50,
+            "at": last.at,
+        }
+        assert stats["tracked"][0]["entries"] == 50
+        code = await anyio.to_thread.run_sync(
+            main, ["status", "--socket", str(tmp_path / "new.sock")]
+        )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "last drain: none" in out
+    assert "last received: 50 records from old (release v1), " in out
+    assert out.rstrip().endswith(" ago")
+
+
+def test_status_escapes_or_skips_what_a_hostile_node_says_it_received() -> None:
+    from handoff.cli import _status_lines
+
+    base: dict[str, object] = {
+        "node": "n",
+        "cluster": "c",
+        "release": "r",
+        "state": "serving",
+        "address": None,
+        "pid": 1,
+        "warm": True,
+        "warm_reason": "x",
+        "members": [],
+        "tracked": [],
+        "last_drain": None,
+    }
+    evil = "\x1b]0;owned\x07peer\nFORGED"
+    received = {"peer": evil, "release": evil, "records": 3, "at": time.time()}
+    text = "\n".join(_status_lines({**base, "last_received": received}))
+    assert "\x1b" not in text
+    assert "\nFORGED" not in text
+    assert "last received: 3 records from " in text
+    for bad in ({"peer": 1}, "yes", {**received, "records": "3"}):
+        lines = _status_lines({**base, "last_received": bad})
+        assert lines[-1] == "last received: (not readable)"
+    # A node from before last_received existed: not sent at all.
+    assert _status_lines(base)[-1] == "last received: none"
