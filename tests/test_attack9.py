@@ -7,6 +7,7 @@ sockets, time moves only when every task is blocked): see its module documentati
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -73,3 +74,32 @@ async def test_finding_9a_a_chunk_never_sent_at_the_streaming_deadline_is_not_lo
     assert other.receiver.active == 0
 
 
+async def test_finding_9b_a_chunk_decoded_across_the_loss_of_its_link_is_not_applied() -> None:
+    """Finding 9b. b decodes a's first chunk in a worker thread; meanwhile its link to a
+    ends (a partition: b keeps running). ``Receiver.peer_lost`` forgot the stream but left
+    its machine open, so after the decode ``_chunk`` found it "open" and applied the chunk,
+    though its comment says a chunk decoded across the loss of the link is not applied.
+    a, whose link ended before any Ack, re-sends it to c: the counts were in b and in c."""
+    held = counts("k", 40)
+    expected = total(held)
+    async with network() as net:
+        a = net.node("a", tally("usage", dict(held)))
+        b = net.node("b", tally("usage", {}), release="v2")
+        c = net.node("c", tally("usage", {}), release="v1")
+        net.connect(a, b, c)
+        decode = b.receiver._decode
+
+        async def decode_then_partition(chunk: Chunk) -> Any:
+            records = await decode(chunk)
+            net.cut(a, b, "partition")
+            return records
+
+        b.receiver._decode = decode_then_partition  # type: ignore[method-assign]
+        report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
+
+    assert_adds_up(report)
+    ns = report.namespaces["usage"]
+    assert ns.in_doubt > 0  # a could not know: it reports the doubt
+    # b applied nothing after its link was gone: no count is in two places.
+    assert total(b.data("usage")) == 0
+    assert total(a.data("usage"), b.data("usage"), c.data("usage")) == expected
