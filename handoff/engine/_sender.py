@@ -628,6 +628,10 @@ class Drainer:
             return False  # withdrawn or failed while the caller awaited something else
         remaining = until - self._clock.now()
         if remaining <= 0:
+            if isinstance(message, Chunk):
+                # Not written: the caller keeps its records, and the stream stays open
+                # for the Cancel that ends it (the receiver would otherwise wait for it).
+                return False
             if isinstance(message, Cancel):
                 # Out of time, but the receiver must learn that the stream is over (it
                 # would wait for it when it drains in turn): the node sends it afterwards.
@@ -840,6 +844,11 @@ class Drainer:
         if await self._send(stream, chunk, until):
             report.sent += len(records)
             report.bytes += len(payload)
+        elif stream.machine.next_seq == seq:
+            # Never written (out of time, or the stream ended meanwhile): nobody received
+            # it, so it is bound to nobody. Queued again, for the caller to take back.
+            del stream.inflight[seq]
+            stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
 
     async def _send_split(
         self,
