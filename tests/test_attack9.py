@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from handoff import Counters
+from handoff.adapters.counters import CountersAdapter
 from handoff.protocol import Ack, Chunk, Message
 from tests.test_engine_unit import (
     assert_adds_up,
@@ -103,3 +105,34 @@ async def test_finding_9b_a_chunk_decoded_across_the_loss_of_its_link_is_not_app
     # b applied nothing after its link was gone: no count is in two places.
     assert total(b.data("usage")) == 0
     assert total(a.data("usage"), b.data("usage"), c.data("usage")) == expected
+
+
+def test_finding_9d_counts_given_back_keep_the_window_they_had_not_a_longer_one() -> None:
+    """Finding 9d. ``CountersAdapter.give_back`` merged records with age 0: a record's
+    remaining time is measured at its export, so a key taken 1 s before its window ended
+    and given back 5 s later (the drain held it: a stalled successor, a refusal) got a new
+    second of window from the give-back: it read 5 (and a rate limit refused) 4 s after its
+    window ended. The limits adapter ages what it gives back; Counters did not."""
+    now = [0.0]
+    counters = Counters(ttl=10.0, timer=lambda: now[0])
+    counters.incr("ip", 5)
+    adapter = CountersAdapter(counters)
+    now[0] = 9.0  # 1 s left in the window
+    taken = list(adapter.export())
+    assert taken == [("ip", 5, 1.0)]
+    now[0] = 14.0  # the window ended at 10
+    adapter.give_back(taken)
+    assert counters["ip"] == 0
+    assert counters.incr("ip") == 1  # a fresh window
+
+
+def test_finding_9d_counts_given_back_at_once_keep_their_window() -> None:
+    now = [0.0]
+    counters = Counters(ttl=10.0, timer=lambda: now[0])
+    counters.incr("ip", 5)
+    adapter = CountersAdapter(counters)
+    now[0] = 9.0
+    adapter.give_back(list(adapter.export()))
+    now[0] = 9.5
+    assert counters["ip"] == 5
+    assert counters.remaining("ip") == pytest.approx(0.5)
