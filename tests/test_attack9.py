@@ -7,22 +7,25 @@ sockets, time moves only when every task is blocked): see its module documentati
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from handoff import Counters
+from handoff._errors import SnapshotError
 from handoff.adapters.counters import CountersAdapter
 from handoff.protocol import Ack, Chunk, Message
+from handoff.snapshot import DirectorySnapshotStore, _DirectoryWriter
 from tests.test_engine_unit import (
+    Wire,
     assert_adds_up,
-    chunk_total,
     counts,
     network,
     small_chunks,
     tally,
     total,
-    Wire,
+    track,
 )
 
 __all__ = ("small_chunks",)  # the fake network's autouse fixture: chunks of 16 records
@@ -136,3 +139,38 @@ def test_finding_9d_counts_given_back_at_once_keep_their_window() -> None:
     now[0] = 9.5
     assert counters["ip"] == 5
     assert counters.remaining("ip") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("fails_at", ["write_chunk", "commit"])
+async def test_finding_9e_a_snapshot_store_that_fails_does_not_destroy_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails_at: str
+) -> None:
+    """Finding 9e. With nobody to take the counters, the drain writes them to the snapshot
+    store. The disk is full: the store raises SnapshotError (its documented error for
+    that), which the drain did not catch: ``drain()`` raised, no report at all, and every
+    count taken for the snapshot was destroyed (neither given back nor reported). The
+    namespaces after it were not even drained."""
+    counters = Counters()
+    for i in range(100):
+        counters.incr(f"k{i:03d}", i + 1)
+    expected = counters.total()
+    after = {"x": 1}
+
+    def full(self: Any, *args: Any) -> None:
+        raise SnapshotError("cannot write snapshot: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(_DirectoryWriter, fails_at, full)
+    store = DirectorySnapshotStore(tmp_path / "snapshots", key=bytes(32))
+    async with network() as net:
+        a = net.node("a", track("usage", counters), track("zcache", dict(after)), snapshots=store)
+        report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
+
+    assert_adds_up(report)
+    ns = report.namespaces["usage"]
+    assert not report.ok
+    assert ns.records == 100
+    assert sum(n for reason, n in ns.dropped.items() if "No space left" in reason) == 100
+    assert ns.snapshotted == 0
+    # The node keeps serving with every count (they leave with the catch-up).
+    assert counters.total() == expected
+    assert "zcache" in report.namespaces
