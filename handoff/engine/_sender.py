@@ -39,7 +39,7 @@ import anyio.lowlevel
 
 from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
-from handoff._errors import HandoffError, NoTransformPath
+from handoff._errors import HandoffError, NoTransformPath, SnapshotError
 from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
@@ -946,17 +946,24 @@ class Drainer:
         batch = await next_batch()
         if not batch:
             return
-        writer = store.begin(
-            tracked.name,
-            cluster=self._cluster,
-            kind=tracked.adapter.kind,
-            version=tracked.version,
-            node=self._node,
-            release=self._release,
-            created_at=self._drain_wall,
+        # What an ownership adapter wrote, to give back if the snapshot fails: it took them.
+        kept: list[Record] | None = (
+            []
+            if tracked.adapter.moves_ownership and isinstance(tracked.adapter, SupportsGiveBack)
+            else None
         )
+        writer: SnapshotWriter | None = None
         written = 0
         try:
+            writer = store.begin(
+                tracked.name,
+                cluster=self._cluster,
+                kind=tracked.adapter.kind,
+                version=tracked.version,
+                node=self._node,
+                release=self._release,
+                created_at=self._drain_wall,
+            )
             # Sized by bytes like stream chunks: a count alone lets large values make one
             # chunk bigger than the store takes (64 MiB) and than memory should hold.
             while batch:
@@ -972,10 +979,34 @@ class Drainer:
                     report.drop("deadline", len(batch) + rest)
                     break
                 written += await self._write_snapshot_chunk(writer, report, batch)
+                if kept is not None:
+                    kept += batch
                 batch = await next_batch()
             await anyio.to_thread.run_sync(writer.commit)
+        except SnapshotError as exc:
+            # The store failed (a full disk): nothing of this snapshot exists. What an
+            # ownership adapter took goes back to it; the report says what was lost.
+            if writer is not None:
+                writer.abort()
+            logger.error("could not snapshot %r: %s", tracked.name, exc)
+            if kept is not None:
+                self._give_back(kept + batch + list(taken))
+            taken.clear()
+            await self._count_rest(
+                tracked, report, exporter, sized=sized, deadline=deadline, forget=True
+            )
+            unaccounted = (
+                report.records
+                - report.acknowledged
+                - report.snapshotted
+                - sum(report.dropped.values())
+            )
+            if unaccounted > 0:
+                report.drop(f"snapshot store failed: {exc}", unaccounted)
+            return
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
         report.snapshotted += written
         logger.info("snapshotted %d records of %r (%s)", written, tracked.name, reason)
