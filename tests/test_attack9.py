@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from handoff import Counters
@@ -174,3 +175,51 @@ async def test_finding_9e_a_snapshot_store_that_fails_does_not_destroy_counts(
     # The node keeps serving with every count (they leave with the catch-up).
     assert counters.total() == expected
     assert "zcache" in report.namespaces
+
+
+async def test_held_a_successor_that_withdraws_while_decoding_a_chunk_counts_it_once() -> None:
+    """Held: b starts draining (and withdraws from a's stream) while it decodes a's second
+    chunk. Nothing of that chunk is applied at b; a takes it back and sends it to c; b's own
+    drain hands what it had acknowledged to c. Every count once, nothing in doubt."""
+    held = counts("k", 100)
+    expected = total(held)
+    async with network() as net:
+        a = net.node("a", tally("usage", dict(held)))
+        b = net.node("b", tally("usage", {}), release="v3")
+        c = net.node("c", tally("usage", {}), release="v2")
+        net.connect(a, b, c)
+        decode, withdraw = b.receiver._decode, b.receiver.withdraw
+        withdrawn = anyio.Event()
+        b_drain: list[Any] = []
+
+        async def withdraw_and_say(reason: str, until: float) -> int:
+            count = await withdraw(reason, until)
+            withdrawn.set()
+            return count
+
+        async def decode_while_b_drains(chunk: Chunk) -> Any:
+            records = await decode(chunk)
+            if chunk.seq == 1:
+                b_drain.append(net.start(lambda: b.drain(time_limit=1.0)))
+                await withdrawn.wait()
+            return records
+
+        b.receiver.withdraw = withdraw_and_say  # type: ignore[method-assign]
+        b.receiver._decode = decode_while_b_drains  # type: ignore[method-assign]
+        report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
+        b_report = await net.finish(b_drain[0])
+
+    assert net.protocol_errors == []
+    assert_adds_up(report)
+    assert_adds_up(b_report)
+    ns, b_ns = report.namespaces["usage"], b_report.namespaces["usage"]
+    assert ns.in_doubt == 0 and b_ns.in_doubt == 0
+    assert report.ok, report.summary()
+    assert b_report.ok, b_report.summary()
+    assert ns.refusals["b"].startswith("draining")
+    # b handed on exactly what it applied: its first chunk, not the one it was decoding.
+    [first] = [m.records for m in net.wire(a, b).delivered if isinstance(m, Chunk) and m.seq == 0]
+    assert b_ns.records == first
+    assert net.wire(b, a).types()[:4] == ["Accept", "Ack", "StateChange", "Refuse"]
+    assert total(a.data("usage"), b.data("usage")) == 0
+    assert total(c.data("usage")) == expected
