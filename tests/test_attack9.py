@@ -16,7 +16,7 @@ import pytest
 from handoff import Counters
 from handoff._errors import SnapshotError
 from handoff.adapters.counters import CountersAdapter
-from handoff.protocol import Ack, Chunk, Message
+from handoff.protocol import Ack, Chunk, End, Message
 from handoff.snapshot import DirectorySnapshotStore, _DirectoryWriter
 from tests.test_engine_unit import (
     Wire,
@@ -223,3 +223,41 @@ async def test_held_a_successor_that_withdraws_while_decoding_a_chunk_counts_it_
     assert net.wire(b, a).types()[:4] == ["Accept", "Ack", "StateChange", "Refuse"]
     assert total(a.data("usage"), b.data("usage")) == 0
     assert total(c.data("usage")) == expected
+
+
+async def test_finding_9f_an_end_the_deadline_left_no_time_for_still_reaches_its_receiver() -> None:
+    """Finding 9f. Every chunk is acknowledged; a sends End to each successor in turn. The
+    first End's send blocks (a full buffer) until the drain's deadline, so the next End has
+    no time left: ``_send`` failed that stream locally and sent nothing, neither the End nor
+    a Cancel afterwards (only Cancels go to the late list). The second successor, which
+    applied and acknowledged everything, kept the stream open for as long as the link
+    lives: its own drain then waits for it (40% of its drain time) before withdrawing."""
+    held = counts("k", 200)
+    expected = total(held)
+    async with network() as net:
+        a = net.node("a", tally("usage", dict(held)))
+        b = net.node("b", tally("usage", {}), release="v2")
+        c = net.node("c", tally("usage", {}), release="v2")
+        net.connect(a, b, c)
+        blocked: list[str] = []
+
+        def block_first_end(wire: Wire) -> Callable[[Message], None]:
+            def on_send(message: Message) -> None:
+                if isinstance(message, End) and not blocked:
+                    blocked.append(wire.dst.name)
+                    wire.block()
+
+            return on_send
+
+        for node in (b, c):
+            wire = net.wire(a, node)
+            wire.on_send = block_first_end(wire)
+        report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
+        other = {"b": c, "c": b}[blocked[0]]
+        # The node runs on (a manual drain): what the drain had no time for goes out now.
+        await anyio.wait_all_tasks_blocked()
+
+    assert_adds_up(report)
+    assert report.namespaces["usage"].acknowledged == 200
+    assert total(b.data("usage"), c.data("usage")) == expected
+    assert other.receiver.active == 0
