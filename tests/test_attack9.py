@@ -213,7 +213,8 @@ async def test_held_a_successor_that_withdraws_while_decoding_a_chunk_counts_it_
     assert_adds_up(report)
     assert_adds_up(b_report)
     ns, b_ns = report.namespaces["usage"], b_report.namespaces["usage"]
-    assert ns.in_doubt == 0 and b_ns.in_doubt == 0
+    assert ns.in_doubt == 0
+    assert b_ns.in_doubt == 0
     assert report.ok, report.summary()
     assert b_report.ok, b_report.summary()
     assert ns.refusals["b"].startswith("draining")

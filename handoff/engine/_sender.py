@@ -191,9 +191,9 @@ class Drainer:
         node's own counter, so that a later drain (the catch-up) never offers a stream
         id that a receiver may still hold from an earlier one."""
         self.exported: dict[str, ExportLog] = {}
-        self.late: list[tuple[str, Link, Cancel]] = []
-        """Cancels the deadline left no time for: ``(peer, link, message)``, for the node to
-        send once the drain is over."""
+        self.late: list[tuple[str, Link, Cancel | End]] = []
+        """Cancels and Ends the deadline left no time for: ``(peer, link, message)``, for
+        the node to send once the drain is over."""
         self._keep_fingerprints = fingerprints
         self._sources = sources
         self._lock = lock if lock is not None else nullcontext()
@@ -632,9 +632,10 @@ class Drainer:
                 # Not written: the caller keeps its records, and the stream stays open
                 # for the Cancel that ends it (the receiver would otherwise wait for it).
                 return False
-            if isinstance(message, Cancel):
+            if isinstance(message, Cancel | End):
                 # Out of time, but the receiver must learn that the stream is over (it
                 # would wait for it when it drains in turn): the node sends it afterwards.
+                # An End only follows the last Ack, so it is as true later as now.
                 self.late.append((stream.peer.name, stream.link, message))
             self._fail(stream, "could not be written to before the deadline")
             return False
