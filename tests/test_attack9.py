@@ -314,3 +314,41 @@ def test_finding_9g_a_counters_snapshot_whose_removal_fails_is_not_applied_twice
             restore()
     restore()  # the store works again (or another worker's store restores it)
     assert counters["page"] == 10
+
+
+@pytest.mark.parametrize("b_starts_after_chunks", [0, 1, 3])
+async def test_held_two_nodes_with_counters_draining_at_once_count_every_amount_once(
+    b_starts_after_chunks: int,
+) -> None:
+    """Held: a drains to b (the newest release) and c; b starts its own drain after a's
+    ``b_starts_after_chunks``-th chunk reached it, and drains to c. What b acknowledged
+    leaves with b's drain, what it did not goes from a to c: c ends with every count,
+    once, and neither report is in doubt."""
+    held_a, held_b = counts("a", 120), counts("b", 50)
+    expected = total(held_a, held_b)
+    async with network() as net:
+        a = net.node("a", tally("usage", dict(held_a)))
+        b = net.node("b", tally("usage", dict(held_b)), release="v3")
+        c = net.node("c", tally("usage", {}), release="v2")
+        net.connect(a, b, c)
+        runs: list[Any] = []
+        seen = [0]
+
+        def on_send(message: Message) -> None:
+            if isinstance(message, Chunk):
+                seen[0] += 1
+            if not runs and seen[0] >= b_starts_after_chunks:
+                runs.append(net.start(lambda: b.drain(time_limit=4.0)))
+
+        net.wire(a, b).on_send = on_send
+        if b_starts_after_chunks == 0:
+            runs.append(net.start(lambda: b.drain(time_limit=4.0)))
+        report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
+        b_report = await net.finish(runs[0])
+
+    assert net.protocol_errors == []
+    for r in (report, b_report):
+        assert_adds_up(r)
+        assert r.ok, r.summary()
+    assert total(a.data("usage"), b.data("usage")) == 0
+    assert total(c.data("usage")) == expected
