@@ -26,6 +26,7 @@ from tests.test_engine_unit import (
     CLUSTER,
     Wire,
     assert_adds_up,
+    chunk_total,
     counts,
     network,
     small_chunks,
@@ -352,3 +353,37 @@ async def test_held_two_nodes_with_counters_draining_at_once_count_every_amount_
         assert r.ok, r.summary()
     assert total(a.data("usage"), b.data("usage")) == 0
     assert total(c.data("usage")) == expected
+
+
+async def test_held_past_the_deadline_counters_are_counted_by_size_and_all_given_back() -> None:
+    """Held: b takes a few chunks of real ``handoff.Counters`` and stops acknowledging;
+    the Cancel at the end of the streaming time blocks until the deadline, so the rest of
+    the export is counted by the adapter's size (``_count_rest`` past the deadline). What b
+    did not acknowledge is given back with everything never taken: a keeps every count b
+    does not hold, and the report counts each key once."""
+    counters = Counters()
+    for i in range(300):
+        counters.incr(f"k{i:03d}", i + 1)
+    expected = counters.total()
+    async with network() as net:
+        a = net.node("a", track("usage", counters))
+        b = net.node("b", track("usage", Counters()), release="v2")
+        net.connect(a, b)
+        a_b, b_a = net.wire(a, b), net.wire(b, a)
+        b_a.hold_after = lambda m: isinstance(m, Ack) and m.seq == 1
+
+        def block_cancel(message: Message) -> None:
+            if type(message).__name__ == "Cancel":
+                a_b.block()
+
+        a_b.on_send = block_cancel
+        report = await net.finish(net.start(lambda: a.drain(time_limit=2.0)))
+        in_b: Counters = b.data("usage")
+
+    ns = report.namespaces["usage"]
+    assert_adds_up(report)
+    assert ns.records == 300
+    assert ns.in_doubt > 0  # b's link dropped with chunks unacknowledged
+    acknowledged = chunk_total(a_b, [m.seq for m in b_a.delivered if isinstance(m, Ack)])
+    assert counters.total() + acknowledged == expected
+    assert in_b.total() >= acknowledged
