@@ -19,7 +19,7 @@ from handoff._codec import Codec
 from handoff._errors import SnapshotError
 from handoff.adapters.counters import CountersAdapter
 from handoff.engine._restore import restore_snapshots
-from handoff.protocol import Ack, Chunk, End, Message
+from handoff.protocol import Ack, Chunk, Closed, End, Message
 from handoff.snapshot import DirectorySnapshotStore, _DirectoryWriter
 from handoff.transforms import Transforms
 from tests.test_engine_unit import (
@@ -387,3 +387,36 @@ async def test_held_past_the_deadline_counters_are_counted_by_size_and_all_given
     acknowledged = chunk_total(a_b, [m.seq for m in b_a.delivered if isinstance(m, Ack)])
     assert counters.total() + acknowledged == expected
     assert in_b.total() >= acknowledged
+
+
+async def test_held_a_closed_from_a_peer_in_the_wrong_state_or_for_no_stream_is_harmless() -> None:
+    """Held: b answers a's first chunk with a Closed instead of its Ack (a stream it was
+    never asked to close), and c sends a Closed for a stream it never had. c's is ignored;
+    b's is a protocol error: the link drops and a re-sends what b did not acknowledge, and
+    the report says it is in doubt (b may hold it: it counts twice if b still runs)."""
+    held = counts("k", 100)
+    expected = total(held)
+    async with network() as net:
+        a = net.node("a", tally("usage", dict(held)))
+        b = net.node("b", tally("usage", {}), release="v3")
+        c = net.node("c", tally("usage", {}), release="v2")
+        net.connect(a, b, c)
+        await net.wire(c, a).send(Closed(4242))
+
+        def forge(message: Message) -> Message:
+            if isinstance(message, Ack) and message.seq == 0:
+                return Closed(message.stream)
+            return message
+
+        net.wire(b, a).tamper = forge
+        report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
+
+    assert [(dst, src) for dst, src, _ in net.protocol_errors] == [("a", "b")]
+    assert_adds_up(report)
+    ns = report.namespaces["usage"]
+    assert not report.ok
+    in_b = total(b.data("usage"))
+    assert in_b > 0
+    assert ns.in_doubt >= len(b.data("usage"))
+    # Exact if b is gone (what it holds leaves with it); doubled only in what is in doubt.
+    assert total(a.data("usage"), c.data("usage")) == expected
