@@ -422,18 +422,11 @@ async def test_held_a_closed_from_a_peer_in_the_wrong_state_or_for_no_stream_is_
     assert total(a.data("usage"), c.data("usage")) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "finding 9h: chunks still bound to a successor when a drain ends are reported "
-        "'outcome unknown' and forgotten (_report_unknown clears them); when that "
-        "successor's withdrawal (Refuse: nothing of them applied) arrives later, on a node "
-        "that keeps running after a manual drain, the drain is over and the answer is "
-        "dropped, so counts that are known to be nowhere are never given back for the "
-        "catch-up. Needs the node to keep unresolved ownership chunks past the drain"
-    ),
-)
 async def test_finding_9h_counts_a_late_withdrawal_proves_unapplied_are_given_back() -> None:
+    """Finding 9h. Chunks still bound to a successor when the drain ends were reported
+    "outcome unknown" and forgotten. When that successor's withdrawal (a Refuse: nothing of
+    them applied) arrives later, on a node that runs on after a manual drain, the answer
+    was dropped: counts known to be nowhere were never given back for the catch-up."""
     held = counts("k", 40)
     expected = total(held)
     async with network() as net:

@@ -19,7 +19,9 @@ then does the rest go elsewhere. A successor whose link ends first is presumed c
 taking what it applied with it: its unacknowledged chunks are re-sent and counted in the
 report as ``in_doubt`` (exact if it crashed, twice if it still runs behind a partition). A
 chunk still bound at the deadline is reported as of unknown outcome, never re-sent nor
-snapshotted; what nobody received at all is given back to the adapter.
+snapshotted; what nobody received at all is given back to the adapter. If the successor
+answers later (the node runs on after a manual drain), what it says it did not apply is
+given back too, and leaves with the catch-up.
 """
 
 from __future__ import annotations
@@ -221,6 +223,15 @@ class Drainer:
         self._deadline = math.inf
         self._namespace: Tracked | None = None
         self._given_back = 0
+        self._unresolved: dict[tuple[str, int], Tracked] = {}
+        """Cancelled ownership streams whose chunks the end of their namespace reported as
+        of unknown outcome: the successor's late answer (after the namespace, or after the
+        drain when the node runs on) still tells which it did not apply, to give back."""
+
+    @property
+    def unresolved(self) -> bool:
+        """Whether a late answer may still give chunks back (see :meth:`on_message`)."""
+        return bool(self._unresolved)
 
     # -- messages from the node -------------------------------------------------------------
 
@@ -231,6 +242,10 @@ class Drainer:
         stream = self._streams.get((peer, message.stream))
         if stream is None:
             logger.debug("%s answered unknown stream %d", peer, message.stream)
+            return
+        tracked = self._unresolved.get((peer, message.stream))
+        if tracked is not None:
+            self._late_answer(stream, tracked, message)
             return
         was_open = stream.state is StreamState.OPEN
         # Raises ProtocolError for an answer the stream does not allow (the link drops,
@@ -268,8 +283,49 @@ class Drainer:
                 self._progress(report)
         self._changed.set()
 
+    def _late_answer(self, stream: _OutStream, tracked: Tracked, message: Message) -> None:
+        """An answer on a stream already reported as of unknown outcome: an Ack says its
+        chunk was applied there; a Refuse or Closed (after the Acks) says the rest was not,
+        and it goes back to the adapter (it leaves with the catch-up)."""
+        if not stream.machine.receive(message):
+            return
+        if isinstance(message, Ack):
+            stream.inflight.pop(message.seq, None)
+            return
+        if not stream.state.finished:
+            return
+        del self._unresolved[(stream.peer.name, stream.stream)]
+        records = [record for seq in sorted(stream.inflight) for record in stream.inflight[seq][0]]
+        stream.inflight.clear()
+        if records:
+            logger.warning(
+                "%s answered late: %d records of %r it did not apply go back (they leave "
+                "with the catch-up)",
+                stream.peer.name,
+                len(records),
+                tracked.name,
+            )
+            self._give_back_to(tracked, records)
+
+    def on_late(self, peer: str, message: Message) -> None:
+        """An answer from ``peer`` after the drain (the node runs on): only streams whose
+        chunks have an unknown outcome still listen (see :meth:`_late_answer`)."""
+        if not isinstance(message, Accept | Refuse | Ack | Closed):
+            return
+        key = (peer, message.stream)
+        tracked = self._unresolved.get(key)
+        if tracked is not None:
+            self._late_answer(self._streams[key], tracked, message)
+
+    def forget_unresolved(self, peer: str) -> None:
+        """``peer``'s link ended: the chunks it may hold keep an unknown outcome."""
+        for key in [key for key in self._unresolved if key[0] == peer]:
+            del self._unresolved[key]
+            self._streams[key].inflight.clear()
+
     def on_peer_lost(self, peer: str) -> None:
         """``peer``'s link ended: its unacknowledged records must go elsewhere."""
+        self.forget_unresolved(peer)
         for (name, _), stream in self._streams.items():
             if name == peer:
                 self._fail(stream, "went down during the drain", link_lost=True)
@@ -661,6 +717,11 @@ class Drainer:
         if not records or tracked is None or not isinstance(tracked.adapter, SupportsGiveBack):
             return
         self._given_back += len(records)
+        self._give_back_to(tracked, records)
+
+    def _give_back_to(self, tracked: Tracked, records: Sequence[Record]) -> None:
+        if not isinstance(tracked.adapter, SupportsGiveBack):
+            return
         with self._lock:
             try:
                 tracked.adapter.give_back(records)
@@ -701,7 +762,10 @@ class Drainer:
         if not self._bound_here(stream) or stream.state is StreamState.OPEN:
             return
         count = sum(len(records) for records, _ in stream.inflight.values())
-        stream.inflight.clear()
+        if stream.state is StreamState.CANCELLING and self._namespace is not None:
+            self._unresolved[(stream.peer.name, stream.stream)] = self._namespace
+        else:
+            stream.inflight.clear()
         report.drop(OUTCOME_UNKNOWN.format(peer=stream.peer.name), count)
         logger.warning(
             "%d records of %r sent to %s have an unknown outcome: it neither acknowledged "
