@@ -572,6 +572,8 @@ class CountersAdapter:
                 f"CountersAdapter adapts handoff.Counters, not {type(counters).__name__}"
             )
         self.counters = counters
+        # The counters' timer when the latest record was taken (windowed counters only).
+        self._taken_at: float | None = None
 
     def __len__(self) -> int:
         """Keys holding a live, non-zero count: what an export would yield now."""
@@ -609,6 +611,8 @@ class CountersAdapter:
         for key in counters:
             taken = counters._take(key)
             if taken is not None:
+                if taken[1] is not None:
+                    self._taken_at = counters._timer()
                 yield key, taken[0], taken[1]
 
     def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
@@ -616,10 +620,16 @@ class CountersAdapter:
         return self._merge(records, age)
 
     def give_back(self, records: Sequence[Record]) -> None:
-        """Add back records this adapter exported and nobody received."""
-        result = self._merge(records, 0.0)
-        if result.dropped:
-            logger.warning("gave back %d counts; dropped %s", result.applied, dict(result.dropped))
+        """Add back records this adapter exported and nobody received. Their remaining
+        times were measured at the export: they age by the time since the latest record
+        was taken (at most their real age: a window never ends earlier than it would have,
+        nor later by the time the drain held them)."""
+        taken = self._taken_at
+        age = 0.0 if taken is None else max(0.0, self.counters._timer() - taken)
+        result = self._merge(records, age)
+        lost = {reason: n for reason, n in result.dropped.items() if reason != EXPIRED}
+        if lost:
+            logger.warning("gave back %d counts; dropped %s", result.applied, lost)
 
     def _merge(self, records: Sequence[Record], age: float) -> ImportResult:
         counters = self.counters

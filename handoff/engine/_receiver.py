@@ -156,11 +156,10 @@ class Receiver:
         for key in [key for key in self._streams if key[0] == peer]:
             stream = self._streams.pop(key)
             machine = stream.machine
-            if (
-                not machine.state.finished
-                and machine.records
-                and stream.tracked.adapter.moves_ownership
-            ):
+            # Ends the stream here too: a chunk still being decoded sees it is no longer
+            # open and applies nothing (its sender re-sends what it did not see acknowledged).
+            was_open = machine.fail("the link to the sender ended")
+            if was_open and machine.records and stream.tracked.adapter.moves_ownership:
                 # The sender cannot know which of the last chunks were applied here: if it
                 # is alive and re-sends them elsewhere, they count in both places. Its
                 # report counts them as in doubt; this line says where the other copy is.

@@ -19,7 +19,9 @@ then does the rest go elsewhere. A successor whose link ends first is presumed c
 taking what it applied with it: its unacknowledged chunks are re-sent and counted in the
 report as ``in_doubt`` (exact if it crashed, twice if it still runs behind a partition). A
 chunk still bound at the deadline is reported as of unknown outcome, never re-sent nor
-snapshotted; what nobody received at all is given back to the adapter.
+snapshotted; what nobody received at all is given back to the adapter. If the successor
+answers later (the node runs on after a manual drain), what it says it did not apply is
+given back too, and leaves with the catch-up.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import anyio.lowlevel
 
 from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
-from handoff._errors import HandoffError, NoTransformPath
+from handoff._errors import HandoffError, NoTransformPath, SnapshotError
 from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
@@ -191,9 +193,9 @@ class Drainer:
         node's own counter, so that a later drain (the catch-up) never offers a stream
         id that a receiver may still hold from an earlier one."""
         self.exported: dict[str, ExportLog] = {}
-        self.late: list[tuple[str, Link, Cancel]] = []
-        """Cancels the deadline left no time for: ``(peer, link, message)``, for the node to
-        send once the drain is over."""
+        self.late: list[tuple[str, Link, Cancel | End]] = []
+        """Cancels and Ends the deadline left no time for: ``(peer, link, message)``, for
+        the node to send once the drain is over."""
         self._keep_fingerprints = fingerprints
         self._sources = sources
         self._lock = lock if lock is not None else nullcontext()
@@ -221,6 +223,15 @@ class Drainer:
         self._deadline = math.inf
         self._namespace: Tracked | None = None
         self._given_back = 0
+        self._unresolved: dict[tuple[str, int], Tracked] = {}
+        """Cancelled ownership streams whose chunks the end of their namespace reported as
+        of unknown outcome: the successor's late answer (after the namespace, or after the
+        drain when the node runs on) still tells which it did not apply, to give back."""
+
+    @property
+    def unresolved(self) -> bool:
+        """Whether a late answer may still give chunks back (see :meth:`on_message`)."""
+        return bool(self._unresolved)
 
     # -- messages from the node -------------------------------------------------------------
 
@@ -231,6 +242,10 @@ class Drainer:
         stream = self._streams.get((peer, message.stream))
         if stream is None:
             logger.debug("%s answered unknown stream %d", peer, message.stream)
+            return
+        tracked = self._unresolved.get((peer, message.stream))
+        if tracked is not None:
+            self._late_answer(stream, tracked, message)
             return
         was_open = stream.state is StreamState.OPEN
         # Raises ProtocolError for an answer the stream does not allow (the link drops,
@@ -268,8 +283,49 @@ class Drainer:
                 self._progress(report)
         self._changed.set()
 
+    def _late_answer(self, stream: _OutStream, tracked: Tracked, message: Message) -> None:
+        """An answer on a stream already reported as of unknown outcome: an Ack says its
+        chunk was applied there; a Refuse or Closed (after the Acks) says the rest was not,
+        and it goes back to the adapter (it leaves with the catch-up)."""
+        if not stream.machine.receive(message):
+            return
+        if isinstance(message, Ack):
+            stream.inflight.pop(message.seq, None)
+            return
+        if not stream.state.finished:
+            return
+        del self._unresolved[(stream.peer.name, stream.stream)]
+        records = [record for seq in sorted(stream.inflight) for record in stream.inflight[seq][0]]
+        stream.inflight.clear()
+        if records:
+            logger.warning(
+                "%s answered late: %d records of %r it did not apply go back (they leave "
+                "with the catch-up)",
+                stream.peer.name,
+                len(records),
+                tracked.name,
+            )
+            self._give_back_to(tracked, records)
+
+    def on_late(self, peer: str, message: Message) -> None:
+        """An answer from ``peer`` after the drain (the node runs on): only streams whose
+        chunks have an unknown outcome still listen (see :meth:`_late_answer`)."""
+        if not isinstance(message, Accept | Refuse | Ack | Closed):
+            return
+        key = (peer, message.stream)
+        tracked = self._unresolved.get(key)
+        if tracked is not None:
+            self._late_answer(self._streams[key], tracked, message)
+
+    def forget_unresolved(self, peer: str) -> None:
+        """``peer``'s link ended: the chunks it may hold keep an unknown outcome."""
+        for key in [key for key in self._unresolved if key[0] == peer]:
+            del self._unresolved[key]
+            self._streams[key].inflight.clear()
+
     def on_peer_lost(self, peer: str) -> None:
         """``peer``'s link ended: its unacknowledged records must go elsewhere."""
+        self.forget_unresolved(peer)
         for (name, _), stream in self._streams.items():
             if name == peer:
                 self._fail(stream, "went down during the drain", link_lost=True)
@@ -628,9 +684,14 @@ class Drainer:
             return False  # withdrawn or failed while the caller awaited something else
         remaining = until - self._clock.now()
         if remaining <= 0:
-            if isinstance(message, Cancel):
+            if isinstance(message, Chunk):
+                # Not written: the caller keeps its records, and the stream stays open
+                # for the Cancel that ends it (the receiver would otherwise wait for it).
+                return False
+            if isinstance(message, Cancel | End):
                 # Out of time, but the receiver must learn that the stream is over (it
                 # would wait for it when it drains in turn): the node sends it afterwards.
+                # An End only follows the last Ack, so it is as true later as now.
                 self.late.append((stream.peer.name, stream.link, message))
             self._fail(stream, "could not be written to before the deadline")
             return False
@@ -656,6 +717,11 @@ class Drainer:
         if not records or tracked is None or not isinstance(tracked.adapter, SupportsGiveBack):
             return
         self._given_back += len(records)
+        self._give_back_to(tracked, records)
+
+    def _give_back_to(self, tracked: Tracked, records: Sequence[Record]) -> None:
+        if not isinstance(tracked.adapter, SupportsGiveBack):
+            return
         with self._lock:
             try:
                 tracked.adapter.give_back(records)
@@ -696,7 +762,10 @@ class Drainer:
         if not self._bound_here(stream) or stream.state is StreamState.OPEN:
             return
         count = sum(len(records) for records, _ in stream.inflight.values())
-        stream.inflight.clear()
+        if stream.state is StreamState.CANCELLING and self._namespace is not None:
+            self._unresolved[(stream.peer.name, stream.stream)] = self._namespace
+        else:
+            stream.inflight.clear()
         report.drop(OUTCOME_UNKNOWN.format(peer=stream.peer.name), count)
         logger.warning(
             "%d records of %r sent to %s have an unknown outcome: it neither acknowledged "
@@ -840,6 +909,11 @@ class Drainer:
         if await self._send(stream, chunk, until):
             report.sent += len(records)
             report.bytes += len(payload)
+        elif stream.machine.next_seq == seq:
+            # Never written (out of time, or the stream ended meanwhile): nobody received
+            # it, so it is bound to nobody. Queued again, for the caller to take back.
+            del stream.inflight[seq]
+            stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
 
     async def _send_split(
         self,
@@ -937,17 +1011,24 @@ class Drainer:
         batch = await next_batch()
         if not batch:
             return
-        writer = store.begin(
-            tracked.name,
-            cluster=self._cluster,
-            kind=tracked.adapter.kind,
-            version=tracked.version,
-            node=self._node,
-            release=self._release,
-            created_at=self._drain_wall,
+        # What an ownership adapter wrote, to give back if the snapshot fails: it took them.
+        kept: list[Record] | None = (
+            []
+            if tracked.adapter.moves_ownership and isinstance(tracked.adapter, SupportsGiveBack)
+            else None
         )
+        writer: SnapshotWriter | None = None
         written = 0
         try:
+            writer = store.begin(
+                tracked.name,
+                cluster=self._cluster,
+                kind=tracked.adapter.kind,
+                version=tracked.version,
+                node=self._node,
+                release=self._release,
+                created_at=self._drain_wall,
+            )
             # Sized by bytes like stream chunks: a count alone lets large values make one
             # chunk bigger than the store takes (64 MiB) and than memory should hold.
             while batch:
@@ -963,10 +1044,34 @@ class Drainer:
                     report.drop("deadline", len(batch) + rest)
                     break
                 written += await self._write_snapshot_chunk(writer, report, batch)
+                if kept is not None:
+                    kept += batch
                 batch = await next_batch()
             await anyio.to_thread.run_sync(writer.commit)
+        except SnapshotError as exc:
+            # The store failed (a full disk): nothing of this snapshot exists. What an
+            # ownership adapter took goes back to it; the report says what was lost.
+            if writer is not None:
+                writer.abort()
+            logger.error("could not snapshot %r: %s", tracked.name, exc)
+            if kept is not None:
+                self._give_back(kept + batch + list(taken))
+            taken.clear()
+            await self._count_rest(
+                tracked, report, exporter, sized=sized, deadline=deadline, forget=True
+            )
+            unaccounted = (
+                report.records
+                - report.acknowledged
+                - report.snapshotted
+                - sum(report.dropped.values())
+            )
+            if unaccounted > 0:
+                report.drop(f"snapshot store failed: {exc}", unaccounted)
+            return
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
         report.snapshotted += written
         logger.info("snapshotted %d records of %r (%s)", written, tracked.name, reason)

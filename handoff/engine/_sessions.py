@@ -49,6 +49,8 @@ class Sessions:
         self.tallies = tallies
         self._clock = clock
         self._drainer: Drainer | None = None
+        # Finished drains that may still learn the fate of chunks (Drainer.unresolved).
+        self._finished: list[Drainer] = []
         self._late: list[tuple[str, Link, Message]] = []
 
     async def handle(self, peer: str, link: Link, message: Message) -> None:
@@ -57,6 +59,9 @@ class Sessions:
             if self._drainer is not None:
                 self._drainer.on_message(peer, message)
             else:
+                for drainer in self._finished:
+                    drainer.on_late(peer, message)
+                self._finished = [d for d in self._finished if d.unresolved]
                 logger.debug("%s answered a stream after the drain: %r", peer, message)
         elif isinstance(message, Tally):
             if self.tallies is not None:
@@ -71,6 +76,9 @@ class Sessions:
             self.tallies.peer_lost(peer)
         if self._drainer is not None:
             self._drainer.on_peer_lost(peer)
+        for drainer in self._finished:
+            drainer.forget_unresolved(peer)
+        self._finished = [d for d in self._finished if d.unresolved]
 
     async def drain(self, drainer: Drainer, *, time_limit: float) -> DrainReport:
         """Finish or withdraw inbound streams, then run ``drainer``, all within
@@ -90,6 +98,8 @@ class Sessions:
         finally:
             self._drainer = None
             self._late.extend(drainer.late)
+            if drainer.unresolved:
+                self._finished.append(drainer)
 
     async def send_late(self, time_limit: float = LATE_SEND_LIMIT) -> None:
         """Send what past drains had no time left for (Cancels of streams they gave up at
