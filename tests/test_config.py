@@ -653,6 +653,38 @@ def test_discovery_malformed(text: str) -> None:
         assert "HANDOFF_DISCOVERY (Node(discovery=...))" in message
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("dns:nu internal", "'nu internal' is not a DNS name (it contains whitespace)"),
+        ("dns:my_app!.internal", "'my_app!.internal' is not a DNS name"),
+        ("static:a:1;b:2", "separate peers with commas, not ';'"),
+        ("static:10.0.0.2:4370;10.0.0.3:4370", "separate peers with commas, not ';'"),
+        ("static:a$b:1", "'a$b' is neither a host name nor an IP address"),
+        ("static:[not-v6]:1", "brackets hold an IPv6 address, and 'not-v6' is none"),
+        ("static:a::b::c", "'a::b::c' is neither a host name nor an IP address"),
+    ],
+)
+def test_discovery_messages_say_what_is_wrong(text: str, says: str) -> None:
+    # Issue 12: "dns:nu internal" said it needed a DNS name; "static:a:1;b:2" was taken as
+    # one host named "a:1;b:2" (to dial on every port of the range).
+    assert says in config_error({**LOCAL_ENV, "HANDOFF_DISCOVERY": text})
+
+
+@pytest.mark.parametrize(
+    ("text", "hosts"),
+    [
+        ("static:a.shop.test:1,b_c.internal.:2", ("a.shop.test", "b_c.internal.")),
+        ("static:[fe80::1%eth0]:4370", ("fe80::1%eth0",)),
+        ("static:fdaa::3", ("fdaa::3",)),
+        ("static:fly-local-6pn", ("fly-local-6pn",)),
+    ],
+)
+def test_host_names_and_addresses_are_taken(text: str, hosts: tuple[str, ...]) -> None:
+    spec = resolve({**LOCAL_ENV, "HANDOFF_DISCOVERY": text}).discovery
+    assert (*(a.host for a in spec.static), *spec.static_hosts) == hosts
+
+
 @pytest.mark.parametrize("discovery", ["fly", DiscoverySpec(kind="fly")])
 def test_fly_discovery_off_fly(discovery: str | DiscoverySpec) -> None:
     message = config_error(LOCAL_ENV, discovery=discovery)

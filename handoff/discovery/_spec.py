@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,6 +69,36 @@ def _port(text: str, context: str) -> int:
     return int(text)
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _is_host_name(name: str) -> bool:
+    """A DNS name (letters, digits, '-' and '_' in dot-separated labels; a final dot ok)."""
+    name = name[:-1] if name.endswith(".") else name
+    if not name or len(name) > 253:
+        return False
+    return all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _check_host(host: str, text: str, context: str) -> None:
+    """Refuse what can be no host: with an accurate reason, not as a host to dial."""
+    try:
+        ipaddress.ip_address(host.partition("%")[0])  # a scope id (fe80::1%eth0) is fine
+        return
+    except ValueError:
+        pass
+    if _is_host_name(host):
+        return
+    if ";" in text:
+        raise ConfigError(
+            f"{context}: {text!r}: separate peers with commas, not ';' "
+            "(e.g. static:10.0.0.2:4370,10.0.0.3:4370)"
+        )
+    if any(c.isspace() for c in host):
+        raise ConfigError(f"{context}: host {host!r} contains whitespace")
+    raise ConfigError(f"{context}: {host!r} is neither a host name nor an IP address")
+
+
 def parse_host_port(text: str, *, context: str, default_port: int | None = None) -> tuple[str, int]:
     """Split ``host:port``, ``[v6]:port`` or (with a default port) a bare host.
 
@@ -81,6 +113,12 @@ def parse_host_port(text: str, *, context: str, default_port: int | None = None)
             raise ConfigError(f"{context}: {text!r} has an empty host between '[' and ']'")
         if not sep:
             raise ConfigError(f"{context}: {text!r} has an unclosed '['; expected [IPV6]:PORT")
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            raise ConfigError(
+                f"{context}: {text!r}: brackets hold an IPv6 address, and {host!r} is none"
+            ) from None
         if not rest:
             if default_port is None:
                 raise ConfigError(f"{context}: {text!r} has no port; expected [IPV6]:PORT")
@@ -95,12 +133,14 @@ def parse_host_port(text: str, *, context: str, default_port: int | None = None)
                 f"{context}: {text!r} looks like an IPv6 address without a port; "
                 "write it as [IPV6]:PORT"
             )
+        _check_host(text, text, context)
         return text, default_port
     host, sep, port = text.partition(":")
     if any(c.isspace() for c in host):
         raise ConfigError(f"{context}: host {host!r} contains whitespace")
     if not host:
         raise ConfigError(f"{context}: {text!r} has no host; expected HOST:PORT")
+    _check_host(host, text, context)
     if not sep:
         if default_port is None:
             raise ConfigError(f"{context}: {text!r} has no port; expected HOST:PORT")
@@ -136,8 +176,13 @@ def parse_discovery_spec(text: str, *, context: str = "HANDOFF_DISCOVERY") -> Di
     if kind == "dns":
         name, sep, port = rest.partition(":")
         name = name.strip().rstrip(".")
-        if not name or any(c.isspace() for c in name):
+        if not name:
             raise ConfigError(f"{context}: 'dns:' needs a DNS name, e.g. dns:myapp.internal")
+        if not _is_host_name(name):
+            why = "it contains whitespace" if any(c.isspace() for c in name) else "not a DNS name"
+            raise ConfigError(
+                f"{context}: {name!r} is not a DNS name ({why}); e.g. dns:myapp.internal"
+            )
         if sep and (not port or ":" in port):
             raise ConfigError(f"{context}: {text!r}: expected dns:NAME or dns:NAME:PORT")
         return DiscoverySpec(kind="dns", name=name, port=_port(port, context) if sep else None)
