@@ -342,9 +342,20 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
     else:
         release = f" (release {t(received['release'])})" if received["release"] else ""
         ago = duration(max(0.0, time.time() - received["at"]))
+        outcome = ""
+        applied, kept, dropped = (received.get(k) for k in ("applied", "kept", "dropped"))
+        if isinstance(applied, int) and isinstance(kept, int) and isinstance(dropped, dict):
+            # Older nodes do not send the outcome: shown where there is one.
+            outcome = f": {applied} applied, {kept} kept their newer copy here"
+            reasons = [
+                f"{count} {t(str(reason), 200)}"
+                for reason, count in sorted(dropped.items())
+                if isinstance(count, int)
+            ]
+            outcome += f", dropped {', '.join(reasons)}" if reasons else ", none dropped"
         lines.append(
             f"last received: {received['records']} records from {t(received['peer'])}"
-            f"{release}, {ago} ago"
+            f"{release}, {ago} ago{outcome}"
         )
     return lines
 

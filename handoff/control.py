@@ -270,6 +270,9 @@ def node_status(node: Node) -> dict[str, Any]:
             "release": received.release,
             "records": received.records,
             "at": received.at,
+            "applied": received.applied,
+            "kept": received.kept,
+            "dropped": dict(sorted(received.dropped.items())),
         },
         "join_error": node.join_error,
     }

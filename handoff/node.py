@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar
@@ -31,7 +31,7 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from handoff._adapter import Adapter, Record
+from handoff._adapter import Adapter, ImportResult, Record
 from handoff._codec import Codec
 from handoff._errors import (
     BindError,
@@ -132,6 +132,12 @@ class ReceivedHandoff:
     """How many records it sent in all (every namespace)."""
     at: float
     """When it completed (``time.time()``)."""
+    applied: int = 0
+    """Records this node applied from it."""
+    kept: int = 0
+    """Records not applied because this node held a newer entry for the key."""
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    """Records this node did not keep, per reason (expired, receiver full, ...)."""
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -472,10 +478,16 @@ class Node:
             return f"{self.name} is draining"
         return ""
 
-    def _handoff_received(self, peer: str, records: int) -> None:
+    def _handoff_received(self, peer: str, records: int, outcome: ImportResult) -> None:
         sender = next((p for p in self._mesh.peers() if p.name == peer), None)
         self.last_received = ReceivedHandoff(
-            peer, sender.release if sender is not None else "", records, time.time()
+            peer,
+            sender.release if sender is not None else "",
+            records,
+            time.time(),
+            outcome.applied,
+            outcome.kept_existing,
+            dict(outcome.dropped),
         )
         self._set_warm(f"received a handoff from {peer}")
 
@@ -485,7 +497,8 @@ class Node:
         ``warm`` and ``warm_reason``, ``join_error``, ``members`` (this node and its peers
         with their releases, states and namespace versions), ``tracked`` (per namespace:
         adapter kind, entries, schema version), ``last_drain`` (the report, or ``None``) and
-        ``last_received`` (``peer``, ``release``, ``records``, ``at``; or ``None``)."""
+        ``last_received`` (``peer``, ``release``, ``records``, ``at``, ``applied``, ``kept``,
+        ``dropped``; or ``None``)."""
         return node_status(self)
 
     # A deadline, not a cancellation: at ``timeout`` the drain still snapshots what is left.

@@ -209,7 +209,7 @@ async def test_a_chunk_decoded_across_the_receivers_withdrawal_is_neither_applie
         transforms=Transforms(),
         codec=codec,
         accepting=lambda: "",
-        on_complete=lambda peer, records: None,
+        on_complete=lambda peer, records, outcome: None,
     )
     wire = Wire()
     await receiver.handle("a", wire, Offer(1, "users", "mapping", 1, 3))

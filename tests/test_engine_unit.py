@@ -265,7 +265,7 @@ class FakeNode:
             transforms=self.transforms,
             codec=self.codec,
             accepting=self._refusal,
-            on_complete=lambda peer, records: self.completed.append((peer, records)),
+            on_complete=lambda peer, records, _: self.completed.append((peer, records)),
             clock=net.clock,
         )
         self.sessions = Sessions(self.receiver, clock=net.clock)

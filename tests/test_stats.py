@@ -52,6 +52,7 @@ async def test_stats_and_status_show_the_last_received_handoff(
         last = new.last_received
         assert isinstance(last, ReceivedHandoff)
         assert (last.peer, last.release, last.records) == ("old", "v1", 50)
+        assert (last.applied, last.kept, last.dropped) == (50, 0, {})
         assert before <= last.at <= time.time()
         stats = new.stats()
         assert stats["last_received"] == {
@@ -59,6 +60,9 @@ async def test_stats_and_status_show_the_last_received_handoff(
             "release": "v1",
             "records": 50,
             "at": last.at,
+            "applied": 50,
+            "kept": 0,
+            "dropped": {},
         }
         assert stats["tracked"][0]["entries"] == 50
         code = await anyio.to_thread.run_sync(
@@ -68,7 +72,7 @@ async def test_stats_and_status_show_the_last_received_handoff(
     out = capsys.readouterr().out
     assert "last drain: none" in out
     assert "last received: 50 records from old (release v1), " in out
-    assert out.rstrip().endswith(" ago")
+    assert out.rstrip().endswith(" ago: 50 applied, 0 kept their newer copy here, none dropped")
 
 
 def test_status_escapes_or_skips_what_a_hostile_node_says_it_received() -> None:
@@ -96,5 +100,13 @@ def test_status_escapes_or_skips_what_a_hostile_node_says_it_received() -> None:
     for bad in ({"peer": 1}, "yes", {**received, "records": "3"}):
         lines = _status_lines({**base, "last_received": bad})
         assert lines[-1] == "last received: (not readable)"
+    outcome = {"applied": 1, "kept": 1, "dropped": {evil: 1, "expired": "x"}}
+    text = "\n".join(_status_lines({**base, "last_received": {**received, **outcome}}))
+    assert "\x1b" not in text
+    assert "\nFORGED" not in text
+    assert "1 applied, 1 kept their newer copy here, dropped 1 " in text
+    # A node from before the outcome was sent: the line without it.
+    line = _status_lines({**base, "last_received": received})[-1]
+    assert line.endswith(" ago")
     # A node from before last_received existed: not sent at all.
     assert _status_lines(base)[-1] == "last received: none"

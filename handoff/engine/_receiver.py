@@ -54,6 +54,9 @@ MAX_ACK_REASONS = 64
 # namespace at a time to each successor, so this is plenty, and a peer offering fresh
 # stream ids cannot make the receiver keep more. Past it, offers are refused.
 MAX_STREAMS_PER_PEER = 32
+# Senders whose outcome (applied, kept, dropped) is summed until their Done: one entry per
+# sender, the oldest forgotten past this many (a sender that never says Done).
+MAX_OUTCOMES = 256
 
 
 @dataclass(slots=True)
@@ -86,11 +89,13 @@ class Receiver:
         transforms: Transforms,
         codec: Codec,
         accepting: Callable[[], str | None],
-        on_complete: Callable[[str, int], None],
+        on_complete: Callable[[str, int, ImportResult], None],
         clock: Clock = ANYIO_CLOCK,
         lock: AbstractContextManager[object] | None = None,
     ) -> None:
-        """``accepting()`` returns why offers are refused now ("" or None: they are not)."""
+        """``accepting()`` returns why offers are refused now ("" or None: they are not).
+        ``on_complete(peer, records, outcome)`` is called at a sender's Done, with what
+        became of the records this node applied from it since its previous Done."""
         self._node = node
         self._lock = lock if lock is not None else nullcontext()
         self._tracked = tracked
@@ -102,6 +107,7 @@ class Receiver:
         # Streams withdrawn by this node stay here (finished) until their peer goes, so
         # that chunks and an End that crossed the withdrawal on the wire are recognised.
         self._streams: dict[tuple[str, int], _InStream] = {}
+        self._outcomes: dict[str, ImportResult] = {}
         self._changed = anyio.Event()
 
     @property
@@ -117,7 +123,7 @@ class Receiver:
             await self._chunk(peer, link, message)
         elif isinstance(message, Done):
             # Only now, not at the end of one namespace: the next one may be on its way.
-            self._on_complete(peer, message.records)
+            self._on_complete(peer, message.records, self._outcomes.pop(peer, ImportResult()))
         elif isinstance(message, End | Cancel):
             key = (peer, message.stream)
             stream = self._streams.get(key)
@@ -292,6 +298,7 @@ class Receiver:
         # would traverse the whole (large, growing) cache every 700 of them.
         with self._lock, gc_paused():
             result, dropped = self._apply(stream, records, chunk, arrived)
+        self._note_outcome(peer, ImportResult(result.applied, result.kept_existing, dropped))
         # No await between applying and queueing the Ack: a withdrawal cannot slip in and
         # make the sender re-route records that are already applied here.
         ack = Ack(
@@ -304,6 +311,12 @@ class Receiver:
         )
         stream.machine.send(ack)
         await link.send(ack)
+
+    def _note_outcome(self, peer: str, outcome: ImportResult) -> None:
+        previous = self._outcomes.pop(peer, None)
+        if previous is None and len(self._outcomes) >= MAX_OUTCOMES:
+            del self._outcomes[next(iter(self._outcomes))]
+        self._outcomes[peer] = outcome if previous is None else previous + outcome
 
     async def _refuse_stream(self, peer: str, stream: _InStream, reason: str) -> None:
         """Refuse an open stream: nothing of the chunk was applied, and the sender takes
