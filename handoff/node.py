@@ -57,7 +57,7 @@ from handoff.engine import (
 )
 from handoff.engine._fingerprint import ExportLog, changed_records
 from handoff.engine._restore import restore_snapshots
-from handoff.engine._sender import CATCH_UP
+from handoff.engine._sender import CATCH_UP, MAX_CHUNK_BYTES
 from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
 from handoff.membership import MembershipEvent, Peer
 from handoff.protocol import (
@@ -490,6 +490,49 @@ class Node:
             dict(outcome.dropped),
         )
         self._set_warm(f"received a handoff from {peer}")
+
+    def check_encodable(
+        self, namespace: str | None = None, *, limit: int = 20
+    ) -> list[tuple[str, Any, str]]:
+        """Records a handoff could not carry, as ``(namespace, key, reason)``: for tests
+        and development, so that a type the codec cannot encode (or a record over the
+        4 MiB limit) is found before a deploy drops it. Checks every tracked namespace
+        (or ``namespace``) and stops after ``limit`` problems. Reads only: a cache or a
+        mapping through its export, counters and other state that moves ownership through
+        their ``items()`` (their export would take what it reads); an ownership object
+        without ``items()`` is not checked. O(entries): not for a request path."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit!r}")
+        names = list(self._tracked) if namespace is None else [namespace]
+        problems: list[tuple[str, Any, str]] = []
+        for name in names:
+            tracked = self._tracked.get(name)
+            if tracked is None:
+                raise KeyError(f"{name!r} is not tracked (tracked: {sorted(self._tracked)})")
+            for record in self._records_to_check(tracked):
+                reason = self._why_not_encodable(record)
+                if reason is not None:
+                    problems.append((name, record[0], reason))
+                    if len(problems) >= limit:
+                        return problems
+        return problems
+
+    @staticmethod
+    def _records_to_check(tracked: Tracked) -> Iterator[Record]:
+        if not tracked.adapter.moves_ownership:
+            return iter(tracked.adapter.export())
+        items = getattr(tracked.obj, "items", None)
+        if not callable(items):
+            return iter(())
+        return ((key, value, None) for key, value in items())
+
+    def _why_not_encodable(self, record: Record) -> str | None:
+        payload, rejected = self.codec.encode_records([record])
+        if rejected:
+            return rejected[0][1]
+        if len(payload) > MAX_CHUNK_BYTES:
+            return f"record too large for a frame (over {MAX_CHUNK_BYTES} bytes encoded)"
+        return None
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of this node as plain data (JSON-ready), what ``handoff status``

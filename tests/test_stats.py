@@ -110,3 +110,45 @@ def test_status_escapes_or_skips_what_a_hostile_node_says_it_received() -> None:
     assert line.endswith(" ago")
     # A node from before last_received existed: not sent at all.
     assert _status_lines(base)[-1] == "last received: none"
+
+
+def test_check_encodable_finds_what_a_handoff_could_not_carry() -> None:
+    import handoff
+
+    node = handoff.Node("shop", cookie=b"k" * 32, bind="127.0.0.2:0", discovery="none")
+    cache = {"fine": {"a": [1, 2.5, b"x"]}, "object": object(), "big": b"x" * (5 * 1024 * 1024)}
+    node.track("cache", cache)
+    counts = handoff.Counters()
+    counts.incr(("a", 1))
+    counts.incr(frozenset({1}))  # hashable, and the codec carries frozensets
+    node.track("usage", counts)
+    problems = node.check_encodable()
+    assert [(name, key) for name, key, _ in problems] == [("cache", "object"), ("cache", "big")]
+    reasons = dict(((name, key), why) for name, key, why in problems)
+    assert "object" in reasons[("cache", "object")]
+    assert "record too large for a frame" in reasons[("cache", "big")]
+    # Reading only: nothing was taken from the counters, nothing changed in the cache.
+    assert counts[("a", 1)] == 1
+    assert len(cache) == 3
+    assert node.check_encodable("usage") == []
+    assert len(node.check_encodable(limit=1)) == 1
+    with pytest.raises(KeyError, match="'nope' is not tracked"):
+        node.check_encodable("nope")
+    with pytest.raises(ValueError, match="limit"):
+        node.check_encodable(limit=0)
+
+
+def test_check_encodable_finds_an_unencodable_counter_key() -> None:
+    import handoff
+
+    class Key:  # hashable, but no codec type
+        pass
+
+    node = handoff.Node("shop", cookie=b"k" * 32, bind="127.0.0.2:0", discovery="none")
+    counts = handoff.Counters()
+    counts.incr(Key())
+    node.track("usage", counts)
+    [(name, key, _why)] = node.check_encodable()
+    assert name == "usage"
+    assert isinstance(key, Key)
+    assert counts.total() == 1
