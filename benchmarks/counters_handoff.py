@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import random
@@ -143,30 +142,9 @@ def _sender(kind: str, n: int, receiver_address: str, out: Connection) -> None:
     anyio.run(main)
 
 
-_CTX = mp.get_context("spawn")
-
-
-def _start(target: Any, *args: Any) -> tuple[Any, Connection]:
-    parent, child = _CTX.Pipe()
-    process = _CTX.Process(target=target, args=(*args, child), daemon=True)
-    process.start()
-    return process, parent
-
-
-def _recv(conn: Connection, process: Any, seconds: float = 900) -> dict[str, Any]:
-    if not conn.poll(seconds):
-        process.kill()
-        raise TimeoutError(f"{process.name} said nothing for {seconds} s")
-    result: dict[str, Any] = conn.recv()
-    return result
-
-
-def _finish(*processes: Any) -> None:
-    for process in processes:
-        process.join(60)
-        if process.is_alive():
-            process.kill()
-            process.join()
+# The two-process harness of the drain benchmark (spawned children, a pipe each, bounded
+# waits): one place for it. This script runs from benchmarks/, so it imports as a module.
+from drain_throughput import _finish, _recv, _start  # noqa: E402
 
 
 def handoff_time(kind: str, n: int) -> dict[str, Any]:
