@@ -119,7 +119,8 @@ class ActorRegistry:
         return self._host.local_keys() if self._host is not None else []
 
     def owner(self, key: Any) -> str | None:
-        """The node this node would send a message for ``key`` to now (``None``: none)."""
+        """The node holding ``key`` as far as this node knows: itself, the node it moved the
+        actor to, or else the key's placement (``None``: no serving node tracks it)."""
         return self._host.owner(key) if self._host is not None else None
 
     def stats(self) -> dict[str, int]:
@@ -161,7 +162,7 @@ class ActorsAdapter:
         return len(self.registry)
 
     def export(self) -> Iterator[Record]:
-        """Take every actor that is not moving (state, channels, queued messages)."""
+        """Take every actor that is not moving: ``(key, state, [channels, queued])``."""
         return self._host().take()
 
     def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
@@ -169,9 +170,9 @@ class ActorsAdapter:
         host = self._host()
         applied = kept = 0
         dropped: dict[str, int] = {}
-        for key, value, _ in records:
+        for key, value, meta in records:
             try:
-                if host.put(key, value):
+                if host.put(key, value, meta):
                     applied += 1
                 else:
                     kept += 1
@@ -183,8 +184,8 @@ class ActorsAdapter:
     def give_back(self, records: Sequence[Record]) -> None:
         """Hold again the actors no successor and no snapshot took."""
         host = self._host()
-        for key, value, _ in records:
-            host.put(key, value)
+        for key, value, meta in records:
+            host.put(key, value, meta)
 
 
 ACTORS_FACTORY: Final = ClassFactory(ActorsAdapter, (ActorRegistry,))

@@ -152,15 +152,17 @@ ACTOR_SHARE = 0.5
 
 
 def _add_moves(
-    report: DrainReport, moves: Mapping[str, MoveStats], tracked: Mapping[str, Tracked]
+    report: DrainReport, moves: Mapping[str, MoveStats], actors: Mapping[str, ActorHost]
 ) -> None:
-    """Count the actors a drain moved itself into its report (records, acknowledged by
-    their new owners, or of unknown outcome)."""
+    """Count what the drain's own actor migrations did into its report: actors moved
+    (acknowledged by their new owners), of unknown outcome (the new owner's link ended
+    before it answered), and those neither could take (still handling a message)."""
     for name, stats in moves.items():
         ns = report.namespaces.get(name)
         if ns is None:
             continue
-        ns.records += stats.moved + stats.in_doubt
+        stranded = actors[name].stranded()
+        ns.records += stats.moved + stats.in_doubt + stranded
         ns.sent += stats.moved + stats.in_doubt
         ns.acknowledged += stats.moved
         ns.applied += stats.moved
@@ -169,9 +171,10 @@ def _add_moves(
             "outcome unknown: the new owner's link ended before it answered the move",
             stats.in_doubt,
         )
-        for reason, count in stats.refused.items():
-            ns.refusals.setdefault(reason.partition(":")[0], reason.partition(": ")[2])
-            del count
+        ns.drop("still handling a message when the drain ended", stranded)
+        for refusal in stats.refused:
+            target, _, why = refusal.partition(": ")
+            ns.refusals.setdefault(target, why)
 
 
 async def _refuses_connections(address: str) -> bool:
@@ -641,7 +644,7 @@ class Node:
             moves = await self._move_actors(started + limit * ACTOR_SHARE)
             remaining = max(0.0, limit - (anyio.current_time() - started))
             report = await self._sessions.drain(drainer, time_limit=remaining)
-            _add_moves(report, moves, self._tracked)
+            _add_moves(report, moves, self._actors)
             self._log_report(report)
             if not stopping:
                 self._spawn(self._sessions.send_late)
@@ -875,6 +878,7 @@ class Node:
         self._spawn(self._warmup)
         for host in self._actors.values():
             host.node, host.incarnation = self.name, self.incarnation
+            host.start()
             self._spawn(host.run)
         if self._tallies.scoped():
             self._spawn(self._tallies.run)

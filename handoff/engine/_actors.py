@@ -42,6 +42,7 @@ import hashlib
 import inspect
 import itertools
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -98,11 +99,14 @@ QUERY_TIMEOUT = 2.0
 MOVE_TIMEOUT = 2.0
 """Seconds a move waits for its answer before it is in doubt (asked again)."""
 FORWARD_TTL = 600.0
+MAX_MOVE_ANSWERS = 100_000
 MAX_FORWARDS = 100_000
 REBALANCE_EVERY = 1.0
 SETTLE = 1.0
 """Seconds an actor stays where it arrived before placement may move it again."""
 TICK = 0.02
+REFUSED_RETRY = 30.0
+"""Seconds before placement tries again to move an actor whose move was refused."""
 
 
 class Status(IntEnum):
@@ -240,6 +244,7 @@ class _Held:
     last_active: float = 0.0
     held: list[ActorSend] = field(default_factory=list)
     in_doubt: bool = False
+    migrating: bool = False
 
 
 @dataclass(slots=True)
@@ -313,6 +318,9 @@ class ActorHost:
         self._probe = probe
         self._outboxes: dict[bytes, _Outbox] = {}
         self._unanswered = 0
+        self._waiting_answers: set[bytes] = set()
+        self._placed_for: tuple[str, ...] = ()
+        self._unsettled = False
         self._all_answered = anyio.Event()
         self._gens = itertools.count(1)
         self._held: dict[bytes, _Held] = {}
@@ -325,7 +333,12 @@ class ActorHost:
         self._claims: dict[bytes, _Query] = {}
         self._claim_waiting: dict[bytes, list[ActorSend]] = {}
         self._moves: dict[int, _Move] = {}
-        self._move_ids = itertools.count(1)
+        # From a random start: a restarted node (same name, new process) must not reuse the
+        # ids of moves its predecessor sent, whose answers the receivers remember.
+        self._move_ids = itertools.count(secrets.randbelow(2**39) + 1)
+        self._move_answers: collections.OrderedDict[tuple[str, int], tuple[bool, str]] = (
+            collections.OrderedDict()
+        )
         self._members: dict[str, _Member] = {}
         self._probing: set[str] = set()
         self._outgoing: dict[str, collections.deque[Message]] = {}
@@ -347,16 +360,15 @@ class ActorHost:
         return [held.key for held in self._held.values() if held.moving_to is None]
 
     def owner(self, key: Any) -> str | None:
-        """Where this node would send a message for ``key`` now."""
+        """The node holding ``key`` as far as this node knows: itself, the node it moved
+        the actor to, or else the key's placement (``None``: no serving node tracks the
+        namespace)."""
         key_bytes = self._encode_key(key)
         if key_bytes in self._held:
             return self.node
         forward = self._forwards.get(key_bytes)
         if forward is not None:
             return forward[0]
-        outbox = self._outboxes.get(key_bytes)
-        if outbox is not None and outbox.route is not None:
-            return outbox.route
         return place(key_bytes, self._candidates())
 
     def stats(self) -> dict[str, int]:
@@ -437,7 +449,7 @@ class ActorHost:
                     )
                     self._gone(name)
                     return
-                await anyio.sleep(delay)
+                await self._sleep(delay)
                 delay = min(delay * 2, 2.0)
         finally:
             self._probing.discard(name)
@@ -449,6 +461,10 @@ class ActorHost:
             for name, member in self._members.items()
             if member.suspect or (name not in linked and name != self.node)
         )
+
+    async def _sleep(self, seconds: float) -> None:
+        # On the engine's clock, so that tests move time instead of waiting for it.
+        await self._clock.wait(anyio.Event(), self._clock.now() + seconds)
 
     # -- outgoing messages ----------------------------------------------------------------
 
@@ -499,12 +515,20 @@ class ActorHost:
 
     # -- running --------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Background work: re-sends, idle deactivation, placement changes. Runs until the
-        node stops."""
+    def start(self) -> None:
+        """The node started: from now on background tasks may be spawned (call before
+        :meth:`run`, in the same step as the node's start, so that no message finds the
+        host half-started)."""
+        if self._running:
+            return
         self._running = True
         for peer in list(self._outgoing):
             self._spawn(self._send_loop, peer)
+
+    async def run(self) -> None:
+        """Background work: re-sends, idle deactivation, placement changes. Runs until the
+        node stops."""
+        self.start()
         last_rebalance = self._clock.now()
         try:
             while True:
@@ -521,8 +545,10 @@ class ActorHost:
             self._running = False
 
     def _resend_due(self, now: float) -> None:
-        for outbox in list(self._outboxes.values()):
-            if not outbox.pending:
+        for key_bytes in list(self._waiting_answers):
+            outbox = self._outboxes.get(key_bytes)
+            if outbox is None or not outbox.pending:
+                self._waiting_answers.discard(key_bytes)
                 continue
             head = next(iter(outbox.pending.values()))
             if now - head.created > self.delivery_timeout:
@@ -590,6 +616,7 @@ class ActorHost:
         pending = _Pending(outbox.next_seq, body, want_reply, created=now)
         outbox.next_seq += 1
         outbox.pending[pending.seq] = pending
+        self._waiting_answers.add(key_bytes)
         self._unanswered += 1
         if now >= outbox.hold_until:
             self._flush(outbox, [pending])
@@ -628,13 +655,13 @@ class ActorHost:
         return self._codec.unpackb(pending.answer) if pending.want_reply else None
 
     def _route(self, outbox: _Outbox) -> str | None:
+        # The last node that answered for the key, else placement (whose owner asks the
+        # holders when it holds nothing itself); never a forwarding pointer, which may be
+        # stale.
         if outbox.route is not None:
             return outbox.route
         if outbox.key_bytes in self._held:
             return self.node
-        forward = self._forwards.get(outbox.key_bytes)
-        if forward is not None:
-            return forward[0]
         return place(outbox.key_bytes, self._candidates())
 
     def _flush(self, outbox: _Outbox, pendings: Sequence[_Pending]) -> None:
@@ -762,11 +789,12 @@ class ActorHost:
         key_bytes = message.key
         forward = self._forwards.get(key_bytes)
         if forward is not None:
-            if message.hops >= MAX_HOPS:
-                self._reply(message, Status.MOVED, b"\xc0", forward[0])
-            else:
+            if message.hops < MAX_HOPS // 2 and forward[0] in self._links():
                 self._post(forward[0], _hop(message))
-            return
+                return
+            # Forwarded too often (the actor moved on since), or to a node that is not
+            # linked: placement and the holders themselves tell where it is.
+            del self._forwards[key_bytes]
         if key_bytes in self._claims:
             waiting = self._claim_waiting.setdefault(key_bytes, [])
             if len(waiting) < self.limits.mailbox:
@@ -783,11 +811,12 @@ class ActorHost:
             )
         elif owner != self.node:
             self._reply(message, Status.MOVED, b"\xc0", owner)
+        elif not self._running:
+            self._reply(message, Status.RETRY, self._codec.packb("the node is not running"))
         else:
             self._claim_waiting[key_bytes] = [message]
             query = self._new_query(key_bytes, claiming=True)
-            if self._running:
-                self._spawn(self._claim, key_bytes, query)
+            self._spawn(self._claim, key_bytes, query)
 
     def _new_query(self, key_bytes: bytes, *, claiming: bool) -> _Query:
         query = _Query(key_bytes, set(self._links()), claiming=claiming)
@@ -853,14 +882,15 @@ class ActorHost:
                 )
 
     def _on_where(self, peer: str, message: ActorWhere) -> None:
+        # Only what this node holds counts (moving away included: it holds it until the new
+        # owner answers). Forwarding pointers are not answers: they can be stale, and a
+        # chain of stale ones can loop.
         key_bytes = message.key
         holder = ""
         answer = 0
         held = self._held.get(key_bytes)
         if held is not None:
-            answer, holder = 1, held.moving_to or self.node
-        elif key_bytes in self._forwards:
-            answer, holder = 1, self._forwards[key_bytes][0]
+            answer, holder = 1, self.node
         else:
             claim = self._claims.get(key_bytes)
             if claim is not None:
@@ -1038,6 +1068,12 @@ class ActorHost:
     def _rebalance(self) -> None:
         now = self._clock.now()
         candidates = self._candidates()
+        placed_for = tuple(sorted(candidates))
+        # Placement changes with membership only: the actors are looked at again when it
+        # changed, or when some were left where they were last time (just arrived, moving).
+        if placed_for == self._placed_for and not self._unsettled:
+            return
+        self._placed_for, self._unsettled = placed_for, False
         if len(candidates) < 2:
             return
         for key_bytes, held in list(self._held.items()):
@@ -1047,6 +1083,7 @@ class ActorHost:
                 or key_bytes in self._migrating
                 or now - held.arrived_at < SETTLE
             ):
+                self._unsettled = True
                 continue
             owner = place(key_bytes, candidates)
             if owner is not None and owner != self.node:
@@ -1055,7 +1092,10 @@ class ActorHost:
 
     async def _migrate_one(self, held: _Held, target: str, stats: MoveStats | None) -> None:
         try:
-            await self.migrate(held, target, stats or MoveStats())
+            if not await self.migrate(held, target, stats or MoveStats()):
+                # Refused (or the target left): try again later, not at every round.
+                held.arrived_at = self._clock.now() + REFUSED_RETRY
+                self._unsettled = True
         finally:
             self._migrating.discard(held.key_bytes)
 
@@ -1065,7 +1105,9 @@ class ActorHost:
 
     def _payload(self, held: _Held, target_version: int) -> tuple[bytes, int] | str:
         state = held.instance.state() if held.instance is not None else held.state
-        if target_version != self.version:
+        # A newer sender downgrades (old code cannot know the new format); an older one
+        # sends its own version and the receiver upgrades.
+        if target_version < self.version:
             try:
                 chain = self._transforms.path(self.namespace, self.version, target_version)
             except NoTransformPath as exc:
@@ -1079,19 +1121,37 @@ class ActorHost:
             for origin, ch in held.channels.items()
         ]
         queued = [[m.origin, m.sender, m.gen, m.seq, m.want_reply, m.body] for m in held.mailbox]
+        version = min(target_version, self.version)
         try:
-            return self._codec.packb([state, channels, queued]), target_version
+            return self._codec.packb([state, channels, queued]), version
         except HandoffError as exc:
             return f"state not encodable: {exc}"
 
     async def migrate(self, held: _Held, target: str, stats: MoveStats) -> bool:
         """Move ``held`` to ``target``; True when it moved (or is in doubt: not here any
         more as far as callers go)."""
-        links = self._links()
-        if target not in links or held.moving_to is not None:
+        if (
+            held.migrating
+            or held.moving_to is not None
+            or held.in_doubt
+            or target not in self._links()
+        ):
             return False
+        # Claimed before the first await: two migrations of one actor at once (the drain
+        # and a placement change) would each send it somewhere.
+        held.migrating = True
+        try:
+            return await self._migrate(held, target, stats)
+        finally:
+            held.migrating = False
+
+    async def _migrate(self, held: _Held, target: str, stats: MoveStats) -> bool:
         await self._freeze(held)
+        links = self._links()
         if self._held.get(held.key_bytes) is not held:
+            return False
+        if target not in links:
+            self._thaw(held)
             return False
         payload = self._payload(held, links[target][0].namespaces[self.namespace])
         if isinstance(payload, str):
@@ -1160,7 +1220,7 @@ class ActorHost:
                 held.moving_to = None
                 self._thaw(held)
                 return
-            await anyio.sleep(delay)
+            await self._sleep(delay)
             delay = min(delay * 2, 1.0)
 
     def _thaw(self, held: _Held) -> None:
@@ -1186,7 +1246,22 @@ class ActorHost:
         held.held = []
 
     def _on_move(self, peer: str, message: ActorMove) -> None:
+        # A move is answered once: a repeated one (the sender asks again when the answer is
+        # slow) gets the same answer, whatever happened since. Accepting a repeat of a move
+        # this node refused would activate an actor its sender kept.
+        remembered = self._move_answers.get((peer, message.move))
+        if remembered is not None:
+            accepted, reason = remembered
+            self._post(
+                peer,
+                ActorMoved(self.namespace, message.key, message.move, int(accepted), reason),
+            )
+            return
+
         def answer(accepted: bool, reason: str = "") -> None:
+            self._move_answers[(peer, message.move)] = (accepted, reason)
+            while len(self._move_answers) > MAX_MOVE_ANSWERS:
+                self._move_answers.popitem(last=False)
             self._post(
                 peer,
                 ActorMoved(self.namespace, message.key, message.move, int(accepted), reason),
@@ -1310,31 +1385,38 @@ class ActorHost:
         return stats
 
     def take(self) -> Iterator[tuple[Any, Any, Any]]:
-        """Yield (and forget) every actor still here that is not moving: its record is
-        ``(key, [state, channels], None)`` for the snapshot store or a successor."""
+        """Yield (and forget) every actor still here that is not moving or handling a
+        message: ``(key, state, [channels, queued])`` for the snapshot store or a successor
+        (the state alone is the record's value, so that upgrade hooks see only it)."""
         for key_bytes, held in list(self._held.items()):
             if held.moving_to is not None or held.in_doubt or held.running:
                 continue
             state = held.instance.state() if held.instance is not None else held.state
             channels = [[o, c.gen, c.next, []] for o, c in held.channels.items()]
-            queued = [
-                [m.origin, m.sender, m.gen, m.seq, m.want_reply, m.body] for m in held.mailbox
-            ]
+            queued = [_queued(m) for m in held.mailbox]
             del self._held[key_bytes]
             self._queued -= len(held.mailbox)
             if held.instance is not None:
                 self._deactivated(held)
-            yield held.key, [state, channels, queued], None
+            yield held.key, state, [channels, queued]
 
-    def put(self, key: Any, value: Any) -> bool:
+    def stranded(self) -> int:
+        """Actors still here that a drain's export could not take (handling a message, or
+        moving and in doubt)."""
+        return sum(1 for held in self._held.values() if held.moving_to is None)
+
+    def put(self, key: Any, state: Any, meta: Any) -> bool:
         """Hold a restored (or given back) actor, idle until its next message. False if
         this node holds the key already."""
         key_bytes = self._encode_key(key)
         if key_bytes in self._held:
             return False
-        if not isinstance(value, list | tuple) or len(value) != 3:
-            raise ValueError("an actor record's value is [state, channels, queued]")
-        state, channels, queued = value
+        if meta is None:
+            channels, queued = [], []
+        elif isinstance(meta, list | tuple) and len(meta) == 2:
+            channels, queued = meta
+        else:
+            raise ValueError("an actor record's metadata is [channels, queued]")
         held = self._activate(key_bytes, state, epoch=1, dormant=True)
         assert held is not None
         for origin, gen, next_seq, _ in channels:
