@@ -1,9 +1,11 @@
 """The ``handoff`` command line.
 
 - ``handoff status``, ``handoff drain``, ``handoff wait-ready`` talk to the node running on
-  this host through its control socket (:mod:`handoff.control`);
+  this host through its control socket (:mod:`handoff.control`); ``status --all`` to every
+  node of this host (worker processes' ``NAME-PORT.sock`` sockets);
 - ``handoff doctor`` checks the configuration in the environment against the cluster:
-  discovery, then a handshake with every peer it finds;
+  discovery, then a handshake with every peer it finds (:mod:`handoff._doctor`); with
+  ``--socket`` the node there runs those checks with its own settings;
 - ``handoff simulate`` runs a local blue-green deploy of real node processes under traffic,
   without and with handoff (:mod:`handoff.simulate`).
 
