@@ -134,22 +134,44 @@ class DoctorReport:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DoctorReport:
         """The report a node sent (its :meth:`as_dict`, checked against
-        :data:`DOCTOR_SHAPE`). Its text was escaped by the node where a peer chose it."""
+        :data:`DOCTOR_SHAPE`). The node escaped what peers chose; whatever control characters
+        are left (a node that is not what it seems) are escaped here before any is shown."""
+        p = _printable
+
+        def peer(check: Mapping[str, Any]) -> PeerCheck:
+            fields = {k: check[k] for k in _PEER_FIELDS if k in check}
+            for key in ("address", "name", "release", "state", "error"):
+                if isinstance(fields.get(key), str):
+                    fields[key] = p(fields[key])
+            fields["namespaces"] = {p(str(k)): v for k, v in fields["namespaces"].items()}
+            return PeerCheck(**fields)
+
         return cls(
-            settings=[(row["setting"], row["value"], row["source"]) for row in data["settings"]],
-            origin=data["origin"],
-            cluster=data["cluster"],
-            discovery=data["discovery"],
-            addresses=list(data["addresses"]),
+            settings=[
+                (p(row["setting"]), p(row["value"]), p(row["source"])) for row in data["settings"]
+            ],
+            origin=p(data["origin"]),
+            cluster=None if data["cluster"] is None else p(data["cluster"]),
+            discovery=None if data["discovery"] is None else p(data["discovery"]),
+            addresses=[p(a) for a in data["addresses"]],
             local=data["local"],
-            local_note=data["local_note"],
-            peers=[PeerCheck(**{k: p[k] for k in _PEER_FIELDS if k in p}) for p in data["peers"]],
-            notes=list(data["notes"]),
+            local_note=None if data["local_note"] is None else p(data["local_note"]),
+            peers=[peer(check) for check in data["peers"]],
+            notes=[p(note) for note in data["notes"]],
             problems=[
-                Problem(p["what"], p["fix"], "warning" if p["severity"] == "warning" else "error")
-                for p in data["problems"]
+                Problem(
+                    p(problem["what"]),
+                    p(problem["fix"]),
+                    "warning" if problem["severity"] == "warning" else "error",
+                )
+                for problem in data["problems"]
             ],
         )
+
+
+def _printable(text: str) -> str:
+    # Not peer_text: that escapes backslashes too, and the node's text is escaped already.
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 _PEER_FIELDS = tuple(PeerCheck.__dataclass_fields__)

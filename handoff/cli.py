@@ -624,7 +624,11 @@ async def _node_doctor(socket_arg: str) -> DoctorReport:
     """Doctor run by the node at ``socket_arg`` with its own settings."""
     path = locate_socket(socket_arg)
     reply = await call(
-        path, {"command": "doctor"}, time_limit=DOCTOR_TIME_LIMIT, shape={"doctor": DOCTOR_SHAPE}
+        path,
+        {"command": "doctor"},
+        time_limit=DOCTOR_TIME_LIMIT,
+        # The local node's status in it is shown as a status is: checked alike.
+        shape={"doctor": {**DOCTOR_SHAPE, "local": (type(None), STATUS_SHAPE)}},
     )
     return DoctorReport.from_dict(reply["doctor"])
 
