@@ -453,7 +453,7 @@ def test_two_runs_at_once_with_their_own_host_bases_and_sockets_both_succeed(
     if not loopback_aliases_usable([f"127.0.{n}.{i}" for n in (10, 20) for i in (1, 2)]):
         pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
     sockets = tmp_path / "sockets"  # made by the run; the other run uses a temporary one
-    quick = ["--json", "--nodes", "1", "--entries", "200", "--seconds", "1"]
+    quick = ["--json", "--nodes", "1", "--entries", "200", "--seconds", "1", "--rate", "200"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     runs = [
         subprocess.Popen(
