@@ -3,7 +3,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The whole test toolchain (pytest, mypy, ruff, FastAPI, gunicorn, ...).
 STAMP := $(VENV)/.installed
+# Only the package and its own dependencies: all that `handoff simulate` runs on.
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: venv demo test lint format clean
 
@@ -11,12 +14,19 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
+
+# Not after $(STAMP): `make demo` on a fresh clone must not wait for the test toolchain.
+# The venv's own pip installs an editable package fine; upgrading it is left to $(STAMP).
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $(DEMO_STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/handoff simulate
+demo: $(DEMO_STAMP)
+	$(BIN)/handoff simulate $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

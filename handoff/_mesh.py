@@ -106,6 +106,15 @@ MAX_PENDING_PER_SOURCE = 16
 # per interval. Whoever provokes them must not also decide how much the node logs.
 REFUSAL_LOG_BURST = 5
 REFUSAL_LOG_INTERVAL = 60.0
+# A peer with another cookie keeps dialling (every discovery poll) and keeps being dialled:
+# one line per address per minute says it all, with what to check.
+COOKIE_REFUSAL_LOG_INTERVAL = 60.0
+# Refusals not logged yet, per address, counted for the next line about that address.
+MAX_COOKIE_SOURCES = 1024
+COOKIE_CHECK = (
+    "check that HANDOFF_COOKIE is the same on every node of the cluster (and that "
+    "HANDOFF_CLUSTER names the same cluster)"
+)
 # A probed port (beyond the first of a port range: a possible second worker) where nobody
 # listens is tried again after twice as long each time, up to this: a new worker there
 # dials everyone itself at start, so waiting costs no time to join, and the machines of a
@@ -208,6 +217,10 @@ class Mesh:
         self._refusal_log = LogLimiter(
             burst=REFUSAL_LOG_BURST, interval=REFUSAL_LOG_INTERVAL, clock=log_clock
         )
+        self._cookie_log = LogLimiter(
+            burst=1, interval=COOKIE_REFUSAL_LOG_INTERVAL, clock=log_clock
+        )
+        self._cookie_unlogged: dict[str, int] = {}
         self._evictions_logged_at = -math.inf
         self._dialling: set[str] = set()
         # Probed addresses where nobody listened: address -> (retry after, last wait).
@@ -577,6 +590,9 @@ class Mesh:
         return entry is not None and anyio.current_time() < entry[0]
 
     def _log_refusal(self, source: str, remote: str, exc: HandoffError, *, incoming: bool) -> None:
+        if isinstance(exc, AuthenticationError):
+            self._log_cookie_refusal(source, remote, exc, incoming=incoming)
+            return
         if not self._refusal_log.allow(source):
             return  # counted; _flush_log_summaries says how many
         direction = "from" if incoming else "to"
@@ -589,7 +605,7 @@ class Mesh:
                 remote,
                 "not one of its own dials" if incoming else "retried like any failure",
             )
-        elif isinstance(exc, AuthenticationError | ClusterMismatch | VersionMismatch):
+        elif isinstance(exc, ClusterMismatch | VersionMismatch):
             logger.warning("refused connection %s %s: %s", direction, remote, exc_text)
         elif isinstance(exc, NameConflict | ProtocolError | TLSError):
             logger.warning("dropped connection %s %s: %s", direction, remote, exc_text)
@@ -599,7 +615,32 @@ class Mesh:
         else:
             logger.info("connection %s %s failed: %s", direction, remote, exc_text)
 
+    def _log_cookie_refusal(
+        self, source: str, remote: str, exc: HandoffError, *, incoming: bool
+    ) -> None:
+        """One line per address per minute: the count of the refusals in between goes
+        into the next line about that address, never into lines of their own."""
+        if not self._cookie_log.allow(source):
+            return
+        self._count_unlogged_cookie_refusals()
+        unlogged = self._cookie_unlogged.pop(source, 0)
+        since = f"; {unlogged} more refusals since the last line" if unlogged else ""
+        logger.warning(
+            "refused connection %s %s: %s; %s (logged once a minute per address%s)",
+            "from" if incoming else "to",
+            peer_text(remote),
+            peer_text(exc),
+            COOKIE_CHECK,
+            since,
+        )
+
+    def _count_unlogged_cookie_refusals(self) -> None:
+        for source, suppressed in self._cookie_log.flush():
+            if source in self._cookie_unlogged or len(self._cookie_unlogged) < MAX_COOKIE_SOURCES:
+                self._cookie_unlogged[source] = self._cookie_unlogged.get(source, 0) + suppressed
+
     def _flush_log_summaries(self) -> None:
+        self._count_unlogged_cookie_refusals()
         for source, suppressed in self._refusal_log.flush():
             logger.warning(
                 "suppressed %d similar messages about connections with %s (at most %d per "

@@ -1,9 +1,11 @@
 """The ``handoff`` command line.
 
 - ``handoff status``, ``handoff drain``, ``handoff wait-ready`` talk to the node running on
-  this host through its control socket (:mod:`handoff.control`);
+  this host through its control socket (:mod:`handoff.control`); ``status --all`` to every
+  node of this host (worker processes' ``NAME-PORT.sock`` sockets);
 - ``handoff doctor`` checks the configuration in the environment against the cluster:
-  discovery, then a handshake with every peer it finds;
+  discovery, then a handshake with every peer it finds (:mod:`handoff._doctor`); with
+  ``--socket`` the node there runs those checks with its own settings;
 - ``handoff simulate`` runs a local blue-green deploy of real node processes under traffic,
   without and with handoff (:mod:`handoff.simulate`).
 
@@ -15,43 +17,32 @@ console script passes it to :func:`sys.exit`. The exit codes are listed in
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import json
 import math
 import os
-import secrets
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import anyio
 
 from handoff import __version__, simulate
+from handoff._doctor import (
+    DOCTOR_SHAPE,
+    DoctorReport,
+    Problem,
+    check_settings,
+    doctor_name,
+)
 from handoff._errors import (
-    AuthenticationError,
-    ClusterMismatch,
     ConfigError,
-    ConnectError,
-    DiscoveryError,
-    HandoffError,
-    HandshakeTimeout,
-    TLSError,
-    VersionMismatch,
 )
-from handoff._keys import cookie_weakness
 from handoff._text import duration, peer_text
-from handoff.config import (
-    COOKIE_HOWTO,
-    Settings,
-    describe,
-    resolve_settings,
-    unknown_variables,
-    worker_ports,
-)
+from handoff.config import control_directory, resolve_settings, unknown_variables
 from handoff.control import (
     RECEIVED_SHAPE,
     REPORT_SHAPE,
@@ -63,20 +54,10 @@ from handoff.control import (
     NoControlSocket,
     NoNodeRunning,
     call,
+    local_sockets,
     locate_socket,
     shape_problem,
 )
-from handoff.discovery import PeerAddress, make_discovery
-from handoff.protocol import (
-    Connection,
-    HandshakeComplete,
-    Limits,
-    LocalNode,
-    NodeState,
-    PeerInfo,
-    Role,
-)
-from handoff.transport import TLSContexts, open_connection, translate_errors
 
 __all__ = (
     "EXIT_CODES_HELP",
@@ -135,16 +116,19 @@ SOCKET_POLL_INTERVAL = 0.1
 # The wait the node is asked for when the socket appeared at the deadline: it still gets
 # the chance to say it is warm rather than the CLI guessing.
 MIN_WAIT = 0.05
-# Peers probed at once by doctor: enough for any cluster, bounded for a huge DNS answer.
-DOCTOR_CONCURRENCY = 16
-# Clock differences above this are worth a warning (the handshake's measure includes the
-# one-way delay, well below this on a private network).
-CLOCK_TOLERANCE = 1.0
+# A node's doctor run: discovery (at most 2 s) and handshakes bounded by the node's
+# connect and handshake timeouts, 16 at a time; generous for a big cluster.
+DOCTOR_TIME_LIMIT = 120.0
 
 STATUS_DESCRIPTION = """\
 Show the local node: its members (name, release, state, address), the namespaces it
 tracks with their entry counts and schema versions, and its last drain report. A table
 for people; --json prints the node's answer as one JSON object for scripts.
+
+With several nodes on this machine (worker processes: the first has the configured
+control socket, each other one the same name with -PORT, e.g. shop-4371.sock), --all
+shows every one of them: a line each, then each node's status; --socket-dir DIR does
+the same for every socket in DIR. Exits 0 only if every one answered.
 """
 
 DRAIN_DESCRIPTION = """\
@@ -170,6 +154,10 @@ address found and run the authentication handshake as a throwaway client (it nev
 becomes a member), then check cookie, cluster, protocol version, schema versions (against
 the local node's, if one answers on the control socket) and clocks. Prints every problem
 with its fix; exits 0 if there is none, 1 otherwise.
+
+With --socket PATH the node running there does all this with its own settings, not this
+shell's environment: the table shows the values it runs with and where each came from
+(argument, HANDOFF_* variable, platform or default); the cookie only as its length.
 """
 
 
@@ -218,7 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     status = _command(
         commands, "status", "show the local node, its peers and state", STATUS_DESCRIPTION
     )
-    _socket_and_json(status, "print the node's status as one JSON object")
+    which = status.add_mutually_exclusive_group()
+    which.add_argument("--socket", metavar="PATH", help=SOCKET_HELP)
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="every local node of the cluster: HANDOFF_CONTROL_SOCKET's (else "
+        "HANDOFF_CLUSTER's default) socket and its workers' NAME-PORT.sock beside it; "
+        "without either, every socket of yours in the default directory",
+    )
+    which.add_argument(
+        "--socket-dir",
+        metavar="DIR",
+        help="every node whose control socket is in DIR (e.g. handoff simulate --socket-dir)",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the node's status as one JSON object (with --all or --socket-dir: "
+        '{"nodes": [{"socket": ..., "status": ...} or {"socket": ..., "error": ...}]})',
+    )
 
     drain = _command(commands, "drain", "hand the local node's state off now", DRAIN_DESCRIPTION)
     drain.add_argument(
@@ -285,6 +292,8 @@ def _ask(
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.all or args.socket_dir is not None:
+        return _status_all(args)
     reply = _ask(
         args, {"command": "status"}, time_limit=STATUS_TIME_LIMIT, shape={"status": STATUS_SHAPE}
     )
@@ -295,6 +304,118 @@ def _status(args: argparse.Namespace) -> int:
     for line in _status_lines(status):
         print(line)
     return 0
+
+
+@dataclass(slots=True)
+class _NodeAnswer:
+    """One socket's answer for ``status --all``: the status, or why there is none."""
+
+    socket: Path
+    status: dict[str, Any] | None = None
+    error: str | None = None
+    exit_code: int = 0
+
+
+async def _ask_each(paths: Sequence[Path]) -> list[_NodeAnswer]:
+    answers = [_NodeAnswer(path) for path in paths]
+
+    async def ask(answer: _NodeAnswer) -> None:
+        try:
+            reply = await call(
+                answer.socket,
+                {"command": "status"},
+                time_limit=STATUS_TIME_LIMIT,
+                shape={"status": STATUS_SHAPE},
+            )
+            answer.status = reply["status"]
+        except ControlError as exc:
+            answer.error = str(exc)
+            answer.exit_code = _exit_code(exc)
+
+    # At once: a node that does not answer costs one time limit, not one per node.
+    async with anyio.create_task_group() as tasks:
+        for answer in answers:
+            tasks.start_soon(ask, answer)
+    return answers
+
+
+def _status_all(args: argparse.Namespace) -> int:
+    paths = local_sockets(args.socket_dir)
+    if not paths:
+        where = f"in {args.socket_dir}" if args.socket_dir is not None else "here"
+        raise NoNodeRunning(
+            f"no node is running {where}: no control socket found (the nodes' sockets are "
+            "HANDOFF_CONTROL_SOCKET and NAME-PORT.sock beside it, else "
+            f"{control_directory()}/CLUSTER[-PORT].sock)"
+        )
+    answers = anyio.run(_ask_each, paths)
+    if args.json:
+        _print_json(
+            {
+                "nodes": [
+                    {"socket": str(a.socket), "status": a.status}
+                    if a.status is not None
+                    else {"socket": str(a.socket), "error": a.error}
+                    for a in answers
+                ]
+            }
+        )
+    else:
+        for line in _status_all_lines(answers):
+            print(line)
+    for answer in answers:
+        if answer.error is not None:
+            print(
+                f"handoff status: error: {answer.socket}: {answer.error}",
+                file=sys.stderr,
+            )
+    failed = [a.exit_code for a in answers if a.exit_code]
+    return failed[0] if failed else 0
+
+
+def _status_all_lines(answers: Sequence[_NodeAnswer]) -> list[str]:
+    t = peer_text
+    rows = []
+    for answer in answers:
+        status = answer.status
+        if status is None:
+            rows.append((answer.socket.name, "-", "-", "no answer", "-", "-", "-", "-"))
+            continue
+        counts = [n["entries"] for n in status["tracked"]]
+        entries = "?" if None in counts else str(sum(counts))
+        rows.append(
+            (
+                answer.socket.name,
+                t(status["node"]),
+                t(status["release"]),
+                t(status["state"]),
+                "yes" if status["warm"] else "no",
+                t(status["address"] or "-"),
+                str(len(status["members"]) - 1),
+                entries,
+            )
+        )
+    answered = sum(a.status is not None for a in answers)
+    directories = sorted({str(a.socket.parent) for a in answers})
+    lines = [f"{answered} of {len(answers)} local nodes answer ({', '.join(directories)})", ""]
+    lines += _table(
+        ("SOCKET", "NODE", "RELEASE", "STATE", "WARM", "ADDRESS", "PEERS", "ENTRIES"), rows
+    )
+    for answer in answers:
+        lines += ["", f"== {answer.socket} =="]
+        if answer.status is None:
+            lines.append(f"no answer: {answer.error}")
+        else:
+            lines += _status_lines(answer.status)
+    return lines
+
+
+def _exit_code(exc: ControlError) -> int:
+    if isinstance(exc, NoNodeRunning):
+        return EXIT_NO_NODE
+    if isinstance(exc, ControlPermissionError):
+        return EXIT_PERMISSION
+    return EXIT_CONTROL_ERROR
 
 
 def _status_lines(status: Mapping[str, Any]) -> list[str]:
@@ -461,283 +582,10 @@ async def _wait_ready_call(
 # -- doctor -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """Something ``handoff doctor`` found wrong, and how to fix it."""
-
-    what: str
-    fix: str
-    severity: Literal["error", "warning"] = "error"
-
-
-@dataclass(slots=True)
-class PeerCheck:
-    """What ``handoff doctor`` learned about one discovered address."""
-
-    address: str
-    ok: bool = False
-    name: str | None = None
-    release: str | None = None
-    state: str | None = None
-    protocol_version: int | None = None
-    clock_offset: float | None = None
-    namespaces: dict[str, int] = field(default_factory=dict)
-    error: str | None = None
-    local: bool = False
-    """The node this host's control socket belongs to."""
-
-
-@dataclass(slots=True)
-class DoctorReport:
-    """Everything ``handoff doctor`` found (its ``--json`` output)."""
-
-    settings: list[tuple[str, str, str]] = field(default_factory=list)
-    cluster: str | None = None
-    discovery: str | None = None
-    addresses: list[str] = field(default_factory=list)
-    local: dict[str, Any] | None = None
-    local_note: str | None = None
-    peers: list[PeerCheck] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is wrong."""
-        return not self.problems
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "ok": self.ok,
-            "cluster": self.cluster,
-            "settings": [{"setting": s, "value": v, "source": src} for s, v, src in self.settings],
-            "discovery": self.discovery,
-            "addresses": self.addresses,
-            "local": self.local,
-            "local_note": self.local_note,
-            "peers": [asdict(p) for p in self.peers],
-            "notes": self.notes,
-            "problems": [asdict(p) for p in self.problems],
-        }
-
-
-_FIX_REACH = (
-    "check that a node runs there and listens on an address reachable from here "
-    "(HANDOFF_BIND 0.0.0.0:PORT or [::]:PORT, not 127.0.0.1, on another host), and that no "
-    "firewall blocks the port"
-)
-_FIX_COOKIE = (
-    "set the same HANDOFF_COOKIE on every node of the cluster, and in the environment "
-    "handoff doctor runs in"
-)
-_FIX_CLUSTER = "set the same HANDOFF_CLUSTER on every node that should hand state to the others"
-_FIX_VERSION = "run releases of warm-handoff that share a protocol version on every node"
-_FIX_TLS = (
-    "give every node (and handoff doctor) HANDOFF_TLS_CERT, HANDOFF_TLS_KEY and "
-    "HANDOFF_TLS_CA, certificates signed by the cluster's CA; TLS is on for all or for none"
-)
-_FIX_PROTOCOL = (
-    "check that the address is a warm-handoff node (not another service) and that TLS is "
-    "configured alike on both sides"
-)
-
-
-async def _handshake(
-    target: PeerAddress, settings: Settings, tls: TLSContexts | None, identity: LocalNode
-) -> PeerInfo:
-    remote = str(target)
-    stream = await open_connection(
-        target.host,
-        target.port,
-        time_limit=settings.connect_timeout,
-        tls=tls.client if tls is not None else None,
-    )
-    connection = Connection(
-        Role.CLIENT,
-        identity,
-        settings.cookie,
-        now=anyio.current_time(),
-        limits=Limits(handshake_timeout=settings.handshake_timeout),
-        announce=False,
-    )
-    try:
-        with anyio.fail_after(settings.handshake_timeout), translate_errors(remote):
-            await stream.send(connection.data_to_send())
-            while True:
-                data = await stream.receive()
-                try:
-                    events = connection.receive_data(data, now=anyio.current_time())
-                except HandoffError:
-                    # Tell the peer why (a queued Reject) so that its log says it too.
-                    reject = connection.data_to_send()
-                    if reject:
-                        with anyio.move_on_after(0.5):
-                            await stream.send(reject)
-                    raise
-                outgoing = connection.data_to_send()
-                if outgoing:
-                    await stream.send(outgoing)
-                for event in events:
-                    if isinstance(event, HandshakeComplete):
-                        return event.peer
-    except TimeoutError:
-        raise HandshakeTimeout(
-            f"no complete handshake from {remote} within {duration(settings.handshake_timeout)}"
-        ) from None
-    finally:
-        await anyio.aclose_forcefully(stream)
-
-
-def _probe_problem(check: PeerCheck, exc: HandoffError, cluster: str) -> Problem:
-    who = check.address + (f" ({check.name})" if check.name else "")
-    if isinstance(exc, ConnectError):
-        return Problem(f"cannot reach {who}: {check.error}", _FIX_REACH)
-    if isinstance(exc, AuthenticationError):
-        return Problem(
-            f"{who} does not share this cookie (HANDOFF_COOKIE): {check.error}", _FIX_COOKIE
-        )
-    if isinstance(exc, ClusterMismatch):
-        # The peer's message speaks from its side ("this node" is the peer).
-        return Problem(
-            f"{who} is not in cluster {cluster!r} (HANDOFF_CLUSTER); it says: {check.error}",
-            _FIX_CLUSTER,
-        )
-    if isinstance(exc, VersionMismatch):
-        return Problem(f"{who} speaks another protocol version: {check.error}", _FIX_VERSION)
-    if isinstance(exc, TLSError):
-        return Problem(f"TLS with {who} failed: {check.error}", _FIX_TLS)
-    return Problem(f"handshake with {who} failed: {check.error}", _FIX_PROTOCOL)
-
-
-@dataclass(slots=True)
-class _Findings:
-    """What one peer check found, merged into the report in discovery order."""
-
-    check: PeerCheck
-    problems: list[Problem] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    absent: bool = False
-    """A probed port of the range (a possible worker) where nobody listens: not reported."""
-
-
-async def _check_peer(
-    target: PeerAddress,
-    settings: Settings,
-    tls: TLSContexts | None,
-    identity: LocalNode,
-    local: Mapping[str, Any] | None,
-) -> _Findings:
-    check = PeerCheck(str(target))
-    found = _Findings(check)
-    try:
-        peer = await _handshake(target, settings, tls, identity)
-    except HandoffError as exc:
-        if target.probe and isinstance(exc, ConnectError):
-            found.absent = True
-            return found
-        # A rejection's reason is the peer's text.
-        check.error = peer_text(exc, 1000)
-        found.problems.append(_probe_problem(check, exc, settings.cluster))
-        return found
-    # The peer chose its name, release and namespace names: escaped before they are shown.
-    check.ok = True
-    check.name = peer_text(peer.name)
-    check.release = peer_text(peer.release)
-    check.state = peer.state.value
-    check.protocol_version = peer.protocol_version
-    check.clock_offset = round(peer.clock_offset, 3) + 0.0  # no "-0.000"
-    check.namespaces = {peer_text(ns.name): ns.version for ns in peer.namespaces}
-    who = f"{check.name} ({check.address})"
-    if abs(peer.clock_offset) > CLOCK_TOLERANCE:
-        found.problems.append(
-            Problem(
-                f"the clock of {who} differs from this host's by "
-                f"{duration(peer.clock_offset, signed=True)}",
-                "synchronise the clocks (NTP, chrony); handoffs send remaining lifetimes so "
-                "caches stay correct, but snapshot ages and logs drift",
-                "warning",
-            )
-        )
-    if peer.state is NodeState.DRAINING:
-        found.notes.append(f"{who} is draining")
-    if local is None:
-        return found
-    me = peer_text(local["node"])
-    if check.name == me:
-        check.local = True
-        return found
-    ours: dict[str, int] = next((m["namespaces"] for m in local["members"] if m["self"]), {})
-    for namespace, version in sorted(ours.items()):
-        theirs = check.namespaces.get(namespace)
-        if theirs is None:
-            found.problems.append(
-                Problem(
-                    f"{who} does not track {namespace!r}, which the local node "
-                    f"{me} tracks (version {version}): {check.name} refuses that "
-                    f"state when {me} drains",
-                    f"track {namespace!r} on every release (node.track({namespace!r}, ...)), "
-                    "or expect it to go to other peers or to the snapshot store",
-                )
-            )
-        elif theirs != version:
-            found.notes.append(
-                f"{namespace!r}: version {version} on {me}, {theirs} on "
-                f"{check.name}: the newer release needs @node.upgrade / @node.downgrade hooks "
-                f"between {min(version, theirs)} and {max(version, theirs)}"
-            )
-    for namespace in sorted(set(check.namespaces) - set(ours)):
-        found.notes.append(f"{check.name} tracks {namespace!r}, the local node {me} does not")
-    return found
-
-
-def _check_ports(settings: Settings, report: DoctorReport) -> None:
-    """How many ports of the node's range are taken on this host: all of them means that a
-    worker process starting now serves without a node (PortsInUse)."""
-    ports = worker_ports(settings.bind_port, settings.port_range)
-    if ports[0] == 0:
-        return
-    busy = [port for port in ports if _port_in_use(settings.bind_host, port)]
-    if not busy:
-        return
-    first, last = ports[0], ports[-1]
-    report.notes.append(
-        f"{len(busy)} of the {len(ports)} ports {first}..{last} are in use on this host "
-        f"(the worker nodes here: {', '.join(map(str, busy))})"
-    )
-    if len(busy) == len(ports):
-        report.problems.append(
-            Problem(
-                f"every port of {first}..{last} (HANDOFF_BIND, HANDOFF_PORT_RANGE="
-                f"{settings.port_range}) is in use on this host: a worker process that "
-                "starts now serves WITHOUT a node (its state is neither received nor handed "
-                "off; its log says 'serves WITHOUT a node')",
-                "run fewer worker processes per machine, or raise HANDOFF_PORT_RANGE "
-                "(on every node: discovery probes that many ports)",
-            )
-        )
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    # A bind without listen: nothing connects to the nodes, so none of them logs a probe.
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return False
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
-
-
 async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> DoctorReport:
+    """Doctor with this shell's environment, as a node started here would read it."""
     report = DoctorReport()
-    host = "-".join(socket.gethostname().split())[:60] or "localhost"
-    name = f"doctor-{host}-{os.getpid()}"
+    name = doctor_name()
     try:
         settings = resolve_settings(environ=environ, name=name)
     except ConfigError as exc:
@@ -745,16 +593,10 @@ async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> 
             Problem(str(exc), "set the variable as the message says, as the nodes have it")
         )
         return report
-    report.settings = [row for row in describe(settings) if row[0] != "node_name"]
-    report.cluster = settings.cluster
     for unknown in unknown_variables(environ):
         report.problems.append(
             Problem(unknown, "rename or remove the variable (the node ignores it too)")
         )
-    weakness = cookie_weakness(settings.cookie)
-    if weakness is not None:
-        report.notes.append(f"HANDOFF_COOKIE looks guessable: {weakness}; {COOKIE_HOWTO}")
-
     try:
         path = locate_socket(socket_arg, environ)
         status = await call(
@@ -775,86 +617,26 @@ async def _doctor_checks(socket_arg: str | None, environ: Mapping[str, str]) -> 
                 "--socket at the node of this cluster",
             )
         )
+    return await check_settings(settings, report, name=name, origin="environment")
 
-    _check_ports(settings, report)
-    if settings.discovery.kind == "none":
-        report.discovery = "none"
-        report.problems.append(
-            Problem(
-                "no discovery configured (HANDOFF_DISCOVERY is none or unset): nodes never "
-                "find each other, so a draining node has nobody to hand its state to",
-                "set HANDOFF_DISCOVERY: dns:NAME[:PORT] (on Kubernetes the headless service, "
-                "with publishNotReadyAddresses: true), 'fly' on Fly.io, or "
-                "static:HOST:PORT,HOST:PORT",
-            )
-        )
-        return report
-    try:
-        tls = TLSContexts(settings.tls) if settings.tls is not None else None
-        discovery = make_discovery(
-            settings.discovery,
-            default_port=settings.bind_port,
-            dns_server=settings.dns_server,
-            fly_app=settings.fly_app,
-            timeout=min(2.0, settings.poll_interval),
-            ports=settings.port_range,
-        )
-    except ConfigError as exc:
-        report.problems.append(Problem(str(exc), "fix the setting the message names"))
-        return report
-    report.discovery = discovery.describe()
-    try:
-        found = await discovery.discover()
-    except DiscoveryError as exc:
-        report.problems.append(
-            Problem(
-                f"discovery failed: {exc}",
-                "check that the name in HANDOFF_DISCOVERY exists and that the DNS server "
-                "(HANDOFF_DNS_SERVER, else /etc/resolv.conf) answers from here",
-            )
-        )
-        return report
-    report.addresses = [str(a) for a in found]
-    if not found:
-        report.problems.append(
-            Problem(
-                f"discovery ({report.discovery}) found no address",
-                "check the name in HANDOFF_DISCOVERY; on Kubernetes, not-ready pods are left "
-                "out of DNS unless the service sets publishNotReadyAddresses: true",
-            )
-        )
-        return report
 
-    identity = LocalNode(
-        cluster=settings.cluster,
-        name=name,
-        incarnation=secrets.token_hex(8),
-        release="doctor",
-        started_at=time.time(),
-        # Never a successor, should anything ever count it as a peer.
-        state=NodeState.DRAINING,
+async def _node_doctor(socket_arg: str) -> DoctorReport:
+    """Doctor run by the node at ``socket_arg`` with its own settings."""
+    path = locate_socket(socket_arg)
+    reply = await call(
+        path,
+        {"command": "doctor"},
+        time_limit=DOCTOR_TIME_LIMIT,
+        # The local node's status in it is shown as a status is: checked alike.
+        shape={"doctor": {**DOCTOR_SHAPE, "local": (type(None), STATUS_SHAPE)}},
     )
-    limiter = anyio.CapacityLimiter(DOCTOR_CONCURRENCY)
-    results: dict[int, _Findings] = {}
-
-    async def one(index: int, target: PeerAddress) -> None:
-        async with limiter:
-            results[index] = await _check_peer(target, settings, tls, identity, report.local)
-
-    async with anyio.create_task_group() as tasks:
-        for index, target in enumerate(found):
-            tasks.start_soon(one, index, target)
-    for index in sorted(results):
-        if results[index].absent:
-            continue
-        report.peers.append(results[index].check)
-        report.problems += results[index].problems
-        report.notes += results[index].notes
-    return report
+    return DoctorReport.from_dict(reply["doctor"])
 
 
 def _doctor_lines(report: DoctorReport) -> list[str]:
-    lines = [f"handoff doctor: cluster {report.cluster or '(unknown)'}"]
+    lines = [f"handoff doctor: cluster {peer_text(report.cluster or '(unknown)')}"]
+    if report.origin != "environment":
+        lines.append(f"settings and checks of {peer_text(report.origin, 300)}")
     if report.settings:
         lines.append("")
         lines += ["  " + line for line in _table(("SETTING", "VALUE", "SOURCE"), report.settings)]
@@ -913,7 +695,11 @@ def _doctor_lines(report: DoctorReport) -> list[str]:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    report = anyio.run(_doctor_checks, args.socket, os.environ)
+    if args.socket is not None:
+        # The node's own settings, checked from the node: not this shell's environment.
+        report = anyio.run(_node_doctor, args.socket)
+    else:
+        report = anyio.run(_doctor_checks, args.socket, os.environ)
     if args.json:
         _print_json(report.as_dict())
     else:

@@ -23,6 +23,7 @@ line, then closes::
                                                  {"type": "result",
                                                   "report": {..., "ok": true, "summary": ...}}
     {"command": "wait-ready", "timeout": 30}  -> {"type": "result", "warm": true, "reason": ...}
+    {"command": "doctor"}                     -> {"type": "result", "doctor": {...}}
     anything wrong                            -> {"type": "error", "code": ..., "error": ...}
 
 Everything is bounded: the request size, the time to send it, the time each reply line may
@@ -42,6 +43,7 @@ import logging
 import math
 import os
 import pwd
+import re
 import socket
 import stat
 import struct
@@ -56,6 +58,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from handoff._doctor import DoctorReport, Problem, check_settings, doctor_name
 from handoff._errors import ConfigError, HandoffError
 from handoff._text import peer_text
 from handoff.config import control_directory, default_control_socket
@@ -83,6 +86,7 @@ __all__ = (
     "NoControlSocket",
     "NoNodeRunning",
     "call",
+    "local_sockets",
     "locate_socket",
     "node_status",
     "peer_uid",
@@ -462,13 +466,42 @@ class ControlServer:
                 await self._drain(stream, _request_timeout(request))
             elif command == "wait-ready":
                 await self._wait_ready(stream, _request_timeout(request))
+            elif command == "doctor":
+                await self._doctor(stream)
             else:
                 raise _BadRequest(
                     "unknown-command",
-                    f"unknown command {command!r}; known: status, drain, wait-ready",
+                    f"unknown command {command!r}; known: status, drain, wait-ready, doctor",
                 )
         except _BadRequest as exc:
             await _last_word(stream, _error(exc.code, str(exc)))
+
+    async def _doctor(self, stream: anyio.abc.ByteStream) -> None:
+        """``handoff doctor --socket``: the checks, with this node's settings as it runs
+        with them (the worker's port and name included), from this node's host."""
+        node = self.node
+        settings = node.settings
+        report = DoctorReport(local=node_status(node))
+        for warning in settings.warnings:
+            report.problems.append(
+                Problem(
+                    warning,
+                    "the node logged this at start: change the setting it names and restart",
+                    "warning",
+                )
+            )
+        if settings.bind_port not in (0, node.port):
+            report.notes.append(
+                f"{node.name} listens on port {node.port}: its configured port "
+                f"{settings.bind_port} was in use (a sibling worker's)"
+            )
+        origin = f"the running node {node.name} (pid {os.getpid()}, control socket {self.path})"
+
+        async def run() -> None:
+            await check_settings(settings, report, name=doctor_name(), origin=origin)
+
+        if await _unless_hung_up(stream, run):
+            await _send(stream, {"type": "result", "doctor": report.as_dict()})
 
     async def _wait_ready(self, stream: anyio.abc.ByteStream, seconds: float | None) -> None:
         node = self.node
@@ -830,6 +863,50 @@ def locate_socket(
         f"several nodes' control sockets in {directory}: "
         f"{', '.join(p.name for p in found)}; pick one with --socket PATH or HANDOFF_CLUSTER"
     )
+
+
+def _worker_sockets(directories: list[Path], path: Path) -> list[Path]:
+    """``path`` and its workers' sockets (``NAME-PORT.sock``, see
+    :func:`handoff.config.for_worker`) in each of ``directories``."""
+    pattern = re.compile(re.escape(path.stem) + r"(-[0-9]+)?" + re.escape(path.suffix))
+    found = _sockets(directories, glob.escape(path.stem) + "*" + glob.escape(path.suffix))
+    return [p for p in found if pattern.fullmatch(p.name)]
+
+
+def local_sockets(
+    directory: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Every control socket of this user's nodes here, for ``handoff status --all``:
+    those in ``directory`` (``--socket-dir``) if given; else ``HANDOFF_CONTROL_SOCKET``'s
+    and its workers' (``NAME-PORT.sock`` beside it); else those of ``HANDOFF_CLUSTER`` (or
+    ``FLY_APP_NAME``) and its workers in the default directory; else every socket there.
+
+    A worker deployment (several nodes per machine, see ``HANDOFF_PORT_RANGE``) gives the
+    first node the configured socket and each other one the same name with ``-PORT``. Sockets
+    of nodes that died are listed too: asking them says so. Sorted by path.
+    """
+    env = os.environ if environ is None else environ
+    if directory is not None:
+        folder = Path(directory)
+        if not folder.is_dir():
+            raise NoNodeRunning(f"no node is running here: {folder} is not a directory")
+        return sorted(_sockets([folder]))
+    configured = env.get("HANDOFF_CONTROL_SOCKET", "").strip()
+    if configured.lower() == "none":
+        raise NoControlSocket(
+            "HANDOFF_CONTROL_SOCKET is 'none' here: the nodes serve no control socket. "
+            "Give them one, or pass --socket-dir DIR"
+        )
+    if configured:
+        path = Path(configured)
+        return sorted(_worker_sockets([path.parent], path))
+    default = control_directory(env)
+    directories = ([default] if _usable(default) else []) + _fallback_directories(default)
+    cluster = env.get("HANDOFF_CLUSTER", "").strip() or env.get("FLY_APP_NAME", "").strip()
+    if cluster:
+        return sorted(_worker_sockets(directories, default_control_socket(cluster, env)))
+    return sorted(_sockets(directories))
 
 
 def _check_socket(path: Path) -> None:

@@ -4,8 +4,9 @@ handoff, side by side.
 Each deploy starts a DNS server on loopback and node processes that find each other through
 it: ``node-a`` of the old release ``v1``, holding a warm ``TTLCache``, and ``nodes`` nodes of
 the new release ``v2`` (``node-b``, ``node-c`` ...) with empty caches, on 127.0.0.2, 127.0.0.3
-and so on. Every step has a time bound; anything missing is a :class:`SimulationError`
-naming what did not happen.
+and so on (from ``--host-base``), with their control sockets in a directory of the run's
+own. Every step has a time bound; anything missing is a :class:`SimulationError` naming what
+did not happen.
 
 :func:`run_comparison` (the ``handoff simulate`` command) runs the same deploy twice under
 synthetic traffic (see :mod:`handoff._demo`): requests for Zipf-distributed keys, served by
@@ -26,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import math
 import queue
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -97,6 +101,10 @@ TRAFFIC_LEAD_PER_KEY = 1e-6
 #: The balancer moves traffic to the new nodes, then the old node gets SIGTERM.
 SIGTERM_AFTER_SWITCH = 0.02
 STARTUP_TIMEOUT = 30.0
+#: The exit code of bad arguments (as argparse's; ``handoff.cli.EXIT_USAGE``).
+EXIT_USAGE = 2
+#: The old node's loopback address; the new nodes take the following ones.
+DEFAULT_HOST_BASE = "127.0.0.2"
 # The children must all hash strings alike, so that the balancer's split by key (computed
 # in each new node) is the one the drain makes (see handoff._demo).
 HASH_SEED = "0"
@@ -116,10 +124,35 @@ _MEMBERSHIP_EVENTS = ("node-up", "leaving", "node-down")
 _TRAFFIC_EVENTS = ("traffic", "traffic-started", "traffic-done")
 
 
-def _plan(new_nodes: int) -> list[tuple[str, str, str]]:
+def host_base_problem(host_base: str, nodes: int) -> str | None:
+    """What is wrong with ``host_base`` as the first address of ``nodes`` simulated nodes
+    (the old one and the new ones), or ``None``: they take consecutive loopback IPv4
+    addresses, all inside 127.0.0.0/8 and short of its broadcast address."""
+    try:
+        first = ipaddress.IPv4Address(host_base)
+    except ValueError:
+        return f"--host-base {host_base!r} is not an IPv4 address (e.g. 127.0.10.1)"
+    if not first.is_loopback:
+        return (
+            f"--host-base {host_base} is not a loopback address: the simulated nodes run on "
+            "this machine only, on 127.0.0.0/8 (e.g. 127.0.10.1)"
+        )
+    last = int(first) + nodes - 1
+    network = ipaddress.IPv4Network("127.0.0.0/8")
+    if first == network.network_address or last >= int(network.broadcast_address):
+        return (
+            f"--host-base {host_base} leaves no room for the {nodes} nodes (one address "
+            f"each, consecutive, from {host_base} on): they must stay within 127.0.0.1 to "
+            "127.255.255.254; pick a lower one"
+        )
+    return None
+
+
+def _plan(new_nodes: int, host_base: str = DEFAULT_HOST_BASE) -> list[tuple[str, str, str]]:
     """(name, release, host) of the old node and ``new_nodes`` new ones."""
-    plan = [(_STOPPED, "v1", "127.0.0.2")]
-    plan += [(f"node-{chr(ord('b') + i)}", "v2", f"127.0.0.{3 + i}") for i in range(new_nodes)]
+    first = ipaddress.IPv4Address(host_base)
+    plan = [(_STOPPED, "v1", str(first))]
+    plan += [(f"node-{chr(ord('b') + i)}", "v2", str(first + 1 + i)) for i in range(new_nodes)]
     return plan
 
 
@@ -229,6 +262,9 @@ class DemoSettings:
     balance: str = "key"
     """How the balancer spreads requests over the new nodes: ``key`` or ``round-robin``."""
     seed: int = 1
+    host_base: str = DEFAULT_HOST_BASE
+    """The old node's loopback address; the new nodes take the following ones, so runs with
+    different bases (and socket directories) on one host do not meet."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= MAX_NODES:
@@ -243,6 +279,9 @@ class DemoSettings:
             raise ValueError(f"rate must be from {MIN_RATE:g} to {MAX_RATE:g}, not {self.rate}")
         if self.balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}")
+        problem = host_base_problem(self.host_base, self.nodes + 1)
+        if problem is not None:
+            raise ValueError(problem)
 
     @property
     def keys(self) -> int:
@@ -267,7 +306,7 @@ class DemoSettings:
     @property
     def new_names(self) -> list[str]:
         """The names of the new-release nodes."""
-        return [name for name, _, _ in _plan(self.nodes)[1:]]
+        return [name for name, _, _ in _plan(self.nodes, self.host_base)[1:]]
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -280,6 +319,7 @@ class DemoSettings:
             "rate": self.rate,
             "balance": self.balance,
             "seed": self.seed,
+            "host_base": self.host_base,
             "keys": self.keys,
             "zipf_exponent": ZIPF_EXPONENT,
             "backend_delay": BACKEND_DELAY,
@@ -514,7 +554,10 @@ def _bar(rate: float | None, width: int, *, unicode: bool) -> str:
 class _Simulation:
     """One deploy under traffic, filling in ``run``; progress lines go to ``say``."""
 
-    def __init__(self, run: DeployRun, say: Callable[[str], None], *, unicode: bool) -> None:
+    def __init__(
+        self, run: DeployRun, say: Callable[[str], None], *, unicode: bool, socket_dir: Path
+    ) -> None:
+        self.socket_dir = socket_dir
         self.entries = run.settings.entries
         self.started = time.monotonic()
         self.seconds = STARTUP_TIMEOUT
@@ -522,7 +565,7 @@ class _Simulation:
         self.say = say
         self.run_data = run
         self.handoff = run.handoff
-        self.plan = _plan(run.settings.nodes)
+        self.plan = _plan(run.settings.nodes, run.settings.host_base)
         self.result = run.deploy
         self.inbox: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.procs: dict[str, NodeProcess] = {}
@@ -546,7 +589,7 @@ class _Simulation:
             raise SimulationError(
                 f"cannot bind the loopback addresses {', '.join(hosts)} the nodes use "
                 "(Linux has all of 127.0.0.0/8; on macOS add aliases first: "
-                "sudo ifconfig lo0 alias 127.0.0.2 up, and likewise for the others)"
+                f"sudo ifconfig lo0 alias {hosts[0]} up, and likewise for the others)"
             )
         cookie = secrets.token_urlsafe(32)
         with DNSResponder() as dns, contextlib.ExitStack() as stack:
@@ -570,6 +613,9 @@ class _Simulation:
                     "HANDOFF_DNS_SERVER": dns.server_spec,
                     "HANDOFF_POLL_INTERVAL": str(POLL_INTERVAL),
                     "HANDOFF_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+                    # Each node its own socket in this run's directory: another run (or a
+                    # real node of a cluster named shop) never holds it.
+                    "HANDOFF_CONTROL_SOCKET": str(self.socket_dir / f"{name}.sock"),
                     "PYTHONHASHSEED": HASH_SEED,
                 }
                 proc = NodeProcess(
@@ -583,6 +629,10 @@ class _Simulation:
                 f"{_names(self.new_names)} (v2, empty) on {hosts[0]}..{hosts[-1]}"
             )
             self.say(f"  they find each other through DNS: {DNS_NAME} on {dns.server_spec}")
+            self.say(
+                f"  control sockets in {self.socket_dir} (handoff status --socket-dir "
+                f"{self.socket_dir})"
+            )
             self._form_mesh()
             self._traffic()
         return self.result
@@ -954,9 +1004,11 @@ def _timed(result: SimulationResult | Comparison, started: float) -> Iterator[No
         result.seconds = time.monotonic() - started
 
 
-def _run_deploy(run: DeployRun, say: Callable[[str], None], *, unicode: bool) -> None:
+def _run_deploy(
+    run: DeployRun, say: Callable[[str], None], *, unicode: bool, socket_dir: Path
+) -> None:
     """One deploy under traffic; fills ``run`` (``run.deploy.ok`` / ``error``)."""
-    simulation = _Simulation(run, say, unicode=unicode)
+    simulation = _Simulation(run, say, unicode=unicode, socket_dir=socket_dir)
     result = run.deploy
     with _timed(result, simulation.started):
         try:
@@ -979,18 +1031,30 @@ def run_comparison(
     *,
     say: Callable[[str], None] | None = None,
     unicode: bool = False,
+    socket_dir: Path | None = None,
 ) -> Comparison:
     """Run the deploy cold (no handoff), then warm (handoff), under the same traffic.
 
     ``say`` receives progress lines as they happen (bars drawn with block characters if
-    ``unicode``). Never raises for a failed run: the comparison has ``ok`` false and
-    ``error`` set (``KeyboardInterrupt`` still propagates, after every process has been
-    stopped).
+    ``unicode``). The nodes' control sockets go to ``socket_dir`` (made if missing), by
+    default to a fresh temporary directory removed at the end. Never raises for a failed
+    run: the comparison has ``ok`` false and ``error`` set (``KeyboardInterrupt`` still
+    propagates, after every process has been stopped).
     """
     settings = settings or DemoSettings()
     tell = say or (lambda _line: None)
     comparison = Comparison(settings)
-    with _timed(comparison, time.monotonic()):
+    with contextlib.ExitStack() as cleanup, _timed(comparison, time.monotonic()):
+        if socket_dir is None:
+            made = tempfile.mkdtemp(prefix="handoff-simulate-")
+            cleanup.callback(shutil.rmtree, made, ignore_errors=True)
+            socket_dir = Path(made)
+        else:
+            try:
+                socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                comparison.error = f"cannot make the socket directory {socket_dir}: {exc}"
+                return comparison
         for label, handoff in (("cold", False), ("warm", True)):
             run = DeployRun(label, handoff, settings)
             setattr(comparison, label, run)
@@ -1000,7 +1064,7 @@ def run_comparison(
                 else f"{_STOPPED} is stopped without draining; the new nodes start empty"
             )
             tell(f"{label} run ({'with' if handoff else 'without'} handoff): {what}")
-            _run_deploy(run, tell, unicode=unicode)
+            _run_deploy(run, tell, unicode=unicode, socket_dir=socket_dir)
             if run.deploy.error is not None:
                 comparison.error = f"{label} run: {run.deploy.error}"
                 return comparison
@@ -1309,7 +1373,8 @@ SIMULATE_DESCRIPTION = "\n\n".join(
         handoff (cold) and with it (warm), under the same synthetic traffic, and compare.""",
         f"""Starts a DNS server on 127.0.0.1 and node processes that discover each other
         through it: node-a of the old release v1, holding a full TTLCache of the hottest keys,
-        and N nodes of the new release v2 with empty ones, on 127.0.0.2, 127.0.0.3 and so on.
+        and N nodes of the new release v2 with empty ones, on 127.0.0.2, 127.0.0.3 and so on
+        (from --host-base), with control sockets in --socket-dir.
         The nodes serve requests themselves, for keys drawn from a Zipf distribution over
         {KEY_SPACE_FACTOR}x as many keys as the cache holds, through the cache in front of a
         slow backend: a miss is a backend call of {BACKEND_DELAY * 1000:g} ms. First node-a
@@ -1322,7 +1387,8 @@ SIMULATE_DESCRIPTION = "\n\n".join(
         calls before, during and after the deploy, handoff seconds and entries moved and lost.
         Exits 0 if both runs completed and the handoff accounted for every entry, 1 (saying
         what went wrong) otherwise, 2 for bad arguments. Needs the loopback addresses
-        127.0.0.2 and up (present on Linux). Takes about 2 x (S + 2) seconds.""",
+        127.0.0.2 and up (present on Linux); two runs at once on one host need --host-base
+        ranges that do not overlap. Takes about 2 x (S + 2) seconds.""",
     )
 )
 
@@ -1351,6 +1417,14 @@ def _nodes_arg(text: str) -> int:
 
 def _entries_arg(text: str) -> int:
     return int(_number(text, int, 1, MAX_ENTRIES, "a whole number of entries"))
+
+
+def _host_base_arg(text: str) -> str:
+    # Room for the nodes depends on --nodes too: checked again once both are known.
+    problem = host_base_problem(text.strip(), 1)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem.removeprefix("--host-base "))
+    return text.strip()
 
 
 def _plot_arg(text: str) -> Path:
@@ -1405,6 +1479,22 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "one node, the split the drain makes) or round-robin (default key)",
     )
     parser.add_argument(
+        "--host-base",
+        type=_host_base_arg,
+        default=DEFAULT_HOST_BASE,
+        metavar="ADDRESS",
+        help=f"loopback IPv4 address of the old node; the new nodes take the following "
+        f"ones (default {DEFAULT_HOST_BASE}). Runs at once on one host need bases whose "
+        "address ranges do not overlap, e.g. 127.0.10.1 and 127.0.20.1",
+    )
+    parser.add_argument(
+        "--socket-dir",
+        type=Path,
+        metavar="DIR",
+        help="directory for the nodes' control sockets, NODE.sock (made if missing; "
+        "default: a fresh temporary directory, removed at the end)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object (settings, hit rates, backend calls, handoff, the "
@@ -1445,12 +1535,18 @@ def _explain(settings: DemoSettings) -> list[str]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``handoff simulate`` with parsed arguments; print the output; the exit code."""
+    # The one check of its own that involves two options (--host-base and --nodes).
+    problem = host_base_problem(args.host_base, args.nodes + 1)
+    if problem is not None:
+        print(f"handoff simulate: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     settings = DemoSettings(
         nodes=args.nodes,
         entries=args.entries,
         seconds=args.seconds,
         rate=args.rate,
         balance=args.balance,
+        host_base=args.host_base,
     )
     out = sys.stdout
     progress: TextIO | None = (
@@ -1462,7 +1558,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if progress is not None:
             print(line, file=progress, flush=True)
 
-    comparison = run_comparison(settings, say=say, unicode=unicode)
+    comparison = run_comparison(settings, say=say, unicode=unicode, socket_dir=args.socket_dir)
     plot: Path | None = args.plot
     plot_error: str | None = None
     if plot is not None and comparison.cold is not None and comparison.warm is not None:

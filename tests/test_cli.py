@@ -738,3 +738,130 @@ def test_doctor_without_a_cookie(
     assert "1 problem(s):" in out
     assert "HANDOFF_COOKIE" in out
     assert "fix:" in out
+
+
+# -- doctor --socket: the running node's settings ----------------------------------------------
+
+
+def test_doctor_socket_checks_the_running_nodes_settings_not_this_shells(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "child.sock"
+    port = free_port()
+    env = {
+        "HANDOFF_COOKIE": COOKIE,
+        "HANDOFF_CLUSTER": "shop",
+        "HANDOFF_BIND": f"127.0.0.1:{port}",
+        "HANDOFF_DISCOVERY": f"static:127.0.0.1:{port}",  # itself: one handshake to check
+        "HANDOFF_CONTROL_SOCKET": str(path),
+        "HANDOFF_DRAIN_TIMEOUT": "7",
+        "HANDOFF_DISCOVRY": "dns:typo.test",
+    }
+    # This shell says something else, and has no cookie: none of it may show.
+    clean_env.setenv("HANDOFF_CLUSTER", "elsewhere")
+    clean_env.setenv("HANDOFF_DRAIN_TIMEOUT", "3")
+    with NodeProcess(env, name="child") as child:
+        child.wait_ready()
+        code = main(["doctor", "--socket", str(path), "--json"])
+        raw = capsys.readouterr().out
+        assert main(["doctor", "--socket", str(path)]) == code
+        human = capsys.readouterr().out
+        pid = child.pid
+    # Without --socket: this shell's environment, as before.
+    assert main(["doctor", "--json"]) == EXIT_FAILED
+    shell = json.loads(capsys.readouterr().out)
+    assert shell["origin"] == "environment"
+    assert "HANDOFF_COOKIE" in shell["problems"][0]["what"]
+
+    report = json.loads(raw)
+    assert code == EXIT_FAILED  # the node's misspelt variable
+    assert f"the running node child (pid {pid}, control socket {path})" == report["origin"]
+    settings = {row["setting"]: (row["value"], row["source"]) for row in report["settings"]}
+    assert settings["cluster"] == ("shop", "HANDOFF_CLUSTER")
+    assert settings["drain_timeout"] == ("7 s", "HANDOFF_DRAIN_TIMEOUT")
+    assert settings["warmup_timeout"][1] == "default"
+    assert settings["cookie"] == (f"(set, {len(COOKIE)} bytes)", "HANDOFF_COOKIE")
+    assert settings["control_socket"] == (str(path), "HANDOFF_CONTROL_SOCKET")
+    assert COOKIE not in raw
+    assert COOKIE not in human
+    (problem,) = report["problems"]
+    assert "'HANDOFF_DISCOVRY' is set but no setting reads it" in problem["what"]
+    assert problem["severity"] == "warning"
+    (peer,) = report["peers"]
+    assert (peer["ok"], peer["name"], peer["local"]) == (True, "child", True)
+    assert report["local"]["node"] == "child"
+    assert f"settings and checks of the running node child (pid {pid}" in human
+    assert re.search(r"drain_timeout\s+7 s\s+HANDOFF_DRAIN_TIMEOUT", human)
+
+
+@pytest.mark.anyio
+async def test_doctor_socket_says_which_settings_came_from_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    node = make_node("solo", tmp_path / "solo.sock", drain_timeout=2.5)
+    async with node:
+        code = await run_cli("doctor", "--socket", str(tmp_path / "solo.sock"), "--json")
+    report = json.loads(capsys.readouterr().out)
+    settings = {row["setting"]: (row["value"], row["source"]) for row in report["settings"]}
+    assert settings["drain_timeout"] == ("2.5 s", "argument")
+    assert settings["poll_interval"] == ("0.1 s", "argument")
+    assert settings["snapshot_dir"] == ("(no snapshots)", "default")
+    assert code == EXIT_FAILED  # no discovery: the node's own finding
+    (problem,) = report["problems"]
+    assert "no discovery configured" in problem["what"]
+
+
+# -- status --all: the worker nodes of one machine -------------------------------------------
+
+
+def test_status_all_shows_every_worker_node_of_the_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], clean_env: pytest.MonkeyPatch
+) -> None:
+    configured = tmp_path / "shop.sock"
+    port = free_port()
+    # Every worker starts with the same environment, as under uvicorn --workers 2.
+    env = {
+        "HANDOFF_COOKIE": COOKIE,
+        "HANDOFF_CLUSTER": "shop",
+        "HANDOFF_BIND": f"127.0.0.1:{port}",
+        "HANDOFF_DISCOVERY": "none",
+        "HANDOFF_CONTROL_SOCKET": str(configured),
+    }
+    _dead_socket(tmp_path / "other.sock")  # not this cluster's: --all leaves it out
+    clean_env.setenv("HANDOFF_CONTROL_SOCKET", str(configured))
+    with NodeProcess(env, name="w") as first:
+        first.wait_ready()
+        with NodeProcess(env, name="w") as second:
+            second.wait_ready()
+            code = main(["status", "--all", "--json"])
+            nodes = json.loads(capsys.readouterr().out)["nodes"]
+            assert main(["status", "--all"]) == 0
+            human = capsys.readouterr().out
+            # --socket-dir: every socket there, the other cluster's (dead) one too.
+            assert main(["status", "--socket-dir", str(tmp_path), "--json"]) == EXIT_NO_NODE
+            everything = json.loads(capsys.readouterr().out)["nodes"]
+            pids = (first.pid, second.pid)
+    assert code == 0
+    by_socket = {Path(n["socket"]).name: n["status"] for n in nodes}
+    assert len(by_socket) == 2
+    worker_socket = next(name for name in by_socket if name != "shop.sock")
+    worker_port = int(worker_socket.removeprefix("shop-").removesuffix(".sock"))
+    assert worker_port != port
+    assert by_socket["shop.sock"]["node"] == "w"
+    assert by_socket[worker_socket]["node"] == f"w-{worker_port}"
+    assert (by_socket["shop.sock"]["pid"], by_socket[worker_socket]["pid"]) == pids
+    assert "2 of 2 local nodes answer" in human
+    assert re.search(r"shop\.sock\s+w\s+unversioned\s+serving\s+yes", human)
+    assert f"== {tmp_path / worker_socket} ==" in human
+    assert f"node w-{worker_port} of cluster shop" in human
+    assert [Path(n["socket"]).name for n in everything] == ["other.sock", *sorted(by_socket)]
+    assert "status" not in everything[0]
+    assert "no node is running" in everything[0]["error"]
+    # When they have stopped: no node answers, and it says where it looked.
+    assert main(["status", "--all"]) == EXIT_NO_NODE
+    assert "no control socket found" in capsys.readouterr().err
+
+
+def test_status_all_and_socket_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--all", "--socket", "/tmp/x.sock"]) == EXIT_USAGE
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -11,8 +11,9 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,10 @@ from handoff.control import (
     ControlError,
     ControlPermissionError,
     ControlSocketError,
+    NoControlSocket,
     NoNodeRunning,
     call,
+    local_sockets,
     locate_socket,
     peer_uid,
     uid_allowed,
@@ -505,3 +508,113 @@ async def test_a_node_that_hangs_up_is_a_control_error(tmp_path: Path) -> None:
             with pytest.raises(ControlError, match="closed the connection before answering"):
                 await call(path, {"command": "status"}, time_limit=2)
             tasks.cancel_scope.cancel()
+
+
+# -- status --all: which sockets are this machine's nodes ----------------------------------------
+
+
+def test_local_sockets_are_the_configured_one_and_its_workers(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    for name in ("shop.sock", "shop-4371.sock", "shop-4385.sock", "shopping.sock", "b.sock"):
+        _stale_socket(run / name)
+    (run / "shop-4372.sock").write_text("not a socket")
+    _stale_socket(run / "shop-x.sock")
+    configured = {"HANDOFF_CONTROL_SOCKET": str(run / "shop.sock")}
+    assert [p.name for p in local_sockets(environ=configured)] == [
+        "shop-4371.sock",
+        "shop-4385.sock",
+        "shop.sock",
+    ]
+    # --socket-dir: every socket there, whatever its name (files that are not sockets left out).
+    assert [p.name for p in local_sockets(run, environ=configured)] == [
+        "b.sock",
+        "shop-4371.sock",
+        "shop-4385.sock",
+        "shop-x.sock",
+        "shop.sock",
+        "shopping.sock",
+    ]
+    with pytest.raises(NoNodeRunning, match="is not a directory"):
+        local_sockets(run / "shop.sock")
+    with pytest.raises(NoControlSocket):
+        local_sockets(environ={"HANDOFF_CONTROL_SOCKET": "none"})
+
+
+def test_local_sockets_of_a_cluster_in_the_default_directory(tmp_path: Path) -> None:
+    default = tmp_path / f"handoff-{os.geteuid()}"
+    default.mkdir(mode=0o700)
+    for name in ("shop.sock", "shop-4371.sock", "other.sock"):
+        _stale_socket(default / name)
+    env = {"XDG_RUNTIME_DIR": str(tmp_path), "HANDOFF_CLUSTER": "shop"}
+    assert [p.name for p in local_sockets(environ=env)] == ["shop-4371.sock", "shop.sock"]
+    # No cluster named: every node of this user there.
+    assert len(local_sockets(environ={"XDG_RUNTIME_DIR": str(tmp_path)})) == 3
+
+
+# -- doctor --socket: a node's report is checked before it is shown --------------------------------
+
+
+@contextmanager
+def answering(path: Path, reply: dict[str, Any]) -> Iterator[None]:
+    """A Unix socket server in a thread that answers each connection with ``reply``."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(4096)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+DOCTOR_REPORT: dict[str, Any] = {
+    "ok": False,
+    "origin": "the running node \x1b[2Jx (pid 1, control socket /x)",
+    "cluster": "shop",
+    "settings": [{"setting": "cluster", "value": "shop\x1b[31m", "source": "HANDOFF_CLUSTER"}],
+    "discovery": "none",
+    "addresses": [],
+    "local": None,
+    "local_note": None,
+    "peers": [],
+    "notes": [],
+    "problems": [{"what": "\x1b[2Jwiped\nforged", "fix": "none", "severity": "error"}],
+}
+
+
+def test_a_nodes_doctor_report_is_escaped_and_a_malformed_one_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from handoff.cli import EXIT_CONTROL_ERROR, EXIT_FAILED, main
+
+    path = tmp_path / "fake.sock"
+    with answering(path, {"type": "result", "doctor": DOCTOR_REPORT}):
+        assert main(["doctor", "--socket", str(path)]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\n" + "forged" not in out
+    assert "\\x1b[2Jwiped\\nforged" in out
+    malformed = {**DOCTOR_REPORT, "settings": [{"setting": "cluster", "value": 5}]}
+    path.unlink()
+    with answering(path, {"type": "result", "doctor": malformed}):
+        assert main(["doctor", "--socket", str(path)]) == EXIT_CONTROL_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "malformed reply: the reply.doctor.settings[0].value is not text" in err

@@ -12,7 +12,12 @@ import anyio.lowlevel
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from handoff._mesh import Mesh
+from handoff._mesh import (
+    COOKIE_REFUSAL_LOG_INTERVAL,
+    REFUSAL_LOG_BURST,
+    REFUSAL_LOG_INTERVAL,
+    Mesh,
+)
 from handoff.config import resolve_settings
 from handoff.discovery import PeerAddress, StaticDiscovery
 from handoff.membership import (
@@ -318,10 +323,11 @@ HOSTILE_REASON = "\x1b[2J\x1b[31mpwned\nCRITICAL handoff.node: forged line" + "x
 class Rejecter:
     """Not a node: it answers every Hello with the Reject it was given; counts them."""
 
-    def __init__(self, reject: Reject) -> None:
+    def __init__(self, reject: Reject, host: str = FLOOD_HOST) -> None:
         self.frame = encode_frame(reject.to_wire())
         self.answered = 0
-        self.address = PeerAddress(FLOOD_HOST, 0)
+        self.host = host
+        self.address = PeerAddress(host, 0)
 
     async def _answer(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -332,9 +338,9 @@ class Rejecter:
 
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[Rejecter]:
-        """Listen on :data:`FLOOD_HOST` until the block ends."""
-        listener = await anyio.create_tcp_listener(local_host=FLOOD_HOST)
-        self.address = PeerAddress(FLOOD_HOST, listener.extra(anyio.abc.SocketAttribute.local_port))
+        """Listen on its host until the block ends."""
+        listener = await anyio.create_tcp_listener(local_host=self.host)
+        self.address = PeerAddress(self.host, listener.extra(anyio.abc.SocketAttribute.local_port))
         async with listener, anyio.create_task_group() as tasks:
             tasks.start_soon(listener.serve, self._answer)
             yield self
@@ -358,11 +364,11 @@ async def test_peer_text_in_refusals_is_escaped_and_the_lines_are_limited(
     clock = FakeClock()
     a = Harness("a", "127.0.0.2", log_clock=clock)
     # It says what it likes in its Reject, and is dialled every poll (0.1 s).
-    rejecter = Rejecter(Reject("auth", HOSTILE_REASON[:1024]))
+    rejecter = Rejecter(Reject("cluster", HOSTILE_REASON[:1024]))
     async with rejecter.serving() as hostile, a.run(also=[hostile.address]):
         await wait_until(lambda: hostile.answered >= 12)
         lines = [r.getMessage() for r in caplog.records if "refused connection" in r.message]
-        assert len(lines) == 5  # REFUSAL_LOG_BURST, however often it happens
+        assert len(lines) == REFUSAL_LOG_BURST  # however often it happens
         for line in lines:
             assert "\x1b" not in line
             assert "\n" not in line
@@ -370,12 +376,59 @@ async def test_peer_text_in_refusals_is_escaped_and_the_lines_are_limited(
             assert len(line) < 600
         assert "suppressed" not in caplog.text
         before = hostile.answered
-        clock.now += 60.0  # the interval ends: one summary line says what was left out
+        clock.now += REFUSAL_LOG_INTERVAL  # the interval ends: one summary line
         await wait_until(lambda: "suppressed" in caplog.text)
         [summary] = [r.getMessage() for r in caplog.records if "suppressed" in r.message]
         suppressed = int(summary.split()[1])
-        assert suppressed >= before - 5 - 2  # two may still have been under way
+        assert suppressed >= before - REFUSAL_LOG_BURST - 2  # two may still have been under way
         assert FLOOD_HOST in summary
+
+
+async def test_a_wrong_cookie_is_logged_once_a_minute_per_address_with_what_to_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    other = "127.0.0.10"
+    if not loopback_aliases_usable([FLOOD_HOST, other]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    caplog.set_level(logging.INFO, logger="handoff")
+    clock = FakeClock()
+    a = Harness("a", "127.0.0.2", log_clock=clock)
+    reason = "authentication failed: the peer does not know this cluster's cookie"
+    first, second = Rejecter(Reject("auth", reason)), Rejecter(Reject("auth", reason), other)
+
+    def lines_about(host: str) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if "refused connection" in r.message and host in r.message
+        ]
+
+    async with (
+        first.serving() as one,
+        second.serving() as two,
+        a.run(also=[one.address, two.address]),
+    ):
+        # Both are dialled every poll (0.1 s) and refuse every time.
+        await wait_until(lambda: one.answered >= 10 and two.answered >= 10)
+        [line] = lines_about(FLOOD_HOST)
+        assert str(one.address) in line
+        assert "HANDOFF_COOKIE is the same on every node" in line
+        assert "HANDOFF_CLUSTER" in line
+        assert "more refusals" not in line
+        assert len(lines_about(other)) == 1  # another address gets its own line
+        assert "suppressed" not in caplog.text  # no summary lines of their own
+        before = one.answered
+        clock.now += COOKIE_REFUSAL_LOG_INTERVAL - 1.0
+        await wait_until(lambda: one.answered >= before + 3)
+        assert len(lines_about(FLOOD_HOST)) == 1  # still within the minute
+        clock.now += 1.0
+        await wait_until(lambda: len(lines_about(FLOOD_HOST)) == 2)
+        later = lines_about(FLOOD_HOST)[1]
+        assert "HANDOFF_COOKIE" in later
+        # The refusals in between are counted in the next line, not in lines of their own.
+        more = int(later.split("; ")[-1].split()[0])
+        assert more >= before + 3 - 2  # two may have been under way at the first line
+    assert "suppressed" not in caplog.text
 
 
 async def test_failed_handshakes_from_one_address_are_logged_a_few_times(

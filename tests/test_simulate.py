@@ -13,8 +13,11 @@ import io
 import itertools
 import json
 import math
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -34,6 +37,7 @@ from handoff.simulate import (
     DeployRun,
     TrafficBin,
     add_simulate_arguments,
+    loopback_aliases_usable,
     render_chart,
     render_svg,
     render_table,
@@ -267,6 +271,10 @@ def test_json_of_a_comparison_has_the_headline_numbers() -> None:
         ["--plot", "chart.png"],
         ["--plot", "/no/such/directory/chart.svg"],
         ["--no-such-option"],
+        ["--host-base", "10.0.0.1"],
+        ["--host-base", "localhost"],
+        ["--host-base", "::1"],
+        ["--host-base", "127.0.0.0"],
     ],
 )
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -410,7 +418,9 @@ def test_traffic_needs_state() -> None:
 def test_a_run_that_cannot_start_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     # An address no process here can bind (TEST-NET-1): the cold run fails before starting
     # anything, and the command says so and exits 1.
-    monkeypatch.setattr("handoff.simulate._plan", lambda _nodes: [("node-a", "v1", "192.0.2.1")])
+    monkeypatch.setattr(
+        "handoff.simulate._plan", lambda _nodes, _base: [("node-a", "v1", "192.0.2.1")]
+    )
     code, out, err = _run(["--json", "--entries", "10", "--seconds", "1"])
     assert code == 1
     report = json.loads(out)
@@ -418,3 +428,65 @@ def test_a_run_that_cannot_start_fails_clearly(monkeypatch: pytest.MonkeyPatch) 
     assert report["error"].startswith("cold run: cannot bind the loopback addresses 192.0.2.1")
     assert report["warm"] is None
     assert "handoff simulate: error: cold run: cannot bind" in err
+
+
+def test_a_host_base_without_room_for_the_nodes_is_refused_before_anything_starts() -> None:
+    # 127.255.255.250 holds the old node; eight new ones would reach past 127.255.255.254.
+    code, out, err = _run(["--host-base", "127.255.255.250", "--nodes", "8"])
+    assert code == 2
+    assert out == ""
+    assert "--host-base 127.255.255.250 leaves no room for the 9 nodes" in err
+    with pytest.raises(ValueError, match="not a loopback address"):
+        DemoSettings(host_base="192.0.2.1")
+    assert DemoSettings(host_base="127.0.10.1", nodes=3).new_names == [
+        "node-b",
+        "node-c",
+        "node-d",
+    ]
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_with_their_own_host_bases_and_sockets_both_succeed(
+    tmp_path: Path,
+) -> None:
+    bases = ("127.0.10.1", "127.0.20.1")
+    if not loopback_aliases_usable([f"127.0.{n}.{i}" for n in (10, 20) for i in (1, 2)]):
+        pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
+    sockets = tmp_path / "sockets"  # made by the run; the other run uses a temporary one
+    quick = ["--json", "--nodes", "1", "--entries", "200", "--seconds", "1", "--rate", "200"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "handoff", "simulate", *quick, "--host-base", base, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for base, extra in ((bases[0], ["--socket-dir", str(sockets)]), (bases[1], []))
+    ]
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + 90
+        # The nodes' control sockets appear in the directory while they run (and go when
+        # they stop): looked at every 50 ms until both runs end, at most 90 s.
+        while any(run.poll() is None for run in runs) and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                seen |= {p.name for p in sockets.iterdir() if p.is_socket()}
+            time.sleep(0.05)
+        outputs = [run.communicate(timeout=10) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    for run, (out, err), base in zip(runs, outputs, bases, strict=True):
+        assert run.returncode == 0, err
+        report = json.loads(out)
+        assert report["ok"] is True, report["error"]
+        assert report["settings"]["host_base"] == base
+        assert report["entries_before"] == 200
+        assert report["warm"]["drain"]["namespaces"]["cache"]["acknowledged"] == 200
+        nodes = report["warm"]["nodes"]
+        assert [n["address"].split(":")[0] for n in nodes] == [base, base[:-1] + "2"]
+    assert seen == {"node-a.sock", "node-b.sock"}
