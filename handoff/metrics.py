@@ -8,7 +8,7 @@ Prometheus (``pip install 'warm-handoff[prometheus]'``), e.g. in FastAPI::
 
     node = handoff.Node()
     app = FastAPI(lifespan=node.lifespan)
-    app.mount("/metrics", handoff.metrics.prometheus_app(node))
+    app.add_route("/metrics", handoff.metrics.prometheus_app(node))
 
 The collector reads the node on every scrape (a custom collector, not counters the engine
 updates): the drain counters are the sums of the node's own drain reports, the very numbers
@@ -297,7 +297,10 @@ class PrometheusCollector:
     """A ``prometheus_client`` collector of one node's metrics (see :data:`METRICS`).
 
     Register it on a registry (:func:`register_prometheus` does): every scrape reads the
-    node. Creating it attaches a recorder of what the node receives (from then on).
+    node. Creating it attaches a recorder of what the node receives (from then on). Its
+    series carry no node label: one node per registry (a second one on the same registry
+    is refused with prometheus_client's ``Duplicated timeseries`` error); the scraped
+    target says which node it is.
     Raises :class:`MissingExtra` without ``prometheus_client``.
     """
 
@@ -308,8 +311,13 @@ class PrometheusCollector:
         node._observers.add(self._recorder)
 
     def describe(self) -> list[Any]:
-        """Nothing up front: the registry then checks names against one collect()."""
-        return []
+        """The metric families without samples: a registry checks them for clashes."""
+        from prometheus_client.core import Metric
+
+        return [
+            Metric(name.removesuffix("_total") if kind == "counter" else name, text, kind)
+            for name, (kind, _, text) in METRICS.items()
+        ]
 
     def collect(self) -> Iterator[Any]:
         """The node's metric families, read now."""
@@ -376,13 +384,26 @@ def register_prometheus(node: Node, registry: Any = None) -> Any:
     return chosen
 
 
+class _MetricsApp:
+    """An ASGI app object (not a function): Starlette's ``add_route`` serves an object as
+    an ASGI app at exactly its path, where a function would be taken for an endpoint."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
+
+
 def prometheus_app(node: Node, registry: Any = None) -> Any:
     """An ASGI app serving ``node``'s metrics (and the rest of ``registry``, if given) in
-    the Prometheus text format: ``app.mount("/metrics", prometheus_app(node))``."""
+    the Prometheus text format. In FastAPI or Starlette, ``app.add_route("/metrics",
+    prometheus_app(node))`` serves it at ``/metrics``; ``app.mount("/metrics", ...)``
+    works too, at ``/metrics/`` (``/metrics`` redirects there)."""
     _require_prometheus()
     from prometheus_client import make_asgi_app
 
-    return make_asgi_app(register_prometheus(node, registry))
+    return _MetricsApp(make_asgi_app(register_prometheus(node, registry)))
 
 
 # -- OpenTelemetry ---------------------------------------------------------------------------
