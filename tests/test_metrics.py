@@ -4,6 +4,7 @@ real drain and receive, checked against the drain report and the receiver's outc
 from __future__ import annotations
 
 import builtins
+import re
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,13 @@ def test_without_prometheus_client_a_clear_error(monkeypatch: pytest.MonkeyPatch
     assert issubclass(MissingExtra, handoff.HandoffError)
     assert issubclass(MissingExtra, ImportError)
     assert not n._observers
+
+
+def test_the_readme_table_lists_exactly_the_metrics() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Logs, metrics and tracing", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `(handoff_\w+)` \| (\w+) \| ([^|]+) \|", section, flags=re.MULTILINE)
+    assert {name: (kind, labels.strip()) for name, kind, labels in rows} == {
+        name: (kind, ", ".join(f"`{label}`" for label in labels) or "-")
+        for name, (kind, labels, _) in METRICS.items()
+    }
