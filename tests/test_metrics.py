@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 
 import handoff
 import handoff.metrics
+from handoff.engine import NamespaceReport
 from handoff.metrics import METRICS, MissingExtra, prometheus_app, register_prometheus
 from tests._helpers import connected, wait_until
 from tests._helpers import handoff_node as node
@@ -63,7 +64,15 @@ async def test_a_drain_and_its_receive_in_the_metrics() -> None:
         async with new:
             await wait_until(connected(old, new))
             before = scrape(old_metrics)
-            report = await old.drain()
+            # Scraped during the drain too, at every step it reports (on the event loop,
+            # as the ASGI app's scrape runs).
+            during: list[tuple[str, int, Samples]] = []
+
+            def progress(ns: NamespaceReport) -> None:
+                during.append((ns.namespace, ns.acknowledged, scrape(old_metrics)))
+
+            with old.watch_drain(progress):
+                report = await old.drain()
             await wait_until(lambda: new.last_received is not None)
             sent = scrape(old_metrics)
             received = scrape(new_metrics)
@@ -76,6 +85,16 @@ async def test_a_drain_and_its_receive_in_the_metrics() -> None:
     assert value(before, "handoff_entries", namespace="users") == 500
     assert value(before, "handoff_draining") == 0
     assert value(before, "handoff_handoffs_received_total") == 0
+
+    # During the drain: each namespace as far as it was acknowledged, the drain unfinished.
+    assert next(name for name, _, _ in during) == "carts"
+    assert {name for name, _, _ in during} == {"carts", "users"}
+    for name, acknowledged, found in during:
+        assert value(found, "handoff_records_acknowledged_total", namespace=name) == acknowledged
+        assert value(found, "handoff_draining") == 1
+        assert "handoff_drain_seconds_count" not in names(found)
+    first_users = next(found for name, _, found in during if name == "users")
+    assert value(first_users, "handoff_records_sent_total", namespace="carts") == 30
 
     # The sender: what its drain report says.
     for name, ns in report.namespaces.items():
