@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import builtins
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +228,25 @@ def test_the_readme_table_lists_exactly_the_metrics() -> None:
         name: (kind, ", ".join(f"`{label}`" for label in labels) or "-")
         for name, (kind, labels, _) in METRICS.items()
     }
+
+
+def test_the_library_imports_and_runs_without_either_extra() -> None:
+    # A fresh interpreter where neither package can be imported (None in sys.modules).
+    script = """
+import sys
+sys.modules["prometheus_client"] = None
+sys.modules["opentelemetry"] = None
+import handoff, handoff.metrics
+node = handoff.Node("c", cookie=b"k" * 32, bind="127.0.0.2:0", discovery="none", environ={})
+assert handoff.metrics.trace(node) is False
+try:
+    handoff.metrics.prometheus_app(node)
+except handoff.metrics.MissingExtra as exc:
+    print(exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == (
+        "the Prometheus exporter needs prometheus_client: pip install 'warm-handoff[prometheus]'"
+    )
