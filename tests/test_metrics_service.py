@@ -102,8 +102,7 @@ def test_metrics_of_the_shop_during_and_after_a_drain(
         new.wait_for(joined("old"), timeout=PROCESS_TIMEOUT)
         serving = scrape(client, old)
 
-        assert new._proc is not None
-        new._proc.send_signal(signal.SIGSTOP)
+        new.send_signal(signal.SIGSTOP)
         # `handoff drain --json`, in a thread of this process (a CLI process costs a
         # second of imports): the report goes to stdout.
         codes: list[int] = []
@@ -113,7 +112,7 @@ def test_metrics_of_the_shop_during_and_after_a_drain(
             drain.start()
             during = scrape_until_draining(client, old)
         finally:
-            new._proc.send_signal(signal.SIGCONT)
+            new.send_signal(signal.SIGCONT)
         drain.join(PROCESS_TIMEOUT)
         assert codes == [0]
         report = json.loads(capsys.readouterr().out)
