@@ -175,11 +175,18 @@ async def test_the_asgi_app_serves_at_metrics_and_every_documented_metric_exists
     n.track("users", {"a": "1"})
     app = Starlette()
     app.add_route("/metrics", prometheus_app(n))
+    mounted = Starlette()
+    mounted.mount("/metrics", prometheus_app(n, CollectorRegistry()))
     async with n:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
             response = await client.get("/metrics")
+        transport = httpx.ASGITransport(app=mounted)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+            at_mount = await client.get("/metrics/")
     assert response.status_code == 200
+    assert at_mount.status_code == 200
+    assert "handoff_entries" in at_mount.text
     assert response.headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
     # Every documented metric is exposed (counters without their _total suffix here).
