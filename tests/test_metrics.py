@@ -257,3 +257,16 @@ except handoff.metrics.MissingExtra as exc:
     assert done.stdout.strip() == (
         "the Prometheus exporter needs prometheus_client: pip install 'warm-handoff[prometheus]'"
     )
+
+
+def test_a_wsgi_app_serves_the_registry() -> None:
+    from prometheus_client import make_wsgi_app
+
+    n = node("solo", "127.0.0.2")
+    n.track("users", {"a": "1", "b": "2"})
+    app = make_wsgi_app(register_prometheus(n))
+    statuses: list[str] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "QUERY_STRING": ""}
+    body = b"".join(app(environ, lambda status, headers: statuses.append(status)))
+    assert statuses == ["200 OK"]
+    assert value(samples(body.decode()), "handoff_entries", namespace="users") == 2
