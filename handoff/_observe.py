@@ -10,6 +10,7 @@ call. An observer that raises is logged and skipped: it must never break a hando
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from handoff.engine import DrainReport, Link, NamespaceReport
@@ -61,6 +62,9 @@ class Observers:
 
     def __bool__(self) -> bool:
         return bool(self._observers)
+
+    def __iter__(self) -> Iterator[Observer]:
+        return iter(list(self._observers))
 
     def _each(self, method: str, *args: object) -> None:
         for observer in self._observers:

@@ -579,13 +579,15 @@ def trace(node: Node, tracer_provider: Any = None) -> bool:
     the tracer of ``tracer_provider`` (default: the global one the application set up).
 
     Returns False, and does nothing, when ``opentelemetry-api`` is not installed: tracing
-    is then free. Call it before the node starts.
+    is then free. Call it before the node starts; calling it again changes nothing.
     """
     try:
         from opentelemetry import trace as trace_api
     except ImportError:
         logger.debug("opentelemetry-api is not installed: %s makes no spans", node.name)
         return False
+    if any(isinstance(observer, _Tracer) for observer in node._observers):
+        return True  # traced already: a second tracer would double every span
     tracer = trace_api.get_tracer("handoff", tracer_provider=tracer_provider)
     node._observers.add(_Tracer(node, tracer, trace_api))
     return True

@@ -46,6 +46,7 @@ async def test_a_drain_makes_drain_stream_and_receive_spans() -> None:
     old.track("users", users)
     old.track("carts", carts)
     assert handoff.metrics.trace(old, tracer_provider=old_provider)
+    assert handoff.metrics.trace(old, tracer_provider=old_provider)  # no second tracer
     async with old:
         new = node("new", "127.0.0.3", old, release="v2")
         new.track("users", target_users)
