@@ -11,6 +11,11 @@ from handoff._adapter import (
     SupportsGiveBack,
 )
 from handoff._errors import (
+    ActorBusy,
+    ActorError,
+    ActorFailed,
+    ActorTimeout,
+    ActorUnavailable,
     AdapterNotFound,
     AuthenticationError,
     BindError,
@@ -43,6 +48,7 @@ from handoff._errors import (
     VersionMismatch,
 )
 from handoff._registry import AdapterFactory, register_adapter
+from handoff.adapters.actors import ActorRegistry
 from handoff.adapters.counters import Counters
 from handoff.engine import DrainReport, NamespaceReport
 from handoff.membership import DownReason, MembershipEvent, NodeDown, NodeLeaving, NodeUp, Peer
@@ -52,6 +58,12 @@ from handoff.protocol import NodeState
 __version__ = "0.1.0"
 
 __all__ = (
+    "ActorBusy",
+    "ActorError",
+    "ActorFailed",
+    "ActorRegistry",
+    "ActorTimeout",
+    "ActorUnavailable",
     "Adapter",
     "AdapterFactory",
     "AdapterNotFound",

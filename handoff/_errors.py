@@ -8,6 +8,11 @@ have to know which backend raised what.
 from __future__ import annotations
 
 __all__ = (
+    "ActorBusy",
+    "ActorError",
+    "ActorFailed",
+    "ActorTimeout",
+    "ActorUnavailable",
     "AdapterNotFound",
     "AuthenticationError",
     "BindError",
@@ -187,6 +192,33 @@ class NoTransformPath(HandoffError):
         self.from_version = from_version
         self.to_version = to_version
         self.missing_step = missing_step
+
+
+class ActorError(HandoffError):
+    """A message to an actor (:class:`handoff.ActorRegistry`) was not answered as asked."""
+
+
+class ActorUnavailable(ActorError):
+    """No node may run the actor now: a peer that may hold it cannot be reached and is not
+    known to be gone (a partition, or a crash not yet confirmed). Rather than risk two live
+    activations, callers get this error; the message stays queued and is handled once, in
+    order, when the actor can be reached (unless ``delivery_timeout`` passes first)."""
+
+
+class ActorTimeout(ActorError, HandoffTimeout):
+    """No answer within the call's timeout. The message stays queued: it is handled once, in
+    order, later; only its reply is not awaited any more."""
+
+
+class ActorBusy(ActorError):
+    """A bound was reached: this node has too many unanswered messages to the namespace's
+    actors, or one actor's channel window stayed full for the whole timeout. The message
+    was not sent."""
+
+
+class ActorFailed(ActorError):
+    """The actor's ``handle`` raised (the text says what). The message counts as handled:
+    it is not retried."""
 
 
 class SnapshotError(HandoffError):

@@ -97,6 +97,7 @@ _BUILTINS: tuple[tuple[str, str], ...] = (
     ("cachetools:TTLCache", "handoff.adapters.cachetools:TTL_CACHE_FACTORY"),
     ("collections.abc:MutableMapping", "handoff.adapters.mapping:MAPPING_FACTORY"),
     ("handoff.adapters.counters:Counters", "handoff.adapters.counters:COUNTERS_FACTORY"),
+    ("handoff.adapters.actors:ActorRegistry", "handoff.adapters.actors:ACTORS_FACTORY"),
     ("limits.storage.memory:MemoryStorage", "handoff.adapters.limits:MEMORY_STORAGE_FACTORY"),
 )
 

@@ -44,6 +44,7 @@ from handoff._keys import cluster_key, cookie_weakness
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
 from handoff._observe import ObservedLink, Observers
 from handoff._registry import adapter_for
+from handoff.adapters.actors import ActorRegistry, ActorsAdapter
 from handoff.config import COOKIE_HOWTO, Settings, for_worker, resolve_settings, worker_ports
 from handoff.control import ControlServer, node_status
 from handoff.discovery import make_discovery
@@ -57,6 +58,7 @@ from handoff.engine import (
     Tallies,
     Tracked,
 )
+from handoff.engine._actors import ActorHost, MoveStats
 from handoff.engine._fingerprint import ExportLog, changed_records
 from handoff.engine._restore import restore_snapshots
 from handoff.engine._sender import CATCH_UP, MAX_CHUNK_BYTES
@@ -145,6 +147,46 @@ class ReceivedHandoff:
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T", bound=Transform)
 _A = TypeVar("_A")
+
+
+ACTOR_SHARE = 0.5
+"""Share of a drain's time that actor migrations may take; the streams get the rest."""
+
+
+def _add_moves(
+    report: DrainReport, moves: Mapping[str, MoveStats], tracked: Mapping[str, Tracked]
+) -> None:
+    """Count the actors a drain moved itself into its report (records, acknowledged by
+    their new owners, or of unknown outcome)."""
+    for name, stats in moves.items():
+        ns = report.namespaces.get(name)
+        if ns is None:
+            continue
+        ns.records += stats.moved + stats.in_doubt
+        ns.sent += stats.moved + stats.in_doubt
+        ns.acknowledged += stats.moved
+        ns.applied += stats.moved
+        ns.successors = sorted(set(ns.successors) | stats.successors)
+        ns.drop(
+            "outcome unknown: the new owner's link ended before it answered the move",
+            stats.in_doubt,
+        )
+        for reason, count in stats.refused.items():
+            ns.refusals.setdefault(reason.partition(":")[0], reason.partition(": ")[2])
+            del count
+
+
+async def _refuses_connections(address: str) -> bool:
+    """True when nothing listens at ``address`` (``host:port``): the process is gone."""
+    host, _, port = address.rpartition(":")
+    try:
+        stream = await anyio.connect_tcp(host.strip("[]"), int(port))
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError):
+        return False
+    await stream.aclose()
+    return False
 
 
 class Node:
@@ -255,6 +297,7 @@ class Node:
         self.incarnation = secrets.token_hex(8)
         self.started_at = 0.0
         self._tracked: dict[str, Tracked] = {}
+        self._actors: dict[str, ActorHost] = {}
         # Public attributes are documented in the class docstring: help() shows no
         # docstring written after an assignment.
         self.transforms = Transforms()
@@ -317,7 +360,7 @@ class Node:
             codec=self.codec,
             peers=lambda: self._mesh.peer_links(),
         )
-        return receiver, Sessions(receiver, tallies=self._tallies)
+        return receiver, Sessions(receiver, tallies=self._tallies, actors=self._actors)
 
     async def _session_message(self, peer: str, link: PeerLink, message: Message) -> None:
         if self._observers:
@@ -431,8 +474,33 @@ class Node:
         chosen = adapter if adapter is not None else adapter_for(obj, **options)
         if adapter is None and chosen.kind == "mapping" and options.get("merge") is None:
             _warn_if_counts(name, obj)
+        if isinstance(chosen, ActorsAdapter):
+            self._actors[name] = chosen.bind(
+                functools.partial(self._actor_host, name, version=version)
+            )
         self._tracked[name] = Tracked(name, obj, chosen, version, validate)
         return chosen
+
+    def _actor_host(self, name: str, registry: ActorRegistry, *, version: int) -> ActorHost:
+        host = ActorHost(
+            namespace=name,
+            node=self.name,
+            incarnation=self.incarnation,
+            factory=registry.factory,
+            codec=self.codec,
+            transforms=self.transforms,
+            version=version,
+            peers=self._mesh.peer_links,
+            serving=lambda: self.running and self._state is NodeState.SERVING,
+            spawn=self._spawn,
+            limits=registry.limits,
+            idle_timeout=registry.idle_timeout,
+            probe=_refuses_connections,
+        )
+        host.delivery_timeout = registry.delivery_timeout
+        self._mesh.on_node_up(host.peer_up)
+        self._mesh.on_node_down(host.peer_down)
+        return host
 
     def upgrade(self, namespace: str, from_version: int) -> Callable[[_T], _T]:
         """Decorator: ``fn(key, value) -> (key, value)`` turns a ``from_version`` record of
@@ -586,7 +654,16 @@ class Node:
             await self._mesh.set_state(NodeState.DRAINING)
             # A drain on the way out keeps no log of what it exported: nothing follows it.
             drainer = self._drainer("drain", fingerprints=not stopping)
-            report = await self._observed_drain(drainer, "drain", limit)
+
+            async def run() -> DrainReport:
+                started = anyio.current_time()
+                moves = await self._move_actors(started + limit * ACTOR_SHARE)
+                remaining = max(0.0, limit - (anyio.current_time() - started))
+                report = await self._sessions.drain(drainer, time_limit=remaining)
+                _add_moves(report, moves, self._tracked)
+                return report
+
+            report = await self._observed_drain("drain", run)
             self._log_report(report)
             if not stopping:
                 self._spawn(self._sessions.send_late)
@@ -596,6 +673,14 @@ class Node:
             self.last_drain_report = report
             self._drained.set()
             return report
+
+    async def _move_actors(self, deadline: float) -> dict[str, MoveStats]:
+        """Actors move first, each to its placement among the serving peers (what cannot
+        move is left to the drain's export: the snapshot store or a successor)."""
+        moves: dict[str, MoveStats] = {}
+        for name, host in self._actors.items():
+            moves[name] = await host.drain(deadline)
+        return moves
 
     async def _catch_up(self) -> None:
         """At stop after a drain that left the node serving: send the records written
@@ -615,18 +700,24 @@ class Node:
                 for name, tracked in self._tracked.items()
             }
             drainer = self._drainer(CATCH_UP, sources=sources)
-            report = await self._observed_drain(drainer, CATCH_UP, self.settings.drain_timeout)
+            limit = self.settings.drain_timeout
+            report = await self._observed_drain(
+                CATCH_UP, functools.partial(self._sessions.drain, drainer, time_limit=limit)
+            )
             if report.records:
                 self._log_report(report)
             else:
                 logger.info("%s: nothing written since the drain", self.name)
             self.catch_up_report = report
 
-    async def _observed_drain(self, drainer: Drainer, reason: str, limit: float) -> DrainReport:
+    async def _observed_drain(
+        self, reason: str, run: Callable[[], Awaitable[DrainReport]]
+    ) -> DrainReport:
+        """``run()``, the drain, between telling the observers it starts and ends."""
         self._observers.drain_started(reason)
         report: DrainReport | None = None
         try:
-            report = await self._sessions.drain(drainer, time_limit=limit)
+            report = await run()
         finally:
             self._observers.drain_finished(report)
         return report
@@ -820,6 +911,9 @@ class Node:
         self._exit_stack, self._control = stack, control
         self._mesh.start(listener, discovery=discovery, tls=tls, own_addresses=own_addresses)
         self._spawn(self._warmup)
+        for host in self._actors.values():
+            host.node, host.incarnation = self.name, self.incarnation
+            self._spawn(host.run)
         if self._tallies.scoped():
             self._spawn(self._tallies.run)
         if control is not None:

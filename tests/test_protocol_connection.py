@@ -37,6 +37,12 @@ from handoff.protocol import (
     SESSION_MESSAGES,
     Accept,
     Ack,
+    ActorHere,
+    ActorMove,
+    ActorMoved,
+    ActorReply,
+    ActorSend,
+    ActorWhere,
     Auth,
     Cancel,
     Chunk,
@@ -864,6 +870,12 @@ SAMPLE_MESSAGES: dict[type[Message], Message] = {
     Closed: Closed(1),
     Done: Done(1),
     Tally: Tally("usage", "inc-z", 1, 1, 0, b"\x90"),
+    ActorSend: ActorSend("rooms", b"\xa1k", "inc-z", "node-z", 1, 1, 1, 1, 0, b"\xc0"),
+    ActorReply: ActorReply("rooms", b"\xa1k", 1, 1, 0, "", b"\xc0"),
+    ActorWhere: ActorWhere("rooms", b"\xa1k", 1),
+    ActorHere: ActorHere("rooms", b"\xa1k", 1, 0, ""),
+    ActorMove: ActorMove("rooms", b"\xa1k", 1, 2, 1, b"\x93\xc0\x90\x90"),
+    ActorMoved: ActorMoved("rooms", b"\xa1k", 1, 1, ""),
 }
 
 
@@ -1020,6 +1032,12 @@ SESSION_SAMPLES: list[Message] = [
     Closed(2),
     Cancel(2, "shutdown"),
     Tally("u" * 255, "i" * 255, MAX_COUNT, MAX_COUNT, 4096, bytes(range(256)) * 64),
+    ActorSend("r" * 255, b"k" * 300, "i" * 255, "n" * 255, MAX_COUNT, MAX_COUNT, 1, 0, 64, b"b"),
+    ActorReply("r", b"k", 1, MAX_COUNT, 6, "n" * 255, bytes(range(256)) * 64),
+    ActorWhere("r", b"k", MAX_COUNT),
+    ActorHere("r", b"k", MAX_COUNT, 2, "n" * 255),
+    ActorMove("r", b"k", MAX_COUNT, MAX_COUNT, 2**31 - 1, bytes(range(256)) * 64),
+    ActorMoved("r", b"k", 1, 0, "r" * 1024),
 ]
 
 short_texts = st.text(min_size=1, max_size=40)

@@ -16,6 +16,12 @@ from handoff.protocol import (
     SESSION_MESSAGES,
     Accept,
     Ack,
+    ActorHere,
+    ActorMove,
+    ActorMoved,
+    ActorReply,
+    ActorSend,
+    ActorWhere,
     Auth,
     Cancel,
     Chunk,
@@ -126,6 +132,45 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         st.integers(0, MAX_TALLY_RECORDS),
         payloads,
     ),
+    ActorSend: st.builds(
+        ActorSend,
+        names,
+        payloads,
+        names,
+        names,
+        st.integers(1, MAX_COUNT),
+        st.integers(1, MAX_COUNT),
+        st.integers(1, MAX_COUNT),
+        st.integers(0, 1),
+        st.integers(0, 64),
+        payloads,
+    ),
+    ActorReply: st.builds(
+        ActorReply,
+        names,
+        payloads,
+        st.integers(1, MAX_COUNT),
+        st.integers(1, MAX_COUNT),
+        st.integers(0, 7),
+        st.text(max_size=MAX_NAME),
+        payloads,
+    ),
+    ActorWhere: st.builds(ActorWhere, names, payloads, st.integers(1, MAX_COUNT)),
+    ActorHere: st.builds(
+        ActorHere, names, payloads, st.integers(1, MAX_COUNT), st.integers(0, 2), names
+    ),
+    ActorMove: st.builds(
+        ActorMove,
+        names,
+        payloads,
+        st.integers(1, MAX_COUNT),
+        st.integers(1, MAX_COUNT),
+        st.integers(0, MAX_SCHEMA),
+        payloads,
+    ),
+    ActorMoved: st.builds(
+        ActorMoved, names, payloads, st.integers(1, MAX_COUNT), st.integers(0, 1), reasons
+    ),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -156,6 +201,12 @@ SAMPLES: dict[type[Message], Message] = {
     Closed: Closed(7),
     Done: Done(10_000),
     Tally: Tally("usage", "inc-1", 9, 0, 1, b"\x91\x93\xa4page\x0a\xc0"),
+    ActorSend: ActorSend("rooms", b"\xa2r1", "inc-1", "node-a", 1, 5, 4, 1, 0, b"\xa4ping"),
+    ActorReply: ActorReply("rooms", b"\xa2r1", 1, 5, 3, "node-b", b"\xc0"),
+    ActorWhere: ActorWhere("rooms", b"\xa2r1", 12),
+    ActorHere: ActorHere("rooms", b"\xa2r1", 12, 1, "node-b"),
+    ActorMove: ActorMove("rooms", b"\xa2r1", 3, 2, 1, b"\x93\xc0\x90\x90"),
+    ActorMoved: ActorMoved("rooms", b"\xa2r1", 3, 0, "draining"),
 }
 
 
@@ -165,9 +216,11 @@ def test_every_message_type_is_covered() -> None:
 
 
 def test_session_messages_are_the_new_types() -> None:
-    assert {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Closed, Done, Tally} == SESSION_MESSAGES
+    streams = {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Closed, Done, Tally}
+    actors = {ActorSend, ActorReply, ActorWhere, ActorHere, ActorMove, ActorMoved}
+    assert streams | actors == SESSION_MESSAGES
     assert SESSION_MESSAGES.issubset(MESSAGE_TYPES.values())
-    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == list(range(16, 26))
+    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == [*range(16, 26), *range(30, 36)]
 
 
 def test_type_codes_are_unique_and_registered() -> None:
@@ -230,6 +283,13 @@ GOLDEN_FRAMES: dict[type[Message], str] = {
     Closed: "00000003921807",
     Done: "000000059217cd2710",
     Tally: "0000001c9719a57573616765a5696e632d31090001c4099193a4706167650ac0",
+    ActorSend: "000000269b1ea5726f6f6d73c403a27231a5696e632d31a66e6f64652d610105040100c405"
+    "a470696e67",
+    ActorReply: "0000001a981fa5726f6f6d73c403a27231010503a66e6f64652d62c401c0",
+    ActorWhere: "0000000e9420a5726f6f6d73c403a272310c",
+    ActorHere: "000000169621a5726f6f6d73c403a272310c01a66e6f64652d62",
+    ActorMove: "000000169722a5726f6f6d73c403a27231030201c40493c09090",
+    ActorMoved: "000000189623a5726f6f6d73c403a272310300a8647261696e696e67",
 }
 
 
@@ -421,6 +481,11 @@ bad_tally_records = (
     | st.integers(min_value=MAX_TALLY_RECORDS + 1)
 )
 bad_kind = _texts(MAX_KIND, empty_ok=False)
+bad_flag = _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=2)
+bad_hops = _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=65)
+bad_status = _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=8)
+bad_answer = _not(int) | st.booleans() | st.integers(max_value=-1) | st.integers(min_value=3)
+
 bad_session_reason = _texts(MAX_REASON, empty_ok=False)
 bad_age = bad_number | st.floats(max_value=-1e-300) | st.integers(max_value=-1)
 bad_payload = _not(bytes) | st.just(b"") | st.just("payload") | st.just([1, 2, 3])
@@ -474,6 +539,31 @@ BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     Closed: [bad_stream],
     Done: [bad_count],
     Tally: [bad_name, bad_name, bad_records, bad_count, bad_tally_records, bad_payload],
+    ActorSend: [
+        bad_name,
+        bad_payload,
+        bad_name,
+        bad_name,
+        bad_records,
+        bad_records,
+        bad_records,
+        bad_flag,
+        bad_hops,
+        bad_payload,
+    ],
+    ActorReply: [
+        bad_name,
+        bad_payload,
+        bad_records,
+        bad_records,
+        bad_status,
+        bad_address,
+        bad_payload,
+    ],
+    ActorWhere: [bad_name, bad_payload, bad_records],
+    ActorHere: [bad_name, bad_payload, bad_records, bad_answer, bad_address],
+    ActorMove: [bad_name, bad_payload, bad_records, bad_records, bad_schema, bad_payload],
+    ActorMoved: [bad_name, bad_payload, bad_records, bad_flag, bad_reason],
 }
 
 
@@ -622,7 +712,7 @@ def test_session_limits_are_inclusive() -> None:
 # -- type codes and envelopes --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [0, 9, 10, 15, 31, 99, 255, -1, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("code", [0, 9, 10, 15, 26, 29, 36, 99, 255, -1, 2**63, 2**64 - 1])
 def test_unknown_type_code(code: int) -> None:
     with pytest.raises(ProtocolError, match="unknown message type"):
         decode_message([code])

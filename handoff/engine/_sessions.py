@@ -3,7 +3,8 @@
 The mesh hands every session message here. What a receiver sends (Accept, Refuse, Ack,
 Closed) answers one of this node's outgoing streams and goes to the drain in progress; what a
 sender sends (Offer, Chunk, End, Cancel, Done) goes to the receiver; a peer's report of its
-cluster-scoped counters (Tally) goes to the tallies.
+cluster-scoped counters (Tally) goes to the tallies; actor messages go to the namespace's
+actor host.
 
 A drain runs in three steps (DESIGN.md, "Ownership"). The node has already announced that
 it drains, so its receiver refuses new offers. Then the streams it accepted while serving
@@ -15,10 +16,12 @@ acknowledged leaves with its own drain.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import anyio
 
 from handoff._errors import HandoffError
+from handoff.engine._actors import ACTOR_MESSAGES, ActorHost
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._receiver import Receiver
 from handoff.engine._report import DrainReport
@@ -43,10 +46,16 @@ class Sessions:
     """Routes stream messages to the receiver and the current drain; runs drains."""
 
     def __init__(
-        self, receiver: Receiver, *, clock: Clock = ANYIO_CLOCK, tallies: Tallies | None = None
+        self,
+        receiver: Receiver,
+        *,
+        clock: Clock = ANYIO_CLOCK,
+        tallies: Tallies | None = None,
+        actors: Mapping[str, ActorHost] | None = None,
     ) -> None:
         self.receiver = receiver
         self.tallies = tallies
+        self.actors: Mapping[str, ActorHost] = actors if actors is not None else {}
         self._clock = clock
         self._drainer: Drainer | None = None
         # Finished drains that may still learn the fate of chunks (Drainer.unresolved).
@@ -63,6 +72,12 @@ class Sessions:
                     drainer.on_late(peer, message)
                 self._finished = [d for d in self._finished if d.unresolved]
                 logger.debug("%s answered a stream after the drain: %r", peer, message)
+        elif isinstance(message, ACTOR_MESSAGES):
+            host = self.actors.get(message.namespace)
+            if host is not None:
+                host.handle(peer, message)
+            else:
+                logger.debug("%s sent %r for a namespace without actors here", peer, message)
         elif isinstance(message, Tally):
             if self.tallies is not None:
                 await self.tallies.handle(peer, message)

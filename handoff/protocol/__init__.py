@@ -23,11 +23,18 @@ from ._connection import (
 )
 from ._framing import FrameDecoder, check_depth, encode_frame, size_limits
 from ._messages import (
+    ACTOR_PROTOCOL,
     MAX_TALLY_RECORDS,
     MESSAGE_TYPES,
     SESSION_MESSAGES,
     Accept,
     Ack,
+    ActorHere,
+    ActorMove,
+    ActorMoved,
+    ActorReply,
+    ActorSend,
+    ActorWhere,
     Auth,
     Cancel,
     Chunk,
@@ -60,6 +67,7 @@ from ._streams import (
 )
 
 __all__ = (
+    "ACTOR_PROTOCOL",
     "MAX_TALLY_RECORDS",
     "MESSAGE_TYPES",
     "SENT_BY",
@@ -68,6 +76,12 @@ __all__ = (
     "SUPPORTED_VERSIONS",
     "Accept",
     "Ack",
+    "ActorHere",
+    "ActorMove",
+    "ActorMoved",
+    "ActorReply",
+    "ActorSend",
+    "ActorWhere",
     "Auth",
     "Cancel",
     "Chunk",

@@ -97,7 +97,10 @@ __all__ = (
 # version 1 is refused (with a message that says why) rather than spoken to insecurely.
 # Version 2 could not confirm a cancelled stream (no Closed): a sender could not tell which
 # of its chunks the receiver applied, so counters handed off through it could count twice.
-SUPPORTED_VERSIONS: tuple[int, ...] = (3,)
+# Version 4 adds the actor messages (ActorSend ... ActorMoved); a node speaks 3 as well, so
+# that a release of version 3 still hands its caches and counters to this one (the actor
+# messages never go to a peer of version 3).
+SUPPORTED_VERSIONS: tuple[int, ...] = (3, 4)
 _UNENCRYPTED_VERSIONS = frozenset({1})
 _UNCONFIRMED_VERSIONS = frozenset({2})
 

@@ -37,12 +37,19 @@ from typing import (
 from handoff._errors import ProtocolError
 
 __all__ = (
+    "ACTOR_PROTOCOL",
     "MAGIC",
     "MAX_TALLY_RECORDS",
     "MESSAGE_TYPES",
     "SESSION_MESSAGES",
     "Accept",
     "Ack",
+    "ActorHere",
+    "ActorMove",
+    "ActorMoved",
+    "ActorReply",
+    "ActorSend",
+    "ActorWhere",
     "Auth",
     "Cancel",
     "Chunk",
@@ -729,6 +736,116 @@ class Tally(Message):
     full_from: Annotated[int, _COUNT]
     records: Annotated[int, Integer(0, MAX_TALLY_RECORDS)]
     payload: Annotated[bytes, Data()]
+
+
+ACTOR_PROTOCOL = 4
+"""The first protocol version whose peers understand the actor messages (types 30-35);
+they are never sent to a peer of an older version."""
+
+_KEY = Data()
+_REPLY_STATUS = Integer(0, 7)
+_HOLDER = Text(empty_ok=True)
+_QUERY = Integer(1, MAX_COUNT)
+_SEQ = Integer(1, MAX_COUNT)
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
+class ActorSend(Message):
+    """A message for the actor ``key`` (codec-encoded) of ``namespace``.
+
+    ``origin`` (the sending node's incarnation) and ``gen`` name the sender's ordered
+    channel to this key, ``seq`` numbers the message in it; every message below
+    ``first_unacked`` was answered, so an owner that knows nothing of this channel (a fresh
+    activation) starts there. Replies go to the node named ``sender``. ``hops`` counts the
+    owners that forwarded it (bounded: views of placement can disagree for a moment).
+    """
+
+    TYPE: ClassVar[int] = 30
+    namespace: Annotated[str, Text()]
+    key: Annotated[bytes, _KEY]
+    origin: Annotated[str, Text()]
+    sender: Annotated[str, Text()]
+    gen: Annotated[int, _SEQ]
+    seq: Annotated[int, _SEQ]
+    first_unacked: Annotated[int, _SEQ]
+    want_reply: Annotated[int, Integer(0, 1)]
+    hops: Annotated[int, Integer(0, 64)]
+    body: Annotated[bytes, Data()]
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
+class ActorReply(Message):
+    """The fate of message ``seq`` of channel ``gen`` to ``key``: ``status`` is one of
+    :class:`handoff.engine._actors.Status` (handled with a reply or without, failed in the
+    handler, held elsewhere (``holder``), retry later, unavailable, busy); ``body`` is the
+    codec-encoded reply or the reason."""
+
+    TYPE: ClassVar[int] = 31
+    namespace: Annotated[str, Text()]
+    key: Annotated[bytes, _KEY]
+    gen: Annotated[int, _SEQ]
+    seq: Annotated[int, _SEQ]
+    status: Annotated[int, _REPLY_STATUS]
+    holder: Annotated[str, _HOLDER]
+    body: Annotated[bytes, Data()]
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
+class ActorWhere(Message):
+    """Query ``query``: does the receiver hold ``key`` (or know who does)? Sent to every
+    peer before a fresh activation, so that no key is ever activated twice."""
+
+    TYPE: ClassVar[int] = 32
+    namespace: Annotated[str, Text()]
+    key: Annotated[bytes, _KEY]
+    query: Annotated[int, _QUERY]
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
+class ActorHere(Message):
+    """Answer to an :class:`ActorWhere`: ``answer`` is 0 (not held here), 1 (held by
+    ``holder``, maybe on its way there) or 2 (this node is activating it itself, and wins)."""
+
+    TYPE: ClassVar[int] = 33
+    namespace: Annotated[str, Text()]
+    key: Annotated[bytes, _KEY]
+    query: Annotated[int, _QUERY]
+    answer: Annotated[int, Integer(0, 2)]
+    holder: Annotated[str, _HOLDER]
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
+class ActorMove(Message):
+    """The actor ``key`` moves to the receiver: ``payload`` holds its state (at schema
+    ``version``), its channels' positions and the messages it had queued. ``epoch`` counts
+    its migrations; ``move`` names this attempt for the answer."""
+
+    TYPE: ClassVar[int] = 34
+    namespace: Annotated[str, Text()]
+    key: Annotated[bytes, _KEY]
+    move: Annotated[int, _QUERY]
+    epoch: Annotated[int, _SEQ]
+    version: Annotated[int, Integer(0, MAX_SCHEMA)]
+    payload: Annotated[bytes, Data()]
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
+class ActorMoved(Message):
+    """Answer to :class:`ActorMove` ``move``: ``accepted`` 1 when the receiver activated the
+    actor (it now owns it), 0 with a ``reason`` when it did not (the sender keeps it)."""
+
+    TYPE: ClassVar[int] = 35
+    namespace: Annotated[str, Text()]
+    key: Annotated[bytes, _KEY]
+    move: Annotated[int, _QUERY]
+    accepted: Annotated[int, Integer(0, 1)]
+    reason: Annotated[str, Text(MAX_REASON, empty_ok=True)]
 
 
 SESSION_MESSAGES: frozenset[type[Message]] = frozenset(_SESSION)

@@ -1,0 +1,1392 @@
+"""Actors: one live activation per key in the cluster, each message handled exactly once.
+
+One :class:`ActorHost` per namespace tracked with a :class:`handoff.ActorRegistry`. It is
+both ends of every conversation with an actor:
+
+- **Callers.** A message for ``key`` joins this node's ordered channel to that key (an
+  *outbox*: ``origin`` = this process's incarnation, ``gen`` = the channel's number, ``seq``
+  = the message's), and is sent to the node this node believes holds the actor: the last
+  one that answered for it, else its placement owner (rendezvous hashing of the key over the
+  serving nodes tracking the namespace). It stays in the outbox until an owner answers for
+  it; it is re-sent after a silence, a redirect (``MOVED``) or a ``RETRY`` / ``BUSY`` /
+  ``UNAVAILABLE`` answer (backing off). Every message carries ``first_unacked``: everything
+  below was answered.
+- **Owners.** An actor's channels (per origin: the next ``seq`` it takes and the replies of
+  the last :data:`WINDOW` messages) decide what happens to a message: the next one joins the
+  mailbox, a later one waits for the gap to fill, an earlier one is a duplicate (its reply is
+  sent again). So a message is handled once and in order per sender, however often it
+  travels. One runner per actor handles its mailbox one message at a time.
+- **Placement and fresh activations.** A node activates a key it does not hold only after
+  asking every peer tracking the namespace (``ActorWhere``) and hearing that none holds it,
+  moves it, or wins a simultaneous claim (the higher rendezvous score wins). A peer that
+  is unreachable but not known to be gone might hold it: then the key is *unavailable*
+  (callers are told so and retry) rather than activated twice. A peer is known to be gone
+  when it said goodbye, when a new incarnation took its name, or when its address refuses
+  connections (no process listens there: it crashed).
+- **Migration** (at drain, and when placement moves a key to a new node): the actor is
+  frozen (its runner finishes the message in hand; later arrivals wait), its state, channels
+  and queued messages go in one ``ActorMove``; the new owner activates it (``factory(key,
+  state)``) and answers ``ActorMoved``; then the old owner forwards what arrived meanwhile
+  and keeps a forwarding pointer. A move whose answer never comes (the link dropped) is *in
+  doubt*: the actor stays frozen here until the question "who holds it now?" has an
+  answer, so that it is never active on both nodes.
+
+The actor's state crosses versions through the namespace's upgrade / downgrade hooks, like
+any record ``(key, state)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import inspect
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Protocol
+
+import anyio
+import anyio.lowlevel
+
+from handoff._codec import Codec
+from handoff._errors import (
+    ActorBusy,
+    ActorFailed,
+    ActorTimeout,
+    ActorUnavailable,
+    HandoffError,
+    NoTransformPath,
+    ProtocolError,
+)
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link
+from handoff.membership import DownReason, Peer
+from handoff.protocol import (
+    ACTOR_PROTOCOL,
+    ActorHere,
+    ActorMove,
+    ActorMoved,
+    ActorReply,
+    ActorSend,
+    ActorWhere,
+    Message,
+)
+from handoff.transforms import Transforms
+
+__all__ = (
+    "ACTOR_MESSAGES",
+    "ActorHost",
+    "ActorLimits",
+    "Status",
+    "placement_score",
+)
+
+logger = logging.getLogger("handoff.actors")
+
+ACTOR_MESSAGES = (ActorSend, ActorReply, ActorWhere, ActorHere, ActorMove, ActorMoved)
+
+WINDOW = 64
+"""Unanswered messages per sender and key; also the replies an owner keeps per channel."""
+MAX_HOPS = 8
+"""Redirects a message follows before its sender backs off and asks placement again."""
+RESEND_AFTER = 1.0
+"""Seconds without an answer before a message is sent again."""
+BACKOFF_FIRST, BACKOFF_MAX = 0.005, 0.5
+QUERY_TIMEOUT = 2.0
+"""Seconds a claim waits for every peer's answer."""
+MOVE_TIMEOUT = 2.0
+"""Seconds a move waits for its answer before it is in doubt (asked again)."""
+FORWARD_TTL = 600.0
+MAX_FORWARDS = 100_000
+REBALANCE_EVERY = 1.0
+SETTLE = 1.0
+"""Seconds an actor stays where it arrived before placement may move it again."""
+TICK = 0.02
+
+
+class Status(IntEnum):
+    """What became of a message (``ActorReply.status``)."""
+
+    REPLIED = 0
+    """Handled; the body is the handler's return value."""
+    DONE = 1
+    """Handled (a one-way ``send``)."""
+    FAILED = 2
+    """The handler raised; the body says what. The message counts as handled."""
+    MOVED = 3
+    """Not here: ``holder`` has it (or will)."""
+    RETRY = 4
+    """Not handled yet: a move or a claim is in progress; send again shortly."""
+    UNAVAILABLE = 5
+    """No node may take the actor now (a peer that may hold it is unreachable)."""
+    BUSY = 6
+    """The owner's mailbox is full; send again later."""
+
+
+_HANDLED = (Status.REPLIED, Status.DONE, Status.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class ActorLimits:
+    """Bounds of one registry on one node."""
+
+    mailbox: int = 1_000
+    """Messages queued for one actor."""
+    queued: int = 100_000
+    """Messages queued for all actors of the namespace on this node."""
+    outbox: int = 10_000
+    """Unanswered messages this node has sent to actors of the namespace."""
+    max_channels: int = 1_024
+    """Senders' channels an actor remembers (the least recently used are forgotten)."""
+
+
+def placement_score(node: str, key: bytes) -> int:
+    """Rendezvous score of ``key`` (codec-encoded) on ``node``: the same in every process
+    and release (Python's ``hash`` is salted per process, so it is not used here)."""
+    digest = hashlib.blake2b(key, digest_size=8, key=node.encode()[:64] or b"-").digest()
+    return int.from_bytes(digest, "big")
+
+
+def place(key: bytes, nodes: Sequence[str]) -> str | None:
+    """The node of ``nodes`` with the highest score for ``key`` (``None``: no node)."""
+    best: tuple[int, str] | None = None
+    for node in nodes:
+        score = (placement_score(node, key), node)
+        if best is None or score > best:
+            best = score
+    return None if best is None else best[1]
+
+
+class Actor(Protocol):
+    """What ``factory(key, state)`` returns."""
+
+    def handle(self, message: Any) -> Any:
+        """Handle one message (may be a coroutine function); the result is the reply."""
+        ...
+
+    def state(self) -> Any:
+        """What moves with the actor (msgpack plus the codec's types)."""
+        ...
+
+
+Factory = Callable[[Any, Any], Actor]
+
+
+# -- caller side ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    body: bytes
+    want_reply: bool
+    done: anyio.Event = field(default_factory=anyio.Event)
+    status: Status | None = None
+    answer: bytes = b""
+    sent_to: str | None = None
+    sent_at: float = 0.0
+    created: float = 0.0
+
+
+@dataclass(slots=True)
+class _Outbox:
+    key: Any
+    key_bytes: bytes
+    gen: int
+    next_seq: int = 1
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    route: str | None = None
+    hops: int = 0
+    hold_until: float = 0.0
+    backoff: float = BACKOFF_FIRST
+    last_reason: str = ""
+    space: anyio.Event = field(default_factory=anyio.Event)
+
+    def first_unacked(self) -> int:
+        return next(iter(self.pending), self.next_seq)
+
+
+# -- owner side ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Channel:
+    gen: int
+    next: int
+    replies: collections.OrderedDict[int, tuple[int, bytes]] = field(
+        default_factory=collections.OrderedDict
+    )
+    early: dict[int, ActorSend] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Held:
+    key: Any
+    key_bytes: bytes
+    epoch: int
+    instance: Actor | None
+    state: Any = None
+    channels: collections.OrderedDict[str, _Channel] = field(
+        default_factory=collections.OrderedDict
+    )
+    mailbox: collections.deque[ActorSend] = field(default_factory=collections.deque)
+    running: bool = False
+    idle: anyio.Event = field(default_factory=anyio.Event)
+    frozen: bool = False
+    moving_to: str | None = None
+    move_id: int = 0
+    arrived_at: float = 0.0
+    last_active: float = 0.0
+    held: list[ActorSend] = field(default_factory=list)
+    in_doubt: bool = False
+
+
+@dataclass(slots=True)
+class _Query:
+    key_bytes: bytes
+    waiting: set[str]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    holder: str = ""
+    lost: bool = False
+    claiming: bool = False
+
+
+@dataclass(slots=True)
+class _Move:
+    done: anyio.Event = field(default_factory=anyio.Event)
+    accepted: bool | None = None
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class MoveStats:
+    """What one node's migrations of a namespace did (its drain's part for actors)."""
+
+    moved: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    in_doubt: int = 0
+    successors: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Member:
+    incarnation: str
+    address: str
+    suspect: bool = False
+
+
+class ActorHost:
+    """The actors of one namespace on one node (see the module documentation)."""
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        node: str,
+        incarnation: str,
+        factory: Factory,
+        codec: Codec,
+        transforms: Transforms,
+        version: int,
+        peers: Callable[[], Sequence[tuple[Peer, Link]]],
+        serving: Callable[[], bool],
+        spawn: Callable[..., None],
+        clock: Clock = ANYIO_CLOCK,
+        limits: ActorLimits | None = None,
+        idle_timeout: float | None = None,
+        probe: Callable[[str], Awaitable[bool | None]] | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.node = node
+        self.incarnation = incarnation
+        self._factory = factory
+        self._codec = codec
+        self._transforms = transforms
+        self.version = version
+        self._peers = peers
+        self._serving = serving
+        self._spawn = spawn
+        self._clock = clock
+        self.limits = limits or ActorLimits()
+        self.idle_timeout = idle_timeout
+        self._probe = probe
+        self._outboxes: dict[bytes, _Outbox] = {}
+        self._unanswered = 0
+        self._all_answered = anyio.Event()
+        self._gens = itertools.count(1)
+        self._held: dict[bytes, _Held] = {}
+        self._queued = 0
+        self._forwards: collections.OrderedDict[bytes, tuple[str, int, float]] = (
+            collections.OrderedDict()
+        )
+        self._queries: dict[int, _Query] = {}
+        self._query_ids = itertools.count(1)
+        self._claims: dict[bytes, _Query] = {}
+        self._claim_waiting: dict[bytes, list[ActorSend]] = {}
+        self._moves: dict[int, _Move] = {}
+        self._move_ids = itertools.count(1)
+        self._members: dict[str, _Member] = {}
+        self._probing: set[str] = set()
+        self._outgoing: dict[str, collections.deque[Message]] = {}
+        self._wake: dict[str, anyio.Event] = {}
+        self._migrating: set[bytes] = set()
+        self.activations = 0
+        """Activations started on this node (fresh, moved in, or restored)."""
+        self.abandoned = 0
+        """Messages this node gave up delivering (see ``delivery_timeout``)."""
+        self.delivery_timeout = 60.0
+        self._running = False
+        self.on_activate: Callable[[Any, int], None] | None = None
+        self.on_deactivate: Callable[[Any, int], None] | None = None
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def local_keys(self) -> list[Any]:
+        """Keys of the actors held here (active or idle), not those that moved away."""
+        return [held.key for held in self._held.values() if held.moving_to is None]
+
+    def owner(self, key: Any) -> str | None:
+        """Where this node would send a message for ``key`` now."""
+        key_bytes = self._encode_key(key)
+        if key_bytes in self._held:
+            return self.node
+        forward = self._forwards.get(key_bytes)
+        if forward is not None:
+            return forward[0]
+        outbox = self._outboxes.get(key_bytes)
+        if outbox is not None and outbox.route is not None:
+            return outbox.route
+        return place(key_bytes, self._candidates())
+
+    def stats(self) -> dict[str, int]:
+        """Counts for ``node.stats()``."""
+        return {
+            "actors": len(self._held),
+            "active": sum(1 for held in self._held.values() if held.instance is not None),
+            "queued": self._queued,
+            "unanswered": self._unanswered,
+            "activations": self.activations,
+            "abandoned": self.abandoned,
+        }
+
+    def __len__(self) -> int:
+        return sum(1 for held in self._held.values() if held.moving_to is None)
+
+    # -- membership -----------------------------------------------------------------------
+
+    def _tracks(self, peer: Peer) -> bool:
+        return self.namespace in peer.namespaces and peer.protocol_version >= ACTOR_PROTOCOL
+
+    def _links(self) -> dict[str, tuple[Peer, Link]]:
+        return {peer.name: (peer, link) for peer, link in self._peers() if self._tracks(peer)}
+
+    def _candidates(self, *, without_me: bool = False) -> list[str]:
+        names = [peer.name for peer, _ in self._links().values() if peer.serving]
+        if not without_me and self._serving():
+            names.append(self.node)
+        return names
+
+    def peer_up(self, peer: Peer) -> None:
+        """A peer joined (or came back)."""
+        if not self._tracks(peer):
+            return
+        self._members[peer.name] = _Member(peer.incarnation, peer.address)
+
+    def peer_down(self, peer: Peer, reason: DownReason) -> None:
+        """A peer is gone: for good (goodbye, restarted) or maybe only unreachable."""
+        member = self._members.get(peer.name)
+        if member is None or member.incarnation != peer.incarnation:
+            return
+        if reason in (DownReason.GOODBYE, DownReason.RESTARTED):
+            self._gone(peer.name)
+        else:
+            member.suspect = True
+            for query in self._queries.values():
+                if peer.name in query.waiting:
+                    query.lost = True
+                    query.done.set()
+            if self._probe is not None and peer.name not in self._probing and self._running:
+                self._probing.add(peer.name)
+                self._spawn(self._probe_until_known, peer.name, member)
+
+    def _gone(self, name: str) -> None:
+        self._members.pop(name, None)
+        for query in self._queries.values():
+            query.waiting.discard(name)
+            if not query.waiting:
+                query.done.set()
+
+    async def _probe_until_known(self, name: str, member: _Member) -> None:
+        # A crashed process's address refuses connections: it is known gone, and what it
+        # held may be activated elsewhere. An address that times out may be a partition:
+        # the peer stays suspect (its actors unavailable) until it answers again.
+        assert self._probe is not None
+        try:
+            delay = 0.1
+            while self._members.get(name) is member and member.suspect:
+                refused = await self._probe(member.address)
+                if self._members.get(name) is not member or not member.suspect:
+                    return
+                if refused:
+                    logger.info(
+                        "%s: %s refuses connections: its actors of %r may be activated again",
+                        self.node,
+                        name,
+                        self.namespace,
+                    )
+                    self._gone(name)
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        finally:
+            self._probing.discard(name)
+
+    def _suspects(self) -> list[str]:
+        linked = self._links()
+        return sorted(
+            name
+            for name, member in self._members.items()
+            if member.suspect or (name not in linked and name != self.node)
+        )
+
+    # -- outgoing messages ----------------------------------------------------------------
+
+    def _post(self, peer: str, message: Message) -> None:
+        """Queue ``message`` for ``peer`` (this node included); never blocks the caller."""
+        if peer == self.node:
+            self._deliver_local(message)
+            return
+        queue = self._outgoing.get(peer)
+        if queue is None:
+            queue = self._outgoing[peer] = collections.deque()
+            self._wake[peer] = anyio.Event()
+            if self._running:
+                self._spawn(self._send_loop, peer)
+        if len(queue) >= 4 * self.limits.queued:
+            return  # the peer does not read: what is lost is re-sent or asked again
+        queue.append(message)
+        self._wake[peer].set()
+
+    def _deliver_local(self, message: Message) -> None:
+        try:
+            self.handle(self.node, message)
+        except ProtocolError:  # pragma: no cover - this node's own messages are well-formed
+            logger.exception("%s: own actor message refused", self.node)
+
+    async def _send_loop(self, peer: str) -> None:
+        queue = self._outgoing[peer]
+        while self._running:
+            if not queue:
+                self._wake[peer] = event = anyio.Event()
+                with anyio.move_on_after(30.0):
+                    await event.wait()
+                if not queue:
+                    if peer not in self._links():
+                        break
+                    continue
+            link = self._links().get(peer)
+            if link is None:
+                queue.clear()  # nobody to send to: callers re-send, moves and claims ask again
+                continue
+            message = queue.popleft()
+            try:
+                await link[1].send(message, time_limit=RESEND_AFTER)
+            except HandoffError as exc:
+                logger.debug("%s: could not send %r to %s: %s", self.node, message, peer, exc)
+        self._outgoing.pop(peer, None)
+        self._wake.pop(peer, None)
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Background work: re-sends, idle deactivation, placement changes. Runs until the
+        node stops."""
+        self._running = True
+        for peer in list(self._outgoing):
+            self._spawn(self._send_loop, peer)
+        last_rebalance = self._clock.now()
+        try:
+            while True:
+                await anyio.sleep(TICK)
+                now = self._clock.now()
+                self._resend_due(now)
+                if now - last_rebalance >= REBALANCE_EVERY:
+                    last_rebalance = now
+                    self._deactivate_idle(now)
+                    self._expire_forwards(now)
+                    if self._serving():
+                        self._rebalance()
+        finally:
+            self._running = False
+
+    def _resend_due(self, now: float) -> None:
+        for outbox in list(self._outboxes.values()):
+            if not outbox.pending:
+                continue
+            head = next(iter(outbox.pending.values()))
+            if now - head.created > self.delivery_timeout:
+                self._abandon(outbox, head)
+                continue
+            if now < outbox.hold_until:
+                continue
+            stale = [
+                p
+                for p in outbox.pending.values()
+                if p.sent_to is None or now - p.sent_at >= RESEND_AFTER
+            ]
+            if stale:
+                if any(p.sent_to is not None for p in stale):
+                    outbox.route = None  # the owner it went to is silent: ask placement again
+                self._flush(outbox, stale)
+
+    def _abandon(self, outbox: _Outbox, pending: _Pending) -> None:
+        logger.warning(
+            "%s: gave up delivering a message to actor %r of %r after %.0f s (%s); "
+            "it may or may not have been handled",
+            self.node,
+            outbox.key,
+            self.namespace,
+            self.delivery_timeout,
+            outbox.last_reason or "no answer",
+        )
+        self.abandoned += 1
+        self._answer(outbox, pending, Status.UNAVAILABLE, self._codec.packb("abandoned"))
+
+    # -- caller API -----------------------------------------------------------------------
+
+    def _encode_key(self, key: Any) -> bytes:
+        if not isinstance(key, Hashable):
+            raise TypeError(f"actor key {key!r} is not hashable")
+        return self._codec.packb(key)
+
+    async def submit(
+        self, key: Any, message: Any, *, want_reply: bool, time_limit: float
+    ) -> _Pending:
+        """Queue ``message`` for ``key`` in this node's channel to it and send it; waits
+        (up to ``time_limit`` seconds) for room in the channel's window."""
+        key_bytes = self._encode_key(key)
+        body = self._codec.packb(message)
+        deadline = self._clock.now() + time_limit
+        while True:
+            outbox = self._outboxes.get(key_bytes)
+            if outbox is None:
+                outbox = self._outboxes[key_bytes] = _Outbox(key, key_bytes, next(self._gens))
+            if len(outbox.pending) < WINDOW and self._unanswered < self.limits.outbox:
+                break
+            if self._unanswered >= self.limits.outbox:
+                raise ActorBusy(
+                    f"{self._unanswered} messages to actors of {self.namespace!r} await an "
+                    f"answer on this node (the limit is {self.limits.outbox}): the owners are "
+                    "slow or unreachable"
+                )
+            if not await self._clock.wait(outbox.space, deadline):
+                raise ActorBusy(
+                    f"{WINDOW} messages to actor {key!r} of {self.namespace!r} await an answer "
+                    f"and none came within {time_limit:g} s ({outbox.last_reason or 'no answer'})"
+                )
+            outbox.space = anyio.Event()
+        now = self._clock.now()
+        pending = _Pending(outbox.next_seq, body, want_reply, created=now)
+        outbox.next_seq += 1
+        outbox.pending[pending.seq] = pending
+        self._unanswered += 1
+        if now >= outbox.hold_until:
+            self._flush(outbox, [pending])
+        return pending
+
+    async def result(self, key: Any, pending: _Pending, *, time_limit: float) -> Any:
+        """Wait (up to ``time_limit`` seconds) for ``pending``'s answer: the reply, or the
+        error that says what happened. The message stays queued when the wait ends."""
+        deadline = self._clock.now() + time_limit
+        if not await self._clock.wait(pending.done, deadline):
+            outbox = self._outboxes.get(self._encode_key(key))
+            reason = outbox.last_reason if outbox is not None else ""
+            stays = (
+                "the message stays queued and will be handled once, in order, when the "
+                "actor can be reached"
+            )
+            if reason.startswith("unavailable"):
+                raise ActorUnavailable(
+                    f"actor {key!r} of {self.namespace!r}: {reason[len('unavailable: ') :]}; "
+                    f"{stays}"
+                )
+            raise ActorTimeout(
+                f"no answer from actor {key!r} of {self.namespace!r} within {time_limit:g} s"
+                f"{f' ({reason})' if reason else ''}; {stays}"
+            )
+        if pending.status is Status.FAILED:
+            raise ActorFailed(
+                f"actor {key!r} of {self.namespace!r} failed to handle the message: "
+                f"{self._codec.unpackb(pending.answer)}"
+            )
+        if pending.status is Status.UNAVAILABLE:
+            raise ActorUnavailable(
+                f"gave up delivering the message to actor {key!r} of {self.namespace!r} after "
+                f"{self.delivery_timeout:g} s; it may or may not have been handled"
+            )
+        return self._codec.unpackb(pending.answer) if pending.want_reply else None
+
+    def _route(self, outbox: _Outbox) -> str | None:
+        if outbox.route is not None:
+            return outbox.route
+        if outbox.key_bytes in self._held:
+            return self.node
+        forward = self._forwards.get(outbox.key_bytes)
+        if forward is not None:
+            return forward[0]
+        return place(outbox.key_bytes, self._candidates())
+
+    def _flush(self, outbox: _Outbox, pendings: Sequence[_Pending]) -> None:
+        route = self._route(outbox)
+        now = self._clock.now()
+        if route is None:
+            outbox.last_reason = f"unavailable: no serving node tracks {self.namespace!r}"
+            self._hold(outbox, now)
+            return
+        first = outbox.first_unacked()
+        for pending in pendings:
+            pending.sent_to, pending.sent_at = route, now
+            self._post(
+                route,
+                ActorSend(
+                    self.namespace,
+                    outbox.key_bytes,
+                    self.incarnation,
+                    self.node,
+                    outbox.gen,
+                    pending.seq,
+                    first,
+                    int(pending.want_reply),
+                    0,
+                    pending.body,
+                ),
+            )
+
+    def _hold(self, outbox: _Outbox, now: float) -> None:
+        outbox.hold_until = now + outbox.backoff
+        outbox.backoff = min(outbox.backoff * 2, BACKOFF_MAX)
+        for pending in outbox.pending.values():
+            pending.sent_to = None
+
+    def _on_reply(self, peer: str, reply: ActorReply) -> None:
+        outbox = self._outboxes.get(reply.key)
+        if outbox is None or outbox.gen != reply.gen:
+            return
+        pending = outbox.pending.get(reply.seq)
+        if pending is None:
+            return
+        status = Status(reply.status)
+        now = self._clock.now()
+        if status in _HANDLED:
+            outbox.route, outbox.hops = peer, 0
+            outbox.backoff, outbox.last_reason = BACKOFF_FIRST, ""
+            self._answer(outbox, pending, status, reply.body)
+            return
+        reason = _text(self._codec, reply.body)
+        if status is Status.MOVED and reply.holder:
+            outbox.hops += 1
+            if outbox.hops <= MAX_HOPS and reply.holder != pending.sent_to:
+                outbox.route = reply.holder
+                outbox.last_reason = f"moved to {reply.holder}"
+                self._flush(
+                    outbox, [p for p in outbox.pending.values() if p.sent_to != reply.holder]
+                )
+                return
+            outbox.route, outbox.hops = None, 0
+            outbox.last_reason = "placement is changing"
+        elif status is Status.UNAVAILABLE:
+            outbox.route = None
+            outbox.last_reason = f"unavailable: {reason}"
+        else:
+            outbox.last_reason = reason
+            if status is Status.RETRY:
+                outbox.route = None
+        if now >= outbox.hold_until:
+            self._hold(outbox, now)
+
+    def _answer(self, outbox: _Outbox, pending: _Pending, status: Status, body: bytes) -> None:
+        del outbox.pending[pending.seq]
+        self._unanswered -= 1
+        pending.status, pending.answer = status, body
+        pending.done.set()
+        outbox.space.set()
+        if not self._unanswered:
+            self._all_answered.set()
+        if not outbox.pending and len(self._outboxes) > self.limits.outbox:
+            # A channel with nothing in flight may go: the next message to the key opens a
+            # channel with a higher ``gen``, which the owner takes as a fresh start.
+            del self._outboxes[outbox.key_bytes]
+
+    # -- owner side -----------------------------------------------------------------------
+
+    def handle(self, peer: str, message: Message) -> None:
+        """One actor message from ``peer``; never blocks (replies are queued)."""
+        if isinstance(message, ActorSend):
+            self._on_send(message)
+        elif isinstance(message, ActorReply):
+            self._on_reply(peer, message)
+        elif isinstance(message, ActorWhere):
+            self._on_where(peer, message)
+        elif isinstance(message, ActorHere):
+            self._on_here(peer, message)
+        elif isinstance(message, ActorMove):
+            self._on_move(peer, message)
+        elif isinstance(message, ActorMoved):
+            move = self._moves.get(message.move)
+            if move is not None and move.accepted is None:
+                move.accepted, move.reason = bool(message.accepted), message.reason
+                move.done.set()
+
+    def _reply(self, message: ActorSend, status: Status, body: bytes, holder: str = "") -> None:
+        self._post(
+            message.sender,
+            ActorReply(self.namespace, message.key, message.gen, message.seq, status, holder, body),
+        )
+
+    def _on_send(self, message: ActorSend) -> None:
+        key_bytes = message.key
+        held = self._held.get(key_bytes)
+        if held is None:
+            self._not_here(message)
+            return
+        if held.moving_to is not None or held.in_doubt:
+            if len(held.held) >= self.limits.mailbox:
+                self._reply(message, Status.BUSY, self._codec.packb("the actor is moving"))
+                return
+            held.held.append(message)
+            return
+        self._accept(held, message)
+
+    def _not_here(self, message: ActorSend) -> None:
+        key_bytes = message.key
+        forward = self._forwards.get(key_bytes)
+        if forward is not None:
+            if message.hops >= MAX_HOPS:
+                self._reply(message, Status.MOVED, b"\xc0", forward[0])
+            else:
+                self._post(forward[0], _hop(message))
+            return
+        if key_bytes in self._claims:
+            waiting = self._claim_waiting.setdefault(key_bytes, [])
+            if len(waiting) < self.limits.mailbox:
+                waiting.append(message)
+            else:
+                self._reply(message, Status.BUSY, self._codec.packb("activation in progress"))
+            return
+        owner = place(key_bytes, self._candidates())
+        if owner is None:
+            self._reply(
+                message,
+                Status.RETRY,
+                self._codec.packb(f"no serving node tracks {self.namespace!r}"),
+            )
+        elif owner != self.node:
+            self._reply(message, Status.MOVED, b"\xc0", owner)
+        else:
+            self._claim_waiting[key_bytes] = [message]
+            query = self._new_query(key_bytes, claiming=True)
+            if self._running:
+                self._spawn(self._claim, key_bytes, query)
+
+    def _new_query(self, key_bytes: bytes, *, claiming: bool) -> _Query:
+        query = _Query(key_bytes, set(self._links()), claiming=claiming)
+        if claiming:
+            self._claims[key_bytes] = query
+        return query
+
+    async def _ask_everyone(self, query: _Query) -> str | None:
+        """Send the query; ``None`` when nobody holds the key, else who does (or
+        ``"?..."``: a reason why nobody can tell)."""
+        suspects = self._suspects()
+        if suspects:
+            return (
+                f"?{', '.join(suspects)} cannot be reached and is not known to be gone: "
+                "it may hold this actor"
+            )
+        query_id = next(self._query_ids)
+        self._queries[query_id] = query
+        try:
+            for name in list(query.waiting):
+                self._post(name, ActorWhere(self.namespace, query.key_bytes, query_id))
+            if query.waiting:
+                await self._clock.wait(query.done, self._clock.now() + QUERY_TIMEOUT)
+        finally:
+            del self._queries[query_id]
+        if query.holder:
+            return query.holder
+        if query.lost or query.waiting:
+            silent = ", ".join(sorted(query.waiting)) or "a peer"
+            return f"?{silent} did not answer whether it holds this actor"
+        return None
+
+    async def _claim(self, key_bytes: bytes, query: _Query) -> None:
+        try:
+            answer = await self._ask_everyone(query)
+        finally:
+            if self._claims.get(key_bytes) is query:
+                del self._claims[key_bytes]
+        waiting = self._claim_waiting.pop(key_bytes, [])
+        if query.lost and not query.holder and answer is None:
+            answer = "?another node claimed this actor at the same time"
+        if answer is None and key_bytes not in self._held and self._serving():
+            held = self._activate(key_bytes, None, epoch=1)
+            if held is None:
+                for message in waiting:
+                    self._reply(message, Status.FAILED, self._codec.packb("activation failed"))
+                return
+            for message in waiting:
+                self._on_send(message)
+            return
+        for message in waiting:
+            if key_bytes in self._held:
+                self._on_send(message)
+            elif answer is not None and not answer.startswith("?"):
+                self._reply(message, Status.MOVED, b"\xc0", answer)
+            elif answer is not None and "cannot be reached" in answer:
+                self._reply(message, Status.UNAVAILABLE, self._codec.packb(answer[1:]))
+            else:
+                self._reply(
+                    message,
+                    Status.RETRY,
+                    self._codec.packb((answer or "?placement changed")[1:]),
+                )
+
+    def _on_where(self, peer: str, message: ActorWhere) -> None:
+        key_bytes = message.key
+        holder = ""
+        answer = 0
+        held = self._held.get(key_bytes)
+        if held is not None:
+            answer, holder = 1, held.moving_to or self.node
+        elif key_bytes in self._forwards:
+            answer, holder = 1, self._forwards[key_bytes][0]
+        else:
+            claim = self._claims.get(key_bytes)
+            if claim is not None:
+                if placement_score(self.node, key_bytes) > placement_score(peer, key_bytes):
+                    answer, holder = 2, self.node
+                else:
+                    claim.lost = True  # the other claimant wins: this one backs off
+                    claim.done.set()
+        self._post(peer, ActorHere(self.namespace, key_bytes, message.query, answer, holder))
+
+    def _on_here(self, peer: str, message: ActorHere) -> None:
+        query = self._queries.get(message.query)
+        if query is None or query.key_bytes != message.key or peer not in query.waiting:
+            return
+        query.waiting.discard(peer)
+        if message.answer == 1 and message.holder:
+            query.holder = message.holder
+        elif message.answer == 2:
+            query.lost = True
+        if query.holder or query.lost or not query.waiting:
+            query.done.set()
+
+    # -- activations and mailboxes --------------------------------------------------------
+
+    def _activate(
+        self, key_bytes: bytes, state: Any, *, epoch: int, dormant: bool = False
+    ) -> _Held | None:
+        key = self._codec.unpackb(key_bytes)
+        now = self._clock.now()
+        held = _Held(key, key_bytes, epoch, None, state, arrived_at=now, last_active=now)
+        held.idle.set()
+        if not dormant:
+            try:
+                held.instance = self._factory(key, state)
+            except Exception:
+                logger.exception(
+                    "%s: activating actor %r of %r failed", self.node, key, self.namespace
+                )
+                return None
+            held.state = None
+            self._activated(held)
+        self._held[key_bytes] = held
+        self._forwards.pop(key_bytes, None)
+        return held
+
+    def _activated(self, held: _Held) -> None:
+        self.activations += 1
+        if self.on_activate is not None:
+            self.on_activate(held.key, held.epoch)
+
+    def _deactivated(self, held: _Held) -> None:
+        if self.on_deactivate is not None:
+            self.on_deactivate(held.key, held.epoch)
+
+    def _accept(self, held: _Held, message: ActorSend) -> None:
+        channels = held.channels
+        channel = channels.get(message.origin)
+        if channel is None or message.gen > channel.gen:
+            channel = _Channel(message.gen, message.first_unacked)
+            channels[message.origin] = channel
+            while len(channels) > self.limits.max_channels:
+                channels.popitem(last=False)
+        elif message.gen < channel.gen:
+            return  # an older channel's copy: everything in it was answered
+        channels.move_to_end(message.origin)
+        if message.first_unacked > channel.next:
+            # What this activation never saw was answered by an earlier one (state that
+            # was restored from a snapshot, or lost with a crashed owner).
+            channel.next = message.first_unacked
+            channel.early = {s: m for s, m in channel.early.items() if s >= channel.next}
+        seq = message.seq
+        if seq < channel.next:
+            answer = channel.replies.get(seq)
+            if answer is not None:
+                self._reply(message, Status(answer[0]), answer[1])
+            return  # still in the mailbox: answered when handled
+        if seq > channel.next:
+            if len(channel.early) < WINDOW:
+                channel.early[seq] = message
+            return
+        while True:
+            if len(held.mailbox) >= self.limits.mailbox or self._queued >= self.limits.queued:
+                self._reply(
+                    message,
+                    Status.BUSY,
+                    self._codec.packb(
+                        f"mailbox full ({len(held.mailbox)} queued for this actor, "
+                        f"{self._queued} on {self.node})"
+                    ),
+                )
+                return
+            held.mailbox.append(message)
+            self._queued += 1
+            channel.next += 1
+            following = channel.early.pop(channel.next, None)
+            if following is None:
+                break
+            message = following
+        self._start(held)
+
+    def _start(self, held: _Held) -> None:
+        if held.running or held.frozen or not held.mailbox or not self._running:
+            return
+        held.running = True
+        held.idle = anyio.Event()
+        self._spawn(self._run_mailbox, held)
+
+    async def _run_mailbox(self, held: _Held) -> None:
+        codec = self._codec
+        try:
+            while held.mailbox and not held.frozen and self._held.get(held.key_bytes) is held:
+                message = held.mailbox.popleft()
+                self._queued -= 1
+                if held.instance is None:
+                    try:
+                        held.instance = self._factory(held.key, held.state)
+                    except Exception as exc:
+                        logger.exception(
+                            "%s: activating actor %r of %r failed",
+                            self.node,
+                            held.key,
+                            self.namespace,
+                        )
+                        self._handled(held, message, Status.FAILED, codec.packb(_describe(exc)))
+                        continue
+                    held.state = None
+                    self._activated(held)
+                try:
+                    result = held.instance.handle(codec.unpackb(message.body))
+                    if inspect.isawaitable(result):
+                        result = await result
+                    body = codec.packb(result) if message.want_reply else b"\xc0"
+                    status = Status.REPLIED if message.want_reply else Status.DONE
+                except Exception as exc:
+                    status, body = Status.FAILED, codec.packb(_describe(exc))
+                held.last_active = self._clock.now()
+                self._handled(held, message, status, body)
+                await anyio.lowlevel.checkpoint()
+        finally:
+            held.running = False
+            held.idle.set()
+
+    def _handled(self, held: _Held, message: ActorSend, status: Status, body: bytes) -> None:
+        channel = held.channels.get(message.origin)
+        if channel is not None and channel.gen == message.gen:
+            channel.replies[message.seq] = (int(status), body)
+            while len(channel.replies) > WINDOW:
+                channel.replies.popitem(last=False)
+        self._reply(message, status, body)
+
+    def _deactivate_idle(self, now: float) -> None:
+        if self.idle_timeout is None:
+            return
+        for held in list(self._held.values()):
+            if (
+                held.instance is not None
+                and not held.running
+                and not held.mailbox
+                and not held.frozen
+                and now - held.last_active >= self.idle_timeout
+            ):
+                held.state = held.instance.state()
+                held.instance = None
+                self._deactivated(held)
+
+    def _expire_forwards(self, now: float) -> None:
+        while self._forwards:
+            key_bytes, (_, _, since) = next(iter(self._forwards.items()))
+            if now - since < FORWARD_TTL and len(self._forwards) <= MAX_FORWARDS:
+                break
+            del self._forwards[key_bytes]
+
+    # -- migration ------------------------------------------------------------------------
+
+    def _rebalance(self) -> None:
+        now = self._clock.now()
+        candidates = self._candidates()
+        if len(candidates) < 2:
+            return
+        for key_bytes, held in list(self._held.items()):
+            if (
+                held.moving_to is not None
+                or held.in_doubt
+                or key_bytes in self._migrating
+                or now - held.arrived_at < SETTLE
+            ):
+                continue
+            owner = place(key_bytes, candidates)
+            if owner is not None and owner != self.node:
+                self._migrating.add(key_bytes)
+                self._spawn(self._migrate_one, held, owner, None)
+
+    async def _migrate_one(self, held: _Held, target: str, stats: MoveStats | None) -> None:
+        try:
+            await self.migrate(held, target, stats or MoveStats())
+        finally:
+            self._migrating.discard(held.key_bytes)
+
+    async def _freeze(self, held: _Held) -> None:
+        held.frozen = True
+        await held.idle.wait()
+
+    def _payload(self, held: _Held, target_version: int) -> tuple[bytes, int] | str:
+        state = held.instance.state() if held.instance is not None else held.state
+        if target_version != self.version:
+            try:
+                chain = self._transforms.path(self.namespace, self.version, target_version)
+            except NoTransformPath as exc:
+                return str(exc)
+            converted, dropped = chain.apply([(held.key, state, None)])
+            if not converted:
+                return next(iter(dropped), "transform failed")
+            state = converted[0][1]
+        channels = [
+            [origin, ch.gen, ch.next, [[seq, st, body] for seq, (st, body) in ch.replies.items()]]
+            for origin, ch in held.channels.items()
+        ]
+        queued = [[m.origin, m.sender, m.gen, m.seq, m.want_reply, m.body] for m in held.mailbox]
+        try:
+            return self._codec.packb([state, channels, queued]), target_version
+        except HandoffError as exc:
+            return f"state not encodable: {exc}"
+
+    async def migrate(self, held: _Held, target: str, stats: MoveStats) -> bool:
+        """Move ``held`` to ``target``; True when it moved (or is in doubt: not here any
+        more as far as callers go)."""
+        links = self._links()
+        if target not in links or held.moving_to is not None:
+            return False
+        await self._freeze(held)
+        if self._held.get(held.key_bytes) is not held:
+            return False
+        payload = self._payload(held, links[target][0].namespaces[self.namespace])
+        if isinstance(payload, str):
+            _count(stats.refused, payload)
+            self._thaw(held)
+            return False
+        data, version = payload
+        held.moving_to = target
+        move_id = held.move_id = next(self._move_ids)
+        move = self._moves[move_id] = _Move()
+        try:
+            self._post(
+                target,
+                ActorMove(self.namespace, held.key_bytes, move_id, held.epoch + 1, version, data),
+            )
+            answered = await self._clock.wait(move.done, self._clock.now() + MOVE_TIMEOUT)
+            while not answered and target in self._links():
+                # Silent but linked: ask again (the answer to a repeated move is the same).
+                self._post(
+                    target,
+                    ActorMove(
+                        self.namespace, held.key_bytes, move_id, held.epoch + 1, version, data
+                    ),
+                )
+                answered = await self._clock.wait(move.done, self._clock.now() + MOVE_TIMEOUT)
+        finally:
+            del self._moves[move_id]
+        if move.accepted:
+            self._moved(held, target, held.epoch + 1)
+            stats.moved += 1
+            stats.successors.add(target)
+            return True
+        if move.accepted is False:
+            _count(stats.refused, f"{target}: {move.reason}")
+            held.moving_to = None
+            self._thaw(held)
+            return False
+        # No answer and no link: the move is in doubt. The actor stays frozen here until
+        # someone tells who holds it now (see _resolve).
+        held.in_doubt = True
+        stats.in_doubt += 1
+        logger.warning(
+            "%s: moving actor %r of %r to %s: no answer before its link ended; it stays "
+            "frozen here until the cluster says who holds it",
+            self.node,
+            held.key,
+            self.namespace,
+            target,
+        )
+        if self._running:
+            self._spawn(self._resolve, held, target)
+        return True
+
+    async def _resolve(self, held: _Held, target: str) -> None:
+        delay = 0.05
+        while self._running and self._held.get(held.key_bytes) is held and held.in_doubt:
+            query = self._new_query(held.key_bytes, claiming=False)
+            query.waiting.discard(self.node)
+            answer = await self._ask_everyone(query)
+            if answer is not None and not answer.startswith("?") and answer != self.node:
+                self._moved(held, answer, held.epoch + 1)
+                return
+            if answer is None and target not in self._members:
+                # Nobody holds it and the target is gone: the move never took effect.
+                held.in_doubt = held.frozen = False
+                held.moving_to = None
+                self._thaw(held)
+                return
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _thaw(self, held: _Held) -> None:
+        held.frozen = False
+        waiting, held.held = held.held, []
+        for message in waiting:
+            self._on_send(message)
+        self._start(held)
+
+    def _moved(self, held: _Held, target: str, epoch: int) -> None:
+        if self._held.get(held.key_bytes) is held:
+            del self._held[held.key_bytes]
+        self._queued -= len(held.mailbox)
+        if held.instance is not None:
+            self._deactivated(held)
+        self._forwards[held.key_bytes] = (target, epoch, self._clock.now())
+        self._forwards.move_to_end(held.key_bytes)
+        for message in held.held:
+            self._post(target, _hop(message))
+        for channel in held.channels.values():
+            for early in channel.early.values():
+                self._post(target, _hop(early))
+        held.held = []
+
+    def _on_move(self, peer: str, message: ActorMove) -> None:
+        def answer(accepted: bool, reason: str = "") -> None:
+            self._post(
+                peer,
+                ActorMoved(self.namespace, message.key, message.move, int(accepted), reason),
+            )
+
+        key_bytes = message.key
+        existing = self._held.get(key_bytes)
+        forward = self._forwards.get(key_bytes)
+        if existing is not None and existing.epoch >= message.epoch:
+            answer(True)  # a repeated move that arrived before: it is here
+            return
+        if existing is None and forward is not None and forward[1] >= message.epoch:
+            answer(True)  # it arrived and moved on since
+            return
+        if existing is not None:
+            answer(False, "this node already holds the actor")
+            return
+        if not self._serving():
+            answer(False, "draining")
+            return
+        try:
+            state, channels, queued = self._decode_payload(message)
+        except (HandoffError, ValueError, TypeError) as exc:
+            answer(False, f"unusable actor state: {exc}")
+            return
+        claim = self._claims.get(key_bytes)
+        if claim is not None:
+            claim.holder = self.node  # it arrives: the claim is moot
+            claim.done.set()
+        held = self._activate(key_bytes, state, epoch=message.epoch)
+        if held is None:
+            answer(False, "activation failed on the new owner")
+            return
+        for origin, gen, next_seq, replies in channels:
+            channel = _Channel(gen, next_seq)
+            for seq, status, body in replies:
+                channel.replies[seq] = (status, body)
+            held.channels[origin] = channel
+        for origin, sender, gen, seq, want_reply, body in queued:
+            held.mailbox.append(
+                ActorSend(
+                    self.namespace, key_bytes, origin, sender, gen, seq, 1, want_reply, 0, body
+                )
+            )
+            self._queued += 1
+        answer(True)
+        self._start(held)
+
+    def _decode_payload(
+        self, message: ActorMove
+    ) -> tuple[Any, list[tuple[str, int, int, list[tuple[int, int, bytes]]]], list[Any]]:
+        decoded = self._codec.unpackb(message.payload)
+        if not isinstance(decoded, list | tuple) or len(decoded) != 3:
+            raise ValueError("not [state, channels, queued]")
+        state, raw_channels, raw_queued = decoded
+        if message.version != self.version:
+            chain = self._transforms.path(self.namespace, message.version, self.version)
+            key = self._codec.unpackb(message.key)
+            converted, dropped = chain.apply([(key, state, None)])
+            if not converted:
+                raise ValueError(next(iter(dropped), "transform failed"))
+            state = converted[0][1]
+        channels = []
+        for item in raw_channels:
+            origin, gen, next_seq, replies = item
+            if (
+                not isinstance(origin, str)
+                or not isinstance(gen, int)
+                or not isinstance(next_seq, int)
+            ):
+                raise ValueError("malformed channel")
+            channels.append(
+                (
+                    origin,
+                    gen,
+                    next_seq,
+                    [(int(s), int(st), bytes(b)) for s, st, b in replies][-WINDOW:],
+                )
+            )
+        if len(channels) > self.limits.max_channels or len(raw_queued) > self.limits.mailbox:
+            raise ValueError("more channels or queued messages than this node takes")
+        queued = []
+        for item in raw_queued:
+            origin, sender, gen, seq, want_reply, body = item
+            if not (
+                isinstance(origin, str) and isinstance(sender, str) and isinstance(body, bytes)
+            ):
+                raise ValueError("malformed queued message")
+            queued.append((origin, sender, int(gen), int(seq), int(bool(want_reply)), body))
+        return state, channels, queued
+
+    # -- drain ----------------------------------------------------------------------------
+
+    async def drain(self, deadline: float) -> MoveStats:
+        """Move every actor held here to its placement among the serving peers, before
+        ``deadline``; what cannot move stays (the snapshot store may take it)."""
+        stats = MoveStats()
+        limiter = anyio.CapacityLimiter(32)
+
+        async def one(held: _Held) -> None:
+            async with limiter:
+                candidates = self._candidates(without_me=True)
+                tried: set[str] = set()
+                while candidates and self._held.get(held.key_bytes) is held:
+                    target = place(held.key_bytes, [c for c in candidates if c not in tried])
+                    if target is None:
+                        return
+                    tried.add(target)
+                    if await self.migrate(held, target, stats) or held.in_doubt:
+                        return
+
+        with anyio.move_on_after(max(0.0, deadline - self._clock.now())):
+            async with anyio.create_task_group() as group:
+                for held in list(self._held.values()):
+                    if held.moving_to is None and held.key_bytes not in self._migrating:
+                        group.start_soon(one, held)
+            # Messages this node sent as a caller are answered before it leaves, if they can.
+            if self._unanswered:
+                self._all_answered = anyio.Event()
+                await self._all_answered.wait()
+        return stats
+
+    def take(self) -> Iterator[tuple[Any, Any, Any]]:
+        """Yield (and forget) every actor still here that is not moving: its record is
+        ``(key, [state, channels], None)`` for the snapshot store or a successor."""
+        for key_bytes, held in list(self._held.items()):
+            if held.moving_to is not None or held.in_doubt or held.running:
+                continue
+            state = held.instance.state() if held.instance is not None else held.state
+            channels = [[o, c.gen, c.next, []] for o, c in held.channels.items()]
+            queued = [
+                [m.origin, m.sender, m.gen, m.seq, m.want_reply, m.body] for m in held.mailbox
+            ]
+            del self._held[key_bytes]
+            self._queued -= len(held.mailbox)
+            if held.instance is not None:
+                self._deactivated(held)
+            yield held.key, [state, channels, queued], None
+
+    def put(self, key: Any, value: Any) -> bool:
+        """Hold a restored (or given back) actor, idle until its next message. False if
+        this node holds the key already."""
+        key_bytes = self._encode_key(key)
+        if key_bytes in self._held:
+            return False
+        if not isinstance(value, list | tuple) or len(value) != 3:
+            raise ValueError("an actor record's value is [state, channels, queued]")
+        state, channels, queued = value
+        held = self._activate(key_bytes, state, epoch=1, dormant=True)
+        assert held is not None
+        for origin, gen, next_seq, _ in channels:
+            held.channels[str(origin)] = _Channel(int(gen), int(next_seq))
+        for origin, sender, gen, seq, want_reply, body in queued:
+            held.mailbox.append(
+                ActorSend(
+                    self.namespace, key_bytes, origin, sender, gen, seq, 1, want_reply, 0, body
+                )
+            )
+            self._queued += 1
+        self._start(held)
+        return True
+
+
+def _queued(message: ActorSend) -> list[Any]:
+    return [
+        message.origin,
+        message.sender,
+        message.gen,
+        message.seq,
+        message.want_reply,
+        message.body,
+    ]
+
+
+def _hop(message: ActorSend) -> ActorSend:
+    return ActorSend(
+        message.namespace,
+        message.key,
+        message.origin,
+        message.sender,
+        message.gen,
+        message.seq,
+        message.first_unacked,
+        message.want_reply,
+        min(message.hops + 1, 64),
+        message.body,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def _text(codec: Codec, body: bytes) -> str:
+    try:
+        value = codec.unpackb(body)
+    except HandoffError:
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def _count(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
