@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from handoff._errors import (
 )
 from handoff._keys import cluster_key, cookie_weakness
 from handoff._mesh import MAX_PENDING_HANDSHAKES, Mesh
+from handoff._observe import ObservedLink, Observers
 from handoff._registry import adapter_for
 from handoff.adapters.actors import ActorRegistry, ActorsAdapter
 from handoff.config import COOKIE_HOWTO, Settings, for_worker, resolve_settings, worker_ports
@@ -50,6 +51,7 @@ from handoff.discovery import make_discovery
 from handoff.engine import (
     Drainer,
     DrainReport,
+    Link,
     NamespaceReport,
     Receiver,
     Sessions,
@@ -309,6 +311,8 @@ class Node:
             key = cluster_key(s.cookie, s.cluster).derive("snapshot")
             self._snapshots = DirectorySnapshotStore(s.snapshot_dir, key=key)
         self._drain_watchers: list[Callable[[NamespaceReport], None]] = []
+        # The exporters of handoff.metrics (none unless asked for): see handoff._observe.
+        self._observers = Observers()
         self._control: ControlServer | None = None
         self._drain_lock = anyio.Lock()
         self._runner: ThreadRunner | None = None
@@ -362,10 +366,22 @@ class Node:
         return receiver, Sessions(receiver, tallies=self._tallies, actors=self._actors)
 
     async def _session_message(self, peer: str, link: PeerLink, message: Message) -> None:
+        if self._observers:
+            self._observers.received(peer, message)
+            await self._sessions.handle(peer, ObservedLink(link, peer, self._observers), message)
+            return
         await self._sessions.handle(peer, link, message)
 
     def _peer_lost(self, peer: str) -> None:
         self._sessions.peer_lost(peer)
+        self._observers.peer_lost(peer)
+
+    def _peer_links(self) -> Sequence[tuple[Peer, Link]]:
+        """The links a drain sends on (through the observers, if any)."""
+        pairs = self._mesh.peer_links()
+        if not self._observers:
+            return pairs
+        return [(peer, ObservedLink(link, peer.name, self._observers)) for peer, link in pairs]
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -561,6 +577,7 @@ class Node:
             dict(outcome.dropped),
         )
         self._set_warm(f"received a handoff from {peer}")
+        self._observers.handoff_received(self.last_received)
 
     def check_encodable(
         self, namespace: str | None = None, *, limit: int = 20
@@ -640,11 +657,16 @@ class Node:
             await self._mesh.set_state(NodeState.DRAINING)
             # A drain on the way out keeps no log of what it exported: nothing follows it.
             drainer = self._drainer("drain", fingerprints=not stopping)
-            started = anyio.current_time()
-            moves = await self._move_actors(started + limit * ACTOR_SHARE)
-            remaining = max(0.0, limit - (anyio.current_time() - started))
-            report = await self._sessions.drain(drainer, time_limit=remaining)
-            _add_moves(report, moves, self._actors)
+
+            async def run() -> DrainReport:
+                started = anyio.current_time()
+                moves = await self._move_actors(started + limit * ACTOR_SHARE)
+                remaining = max(0.0, limit - (anyio.current_time() - started))
+                report = await self._sessions.drain(drainer, time_limit=remaining)
+                _add_moves(report, moves, self._actors)
+                return report
+
+            report = await self._observed_drain("drain", run)
             self._log_report(report)
             if not stopping:
                 self._spawn(self._sessions.send_late)
@@ -681,12 +703,27 @@ class Node:
                 for name, tracked in self._tracked.items()
             }
             drainer = self._drainer(CATCH_UP, sources=sources)
-            report = await self._sessions.drain(drainer, time_limit=self.settings.drain_timeout)
+            limit = self.settings.drain_timeout
+            report = await self._observed_drain(
+                CATCH_UP, functools.partial(self._sessions.drain, drainer, time_limit=limit)
+            )
             if report.records:
                 self._log_report(report)
             else:
                 logger.info("%s: nothing written since the drain", self.name)
             self.catch_up_report = report
+
+    async def _observed_drain(
+        self, reason: str, run: Callable[[], Awaitable[DrainReport]]
+    ) -> DrainReport:
+        """``run()``, the drain, between telling the observers it starts and ends."""
+        self._observers.drain_started(reason)
+        report: DrainReport | None = None
+        try:
+            report = await run()
+        finally:
+            self._observers.drain_finished(report)
+        return report
 
     @staticmethod
     def _log_report(report: DrainReport) -> None:
@@ -708,7 +745,7 @@ class Node:
             transforms=self.transforms,
             codec=self.codec,
             snapshots=self._snapshots,
-            peers=self._mesh.peer_links,
+            peers=self._peer_links,
             lock=self.lock,
             progress=self._drain_progress,
             reason=reason,
@@ -730,6 +767,7 @@ class Node:
             self._drain_watchers.remove(callback)
 
     def _drain_progress(self, report: NamespaceReport) -> None:
+        self._observers.drain_progress(report)
         for watcher in list(self._drain_watchers):
             try:
                 watcher(report)

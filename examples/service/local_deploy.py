@@ -239,6 +239,10 @@ class ServiceProcess:
         """Wait until uvicorn listens: after the lifespan startup, so the node is warm."""
         self.wait_for(SERVING, timeout=timeout)
 
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the process (SIGSTOP and SIGCONT pause and resume it)."""
+        self._require().send_signal(signum)
+
     def terminate(self, *, timeout: float) -> int:
         """SIGTERM (what platforms send), then wait for the exit; returns the exit status."""
         proc = self._require()

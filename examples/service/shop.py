@@ -32,6 +32,7 @@ from fastapi import FastAPI, HTTPException, Path, Query, Response
 from examples.service.catalog import PRODUCT_SCHEMA_VERSION, Catalog
 from examples.service.settings import ShopSettings
 from handoff import DownReason, Node, Peer
+from handoff.metrics import prometheus_app
 
 __all__ = ("Shop", "create_app", "product_v1_to_v2", "product_v2_to_v1")
 
@@ -192,6 +193,8 @@ def create_app(
     app = FastAPI(title="shop (warm-handoff example)", lifespan=node.lifespan_with(shop.lifespan))
     app.state.shop = shop
     app.state.node = node
+    # Prometheus scrapes the node's metrics here (a registry of this app's own).
+    app.add_route("/metrics", prometheus_app(node), include_in_schema=False)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
