@@ -658,6 +658,9 @@ class ActorHost:
         # The last node that answered for the key, else placement (whose owner asks the
         # holders when it holds nothing itself); never a forwarding pointer, which may be
         # stale.
+        route = outbox.route
+        if route is not None and route != self.node and route not in self._links():
+            outbox.route = None  # gone or cut off: placement and the holders decide
         if outbox.route is not None:
             return outbox.route
         if outbox.key_bytes in self._held:
@@ -825,14 +828,9 @@ class ActorHost:
         return query
 
     async def _ask_everyone(self, query: _Query) -> str | None:
-        """Send the query; ``None`` when nobody holds the key, else who does (or
-        ``"?..."``: a reason why nobody can tell)."""
-        suspects = self._suspects()
-        if suspects:
-            return (
-                f"?{', '.join(suspects)} cannot be reached and is not known to be gone: "
-                "it may hold this actor"
-            )
+        """Ask every linked peer; ``None`` when nobody holds the key, else who does (or
+        ``"?..."``: why nobody can tell). A holder's answer counts even while some peer is
+        unreachable: only "nobody holds it" needs every peer."""
         query_id = next(self._query_ids)
         self._queries[query_id] = query
         try:
@@ -844,6 +842,12 @@ class ActorHost:
             del self._queries[query_id]
         if query.holder:
             return query.holder
+        suspects = self._suspects()
+        if suspects:
+            return (
+                f"?{', '.join(suspects)} cannot be reached and is not known to be gone: "
+                "it may hold this actor"
+            )
         if query.lost or query.waiting:
             silent = ", ".join(sorted(query.waiting)) or "a peer"
             return f"?{silent} did not answer whether it holds this actor"
