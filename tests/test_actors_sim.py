@@ -479,7 +479,7 @@ async def _partition_scenario() -> None:
         net = Net(FakeClock(), group)
         n1, _, n3 = [await net.spawn_node() for _ in range(3)]
         # Two keys: one held by n1 (about to be cut off), one by n2.
-        keys: dict[str, SimNode] = {}
+        keys: dict[str, str] = {}
         for key in KEYS:
             pending = await n3.host.submit(key, ["n3", 1], want_reply=True, time_limit=10)
             await _deliver_all(net)
