@@ -173,6 +173,10 @@ class Network:
         """The command prefix that runs a program in ``host``'s namespace."""
         return ["ip", "netns", "exec", self.hosts[host].namespace]
 
+    def sysctl(self, host: str, key: str, value: str) -> None:
+        """Set a network sysctl of ``host``'s namespace (``net.ipv4.*`` is per namespace)."""
+        in_ns(self.hosts[host].namespace, "sysctl", "-q", "-w", f"{key}={value}")
+
     # -- faults (each on one host's side, so deleting its namespace removes it) ----------
 
     def drop_from(self, host: str, peer: str) -> None:
@@ -187,11 +191,11 @@ class Network:
         """Remove every firewall rule of ``host``."""
         in_ns(self.hosts[host].namespace, "iptables", "-w", "-F", "INPUT")
 
-    def lose(self, host: str, probability: float) -> None:
-        """``host`` drops each incoming packet from the network with ``probability``."""
+    def lose_from(self, host: str, peer: str, probability: float) -> None:
+        """``host`` drops each packet from ``peer`` with ``probability`` (random loss)."""
         in_ns(
             self.hosts[host].namespace,
-            "iptables", "-w", "-A", "INPUT", "-i", "eth0", "-m", "statistic",
+            "iptables", "-w", "-A", "INPUT", "-s", self.hosts[peer].address, "-m", "statistic",
             "--mode", "random", "--probability", f"{probability}", "-j", "DROP",
         )  # fmt: skip
 
