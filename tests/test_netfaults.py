@@ -294,6 +294,33 @@ def test_slow_successor_at_one_megabit(cluster: Cluster, value_size: int, timeou
     _check_nothing_lost(cluster, state, [b])
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "engine: after the first chunk (16 records) chunks are sized by bytes only (up to "
+        "1 MiB, TARGET_CHUNK_BYTES), and one chunk write is awaited for all the drain's "
+        "sending time (Drainer._send); at 1 Mbit/s the second chunk (the other ~0.9 MB) "
+        "needs ~7 s, so with a 3 s deadline the write times out and the link is closed. Even "
+        "the first chunk's Ack, sent by b 2.3 s before the drain ended over an unthrottled "
+        "direction, is not counted: 0 acknowledged while b holds 16, everything snapshotted, "
+        "though ~280 kB (~900 records) fit through the link in the time"
+    ),
+)
+def test_slow_successor_gets_what_the_link_carries_in_the_deadline(cluster: Cluster) -> None:
+    entries, timeout = 3000, 3.0
+    state = {"namespace": "cache", "type": "dict", "entries": entries, "value_size": 300}
+    old = cluster.start("old", state, drain_timeout=timeout, snapshots=True)
+    b = cluster.start("b", {**state, "entries": 0})
+    _connected(old, [b])
+    cluster.network.rate_limit_to("b", "1mbit")
+
+    drained = old.command("drain", timeout=timeout + 10)
+    ns = _check_report(old, drained, "cache", entries, timeout)
+    _check_held(ns, [b])
+    # test_slow_successor_at_one_megabit[overflows] checks that nothing is lost; this not:
+    assert ns["acknowledged"] > 16, "more than the first chunk fits through 1 Mbit/s in 2 s"
+
+
 def test_random_loss_on_the_link_loses_no_record(cluster: Cluster) -> None:
     entries, timeout = 3000, 4.0
     state = {"namespace": "cache", "type": "dict", "entries": entries, "value_size": 200}
