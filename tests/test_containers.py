@@ -4,7 +4,13 @@ With a Docker daemon: the image is built from fly/Dockerfile; an old and a new c
 share a network alias, so ``dns:<alias>`` discovery finds both through Docker's embedded DNS
 (as ``<app>.internal`` does on Fly); the old one is warmed, stopped gracefully (``docker
 stop``: SIGTERM, SIGKILL only after the timeout; testcontainers' own ``stop()`` is a forced
-removal), and the new one must come up warm. Without a daemon these tests skip.
+removal), and the new one must come up warm.
+
+In CI (.ci/run) the daemon is one of the suite's own: .ci/docker-netns runs it in a network
+namespace with a locally built base image, and exports ``DOCKER_HOST`` and
+``HANDOFF_TEST_DOCKER_NETNS``; the test's thread enters that namespace, where the published
+ports are. If the engine could not be started there, ``HANDOFF_TEST_DOCKER_UNAVAILABLE``
+says why and these tests skip with that reason; without a daemon at all they skip too.
 
 The same scenario runs everywhere as processes: two uvicorn children on 127.0.0.2 and
 127.0.0.3 found through a real DNS server (``DNSResponder``) that serves one name with both
@@ -13,6 +19,7 @@ addresses.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
@@ -36,6 +43,7 @@ from examples.service.local_deploy import (
     warm_deploy,
 )
 from handoff.testing import DNSResponder, free_port, free_port_on_all
+from tests import _netns as netns
 from tests._helpers import loopback_aliases_usable
 from tests.test_example_service import (
     HOSTS,
@@ -102,25 +110,52 @@ def hosts() -> tuple[str, str]:
 # -- containers (need a Docker daemon) --------------------------------------------------------
 
 
+#: Set by `.ci/docker-netns env` (what .ci/run does): the namespace the engine and its
+#: published ports live in, or why the CI could not start an engine.
+NETNS_ENV = "HANDOFF_TEST_DOCKER_NETNS"
+UNAVAILABLE_ENV = "HANDOFF_TEST_DOCKER_UNAVAILABLE"
+
+
 @pytest.fixture(scope="module")
 def docker_client() -> Iterator[docker.DockerClient]:
     """A Docker client whose daemon answers; the tests skip with the reason otherwise.
 
-    Containers are created only after this, lazily: testcontainers' constructors already
-    need the daemon.
+    With ``HANDOFF_TEST_DOCKER_NETNS`` set (.ci/docker-netns started an engine) the daemon
+    must answer: an engine that was started but does not answer fails the tests rather than
+    skipping them. Containers are created only after this, lazily: testcontainers'
+    constructors already need the daemon.
     """
+    unavailable = os.environ.get(UNAVAILABLE_ENV)
+    if unavailable:
+        pytest.skip(f"the CI's Docker engine is unavailable: {unavailable}")
+    started_by_ci = os.environ.get(NETNS_ENV)
     try:
         client = docker.from_env(timeout=10)
         client.ping()
     except DockerException as exc:
+        if started_by_ci:
+            pytest.fail(f"{NETNS_ENV}={started_by_ci} but the engine does not answer: {exc}")
         pytest.skip(
-            f"no Docker daemon answers ({exc}); test_dns_discovered_successor_is_warm runs "
-            "the same deploy as processes"
+            f"no Docker daemon answers ({exc}; as root, `.ci/docker-netns up` and "
+            '`eval "$(.ci/docker-netns env)"` start one); '
+            "test_dns_discovered_successor_is_warm runs the same deploy as processes"
         )
     try:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def engine_network(docker_client: docker.DockerClient) -> Iterator[None]:
+    """The test's thread in the engine's network namespace (where published ports are), if
+    the engine runs in one; the daemon itself is reached through its Unix socket."""
+    namespace = os.environ.get(NETNS_ENV)
+    if not namespace:
+        yield
+        return
+    with netns.entered(namespace):
+        yield
 
 
 def _build_context() -> list[str]:
@@ -170,6 +205,7 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
         yield pending.decode("utf-8", "replace")
 
 
+@pytest.mark.usefixtures("engine_network")
 def test_containers_on_one_network_alias_successor_is_warm(image: str) -> None:
     cookie = secrets.token_urlsafe(32)
 
