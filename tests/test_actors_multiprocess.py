@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from handoff.testing import NodeProcess, free_port
@@ -321,3 +322,76 @@ def test_blue_green_deploy_under_load_loses_and_doubles_nothing(cluster: Cluster
     assert during == {r.sender for r in rows}, during
     moved = [k for k, ks in spans.items() if ks[0].activation.startswith("old") and ks[-1].activation.startswith("new")]
     assert len(moved) > KEYS // 2, spans
+
+
+# -- an owner SIGKILLed ---------------------------------------------------------------------
+
+
+def _servers(cluster: Cluster, names: list[str], *, client_host: str = HOSTS[0]) -> list[NodeProcess]:
+    addresses = _addresses(["client", *names], (client_host, *HOSTS[1:]))
+
+    def peers(name: str) -> list[str]:
+        return [address for other, address in addresses.items() if other != name]
+
+    nodes = [cluster.start("client", addresses["client"], peers("client"), client=True)]
+    nodes += [cluster.start(n, addresses[n], peers(n)) for n in names]
+    _meshed(nodes)
+    return nodes
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="handoff.node._refuses_connections catches ConnectionRefusedError, but "
+    "anyio.connect_tcp raises OSError('All connection attempts failed') with the "
+    "ConnectionRefusedError as __cause__: a SIGKILLed peer is never known gone, so its "
+    "actors stay ActorUnavailable for ever (passes once the probe looks at __cause__)",
+)
+def test_a_killed_owners_actors_come_back_elsewhere_from_nothing_never_twice(
+    cluster: Cluster,
+) -> None:
+    client, victim, *survivors = _servers(cluster, ["s1", "s2", "s3"])
+    out = cluster.load(client, "k", senders=10, rate=30, duration=60, max=2_000, timeout=2.0)
+    _progress(client, 300)
+    victim_keys = set(victim.command("keys", wait_for_event="keys")["keys"])
+    assert victim_keys, "the victim must hold actors"
+    killed_at = time.monotonic()
+    assert victim.kill() == -9
+    client.wait_for("node-down", victim.name, timeout=TIMEOUT)
+    # Its address refuses connections: it is known gone, its actors may live elsewhere.
+    probe = sorted(victim_keys)[0]
+    called = client.command(f"call {probe} 10", wait_for_event="called", timeout=TIMEOUT)
+    assert called["outcome"] == "ok", called
+    _progress(client, 300)
+    client.command("stop-load", wait_for_event="load-done", timeout=TIMEOUT)
+    settled = client.command("settle 20", wait_for_event="settled", timeout=TIMEOUT)
+    assert settled["unanswered"] == 0, settled
+    rows = _rows(out)
+    finals = cluster.read(client, [_key(i) for i in range(KEYS)])
+
+    counts = _check_delivery(rows, finals, lost=frozenset(victim_keys))
+    spans = _check_single_activation(cluster.log_dir)
+    for key in victim_keys:
+        # Back on a survivor, from nothing (a new lineage); no activation of the key
+        # handled anything on a survivor before the victim was dead.
+        assert not finals[key]["lineage"].startswith("s1:"), finals[key]
+        assert not finals[key]["activation"].startswith("s1:"), finals[key]
+        later = [s for s in spans[key] if not s.activation.startswith("s1:")]
+        assert later and all(s.start > killed_at for s in later), spans[key]
+    for key in set(finals) - victim_keys:
+        assert all(not s.activation.startswith("s1:") for s in spans[key]), spans[key]
+    assert counts["keys_renewed"] > 0, counts
+    after = [r for r in rows if r.key in victim_keys and r.sent_at > killed_at and r.outcome == "ok"]
+    assert after and all(r.lineage == finals[r.key]["lineage"] for r in after)
+    assert all(s.running for s in survivors)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="anyio.connect_tcp raises OSError('All connection attempts failed') from "
+    "ConnectionRefusedError; _refuses_connections catches only the latter",
+)
+def test_the_crash_probe_sees_an_address_that_refuses_connections() -> None:
+    from handoff.node import _refuses_connections
+
+    port = free_port("127.0.0.1")  # nothing listens there
+    assert anyio.run(_refuses_connections, f"127.0.0.1:{port}") is True
