@@ -23,6 +23,9 @@ that two activations running at once would interleave), and ``on_activate`` /
 CLOCK_MONOTONIC is one clock for every process of a Linux machine, so the parent compares
 the lines of all processes.
 
+With ``ACTORS_DEFER_START`` set the process waits for a first stdin line (any) before it
+starts the node: a test starts the interpreter ahead and lets the node join when it wants.
+
 Events are JSON lines on stdout (``listening`` first, ``node-up``, ``leaving``,
 ``node-down`` with ``reason``); commands, one per stdin line:
 
@@ -41,7 +44,8 @@ Events are JSON lines on stdout (``listening`` first, ``node-up``, ``leaving``,
 - ``read KEYS_JSON OUT``: calls ``["read"]`` on each key of the JSON list and writes
   ``{key: reply or error}`` to OUT; replies ``read-done`` (a read follows every earlier message
   from this node to the key in its channel: it is answered after them);
-- ``call KEY TIMEOUT``: one ``["m", "probe", n]`` call; replies ``called`` with ``outcome``;
+- ``call KEY TIMEOUT``: one ``["m", f"probe-{node}", n]`` call; replies ``called`` with
+  ``outcome`` (``"ok"`` or the exception's class name);
 - ``keys``: replies ``keys`` with ``keys`` (this node's ``local_keys()``) and ``stats``;
 - ``drain``: ``node.drain()``; replies ``drained`` with the report;
 - ``stop``: drains (unless drained), stops the node, prints ``stopped`` and exits.
@@ -63,6 +67,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.from_thread
+import anyio.to_thread
 
 from handoff import ActorRegistry, Node
 from handoff.membership import DownReason, Peer
@@ -206,6 +211,9 @@ async def run() -> int:
     node.on_node_leaving(leaving)
     node.on_node_down(down)
     send, receive = anyio.create_memory_object_stream[str](1000)
+    if os.environ.get("ACTORS_DEFER_START"):
+        # Started ahead (imports take a while on a busy machine), joins when told.
+        await anyio.to_thread.run_sync(sys.stdin.readline)
     await node.start()
     if os.environ.get("ACTORS_ROLE") == "client":
         await node.drain()
@@ -257,7 +265,8 @@ async def run() -> int:
 
     async def probe(key: str, timeout: float) -> None:
         try:
-            reply = await rooms.call(key, ["m", "probe", next(probes)], timeout=timeout)
+            message = ["m", f"probe-{node.name}", next(probes)]
+            reply = await rooms.call(key, message, timeout=timeout)
             emit({"event": "called", "key": key, "outcome": "ok", "reply": reply})
         except Exception as exc:
             emit({"event": "called", "key": key, "outcome": type(exc).__name__, "why": str(exc)})
