@@ -67,6 +67,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 
 from handoff import ActorRegistry, Node
@@ -112,7 +113,7 @@ class Recorder:
         else:
             self.seen.append([message[1], message[2]])
             reply = [self.lineage, self.activation]
-        await anyio.sleep(0)  # another activation running now would slip in here
+        await anyio.lowlevel.checkpoint()  # another activation running now would slip in
         end = time.monotonic()
         if self.log is not None:
             self.log.write(["H", self.key, self.activation, start, end])
@@ -136,10 +137,13 @@ class Senders:
         spec = self.spec
         async with anyio.create_task_group() as group:
             for i in range(int(spec["senders"])):
-                group.start_soon(self.sender, f"{spec['tag']}{i}", random.Random(f"{spec['seed']}/{i}"))
-        with open(spec["out"], "w") as out:
-            json.dump(self.rows, out)
-        emit({"event": "load-done", "tag": spec["tag"], "outcomes": Counter(r[4] for r in self.rows)})
+                group.start_soon(
+                    self.sender, f"{spec['tag']}{i}", random.Random(f"{spec['seed']}/{i}")
+                )
+        await anyio.Path(spec["out"]).write_text(json.dumps(self.rows))
+        emit(
+            {"event": "load-done", "tag": spec["tag"], "outcomes": Counter(r[4] for r in self.rows)}
+        )
 
     async def sender(self, sender: str, rng: random.Random) -> None:
         spec = self.spec
@@ -253,20 +257,20 @@ async def run() -> int:
         async with anyio.create_task_group() as reads:
             for key in keys:
                 reads.start_soon(one, key)
-        with open(out, "w") as file:
-            json.dump(results, file)
+        await anyio.Path(out).write_text(json.dumps(results))
         emit({"event": "read-done", "errors": sum("error" in r for r in results.values())})
 
     async def settle(seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while host.stats()["unanswered"] and time.monotonic() < deadline:
+        # The count belongs to the engine, which has no event for it: poll (bounded).
+        while host.stats()["unanswered"] and time.monotonic() < deadline:  # noqa: ASYNC110
             await anyio.sleep(0.05)
         emit({"event": "settled", "unanswered": host.stats()["unanswered"]})
 
-    async def probe(key: str, timeout: float) -> None:
+    async def probe(key: str, limit: float) -> None:
         try:
             message = ["m", f"probe-{node.name}", next(probes)]
-            reply = await rooms.call(key, message, timeout=timeout)
+            reply = await rooms.call(key, message, timeout=limit)
             emit({"event": "called", "key": key, "outcome": "ok", "reply": reply})
         except Exception as exc:
             emit({"event": "called", "key": key, "outcome": type(exc).__name__, "why": str(exc)})

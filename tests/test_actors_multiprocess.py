@@ -23,6 +23,7 @@ final states (read through the actors) and the logs the tests check:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import secrets
 import socket
@@ -205,7 +206,7 @@ def _check_single_activation(log_dir: Path) -> dict[str, list[Span]]:
     overlaps = [
         (key, earlier, later)
         for key, key_spans in spans.items()
-        for earlier, later in zip(key_spans, key_spans[1:], strict=False)
+        for earlier, later in itertools.pairwise(key_spans)
         if later.start < earlier.end
     ]
     assert not overlaps, f"activations overlapped: {overlaps[:5]}"
@@ -268,9 +269,7 @@ def _progress(node: NodeProcess, more: int) -> None:
     """Wait until the node's senders sent ``more`` messages beyond what they had sent."""
     seen = [e["rows"] for e in node.events if e["event"] == "load-progress"]
     target = (seen[-1] if seen else 0) + more
-    node.wait_for(
-        lambda e: e["event"] == "load-progress" and e["rows"] >= target, timeout=TIMEOUT
-    )
+    node.wait_for(lambda e: e["event"] == "load-progress" and e["rows"] >= target, timeout=TIMEOUT)
 
 
 def test_blue_green_deploy_under_load_loses_and_doubles_nothing(cluster: Cluster) -> None:
@@ -282,7 +281,9 @@ def test_blue_green_deploy_under_load_loses_and_doubles_nothing(cluster: Cluster
 
     client = cluster.start("client", addresses["client"], peers("client"), client=True)
     olds = [cluster.start(n, addresses[n], peers(n), release="v1") for n in names[1:4]]
-    news = [cluster.start(n, addresses[n], peers(n), release="v2", deferred=True) for n in names[4:]]
+    news = [
+        cluster.start(n, addresses[n], peers(n), release="v2", deferred=True) for n in names[4:]
+    ]
     _meshed([client, *olds])
     # ~1,000 messages per second offered: 20 senders at 50 per second, one in five a
     # send; they run until told to stop (bounded by count and time all the same).
@@ -342,7 +343,9 @@ def test_blue_green_deploy_under_load_loses_and_doubles_nothing(cluster: Cluster
 # -- an owner SIGKILLed ---------------------------------------------------------------------
 
 
-def _servers(cluster: Cluster, names: list[str], *, client_host: str = HOSTS[0]) -> list[NodeProcess]:
+def _servers(
+    cluster: Cluster, names: list[str], *, client_host: str = HOSTS[0]
+) -> list[NodeProcess]:
     addresses = _addresses(["client", *names], (client_host, *HOSTS[1:]))
 
     def peers(name: str) -> list[str]:
@@ -391,12 +394,16 @@ def test_a_killed_owners_actors_come_back_elsewhere_from_nothing_never_twice(
         assert not finals[key]["lineage"].startswith("s1:"), finals[key]
         assert not finals[key]["activation"].startswith("s1:"), finals[key]
         later = [s for s in spans[key] if not s.activation.startswith("s1:")]
-        assert later and all(s.start > killed_at for s in later), spans[key]
+        assert later, spans[key]
+        assert all(s.start > killed_at for s in later), spans[key]
     for key in set(finals) - victim_keys:
         assert all(not s.activation.startswith("s1:") for s in spans[key]), spans[key]
     assert counts["keys_renewed"] > 0, counts
-    after = [r for r in rows if r.key in victim_keys and r.sent_at > killed_at and r.outcome == "ok"]
-    assert after and all(r.lineage == finals[r.key]["lineage"] for r in after)
+    after = [
+        r for r in rows if r.key in victim_keys and r.sent_at > killed_at and r.outcome == "ok"
+    ]
+    assert after
+    assert all(r.lineage == finals[r.key]["lineage"] for r in after)
     assert all(s.running for s in survivors)
 
 
@@ -534,14 +541,15 @@ def test_a_partitioned_node_makes_its_actors_unavailable_never_doubled(
     _progress(x, 100)
     x_keys = sorted(x.command("keys", wait_for_event="keys")["keys"])
     a_keys = sorted(a.command("keys", wait_for_event="keys")["keys"])
-    assert x_keys and a_keys
+    assert x_keys
+    assert a_keys
 
     for proxy in proxies.values():
         proxy.partition()
     partitioned_at = time.monotonic()
-    for node in majority:
-        cluster.nodes[node].wait_for("node-down", "x", timeout=TIMEOUT)
-        x.wait_for("node-down", node, timeout=TIMEOUT)
+    for name in majority:
+        cluster.nodes[name].wait_for("node-down", "x", timeout=TIMEOUT)
+        x.wait_for("node-down", name, timeout=TIMEOUT)
     # The documented behaviour. Majority side: keys the unreachable node held, and fresh
     # keys (it might hold them), are unavailable; the others answer. Minority side: its own
     # actors answer its callers; the rest is unavailable.
@@ -559,9 +567,9 @@ def test_a_partitioned_node_makes_its_actors_unavailable_never_doubled(
     healed_at = time.monotonic()
     for proxy in proxies.values():
         proxy.heal()
-    for node in majority:
-        cluster.nodes[node].wait_for("node-up", "x", count=2, timeout=TIMEOUT)
-        x.wait_for("node-up", node, count=2, timeout=TIMEOUT)
+    for name in majority:
+        cluster.nodes[name].wait_for("node-up", "x", count=2, timeout=TIMEOUT)
+        x.wait_for("node-up", name, count=2, timeout=TIMEOUT)
     _progress(client, 100)
     for node in (x, client):
         node.command("stop-load", wait_for_event="load-done", timeout=TIMEOUT)
@@ -579,9 +587,13 @@ def test_a_partitioned_node_makes_its_actors_unavailable_never_doubled(
     for key in x_keys:
         assert all(s.activation.startswith("x:") for s in spans[key]), spans[key]
     refused = [
-        r for r in rows if partitioned_at < r.sent_at < healed_at and r.outcome == "ActorUnavailable"
+        r
+        for r in rows
+        if partitioned_at < r.sent_at < healed_at and r.outcome == "ActorUnavailable"
     ]
     assert {r.key for r in refused} & set(x_keys), "majority callers were refused X's actors"
     assert {r.sender for r in refused} & {r.sender for r in _rows(out_x)}
     for fresh in ("fresh:1", "fresh:2"):  # the refused probes were handled after healing
-        assert [s for s, _ in finals[fresh]["seen"]] == [f"probe-{'client' if fresh == 'fresh:1' else 'x'}"]
+        assert [s for s, _ in finals[fresh]["seen"]] == [
+            f"probe-{'client' if fresh == 'fresh:1' else 'x'}"
+        ]
