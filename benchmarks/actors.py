@@ -12,14 +12,15 @@ Prints one JSON object. Every node is a process of its own on 127.0.0.x; in the 
   the freeze) to the start of the first message handled by the new activation; when that
   message was sent after the export, from its sending instead (the pause is what a message
   waited because of the move, not the gap between two messages). p50 / p99 / max over
-  every actor (target: p99 < 50 ms). Also the latency of the calls answered during the
+  every actor, pooled over ``--repeat`` rounds (target: p99 < 50 ms). Also the latency of the calls answered during the
   drain, and the drain's own duration.
 - ``throughput``: messages per second through ``registry.call`` with ``--callers``
   concurrent callers, the actors on the calling node (``one_node``) and on another node
   (``two_nodes``), each against a baseline measured in the same run: the same handler
   awaited directly (a local method call) for ``one_node``, and a plain asyncio TCP round
   trip (length-prefixed request and reply, one connection per caller) between two
-  processes for ``two_nodes``. ``*_over_call`` = baseline rate / call rate.
+  processes for ``two_nodes``. ``*_over_call`` = baseline rate / call rate; the median of
+  each figure over the rounds.
 
 The machine is shared and noisy: read the ratios and percentiles, not the absolute numbers.
 Usage: ``python benchmarks/actors.py [--keys 100] [--rate 1000] [--seconds 2] [--repeat 1]``.
@@ -33,6 +34,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import struct
 import sys
 import time
@@ -310,6 +312,8 @@ def migration(size: int, keys: int, rate: float, callers: int) -> dict[str, Any]
     during = [answered - sent for sent, answered, _ in rows if window[0] <= sent <= window[1]]
     failed = sum(1 for *_, outcome in rows if outcome != "ok")
     return {
+        "pauses": pauses,
+        "raw": raw,
         "pause": _percentiles(pauses),
         "export_to_first_handled": _percentiles(raw),
         "call_latency_during_drain": _percentiles(during),
@@ -458,18 +462,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="throughput run")
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args(argv)
-    results: dict[str, Any] = {"migration": {}, "throughput": []}
+    results: dict[str, Any] = {"migration": {}, "throughput": {}}
     for label, size in SIZES.items():
         rounds = []
         for index in range(args.repeat):
             print(f"migration {label} round {index + 1}...", file=sys.stderr, flush=True)
             rounds.append(migration(size, args.keys, args.rate, args.senders))
-        results["migration"][label] = rounds if args.repeat > 1 else rounds[0]
+        # Every actor of every round counts once in the pooled percentiles.
+        results["migration"][label] = {
+            "pause": _percentiles([p for r in rounds for p in r.pop("pauses")]),
+            "export_to_first_handled": _percentiles([p for r in rounds for p in r.pop("raw")]),
+            "rounds": rounds,
+        }
+    rates = []
     for index in range(args.repeat):
         print(f"throughput round {index + 1}...", file=sys.stderr, flush=True)
-        results["throughput"].append(throughput(args.callers, args.seconds))
-    if args.repeat == 1:
-        results["throughput"] = results["throughput"][0]
+        rates.append(throughput(args.callers, args.seconds))
+    # The median of each figure over the rounds (ratios from the same round).
+    results["throughput"] = {key: statistics.median(r[key] for r in rates) for key in rates[0]} | {
+        "rounds": rates
+    }
     print(
         json.dumps(
             {
