@@ -12,8 +12,8 @@ Prints one JSON object. Every node is a process of its own on 127.0.0.x; in the 
   the freeze) to the start of the first message handled by the new activation; when that
   message was sent after the export, from its sending instead (the pause is what a message
   waited because of the move, not the gap between two messages). p50 / p99 / max over
-  every actor, pooled over ``--repeat`` rounds (target: p99 < 50 ms). Also the latency of the calls answered during the
-  drain, and the drain's own duration.
+  every actor, pooled over ``--repeat`` rounds (target: p99 < 50 ms). Also the latency of
+  the calls answered during the drain, and the drain's own duration.
 - ``throughput``: messages per second through ``registry.call`` with ``--callers``
   concurrent callers, the actors on the calling node (``one_node``) and on another node
   (``two_nodes``), each against a baseline measured in the same run: the same handler
