@@ -213,6 +213,17 @@ def _check_single_activation(log_dir: Path) -> dict[str, list[Span]]:
     return spans
 
 
+def _epochs(log_dir: Path) -> dict[str, list[int]]:
+    """Per key, the ownership epochs of its activations (``on_activate``) in time order."""
+    activations: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for path in log_dir.glob("*.log"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record[0] == "A":
+                activations[record[1]].append((record[3], record[2]))
+    return {key: [epoch for _, epoch in sorted(items)] for key, items in activations.items()}
+
+
 def _check_delivery(
     rows: list[Row], finals: dict[str, Any], *, lost: frozenset[str] = frozenset()
 ) -> dict[str, int]:
@@ -320,6 +331,9 @@ def test_blue_green_deploy_under_load_loses_and_doubles_nothing(cluster: Cluster
         ns = report["namespaces"]["rooms"]
         assert ns["dropped"] == {}, ns
         assert ns["acknowledged"] == ns["records"], ns
+    # Fencing: every move hands the actor on with a higher ownership epoch.
+    for key, epochs in _epochs(cluster.log_dir).items():
+        assert epochs == sorted(set(epochs)), (key, epochs)
     held = [set(node.command("keys", wait_for_event="keys")["keys"]) for node in news]
     assert sum(map(len, held)) == KEYS, held
     assert set().union(*held) == {_key(i) for i in range(KEYS)}
