@@ -564,6 +564,9 @@ def test_a_partitioned_node_makes_its_actors_unavailable_never_doubled(
     for name in majority:
         cluster.nodes[name].wait_for("node-down", "x", timeout=TIMEOUT)
         x.wait_for("node-down", name, timeout=TIMEOUT)
+    # What x holds now it holds until the partition heals (nobody activates a key while a
+    # peer that may hold it is unreachable).
+    x_keys = sorted(x.command("keys", wait_for_event="keys")["keys"])
     # The documented behaviour. Majority side: keys the unreachable node held, and fresh
     # keys (it might hold them), are unavailable; the others answer. Minority side: its own
     # actors answer its callers; the rest is unavailable.
@@ -600,13 +603,20 @@ def test_a_partitioned_node_makes_its_actors_unavailable_never_doubled(
     spans = _check_single_activation(cluster.log_dir)
     for key in x_keys:
         assert all(s.activation.startswith("x:") for s in spans[key]), spans[key]
-    refused = [
+    # Nothing crossed the partition: no call across it was answered while it lasted
+    # (an answer would mean a message went through, or a second activation took it).
+    x_senders = {r.sender for r in _rows(out_x)}
+    across = [
         r
         for r in rows
-        if partitioned_at < r.sent_at < healed_at and r.outcome == "ActorUnavailable"
+        if partitioned_at < r.sent_at
+        and r.answered_at < healed_at
+        and (r.key in x_keys) != (r.sender in x_senders)
     ]
-    assert {r.key for r in refused} & set(x_keys), "majority callers were refused X's actors"
-    assert {r.sender for r in refused} & {r.sender for r in _rows(out_x)}
+    assert across, "callers on both sides must have tried to cross the partition"
+    assert all(r.outcome != "ok" for r in across), [r for r in across if r.outcome == "ok"]
+    refused = {r.key for r in across if r.outcome == "ActorUnavailable"}
+    assert refused & set(x_keys), "majority callers were told X's actors are unavailable"
     for fresh in ("fresh:1", "fresh:2"):  # the refused probes were handled after healing
         assert [s for s, _ in finals[fresh]["seen"]] == [
             f"probe-{'client' if fresh == 'fresh:1' else 'x'}"
