@@ -93,7 +93,7 @@ class Cluster:
         self,
         name: str,
         bind: str,
-        peers: Iterable[str],
+        peers: list[str],
         *,
         release: str = "v1",
         client: bool = False,
@@ -104,7 +104,7 @@ class Cluster:
             "HANDOFF_CLUSTER": CLUSTER,
             "HANDOFF_RELEASE": release,
             "HANDOFF_BIND": bind,
-            "HANDOFF_DISCOVERY": "static:" + ",".join(peers),
+            "HANDOFF_DISCOVERY": "static:" + ",".join(peers) if peers else "none",
             "HANDOFF_POLL_INTERVAL": "0.1",
             "HANDOFF_HEARTBEAT_TIMEOUT": "1.5",
             "HANDOFF_DRAIN_TIMEOUT": "20",
@@ -621,3 +621,41 @@ def test_a_partitioned_node_makes_its_actors_unavailable_never_doubled(
         assert [s for s, _ in finals[fresh]["seen"]] == [
             f"probe-{'client' if fresh == 'fresh:1' else 'x'}"
         ]
+
+
+def _placed_on(node: str, nodes: list[str]) -> str:
+    """A key whose placement among ``nodes`` is ``node``."""
+    from handoff._codec import Codec
+    from handoff.engine._actors import place
+
+    codec = Codec()
+    return next(
+        key for key in (f"solo:{i}" for i in range(1_000)) if place(codec.packb(key), nodes) == node
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ActorHost._route keeps outbox.route (the owner that last answered) after that "
+    "peer's link is gone: _flush posts to it, _send_loop finds no link and clears the "
+    "queue, and nothing happens until the resend after RESEND_AFTER (1 s); a call with a "
+    "shorter timeout gets ActorTimeout (no reason) instead of ActorUnavailable, and every "
+    "message to such a key waits 1 s after its owner left (also after a goodbye)",
+)
+def test_a_caller_cut_off_from_the_owner_it_used_is_told_unavailable_at_once(
+    cluster: Cluster,
+) -> None:
+    addresses = _addresses(["a", "x"], HOSTS)
+    proxy = Blackhole(PROXY_HOST, addresses["a"])
+    cluster.stack.callback(proxy.close)
+    a = cluster.start("a", addresses["a"], [])
+    x = cluster.start("x", addresses["x"], [proxy.address])
+    _meshed([a, x])
+    key = _placed_on("a", ["a", "x"])
+    first = _answer(x, key, _called(x, key, 10.0))
+    assert first["outcome"] == "ok", first  # x's channel to the key now leads to a
+    proxy.partition()
+    x.wait_for("node-down", "a", timeout=TIMEOUT)
+    # x knows a is unreachable: nothing may activate the key, and x says so.
+    cut_off = _answer(x, key, _called(x, key, 0.5))
+    assert cut_off["outcome"] == "ActorUnavailable", cut_off
