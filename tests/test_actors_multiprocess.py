@@ -391,7 +391,7 @@ def test_a_killed_owners_actors_come_back_elsewhere_from_nothing_never_twice(
     client.wait_for("node-down", victim.name, timeout=TIMEOUT)
     # Its address refuses connections: it is known gone, its actors may live elsewhere.
     probe = sorted(victim_keys)[0]
-    called = client.command(f"call {probe} 10", wait_for_event="called", timeout=TIMEOUT)
+    called = client.command(f"call {probe} 5", wait_for_event="called", timeout=TIMEOUT)
     assert called["outcome"] == "ok", called
     _progress(client, 300)
     client.command("stop-load", wait_for_event="load-done", timeout=TIMEOUT)
