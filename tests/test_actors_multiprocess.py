@@ -659,3 +659,39 @@ def test_a_caller_cut_off_from_the_owner_it_used_is_told_unavailable_at_once(
     # x knows a is unreachable: nothing may activate the key, and x says so.
     cut_off = _answer(x, key, _called(x, key, 0.5))
     assert cut_off["outcome"] == "ActorUnavailable", cut_off
+
+
+# -- the checks themselves ------------------------------------------------------------------
+
+
+def test_the_checks_catch_loss_doubles_reordering_and_overlap(tmp_path: Path) -> None:
+    def row(n: int, outcome: str = "ok", lineage: str = "L") -> Row:
+        return Row("s0", "k", n, "call", outcome, lineage, "act", 0.0, 0.0)
+
+    rows = [row(0), row(1, "ActorTimeout", lineage=""), row(2, "sent", lineage="")]
+    good = {"k": {"lineage": "L", "seen": [["s0", 0], ["s0", 1], ["s0", 2]]}}
+    assert _check_delivery(rows, good)["messages"] == 3
+    for seen in (
+        [["s0", 0], ["s0", 2]],  # a message lost
+        [["s0", 0], ["s0", 1], ["s0", 1], ["s0", 2]],  # handled twice
+        [["s0", 1], ["s0", 0], ["s0", 2]],  # out of order
+    ):
+        with pytest.raises(AssertionError):
+            _check_delivery(rows, {"k": {"lineage": "L", "seen": seen}})
+    with pytest.raises(AssertionError):  # a new lineage where none may start
+        _check_delivery(rows, {"k": {**good["k"], "lineage": "M"}})
+    with pytest.raises(AssertionError):  # what the old lineage answered came back
+        _check_delivery(rows, {"k": {**good["k"], "lineage": "M"}}, lost=frozenset({"k"}))
+    renewed = {"k": {"lineage": "M", "seen": [["s0", 1], ["s0", 2]]}}
+    assert _check_delivery(rows, renewed, lost=frozenset({"k"}))["lost_with_owner"] == 1
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_text(
+        "\n".join(json.dumps(r) for r in (["H", "k", "a:1", 1.0, 1.1], ["H", "k", "a:1", 2.0, 2.1]))
+    )
+    (logs / "b.log").write_text(json.dumps(["H", "k", "b:1", 2.2, 2.3]))
+    assert [s.activation for s in _check_single_activation(logs)["k"]] == ["a:1", "b:1"]
+    (logs / "c.log").write_text(json.dumps(["H", "k", "c:1", 1.5, 1.6]))  # inside a:1's span
+    with pytest.raises(AssertionError):
+        _check_single_activation(logs)
