@@ -180,16 +180,24 @@ def _add_moves(
 
 
 async def _refuses_connections(address: str) -> bool:
-    """True when nothing listens at ``address`` (``host:port``): the process is gone."""
+    """True when nothing listens at ``address`` (``host:port``): the process is gone. A
+    timeout or any other failure is not proof (a partition drops packets)."""
     host, _, port = address.rpartition(":")
     try:
-        stream = await anyio.connect_tcp(host.strip("[]"), int(port))
-    except ConnectionRefusedError:
-        return True
-    except (OSError, ValueError):
-        return False
+        with anyio.fail_after(PROBE_TIMEOUT):
+            stream = await anyio.connect_tcp(host.strip("[]"), int(port))
+    except (OSError, ValueError, TimeoutError) as exc:
+        # anyio reports a refusal as OSError("All connection attempts failed") caused by
+        # the ConnectionRefusedError of the last attempt.
+        return isinstance(exc, ConnectionRefusedError) or isinstance(
+            exc.__cause__, ConnectionRefusedError
+        )
     await stream.aclose()
     return False
+
+
+PROBE_TIMEOUT = 2.0
+"""Seconds a probe of an unreachable peer's address may take."""
 
 
 class Node:

@@ -251,6 +251,7 @@ class _Held:
 class _Query:
     key_bytes: bytes
     waiting: set[str]
+    answered: set[str] = field(default_factory=set)
     done: anyio.Event = field(default_factory=anyio.Event)
     holder: str = ""
     lost: bool = False
@@ -851,6 +852,11 @@ class ActorHost:
         if query.lost or query.waiting:
             silent = ", ".join(sorted(query.waiting)) or "a peer"
             return f"?{silent} did not answer whether it holds this actor"
+        # "Nobody holds it" needs an answer from every peer that is there now: one that
+        # came back (or joined) while the question was out was never asked.
+        unasked = (set(self._links()) | set(self._members)) - query.answered - {self.node}
+        if unasked:
+            return f"?{', '.join(sorted(unasked))} joined while the cluster was asked"
         return None
 
     async def _claim(self, key_bytes: bytes, query: _Query) -> None:
@@ -910,6 +916,7 @@ class ActorHost:
         if query is None or query.key_bytes != message.key or peer not in query.waiting:
             return
         query.waiting.discard(peer)
+        query.answered.add(peer)
         if message.answer == 1 and message.holder:
             query.holder = message.holder
         elif message.answer == 2:
