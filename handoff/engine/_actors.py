@@ -100,6 +100,8 @@ MOVE_TIMEOUT = 2.0
 """Seconds a move waits for its answer before it is in doubt (asked again)."""
 FORWARD_TTL = 600.0
 MAX_MOVE_ANSWERS = 100_000
+MAX_CLAIMS = 1_024
+"""Fresh activations being agreed on at once, per node and namespace."""
 MAX_FORWARDS = 100_000
 REBALANCE_EVERY = 1.0
 SETTLE = 1.0
@@ -817,6 +819,14 @@ class ActorHost:
             self._reply(message, Status.MOVED, b"\xc0", owner)
         elif not self._running:
             self._reply(message, Status.RETRY, self._codec.packb("the node is not running"))
+        elif len(self._claims) >= MAX_CLAIMS:
+            # Each claim is a task and a question to every peer: a flood of fresh keys
+            # (from a peer or the app) waits its turn instead of piling them up.
+            self._reply(
+                message,
+                Status.BUSY,
+                self._codec.packb(f"{MAX_CLAIMS} activations are being agreed on already"),
+            )
         else:
             self._claim_waiting[key_bytes] = [message]
             query = self._new_query(key_bytes, claiming=True)
