@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -211,22 +210,9 @@ async def _load(
 
 # -- orchestration ---------------------------------------------------------------------------
 
-_CTX = mp.get_context("spawn")
-
-
-def _start(target: Any, *args: Any) -> tuple[Any, Connection]:
-    parent, child = _CTX.Pipe()
-    process = _CTX.Process(target=target, args=(*args, child), daemon=True)
-    process.start()
-    return process, parent
-
-
-def _recv(conn: Connection, process: Any, seconds: float = 300) -> dict[str, Any]:
-    if not conn.poll(seconds):
-        process.kill()
-        raise TimeoutError(f"{process.name} said nothing for {seconds} s")
-    result: dict[str, Any] = conn.recv()
-    return result
+# The two-process harness of the drain benchmark (spawned children, a pipe each, bounded
+# waits): one place for it. This script runs from benchmarks/, so it imports as a module.
+from drain_throughput import _recv, _start  # noqa: E402
 
 
 def _finish(*pairs: tuple[Any, Connection]) -> None:
