@@ -325,10 +325,12 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
                 peer_text(n["kind"]),
                 "?" if n["entries"] is None else n["entries"],
                 n["version"],
+                # Nodes from before spreads existed do not say: they split.
+                peer_text(n.get("spread", "split")),
             )
             for n in status["tracked"]
         ]
-        lines += _table(("NAMESPACE", "ADAPTER", "ENTRIES", "VERSION"), tracked)
+        lines += _table(("NAMESPACE", "ADAPTER", "ENTRIES", "VERSION", "SPREAD"), tracked)
     else:
         lines.append("no tracked namespaces")
     lines.append("")

@@ -259,6 +259,7 @@ def node_status(node: Node) -> dict[str, Any]:
                 "kind": t.adapter.kind,
                 "entries": _entries(node, name),
                 "version": t.version,
+                "spread": t.effective_spread,
             }
             for name, t in sorted(tracked.items())
         ],

@@ -58,6 +58,7 @@ from handoff.engine import (
 from handoff.engine._fingerprint import ExportLog, changed_records
 from handoff.engine._restore import restore_snapshots
 from handoff.engine._sender import CATCH_UP, MAX_CHUNK_BYTES
+from handoff.engine._tracked import ALL, SPREADS, Spread
 from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
 from handoff.membership import MembershipEvent, Peer
 from handoff.protocol import (
@@ -383,6 +384,7 @@ class Node:
         version: int = 1,
         adapter: Adapter | None = None,
         validate: Callable[[Any, Any], bool] | None = None,
+        spread: Spread | None = None,
         **options: Any,
     ) -> Adapter:
         """Hand ``obj`` off under ``name`` when this node drains, and receive it on start.
@@ -397,6 +399,13 @@ class Node:
         namespace's validator", which the sender's drain report shows (and is then not
         ``ok``). Use it to refuse types and values the application does not expect: any
         peer holding the cookie can send anything the codec decodes.
+        ``spread`` says where a drain sends the keys when several successors take them:
+        ``"all"`` (every successor gets every key, as far as its size allows: for round-robin
+        balancers, such as a Kubernetes Service or the Fly proxy) or ``"split"`` (each key to
+        exactly one successor, by rendezvous hashing: for key-affine balancers, or to send
+        each record once). The default is ``"all"`` for caches and mappings; state that moves
+        ownership (``handoff.Counters``) is always split, and asking it for ``"all"`` raises
+        :exc:`ConfigError` (a copy would count twice).
         Must be called before :meth:`start`: peers learn the namespaces in the handshake.
         """
         if self.running:
@@ -412,10 +421,20 @@ class Node:
             raise ConfigError(f"version of {name!r} must be an integer >= 0, got {version!r}")
         if validate is not None and not callable(validate):
             raise ConfigError(f"validate of {name!r} must be callable(key, value): {validate!r}")
+        if spread is not None and spread not in SPREADS:
+            raise ConfigError(
+                f"spread of {name!r} must be one of {', '.join(map(repr, SPREADS))}, not {spread!r}"
+            )
         chosen = adapter if adapter is not None else adapter_for(obj, **options)
+        if spread == ALL and chosen.moves_ownership:
+            raise ConfigError(
+                f"spread='all' for {name!r}: its state moves ownership ({chosen.kind}), so "
+                "each record must go to exactly one successor (a copy on several would count "
+                "twice); leave spread unset or use 'split'"
+            )
         if adapter is None and chosen.kind == "mapping" and options.get("merge") is None:
             _warn_if_counts(name, obj)
-        self._tracked[name] = Tracked(name, obj, chosen, version, validate)
+        self._tracked[name] = Tracked(name, obj, chosen, version, validate, spread)
         return chosen
 
     def upgrade(self, namespace: str, from_version: int) -> Callable[[_T], _T]:
@@ -539,7 +558,7 @@ class Node:
         shows: ``node``, ``cluster``, ``release``, ``state``, ``address``, ``port``, ``pid``,
         ``warm`` and ``warm_reason``, ``join_error``, ``members`` (this node and its peers
         with their releases, states and namespace versions), ``tracked`` (per namespace:
-        adapter kind, entries, schema version), ``last_drain`` (the report, or ``None``) and
+        adapter kind, entries, schema version, spread), ``last_drain`` (the report, or ``None``) and
         ``last_received`` (``peer``, ``release``, ``records``, ``at``, ``applied``, ``kept``,
         ``dropped``; or ``None``)."""
         return node_status(self)

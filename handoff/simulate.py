@@ -15,8 +15,11 @@ at the switch the balancer sends each key to one new node and ``node-a`` gets SI
 
 - cold: ``node-a`` stops without draining, as a service without handoff does; the new
   nodes start empty and warm up from the backend;
-- warm: ``node-a`` drains its cache to the new nodes, split by key with the same
-  rendezvous hashing the balancer uses, so every key lands where its requests go.
+- warm: ``node-a`` drains its cache to the new nodes. With spread ``split`` each key goes
+  to one of them, by the same rendezvous hashing the key balancer uses, so every key lands
+  where its requests go; with spread ``all`` every new node gets every key (what a
+  round-robin balancer needs). The spread defaults to ``split`` for ``--balance key`` and
+  ``all`` for ``--balance round-robin``.
 
 Both runs draw the same request stream (same seeds), so the difference is the handoff:
 hit rate over time, backend calls during and after the deploy, entries moved and lost.
@@ -43,6 +46,7 @@ from xml.sax.saxutils import escape
 
 from handoff._demo import BALANCES, TrafficSpec
 from handoff._text import duration
+from handoff.engine._tracked import SPREADS
 from handoff.testing import STATE_ENV, DNSResponder, NodeProcess, free_port_on_all
 
 __all__ = (
@@ -228,6 +232,9 @@ class DemoSettings:
     """Requests per second, all nodes together."""
     balance: str = "key"
     """How the balancer spreads requests over the new nodes: ``key`` or ``round-robin``."""
+    spread: str | None = None
+    """How the drain places the keys on the new nodes: ``split`` or ``all``; ``None``:
+    ``split`` for the key balancer (where it puts each key), ``all`` for round-robin."""
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -243,6 +250,15 @@ class DemoSettings:
             raise ValueError(f"rate must be from {MIN_RATE:g} to {MAX_RATE:g}, not {self.rate}")
         if self.balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}")
+        if self.spread not in (None, *SPREADS):
+            raise ValueError(f"spread must be one of {', '.join(SPREADS)}")
+
+    @property
+    def drain_spread(self) -> str:
+        """The spread the drain uses (see :attr:`spread`)."""
+        if self.spread is not None:
+            return self.spread
+        return "split" if self.balance == "key" else "all"
 
     @property
     def keys(self) -> int:
@@ -279,6 +295,7 @@ class DemoSettings:
             "window_seconds": self.window_bins * BIN_SECONDS,
             "rate": self.rate,
             "balance": self.balance,
+            "spread": self.drain_spread,
             "seed": self.seed,
             "keys": self.keys,
             "zipf_exponent": ZIPF_EXPONENT,
@@ -342,7 +359,10 @@ class DeployRun:
     entries_before: int = 0
     """Entries the old node held when it got SIGTERM."""
     entries_moved: int = 0
-    """Entries the new nodes took from the handoff (applied, or already held)."""
+    """Entries the new nodes took from the handoff (applied, or already held); with spread
+    ``all``, entries at least one new node took (each counted once, by the drain report)."""
+    moved_per_node: dict[str, int] = field(default_factory=dict)
+    """Entries each new node took from the handoff (its copy, with spread ``all``)."""
     dropped: dict[str, int] = field(default_factory=dict)
     """Entries the handoff dropped (by the sender or a receiver), per reason."""
     snapshotted: int = 0
@@ -408,6 +428,7 @@ class DeployRun:
             "requests": {k: v.requests for k, v in parts.items()},
             "entries_before": self.entries_before,
             "entries_moved": self.entries_moved,
+            "moved_per_node": dict(sorted(self.moved_per_node.items())),
             "lost": self.lost,
             "dropped": dict(sorted(self.dropped.items())),
             "snapshotted": self.snapshotted,
@@ -597,6 +618,7 @@ class _Simulation:
             "maxsize": self.entries,
             "hot_first": True,
             "drain_on_stop": self.handoff,
+            "spread": self.run_data.settings.drain_spread,
         }
         return old, {**base, "entries": 0, "maxsize": self.entries, "drain_on_stop": False}
 
@@ -730,7 +752,8 @@ class _Simulation:
             )
         self.switch_elapsed = self.elapsed(switch)
         self._progress(final=False, before_switch=True)
-        how = "by key (as the drain splits keys)" if settings.balance == "key" else "round-robin"
+        how = "by key" if settings.balance == "key" else "round-robin"
+        how += f"; the drain's spread: {settings.drain_spread}"
         what = "drains its cache to them" if self.handoff else "stops without draining"
         self.say(f"      0s  switch: the balancer sends the traffic to {_names(new)} {how}")
         self.say(f"          {_STOPPED} gets SIGTERM and {what}")
@@ -769,6 +792,17 @@ class _Simulation:
         namespace = drain["namespaces"].get(NAMESPACE, {})
         run.entries_before = int(namespace.get("records", 0))
         run.snapshotted = int(namespace.get("snapshotted", 0))
+        if namespace.get("spread") == "all":
+            # Every new node got its own copy: the receivers' sums count an entry once per
+            # node. The drain report counts each once (what the first node to acknowledge
+            # it did with it).
+            run.entries_moved = int(namespace.get("applied", 0)) + int(
+                namespace.get("kept_existing", 0)
+            )
+            run.dropped = {
+                reason: int(count)
+                for reason, count in namespace.get("receiver_dropped", {}).items()
+            }
         for reason, count in namespace.get("dropped", {}).items():
             run.dropped[reason] = run.dropped.get(reason, 0) + int(count)
         if run.unaccounted:
@@ -902,7 +936,9 @@ class _Simulation:
             # The receivers' own account of the handoff (kept: already loaded meanwhile).
             result = raw.get("result", {})
             run = self.run_data
-            run.entries_moved += int(result.get("applied", 0)) + int(result.get("kept_existing", 0))
+            moved = int(result.get("applied", 0)) + int(result.get("kept_existing", 0))
+            run.entries_moved += moved
+            run.moved_per_node[observer] = run.moved_per_node.get(observer, 0) + moved
             for reason, count in result.get("dropped", {}).items():
                 run.dropped[reason] = run.dropped.get(reason, 0) + int(count)
         else:
@@ -939,11 +975,22 @@ def _describe_report(report: dict[str, Any]) -> str:
     if ns is None:
         return "nothing tracked"
     dropped = sum(ns["dropped"].values()) + sum(ns["receiver_dropped"].values())
-    return (
+    text = (
         f"{ns['records']} held, {ns['acknowledged']} acknowledged by "
         f"{', '.join(ns['successors']) or 'nobody'} in {ns['seconds']:.2f}s "
         f"({ns['bytes'] / 1e6:.1f} MB), {ns['snapshotted']} snapshotted, {dropped} dropped"
     )
+    copies = ns.get("per_successor", {})
+    if ns.get("spread") == "all" and copies:
+        text += (
+            " (copies to each: "
+            + ", ".join(
+                f"{peer} {counts['applied'] + counts['kept_existing']}"
+                for peer, counts in sorted(copies.items())
+            )
+            + " held)"
+        )
+    return text
 
 
 @contextlib.contextmanager
@@ -1316,8 +1363,9 @@ SIMULATE_DESCRIPTION = "\n\n".join(
         serves everything. At the switch the balancer sends the traffic to the new nodes, each
         key to one node (or round-robin, with --balance), and node-a gets SIGTERM: in the cold
         run it stops without draining and the new nodes warm up from the backend; in the warm
-        run it drains its cache to the new nodes, split by key as the balancer splits
-        requests.""",
+        run it drains its cache to the new nodes: split by key as the key balancer splits
+        requests, or a copy of every key to each new node (--spread all, the default with
+        round-robin).""",
         """Shows progress, then the hit rate over time of both runs side by side, backend
         calls before, during and after the deploy, handoff seconds and entries moved and lost.
         Exits 0 if both runs completed and the handoff accounted for every entry, 1 (saying
@@ -1405,6 +1453,14 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "one node, the split the drain makes) or round-robin (default key)",
     )
     parser.add_argument(
+        "--spread",
+        choices=SPREADS,
+        default=None,
+        help="how the drain places keys on the new nodes: split (each key to one node) or "
+        "all (every node gets every key); default split with --balance key, all with "
+        "round-robin",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object (settings, hit rates, backend calls, handoff, the "
@@ -1428,18 +1484,31 @@ def _can_encode(stream: TextIO, text: str) -> bool:
 
 
 def _explain(settings: DemoSettings) -> list[str]:
+    spread = settings.drain_spread
     if settings.balance == "key":
+        if spread == "all":
+            return [
+                "The balancer routes by key, as a consistent-hash balancer does, and the drain",
+                "(--spread all) gave every new node every key: each request finds its entry,",
+                "at the cost of sending the cache once per new node.",
+            ]
         return [
             "The balancer routes by key, as a consistent-hash balancer does: each key goes to",
             "one new node, the one the drain sent it to (the same rendezvous hashing), so",
             "with handoff every request finds its entry where it lands. With --balance",
-            "round-robin each node gets every key but holds only its share of them.",
+            "round-robin every node sees every key, and the drain copies every key to each.",
+        ]
+    if spread == "split":
+        return [
+            "The balancer spreads requests round-robin: every new node sees every key, but",
+            "the drain (--spread split) gave each key to one node, so right after the switch",
+            "a request finds its entry only on the node that received it. The default spread",
+            "for round-robin, all, copies every key to each new node.",
         ]
     return [
-        "The balancer spreads requests round-robin: every new node sees every key, but the",
-        "drain gives each key to one node, so right after the switch a request finds its",
-        "entry only on the node that received it. A key-affine balancer (--balance key,",
-        "the default) sends each key where the drain put it.",
+        "The balancer spreads requests round-robin: every new node sees every key, and the",
+        "drain (spread all) gave every new node every key, so a request finds its entry",
+        "wherever it lands. With --spread split each node would hold only its share.",
     ]
 
 
@@ -1451,6 +1520,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         rate=args.rate,
         balance=args.balance,
+        spread=args.spread,
     )
     out = sys.stdout
     progress: TextIO | None = (

@@ -264,6 +264,7 @@ def test_json_of_a_comparison_has_the_headline_numbers() -> None:
         ["--seconds", "soon"],
         ["--rate", "5"],
         ["--balance", "random"],
+        ["--spread", "some"],
         ["--plot", "chart.png"],
         ["--plot", "/no/such/directory/chart.svg"],
         ["--no-such-option"],
@@ -274,6 +275,17 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
         _parser().parse_args(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_drains_spread_follows_the_balancer_unless_given() -> None:
+    assert DemoSettings(balance="key").drain_spread == "split"
+    assert DemoSettings(balance="round-robin").drain_spread == "all"
+    assert DemoSettings(balance="round-robin", spread="split").drain_spread == "split"
+    assert DemoSettings(balance="key", spread="all").as_dict()["spread"] == "all"
+    with pytest.raises(ValueError, match="spread must be one of split, all"):
+        DemoSettings(spread="some")
+    assert _parser().parse_args(["--spread", "split"]).spread == "split"
+    assert _parser().parse_args([]).spread is None
 
 
 def test_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
@@ -355,8 +367,14 @@ def test_readable_output_shows_progress_chart_and_table() -> None:
     assert code == 0, err
     assert "cold run (without handoff)" in out
     assert "warm run (with handoff)" in out
-    assert "switch: the balancer sends the traffic to node-b, node-c round-robin" in out
-    assert "node-a  drained: 1000 held, 1000 acknowledged" in out
+    assert (
+        "switch: the balancer sends the traffic to node-b, node-c round-robin; "
+        "the drain's spread: all" in out
+    )
+    # Round-robin: each new node got its own copy of every key (as far as it fits: the new
+    # nodes fill from the backend while the drain runs).
+    assert "node-a  drained: 1000 held, 1000 acknowledged by" in out
+    assert "(copies to each: node-b " in out
     assert "cache hit rate (a column is" in out
     assert "hit rate, first" in out
     assert "entries lost" in out

@@ -9,7 +9,7 @@ from typing import Any
 
 from handoff._text import duration
 
-__all__ = ("DrainReport", "NamespaceReport")
+__all__ = ("DrainReport", "NamespaceReport", "SuccessorCounts")
 
 
 def _add(counts: dict[str, int], reason: str, count: int) -> None:
@@ -18,16 +18,38 @@ def _add(counts: dict[str, int], reason: str, count: int) -> None:
 
 
 @dataclass(slots=True)
+class SuccessorCounts:
+    """What one successor acknowledged of a namespace, and what it did with it. With
+    spread ``all`` every successor gets every record: these are its copies."""
+
+    acknowledged: int = 0
+    applied: int = 0
+    kept_existing: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Records it acknowledged without keeping them, per reason ("receiver full" ...)."""
+
+
+@dataclass(slots=True)
 class NamespaceReport:
     """One namespace's accounting. Invariant: ``records == acknowledged + snapshotted +
-    sum(dropped.values())`` once the drain has finished."""
+    sum(dropped.values())`` once the drain has finished, each record counted once.
+
+    With spread ``all`` a record is sent to every successor: it counts as acknowledged
+    once, when the first successor acknowledges it, and ``applied`` / ``kept_existing`` /
+    ``receiver_dropped`` say what that first successor did with it (where one chunk mixes
+    records first acknowledged with records another successor acknowledged before, its
+    drops are counted against the first ones: the report errs on the side of loss). A
+    record is re-sent, snapshotted or dropped only once no successor holds it pending or
+    unacknowledged and none acknowledged it. What each successor did with its copies is
+    in :attr:`per_successor`."""
 
     namespace: str
     version: int
     records: int = 0
     """Records the node held and exported."""
     sent: int = 0
-    """Record transmissions, retries to another successor included."""
+    """Record transmissions: retries to another successor, and with spread ``all`` each
+    successor's copy, included."""
     acknowledged: int = 0
     """Records a successor acknowledged (applied, kept or dropped there, see below)."""
     applied: int = 0
@@ -41,6 +63,11 @@ class NamespaceReport:
     successors: list[str] = field(default_factory=list)
     refusals: dict[str, str] = field(default_factory=dict)
     """Successors that refused the namespace (or could not be offered it), with why."""
+    spread: str = "split"
+    """How the keys were placed over several successors: ``split`` or ``all``."""
+    per_successor: dict[str, SuccessorCounts] = field(default_factory=dict)
+    """Each successor's acknowledgements and their outcomes there (its copies, under
+    ``all``)."""
     in_doubt: int = 0
     """Records of state that moves exactly once (counters, actors) re-sent after the
     successor they were sent to lost its link before acknowledging them. Exact if it
@@ -54,6 +81,19 @@ class NamespaceReport:
     def receiver_drop(self, reason: str, count: int) -> None:
         """Count records a successor acknowledged but did not keep."""
         _add(self.receiver_dropped, reason, count)
+
+    def successor_acked(
+        self, peer: str, records: int, applied: int, kept: int, dropped: Mapping[str, int]
+    ) -> None:
+        """Count an acknowledgement of ``records`` by ``peer`` in :attr:`per_successor`."""
+        counts = self.per_successor.get(peer)
+        if counts is None:
+            counts = self.per_successor[peer] = SuccessorCounts()
+        counts.acknowledged += records
+        counts.applied += applied
+        counts.kept_existing += kept
+        for reason, count in dropped.items():
+            _add(counts.dropped, reason, count)
 
     @property
     def accounted(self) -> int:
@@ -76,6 +116,16 @@ class NamespaceReport:
             f"{self.namespace}: {self.records} held, {self.acknowledged} acknowledged"
             f" by {', '.join(self.successors) or 'nobody'}"
         )
+        if self.spread == "all" and len(self.per_successor) > 1:
+            text += (
+                " (copies to each: "
+                + ", ".join(
+                    f"{peer} {counts.applied}"
+                    + (f" [dropped {_reasons(counts.dropped)}]" if counts.dropped else "")
+                    for peer, counts in sorted(self.per_successor.items())
+                )
+                + " applied)"
+            )
         if self.kept_existing:
             text += f" ({self.kept_existing} kept their newer copy there)"
         if self.receiver_dropped:

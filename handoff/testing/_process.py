@@ -202,6 +202,8 @@ class StateConfig:
     """Fill from the last index down, so that entry 0 is the most recently used."""
     drain_on_stop: bool = True
     """Drain on SIGTERM, SIGINT or end of stdin (false: stop at once, the state is lost)."""
+    spread: str | None = None
+    """``node.track(..., spread=)``: ``"split"``, ``"all"``, or the default."""
 
     def __post_init__(self) -> None:
         def integer(name: str, value: object, low: int) -> None:
@@ -232,6 +234,8 @@ class StateConfig:
         number("apply_delay", self.apply_delay, positive=False)
         if not isinstance(self.key_prefix, str):
             raise ValueError(f"key_prefix must be a string, got {self.key_prefix!r}")
+        if self.spread not in (None, "split", "all"):
+            raise ValueError(f"spread must be 'split', 'all' or null, got {self.spread!r}")
         for name in ("hot_first", "drain_on_stop"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -966,7 +970,14 @@ class _HeldState:
         for index in reversed(order) if config.hot_first else order:
             self.obj[config.key(index)] = config.value(index)
         self.adapter = _ObservedAdapter(adapter_for(self.obj), config.namespace, config.apply_delay)
-        node.track(config.namespace, self.obj, version=config.version, adapter=self.adapter)
+        spread: Any = config.spread  # checked by StateConfig
+        node.track(
+            config.namespace,
+            self.obj,
+            version=config.version,
+            adapter=self.adapter,
+            spread=spread,
+        )
 
 
 class _StdinReader:
