@@ -1,0 +1,179 @@
+"""Pre-copy's building blocks in the cachetools adapters: change tracking on the sender
+(``mark`` / ``changed_since``) and the delta applied on top of a pre-copy on the receiver
+(``import_delta``). The sender's final state must come out on the receiver exactly: values,
+remaining lifetimes, recency order, deletions and evictions."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import cachetools
+import pytest
+
+from handoff._adapter import DELETED, SupportsChangeTracking
+from handoff._registry import adapter_for
+from handoff.adapters.cachetools import CacheAdapter
+
+
+class Timer:
+    """A cache timer the test moves (both caches read the same one)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(kind: str, timer: Timer, maxsize: int = 100) -> cachetools.Cache[str, Any]:
+    if kind == "ttl":
+        return cachetools.TTLCache(maxsize=maxsize, ttl=300, timer=timer)
+    if kind == "tlru":
+        return cachetools.TLRUCache(maxsize=maxsize, ttu=lambda k, v, now: now + 300, timer=timer)
+    plain: dict[str, type[cachetools.Cache[str, Any]]] = {
+        "cache": cachetools.Cache,
+        "lru": cachetools.LRUCache,
+        "fifo": cachetools.FIFOCache,
+        "lfu": cachetools.LFUCache,
+        "rr": cachetools.RRCache,
+    }
+    return plain[kind](maxsize=maxsize)
+
+
+def adapter(cache: cachetools.Cache[str, Any]) -> CacheAdapter[Any]:
+    chosen = adapter_for(cache)
+    assert isinstance(chosen, CacheAdapter)
+    return chosen
+
+
+KINDS = ["cache", "lru", "fifo", "lfu", "rr", "ttl", "tlru"]
+ORDERED = ["lru", "fifo", "ttl", "tlru"]  # the receiver's order is the sender's
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_changed_since_names_what_was_written_or_deleted_after_the_mark(kind: str) -> None:
+    timer = Timer()
+    cache = make(kind, timer, maxsize=50)
+    for i in range(50):
+        cache[f"k{i}"] = i
+    source = adapter(cache)
+    assert isinstance(source, SupportsChangeTracking)
+    mark = source.mark()
+    assert list(source.changed_since(mark)) == []
+    cache["k3"] = "updated"
+    cache["new"] = "written"  # full: evicts one entry, which counts as deleted
+    assert len(cache) == 50
+    evicted = {f"k{i}" for i in range(50)} - set(cache)
+    assert len(evicted) == 1
+    del cache["k4" if "k4" not in evicted else "k5"]
+    deleted = {f"k{i}" for i in range(50)} - set(cache)
+    assert len(deleted) == 2
+    changed = list(source.changed_since(mark))
+    written = {"k3", "new"}
+    # Written keys as the export yields them (its order, its metadata), then deletions.
+    assert changed[: len(written)] == [r for r in source.export() if r[0] in written]
+    assert sorted(changed[len(written) :]) == sorted((key, DELETED, None) for key in deleted)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reads_count_as_changes_only_where_they_reorder(kind: str) -> None:
+    timer = Timer()
+    cache = make(kind, timer)
+    cache.update({f"k{i}": i for i in range(10)})
+    source = adapter(cache)
+    mark = source.mark()
+    assert cache["k1"] == 1
+    assert cache.get("k2") == 2
+    assert "k5" in cache  # never a use
+    names = [key for key, _, _ in source.changed_since(mark)]
+    if kind in ("lru", "lfu", "ttl", "tlru"):
+        assert sorted(names) == ["k1", "k2"]
+    else:
+        assert names == []
+
+
+def test_a_new_mark_replaces_the_old_and_stop_tracking_restores_the_cache() -> None:
+    timer = Timer()
+    cache = make("ttl", timer)
+    cache["a"] = 1
+    source = adapter(cache)
+    first = source.mark()
+    cache["b"] = 2
+    second = source.mark()
+    with pytest.raises(ValueError, match="not this cache's current mark"):
+        list(source.changed_since(first))
+    assert list(source.changed_since(second)) == []
+    cache["c"] = 3
+    assert [key for key, _, _ in source.changed_since(second)] == ["c"]
+    # While tracked the cache stays a TTLCache to the application, and pickles as one.
+    assert isinstance(cache, cachetools.TTLCache)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert type(copy) is cachetools.TTLCache
+    assert dict(copy) == {"a": 1, "b": 2, "c": 3}
+    source.stop_tracking()
+    assert type(cache) is cachetools.TTLCache
+    cache["d"] = 4  # untracked: nothing noted, nothing raised
+    with pytest.raises(ValueError, match="not this cache's current mark"):
+        list(source.changed_since(second))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_precopy_then_changes_then_delta_gives_the_receiver_the_senders_final_state(
+    kind: str,
+) -> None:
+    """The flow a pre-copy runs: mark, copy everything while the sender serves on, then
+    writes, updates, reads, deletions and evictions on the sender, time passing; at the
+    end only the delta crosses, and the receiver holds exactly what the sender holds."""
+    timer = Timer()
+    cache = make(kind, timer)
+    for i in range(100):
+        cache[f"k{i:03d}"] = {"n": i}
+    source = adapter(cache)
+    received = make(kind, timer)
+    target = adapter(received)
+    mark = source.mark()
+    assert target.import_records(list(source.export())).applied == 100
+    timer.now += 30.0
+    for i in range(0, 100, 10):
+        cache[f"k{i:03d}"] = {"n": i, "updated": True}  # pre-copied, then changed
+    for i in range(5, 100, 20):
+        del cache[f"k{i:03d}"]
+    for i in range(3, 100, 25):
+        _ = cache.get(f"k{i:03d}")  # a read: recency (or a use count) changes
+    for i in range(8):
+        cache[f"new{i}"] = i  # the last ones evict (the cache is full again)
+    timer.now += 10.0
+    delta = list(source.changed_since(mark))
+    assert len(delta) < len(cache)  # only the delta crosses
+    result = target.import_delta(delta)
+    assert result.total == len(delta)
+    assert result.dropped == {}
+    expected, got = list(source.export()), list(target.export())
+    if kind in ORDERED:
+        assert [key for key, _, _ in got] == [key for key, _, _ in expected]
+    assert {key: value for key, value, _ in got} == {key: value for key, value, _ in expected}
+    if kind in ("ttl", "tlru"):
+        lifetimes = {key: meta for key, _, meta in expected}
+        for key, _, meta in got:
+            # Never longer; shorter at most by the 1/256 grid of the receiver's expiries.
+            assert lifetimes[key] * (1 - 1 / 256) <= meta <= lifetimes[key], key
+    if kind == "lfu":
+        assert {key: count for key, _, count in got} == {key: count for key, _, count in expected}
+
+
+def test_a_delta_replaces_what_the_receiver_wrote_itself_and_deletes_what_it_never_had() -> None:
+    timer = Timer()
+    cache, received = make("lru", timer), make("lru", timer)
+    cache.update({"a": 1, "b": 2})
+    source, target = adapter(cache), adapter(received)
+    mark = source.mark()
+    target.import_records(list(source.export()))
+    received["a"] = "the receiver's own"  # the new node served meanwhile
+    cache["a"] = "the sender's update"
+    del cache["b"]
+    del cache["a"]
+    cache["a"] = "again"
+    result = target.import_delta([*source.changed_since(mark), ("gone", DELETED, None)])
+    assert dict(received) == {"a": "again"}
+    assert result.applied == 3  # a written, b and "gone" deleted
