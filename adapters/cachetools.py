@@ -55,9 +55,10 @@ Change tracking (the building blocks of pre-copy)
     gives the cache object a subclass of its own class (same name, same behaviour, one
     dictionary write per noted access; it still pickles as its own class), until
     ``stop_tracking()``. A second ``mark()`` starts afresh. On the receiver,
-    ``import_delta(records)`` applies such a delta on top of a pre-copy: a written record
-    replaces the entry held (it is newer) and becomes the hottest, in the delta's order,
-    above every entry the delta does not name, so that the receiver ends with the sender's
+    ``import_delta(records)`` applies such a delta, deletions first and then the written
+    records coldest first (so that it can arrive in chunks), on top of a pre-copy: a
+    written record replaces the entry held (it is newer) and becomes the hottest, above
+    every entry the delta does not name, so that the receiver ends with the sender's
     entries, values, lifetimes and order; ``DELETED`` removes the key. The engine does not
     use these yet (see the README's "Pre-copy").
 
@@ -671,18 +672,22 @@ class CacheAdapter(Generic[_C]):
         _untrack(self.cache)
 
     def import_delta(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
-        """Apply what :meth:`changed_since` yielded on a pre-copy's sender, on top of what
-        the pre-copy brought: a written record replaces the entry this cache holds (it is
-        the newer one, unlike in :meth:`import_records`) and becomes the hottest, in the
-        order of ``records``, above every entry the delta does not name; ``DELETED``
-        removes the key (counted as applied, whether it was held or not). Otherwise the
+        """Apply part of what :meth:`changed_since` yielded on a pre-copy's sender, on top
+        of what the pre-copy brought, in *delta order*: the deletions, then the written
+        records coldest first (the reverse of :meth:`changed_since`; see
+        ``handoff.engine._precopy.delta_order``), so that the delta can arrive in several
+        calls. ``DELETED`` removes the key (counted as applied, whether it was held or
+        not); deletions in a call are applied before its writes, to make room. A written
+        record replaces the entry this cache holds (it is the newer one, unlike in
+        :meth:`import_records`) and becomes the hottest, so that the last record applied
+        is the hottest of all, above every entry the delta does not name. Otherwise the
         rules of :meth:`import_records` apply (lifetimes, sizes, drops)."""
         cache = self.cache
         data = _data(cache)
         result = ImportResult()
         deleted = 0
-        # Coldest first: each applied record goes to the hot end, the hottest last.
-        for record in reversed(records):
+        written: list[Record] = []
+        for record in records:
             try:
                 key, value = record[0], record[1]
                 if key in data:
@@ -694,10 +699,12 @@ class CacheAdapter(Generic[_C]):
                 continue
             if value is DELETED:
                 deleted += 1
-                continue
+            else:
+                written.append(record)
+        for record in written:
             one = self.import_records([record], age=age)
             if one.applied:
-                self._to_hot_end(key)
+                self._to_hot_end(record[0])
             result += one
         return result + ImportResult(applied=deleted)
 

@@ -11,9 +11,15 @@ from typing import Any
 import cachetools
 import pytest
 
-from handoff._adapter import DELETED, SupportsChangeTracking
+from handoff._adapter import DELETED, ImportResult, SupportsChangeTracking
 from handoff._registry import adapter_for
 from handoff.adapters.cachetools import CacheAdapter
+from handoff.engine import Drainer, Tracked
+from handoff.engine._precopy import DELTA, PRECOPY, Precopy, delta_order
+from tests.test_engine_unit import CLUSTER, FakeNode, network, small_chunks
+from tests.test_engine_unit import track as engine_track
+
+__all__ = ("small_chunks",)  # the fixture, used here by name
 
 
 class Timer:
@@ -144,9 +150,10 @@ def test_precopy_then_changes_then_delta_gives_the_receiver_the_senders_final_st
     for i in range(8):
         cache[f"new{i}"] = i  # the last ones evict (the cache is full again)
     timer.now += 10.0
-    delta = list(source.changed_since(mark))
+    delta = delta_order(source.changed_since(mark))
     assert len(delta) < len(cache)  # only the delta crosses
-    result = target.import_delta(delta)
+    # In pieces, as chunks arrive.
+    result = target.import_delta(delta[:7]) + target.import_delta(delta[7:])
     assert result.total == len(delta)
     assert result.dropped == {}
     expected, got = list(source.export()), list(target.export())
@@ -174,6 +181,128 @@ def test_a_delta_replaces_what_the_receiver_wrote_itself_and_deletes_what_it_nev
     del cache["b"]
     del cache["a"]
     cache["a"] = "again"
-    result = target.import_delta([*source.changed_since(mark), ("gone", DELETED, None)])
+    result = target.import_delta(
+        delta_order([*source.changed_since(mark), ("gone", DELETED, None)])
+    )
     assert dict(received) == {"a": "again"}
     assert result.applied == 3  # a written, b and "gone" deleted
+
+
+# -- the engine: a pre-copy's copy and delta streams over fake links --------------------------
+
+
+def _drainer(
+    node: FakeNode,
+    target: FakeNode,
+    tracked: dict[str, Tracked],
+    sources: dict[str, Any],
+    suffix: str,
+) -> Drainer:
+    return Drainer(
+        node=node.name,
+        release=node.release,
+        cluster=CLUSTER,
+        tracked=tracked,
+        transforms=node.transforms,
+        codec=node.codec,
+        snapshots=None,  # a delta is applicable only where the copy went
+        peers=lambda: [(p, w) for p, w in node.peers() if p.name == target.name],
+        clock=node.net.clock,
+        wall_clock=lambda: 1_700_000_000.0,
+        started_at=node.started_at,
+        stream_ids=node.stream_ids,
+        sources=sources,
+        kinds={name: t.adapter.kind + suffix for name, t in tracked.items()},
+        reason="pre-copy",
+    )
+
+
+class NoDeltas:
+    """A cachetools adapter as a node before pre-copy has it: no ``import_delta``."""
+
+    kind = "cachetools"
+    moves_ownership = False
+
+    def __init__(self, cache: cachetools.Cache[str, Any]) -> None:
+        self._inner = adapter(cache)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def export(self) -> Any:
+        return self._inner.export()
+
+    def import_records(self, records: Any, *, age: float = 0.0) -> ImportResult:
+        return self._inner.import_records(records, age=age)
+
+
+@pytest.mark.anyio
+async def test_a_precopy_then_its_delta_leave_the_receiver_with_the_senders_state(
+    small_chunks: None,
+) -> None:
+    timer = Timer()
+    cache = make("ttl", timer, maxsize=300)
+    for i in range(300):
+        cache[f"u{i:03d}"] = {"n": i}
+    received = make("ttl", timer, maxsize=300)
+    async with network() as net:
+        a = net.node("a", engine_track("users", cache))
+        b = net.node("b", engine_track("users", received), release="v2")
+        c = net.node("c", Tracked("users", {}, NoDeltas(make("ttl", timer)), 1), release="v2")
+        net.connect(a, b, c)
+        precopy = Precopy(a.tracked)
+        copy = await net.finish(
+            net.start(
+                lambda: a.sessions.drain(
+                    _drainer(a, b, precopy.tracked, precopy.copy_sources(), PRECOPY),
+                    time_limit=10.0,
+                )
+            )
+        )
+        assert copy.ok, copy.summary()
+        assert copy.namespaces["users"].acknowledged == 300
+        assert b.completed == [("a", 300)]  # its Done: the receiver knows the copy is in
+        assert len(received) == 300
+        # The sender serves on: writes, updates, reads, deletions, evictions; time passes.
+        timer.now += 20.0
+        for i in range(0, 300, 7):
+            cache[f"u{i:03d}"] = {"n": i, "v": 2}
+        for i in range(3, 300, 11):
+            cache.pop(f"u{i:03d}", None)
+        for i in range(5, 300, 13):
+            _ = cache.get(f"u{i:03d}")
+        for i in range(40):
+            cache[f"new{i}"] = i  # fills up, then evicts the least recently used
+        timer.now += 5.0
+        delta = await net.finish(
+            net.start(
+                lambda: a.sessions.drain(
+                    _drainer(a, b, precopy.tracked, precopy.delta_sources(), DELTA),
+                    time_limit=10.0,
+                )
+            )
+        )
+        # A receiver that cannot apply a delta refuses a pre-copy cleanly (no protocol
+        # error): it will get the whole namespace at the drain instead.
+        refused = await net.finish(
+            net.start(
+                lambda: a.sessions.drain(
+                    _drainer(a, c, precopy.tracked, precopy.copy_sources(), PRECOPY),
+                    time_limit=10.0,
+                )
+            )
+        )
+        assert net.protocol_errors == []
+
+    ns = delta.namespaces["users"]
+    assert delta.ok, delta.summary()
+    assert ns.records == ns.acknowledged == ns.applied
+    assert ns.records < len(cache)  # only the delta crossed
+    expected, got = list(adapter(cache).export()), list(adapter(received).export())
+    assert [k for k, _, _ in got] == [k for k, _, _ in expected]  # recency order too
+    assert {k: v for k, v, _ in got} == {k: v for k, v, _ in expected}
+    lifetimes = {k: meta for k, _, meta in expected}
+    for key, _, meta in got:
+        assert lifetimes[key] * (1 - 1 / 256) <= meta <= lifetimes[key], key
+    assert "cannot apply a pre-copy" in refused.namespaces["users"].refusals["c"]
+    assert refused.namespaces["users"].acknowledged == 0

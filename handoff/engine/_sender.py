@@ -197,6 +197,7 @@ class Drainer:
         fingerprints: bool = False,
         sources: Mapping[str, Callable[[], Iterator[Record]]] | None = None,
         stream_ids: Iterator[int] | None = None,
+        kinds: Mapping[str, str] | None = None,
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
@@ -210,7 +211,10 @@ class Drainer:
         unexported; ``sources`` replaces the export of the namespaces it names
         (and limits the drain to them). ``stream_ids`` numbers the streams: pass the
         node's own counter, so that a later drain (the catch-up) never offers a stream
-        id that a receiver may still hold from an earlier one."""
+        id that a receiver may still hold from an earlier one. ``kinds`` replaces the
+        kind offered for the namespaces it names (a pre-copy's ``<kind>+delta``, see
+        ``_precopy``)."""
+        self._kinds = kinds if kinds is not None else {}
         self.exported: dict[str, ExportLog] = {}
         self.late: list[tuple[str, Link, Cancel | End]] = []
         """Cancels and Ends the deadline left no time for: ``(peer, link, message)``, for
@@ -784,7 +788,7 @@ class Drainer:
             offer = Offer(
                 stream.stream,
                 tracked.name,
-                tracked.adapter.kind,
+                self._kinds.get(tracked.name, tracked.adapter.kind),
                 stream.version,
                 len(tracked.adapter),
             )

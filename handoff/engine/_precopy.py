@@ -1,0 +1,168 @@
+"""Pre-copy streams: copying caches to a newer node while both serve, then only the delta.
+
+Not wired into the node yet (see the README's "Pre-copy"): these are the engine's parts,
+tested with the fake link. A pre-copy runs as two drains of the copyable namespaces whose
+adapters track changes (:class:`~handoff.SupportsChangeTracking` and ``import_delta``, as
+the cachetools adapters do) to one newer peer:
+
+- the copy: :meth:`Precopy.copy_sources` marks each namespace (from then on its adapter
+  notes every key written, read where reads reorder, or deleted), then exports it. The
+  stream is offered with the kind ``<kind>+precopy`` and applied as any handoff (records
+  arrive hottest first and keep their order; a key the receiver holds is kept).
+- the delta, at the sender's drain: :meth:`Precopy.delta_sources` yields only what
+  changed since the mark, deletions as tombstones, offered as ``<kind>+delta``: the
+  receiver applies it with ``import_delta`` (each record replaces the entry it holds and
+  becomes the hottest; a tombstone deletes), so it ends with the sender's final state. The
+  delta travels in :func:`delta_order` (deletions, then writes coldest first), so a
+  deadline would cut its hottest writes: a delta is meant to be small. Run it without a
+  snapshot store: a delta applies only on top of its copy.
+
+Both kinds are refused (a clean Refuse, not a protocol error) by receivers that cannot
+apply a delta, whatever release they run: a node before this module compares the offered
+kind with its adapter's and refuses a stranger. So a node only pre-copies to receivers that
+will take its delta, and an old receiver simply gets the whole namespace at the drain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Final
+
+from handoff._adapter import DELETED, Adapter, ImportResult, Record, SupportsChangeTracking
+from handoff.engine._intake import admit
+from handoff.engine._tracked import Tracked
+from handoff.transforms import Chain
+
+__all__ = (
+    "DELTA",
+    "PRECOPY",
+    "TOMBSTONE",
+    "Precopy",
+    "apply_delta",
+    "delta_order",
+    "from_wire",
+    "split_kind",
+    "supports_delta",
+    "to_wire",
+)
+
+PRECOPY: Final = "+precopy"
+"""Offer kind suffix of a pre-copy's copy stream."""
+DELTA: Final = "+delta"
+"""Offer kind suffix of a pre-copy's delta stream."""
+TOMBSTONE: Final = "handoff:deleted"
+"""The meta of a delta record that deletes its key (value ``None``); in delta streams only."""
+
+
+def supports_delta(adapter: Adapter) -> bool:
+    """Whether ``adapter`` can be pre-copied: copyable state that tracks changes and
+    applies deltas."""
+    return (
+        not adapter.moves_ownership
+        and isinstance(adapter, SupportsChangeTracking)
+        and callable(getattr(adapter, "import_delta", None))
+    )
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """``("cachetools", "+delta")`` for ``"cachetools+delta"``; ``(kind, "")`` otherwise."""
+    for suffix in (PRECOPY, DELTA):
+        if kind.endswith(suffix):
+            return kind[: -len(suffix)], suffix
+    return kind, ""
+
+
+def delta_order(records: Iterable[Record]) -> list[Record]:
+    """What ``changed_since`` yields (written records hottest first, then deletions) in
+    the order ``import_delta`` takes and a delta stream carries: the deletions first (they
+    make room), then the written records coldest first (each applied one becomes the
+    hottest, so chunk after chunk the receiver ends in the sender's order). A delta is
+    as large as what changed since the mark, which the adapter holds anyway."""
+    written: list[Record] = []
+    deletions: list[Record] = []
+    for record in records:
+        (deletions if record[1] is DELETED else written).append(record)
+    written.reverse()
+    return deletions + written
+
+
+def to_wire(records: Iterable[Record]) -> Iterator[Record]:
+    """A delta as it travels: ``DELETED`` becomes a tombstone the codec can carry."""
+    for record in records:
+        if record[1] is DELETED:
+            yield record[0], None, TOMBSTONE
+        else:
+            yield record
+
+
+def from_wire(records: Iterable[Record]) -> list[Record]:
+    """Tombstones back to ``(key, DELETED, None)``."""
+    return [
+        (record[0], DELETED, None) if type(record[2]) is str and record[2] == TOMBSTONE else record
+        for record in records
+    ]
+
+
+def apply_delta(
+    tracked: Tracked, chain: Chain | None, records: list[Record], *, age: float
+) -> tuple[ImportResult, dict[str, int]]:
+    """Apply a decoded delta chunk: written records go through the upgrade hooks and the
+    validator as any handoff's do; tombstones delete their key (they carry no value for
+    the validator to vet: a peer holding the cookie can delete a cached entry, which costs
+    a cache miss). An adapter error drops the chunk with its reason, as on import."""
+    written: list[Record] = []
+    deletions: list[Record] = []
+    for record in from_wire(records):
+        (deletions if record[1] is DELETED else written).append(record)
+    written, dropped = admit(tracked, chain, written)
+    batch = deletions + written
+    try:
+        result: ImportResult = tracked.adapter.import_delta(batch, age=age)  # type: ignore[attr-defined]
+    except Exception as exc:
+        return ImportResult(), {**dropped, f"import failed: {type(exc).__name__}": len(batch)}
+    if result.total != len(batch):
+        return ImportResult(), {**dropped, "outcome unknown: adapter miscounted": len(batch)}
+    for reason, count in result.dropped.items():
+        dropped[reason] = dropped.get(reason, 0) + count
+    return result, dropped
+
+
+class Precopy:
+    """The marks of one pre-copy: which namespaces, and since when they changed."""
+
+    def __init__(self, tracked: Mapping[str, Tracked]) -> None:
+        self.tracked = {name: one for name, one in tracked.items() if supports_delta(one.adapter)}
+        self._marks: dict[str, object] = {}
+
+    def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
+        """The Drainer's ``sources`` for the copy: each marks its namespace, then exports
+        it (the mark first: a write during the export is in the delta)."""
+
+        def source(name: str) -> Callable[[], Iterator[Record]]:
+            def records() -> Iterator[Record]:
+                adapter = self.tracked[name].adapter
+                assert isinstance(adapter, SupportsChangeTracking)
+                self._marks[name] = adapter.mark()
+                return iter(adapter.export())
+
+            return records
+
+        return {name: source(name) for name in self.tracked}
+
+    @property
+    def marked(self) -> frozenset[str]:
+        """The namespaces whose copy began (and so have a delta)."""
+        return frozenset(self._marks)
+
+    def delta_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
+        """The Drainer's ``sources`` for the delta of every marked namespace."""
+
+        def source(name: str) -> Callable[[], Iterator[Record]]:
+            def records() -> Iterator[Record]:
+                adapter = self.tracked[name].adapter
+                assert isinstance(adapter, SupportsChangeTracking)
+                return to_wire(delta_order(adapter.changed_since(self._marks[name])))
+
+            return records
+
+        return {name: source(name) for name in self._marks}
