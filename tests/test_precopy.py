@@ -16,6 +16,7 @@ from handoff._registry import adapter_for
 from handoff.adapters.cachetools import CacheAdapter
 from handoff.engine import Drainer, Tracked
 from handoff.engine._precopy import DELTA, PRECOPY, Precopy, delta_order
+from handoff.protocol import Ack, Chunk
 from tests.test_engine_unit import CLUSTER, FakeNode, network, small_chunks
 from tests.test_engine_unit import track as engine_track
 
@@ -197,6 +198,8 @@ def _drainer(
     tracked: dict[str, Tracked],
     sources: dict[str, Any],
     suffix: str,
+    *,
+    pace: float | None = None,
 ) -> Drainer:
     return Drainer(
         node=node.name,
@@ -214,6 +217,7 @@ def _drainer(
         sources=sources,
         kinds={name: t.adapter.kind + suffix for name, t in tracked.items()},
         reason="pre-copy",
+        pace=pace,
     )
 
 
@@ -253,7 +257,7 @@ async def test_a_precopy_then_its_delta_leave_the_receiver_with_the_senders_stat
         precopy = Precopy(a.tracked)
         copy = await net.finish(
             net.start(
-                lambda: a.sessions.drain(
+                lambda: a.sessions.precopy(
                     _drainer(a, b, precopy.tracked, precopy.copy_sources(), PRECOPY),
                     time_limit=10.0,
                 )
@@ -306,3 +310,67 @@ async def test_a_precopy_then_its_delta_leave_the_receiver_with_the_senders_stat
         assert lifetimes[key] * (1 - 1 / 256) <= meta <= lifetimes[key], key
     assert "cannot apply a pre-copy" in refused.namespaces["users"].refusals["c"]
     assert refused.namespaces["users"].acknowledged == 0
+
+
+@pytest.mark.anyio
+async def test_a_paced_drain_spaces_its_chunks_by_the_bytes_they_carry(
+    small_chunks: None,
+) -> None:
+    """A pre-copy runs while the node serves: its chunks leave no faster than the pace."""
+    timer = Timer()
+    cache = make("ttl", timer, maxsize=300)
+    cache.update({f"u{i:03d}": "x" * 100 for i in range(300)})
+    pace = 10_000.0  # bytes per second
+    async with network() as net:
+        a = net.node("a", engine_track("users", cache))
+        b = net.node("b", engine_track("users", make("ttl", timer, maxsize=300)), release="v2")
+        net.connect(a, b)
+        precopy = Precopy(a.tracked)
+        drainer = _drainer(a, b, precopy.tracked, precopy.copy_sources(), PRECOPY, pace=pace)
+        started = net.clock.now()
+        report = await net.finish(net.start(lambda: a.sessions.drain(drainer, time_limit=60.0)))
+        elapsed = net.clock.now() - started
+        chunks = [m for m in net.wire(a, b).delivered if isinstance(m, Chunk)]
+
+    assert report.ok, report.summary()
+    assert len(chunks) > 10
+    # Chunk k leaves when the bytes of chunks 0..k-1 fit the pace; the acknowledgements
+    # take no time here, so the drain ends as the last chunk leaves.
+    sent = report.namespaces["users"].bytes
+    assert elapsed == pytest.approx((sent - len(chunks[-1].payload)) / pace)
+    with pytest.raises(ValueError, match="pace must be a positive number"):
+        _drainer(a, b, precopy.tracked, precopy.copy_sources(), PRECOPY, pace=0.0)
+
+
+@pytest.mark.anyio
+async def test_a_precopy_cut_short_by_the_receiver_leaving_costs_nothing(
+    small_chunks: None,
+) -> None:
+    """A copy, not a move: the sender keeps everything, the report says how far the copy
+    got, and a delta is only ever sent to where the copy went."""
+    timer = Timer()
+    cache = make("ttl", timer, maxsize=300)
+    cache.update({f"u{i:03d}": i for i in range(300)})
+    async with network() as net:
+        a = net.node("a", engine_track("users", cache))
+        b = net.node("b", engine_track("users", make("ttl", timer, maxsize=300)), release="v2")
+        net.connect(a, b)
+        b_a = net.wire(b, a)
+        b_a.hold_after = lambda m: isinstance(m, Ack) and m.seq == 1
+        precopy = Precopy(a.tracked)
+        copying = net.start(
+            lambda: a.sessions.precopy(
+                _drainer(a, b, precopy.tracked, precopy.copy_sources(), PRECOPY),
+                time_limit=10.0,
+            )
+        )
+        await net.drive(lambda: b_a.held)
+        net.cut(a, b, "b left")
+        report = await net.finish(copying)
+
+    ns = report.namespaces["users"]
+    assert (ns.records, ns.acknowledged) == (300, 32)
+    assert ns.dropped == {"no successor, no snapshot store": 268}
+    assert ns.records == ns.acknowledged + sum(ns.dropped.values())
+    assert len(cache) == 300  # nothing left the sender
+    assert precopy.marked == {"users"}

@@ -198,6 +198,7 @@ class Drainer:
         sources: Mapping[str, Callable[[], Iterator[Record]]] | None = None,
         stream_ids: Iterator[int] | None = None,
         kinds: Mapping[str, str] | None = None,
+        pace: float | None = None,
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
@@ -213,8 +214,15 @@ class Drainer:
         node's own counter, so that a later drain (the catch-up) never offers a stream
         id that a receiver may still hold from an earlier one. ``kinds`` replaces the
         kind offered for the namespaces it names (a pre-copy's ``<kind>+delta``, see
-        ``_precopy``)."""
+        ``_precopy``). ``pace`` (bytes per second, all streams together) spaces the
+        chunks of a drain that runs while the node serves (a pre-copy), so that encoding
+        and sending take only a share of its time."""
+        if pace is not None and not pace > 0:
+            raise ValueError(f"pace must be a positive number of bytes per second, not {pace!r}")
         self._kinds = kinds if kinds is not None else {}
+        self._pace = pace
+        self._paced_bytes = 0
+        self._paced_from = math.nan
         self.exported: dict[str, ExportLog] = {}
         self.late: list[tuple[str, Link, Cancel | End]] = []
         """Cancels and Ends the deadline left no time for: ``(peer, link, message)``, for
@@ -1042,6 +1050,9 @@ class Drainer:
         if len(payload) > self._max_chunk_bytes:
             await self._send_split(stream, report, records, pending.pulled_at, until)
             return
+        if self._pace is not None and not await self._paced(until):
+            stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
+            return  # out of time: the records stay queued, for the caller to take back
         self._bytes_per_record = len(payload) / len(records)
         seq = stream.machine.next_seq
         now = self._clock.now()
@@ -1053,11 +1064,25 @@ class Drainer:
         if await self._send(stream, chunk, until):
             report.sent += len(records)
             report.bytes += len(payload)
+            self._paced_bytes += len(payload)
         elif stream.machine.next_seq == seq:
             # Never written (out of time, or the stream ended meanwhile): nobody received
             # it, so it is bound to nobody. Queued again, for the caller to take back.
             del stream.inflight[seq]
             stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
+
+    async def _paced(self, until: float) -> bool:
+        """Wait until the bytes sent so far fit the pace (False: ``until`` came first)."""
+        assert self._pace is not None
+        now = self._clock.now()
+        if math.isnan(self._paced_from):
+            self._paced_from = now
+        due = self._paced_from + self._paced_bytes / self._pace
+        if due > now:
+            if due >= until:
+                return False
+            await self._clock.wait(anyio.Event(), due)
+        return True
 
     def _encode(
         self, stream: _OutStream, records: list[Record]
