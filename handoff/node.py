@@ -56,6 +56,18 @@ from handoff.engine import (
     Tracked,
 )
 from handoff.engine._fingerprint import ExportLog, changed_records
+from handoff.engine._planner import successor_tiers
+from handoff.engine._precopy import (
+    CANCEL_WAIT,
+    DELTA,
+    DELTA_SHARE,
+    PRECOPY,
+    PRECOPY_TIME_LIMIT,
+    Precopy,
+    PrecopyState,
+    is_newer,
+)
+from handoff.engine._report import merge_reports
 from handoff.engine._restore import restore_snapshots
 from handoff.engine._sender import CATCH_UP, MAX_CHUNK_BYTES
 from handoff.engine._tracked import ALL, SPREADS, Spread
@@ -285,6 +297,7 @@ class Node:
         # What the last drain exported, per namespace, while the node may keep serving
         # (None: no catch-up is due). Ownership namespaces keep no log: their export takes.
         self._exported: dict[str, ExportLog] | None = None
+        self._precopy = PrecopyState()
         self._mesh = Mesh(
             s,
             local_node=self._local_node,
@@ -586,9 +599,14 @@ class Node:
             limit = self.settings.drain_timeout if time_limit is None else time_limit
             # First announce it: from here on offers are refused and peers re-route.
             await self._mesh.set_state(NodeState.DRAINING)
+            started = anyio.current_time()
+            deltas, skip, done = await self._precopy_deltas(limit)
             # A drain on the way out keeps no log of what it exported: nothing follows it.
-            drainer = self._drainer("drain", fingerprints=not stopping)
-            report = await self._sessions.drain(drainer, time_limit=limit)
+            drainer = self._drainer("drain", fingerprints=not stopping, skip=skip, exclude=done)
+            remaining = max(0.0, limit - (anyio.current_time() - started))
+            report = await self._sessions.drain(drainer, time_limit=remaining)
+            if deltas:
+                report = merge_reports(report, deltas, seconds=anyio.current_time() - started)
             self._log_report(report)
             if not stopping:
                 self._spawn(self._sessions.send_late)
@@ -635,6 +653,8 @@ class Node:
         *,
         fingerprints: bool = False,
         sources: Mapping[str, Callable[[], Iterator[Record]]] | None = None,
+        skip: Mapping[str, frozenset[str]] | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> Drainer:
         return Drainer(
             node=self.name,
@@ -652,7 +672,118 @@ class Node:
             fingerprints=fingerprints,
             sources=sources,
             stream_ids=self._stream_ids,
+            skip=skip,
+            exclude=exclude,
         )
+
+    # -- pre-copy (not yet a public setting: Node._precopy.enabled) -------------------------
+
+    def _maybe_precopy(self, peer: Peer) -> None:
+        """node-up: copy caches to a serving peer of a newer release (or, where releases
+        do not compare, one that started later), one peer at a time."""
+        state = self._precopy
+        if not state.enabled or self._state is not NodeState.SERVING or not peer.serving:
+            return
+        if peer.name in state.begun or not is_newer(peer, self.release, self.started_at):
+            return
+        state.begun[peer.name] = Precopy(self._tracked)
+        self._spawn(self._precopy_to, peer.name)
+
+    async def _precopy_to(self, name: str) -> None:
+        state = self._precopy
+        async with state.lock:
+            precopy = state.begun[name]
+            if self._state is not NodeState.SERVING or not precopy.tracked:
+                return
+            drainer = Drainer(
+                node=self.name,
+                release=self.release,
+                cluster=self.cluster,
+                tracked=precopy.tracked,
+                transforms=self.transforms,
+                codec=self.codec,
+                snapshots=None,
+                peers=lambda: [(p, link) for p, link in self._mesh.peer_links() if p.name == name],
+                lock=self.lock,
+                reason="pre-copy",
+                started_at=self.started_at,
+                sources=precopy.copy_sources(),
+                stream_ids=self._stream_ids,
+                kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
+                pace=state.pace,
+            )
+            state.running = drainer
+            try:
+                report = await self._sessions.precopy(drainer, time_limit=PRECOPY_TIME_LIMIT)
+            finally:
+                state.running = None
+            precopy.complete = frozenset(
+                n
+                for n, ns in report.namespaces.items()
+                if name not in ns.refusals
+                and ns.acknowledged == ns.records
+                and not ns.receiver_dropped
+            )
+            logger.info("%s: %s", self.name, report.summary())
+
+    async def _precopy_deltas(
+        self, limit: float
+    ) -> tuple[list[DrainReport], dict[str, frozenset[str]], frozenset[str]]:
+        """At the drain: stop a pre-copy in progress, then send each peer that took one
+        what changed since (its delta replaces and deletes there). Returns the delta
+        reports, the peers each namespace's drain leaves out (their copy is complete and
+        their delta acknowledged) and the namespaces that need no drain at all (every
+        successor the drain would choose is such a peer)."""
+        state = self._precopy
+        if state.running is not None:
+            state.running.stop()
+        with anyio.move_on_after(CANCEL_WAIT):
+            async with state.lock:
+                pass
+        reports: list[DrainReport] = []
+        skip: dict[str, set[str]] = {}
+        links = {p.name: p for p, _ in self._mesh.peer_links()}
+        for name, precopy in list(state.begun.items()):
+            peer = links.get(name)
+            if peer is None or not peer.serving or not precopy.marked:
+                continue
+            drainer = Drainer(
+                node=self.name,
+                release=self.release,
+                cluster=self.cluster,
+                tracked={n: precopy.tracked[n] for n in precopy.marked},
+                transforms=self.transforms,
+                codec=self.codec,
+                snapshots=None,  # a delta applies only on top of its copy
+                peers=lambda name=name: [  # type: ignore[misc]
+                    (p, link) for p, link in self._mesh.peer_links() if p.name == name
+                ],
+                lock=self.lock,
+                reason="pre-copy delta",
+                started_at=self.started_at,
+                sources=precopy.delta_sources(),
+                stream_ids=self._stream_ids,
+                kinds={n: precopy.tracked[n].adapter.kind + DELTA for n in precopy.marked},
+            )
+            report = await self._sessions.drain(drainer, time_limit=limit * DELTA_SHARE)
+            logger.info("%s: %s", self.name, report.summary())
+            reports.append(report)
+            for n, ns in report.namespaces.items():
+                if n in precopy.complete and ns.acknowledged == ns.records and not ns.lost:
+                    skip.setdefault(n, set()).add(name)
+        done = frozenset(
+            n
+            for n, names in skip.items()
+            if (
+                tiers := successor_tiers(
+                    self.release,
+                    [p for p in links.values() if n in p.namespaces],
+                    local_started_at=self.started_at,
+                )
+            )
+            and all(p.name in names for p in tiers[0])
+        )
+        return reports, {n: frozenset(names) for n, names in skip.items()}, done
 
     @contextmanager
     def watch_drain(self, callback: Callable[[NamespaceReport], None]) -> Iterator[None]:
@@ -812,6 +943,7 @@ class Node:
         self._exit_stack, self._control = stack, control
         self._mesh.start(listener, discovery=discovery, tls=tls, own_addresses=own_addresses)
         self._spawn(self._warmup)
+        self._mesh.on_node_up(self._maybe_precopy)
         if self._tallies.scoped():
             self._spawn(self._tallies.run)
         if control is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import anyio
 import cachetools
 import pytest
 
@@ -17,6 +18,7 @@ from handoff.adapters.cachetools import CacheAdapter
 from handoff.engine import Drainer, Tracked
 from handoff.engine._precopy import DELTA, PRECOPY, Precopy, delta_order
 from handoff.protocol import Ack, Chunk
+from tests._helpers import handoff_node, wait_until
 from tests.test_engine_unit import CLUSTER, FakeNode, network, small_chunks
 from tests.test_engine_unit import track as engine_track
 
@@ -374,3 +376,77 @@ async def test_a_precopy_cut_short_by_the_receiver_leaving_costs_nothing(
     assert ns.records == ns.acknowledged + sum(ns.dropped.values())
     assert len(cache) == 300  # nothing left the sender
     assert precopy.marked == {"users"}
+
+
+# -- nodes: pre-copy at node-up, the delta at the drain ---------------------------------------
+
+
+def _changes_after_the_copy(cache: cachetools.Cache[str, Any]) -> None:
+    for i in range(0, 2000, 97):
+        cache[f"k{i:04d}"] = {"n": i, "v": 2}  # pre-copied, then changed
+    for i in range(5, 2000, 301):
+        cache.pop(f"k{i:04d}", None)  # deleted
+    for i in range(7, 2000, 211):
+        _ = cache.get(f"k{i:04d}")  # read: now recently used
+    for i in range(30):
+        cache[f"new{i}"] = i  # written (the cache is full: the coldest go)
+
+
+@pytest.mark.anyio
+async def test_a_precopy_warms_the_new_node_and_the_drain_sends_only_the_delta() -> None:
+    cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    for i in reversed(range(2000)):
+        cache[f"k{i:04d}"] = {"n": i}
+    received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    old = handoff_node("old", "127.0.0.2", release="v1")
+    old.track("users", cache)
+    old._precopy.enabled = True
+    async with old:
+        new = handoff_node("new", "127.0.0.3", old, release="v2")
+        new.track("users", received)
+        async with new:
+            # Warm on state: the pre-copy is in, before the old node stops.
+            with anyio.fail_after(10):
+                assert await new.wait_warm() == "received a handoff from old"
+            assert len(received) == 2000
+            _changes_after_the_copy(cache)
+            report = await old.drain()
+            final = list(adapter(cache).export())
+            got = list(adapter(received).export())
+
+    assert report.ok, report.summary()
+    ns = report.namespaces["users"]
+    assert 0 < ns.records < 200  # only the delta crossed at the drain
+    assert ns.records == ns.acknowledged
+    assert [k for k, _, _ in got] == [k for k, _, _ in final]
+    assert {k: v for k, v, _ in got} == {k: v for k, v, _ in final}
+    lifetimes = {k: meta for k, _, meta in final}
+    for key, _, meta in got:
+        assert meta <= lifetimes[key] + 0.5, key  # never outlives the sender's entry
+
+
+@pytest.mark.anyio
+async def test_a_precopy_cut_short_by_the_drain_loses_nothing_and_leaves_nothing_stale() -> None:
+    cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    for i in reversed(range(2000)):
+        cache[f"k{i:04d}"] = {"n": i, "pad": "x" * 50}
+    received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    old = handoff_node("old", "127.0.0.2", release="v1")
+    old.track("users", cache)
+    old._precopy.enabled = True
+    old._precopy.pace = 20_000.0  # bytes per second: the copy takes seconds
+    async with old:
+        new = handoff_node("new", "127.0.0.3", old, release="v2")
+        new.track("users", received)
+        async with new:
+            await wait_until(lambda: len(received) >= 100, limit=10)
+            assert len(received) < 2000
+            _changes_after_the_copy(cache)
+            report = await old.drain()
+            final = {k: v for k, v, _ in adapter(cache).export()}
+            got = dict(received.items())
+
+    assert report.ok, report.summary()
+    ns = report.namespaces["users"]
+    assert ns.records == ns.acknowledged  # the delta, then the whole namespace
+    assert got == final

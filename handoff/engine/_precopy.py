@@ -26,21 +26,34 @@ will take its delta, and an old receiver simply gets the whole namespace at the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import anyio
 
 from handoff._adapter import DELETED, Adapter, ImportResult, Record, SupportsChangeTracking
 from handoff.engine._intake import admit
+from handoff.engine._planner import compare_releases
 from handoff.engine._tracked import Tracked
+from handoff.membership import Peer
 from handoff.transforms import Chain
 
+if TYPE_CHECKING:
+    from handoff.engine._sender import Drainer
+
 __all__ = (
+    "CANCEL_WAIT",
     "DELTA",
+    "DELTA_SHARE",
     "PRECOPY",
+    "PRECOPY_TIME_LIMIT",
     "TOMBSTONE",
     "Precopy",
+    "PrecopyState",
     "apply_delta",
     "delta_order",
     "from_wire",
+    "is_newer",
     "split_kind",
     "supports_delta",
     "to_wire",
@@ -50,6 +63,12 @@ PRECOPY: Final = "+precopy"
 """Offer kind suffix of a pre-copy's copy stream."""
 DELTA: Final = "+delta"
 """Offer kind suffix of a pre-copy's delta stream."""
+PRECOPY_TIME_LIMIT: Final = 3600.0
+"""Seconds a pre-copy may take (it runs while the node serves, paced)."""
+DELTA_SHARE: Final = 0.5
+"""Share of the drain's time each delta may take (the drain of the rest follows)."""
+CANCEL_WAIT: Final = 1.0
+"""Seconds a drain waits for a pre-copy it stopped to cancel its streams."""
 TOMBSTONE: Final = "handoff:deleted"
 """The meta of a delta record that deletes its key (value ``None``); in delta streams only."""
 
@@ -133,6 +152,8 @@ class Precopy:
     def __init__(self, tracked: Mapping[str, Tracked]) -> None:
         self.tracked = {name: one for name, one in tracked.items() if supports_delta(one.adapter)}
         self._marks: dict[str, object] = {}
+        self.complete: frozenset[str] = frozenset()
+        """Namespaces the receiver acknowledged whole (set when the copy ends)."""
 
     def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
         """The Drainer's ``sources`` for the copy: each marks its namespace, then exports
@@ -166,3 +187,25 @@ class Precopy:
             return records
 
         return {name: source(name) for name in self._marks}
+
+
+def is_newer(peer: Peer, release: str, started_at: float) -> bool:
+    """Whether ``peer`` is what a node of ``release`` that started at ``started_at`` would
+    hand its state to first: a newer release, or where releases do not compare, a node
+    that started later (as in successor choice)."""
+    order = compare_releases(peer.release, release)
+    if order is None:
+        return peer.started_at > started_at
+    return order > 0
+
+
+@dataclass(slots=True)
+class PrecopyState:
+    """A node's pre-copies: the peers they went to, and the one running."""
+
+    enabled: bool = False
+    pace: float | None = None
+    """Bytes per second (``None``: unpaced)."""
+    begun: dict[str, Precopy] = field(default_factory=dict)
+    running: Drainer | None = None
+    lock: anyio.Lock = field(default_factory=anyio.Lock)

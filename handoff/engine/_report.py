@@ -9,7 +9,7 @@ from typing import Any
 
 from handoff._text import duration
 
-__all__ = ("DrainReport", "NamespaceReport", "SuccessorCounts")
+__all__ = ("DrainReport", "NamespaceReport", "SuccessorCounts", "merge_reports")
 
 
 def _add(counts: dict[str, int], reason: str, count: int) -> None:
@@ -73,6 +73,24 @@ class NamespaceReport:
     successor they were sent to lost its link before acknowledging them. Exact if it
     crashed (what it held is lost with it); counted twice if it still runs (a partition).
     The records are also counted where they ended (acknowledged, snapshotted, dropped)."""
+
+    def absorb(self, other: NamespaceReport) -> None:
+        """Add ``other``'s counts (another drain of the same namespace) to these."""
+        for name in ("records", "sent", "acknowledged", "applied", "kept_existing"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("snapshotted", "bytes", "in_doubt"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.seconds += other.seconds
+        for reason, count in other.receiver_dropped.items():
+            self.receiver_drop(reason, count)
+        for reason, count in other.dropped.items():
+            self.drop(reason, count)
+        self.successors += [s for s in other.successors if s not in self.successors]
+        self.refusals.update(other.refusals)
+        for peer, counts in other.per_successor.items():
+            self.successor_acked(
+                peer, counts.acknowledged, counts.applied, counts.kept_existing, counts.dropped
+            )
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` records as given up for ``reason``."""
@@ -229,3 +247,19 @@ class DrainReport:
         return f"{self.reason} of {self.node} ({self.release}) in {duration(self.seconds)}: " + (
             "; ".join(parts) if parts else "nothing tracked"
         )
+
+
+def merge_reports(
+    report: DrainReport, earlier: list[DrainReport], *, seconds: float
+) -> DrainReport:
+    """One drain's report from ``report`` and the ``earlier`` ones of the same drain (a
+    pre-copy's deltas, sent first): per namespace the counts add up, each record counted
+    where it was sent."""
+    namespaces: dict[str, NamespaceReport] = {}
+    for one in [*earlier, report]:
+        for name, ns in one.namespaces.items():
+            into = namespaces.get(name)
+            if into is None:
+                into = namespaces[name] = NamespaceReport(name, ns.version, spread=ns.spread)
+            into.absorb(ns)
+    return DrainReport(report.node, report.release, seconds, namespaces, report.reason)

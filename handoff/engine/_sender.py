@@ -92,6 +92,7 @@ CATCH_UP = "catch-up"
 OUTCOME_UNKNOWN = (
     "outcome unknown: sent to {peer}, which neither acknowledged nor refused it in time"
 )
+STOPPED = "stopped"
 NOT_CHECKED = "deadline: not checked for changes since the drain (may be unchanged)"
 KEPT_OLDER = "written after the drain, the successor kept its older copy"
 # Seconds (at most) kept at the end of a drain to cancel the streams still open.
@@ -199,6 +200,8 @@ class Drainer:
         stream_ids: Iterator[int] | None = None,
         kinds: Mapping[str, str] | None = None,
         pace: float | None = None,
+        skip: Mapping[str, frozenset[str]] | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
@@ -216,7 +219,12 @@ class Drainer:
         kind offered for the namespaces it names (a pre-copy's ``<kind>+delta``, see
         ``_precopy``). ``pace`` (bytes per second, all streams together) spaces the
         chunks of a drain that runs while the node serves (a pre-copy), so that encoding
-        and sending take only a share of its time."""
+        and sending take only a share of its time. ``skip`` names, per namespace, peers
+        that are not to get it (they took it by pre-copy); ``exclude`` namespaces not to
+        drain at all (every successor took them so)."""
+        self._skip = skip if skip is not None else {}
+        self._exclude = exclude
+        self._stopped = False
         if pace is not None and not pace > 0:
             raise ValueError(f"pace must be a positive number of bytes per second, not {pace!r}")
         self._kinds = kinds if kinds is not None else {}
@@ -268,6 +276,12 @@ class Drainer:
         """Cancelled ownership streams whose chunks the end of their namespace reported as
         of unknown outcome: the successor's late answer (after the namespace, or after the
         drain when the node runs on) still tells which it did not apply, to give back."""
+
+    def stop(self) -> None:
+        """End the drain early (a pre-copy when the node starts draining): the streams
+        open are cancelled, and what was not acknowledged is reported as ``STOPPED``."""
+        self._stopped = True
+        self._changed.set()
 
     @property
     def unresolved(self) -> bool:
@@ -468,6 +482,8 @@ class Drainer:
         for tracked in order:
             if self._sources is not None and tracked.name not in self._sources:
                 continue
+            if tracked.name in self._exclude:
+                continue
             # Ownership state needs no log: its export takes what it sends, so whatever it
             # holds at the catch-up was written after the drain.
             if self._keep_fingerprints and not tracked.adapter.moves_ownership:
@@ -521,7 +537,7 @@ class Drainer:
         router = Router([])
         routed: list[str] = []
         exhausted = False
-        while self._clock.now() < stream_until:
+        while self._clock.now() < stream_until and not self._stopped:
             # Streams that stopped (and, for ownership, whose chunks' fate became known)
             # give back what they had: it goes to the successors still open.
             for stream in offered:
@@ -606,7 +622,12 @@ class Drainer:
             leftovers.extend(self._released(self._take_back(stream)))
             self._report_unknown(stream, report)
         self._note_successors(offered, report)
-        reason = "deadline" if self._clock.now() >= stream_until else "no successor"
+        if self._stopped:
+            reason = STOPPED
+        elif self._clock.now() >= stream_until:
+            reason = "deadline"
+        else:
+            reason = "no successor"
         await self._snapshot_or_drop(
             tracked,
             report,
@@ -756,6 +777,8 @@ class Drainer:
         for tier in successor_tiers(self._release, candidates, local_started_at=self._started_at):
             eligible: list[_Target] = []
             for peer in tier:
+                if peer.name in self._skip.get(tracked.name, ()):
+                    continue
                 version = peer.namespaces.get(tracked.name)
                 if version is None:
                     report.refusals[peer.name] = f"does not track {tracked.name!r}"
@@ -960,7 +983,7 @@ class Drainer:
         then hold once the stream the caller waits on is no longer open."""
         while not done():
             now = self._clock.now()
-            if now >= until:
+            if now >= until or self._stopped:
                 return False
             wake = until
             if stalls:
@@ -1078,10 +1101,13 @@ class Drainer:
         if math.isnan(self._paced_from):
             self._paced_from = now
         due = self._paced_from + self._paced_bytes / self._pace
-        if due > now:
-            if due >= until:
+        if due >= until:
+            return now >= due
+        while self._clock.now() < due:
+            if self._stopped:
                 return False
-            await self._clock.wait(anyio.Event(), due)
+            self._changed = anyio.Event()
+            await self._clock.wait(self._changed, due)
         return True
 
     def _encode(
