@@ -50,11 +50,13 @@ Change tracking (the building blocks of pre-copy)
     in caches whose order reads change (``LRUCache``, ``LFUCache``, ``TTLCache``,
     ``TLRUCache``), read; ``changed_since(mark)`` yields their records as the export would
     (hottest first, remaining lifetimes and counts as of now), then ``(key, DELETED,
-    None)`` for those no longer held. Expiry purges are not noted (the lifetime travelled
+    None)`` for those no longer held. Any number of marks share one record of when each
+    key last changed (one entry per key changed since the first mark, deleted ones too,
+    until ``stop_tracking()``). Expiry purges are not noted (the lifetime travelled
     with the entry: it expires on the receiver too). To see every access, ``mark()``
     gives the cache object a subclass of its own class (same name, same behaviour, one
     dictionary write per noted access; it still pickles as its own class), until
-    ``stop_tracking()``. A second ``mark()`` starts afresh. On the receiver,
+    ``stop_tracking()``. On the receiver,
     ``import_delta(records)`` applies such a delta, deletions first and then the written
     records coldest first (so that it can arrive in chunks), on top of a pre-copy: a
     written record replaces the entry held (it is newer) and becomes the hottest, above
@@ -284,10 +286,31 @@ def _lfu_counter(cache: cachetools.LFUCache[Any, Any]) -> Counter[Any]:
 
 
 _CHANGES: Final = "_handoff_changes"
-"""The instance attribute where a tracked cache keeps the keys changed since the mark:
-``(token, {key: None})``."""
+"""The instance attribute where a tracked cache keeps its :class:`_Changes`."""
 _TRACKING: dict[type[Any], type[Any]] = {}
-_TOKENS = iter(range(1, 1 << 62))
+_SESSIONS = iter(range(1, 1 << 62))
+
+
+class _Changes:
+    """When each key last changed, by a counter: any number of marks (one per pre-copy,
+    to each new node) share it. Keys deleted stay until tracking stops."""
+
+    __slots__ = ("changed", "count", "session")
+
+    def __init__(self) -> None:
+        self.session = next(_SESSIONS)
+        self.count = 0
+        self.changed: dict[Any, int] = {}
+
+    def note(self, key: Any) -> None:
+        self.count += 1
+        self.changed[key] = self.count
+
+    def since(self, mark: object) -> list[Any]:
+        if not isinstance(mark, tuple) or len(mark) != 2 or mark[0] != self.session:
+            raise ValueError(f"{mark!r} is not a mark of this cache's tracking")
+        after: int = mark[1]
+        return [key for key, count in self.changed.items() if count > after]
 
 
 def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
@@ -304,13 +327,13 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         base_set(self, key, value)
         changes = self.__dict__.get(_CHANGES)
         if changes is not None:
-            changes[1][key] = None
+            changes.note(key)
 
     def __delitem__(self: Any, key: Any) -> None:
         base_del(self, key)
         changes = self.__dict__.get(_CHANGES)
         if changes is not None:
-            changes[1][key] = None
+            changes.note(key)
 
     namespace: dict[str, Any] = {
         "__setitem__": __setitem__,
@@ -326,7 +349,7 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
             value = base_get(self, key)
             changes = self.__dict__.get(_CHANGES)
             if changes is not None:
-                changes[1][key] = None
+                changes.note(key)
             return value
 
         namespace["__getitem__"] = __getitem__
@@ -344,20 +367,21 @@ def _new_cache(cls: type[Any]) -> Any:
     return object.__new__(cls)
 
 
-def _track(cache: cachetools.Cache[Any, Any], *, reads: bool) -> int:
-    """Swap ``cache``'s class for its tracking subclass (once) and start a new mark."""
+def _track(cache: cachetools.Cache[Any, Any], *, reads: bool) -> tuple[int, int]:
+    """Swap ``cache``'s class for its tracking subclass (once); a mark of now."""
     if type(cache) not in _TRACKING.values():
         cache.__class__ = _tracking_class(type(cache), reads=reads)
-    token = next(_TOKENS)
-    cache.__dict__[_CHANGES] = (token, {})
-    return token
-
-
-def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> dict[Any, None]:
     changes = cache.__dict__.get(_CHANGES)
-    if changes is None or changes[0] != mark:
-        raise ValueError(f"{mark!r} is not this cache's current mark")
-    return changes[1]  # type: ignore[no-any-return]
+    if changes is None:
+        changes = cache.__dict__[_CHANGES] = _Changes()
+    return changes.session, changes.count
+
+
+def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> set[Any]:
+    changes = cache.__dict__.get(_CHANGES)
+    if changes is None:
+        raise ValueError(f"{mark!r} is not a mark of this cache's tracking (it stopped)")
+    return set(changes.since(mark))
 
 
 def _untrack(cache: cachetools.Cache[Any, Any]) -> None:
@@ -645,18 +669,18 @@ class CacheAdapter(Generic[_C]):
 
     # -- change tracking (pre-copy) --
 
-    def mark(self) -> int:
+    def mark(self) -> tuple[int, int]:
         """Start remembering the keys written, read (where reads change the order) or
-        deleted from now on; returns a token for :meth:`changed_since`. A later mark
-        replaces the earlier one (only one pre-copy at a time). See "Change tracking" in
-        the module documentation."""
+        deleted from now on; returns a token for :meth:`changed_since`. Marks taken later
+        (a pre-copy to each new node) share one record of when each key last changed.
+        See "Change tracking" in the module documentation."""
         return _track(self.cache, reads=self._reads_reorder)
 
     def changed_since(self, mark: object) -> Iterator[Record]:
         """The records of keys written (or, see :meth:`mark`, read) since ``mark`` that the
         cache still holds, hottest first, as :meth:`export` yields them; then
         ``(key, DELETED, None)`` for keys deleted or evicted since (and not written
-        again). Raises :exc:`ValueError` for a mark that is not the current one."""
+        again). Raises :exc:`ValueError` for a mark of no current tracking."""
         changes = _changes(self.cache, mark)
         if not changes:
             return

@@ -102,7 +102,8 @@ def test_reads_count_as_changes_only_where_they_reorder(kind: str) -> None:
         assert names == []
 
 
-def test_a_new_mark_replaces_the_old_and_stop_tracking_restores_the_cache() -> None:
+def test_marks_coexist_and_stop_tracking_restores_the_cache() -> None:
+    """One pre-copy per new node: each has its own mark, all valid until tracking stops."""
     timer = Timer()
     cache = make("ttl", timer)
     cache["a"] = 1
@@ -110,11 +111,10 @@ def test_a_new_mark_replaces_the_old_and_stop_tracking_restores_the_cache() -> N
     first = source.mark()
     cache["b"] = 2
     second = source.mark()
-    with pytest.raises(ValueError, match="not this cache's current mark"):
-        list(source.changed_since(first))
-    assert list(source.changed_since(second)) == []
+    assert [key for key, _, _ in source.changed_since(second)] == []
     cache["c"] = 3
     assert [key for key, _, _ in source.changed_since(second)] == ["c"]
+    assert sorted(key for key, _, _ in source.changed_since(first)) == ["b", "c"]
     # While tracked the cache stays a TTLCache to the application, and pickles as one.
     assert isinstance(cache, cachetools.TTLCache)
     copy = pickle.loads(pickle.dumps(cache))
@@ -123,7 +123,10 @@ def test_a_new_mark_replaces_the_old_and_stop_tracking_restores_the_cache() -> N
     source.stop_tracking()
     assert type(cache) is cachetools.TTLCache
     cache["d"] = 4  # untracked: nothing noted, nothing raised
-    with pytest.raises(ValueError, match="not this cache's current mark"):
+    with pytest.raises(ValueError, match="tracking"):
+        list(source.changed_since(second))
+    assert source.mark() != second  # a new tracking: the old marks stay invalid
+    with pytest.raises(ValueError, match="not a mark of this cache's tracking"):
         list(source.changed_since(second))
 
 
@@ -450,3 +453,35 @@ async def test_a_precopy_cut_short_by_the_drain_loses_nothing_and_leaves_nothing
     ns = report.namespaces["users"]
     assert ns.records == ns.acknowledged  # the delta, then the whole namespace
     assert got == final
+
+
+@pytest.mark.anyio
+async def test_two_new_nodes_each_get_a_precopy_and_their_own_delta() -> None:
+    cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    for i in reversed(range(2000)):
+        cache[f"k{i:04d}"] = {"n": i}
+    targets: list[cachetools.TTLCache[str, Any]] = [
+        cachetools.TTLCache(maxsize=2000, ttl=300) for _ in range(2)
+    ]
+    old = handoff_node("old", "127.0.0.2", release="v1")
+    old.track("users", cache)
+    old._precopy.enabled = True
+    async with old:
+        news = [handoff_node(f"new{i}", f"127.0.0.{3 + i}", old, release="v2") for i in (0, 1)]
+        for new, target in zip(news, targets, strict=True):
+            new.track("users", target)
+        async with news[0], news[1]:
+            with anyio.fail_after(10):
+                for new in news:
+                    await new.wait_warm()
+            await wait_until(lambda: all(len(t) == 2000 for t in targets))
+            _changes_after_the_copy(cache)
+            report = await old.drain()
+            final = {k: v for k, v, _ in adapter(cache).export()}
+            got = [dict(t.items()) for t in targets]
+
+    assert report.ok, report.summary()
+    ns = report.namespaces["users"]
+    assert sorted(ns.successors) == ["new0", "new1"]
+    assert ns.records == ns.acknowledged < 400  # two deltas, no second copy
+    assert got == [final, final]
