@@ -12,6 +12,7 @@ import anyio
 import cachetools
 import pytest
 
+import handoff
 from handoff._adapter import DELETED, ImportResult, SupportsChangeTracking
 from handoff._registry import adapter_for
 from handoff.adapters.cachetools import CacheAdapter
@@ -485,3 +486,14 @@ async def test_two_new_nodes_each_get_a_precopy_and_their_own_delta() -> None:
     assert sorted(ns.successors) == ["new0", "new1"]
     assert ns.records == ns.acknowledged < 400  # two deltas, no second copy
     assert got == [final, final]
+
+
+def test_only_caches_that_track_changes_are_precopied_never_counters() -> None:
+    cache = make("ttl", Timer())
+    counters = handoff.Counters()
+    tracked = {
+        "cache": engine_track("cache", cache),
+        "usage": engine_track("usage", counters),  # moves ownership
+        "plain": engine_track("plain", {}),  # a mapping: no change tracking
+    }
+    assert set(Precopy(tracked).tracked) == {"cache"}
