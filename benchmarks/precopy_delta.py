@@ -39,7 +39,7 @@ from handoff.adapters.cachetools import TTLCacheAdapter
 COOKIE = "benchmark-cookie-benchmark-cookie"
 
 
-def _node(name: str, host: str, release: str, peers: list[Node]) -> Node:
+def _node(name: str, host: str, release: str, peers: list[Node], *, precopy: bool) -> Node:
     discovery = "static:" + ",".join(p.address for p in peers) if peers else "none"
     return Node(
         "bench",
@@ -53,6 +53,7 @@ def _node(name: str, host: str, release: str, peers: list[Node]) -> Node:
         poll_interval=0.2,
         handle_signals=False,
         control_socket="none",
+        precopy=precopy,
     )
 
 
@@ -65,11 +66,10 @@ def _filled(entries: int) -> cachetools.TTLCache[str, bytes]:
 
 async def _deploy(entries: int, changed: float, *, precopy: bool) -> dict[str, float]:
     cache = _filled(entries)
-    old = _node("old", "127.0.0.2", "v1", [])
+    old = _node("old", "127.0.0.2", "v1", [], precopy=precopy)
     old.track("cache", cache)
-    old._precopy.enabled = precopy
     async with old:
-        new = _node("new", "127.0.0.3", "v2", [old])
+        new = _node("new", "127.0.0.3", "v2", [old], precopy=False)
         new.track("cache", cachetools.TTLCache(maxsize=entries, ttl=3600))
         arrived = time.perf_counter()
         async with new:

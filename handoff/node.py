@@ -14,6 +14,7 @@ import errno
 import functools
 import itertools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -226,6 +227,7 @@ class Node:
         advertise: str | None = None,
         control_socket: str | os.PathLike[str] | None = None,
         port_range: int | None = None,
+        precopy: bool | float | None = None,
         environ: Mapping[str, str] | None = None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         handle_signals: bool = False,
@@ -253,6 +255,7 @@ class Node:
             advertise=advertise,
             control_socket=control_socket,
             port_range=port_range,
+            precopy=precopy,
         )
         s = self.settings
         # What was configured, before a start names the node after its worker's port.
@@ -297,7 +300,9 @@ class Node:
         # What the last drain exported, per namespace, while the node may keep serving
         # (None: no catch-up is due). Ownership namespaces keep no log: their export takes.
         self._exported: dict[str, ExportLog] | None = None
-        self._precopy = PrecopyState()
+        self._precopy = PrecopyState(
+            enabled=s.precopy > 0, pace=None if s.precopy == math.inf else s.precopy or None
+        )
         self._mesh = Mesh(
             s,
             local_node=self._local_node,
@@ -676,7 +681,7 @@ class Node:
             exclude=exclude,
         )
 
-    # -- pre-copy (not yet a public setting: Node._precopy.enabled) -------------------------
+    # -- pre-copy (HANDOFF_PRECOPY) --------------------------------------------------------
 
     def _maybe_precopy(self, peer: Peer) -> None:
         """node-up: copy caches to a serving peer of a newer release (or, where releases
@@ -686,7 +691,10 @@ class Node:
             return
         if peer.name in state.begun or not is_newer(peer, self.release, self.started_at):
             return
-        state.begun[peer.name] = Precopy(self._tracked)
+        # Only what the peer tracks: marking a cache costs its reads something.
+        state.begun[peer.name] = Precopy(
+            {n: t for n, t in self._tracked.items() if n in peer.namespaces}
+        )
         self._spawn(self._precopy_to, peer.name)
 
     async def _precopy_to(self, name: str) -> None:

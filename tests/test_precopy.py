@@ -5,6 +5,7 @@ remaining lifetimes, recency order, deletions and evictions."""
 
 from __future__ import annotations
 
+import math
 import pickle
 from typing import Any
 
@@ -16,6 +17,7 @@ import handoff
 from handoff._adapter import DELETED, ImportResult, SupportsChangeTracking
 from handoff._registry import adapter_for
 from handoff.adapters.cachetools import CacheAdapter
+from handoff.config import resolve_settings
 from handoff.engine import Drainer, Tracked
 from handoff.engine._precopy import DELTA, PRECOPY, Precopy, delta_order
 from handoff.protocol import Ack, Chunk
@@ -402,9 +404,8 @@ async def test_a_precopy_warms_the_new_node_and_the_drain_sends_only_the_delta()
     for i in reversed(range(2000)):
         cache[f"k{i:04d}"] = {"n": i}
     received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
-    old = handoff_node("old", "127.0.0.2", release="v1")
+    old = handoff_node("old", "127.0.0.2", release="v1", precopy=True)
     old.track("users", cache)
-    old._precopy.enabled = True
     async with old:
         new = handoff_node("new", "127.0.0.3", old, release="v2")
         new.track("users", received)
@@ -435,10 +436,9 @@ async def test_a_precopy_cut_short_by_the_drain_loses_nothing_and_leaves_nothing
     for i in reversed(range(2000)):
         cache[f"k{i:04d}"] = {"n": i, "pad": "x" * 50}
     received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
-    old = handoff_node("old", "127.0.0.2", release="v1")
+    # 20,000 bytes per second: the copy takes seconds.
+    old = handoff_node("old", "127.0.0.2", release="v1", precopy=20_000.0)
     old.track("users", cache)
-    old._precopy.enabled = True
-    old._precopy.pace = 20_000.0  # bytes per second: the copy takes seconds
     async with old:
         new = handoff_node("new", "127.0.0.3", old, release="v2")
         new.track("users", received)
@@ -464,9 +464,8 @@ async def test_two_new_nodes_each_get_a_precopy_and_their_own_delta() -> None:
     targets: list[cachetools.TTLCache[str, Any]] = [
         cachetools.TTLCache(maxsize=2000, ttl=300) for _ in range(2)
     ]
-    old = handoff_node("old", "127.0.0.2", release="v1")
+    old = handoff_node("old", "127.0.0.2", release="v1", precopy=True)
     old.track("users", cache)
-    old._precopy.enabled = True
     async with old:
         news = [handoff_node(f"new{i}", f"127.0.0.{3 + i}", old, release="v2") for i in (0, 1)]
         for new, target in zip(news, targets, strict=True):
@@ -497,3 +496,24 @@ def test_only_caches_that_track_changes_are_precopied_never_counters() -> None:
         "plain": engine_track("plain", {}),  # a mapping: no change tracking
     }
     assert set(Precopy(tracked).tracked) == {"cache"}
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("on", math.inf), ("off", 0.0), ("20000000", 2e7), (True, math.inf), (False, 0.0), (5e5, 5e5)],
+)
+def test_the_precopy_setting(given: object, expected: float) -> None:
+    environ = {"HANDOFF_COOKIE": "x" * 32, "HANDOFF_CLUSTER": "shop"}
+    if isinstance(given, str):
+        settings = resolve_settings(environ={**environ, "HANDOFF_PRECOPY": given})
+    else:
+        settings = resolve_settings(environ=environ, precopy=given)  # type: ignore[arg-type]
+    assert settings.precopy == expected
+    assert resolve_settings(environ=environ).precopy == 0.0  # off unless asked
+
+
+@pytest.mark.parametrize("given", ["soon", "-5", "nan"])
+def test_a_bad_precopy_setting_says_what_it_takes(given: str) -> None:
+    environ = {"HANDOFF_COOKIE": "x" * 32, "HANDOFF_CLUSTER": "shop", "HANDOFF_PRECOPY": given}
+    with pytest.raises(handoff.ConfigError, match="HANDOFF_PRECOPY"):
+        resolve_settings(environ=environ)
