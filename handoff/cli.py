@@ -53,6 +53,7 @@ from handoff.config import (
     worker_ports,
 )
 from handoff.control import (
+    PRECOPY_SHAPE,
     RECEIVED_SHAPE,
     REPORT_SHAPE,
     STATUS_SHAPE,
@@ -336,6 +337,12 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
     lines.append("")
     drain = status.get("last_drain")
     lines.append("last drain: " + ("none" if drain is None else t(drain["summary"], 2000)))
+    for precopy in status.get("precopy") or ():  # older nodes do not say
+        if shape_problem(precopy, PRECOPY_SHAPE) is None:
+            lines.append(
+                f"pre-copy to {t(precopy['peer'])}: {t(precopy['state'])}, "
+                f"{precopy['copied']} of {precopy['entries']} entries copied"
+            )
     received = status.get("last_received")
     if shape_problem(received, RECEIVED_SHAPE) is not None:
         lines.append("last received: (not readable)")

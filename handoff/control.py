@@ -69,6 +69,7 @@ __all__ = (
     "MAX_ANNOUNCED_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_REQUEST_BYTES",
+    "PRECOPY_SHAPE",
     "READ_TIMEOUT",
     "RECEIVED_SHAPE",
     "REPORT_SHAPE",
@@ -276,6 +277,7 @@ def node_status(node: Node) -> dict[str, Any]:
             "dropped": dict(sorted(received.dropped.items())),
         },
         "join_error": node.join_error,
+        "precopy": node._precopy_status(),
     }
 
 
@@ -967,6 +969,8 @@ RECEIVED_SHAPE: Any = (
     type(None),
     {"peer": str, "release": str, "records": int, "at": _NUMBER},
 )
+PRECOPY_SHAPE: Any = {"peer": str, "state": str, "copied": int, "entries": int}
+"""One entry of a status's ``precopy`` list (optional: older nodes do not send it)."""
 REPORT_SHAPE: Any = {
     "node": str,
     "summary": str,

@@ -578,7 +578,8 @@ class Node:
         with their releases, states and namespace versions), ``tracked`` (per namespace:
         adapter kind, entries, schema version, spread), ``last_drain`` (the report, or ``None``) and
         ``last_received`` (``peer``, ``release``, ``records``, ``at``, ``applied``, ``kept``,
-        ``dropped``; or ``None``)."""
+        ``dropped``; or ``None``) and ``precopy`` (each pre-copy: ``peer``, ``state``,
+        ``copied``, ``entries``)."""
         return node_status(self)
 
     # A deadline, not a cancellation: at ``timeout`` the drain still snapshots what is left.
@@ -702,7 +703,10 @@ class Node:
         async with state.lock:
             precopy = state.begun[name]
             if self._state is not NodeState.SERVING or not precopy.tracked:
+                precopy.state = "partial"
                 return
+            precopy.state = "copying"
+            precopy.entries = {n: len(t.adapter) for n, t in precopy.tracked.items()}
             drainer = Drainer(
                 node=self.name,
                 release=self.release,
@@ -719,6 +723,7 @@ class Node:
                 stream_ids=self._stream_ids,
                 kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
                 pace=state.pace,
+                progress=lambda ns: precopy.copied.__setitem__(ns.namespace, ns.acknowledged),
             )
             state.running = drainer
             try:
@@ -732,7 +737,12 @@ class Node:
                 and ns.acknowledged == ns.records
                 and not ns.receiver_dropped
             )
+            precopy.state = "complete" if precopy.complete == set(precopy.tracked) else "partial"
             logger.info("%s: %s", self.name, report.summary())
+
+    def _precopy_status(self) -> list[dict[str, object]]:
+        """Each pre-copy of this node (``handoff status``): see ``Precopy.status``."""
+        return [p.status(name) for name, p in sorted(self._precopy.begun.items())]
 
     async def _precopy_deltas(
         self, limit: float

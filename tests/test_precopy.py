@@ -17,6 +17,7 @@ import handoff
 from handoff._adapter import DELETED, ImportResult, SupportsChangeTracking
 from handoff._registry import adapter_for
 from handoff.adapters.cachetools import CacheAdapter
+from handoff.cli import _status_lines
 from handoff.config import resolve_settings
 from handoff.engine import Drainer, Tracked
 from handoff.engine._precopy import DELTA, PRECOPY, Precopy, delta_order
@@ -414,6 +415,13 @@ async def test_a_precopy_warms_the_new_node_and_the_drain_sends_only_the_delta()
             with anyio.fail_after(10):
                 assert await new.wait_warm() == "received a handoff from old"
             assert len(received) == 2000
+            await wait_until(lambda: old.stats()["precopy"][0]["state"] == "complete")
+            assert old.stats()["precopy"] == [
+                {"peer": "new", "state": "complete", "copied": 2000, "entries": 2000}
+            ]
+            assert "pre-copy to new: complete, 2000 of 2000 entries copied" in _status_lines(
+                old.stats()
+            )
             _changes_after_the_copy(cache)
             report = await old.drain()
             final = list(adapter(cache).export())

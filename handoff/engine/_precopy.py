@@ -154,6 +154,22 @@ class Precopy:
         self._marks: dict[str, object] = {}
         self.complete: frozenset[str] = frozenset()
         """Namespaces the receiver acknowledged whole (set when the copy ends)."""
+        self.state = "waiting"
+        """``waiting`` (for another pre-copy), ``copying``, ``complete`` (every namespace
+        acknowledged whole) or ``partial`` (cut short, refused, or not all of it kept)."""
+        self.copied: dict[str, int] = {}
+        """Records acknowledged so far, per namespace."""
+        self.entries: dict[str, int] = {}
+        """Entries per namespace when the copy began."""
+
+    def status(self, peer: str) -> dict[str, object]:
+        """For ``handoff status``: the peer, the state, records copied of how many."""
+        return {
+            "peer": peer,
+            "state": self.state,
+            "copied": sum(self.copied.values()),
+            "entries": sum(self.entries.values()),
+        }
 
     def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
         """The Drainer's ``sources`` for the copy: each marks its namespace, then exports
