@@ -62,6 +62,7 @@ from handoff.engine._precopy import (
     CANCEL_WAIT,
     DELTA,
     DELTA_SHARE,
+    LINK_WAIT,
     PRECOPY,
     PRECOPY_TIME_LIMIT,
     Precopy,
@@ -705,6 +706,11 @@ class Node:
             if self._state is not NodeState.SERVING or not precopy.tracked:
                 precopy.state = "partial"
                 return
+            # node-up may come before the link that carries the peer is registered: a copy
+            # started then finds no successor (and is reported partial).
+            with anyio.move_on_after(LINK_WAIT):
+                while not any(p.name == name for p, _ in self._mesh.peer_links()):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
             precopy.state = "copying"
             precopy.entries = {n: len(t.adapter) for n, t in precopy.tracked.items()}
             drainer = Drainer(
@@ -733,9 +739,9 @@ class Node:
             precopy.complete = frozenset(
                 n
                 for n, ns in report.namespaces.items()
-                if name not in ns.refusals
-                and ns.acknowledged == ns.records
-                and not ns.receiver_dropped
+                # Every record acknowledged: what the receiver did not keep (full of its
+                # own entries) a second sending would not make it keep either.
+                if name not in ns.refusals and ns.acknowledged == ns.records
             )
             precopy.state = "complete" if precopy.complete == set(precopy.tracked) else "partial"
             logger.info("%s: %s", self.name, report.summary())
@@ -787,7 +793,7 @@ class Node:
             logger.info("%s: %s", self.name, report.summary())
             reports.append(report)
             for n, ns in report.namespaces.items():
-                if n in precopy.complete and ns.acknowledged == ns.records and not ns.lost:
+                if n in precopy.complete and ns.acknowledged == ns.records:
                     skip.setdefault(n, set()).add(name)
         done = frozenset(
             n

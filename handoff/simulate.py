@@ -235,6 +235,9 @@ class DemoSettings:
     spread: str | None = None
     """How the drain places the keys on the new nodes: ``split`` or ``all``; ``None``:
     ``split`` for the key balancer (where it puts each key), ``all`` for round-robin."""
+    precopy: bool = False
+    """In the warm run, the old node pre-copies its cache to each new node as it comes up
+    (``HANDOFF_PRECOPY=on``), and its drain sends only the delta."""
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -296,6 +299,7 @@ class DemoSettings:
             "rate": self.rate,
             "balance": self.balance,
             "spread": self.drain_spread,
+            "precopy": self.precopy,
             "seed": self.seed,
             "keys": self.keys,
             "zipf_exponent": ZIPF_EXPONENT,
@@ -363,6 +367,10 @@ class DeployRun:
     ``all``, entries at least one new node took (each counted once, by the drain report)."""
     moved_per_node: dict[str, int] = field(default_factory=dict)
     """Entries each new node took from the handoff (its copy, with spread ``all``)."""
+    sigterm_at: float | None = None
+    """Seconds into the run when the old node got SIGTERM."""
+    applied_after_sigterm: float | None = None
+    """Seconds into the run when a new node last applied handed-off records after it."""
     dropped: dict[str, int] = field(default_factory=dict)
     """Entries the handoff dropped (by the sender or a receiver), per reason."""
     snapshotted: int = 0
@@ -384,6 +392,17 @@ class DeployRun:
         if not self.handoff:
             return 0
         return self.lost - sum(self.dropped.values()) - self.snapshotted
+
+    @property
+    def blackout_seconds(self) -> float | None:
+        """From SIGTERM to the last handed-off record applied on a new node: the time the
+        new nodes serve without part of the old node's state (0 when a pre-copy left
+        nothing to send; ``None`` without handoff)."""
+        if not self.handoff or self.sigterm_at is None:
+            return None
+        if self.applied_after_sigterm is None:
+            return 0.0
+        return max(0.0, self.applied_after_sigterm - self.sigterm_at)
 
     @property
     def handoff_seconds(self) -> float | None:
@@ -433,6 +452,7 @@ class DeployRun:
             "dropped": dict(sorted(self.dropped.items())),
             "snapshotted": self.snapshotted,
             "handoff_seconds": self.handoff_seconds,
+            "blackout_seconds": _rounded(self.blackout_seconds),
             "entries_at_end": dict(sorted(self.entries_at_end.items())),
             "per_node": {k: v.as_dict() for k, v in sorted(self.per_node.items())},
             "late": sorted(self.late),
@@ -471,6 +491,7 @@ class Comparison:
             "entries_after": None if warm is None else warm.entries_moved,
             "lost": None if warm is None else warm.lost,
             "handoff_seconds": None if warm is None else warm.handoff_seconds,
+            "blackout_seconds": None if warm is None else _rounded(warm.blackout_seconds),
             "hit_rate_before": _rate_before(warm),
             "hit_rate_cold": rate(cold),
             "hit_rate_warm": rate(warm),
@@ -481,6 +502,10 @@ class Comparison:
             "cold": None if cold is None else cold.as_dict(),
             "warm": None if warm is None else warm.as_dict(),
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _rate_before(run: DeployRun | None) -> float | None:
@@ -583,6 +608,9 @@ class _Simulation:
                 env = {
                     STATE_ENV: json.dumps(state),
                     "HANDOFF_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT),
+                    "HANDOFF_PRECOPY": (
+                        "on" if self.handoff and self.run_data.settings.precopy else "off"
+                    ),
                     "HANDOFF_COOKIE": cookie,
                     "HANDOFF_CLUSTER": CLUSTER,
                     "HANDOFF_RELEASE": release,
@@ -655,6 +683,7 @@ class _Simulation:
         victim = self.procs[_STOPPED]
         observers = set(self.new_names)
         sent = time.monotonic()
+        self.run_data.sigterm_at = self.elapsed(sent)
         victim.send_signal(signal.SIGTERM)
         stopped = False
 
@@ -937,6 +966,8 @@ class _Simulation:
             result = raw.get("result", {})
             run = self.run_data
             moved = int(result.get("applied", 0)) + int(result.get("kept_existing", 0))
+            if run.sigterm_at is not None and seconds >= run.sigterm_at:
+                run.applied_after_sigterm = seconds
             run.entries_moved += moved
             run.moved_per_node[observer] = run.moved_per_node.get(observer, 0) + moved
             for reason, count in result.get("dropped", {}).items():
@@ -1461,6 +1492,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "round-robin",
     )
     parser.add_argument(
+        "--precopy",
+        action="store_true",
+        help="in the warm run, node-a pre-copies its cache to each new node as it comes up "
+        "(HANDOFF_PRECOPY=on) and drains only what changed since",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object (settings, hit rates, backend calls, handoff, the "
@@ -1521,6 +1558,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         rate=args.rate,
         balance=args.balance,
         spread=args.spread,
+        precopy=args.precopy,
     )
     out = sys.stdout
     progress: TextIO | None = (

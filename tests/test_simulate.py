@@ -288,6 +288,20 @@ def test_the_drains_spread_follows_the_balancer_unless_given() -> None:
     assert _parser().parse_args([]).spread is None
 
 
+def test_blackout_runs_from_sigterm_to_the_last_record_applied() -> None:
+    settings = DemoSettings(entries=100, seconds=4, precopy=True)
+    assert settings.as_dict()["precopy"] is True
+    assert _parser().parse_args(["--precopy"]).precopy is True
+    run = DeployRun("warm", True, settings)
+    assert run.blackout_seconds is None  # no SIGTERM yet
+    run.sigterm_at = 2.0
+    assert run.blackout_seconds == 0.0  # nothing left to send: a pre-copy had it all
+    run.applied_after_sigterm = 2.25
+    assert run.blackout_seconds == 0.25
+    assert run.as_dict()["blackout_seconds"] == 0.25
+    assert DeployRun("cold", False, settings).blackout_seconds is None
+
+
 def test_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         _parser().parse_args(["--help"])
@@ -436,3 +450,22 @@ def test_a_run_that_cannot_start_fails_clearly(monkeypatch: pytest.MonkeyPatch) 
     assert report["error"].startswith("cold run: cannot bind the loopback addresses 192.0.2.1")
     assert report["warm"] is None
     assert "handoff simulate: error: cold run: cannot bind" in err
+
+
+@pytest.mark.slow
+def test_a_precopy_run_reports_its_blackout_and_accounts_for_every_record() -> None:
+    if not _loopback_usable():
+        pytest.skip("needs 127.0.0.2-4 (on macOS: ifconfig lo0 alias 127.0.0.2)")
+    code, out, err = _run(
+        ["--json", "--entries", "1000", "--seconds", "2", "--balance", "round-robin", "--precopy"]
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] is True, report["error"]
+    assert report["settings"]["precopy"] is True
+    assert report["blackout_seconds"] >= 0
+    assert report["cold"]["blackout_seconds"] is None
+    ns = report["warm"]["drain"]["namespaces"]["cache"]
+    # The deltas and (for a node whose copy did not finish in time) the whole cache: each
+    # record acknowledged, kept or dropped with a reason.
+    assert ns["records"] == ns["acknowledged"] + ns["snapshotted"] + sum(ns["dropped"].values())

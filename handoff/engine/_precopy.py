@@ -45,6 +45,7 @@ __all__ = (
     "CANCEL_WAIT",
     "DELTA",
     "DELTA_SHARE",
+    "LINK_WAIT",
     "PRECOPY",
     "PRECOPY_TIME_LIMIT",
     "TOMBSTONE",
@@ -67,6 +68,8 @@ PRECOPY_TIME_LIMIT: Final = 3600.0
 """Seconds a pre-copy may take (it runs while the node serves, paced)."""
 DELTA_SHARE: Final = 0.5
 """Share of the drain's time each delta may take (the drain of the rest follows)."""
+LINK_WAIT: Final = 5.0
+"""Seconds a pre-copy waits for the link of a peer that just came up."""
 CANCEL_WAIT: Final = 1.0
 """Seconds a drain waits for a pre-copy it stopped to cancel its streams."""
 TOMBSTONE: Final = "handoff:deleted"
@@ -153,7 +156,8 @@ class Precopy:
         self.tracked = {name: one for name, one in tracked.items() if supports_delta(one.adapter)}
         self._marks: dict[str, object] = {}
         self.complete: frozenset[str] = frozenset()
-        """Namespaces the receiver acknowledged whole (set when the copy ends)."""
+        """Namespaces whose every record the receiver acknowledged (set when the copy
+        ends; what it dropped, full of its own entries, is in the report)."""
         self.state = "waiting"
         """``waiting`` (for another pre-copy), ``copying``, ``complete`` (every namespace
         acknowledged whole) or ``partial`` (cut short, refused, or not all of it kept)."""

@@ -959,6 +959,27 @@ class _ObservedAdapter:
         )
         return result
 
+    def import_delta(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
+        """A pre-copy's delta (only reached when the wrapped adapter applies deltas:
+        without change tracking, nobody offers this node one)."""
+        result: ImportResult = self.inner.import_delta(records, age=age)  # type: ignore[attr-defined]
+        self.total += len(records)
+        _emit(
+            {
+                "event": "applied",
+                "namespace": self.namespace,
+                "records": len(records),
+                "total": self.total,
+                "delta": True,
+                "result": {
+                    "applied": result.applied,
+                    "kept_existing": result.kept_existing,
+                    "dropped": dict(result.dropped),
+                },
+            }
+        )
+        return result
+
 
 class _HeldState:
     """The object a child holds under ``HANDOFF_TEST_STATE``, filled and tracked."""
