@@ -369,6 +369,8 @@ class DeployRun:
     """Entries each new node took from the handoff (its copy, with spread ``all``)."""
     sigterm_at: float | None = None
     """Seconds into the run when the old node got SIGTERM."""
+    precopies: list[dict[str, Any]] = field(default_factory=list)
+    """With pre-copy: the old node's pre-copies just before SIGTERM (``node.stats()``)."""
     applied_after_sigterm: float | None = None
     """Seconds into the run when a new node last applied handed-off records after it."""
     dropped: dict[str, int] = field(default_factory=dict)
@@ -453,6 +455,7 @@ class DeployRun:
             "snapshotted": self.snapshotted,
             "handoff_seconds": self.handoff_seconds,
             "blackout_seconds": _rounded(self.blackout_seconds),
+            "precopies": self.precopies,
             "entries_at_end": dict(sorted(self.entries_at_end.items())),
             "per_node": {k: v.as_dict() for k, v in sorted(self.per_node.items())},
             "late": sorted(self.late),
@@ -682,6 +685,9 @@ class _Simulation:
     def _stop_old_node(self) -> None:
         victim = self.procs[_STOPPED]
         observers = set(self.new_names)
+        if self.handoff and self.run_data.settings.precopy:
+            stats = victim.command("stats --no-digest", timeout=SHUTDOWN_TIMEOUT)
+            self.run_data.precopies = list(stats.get("precopy") or [])
         sent = time.monotonic()
         self.run_data.sigterm_at = self.elapsed(sent)
         victim.send_signal(signal.SIGTERM)
@@ -821,10 +827,11 @@ class _Simulation:
         namespace = drain["namespaces"].get(NAMESPACE, {})
         run.entries_before = int(namespace.get("records", 0))
         run.snapshotted = int(namespace.get("snapshotted", 0))
-        if namespace.get("spread") == "all":
-            # Every new node got its own copy: the receivers' sums count an entry once per
-            # node. The drain report counts each once (what the first node to acknowledge
-            # it did with it).
+        if namespace.get("spread") == "all" or run.settings.precopy:
+            # Every new node got its own copy (spread all, or a pre-copy to each before the
+            # drain): the receivers' sums count an entry once per node, and the copy too.
+            # The drain report counts each record of the drain once (what the first node
+            # to acknowledge it did with it).
             run.entries_moved = int(namespace.get("applied", 0)) + int(
                 namespace.get("kept_existing", 0)
             )

@@ -465,6 +465,8 @@ def test_a_precopy_run_reports_its_blackout_and_accounts_for_every_record() -> N
     assert report["settings"]["precopy"] is True
     assert report["blackout_seconds"] >= 0
     assert report["cold"]["blackout_seconds"] is None
+    # What the pre-copies had done by SIGTERM (their timing is the machine's).
+    assert {p["peer"] for p in report["warm"]["precopies"]} == {"node-b", "node-c"}
     ns = report["warm"]["drain"]["namespaces"]["cache"]
     # The deltas and (for a node whose copy did not finish in time) the whole cache: each
     # record acknowledged, kept or dropped with a reason.

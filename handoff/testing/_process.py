@@ -61,7 +61,8 @@ them and waits for the reply):
   with the first report, as ``Node.drain`` does.
 - ``stats`` (or ``stats --no-digest``, which skips the two slow fields): prints
   ``{"event": "stats", "entries": ..., "digest": ..., "unexpected": ..., "maxrss_kib": ...,
-  "rss_kib": ..., "warm": ..., "warm_reason": ..., "state": "serving" | "draining"}``.
+  "rss_kib": ..., "warm": ..., "warm_reason": ..., "precopy": [...], "state": "serving" |
+  "draining"}`` (``precopy``: this node's pre-copies, as in ``node.stats()``).
   ``entries`` is the number of live entries (expired ones are purged first), ``digest``
   :func:`state_digest` of them, ``unexpected`` the number of entries that are not exactly
   what :class:`StateConfig` generates (a wrong value for the key, or a key it never makes),
@@ -1212,6 +1213,7 @@ class _Runner:
             "rss_kib": _rss_kib(),
             "warm": self.node.is_warm,
             "warm_reason": self.node.warm_reason,
+            "precopy": self.node._precopy_status(),
             "state": str(self.node.state),
         }
 
