@@ -689,7 +689,7 @@ class Node:
         """node-up: copy caches to a serving peer of a newer release (or, where releases
         do not compare, one that started later), one peer at a time."""
         state = self._precopy
-        if not state.enabled or self._state is not NodeState.SERVING or not peer.serving:
+        if state.lock is None or self._state is not NodeState.SERVING or not peer.serving:
             return
         if peer.name in state.begun or not is_newer(peer, self.release, self.started_at):
             return
@@ -701,6 +701,7 @@ class Node:
 
     async def _precopy_to(self, name: str) -> None:
         state = self._precopy
+        assert state.lock is not None  # set at start, before any node-up
         async with state.lock:
             precopy = state.begun[name]
             if self._state is not NodeState.SERVING or not precopy.tracked:
@@ -759,6 +760,8 @@ class Node:
         their delta acknowledged) and the namespaces that need no drain at all (every
         successor the drain would choose is such a peer)."""
         state = self._precopy
+        if state.lock is None:
+            return [], {}, frozenset()
         if state.running is not None:
             state.running.stop()
         with anyio.move_on_after(CANCEL_WAIT):
@@ -967,7 +970,9 @@ class Node:
         self._exit_stack, self._control = stack, control
         self._mesh.start(listener, discovery=discovery, tls=tls, own_addresses=own_addresses)
         self._spawn(self._warmup)
-        self._mesh.on_node_up(self._maybe_precopy)
+        if self._precopy.enabled:
+            self._precopy.lock = anyio.Lock()
+            self._mesh.on_node_up(self._maybe_precopy)
         if self._tallies.scoped():
             self._spawn(self._tallies.run)
         if control is not None:

@@ -228,4 +228,5 @@ class PrecopyState:
     """Bytes per second (``None``: unpaced)."""
     begun: dict[str, Precopy] = field(default_factory=dict)
     running: Drainer | None = None
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    lock: anyio.Lock | None = None
+    """One pre-copy at a time; made when the node starts (in its event loop)."""
