@@ -531,6 +531,9 @@ class Drainer:
         exporter = iter(source() if source is not None else tracked.adapter.export())
         retry: deque[tuple[Record, float]] = deque()
         tiers = self._eligible_tiers(tracked, report)
+        # With one successor per tier, "all" is "split": the plain path, which keeps no
+        # record of who carries what.
+        self._everywhere = self._everywhere and any(len(tier) > 1 for tier in tiers)
         streams: list[_OutStream] = []
         # Every tier's streams: a successor that acknowledged part and then left is one too.
         offered: list[_OutStream] = []
