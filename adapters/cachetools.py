@@ -45,6 +45,25 @@ Import (records arrive hottest first)
     ``"too large"``. A record whose key, value or merge function raises is dropped as
     ``"error"`` and logged.
 
+Change tracking (the building blocks of pre-copy)
+    ``mark()`` starts noting the keys of a cache that are written, deleted or evicted and,
+    in caches whose order reads change (``LRUCache``, ``LFUCache``, ``TTLCache``,
+    ``TLRUCache``), read; ``changed_since(mark)`` yields their records as the export would
+    (hottest first, remaining lifetimes and counts as of now), then ``(key, DELETED,
+    None)`` for those no longer held. Any number of marks share one record of when each
+    key last changed (one entry per key changed since the first mark, deleted ones too,
+    until ``stop_tracking()``). Expiry purges are not noted (the lifetime travelled
+    with the entry: it expires on the receiver too). To see every access, ``mark()``
+    gives the cache object a subclass of its own class (same name, same behaviour, one
+    dictionary write per noted access; it still pickles as its own class), until
+    ``stop_tracking()``. On the receiver,
+    ``import_delta(records)`` applies such a delta, deletions first and then the written
+    records coldest first (so that it can arrive in chunks), on top of a pre-copy: a
+    written record replaces the entry held (it is newer) and becomes the hottest, above
+    every entry the delta does not name, so that the receiver ends with the sender's
+    entries, values, lifetimes and order; ``DELETED`` removes the key. The engine does not
+    use these yet (see the README's "Pre-copy").
+
 cachetools internals
     Reading without side effects and writing in place need a few private attributes
     (``_Cache__data`` and ``__currsize``, ``__maxsize`` before cachetools 7.1.7 only, whose
@@ -66,6 +85,7 @@ Concurrency
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
@@ -80,7 +100,7 @@ from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 import cachetools
 
-from handoff._adapter import ImportResult, Record
+from handoff._adapter import DELETED, ImportResult, Record
 from handoff._errors import HandoffError
 from handoff._registry import ClassFactory
 
@@ -263,6 +283,112 @@ def _bucket_add(bucket: Any, key: Any, *, coldest: bool) -> None:
 def _lfu_counter(cache: cachetools.LFUCache[Any, Any]) -> Counter[Any]:
     """Key -> minus its use count (cachetools < 6.1; ties evict the first inserted)."""
     return cache._LFUCache__counter  # type: ignore[attr-defined,no-any-return]
+
+
+_CHANGES: Final = "_handoff_changes"
+"""The instance attribute where a tracked cache keeps its :class:`_Changes`."""
+_TRACKING: dict[type[Any], type[Any]] = {}
+_SESSIONS = iter(range(1, 1 << 62))
+
+
+class _Changes:
+    """When each key last changed, by a counter: any number of marks (one per pre-copy,
+    to each new node) share it. Keys deleted stay until tracking stops."""
+
+    __slots__ = ("changed", "count", "session")
+
+    def __init__(self) -> None:
+        self.session = next(_SESSIONS)
+        self.count = 0
+        self.changed: dict[Any, int] = {}
+
+    def note(self, key: Any) -> None:
+        self.count += 1
+        self.changed[key] = self.count
+
+    def since(self, mark: object) -> list[Any]:
+        if not isinstance(mark, tuple) or len(mark) != 2 or mark[0] != self.session:
+            raise ValueError(f"{mark!r} is not a mark of this cache's tracking")
+        after: int = mark[1]
+        return [key for key, count in self.changed.items() if count > after]
+
+
+def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
+    """A subclass of ``base`` whose writes, deletions (evictions too: ``popitem`` deletes
+    through ``del``) and, with ``reads``, reads note the key. Expiry purges (``expire``)
+    call ``Cache.__delitem__`` directly and go unnoted: an expired entry expires on the
+    receiver too, its remaining lifetime having travelled with it."""
+    cls = _TRACKING.get(base)
+    if cls is not None:
+        return cls
+    base_set, base_del, base_get = base.__setitem__, base.__delitem__, base.__getitem__
+
+    def __setitem__(self: Any, key: Any, value: Any) -> None:
+        base_set(self, key, value)
+        changes = self.__dict__.get(_CHANGES)
+        if changes is not None:
+            changes.note(key)
+
+    def __delitem__(self: Any, key: Any) -> None:
+        base_del(self, key)
+        changes = self.__dict__.get(_CHANGES)
+        if changes is not None:
+            changes.note(key)
+
+    namespace: dict[str, Any] = {
+        "__setitem__": __setitem__,
+        "__delitem__": __delitem__,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        # Pickled (or copied) as the cache it is: the tracking stays with this object.
+        "__reduce_ex__": lambda self, protocol: _reduce_untracked(self, base, protocol),
+    }
+    if reads:
+
+        def __getitem__(self: Any, key: Any) -> Any:
+            value = base_get(self, key)
+            changes = self.__dict__.get(_CHANGES)
+            if changes is not None:
+                changes.note(key)
+            return value
+
+        namespace["__getitem__"] = __getitem__
+    cls = _TRACKING[base] = type(base.__name__, (base,), namespace)
+    return cls
+
+
+def _reduce_untracked(cache: Any, base: type[Any], protocol: Any) -> Any:
+    state = {k: v for k, v in cache.__dict__.items() if k != _CHANGES}
+    return (_new_cache, (base,), state)
+
+
+def _new_cache(cls: type[Any]) -> Any:
+    """Unpickle a tracked cache as an untracked one of its own class."""
+    return object.__new__(cls)
+
+
+def _track(cache: cachetools.Cache[Any, Any], *, reads: bool) -> tuple[int, int]:
+    """Swap ``cache``'s class for its tracking subclass (once); a mark of now."""
+    if type(cache) not in _TRACKING.values():
+        cache.__class__ = _tracking_class(type(cache), reads=reads)
+    changes = cache.__dict__.get(_CHANGES)
+    if changes is None:
+        changes = cache.__dict__[_CHANGES] = _Changes()
+    return changes.session, changes.count
+
+
+def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> set[Any]:
+    changes = cache.__dict__.get(_CHANGES)
+    if changes is None:
+        raise ValueError(f"{mark!r} is not a mark of this cache's tracking (it stopped)")
+    return set(changes.since(mark))
+
+
+def _untrack(cache: cachetools.Cache[Any, Any]) -> None:
+    cache.__dict__.pop(_CHANGES, None)
+    cls = type(cache)
+    if cls in _TRACKING.values():
+        cache.__class__ = cls.__mro__[1]
 
 
 def _run(calls: Iterable[object]) -> None:
@@ -503,6 +629,8 @@ class CacheAdapter(Generic[_C]):
 
     _cache_type: ClassVar[type[cachetools.Cache[Any, Any]]] = cachetools.Cache
     _expiring: ClassVar[bool] = False
+    _reads_reorder: ClassVar[bool] = False
+    """Whether a read changes the order the export follows (LRU recency, LFU counts)."""
 
     def __init__(self, cache: _C, *, merge: Merge | None = None) -> None:
         if not isinstance(cache, self._cache_type):
@@ -525,14 +653,87 @@ class CacheAdapter(Generic[_C]):
 
     def export(self) -> Iterator[Record]:
         """Yield ``(key, value, meta)`` hottest first, reading each value when yielded."""
+        # A generator: the keys are listed at the first pull (under the node's lock).
+        yield from self._records(self._hottest_first())
+
+    def _records(self, keys: list[Any]) -> Iterator[Record]:
+        """The records of ``keys`` (hottest first), skipping those gone or expired."""
         data = _data(self.cache)
-        for key in self._hottest_first():
+        for key in keys:
             value = data.get(key, _MISSING)
             if value is not _MISSING:
                 yield key, value, None
 
     def _hottest_first(self) -> list[Any]:
         return list(_data(self.cache))
+
+    # -- change tracking (pre-copy) --
+
+    def mark(self) -> tuple[int, int]:
+        """Start remembering the keys written, read (where reads change the order) or
+        deleted from now on; returns a token for :meth:`changed_since`. Marks taken later
+        (a pre-copy to each new node) share one record of when each key last changed.
+        See "Change tracking" in the module documentation."""
+        return _track(self.cache, reads=self._reads_reorder)
+
+    def changed_since(self, mark: object) -> Iterator[Record]:
+        """The records of keys written (or, see :meth:`mark`, read) since ``mark`` that the
+        cache still holds, hottest first, as :meth:`export` yields them; then
+        ``(key, DELETED, None)`` for keys deleted or evicted since (and not written
+        again). Raises :exc:`ValueError` for a mark of no current tracking."""
+        changes = _changes(self.cache, mark)
+        if not changes:
+            return
+        data = _data(self.cache)
+        held = [key for key in self._hottest_first() if key in changes]
+        yield from self._records(held)
+        for key in list(changes):
+            if key not in data:
+                yield key, DELETED, None
+
+    def stop_tracking(self) -> None:
+        """Forget the mark, and give the cache back its own class (see :meth:`mark`)."""
+        _untrack(self.cache)
+
+    def import_delta(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
+        """Apply part of what :meth:`changed_since` yielded on a pre-copy's sender, on top
+        of what the pre-copy brought, in *delta order*: the deletions, then the written
+        records coldest first (the reverse of :meth:`changed_since`; see
+        ``handoff.engine._precopy.delta_order``), so that the delta can arrive in several
+        calls. ``DELETED`` removes the key (counted as applied, whether it was held or
+        not); deletions in a call are applied before its writes, to make room. A written
+        record replaces the entry this cache holds (it is the newer one, unlike in
+        :meth:`import_records`) and becomes the hottest, so that the last record applied
+        is the hottest of all, above every entry the delta does not name. Otherwise the
+        rules of :meth:`import_records` apply (lifetimes, sizes, drops)."""
+        cache = self.cache
+        data = _data(cache)
+        result = ImportResult()
+        deleted = 0
+        written: list[Record] = []
+        for record in records:
+            try:
+                key, value = record[0], record[1]
+                if key in data:
+                    with contextlib.suppress(KeyError):  # (a TTLCache's expired entry)
+                        del cache[key]
+            except Exception:
+                logger.warning("could not apply a delta record to %r", self, exc_info=True)
+                result += ImportResult(dropped={IMPORT_ERROR: 1})
+                continue
+            if value is DELETED:
+                deleted += 1
+            else:
+                written.append(record)
+        for record in written:
+            one = self.import_records([record], age=age)
+            if one.applied:
+                self._to_hot_end(record[0])
+            result += one
+        return result + ImportResult(applied=deleted)
+
+    def _to_hot_end(self, key: Any) -> None:
+        """Make ``key`` the entry the cache evicts last (where its order allows)."""
 
     # -- import --
 
@@ -628,6 +829,9 @@ class _OrderedAdapter(CacheAdapter[_C]):
     def _hottest_first(self) -> list[Any]:
         return list(reversed(self._order()))
 
+    def _to_hot_end(self, key: Any) -> None:
+        self._order().move_to_end(key)
+
     @contextmanager
     def _batch(self) -> Iterator[_Batch]:
         cache, move = self.cache, self._order().move_to_end
@@ -644,6 +848,7 @@ class LRUCacheAdapter(_OrderedAdapter[cachetools.LRUCache[Any, Any]]):
     """Hands off a ``cachetools.LRUCache``: most recently used first; recency survives."""
 
     _cache_type = cachetools.LRUCache
+    _reads_reorder = True
 
     def _order(self) -> OrderedDict[Any, None]:
         return _lru_order(self.cache)
@@ -677,12 +882,17 @@ class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
     """
 
     _cache_type = cachetools.LFUCache
+    _reads_reorder = True
 
     def export(self) -> Iterator[Record]:
         """Yield ``(key, value, use_count)`` from the most to the least used."""
+        # A generator: the keys are listed at the first pull (under the node's lock).
+        yield from self._records(self._hottest_first())
+
+    def _records(self, keys: list[Any]) -> Iterator[Record]:
         data = _data(self.cache)
         count_of = self._count_of()
-        for key in self._hottest_first():
+        for key in keys:
             value = data.get(key, _MISSING)
             count = count_of(key)
             if value is not _MISSING and count is not None:
@@ -783,6 +993,7 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
 
     _cache_type = cachetools.TTLCache
     _expiring = True
+    _reads_reorder = True
 
     def __init__(
         self, cache: cachetools.TTLCache[Any, Any, Any], *, merge: Merge | None = None
@@ -792,9 +1003,19 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
 
     def export(self) -> Iterator[Record]:
         """Yield ``(key, value, seconds_left)`` from the most to the least recently used."""
+        # A generator: the keys are listed at the first pull (under the node's lock).
+        yield from self._records(self._hottest_first())
+
+    def _hottest_first(self) -> list[Any]:
+        return list(reversed(_ttl_links(self.cache)))
+
+    def _to_hot_end(self, key: Any) -> None:
+        _ttl_links(self.cache).move_to_end(key)
+
+    def _records(self, keys: list[Any]) -> Iterator[Record]:
         cache = self.cache
         data, links, timer = _data(cache), _ttl_links(cache), cache.timer
-        for key in list(reversed(links)):
+        for key in keys:
             link = links.get(key)
             value = data.get(key, _MISSING)
             if link is None or value is _MISSING:
@@ -1090,12 +1311,23 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
 
     _cache_type = cachetools.TLRUCache
     _expiring = True
+    _reads_reorder = True
 
     def export(self) -> Iterator[Record]:
         """Yield ``(key, value, seconds_left)`` from the most to the least recently used."""
+        # A generator: the keys are listed at the first pull (under the node's lock).
+        yield from self._records(self._hottest_first())
+
+    def _hottest_first(self) -> list[Any]:
+        return list(reversed(_tlru_items(self.cache)))
+
+    def _to_hot_end(self, key: Any) -> None:
+        _tlru_items(self.cache).move_to_end(key)
+
+    def _records(self, keys: list[Any]) -> Iterator[Record]:
         cache = self.cache
         data, items, timer = _data(cache), _tlru_items(cache), cache.timer
-        for key in list(reversed(items)):
+        for key in keys:
             item = items.get(key)
             value = data.get(key, _MISSING)
             if item is None or value is _MISSING:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 __all__ = (
+    "DELETED",
     "Adapter",
     "ImportResult",
     "Record",
@@ -28,6 +29,21 @@ __all__ = (
 
 Record = tuple[Any, Any, Any]
 """``(key, value, meta)``; see the module documentation."""
+
+
+class _Deleted:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DELETED"
+
+    def __reduce__(self) -> str:
+        return "DELETED"
+
+
+DELETED: Final[Any] = _Deleted()
+"""The value of a record that says its key was deleted (:class:`SupportsChangeTracking`).
+Not a wire value: a pre-copy's delta must carry deletions its own way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +125,9 @@ class SupportsChangeTracking(Protocol):
         ...
 
     def changed_since(self, mark: object) -> Iterator[Record]:
-        """Records of keys written or deleted since ``mark`` (deleted: value ``None``)."""
+        """Records of keys written since ``mark`` that the object still holds, hottest
+        first, as the export yields them; then ``(key, DELETED, None)`` for keys deleted
+        since (a value of ``None`` stays a value)."""
         ...
 
 

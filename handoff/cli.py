@@ -44,6 +44,7 @@ from handoff._errors import (
 from handoff._text import duration, peer_text
 from handoff.config import control_directory, resolve_settings, unknown_variables
 from handoff.control import (
+    PRECOPY_SHAPE,
     RECEIVED_SHAPE,
     REPORT_SHAPE,
     STATUS_SHAPE,
@@ -446,15 +447,23 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
                 peer_text(n["kind"]),
                 "?" if n["entries"] is None else n["entries"],
                 n["version"],
+                # Nodes from before spreads existed do not say: they split.
+                peer_text(n.get("spread", "split")),
             )
             for n in status["tracked"]
         ]
-        lines += _table(("NAMESPACE", "ADAPTER", "ENTRIES", "VERSION"), tracked)
+        lines += _table(("NAMESPACE", "ADAPTER", "ENTRIES", "VERSION", "SPREAD"), tracked)
     else:
         lines.append("no tracked namespaces")
     lines.append("")
     drain = status.get("last_drain")
     lines.append("last drain: " + ("none" if drain is None else t(drain["summary"], 2000)))
+    for precopy in status.get("precopy") or ():  # older nodes do not say
+        if shape_problem(precopy, PRECOPY_SHAPE) is None:
+            lines.append(
+                f"pre-copy to {t(precopy['peer'])}: {t(precopy['state'])}, "
+                f"{precopy['copied']} of {precopy['entries']} entries copied"
+            )
     received = status.get("last_received")
     if shape_problem(received, RECEIVED_SHAPE) is not None:
         lines.append("last received: (not readable)")

@@ -144,6 +144,8 @@ class Settings:
     fly_app: str | None
     control_socket: Path | None = None
     port_range: int = DEFAULT_PORT_RANGE
+    precopy: float = 0.0
+    """Pre-copy to newer nodes: 0 off, ``math.inf`` unpaced, else bytes per second."""
     warnings: tuple[str, ...] = ()
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), repr=False, compare=False
@@ -435,6 +437,32 @@ def _dns_server(text: str, origin: _Origin) -> tuple[str, int]:
             "[IPV6]:PORT, e.g. 10.96.0.10 or [fdaa::3]:53"
         ) from None
     return host, port
+
+
+def _precopy(value: object, origin: _Origin) -> float:
+    label = origin.label
+    if isinstance(value, bool):
+        return math.inf if value else 0.0
+    if isinstance(value, str) and origin.source != "argument":
+        text = value
+        word = text.strip().lower()
+        if word in ("off", "false", "0", "no"):
+            return 0.0
+        if word in ("on", "true", "yes"):
+            return math.inf
+        try:
+            value = float(word)
+        except ValueError:
+            raise ConfigError(
+                f"{label}: {_short(text)} is not on, off or a number of bytes per second, "
+                f"e.g. {origin.setting.env}=on or 20000000"
+            ) from None
+    if not isinstance(value, int | float) or not value > 0 or math.isnan(value):
+        raise ConfigError(
+            f"{label}: {value!r} is not usable; give True, False or a number of bytes per "
+            "second greater than 0"
+        )
+    return float(value)
 
 
 def _seconds(value: object, origin: _Origin) -> float:
@@ -835,6 +863,15 @@ _WARMUP_TIMEOUT: _Setting[float] = _Setting(
     parse=_seconds,
     default=_constant(_DEFAULT_WARMUP_TIMEOUT),
 )
+_PRECOPY: _Setting[float] = _Setting(
+    "precopy",
+    "HANDOFF_PRECOPY",
+    "Pre-copy: when a node of a newer release comes up, copy the caches to it while both "
+    "serve, and at the drain send only what changed since (see the README's Pre-copy). "
+    "on, off, or a pace in bytes per second. Default: off.",
+    parse=_precopy,
+    default=_constant(0.0),
+)
 _HEARTBEAT_TIMEOUT: _Setting[float] = _Setting(
     "heartbeat_timeout",
     "HANDOFF_HEARTBEAT_TIMEOUT",
@@ -920,6 +957,7 @@ _LADDER: tuple[_Setting[Any], ...] = (
     _SNAPSHOT_DIR,
     _DRAIN_TIMEOUT,
     _WARMUP_TIMEOUT,
+    _PRECOPY,
     _HEARTBEAT_TIMEOUT,
     _HEARTBEAT_INTERVAL,
     _POLL_INTERVAL,
@@ -1027,6 +1065,7 @@ def resolve_settings(
     advertise: str | None = None,
     control_socket: str | os.PathLike[str] | None = None,
     port_range: int | None = None,
+    precopy: bool | float | None = None,
 ) -> Settings:
     """Resolve and validate a node's settings; raise :class:`ConfigError` on any problem.
 
@@ -1071,6 +1110,7 @@ def resolve_settings(
         fly_app=context.fly_app,
         control_socket=value(_CONTROL_SOCKET),
         port_range=value(_PORT_RANGE),
+        precopy=value(_PRECOPY),
         warnings=tuple(context.warnings),
         sources=MappingProxyType(dict(context.sources)),
     )
@@ -1155,6 +1195,14 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
         ("snapshot_dir", optional(settings.snapshot_dir, "(no snapshots)")),
         ("drain_timeout", seconds(settings.drain_timeout)),
         ("warmup_timeout", seconds(settings.warmup_timeout)),
+        (
+            "precopy",
+            "off"
+            if not settings.precopy
+            else "on"
+            if settings.precopy == math.inf
+            else f"{settings.precopy:g} bytes/s",
+        ),
         ("tls_cert", optional(tls and tls.cert, "(no TLS)")),
         ("tls_key", optional(tls and tls.key, "(no TLS)")),
         ("tls_ca", optional(tls and tls.ca, "(no TLS)")),

@@ -72,6 +72,7 @@ __all__ = (
     "MAX_ANNOUNCED_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_REQUEST_BYTES",
+    "PRECOPY_SHAPE",
     "READ_TIMEOUT",
     "RECEIVED_SHAPE",
     "REPORT_SHAPE",
@@ -263,6 +264,7 @@ def node_status(node: Node) -> dict[str, Any]:
                 "kind": t.adapter.kind,
                 "entries": _entries(node, name),
                 "version": t.version,
+                "spread": t.effective_spread,
             }
             for name, t in sorted(tracked.items())
         ],
@@ -279,6 +281,7 @@ def node_status(node: Node) -> dict[str, Any]:
             "dropped": dict(sorted(received.dropped.items())),
         },
         "join_error": node.join_error,
+        "precopy": node._precopy_status(),
     }
 
 
@@ -1043,6 +1046,8 @@ RECEIVED_SHAPE: Any = (
     type(None),
     {"peer": str, "release": str, "records": int, "at": _NUMBER},
 )
+PRECOPY_SHAPE: Any = {"peer": str, "state": str, "copied": int, "entries": int}
+"""One entry of a status's ``precopy`` list (optional: older nodes do not send it)."""
 REPORT_SHAPE: Any = {
     "node": str,
     "summary": str,

@@ -14,6 +14,7 @@ import errno
 import functools
 import itertools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -60,8 +61,22 @@ from handoff.engine import (
 )
 from handoff.engine._actors import ActorHost, MoveStats
 from handoff.engine._fingerprint import ExportLog, changed_records
+from handoff.engine._planner import successor_tiers
+from handoff.engine._precopy import (
+    CANCEL_WAIT,
+    DELTA,
+    DELTA_SHARE,
+    LINK_WAIT,
+    PRECOPY,
+    PRECOPY_TIME_LIMIT,
+    Precopy,
+    PrecopyState,
+    is_newer,
+)
+from handoff.engine._report import merge_reports
 from handoff.engine._restore import restore_snapshots
 from handoff.engine._sender import CATCH_UP, MAX_CHUNK_BYTES
+from handoff.engine._tracked import ALL, SPREADS, Spread
 from handoff.lifecycle import Done, Lifespan, ThreadRunner, lifespan, lifespan_with
 from handoff.membership import MembershipEvent, Peer
 from handoff.protocol import (
@@ -268,6 +283,7 @@ class Node:
         advertise: str | None = None,
         control_socket: str | os.PathLike[str] | None = None,
         port_range: int | None = None,
+        precopy: bool | float | None = None,
         environ: Mapping[str, str] | None = None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         handle_signals: bool = False,
@@ -295,6 +311,7 @@ class Node:
             advertise=advertise,
             control_socket=control_socket,
             port_range=port_range,
+            precopy=precopy,
         )
         s = self.settings
         # What was configured, before a start names the node after its worker's port.
@@ -342,6 +359,9 @@ class Node:
         # What the last drain exported, per namespace, while the node may keep serving
         # (None: no catch-up is due). Ownership namespaces keep no log: their export takes.
         self._exported: dict[str, ExportLog] | None = None
+        self._precopy = PrecopyState(
+            enabled=s.precopy > 0, pace=None if s.precopy == math.inf else s.precopy or None
+        )
         self._mesh = Mesh(
             s,
             local_node=self._local_node,
@@ -453,6 +473,7 @@ class Node:
         version: int = 1,
         adapter: Adapter | None = None,
         validate: Callable[[Any, Any], bool] | None = None,
+        spread: Spread | None = None,
         **options: Any,
     ) -> Adapter:
         """Hand ``obj`` off under ``name`` when this node drains, and receive it on start.
@@ -467,6 +488,13 @@ class Node:
         namespace's validator", which the sender's drain report shows (and is then not
         ``ok``). Use it to refuse types and values the application does not expect: any
         peer holding the cookie can send anything the codec decodes.
+        ``spread`` says where a drain sends the keys when several successors take them:
+        ``"all"`` (every successor gets every key, as far as its size allows: for round-robin
+        balancers, such as a Kubernetes Service or the Fly proxy) or ``"split"`` (each key to
+        exactly one successor, by rendezvous hashing: for key-affine balancers, or to send
+        each record once). The default is ``"all"`` for caches and mappings; state that moves
+        ownership (``handoff.Counters``) is always split, and asking it for ``"all"`` raises
+        :exc:`ConfigError` (a copy would count twice).
         Must be called before :meth:`start`: peers learn the namespaces in the handshake.
         """
         if self.running:
@@ -482,14 +510,24 @@ class Node:
             raise ConfigError(f"version of {name!r} must be an integer >= 0, got {version!r}")
         if validate is not None and not callable(validate):
             raise ConfigError(f"validate of {name!r} must be callable(key, value): {validate!r}")
+        if spread is not None and spread not in SPREADS:
+            raise ConfigError(
+                f"spread of {name!r} must be one of {', '.join(map(repr, SPREADS))}, not {spread!r}"
+            )
         chosen = adapter if adapter is not None else adapter_for(obj, **options)
+        if spread == ALL and chosen.moves_ownership:
+            raise ConfigError(
+                f"spread='all' for {name!r}: its state moves ownership ({chosen.kind}), so "
+                "each record must go to exactly one successor (a copy on several would count "
+                "twice); leave spread unset or use 'split'"
+            )
         if adapter is None and chosen.kind == "mapping" and options.get("merge") is None:
             _warn_if_counts(name, obj)
         if isinstance(chosen, ActorsAdapter):
             self._actors[name] = chosen.bind(
                 functools.partial(self._actor_host, name, version=version)
             )
-        self._tracked[name] = Tracked(name, obj, chosen, version, validate)
+        self._tracked[name] = Tracked(name, obj, chosen, version, validate, spread)
         return chosen
 
     def _actor_host(self, name: str, registry: ActorRegistry, *, version: int) -> ActorHost:
@@ -635,9 +673,10 @@ class Node:
         shows: ``node``, ``cluster``, ``release``, ``state``, ``address``, ``port``, ``pid``,
         ``warm`` and ``warm_reason``, ``join_error``, ``members`` (this node and its peers
         with their releases, states and namespace versions), ``tracked`` (per namespace:
-        adapter kind, entries, schema version), ``last_drain`` (the report, or ``None``) and
+        adapter kind, entries, schema version, spread), ``last_drain`` (the report, or ``None``) and
         ``last_received`` (``peer``, ``release``, ``records``, ``at``, ``applied``, ``kept``,
-        ``dropped``; or ``None``)."""
+        ``dropped``; or ``None``) and ``precopy`` (each pre-copy: ``peer``, ``state``,
+        ``copied``, ``entries``)."""
         return node_status(self)
 
     # A deadline, not a cancellation: at ``timeout`` the drain still snapshots what is left.
@@ -663,18 +702,28 @@ class Node:
             limit = self.settings.drain_timeout if time_limit is None else time_limit
             # First announce it: from here on offers are refused and peers re-route.
             await self._mesh.set_state(NodeState.DRAINING)
-            # A drain on the way out keeps no log of what it exported: nothing follows it.
-            drainer = self._drainer("drain", fingerprints=not stopping)
+            drainers: list[Drainer] = []
 
             async def run() -> DrainReport:
+                # Actors move first (their own migrations), then pre-copied peers get their
+                # deltas, then the streams take what is left, all within ``limit``.
                 started = anyio.current_time()
                 moves = await self._move_actors(started + limit * ACTOR_SHARE)
+                deltas, skip, done = await self._precopy_deltas(
+                    max(0.0, limit - (anyio.current_time() - started))
+                )
+                # A drain on the way out keeps no log of what it exported: nothing follows.
+                drainer = self._drainer("drain", fingerprints=not stopping, skip=skip, exclude=done)
+                drainers.append(drainer)
                 remaining = max(0.0, limit - (anyio.current_time() - started))
                 report = await self._sessions.drain(drainer, time_limit=remaining)
                 _add_moves(report, moves, self._actors)
+                if deltas:
+                    report = merge_reports(report, deltas, seconds=anyio.current_time() - started)
                 return report
 
             report = await self._observed_drain("drain", run)
+            [drainer] = drainers
             self._log_report(report)
             if not stopping:
                 self._spawn(self._sessions.send_late)
@@ -744,6 +793,8 @@ class Node:
         *,
         fingerprints: bool = False,
         sources: Mapping[str, Callable[[], Iterator[Record]]] | None = None,
+        skip: Mapping[str, frozenset[str]] | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> Drainer:
         return Drainer(
             node=self.name,
@@ -761,7 +812,138 @@ class Node:
             fingerprints=fingerprints,
             sources=sources,
             stream_ids=self._stream_ids,
+            skip=skip,
+            exclude=exclude,
         )
+
+    # -- pre-copy (HANDOFF_PRECOPY) --------------------------------------------------------
+
+    def _maybe_precopy(self, peer: Peer) -> None:
+        """node-up: copy caches to a serving peer of a newer release (or, where releases
+        do not compare, one that started later), one peer at a time."""
+        state = self._precopy
+        if state.lock is None or self._state is not NodeState.SERVING or not peer.serving:
+            return
+        if peer.name in state.begun or not is_newer(peer, self.release, self.started_at):
+            return
+        # Only what the peer tracks: marking a cache costs its reads something.
+        state.begun[peer.name] = Precopy(
+            {n: t for n, t in self._tracked.items() if n in peer.namespaces}
+        )
+        self._spawn(self._precopy_to, peer.name)
+
+    async def _precopy_to(self, name: str) -> None:
+        state = self._precopy
+        assert state.lock is not None  # set at start, before any node-up
+        async with state.lock:
+            precopy = state.begun[name]
+            if self._state is not NodeState.SERVING or not precopy.tracked:
+                precopy.state = "partial"
+                return
+            # node-up may come before the link that carries the peer is registered: a copy
+            # started then finds no successor (and is reported partial).
+            with anyio.move_on_after(LINK_WAIT):
+                while not any(p.name == name for p, _ in self._mesh.peer_links()):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            precopy.state = "copying"
+            precopy.entries = {n: len(t.adapter) for n, t in precopy.tracked.items()}
+            drainer = Drainer(
+                node=self.name,
+                release=self.release,
+                cluster=self.cluster,
+                tracked=precopy.tracked,
+                transforms=self.transforms,
+                codec=self.codec,
+                snapshots=None,
+                peers=lambda: [(p, link) for p, link in self._mesh.peer_links() if p.name == name],
+                lock=self.lock,
+                reason="pre-copy",
+                started_at=self.started_at,
+                sources=precopy.copy_sources(),
+                stream_ids=self._stream_ids,
+                kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
+                pace=state.pace,
+                progress=lambda ns: precopy.copied.__setitem__(ns.namespace, ns.acknowledged),
+            )
+            state.running = drainer
+            try:
+                report = await self._sessions.precopy(drainer, time_limit=PRECOPY_TIME_LIMIT)
+            finally:
+                state.running = None
+            precopy.complete = frozenset(
+                n
+                for n, ns in report.namespaces.items()
+                # Every record acknowledged: what the receiver did not keep (full of its
+                # own entries) a second sending would not make it keep either.
+                if name not in ns.refusals and ns.acknowledged == ns.records
+            )
+            precopy.state = "complete" if precopy.complete == set(precopy.tracked) else "partial"
+            logger.info("%s: %s", self.name, report.summary())
+
+    def _precopy_status(self) -> list[dict[str, object]]:
+        """Each pre-copy of this node (``handoff status``): see ``Precopy.status``."""
+        return [p.status(name) for name, p in sorted(self._precopy.begun.items())]
+
+    async def _precopy_deltas(
+        self, limit: float
+    ) -> tuple[list[DrainReport], dict[str, frozenset[str]], frozenset[str]]:
+        """At the drain: stop a pre-copy in progress, then send each peer that took one
+        what changed since (its delta replaces and deletes there). Returns the delta
+        reports, the peers each namespace's drain leaves out (their copy is complete and
+        their delta acknowledged) and the namespaces that need no drain at all (every
+        successor the drain would choose is such a peer)."""
+        state = self._precopy
+        if state.lock is None:
+            return [], {}, frozenset()
+        if state.running is not None:
+            state.running.stop()
+        with anyio.move_on_after(CANCEL_WAIT):
+            async with state.lock:
+                pass
+        reports: list[DrainReport] = []
+        skip: dict[str, set[str]] = {}
+        links = {p.name: p for p, _ in self._mesh.peer_links()}
+        for name, precopy in list(state.begun.items()):
+            peer = links.get(name)
+            if peer is None or not peer.serving or not precopy.marked:
+                continue
+            drainer = Drainer(
+                node=self.name,
+                release=self.release,
+                cluster=self.cluster,
+                tracked={n: precopy.tracked[n] for n in precopy.marked},
+                transforms=self.transforms,
+                codec=self.codec,
+                snapshots=None,  # a delta applies only on top of its copy
+                peers=lambda name=name: [  # type: ignore[misc]
+                    (p, link) for p, link in self._mesh.peer_links() if p.name == name
+                ],
+                lock=self.lock,
+                reason="pre-copy delta",
+                started_at=self.started_at,
+                sources=precopy.delta_sources(),
+                stream_ids=self._stream_ids,
+                kinds={n: precopy.tracked[n].adapter.kind + DELTA for n in precopy.marked},
+            )
+            report = await self._sessions.drain(drainer, time_limit=limit * DELTA_SHARE)
+            logger.info("%s: %s", self.name, report.summary())
+            reports.append(report)
+            for n, ns in report.namespaces.items():
+                if n in precopy.complete and ns.acknowledged == ns.records:
+                    skip.setdefault(n, set()).add(name)
+        done = frozenset(
+            n
+            for n, names in skip.items()
+            if (
+                tiers := successor_tiers(
+                    self.release,
+                    [p for p in links.values() if n in p.namespaces],
+                    local_started_at=self.started_at,
+                )
+            )
+            and all(p.name in names for p in tiers[0])
+        )
+        return reports, {n: frozenset(names) for n, names in skip.items()}, done
 
     @contextmanager
     def watch_drain(self, callback: Callable[[NamespaceReport], None]) -> Iterator[None]:
@@ -926,6 +1108,9 @@ class Node:
             host.node, host.incarnation = self.name, self.incarnation
             host.start()
             self._spawn(host.run)
+        if self._precopy.enabled:
+            self._precopy.lock = anyio.Lock()
+            self._mesh.on_node_up(self._maybe_precopy)
         if self._tallies.scoped():
             self._spawn(self._tallies.run)
         if control is not None:

@@ -16,8 +16,11 @@ at the switch the balancer sends each key to one new node and ``node-a`` gets SI
 
 - cold: ``node-a`` stops without draining, as a service without handoff does; the new
   nodes start empty and warm up from the backend;
-- warm: ``node-a`` drains its cache to the new nodes, split by key with the same
-  rendezvous hashing the balancer uses, so every key lands where its requests go.
+- warm: ``node-a`` drains its cache to the new nodes. With spread ``split`` each key goes
+  to one of them, by the same rendezvous hashing the key balancer uses, so every key lands
+  where its requests go; with spread ``all`` every new node gets every key (what a
+  round-robin balancer needs). The spread defaults to ``split`` for ``--balance key`` and
+  ``all`` for ``--balance round-robin``.
 
 Both runs draw the same request stream (same seeds), so the difference is the handoff:
 hit rate over time, backend calls during and after the deploy, entries moved and lost.
@@ -47,6 +50,7 @@ from xml.sax.saxutils import escape
 
 from handoff._demo import BALANCES, TrafficSpec
 from handoff._text import duration
+from handoff.engine._tracked import SPREADS
 from handoff.testing import STATE_ENV, DNSResponder, NodeProcess, free_port_on_all
 
 __all__ = (
@@ -261,6 +265,12 @@ class DemoSettings:
     """Requests per second, all nodes together."""
     balance: str = "key"
     """How the balancer spreads requests over the new nodes: ``key`` or ``round-robin``."""
+    spread: str | None = None
+    """How the drain places the keys on the new nodes: ``split`` or ``all``; ``None``:
+    ``split`` for the key balancer (where it puts each key), ``all`` for round-robin."""
+    precopy: bool = False
+    """In the warm run, the old node pre-copies its cache to each new node as it comes up
+    (``HANDOFF_PRECOPY=on``), and its drain sends only the delta."""
     seed: int = 1
     host_base: str = DEFAULT_HOST_BASE
     """The old node's loopback address; the new nodes take the following ones, so runs with
@@ -282,6 +292,15 @@ class DemoSettings:
         problem = host_base_problem(self.host_base, self.nodes + 1)
         if problem is not None:
             raise ValueError(problem)
+        if self.spread not in (None, *SPREADS):
+            raise ValueError(f"spread must be one of {', '.join(SPREADS)}")
+
+    @property
+    def drain_spread(self) -> str:
+        """The spread the drain uses (see :attr:`spread`)."""
+        if self.spread is not None:
+            return self.spread
+        return "split" if self.balance == "key" else "all"
 
     @property
     def keys(self) -> int:
@@ -318,6 +337,8 @@ class DemoSettings:
             "window_seconds": self.window_bins * BIN_SECONDS,
             "rate": self.rate,
             "balance": self.balance,
+            "spread": self.drain_spread,
+            "precopy": self.precopy,
             "seed": self.seed,
             "host_base": self.host_base,
             "keys": self.keys,
@@ -382,7 +403,16 @@ class DeployRun:
     entries_before: int = 0
     """Entries the old node held when it got SIGTERM."""
     entries_moved: int = 0
-    """Entries the new nodes took from the handoff (applied, or already held)."""
+    """Entries the new nodes took from the handoff (applied, or already held); with spread
+    ``all``, entries at least one new node took (each counted once, by the drain report)."""
+    moved_per_node: dict[str, int] = field(default_factory=dict)
+    """Entries each new node took from the handoff (its copy, with spread ``all``)."""
+    sigterm_at: float | None = None
+    """Seconds into the run when the old node got SIGTERM."""
+    precopies: list[dict[str, Any]] = field(default_factory=list)
+    """With pre-copy: the old node's pre-copies just before SIGTERM (``node.stats()``)."""
+    applied_after_sigterm: float | None = None
+    """Seconds into the run when a new node last applied handed-off records after it."""
     dropped: dict[str, int] = field(default_factory=dict)
     """Entries the handoff dropped (by the sender or a receiver), per reason."""
     snapshotted: int = 0
@@ -404,6 +434,17 @@ class DeployRun:
         if not self.handoff:
             return 0
         return self.lost - sum(self.dropped.values()) - self.snapshotted
+
+    @property
+    def blackout_seconds(self) -> float | None:
+        """From SIGTERM to the last handed-off record applied on a new node: the time the
+        new nodes serve without part of the old node's state (0 when a pre-copy left
+        nothing to send; ``None`` without handoff)."""
+        if not self.handoff or self.sigterm_at is None:
+            return None
+        if self.applied_after_sigterm is None:
+            return 0.0
+        return max(0.0, self.applied_after_sigterm - self.sigterm_at)
 
     @property
     def handoff_seconds(self) -> float | None:
@@ -448,10 +489,13 @@ class DeployRun:
             "requests": {k: v.requests for k, v in parts.items()},
             "entries_before": self.entries_before,
             "entries_moved": self.entries_moved,
+            "moved_per_node": dict(sorted(self.moved_per_node.items())),
             "lost": self.lost,
             "dropped": dict(sorted(self.dropped.items())),
             "snapshotted": self.snapshotted,
             "handoff_seconds": self.handoff_seconds,
+            "blackout_seconds": _rounded(self.blackout_seconds),
+            "precopies": self.precopies,
             "entries_at_end": dict(sorted(self.entries_at_end.items())),
             "per_node": {k: v.as_dict() for k, v in sorted(self.per_node.items())},
             "late": sorted(self.late),
@@ -490,6 +534,7 @@ class Comparison:
             "entries_after": None if warm is None else warm.entries_moved,
             "lost": None if warm is None else warm.lost,
             "handoff_seconds": None if warm is None else warm.handoff_seconds,
+            "blackout_seconds": None if warm is None else _rounded(warm.blackout_seconds),
             "hit_rate_before": _rate_before(warm),
             "hit_rate_cold": rate(cold),
             "hit_rate_warm": rate(warm),
@@ -500,6 +545,10 @@ class Comparison:
             "cold": None if cold is None else cold.as_dict(),
             "warm": None if warm is None else warm.as_dict(),
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _rate_before(run: DeployRun | None) -> float | None:
@@ -605,6 +654,9 @@ class _Simulation:
                 env = {
                     STATE_ENV: json.dumps(state),
                     "HANDOFF_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT),
+                    "HANDOFF_PRECOPY": (
+                        "on" if self.handoff and self.run_data.settings.precopy else "off"
+                    ),
                     "HANDOFF_COOKIE": cookie,
                     "HANDOFF_CLUSTER": CLUSTER,
                     "HANDOFF_RELEASE": release,
@@ -647,6 +699,7 @@ class _Simulation:
             "maxsize": self.entries,
             "hot_first": True,
             "drain_on_stop": self.handoff,
+            "spread": self.run_data.settings.drain_spread,
         }
         return old, {**base, "entries": 0, "maxsize": self.entries, "drain_on_stop": False}
 
@@ -682,7 +735,11 @@ class _Simulation:
     def _stop_old_node(self) -> None:
         victim = self.procs[_STOPPED]
         observers = set(self.new_names)
+        if self.handoff and self.run_data.settings.precopy:
+            stats = victim.command("stats --no-digest", timeout=SHUTDOWN_TIMEOUT)
+            self.run_data.precopies = list(stats.get("precopy") or [])
         sent = time.monotonic()
+        self.run_data.sigterm_at = self.elapsed(sent)
         victim.send_signal(signal.SIGTERM)
         stopped = False
 
@@ -780,7 +837,8 @@ class _Simulation:
             )
         self.switch_elapsed = self.elapsed(switch)
         self._progress(final=False, before_switch=True)
-        how = "by key (as the drain splits keys)" if settings.balance == "key" else "round-robin"
+        how = "by key" if settings.balance == "key" else "round-robin"
+        how += f"; the drain's spread: {settings.drain_spread}"
         what = "drains its cache to them" if self.handoff else "stops without draining"
         self.say(f"      0s  switch: the balancer sends the traffic to {_names(new)} {how}")
         self.say(f"          {_STOPPED} gets SIGTERM and {what}")
@@ -819,6 +877,18 @@ class _Simulation:
         namespace = drain["namespaces"].get(NAMESPACE, {})
         run.entries_before = int(namespace.get("records", 0))
         run.snapshotted = int(namespace.get("snapshotted", 0))
+        if namespace.get("spread") == "all" or run.settings.precopy:
+            # Every new node got its own copy (spread all, or a pre-copy to each before the
+            # drain): the receivers' sums count an entry once per node, and the copy too.
+            # The drain report counts each record of the drain once (what the first node
+            # to acknowledge it did with it).
+            run.entries_moved = int(namespace.get("applied", 0)) + int(
+                namespace.get("kept_existing", 0)
+            )
+            run.dropped = {
+                reason: int(count)
+                for reason, count in namespace.get("receiver_dropped", {}).items()
+            }
         for reason, count in namespace.get("dropped", {}).items():
             run.dropped[reason] = run.dropped.get(reason, 0) + int(count)
         if run.unaccounted:
@@ -952,7 +1022,11 @@ class _Simulation:
             # The receivers' own account of the handoff (kept: already loaded meanwhile).
             result = raw.get("result", {})
             run = self.run_data
-            run.entries_moved += int(result.get("applied", 0)) + int(result.get("kept_existing", 0))
+            moved = int(result.get("applied", 0)) + int(result.get("kept_existing", 0))
+            if run.sigterm_at is not None and seconds >= run.sigterm_at:
+                run.applied_after_sigterm = seconds
+            run.entries_moved += moved
+            run.moved_per_node[observer] = run.moved_per_node.get(observer, 0) + moved
             for reason, count in result.get("dropped", {}).items():
                 run.dropped[reason] = run.dropped.get(reason, 0) + int(count)
         else:
@@ -989,11 +1063,22 @@ def _describe_report(report: dict[str, Any]) -> str:
     if ns is None:
         return "nothing tracked"
     dropped = sum(ns["dropped"].values()) + sum(ns["receiver_dropped"].values())
-    return (
+    text = (
         f"{ns['records']} held, {ns['acknowledged']} acknowledged by "
         f"{', '.join(ns['successors']) or 'nobody'} in {ns['seconds']:.2f}s "
         f"({ns['bytes'] / 1e6:.1f} MB), {ns['snapshotted']} snapshotted, {dropped} dropped"
     )
+    copies = ns.get("per_successor", {})
+    if ns.get("spread") == "all" and copies:
+        text += (
+            " (copies to each: "
+            + ", ".join(
+                f"{peer} {counts['applied'] + counts['kept_existing']}"
+                for peer, counts in sorted(copies.items())
+            )
+            + " held)"
+        )
+    return text
 
 
 @contextlib.contextmanager
@@ -1381,8 +1466,9 @@ SIMULATE_DESCRIPTION = "\n\n".join(
         serves everything. At the switch the balancer sends the traffic to the new nodes, each
         key to one node (or round-robin, with --balance), and node-a gets SIGTERM: in the cold
         run it stops without draining and the new nodes warm up from the backend; in the warm
-        run it drains its cache to the new nodes, split by key as the balancer splits
-        requests.""",
+        run it drains its cache to the new nodes: split by key as the key balancer splits
+        requests, or a copy of every key to each new node (--spread all, the default with
+        round-robin).""",
         """Shows progress, then the hit rate over time of both runs side by side, backend
         calls before, during and after the deploy, handoff seconds and entries moved and lost.
         Exits 0 if both runs completed and the handoff accounted for every entry, 1 (saying
@@ -1495,6 +1581,20 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "default: a fresh temporary directory, removed at the end)",
     )
     parser.add_argument(
+        "--spread",
+        choices=SPREADS,
+        default=None,
+        help="how the drain places keys on the new nodes: split (each key to one node) or "
+        "all (every node gets every key); default split with --balance key, all with "
+        "round-robin",
+    )
+    parser.add_argument(
+        "--precopy",
+        action="store_true",
+        help="in the warm run, node-a pre-copies its cache to each new node as it comes up "
+        "(HANDOFF_PRECOPY=on) and drains only what changed since",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object (settings, hit rates, backend calls, handoff, the "
@@ -1518,18 +1618,31 @@ def _can_encode(stream: TextIO, text: str) -> bool:
 
 
 def _explain(settings: DemoSettings) -> list[str]:
+    spread = settings.drain_spread
     if settings.balance == "key":
+        if spread == "all":
+            return [
+                "The balancer routes by key, as a consistent-hash balancer does, and the drain",
+                "(--spread all) gave every new node every key: each request finds its entry,",
+                "at the cost of sending the cache once per new node.",
+            ]
         return [
             "The balancer routes by key, as a consistent-hash balancer does: each key goes to",
             "one new node, the one the drain sent it to (the same rendezvous hashing), so",
             "with handoff every request finds its entry where it lands. With --balance",
-            "round-robin each node gets every key but holds only its share of them.",
+            "round-robin every node sees every key, and the drain copies every key to each.",
+        ]
+    if spread == "split":
+        return [
+            "The balancer spreads requests round-robin: every new node sees every key, but",
+            "the drain (--spread split) gave each key to one node, so right after the switch",
+            "a request finds its entry only on the node that received it. The default spread",
+            "for round-robin, all, copies every key to each new node.",
         ]
     return [
-        "The balancer spreads requests round-robin: every new node sees every key, but the",
-        "drain gives each key to one node, so right after the switch a request finds its",
-        "entry only on the node that received it. A key-affine balancer (--balance key,",
-        "the default) sends each key where the drain put it.",
+        "The balancer spreads requests round-robin: every new node sees every key, and the",
+        "drain (spread all) gave every new node every key, so a request finds its entry",
+        "wherever it lands. With --spread split each node would hold only its share.",
     ]
 
 
@@ -1547,6 +1660,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         rate=args.rate,
         balance=args.balance,
         host_base=args.host_base,
+        spread=args.spread,
+        precopy=args.precopy,
     )
     out = sys.stdout
     progress: TextIO | None = (

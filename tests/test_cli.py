@@ -223,7 +223,7 @@ async def test_status_json_for_scripts(
         ("a", "v1", "serving"),
     ]
     assert status["tracked"] == [
-        {"namespace": "users", "kind": "mapping", "entries": 0, "version": 2}
+        {"namespace": "users", "kind": "mapping", "entries": 0, "version": 2, "spread": "all"}
     ]
 
 
@@ -519,7 +519,7 @@ def test_status_and_drain_of_a_node_process(tmp_path: Path) -> None:
         assert answer["node"] == "child"
         assert answer["pid"] == child.pid
         assert answer["tracked"] == [
-            {"namespace": "cache", "kind": "mapping", "entries": 10, "version": 1}
+            {"namespace": "cache", "kind": "mapping", "entries": 10, "version": 1, "spread": "all"}
         ]
         drain = cli("drain", "--json", "--timeout", "1")
         assert drain.returncode == EXIT_FAILED  # nobody to take it, no snapshot store

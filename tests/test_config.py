@@ -1142,6 +1142,7 @@ def test_describe_covers_every_setting_with_its_source(tmp_path: Path) -> None:
         "snapshot_dir": (str(tmp_path), "argument"),
         "drain_timeout": ("4 s", "fly"),
         "warmup_timeout": ("10 s", "default"),
+        "precopy": ("off", "default"),
         "tls_cert": (str(files.cert), "argument"),
         "tls_key": (str(files.key), "argument"),
         "tls_ca": (str(files.ca), "HANDOFF_TLS_CA"),
@@ -1216,6 +1217,7 @@ CONTRACT = {
     "HANDOFF_ADVERTISE",
     "HANDOFF_CONTROL_SOCKET",
     "HANDOFF_PORT_RANGE",
+    "HANDOFF_PRECOPY",
 }
 
 

@@ -125,7 +125,7 @@ async def test_status_answers_with_members_state_and_versions(tmp_path: Path) ->
     assert members["b"]["state"] == "serving"
     assert members["b"]["namespaces"] == {"users": 2}
     assert status["tracked"] == [
-        {"namespace": "users", "kind": "mapping", "entries": 3, "version": 2}
+        {"namespace": "users", "kind": "mapping", "entries": 3, "version": 2, "spread": "all"}
     ]
     assert status["last_drain"] is None
 

@@ -106,7 +106,8 @@ async def attacked(
         async with honest:
             discovery = f"static:127.0.0.4:{hostile.port},{honest.address}"
             old = _node("old", "127.0.0.2", "v1", discovery, drain_timeout)
-            old.track("n", {f"k{i}": i for i in range(ENTRIES)})
+            # Split: the tests follow which successor holds which share.
+            old.track("n", {f"k{i}": i for i in range(ENTRIES)}, spread="split")
             async with old:
                 await wait_until(lambda: len(old.peers()) == 2)
                 yield old, received, hostile

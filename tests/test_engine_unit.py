@@ -35,6 +35,7 @@ import anyio.lowlevel
 import pytest
 from cachetools import TTLCache
 
+import handoff
 from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec
 from handoff._errors import ConnectionClosed, HandoffError, ProtocolError
@@ -43,6 +44,7 @@ from handoff.engine import Drainer, DrainReport, Receiver, Sessions, Tracked, _s
 from handoff.engine._receiver import INITIAL_CREDIT
 from handoff.engine._restore import restore_snapshots
 from handoff.engine._sessions import INBOUND_SHARE
+from handoff.engine._tracked import Spread
 from handoff.membership import Peer
 from handoff.protocol import (
     Accept,
@@ -229,8 +231,8 @@ class Wire:
 # -- nodes ------------------------------------------------------------------------------------
 
 
-def track(name: str, obj: Any, version: int = 1) -> Tracked:
-    return Tracked(name, obj, adapter_for(obj), version)
+def track(name: str, obj: Any, version: int = 1, spread: Spread | None = None) -> Tracked:
+    return Tracked(name, obj, adapter_for(obj), version, spread=spread)
 
 
 class FakeNode:
@@ -928,7 +930,7 @@ async def test_a_successor_that_stalls_mid_stream_and_acknowledges_late_is_count
     Every record is acknowledged once."""
     held = users("u", 100)
     async with network() as net:
-        a = net.node("a", track("users", dict(held)))
+        a = net.node("a", track("users", dict(held), spread="split"))
         b = net.node("b", track("users", {}), release="v2")
         c = net.node("c", track("users", {}), release="v2")
         net.connect(a, b, c)
@@ -1136,3 +1138,151 @@ async def test_ownership_nobody_takes_is_given_back_and_reported_dropped() -> No
     assert_adds_up(report)
     assert report.namespaces["usage"].dropped == {"no successor, no snapshot store": 50}
     assert a.data("usage") == held  # the node keeps serving with them
+
+
+# -- spread "all": every successor gets every key -------------------------------------------------
+
+
+@pytest.mark.parametrize("successors", [2, 3])
+async def test_spread_all_gives_every_successor_every_key_and_counts_each_record_once(
+    successors: int,
+) -> None:
+    held = users("u", 200)
+    async with network() as net:
+        a = net.node("a", track("users", dict(held)))  # the default spread for a mapping
+        news = [net.node(f"n{i}", track("users", {}), release="v2") for i in range(successors)]
+        net.connect(a, *news)
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    assert report.ok, report.summary()
+    ns = report.namespaces["users"]
+    assert ns.spread == "all"
+    assert (ns.records, ns.acknowledged, ns.applied, ns.snapshotted) == (200, 200, 200, 0)
+    assert ns.sent == 200 * successors  # one copy each
+    assert sorted(ns.successors) == [n.name for n in news]
+    for new in news:
+        assert dict(new.data("users")) == held
+        assert ns.per_successor[new.name].acknowledged == 200
+        assert ns.per_successor[new.name].applied == 200
+        assert new.completed == [("a", 200)]
+        # Each copy in the sender's order (hottest first), each record once.
+        assert chunk_keys(net.wire(a, new)) == list(held)
+    # The same chunk is encoded once for all successors.
+    first, *others = (
+        [m.payload for m in net.wire(a, new).delivered if isinstance(m, Chunk)] for new in news
+    )
+    for payloads in others:
+        assert all(x is y for x, y in zip(first, payloads, strict=True))
+
+
+async def test_spread_all_a_successor_dying_mid_stream_costs_nothing_the_other_holds() -> None:
+    """b acknowledges two chunks, then its link ends: c carries every record, so nothing
+    is re-sent and every record is acknowledged once."""
+    held = users("u", 200)
+    async with network() as net:
+        a = net.node("a", track("users", dict(held)))
+        b = net.node("b", track("users", {}), release="v2")
+        c = net.node("c", track("users", {}), release="v2")
+        net.connect(a, b, c)
+        b_a = net.wire(b, a)
+        b_a.hold_after = lambda m: isinstance(m, Ack) and m.seq == 1
+        draining = net.start(a.drain)
+        await net.drive(lambda: b_a.held)
+        net.cut(a, b, "b crashed")
+        report = await net.finish(draining)
+
+    assert_adds_up(report)
+    assert report.ok, report.summary()
+    ns = report.namespaces["users"]
+    assert (ns.records, ns.acknowledged, ns.in_doubt) == (200, 200, 0)
+    assert ns.per_successor["b"].acknowledged == 32
+    assert ns.per_successor["c"].acknowledged == 200
+    assert dict(c.data("users")) == held
+    assert chunk_keys(net.wire(a, c)) == list(held)  # nothing sent to c twice
+
+
+async def test_spread_all_both_successors_dying_leaves_the_rest_to_the_snapshot(
+    tmp_path: Path,
+) -> None:
+    """No silent loss: what neither successor acknowledged before its link ended is in the
+    snapshot, what one of them acknowledged is not, and each record counts once."""
+    held = users("u", 200)
+    snapshots = DirectorySnapshotStore(tmp_path / "snapshots", key=bytes(32))
+    async with network() as net:
+        a = net.node("a", track("users", dict(held)), snapshots=snapshots)
+        b = net.node("b", track("users", {}), release="v2")
+        c = net.node("c", track("users", {}), release="v2")
+        net.connect(a, b, c)
+        b_a, c_a = net.wire(b, a), net.wire(c, a)
+        b_a.hold_after = lambda m: isinstance(m, Ack) and m.seq == 1
+        c_a.hold_after = lambda m: isinstance(m, Ack) and m.seq == 3
+        draining = net.start(a.drain)
+        await net.drive(lambda: b_a.held and c_a.held)
+        net.cut(a, b, "b crashed")
+        net.cut(a, c, "c crashed")
+        report = await net.finish(draining)
+
+    assert_adds_up(report)
+    assert report.ok, report.summary()
+    ns = report.namespaces["users"]
+    assert (ns.records, ns.acknowledged, ns.snapshotted) == (200, 64, 136)
+    assert ns.per_successor["b"].acknowledged == 32
+    assert ns.per_successor["c"].acknowledged == 64
+    restored: dict[str, Any] = {}
+    restore_snapshots(
+        snapshots,
+        cluster=CLUSTER,
+        tracked={"users": track("users", restored)},
+        transforms=Transforms(),
+        codec=Codec(),
+    )
+    acknowledged = set(chunk_keys(net.wire(a, b), seqs=(0, 1))) | set(
+        chunk_keys(net.wire(a, c), seqs=range(4))
+    )
+    assert len(acknowledged) == 64
+    assert restored == {key: held[key] for key in set(held) - acknowledged}
+
+
+async def test_spread_all_is_bounded_by_each_receivers_size_and_says_so() -> None:
+    """Each successor holds the hottest entries that fit its cache; the rest is dropped
+    there as "receiver full", per successor and in the namespace's report (no successor
+    holds it: lost, and the report is not ok)."""
+    cache = ttl_cache(users("u", 200))
+    hottest = [key for key, _, _ in adapter_for(cache).export()][:50]
+    async with network() as net:
+        a = net.node("a", track("users", cache))
+        b = net.node("b", track("users", ttl_cache({}, maxsize=50)), release="v2")
+        c = net.node("c", track("users", ttl_cache({}, maxsize=50)), release="v2")
+        net.connect(a, b, c)
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    ns = report.namespaces["users"]
+    assert (ns.records, ns.acknowledged, ns.applied) == (200, 200, 50)
+    assert ns.receiver_dropped == {"receiver full": 150}
+    assert not report.ok
+    for node in (b, c):
+        assert set(node.data("users")) == set(hottest)
+        counts = ns.per_successor[node.name]
+        assert (counts.applied, counts.dropped) == (50, {"receiver full": 150})
+    assert "copies to each: b 50 [dropped 150 receiver full], c 50" in report.summary()
+
+
+async def test_counters_are_always_split_whatever_the_tracked_spread() -> None:
+    """The engine's own guard (the node refuses spread="all" for counters first)."""
+    counters = handoff.Counters()
+    for i in range(100):
+        counters.incr(f"k{i}")
+    async with network() as net:
+        a = net.node("a", track("usage", counters, spread="all"))
+        b = net.node("b", track("usage", handoff.Counters()), release="v2")
+        c = net.node("c", track("usage", handoff.Counters()), release="v2")
+        net.connect(a, b, c)
+        report = await net.finish(net.start(a.drain))
+
+    assert report.ok, report.summary()
+    assert report.namespaces["usage"].spread == "split"
+    got_b, got_c = b.data("usage"), c.data("usage")
+    assert not set(got_b.keys()) & set(got_c.keys())
+    assert got_b.total() + got_c.total() == 100

@@ -9,6 +9,8 @@ import anyio
 import pytest
 from cachetools import TTLCache
 
+import handoff
+from handoff import ConfigError
 from handoff._adapter import ImportResult
 from handoff.adapters.mapping import MappingAdapter
 from tests._helpers import connected, wait_until
@@ -61,10 +63,51 @@ async def test_leaving_async_with_drains() -> None:
         assert target == source
 
 
+async def test_one_old_node_three_new_ones_each_get_every_key_by_default() -> None:
+    """Spread "all", the default for a cache: behind a round-robin balancer every new node
+    sees every key. Each holds every entry that fits its size: the smallest one the
+    hottest 1000, and the report says what it dropped."""
+    source: TTLCache[str, int] = TTLCache(maxsize=3000, ttl=300)
+    source.update({f"user:{i}": i for i in range(3000)})
+    hottest = {f"user:{i}" for i in range(2000, 3000)}  # the most recently written
+    old = node("old", "127.0.0.2", release="v1")
+    old.track("users", source)
+    async with old:
+        targets: list[TTLCache[str, int]] = [
+            TTLCache(maxsize=size, ttl=300) for size in (3000, 3000, 1000)
+        ]
+        news = [node(f"new{i}", f"127.0.0.{3 + i}", old, release="v2") for i in range(3)]
+        for new, target in zip(news, targets, strict=True):
+            new.track("users", target)
+        async with news[0], news[1], news[2]:
+            await wait_until(lambda: len(old.peers()) == 3)
+            report = await old.drain()
+    assert dict(targets[0]) == dict(targets[1]) == dict(source)
+    assert set(targets[2]) == hottest
+    ns = report.namespaces["users"]
+    assert (ns.spread, ns.records, ns.acknowledged) == ("all", 3000, 3000)
+    assert sorted(ns.successors) == ["new0", "new1", "new2"]
+    assert ns.per_successor["new2"].dropped == {"receiver full": 2000}
+    assert ns.per_successor["new0"].applied == ns.per_successor["new1"].applied == 3000
+    assert report.records == report.acknowledged + report.snapshotted + report.dropped
+
+
+def test_spread_all_is_refused_for_counters_and_unknown_spreads() -> None:
+    one = node("one", "127.0.0.2")
+    with pytest.raises(ConfigError, match="moves ownership"):
+        one.track("usage", handoff.Counters(), spread="all")
+    with pytest.raises(ConfigError, match="spread of 'c' must be one of 'split', 'all'"):
+        one.track("c", {}, spread="everywhere")  # type: ignore[arg-type]
+    one.track("usage", handoff.Counters(), spread="split")
+    assert one.tracked["usage"].effective_spread == "split"
+    one.track("cache", {})
+    assert one.tracked["cache"].effective_spread == "all"
+
+
 async def test_one_old_node_three_new_ones_split_keys_by_rendezvous() -> None:
     source = {f"user:{i}": i for i in range(3000)}
     old = node("old", "127.0.0.2", release="v1")
-    old.track("users", source)
+    old.track("users", source, spread="split")
     async with old:
         targets: list[dict[str, int]] = [{} for _ in range(3)]
         news = [node(f"new{i}", f"127.0.0.{3 + i}", old, release="v2") for i in range(3)]

@@ -268,6 +268,7 @@ def test_json_of_a_comparison_has_the_headline_numbers() -> None:
         ["--seconds", "soon"],
         ["--rate", "5"],
         ["--balance", "random"],
+        ["--spread", "some"],
         ["--plot", "chart.png"],
         ["--plot", "/no/such/directory/chart.svg"],
         ["--no-such-option"],
@@ -282,6 +283,31 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
         _parser().parse_args(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_drains_spread_follows_the_balancer_unless_given() -> None:
+    assert DemoSettings(balance="key").drain_spread == "split"
+    assert DemoSettings(balance="round-robin").drain_spread == "all"
+    assert DemoSettings(balance="round-robin", spread="split").drain_spread == "split"
+    assert DemoSettings(balance="key", spread="all").as_dict()["spread"] == "all"
+    with pytest.raises(ValueError, match="spread must be one of split, all"):
+        DemoSettings(spread="some")
+    assert _parser().parse_args(["--spread", "split"]).spread == "split"
+    assert _parser().parse_args([]).spread is None
+
+
+def test_blackout_runs_from_sigterm_to_the_last_record_applied() -> None:
+    settings = DemoSettings(entries=100, seconds=4, precopy=True)
+    assert settings.as_dict()["precopy"] is True
+    assert _parser().parse_args(["--precopy"]).precopy is True
+    run = DeployRun("warm", True, settings)
+    assert run.blackout_seconds is None  # no SIGTERM yet
+    run.sigterm_at = 2.0
+    assert run.blackout_seconds == 0.0  # nothing left to send: a pre-copy had it all
+    run.applied_after_sigterm = 2.25
+    assert run.blackout_seconds == 0.25
+    assert run.as_dict()["blackout_seconds"] == 0.25
+    assert DeployRun("cold", False, settings).blackout_seconds is None
 
 
 def test_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
@@ -363,8 +389,14 @@ def test_readable_output_shows_progress_chart_and_table() -> None:
     assert code == 0, err
     assert "cold run (without handoff)" in out
     assert "warm run (with handoff)" in out
-    assert "switch: the balancer sends the traffic to node-b, node-c round-robin" in out
-    assert "node-a  drained: 1000 held, 1000 acknowledged" in out
+    assert (
+        "switch: the balancer sends the traffic to node-b, node-c round-robin; "
+        "the drain's spread: all" in out
+    )
+    # Round-robin: each new node got its own copy of every key (as far as it fits: the new
+    # nodes fill from the backend while the drain runs).
+    assert "node-a  drained: 1000 held, 1000 acknowledged by" in out
+    assert "(copies to each: node-b " in out
     assert "cache hit rate (a column is" in out
     assert "hit rate, first" in out
     assert "entries lost" in out
@@ -490,3 +522,24 @@ def test_two_runs_at_once_with_their_own_host_bases_and_sockets_both_succeed(
         nodes = report["warm"]["nodes"]
         assert [n["address"].split(":")[0] for n in nodes] == [base, base[:-1] + "2"]
     assert seen == {"node-a.sock", "node-b.sock"}
+
+
+@pytest.mark.slow
+def test_a_precopy_run_reports_its_blackout_and_accounts_for_every_record() -> None:
+    if not _loopback_usable():
+        pytest.skip("needs 127.0.0.2-4 (on macOS: ifconfig lo0 alias 127.0.0.2)")
+    code, out, err = _run(
+        ["--json", "--entries", "1000", "--seconds", "2", "--balance", "round-robin", "--precopy"]
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] is True, report["error"]
+    assert report["settings"]["precopy"] is True
+    assert report["blackout_seconds"] >= 0
+    assert report["cold"]["blackout_seconds"] is None
+    # What the pre-copies had done by SIGTERM (their timing is the machine's).
+    assert {p["peer"] for p in report["warm"]["precopies"]} == {"node-b", "node-c"}
+    ns = report["warm"]["drain"]["namespaces"]["cache"]
+    # The deltas and (for a node whose copy did not finish in time) the whole cache: each
+    # record acknowledged, kept or dropped with a reason.
+    assert ns["records"] == ns["acknowledged"] + ns["snapshotted"] + sum(ns["dropped"].values())

@@ -41,7 +41,7 @@ async def test_stats_and_status_show_the_last_received_handoff(
         assert stats["node"] == "new"
         assert stats["port"] == new.port
         assert stats["tracked"] == [
-            {"namespace": "entries", "kind": "mapping", "entries": 0, "version": 1}
+            {"namespace": "entries", "kind": "mapping", "entries": 0, "version": 1, "spread": "all"}
         ]
         old = node("old", "127.0.0.2", "v1", tmp_path, discovery=f"static:{new.address}")
         old.track("entries", {f"k{i}": i for i in range(50)})

@@ -24,6 +24,7 @@ from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, PayloadRefused, ProtocolError
 from handoff.engine._intake import admit, import_guarded
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
+from handoff.engine._precopy import DELTA, apply_delta, split_kind, supports_delta
 from handoff.engine._tracked import Tracked
 from handoff.protocol import (
     Accept,
@@ -66,6 +67,8 @@ class _InStream:
     chain: Chain | None
     machine: InboundStream
     link: Link
+    delta: bool = False
+    """A pre-copy's delta: records replace what this node holds (see ``_precopy``)."""
 
 
 def _wire_reasons(dropped: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
@@ -227,7 +230,13 @@ class Receiver:
         tracked = self._tracked.get(offer.namespace)
         if tracked is None:
             return f"{self._node} does not track {offer.namespace!r}", None
-        if tracked.adapter.kind != offer.kind:
+        kind, mode = split_kind(offer.kind)
+        if mode and not supports_delta(tracked.adapter):
+            return (
+                f"{self._node} cannot apply a pre-copy of {offer.namespace!r} (its adapter "
+                "does not apply deltas)"
+            ), None
+        if tracked.adapter.kind != kind:
             return (
                 f"{self._node} holds {offer.namespace!r} as {tracked.adapter.kind!r} state, "
                 f"the sender as {offer.kind!r}"
@@ -269,7 +278,8 @@ class Receiver:
             await link.send(refusal)
             return
         tracked = self._tracked[offer.namespace]
-        self._streams[key] = _InStream(offer.namespace, tracked, chain, machine, link)
+        delta = split_kind(offer.kind)[1] == DELTA
+        self._streams[key] = _InStream(offer.namespace, tracked, chain, machine, link, delta)
         self._changed.set()
         accept = Accept(offer.stream, INITIAL_CREDIT)
         machine.send(accept)
@@ -343,8 +353,10 @@ class Receiver:
     def _apply(
         self, stream: _InStream, records: list[Record], chunk: Chunk, arrived: float
     ) -> tuple[ImportResult, dict[str, int]]:
-        records, dropped = admit(stream.tracked, stream.chain, records)
         age = chunk.age + (self._clock.now() - arrived)
+        if stream.delta:
+            return apply_delta(stream.tracked, stream.chain, records, age=age)
+        records, dropped = admit(stream.tracked, stream.chain, records)
         result = import_guarded(stream.tracked, records, age=age)
         for reason, count in result.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count

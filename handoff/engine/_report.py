@@ -9,7 +9,7 @@ from typing import Any
 
 from handoff._text import duration
 
-__all__ = ("DrainReport", "NamespaceReport")
+__all__ = ("DrainReport", "NamespaceReport", "SuccessorCounts", "merge_reports")
 
 
 def _add(counts: dict[str, int], reason: str, count: int) -> None:
@@ -18,16 +18,38 @@ def _add(counts: dict[str, int], reason: str, count: int) -> None:
 
 
 @dataclass(slots=True)
+class SuccessorCounts:
+    """What one successor acknowledged of a namespace, and what it did with it. With
+    spread ``all`` every successor gets every record: these are its copies."""
+
+    acknowledged: int = 0
+    applied: int = 0
+    kept_existing: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Records it acknowledged without keeping them, per reason ("receiver full" ...)."""
+
+
+@dataclass(slots=True)
 class NamespaceReport:
     """One namespace's accounting. Invariant: ``records == acknowledged + snapshotted +
-    sum(dropped.values())`` once the drain has finished."""
+    sum(dropped.values())`` once the drain has finished, each record counted once.
+
+    With spread ``all`` a record is sent to every successor: it counts as acknowledged
+    once, when the first successor acknowledges it, and ``applied`` / ``kept_existing`` /
+    ``receiver_dropped`` say what that first successor did with it (where one chunk mixes
+    records first acknowledged with records another successor acknowledged before, its
+    drops are counted against the first ones: the report errs on the side of loss). A
+    record is re-sent, snapshotted or dropped only once no successor holds it pending or
+    unacknowledged and none acknowledged it. What each successor did with its copies is
+    in :attr:`per_successor`."""
 
     namespace: str
     version: int
     records: int = 0
     """Records the node held and exported."""
     sent: int = 0
-    """Record transmissions, retries to another successor included."""
+    """Record transmissions: retries to another successor, and with spread ``all`` each
+    successor's copy, included."""
     acknowledged: int = 0
     """Records a successor acknowledged (applied, kept or dropped there, see below)."""
     applied: int = 0
@@ -41,11 +63,34 @@ class NamespaceReport:
     successors: list[str] = field(default_factory=list)
     refusals: dict[str, str] = field(default_factory=dict)
     """Successors that refused the namespace (or could not be offered it), with why."""
+    spread: str = "split"
+    """How the keys were placed over several successors: ``split`` or ``all``."""
+    per_successor: dict[str, SuccessorCounts] = field(default_factory=dict)
+    """Each successor's acknowledgements and their outcomes there (its copies, under
+    ``all``)."""
     in_doubt: int = 0
     """Records of state that moves exactly once (counters, actors) re-sent after the
     successor they were sent to lost its link before acknowledging them. Exact if it
     crashed (what it held is lost with it); counted twice if it still runs (a partition).
     The records are also counted where they ended (acknowledged, snapshotted, dropped)."""
+
+    def absorb(self, other: NamespaceReport) -> None:
+        """Add ``other``'s counts (another drain of the same namespace) to these."""
+        for name in ("records", "sent", "acknowledged", "applied", "kept_existing"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("snapshotted", "bytes", "in_doubt"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.seconds += other.seconds
+        for reason, count in other.receiver_dropped.items():
+            self.receiver_drop(reason, count)
+        for reason, count in other.dropped.items():
+            self.drop(reason, count)
+        self.successors += [s for s in other.successors if s not in self.successors]
+        self.refusals.update(other.refusals)
+        for peer, counts in other.per_successor.items():
+            self.successor_acked(
+                peer, counts.acknowledged, counts.applied, counts.kept_existing, counts.dropped
+            )
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` records as given up for ``reason``."""
@@ -54,6 +99,19 @@ class NamespaceReport:
     def receiver_drop(self, reason: str, count: int) -> None:
         """Count records a successor acknowledged but did not keep."""
         _add(self.receiver_dropped, reason, count)
+
+    def successor_acked(
+        self, peer: str, records: int, applied: int, kept: int, dropped: Mapping[str, int]
+    ) -> None:
+        """Count an acknowledgement of ``records`` by ``peer`` in :attr:`per_successor`."""
+        counts = self.per_successor.get(peer)
+        if counts is None:
+            counts = self.per_successor[peer] = SuccessorCounts()
+        counts.acknowledged += records
+        counts.applied += applied
+        counts.kept_existing += kept
+        for reason, count in dropped.items():
+            _add(counts.dropped, reason, count)
 
     @property
     def accounted(self) -> int:
@@ -76,6 +134,16 @@ class NamespaceReport:
             f"{self.namespace}: {self.records} held, {self.acknowledged} acknowledged"
             f" by {', '.join(self.successors) or 'nobody'}"
         )
+        if self.spread == "all" and len(self.per_successor) > 1:
+            text += (
+                " (copies to each: "
+                + ", ".join(
+                    f"{peer} {counts.applied}"
+                    + (f" [dropped {_reasons(counts.dropped)}]" if counts.dropped else "")
+                    for peer, counts in sorted(self.per_successor.items())
+                )
+                + " applied)"
+            )
         if self.kept_existing:
             text += f" ({self.kept_existing} kept their newer copy there)"
         if self.receiver_dropped:
@@ -179,3 +247,19 @@ class DrainReport:
         return f"{self.reason} of {self.node} ({self.release}) in {duration(self.seconds)}: " + (
             "; ".join(parts) if parts else "nothing tracked"
         )
+
+
+def merge_reports(
+    report: DrainReport, earlier: list[DrainReport], *, seconds: float
+) -> DrainReport:
+    """One drain's report from ``report`` and the ``earlier`` ones of the same drain (a
+    pre-copy's deltas, sent first): per namespace the counts add up, each record counted
+    where it was sent."""
+    namespaces: dict[str, NamespaceReport] = {}
+    for one in [*earlier, report]:
+        for name, ns in one.namespaces.items():
+            into = namespaces.get(name)
+            if into is None:
+                into = namespaces[name] = NamespaceReport(name, ns.version, spread=ns.spread)
+            into.absorb(ns)
+    return DrainReport(report.node, report.release, seconds, namespaces, report.reason)

@@ -22,6 +22,16 @@ chunk still bound at the deadline is reported as of unknown outcome, never re-se
 snapshotted; what nobody received at all is given back to the adapter. If the successor
 answers later (the node runs on after a manual drain), what it says it did not apply is
 given back too, and leaves with the catch-up.
+
+Spread ``all`` (caches and mappings only, see :attr:`Tracked.effective_spread`): every
+record goes to every successor of the tier, each successor's stream carrying the same
+records in the same (hottest-first) order. A record counts once, as acknowledged by the
+first successor that acknowledges it; while it is unacknowledged the drain knows how many
+streams still carry it (pending or in flight), and only when the last of them lets it go
+(failed, withdrawn, stalled, a chunk it could not encode) is it re-sent to the next tier,
+snapshotted or counted as dropped. So a successor that dies mid-stream costs nothing while
+another one holds the same records. A chunk of the same records is encoded once for all
+successors that read the same version.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
-from handoff.engine._tracked import Tracked
+from handoff.engine._tracked import ALL, Tracked
 from handoff.membership import Peer
 from handoff.protocol import (
     Accept,
@@ -82,6 +92,7 @@ CATCH_UP = "catch-up"
 OUTCOME_UNKNOWN = (
     "outcome unknown: sent to {peer}, which neither acknowledged nor refused it in time"
 )
+STOPPED = "stopped"
 NOT_CHECKED = "deadline: not checked for changes since the drain (may be unchanged)"
 KEPT_OLDER = "written after the drain, the successor kept its older copy"
 # Seconds (at most) kept at the end of a drain to cancel the streams still open.
@@ -141,6 +152,15 @@ class _OutStream:
         return self.machine.records
 
 
+@dataclass(slots=True)
+class _Owed:
+    """Spread ``all``: a record no successor acknowledged yet, and how many streams carry
+    it (pending or in flight)."""
+
+    record: Record
+    carriers: int = 0
+
+
 def _pull_until_pause(records: Iterator[Record], size: int) -> tuple[list[Record], bool]:
     """Up to ``size`` records, stopping early at a :data:`SCAN_PAUSE`; and whether
     ``records`` ran out."""
@@ -178,6 +198,10 @@ class Drainer:
         fingerprints: bool = False,
         sources: Mapping[str, Callable[[], Iterator[Record]]] | None = None,
         stream_ids: Iterator[int] | None = None,
+        kinds: Mapping[str, str] | None = None,
+        pace: float | None = None,
+        skip: Mapping[str, frozenset[str]] | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
@@ -191,7 +215,22 @@ class Drainer:
         unexported; ``sources`` replaces the export of the namespaces it names
         (and limits the drain to them). ``stream_ids`` numbers the streams: pass the
         node's own counter, so that a later drain (the catch-up) never offers a stream
-        id that a receiver may still hold from an earlier one."""
+        id that a receiver may still hold from an earlier one. ``kinds`` replaces the
+        kind offered for the namespaces it names (a pre-copy's ``<kind>+delta``, see
+        ``_precopy``). ``pace`` (bytes per second, all streams together) spaces the
+        chunks of a drain that runs while the node serves (a pre-copy), so that encoding
+        and sending take only a share of its time. ``skip`` names, per namespace, peers
+        that are not to get it (they took it by pre-copy); ``exclude`` namespaces not to
+        drain at all (every successor took them so)."""
+        self._skip = skip if skip is not None else {}
+        self._exclude = exclude
+        self._stopped = False
+        if pace is not None and not pace > 0:
+            raise ValueError(f"pace must be a positive number of bytes per second, not {pace!r}")
+        self._kinds = kinds if kinds is not None else {}
+        self._pace = pace
+        self._paced_bytes = 0
+        self._paced_from = math.nan
         self.exported: dict[str, ExportLog] = {}
         self.late: list[tuple[str, Link, Cancel | End]] = []
         """Cancels and Ends the deadline left no time for: ``(peer, link, message)``, for
@@ -223,10 +262,26 @@ class Drainer:
         self._deadline = math.inf
         self._namespace: Tracked | None = None
         self._given_back = 0
+        self._everywhere = False
+        """The current namespace goes to every successor (spread ``all``)."""
+        self._owed: dict[int, _Owed] = {}
+        """Spread ``all``: the records no successor acknowledged yet, by ``id(record)``."""
+        self._encoded: (
+            tuple[list[Record], tuple[int, ...], bytes, list[tuple[Record, str]]] | None
+        ) = None
+        """Spread ``all``: the last chunk encoded (its records, kept alive so that their
+        identities stay theirs, and those identities), for the next successor that gets
+        the same chunk."""
         self._unresolved: dict[tuple[str, int], Tracked] = {}
         """Cancelled ownership streams whose chunks the end of their namespace reported as
         of unknown outcome: the successor's late answer (after the namespace, or after the
         drain when the node runs on) still tells which it did not apply, to give back."""
+
+    def stop(self) -> None:
+        """End the drain early (a pre-copy when the node starts draining): the streams
+        open are cancelled, and what was not acknowledged is reported as ``STOPPED``."""
+        self._stopped = True
+        self._changed.set()
 
     @property
     def unresolved(self) -> bool:
@@ -269,19 +324,92 @@ class Drainer:
             report = self._report
             count = len(entry[0])
             stream.acknowledged += count
-            report.acknowledged += count
-            report.applied += message.applied
-            if self._reason == CATCH_UP:
-                # The catch-up sends only records written after the drain: a successor
-                # that kept its own copy kept the older one, and the update is lost.
-                report.receiver_drop(KEPT_OLDER, message.kept)
+            dropped = dict(message.dropped)
+            report.successor_acked(peer, count, message.applied, message.kept, dropped)
+            if self._everywhere:
+                self._first_acknowledgements(entry[0], message.kept, dropped)
             else:
-                report.kept_existing += message.kept
-            for reason, dropped in message.dropped:
-                report.receiver_drop(reason, dropped)
+                self._count_acknowledged(count, message.applied, message.kept, dropped)
             if self._progress is not None:
                 self._progress(report)
         self._changed.set()
+
+    def _count_acknowledged(
+        self, count: int, applied: int, kept: int, dropped: Mapping[str, int]
+    ) -> None:
+        report = self._report
+        report.acknowledged += count
+        report.applied += applied
+        if self._reason == CATCH_UP:
+            # The catch-up sends only records written after the drain: a successor
+            # that kept its own copy kept the older one, and the update is lost.
+            report.receiver_drop(KEPT_OLDER, kept)
+        else:
+            report.kept_existing += kept
+        for reason, number in dropped.items():
+            report.receiver_drop(reason, number)
+
+    def _first_acknowledgements(
+        self, records: list[Record], kept: int, dropped: Mapping[str, int]
+    ) -> None:
+        """Spread ``all``: count the records of an acknowledged chunk that no successor
+        acknowledged before. The Ack says how many of the chunk were kept or dropped, not
+        which: when only some of its records are first acknowledged here, the drops are
+        counted against those first (the report errs on the side of loss)."""
+        owed = self._owed
+        first = 0
+        for record in records:
+            if owed.pop(id(record), None) is not None:
+                first += 1
+        if not first:
+            return
+        drops: dict[str, int] = {}
+        room = first
+        for reason, number in sorted(dropped.items()):
+            taken = min(number, room)
+            if taken:
+                drops[reason] = taken
+                room -= taken
+        kept_here = min(kept, room)
+        self._count_acknowledged(first, room - kept_here, kept_here, drops)
+
+    def _released(self, records: list[tuple[Record, float]]) -> list[tuple[Record, float]]:
+        """Records a stream let go (taken back): with spread ``all``, only those that no
+        other stream still carries and no successor acknowledged go on (re-sent, or to the
+        snapshot store); the others are where they should be already."""
+        if not self._everywhere or not records:
+            return records
+        owed = self._owed
+        free: list[tuple[Record, float]] = []
+        for pair in records:
+            key = id(pair[0])
+            entry = owed.get(key)
+            if entry is None:
+                continue  # acknowledged by a successor
+            if entry.carriers <= 1:
+                del owed[key]
+                free.append(pair)
+            else:
+                entry.carriers -= 1
+        return free
+
+    def _drop(
+        self, report: NamespaceReport, records: Sequence[Record], reasons: Sequence[str]
+    ) -> None:
+        """Count ``records`` as given up (``reasons[i]`` for ``records[i]``), and give them
+        back to an ownership adapter. With spread ``all`` a record is given up only by the
+        last stream that carries it, unless a successor acknowledged it."""
+        if self._everywhere:
+            free = self._released([(record, 0.0) for record in records])
+            if len(free) != len(records):
+                kept = {id(record) for record, _ in free}
+                reasons = [
+                    why for record, why in zip(records, reasons, strict=True) if id(record) in kept
+                ]
+                records = [record for record, _ in free]
+        for why in reasons:
+            report.drop(why)
+        self._give_back(records)
 
     def _late_answer(self, stream: _OutStream, tracked: Tracked, message: Message) -> None:
         """An answer on a stream already reported as of unknown outcome: an Ack says its
@@ -354,6 +482,8 @@ class Drainer:
         for tracked in order:
             if self._sources is not None and tracked.name not in self._sources:
                 continue
+            if tracked.name in self._exclude:
+                continue
             # Ownership state needs no log: its export takes what it sends, so whatever it
             # holds at the catch-up was written after the drain.
             if self._keep_fingerprints and not tracked.adapter.moves_ownership:
@@ -393,22 +523,29 @@ class Drainer:
         self._report = report
         self._namespace = tracked
         self._given_back = 0
+        self._everywhere = tracked.effective_spread == ALL
+        report.spread = tracked.effective_spread
+        self._owed = {}
+        self._encoded = None
         source = self._sources.get(tracked.name) if self._sources is not None else None
         exporter = iter(source() if source is not None else tracked.adapter.export())
         retry: deque[tuple[Record, float]] = deque()
         tiers = self._eligible_tiers(tracked, report)
+        # With one successor per tier, "all" is "split": the plain path, which keeps no
+        # record of who carries what.
+        self._everywhere = self._everywhere and any(len(tier) > 1 for tier in tiers)
         streams: list[_OutStream] = []
         # Every tier's streams: a successor that acknowledged part and then left is one too.
         offered: list[_OutStream] = []
         router = Router([])
         routed: list[str] = []
         exhausted = False
-        while self._clock.now() < stream_until:
+        while self._clock.now() < stream_until and not self._stopped:
             # Streams that stopped (and, for ownership, whose chunks' fate became known)
             # give back what they had: it goes to the successors still open.
             for stream in offered:
                 if stream.state is not StreamState.OPEN:
-                    retry.extend(self._take_back(stream))
+                    retry.extend(self._released(self._take_back(stream)))
             open_streams = [s for s in streams if s.state is StreamState.OPEN]
             if not open_streams:
                 if not tiers:
@@ -462,6 +599,9 @@ class Drainer:
                     self._note_successors(offered, report)
                     return
                 continue
+            if self._everywhere:
+                await self._copy_to_all(batch, pulled_at, open_streams, retry, size, stream_until)
+                continue
             for index, records in self._split(batch, router, len(open_streams)):
                 stream = open_streams[index]
                 pending = stream.pending
@@ -482,10 +622,15 @@ class Drainer:
             # apply can still go to the snapshot store, and only the rest is unknown.
             await self._wait(lambda: not self._bound(offered), self._resolve_until(deadline))
         for stream in offered:
-            leftovers.extend(self._take_back(stream))
+            leftovers.extend(self._released(self._take_back(stream)))
             self._report_unknown(stream, report)
         self._note_successors(offered, report)
-        reason = "deadline" if self._clock.now() >= stream_until else "no successor"
+        if self._stopped:
+            reason = STOPPED
+        elif self._clock.now() >= stream_until:
+            reason = "deadline"
+        else:
+            reason = "no successor"
         await self._snapshot_or_drop(
             tracked,
             report,
@@ -495,6 +640,35 @@ class Drainer:
             reason=reason,
             deadline=deadline,
         )
+
+    async def _copy_to_all(
+        self,
+        batch: list[Record],
+        pulled_at: float,
+        streams: list[_OutStream],
+        retry: deque[tuple[Record, float]],
+        size: int,
+        until: float,
+    ) -> None:
+        """Spread ``all``: queue ``batch`` on every open stream, in order, each carrying
+        every record; a record that no stream took (all stopped meanwhile) is retried."""
+        owed = self._owed
+        entries = [_Owed(record) for record in batch]
+        for entry in entries:
+            owed[id(entry.record)] = entry
+        for stream in streams:
+            if stream.state is not StreamState.OPEN:
+                continue  # stopped while an earlier one flushed: it never gets this batch
+            pending = stream.pending
+            pending.pulled_at = min(pending.pulled_at, pulled_at) if pending.records else pulled_at
+            pending.records.extend(batch)
+            for entry in entries:
+                entry.carriers += 1
+            if len(pending.records) >= size:
+                await self._flush(stream, self._report, until)
+        for entry in entries:
+            if entry.carriers == 0 and owed.pop(id(entry.record), None) is not None:
+                retry.append((entry.record, pulled_at))
 
     @staticmethod
     def _split(
@@ -606,6 +780,8 @@ class Drainer:
         for tier in successor_tiers(self._release, candidates, local_started_at=self._started_at):
             eligible: list[_Target] = []
             for peer in tier:
+                if peer.name in self._skip.get(tracked.name, ()):
+                    continue
                 version = peer.namespaces.get(tracked.name)
                 if version is None:
                     report.refusals[peer.name] = f"does not track {tracked.name!r}"
@@ -646,7 +822,7 @@ class Drainer:
             offer = Offer(
                 stream.stream,
                 tracked.name,
-                tracked.adapter.kind,
+                self._kinds.get(tracked.name, tracked.adapter.kind),
                 stream.version,
                 len(tracked.adapter),
             )
@@ -810,7 +986,7 @@ class Drainer:
         then hold once the stream the caller waits on is no longer open."""
         while not done():
             now = self._clock.now()
-            if now >= until:
+            if now >= until or self._stopped:
                 return False
             wake = until
             if stalls:
@@ -877,20 +1053,22 @@ class Drainer:
             # Inflight keeps the originals (a retry to another successor may need another
             # version), so each converted record stays paired with its original.
             kept, to_send, failed = stream.chain.apply_keeping(records)
-            for reason, count in failed.items():
-                report.drop(reason, count)
             if failed:
                 kept_ids = set(kept)
-                self._give_back([r for i, r in enumerate(records) if i not in kept_ids])
+                # The hooks say how many failed for each reason, not which: the reasons
+                # are dealt out in order (what counts is that each is counted once).
+                reasons = [why for why, count in sorted(failed.items()) for _ in range(count)]
+                lost = [r for i, r in enumerate(records) if i not in kept_ids]
+                self._drop(report, lost, reasons)
                 records = [records[i] for i in kept]
-        payload, rejected = self._codec.encode_records(to_send)
-        for _, reason in rejected:
-            report.drop(reason)
+        payload, rejected = self._encode(stream, to_send)
         if rejected:
             rejected_ids = {id(r) for r, _ in rejected}
+            why_of = {id(r): why for r, why in rejected}
             kept = [i for i, r in enumerate(to_send) if id(r) not in rejected_ids]
             kept_ids = set(kept)
-            self._give_back([r for i, r in enumerate(records) if i not in kept_ids])
+            gone = [i for i in range(len(records)) if i not in kept_ids]
+            self._drop(report, [records[i] for i in gone], [why_of[id(to_send[i])] for i in gone])
             records = [records[i] for i in kept]
             to_send = [to_send[i] for i in kept]
         if not records:
@@ -898,6 +1076,9 @@ class Drainer:
         if len(payload) > self._max_chunk_bytes:
             await self._send_split(stream, report, records, pending.pulled_at, until)
             return
+        if self._pace is not None and not await self._paced(until):
+            stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
+            return  # out of time: the records stay queued, for the caller to take back
         self._bytes_per_record = len(payload) / len(records)
         seq = stream.machine.next_seq
         now = self._clock.now()
@@ -909,11 +1090,43 @@ class Drainer:
         if await self._send(stream, chunk, until):
             report.sent += len(records)
             report.bytes += len(payload)
+            self._paced_bytes += len(payload)
         elif stream.machine.next_seq == seq:
             # Never written (out of time, or the stream ended meanwhile): nobody received
             # it, so it is bound to nobody. Queued again, for the caller to take back.
             del stream.inflight[seq]
             stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
+
+    async def _paced(self, until: float) -> bool:
+        """Wait until the bytes sent so far fit the pace (False: ``until`` came first)."""
+        assert self._pace is not None
+        now = self._clock.now()
+        if math.isnan(self._paced_from):
+            self._paced_from = now
+        due = self._paced_from + self._paced_bytes / self._pace
+        if due >= until:
+            return now >= due
+        while self._clock.now() < due:
+            if self._stopped:
+                return False
+            self._changed = anyio.Event()
+            await self._clock.wait(self._changed, due)
+        return True
+
+    def _encode(
+        self, stream: _OutStream, records: list[Record]
+    ) -> tuple[bytes, list[tuple[Record, str]]]:
+        """Encode a chunk; with spread ``all`` the same records for the next successor
+        reuse the encoding (records converted by a chain are new objects each time)."""
+        if not self._everywhere or stream.chain is not None:
+            return self._codec.encode_records(records)
+        identity = tuple(map(id, records))
+        cached = self._encoded
+        if cached is not None and cached[1] == identity:
+            return cached[2], cached[3]
+        payload, rejected = self._codec.encode_records(records)
+        self._encoded = (records, identity, payload, rejected)
+        return payload, rejected
 
     async def _send_split(
         self,
@@ -925,10 +1138,8 @@ class Drainer:
     ) -> None:
         if len(records) == 1:
             # The limit in the reason: the report is where a user learns it exists.
-            report.drop(
-                f"record too large for a frame (over {self._max_chunk_bytes} bytes encoded)"
-            )
-            self._give_back(records)
+            why = f"record too large for a frame (over {self._max_chunk_bytes} bytes encoded)"
+            self._drop(report, records, [why])
             return
         half = len(records) // 2
         parts = (records[:half], records[half:])

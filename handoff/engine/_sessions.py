@@ -58,6 +58,8 @@ class Sessions:
         self.actors: Mapping[str, ActorHost] = actors if actors is not None else {}
         self._clock = clock
         self._drainer: Drainer | None = None
+        self._precopier: Drainer | None = None
+        """A pre-copy running while the node serves (see ``_precopy``)."""
         # Finished drains that may still learn the fate of chunks (Drainer.unresolved).
         self._finished: list[Drainer] = []
         self._late: list[tuple[str, Link, Message]] = []
@@ -65,6 +67,10 @@ class Sessions:
     async def handle(self, peer: str, link: Link, message: Message) -> None:
         """Route one session message from ``peer`` (ProtocolError: drop the link)."""
         if isinstance(message, Accept | Refuse | Ack | Closed):
+            if self._precopier is not None:
+                # Each drain knows its own streams (the node numbers them all alike) and
+                # ignores the others'.
+                self._precopier.on_message(peer, message)
             if self._drainer is not None:
                 self._drainer.on_message(peer, message)
             else:
@@ -91,6 +97,8 @@ class Sessions:
             self.tallies.peer_lost(peer)
         if self._drainer is not None:
             self._drainer.on_peer_lost(peer)
+        if self._precopier is not None:
+            self._precopier.on_peer_lost(peer)
         for drainer in self._finished:
             drainer.forget_unresolved(peer)
         self._finished = [d for d in self._finished if d.unresolved]
@@ -115,6 +123,19 @@ class Sessions:
             self._late.extend(drainer.late)
             if drainer.unresolved:
                 self._finished.append(drainer)
+
+    async def precopy(self, drainer: Drainer, *, time_limit: float) -> DrainReport:
+        """Run a pre-copy's ``drainer`` while the node serves: no inbound stream is settled
+        or withdrawn, and it may run alongside a drain (which should cancel it first).
+        Give it the node's own stream numbering (``Drainer(stream_ids=...)``)."""
+        if self._precopier is not None:
+            raise RuntimeError("a pre-copy is already running")
+        self._precopier = drainer
+        try:
+            return await drainer.run(time_limit=time_limit)
+        finally:
+            self._precopier = None
+            self._late.extend(drainer.late)
 
     async def send_late(self, time_limit: float = LATE_SEND_LIMIT) -> None:
         """Send what past drains had no time left for (Cancels of streams they gave up at

@@ -61,7 +61,8 @@ them and waits for the reply):
   with the first report, as ``Node.drain`` does.
 - ``stats`` (or ``stats --no-digest``, which skips the two slow fields): prints
   ``{"event": "stats", "entries": ..., "digest": ..., "unexpected": ..., "maxrss_kib": ...,
-  "rss_kib": ..., "warm": ..., "warm_reason": ..., "state": "serving" | "draining"}``.
+  "rss_kib": ..., "warm": ..., "warm_reason": ..., "precopy": [...], "state": "serving" |
+  "draining"}`` (``precopy``: this node's pre-copies, as in ``node.stats()``).
   ``entries`` is the number of live entries (expired ones are purged first), ``digest``
   :func:`state_digest` of them, ``unexpected`` the number of entries that are not exactly
   what :class:`StateConfig` generates (a wrong value for the key, or a key it never makes),
@@ -202,6 +203,8 @@ class StateConfig:
     """Fill from the last index down, so that entry 0 is the most recently used."""
     drain_on_stop: bool = True
     """Drain on SIGTERM, SIGINT or end of stdin (false: stop at once, the state is lost)."""
+    spread: str | None = None
+    """``node.track(..., spread=)``: ``"split"``, ``"all"``, or the default."""
 
     def __post_init__(self) -> None:
         def integer(name: str, value: object, low: int) -> None:
@@ -232,6 +235,8 @@ class StateConfig:
         number("apply_delay", self.apply_delay, positive=False)
         if not isinstance(self.key_prefix, str):
             raise ValueError(f"key_prefix must be a string, got {self.key_prefix!r}")
+        if self.spread not in (None, "split", "all"):
+            raise ValueError(f"spread must be 'split', 'all' or null, got {self.spread!r}")
         for name in ("hot_first", "drain_on_stop"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -955,6 +960,27 @@ class _ObservedAdapter:
         )
         return result
 
+    def import_delta(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
+        """A pre-copy's delta (only reached when the wrapped adapter applies deltas:
+        without change tracking, nobody offers this node one)."""
+        result: ImportResult = self.inner.import_delta(records, age=age)  # type: ignore[attr-defined]
+        self.total += len(records)
+        _emit(
+            {
+                "event": "applied",
+                "namespace": self.namespace,
+                "records": len(records),
+                "total": self.total,
+                "delta": True,
+                "result": {
+                    "applied": result.applied,
+                    "kept_existing": result.kept_existing,
+                    "dropped": dict(result.dropped),
+                },
+            }
+        )
+        return result
+
 
 class _HeldState:
     """The object a child holds under ``HANDOFF_TEST_STATE``, filled and tracked."""
@@ -966,7 +992,14 @@ class _HeldState:
         for index in reversed(order) if config.hot_first else order:
             self.obj[config.key(index)] = config.value(index)
         self.adapter = _ObservedAdapter(adapter_for(self.obj), config.namespace, config.apply_delay)
-        node.track(config.namespace, self.obj, version=config.version, adapter=self.adapter)
+        spread: Any = config.spread  # checked by StateConfig
+        node.track(
+            config.namespace,
+            self.obj,
+            version=config.version,
+            adapter=self.adapter,
+            spread=spread,
+        )
 
 
 class _StdinReader:
@@ -1180,6 +1213,7 @@ class _Runner:
             "rss_kib": _rss_kib(),
             "warm": self.node.is_warm,
             "warm_reason": self.node.warm_reason,
+            "precopy": self.node._precopy_status(),
             "state": str(self.node.state),
         }
 

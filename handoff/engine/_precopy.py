@@ -1,0 +1,232 @@
+"""Pre-copy streams: copying caches to a newer node while both serve, then only the delta.
+
+Not wired into the node yet (see the README's "Pre-copy"): these are the engine's parts,
+tested with the fake link. A pre-copy runs as two drains of the copyable namespaces whose
+adapters track changes (:class:`~handoff.SupportsChangeTracking` and ``import_delta``, as
+the cachetools adapters do) to one newer peer:
+
+- the copy: :meth:`Precopy.copy_sources` marks each namespace (from then on its adapter
+  notes every key written, read where reads reorder, or deleted), then exports it. The
+  stream is offered with the kind ``<kind>+precopy`` and applied as any handoff (records
+  arrive hottest first and keep their order; a key the receiver holds is kept).
+- the delta, at the sender's drain: :meth:`Precopy.delta_sources` yields only what
+  changed since the mark, deletions as tombstones, offered as ``<kind>+delta``: the
+  receiver applies it with ``import_delta`` (each record replaces the entry it holds and
+  becomes the hottest; a tombstone deletes), so it ends with the sender's final state. The
+  delta travels in :func:`delta_order` (deletions, then writes coldest first), so a
+  deadline would cut its hottest writes: a delta is meant to be small. Run it without a
+  snapshot store: a delta applies only on top of its copy.
+
+Both kinds are refused (a clean Refuse, not a protocol error) by receivers that cannot
+apply a delta, whatever release they run: a node before this module compares the offered
+kind with its adapter's and refuses a stranger. So a node only pre-copies to receivers that
+will take its delta, and an old receiver simply gets the whole namespace at the drain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from handoff._adapter import DELETED, Adapter, ImportResult, Record, SupportsChangeTracking
+from handoff.engine._intake import admit
+from handoff.engine._planner import compare_releases
+from handoff.engine._tracked import Tracked
+from handoff.membership import Peer
+from handoff.transforms import Chain
+
+if TYPE_CHECKING:
+    from handoff.engine._sender import Drainer
+
+__all__ = (
+    "CANCEL_WAIT",
+    "DELTA",
+    "DELTA_SHARE",
+    "LINK_WAIT",
+    "PRECOPY",
+    "PRECOPY_TIME_LIMIT",
+    "TOMBSTONE",
+    "Precopy",
+    "PrecopyState",
+    "apply_delta",
+    "delta_order",
+    "from_wire",
+    "is_newer",
+    "split_kind",
+    "supports_delta",
+    "to_wire",
+)
+
+PRECOPY: Final = "+precopy"
+"""Offer kind suffix of a pre-copy's copy stream."""
+DELTA: Final = "+delta"
+"""Offer kind suffix of a pre-copy's delta stream."""
+PRECOPY_TIME_LIMIT: Final = 3600.0
+"""Seconds a pre-copy may take (it runs while the node serves, paced)."""
+DELTA_SHARE: Final = 0.5
+"""Share of the drain's time each delta may take (the drain of the rest follows)."""
+LINK_WAIT: Final = 5.0
+"""Seconds a pre-copy waits for the link of a peer that just came up."""
+CANCEL_WAIT: Final = 1.0
+"""Seconds a drain waits for a pre-copy it stopped to cancel its streams."""
+TOMBSTONE: Final = "handoff:deleted"
+"""The meta of a delta record that deletes its key (value ``None``); in delta streams only."""
+
+
+def supports_delta(adapter: Adapter) -> bool:
+    """Whether ``adapter`` can be pre-copied: copyable state that tracks changes and
+    applies deltas."""
+    return (
+        not adapter.moves_ownership
+        and isinstance(adapter, SupportsChangeTracking)
+        and callable(getattr(adapter, "import_delta", None))
+    )
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """``("cachetools", "+delta")`` for ``"cachetools+delta"``; ``(kind, "")`` otherwise."""
+    for suffix in (PRECOPY, DELTA):
+        if kind.endswith(suffix):
+            return kind[: -len(suffix)], suffix
+    return kind, ""
+
+
+def delta_order(records: Iterable[Record]) -> list[Record]:
+    """What ``changed_since`` yields (written records hottest first, then deletions) in
+    the order ``import_delta`` takes and a delta stream carries: the deletions first (they
+    make room), then the written records coldest first (each applied one becomes the
+    hottest, so chunk after chunk the receiver ends in the sender's order). A delta is
+    as large as what changed since the mark, which the adapter holds anyway."""
+    written: list[Record] = []
+    deletions: list[Record] = []
+    for record in records:
+        (deletions if record[1] is DELETED else written).append(record)
+    written.reverse()
+    return deletions + written
+
+
+def to_wire(records: Iterable[Record]) -> Iterator[Record]:
+    """A delta as it travels: ``DELETED`` becomes a tombstone the codec can carry."""
+    for record in records:
+        if record[1] is DELETED:
+            yield record[0], None, TOMBSTONE
+        else:
+            yield record
+
+
+def from_wire(records: Iterable[Record]) -> list[Record]:
+    """Tombstones back to ``(key, DELETED, None)``."""
+    return [
+        (record[0], DELETED, None) if type(record[2]) is str and record[2] == TOMBSTONE else record
+        for record in records
+    ]
+
+
+def apply_delta(
+    tracked: Tracked, chain: Chain | None, records: list[Record], *, age: float
+) -> tuple[ImportResult, dict[str, int]]:
+    """Apply a decoded delta chunk: written records go through the upgrade hooks and the
+    validator as any handoff's do; tombstones delete their key (they carry no value for
+    the validator to vet: a peer holding the cookie can delete a cached entry, which costs
+    a cache miss). An adapter error drops the chunk with its reason, as on import."""
+    written: list[Record] = []
+    deletions: list[Record] = []
+    for record in from_wire(records):
+        (deletions if record[1] is DELETED else written).append(record)
+    written, dropped = admit(tracked, chain, written)
+    batch = deletions + written
+    try:
+        result: ImportResult = tracked.adapter.import_delta(batch, age=age)  # type: ignore[attr-defined]
+    except Exception as exc:
+        return ImportResult(), {**dropped, f"import failed: {type(exc).__name__}": len(batch)}
+    if result.total != len(batch):
+        return ImportResult(), {**dropped, "outcome unknown: adapter miscounted": len(batch)}
+    for reason, count in result.dropped.items():
+        dropped[reason] = dropped.get(reason, 0) + count
+    return result, dropped
+
+
+class Precopy:
+    """The marks of one pre-copy: which namespaces, and since when they changed."""
+
+    def __init__(self, tracked: Mapping[str, Tracked]) -> None:
+        self.tracked = {name: one for name, one in tracked.items() if supports_delta(one.adapter)}
+        self._marks: dict[str, object] = {}
+        self.complete: frozenset[str] = frozenset()
+        """Namespaces whose every record the receiver acknowledged (set when the copy
+        ends; what it dropped, full of its own entries, is in the report)."""
+        self.state = "waiting"
+        """``waiting`` (for another pre-copy), ``copying``, ``complete`` (every namespace
+        acknowledged whole) or ``partial`` (cut short, refused, or not all of it kept)."""
+        self.copied: dict[str, int] = {}
+        """Records acknowledged so far, per namespace."""
+        self.entries: dict[str, int] = {}
+        """Entries per namespace when the copy began."""
+
+    def status(self, peer: str) -> dict[str, object]:
+        """For ``handoff status``: the peer, the state, records copied of how many."""
+        return {
+            "peer": peer,
+            "state": self.state,
+            "copied": sum(self.copied.values()),
+            "entries": sum(self.entries.values()),
+        }
+
+    def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
+        """The Drainer's ``sources`` for the copy: each marks its namespace, then exports
+        it (the mark first: a write during the export is in the delta)."""
+
+        def source(name: str) -> Callable[[], Iterator[Record]]:
+            def records() -> Iterator[Record]:
+                adapter = self.tracked[name].adapter
+                assert isinstance(adapter, SupportsChangeTracking)
+                self._marks[name] = adapter.mark()
+                return iter(adapter.export())
+
+            return records
+
+        return {name: source(name) for name in self.tracked}
+
+    @property
+    def marked(self) -> frozenset[str]:
+        """The namespaces whose copy began (and so have a delta)."""
+        return frozenset(self._marks)
+
+    def delta_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
+        """The Drainer's ``sources`` for the delta of every marked namespace."""
+
+        def source(name: str) -> Callable[[], Iterator[Record]]:
+            def records() -> Iterator[Record]:
+                adapter = self.tracked[name].adapter
+                assert isinstance(adapter, SupportsChangeTracking)
+                return to_wire(delta_order(adapter.changed_since(self._marks[name])))
+
+            return records
+
+        return {name: source(name) for name in self._marks}
+
+
+def is_newer(peer: Peer, release: str, started_at: float) -> bool:
+    """Whether ``peer`` is what a node of ``release`` that started at ``started_at`` would
+    hand its state to first: a newer release, or where releases do not compare, a node
+    that started later (as in successor choice)."""
+    order = compare_releases(peer.release, release)
+    if order is None:
+        return peer.started_at > started_at
+    return order > 0
+
+
+@dataclass(slots=True)
+class PrecopyState:
+    """A node's pre-copies: the peers they went to, and the one running."""
+
+    enabled: bool = False
+    pace: float | None = None
+    """Bytes per second (``None``: unpaced)."""
+    begun: dict[str, Precopy] = field(default_factory=dict)
+    running: Drainer | None = None
+    lock: anyio.Lock | None = None
+    """One pre-copy at a time; made when the node starts (in its event loop)."""
