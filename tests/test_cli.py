@@ -34,6 +34,7 @@ from handoff.cli import (
     main,
 )
 from handoff.engine import DrainReport
+from handoff.protocol import SUPPORTED_VERSIONS
 from handoff.testing import DNSResponder, NodeProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -601,7 +602,7 @@ async def test_doctor_with_two_healthy_nodes_found_through_dns(
     assert peers["a"]["local"] is True
     assert (peers["b"]["release"], peers["b"]["state"]) == ("v2", "serving")
     assert peers["b"]["namespaces"] == {"users": 2}
-    assert peers["b"]["protocol_version"] == 3
+    assert peers["b"]["protocol_version"] == max(SUPPORTED_VERSIONS)
     assert abs(peers["b"]["clock_offset"]) < 1
     assert seen_a == seen_b == []
     assert "no problems found" in human

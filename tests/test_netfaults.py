@@ -211,7 +211,15 @@ def _partition_mid_stream(cluster: Cluster, timeout: float) -> tuple[dict[str, A
     """old drains 4 MB into b (slow to apply) and c; b is cut off once it applied a chunk.
     Returns the namespace report and the report; checks what holds either way."""
     entries = 4000
-    state = {"namespace": "users", "type": "dict", "entries": entries, "value_size": 1000}
+    # Split: b's share is what the partition cuts off (with spread "all" b would get, and
+    # buffer, every record before the cut).
+    state = {
+        "namespace": "users",
+        "type": "dict",
+        "entries": entries,
+        "value_size": 1000,
+        "spread": "split",
+    }
     empty = {**state, "entries": 0}
     old = cluster.start("old", state, drain_timeout=timeout, snapshots=True)
     b = cluster.start("b", {**empty, "apply_delay": 0.1})
