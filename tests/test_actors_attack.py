@@ -23,12 +23,11 @@ from handoff.engine._actors import (
     Status,
     place,
 )
-from handoff.protocol import ActorMove, ActorMoved, ActorReply, ActorSend
+from handoff.protocol import ActorMove, ActorMoved, ActorReply, ActorSend, Message
 from tests.test_actors_sim import (
     NAMESPACE,
     Net,
     SimNode,
-    _deliver_all,
     settle,
 )
 from tests.test_engine_unit import FakeClock
@@ -76,9 +75,27 @@ def key_placed_on(net: Net, owner: SimNode, nodes: list[SimNode], prefix: str = 
     raise AssertionError("no key placed there")
 
 
+async def flush(net: Net, drop: Callable[[Message], bool] = lambda message: False) -> None:
+    """Deliver everything on the wire, in order, a batch between settles (each settle may
+    cost anyio 0.1 s of real time); ``drop`` says which messages are lost instead."""
+    await settle()
+    for _ in range(200):
+        if not net.wire:
+            return
+        batch, net.wire = net.wire, []
+        for envelope in batch:
+            net.wire.insert(0, envelope)
+            if drop(envelope.message):
+                net.wire.pop(0)
+            else:
+                net.deliver(0)
+        await settle()
+    raise AssertionError("the wire did not empty")
+
+
 async def call(net: Net, node: SimNode, key: Any, number: int) -> Any:
     pending = await node.host.submit(key, [node.name, number], want_reply=True, time_limit=10)
-    await _deliver_all(net)
+    await flush(net)
     return pending
 
 
@@ -87,7 +104,7 @@ async def tick(net: Net, seconds: float = 1.1) -> None:
     await settle()
     for node in net.live():
         node.host._resend_due(net.clock.now())
-    await _deliver_all(net)
+    await flush(net)
 
 
 def handled(net: Net, key: Any) -> list[list[Any]]:
@@ -167,7 +184,7 @@ def test_a_move_answer_counts_only_from_the_moves_target() -> None:
         # x (any authenticated peer) answers for b: "refused".
         a.host.handle(x.name, ActorMoved(NAMESPACE, kb(net, key), held.move_id, 0, "no"))
         await settle()
-        await _deliver_all(net)  # the real move reaches b, which activates it
+        await flush(net)  # the real move reaches b, which activates it
         single(net, key)
 
     run(scenario)
@@ -230,19 +247,15 @@ def test_a_lost_reply_is_answered_again_after_later_messages() -> None:
             await c.host.submit(key, [c.name, i], want_reply=True, time_limit=10)
             for i in range(2, WINDOW + 1)
         ]
-        await settle()
-        lost = False
-        for _ in range(500):
-            if not net.wire:
-                break
-            envelope = net.wire[0]
-            message = envelope.message
+        lost: list[Message] = []
+
+        def first_reply(message: Message) -> bool:
             if not lost and isinstance(message, ActorReply) and message.seq == 1:
-                net.wire.pop(0)
-                lost = True
-                continue
-            net.deliver(0)
-            await settle()
+                lost.append(message)
+                return True
+            return False
+
+        await flush(net, drop=first_reply)
         assert lost
         assert not first[0].done.is_set()
         assert all(p.status is Status.REPLIED for p in first[1:])
@@ -250,9 +263,9 @@ def test_a_lost_reply_is_answered_again_after_later_messages() -> None:
             await c.host.submit(key, [c.name, i], want_reply=True, time_limit=10)
             for i in range(WINDOW + 1, 2 * WINDOW)
         ]
-        await _deliver_all(net)
+        await flush(net)
         assert all(p.status is Status.REPLIED for p in later)
-        for _ in range(5):
+        for _ in range(2):
             await tick(net)
         assert first[0].status is Status.REPLIED
 
@@ -282,7 +295,7 @@ def test_a_move_in_doubt_ends_once_the_target_is_back_and_does_not_hold_it() -> 
         await settle()
         assert held.in_doubt
         net.heal(frozenset((a.name, b.name)))
-        for _ in range(20):
+        for _ in range(8):  # the resolver's back-off tops out at 1 s: 8 rounds of 1.1 s
             await tick(net)
         assert not held.in_doubt
         assert (await call(net, c, key, 2)).status is Status.REPLIED
@@ -304,7 +317,7 @@ def test_an_actor_whose_move_the_drain_deadline_cut_is_reported_or_exported() ->
         a.serving = False
         stats = await a.host.drain(net.clock.now() + 0.2)  # b does not answer in time
         b.serving = False  # b drains too: the move, delivered late, is refused
-        await _deliver_all(net)
+        await flush(net)
         assert holders(net, key) == []
         exported = list(a.host.take())
         accounted = stats.moved + stats.in_doubt + a.host.stranded() + len(exported)
@@ -352,7 +365,7 @@ def test_restored_queued_messages_are_handled_after_start() -> None:
         assert o.host.put(key, [], meta)
         o.host.start()
         await settle()
-        await _deliver_all(net)
+        await flush(net)
         assert handled(net, key) == [[c.name, 1]]
 
     run(scenario)
