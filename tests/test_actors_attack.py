@@ -226,6 +226,77 @@ def test_a_move_is_not_repeated_to_a_new_incarnation_of_its_target() -> None:
     run(scenario)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="epochs restart at 1 with every fresh (or restored: put) activation, and a "
+    "node whose forwarding pointer has a higher epoch answers a move 'accepted' without "
+    "activating anything: the sender lets go, the actor and its state are gone",
+)
+def test_a_move_to_a_node_that_forwarded_an_older_activation_is_not_lost() -> None:
+    async def scenario(net: Net) -> None:
+        a, t, e, b = [await net.spawn_node() for _ in range(4)]
+        key = next(
+            f"e{i}"
+            for i in range(10_000)
+            if place(kb(net, f"e{i}"), [a.name, t.name, e.name, b.name]) == a.name
+            and place(kb(net, f"e{i}"), [t.name, b.name]) == b.name
+        )
+        assert (await call(net, e, key, 1)).status is Status.REPLIED
+        # a -> t (epoch 2) -> e (epoch 3): t keeps a forwarding pointer (e, 3).
+        for source, target in ((a, t), (t, e)):
+            stats = MoveStats()
+            source.host._spawn(
+                source.host.migrate, source.host._held[kb(net, key)], target.name, stats
+            )
+            await flush(net)
+            assert stats.moved == 1
+        # e crashes, a drains: the key comes back from nothing on b (epoch 1).
+        net.crash(e)
+        a.serving = False
+        assert (await call(net, b, key, 1)).status is Status.REPLIED
+        assert holders(net, key) == [b.name]
+        # b moves it to t (epoch 2): t's pointer says epoch 3 went on, so t says "accepted".
+        stats = MoveStats()
+        b.host._spawn(b.host.migrate, b.host._held[kb(net, key)], t.name, stats)
+        await flush(net)
+        assert stats.moved == 1
+        assert holders(net, key) == [t.name]
+
+    run(scenario)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a forwarding pointer is followed while its target is linked, even when that "
+    "target no longer holds the key and answers MOVED to placement, which is the pointer's "
+    "owner: the key is unreachable until the pointer expires (FORWARD_TTL, 600 s)",
+)
+def test_a_stale_forwarding_pointer_does_not_make_the_key_unreachable() -> None:
+    async def scenario(net: Net) -> None:
+        a, t, e = [await net.spawn_node() for _ in range(3)]
+        key = next(
+            f"e{i}"
+            for i in range(10_000)
+            if place(kb(net, f"e{i}"), [a.name, t.name, e.name]) == a.name
+            and place(kb(net, f"e{i}"), [a.name, t.name]) == a.name
+        )
+        assert (await call(net, e, key, 1)).status is Status.REPLIED
+        for source, target in ((a, t), (t, e)):  # a -> t -> e: a points at t
+            stats = MoveStats()
+            source.host._spawn(
+                source.host.migrate, source.host._held[kb(net, key)], target.name, stats
+            )
+            await flush(net)
+            assert stats.moved == 1
+        net.crash(e)  # the key is to come back from nothing, on a (its placement)
+        pending = await call(net, a, key, 1)
+        for _ in range(5):
+            await tick(net, 5.0)
+        assert pending.status is Status.REPLIED
+
+    run(scenario)
+
+
 # -- duplicates and lost replies ----------------------------------------------------------------
 
 
