@@ -656,6 +656,44 @@ def test_a_handler_that_never_returns_does_not_hold_the_drain_past_its_deadline(
     run(scenario)
 
 
+@pytest.mark.parametrize("newest_first", [False, True])
+def test_a_move_arriving_while_the_target_claims_the_key_keeps_one_activation(
+    newest_first: bool,
+) -> None:
+    async def scenario(net: Net) -> None:
+        a, c = await net.spawn_node(), await net.spawn_node()
+        key = next(
+            f"r{i}"
+            for i in range(10_000)
+            if place(kb(net, f"r{i}"), [a.name, c.name]) == a.name
+            and place(kb(net, f"r{i}"), [a.name, c.name, "n3"]) == "n3"
+        )
+        assert (await call(net, a, key, 1)).status is Status.REPLIED
+        t = await net.spawn_node()
+        pending = await c.host.submit(key, [c.name, 1], want_reply=True, time_limit=10)
+        await settle()
+        assert [e.target for e in net.wire] == [t.name]
+        net.deliver(0)  # c's message reaches t (placement), which claims the key...
+        await settle()
+        assert kb(net, key) in t.host._claims
+        net.clock.advance(2.0)
+        a.host._rebalance()  # ... while a moves the actor to t
+        await settle()
+        for _ in range(200):
+            if not net.wire:
+                await tick(net)
+                if not net.wire:
+                    break
+            net.deliver(len(net.wire) - 1 if newest_first else 0)
+            await settle()
+            single(net, key)
+        assert pending.status is Status.REPLIED
+        assert holders(net, key) == [t.name]
+        assert handled(net, key) == [[a.name, 1], [c.name, 1]]
+
+    run(scenario)
+
+
 def test_answers_for_queries_and_moves_that_do_not_exist_are_ignored() -> None:
     async def scenario(net: Net) -> None:
         from handoff.protocol import ActorHere
