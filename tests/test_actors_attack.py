@@ -1,11 +1,11 @@
-"""Attacks on the actor engine (issue 10): each test is a sequence that breaks one of
-DESIGN.md's invariants 3 (one live actor per key; messages once, in order, none lost) and 9
-(no peer can wedge a node or make it hold unbounded memory).
+"""Attacks on the actor engine (issue 10): sequences that try to break DESIGN.md's
+invariants 3 (one live actor per key; messages once, in order, none lost) and 9 (no peer can
+wedge a node or make it hold unbounded memory).
 
 Each finding is marked ``xfail(strict=True)`` until the engine is fixed, so the suite stays
 green and a fix turns it into an XPASS (then drop the mark); the tests without a mark are
-attacks that held. They run on the deterministic simulation of ``tests/test_actors_sim.py`` (fake network, fake
-clock): the sequences are exact, nothing depends on timing except the one drain deadline.
+attacks that held. They run on the deterministic simulation of ``tests/test_actors_sim.py``
+(fake network, fake clock): the sequences are exact; only the drain deadlines are real time.
 """
 
 from __future__ import annotations
