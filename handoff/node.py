@@ -188,7 +188,7 @@ def _add_moves(
             "outcome unknown: the new owner's link ended before it answered the move",
             stats.in_doubt,
         )
-        ns.drop("still handling a message when the drain ended", stranded)
+        ns.drop("not exported: still handling a message, or its state() failed", stranded)
         for refusal in stats.refused:
             target, _, why = refusal.partition(": ")
             ns.refusals.setdefault(target, why)

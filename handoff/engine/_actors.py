@@ -247,6 +247,8 @@ class _Held:
     held: list[ActorSend] = field(default_factory=list)
     in_doubt: bool = False
     migrating: bool = False
+    move_request: ActorMove | None = None
+    move_to: str = ""
 
 
 @dataclass(slots=True)
@@ -262,6 +264,8 @@ class _Query:
 
 @dataclass(slots=True)
 class _Move:
+    target: str = ""
+    key_bytes: bytes = b""
     done: anyio.Event = field(default_factory=anyio.Event)
     accepted: bool | None = None
     reason: str = ""
@@ -478,6 +482,8 @@ class ActorHost:
             return
         queue = self._outgoing.get(peer)
         if queue is None:
+            if peer not in self._links():
+                return  # no such peer (now): what is lost is re-sent or asked again
             queue = self._outgoing[peer] = collections.deque()
             self._wake[peer] = anyio.Event()
             if self._running:
@@ -527,6 +533,8 @@ class ActorHost:
         self._running = True
         for peer in list(self._outgoing):
             self._spawn(self._send_loop, peer)
+        for held in list(self._held.values()):
+            self._start(held)  # restored before the start, with messages queued
 
     async def run(self) -> None:
         """Background work: re-sends, idle deactivation, placement changes. Runs until the
@@ -601,7 +609,12 @@ class ActorHost:
             outbox = self._outboxes.get(key_bytes)
             if outbox is None:
                 outbox = self._outboxes[key_bytes] = _Outbox(key, key_bytes, next(self._gens))
-            if len(outbox.pending) < WINDOW and self._unanswered < self.limits.outbox:
+            # The span, not the count: the owner keeps the replies of the last WINDOW
+            # messages, so the oldest unanswered one must stay within it.
+            if (
+                outbox.next_seq - outbox.first_unacked() < WINDOW
+                and self._unanswered < self.limits.outbox
+            ):
                 break
             if self._unanswered >= self.limits.outbox:
                 raise ActorBusy(
@@ -756,7 +769,7 @@ class ActorHost:
     def handle(self, peer: str, message: Message) -> None:
         """One actor message from ``peer``; never blocks (replies are queued)."""
         if isinstance(message, ActorSend):
-            self._on_send(message)
+            self._on_send(message, peer)
         elif isinstance(message, ActorReply):
             self._on_reply(peer, message)
         elif isinstance(message, ActorWhere):
@@ -767,7 +780,13 @@ class ActorHost:
             self._on_move(peer, message)
         elif isinstance(message, ActorMoved):
             move = self._moves.get(message.move)
-            if move is not None and move.accepted is None:
+            # Only the move's target answers for it (any peer could send this message).
+            if (
+                move is not None
+                and move.accepted is None
+                and move.target == peer
+                and move.key_bytes == message.key
+            ):
                 move.accepted, move.reason = bool(message.accepted), message.reason
                 move.done.set()
 
@@ -777,7 +796,11 @@ class ActorHost:
             ActorReply(self.namespace, message.key, message.gen, message.seq, status, holder, body),
         )
 
-    def _on_send(self, message: ActorSend) -> None:
+    def _on_send(self, message: ActorSend, peer: str | None = None) -> None:
+        if peer is not None and message.hops == 0 and message.sender != peer:
+            # Sent directly, so the link's peer is its sender: another name would make this
+            # node answer (or silence) someone else's channel.
+            return
         key_bytes = message.key
         held = self._held.get(key_bytes)
         if held is None:
@@ -795,7 +818,8 @@ class ActorHost:
         key_bytes = message.key
         forward = self._forwards.get(key_bytes)
         if forward is not None:
-            if message.hops < MAX_HOPS // 2 and forward[0] in self._links():
+            placed_here = place(key_bytes, self._candidates()) == self.node
+            if message.hops < MAX_HOPS // 2 and forward[0] in self._links() and not placed_here:
                 self._post(forward[0], _hop(message))
                 return
             # Forwarded too often (the actor moved on since), or to a node that is not
@@ -927,8 +951,8 @@ class ActorHost:
             return
         query.waiting.discard(peer)
         query.answered.add(peer)
-        if message.answer == 1 and message.holder:
-            query.holder = message.holder
+        if message.answer == 1 and message.holder == peer:
+            query.holder = peer
         elif message.answer == 2:
             query.lost = True
         if query.holder or query.lost or not query.waiting:
@@ -1073,7 +1097,16 @@ class ActorHost:
                 and not held.frozen
                 and now - held.last_active >= self.idle_timeout
             ):
-                held.state = held.instance.state()
+                try:
+                    held.state = held.instance.state()
+                except Exception:
+                    logger.exception(
+                        "%s: state() of actor %r of %r failed: it stays active",
+                        self.node,
+                        held.key,
+                        self.namespace,
+                    )
+                    continue
                 held.instance = None
                 self._deactivated(held)
 
@@ -1125,7 +1158,11 @@ class ActorHost:
         await held.idle.wait()
 
     def _payload(self, held: _Held, target_version: int) -> tuple[bytes, int] | str:
-        state = held.instance.state() if held.instance is not None else held.state
+        try:
+            state = held.instance.state() if held.instance is not None else held.state
+        except Exception as exc:
+            logger.exception("%s: state() of actor %r failed", self.node, held.key)
+            return f"state() failed: {_describe(exc)}"
         # A newer sender downgrades (old code cannot know the new format); an older one
         # sends its own version and the receiver upgrades.
         if target_version < self.version:
@@ -1182,24 +1219,13 @@ class ActorHost:
         data, version = payload
         held.moving_to = target
         move_id = held.move_id = next(self._move_ids)
-        move = self._moves[move_id] = _Move()
-        try:
-            self._post(
-                target,
-                ActorMove(self.namespace, held.key_bytes, move_id, held.epoch + 1, version, data),
-            )
-            answered = await self._clock.wait(move.done, self._clock.now() + MOVE_TIMEOUT)
-            while not answered and target in self._links():
-                # Silent but linked: ask again (the answer to a repeated move is the same).
-                self._post(
-                    target,
-                    ActorMove(
-                        self.namespace, held.key_bytes, move_id, held.epoch + 1, version, data
-                    ),
-                )
-                answered = await self._clock.wait(move.done, self._clock.now() + MOVE_TIMEOUT)
-        finally:
-            del self._moves[move_id]
+        request = ActorMove(self.namespace, held.key_bytes, move_id, held.epoch + 1, version, data)
+        # The incarnation it goes to: a restarted target (same name) never saw this move
+        # and would take a repeat of it as new (see _send_move).
+        held.move_request, held.move_to = request, links[target][0].incarnation
+        move = await self._send_move(held, target, stats)
+        if move is None:
+            return True  # cancelled while waiting: in doubt (see _send_move)
         if move.accepted:
             self._moved(held, target, held.epoch + 1)
             stats.moved += 1
@@ -1226,6 +1252,35 @@ class ActorHost:
             self._spawn(self._resolve, held, target)
         return True
 
+    async def _send_move(self, held: _Held, target: str, stats: MoveStats) -> _Move | None:
+        """Send ``held.move_request`` to ``target`` (again while it is silent but linked,
+        to the same incarnation) and wait for the answer. ``None``: cancelled meanwhile (the
+        drain's deadline): the move is in doubt and resolved in the background."""
+        request = held.move_request
+        assert request is not None
+        move = self._moves[request.move] = _Move(target, held.key_bytes)
+        completed = False
+        try:
+            self._post(target, request)
+            answered = await self._clock.wait(move.done, self._clock.now() + MOVE_TIMEOUT)
+            while not answered and self._same_incarnation(target, held.move_to):
+                # Silent but linked: ask again (the answer to a repeated move is the same).
+                self._post(target, request)
+                answered = await self._clock.wait(move.done, self._clock.now() + MOVE_TIMEOUT)
+            completed = True
+        finally:
+            del self._moves[request.move]
+            if not completed and move.accepted is None:
+                held.in_doubt = True
+                stats.in_doubt += 1
+                if self._running:
+                    self._spawn(self._resolve, held, target)
+        return move
+
+    def _same_incarnation(self, name: str, incarnation: str) -> bool:
+        link = self._links().get(name)
+        return link is not None and link[0].incarnation == incarnation
+
     async def _resolve(self, held: _Held, target: str) -> None:
         delay = 0.05
         while self._running and self._held.get(held.key_bytes) is held and held.in_doubt:
@@ -1235,7 +1290,19 @@ class ActorHost:
             if answer is not None and not answer.startswith("?") and answer != self.node:
                 self._moved(held, answer, held.epoch + 1)
                 return
-            if answer is None and target not in self._members:
+            if answer is None and self._same_incarnation(target, held.move_to):
+                # The target is back and does not hold it: ask it the same move again (it
+                # answers a move once, so a copy that did arrive is not taken twice).
+                move = await self._send_move(held, target, MoveStats())
+                if move is not None and move.accepted:
+                    self._moved(held, target, held.epoch + 1)
+                    return
+                if move is not None and move.accepted is False:
+                    held.in_doubt = False
+                    held.moving_to = None
+                    self._thaw(held)
+                    return
+            elif answer is None and target not in self._members:
                 # Nobody holds it and the target is gone: the move never took effect.
                 held.in_doubt = held.frozen = False
                 held.moving_to = None
@@ -1290,12 +1357,8 @@ class ActorHost:
 
         key_bytes = message.key
         existing = self._held.get(key_bytes)
-        forward = self._forwards.get(key_bytes)
         if existing is not None and existing.epoch >= message.epoch:
             answer(True)  # a repeated move that arrived before: it is here
-            return
-        if existing is None and forward is not None and forward[1] >= message.epoch:
-            answer(True)  # it arrived and moved on since
             return
         if existing is not None:
             answer(False, "this node already holds the actor")
@@ -1345,33 +1408,49 @@ class ActorHost:
             if not converted:
                 raise ValueError(next(iter(dropped), "transform failed"))
             state = converted[0][1]
+        if not isinstance(raw_channels, list | tuple) or not isinstance(raw_queued, list | tuple):
+            raise ValueError("channels and queued messages must be arrays")
+        if len(raw_channels) > self.limits.max_channels or len(raw_queued) > self.limits.mailbox:
+            raise ValueError("more channels or queued messages than this node takes")
         channels = []
         for item in raw_channels:
+            if not isinstance(item, list | tuple) or len(item) != 4:
+                raise ValueError("malformed channel")
             origin, gen, next_seq, replies = item
-            if (
-                not isinstance(origin, str)
-                or not isinstance(gen, int)
-                or not isinstance(next_seq, int)
+            if not (
+                isinstance(origin, str)
+                and _positive(gen)
+                and _positive(next_seq)
+                and isinstance(replies, list | tuple)
+                and len(replies) <= WINDOW
             ):
                 raise ValueError("malformed channel")
-            channels.append(
-                (
-                    origin,
-                    gen,
-                    next_seq,
-                    [(int(s), int(st), bytes(b)) for s, st, b in replies][-WINDOW:],
-                )
-            )
-        if len(channels) > self.limits.max_channels or len(raw_queued) > self.limits.mailbox:
-            raise ValueError("more channels or queued messages than this node takes")
+            kept: list[tuple[int, int, bytes]] = []
+            for reply in replies:
+                if not isinstance(reply, list | tuple) or len(reply) != 3:
+                    raise ValueError("malformed reply")
+                seq, status, body = reply
+                # Checked, never converted: bytes(n) of a number makes n bytes.
+                if not (_positive(seq) and status in _STATUSES and isinstance(body, bytes)):
+                    raise ValueError("malformed reply")
+                kept.append((seq, status, body))
+            channels.append((origin, gen, next_seq, kept))
         queued = []
         for item in raw_queued:
+            if not isinstance(item, list | tuple) or len(item) != 6:
+                raise ValueError("malformed queued message")
             origin, sender, gen, seq, want_reply, body = item
             if not (
-                isinstance(origin, str) and isinstance(sender, str) and isinstance(body, bytes)
+                isinstance(origin, str)
+                and isinstance(sender, str)
+                and _positive(gen)
+                and _positive(seq)
+                and isinstance(want_reply, int)
+                and isinstance(body, bytes)
+                and body
             ):
                 raise ValueError("malformed queued message")
-            queued.append((origin, sender, int(gen), int(seq), int(bool(want_reply)), body))
+            queued.append((origin, sender, gen, seq, int(bool(want_reply)), body))
         return state, channels, queued
 
     # -- drain ----------------------------------------------------------------------------
@@ -1412,7 +1491,11 @@ class ActorHost:
         for key_bytes, held in list(self._held.items()):
             if held.moving_to is not None or held.in_doubt or held.running:
                 continue
-            state = held.instance.state() if held.instance is not None else held.state
+            try:
+                state = held.instance.state() if held.instance is not None else held.state
+            except Exception:
+                logger.exception("%s: state() of actor %r failed", self.node, held.key)
+                continue  # stays here, counted by stranded()
             channels = [[o, c.gen, c.next, []] for o, c in held.channels.items()]
             queued = [_queued(m) for m in held.mailbox]
             del self._held[key_bytes]
@@ -1477,6 +1560,13 @@ def _hop(message: ActorSend) -> ActorSend:
         min(message.hops + 1, 64),
         message.body,
     )
+
+
+_STATUSES = frozenset(int(status) for status in Status)
+
+
+def _positive(value: object) -> bool:
+    return type(value) is int and 0 < value <= 2**40
 
 
 def _describe(exc: BaseException) -> str:
