@@ -241,7 +241,6 @@ class _Held:
     idle: anyio.Event = field(default_factory=anyio.Event)
     frozen: bool = False
     moving_to: str | None = None
-    move_id: int = 0
     arrived_at: float = 0.0
     last_active: float = 0.0
     held: list[ActorSend] = field(default_factory=list)
@@ -1218,7 +1217,7 @@ class ActorHost:
             return False
         data, version = payload
         held.moving_to = target
-        move_id = held.move_id = next(self._move_ids)
+        move_id = next(self._move_ids)
         request = ActorMove(self.namespace, held.key_bytes, move_id, held.epoch + 1, version, data)
         # The incarnation it goes to: a restarted target (same name) never saw this move
         # and would take a repeat of it as new (see _send_move).
