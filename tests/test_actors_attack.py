@@ -178,7 +178,9 @@ def test_a_move_answer_counts_only_from_the_moves_target() -> None:
         await settle()
         assert held.moving_to == b.name
         # x (any authenticated peer) answers for b: "refused".
-        a.host.handle(x.name, ActorMoved(NAMESPACE, kb(net, key), held.move_id, 0, "no"))
+        assert held.move_request is not None
+        move = held.move_request.move
+        a.host.handle(x.name, ActorMoved(NAMESPACE, kb(net, key), move, 0, "no"))
         await settle()
         await flush(net)  # the real move reaches b, which activates it
         single(net, key)
