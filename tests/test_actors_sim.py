@@ -417,6 +417,9 @@ DEEP = os.environ.get("HANDOFF_DEEP_TESTS") == "1"
 @given(PROGRAMS)
 @settings(
     max_examples=600 if DEEP else 30,
+    # The same programs in every run of the suite (CI included); HANDOFF_DEEP_TESTS=1
+    # searches afresh.
+    derandomize=not DEEP,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -567,3 +570,21 @@ async def _crash_scenario() -> None:
 
 def test_a_crashed_owners_actors_come_back_from_nothing_elsewhere() -> None:
     anyio.run(_crash_scenario)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="liveness, found by hypothesis: a caller's message to a key whose holder drained "
+    "and whose successor then crashed, with its own node crashed meanwhile, is never "
+    "answered (n3: pending k0 [1], nobody holds k0): the cluster does not settle. Nothing "
+    "is lost or doubled; the call would end by delivery_timeout",
+)
+def test_a_drain_then_two_crashes_leave_no_call_unanswered() -> None:
+    program = [
+        ("call", 0, 0),
+        ("call", 242, 0),
+        ("drain", 344, 0),
+        ("crash", 0, 0),
+        ("crash", 0, 0),
+    ]
+    anyio.run(run_program, program)
