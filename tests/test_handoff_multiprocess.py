@@ -11,6 +11,7 @@ handoff measured by the kernel (invariant 8).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -273,8 +274,19 @@ def test_large_values_are_snapshotted_in_bounded_chunks_and_restored(
     )
 
 
-def test_memory_of_a_million_entry_handoff_does_not_grow_with_the_state(nodes: Nodes) -> None:
-    entries = 1_000_000
+# A million entries (35-45 s of the suite) with HANDOFF_DEEP_TESTS=1; 300,000 by default,
+# with the bound scaled down so that it still tells a bounded drain from one whose memory
+# follows the state: sorting the manual drain's export log as a list of Python ints cost
+# +18.5 MiB at 300,000 (+60 MiB at a million); bounded, +8 MiB.
+LARGE_HANDOFF = (
+    (1_000_000, MEMORY_LIMIT_KIB)
+    if os.environ.get("HANDOFF_DEEP_TESTS") == "1"
+    else (300_000, 16 * MIB)
+)
+
+
+def test_memory_of_a_large_handoff_does_not_grow_with_the_state(nodes: Nodes) -> None:
+    entries, limit_kib = LARGE_HANDOFF
     state = {"namespace": "cache", "type": "ttl", "entries": entries, "value_size": 100}
     port = free_port(HOSTS[0])
     # All three fill (or start) at once: the successor dials the old node until it listens.
@@ -313,8 +325,8 @@ def test_memory_of_a_million_entry_handoff_does_not_grow_with_the_state(nodes: N
     print(measured)
     assert ns["acknowledged"] == ns["applied"] == entries, ns
     assert received["entries"] == entries
-    assert sender_growth < MEMORY_LIMIT_KIB, measured
-    assert receiver_excess < MEMORY_LIMIT_KIB, measured
+    assert sender_growth < limit_kib, measured
+    assert receiver_excess < limit_kib, measured
 
     # Both digests at once (each takes a second or two): the receiver holds exactly the
     # sender's entries, values included.
@@ -325,8 +337,8 @@ def test_memory_of_a_million_entry_handoff_does_not_grow_with_the_state(nodes: N
     )
     assert copy["unexpected"] == 0
     assert copy["digest"] == source["digest"]
-    # Their state is not needed any more; a SIGTERM would make each drain 1,000,000
-    # entries to nobody first.
+    # Their state is not needed any more; a SIGTERM would make each drain all its entries
+    # to nobody first.
     new.kill()
     reference.kill()
 

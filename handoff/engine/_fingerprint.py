@@ -69,8 +69,8 @@ class ExportLog:
         """Sort the log for look-ups (once: at the end of the drain, so that the catch-up's
         deadline does not pay for it; ~0.1 s for 300,000 records)."""
         if not self._sealed:
-            self._hashes = array("q", sorted(self._hashes))
-            self._forgotten = array("q", sorted(self._forgotten))
+            self._hashes = _sorted(self._hashes)
+            self._forgotten = _sorted(self._forgotten)
             self._sealed = True
 
     def changed(self, record: Record) -> bool:
@@ -80,6 +80,24 @@ class ExportLog:
         if digest is None:
             return True
         return not _holds(self._hashes, digest) or _holds(self._forgotten, digest)
+
+
+def _sorted(hashes: array[int]) -> array[int]:
+    """``hashes`` sorted, without a Python int per hash alive at once.
+
+    ``sorted(hashes)`` makes a list of int objects: ~40 bytes a hash (a million records:
+    40 MiB on top of the log's 8 MiB, at the end of a drain, which invariant 8 bounds).
+    Sorting by the top byte into 256 arrays first keeps one bucket's objects alive at a
+    time, and is no slower."""
+    buckets = [array("q") for _ in range(256)]
+    appends = [bucket.append for bucket in buckets]
+    for digest in hashes:
+        appends[(digest >> 56) + 128](digest)  # signed: -128..127 -> 0..255, in order
+    result = array("q")
+    for index in range(256):
+        result.extend(sorted(buckets[index]))
+        buckets[index] = array("q")  # freed as we go
+    return result
 
 
 def _holds(hashes: array[int], digest: int) -> bool:
