@@ -344,7 +344,7 @@ class _Mac:
         return hmac.compare_digest(self._mac.digest(), tag)
 
 
-class _Encoder:
+class SnapshotEncoder:
     """The bytes of one snapshot in format 2, part by part, each authenticated under ``key``.
 
     Shared by every store: a snapshot is the same byte string in a file or in an object.
@@ -432,7 +432,7 @@ class _DirectoryWriter:
         self._temp = Path(temp)
         self._file: IO[bytes] = os.fdopen(fd, "wb")
         try:
-            self._encoder = _Encoder(key, header)
+            self._encoder = SnapshotEncoder(key, header)
             self._write(self._encoder.head)
         except BaseException:
             self.abort()
@@ -469,7 +469,7 @@ class _DirectoryWriter:
         _fsync_dir(self._directory)
         records = self._encoder.records
         logger.debug("snapshot %s committed: %d records", self._final, records)
-        return _info(self._final, self._header, records)
+        return snapshot_info(self._final, self._header, records)
 
     def abort(self) -> None:
         """Discard the temporary file; a no-op once committed or aborted."""
@@ -493,7 +493,8 @@ class _DirectoryWriter:
         self.abort()
 
 
-def _info(path: Path, header: dict[str, Any], records: int) -> SnapshotInfo:
+def snapshot_info(path: Path, header: dict[str, Any], records: int) -> SnapshotInfo:
+    """The :class:`SnapshotInfo` of a snapshot at ``path`` with an authenticated ``header``."""
     return SnapshotInfo(
         path=path,
         cluster=header["cluster"],
@@ -683,6 +684,14 @@ def inspect_file(
     raise reader.corrupt("no trailer at the end (truncated or damaged)")
 
 
+def read_header(file: IO[bytes], name: str | Path, key: bytes, cluster: str) -> dict[str, Any]:
+    """The authenticated header of the snapshot ``file`` (at its start) of ``cluster``.
+
+    Raises :class:`~handoff._errors.SnapshotCorrupt`.
+    """
+    return _Reader(file, name, key).header(cluster)
+
+
 def verified_chunks(file: IO[bytes], info: SnapshotInfo, key: bytes) -> Iterator[tuple[bytes, int]]:
     """Yield ``(payload, records)`` per chunk of the snapshot in ``file`` (seekable), only
     after a whole verification pass from its start: every tag, the counts, the trailer, and
@@ -841,7 +850,7 @@ class DirectorySnapshotStore:
         with _open_snapshot(path) as file:
             size = os.fstat(file.fileno()).st_size
             header, records = inspect_file(file, size, path, self._key, cluster)
-            return _info(path, header, records)
+            return snapshot_info(path, header, records)
 
     # -- claiming ---------------------------------------------------------------------------
 

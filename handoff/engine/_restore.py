@@ -112,9 +112,14 @@ def _restore_claimed(
             records, dropped = admit(target, chain, records)
             result = result + ImportResult(dropped=dropped)
             result = result + import_guarded(target, records, age=age)
-    except (SnapshotError, RecordDecodeError) as exc:
+    except (SnapshotCorrupt, RecordDecodeError) as exc:
         logger.warning("snapshot %s not restored: %s", info.path, exc)
         claim.quarantine(str(exc))
+        return None
+    except SnapshotError as exc:
+        # The store failed (a bucket out of reach, a claim lost), not the snapshot: it
+        # stays for the next start.
+        logger.warning("snapshot %s not restored, left in place: %s", info.path, exc)
         return None
     claim.remove()
     logger.info(
