@@ -472,7 +472,7 @@ def test_an_object_replaced_after_its_claim_is_not_applied(
 
 
 def test_two_concurrent_claimers_exactly_one_applies(objects: s3.Objects, clock: Clock) -> None:
-    rounds = 4
+    rounds = 3
     stores = [make_store(objects, clock, owner=f"node-{i}") for i in range(3)]
     for _ in range(rounds):
         write(stores[0], [chunk(0, 5)])
