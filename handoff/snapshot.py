@@ -416,8 +416,26 @@ def snapshot_name(namespace: str, created_at: float) -> str:
     Names are for humans and ordering only: the header is the truth.
     """
     millis = max(0, int(created_at * 1000))
-    safe = _UNSAFE.sub("_", namespace)[:64] or "_"
-    return f"{millis:015d}-{safe}-{uuid.uuid4().hex[:12]}{SUFFIX}"
+    return f"{millis:015d}-{namespace_tag(namespace)}-{uuid.uuid4().hex[:12]}{SUFFIX}"
+
+
+def namespace_tag(namespace: str) -> str:
+    """``namespace`` as :func:`snapshot_name` writes it in a name (not always reversible)."""
+    return _UNSAFE.sub("_", namespace)[:64] or "_"
+
+
+def name_fields(name: str) -> tuple[float, str] | None:
+    """``(created_at, namespace tag)`` as a name from :func:`snapshot_name` says, or None.
+
+    For choosing what to look at only: the authenticated header is the truth.
+    """
+    if not name.endswith(SUFFIX):
+        return None
+    millis, _, rest = name[: -len(SUFFIX)].partition("-")
+    tag, _, _ = rest.rpartition("-")
+    if not millis.isdigit() or not tag:
+        return None
+    return int(millis) / 1000, tag
 
 
 class _DirectoryWriter:

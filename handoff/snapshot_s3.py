@@ -89,6 +89,8 @@ from handoff.snapshot import (
     SnapshotInfo,
     SnapshotWriter,
     inspect_file,
+    name_fields,
+    namespace_tag,
     new_header,
     read_header,
     snapshot_info,
@@ -779,22 +781,32 @@ class S3SnapshotStore:
         now = self._clock()
         deleted = 0
         try:
-            ours: list[tuple[float, str]] = []
+            # The names say which objects may be this namespace's and how old: when they
+            # show nothing to delete (the usual case), no header is read at all.
+            tag = namespace_tag(namespace)
+            named = []
             for meta in self.objects.list(folder + _SNAPSHOTS):
-                if not meta.key.endswith(SUFFIX):
-                    continue
-                try:
-                    header = read_header(_ranged(self.objects, meta), meta.key, self._key, cluster)
-                except SnapshotError:
-                    continue  # pending() moves it aside, or it is gone already
-                if header["namespace"] == namespace:
-                    ours.append((header["created_at"], meta.key))
-            ours.sort(reverse=True)
-            doomed = [
-                key
-                for index, (created, key) in enumerate(ours)
-                if index >= self.keep or now - created > self.max_age
-            ]
+                fields = name_fields(meta.key.rsplit("/", 1)[-1])
+                if fields is not None and fields[1] == tag:
+                    named.append((fields[0], meta))
+            doomed: list[str] = []
+            if len(named) > self.keep or any(now - t > self.max_age for t, _ in named):
+                ours: list[tuple[float, str]] = []
+                for _, meta in named:
+                    try:
+                        header = read_header(
+                            _ranged(self.objects, meta), meta.key, self._key, cluster
+                        )
+                    except SnapshotError:
+                        continue  # pending() moves it aside, or it is gone already
+                    if header["namespace"] == namespace:
+                        ours.append((header["created_at"], meta.key))
+                ours.sort(reverse=True)
+                doomed = [
+                    key
+                    for index, (created, key) in enumerate(ours)
+                    if index >= self.keep or now - created > self.max_age
+                ]
             for key in doomed:
                 if self._claimed(key, now):
                     continue

@@ -586,6 +586,34 @@ def test_retention_deletes_old_ones_unless_claimed(objects: s3.Objects, clock: C
     claim.release()
 
 
+def test_retention_counts_by_header_not_by_name(objects: s3.Objects, clock: Clock) -> None:
+    # "a/b" and "a_b" share the tag in their names; only the headers tell them apart.
+    store = make_store(objects, clock, keep=1)
+    other = write(store, [chunk(0, 1)], namespace="a/b", created_at=NOW - 30)
+    write(store, [chunk(0, 1)], namespace="a_b", created_at=NOW - 20)
+    newest = write(store, [chunk(0, 1)], namespace="a_b", created_at=NOW - 10)
+    assert sorted(i.path for i in store.pending("shop")) == sorted([other.path, newest.path])
+
+
+def test_retention_reads_no_header_when_nothing_is_due(clock: Clock) -> None:
+    objects = MemoryObjects(clock)
+    store = make_store(objects, clock, keep=3)
+    reads: list[str] = []
+    read_range = objects.read_range
+
+    def counted(key: str, start: int, end: int) -> bytes:
+        reads.append(key)
+        return read_range(key, start, end)
+
+    objects.read_range = counted  # type: ignore[method-assign]
+    for i in range(3):
+        write(store, [chunk(0, 1)], created_at=NOW - 10 + i)
+    assert reads == []
+    write(store, [chunk(0, 1)], created_at=NOW)  # the fourth: one too many
+    assert len(reads) == 4
+    assert len(store.pending("shop")) == 3
+
+
 def test_retention_ages_out_corrupt_objects(clock: Clock) -> None:
     objects = MemoryObjects(clock)  # the server's clock cannot be moved
     store = make_store(objects, clock, max_age=3600.0)
