@@ -10,6 +10,7 @@ runs skip with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import handoff.snapshot_s3 as s3
@@ -715,3 +717,59 @@ def test_the_node_builds_the_store_from_the_url() -> None:
     assert (store.keep, store.objects.location) == (7, "s3://bucket/prefix")
     key = cluster_key(COOKIE, "shop").derive("snapshot")
     assert store._key == key  # the directory store's key: the same authentication
+
+
+@pytest.mark.anyio
+async def test_restore_runs_off_the_event_loop_and_applies_on_it(clock: Clock) -> None:
+    gate = threading.Event()
+    entered = threading.Event()
+
+    class GatedObjects(MemoryObjects):
+        def list(self, prefix: str) -> list[ObjectMeta]:
+            # Waits for a task of the event loop: were this on the loop, it would never come.
+            entered.set()
+            if not gate.wait(5):
+                raise AssertionError("the store was called on the event loop")
+            return super().list(prefix)
+
+    objects = GatedObjects(clock)
+    key = cluster_key(COOKIE, "shop").derive("snapshot")
+    writer = S3SnapshotStore(objects, key=key, clock=clock)
+    gate.set()
+    payload, _ = codec.encode_records([("k1", "v1", 30.0), ("k2", "v2", 30.0)])
+    with writer.begin(
+        "users", cluster="shop", kind="mapping", version=1, node="old", release="v1",
+        created_at=NOW,
+    ) as w:  # fmt: skip
+        w.write_chunk(payload, 2)
+        w.commit()
+    gate.clear()
+
+    applied_in: set[int] = set()
+
+    class Recording(dict[str, Any]):
+        def __setitem__(self, key: str, value: Any) -> None:
+            applied_in.add(threading.get_ident())
+            super().__setitem__(key, value)
+
+    n = node("n", "127.0.0.2", environ={})
+    n._snapshots = S3SnapshotStore(objects, key=key, clock=clock)
+    restored = Recording()
+    n.track("users", restored)
+
+    async def open_gate() -> None:
+        for _ in range(500):
+            if entered.is_set():
+                gate.set()
+                return
+            await anyio.sleep(0.01)
+
+    # A plain asyncio task: a node's start() must not run inside a task group it outlives.
+    opener = asyncio.get_running_loop().create_task(open_gate())
+    await n.start()
+    await opener
+    try:
+        assert dict(restored) == {"k1": "v1", "k2": "v2"}
+        assert applied_in == {threading.get_ident()}  # the loop's thread
+    finally:
+        await n.stop()
