@@ -74,6 +74,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Protocol
@@ -322,8 +323,6 @@ class _ObstoreObjects:
             "connect_timeout": "5s",
             "timeout": "60s",
         }
-        from datetime import timedelta
-
         retry: dict[str, Any] = {
             "max_retries": 3,
             "retry_timeout": timedelta(seconds=20),
@@ -933,11 +932,13 @@ class _ObjectClaim:
         """The claimed snapshot."""
         return self._info
 
-    def _renew(self, until: float) -> bool:
+    def _renew(self, until: float, *, background: bool = False) -> bool:
         """Move the lease's end to ``until`` if the claim is still ours; False if lost."""
         with self._lock:
             if self._lost is not None:
                 return False
+            if background and self._stop.is_set():
+                return True  # the claim ended while this renewal waited for the lock
             lease = _Lease(self._holder, self._store._owner, until)
             try:
                 self._etag = self._store.objects.put(
@@ -953,7 +954,7 @@ class _ObjectClaim:
         interval = self._store.lease / 4
         while not self._stop.wait(interval):
             try:
-                if not self._renew(self._store._clock() + self._store.lease):
+                if not self._renew(self._store._clock() + self._store.lease, background=True):
                     return
             except SnapshotError as exc:
                 logger.warning("could not renew the claim on %s: %s", self._info.path, exc)

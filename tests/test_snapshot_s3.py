@@ -537,6 +537,31 @@ def test_a_crashed_holders_claim_is_taken_over_after_its_lease(
     assert first.pending("shop") == []
 
 
+def test_a_live_holder_renews_its_lease(clock: Clock) -> None:
+    objects = MemoryObjects(clock)
+    holder = make_store(objects, clock, lease=0.2)  # renewed every 0.05 s
+    other = make_store(objects, clock, lease=0.2)
+    info = write(holder, [chunk(0, 1)])
+    claim_key = str(info.path).replace("/snapshots/", "/claims/")
+    held = holder.claim(info)
+    assert held is not None
+    for _ in range(3):
+        before = objects.head(claim_key).etag
+        clock.now += 0.15
+        for _ in range(500):  # the next renewal, within 5 s
+            if objects.head(claim_key).etag != before:
+                break
+            time.sleep(0.01)
+    # 0.45 s of lease time went by, more than a lease: renewed, the claim holds.
+    assert other.claim(info) is None
+    with held:
+        assert sum(r for _, r in held.read()) == 1
+    assert objects.head(claim_key).etag  # released: the lease ended, not deleted
+    taken = other.claim(info)
+    assert taken is not None
+    taken.release()
+
+
 def test_a_released_claim_is_free_at_once(objects: s3.Objects, clock: Clock) -> None:
     store = make_store(objects, clock)
     write(store, [chunk(0, 1)])
