@@ -18,7 +18,7 @@ object store offers:
   snapshots, but cannot make one this cluster restores without the cookie.
 * Visible only once complete: a snapshot is one object under a fresh name. Up to 8 MiB it
   is one PUT at commit; beyond, a multipart upload of 8 MiB parts (memory stays bounded:
-  at most three parts in flight) that becomes visible, at once and whole, when it is
+  the chunk being written and about three parts) that becomes visible, at once and whole, when it is
   completed at commit. A crash or an abort before that leaves nothing to list (an
   abandoned multipart upload is invisible; a bucket lifecycle rule for incomplete uploads
   frees its space).

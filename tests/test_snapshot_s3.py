@@ -665,6 +665,15 @@ def test_wrong_credentials_are_a_clear_error(weed: Weed, clock: Clock) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_node_with_wrong_credentials_does_not_start(weed: Weed) -> None:
+    environ = {**weed.environ, "AWS_SECRET_ACCESS_KEY": "not-the-secret-key-at-all"}
+    n = node("n", "127.0.0.2", snapshot_url="s3://snapshots/creds", environ=environ)
+    n.track("users", {})
+    with pytest.raises(SnapshotError, match=r"access denied.*AWS_ACCESS_KEY_ID"):
+        await n.start()
+
+
+@pytest.mark.anyio
 async def test_a_node_with_no_successor_snapshots_to_s3_and_the_next_restores(
     weed: Weed,
 ) -> None:
