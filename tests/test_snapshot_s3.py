@@ -36,7 +36,7 @@ from handoff._codec import Codec
 from handoff._errors import ConfigError, MissingExtra, SnapshotCorrupt, SnapshotError
 from handoff._keys import cluster_key
 from handoff.config import resolve_settings
-from handoff.snapshot import MAGIC, SnapshotInfo
+from handoff.snapshot import MAGIC, SnapshotClaim, SnapshotInfo, SnapshotStore, SnapshotWriter
 from handoff.snapshot_s3 import (
     ObjectChanged,
     ObjectExists,
@@ -297,6 +297,7 @@ def keys(objects: s3.Objects, folder: str = "") -> list[str]:
 
 def test_round_trip_claim_read_remove(objects: s3.Objects, clock: Clock) -> None:
     store = make_store(objects, clock)
+    assert isinstance(store, SnapshotStore)
     chunks = [chunk(0, 3), chunk(3, 1), chunk(4, 2)]
     info = write(store, chunks)
     (listed,) = store.pending("shop")
@@ -309,7 +310,7 @@ def test_round_trip_claim_read_remove(objects: s3.Objects, clock: Clock) -> None
     )
     assert store.pending("other") == []
     claim = store.claim(listed)
-    assert claim is not None
+    assert isinstance(claim, SnapshotClaim)
     with claim:
         assert list(claim.read()) == chunks
         assert list(claim.read()) == chunks  # walked twice by a restore
@@ -342,6 +343,7 @@ def test_nothing_is_visible_before_commit_nor_after_abort(
     writer = store.begin(
         "users", cluster="shop", kind="cachetools", version=1, node="a", release="r", created_at=NOW
     )
+    assert isinstance(writer, SnapshotWriter)
     for i in range(3):
         writer.write_chunk(*chunk(i * 3500, 3500, size=size))
     assert store.pending("shop") == []
