@@ -421,6 +421,37 @@ def test_a_damaged_object_is_refused_and_moved_aside(
     assert reason in why
 
 
+def _refused(clock: Clock, data: bytes) -> str:
+    """Plant ``data`` in a fresh in-memory bucket; why the S3 store refused it (it must),
+    having yielded nothing of it."""
+    objects = MemoryObjects(clock)
+    _plant(objects, data)
+    store = make_store(objects, clock)
+    infos = store.pending("shop")
+    if not infos:
+        (reason,) = [
+            b"".join(objects.read(k)).decode() for k in keys(objects) if k.endswith(".reason.txt")
+        ]
+        return "pending: " + reason
+    (info,) = infos
+    claim = store.claim(info)
+    assert claim is not None
+    yielded: list[tuple[bytes, int]] = []
+    with claim, pytest.raises(SnapshotCorrupt) as caught:
+        yielded.extend(claim.read())
+    assert yielded == [], "a chunk of a damaged snapshot was yielded"
+    return "read: " + caught.value.reason
+
+
+def test_every_truncation_and_every_byte_flip_is_refused(clock: Clock) -> None:
+    # The directory store's exhaustive checks, through ranged reads and the local copy.
+    data = _genuine(clock)
+    for size in range(len(data)):
+        assert _refused(clock, data[:size]), size
+    for index in range(len(data)):
+        assert _refused(clock, _flip(data, index)), index
+
+
 def test_a_foreign_snapshot_is_refused(objects: s3.Objects, clock: Clock) -> None:
     _plant(objects, _genuine(clock, key=OTHER_KEY), "0000000000001-users-othercookie")
     _plant(objects, _genuine(clock, cluster="staging"), "0000000000002-users-othercluster")
