@@ -3,7 +3,10 @@
 A draining node that runs out of successors or time writes what is left of a namespace to a
 snapshot; the next node to start with the same store (a volume that survives the restart)
 restores it. :class:`SnapshotStore` is the interface; :class:`DirectorySnapshotStore`
-keeps one file per snapshot in a local directory (``HANDOFF_SNAPSHOT_DIR``).
+keeps one file per snapshot in a local directory (``HANDOFF_SNAPSHOT_DIR``);
+:class:`handoff.snapshot_s3.S3SnapshotStore` one object per snapshot in an S3-compatible
+bucket (``HANDOFF_SNAPSHOT_URL``), in the same format, written and checked by the same code
+(:class:`SnapshotEncoder`, :func:`inspect_file`, :func:`verified_chunks`).
 
 Guarantees of the directory store:
 
