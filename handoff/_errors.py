@@ -32,6 +32,7 @@ __all__ = (
     "HeartbeatTimeout",
     "InexactCountsWarning",
     "LocalProtocolError",
+    "MissingExtra",
     "NameConflict",
     "NoTransformPath",
     "PayloadRefused",
@@ -223,6 +224,11 @@ class ActorFailed(ActorError):
 
 class SnapshotError(HandoffError):
     """The snapshot store could not write, read or move a snapshot (disk full, I/O error)."""
+
+
+class MissingExtra(HandoffError, ImportError):
+    """An optional integration is used without its dependency (the message says which
+    extra to install: ``pip install 'warm-handoff[prometheus]'``, ``[s3]``)."""
 
 
 class SnapshotCorrupt(SnapshotError):

@@ -40,6 +40,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 
 from ._errors import ConfigError
 from .discovery._spec import DiscoverySpec, parse_discovery_spec, parse_host_port
+from .snapshot_s3 import DEFAULT_KEEP, DEFAULT_LEASE, DEFAULT_MAX_AGE, parse_snapshot_url
 
 __all__ = (
     "COOKIE_HOWTO",
@@ -144,6 +145,8 @@ class Settings:
     fly_app: str | None
     control_socket: Path | None = None
     port_range: int = DEFAULT_PORT_RANGE
+    snapshot_url: str | None = None
+    """``HANDOFF_SNAPSHOT_URL``: snapshots on object storage (``s3://BUCKET/PREFIX``)."""
     precopy: float = 0.0
     """Pre-copy to newer nodes: 0 off, ``math.inf`` unpaced, else bytes per second."""
     warnings: tuple[str, ...] = ()
@@ -844,6 +847,48 @@ _SNAPSHOT_DIR: _Setting[Path | None] = _Setting(
     parse=_path,
     default=_constant(None),
 )
+
+
+def _snapshot_url(value: str, origin: _Origin) -> str:
+    text = str(value).strip()
+    try:
+        # The bucket may come from BUCKET_NAME: checked with the environment below.
+        parse_snapshot_url(text, {"BUCKET_NAME": "_"})
+    except ValueError as exc:
+        raise ConfigError(f"{origin.label}: {exc}") from None
+    return text
+
+
+def _check_snapshot_url(context: _Context) -> None:
+    url = context.value(_SNAPSHOT_URL)
+    if url is None:
+        return
+    if context.value(_SNAPSHOT_DIR) is not None:
+        raise ConfigError(
+            f"{_SNAPSHOT_DIR.label} and {_SNAPSHOT_URL.label} are both set: a node keeps its "
+            "snapshots in one store; set the directory (a volume that survives restarts) or "
+            "the object storage URL, not both"
+        )
+    try:
+        parse_snapshot_url(url, context.environ)
+    except ValueError as exc:
+        raise ConfigError(f"{_SNAPSHOT_URL.label}: {exc}") from None
+
+
+_SNAPSHOT_URL: _Setting[str | None] = _Setting(
+    "snapshot_url",
+    "HANDOFF_SNAPSHOT_URL",
+    "Snapshots on S3-compatible object storage instead of a directory: "
+    "s3://BUCKET/PREFIX (s3:///PREFIX takes the bucket from BUCKET_NAME), options "
+    f"?keep=N (newest snapshots kept per namespace, default {DEFAULT_KEEP}), "
+    f"&max_age=SECONDS (default {DEFAULT_MAX_AGE:g}), &lease=SECONDS (a restorer's claim, "
+    f"default {DEFAULT_LEASE:g}). Credentials and endpoint from AWS_ACCESS_KEY_ID, "
+    "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL_S3, AWS_REGION. Needs "
+    "pip install 'warm-handoff[s3]'. Not with HANDOFF_SNAPSHOT_DIR. Default: none.",
+    parse=_snapshot_url,
+    default=_constant(None),
+    check=_check_snapshot_url,
+)
 _DRAIN_TIMEOUT: _Setting[float] = _Setting(
     "drain_timeout",
     "HANDOFF_DRAIN_TIMEOUT",
@@ -955,6 +1000,7 @@ _LADDER: tuple[_Setting[Any], ...] = (
     _DISCOVERY,
     _DNS_SERVER,
     _SNAPSHOT_DIR,
+    _SNAPSHOT_URL,
     _DRAIN_TIMEOUT,
     _WARMUP_TIMEOUT,
     _PRECOPY,
@@ -1052,6 +1098,7 @@ def resolve_settings(
     discovery: str | DiscoverySpec | None = None,
     dns_server: str | None = None,
     snapshot_dir: str | os.PathLike[str] | None = None,
+    snapshot_url: str | None = None,
     drain_timeout: float | None = None,
     warmup_timeout: float | None = None,
     tls_cert: str | os.PathLike[str] | None = None,
@@ -1097,6 +1144,7 @@ def resolve_settings(
         discovery=value(_DISCOVERY),
         dns_server=value(_DNS_SERVER),
         snapshot_dir=value(_SNAPSHOT_DIR),
+        snapshot_url=value(_SNAPSHOT_URL),
         drain_timeout=value(_DRAIN_TIMEOUT),
         warmup_timeout=value(_WARMUP_TIMEOUT),
         tls=_tls_files(context),
@@ -1193,6 +1241,7 @@ def describe(settings: Settings) -> list[tuple[str, str, str]]:
             else _format_address(*settings.dns_server),
         ),
         ("snapshot_dir", optional(settings.snapshot_dir, "(no snapshots)")),
+        ("snapshot_url", optional(settings.snapshot_url, "(none)")),
         ("drain_timeout", seconds(settings.drain_timeout)),
         ("warmup_timeout", seconds(settings.warmup_timeout)),
         (

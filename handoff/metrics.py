@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from handoff._errors import HandoffError
+from handoff._errors import MissingExtra
 from handoff._observe import Observer
 from handoff.engine import DrainReport, NamespaceReport
 from handoff.protocol import Accept, Ack, Cancel, Chunk, End, Message, Offer, Refuse
@@ -135,10 +135,6 @@ _OUTCOMES = ("applied", "kept", "dropped")
 # Streams of peers whose outcome is being summed (Offer seen, not yet ended): the receiver
 # refuses past 32 per peer, this bounds what a peer that floods offers costs here.
 _MAX_INBOUND = 4096
-
-
-class MissingExtra(HandoffError, ImportError):
-    """An exporter of :mod:`handoff.metrics` is used without its optional dependency."""
 
 
 def _require_prometheus() -> None:

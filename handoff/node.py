@@ -30,6 +30,8 @@ from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
 from anyio.abc import SocketAttribute
 
 from handoff._adapter import Adapter, ImportResult, Record
@@ -86,6 +88,7 @@ from handoff.protocol import (
     NodeState,
 )
 from handoff.snapshot import DirectorySnapshotStore, SnapshotStore
+from handoff.snapshot_s3 import S3SnapshotStore
 from handoff.transforms import Transform, Transforms
 from handoff.transport import PeerLink, TLSContexts, format_address, open_listener
 
@@ -270,6 +273,7 @@ class Node:
         discovery: str | None = None,
         dns_server: str | None = None,
         snapshot_dir: str | os.PathLike[str] | None = None,
+        snapshot_url: str | None = None,
         drain_timeout: float | None = None,
         warmup_timeout: float | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
@@ -298,6 +302,7 @@ class Node:
             discovery=discovery,
             dns_server=dns_server,
             snapshot_dir=snapshot_dir,
+            snapshot_url=snapshot_url,
             drain_timeout=drain_timeout,
             warmup_timeout=warmup_timeout,
             tls_cert=tls_cert,
@@ -331,10 +336,18 @@ class Node:
         self.transforms = Transforms()
         self.codec = Codec()
         self._snapshots: SnapshotStore | None = None
+        # Only a holder of the cookie can make a snapshot this node restores.
         if s.snapshot_dir is not None:
-            # Only a holder of the cookie can make a snapshot this node restores.
             key = cluster_key(s.cookie, s.cluster).derive("snapshot")
             self._snapshots = DirectorySnapshotStore(s.snapshot_dir, key=key)
+        elif s.snapshot_url is not None:
+            key = cluster_key(s.cookie, s.cluster).derive("snapshot")
+            self._snapshots = S3SnapshotStore.from_url(
+                s.snapshot_url,
+                key=key,
+                owner=s.node_name,
+                environ=os.environ if environ is None else environ,
+            )
         self._drain_watchers: list[Callable[[NamespaceReport], None]] = []
         # The exporters of handoff.metrics (none unless asked for): see handoff._observe.
         self._observers = Observers()
@@ -1064,14 +1077,7 @@ class Node:
         s = self.settings
         if self._snapshots is not None and self._tracked:
             try:
-                with self.lock:
-                    restored = restore_snapshots(
-                        self._snapshots,
-                        cluster=s.cluster,
-                        tracked=self._tracked,
-                        transforms=self.transforms,
-                        codec=self.codec,
-                    )
+                restored = await self._restore_snapshots(self._snapshots)
             except BaseException:
                 await listener.aclose()
                 raise
@@ -1125,6 +1131,31 @@ class Node:
             format_address(s.bind_host, self._port),
             " with TLS" if tls else "",
             discovery.describe(),
+        )
+
+    async def _restore_snapshots(self, store: SnapshotStore) -> dict[str, ImportResult]:
+        """Restore waiting snapshots: the store's I/O (the network, for object storage) and
+        the decoding in a worker thread, each chunk's application on the event loop under
+        the node's lock, like a received handoff's."""
+        cluster = self.settings.cluster
+
+        def apply(work: Callable[[], ImportResult]) -> ImportResult:
+            def locked() -> ImportResult:
+                with self.lock:
+                    return work()
+
+            return anyio.from_thread.run_sync(locked)
+
+        return await anyio.to_thread.run_sync(
+            functools.partial(
+                restore_snapshots,
+                store,
+                cluster=cluster,
+                tracked=self._tracked,
+                transforms=self.transforms,
+                codec=self.codec,
+                apply=apply,
+            )
         )
 
     async def _listen(self) -> tuple[anyio.abc.SocketListener, int]:

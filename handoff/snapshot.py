@@ -3,7 +3,10 @@
 A draining node that runs out of successors or time writes what is left of a namespace to a
 snapshot; the next node to start with the same store (a volume that survives the restart)
 restores it. :class:`SnapshotStore` is the interface; :class:`DirectorySnapshotStore`
-keeps one file per snapshot in a local directory (``HANDOFF_SNAPSHOT_DIR``).
+keeps one file per snapshot in a local directory (``HANDOFF_SNAPSHOT_DIR``);
+:class:`handoff.snapshot_s3.S3SnapshotStore` one object per snapshot in an S3-compatible
+bucket (``HANDOFF_SNAPSHOT_URL``), in the same format, written and checked by the same code
+(:class:`SnapshotEncoder`, :func:`inspect_file`, :func:`verified_chunks`).
 
 Guarantees of the directory store:
 
@@ -344,6 +347,100 @@ class _Mac:
         return hmac.compare_digest(self._mac.digest(), tag)
 
 
+class SnapshotEncoder:
+    """The bytes of one snapshot in format 2, part by part, each authenticated under ``key``.
+
+    Shared by every store: a snapshot is the same byte string in a file or in an object.
+    """
+
+    __slots__ = ("_key", "chunks", "head", "header_tag", "records")
+
+    def __init__(self, key: bytes, header: dict[str, Any]) -> None:
+        encoded = _codec.packb(header)
+        if len(encoded) > MAX_HEADER:
+            raise ValueError(f"snapshot header of {len(encoded)} bytes exceeds {MAX_HEADER}")
+        start = MAGIC + _U32.pack(len(encoded)) + encoded
+        self._key = key
+        self.header_tag = _Mac(key, b"header", start).digest()
+        self.head = start + self.header_tag
+        """Magic, header and its tag: the first bytes of the snapshot."""
+        self.chunks = 0
+        self.records = 0
+
+    def chunk(self, payload: bytes, records: int) -> tuple[bytes, bytes, bytes]:
+        """The next chunk as (its head, ``payload``, its tag), to be written in that order."""
+        if len(payload) > MAX_CHUNK:
+            raise ValueError(f"snapshot chunk of {len(payload)} bytes exceeds {MAX_CHUNK}")
+        if not 0 <= records <= 0xFFFFFFFF:
+            raise ValueError(f"record count out of range: {records}")
+        self.chunks += 1
+        self.records += records
+        head = _CHUNK.pack(len(payload), records)
+        mac = _Mac(self._key, b"chunk", self.header_tag, _INDEX.pack(self.chunks), head)
+        mac.update(payload)
+        return head, payload, mac.digest()
+
+    def trailer(self) -> bytes:
+        """The trailer: the marker, the counts so far and their tag."""
+        counts = _COUNTS.pack(self.chunks, self.records)
+        tag = _Mac(self._key, b"trailer", self.header_tag, counts).digest()
+        return _U32.pack(TRAILER_MARKER) + counts + tag
+
+
+def new_header(
+    namespace: str,
+    *,
+    cluster: str,
+    kind: str,
+    version: int,
+    node: str,
+    release: str,
+    created_at: float,
+) -> dict[str, Any]:
+    """The header of a new snapshot (see the format above)."""
+    return {
+        "format": FORMAT,
+        # Makes every header (and so every chunk's binding) unique, even for two
+        # snapshots of one namespace made in the same instant.
+        "id": secrets.token_hex(16),
+        "cluster": cluster,
+        "namespace": namespace,
+        "kind": kind,
+        "version": version,
+        "node": node,
+        "release": release,
+        "created_at": float(created_at),
+    }
+
+
+def snapshot_name(namespace: str, created_at: float) -> str:
+    """A fresh name for a snapshot of ``namespace``: sorts by time, never reused.
+
+    Names are for humans and ordering only: the header is the truth.
+    """
+    millis = max(0, int(created_at * 1000))
+    return f"{millis:015d}-{namespace_tag(namespace)}-{uuid.uuid4().hex[:12]}{SUFFIX}"
+
+
+def namespace_tag(namespace: str) -> str:
+    """``namespace`` as :func:`snapshot_name` writes it in a name (not always reversible)."""
+    return _UNSAFE.sub("_", namespace)[:64] or "_"
+
+
+def name_fields(name: str) -> tuple[float, str] | None:
+    """``(created_at, namespace tag)`` as a name from :func:`snapshot_name` says, or None.
+
+    For choosing what to look at only: the authenticated header is the truth.
+    """
+    if not name.endswith(SUFFIX):
+        return None
+    millis, _, rest = name[: -len(SUFFIX)].partition("-")
+    tag, _, _ = rest.rpartition("-")
+    if not millis.isdigit() or not tag:
+        return None
+    return int(millis) / 1000, tag
+
+
 class _DirectoryWriter:
     """A snapshot being written to a temporary file of a :class:`DirectorySnapshotStore`."""
 
@@ -351,20 +448,13 @@ class _DirectoryWriter:
         self._directory = directory
         self._final = final
         self._header = header
-        self._key = key
-        self._records = 0
-        self._chunks = 0
         self._done = False
         fd, temp = _mkstemp(directory, final.name)
         self._temp = Path(temp)
         self._file: IO[bytes] = os.fdopen(fd, "wb")
         try:
-            encoded = _codec.packb(header)
-            if len(encoded) > MAX_HEADER:
-                raise ValueError(f"snapshot header of {len(encoded)} bytes exceeds {MAX_HEADER}")
-            start = MAGIC + _U32.pack(len(encoded)) + encoded
-            self._header_tag = _Mac(key, b"header", start).digest()
-            self._write(start + self._header_tag)
+            self._encoder = SnapshotEncoder(key, header)
+            self._write(self._encoder.head)
         except BaseException:
             self.abort()
             raise
@@ -380,26 +470,14 @@ class _DirectoryWriter:
         """Append one chunk of ``records`` encoded records (at most 64 MiB)."""
         if self._done:
             raise SnapshotError(f"snapshot {self._final.name} is already finished")
-        if len(payload) > MAX_CHUNK:
-            raise ValueError(f"snapshot chunk of {len(payload)} bytes exceeds {MAX_CHUNK}")
-        if not 0 <= records <= 0xFFFFFFFF:
-            raise ValueError(f"record count out of range: {records}")
-        self._chunks += 1
-        head = _CHUNK.pack(len(payload), records)
-        mac = _Mac(self._key, b"chunk", self._header_tag, _INDEX.pack(self._chunks), head)
-        mac.update(payload)
-        self._write(head)
-        self._write(payload)
-        self._write(mac.digest())
-        self._records += records
+        for part in self._encoder.chunk(payload, records):
+            self._write(part)
 
     def commit(self) -> SnapshotInfo:
         """Write the trailer, fsync, and rename the file to its final name."""
         if self._done:
             raise SnapshotError(f"snapshot {self._final.name} is already finished")
-        counts = _COUNTS.pack(self._chunks, self._records)
-        tag = _Mac(self._key, b"trailer", self._header_tag, counts).digest()
-        self._write(_U32.pack(TRAILER_MARKER) + counts + tag)
+        self._write(self._encoder.trailer())
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -410,8 +488,9 @@ class _DirectoryWriter:
             raise SnapshotError(f"cannot commit snapshot {self._final}: {exc}") from exc
         self._done = True
         _fsync_dir(self._directory)
-        logger.debug("snapshot %s committed: %d records", self._final, self._records)
-        return _info(self._final, self._header, self._records)
+        records = self._encoder.records
+        logger.debug("snapshot %s committed: %d records", self._final, records)
+        return snapshot_info(self._final, self._header, records)
 
     def abort(self) -> None:
         """Discard the temporary file; a no-op once committed or aborted."""
@@ -435,7 +514,8 @@ class _DirectoryWriter:
         self.abort()
 
 
-def _info(path: Path, header: dict[str, Any], records: int) -> SnapshotInfo:
+def snapshot_info(path: Path, header: dict[str, Any], records: int) -> SnapshotInfo:
+    """The :class:`SnapshotInfo` of a snapshot at ``path`` with an authenticated ``header``."""
     return SnapshotInfo(
         path=path,
         cluster=header["cluster"],
@@ -475,14 +555,14 @@ class _Reader:
     """Reads one snapshot file with every length bounded and every part authenticated;
     raises SnapshotCorrupt."""
 
-    def __init__(self, file: IO[bytes], path: Path, key: bytes) -> None:
+    def __init__(self, file: IO[bytes], name: str | Path, key: bytes) -> None:
         self.file = file
-        self.path = path
+        self.name = str(name)
         self.key = key
         self.header_tag = b""
 
     def corrupt(self, reason: str) -> SnapshotCorrupt:
-        return SnapshotCorrupt(str(self.path), reason)
+        return SnapshotCorrupt(self.name, reason)
 
     def exact(self, size: int, what: str) -> bytes:
         data = self.file.read(size)
@@ -597,6 +677,67 @@ class _Reader:
             yield b"".join(parts), records
 
 
+def inspect_file(
+    file: IO[bytes], size: int, name: str | Path, key: bytes, cluster: str
+) -> tuple[dict[str, Any], int]:
+    """The authenticated header and the trailer's record count of the snapshot in ``file``
+    (seekable, ``size`` bytes long), reading only its two ends when it is whole.
+
+    Raises :class:`~handoff._errors.SnapshotCorrupt`; the chunks are checked by
+    :func:`verified_chunks`.
+    """
+    reader = _Reader(file, name, key)
+    header = reader.header(cluster)
+    start = file.tell()
+    if size >= start + _TRAILER.size:
+        file.seek(size - _TRAILER.size)
+        first = file.read(_U32.size)
+        if _U32.unpack(first) == (TRAILER_MARKER,):
+            # Authenticates the counts; verified_chunks() checks the chunks against them.
+            _, chunks, records, _ = _TRAILER.unpack(first + file.read())
+            file.seek(size - _TRAILER.size + _U32.size)
+            reader.trailer(first, chunks, records)
+            return header, records
+    # Already broken: walk it to say where (bounded memory, like any check).
+    file.seek(start)
+    for _ in reader.chunks(keep=False):
+        pass
+    raise reader.corrupt("no trailer at the end (truncated or damaged)")
+
+
+def read_header(file: IO[bytes], name: str | Path, key: bytes, cluster: str) -> dict[str, Any]:
+    """The authenticated header of the snapshot ``file`` (at its start) of ``cluster``.
+
+    Raises :class:`~handoff._errors.SnapshotCorrupt`.
+    """
+    return _Reader(file, name, key).header(cluster)
+
+
+def verified_chunks(file: IO[bytes], info: SnapshotInfo, key: bytes) -> Iterator[tuple[bytes, int]]:
+    """Yield ``(payload, records)`` per chunk of the snapshot in ``file`` (seekable), only
+    after a whole verification pass from its start: every tag, the counts, the trailer, and
+    the header against ``info``. The yielding pass authenticates every chunk again.
+
+    Raises :class:`~handoff._errors.SnapshotCorrupt` before the first chunk when anything
+    is wrong; ``OSError`` of ``file`` passes through.
+    """
+    file.seek(0)
+    total = sum(records for _, records in _open_reader(file, info, key).chunks(keep=False))
+    if total != info.records:
+        raise SnapshotCorrupt(str(info.path), f"holds {total} records, {info.records} when listed")
+    file.seek(0)
+    yield from _open_reader(file, info, key).chunks(keep=True)
+
+
+def _open_reader(file: IO[bytes], info: SnapshotInfo, key: bytes) -> _Reader:
+    reader = _Reader(file, info.path, key)
+    header = reader.header(info.cluster)
+    for field in ("namespace", "kind", "version", "node", "release", "created_at"):
+        if header[field] != getattr(info, field):
+            raise reader.corrupt(f"header {field} changed since the snapshot was listed")
+    return reader
+
+
 class DirectorySnapshotStore:
     """Snapshots as files in a local directory (put it on a volume to survive restarts).
 
@@ -664,23 +805,16 @@ class DirectorySnapshotStore:
         created_at: float,
     ) -> SnapshotWriter:
         """Start a snapshot; see :class:`SnapshotWriter`."""
-        header: dict[str, Any] = {
-            "format": FORMAT,
-            # Makes every header (and so every chunk's binding) unique, even for two
-            # snapshots of one namespace made in the same instant.
-            "id": secrets.token_hex(16),
-            "cluster": cluster,
-            "namespace": namespace,
-            "kind": kind,
-            "version": version,
-            "node": node,
-            "release": release,
-            "created_at": float(created_at),
-        }
-        # Names are for humans and ordering only: the header is the truth.
-        millis = max(0, int(created_at * 1000))
-        safe = _UNSAFE.sub("_", namespace)[:64] or "_"
-        final = self.path / f"{millis:015d}-{safe}-{uuid.uuid4().hex[:12]}{SUFFIX}"
+        header = new_header(
+            namespace,
+            cluster=cluster,
+            kind=kind,
+            version=version,
+            node=node,
+            release=release,
+            created_at=created_at,
+        )
+        final = self.path / snapshot_name(namespace, created_at)
         return _DirectoryWriter(self.path, final, header, self._key)
 
     # -- finding ----------------------------------------------------------------------------
@@ -735,26 +869,9 @@ class DirectorySnapshotStore:
 
     def _inspect(self, path: Path, cluster: str) -> SnapshotInfo:
         with _open_snapshot(path) as file:
-            reader = _Reader(file, path, self._key)
-            header = reader.header(cluster)
-            # The record count comes from the (authenticated) trailer; read() verifies the
-            # chunks against it.
-            start = file.tell()
             size = os.fstat(file.fileno()).st_size
-            if size >= start + _TRAILER.size:
-                file.seek(size - _TRAILER.size)
-                first = file.read(_U32.size)
-                if _U32.unpack(first) == (TRAILER_MARKER,):
-                    # Authenticates the counts; read() checks the chunks against them.
-                    _, chunks, records, _ = _TRAILER.unpack(first + file.read())
-                    file.seek(size - _TRAILER.size + _U32.size)
-                    reader.trailer(first, chunks, records)
-                    return _info(path, header, records)
-            # Already broken: walk it to say where (bounded memory, like any check).
-            file.seek(start)
-            for _ in reader.chunks(keep=False):
-                pass
-            raise reader.corrupt("no trailer at the end (truncated or damaged)")
+            header, records = inspect_file(file, size, path, self._key, cluster)
+            return snapshot_info(path, header, records)
 
     # -- claiming ---------------------------------------------------------------------------
 
@@ -816,7 +933,7 @@ class DirectorySnapshotStore:
         """
         try:
             with _open_snapshot(info.path) as file:
-                reader = self._open(file, info)
+                reader = _open_reader(file, info, self._key)
                 return sum(records for _, records in reader.chunks(keep=False))
         except OSError as exc:
             raise SnapshotCorrupt(str(info.path), f"unreadable ({exc})") from exc
@@ -835,27 +952,10 @@ class DirectorySnapshotStore:
             raise SnapshotCorrupt(str(info.path), f"unreadable ({exc})") from exc
 
     def _read_open(self, file: IO[bytes], info: SnapshotInfo) -> Iterator[tuple[bytes, int]]:
-        # A verification pass, then the yielding pass, both from the start of ``file``.
         try:
-            file.seek(0)
-            total = sum(records for _, records in self._open(file, info).chunks(keep=False))
-            if total != info.records:
-                raise SnapshotCorrupt(
-                    str(info.path), f"holds {total} records, {info.records} when listed"
-                )
-            file.seek(0)
-            reader = self._open(file, info)
-            yield from reader.chunks(keep=True)
+            yield from verified_chunks(file, info, self._key)
         except OSError as exc:
             raise SnapshotCorrupt(str(info.path), f"unreadable ({exc})") from exc
-
-    def _open(self, file: IO[bytes], info: SnapshotInfo) -> _Reader:
-        reader = _Reader(file, info.path, self._key)
-        header = reader.header(info.cluster)
-        for field in ("namespace", "kind", "version", "node", "release", "created_at"):
-            if header[field] != getattr(info, field):
-                raise reader.corrupt(f"header {field} changed since the snapshot was listed")
-        return reader
 
     # -- disposal ---------------------------------------------------------------------------
 

@@ -345,6 +345,7 @@ FLYCTL_FLAGS = {
     ("machine", "list"): {"--config", "-c", "-a", "--app", "-q", "--quiet"},
     ("ssh", "console"): {"--config", "-c", "--machine", "-C", "--command", "-a", "--app"},
     ("scale", "count"): {"--config", "-c", "-a", "--app"},
+    ("storage", "create"): {"--public"},
 }
 
 

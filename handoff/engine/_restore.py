@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec
@@ -18,6 +19,12 @@ from handoff.transforms import Transforms
 __all__ = ("decoded_chunks", "restore_snapshots")
 
 logger = logging.getLogger("handoff.snapshot")
+
+T = TypeVar("T")
+
+
+def _here(work: Callable[[], T]) -> T:
+    return work()
 
 
 def decoded_chunks(claim: SnapshotClaim, codec: Codec) -> Iterator[list[Record]]:
@@ -40,6 +47,7 @@ def restore_snapshots(
     transforms: Transforms,
     codec: Codec,
     wall_clock: Callable[[], float] = time.time,
+    apply: Callable[[Callable[[], ImportResult]], ImportResult] = _here,
 ) -> dict[str, ImportResult]:
     """Apply every waiting snapshot of a tracked namespace, then remove it.
 
@@ -55,6 +63,11 @@ def restore_snapshots(
     handoff.
     Snapshots of namespaces this node does not track are left for a release that
     does.
+
+    ``apply`` runs the application of each decoded chunk (validator, transforms, import)
+    and returns its result: a node runs this function in a worker thread, so that the
+    store's I/O (network, for object storage) never blocks its event loop, and passes an
+    ``apply`` that runs each chunk's application on the loop, under its lock.
     """
     restored: dict[str, ImportResult] = {}
     for info in store.pending(cluster):
@@ -74,7 +87,7 @@ def restore_snapshots(
         if claim is None:
             continue
         with claim:
-            result = _restore_claimed(claim, target, transforms, codec, wall_clock)
+            result = _restore_claimed(claim, target, transforms, codec, wall_clock, apply)
         if result is None:
             continue
         previous = restored.get(info.namespace)
@@ -88,6 +101,7 @@ def _restore_claimed(
     transforms: Transforms,
     codec: Codec,
     wall_clock: Callable[[], float],
+    apply: Callable[[Callable[[], ImportResult]], ImportResult],
 ) -> ImportResult | None:
     # Ends the claim by removing or quarantining the file; None when nothing was applied.
     info = claim.info
@@ -109,12 +123,20 @@ def _restore_claimed(
         for _ in decoded_chunks(claim, codec):
             pass
         for records in decoded_chunks(claim, codec):
-            records, dropped = admit(target, chain, records)
-            result = result + ImportResult(dropped=dropped)
-            result = result + import_guarded(target, records, age=age)
-    except (SnapshotError, RecordDecodeError) as exc:
+
+            def one_chunk(records: list[Record] = records) -> ImportResult:
+                admitted, dropped = admit(target, chain, records)
+                return ImportResult(dropped=dropped) + import_guarded(target, admitted, age=age)
+
+            result = result + apply(one_chunk)
+    except (SnapshotCorrupt, RecordDecodeError) as exc:
         logger.warning("snapshot %s not restored: %s", info.path, exc)
         claim.quarantine(str(exc))
+        return None
+    except SnapshotError as exc:
+        # The store failed (a bucket out of reach, a claim lost), not the snapshot: it
+        # stays for the next start.
+        logger.warning("snapshot %s not restored, left in place: %s", info.path, exc)
         return None
     claim.remove()
     logger.info(
