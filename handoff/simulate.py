@@ -425,6 +425,9 @@ class DeployRun:
     snapshotted: int = 0
     entries_at_end: dict[str, int] = field(default_factory=dict)
     """Entries each new node holds when the traffic has ended."""
+    writes: dict[str, int] = field(default_factory=dict)
+    """Requests that wrote rather than read (``before`` and ``after`` the switch; the
+    bins and ``requests`` count reads)."""
     stale_reads: int | None = None
     """Reads on the new nodes that returned an older value than the old node last wrote
     to that key before the switch (``None`` when the old node's traffic did not finish
@@ -506,6 +509,7 @@ class DeployRun:
             "snapshotted": self.snapshotted,
             "handoff_seconds": self.handoff_seconds,
             "blackout_seconds": _rounded(self.blackout_seconds),
+            "writes": dict(self.writes),
             "stale_reads": self.stale_reads,
             "precopies": self.precopies,
             "entries_at_end": dict(sorted(self.entries_at_end.items())),
@@ -887,6 +891,14 @@ class _Simulation:
 
     def _account(self, run: DeployRun) -> None:
         old = self.traffic_done.get(_STOPPED, {})
+        run.writes = {
+            "before": int(old.get("writes", 0)),
+            "after": sum(
+                int(done.get("writes", 0))
+                for name, done in self.traffic_done.items()
+                if name != _STOPPED
+            ),
+        }
         if old.get("complete"):  # else the old node's last writes are not known
             run.stale_reads = sum(
                 int(done.get("stale", 0))
