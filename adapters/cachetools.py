@@ -878,7 +878,9 @@ class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
     as imported counts never exceed the ceiling, chunk after chunk cannot ratchet it up:
     only the receiver's own uses raise it. Honest counts above it arrive tied at the
     ceiling, still the hottest, in the sender's order where cachetools keeps the order of
-    ties (:data:`LFU_TIES_PRESERVED`).
+    ties (:data:`LFU_TIES_PRESERVED`). A pre-copy's delta (:meth:`import_delta`) follows
+    the same rule: counts up to the ceiling are the sender's, and each record becomes the
+    hottest of its count, so that ties end in the sender's order.
     """
 
     _cache_type = cachetools.LFUCache
@@ -927,6 +929,14 @@ class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
             keys.extend(_bucket_keys_hottest_first(bucket))
             bucket = bucket.prev
         return keys
+
+    def _to_hot_end(self, key: Any) -> None:
+        # Hottest among the entries of its count (where cachetools keeps the order of ties:
+        # LFU_TIES_PRESERVED); an import placed it coldest among them.
+        if _LFU_LINKED:
+            keys = _lfu_links(self.cache)[key].keys
+            if not isinstance(keys, set):
+                keys.move_to_end(key)
 
     def _highest_count(self) -> int:
         if not _LFU_LINKED:

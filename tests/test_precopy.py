@@ -16,7 +16,7 @@ import pytest
 import handoff
 from handoff._adapter import DELETED, ImportResult, SupportsChangeTracking
 from handoff._registry import adapter_for
-from handoff.adapters.cachetools import CacheAdapter
+from handoff.adapters.cachetools import LFU_TIES_PRESERVED, MAX_IMPORTED_COUNT, CacheAdapter
 from handoff.cli import _status_lines
 from handoff.config import resolve_settings
 from handoff.engine import Drainer, Tracked
@@ -525,3 +525,32 @@ def test_a_bad_precopy_setting_says_what_it_takes(given: str) -> None:
     environ = {"HANDOFF_COOKIE": "x" * 32, "HANDOFF_CLUSTER": "shop", "HANDOFF_PRECOPY": given}
     with pytest.raises(handoff.ConfigError, match="HANDOFF_PRECOPY"):
         resolve_settings(environ=environ)
+
+
+def test_an_lfu_delta_keeps_counts_and_the_order_of_ties() -> None:
+    """Each delta record becomes the hottest of its count, as on the sender; counts are
+    the sender's up to the ceiling any import has (MAX_IMPORTED_COUNT, or higher counts
+    the receiver holds), above which they stay tied at it, as after any handoff."""
+    cache: cachetools.LFUCache[str, int] = cachetools.LFUCache(100)
+    for i in range(10):
+        cache[f"k{i}"] = i
+        for _ in range(i):
+            _ = cache[f"k{i}"]
+    received: cachetools.LFUCache[str, int] = cachetools.LFUCache(100)
+    source, target = adapter(cache), adapter(received)
+    mark = source.mark()
+    target.import_records(list(source.export()))
+    for _ in range(5):
+        _ = cache["k1"]  # count 7, tied with k6, and now the later of the two
+    _ = cache["k2"]
+    cache["k4"] = -4  # a write is a use too
+    for _ in range(MAX_IMPORTED_COUNT + 10):
+        _ = cache["k3"]
+    target.import_delta(delta_order(source.changed_since(mark)))
+    expected = list(source.export())
+    counts = {key: min(count, MAX_IMPORTED_COUNT) for key, _, count in expected}
+    got = list(target.export())  # (dict(cache) would read, and so use, every entry)
+    assert {key: count for key, _, count in got} == counts
+    assert {key: value for key, value, _ in got} == {key: value for key, value, _ in expected}
+    if LFU_TIES_PRESERVED:
+        assert [key for key, _, _ in got] == [key for key, _, _ in expected]
