@@ -52,7 +52,11 @@ Change tracking (the building blocks of pre-copy)
     (hottest first, remaining lifetimes and counts as of now), then ``(key, DELETED,
     None)`` for those no longer held. Any number of marks share one record of when each
     key last changed (one entry per key changed since the first mark, deleted ones too,
-    until ``stop_tracking()``). Expiry purges are not noted (the lifetime travelled
+    until ``stop_tracking()``). The record is bounded: once it holds more keys than
+    :data:`CHANGES_SHARE` of the cache's entries (and than :data:`CHANGES_FLOOR`), it is
+    dropped, tracking stops, and ``changed_since`` raises :exc:`handoff.ChangesLost` for
+    every mark of it (a pre-copy then sends the whole cache again; a new ``mark()``
+    starts a new record). Expiry purges are not noted (the lifetime travelled
     with the entry: it expires on the receiver too). To see every access, ``mark()``
     gives the cache object a subclass of its own class (same name, same behaviour, one
     dictionary write per noted access; it still pickles as its own class), until
@@ -100,7 +104,7 @@ from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 import cachetools
 
-from handoff._adapter import DELETED, ImportResult, Record
+from handoff._adapter import DELETED, ChangesLost, ImportResult, Record
 from handoff._errors import HandoffError
 from handoff._registry import ClassFactory
 
@@ -285,26 +289,58 @@ def _lfu_counter(cache: cachetools.LFUCache[Any, Any]) -> Counter[Any]:
     return cache._LFUCache__counter  # type: ignore[attr-defined,no-any-return]
 
 
+CHANGES_FLOOR: Final = 4096
+"""A record of changed keys may always grow to this many keys (see :data:`CHANGES_SHARE`)."""
+CHANGES_SHARE: Final = 0.5
+"""A record of changed keys larger than this share of its cache's entries (and than
+:data:`CHANGES_FLOOR`) is dropped, tracking stops, and ``changed_since`` raises
+:exc:`~handoff.ChangesLost` (a pre-copy then sends everything again): under churn the keys
+deleted since the mark would otherwise pile up without bound, and a delta that large is
+worth little more than a copy."""
+_CHECK_EVERY: Final = 1024  # notes between two checks of the record's size
+
 _CHANGES: Final = "_handoff_changes"
 """The instance attribute where a tracked cache keeps its :class:`_Changes`."""
 _TRACKING: dict[type[Any], type[Any]] = {}
 _SESSIONS = iter(range(1, 1 << 62))
+_LOST_SESSIONS: set[int] = set()
+"""Sessions whose record outgrew its bound: their marks raise ChangesLost (one int each)."""
 
 
 class _Changes:
     """When each key last changed, by a counter: any number of marks (one per pre-copy,
-    to each new node) share it. Keys deleted stay until tracking stops."""
+    to each new node) share it. Keys deleted stay until tracking stops, or until the
+    record outgrows its bound (:data:`CHANGES_SHARE`): then it is dropped, the cache gets
+    its own class back, and every mark of it is lost."""
 
-    __slots__ = ("changed", "count", "session")
+    __slots__ = ("cache", "changed", "count", "session")
 
-    def __init__(self) -> None:
+    def __init__(self, cache: cachetools.Cache[Any, Any]) -> None:
         self.session = next(_SESSIONS)
         self.count = 0
         self.changed: dict[Any, int] = {}
+        self.cache: cachetools.Cache[Any, Any] | None = cache
 
     def note(self, key: Any) -> None:
         self.count += 1
         self.changed[key] = self.count
+        cache = self.cache
+        if (
+            not self.count % _CHECK_EVERY
+            and cache is not None
+            and len(self.changed) > max(CHANGES_FLOOR, CHANGES_SHARE * len(cache))
+        ):
+            self.lose(cache)
+
+    def lose(self, cache: cachetools.Cache[Any, Any]) -> None:
+        """Drop the record and stop tracking (the cache's accesses cost nothing more)."""
+        _LOST_SESSIONS.add(self.session)
+        self.changed = {}
+        self.cache = None
+        cache.__dict__.pop(_CHANGES, None)
+        cls = type(cache)
+        if cls in _TRACKING.values():
+            cache.__class__ = cls.__mro__[1]
 
     def since(self, mark: object) -> list[Any]:
         if not isinstance(mark, tuple) or len(mark) != 2 or mark[0] != self.session:
@@ -373,13 +409,19 @@ def _track(cache: cachetools.Cache[Any, Any], *, reads: bool) -> tuple[int, int]
         cache.__class__ = _tracking_class(type(cache), reads=reads)
     changes = cache.__dict__.get(_CHANGES)
     if changes is None:
-        changes = cache.__dict__[_CHANGES] = _Changes()
+        changes = cache.__dict__[_CHANGES] = _Changes(cache)
     return changes.session, changes.count
 
 
 def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> set[Any]:
     changes = cache.__dict__.get(_CHANGES)
     if changes is None:
+        session = mark[0] if isinstance(mark, tuple) and mark else None
+        if isinstance(session, int) and session in _LOST_SESSIONS:
+            raise ChangesLost(
+                f"more keys changed since {mark!r} than the record of changes keeps (at "
+                f"most {CHANGES_SHARE:g} of the cache's entries, or {CHANGES_FLOOR})"
+            )
         raise ValueError(f"{mark!r} is not a mark of this cache's tracking (it stopped)")
     return set(changes.since(mark))
 
@@ -680,7 +722,9 @@ class CacheAdapter(Generic[_C]):
         """The records of keys written (or, see :meth:`mark`, read) since ``mark`` that the
         cache still holds, hottest first, as :meth:`export` yields them; then
         ``(key, DELETED, None)`` for keys deleted or evicted since (and not written
-        again). Raises :exc:`ValueError` for a mark of no current tracking."""
+        again). Raises :exc:`ValueError` for a mark of no current tracking, and
+        :exc:`~handoff.ChangesLost` once the record of changes outgrew its bound (see
+        :data:`CHANGES_SHARE`)."""
         changes = _changes(self.cache, mark)
         if not changes:
             return

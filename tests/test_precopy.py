@@ -16,11 +16,16 @@ import pytest
 import handoff
 from handoff._adapter import DELETED, ImportResult, SupportsChangeTracking
 from handoff._registry import adapter_for
-from handoff.adapters.cachetools import LFU_TIES_PRESERVED, MAX_IMPORTED_COUNT, CacheAdapter
+from handoff.adapters.cachetools import (
+    CHANGES_FLOOR,
+    LFU_TIES_PRESERVED,
+    MAX_IMPORTED_COUNT,
+    CacheAdapter,
+)
 from handoff.cli import _status_lines
 from handoff.config import resolve_settings
 from handoff.engine import Drainer, Tracked
-from handoff.engine._precopy import DELTA, PRECOPY, Precopy, delta_order
+from handoff.engine._precopy import DELTA, PRECOPY, RESET, Precopy, apply_delta, delta_order
 from handoff.protocol import Ack, Chunk
 from tests._helpers import handoff_node, wait_until
 from tests.test_engine_unit import CLUSTER, FakeNode, network, small_chunks
@@ -554,3 +559,39 @@ def test_an_lfu_delta_keeps_counts_and_the_order_of_ties() -> None:
     assert {key: value for key, value, _ in got} == {key: value for key, value, _ in expected}
     if LFU_TIES_PRESERVED:
         assert [key for key, _, _ in got] == [key for key, _, _ in expected]
+
+
+def test_the_record_of_changes_is_bounded_and_then_everything_is_sent_again() -> None:
+    """Churn after the mark (new keys evicting old ones) would grow the record of deleted
+    keys without end: past its bound it is dropped, tracking stops, and the delta becomes
+    a reset plus the whole cache, after which the receiver holds exactly the sender's."""
+    timer = Timer()
+    size = 2 * CHANGES_FLOOR
+    cache = make("ttl", timer, maxsize=size)
+    cache.update({f"old{i}": i for i in range(size)})
+    received = make("ttl", timer, maxsize=size)
+    source, target = adapter(cache), adapter(received)
+    precopy = Precopy({"c": Tracked("c", cache, source, 1)})
+    assert target.import_records(list(precopy.copy_sources()["c"]())).applied == size
+    for i in range(size):  # churn: every old key evicted
+        cache[f"new{i}"] = i
+    assert type(cache) is cachetools.TTLCache  # untracked: reads cost nothing extra
+    assert not any(name.startswith("_handoff") for name in vars(cache))
+    with pytest.raises(handoff.ChangesLost):
+        list(source.changed_since(precopy._marks["c"]))
+    delta = list(precopy.delta_sources()["c"]())
+    assert precopy.reset == {"c"}
+    assert delta[0] == (None, None, RESET)
+    assert len(delta) == 1 + len(cache)
+    tracked = Tracked("c", received, target, 1)
+    result, dropped = apply_delta(tracked, None, delta[:100], age=0.0)
+    more, more_dropped = apply_delta(tracked, None, delta[100:], age=0.0)
+    assert (result + more).applied == len(delta)
+    assert dropped == more_dropped == {}
+    assert [(k, v) for k, v, _ in target.export()] == [(k, v) for k, v, _ in source.export()]
+    # A new mark starts a new record.
+    mark = source.mark()
+    cache["fresh"] = 1  # (evicts one: a deletion)
+    changed = list(source.changed_since(mark))
+    assert [key for key, value, _ in changed if value is not DELETED] == ["fresh"]
+    assert len(changed) == 2
