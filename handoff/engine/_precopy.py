@@ -225,21 +225,27 @@ class Precopy:
         return frozenset(self._marks)
 
     def delta_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
-        """The Drainer's ``sources`` for the delta of every marked namespace."""
+        """The Drainer's ``sources`` for the delta of every marked namespace: what changed
+        since the mark, or since the last delta (each delta marks anew)."""
 
         def source(name: str) -> Callable[[], Iterator[Record]]:
             def records() -> Iterator[Record]:
                 adapter = self.tracked[name].adapter
                 assert isinstance(adapter, SupportsChangeTracking)
                 try:
-                    return to_wire(delta_order(adapter.changed_since(self._marks[name])))
+                    delta = delta_order(adapter.changed_since(self._marks[name]))
                 except ChangesLost:
                     # Everything again, on an emptied receiver: what it holds from the
                     # copy may since have been changed or deleted here, unseen.
                     self.reset.add(name)
                     everything = list(adapter.export())
                     everything.reverse()
+                    self._marks[name] = adapter.mark()
                     return chain([(None, None, RESET)], everything)
+                # The next delta (the catch-up after a manual drain) starts here: the
+                # records are listed by now, under the node's lock.
+                self._marks[name] = adapter.mark()
+                return to_wire(delta)
 
             return records
 
