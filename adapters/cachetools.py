@@ -769,11 +769,16 @@ class CacheAdapter(Generic[_C]):
                 deleted += 1
             else:
                 written.append(record)
+        # One import, hottest first (each at the cold end of those before it: in order,
+        # none held any more), then each applied one to the hot end, coldest first: above
+        # every entry the delta does not name, in the sender's order. (A record at a time
+        # cost ~0.1 ms each.) Should they not all fit, the coldest are dropped.
+        written.reverse()
+        result += self.import_records(written, age=age)
+        written.reverse()
         for record in written:
-            one = self.import_records([record], age=age)
-            if one.applied:
+            if record[0] in data:
                 self._to_hot_end(record[0])
-            result += one
         return result + ImportResult(applied=deleted)
 
     def _to_hot_end(self, key: Any) -> None:

@@ -68,6 +68,7 @@ from handoff.engine._precopy import (
     DELTA_SHARE,
     LINK_WAIT,
     PRECOPY,
+    PRECOPY_CHUNK_BYTES,
     PRECOPY_TIME_LIMIT,
     Precopy,
     PrecopyState,
@@ -875,6 +876,7 @@ class Node:
                 stream_ids=self._stream_ids,
                 kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
                 pace=state.pace,
+                chunk_bytes=PRECOPY_CHUNK_BYTES,
                 progress=lambda ns: precopy.copied.__setitem__(ns.namespace, ns.acknowledged),
             )
             state.running = drainer

@@ -55,6 +55,7 @@ __all__ = (
     "DELTA_SHARE",
     "LINK_WAIT",
     "PRECOPY",
+    "PRECOPY_CHUNK_BYTES",
     "PRECOPY_TIME_LIMIT",
     "RESET",
     "TOMBSTONE",
@@ -77,6 +78,10 @@ PRECOPY_TIME_LIMIT: Final = 3600.0
 """Seconds a pre-copy may take (it runs while the node serves, paced)."""
 DELTA_SHARE: Final = 0.5
 """Share of the drain's time each delta may take (the drain of the rest follows)."""
+PRECOPY_CHUNK_BYTES: Final = 64 * 1024
+"""What a pre-copy's chunks aim at (a drain's aim at 1 MiB): the old node's event loop is
+busy with one chunk at a time, so this bounds what a pre-copy adds to its serving latency
+(see the README's "Pre-copy")."""
 LINK_WAIT: Final = 5.0
 """Seconds a pre-copy waits for the link of a peer that just came up."""
 CANCEL_WAIT: Final = 1.0
