@@ -78,6 +78,11 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(ordered)}  # fmt: skip
 
 
+def _copying(node: Any) -> bool:
+    precopies = node.stats()["precopy"]
+    return not precopies or precopies[0]["state"] in ("waiting", "copying")
+
+
 def _receiver(n: int, sender_address: str, out: Connection) -> None:
     import anyio
     from cachetools import TTLCache
@@ -135,10 +140,7 @@ def _sender(n: int, precopy: bool, pace: float, changed: float, out: Connection)
             result: dict[str, Any] = {"serve_idle": idle}
             if precopy:
                 with anyio.fail_after(600):
-                    while not node.stats()["precopy"] or node.stats()["precopy"][0]["state"] in (
-                        "waiting",
-                        "copying",
-                    ):
+                    while _copying(node):  # noqa: ASYNC110 (no event for this)
                         await anyio.sleep(0.01)
                 result["precopy"] = time.perf_counter() - joined_at
                 result["precopy_state"] = node.stats()["precopy"][0]["state"]
