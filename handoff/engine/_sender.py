@@ -224,8 +224,9 @@ class Drainer:
         that are not to get it (they took it by pre-copy); ``exclude`` namespaces not to
         drain at all (every successor took them so). ``chunk_bytes`` is the size chunks
         aim at: the event loop is busy for one chunk at a time (pulling, encoding,
-        encrypting), so a drain that runs beside serving (a pre-copy) keeps it small
-        (default :data:`TARGET_CHUNK_BYTES`)."""
+        encrypting), so a drain that runs beside serving (a pre-copy) keeps it small,
+        and then yields to the loop before each chunk (default: :data:`TARGET_CHUNK_BYTES`,
+        no yield)."""
         self._skip = skip if skip is not None else {}
         self._exclude = exclude
         self._stopped = False
@@ -1082,6 +1083,10 @@ class Drainer:
         if len(payload) > self._max_chunk_bytes:
             await self._send_split(stream, report, records, pending.pulled_at, until)
             return
+        if self._chunk_bytes is not None:
+            # Beside serving: the loop's other tasks get their turn between two chunks (a
+            # send that the transport's buffer takes whole does not suspend).
+            await anyio.lowlevel.checkpoint()
         if self._pace is not None and not await self._paced(until):
             stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
             return  # out of time: the records stay queued, for the caller to take back
