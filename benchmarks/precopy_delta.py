@@ -16,8 +16,8 @@ the same as the drain benchmark's), the new node an empty one. In the same run:
   milliseconds, idle and while it pre-copies: a request due every millisecond on its
   event loop (one cache read each; each turn of the loop serves all that are due, as a
   server with many clients would), its latency from when it was due to when it was
-  served, so that the time the loop spends on the copy between two turns shows; ``--pace`` (bytes per second,
-  ``HANDOFF_PRECOPY``'s number) throttles the copy;
+  served, so that the time the loop spends on the copy between two turns shows;
+  ``--pace`` (bytes per second, ``HANDOFF_PRECOPY``'s number) throttles the copy;
 - ``read_ns`` / ``read_tracked_ns``: nanoseconds per ``cache[key]`` hit on a ``TTLCache``
   before and after ``mark()`` (each read of an LRU-ordered cache is noted), best of
   ``--rounds``; ``read_ratio`` = tracked / plain.
