@@ -342,11 +342,12 @@ class _Changes:
         if cls in _TRACKING.values():
             cache.__class__ = cls.__mro__[1]
 
-    def since(self, mark: object) -> list[Any]:
+    def since(self, mark: object) -> dict[Any, int]:
+        """Each key changed after ``mark``, with the count of its last change."""
         if not isinstance(mark, tuple) or len(mark) != 2 or mark[0] != self.session:
             raise ValueError(f"{mark!r} is not a mark of this cache's tracking")
         after: int = mark[1]
-        return [key for key, count in self.changed.items() if count > after]
+        return {key: count for key, count in self.changed.items() if count > after}
 
 
 def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
@@ -413,7 +414,7 @@ def _track(cache: cachetools.Cache[Any, Any], *, reads: bool) -> tuple[int, int]
     return changes.session, changes.count
 
 
-def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> set[Any]:
+def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> dict[Any, int]:
     changes = cache.__dict__.get(_CHANGES)
     if changes is None:
         session = mark[0] if isinstance(mark, tuple) and mark else None
@@ -423,7 +424,7 @@ def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> set[Any]:
                 f"most {CHANGES_SHARE:g} of the cache's entries, or {CHANGES_FLOOR})"
             )
         raise ValueError(f"{mark!r} is not a mark of this cache's tracking (it stopped)")
-    return set(changes.since(mark))
+    return changes.since(mark)
 
 
 def _untrack(cache: cachetools.Cache[Any, Any]) -> None:
@@ -672,6 +673,8 @@ class CacheAdapter(Generic[_C]):
     _cache_type: ClassVar[type[cachetools.Cache[Any, Any]]] = cachetools.Cache
     _expiring: ClassVar[bool] = False
     _reads_reorder: ClassVar[bool] = False
+    _recency_ordered: ClassVar[bool] = False
+    """Whether the export's order is that of the last use (read or write) of each key."""
     """Whether a read changes the order the export follows (LRU recency, LFU counts)."""
 
     def __init__(self, cache: _C, *, merge: Merge | None = None) -> None:
@@ -729,7 +732,13 @@ class CacheAdapter(Generic[_C]):
         if not changes:
             return
         data = _data(self.cache)
-        held = [key for key in self._hottest_first() if key in changes]
+        if self._recency_ordered:
+            # Every use is noted, so the last note of a key is its last use: the keys by
+            # it, latest first, are in the cache's order (without listing every key).
+            held = sorted((key for key in changes if key in data), key=changes.__getitem__)
+            held.reverse()
+        else:
+            held = [key for key in self._hottest_first() if key in changes]
         yield from self._records(held)
         for key in list(changes):
             if key not in data:
@@ -898,6 +907,7 @@ class LRUCacheAdapter(_OrderedAdapter[cachetools.LRUCache[Any, Any]]):
 
     _cache_type = cachetools.LRUCache
     _reads_reorder = True
+    _recency_ordered = True
 
     def _order(self) -> OrderedDict[Any, None]:
         return _lru_order(self.cache)
@@ -1053,6 +1063,7 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
     _cache_type = cachetools.TTLCache
     _expiring = True
     _reads_reorder = True
+    _recency_ordered = True
 
     def __init__(
         self, cache: cachetools.TTLCache[Any, Any, Any], *, merge: Merge | None = None
@@ -1371,6 +1382,7 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
     _cache_type = cachetools.TLRUCache
     _expiring = True
     _reads_reorder = True
+    _recency_ordered = True
 
     def export(self) -> Iterator[Record]:
         """Yield ``(key, value, seconds_left)`` from the most to the least recently used."""
