@@ -23,7 +23,9 @@ at the switch the balancer sends each key to one new node and ``node-a`` gets SI
   ``all`` for ``--balance round-robin``.
 
 Both runs draw the same request stream (same seeds), so the difference is the handoff:
-hit rate over time, backend calls during and after the deploy, entries moved and lost.
+hit rate over time, backend calls during and after the deploy, entries moved and lost, and
+stale reads (:data:`WRITE_SHARE` of the requests write; a read on a new node older than the
+old node's last write to its key before the switch is stale, see :mod:`handoff._demo`).
 """
 
 from __future__ import annotations
@@ -1639,7 +1641,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (settings, hit rates, backend calls, handoff, the "
+        help="print one JSON object (settings, hit rates, backend calls, handoff, stale reads, the "
         "series of both runs) instead of progress, chart and table",
     )
     parser.add_argument(
