@@ -415,7 +415,7 @@ def _track(cache: cachetools.Cache[Any, Any], *, reads: bool) -> tuple[int, int]
 
 
 def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> dict[Any, int]:
-    changes = cache.__dict__.get(_CHANGES)
+    changes: _Changes | None = cache.__dict__.get(_CHANGES)
     if changes is None:
         session = mark[0] if isinstance(mark, tuple) and mark else None
         if isinstance(session, int) and session in _LOST_SESSIONS:

@@ -24,7 +24,7 @@ the same as the drain benchmark's), the new node an empty one. In the same run:
   ``--rounds``; ``read_ratio`` = tracked / plain.
 
 Usage: ``python benchmarks/precopy_delta.py [--entries 1000000] [--changed 0.01]
-[--pace BYTES_PER_S] [--repeat 1]``.
+[--pace BYTES_PER_S] [--gc-freeze] [--repeat 1]``.
 """
 
 from __future__ import annotations
@@ -105,11 +105,17 @@ def _receiver(n: int, sender_address: str, out: Connection) -> None:
     anyio.run(main)
 
 
-def _sender(n: int, precopy: bool, pace: float, changed: float, out: Connection) -> None:
+def _sender(
+    n: int, precopy: bool, pace: float, changed: float, freeze: bool, out: Connection
+) -> None:
+    import gc
+
     import anyio
 
     async def main() -> None:
         cache = _filled(n)
+        if freeze:
+            gc.freeze()  # the cache's objects out of the collector's sight
         keys = list(cache)
         setting: float | bool = (pace or True) if precopy else False
         node = _node("v1", "127.0.0.2", "none", setting)
@@ -164,8 +170,8 @@ def _sender(n: int, precopy: bool, pace: float, changed: float, out: Connection)
     anyio.run(main)
 
 
-def _deploy(n: int, precopy: bool, pace: float, changed: float) -> dict[str, Any]:
-    sender, sconn = _start(_sender, n, precopy, pace, changed)
+def _deploy(n: int, precopy: bool, pace: float, changed: float, freeze: bool) -> dict[str, Any]:
+    sender, sconn = _start(_sender, n, precopy, pace, changed, freeze)
     address = _recv(sconn, sender)["address"]
     receiver, rconn = _start(_receiver, n, address)
     result = _recv(sconn, sender)
@@ -194,14 +200,17 @@ def main() -> None:
     parser.add_argument("--pace", type=float, default=0.0, help="bytes/s (0: unpaced)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() the old node's filled cache"
+    )
     args = parser.parse_args()
     from handoff.adapters.cachetools import TTLCacheAdapter
 
     runs = []
     for index in range(args.repeat):
         print(f"round {index + 1}/{args.repeat}...", file=sys.stderr, flush=True)
-        full = _deploy(args.entries, False, args.pace, args.changed)
-        pre = _deploy(args.entries, True, args.pace, args.changed)
+        full = _deploy(args.entries, False, args.pace, args.changed, args.gc_freeze)
+        pre = _deploy(args.entries, True, args.pace, args.changed, args.gc_freeze)
         runs.append((full, pre))
     cache = _filled(min(args.entries, 100_000))
     keys = list(cache)[:50_000]
@@ -215,6 +224,7 @@ def main() -> None:
         "entries": args.entries,
         "changed": args.changed,
         "pace": args.pace or None,
+        "gc_freeze": args.gc_freeze,
         "full_drain": round(full_drain, 4),
         "delta_drain": round(delta_drain, 4),
         "delta_over_full": round(delta_drain / full_drain, 4),
