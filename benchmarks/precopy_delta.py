@@ -17,7 +17,9 @@ the same as the drain benchmark's), the new node an empty one. In the same run:
   event loop (one read of one of 1,000 hot keys each; each turn of the loop serves all
   that are due, as a server with many clients would), its latency from when it was due
   to when it was served, so that the time the loop spends on the copy between two turns
-  shows;
+  shows; ``loop_busy_idle`` / ``loop_busy_precopy``: per turn of that loop, the CPU time
+  its thread spent on other work since the turn before (the copy's share of a request's
+  wait, without what the OS scheduler adds on a machine busy with other processes);
   ``--pace`` (bytes per second, ``HANDOFF_PRECOPY``'s number) throttles the copy;
 - ``read_ns`` / ``read_tracked_ns``: nanoseconds per ``cache[key]`` hit on a ``TTLCache``
   before and after ``mark()`` (each read of an LRU-ordered cache is noted), best of
@@ -123,6 +125,7 @@ def _sender(
         joined = anyio.Event()
         node.on_node_up(lambda peer: joined.set())
         samples: list[float] = []
+        busy: list[float] = []
         serving = True
 
         async def serve() -> None:
@@ -130,24 +133,32 @@ def _sender(
             # serves all that are due); its latency counts from when it was due.
             index = 0
             due = time.perf_counter() + SERVE_INTERVAL
+            turned = time.thread_time()
             while serving:
                 await anyio.sleep(max(0.0, due - time.perf_counter()))
+                # CPU time this thread spent on other work since the last turn: what the
+                # loop made the requests wait, whatever the OS scheduler added on a
+                # machine busy with other processes.
+                busy.append(time.thread_time() - turned)
                 while due <= time.perf_counter():
                     cache.get(keys[(index * 7919) % HOT_KEYS])
                     index += 1
                     samples.append(time.perf_counter() - due)
                     due += SERVE_INTERVAL
+                turned = time.thread_time()
 
         async with node, anyio.create_task_group() as tg:
             tg.start_soon(serve)
             await anyio.sleep(IDLE_SECONDS)
             idle = _percentiles(samples)
+            idle_busy = _percentiles(busy)
             samples.clear()
+            busy.clear()
             out.send({"address": node.address})
             with anyio.fail_after(60):
                 await joined.wait()
             joined_at = time.perf_counter()
-            result: dict[str, Any] = {"serve_idle": idle}
+            result: dict[str, Any] = {"serve_idle": idle, "loop_busy_idle": idle_busy}
             if precopy:
                 with anyio.fail_after(600):
                     while _copying(node):  # noqa: ASYNC110 (no event for this)
@@ -155,6 +166,7 @@ def _sender(
                 result["precopy"] = time.perf_counter() - joined_at
                 result["precopy_state"] = node.stats()["precopy"][0]["state"]
                 result["serve_precopy"] = _percentiles(samples)
+                result["loop_busy_precopy"] = _percentiles(busy)
             serving = False
             step = max(1, round(1 / changed))
             for i in range(0, n, step):
@@ -239,6 +251,8 @@ def main() -> None:
                 "precopy_state": pre["precopy_state"],
                 "serve_idle": pre["serve_idle"],
                 "serve_precopy": pre["serve_precopy"],
+                "loop_busy_idle": pre["loop_busy_idle"],
+                "loop_busy_precopy": pre["loop_busy_precopy"],
                 "received": [full["received"], pre["received"]],
                 "ok": bool(full["ok"] and pre["ok"]),
             }
