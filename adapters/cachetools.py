@@ -56,7 +56,8 @@ Change tracking (the building blocks of pre-copy)
     :data:`CHANGES_SHARE` of the cache's entries (and than :data:`CHANGES_FLOOR`), it is
     dropped, tracking stops, and ``changed_since`` raises :exc:`handoff.ChangesLost` for
     every mark of it (a pre-copy then sends the whole cache again; a new ``mark()``
-    starts a new record). Expiry purges are not noted (the lifetime travelled
+    starts a new record). An import into a tracked cache (a handoff it receives while
+    it pre-copies) notes every key it was given. Expiry purges are not noted (the lifetime travelled
     with the entry: it expires on the receiver too). To see every access, ``mark()``
     gives the cache object a subclass of its own class (same name, same behaviour, one
     dictionary write per noted access; it still pickles as its own class), until
@@ -90,6 +91,7 @@ Concurrency
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -313,13 +315,16 @@ class _Changes:
     record outgrows its bound (:data:`CHANGES_SHARE`): then it is dropped, the cache gets
     its own class back, and every mark of it is lost."""
 
-    __slots__ = ("cache", "changed", "count", "session")
+    __slots__ = ("cache", "changed", "count", "reordered", "session")
 
     def __init__(self, cache: cachetools.Cache[Any, Any]) -> None:
         self.session = next(_SESSIONS)
         self.count = 0
         self.changed: dict[Any, int] = {}
         self.cache: cachetools.Cache[Any, Any] | None = cache
+        self.reordered = False
+        """Whether an import placed entries elsewhere than at the hot end (then the
+        order of the notes is not the cache's order)."""
 
     def note(self, key: Any) -> None:
         self.count += 1
@@ -425,6 +430,29 @@ def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> dict[Any, int]:
             )
         raise ValueError(f"{mark!r} is not a mark of this cache's tracking (it stopped)")
     return changes.since(mark)
+
+
+def _noting_imports(
+    method: Callable[..., ImportResult],
+) -> Callable[..., ImportResult]:
+    """An import into a tracked cache notes every key it was given: its bulk paths store
+    without ``__setitem__``, unseen by the tracking subclass (a node that pre-copies and
+    receives a handoff meanwhile must pass those records on in its delta)."""
+
+    @functools.wraps(method)
+    def import_records(
+        self: CacheAdapter[Any], records: Sequence[Record], *, age: float = 0.0
+    ) -> ImportResult:
+        result = method(self, records, age=age)
+        changes: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if changes is not None and records:
+            changes.reordered = True
+            for record in records:
+                with contextlib.suppress(Exception):  # (an unhashable key was dropped)
+                    changes.note(record[0])
+        return result
+
+    return import_records
 
 
 def _untrack(cache: cachetools.Cache[Any, Any]) -> None:
@@ -732,7 +760,8 @@ class CacheAdapter(Generic[_C]):
         if not changes:
             return
         data = _data(self.cache)
-        if self._recency_ordered:
+        tracking: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if self._recency_ordered and tracking is not None and not tracking.reordered:
             # Every use is noted, so the last note of a key is its last use: the keys by
             # it, latest first, are in the cache's order (without listing every key).
             held = sorted((key for key in changes if key in data), key=changes.__getitem__)
@@ -795,6 +824,7 @@ class CacheAdapter(Generic[_C]):
 
     # -- import --
 
+    @_noting_imports
     def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
         """Apply hottest-first records; see the module documentation for the rules."""
         if not records:
@@ -1094,6 +1124,7 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
             if left > 0:
                 yield key, value, float(left)
 
+    @_noting_imports
     def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
         """Apply hottest-first records; see the module documentation for the rules."""
         cache = self.cache

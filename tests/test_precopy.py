@@ -632,3 +632,25 @@ def test_the_record_of_changes_is_bounded_and_then_everything_is_sent_again() ->
     changed = list(source.changed_since(mark))
     assert [key for key, value, _ in changed if value is not DELETED] == ["fresh"]
     assert len(changed) == 2
+
+
+@pytest.mark.parametrize("kind", ["ttl", "lru", "fifo", "lfu"])
+def test_a_handoff_received_while_tracking_is_part_of_the_delta(kind: str) -> None:
+    """A node that pre-copies and meanwhile receives a handoff (its bulk import stores
+    without ``__setitem__``) passes those records on in its delta, in its own order."""
+    timer = Timer()
+    cache = make(kind, timer, maxsize=3000)
+    cache.update({f"own{i}": i for i in range(1000)})
+    source = adapter(cache)
+    mark = source.mark()
+    _ = cache.get("own5")  # a use before the import
+    incoming = [(f"in{i}", i, 200.0 if kind == "ttl" else None) for i in range(1500)]
+    assert source.import_records(incoming).applied == 1500
+    _ = cache.get("own7")  # and one after
+    changed = list(source.changed_since(mark))
+    expected = {f"in{i}" for i in range(1500)} | (
+        {"own5", "own7"} if kind in ("ttl", "lru", "lfu") else set()
+    )
+    assert {key for key, _, _ in changed} == expected
+    # As the export yields them, whatever order the imports gave the cache.
+    assert changed == [record for record in source.export() if record[0] in expected]
