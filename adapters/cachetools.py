@@ -52,7 +52,12 @@ Change tracking (the building blocks of pre-copy)
     (hottest first, remaining lifetimes and counts as of now), then ``(key, DELETED,
     None)`` for those no longer held. Any number of marks share one record of when each
     key last changed (one entry per key changed since the first mark, deleted ones too,
-    until ``stop_tracking()``). Expiry purges are not noted (the lifetime travelled
+    until ``stop_tracking()``). The record is bounded: once it holds more keys than
+    :data:`CHANGES_SHARE` of the cache's entries (and than :data:`CHANGES_FLOOR`), it is
+    dropped, tracking stops, and ``changed_since`` raises :exc:`handoff.ChangesLost` for
+    every mark of it (a pre-copy then sends the whole cache again; a new ``mark()``
+    starts a new record). An import into a tracked cache (a handoff it receives while
+    it pre-copies) notes every key it was given. Expiry purges are not noted (the lifetime travelled
     with the entry: it expires on the receiver too). To see every access, ``mark()``
     gives the cache object a subclass of its own class (same name, same behaviour, one
     dictionary write per noted access; it still pickles as its own class), until
@@ -86,6 +91,7 @@ Concurrency
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -100,7 +106,7 @@ from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 import cachetools
 
-from handoff._adapter import DELETED, ImportResult, Record
+from handoff._adapter import DELETED, ChangesLost, ImportResult, Record
 from handoff._errors import HandoffError
 from handoff._registry import ClassFactory
 
@@ -285,32 +291,68 @@ def _lfu_counter(cache: cachetools.LFUCache[Any, Any]) -> Counter[Any]:
     return cache._LFUCache__counter  # type: ignore[attr-defined,no-any-return]
 
 
+CHANGES_FLOOR: Final = 4096
+"""A record of changed keys may always grow to this many keys (see :data:`CHANGES_SHARE`)."""
+CHANGES_SHARE: Final = 0.5
+"""A record of changed keys larger than this share of its cache's entries (and than
+:data:`CHANGES_FLOOR`) is dropped, tracking stops, and ``changed_since`` raises
+:exc:`~handoff.ChangesLost` (a pre-copy then sends everything again): under churn the keys
+deleted since the mark would otherwise pile up without bound, and a delta that large is
+worth little more than a copy."""
+_CHECK_EVERY: Final = 1024  # notes between two checks of the record's size
+
 _CHANGES: Final = "_handoff_changes"
 """The instance attribute where a tracked cache keeps its :class:`_Changes`."""
 _TRACKING: dict[type[Any], type[Any]] = {}
 _SESSIONS = iter(range(1, 1 << 62))
+_LOST_SESSIONS: set[int] = set()
+"""Sessions whose record outgrew its bound: their marks raise ChangesLost (one int each)."""
 
 
 class _Changes:
     """When each key last changed, by a counter: any number of marks (one per pre-copy,
-    to each new node) share it. Keys deleted stay until tracking stops."""
+    to each new node) share it. Keys deleted stay until tracking stops, or until the
+    record outgrows its bound (:data:`CHANGES_SHARE`): then it is dropped, the cache gets
+    its own class back, and every mark of it is lost."""
 
-    __slots__ = ("changed", "count", "session")
+    __slots__ = ("cache", "changed", "count", "reordered", "session")
 
-    def __init__(self) -> None:
+    def __init__(self, cache: cachetools.Cache[Any, Any]) -> None:
         self.session = next(_SESSIONS)
         self.count = 0
         self.changed: dict[Any, int] = {}
+        self.cache: cachetools.Cache[Any, Any] | None = cache
+        self.reordered = False
+        """Whether an import placed entries elsewhere than at the hot end (then the
+        order of the notes is not the cache's order)."""
 
     def note(self, key: Any) -> None:
         self.count += 1
         self.changed[key] = self.count
+        cache = self.cache
+        if (
+            not self.count % _CHECK_EVERY
+            and cache is not None
+            and len(self.changed) > max(CHANGES_FLOOR, CHANGES_SHARE * len(cache))
+        ):
+            self.lose(cache)
 
-    def since(self, mark: object) -> list[Any]:
+    def lose(self, cache: cachetools.Cache[Any, Any]) -> None:
+        """Drop the record and stop tracking (the cache's accesses cost nothing more)."""
+        _LOST_SESSIONS.add(self.session)
+        self.changed = {}
+        self.cache = None
+        cache.__dict__.pop(_CHANGES, None)
+        cls = type(cache)
+        if cls in _TRACKING.values():
+            cache.__class__ = cls.__mro__[1]
+
+    def since(self, mark: object) -> dict[Any, int]:
+        """Each key changed after ``mark``, with the count of its last change."""
         if not isinstance(mark, tuple) or len(mark) != 2 or mark[0] != self.session:
             raise ValueError(f"{mark!r} is not a mark of this cache's tracking")
         after: int = mark[1]
-        return [key for key, count in self.changed.items() if count > after]
+        return {key: count for key, count in self.changed.items() if count > after}
 
 
 def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
@@ -373,15 +415,44 @@ def _track(cache: cachetools.Cache[Any, Any], *, reads: bool) -> tuple[int, int]
         cache.__class__ = _tracking_class(type(cache), reads=reads)
     changes = cache.__dict__.get(_CHANGES)
     if changes is None:
-        changes = cache.__dict__[_CHANGES] = _Changes()
+        changes = cache.__dict__[_CHANGES] = _Changes(cache)
     return changes.session, changes.count
 
 
-def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> set[Any]:
-    changes = cache.__dict__.get(_CHANGES)
+def _changes(cache: cachetools.Cache[Any, Any], mark: object) -> dict[Any, int]:
+    changes: _Changes | None = cache.__dict__.get(_CHANGES)
     if changes is None:
+        session = mark[0] if isinstance(mark, tuple) and mark else None
+        if isinstance(session, int) and session in _LOST_SESSIONS:
+            raise ChangesLost(
+                f"more keys changed since {mark!r} than the record of changes keeps (at "
+                f"most {CHANGES_SHARE:g} of the cache's entries, or {CHANGES_FLOOR})"
+            )
         raise ValueError(f"{mark!r} is not a mark of this cache's tracking (it stopped)")
-    return set(changes.since(mark))
+    return changes.since(mark)
+
+
+def _noting_imports(
+    method: Callable[..., ImportResult],
+) -> Callable[..., ImportResult]:
+    """An import into a tracked cache notes every key it was given: its bulk paths store
+    without ``__setitem__``, unseen by the tracking subclass (a node that pre-copies and
+    receives a handoff meanwhile must pass those records on in its delta)."""
+
+    @functools.wraps(method)
+    def import_records(
+        self: CacheAdapter[Any], records: Sequence[Record], *, age: float = 0.0
+    ) -> ImportResult:
+        result = method(self, records, age=age)
+        changes: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if changes is not None and records:
+            changes.reordered = True
+            for record in records:
+                with contextlib.suppress(Exception):  # (an unhashable key was dropped)
+                    changes.note(record[0])
+        return result
+
+    return import_records
 
 
 def _untrack(cache: cachetools.Cache[Any, Any]) -> None:
@@ -630,6 +701,8 @@ class CacheAdapter(Generic[_C]):
     _cache_type: ClassVar[type[cachetools.Cache[Any, Any]]] = cachetools.Cache
     _expiring: ClassVar[bool] = False
     _reads_reorder: ClassVar[bool] = False
+    _recency_ordered: ClassVar[bool] = False
+    """Whether the export's order is that of the last use (read or write) of each key."""
     """Whether a read changes the order the export follows (LRU recency, LFU counts)."""
 
     def __init__(self, cache: _C, *, merge: Merge | None = None) -> None:
@@ -680,12 +753,21 @@ class CacheAdapter(Generic[_C]):
         """The records of keys written (or, see :meth:`mark`, read) since ``mark`` that the
         cache still holds, hottest first, as :meth:`export` yields them; then
         ``(key, DELETED, None)`` for keys deleted or evicted since (and not written
-        again). Raises :exc:`ValueError` for a mark of no current tracking."""
+        again). Raises :exc:`ValueError` for a mark of no current tracking, and
+        :exc:`~handoff.ChangesLost` once the record of changes outgrew its bound (see
+        :data:`CHANGES_SHARE`)."""
         changes = _changes(self.cache, mark)
         if not changes:
             return
         data = _data(self.cache)
-        held = [key for key in self._hottest_first() if key in changes]
+        tracking: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if self._recency_ordered and tracking is not None and not tracking.reordered:
+            # Every use is noted, so the last note of a key is its last use: the keys by
+            # it, latest first, are in the cache's order (without listing every key).
+            held = sorted((key for key in changes if key in data), key=changes.__getitem__)
+            held.reverse()
+        else:
+            held = [key for key in self._hottest_first() if key in changes]
         yield from self._records(held)
         for key in list(changes):
             if key not in data:
@@ -725,11 +807,16 @@ class CacheAdapter(Generic[_C]):
                 deleted += 1
             else:
                 written.append(record)
+        # One import, hottest first (each at the cold end of those before it: in order,
+        # none held any more), then each applied one to the hot end, coldest first: above
+        # every entry the delta does not name, in the sender's order. (A record at a time
+        # cost ~0.1 ms each.) Should they not all fit, the coldest are dropped.
+        written.reverse()
+        result += self.import_records(written, age=age)
+        written.reverse()
         for record in written:
-            one = self.import_records([record], age=age)
-            if one.applied:
+            if record[0] in data:
                 self._to_hot_end(record[0])
-            result += one
         return result + ImportResult(applied=deleted)
 
     def _to_hot_end(self, key: Any) -> None:
@@ -737,6 +824,7 @@ class CacheAdapter(Generic[_C]):
 
     # -- import --
 
+    @_noting_imports
     def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
         """Apply hottest-first records; see the module documentation for the rules."""
         if not records:
@@ -849,6 +937,7 @@ class LRUCacheAdapter(_OrderedAdapter[cachetools.LRUCache[Any, Any]]):
 
     _cache_type = cachetools.LRUCache
     _reads_reorder = True
+    _recency_ordered = True
 
     def _order(self) -> OrderedDict[Any, None]:
         return _lru_order(self.cache)
@@ -878,7 +967,9 @@ class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
     as imported counts never exceed the ceiling, chunk after chunk cannot ratchet it up:
     only the receiver's own uses raise it. Honest counts above it arrive tied at the
     ceiling, still the hottest, in the sender's order where cachetools keeps the order of
-    ties (:data:`LFU_TIES_PRESERVED`).
+    ties (:data:`LFU_TIES_PRESERVED`). A pre-copy's delta (:meth:`import_delta`) follows
+    the same rule: counts up to the ceiling are the sender's, and each record becomes the
+    hottest of its count, so that ties end in the sender's order.
     """
 
     _cache_type = cachetools.LFUCache
@@ -927,6 +1018,14 @@ class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
             keys.extend(_bucket_keys_hottest_first(bucket))
             bucket = bucket.prev
         return keys
+
+    def _to_hot_end(self, key: Any) -> None:
+        # Hottest among the entries of its count (where cachetools keeps the order of ties:
+        # LFU_TIES_PRESERVED); an import placed it coldest among them.
+        if _LFU_LINKED:
+            keys = _lfu_links(self.cache)[key].keys
+            if not isinstance(keys, set):
+                keys.move_to_end(key)
 
     def _highest_count(self) -> int:
         if not _LFU_LINKED:
@@ -994,6 +1093,7 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
     _cache_type = cachetools.TTLCache
     _expiring = True
     _reads_reorder = True
+    _recency_ordered = True
 
     def __init__(
         self, cache: cachetools.TTLCache[Any, Any, Any], *, merge: Merge | None = None
@@ -1024,6 +1124,7 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
             if left > 0:
                 yield key, value, float(left)
 
+    @_noting_imports
     def import_records(self, records: Sequence[Record], *, age: float = 0.0) -> ImportResult:
         """Apply hottest-first records; see the module documentation for the rules."""
         cache = self.cache
@@ -1312,6 +1413,7 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
     _cache_type = cachetools.TLRUCache
     _expiring = True
     _reads_reorder = True
+    _recency_ordered = True
 
     def export(self) -> Iterator[Record]:
         """Yield ``(key, value, seconds_left)`` from the most to the least recently used."""

@@ -13,7 +13,15 @@ Prints one JSON object. For each size N (100-byte values) it measures, in the sa
   in both processes, by one that frames the same bytes (same sizes, a zero tag) without
   encrypting or authenticating: the baseline for what the channel costs;
 - peak memory (``ru_maxrss``) growth of sender and receiver during the drain, the receiver
-  compared with a process that fills the same cache locally.
+  compared with a process that fills the same cache locally;
+- ``redis_full_sync`` (when ``redis-server`` is installed, e.g. the Debian package): the
+  reference a user would weigh a drain against. Two ``redis-server`` on 127.0.0.1 without
+  persistence, diskless replication (``--repl-diskless-sync yes``, no delay, the replica
+  loading from the socket); the master filled with the same entries (``SET key value EX
+  3600``, pipelined over a raw RESP socket); then ``REPLICAOF`` on the replica, timed
+  until ``INFO replication`` says ``master_link_status:up`` and
+  ``master_sync_in_progress:0`` and its ``DBSIZE`` is N. Printed as
+  ``drain_over_redis_full_sync``.
 
 Ratios are what to read (the machine is shared and noisy): ``drain / max(export, import)``
 (target <= 1.15: sending and applying overlap on two cores) and ``pickle_way / drain``
@@ -32,10 +40,13 @@ import os
 import pickle
 import platform
 import resource
+import shutil
 import socket
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -228,6 +239,124 @@ def _pickle_sender(n: int, port: int, out: Connection) -> None:
     out.send({"pickle_way": seconds, "pickle_bytes": len(data)})
 
 
+# -- the Redis reference ---------------------------------------------------------------------
+
+
+def _resp(*words: str | bytes) -> bytes:
+    parts = [b"*%d\r\n" % len(words)]
+    for word in words:
+        data = word.encode() if isinstance(word, str) else word
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Redis:
+    """A minimal RESP client (the suite needs no redis package): one command at a time, or
+    a pipeline whose replies are read and checked in bulk."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.file = self.sock.makefile("rb")
+
+    def command(self, *words: str) -> Any:
+        self.sock.sendall(_resp(*words))
+        return self._reply()
+
+    def _reply(self) -> Any:
+        line = self.file.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self.file.read(size + 2)[:-2].decode()
+        raise RuntimeError(f"redis answered {line!r}")
+
+    def pipeline(self, commands: bytes, count: int) -> None:
+        self.sock.sendall(commands)
+        replies = self.file.read(5 * count)  # "+OK\r\n" each
+        if replies != b"+OK\r\n" * count:
+            raise RuntimeError(f"redis refused a write: {replies[:200]!r}")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _redis_server(port: int, directory: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--repl-diskless-sync", "yes",
+         "--repl-diskless-sync-delay", "0", "--repl-diskless-load", "on-empty-db",
+         "--dir", directory, "--daemonize", "no", "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client = _Redis(port)
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise
+            time.sleep(0.02)
+            continue
+        client.close()
+        return process
+
+
+def redis_full_sync(n: int) -> float | None:
+    """Seconds of a diskless full resync of ``n`` entries (``None``: no redis-server)."""
+    if shutil.which("redis-server") is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        master_port, replica_port = _free_port(), _free_port()
+        servers = [
+            _redis_server(master_port, directory),
+            _redis_server(replica_port, directory),
+        ]
+        try:
+            master, replica = _Redis(master_port), _Redis(replica_port)
+            ttl = str(int(TTL))
+            for start in range(0, n, 10_000):
+                stop = min(n, start + 10_000)
+                batch = b"".join(
+                    _resp("SET", f"key:{i}", _value(i), "EX", ttl) for i in range(start, stop)
+                )
+                master.pipeline(batch, stop - start)
+            if master.command("DBSIZE") != n:
+                raise AssertionError("redis master does not hold every entry")
+            started = time.perf_counter()
+            replica.command("REPLICAOF", "127.0.0.1", str(master_port))
+            while True:
+                info = replica.command("INFO", "replication")
+                if (
+                    "master_link_status:up" in info
+                    and "master_sync_in_progress:0" in info
+                    and replica.command("DBSIZE") == n
+                ):
+                    break
+                if time.perf_counter() - started > 600:
+                    raise TimeoutError("redis replica did not sync within 600 s")
+                time.sleep(0.002)
+            seconds = time.perf_counter() - started
+            master.close()
+            replica.close()
+            return seconds
+        finally:
+            for server in servers:
+                server.terminate()
+                server.wait(10)
+
+
 # -- orchestration ---------------------------------------------------------------------------
 
 _CTX = mp.get_context("spawn")
@@ -289,7 +418,9 @@ def measure(n: int) -> dict[str, Any]:
 
     if precv["entries"] != n:
         raise AssertionError(f"incomplete transfer: {precv}")
+    redis = redis_full_sync(n)
     return {
+        **({} if redis is None else {"redis_full_sync": redis}),
         "drain": drained["drain"],
         "manual_drain": drains[True, False]["drain"],
         "manual_drain_clear": drains[True, True]["drain"],
@@ -307,7 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--redis-only", action="store_true", help="only the Redis reference (no drain)"
+    )
     args = parser.parse_args(argv)
+    if args.redis_only:
+        sizes = [int(size) for size in args.sizes.split(",")]
+        print(json.dumps({str(n): redis_full_sync(n) for n in sizes}))
+        return 0
     sizes = [int(size) for size in args.sizes.split(",")]
     results: dict[str, Any] = {}
     for n in sizes:
@@ -323,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         median["manual_over_drain"] = median["manual_drain"] / median["drain"]
         median["channel_over_clear"] = median["manual_drain"] / median["manual_drain_clear"]
         median["records_per_second"] = n / median["drain"]
+        if "redis_full_sync" in median:
+            median["drain_over_redis_full_sync"] = median["drain"] / median["redis_full_sync"]
         results[str(n)] = {key: round(value, 4) for key, value in median.items()}
     print(
         json.dumps(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from handoff._adapter import (
     Adapter,
+    ChangesLost,
     ImportResult,
     Record,
     SupportsChangeTracking,
@@ -69,6 +70,7 @@ __all__ = (
     "AdapterNotFound",
     "AuthenticationError",
     "BindError",
+    "ChangesLost",
     "ClusterMismatch",
     "ConfigError",
     "ConnectError",

@@ -17,9 +17,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
+from handoff._errors import HandoffError
+
 __all__ = (
     "DELETED",
     "Adapter",
+    "ChangesLost",
     "ImportResult",
     "Record",
     "SupportsChangeTracking",
@@ -44,6 +47,11 @@ class _Deleted:
 DELETED: Final[Any] = _Deleted()
 """The value of a record that says its key was deleted (:class:`SupportsChangeTracking`).
 Not a wire value: a pre-copy's delta must carry deletions its own way."""
+
+
+class ChangesLost(HandoffError, LookupError):
+    """:meth:`SupportsChangeTracking.changed_since` cannot name what changed since the mark
+    (its record outgrew its bound): what changed may be anything, so send everything."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +135,8 @@ class SupportsChangeTracking(Protocol):
     def changed_since(self, mark: object) -> Iterator[Record]:
         """Records of keys written since ``mark`` that the object still holds, hottest
         first, as the export yields them; then ``(key, DELETED, None)`` for keys deleted
-        since (a value of ``None`` stays a value)."""
+        since (a value of ``None`` stays a value). Raises :exc:`ChangesLost` when it can
+        no longer tell (the record of changes is bounded)."""
         ...
 
 

@@ -17,10 +17,23 @@ balancer in front of them would split it:
 A request is a get-or-load on the cache: a hit is counted; a miss "calls the backend", which
 answers ``backend_delay`` seconds later, when the value is stored. Requests for a key that
 is still loading call the backend again (no request coalescing, like a plain cachetools
-get-or-load). Counters are kept per ``interval``-long bin counted from ``epoch`` (by the time
-each request was due, so a busy event loop does not move requests between bins) and emitted
-as ``{"event": "traffic", "bin": k, "requests": ..., "hits": ..., "backend_calls": ...,
-"entries": ...}`` as each bin closes; at the end ``{"event": "traffic-done", ...}`` gives the
+get-or-load).
+
+Writes: with ``writes`` a share of the requests (drawn with a second number from the same
+generator, so every node still draws the same stream) write a new value of their key
+instead (write-through: the backend, then the serving node's cache). Request ``i`` writes
+version ``version_base + i + 1``, a clock shared by the streams of one run, and the value
+carries it (:func:`versioned`); the backend answers a load with the newest version any
+request of the stream wrote so far. A stream given its ``previous`` stream (the old node's,
+before the switch) replays it first (:func:`final_writes`) and counts a ``stale`` read for
+each hit that returns an older version than the last one the old node wrote to that key:
+a handoff that left an outdated value behind.
+
+Counters are kept per ``interval``-long bin counted from ``epoch`` (by the time each
+request was due, so a busy event loop does not move requests between bins) and emitted as
+``{"event": "traffic", "bin": k, "requests": ..., "hits": ..., "backend_calls": ...,
+"writes": ..., "stale": ..., "entries": ...}`` as each bin closes (``requests`` are the
+reads); at the end ``{"event": "traffic-done", ...}`` gives the
 totals. The loop is bounded in count (``rate * (end - start)`` requests) and in time (it
 gives up :data:`LATE_LIMIT` seconds after ``end``), and stops early when told to.
 
@@ -38,7 +51,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from itertools import accumulate
 from typing import Any, Final
 
@@ -50,8 +63,13 @@ __all__ = (
     "BALANCES",
     "LATE_LIMIT",
     "MAX_KEYS",
+    "VERSION_MARK",
     "TrafficSpec",
+    "final_writes",
+    "is_stale",
     "run_traffic",
+    "version_of",
+    "versioned",
     "zipf_table",
 )
 
@@ -63,6 +81,9 @@ LATE_LIMIT: Final = 5.0
 #: The longest a stream may run, and how far from now its times may lie.
 MAX_SECONDS: Final = 3600.0
 MAX_RATE: Final = 100_000.0
+
+#: Separates a value from the version that wrote it (see :func:`versioned`).
+VERSION_MARK: Final = "@"
 
 # A request due this many bins before a bin boundary counts in the next bin (float error).
 _BIN_TOLERANCE = 1e-6
@@ -106,6 +127,13 @@ class TrafficSpec:
     interval: float = 0.25
     nodes: tuple[str, ...] = ()
     balance: str = "key"
+    writes: float = 0.0
+    """Share of the requests that write a new value of their key (see the module
+    documentation)."""
+    previous: tuple[float, float, int] | None = None
+    """``(start, end, seed)`` of the stream one node served before this one (the old node,
+    before the switch), with this stream's other settings: its writes are what a read of
+    this stream must not be older than (:func:`final_writes`)."""
 
     def __post_init__(self) -> None:
         def number(name: str, value: object, low: float, high: float) -> None:
@@ -123,6 +151,16 @@ class TrafficSpec:
         number("exponent", self.exponent, 0.0, 10.0)
         number("backend_delay", self.backend_delay, 0.0, 10.0)
         number("interval", self.interval, 0.01, 60.0)
+        number("writes", self.writes, 0.0, 1.0)
+        if self.previous is not None:
+            if not isinstance(self.previous, tuple) or len(self.previous) != 3:
+                raise ValueError(f"previous must be [start, end, seed], not {self.previous!r}")
+            number("previous start", self.previous[0], 0.0, 1e18)
+            number(
+                "previous end", self.previous[1], self.previous[0], self.previous[0] + MAX_SECONDS
+            )
+            if not isinstance(self.previous[2], int) or isinstance(self.previous[2], bool):
+                raise ValueError(f"previous seed must be an integer, not {self.previous[2]!r}")
         if not self.epoch <= self.start <= self.end <= self.start + MAX_SECONDS:
             raise ValueError(
                 f"need epoch <= start <= end <= start + {MAX_SECONDS:g}, got "
@@ -153,8 +191,9 @@ class TrafficSpec:
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}")
         values = dict(data)
-        if isinstance(values.get("nodes"), list):
-            values["nodes"] = tuple(values["nodes"])
+        for name in ("nodes", "previous"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
         try:
             return cls(**values)
         except TypeError as exc:  # a required field is missing
@@ -173,6 +212,7 @@ class TrafficSpec:
         """The JSON text of this spec (one line)."""
         data = asdict(self)
         data["nodes"] = list(self.nodes)
+        data["previous"] = None if self.previous is None else list(self.previous)
         return json.dumps(data, separators=(",", ":"))
 
     @property
@@ -184,6 +224,13 @@ class TrafficSpec:
     def due(self, index: int) -> float:
         """When request ``index`` is due."""
         return self.start + index / self.rate
+
+    @property
+    def version_base(self) -> int:
+        """Request ``index`` of this stream writes version ``version_base + index + 1``: a
+        global request clock (streams of one run share ``epoch`` and ``rate``), so a later
+        stream's writes are newer than an earlier one's."""
+        return round((self.start - self.epoch) * self.rate)
 
     def bin_of(self, moment: float) -> int:
         """The bin that ``moment`` falls in."""
@@ -212,11 +259,56 @@ class TrafficSpec:
         return lambda _index, key: route(key) == position
 
 
+def versioned(value: str, version: int) -> str:
+    """``value`` as written by request version ``version`` (0: never written)."""
+    return value if version == 0 else f"{value}{VERSION_MARK}{version}"
+
+
+def version_of(value: object) -> int:
+    """The version a value was written with (0: the initial value, or not a string)."""
+    if not isinstance(value, str):
+        return 0
+    _, mark, digits = value.rpartition(VERSION_MARK)
+    return int(digits) if mark and digits.isdigit() else 0
+
+
+def is_stale(value: object, written: int) -> bool:
+    """Whether a read returning ``value`` is older than version ``written``, the last one
+    the previous stream wrote to its key (0: never written, so nothing is stale)."""
+    return version_of(value) < written
+
+
+def final_writes(
+    spec: TrafficSpec, key_of: Callable[[int], Any], table: array[float] | None = None
+) -> dict[Any, int]:
+    """Replay ``spec.previous`` (served whole by one node, with ``spec``'s other settings)
+    and return the last version it wrote to each key: a read of ``spec`` returning less
+    is stale. Empty without a previous stream or writes."""
+    if spec.previous is None or not spec.writes:
+        return {}
+    start, end, seed = spec.previous
+    old = replace(spec, start=start, end=end, seed=seed, nodes=(), previous=None)
+    if table is None:
+        table = zipf_table(spec.keys, spec.exponent)
+    top = spec.keys - 1
+    draw = random.Random(seed).random
+    writes, base = spec.writes, old.version_base
+    written: dict[Any, int] = {}
+    for index in range(old.requests):
+        rank = bisect_right(table, draw())
+        key = key_of(rank if rank <= top else top)
+        if draw() < writes:
+            written[key] = base + index + 1
+    return written
+
+
 @dataclass(slots=True)
 class _Bin:
     requests: int = 0
     hits: int = 0
     backend_calls: int = 0
+    writes: int = 0
+    stale: int = 0
 
 
 async def run_traffic(
@@ -235,7 +327,9 @@ async def run_traffic(
     turns true), emitting one ``traffic`` event per bin and a ``traffic-done`` event last,
     which is also returned. Holds ``lock`` whenever it touches ``cache``.
 
-    ``key_of(rank)`` and ``value_of(rank)`` give the key and the backend's value of a rank.
+    ``key_of(rank)`` and ``value_of(rank)`` give the key and the backend's value of a rank
+    (a string where ``spec.writes``: written values carry their version, see
+    :func:`versioned`).
     """
     table = zipf_table(spec.keys, spec.exponent)
     top = spec.keys - 1
@@ -246,6 +340,11 @@ async def run_traffic(
     last_bin = spec.last_bin()
     start, rate, delay = spec.start, spec.rate, spec.backend_delay
     epoch, interval = spec.epoch, spec.interval
+    writes, base = spec.writes, spec.version_base
+    # The previous stream's last writes: no read may return older. The backend holds the
+    # newest version of each key (any node's writes in this stream, all served in order).
+    floor = final_writes(spec, key_of, table)
+    latest = dict(floor)
     pending: deque[tuple[float, Any, int]] = deque()  # (answer at, key, rank), in order
     current = spec.first_bin()
     counters = _Bin()
@@ -264,19 +363,24 @@ async def run_traffic(
                     "requests": counters.requests,
                     "hits": counters.hits,
                     "backend_calls": counters.backend_calls,
+                    "writes": counters.writes,
+                    "stale": counters.stale,
                     "entries": len(cache),
                 }
             )
             totals.requests += counters.requests
             totals.hits += counters.hits
             totals.backend_calls += counters.backend_calls
+            totals.writes += counters.writes
+            totals.stale += counters.stale
             current += 1
             counters = _Bin()
 
     def answer(until: float) -> None:
         while pending and pending[0][0] <= until:
             _, key, rank = pending.popleft()
-            cache[key] = value_of(rank)
+            version = latest.get(key, 0)
+            cache[key] = versioned(value_of(rank), version) if version else value_of(rank)
 
     try:
         while index < total:
@@ -293,17 +397,27 @@ async def run_traffic(
                         break
                     rank = bisect_right(table, draw())
                     key = key_of(rank if rank <= top else top)
+                    write = writes and draw() < writes
                     served = mine(index, key)
                     index += 1
+                    if write:
+                        latest[key] = base + index
                     if not served:
                         continue
                     due_bin = math.floor((due - epoch) / interval + _BIN_TOLERANCE)
                     if due_bin > current:
                         close_bins(due_bin)
                     answer(due)
+                    if write:  # write-through: the backend, then the cache
+                        counters.writes += 1
+                        cache[key] = versioned(value_of(rank), base + index)
+                        continue
                     counters.requests += 1
-                    if cache.get(key) is not None:
+                    value = cache.get(key)
+                    if value is not None:
                         counters.hits += 1
+                        if floor and is_stale(value, floor.get(key, 0)):
+                            counters.stale += 1
                     else:
                         counters.backend_calls += 1
                         pending.append((due + delay, key, rank))
@@ -320,6 +434,8 @@ async def run_traffic(
             "requests": totals.requests,
             "hits": totals.hits,
             "backend_calls": totals.backend_calls,
+            "writes": totals.writes,
+            "stale": totals.stale,
             "entries": len(cache),
             "complete": complete,
             "late": late,

@@ -70,6 +70,7 @@ from handoff.engine._precopy import (
     DELTA_SHARE,
     LINK_WAIT,
     PRECOPY,
+    PRECOPY_CHUNK_BYTES,
     PRECOPY_TIME_LIMIT,
     Precopy,
     PrecopyState,
@@ -772,11 +773,23 @@ class Node:
                 else tracked.adapter.export
                 for name, tracked in self._tracked.items()
             }
-            drainer = self._drainer(CATCH_UP, sources=sources)
             limit = self.settings.drain_timeout
-            report = await self._observed_drain(
-                CATCH_UP, functools.partial(self._sessions.drain, drainer, time_limit=limit)
-            )
+
+            async def run() -> DrainReport:
+                # Peers that took a pre-copy get what changed since their delta as another
+                # delta (it replaces there); the catch-up proper leaves them out, and
+                # leaves out the namespaces they cover whole, instead of re-sending those
+                # in full (the drain did not export them) to be kept as they were.
+                started = anyio.current_time()
+                deltas, skip, done = await self._precopy_deltas(limit, require_complete=False)
+                drainer = self._drainer(CATCH_UP, sources=sources, skip=skip, exclude=done)
+                remaining = max(0.0, limit - (anyio.current_time() - started))
+                report = await self._sessions.drain(drainer, time_limit=remaining)
+                if deltas:
+                    report = merge_reports(report, deltas, seconds=anyio.current_time() - started)
+                return report
+
+            report = await self._observed_drain(CATCH_UP, run)
             if report.records:
                 self._log_report(report)
             else:
@@ -876,6 +889,7 @@ class Node:
                 stream_ids=self._stream_ids,
                 kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
                 pace=state.pace,
+                chunk_bytes=PRECOPY_CHUNK_BYTES,
                 progress=lambda ns: precopy.copied.__setitem__(ns.namespace, ns.acknowledged),
             )
             state.running = drainer
@@ -898,13 +912,15 @@ class Node:
         return [p.status(name) for name, p in sorted(self._precopy.begun.items())]
 
     async def _precopy_deltas(
-        self, limit: float
+        self, limit: float, *, require_complete: bool = True
     ) -> tuple[list[DrainReport], dict[str, frozenset[str]], frozenset[str]]:
         """At the drain: stop a pre-copy in progress, then send each peer that took one
-        what changed since (its delta replaces and deletes there). Returns the delta
-        reports, the peers each namespace's drain leaves out (their copy is complete and
-        their delta acknowledged) and the namespaces that need no drain at all (every
-        successor the drain would choose is such a peer)."""
+        what changed since (its delta replaces and deletes there; the next delta, at the
+        catch-up, starts where this one ended). Returns the delta reports, the peers each
+        namespace's drain leaves out (their copy is complete, unless not
+        ``require_complete``: at the catch-up the drain gave them the rest, and their
+        delta acknowledged) and the namespaces that need no drain at all (every successor
+        the drain would choose is such a peer)."""
         state = self._precopy
         if state.lock is None:
             return [], {}, frozenset()
@@ -942,7 +958,9 @@ class Node:
             logger.info("%s: %s", self.name, report.summary())
             reports.append(report)
             for n, ns in report.namespaces.items():
-                if n in precopy.complete and ns.acknowledged == ns.records:
+                if (n in precopy.complete or not require_complete) and (
+                    ns.acknowledged == ns.records
+                ):
                     skip.setdefault(n, set()).add(name)
         done = frozenset(
             n

@@ -23,7 +23,9 @@ at the switch the balancer sends each key to one new node and ``node-a`` gets SI
   ``all`` for ``--balance round-robin``.
 
 Both runs draw the same request stream (same seeds), so the difference is the handoff:
-hit rate over time, backend calls during and after the deploy, entries moved and lost.
+hit rate over time, backend calls during and after the deploy, entries moved and lost, and
+stale reads (:data:`WRITE_SHARE` of the requests write; a read on a new node older than the
+old node's last write to its key before the switch is stale, see :mod:`handoff._demo`).
 """
 
 from __future__ import annotations
@@ -93,6 +95,13 @@ MIN_RATE, MAX_RATE = 100.0, 20_000.0
 KEY_SPACE_FACTOR = 4
 ZIPF_EXPONENT = 1.0
 BACKEND_DELAY = 0.003
+#: The share of requests that write a new value of their key (write-through), so that a
+#: handoff that leaves an outdated value behind shows as ``stale_reads``.
+WRITE_SHARE = 0.05
+#: At the switch the balancer stops sending to the old node, which finishes the requests
+#: due before it (its writes are what the new nodes' reads must not be older than) within
+#: this many seconds, before it gets SIGTERM.
+OLD_TRAFFIC_WAIT = 2.0
 BIN_SECONDS = 0.25
 #: The part of the traffic served before the switch.
 BEFORE_FRACTION = 0.25
@@ -418,6 +427,13 @@ class DeployRun:
     snapshotted: int = 0
     entries_at_end: dict[str, int] = field(default_factory=dict)
     """Entries each new node holds when the traffic has ended."""
+    writes: dict[str, int] = field(default_factory=dict)
+    """Requests that wrote rather than read (``before`` and ``after`` the switch; the
+    bins and ``requests`` count reads)."""
+    stale_reads: int | None = None
+    """Reads on the new nodes that returned an older value than the old node last wrote
+    to that key before the switch (``None`` when the old node's traffic did not finish
+    before SIGTERM, so its last writes are not known)."""
 
     def __post_init__(self) -> None:
         if not self.bins:
@@ -495,6 +511,8 @@ class DeployRun:
             "snapshotted": self.snapshotted,
             "handoff_seconds": self.handoff_seconds,
             "blackout_seconds": _rounded(self.blackout_seconds),
+            "writes": dict(self.writes),
+            "stale_reads": self.stale_reads,
             "precopies": self.precopies,
             "entries_at_end": dict(sorted(self.entries_at_end.items())),
             "per_node": {k: v.as_dict() for k, v in sorted(self.per_node.items())},
@@ -535,6 +553,7 @@ class Comparison:
             "lost": None if warm is None else warm.lost,
             "handoff_seconds": None if warm is None else warm.handoff_seconds,
             "blackout_seconds": None if warm is None else _rounded(warm.blackout_seconds),
+            "stale_reads": None if warm is None else warm.stale_reads,
             "hit_rate_before": _rate_before(warm),
             "hit_rate_cold": rate(cold),
             "hit_rate_warm": rate(warm),
@@ -809,6 +828,8 @@ class _Simulation:
                 interval=BIN_SECONDS,
                 nodes=tuple(nodes),
                 balance=settings.balance,
+                writes=WRITE_SHARE,
+                previous=None if start == epoch else (epoch, switch, settings.seed),
             )
 
         # The same seeds in both runs: the same requests, in the same order.
@@ -822,11 +843,19 @@ class _Simulation:
             f"{BACKEND_DELAY * 1000:g} ms backend call"
         )
         names = set(specs)
-        # Until the switch, serve from the old node.
-        self.deadline = switch + 5.0
+        # Until the switch, serve from the old node; it then finishes the requests due
+        # before the switch (within OLD_TRAFFIC_WAIT) before it gets SIGTERM.
+        self.deadline = switch + 5.0 + OLD_TRAFFIC_WAIT
+
+        def switched() -> bool:
+            now = time.monotonic()
+            return now >= switch + SIGTERM_AFTER_SWITCH and (
+                _STOPPED in self.traffic_done or now >= switch + OLD_TRAFFIC_WAIT
+            )
+
         self._pump(
             lambda _o, _e: None,
-            done=lambda: time.monotonic() >= switch + SIGTERM_AFTER_SWITCH,
+            done=switched,
             missing=lambda: "the switch",
             alive=names,
             until=switch + SIGTERM_AFTER_SWITCH,
@@ -863,6 +892,21 @@ class _Simulation:
         self._account(run)
 
     def _account(self, run: DeployRun) -> None:
+        old = self.traffic_done.get(_STOPPED, {})
+        run.writes = {
+            "before": int(old.get("writes", 0)),
+            "after": sum(
+                int(done.get("writes", 0))
+                for name, done in self.traffic_done.items()
+                if name != _STOPPED
+            ),
+        }
+        if old.get("complete"):  # else the old node's last writes are not known
+            run.stale_reads = sum(
+                int(done.get("stale", 0))
+                for name, done in self.traffic_done.items()
+                if name != _STOPPED
+            )
         for name, done in self.traffic_done.items():
             if done.get("late"):
                 run.late.append(name)
@@ -871,7 +915,6 @@ class _Simulation:
             )
         drain = self.result.drain
         if drain is None:
-            old = self.traffic_done.get(_STOPPED, {})
             run.entries_before = int(old.get("entries", self.entries))
             return
         namespace = drain["namespaces"].get(NAMESPACE, {})
@@ -1197,6 +1240,7 @@ def render_table(comparison: Comparison) -> list[str]:
         ("handoff", cells(handoff)),
         ("entries moved", cells(lambda r: f"{r.entries_moved} of {r.entries_before}")),
         ("entries lost", cells(_lost)),
+        ("stale reads", cells(lambda r: "-" if r.stale_reads is None else f"{r.stale_reads}")),
     ]
     header = ("", ["cold: no handoff", "warm: handoff"])
     name_width = max(len(name) for name, _ in rows)
@@ -1597,7 +1641,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (settings, hit rates, backend calls, handoff, the "
+        help="print one JSON object (settings, hit rates, backend calls, handoff, stale reads, the "
         "series of both runs) instead of progress, chart and table",
     )
     parser.add_argument(

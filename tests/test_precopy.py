@@ -16,11 +16,16 @@ import pytest
 import handoff
 from handoff._adapter import DELETED, ImportResult, SupportsChangeTracking
 from handoff._registry import adapter_for
-from handoff.adapters.cachetools import CacheAdapter
+from handoff.adapters.cachetools import (
+    CHANGES_FLOOR,
+    LFU_TIES_PRESERVED,
+    MAX_IMPORTED_COUNT,
+    CacheAdapter,
+)
 from handoff.cli import _status_lines
 from handoff.config import resolve_settings
 from handoff.engine import Drainer, Tracked
-from handoff.engine._precopy import DELTA, PRECOPY, Precopy, delta_order
+from handoff.engine._precopy import DELTA, PRECOPY, RESET, Precopy, apply_delta, delta_order
 from handoff.protocol import Ack, Chunk
 from tests._helpers import handoff_node, wait_until
 from tests.test_engine_unit import CLUSTER, FakeNode, network, small_chunks
@@ -439,6 +444,43 @@ async def test_a_precopy_warms_the_new_node_and_the_drain_sends_only_the_delta()
 
 
 @pytest.mark.anyio
+async def test_the_catch_up_after_a_manual_drain_sends_a_precopied_peer_only_what_changed() -> None:
+    """``handoff drain`` in a preStop hook, the app serving on, then the stop: the peer
+    that took the pre-copy gets only the records written since the drain's delta, applied
+    as a delta (they replace what it holds), not the whole cache again."""
+    cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    for i in reversed(range(2000)):
+        cache[f"k{i:04d}"] = {"n": i}
+    received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    new = handoff_node("new", "127.0.0.3", release="v2")
+    new.track("users", received)
+    async with new:
+        old = handoff_node("old", "127.0.0.2", new, release="v1", precopy=True)
+        old.track("users", cache)
+        async with old:
+            with anyio.fail_after(10):
+                await new.wait_warm()
+            await wait_until(lambda: old.stats()["precopy"][0]["state"] == "complete")
+            _changes_after_the_copy(cache)
+            drained = await old.drain()
+            for i in range(1, 2000, 151):
+                cache[f"k{i:04d}"] = {"n": i, "v": 3}  # written after the drain
+            cache.pop("k0002", None)
+        # (Leaving the block stopped the old node: the catch-up ran.)
+        final = list(adapter(cache).export())
+        got = list(adapter(received).export())
+    assert drained.ok, drained.summary()
+    report = old.catch_up_report
+    assert report is not None
+    assert report.ok, report.summary()
+    ns = report.namespaces["users"]
+    assert ns.records == ns.acknowledged == ns.applied
+    assert 14 <= ns.records < 30  # 14 written and one deleted, not 2000
+    assert {k: v for k, v, _ in got} == {k: v for k, v, _ in final}
+    assert [k for k, _, _ in got] == [k for k, _, _ in final]
+
+
+@pytest.mark.anyio
 async def test_a_precopy_cut_short_by_the_drain_loses_nothing_and_leaves_nothing_stale() -> None:
     cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
     for i in reversed(range(2000)):
@@ -525,3 +567,90 @@ def test_a_bad_precopy_setting_says_what_it_takes(given: str) -> None:
     environ = {"HANDOFF_COOKIE": "x" * 32, "HANDOFF_CLUSTER": "shop", "HANDOFF_PRECOPY": given}
     with pytest.raises(handoff.ConfigError, match="HANDOFF_PRECOPY"):
         resolve_settings(environ=environ)
+
+
+def test_an_lfu_delta_keeps_counts_and_the_order_of_ties() -> None:
+    """Each delta record becomes the hottest of its count, as on the sender; counts are
+    the sender's up to the ceiling any import has (MAX_IMPORTED_COUNT, or higher counts
+    the receiver holds), above which they stay tied at it, as after any handoff."""
+    cache: cachetools.LFUCache[str, int] = cachetools.LFUCache(100)
+    for i in range(10):
+        cache[f"k{i}"] = i
+        for _ in range(i):
+            _ = cache[f"k{i}"]
+    received: cachetools.LFUCache[str, int] = cachetools.LFUCache(100)
+    source, target = adapter(cache), adapter(received)
+    mark = source.mark()
+    target.import_records(list(source.export()))
+    for _ in range(5):
+        _ = cache["k1"]  # count 7, tied with k6, and now the later of the two
+    _ = cache["k2"]
+    cache["k4"] = -4  # a write is a use too
+    for _ in range(MAX_IMPORTED_COUNT + 10):
+        _ = cache["k3"]
+    target.import_delta(delta_order(source.changed_since(mark)))
+    expected = list(source.export())
+    counts = {key: min(count, MAX_IMPORTED_COUNT) for key, _, count in expected}
+    got = list(target.export())  # (dict(cache) would read, and so use, every entry)
+    assert {key: count for key, _, count in got} == counts
+    assert {key: value for key, value, _ in got} == {key: value for key, value, _ in expected}
+    if LFU_TIES_PRESERVED:
+        assert [key for key, _, _ in got] == [key for key, _, _ in expected]
+
+
+def test_the_record_of_changes_is_bounded_and_then_everything_is_sent_again() -> None:
+    """Churn after the mark (new keys evicting old ones) would grow the record of deleted
+    keys without end: past its bound it is dropped, tracking stops, and the delta becomes
+    a reset plus the whole cache, after which the receiver holds exactly the sender's."""
+    timer = Timer()
+    size = 2 * CHANGES_FLOOR
+    cache = make("ttl", timer, maxsize=size)
+    cache.update({f"old{i}": i for i in range(size)})
+    received = make("ttl", timer, maxsize=size)
+    source, target = adapter(cache), adapter(received)
+    precopy = Precopy({"c": Tracked("c", cache, source, 1)})
+    assert target.import_records(list(precopy.copy_sources()["c"]())).applied == size
+    for i in range(size):  # churn: every old key evicted
+        cache[f"new{i}"] = i
+    assert type(cache) is cachetools.TTLCache  # untracked: reads cost nothing extra
+    assert not any(name.startswith("_handoff") for name in vars(cache))
+    with pytest.raises(handoff.ChangesLost):
+        list(source.changed_since(precopy._marks["c"]))
+    delta = list(precopy.delta_sources()["c"]())
+    assert precopy.reset == {"c"}
+    assert delta[0] == (None, None, RESET)
+    assert len(delta) == 1 + len(cache)
+    tracked = Tracked("c", received, target, 1)
+    result, dropped = apply_delta(tracked, None, delta[:100], age=0.0)
+    more, more_dropped = apply_delta(tracked, None, delta[100:], age=0.0)
+    assert (result + more).applied == len(delta)
+    assert dropped == more_dropped == {}
+    assert [(k, v) for k, v, _ in target.export()] == [(k, v) for k, v, _ in source.export()]
+    # A new mark starts a new record.
+    mark = source.mark()
+    cache["fresh"] = 1  # (evicts one: a deletion)
+    changed = list(source.changed_since(mark))
+    assert [key for key, value, _ in changed if value is not DELETED] == ["fresh"]
+    assert len(changed) == 2
+
+
+@pytest.mark.parametrize("kind", ["ttl", "lru", "fifo", "lfu"])
+def test_a_handoff_received_while_tracking_is_part_of_the_delta(kind: str) -> None:
+    """A node that pre-copies and meanwhile receives a handoff (its bulk import stores
+    without ``__setitem__``) passes those records on in its delta, in its own order."""
+    timer = Timer()
+    cache = make(kind, timer, maxsize=3000)
+    cache.update({f"own{i}": i for i in range(1000)})
+    source = adapter(cache)
+    mark = source.mark()
+    _ = cache.get("own5")  # a use before the import
+    incoming = [(f"in{i}", i, 200.0 if kind == "ttl" else None) for i in range(1500)]
+    assert source.import_records(incoming).applied == 1500
+    _ = cache.get("own7")  # and one after
+    changed = list(source.changed_since(mark))
+    expected = {f"in{i}" for i in range(1500)} | (
+        {"own5", "own7"} if kind in ("ttl", "lru", "lfu") else set()
+    )
+    assert {key for key, _, _ in changed} == expected
+    # As the export yields them, whatever order the imports gave the cache.
+    assert changed == [record for record in source.export() if record[0] in expected]

@@ -28,7 +28,15 @@ from typing import Any
 import anyio
 import pytest
 
-from handoff._demo import TrafficSpec, run_traffic, zipf_table
+from handoff._demo import (
+    TrafficSpec,
+    final_writes,
+    is_stale,
+    run_traffic,
+    version_of,
+    versioned,
+    zipf_table,
+)
 from handoff.engine import Router
 from handoff.simulate import (
     BIN_SECONDS,
@@ -178,6 +186,56 @@ def test_request_loop_stops_when_told() -> None:
     assert time.monotonic() - started < 2
     assert events[-1]["event"] == "traffic-done"
     assert events[-1]["complete"] is False
+
+
+def test_a_read_older_than_the_last_write_is_stale() -> None:
+    assert version_of(versioned("v7", 12)) == 12
+    assert version_of("v7") == 0
+    assert version_of(b"v7@3") == 0  # not written by the traffic
+    assert is_stale(versioned("v7", 11), 12)
+    assert is_stale("v7", 12)  # the initial value, after a write
+    assert not is_stale(versioned("v7", 12), 12)
+    assert not is_stale(versioned("v7", 13), 12)  # written after
+    assert not is_stale("v7", 0)  # never written
+
+
+class _Reads(dict[Any, Any]):
+    """A cache that remembers every value a read returned."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.returned: list[tuple[Any, Any]] = []
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        value = super().get(key, default)
+        self.returned.append((key, value))
+        return value
+
+
+def test_the_new_stream_counts_each_read_older_than_the_old_streams_last_write() -> None:
+    now = time.monotonic()
+    old = _spec(epoch=now, start=now, end=now + 0.2, writes=0.2, seed=5)
+    new = _spec(epoch=now, start=now + 0.2, end=now + 0.4, writes=0.2, previous=(now, now + 0.2, 5))
+    assert TrafficSpec.parse(new.to_json()) == new
+    # What the old node's stream wrote, by replay and by running it: the same.
+    old_cache: dict[Any, Any] = {}
+    assert _collect(old, "node-a", old_cache)[-1]["complete"] is True
+    written = final_writes(new, lambda rank: f"k{rank}")
+    assert written
+    assert written == {k: version_of(v) for k, v in old_cache.items() if version_of(v)}
+    assert max(written.values()) <= new.version_base  # the new stream's writes are newer
+    # A receiver that holds what the old node held reads nothing stale ...
+    honest = _Reads(old_cache)
+    assert _collect(new, "node-b", honest)[-1]["stale"] == 0
+    # ... one left with the value before the hottest written key's last write does, once
+    # for every read that returned it (until the new stream overwrote it).
+    hottest = min(written, key=lambda key: int(key[1:]))
+    outdated = versioned("v" + hottest[1:], written[hottest] - 1)
+    stale = _Reads({**old_cache, hottest: outdated})
+    done = _collect(new, "node-b", stale)[-1]
+    returned = sum(1 for key, value in stale.returned if key == hottest and value == outdated)
+    assert returned > 0
+    assert done["stale"] == returned
 
 
 # -- the output, from a made-up comparison ------------------------------------------------------
@@ -359,7 +417,12 @@ def test_warm_deploy_keeps_the_hit_rate_and_spares_the_backend(tmp_path: Path) -
     assert report["hit_rate_warm"] > report["hit_rate_cold"] + 0.1
     assert report["hit_rate_warm"] > 0.7
     assert report["backend_calls_warm"] < 0.75 * report["backend_calls_cold"]
+    # The drain hands on the old node's last writes (keep-existing never keeps an older
+    # value than the backend's), and without handoff the new nodes load them.
+    assert report["stale_reads"] == 0
     cold, warm = report["cold"], report["warm"]
+    assert cold["writes"]["before"] > 0
+    assert cold["stale_reads"] == 0
     assert cold["lost"] == 2000
     assert cold["handoff_seconds"] is None
     assert warm["drain"]["namespaces"]["cache"]["acknowledged"] == 2000
@@ -368,7 +431,7 @@ def test_warm_deploy_keeps_the_hit_rate_and_spares_the_backend(tmp_path: Path) -
         assert all(node["exit_code"] == 0 for node in run["nodes"])
         assert len(run["series"]) == round(settings["seconds"] / BIN_SECONDS)
         # Every request of the stream was served exactly once, by one node.
-        assert run["requests"]["after"] == round(
+        assert run["requests"]["after"] + run["writes"]["after"] == round(
             settings["rate"] * (settings["seconds"] - settings["seconds_before_switch"])
         )
         assert not run["late"]
@@ -536,6 +599,9 @@ def test_a_precopy_run_reports_its_blackout_and_accounts_for_every_record() -> N
     assert report["ok"] is True, report["error"]
     assert report["settings"]["precopy"] is True
     assert report["blackout_seconds"] >= 0
+    # Counted (see the README's "Pre-copy": reads until the delta lands may be stale).
+    assert isinstance(report["stale_reads"], int)
+    assert report["cold"]["stale_reads"] == 0
     assert report["cold"]["blackout_seconds"] is None
     # What the pre-copies had done by SIGTERM (their timing is the machine's).
     assert {p["peer"] for p in report["warm"]["precopies"]} == {"node-b", "node-c"}

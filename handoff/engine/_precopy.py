@@ -27,11 +27,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from handoff._adapter import DELETED, Adapter, ImportResult, Record, SupportsChangeTracking
+from handoff._adapter import (
+    DELETED,
+    Adapter,
+    ChangesLost,
+    ImportResult,
+    Record,
+    SupportsChangeTracking,
+)
 from handoff.engine._intake import admit
 from handoff.engine._planner import compare_releases
 from handoff.engine._tracked import Tracked
@@ -47,7 +55,9 @@ __all__ = (
     "DELTA_SHARE",
     "LINK_WAIT",
     "PRECOPY",
+    "PRECOPY_CHUNK_BYTES",
     "PRECOPY_TIME_LIMIT",
+    "RESET",
     "TOMBSTONE",
     "Precopy",
     "PrecopyState",
@@ -68,12 +78,21 @@ PRECOPY_TIME_LIMIT: Final = 3600.0
 """Seconds a pre-copy may take (it runs while the node serves, paced)."""
 DELTA_SHARE: Final = 0.5
 """Share of the drain's time each delta may take (the drain of the rest follows)."""
+PRECOPY_CHUNK_BYTES: Final = 64 * 1024
+"""What a pre-copy's chunks aim at (a drain's aim at 1 MiB): the old node's event loop is
+busy with one chunk at a time, so this bounds what a pre-copy adds to its serving latency
+(see the README's "Pre-copy")."""
 LINK_WAIT: Final = 5.0
 """Seconds a pre-copy waits for the link of a peer that just came up."""
 CANCEL_WAIT: Final = 1.0
 """Seconds a drain waits for a pre-copy it stopped to cancel its streams."""
 TOMBSTONE: Final = "handoff:deleted"
 """The meta of a delta record that deletes its key (value ``None``); in delta streams only."""
+RESET: Final = "handoff:reset"
+"""The meta of a delta's first record (key and value ``None``) when the sender could no
+longer tell what changed since the mark (:exc:`~handoff.ChangesLost`: its record of
+changes is bounded): the receiver deletes every entry it holds, and the rest of the delta
+is the whole cache, coldest first, each record becoming the hottest as in any delta."""
 
 
 def supports_delta(adapter: Adapter) -> bool:
@@ -131,22 +150,35 @@ def apply_delta(
     """Apply a decoded delta chunk: written records go through the upgrade hooks and the
     validator as any handoff's do; tombstones delete their key (they carry no value for
     the validator to vet: a peer holding the cookie can delete a cached entry, which costs
-    a cache miss). An adapter error drops the chunk with its reason, as on import."""
+    a cache miss); a :data:`RESET` record first deletes every entry held. An adapter
+    error drops the chunk with its reason, as on import."""
     written: list[Record] = []
     deletions: list[Record] = []
+    reset = 0
     for record in from_wire(records):
+        if type(record[2]) is str and record[2] == RESET:
+            reset += 1
+            continue
         (deletions if record[1] is DELETED else written).append(record)
+    if reset:
+        try:
+            held = [(key, DELETED, None) for key, _, _ in tracked.adapter.export()]
+            tracked.adapter.import_delta(held, age=age)  # type: ignore[attr-defined]
+        except Exception as exc:
+            return ImportResult(), {f"import failed: {type(exc).__name__}": len(records)}
     written, dropped = admit(tracked, chain, written)
     batch = deletions + written
     try:
         result: ImportResult = tracked.adapter.import_delta(batch, age=age)  # type: ignore[attr-defined]
     except Exception as exc:
-        return ImportResult(), {**dropped, f"import failed: {type(exc).__name__}": len(batch)}
+        failed = f"import failed: {type(exc).__name__}"
+        return ImportResult(applied=reset), {**dropped, failed: len(batch)}
     if result.total != len(batch):
-        return ImportResult(), {**dropped, "outcome unknown: adapter miscounted": len(batch)}
+        unknown = "outcome unknown: adapter miscounted"
+        return ImportResult(applied=reset), {**dropped, unknown: len(batch)}
     for reason, count in result.dropped.items():
         dropped[reason] = dropped.get(reason, 0) + count
-    return result, dropped
+    return result + ImportResult(applied=reset), dropped
 
 
 class Precopy:
@@ -165,6 +197,8 @@ class Precopy:
         """Records acknowledged so far, per namespace."""
         self.entries: dict[str, int] = {}
         """Entries per namespace when the copy began."""
+        self.reset: set[str] = set()
+        """Namespaces whose delta was the whole cache (:data:`RESET`)."""
 
     def status(self, peer: str) -> dict[str, object]:
         """For ``handoff status``: the peer, the state, records copied of how many."""
@@ -196,13 +230,27 @@ class Precopy:
         return frozenset(self._marks)
 
     def delta_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
-        """The Drainer's ``sources`` for the delta of every marked namespace."""
+        """The Drainer's ``sources`` for the delta of every marked namespace: what changed
+        since the mark, or since the last delta (each delta marks anew)."""
 
         def source(name: str) -> Callable[[], Iterator[Record]]:
             def records() -> Iterator[Record]:
                 adapter = self.tracked[name].adapter
                 assert isinstance(adapter, SupportsChangeTracking)
-                return to_wire(delta_order(adapter.changed_since(self._marks[name])))
+                try:
+                    delta = delta_order(adapter.changed_since(self._marks[name]))
+                except ChangesLost:
+                    # Everything again, on an emptied receiver: what it holds from the
+                    # copy may since have been changed or deleted here, unseen.
+                    self.reset.add(name)
+                    everything = list(adapter.export())
+                    everything.reverse()
+                    self._marks[name] = adapter.mark()
+                    return chain([(None, None, RESET)], everything)
+                # The next delta (the catch-up after a manual drain) starts here: the
+                # records are listed by now, under the node's lock.
+                self._marks[name] = adapter.mark()
+                return to_wire(delta)
 
             return records
 

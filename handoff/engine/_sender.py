@@ -202,6 +202,7 @@ class Drainer:
         pace: float | None = None,
         skip: Mapping[str, frozenset[str]] | None = None,
         exclude: frozenset[str] = frozenset(),
+        chunk_bytes: int | None = None,
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
@@ -221,7 +222,11 @@ class Drainer:
         chunks of a drain that runs while the node serves (a pre-copy), so that encoding
         and sending take only a share of its time. ``skip`` names, per namespace, peers
         that are not to get it (they took it by pre-copy); ``exclude`` namespaces not to
-        drain at all (every successor took them so)."""
+        drain at all (every successor took them so). ``chunk_bytes`` is the size chunks
+        aim at: the event loop is busy for one chunk at a time (pulling, encoding,
+        encrypting), so a drain that runs beside serving (a pre-copy) keeps it small,
+        and then yields to the loop before each chunk (default: :data:`TARGET_CHUNK_BYTES`,
+        no yield)."""
         self._skip = skip if skip is not None else {}
         self._exclude = exclude
         self._stopped = False
@@ -229,6 +234,7 @@ class Drainer:
             raise ValueError(f"pace must be a positive number of bytes per second, not {pace!r}")
         self._kinds = kinds if kinds is not None else {}
         self._pace = pace
+        self._chunk_bytes = chunk_bytes
         self._paced_bytes = 0
         self._paced_from = math.nan
         self.exported: dict[str, ExportLog] = {}
@@ -770,7 +776,8 @@ class Drainer:
     def _chunk_records(self) -> int:
         if not self._bytes_per_record:
             return FIRST_CHUNK_RECORDS
-        wanted = int(TARGET_CHUNK_BYTES / self._bytes_per_record)
+        aim = TARGET_CHUNK_BYTES if self._chunk_bytes is None else self._chunk_bytes
+        wanted = int(aim / self._bytes_per_record)
         return max(16, min(MAX_CHUNK_RECORDS, wanted))
 
     def _eligible_tiers(self, tracked: Tracked, report: NamespaceReport) -> list[list[_Target]]:
@@ -1076,6 +1083,10 @@ class Drainer:
         if len(payload) > self._max_chunk_bytes:
             await self._send_split(stream, report, records, pending.pulled_at, until)
             return
+        if self._chunk_bytes is not None:
+            # Beside serving: the loop's other tasks get their turn between two chunks (a
+            # send that the transport's buffer takes whole does not suspend).
+            await anyio.lowlevel.checkpoint()
         if self._pace is not None and not await self._paced(until):
             stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
             return  # out of time: the records stay queued, for the caller to take back
