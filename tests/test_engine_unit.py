@@ -1393,7 +1393,7 @@ async def test_ownership_sent_on_a_link_whose_writes_hang_is_never_counted_twice
 
 async def test_chunks_grow_on_a_fast_link(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_sender, "TARGET_CHUNK_BYTES", 1024 * 1024)
-    held = {f"k{i:05d}": "v" * 1000 for i in range(4000)}
+    held = {f"k{i:05d}": "v" * 1000 for i in range(8000)}
     async with network() as net:
         a = net.node("a", track("cache", dict(held)))
         b = net.node("b", track("cache", {}), release="v2")
@@ -1402,8 +1402,8 @@ async def test_chunks_grow_on_a_fast_link(monkeypatch: pytest.MonkeyPatch) -> No
 
     assert report.ok, report.summary()
     sizes = [len(m.payload) for m in net.wire(a, b).sent if isinstance(m, Chunk)]
-    # Acks come back at once: from the first 16 records, the starting size, then doubling.
-    assert sizes[1] <= _sender.START_CHUNK_BYTES < sizes[2]
+    # Acks come back at once: after the first 16 records, the starting size, then growing.
+    assert sizes[1] <= _sender.START_CHUNK_BYTES
     assert sizes[:-1] == sorted(sizes[:-1])  # the last one holds what was left
     assert max(sizes) > 512 * 1024
     assert max(sizes) <= _sender.TARGET_CHUNK_BYTES + 2048

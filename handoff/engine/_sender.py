@@ -11,6 +11,15 @@ What is left at the deadline, or with nobody to take it, goes to the snapshot st
 is one, and is otherwise counted as dropped. Memory held at any time is bounded by the
 successors' credit times the chunk size, whatever the size of the state.
 
+Each link's messages are written by a task of its own (:class:`_Writer`), in order: a write
+that blocks (a successor partitioned away, its socket buffers full) holds back that link
+only; the drain waits at most :data:`WRITE_PATIENCE` for each write, and the successor then
+stalls like one that stops answering. Chunks its writer never began are bound to nobody
+and go elsewhere; the one it was writing follows the rules below. Chunks are sized per
+successor by the rate its Acks come back at (:data:`CHUNK_SECONDS`), within the cap above,
+and a stream gets no chunk its link's observed rate cannot carry before the streaming time
+ends (:meth:`Drainer._room`): a slow link gets small chunks that complete.
+
 State that moves ownership (counters, actors) must arrive exactly once, so a chunk sent to
 a successor stays bound to it until its fate is known: acknowledged (applied there),
 refused or withdrawn (not applied: the receiver's Acks precede its Refuse on the wire), or
@@ -83,14 +92,14 @@ logger = logging.getLogger("handoff.engine")
 
 TARGET_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
-# Chunks are sized per successor by the rate its Acks come back at (bytes acknowledged per
-# second on that link), like TCP's slow start: a stream starts with chunks of
-# START_CHUNK_BYTES, and only that many bytes unacknowledged until its first Ack; then each
-# Ack moves the size towards CHUNK_SECONDS of the link (at most doubling or halving), between
-# MIN_CHUNK_BYTES and TARGET_CHUNK_BYTES. A fast link soon gets full-sized chunks; a slow one
-# small chunks, each acknowledged in a fraction of the drain, instead of one chunk that
-# cannot be written before the deadline (the write times out, the link closes, and even
-# the Acks already on their way are lost with it).
+# Chunks are sized per successor by how fast its Acks come back, like TCP's slow start: a
+# stream starts with chunks of START_CHUNK_BYTES, and only that many bytes unacknowledged
+# until its first Ack. A chunk acknowledged within CHUNK_SECONDS lets the next ones be twice
+# its size; one that took over twice that halves them, at most down to what the link carries
+# in CHUNK_SECONDS; always between MIN_CHUNK_BYTES and TARGET_CHUNK_BYTES. A fast link soon
+# gets full-sized chunks; a slow one small chunks, each acknowledged in a fraction of the
+# drain, instead of one chunk that cannot be written before the deadline (the write times
+# out, the link closes, and even the Acks already on their way are lost with it).
 START_CHUNK_BYTES = 64 * 1024
 MIN_CHUNK_BYTES = 8 * 1024
 CHUNK_SECONDS = 0.25
@@ -118,14 +127,14 @@ CANCEL_RESERVE = 0.1
 # a busy but healthy successor (a collection pause, a large chunk to apply); the ceiling is
 # the default heartbeat timeout, past which a silent peer counts as down anyway.
 STALL_SHARE = 0.2
+STALL_FLOOR = 0.5
+STALL_CEILING = 3.0
 # Seconds the drain waits for a message it queued to be written before it carries on. A
 # healthy link's socket takes a write at once, so the drain keeps its order of events (an
 # answer that a written message brings comes before the drain's next step); a link whose
 # buffers are full (a peer partitioned away) holds the drain back at most this long per
 # message, while the write goes on in the link's writer until its own time limit.
 WRITE_PATIENCE = 0.05
-STALL_FLOOR = 0.5
-STALL_CEILING = 3.0
 
 
 @dataclass(slots=True)
@@ -158,7 +167,11 @@ class _OutStream:
     chunk_bytes: int = START_CHUNK_BYTES
     """The size its next chunk aims at (see :data:`CHUNK_SECONDS`)."""
     seconds_per_byte: float = math.nan
-    """Its link's observed time per acknowledged byte (smoothed); NaN before the first Ack."""
+    """Its link's observed time per acknowledged byte; NaN before the first Ack."""
+    recent_bytes: float = 0.0
+    recent_seconds: float = 0.0
+    """Bytes acknowledged and the time they took, older Acks weighing less: their ratio
+    is :attr:`seconds_per_byte`, by bytes (a small chunk's round trip says little)."""
     last_ack_at: float = -math.inf
     full: bool = False
     """Its link cannot carry another chunk before the streaming time ends: it gets no more
@@ -398,20 +411,23 @@ class Drainer:
 
     def _learn_rate(self, stream: _OutStream, size: int, queued_at: float) -> None:
         """An Ack of a chunk of ``size`` bytes: update the link's observed rate, and size
-        the stream's next chunks by it (see :data:`CHUNK_SECONDS`). The time counted is
-        from when the chunk was queued, or from the previous Ack when chunks were
-        pipelined: the time the link took for this chunk's bytes."""
+        the stream's next chunks (see :data:`CHUNK_SECONDS`). The time counted is from
+        when the chunk was queued, or from the previous Ack when chunks were pipelined:
+        the time the link took for this chunk's bytes."""
         now = self._clock.now()
         elapsed = max(0.0, now - max(queued_at, stream.last_ack_at))
         stream.last_ack_at = now
-        sample = elapsed / max(1, size)
-        smoothed = stream.seconds_per_byte
-        smoothed = sample if math.isnan(smoothed) else (smoothed + sample) / 2
-        stream.seconds_per_byte = smoothed
-        wanted = CHUNK_SECONDS / smoothed if smoothed > 0 else math.inf
+        stream.recent_bytes = stream.recent_bytes / 2 + size
+        stream.recent_seconds = stream.recent_seconds / 2 + elapsed
+        stream.seconds_per_byte = stream.recent_seconds / max(1.0, stream.recent_bytes)
         current = stream.chunk_bytes
         cap = self._chunk_cap()
-        sized = max(current / 2, min(current * 2, wanted))
+        if elapsed <= CHUNK_SECONDS:
+            sized = max(current, 2 * size)
+        elif elapsed > 2 * CHUNK_SECONDS:
+            sized = min(current, max(current / 2, size * CHUNK_SECONDS / elapsed))
+        else:
+            sized = current
         stream.chunk_bytes = int(max(min(MIN_CHUNK_BYTES, cap), min(cap, sized)))
 
     def _stream_chunk_records(self, stream: _OutStream) -> int:
