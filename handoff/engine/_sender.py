@@ -422,6 +422,7 @@ class Drainer:
         stream.seconds_per_byte = stream.recent_seconds / max(1.0, stream.recent_bytes)
         current = stream.chunk_bytes
         cap = self._chunk_cap()
+        sized: float
         if elapsed <= CHUNK_SECONDS:
             sized = max(current, 2 * size)
         elif elapsed > 2 * CHUNK_SECONDS:
