@@ -17,9 +17,6 @@ Each scenario checks what the drain report says against what the nodes hold:
   drain into it (the link healed), and it must hold exactly the old node's state (digest);
 - the drain ends within its deadline (measured inside the node).
 
-One scenario is a known engine bug, marked xfail (strict): a partitioned successor whose
-socket buffers are full holds back the whole drain (see its reason).
-
 Root only (network namespaces); skipped with the reason otherwise.
 """
 
@@ -255,15 +252,6 @@ def test_successor_partitioned_mid_stream_the_rest_goes_elsewhere(cluster: Clust
     assert ns["snapshotted"] == 0, "c answers: b's share goes to it, within the deadline"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine: a chunk write to a partitioned successor whose socket buffers are full is "
-        "awaited for all the drain's sending time (Drainer._send: time_limit = until - now), "
-        "so the drain sends nothing more to the healthy successor c and snapshots the rest; "
-        "the stall check (STALL_SHARE) only looks at answers, never at a blocked write"
-    ),
-)
 def test_successor_partitioned_with_full_buffers_does_not_hold_back_the_others(
     cluster: Cluster,
 ) -> None:
@@ -302,18 +290,6 @@ def test_slow_successor_at_one_megabit(cluster: Cluster, value_size: int, timeou
     _check_nothing_lost(cluster, state, [b])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine: after the first chunk (16 records) chunks are sized by bytes only (up to "
-        "1 MiB, TARGET_CHUNK_BYTES), and one chunk write is awaited for all the drain's "
-        "sending time (Drainer._send); at 1 Mbit/s the second chunk (the other ~0.9 MB) "
-        "needs ~7 s, so with a 3 s deadline the write times out and the link is closed. Even "
-        "the first chunk's Ack, sent by b 2.3 s before the drain ended over an unthrottled "
-        "direction, is not counted: 0 acknowledged while b holds 16, everything snapshotted, "
-        "though ~280 kB (~900 records) fit through the link in the time"
-    ),
-)
 def test_slow_successor_gets_what_the_link_carries_in_the_deadline(cluster: Cluster) -> None:
     entries, timeout = 3000, 3.0
     state = {"namespace": "cache", "type": "dict", "entries": entries, "value_size": 300}

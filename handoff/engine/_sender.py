@@ -11,6 +11,15 @@ What is left at the deadline, or with nobody to take it, goes to the snapshot st
 is one, and is otherwise counted as dropped. Memory held at any time is bounded by the
 successors' credit times the chunk size, whatever the size of the state.
 
+Each link's messages are written by a task of its own (:class:`_Writer`), in order: a write
+that blocks (a successor partitioned away, its socket buffers full) holds back that link
+only; the drain waits at most :data:`WRITE_PATIENCE` for each write, and the successor then
+stalls like one that stops answering. Chunks its writer never began are bound to nobody
+and go elsewhere; the one it was writing follows the rules below. Chunks are sized per
+successor by the rate its Acks come back at (:data:`CHUNK_SECONDS`), within the cap above,
+and a stream gets no chunk its link's observed rate cannot carry before the streaming time
+ends (:meth:`Drainer._room`): a slow link gets small chunks that complete.
+
 State that moves ownership (counters, actors) must arrive exactly once, so a chunk sent to
 a successor stays bound to it until its fate is known: acknowledged (applied there),
 refused or withdrawn (not applied: the receiver's Acks precede its Refuse on the wire), or
@@ -47,6 +56,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
 from handoff._adapter import Record, SupportsGiveBack
@@ -82,6 +92,17 @@ logger = logging.getLogger("handoff.engine")
 
 TARGET_CHUNK_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
+# Chunks are sized per successor by how fast its Acks come back, like TCP's slow start: a
+# stream starts with chunks of START_CHUNK_BYTES, and only that many bytes unacknowledged
+# until its first Ack. A chunk acknowledged within CHUNK_SECONDS lets the next ones be twice
+# its size; one that took over twice that halves them, at most down to what the link carries
+# in CHUNK_SECONDS; always between MIN_CHUNK_BYTES and TARGET_CHUNK_BYTES. A fast link soon
+# gets full-sized chunks; a slow one small chunks, each acknowledged in a fraction of the
+# drain, instead of one chunk that cannot be written before the deadline (the write times
+# out, the link closes, and even the Acks already on their way are lost with it).
+START_CHUNK_BYTES = 64 * 1024
+MIN_CHUNK_BYTES = 8 * 1024
+CHUNK_SECONDS = 0.25
 # Small, to learn the records' size before sizing chunks by bytes: large values must not
 # make the first chunk huge.
 FIRST_CHUNK_RECORDS = 16
@@ -108,6 +129,12 @@ CANCEL_RESERVE = 0.1
 STALL_SHARE = 0.2
 STALL_FLOOR = 0.5
 STALL_CEILING = 3.0
+# Seconds the drain waits for a message it queued to be written before it carries on. A
+# healthy link's socket takes a write at once, so the drain keeps its order of events (an
+# answer that a written message brings comes before the drain's next step); a link whose
+# buffers are full (a peer partitioned away) holds the drain back at most this long per
+# message, while the write goes on in the link's writer until its own time limit.
+WRITE_PATIENCE = 0.05
 
 
 @dataclass(slots=True)
@@ -134,6 +161,25 @@ class _OutStream:
     """The stream failed because its link ended (the successor is presumed crashed)."""
     progress_at: float = 0.0
     """When the successor last answered on this stream, or the drain began to wait on it."""
+    report: NamespaceReport | None = None
+    sizes: dict[int, tuple[int, float]] = field(default_factory=dict)
+    """Of the chunks in :attr:`inflight`: their encoded bytes, and when they were queued."""
+    chunk_bytes: int = START_CHUNK_BYTES
+    """The size its next chunk aims at (see :data:`CHUNK_SECONDS`)."""
+    seconds_per_byte: float = math.nan
+    """Its link's observed time per acknowledged byte; NaN before the first Ack."""
+    recent_bytes: float = 0.0
+    recent_seconds: float = 0.0
+    """Bytes acknowledged and the time they took, older Acks weighing less: their ratio
+    is :attr:`seconds_per_byte`, by bytes (a small chunk's round trip says little)."""
+    last_ack_at: float = -math.inf
+    full: bool = False
+    """Its link cannot carry another chunk before the streaming time ends: it gets no more
+    (what it holds in flight may still be acknowledged)."""
+
+    @property
+    def unacked_bytes(self) -> int:
+        return sum(size for size, _ in self.sizes.values())
 
     @property
     def stream(self) -> int:
@@ -159,6 +205,23 @@ class _Owed:
 
     record: Record
     carriers: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Writer:
+    """Writes one link's messages of this drain, in order, in a task of its own: a write
+    that blocks (a successor partitioned away with full socket buffers) holds back only the
+    streams on that link, never the drain nor the other successors. Its queue is bounded by
+    the streams' credit (chunks) and a few control messages per stream."""
+
+    link: Link
+    queue: deque[tuple[_OutStream | None, Message, float, anyio.Event]] = field(
+        default_factory=deque
+    )
+    """``(stream, message, until, written)``; ``stream`` is None for a :class:`Done`; the
+    event is set once the message is written (or given up)."""
+    more: anyio.Event = field(default_factory=anyio.Event)
+    closing: bool = False
 
 
 def _pull_until_pause(records: Iterator[Record], size: int) -> tuple[list[Record], bool]:
@@ -222,8 +285,8 @@ class Drainer:
         chunks of a drain that runs while the node serves (a pre-copy), so that encoding
         and sending take only a share of its time. ``skip`` names, per namespace, peers
         that are not to get it (they took it by pre-copy); ``exclude`` namespaces not to
-        drain at all (every successor took them so). ``chunk_bytes`` is the size chunks
-        aim at: the event loop is busy for one chunk at a time (pulling, encoding,
+        drain at all (every successor took them so). ``chunk_bytes`` caps the size chunks
+        grow to by their Acks (see :meth:`_learn_rate`): the event loop is busy for one chunk at a time (pulling, encoding,
         encrypting), so a drain that runs beside serving (a pre-copy) keeps it small,
         and then yields to the loop before each chunk (default: :data:`TARGET_CHUNK_BYTES`,
         no yield)."""
@@ -278,6 +341,9 @@ class Drainer:
         """Spread ``all``: the last chunk encoded (its records, kept alive so that their
         identities stay theirs, and those identities), for the next successor that gets
         the same chunk."""
+        self._writers: dict[int, _Writer] = {}
+        """One writer per link (by ``id``), started by the first message for it."""
+        self._group: anyio.abc.TaskGroup | None = None
         self._unresolved: dict[tuple[str, int], Tracked] = {}
         """Cancelled ownership streams whose chunks the end of their namespace reported as
         of unknown outcome: the successor's late answer (after the namespace, or after the
@@ -314,6 +380,9 @@ class Drainer:
         if not stream.machine.receive(message):
             return
         stream.progress_at = self._clock.now()
+        if stream.state.finished:
+            # Refused: chunks its writer has not begun are nobody's, like queued records.
+            self._unqueue(stream)
         if isinstance(message, Refuse) and was_open:
             # The successor started draining before the stream ended: what it did not
             # acknowledge is taken back and re-routed by the drain loop.
@@ -323,6 +392,9 @@ class Drainer:
             self._report.refusals[peer] = message.reason
         elif isinstance(message, Ack):
             entry = stream.inflight.pop(message.seq, None)
+            size = stream.sizes.pop(message.seq, None)
+            if size is not None:
+                self._learn_rate(stream, *size)
             if entry is None:
                 # A cache's chunk that crossed its Cancel: its records were already sent
                 # elsewhere, and count there.
@@ -339,6 +411,63 @@ class Drainer:
             if self._progress is not None:
                 self._progress(report)
         self._changed.set()
+
+    def _chunk_cap(self) -> int:
+        # A pre-copy's chunk_bytes (beside serving) caps what the Acks would grow to.
+        aim = TARGET_CHUNK_BYTES if self._chunk_bytes is None else self._chunk_bytes
+        return min(aim, self._max_chunk_bytes)
+
+    def _learn_rate(self, stream: _OutStream, size: int, queued_at: float) -> None:
+        """An Ack of a chunk of ``size`` bytes: update the link's observed rate, and size
+        the stream's next chunks (see :data:`CHUNK_SECONDS`). The time counted is from
+        when the chunk was queued, or from the previous Ack when chunks were pipelined:
+        the time the link took for this chunk's bytes."""
+        now = self._clock.now()
+        elapsed = max(0.0, now - max(queued_at, stream.last_ack_at))
+        stream.last_ack_at = now
+        stream.recent_bytes = stream.recent_bytes / 2 + size
+        stream.recent_seconds = stream.recent_seconds / 2 + elapsed
+        stream.seconds_per_byte = stream.recent_seconds / max(1.0, stream.recent_bytes)
+        current = stream.chunk_bytes
+        cap = self._chunk_cap()
+        sized: float
+        if elapsed <= CHUNK_SECONDS:
+            sized = max(current, 2 * size)
+        elif elapsed > 2 * CHUNK_SECONDS:
+            sized = min(current, max(current / 2, size * CHUNK_SECONDS / elapsed))
+        else:
+            sized = current
+        stream.chunk_bytes = int(max(min(MIN_CHUNK_BYTES, cap), min(cap, sized)))
+
+    def _stream_chunk_records(self, stream: _OutStream) -> int:
+        """Records in the stream's next chunk, by its chunk size (see :meth:`_learn_rate`)."""
+        if not self._bytes_per_record:
+            return FIRST_CHUNK_RECORDS
+        wanted = int(stream.chunk_bytes / self._bytes_per_record)
+        return max(16, min(MAX_CHUNK_RECORDS, wanted))
+
+    def _room(self, stream: _OutStream, until: float) -> int:
+        """How many records the stream's next chunk may hold now: 0 to wait for an Ack,
+        -1 if its link cannot carry a chunk before ``until`` (nothing is in flight and its
+        observed rate leaves no time). Until the first Ack, only the bytes of one starting
+        chunk are sent unacknowledged (the link's rate is unknown); then what the rate
+        says the link acknowledges before ``until``, beyond what is in flight."""
+        if stream.full:
+            return -1
+        limit = self._stream_chunk_records(stream)
+        unacked = stream.unacked_bytes
+        per_byte = stream.seconds_per_byte
+        if math.isnan(per_byte):
+            if unacked and unacked + limit * self._bytes_per_record > START_CHUNK_BYTES:
+                return 0
+            return limit
+        if per_byte <= 0:
+            return limit
+        budget = (until - self._clock.now()) / per_byte - unacked
+        fit = int(budget / self._bytes_per_record) if self._bytes_per_record else limit
+        if fit >= 1:
+            return min(limit, fit)
+        return 0 if unacked else -1
 
     def _count_acknowledged(
         self, count: int, applied: int, kept: int, dropped: Mapping[str, int]
@@ -469,6 +598,29 @@ class Drainer:
 
     async def run(self, *, time_limit: float) -> DrainReport:
         """Drain every namespace within ``time_limit`` seconds; report what became of them."""
+        failure: Exception | None = None
+        report: DrainReport | None = None
+        async with anyio.create_task_group() as group:
+            self._group = group
+            try:
+                report = await self._run(time_limit)
+            except Exception as exc:
+                # Raised as itself, not inside the task group's ExceptionGroup.
+                failure = exc
+                group.cancel_scope.cancel()
+            finally:
+                # Each writer ends once its queue is written: every write has a time limit
+                # within the deadline, so the deadline holds.
+                for writer in self._writers.values():
+                    writer.closing = True
+                    writer.more.set()
+        self._group = None
+        if failure is not None:
+            raise failure
+        assert report is not None
+        return report
+
+    async def _run(self, time_limit: float) -> DrainReport:
         started = self._clock.now()
         deadline = self._deadline = started + time_limit
         self._stall_after = min(STALL_CEILING, max(STALL_FLOOR, time_limit * STALL_SHARE))
@@ -514,14 +666,10 @@ class Drainer:
             if stream.state is StreamState.ENDED or stream.acknowledged:
                 link, acknowledged = served.get(name, (stream.link, 0))
                 served[name] = (link, acknowledged + stream.acknowledged)
-        for name, (link, acknowledged) in served.items():
-            remaining = deadline - self._clock.now()
-            if remaining <= 0:
+        for link, acknowledged in served.values():
+            if deadline <= self._clock.now():
                 break
-            try:
-                await link.send(Done(acknowledged), time_limit=remaining)
-            except HandoffError as exc:
-                logger.debug("could not tell %s the drain is done: %s", name, exc)
+            self._enqueue(link, None, Done(acknowledged), deadline)
 
     async def _drain_namespace(
         self, tracked: Tracked, report: NamespaceReport, stream_until: float, deadline: float
@@ -546,6 +694,7 @@ class Drainer:
         router = Router([])
         routed: list[str] = []
         exhausted = False
+        too_slow = False
         while self._clock.now() < stream_until and not self._stopped:
             # Streams that stopped (and, for ownership, whose chunks' fate became known)
             # give back what they had: it goes to the successors still open.
@@ -560,11 +709,28 @@ class Drainer:
                 self._tier = streams
                 offered += streams
                 continue
-            names = [s.peer.name for s in open_streams]
+            for stream in open_streams:
+                if stream.full and stream.pending.records:
+                    retry.extend(self._released(self._take_pending(stream)))
+            sending = [s for s in open_streams if not s.full]
+            if not sending:
+                # No successor's link carries another chunk before the streaming time ends:
+                # what they have in flight may still be acknowledged; the rest is dealt with
+                # as at the deadline (snapshot store, or dropped with the reason).
+                await self._wait(
+                    functools.partial(self._acknowledged_or_stopped, open_streams),
+                    stream_until,
+                    stalls=True,
+                )
+                if all(s.state is StreamState.OPEN for s in open_streams):
+                    too_slow = True
+                    break
+                continue
+            names = [s.peer.name for s in sending]
             if names != routed:
                 routed, router = names, Router(names)
             # Work in batches of a chunk: the per-record path is the drain's hot loop.
-            size = self._chunk_records()
+            size = max(map(self._stream_chunk_records, sending))
             if retry:
                 taken = [retry.popleft() for _ in range(min(size, len(retry)))]
                 batch = [record for record, _ in taken]
@@ -606,17 +772,16 @@ class Drainer:
                     return
                 continue
             if self._everywhere:
-                await self._copy_to_all(batch, pulled_at, open_streams, retry, size, stream_until)
+                await self._copy_to_all(batch, pulled_at, sending, retry, stream_until)
                 continue
-            for index, records in self._split(batch, router, len(open_streams)):
-                stream = open_streams[index]
+            for index, records in self._split(batch, router, len(sending)):
+                stream = sending[index]
                 pending = stream.pending
                 pending.pulled_at = (
                     min(pending.pulled_at, pulled_at) if pending.records else pulled_at
                 )
                 pending.records.extend(records)
-                if len(pending.records) >= size:
-                    await self._flush(stream, report, stream_until)
+                await self._flush_full(stream, report, stream_until)
         # Out of time or out of successors: everything not acknowledged goes to the snapshot.
         leftovers: list[tuple[Record, float]] = list(retry)
         for stream in streams:
@@ -633,7 +798,7 @@ class Drainer:
         self._note_successors(offered, report)
         if self._stopped:
             reason = STOPPED
-        elif self._clock.now() >= stream_until:
+        elif too_slow or self._clock.now() >= stream_until:
             reason = "deadline"
         else:
             reason = "no successor"
@@ -653,7 +818,6 @@ class Drainer:
         pulled_at: float,
         streams: list[_OutStream],
         retry: deque[tuple[Record, float]],
-        size: int,
         until: float,
     ) -> None:
         """Spread ``all``: queue ``batch`` on every open stream, in order, each carrying
@@ -670,8 +834,7 @@ class Drainer:
             pending.records.extend(batch)
             for entry in entries:
                 entry.carriers += 1
-            if len(pending.records) >= size:
-                await self._flush(stream, self._report, until)
+            await self._flush_full(stream, self._report, until)
         for entry in entries:
             if entry.carriers == 0 and owed.pop(id(entry.record), None) is not None:
                 retry.append((entry.record, pulled_at))
@@ -773,13 +936,6 @@ class Drainer:
         report.records += left
         return counted + left
 
-    def _chunk_records(self) -> int:
-        if not self._bytes_per_record:
-            return FIRST_CHUNK_RECORDS
-        aim = TARGET_CHUNK_BYTES if self._chunk_bytes is None else self._chunk_bytes
-        wanted = int(aim / self._bytes_per_record)
-        return max(16, min(MAX_CHUNK_RECORDS, wanted))
-
     def _eligible_tiers(self, tracked: Tracked, report: NamespaceReport) -> list[list[_Target]]:
         links = {peer.name: (peer, link) for peer, link in self._peers()}
         tiers: list[list[_Target]] = []
@@ -824,6 +980,8 @@ class Drainer:
                 target.chain,
             )
             stream.ownership = tracked.adapter.moves_ownership
+            stream.report = report
+            stream.chunk_bytes = min(START_CHUNK_BYTES, self._chunk_cap())
             self._streams[(target.peer.name, stream.stream)] = stream
             streams.append(stream)
             offer = Offer(
@@ -878,18 +1036,118 @@ class Drainer:
                 self.late.append((stream.peer.name, stream.link, message))
             self._fail(stream, "could not be written to before the deadline")
             return False
+        if isinstance(message, Cancel):
+            # Chunks still queued behind a blocked write were never written: nobody holds
+            # them, and they go elsewhere like the records not yet sent.
+            self._unqueue(stream)
         stream.machine.send(message)
+        written = self._enqueue(stream.link, stream, message, until)
+        await self._clock.wait(written, min(until, self._clock.now() + WRITE_PATIENCE))
+        return True
+
+    def _enqueue(
+        self, link: Link, stream: _OutStream | None, message: Message, until: float
+    ) -> anyio.Event:
+        """Queue ``message`` on ``link``'s writer (started on first use); the event is set
+        once it is written or given up."""
+        writer = self._writers.get(id(link))
+        if writer is None:
+            assert self._group is not None, "messages are sent only while the drain runs"
+            writer = self._writers[id(link)] = _Writer(link)
+            self._group.start_soon(self._write, writer)
+        written = anyio.Event()
+        writer.queue.append((stream, message, until, written))
+        writer.more.set()
+        return written
+
+    async def _write(self, writer: _Writer) -> None:
+        while True:
+            if not writer.queue:
+                if writer.closing:
+                    return
+                writer.more = anyio.Event()
+                await writer.more.wait()
+                continue
+            stream, message, until, written = writer.queue.popleft()
+            try:
+                await self._write_one(writer.link, stream, message, until)
+            finally:
+                written.set()
+
+    async def _write_one(
+        self, link: Link, stream: _OutStream | None, message: Message, until: float
+    ) -> None:
+        """Write one queued message within its time (a stuck link must not hold the
+        deadline); a failure ends the stream it belongs to."""
+        remaining = until - self._clock.now()
+        if stream is None:
+            if remaining > 0:
+                try:
+                    await link.send(message, time_limit=remaining)
+                except HandoffError as exc:
+                    logger.debug("could not tell a successor the drain is done: %s", exc)
+            return
+        if remaining <= 0:
+            if isinstance(message, Chunk):
+                # Never written: bound to nobody, its records are queued again. Its sequence
+                # number is spent, so the stream gets no chunk after it (only its Cancel).
+                stream.full = True
+                self._unwritten(stream, [message.seq])
+                return
+            if isinstance(message, Cancel | End):
+                # The receiver must learn that the stream is over (it would wait for it when
+                # it drains in turn): the node sends it afterwards. An End only follows the
+                # last Ack, so it is as true later as now.
+                self.late.append((stream.peer.name, link, message))
+            self._fail(stream, "could not be written to before the deadline")
+            return
         try:
-            await stream.link.send(message, time_limit=remaining)
+            await link.send(message, time_limit=remaining)
         except HandoffError as exc:
             # The link is closed for good (a send that fails or overruns closes it).
             self._fail(stream, f"send failed: {exc}", link_lost=True)
-            return False
-        return True
+
+    def _unqueue(self, stream: _OutStream) -> None:
+        """Take the stream's chunks that its writer has not begun to write out of the queue:
+        their records are queued on the stream again (see :meth:`_unwritten`)."""
+        writer = self._writers.get(id(stream.link))
+        if writer is None:
+            return
+        taken = [item for item in writer.queue if item[0] is stream and isinstance(item[1], Chunk)]
+        if not taken:
+            return
+        gone = set(map(id, taken))
+        writer.queue = deque(item for item in writer.queue if id(item) not in gone)
+        for _, _, _, written in taken:
+            written.set()
+        self._unwritten(stream, [m.seq for _, m, _, _ in taken if isinstance(m, Chunk)])
+
+    def _unwritten(self, stream: _OutStream, seqs: list[int]) -> None:
+        """Chunks ``seqs`` of ``stream`` were never written: not sent, bound to nobody; their
+        records go back to the front of the stream's queue, for the drain to take back."""
+        records: list[Record] = []
+        pulled_at = math.inf
+        for seq in sorted(seqs):
+            entry = stream.inflight.pop(seq, None)
+            size = stream.sizes.pop(seq, None)
+            if entry is None:
+                continue
+            records += entry[0]
+            pulled_at = min(pulled_at, entry[1])
+            if stream.report is not None:
+                stream.report.sent -= len(entry[0])
+                stream.report.bytes -= size[0] if size is not None else 0
+        if records:
+            queued = stream.pending
+            if queued.records:
+                pulled_at = min(pulled_at, queued.pulled_at)
+            stream.pending = _Pending(records + queued.records, pulled_at)
+        self._changed.set()
 
     def _fail(self, stream: _OutStream, why: str, *, link_lost: bool = False) -> None:
         if stream.machine.fail(why):
             stream.link_lost = link_lost
+            self._unqueue(stream)
             logger.warning("successor %s %s", stream.peer.name, why)
             self._changed.set()
 
@@ -927,6 +1185,10 @@ class Drainer:
             return not stream.link_lost  # given up locally: the successor may hold them
         return state is StreamState.CANCELLING or state is StreamState.OPEN
 
+    @staticmethod
+    def _acknowledged_or_stopped(streams: list[_OutStream]) -> bool:
+        return all(not s.inflight or s.state is not StreamState.OPEN for s in streams)
+
     def _resolved_or_stopped(self, offered: list[_OutStream], waiting: list[_OutStream]) -> bool:
         return not self._bound(offered) or any(s.state is not StreamState.OPEN for s in waiting)
 
@@ -958,11 +1220,17 @@ class Drainer:
             stream.peer.name,
         )
 
+    @staticmethod
+    def _take_pending(stream: _OutStream) -> list[tuple[Record, float]]:
+        """The stream's queued records (never sent), taken off it."""
+        queued = [(record, stream.pending.pulled_at) for record in stream.pending.records]
+        stream.pending = _Pending()
+        return queued
+
     def _take_back(self, stream: _OutStream) -> list[tuple[Record, float]]:
         """Unacknowledged and queued records of a stream, oldest chunk first. Chunks bound
         to the successor (:meth:`_bound_here`) stay with it until their fate is known."""
-        queued = [(record, stream.pending.pulled_at) for record in stream.pending.records]
-        stream.pending = _Pending()
+        queued = self._take_pending(stream)
         if self._bound_here(stream):
             return queued
         if stream.ownership and stream.link_lost and stream.inflight:
@@ -1045,13 +1313,54 @@ class Drainer:
         self._changed.set()
         return True
 
+    async def _flush_full(self, stream: _OutStream, report: NamespaceReport, until: float) -> None:
+        """Send chunks while the stream's queue holds a chunk's worth of records."""
+        while stream.state is StreamState.OPEN and not stream.full:
+            queued = len(stream.pending.records)
+            if queued < self._stream_chunk_records(stream):
+                return
+            await self._flush(stream, report, until)
+            if len(stream.pending.records) >= queued:
+                return  # nothing sent: out of time, or the stream stopped
+
     async def _flush(self, stream: _OutStream, report: NamespaceReport, until: float) -> None:
-        """Send the stream's queued records as one chunk once it has credit."""
+        """Send the stream's queued records as a chunk (as many as :meth:`_room` allows)
+        once it has credit; the rest stays queued."""
         ready = await self._wait(
-            lambda: stream.credit > 0 or stream.state is not StreamState.OPEN, until, stalls=True
+            lambda: (
+                stream.state is not StreamState.OPEN
+                or (stream.credit > 0 and self._room(stream, until) != 0)
+            ),
+            until,
+            stalls=True,
         )
         if not ready or stream.state is not StreamState.OPEN:
             return  # the records stay queued: taken back by the caller
+        room = self._room(stream, until)
+        if room < 0:
+            stream.full = True
+            logger.info(
+                "the link to %s carries no more chunks before the deadline (at its observed "
+                "rate): its share goes elsewhere",
+                stream.peer.name,
+            )
+            self._changed.set()
+            return
+        pending = stream.pending
+        rest = pending.records[room:]
+        if rest:
+            stream.pending = _Pending(pending.records[:room], pending.pulled_at)
+        await self._flush_now(stream, report, until)
+        if rest:
+            if stream.pending.records:
+                stream.pending.records.extend(rest)
+            else:
+                stream.pending = _Pending(rest, pending.pulled_at)
+
+    async def _flush_now(self, stream: _OutStream, report: NamespaceReport, until: float) -> None:
+        """Send the stream's queued records as one chunk (split if too large for a frame)."""
+        if stream.state is not StreamState.OPEN:
+            return
         pending = stream.pending
         stream.pending = _Pending()
         records = pending.records
@@ -1096,16 +1405,21 @@ class Drainer:
         if not stream.inflight:
             stream.progress_at = now  # it owed nothing until now: the stall clock starts
         stream.inflight[seq] = (records, pending.pulled_at)
+        stream.sizes[seq] = (len(payload), now)
         age = max(0.0, now - pending.pulled_at)
         chunk = Chunk(stream.stream, seq, len(records), age, payload)
+        # Counted when queued for the writer; a chunk it never writes is taken off again.
+        report.sent += len(records)
+        report.bytes += len(payload)
         if await self._send(stream, chunk, until):
-            report.sent += len(records)
-            report.bytes += len(payload)
             self._paced_bytes += len(payload)
         elif stream.machine.next_seq == seq:
-            # Never written (out of time, or the stream ended meanwhile): nobody received
+            # Never queued (out of time, or the stream ended meanwhile): nobody received
             # it, so it is bound to nobody. Queued again, for the caller to take back.
+            report.sent -= len(records)
+            report.bytes -= len(payload)
             del stream.inflight[seq]
+            del stream.sizes[seq]
             stream.pending = _Pending(records + stream.pending.records, pending.pulled_at)
 
     async def _paced(self, until: float) -> bool:
@@ -1172,16 +1486,23 @@ class Drainer:
         (a successor failed and its records are back in play)."""
         report = self._report
         for stream in streams:
-            if stream.pending.records:
+            while stream.pending.records and stream.state is StreamState.OPEN and not stream.full:
+                queued = len(stream.pending.records)
                 await self._flush(stream, report, until)
+                if len(stream.pending.records) >= queued:
+                    break
+
+        def stuck(s: _OutStream) -> bool:
+            return s.state is not StreamState.OPEN or (s.full and bool(s.pending.records))
+
         return await self._wait(
             lambda: (
                 all(not s.inflight and not s.pending.records for s in streams)
-                or any(s.state is not StreamState.OPEN for s in streams)
+                or any(map(stuck, streams))
             ),
             until,
             stalls=True,
-        ) and all(s.state is StreamState.OPEN for s in streams)
+        ) and not any(map(stuck, streams))
 
     @staticmethod
     def _note_successors(streams: list[_OutStream], report: NamespaceReport) -> None:
