@@ -128,6 +128,15 @@ _SNAPSHOTS: Final = "snapshots/"
 _CLAIMS: Final = "claims/"
 _CORRUPT: Final = "corrupt/"
 _INSTALL: Final = "pip install 'warm-handoff[s3]'"
+QUICK_TIMEOUT: Final = "10s"
+"""Timeout of each small request (listing, HEAD, ranged header reads, claim PUTs)."""
+MAX_LEASE: Final = 3600.0
+"""The longest lease the URL allows, and the longest any claim is honoured past its last
+write (the object's Last-Modified): a claim holding a lease far in the future (garbage, or
+a writer's clock far ahead) blocks its snapshot for at most this long."""
+# A lease shorter than a few round trips is lost while it is renewed (and renewed in a tight
+# loop); a max_age shorter than a deploy deletes snapshots before a successor can start.
+_BOUNDS: Final = {"lease": (5.0, MAX_LEASE), "max_age": (300.0, 10 * 365 * 86400.0)}
 
 
 # -- the small interface an object store offers this module -------------------------------
@@ -241,9 +250,10 @@ def parse_snapshot_url(url: str, environ: Mapping[str, str] | None = None) -> Sn
     parts = urlsplit(url.strip())
     if parts.scheme != "s3":
         raise ValueError(f"{url!r} is not an s3:// URL; write s3://BUCKET/PREFIX")
-    if parts.fragment or parts.username or parts.password or parts.port:
+    if parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
         raise ValueError(f"{url!r}: write s3://BUCKET/PREFIX, without credentials or port")
-    bucket = parts.hostname or ""
+    # netloc, not hostname: hostname lower-cases, and a bucket's name is case-sensitive.
+    bucket = parts.netloc
     if not bucket:
         env = os.environ if environ is None else environ
         bucket = env.get("BUCKET_NAME", "").strip()
@@ -252,29 +262,41 @@ def parse_snapshot_url(url: str, environ: Mapping[str, str] | None = None) -> Sn
                 f"{url!r} names no bucket and BUCKET_NAME is not set; write s3://BUCKET/PREFIX"
             )
     prefix = parts.path.strip("/")
+    if any(segment in ("", ".", "..") for segment in prefix.split("/")) and prefix:
+        raise ValueError(
+            f"{url!r}: the prefix {prefix!r} has an empty, '.' or '..' segment, "
+            "which object keys cannot hold"
+        )
     options: dict[str, Any] = {}
     for name, text in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        try:
-            if name == "keep":
-                options[name] = int(text)
-                if options[name] < 1:
-                    raise ValueError
-            elif name in ("max_age", "lease"):
-                options[name] = float(text)
-                if not 0 < options[name] < float("inf"):
-                    raise ValueError
-            else:
-                raise ValueError(
-                    f"{url!r}: unknown option {name!r}; the options are keep, max_age, lease"
-                )
-        except ValueError as exc:
-            if exc.args:
-                raise
+        if name not in ("keep", "max_age", "lease"):
             raise ValueError(
-                f"{url!r}: {name}={text!r} must be a positive "
-                + ("whole number" if name == "keep" else "number of seconds")
-            ) from None
+                f"{url!r}: unknown option {name!r}; the options are keep, max_age, lease"
+            )
+        options[name] = _option(url, name, text)
     return SnapshotURL(bucket, prefix, **options)
+
+
+def _option(url: str, name: str, text: str) -> int | float:
+    # Each parse failure is reported with the URL and the option, never as int()'s message.
+    if name == "keep":
+        try:
+            keep = int(text)
+        except ValueError:
+            keep = 0
+        if keep < 1:
+            raise ValueError(f"{url!r}: keep={text!r} must be a positive whole number")
+        return keep
+    low, high = _BOUNDS[name]
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:  # also refuses nan
+        raise ValueError(
+            f"{url!r}: {name}={text!r} must be a number of seconds between {low:g} and {high:g}"
+        )
+    return seconds
 
 
 # -- obstore --------------------------------------------------------------------------------
@@ -321,7 +343,6 @@ class _ObstoreObjects:
             # A plain-HTTP endpoint is what the endpoint variable says, on purpose.
             "allow_http": endpoint.startswith("http://"),
             "connect_timeout": "5s",
-            "timeout": "60s",
         }
         retry: dict[str, Any] = {
             "max_retries": 3,
@@ -333,12 +354,19 @@ class _ObstoreObjects:
             },
         }
         try:
-            self._store = S3Store(
-                url.bucket,
-                prefix=url.prefix or None,
-                config=config,  # type: ignore[arg-type]
-                client_options=client,  # type: ignore[arg-type]
-                retry_config=retry,  # type: ignore[arg-type]
+            # Two clients: the small requests (listing, HEAD, header reads, claims) give up
+            # after QUICK_TIMEOUT, so that an endpoint that accepts connections and never
+            # answers neither holds a node's start for a minute nor outlasts a lease's
+            # renewal; the transfers of whole snapshots keep the long timeout.
+            self._store, self._bulk = (
+                S3Store(
+                    url.bucket,
+                    prefix=url.prefix or None,
+                    config=config,  # type: ignore[arg-type]
+                    client_options={**client, "timeout": timeout},  # type: ignore[arg-type]
+                    retry_config=retry,  # type: ignore[arg-type]
+                )
+                for timeout in (QUICK_TIMEOUT, "60s")
             )
         except Exception as exc:
             raise SnapshotError(f"{self.location}: {_first_line(exc)}") from exc
@@ -391,7 +419,7 @@ class _ObstoreObjects:
     def read(self, key: str, *, etag: str | None = None) -> Iterator[bytes]:
         try:
             result = self._obstore.get(
-                self._store, key, options={"if_match": etag} if etag else None
+                self._bulk, key, options={"if_match": etag} if etag else None
             )
             for block in result.stream(min_chunk_size=1024 * 1024):
                 yield bytes(block)
@@ -409,7 +437,7 @@ class _ObstoreObjects:
 
     def upload(self, key: str) -> ObjectUpload:
         writer = self._obstore.open_writer(
-            self._store, key, buffer_size=PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT
+            self._bulk, key, buffer_size=PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT
         )
         objects = self
 
@@ -434,7 +462,7 @@ class _ObstoreObjects:
 
     def copy(self, source: str, target: str) -> None:
         try:
-            self._obstore.copy(self._store, source, target)
+            self._obstore.copy(self._bulk, source, target)
         except Exception as exc:
             raise self._error(exc, "copy", source) from exc
 
@@ -479,6 +507,13 @@ class _RangedRaw(io.RawIOBase):
         if end <= self._position:
             return 0
         data = self._objects.read_range(self._key, self._position, end)
+        if len(data) != end - self._position:
+            # A server that ignores the range, or cuts it short, is not the snapshot's
+            # fault: an error (the object stays), never a false end of file (quarantine).
+            raise SnapshotError(
+                f"{self._objects.location}/{self._key}: a ranged GET of "
+                f"{end - self._position} bytes returned {len(data)}"
+            )
         view[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -692,12 +727,16 @@ class S3SnapshotStore:
             # Its holder finished with the snapshot, or renewed its lease, just now.
             return None
         now = self._clock()
-        if current is not None and current.until > now:
+        if current is None:
+            logger.warning(
+                "the claim %s holds no lease this release can read: taken over", claim_key
+            )
+        elif _lease_end(current, meta) > now:
             logger.info(
                 "snapshot %s is being restored by %s (lease for %.0f s more): skipped",
                 claim_key,
                 current.owner or "another node",
-                current.until - now,
+                _lease_end(current, meta) - now,
             )
             return None
         try:
@@ -722,11 +761,27 @@ class S3SnapshotStore:
         with self._fetch(info, None) as file:
             yield from verified_chunks(file, info, self._key)
 
-    def _fetch(self, info: SnapshotInfo, etag: str | None) -> IO[bytes]:
+    def _fetch(self, info: SnapshotInfo, etag: str | None, size: int | None = None) -> IO[bytes]:
         file = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 (handed on)
+        key = str(info.path)
         try:
-            for block in self.objects.read(str(info.path), etag=etag):
+            if size is None:
+                size = self.objects.head(key).size
+            received = 0
+            for block in self.objects.read(key, etag=etag):
+                received += len(block)
+                if received > size:
+                    # An endless or oversized body must not fill the local disk.
+                    raise SnapshotError(
+                        f"{self.objects.location}/{key}: the GET returned more than the "
+                        f"object's {size} bytes; not applied"
+                    )
                 file.write(block)
+            if received != size:
+                raise SnapshotError(
+                    f"{self.objects.location}/{key}: the GET returned {received} of the "
+                    f"object's {size} bytes; not applied"
+                )
             file.seek(0)
         except ObjectMissing:
             file.close()
@@ -821,10 +876,32 @@ class S3SnapshotStore:
 
     def _claimed(self, key: str, now: float) -> bool:
         try:
-            lease = _Lease.decode(b"".join(self.objects.read(_claim_key(key))))
+            claim_key = _claim_key(key)
+            meta = self.objects.head(claim_key)
+            lease = _Lease.decode(b"".join(self.objects.read(claim_key, etag=meta.etag)))
         except ObjectMissing:
             return False
-        return lease is not None and lease.until > now
+        except ObjectChanged:
+            return True  # renewed since the HEAD: a live holder
+        return lease is not None and _lease_end(lease, meta) > now
+
+
+def _lease_end(lease: _Lease, meta: ObjectMeta) -> float:
+    """When ``lease`` ends: its ``until``, but no later than :data:`MAX_LEASE` after the
+    claim object was last written (a garbage or clock-skewed ``until`` far in the future
+    would otherwise block its snapshot, and keep it from retention, for ever)."""
+    cap = meta.modified + MAX_LEASE
+    if lease.until > cap:
+        logger.warning(
+            "the claim %s of %s holds a lease %.0f s past its last write; honoured only "
+            "%.0f s past it (a clock far ahead, or garbage)",
+            meta.key,
+            lease.owner or "another node",
+            lease.until - meta.modified,
+            MAX_LEASE,
+        )
+        return cap
+    return lease.until
 
 
 def _claim_key(snapshot_key: str) -> str:
@@ -965,7 +1042,7 @@ class _ObjectClaim:
         if self._ended:
             raise SnapshotError(f"the claim on snapshot {self._info.path} was released")
         if self._file is None:
-            self._file = self._store._fetch(self._info, self._meta.etag)
+            self._file = self._store._fetch(self._info, self._meta.etag, self._meta.size)
         if not self._renew(self._store._clock() + self._store.lease):
             raise SnapshotError(
                 f"the claim on snapshot {self._info.path} was lost ({self._lost}); not applied"

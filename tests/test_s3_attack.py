@@ -1,0 +1,251 @@
+"""Attacks on the S3 snapshot store: a hostile or buggy bucket, bad URLs, odd claims.
+
+Each test is a finding: it failed on the store as first written. The fixed ones pass; the
+open ones are strict xfails whose reason says the fix proposed. All run on the in-memory
+object store of ``test_snapshot_s3`` (the misbehaviours are injected there): no server,
+about a second in all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from handoff._errors import SnapshotError
+from handoff.snapshot_s3 import (
+    MAX_LEASE,
+    ObjectMeta,
+    S3SnapshotStore,
+    SnapshotURL,
+    parse_snapshot_url,
+)
+from tests.test_snapshot_s3 import NOW, Clock, MemoryObjects, chunk, keys, make_store, write
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+# -- URLs ------------------------------------------------------------------------------------
+
+
+def test_the_bucket_keeps_its_case() -> None:
+    # urlsplit's hostname lower-cases: s3://MyBucket used to address "mybucket".
+    assert parse_snapshot_url("s3://MyBucket/p") == SnapshotURL("MyBucket", "p")
+    assert parse_snapshot_url("s3://b/p?lease=5&max_age=300") == SnapshotURL(
+        "b", "p", lease=5.0, max_age=300.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # obstore refuses these keys at the first request, with its own words; the URL
+        # setting now refuses them when the configuration is read.
+        ("s3://b/a/../c", "the prefix 'a/../c' has an empty, '.' or '..' segment"),
+        ("s3://b/a//c", "the prefix 'a//c' has an empty"),
+        ("s3://b/./c", "the prefix './c' has an empty"),
+        # A lease of a millisecond is renewed in a tight loop of PUTs and lost between
+        # them (two restorers); one of years blocks a crashed holder's snapshot for years.
+        ("s3://b/p?lease=0.001", "lease='0.001' must be a number of seconds between 5 and 3600"),
+        ("s3://b/p?lease=1e9", "between 5 and 3600"),
+        # A max_age of a second deletes the snapshot at its own commit (retention runs then).
+        ("s3://b/p?max_age=1", "max_age='1' must be a number of seconds between 300 and"),
+        ("s3://b/p?max_age=nan", "max_age='nan'"),
+        ("s3://b/p?lease=inf", "lease='inf'"),
+        # int()'s and float()'s own messages named neither the URL nor the option.
+        ("s3://b/p?keep=x", "keep='x' must be a positive whole number"),
+        ("s3://b/p?lease=soon", "lease='soon' must be a number of seconds"),
+        ("s3://b:0/p", "without credentials or port"),
+    ],
+)
+def test_bad_urls_are_refused_with_the_reason(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        parse_snapshot_url(url, {})
+    assert repr(url) in str(raised.value)
+
+
+# -- a bucket that misbehaves ----------------------------------------------------------------
+
+
+class RangeIgnoring(MemoryObjects):
+    """Answers a ranged GET with the whole object (a server that ignores ``Range``)."""
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        with self._lock:
+            self._meta(key)
+            return self.data[key][0]
+
+
+class ShortRanges(MemoryObjects):
+    """Answers every ranged GET with nothing (a proxy that cuts bodies)."""
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        return b""
+
+
+@pytest.mark.parametrize("kind", [RangeIgnoring, ShortRanges])
+def test_a_bad_ranged_read_skips_the_snapshot_and_moves_nothing_aside(
+    kind: type[MemoryObjects], clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both used to look like a damaged file ("authentication failed in the trailer", "truncated"):
+    # a genuine snapshot was moved aside because of the server, at every start.
+    good = make_store(MemoryObjects(clock), clock)
+    info = write(good, [chunk(0, 3)])
+    objects = kind(clock)
+    objects.data = dict(good.objects.data)  # type: ignore[attr-defined]
+    store = make_store(objects, clock)
+    with caplog.at_level(logging.WARNING, logger="handoff.snapshot"):
+        assert store.pending("shop") == []
+    assert "skipped" in caplog.text
+    assert "ranged GET" in caplog.text
+    assert keys(objects, "shop") == [str(info.path)]  # still there, nothing under corrupt/
+
+
+class EndlessBody(MemoryObjects):
+    """A GET that streams the object, then junk without end (bounded here: 64 blocks)."""
+
+    blocks_sent = 0
+
+    def read(self, key: str, *, etag: str | None = None) -> Iterator[bytes]:
+        yield from super().read(key, etag=etag)
+        for _ in range(64):
+            self.blocks_sent += 1
+            yield b"\0" * (1 << 20)
+
+
+def test_an_endless_body_stops_at_the_objects_size(clock: Clock) -> None:
+    # The local copy used to take whatever came: an endless body fills the disk.
+    objects = EndlessBody(clock)
+    store = make_store(objects, clock)
+    info = write(store, [chunk(0, 3)])
+    claim = store.claim(info)
+    assert claim is not None
+    with claim, pytest.raises(SnapshotError, match="more than the object's"):
+        next(claim.read())
+    assert objects.blocks_sent == 1
+    # Not the snapshot's fault: left in place, not moved aside, for the next start.
+    assert keys(objects, "shop") == [
+        str(info.path).replace("/snapshots/", "/claims/"),
+        str(info.path),
+    ]
+    assert len(store.pending("shop")) == 1
+
+
+# -- claims ----------------------------------------------------------------------------------
+
+
+def _claim_path(info_path: str) -> str:
+    return info_path.replace("/snapshots/", "/claims/")
+
+
+def test_a_garbage_claim_is_taken_over_and_logged(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    objects = MemoryObjects(clock)
+    store = make_store(objects, clock)
+    info = write(store, [chunk(0, 2)])
+    objects.put(_claim_path(str(info.path)), b"\xff not json")
+    with caplog.at_level(logging.WARNING, logger="handoff.snapshot"):
+        claim = store.claim(info)
+    assert claim is not None
+    assert "holds no lease this release can read" in caplog.text
+    with claim:
+        assert sum(r for _, r in claim.read()) == 2
+        claim.remove()
+
+
+def test_a_lease_far_in_the_future_blocks_for_at_most_max_lease(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A claim whose "until" is a century away (a writer's clock far ahead, or garbage)
+    # used to block its snapshot, and keep it from retention, for that century.
+    objects = MemoryObjects(clock)
+    store = make_store(objects, clock, max_age=3600.0)
+    info = write(store, [chunk(0, 2)])
+    far = {"holder": "x", "owner": "skewed", "until": NOW + 100 * 365 * 86400.0}
+    objects.put(_claim_path(str(info.path)), json.dumps(far).encode())
+    with caplog.at_level(logging.INFO, logger="handoff.snapshot"):
+        assert store.claim(info) is None
+    assert "skewed" in caplog.text
+    assert "honoured only 3600 s past it" in caplog.text
+    clock.now += MAX_LEASE - 1
+    assert store.claim(info) is None
+    clock.now += 2
+    claim = store.claim(info)
+    assert claim is not None
+    claim.release()
+    # Retention no longer counts it as held either.
+    objects.put(_claim_path(str(info.path)), json.dumps(far).encode())
+    clock.now += 3600
+    write(store, [chunk(0, 1)], created_at=clock.now)
+    assert [i.records for i in store.pending("shop")] == [1]
+
+
+class FlakyDelete(MemoryObjects):
+    """DELETE of a snapshot fails once (a network blip)."""
+
+    failures = 1
+
+    def delete(self, key: str) -> None:
+        if "/snapshots/" in key and self.failures:
+            self.failures -= 1
+            raise SnapshotError(f"{key}: DELETE failed: connection reset")
+        super().delete(key)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "open: a DELETE failing after the whole snapshot was applied ends the lease "
+        "(release) and leaves the snapshot visible: the next claimant applies it again "
+        "(counters count twice), and the SnapshotError escapes restore_snapshots (the node "
+        "does not start). Proposed fix: _ObjectClaim.remove retries the DELETE, and when it "
+        "still fails writes the claim as 'restored' (If-Match, no expiry) instead of ending "
+        "the lease; claim() and pending() treat a 'restored' claim as the snapshot gone and "
+        "delete both; _restore_claimed logs the failure instead of raising."
+    ),
+)
+def test_a_failed_delete_after_apply_does_not_let_the_next_node_apply_it_again(
+    clock: Clock,
+) -> None:
+    objects = FlakyDelete(clock)
+    first = make_store(objects, clock, owner="first")
+    second = make_store(objects, clock, owner="second")
+    info = write(first, [chunk(0, 4)])
+    claim = first.claim(info)
+    assert claim is not None
+    assert sum(r for _, r in claim.read()) == 4  # applied by the first node
+    with contextlib.suppress(SnapshotError):
+        claim.remove()
+    again = second.claim(info)
+    if again is not None:
+        again.release()
+    assert again is None, "the second node may apply the snapshot a second time"
+
+
+def test_retention_spares_a_snapshot_whose_claim_is_renewed_during_the_check(
+    clock: Clock,
+) -> None:
+    class RenewedMeanwhile(MemoryObjects):
+        # The holder renews between retention's HEAD and GET of the claim.
+        def read(self, key: str, *, etag: str | None = None) -> Iterator[bytes]:
+            if "/claims/" in key and etag is not None:
+                data = self.data[key][0]
+                self.put(key, data)
+            return super().read(key, etag=etag)
+
+    objects = RenewedMeanwhile(clock)
+    store: S3SnapshotStore = make_store(objects, clock, keep=1)
+    old = write(store, [chunk(0, 1)], created_at=NOW - 10)
+    claim_key = _claim_path(str(old.path))
+    objects.put(claim_key, json.dumps({"holder": "h", "owner": "o", "until": NOW + 30}).encode())
+    write(store, [chunk(0, 1)], created_at=NOW - 5)
+    assert str(old.path) in keys(objects, "shop")
+    assert isinstance(objects.head(claim_key), ObjectMeta)
