@@ -131,9 +131,8 @@ _INSTALL: Final = "pip install 'warm-handoff[s3]'"
 QUICK_TIMEOUT: Final = "10s"
 """Timeout of each small request (listing, HEAD, ranged header reads, claim PUTs)."""
 MAX_LEASE: Final = 3600.0
-"""The longest lease the URL allows, and the longest any claim is honoured past its last
-write (the object's Last-Modified): a claim holding a lease far in the future (garbage, or
-a writer's clock far ahead) blocks its snapshot for at most this long."""
+"""The longest lease the URL allows: a claim whose lease ends further than this in the
+future (garbage, or a writer's clock far ahead) counts as ended."""
 # A lease shorter than a few round trips is lost while it is renewed (and renewed in a tight
 # loop); a max_age shorter than a deploy deletes snapshots before a successor can start.
 _BOUNDS: Final = {"lease": (5.0, MAX_LEASE), "max_age": (300.0, 10 * 365 * 86400.0)}
@@ -731,12 +730,12 @@ class S3SnapshotStore:
             logger.warning(
                 "the claim %s holds no lease this release can read: taken over", claim_key
             )
-        elif _lease_end(current, meta) > now:
+        elif _lease_end(current, claim_key, now) > now:
             logger.info(
                 "snapshot %s is being restored by %s (lease for %.0f s more): skipped",
                 claim_key,
                 current.owner or "another node",
-                _lease_end(current, meta) - now,
+                current.until - now,
             )
             return None
         try:
@@ -875,32 +874,29 @@ class S3SnapshotStore:
         return deleted
 
     def _claimed(self, key: str, now: float) -> bool:
+        claim_key = _claim_key(key)
         try:
-            claim_key = _claim_key(key)
-            meta = self.objects.head(claim_key)
-            lease = _Lease.decode(b"".join(self.objects.read(claim_key, etag=meta.etag)))
+            lease = _Lease.decode(b"".join(self.objects.read(claim_key)))
         except ObjectMissing:
             return False
-        except ObjectChanged:
-            return True  # renewed since the HEAD: a live holder
-        return lease is not None and _lease_end(lease, meta) > now
+        return lease is not None and _lease_end(lease, claim_key, now) > now
 
 
-def _lease_end(lease: _Lease, meta: ObjectMeta) -> float:
-    """When ``lease`` ends: its ``until``, but no later than :data:`MAX_LEASE` after the
-    claim object was last written (a garbage or clock-skewed ``until`` far in the future
-    would otherwise block its snapshot, and keep it from retention, for ever)."""
-    cap = meta.modified + MAX_LEASE
-    if lease.until > cap:
+def _lease_end(lease: _Lease, key: str, now: float) -> float:
+    """When ``lease`` ends: its ``until``, unless that is more than :data:`MAX_LEASE` from
+    ``now``: no live holder writes such a lease (the URL caps ``lease`` there), only garbage
+    or a clock far ahead, which would otherwise block the snapshot, and keep it from
+    retention, for ever. Such a lease counts as ended, with a warning."""
+    if lease.until - now > MAX_LEASE:
         logger.warning(
-            "the claim %s of %s holds a lease %.0f s past its last write; honoured only "
-            "%.0f s past it (a clock far ahead, or garbage)",
-            meta.key,
+            "the claim %s of %s holds a lease ending %.0f s from now, more than the %.0f s "
+            "any holder writes (garbage, or a clock far ahead): counted as ended",
+            key,
             lease.owner or "another node",
-            lease.until - meta.modified,
+            lease.until - now,
             MAX_LEASE,
         )
-        return cap
+        return 0.0
     return lease.until
 
 
