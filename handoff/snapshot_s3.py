@@ -337,6 +337,7 @@ class _ObstoreObjects:
             value = environ.get(variable, "").strip()
             if value:
                 config[key] = value
+        self._has_keys = "access_key_id" in config
         endpoint = config.get("endpoint", "")
         client: dict[str, Any] = {
             # A plain-HTTP endpoint is what the endpoint variable says, on purpose.
@@ -383,6 +384,12 @@ class _ObstoreObjects:
         if isinstance(exc, errors.PreconditionError):
             return ObjectChanged(f"{where} changed (its ETag is not the one expected)")
         text = str(exc)
+        if not self._has_keys and "169.254.169.254" in text:
+            # With no keys, obstore asks the instance metadata service for a role's.
+            return SnapshotError(
+                f"{where}: no credentials ({what}): AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY are not set, and no instance role answered"
+            )
         if isinstance(exc, errors.PermissionDeniedError | errors.UnauthenticatedError) or any(
             code in text for code in ("403 Forbidden", "401 Unauthorized", "AccessDenied")
         ):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from handoff._errors import SnapshotError
-from handoff.snapshot_s3 import MAX_LEASE, SnapshotURL, parse_snapshot_url
+from handoff.snapshot_s3 import MAX_LEASE, SnapshotURL, _ObstoreObjects, parse_snapshot_url
 from tests.test_snapshot_s3 import NOW, Clock, MemoryObjects, chunk, keys, make_store, write
 
 
@@ -220,3 +220,25 @@ def test_a_failed_delete_after_apply_does_not_let_the_next_node_apply_it_again(
     if again is not None:
         again.release()
     assert again is None, "the second node may apply the snapshot a second time"
+
+
+def test_missing_credentials_are_named_as_such() -> None:
+    # With no keys, obstore asks the instance metadata service; its refusal (or timeout)
+    # used to read "access denied ... check AWS_ACCESS_KEY_ID", as if the keys were wrong.
+    # The error is handed in directly: a test must not reach 169.254.169.254.
+    objects = _ObstoreObjects(SnapshotURL("b", "p"), {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    refusal = RuntimeError(
+        "Generic S3 error: Error performing PUT http://169.254.169.254/latest/api/token: "
+        "403 Forbidden"
+    )
+    error = objects._error(refusal, "listing", "k")
+    assert (
+        "no credentials (listing): AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set"
+        in str(error)
+    )
+    keyed = _ObstoreObjects(
+        SnapshotURL("b", "p"),
+        {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "a",
+         "AWS_SECRET_ACCESS_KEY": "b"},
+    )  # fmt: skip
+    assert "access denied" in str(keyed._error(RuntimeError("403 Forbidden"), "listing", "k"))
