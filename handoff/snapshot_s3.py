@@ -36,7 +36,9 @@ object store offers:
   claim's ETag (``If-Match``), and checks once more right before the first chunk is
   applied. A claim whose lease ran out (its holder crashed) is taken over with the same
   conditional PUT, so of several contenders one wins, and the old holder's next renewal
-  fails. Two restorers apply the same snapshot only if a holder stalls for longer than the
+  fails. A holder whose DELETE fails after applying marks the claim restored instead of
+  ending it: the next claimant deletes the snapshot and applies nothing. Two restorers
+  apply the same snapshot only if a holder stalls for longer than the
   whole lease between that check and the snapshot's deletion, or if the clocks of the
   machines differ by more than the lease (the expiry is wall-clock time): both far
   outside normal operation.
@@ -544,17 +546,26 @@ class _Lease:
     holder: str
     owner: str
     until: float
+    restored: bool = False
+    """The snapshot was applied but could not be deleted: nobody applies it again."""
 
     def encode(self) -> bytes:
-        fields = {"holder": self.holder, "owner": self.owner, "until": self.until}
+        fields: dict[str, Any] = {"holder": self.holder, "owner": self.owner, "until": self.until}
+        if self.restored:
+            fields["restored"] = True
         return json.dumps(fields).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> _Lease | None:
         try:
             raw = json.loads(data)
-            return cls(str(raw["holder"]), str(raw["owner"]), float(raw["until"]))
-        except (ValueError, KeyError, TypeError):
+            return cls(
+                str(raw["holder"]),
+                str(raw["owner"]),
+                float(raw["until"]),
+                raw.get("restored") is True,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
 
@@ -733,6 +744,18 @@ class S3SnapshotStore:
             # Its holder finished with the snapshot, or renewed its lease, just now.
             return None
         now = self._clock()
+        if current is not None and current.restored:
+            # Applied by its holder, whose DELETE failed: finish the job, apply nothing.
+            snapshot_key = claim_key.replace(_CLAIMS, _SNAPSHOTS, 1)
+            with contextlib.suppress(SnapshotError):
+                self.objects.delete(snapshot_key)
+                self.objects.delete(claim_key)
+                logger.info(
+                    "snapshot %s was restored by %s already: deleted, not applied again",
+                    snapshot_key,
+                    current.owner or "another node",
+                )
+            return None
         if current is None:
             logger.warning(
                 "the claim %s holds no lease this release can read: taken over", claim_key
@@ -886,7 +909,7 @@ class S3SnapshotStore:
             lease = _Lease.decode(b"".join(self.objects.read(claim_key)))
         except ObjectMissing:
             return False
-        return lease is not None and _lease_end(lease, claim_key, now) > now
+        return lease is not None and not lease.restored and _lease_end(lease, claim_key, now) > now
 
 
 def _lease_end(lease: _Lease, key: str, now: float) -> float:
@@ -1053,16 +1076,45 @@ class _ObjectClaim:
         yield from verified_chunks(self._file, self._info, self._store._key)
 
     def remove(self) -> None:
-        """Delete the restored snapshot and the claim."""
+        """Delete the restored snapshot and the claim. When the DELETE fails, the claim is
+        marked restored instead (no node applies the snapshot again; the next claimant
+        deletes it); raises only when that fails too."""
         try:
             if self._ended:
                 raise SnapshotError(f"the claim on snapshot {self._info.path} was released")
             # Deleted even when the claim was lost: whoever took it over then finds
             # nothing to apply a second time, unless it has a copy already.
-            self._store.remove(self._info)
+            try:
+                self._store.remove(self._info)
+            except SnapshotError as exc:
+                self._mark_restored(exc)
+                return
             self._finish()
         finally:
             self.release()
+
+    def _mark_restored(self, failure: SnapshotError) -> None:
+        # Ending the lease now would hand an applied snapshot to the next claimant: a
+        # counter's increments counted twice. The claim says "restored" instead, for ever.
+        self._stop.set()
+        with self._lock:
+            lease = _Lease(self._holder, self._store._owner, 0.0, restored=True)
+            try:
+                if self._lost is not None:
+                    raise SnapshotError(f"the claim was lost ({self._lost})")
+                self._store.objects.put(self._claim_key, lease.encode(), if_match=self._etag)
+            except SnapshotError as exc:
+                raise SnapshotError(
+                    f"snapshot {self._info.path} was applied but neither deleted ({failure}) "
+                    f"nor marked restored ({exc}): another node may apply it again"
+                ) from exc
+        self._ended = True
+        logger.warning(
+            "snapshot %s was applied but not deleted (%s); its claim marks it restored, so "
+            "no node applies it again, and the next to find it deletes it",
+            self._info.path,
+            failure,
+        )
 
     def quarantine(self, reason: str) -> None:
         """Move the snapshot under ``corrupt/`` with ``reason``, then end the claim."""
