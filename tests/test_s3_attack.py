@@ -16,8 +16,26 @@ from collections.abc import Iterator
 import pytest
 
 from handoff._errors import SnapshotError
-from handoff.snapshot_s3 import MAX_LEASE, SnapshotURL, _ObstoreObjects, parse_snapshot_url
-from tests.test_snapshot_s3 import NOW, Clock, MemoryObjects, chunk, keys, make_store, write
+from handoff._keys import cluster_key
+from handoff.snapshot_s3 import (
+    MAX_LEASE,
+    S3SnapshotStore,
+    SnapshotURL,
+    _ObstoreObjects,
+    parse_snapshot_url,
+)
+from tests._helpers import COOKIE
+from tests._helpers import handoff_node as node
+from tests.test_snapshot_s3 import (
+    NOW,
+    Clock,
+    MemoryObjects,
+    MemoryUpload,
+    chunk,
+    keys,
+    make_store,
+    write,
+)
 
 
 @pytest.fixture
@@ -253,3 +271,55 @@ def test_missing_credentials_are_named_as_such() -> None:
          "AWS_SECRET_ACCESS_KEY": "b"},
     )  # fmt: skip
     assert "access denied" in str(keyed._error(RuntimeError("403 Forbidden"), "listing", "k"))
+
+
+# -- a drain whose upload fails ----------------------------------------------------------------
+
+
+class FailingUpload(MemoryObjects):
+    """Uploads fail at their ``fail_at``-th write, or at completion (``fail_at`` 0)."""
+
+    def __init__(self, clock: Clock, fail_at: int) -> None:
+        super().__init__(clock)
+        self.fail_at = fail_at
+
+    def upload(self, key: str) -> MemoryUpload:
+        objects = self
+
+        class Failing(MemoryUpload):
+            writes = 0
+
+            def write(self, data: bytes) -> None:
+                self.writes += 1
+                if self.writes == objects.fail_at:
+                    raise SnapshotError(f"{key}: upload failed: connection reset")
+                super().write(data)
+
+            def close(self) -> None:
+                if objects.fail_at == 0:
+                    raise SnapshotError(f"{key}: completing the upload failed: 503")
+                super().close()
+
+        return Failing(self, key)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fail_at", [2, 9, 0], ids=["first-chunk", "third-chunk", "completion"])
+async def test_a_drain_whose_upload_fails_reports_nothing_snapshotted(
+    clock: Clock, fail_at: int
+) -> None:
+    objects = FailingUpload(clock, fail_at)
+    n = node("n", "127.0.0.2", environ={})
+    n._snapshots = S3SnapshotStore(
+        objects, key=cluster_key(COOKIE, "shop").derive("snapshot"), clock=clock
+    )
+    # Values large enough for two chunks or more.
+    n.track("users", {f"u{i}": "v" * 2000 for i in range(3000)})
+    async with n:
+        report = await n.drain()
+    users = report.namespaces["users"]
+    assert users.snapshotted == 0
+    assert not report.ok
+    assert sum(users.dropped.values()) == 3000
+    assert any("snapshot store failed" in why for why in users.dropped)
+    assert keys(objects, "shop") == []  # nothing half-written is visible
