@@ -126,6 +126,8 @@ PART_SIZE: Final = 8 * 1024 * 1024
 _PARTS_IN_FLIGHT: Final = 2
 _SPOOL: Final = 8 * 1024 * 1024
 _RANGE_BLOCK: Final = MAX_HEADER + 1024
+_MAX_CLAIM: Final = 4096
+"""A claim is a small JSON object; a larger one is garbage, and is not read."""
 _SNAPSHOTS: Final = "snapshots/"
 _CLAIMS: Final = "claims/"
 _CORRUPT: Final = "corrupt/"
@@ -738,8 +740,7 @@ class S3SnapshotStore:
 
     def _take_over(self, claim_key: str, lease: _Lease) -> str | None:
         try:
-            meta = self.objects.head(claim_key)
-            current = _Lease.decode(b"".join(self.objects.read(claim_key, etag=meta.etag)))
+            meta, current = self._read_claim(claim_key)
         except (ObjectMissing, ObjectChanged):
             # Its holder finished with the snapshot, or renewed its lease, just now.
             return None
@@ -903,12 +904,22 @@ class S3SnapshotStore:
             logger.warning("retention of %r snapshots not applied: %s", namespace, exc)
         return deleted
 
+    def _read_claim(self, claim_key: str) -> tuple[ObjectMeta, _Lease | None]:
+        """The claim object's metadata and lease (``None``: unreadable). Read only when it
+        is of a claim's size: a huge object there must not be read into memory."""
+        meta = self.objects.head(claim_key)
+        if meta.size > _MAX_CLAIM:
+            return meta, None
+        return meta, _Lease.decode(b"".join(self.objects.read(claim_key, etag=meta.etag)))
+
     def _claimed(self, key: str, now: float) -> bool:
         claim_key = _claim_key(key)
         try:
-            lease = _Lease.decode(b"".join(self.objects.read(claim_key)))
+            _, lease = self._read_claim(claim_key)
         except ObjectMissing:
             return False
+        except ObjectChanged:
+            return True  # renewed between the HEAD and the GET: a live holder
         return lease is not None and not lease.restored and _lease_end(lease, claim_key, now) > now
 
 

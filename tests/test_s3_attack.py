@@ -200,6 +200,55 @@ def test_a_lease_far_in_the_future_is_not_honoured(
     assert store.claim(newer) is None
 
 
+class CountingReads(MemoryObjects):
+    """Counts the bytes its whole-object GETs hand out."""
+
+    bytes_read = 0
+
+    def read(self, key: str, *, etag: str | None = None) -> Iterator[bytes]:
+        for block in super().read(key, etag=etag):
+            self.bytes_read += len(block)
+            yield block
+
+
+def test_a_huge_claim_object_is_not_read_into_memory(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Claims were read whole with b"".join: a claim object of gigabytes filled memory at
+    # claim time and at every retention.
+    objects = CountingReads(clock)
+    store = make_store(objects, clock, keep=1)
+    info = write(store, [chunk(0, 2)], created_at=NOW - 10)
+    objects.put(_claim_path(str(info.path)), b"{" + b" " * (8 << 20))
+    objects.bytes_read = 0
+    write(store, [chunk(0, 1)], created_at=NOW - 5)  # retention: the huge claim holds nothing
+    assert str(info.path) not in keys(objects, "shop")
+    newer = store.pending("shop")[0]
+    objects.put(_claim_path(str(newer.path)), b"{" + b" " * (8 << 20))
+    with caplog.at_level(logging.WARNING, logger="handoff.snapshot"):
+        claim = store.claim(newer)
+    assert claim is not None
+    assert "holds no lease this release can read" in caplog.text
+    claim.release()
+    assert objects.bytes_read == 0
+
+
+def test_retention_spares_a_claim_renewed_between_its_head_and_get(clock: Clock) -> None:
+    class RenewedMeanwhile(MemoryObjects):
+        def read(self, key: str, *, etag: str | None = None) -> Iterator[bytes]:
+            if "/claims/" in key and etag is not None:
+                self.put(key, self.data[key][0])  # the holder's renewal
+            return super().read(key, etag=etag)
+
+    objects = RenewedMeanwhile(clock)
+    store = make_store(objects, clock, keep=1)
+    old = write(store, [chunk(0, 1)], created_at=NOW - 10)
+    lease = {"holder": "h", "owner": "o", "until": NOW + 30}
+    objects.put(_claim_path(str(old.path)), json.dumps(lease).encode())
+    write(store, [chunk(0, 1)], created_at=NOW - 5)
+    assert str(old.path) in keys(objects, "shop")
+
+
 class FlakyDelete(MemoryObjects):
     """DELETE of a snapshot fails once (a network blip)."""
 
