@@ -36,7 +36,9 @@ object store offers:
   claim's ETag (``If-Match``), and checks once more right before the first chunk is
   applied. A claim whose lease ran out (its holder crashed) is taken over with the same
   conditional PUT, so of several contenders one wins, and the old holder's next renewal
-  fails. Two restorers apply the same snapshot only if a holder stalls for longer than the
+  fails. A holder whose DELETE fails after applying marks the claim restored instead of
+  ending it: the next claimant deletes the snapshot and applies nothing. Two restorers
+  apply the same snapshot only if a holder stalls for longer than the
   whole lease between that check and the snapshot's deletion, or if the clocks of the
   machines differ by more than the lease (the expiry is wall-clock time): both far
   outside normal operation.
@@ -124,10 +126,20 @@ PART_SIZE: Final = 8 * 1024 * 1024
 _PARTS_IN_FLIGHT: Final = 2
 _SPOOL: Final = 8 * 1024 * 1024
 _RANGE_BLOCK: Final = MAX_HEADER + 1024
+_MAX_CLAIM: Final = 4096
+"""A claim is a small JSON object; a larger one is garbage, and is not read."""
 _SNAPSHOTS: Final = "snapshots/"
 _CLAIMS: Final = "claims/"
 _CORRUPT: Final = "corrupt/"
 _INSTALL: Final = "pip install 'warm-handoff[s3]'"
+QUICK_TIMEOUT: Final = "10s"
+"""Timeout of each small request (listing, HEAD, ranged header reads, claim PUTs)."""
+MAX_LEASE: Final = 3600.0
+"""The longest lease the URL allows: a claim whose lease ends further than this in the
+future (garbage, or a writer's clock far ahead) counts as ended."""
+# A lease shorter than a few round trips is lost while it is renewed (and renewed in a tight
+# loop); a max_age shorter than a deploy deletes snapshots before a successor can start.
+_BOUNDS: Final = {"lease": (5.0, MAX_LEASE), "max_age": (300.0, 10 * 365 * 86400.0)}
 
 
 # -- the small interface an object store offers this module -------------------------------
@@ -241,9 +253,10 @@ def parse_snapshot_url(url: str, environ: Mapping[str, str] | None = None) -> Sn
     parts = urlsplit(url.strip())
     if parts.scheme != "s3":
         raise ValueError(f"{url!r} is not an s3:// URL; write s3://BUCKET/PREFIX")
-    if parts.fragment or parts.username or parts.password or parts.port:
+    if parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
         raise ValueError(f"{url!r}: write s3://BUCKET/PREFIX, without credentials or port")
-    bucket = parts.hostname or ""
+    # netloc, not hostname: hostname lower-cases, and a bucket's name is case-sensitive.
+    bucket = parts.netloc
     if not bucket:
         env = os.environ if environ is None else environ
         bucket = env.get("BUCKET_NAME", "").strip()
@@ -252,29 +265,41 @@ def parse_snapshot_url(url: str, environ: Mapping[str, str] | None = None) -> Sn
                 f"{url!r} names no bucket and BUCKET_NAME is not set; write s3://BUCKET/PREFIX"
             )
     prefix = parts.path.strip("/")
+    if any(segment in ("", ".", "..") for segment in prefix.split("/")) and prefix:
+        raise ValueError(
+            f"{url!r}: the prefix {prefix!r} has an empty, '.' or '..' segment, "
+            "which object keys cannot hold"
+        )
     options: dict[str, Any] = {}
     for name, text in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        try:
-            if name == "keep":
-                options[name] = int(text)
-                if options[name] < 1:
-                    raise ValueError
-            elif name in ("max_age", "lease"):
-                options[name] = float(text)
-                if not 0 < options[name] < float("inf"):
-                    raise ValueError
-            else:
-                raise ValueError(
-                    f"{url!r}: unknown option {name!r}; the options are keep, max_age, lease"
-                )
-        except ValueError as exc:
-            if exc.args:
-                raise
+        if name not in ("keep", "max_age", "lease"):
             raise ValueError(
-                f"{url!r}: {name}={text!r} must be a positive "
-                + ("whole number" if name == "keep" else "number of seconds")
-            ) from None
+                f"{url!r}: unknown option {name!r}; the options are keep, max_age, lease"
+            )
+        options[name] = _option(url, name, text)
     return SnapshotURL(bucket, prefix, **options)
+
+
+def _option(url: str, name: str, text: str) -> int | float:
+    # Each parse failure is reported with the URL and the option, never as int()'s message.
+    if name == "keep":
+        try:
+            keep = int(text)
+        except ValueError:
+            keep = 0
+        if keep < 1:
+            raise ValueError(f"{url!r}: keep={text!r} must be a positive whole number")
+        return keep
+    low, high = _BOUNDS[name]
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:  # also refuses nan
+        raise ValueError(
+            f"{url!r}: {name}={text!r} must be a number of seconds between {low:g} and {high:g}"
+        )
+    return seconds
 
 
 # -- obstore --------------------------------------------------------------------------------
@@ -316,12 +341,12 @@ class _ObstoreObjects:
             value = environ.get(variable, "").strip()
             if value:
                 config[key] = value
+        self._has_keys = "access_key_id" in config
         endpoint = config.get("endpoint", "")
         client: dict[str, Any] = {
             # A plain-HTTP endpoint is what the endpoint variable says, on purpose.
             "allow_http": endpoint.startswith("http://"),
             "connect_timeout": "5s",
-            "timeout": "60s",
         }
         retry: dict[str, Any] = {
             "max_retries": 3,
@@ -333,12 +358,19 @@ class _ObstoreObjects:
             },
         }
         try:
-            self._store = S3Store(
-                url.bucket,
-                prefix=url.prefix or None,
-                config=config,  # type: ignore[arg-type]
-                client_options=client,  # type: ignore[arg-type]
-                retry_config=retry,  # type: ignore[arg-type]
+            # Two clients: the small requests (listing, HEAD, header reads, claims) give up
+            # after QUICK_TIMEOUT, so that an endpoint that accepts connections and never
+            # answers neither holds a node's start for a minute nor outlasts a lease's
+            # renewal; the transfers of whole snapshots keep the long timeout.
+            self._store, self._bulk = (
+                S3Store(
+                    url.bucket,
+                    prefix=url.prefix or None,
+                    config=config,  # type: ignore[arg-type]
+                    client_options={**client, "timeout": timeout},  # type: ignore[arg-type]
+                    retry_config=retry,  # type: ignore[arg-type]
+                )
+                for timeout in (QUICK_TIMEOUT, "60s")
             )
         except Exception as exc:
             raise SnapshotError(f"{self.location}: {_first_line(exc)}") from exc
@@ -356,6 +388,12 @@ class _ObstoreObjects:
         if isinstance(exc, errors.PreconditionError):
             return ObjectChanged(f"{where} changed (its ETag is not the one expected)")
         text = str(exc)
+        if not self._has_keys and "169.254.169.254" in text:
+            # With no keys, obstore asks the instance metadata service for a role's.
+            return SnapshotError(
+                f"{where}: no credentials ({what}): AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY are not set, and no instance role answered"
+            )
         if isinstance(exc, errors.PermissionDeniedError | errors.UnauthenticatedError) or any(
             code in text for code in ("403 Forbidden", "401 Unauthorized", "AccessDenied")
         ):
@@ -391,7 +429,7 @@ class _ObstoreObjects:
     def read(self, key: str, *, etag: str | None = None) -> Iterator[bytes]:
         try:
             result = self._obstore.get(
-                self._store, key, options={"if_match": etag} if etag else None
+                self._bulk, key, options={"if_match": etag} if etag else None
             )
             for block in result.stream(min_chunk_size=1024 * 1024):
                 yield bytes(block)
@@ -409,7 +447,7 @@ class _ObstoreObjects:
 
     def upload(self, key: str) -> ObjectUpload:
         writer = self._obstore.open_writer(
-            self._store, key, buffer_size=PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT
+            self._bulk, key, buffer_size=PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT
         )
         objects = self
 
@@ -434,7 +472,7 @@ class _ObstoreObjects:
 
     def copy(self, source: str, target: str) -> None:
         try:
-            self._obstore.copy(self._store, source, target)
+            self._obstore.copy(self._bulk, source, target)
         except Exception as exc:
             raise self._error(exc, "copy", source) from exc
 
@@ -479,6 +517,13 @@ class _RangedRaw(io.RawIOBase):
         if end <= self._position:
             return 0
         data = self._objects.read_range(self._key, self._position, end)
+        if len(data) != end - self._position:
+            # A server that ignores the range, or cuts it short, is not the snapshot's
+            # fault: an error (the object stays), never a false end of file (quarantine).
+            raise SnapshotError(
+                f"{self._objects.location}/{self._key}: a ranged GET of "
+                f"{end - self._position} bytes returned {len(data)}"
+            )
         view[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -503,17 +548,26 @@ class _Lease:
     holder: str
     owner: str
     until: float
+    restored: bool = False
+    """The snapshot was applied but could not be deleted: nobody applies it again."""
 
     def encode(self) -> bytes:
-        fields = {"holder": self.holder, "owner": self.owner, "until": self.until}
+        fields: dict[str, Any] = {"holder": self.holder, "owner": self.owner, "until": self.until}
+        if self.restored:
+            fields["restored"] = True
         return json.dumps(fields).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> _Lease | None:
         try:
             raw = json.loads(data)
-            return cls(str(raw["holder"]), str(raw["owner"]), float(raw["until"]))
-        except (ValueError, KeyError, TypeError):
+            return cls(
+                str(raw["holder"]),
+                str(raw["owner"]),
+                float(raw["until"]),
+                raw.get("restored") is True,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
 
@@ -686,13 +740,28 @@ class S3SnapshotStore:
 
     def _take_over(self, claim_key: str, lease: _Lease) -> str | None:
         try:
-            meta = self.objects.head(claim_key)
-            current = _Lease.decode(b"".join(self.objects.read(claim_key, etag=meta.etag)))
+            meta, current = self._read_claim(claim_key)
         except (ObjectMissing, ObjectChanged):
             # Its holder finished with the snapshot, or renewed its lease, just now.
             return None
         now = self._clock()
-        if current is not None and current.until > now:
+        if current is not None and current.restored:
+            # Applied by its holder, whose DELETE failed: finish the job, apply nothing.
+            snapshot_key = claim_key.replace(_CLAIMS, _SNAPSHOTS, 1)
+            with contextlib.suppress(SnapshotError):
+                self.objects.delete(snapshot_key)
+                self.objects.delete(claim_key)
+                logger.info(
+                    "snapshot %s was restored by %s already: deleted, not applied again",
+                    snapshot_key,
+                    current.owner or "another node",
+                )
+            return None
+        if current is None:
+            logger.warning(
+                "the claim %s holds no lease this release can read: taken over", claim_key
+            )
+        elif _lease_end(current, claim_key, now) > now:
             logger.info(
                 "snapshot %s is being restored by %s (lease for %.0f s more): skipped",
                 claim_key,
@@ -722,11 +791,27 @@ class S3SnapshotStore:
         with self._fetch(info, None) as file:
             yield from verified_chunks(file, info, self._key)
 
-    def _fetch(self, info: SnapshotInfo, etag: str | None) -> IO[bytes]:
+    def _fetch(self, info: SnapshotInfo, etag: str | None, size: int | None = None) -> IO[bytes]:
         file = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 (handed on)
+        key = str(info.path)
         try:
-            for block in self.objects.read(str(info.path), etag=etag):
+            if size is None:
+                size = self.objects.head(key).size
+            received = 0
+            for block in self.objects.read(key, etag=etag):
+                received += len(block)
+                if received > size:
+                    # An endless or oversized body must not fill the local disk.
+                    raise SnapshotError(
+                        f"{self.objects.location}/{key}: the GET returned more than the "
+                        f"object's {size} bytes; not applied"
+                    )
                 file.write(block)
+            if received != size:
+                raise SnapshotError(
+                    f"{self.objects.location}/{key}: the GET returned {received} of the "
+                    f"object's {size} bytes; not applied"
+                )
             file.seek(0)
         except ObjectMissing:
             file.close()
@@ -819,12 +904,41 @@ class S3SnapshotStore:
             logger.warning("retention of %r snapshots not applied: %s", namespace, exc)
         return deleted
 
+    def _read_claim(self, claim_key: str) -> tuple[ObjectMeta, _Lease | None]:
+        """The claim object's metadata and lease (``None``: unreadable). Read only when it
+        is of a claim's size: a huge object there must not be read into memory."""
+        meta = self.objects.head(claim_key)
+        if meta.size > _MAX_CLAIM:
+            return meta, None
+        return meta, _Lease.decode(b"".join(self.objects.read(claim_key, etag=meta.etag)))
+
     def _claimed(self, key: str, now: float) -> bool:
+        claim_key = _claim_key(key)
         try:
-            lease = _Lease.decode(b"".join(self.objects.read(_claim_key(key))))
+            _, lease = self._read_claim(claim_key)
         except ObjectMissing:
             return False
-        return lease is not None and lease.until > now
+        except ObjectChanged:
+            return True  # renewed between the HEAD and the GET: a live holder
+        return lease is not None and not lease.restored and _lease_end(lease, claim_key, now) > now
+
+
+def _lease_end(lease: _Lease, key: str, now: float) -> float:
+    """When ``lease`` ends: its ``until``, unless that is more than :data:`MAX_LEASE` from
+    ``now``: no live holder writes such a lease (the URL caps ``lease`` there), only garbage
+    or a clock far ahead, which would otherwise block the snapshot, and keep it from
+    retention, for ever. Such a lease counts as ended, with a warning."""
+    if lease.until - now > MAX_LEASE:
+        logger.warning(
+            "the claim %s of %s holds a lease ending %.0f s from now, more than the %.0f s "
+            "any holder writes (garbage, or a clock far ahead): counted as ended",
+            key,
+            lease.owner or "another node",
+            lease.until - now,
+            MAX_LEASE,
+        )
+        return 0.0
+    return lease.until
 
 
 def _claim_key(snapshot_key: str) -> str:
@@ -965,7 +1079,7 @@ class _ObjectClaim:
         if self._ended:
             raise SnapshotError(f"the claim on snapshot {self._info.path} was released")
         if self._file is None:
-            self._file = self._store._fetch(self._info, self._meta.etag)
+            self._file = self._store._fetch(self._info, self._meta.etag, self._meta.size)
         if not self._renew(self._store._clock() + self._store.lease):
             raise SnapshotError(
                 f"the claim on snapshot {self._info.path} was lost ({self._lost}); not applied"
@@ -973,16 +1087,45 @@ class _ObjectClaim:
         yield from verified_chunks(self._file, self._info, self._store._key)
 
     def remove(self) -> None:
-        """Delete the restored snapshot and the claim."""
+        """Delete the restored snapshot and the claim. When the DELETE fails, the claim is
+        marked restored instead (no node applies the snapshot again; the next claimant
+        deletes it); raises only when that fails too."""
         try:
             if self._ended:
                 raise SnapshotError(f"the claim on snapshot {self._info.path} was released")
             # Deleted even when the claim was lost: whoever took it over then finds
             # nothing to apply a second time, unless it has a copy already.
-            self._store.remove(self._info)
+            try:
+                self._store.remove(self._info)
+            except SnapshotError as exc:
+                self._mark_restored(exc)
+                return
             self._finish()
         finally:
             self.release()
+
+    def _mark_restored(self, failure: SnapshotError) -> None:
+        # Ending the lease now would hand an applied snapshot to the next claimant: a
+        # counter's increments counted twice. The claim says "restored" instead, for ever.
+        self._stop.set()
+        with self._lock:
+            lease = _Lease(self._holder, self._store._owner, 0.0, restored=True)
+            try:
+                if self._lost is not None:
+                    raise SnapshotError(f"the claim was lost ({self._lost})")
+                self._store.objects.put(self._claim_key, lease.encode(), if_match=self._etag)
+            except SnapshotError as exc:
+                raise SnapshotError(
+                    f"snapshot {self._info.path} was applied but neither deleted ({failure}) "
+                    f"nor marked restored ({exc}): another node may apply it again"
+                ) from exc
+        self._ended = True
+        logger.warning(
+            "snapshot %s was applied but not deleted (%s); its claim marks it restored, so "
+            "no node applies it again, and the next to find it deletes it",
+            self._info.path,
+            failure,
+        )
 
     def quarantine(self, reason: str) -> None:
         """Move the snapshot under ``corrupt/`` with ``reason``, then end the claim."""
