@@ -286,10 +286,10 @@ class Drainer:
         and sending take only a share of its time. ``skip`` names, per namespace, peers
         that are not to get it (they took it by pre-copy); ``exclude`` namespaces not to
         drain at all (every successor took them so). ``chunk_bytes`` caps the size chunks
-        grow to by their Acks (see :meth:`_learn_rate`): the event loop is busy for one chunk at a time (pulling, encoding,
-        encrypting), so a drain that runs beside serving (a pre-copy) keeps it small,
-        and then yields to the loop before each chunk (default: :data:`TARGET_CHUNK_BYTES`,
-        no yield)."""
+        grow to by their Acks (see :meth:`_learn_rate`): the event loop is busy for one
+        chunk at a time (pulling, encoding, encrypting), so a drain that runs beside
+        serving (a pre-copy) keeps it small, and then yields to the loop before each chunk
+        (default: :data:`TARGET_CHUNK_BYTES`, no yield)."""
         self._skip = skip if skip is not None else {}
         self._exclude = exclude
         self._stopped = False
