@@ -143,14 +143,20 @@ async def open_listener(host: str, port: int) -> anyio.abc.SocketListener:
 
 
 async def open_connection(
-    host: str, port: int, *, time_limit: float, tls: ssl.SSLContext | None = None
+    host: str,
+    port: int,
+    *,
+    time_limit: float,
+    tls: ssl.SSLContext | None = None,
+    local_host: str | None = None,
 ) -> anyio.abc.ByteStream:
-    """Connect to a peer (and run the TLS handshake), all within ``time_limit`` seconds."""
+    """Connect to a peer (and run the TLS handshake), all within ``time_limit`` seconds;
+    from ``local_host`` if given (else the address the kernel picks)."""
     remote = format_address(host, port)
     stream: anyio.abc.ByteStream | None = None
     try:
         with anyio.fail_after(time_limit):
-            stream = await anyio.connect_tcp(host, port)
+            stream = await anyio.connect_tcp(host, port, local_host=local_host)
             if tls is not None:
                 with translate_errors(remote):
                     stream = await TLSStream.wrap(
