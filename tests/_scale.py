@@ -113,13 +113,13 @@ def node_main(environ: dict[str, str], fill: Fill, conn: Connection) -> None:
         with send_lock, contextlib.suppress(OSError):
             conn.send(event)
 
-    real = node_module.make_discovery
+    real: Callable[..., Discovery] = getattr(node_module, "make_discovery")  # noqa: B009
 
     def counting(*args: Any, **kwargs: Any) -> Discovery:
         return _CountingDiscovery(real(*args, **kwargs), emit)
 
     # Only to observe polls: the discovery itself stays the product's own.
-    node_module.make_discovery = counting  # type: ignore[assignment]
+    setattr(node_module, "make_discovery", counting)  # noqa: B010
     anyio.run(_run_node, environ, fill, conn, emit)
 
 
@@ -459,12 +459,18 @@ def rolling_deploy(
     *,
     others: Sequence[Member] = (),
     timeout: float = 60.0,
+    publish_early: bool = False,
 ) -> tuple[list[Member], list[Step]]:
     """Replace ``old`` by release ``v{generation}``, ``batch`` at a time, the Kubernetes
     way (``maxSurge=batch, maxUnavailable=0``): start the new nodes (they write nothing),
-    put them in DNS, wait until every live node has them as peers, take the old ones out
+    wait until every live node has them as peers, put them in DNS, take the old ones out
     of DNS and SIGTERM them together (each drains to its successors, then stops).
-    ``others`` stay throughout. Returns the new nodes and the steps."""
+    ``others`` stay throughout. Returns the new nodes and the steps.
+
+    ``publish_early`` puts the new nodes in DNS as soon as they listen instead: the old
+    nodes' next poll may then dial a new node while its own dial to them is still in its
+    handshake, and the duplicate-link tie-break can close the link a drain streams on
+    (see the README's Scale section: counters may count twice)."""
     live = [*others, *old]
     new: list[Member] = []
     steps: list[Step] = []
@@ -476,9 +482,13 @@ def rolling_deploy(
         cluster.wait(lambda fresh=fresh: cluster.listening(fresh), timeout, "listening")  # type: ignore[misc]
         live += fresh
         new += fresh
-        cluster.publish(live)
         everyone = list(live)
+        if publish_early:
+            cluster.publish(live)
         cluster.wait(lambda: cluster.meshed(everyone), timeout, "full mesh")  # noqa: B023
+        # Ready, so in DNS now (a Kubernetes Service lists a pod once its readiness probe
+        # passes). The new nodes dialled everyone themselves at their first poll.
+        cluster.publish(live)
         meshed = time.monotonic()
         live = [m for m in live if m not in leaving]
         cluster.publish(live)  # a terminating pod leaves the service's DNS first
