@@ -294,6 +294,17 @@ class ScaleCluster:
         names = {m.name for m in members}
         return all(names - {m.name} <= m.peers for m in members)
 
+    def linked(self, members: Sequence[Member], others: Sequence[Member]) -> bool:
+        """Each of ``members`` and each of ``others`` (but itself and its own batch) are
+        peers of each other."""
+        batch = {m.name for m in members}
+        return all(
+            o.name in m.peers and m.name in o.peers
+            for m in members
+            for o in others
+            if o.name not in batch
+        )
+
     def publish(self, members: Iterable[Member]) -> None:
         """Make the DNS name answer exactly the hosts of ``members``."""
         self._published = sorted(m.host for m in members)
@@ -485,10 +496,12 @@ def rolling_deploy(
         everyone = list(live)
         if publish_early:
             cluster.publish(live)
-        cluster.wait(lambda: cluster.meshed(everyone), timeout, "full mesh")  # noqa: B023
-        # Ready, so in DNS now (a Kubernetes Service lists a pod once its readiness probe
-        # passes). The new nodes dialled everyone themselves at their first poll.
+        # The new nodes dialled every node in DNS at their first poll: linked to all of
+        # them, they are ready, so in DNS now (a Kubernetes Service lists a pod once its
+        # readiness probe passes), where the new ones of one batch find each other.
+        cluster.wait(lambda: cluster.linked(fresh, everyone), timeout, "new nodes linked")  # noqa: B023
         cluster.publish(live)
+        cluster.wait(lambda: cluster.meshed(everyone), timeout, "full mesh")  # noqa: B023
         meshed = time.monotonic()
         live = [m for m in live if m not in leaving]
         cluster.publish(live)  # a terminating pod leaves the service's DNS first
