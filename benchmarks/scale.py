@@ -10,8 +10,9 @@ interpreter; the cold costs a real node pays once are measured apart (``cold``).
 - ``join``: the processes start together; once all listen, DNS answers all of them at once
   (the worst case: every node dials every other in the same poll). From the last process
   start and from the DNS change to the moment every node has ``nodes - 1`` authenticated
-  peers, in seconds and in poll intervals; ``full_polls``: per node, how many of its own
-  polls had found everyone before it had all its peers (counted by the node itself).
+  peers, in seconds and in poll intervals; ``full_polls``: per node, how many polls it had
+  made by then, counted from its first poll that found everyone (failed polls included;
+  counted by the node itself).
 - ``links``: authenticated peers per node (``node.peers()``) and established TCP
   connections per node process (``ss -tnp``: a duplicate link left open would show).
 - ``idle`` over ``--idle`` seconds after the join: CPU per node from ``/proc/PID/stat``

@@ -100,7 +100,11 @@ class _CountingDiscovery:
         return self._inner.describe()
 
     async def discover(self) -> list[PeerAddress]:
-        found = await self._inner.discover()
+        try:
+            found = await self._inner.discover()
+        except Exception:
+            self._emit({"event": "poll", "hosts": None})  # failed: a poll all the same
+            raise
         self._emit({"event": "poll", "hosts": len({address.host for address in found})})
         return found
 
@@ -402,18 +406,21 @@ class Joined:
     at: float
     """When the event that completed its peers arrived (parent's monotonic clock)."""
     full_polls: int
-    """Its discovery polls that had found every node before that event."""
+    """Its discovery polls before that event, counted from the first one that found every
+    node (that one included; failed polls count too): 0 if the others' dials made its
+    mesh before it found them all itself."""
 
 
 def joined(member: Member, names: set[str]) -> Joined | None:
     """When ``member`` first had every one of ``names`` (but itself) as a peer, and how
-    many of its polls had found all of them by then (its own events are in order)."""
+    many polls it had made by then from the first that found all of them (its own events
+    are in order)."""
     wanted = names - {member.name}
     peers: set[str] = set()
     polls = 0
     for event in member.events:
         kind = event["event"]
-        if kind == "poll" and event["hosts"] >= len(names):
+        if kind == "poll" and (polls or (event["hosts"] or 0) >= len(names)):
             polls += 1
         elif kind == "node-up":
             peers.add(event["peer"])

@@ -2,9 +2,10 @@
 deploys lose nothing (see tests/_scale.py for the cluster, benchmarks/scale.py for the
 numbers).
 
-The default run starts 32 nodes, checks that each had all 31 others as authenticated
-peers before a third discovery poll found them all (counted by each node itself, so no
-clock is involved), then replaces 8 of them 4 at a time and checks that the nodes left
+The default run starts 32 nodes, lets DNS list them all at once, and checks that each had
+all 31 others as authenticated peers before its third discovery poll from the first that
+found them all (counted by each node itself, failed polls included, so no clock is
+involved), then replaces 8 of them 4 at a time and checks that the nodes left
 hold every cache entry written and every counter exactly. ``HANDOFF_DEEP_TESTS=1`` adds
 the full deploys: all 32 replaced one at a time, then all 32 four at a time.
 
@@ -111,7 +112,7 @@ def _join(cluster: _scale.ScaleCluster) -> list[_scale.Member]:
     members = _scale.start_generation(cluster, 1, range(NODES), ENTRIES)
     joined = _scale.join(cluster, members, TIMEOUT)["joined"]
     polls = {j.name: j.full_polls for j in joined}
-    print(f"polls that found all {NODES} before each node had all its peers: {polls}")
+    print(f"polls from the first that found all {NODES} to each node's full mesh: {polls}")
     assert len(polls) == NODES
     assert max(polls.values()) <= 2, polls
     for member in members:
