@@ -12,7 +12,6 @@ the sessions.
 from __future__ import annotations
 
 import inspect
-import ipaddress
 import itertools
 import logging
 import math
@@ -82,7 +81,6 @@ __all__ = (
     "PeerCallback",
     "SessionHandler",
     "Spawn",
-    "dial_source",
 )
 
 # The node's own logger: these lines (node-up, refused connections, ...) were always
@@ -159,28 +157,6 @@ def _source_of(stream: anyio.abc.ByteStream) -> str:
 def _describe(peer: Peer) -> str:
     # Every part is the peer's own word: escaped and cut before it reaches a log.
     return f"{peer_text(peer.name)} (release {peer_text(peer.release)}, {peer_text(peer.address)})"
-
-
-def dial_source(bind_host: str, target_host: str) -> str | None:
-    """The address to dial ``target_host`` from: the node's own listening address when it
-    listens on one specific address of the target's family, else ``None`` (the kernel
-    picks, as for a node listening on ``::`` or ``0.0.0.0``).
-
-    A node that listens on one address of a machine with several (loopback aliases, a
-    second interface) otherwise dials from whichever the route prefers: its peers then
-    see every such node as one source, whose handshakes share one pending-handshake cap
-    (``MAX_PENDING_PER_SOURCE``), and 32 nodes joining at once evict each other's.
-    """
-    try:
-        bind = ipaddress.ip_address(bind_host.split("%", 1)[0])
-        target = ipaddress.ip_address(target_host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if bind.is_unspecified or bind.version != target.version:
-        return None
-    if bind.is_loopback != target.is_loopback:
-        return None  # loopback cannot reach out, nor be reached from outside
-    return bind_host
 
 
 def _host_of(address: str) -> str:
@@ -572,7 +548,6 @@ class Mesh:
                 target.port,
                 time_limit=self._settings.connect_timeout,
                 tls=self._tls.client if self._tls else None,
-                local_host=dial_source(self._settings.bind_host, target.host),
             )
             self._remember_dial(_endpoint(stream, SocketAttribute.local_address), key)
             link = self._link(stream, Role.CLIENT, key)

@@ -143,20 +143,14 @@ async def open_listener(host: str, port: int) -> anyio.abc.SocketListener:
 
 
 async def open_connection(
-    host: str,
-    port: int,
-    *,
-    time_limit: float,
-    tls: ssl.SSLContext | None = None,
-    local_host: str | None = None,
+    host: str, port: int, *, time_limit: float, tls: ssl.SSLContext | None = None
 ) -> anyio.abc.ByteStream:
-    """Connect to a peer (and run the TLS handshake), all within ``time_limit`` seconds;
-    from ``local_host`` if given (else the address the kernel picks)."""
+    """Connect to a peer (and run the TLS handshake), all within ``time_limit`` seconds."""
     remote = format_address(host, port)
     stream: anyio.abc.ByteStream | None = None
     try:
         with anyio.fail_after(time_limit):
-            stream = await anyio.connect_tcp(host, port, local_host=local_host)
+            stream = await anyio.connect_tcp(host, port)
             if tls is not None:
                 with translate_errors(remote):
                     stream = await TLSStream.wrap(

@@ -8,11 +8,6 @@ found them all (counted by each node itself, failed polls included, so no clock 
 involved), then replaces 8 of them 4 at a time and checks that the nodes left
 hold every cache entry written and every counter exactly. ``HANDOFF_DEEP_TESTS=1`` adds
 the full deploys: all 32 replaced one at a time, then all 32 four at a time.
-
-The join also covers a fix: a node bound to one address dials from it
-(:func:`handoff._mesh.dial_source`). Before, the 32 loopback nodes all dialled from
-127.0.0.1, so each saw its 31 peers as one source, whose handshakes share a cap of 16
-pending at once: the rest were evicted and retried a poll later.
 """
 
 from __future__ import annotations
@@ -21,15 +16,11 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import anyio
-import anyio.abc
 import pytest
 
-from handoff import Node
-from handoff._mesh import dial_source
 from handoff.testing import DNSResponder, free_port_on_all
 from tests import _scale
-from tests._helpers import CLUSTER, FAST, loopback_aliases_usable
+from tests._helpers import loopback_aliases_usable
 
 NODES = 32
 POLL_INTERVAL = 2.0
@@ -44,56 +35,6 @@ ENVIRON = {
 ENTRIES = 20
 TIMEOUT = 90.0
 DEEP = os.environ.get("HANDOFF_DEEP_TESTS") == "1"
-
-
-def test_a_node_bound_to_one_address_dials_from_it() -> None:
-    assert dial_source("127.0.0.2", "127.0.0.3") == "127.0.0.2"
-    assert dial_source("10.0.0.5", "10.0.0.6") == "10.0.0.5"
-    assert dial_source("fd00::5", "fd00::6") == "fd00::5"
-
-
-@pytest.mark.parametrize(
-    ("bind", "target"),
-    [
-        ("0.0.0.0", "10.0.0.6"),  # listening everywhere: the kernel picks
-        ("::", "fd00::6"),
-        ("::", "10.0.0.6"),
-        ("10.0.0.5", "fd00::6"),  # no IPv4 source for an IPv6 peer
-        ("fd00::5", "10.0.0.6"),
-        ("127.0.0.2", "10.0.0.6"),  # loopback reaches nobody outside
-        ("10.0.0.5", "127.0.0.3"),
-        ("localhost", "127.0.0.3"),  # a name: not ours to resolve here
-        ("127.0.0.2", "peer.internal"),
-    ],
-)
-def test_otherwise_the_kernel_picks_the_source(bind: str, target: str) -> None:
-    assert dial_source(bind, target) is None
-
-
-@pytest.mark.anyio
-async def test_the_peer_sees_the_dial_come_from_the_bound_address() -> None:
-    if not loopback_aliases_usable(("127.0.0.2", "127.0.0.3")):
-        pytest.skip("cannot bind 127.0.0.2 and 127.0.0.3")
-    sources: list[str] = []
-    dialled = anyio.Event()
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.3", local_port=0)
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-
-    async def accept(stream: anyio.abc.SocketStream) -> None:
-        sources.append(stream.extra(anyio.abc.SocketAttribute.remote_address)[0])
-        dialled.set()
-        await stream.aclose()
-
-    async with listener, anyio.create_task_group() as tasks:
-        tasks.start_soon(listener.serve, accept)
-        node = Node(
-            CLUSTER, name="dialer", bind="127.0.0.2:0", discovery=f"static:127.0.0.3:{port}", **FAST
-        )
-        async with node:
-            with anyio.fail_after(10):
-                await dialled.wait()
-        tasks.cancel_scope.cancel()
-    assert set(sources) == {"127.0.0.2"}
 
 
 @pytest.fixture
