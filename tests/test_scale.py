@@ -8,6 +8,10 @@ found them all (counted by each node itself, failed polls included, so no clock 
 involved), then replaces 8 of them 4 at a time and checks that the nodes left
 hold every cache entry written and every counter exactly. ``HANDOFF_DEEP_TESTS=1`` adds
 the full deploys: all 32 replaced one at a time, then all 32 four at a time.
+
+On loopback every node dials from 127.0.0.1, so a node's 31 incoming handshakes count as one
+source, at most 16 pending at once (``handoff._mesh.MAX_PENDING_PER_SOURCE``): a dial that
+the join's storm evicts is made again at the next poll, within the two allowed.
 """
 
 from __future__ import annotations
