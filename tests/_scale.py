@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import anyio
+import anyio._backends._asyncio  # loaded once by the fork server, not by every node
 import anyio.from_thread
 import anyio.lowlevel
 import cachetools
@@ -481,8 +482,9 @@ def rolling_deploy(
 ) -> tuple[list[Member], list[Step]]:
     """Replace ``old`` by release ``v{generation}``, ``batch`` at a time, the Kubernetes
     way (``maxSurge=batch, maxUnavailable=0``): start the new nodes (they write nothing),
-    wait until every live node has them as peers, put them in DNS, take the old ones out
-    of DNS and SIGTERM them together (each drains to its successors, then stops).
+    wait until they and every live node but their batch-mates are peers, put them in DNS,
+    take the old ones out of DNS and SIGTERM them together (each drains to its successors,
+    then stops).
     ``others`` stay throughout. Returns the new nodes and the steps.
 
     ``publish_early`` puts the new nodes in DNS as soon as they listen instead: the old
@@ -505,10 +507,10 @@ def rolling_deploy(
             cluster.publish(live)
         # The new nodes dialled every node in DNS at their first poll: linked to all of
         # them, they are ready, so in DNS now (a Kubernetes Service lists a pod once its
-        # readiness probe passes), where the new ones of one batch find each other.
+        # readiness probe passes), where the new ones of one batch find each other at
+        # their next poll. The old ones need not wait for that: they see every new node.
         cluster.wait(lambda: cluster.linked(fresh, everyone), timeout, "new nodes linked")  # noqa: B023
         cluster.publish(live)
-        cluster.wait(lambda: cluster.meshed(everyone), timeout, "full mesh")  # noqa: B023
         meshed = time.monotonic()
         live = [m for m in live if m not in leaving]
         cluster.publish(live)  # a terminating pod leaves the service's DNS first
