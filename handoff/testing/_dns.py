@@ -33,6 +33,7 @@ logger = logging.getLogger("handoff.testing")
 _UDP_LIMIT = 512
 _TCP_LIMIT = 65535
 _MAX_TCP_CONNECTIONS = 64
+_TCP_BACKLOG = 128
 _BIND_ATTEMPTS = 50
 
 Zone = dict[dns.name.Name, dict[dns.rdatatype.RdataType, tuple[dns.rdata.Rdata, ...]]]
@@ -330,7 +331,9 @@ class DNSResponder:
                 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 # An ephemeral UDP port may be taken for TCP: then try another one.
                 tcp.bind((self._host, udp.getsockname()[1]))
-                tcp.listen(16)
+                # Answers past 512 bytes (about 30 A records) come over TCP, and a cluster's
+                # nodes poll in step: a short backlog drops their SYNs for a second.
+                tcp.listen(_TCP_BACKLOG)
             except OSError as exc:
                 udp.close()
                 tcp.close()
