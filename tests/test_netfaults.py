@@ -235,6 +235,11 @@ def _partition_mid_stream(cluster: Cluster, timeout: float) -> tuple[dict[str, A
     held = _check_held(ns, [b, c])
     _summary("partitioned", ns, drained["report"], held)
 
+    # old's drain is over: it exits, as it would in a deploy. Left running, what it wrote
+    # before the cut (up to 8 MiB in its socket buffers here) reached b at TCP's next
+    # retransmission, seconds after the heal, at random: b applied it 0.1 s a chunk with its
+    # loop blocked (a slow receiver on purpose), and its own drain below lost that time.
+    old.kill()
     cluster.network.heal("b")
     cluster.network.heal("old")
     _check_nothing_lost(cluster, state, [b, c])
