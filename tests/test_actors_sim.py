@@ -71,6 +71,9 @@ class SimNode:
     serving: bool = True
     alive: bool = True
     drain_done: anyio.Event | None = None
+    discovering: set[str] = field(default_factory=set)
+    """Nodes its discovery found at start that it has not linked yet (the mesh's first
+    round): suspects until linked, or gone."""
 
 
 @dataclass
@@ -166,7 +169,9 @@ class Net:
             serving=lambda: node.alive and node.serving,
             spawn=spawn,
             clock=self.clock,
+            unlinked=lambda: self.unlinked(node),
         )
+        node.discovering = {other.name for other in self.live()}
         host.delivery_timeout = 1e9  # the simulation checks delivery, not giving up
         host.start()
         node.host = host
@@ -176,6 +181,13 @@ class Net:
                 other.host.peer_up(self.peer(node))
                 host.peer_up(self.peer(other))
         return node
+
+    def unlinked(self, node: SimNode) -> list[str]:
+        for name in list(node.discovering):
+            other = self.nodes.get(name)
+            if other is None or not other.alive or self.linked(node.name, name):
+                node.discovering.discard(name)  # linked, or known gone: settled for good
+        return sorted(node.discovering)
 
     def cut(self, a: str, b: str) -> None:
         if not self.linked(a, b):

@@ -307,6 +307,7 @@ class ActorHost:
         limits: ActorLimits | None = None,
         idle_timeout: float | None = None,
         probe: Callable[[str], Awaitable[bool | None]] | None = None,
+        unlinked: Callable[[], Sequence[str]] = tuple,
     ) -> None:
         self.namespace = namespace
         self.node = node
@@ -322,6 +323,9 @@ class ActorHost:
         self.limits = limits or ActorLimits()
         self.idle_timeout = idle_timeout
         self._probe = probe
+        # Addresses discovery gave that the mesh has not linked (nor found gone) yet, while
+        # its first round lasts: a node there may hold any key (see _suspects).
+        self._unlinked = unlinked
         self._outboxes: dict[bytes, _Outbox] = {}
         self._unanswered = 0
         self._waiting_answers: set[bytes] = set()
@@ -462,11 +466,16 @@ class ActorHost:
 
     def _suspects(self) -> list[str]:
         linked = self._links()
-        return sorted(
+        suspects = sorted(
             name
             for name, member in self._members.items()
             if member.suspect or (name not in linked and name != self.node)
         )
+        # A node that just started knows only the peers it linked so far: one it found
+        # but has not reached yet may hold any key, so nothing is activated fresh until
+        # every address of the first discovery round is linked or known to be nobody.
+        suspects.extend(sorted(self._unlinked()))
+        return suspects
 
     async def _sleep(self, seconds: float) -> None:
         # On the engine's clock, so that tests move time instead of waiting for it.
