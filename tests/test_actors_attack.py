@@ -146,11 +146,6 @@ def test_a_node_not_yet_linked_to_the_holder_does_not_activate_the_key_again() -
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an actor taken by the drain's export (take) is held by nobody while its record "
-    "travels: a fresh claim activates it, then the successor's put() holds it again",
-)
 def test_an_exported_actor_is_not_activated_twice_when_its_record_lands() -> None:
     async def scenario(net: Net) -> None:
         a, b, c = [await net.spawn_node() for _ in range(3)]
@@ -160,14 +155,54 @@ def test_an_exported_actor_is_not_activated_twice_when_its_record_lands() -> Non
         a.serving = False
         records = list(a.host.take())
         assert [r[0] for r in records] == [key]
-        # Meanwhile c calls the key again: placement (b or c) claims it, nobody holds it.
+        # Meanwhile c calls the key again: placement (b or c) claims it, a says "in
+        # transit": nobody activates it, the message waits.
+        pending = await call(net, c, key, 2)
+        await tick(net)
+        assert holders(net, key, unfrozen=False) == []
+        assert not pending.done.is_set()
+        # The record lands on the successor the planner chose; asked, it ends the transit.
+        successor = b
+        assert successor.host.put(*records[0])
+        for _ in range(4):
+            await tick(net)
+            single(net, key)
+        assert holders(net, key) == [successor.name]
+        assert pending.status is Status.REPLIED
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
+        assert a.host._transit == {}
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("record_wins_placement", [False, True])
+def test_a_record_landing_where_another_activation_runs_gives_way(
+    record_wins_placement: bool,
+) -> None:
+    """The exporter crashed mid-stream (or a snapshot was restored late): a fresh
+    activation runs elsewhere when the record lands. It is held frozen, asks, and is
+    dropped as superseded, whichever placement score is higher: never two."""
+
+    async def scenario(net: Net) -> None:
+        a, b, c = [await net.spawn_node() for _ in range(3)]
+        key = next(
+            f"s{i}"
+            for i in range(10_000)
+            if place(kb(net, f"s{i}"), [a.name, b.name]) == a.name
+            and (place(kb(net, f"s{i}"), [a.name, c.name]) == c.name) == record_wins_placement
+        )
+        c.serving = False  # the fresh activation runs on a (placement without c)
+        assert (await call(net, b, key, 1)).status is Status.REPLIED
+        c.serving = True
+        assert holders(net, key) == [a.name]
+        assert c.host.put(key, [["old", 1]], None)
+        for _ in range(2 + 2 * 5):
+            await tick(net)
+            single(net, key)
+        assert holders(net, key, unfrozen=False) == [a.name]
+        assert c.host.superseded == 1
         assert (await call(net, c, key, 2)).status is Status.REPLIED
-        fresh = holders(net, key)
-        assert len(fresh) == 1
-        # The record lands on the successor the planner chose (the other serving node).
-        successor = next(n for n in (b, c) if n.name not in fresh)
-        successor.host.put(*records[0])
-        single(net, key)
+        assert handled(net, key) == [[b.name, 1], [c.name, 2]]
 
     run(scenario)
 

@@ -108,6 +108,9 @@ SETTLE = 1.0
 """Seconds an actor stays where it arrived before placement may move it again."""
 TICK = 0.02
 REFUSED_RETRY = 30.0
+CONFIRM_CONFLICTS = 5
+"""Rounds a restored actor waits, while another node says it holds the key, before it
+gives way (see :meth:`ActorHost.put`)."""
 """Seconds before placement tries again to move an actor whose move was refused."""
 
 
@@ -248,6 +251,9 @@ class _Held:
     migrating: bool = False
     move_request: ActorMove | None = None
     move_to: str = ""
+    confirming: bool = False
+    """Restored or handed over as a record: frozen until the cluster says no other node
+    holds the key (see :meth:`ActorHost.put`)."""
 
 
 @dataclass(slots=True)
@@ -354,6 +360,12 @@ class ActorHost:
         self._outgoing: dict[str, collections.deque[Message]] = {}
         self._wake: dict[str, anyio.Event] = {}
         self._migrating: set[bytes] = set()
+        # Actors the drain's export took, whose record travels (to a successor or the
+        # snapshot store): key -> epoch. Claims for them wait (see _on_where).
+        self._transit: dict[bytes, int] = {}
+        self._asking_back: set[tuple[str, bytes]] = set()
+        self.superseded = 0
+        """Restored actors dropped because another node held the key when they landed."""
         self.activations = 0
         """Activations started on this node (fresh, moved in, or restored)."""
         self.abandoned = 0
@@ -390,6 +402,7 @@ class ActorHost:
             "unanswered": self._unanswered,
             "activations": self.activations,
             "abandoned": self.abandoned,
+            "superseded": self.superseded,
         }
 
     def __len__(self) -> int:
@@ -542,7 +555,9 @@ class ActorHost:
         for peer in list(self._outgoing):
             self._spawn(self._send_loop, peer)
         for held in list(self._held.values()):
-            self._start(held)  # restored before the start, with messages queued
+            if held.confirming:
+                self._spawn(self._confirm, held)  # restored before the start
+            self._start(held)
 
     async def run(self) -> None:
         """Background work: re-sends, idle deactivation, placement changes. Runs until the
@@ -814,7 +829,7 @@ class ActorHost:
         if held is None:
             self._not_here(message)
             return
-        if held.moving_to is not None or held.in_doubt:
+        if held.moving_to is not None or held.in_doubt or held.confirming:
             if len(held.held) >= self.limits.mailbox:
                 self._reply(message, Status.BUSY, self._codec.packb("the actor is moving"))
                 return
@@ -833,6 +848,15 @@ class ActorHost:
             # Forwarded too often (the actor moved on since), or to a node that is not
             # linked: placement and the holders themselves tell where it is.
             del self._forwards[key_bytes]
+        if key_bytes in self._transit:
+            # Its record travels: the successor that takes it (or this node, if it comes
+            # back) answers once it holds it; activating it meanwhile would make two.
+            self._reply(
+                message,
+                Status.RETRY,
+                self._codec.packb("the actor is in transit (handed over by a drain)"),
+            )
+            return
         if key_bytes in self._claims:
             waiting = self._claim_waiting.setdefault(key_bytes, [])
             if len(waiting) < self.limits.mailbox:
@@ -943,6 +967,14 @@ class ActorHost:
         held = self._held.get(key_bytes)
         if held is not None:
             answer, holder = 1, self.node
+        elif key_bytes in self._transit:
+            # Nobody may claim it while its record travels ("2": wait, as for a claim that
+            # wins). The asker may be the node that just took the record: asked back, its
+            # "held" ends the transit.
+            answer, holder = 2, self.node
+            if self._running and (peer, key_bytes) not in self._asking_back:
+                self._asking_back.add((peer, key_bytes))
+                self._spawn(self._ask_back, peer, key_bytes)
         else:
             claim = self._claims.get(key_bytes)
             if claim is not None:
@@ -952,6 +984,24 @@ class ActorHost:
                     claim.lost = True  # the other claimant wins: this one backs off
                     claim.done.set()
         self._post(peer, ActorHere(self.namespace, key_bytes, message.query, answer, holder))
+
+    async def _ask_back(self, peer: str, key_bytes: bytes) -> None:
+        try:
+            query = _Query(key_bytes, {peer})
+            query_id = next(self._query_ids)
+            self._queries[query_id] = query
+            try:
+                self._post(peer, ActorWhere(self.namespace, key_bytes, query_id))
+                await self._clock.wait(query.done, self._clock.now() + QUERY_TIMEOUT)
+            finally:
+                del self._queries[query_id]
+            epoch = self._transit.get(key_bytes)
+            if query.holder == peer and epoch is not None and key_bytes not in self._held:
+                del self._transit[key_bytes]
+                self._forwards[key_bytes] = (peer, epoch, self._clock.now())
+                self._forwards.move_to_end(key_bytes)
+        finally:
+            self._asking_back.discard((peer, key_bytes))
 
     def _on_here(self, peer: str, message: ActorHere) -> None:
         query = self._queries.get(message.query)
@@ -1142,6 +1192,7 @@ class ActorHost:
             if (
                 held.moving_to is not None
                 or held.in_doubt
+                or held.confirming
                 or key_bytes in self._migrating
                 or now - held.arrived_at < SETTLE
             ):
@@ -1200,6 +1251,7 @@ class ActorHost:
             held.migrating
             or held.moving_to is not None
             or held.in_doubt
+            or held.confirming
             or target not in self._links()
         ):
             return False
@@ -1497,7 +1549,7 @@ class ActorHost:
         message: ``(key, state, [channels, queued])`` for the snapshot store or a successor
         (the state alone is the record's value, so that upgrade hooks see only it)."""
         for key_bytes, held in list(self._held.items()):
-            if held.moving_to is not None or held.in_doubt or held.running:
+            if held.moving_to is not None or held.in_doubt or held.running or held.confirming:
                 continue
             try:
                 state = held.instance.state() if held.instance is not None else held.state
@@ -1507,6 +1559,7 @@ class ActorHost:
             channels = [[o, c.gen, c.next, []] for o, c in held.channels.items()]
             queued = [_queued(m) for m in held.mailbox]
             del self._held[key_bytes]
+            self._transit[key_bytes] = held.epoch
             self._queued -= len(held.mailbox)
             if held.instance is not None:
                 self._deactivated(held)
@@ -1518,8 +1571,16 @@ class ActorHost:
         return sum(1 for held in self._held.values() if held.moving_to is None)
 
     def put(self, key: Any, state: Any, meta: Any) -> bool:
-        """Hold a restored (or given back) actor, idle until its next message. False if
-        this node holds the key already."""
+        """Hold a restored (or given back, or handed over) actor. False if this node holds
+        the key already.
+
+        Its record may have travelled while another node activated the key (its exporter
+        crashed mid-stream, a snapshot restored late, a chunk re-sent after a lost Ack): the
+        actor is held frozen, and answers for the key so that nobody claims it, until every
+        peer says it holds no other activation (messages wait meanwhile). If one does, the
+        record gives way ("superseded": counted in ``stats()``, logged, its waiting messages
+        forwarded there): the running activation has answered callers already. Two records
+        landing on two nodes: the lower placement score gives way."""
         key_bytes = self._encode_key(key)
         if key_bytes in self._held:
             return False
@@ -1529,8 +1590,9 @@ class ActorHost:
             channels, queued = meta
         else:
             raise ValueError("an actor record's metadata is [channels, queued]")
-        held = self._activate(key_bytes, state, epoch=1, dormant=True)
+        held = self._activate(key_bytes, state, epoch=self._transit.pop(key_bytes, 1), dormant=True)
         assert held is not None
+        held.confirming = held.frozen = True
         for origin, gen, next_seq, _ in channels:
             held.channels[str(origin)] = _Channel(int(gen), int(next_seq))
         for origin, sender, gen, seq, want_reply, body in queued:
@@ -1540,8 +1602,52 @@ class ActorHost:
                 )
             )
             self._queued += 1
-        self._start(held)
+        if self._running:
+            self._spawn(self._confirm, held)
         return True
+
+    async def _confirm(self, held: _Held) -> None:
+        delay, conflicts = 0.02, 0
+        key_bytes = held.key_bytes
+        while self._running and self._held.get(key_bytes) is held and held.confirming:
+            query = self._new_query(key_bytes, claiming=False)
+            query.waiting.discard(self.node)
+            answer = await self._ask_everyone(query)
+            if self._held.get(key_bytes) is not held or not held.confirming:
+                return
+            if answer is None:
+                held.confirming = False
+                self._thaw(held)
+                return
+            if not answer.startswith("?") and answer != self.node:
+                conflicts += 1
+                # Both may be records still confirming: the lower score gives way at once;
+                # the higher one waits a few rounds for that, then gives way to what is
+                # running there.
+                if (
+                    placement_score(self.node, key_bytes) < placement_score(answer, key_bytes)
+                    or conflicts > CONFIRM_CONFLICTS
+                ):
+                    self._supersede(held, answer)
+                    return
+            await self._sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _supersede(self, held: _Held, holder: str) -> None:
+        logger.warning(
+            "%s: actor %r of %r arrived as a record while %s holds it: the record is dropped "
+            "(superseded), its waiting messages go there",
+            self.node,
+            held.key,
+            self.namespace,
+            holder,
+        )
+        self.superseded += 1
+        waiting = list(held.mailbox)
+        held.mailbox.clear()
+        self._queued -= len(waiting)
+        held.held[:0] = waiting
+        self._moved(held, holder, held.epoch)
 
 
 def _queued(message: ActorSend) -> list[Any]:
