@@ -108,6 +108,9 @@ SETTLE = 1.0
 """Seconds an actor stays where it arrived before placement may move it again."""
 TICK = 0.02
 REFUSED_RETRY = 30.0
+CHANNEL_KEEP = 30.0
+"""Seconds a sender's channel is kept after its last message, even past ``max_channels``:
+forgetting one whose reply was lost would handle the message's resend again."""
 CONFIRM_CONFLICTS = 5
 """Rounds a restored actor waits, while another node says it holds the key, before it
 gives way (see :meth:`ActorHost.put`)."""
@@ -227,6 +230,7 @@ class _Channel:
         default_factory=collections.OrderedDict
     )
     early: dict[int, ActorSend] = field(default_factory=dict)
+    used: float = 0.0
 
 
 @dataclass(slots=True)
@@ -820,9 +824,7 @@ class ActorHost:
         )
 
     def _on_send(self, message: ActorSend, peer: str | None = None) -> None:
-        if peer is not None and message.hops == 0 and message.sender != peer:
-            # Sent directly, so the link's peer is its sender: another name would make this
-            # node answer (or silence) someone else's channel.
+        if peer is not None and not self._authentic(peer, message):
             return
         key_bytes = message.key
         held = self._held.get(key_bytes)
@@ -836,6 +838,22 @@ class ActorHost:
             held.held.append(message)
             return
         self._accept(held, message)
+
+    def _authentic(self, peer: str, message: ActorSend) -> bool:
+        """Whether ``message`` may speak for its channel. Sent directly (``hops == 0``), the
+        link's peer is its sender. Direct or forwarded, its ``origin`` is its sender's
+        incarnation as far as this node knows it: another would let one peer answer, or
+        silence (with a higher ``gen``), another node's channel. A forwarded message from a
+        sender this node does not know is taken as it comes (it may be cut off from here)."""
+        if message.hops == 0 and message.sender != peer:
+            return False
+        if message.sender == self.node:
+            return message.origin == self.incarnation
+        link = self._links().get(message.sender)
+        if link is not None:
+            return message.origin == link[0].incarnation
+        member = self._members.get(message.sender)
+        return member is None or message.origin == member.incarnation
 
     def _not_here(self, message: ActorSend) -> None:
         key_bytes = message.key
@@ -1051,13 +1069,27 @@ class ActorHost:
     def _accept(self, held: _Held, message: ActorSend) -> None:
         channels = held.channels
         channel = channels.get(message.origin)
+        now = self._clock.now()
         if channel is None or message.gen > channel.gen:
+            if channel is None and len(channels) >= self.limits.max_channels:
+                # The least recently used goes, unless it was used lately: its sender may
+                # still re-send a message whose reply was lost, which a new channel would
+                # take for a new one.
+                if now - next(iter(channels.values())).used < CHANNEL_KEEP:
+                    self._reply(
+                        message,
+                        Status.BUSY,
+                        self._codec.packb(
+                            f"the actor has {len(channels)} senders in the last {CHANNEL_KEEP:g} s"
+                        ),
+                    )
+                    return
+                channels.popitem(last=False)
             channel = _Channel(message.gen, message.first_unacked)
             channels[message.origin] = channel
-            while len(channels) > self.limits.max_channels:
-                channels.popitem(last=False)
         elif message.gen < channel.gen:
             return  # an older channel's copy: everything in it was answered
+        channel.used = now
         channels.move_to_end(message.origin)
         if message.first_unacked > channel.next:
             # What this activation never saw was answered by an earlier one (state that
@@ -1440,7 +1472,7 @@ class ActorHost:
             answer(False, "activation failed on the new owner")
             return
         for origin, gen, next_seq, replies in channels:
-            channel = _Channel(gen, next_seq)
+            channel = _Channel(gen, next_seq, used=self._clock.now())
             for seq, status, body in replies:
                 channel.replies[seq] = (status, body)
             held.channels[origin] = channel
@@ -1594,7 +1626,7 @@ class ActorHost:
         assert held is not None
         held.confirming = held.frozen = True
         for origin, gen, next_seq, _ in channels:
-            held.channels[str(origin)] = _Channel(int(gen), int(next_seq))
+            held.channels[str(origin)] = _Channel(int(gen), int(next_seq), used=self._clock.now())
         for origin, sender, gen, seq, want_reply, body in queued:
             held.mailbox.append(
                 ActorSend(
