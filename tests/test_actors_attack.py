@@ -409,13 +409,10 @@ def test_a_lost_reply_is_answered_again_after_later_messages() -> None:
 # -- wedges -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a move whose link flapped is in doubt; _resolve thaws only when the target is "
-    "gone from the members, so a target that comes back (healed, or restarted under its "
-    "name) and says 'not here' leaves the actor frozen for ever",
-)
-def test_a_move_in_doubt_ends_once_the_target_is_back_and_does_not_hold_it() -> None:
+@pytest.mark.parametrize("target_restarts", [False, True])
+def test_a_move_in_doubt_ends_once_the_target_is_back_and_does_not_hold_it(
+    target_restarts: bool,
+) -> None:
     async def scenario(net: Net) -> None:
         a, b, c = [await net.spawn_node() for _ in range(3)]
         key = key_placed_on(net, a, [a, b, c])
@@ -428,11 +425,19 @@ def test_a_move_in_doubt_ends_once_the_target_is_back_and_does_not_hold_it() -> 
         net.clock.advance(2.5)
         await settle()
         assert held.in_doubt
+        if target_restarts:  # b exits and a new process takes its name: the move died
+            net.leave(b)
+            net.names = itertools.count(2)
+            assert (await net.spawn_node()).name == b.name
+        # Linked again (the same process, asked the same move again, takes it).
         net.heal(frozenset((a.name, b.name)))
         for _ in range(8):  # the resolver's back-off tops out at 1 s: 8 rounds of 1.1 s
             await tick(net)
+            single(net, key)
         assert not held.in_doubt
+        assert holders(net, key) == [a.name if target_restarts else b.name]
         assert (await call(net, c, key, 2)).status is Status.REPLIED
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
 
     run(scenario)
 

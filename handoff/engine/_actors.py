@@ -1369,6 +1369,10 @@ class ActorHost:
                     self._spawn(self._resolve, held, target)
         return move
 
+    def _is_member(self, name: str, incarnation: str) -> bool:
+        member = self._members.get(name)
+        return member is not None and member.incarnation == incarnation
+
     def _same_incarnation(self, name: str, incarnation: str) -> bool:
         link = self._links().get(name)
         return link is not None and link[0].incarnation == incarnation
@@ -1394,8 +1398,9 @@ class ActorHost:
                     held.moving_to = None
                     self._thaw(held)
                     return
-            elif answer is None and target not in self._members:
-                # Nobody holds it and the target is gone: the move never took effect.
+            elif answer is None and not self._is_member(target, held.move_to):
+                # Nobody holds it and the process it went to is gone (left, or restarted
+                # under its name without it): the move never took effect, or died there.
                 held.in_doubt = held.frozen = False
                 held.moving_to = None
                 self._thaw(held)
@@ -1411,6 +1416,7 @@ class ActorHost:
         self._start(held)
 
     def _moved(self, held: _Held, target: str, epoch: int) -> None:
+        held.in_doubt = False
         if self._held.get(held.key_bytes) is held:
             del self._held[held.key_bytes]
         self._queued -= len(held.mailbox)
