@@ -256,6 +256,8 @@ class _Held:
     move_request: ActorMove | None = None
     move_to: str = ""
     confirming: bool = False
+    doubt_stats: MoveStats | None = None
+    """The migration report that counts this actor in doubt (corrected when that ends)."""
     """Restored or handed over as a record: frozen until the cluster says no other node
     holds the key (see :meth:`ActorHost.put`)."""
 
@@ -1331,7 +1333,7 @@ class ActorHost:
         # No answer and no link: the move is in doubt. The actor stays frozen here until
         # someone tells who holds it now (see _resolve).
         held.in_doubt = True
-        stats.in_doubt += 1
+        self._doubt(held, stats)
         logger.warning(
             "%s: moving actor %r of %r to %s: no answer before its link ended; it stays "
             "frozen here until the cluster says who holds it",
@@ -1364,10 +1366,27 @@ class ActorHost:
             del self._moves[request.move]
             if not completed and move.accepted is None:
                 held.in_doubt = True
-                stats.in_doubt += 1
+                self._doubt(held, stats)
                 if self._running:
                     self._spawn(self._resolve, held, target)
         return move
+
+    @staticmethod
+    def _doubt(held: _Held, stats: MoveStats) -> None:
+        if held.doubt_stats is None:
+            held.doubt_stats = stats
+            stats.in_doubt += 1
+
+    @staticmethod
+    def _doubt_ended(held: _Held, moved_to: str | None) -> None:
+        # The drain's report is read after its streams: an actor whose doubt ended by then
+        # counts as moved, or is here again (exported by the streams, or stranded).
+        stats, held.doubt_stats = held.doubt_stats, None
+        if stats is not None:
+            stats.in_doubt -= 1
+            if moved_to is not None:
+                stats.moved += 1
+                stats.successors.add(moved_to)
 
     def _is_member(self, name: str, incarnation: str) -> bool:
         member = self._members.get(name)
@@ -1384,6 +1403,7 @@ class ActorHost:
             query.waiting.discard(self.node)
             answer = await self._ask_everyone(query)
             if answer is not None and not answer.startswith("?") and answer != self.node:
+                self._doubt_ended(held, answer)
                 self._moved(held, answer, held.epoch + 1)
                 return
             if answer is None and self._same_incarnation(target, held.move_to):
@@ -1391,9 +1411,11 @@ class ActorHost:
                 # answers a move once, so a copy that did arrive is not taken twice).
                 move = await self._send_move(held, target, MoveStats())
                 if move is not None and move.accepted:
+                    self._doubt_ended(held, target)
                     self._moved(held, target, held.epoch + 1)
                     return
                 if move is not None and move.accepted is False:
+                    self._doubt_ended(held, None)
                     held.in_doubt = False
                     held.moving_to = None
                     self._thaw(held)
@@ -1401,6 +1423,7 @@ class ActorHost:
             elif answer is None and not self._is_member(target, held.move_to):
                 # Nobody holds it and the process it went to is gone (left, or restarted
                 # under its name without it): the move never took effect, or died there.
+                self._doubt_ended(held, None)
                 held.in_doubt = held.frozen = False
                 held.moving_to = None
                 self._thaw(held)
