@@ -366,6 +366,9 @@ class ActorHost:
         self._outgoing: dict[str, collections.deque[Message]] = {}
         self._wake: dict[str, anyio.Event] = {}
         self._migrating: set[bytes] = set()
+        # Placement changes' migrations in progress: key -> set when it ends (a drain
+        # waits for them and counts what they did).
+        self._migration_ends: dict[bytes, anyio.Event] = {}
         # Actors the drain's export took, whose record travels (to a successor or the
         # snapshot store): key -> epoch. Claims for them wait (see _on_where).
         self._transit: dict[bytes, int] = {}
@@ -877,10 +880,20 @@ class ActorHost:
                 self._codec.packb("the actor is in transit (handed over by a drain)"),
             )
             return
+        # Messages waiting for a claim count in the node's bound like queued ones: a flood
+        # of fresh keys whose claims peers are slow to answer holds no more than that.
+        if self._queued >= self.limits.queued:
+            self._reply(
+                message,
+                Status.BUSY,
+                self._codec.packb(f"{self._queued} messages queued on {self.node}"),
+            )
+            return
         if key_bytes in self._claims:
             waiting = self._claim_waiting.setdefault(key_bytes, [])
             if len(waiting) < self.limits.mailbox:
                 waiting.append(message)
+                self._queued += 1
             else:
                 self._reply(message, Status.BUSY, self._codec.packb("activation in progress"))
             return
@@ -905,6 +918,7 @@ class ActorHost:
             )
         else:
             self._claim_waiting[key_bytes] = [message]
+            self._queued += 1
             query = self._new_query(key_bytes, claiming=True)
             self._spawn(self._claim, key_bytes, query)
 
@@ -952,6 +966,7 @@ class ActorHost:
             if self._claims.get(key_bytes) is query:
                 del self._claims[key_bytes]
         waiting = self._claim_waiting.pop(key_bytes, [])
+        self._queued -= len(waiting)
         if query.lost and not query.holder and answer is None:
             answer = "?another node claimed this actor at the same time"
         if answer is None and key_bytes not in self._held and self._serving():
@@ -1235,6 +1250,7 @@ class ActorHost:
             owner = place(key_bytes, candidates)
             if owner is not None and owner != self.node:
                 self._migrating.add(key_bytes)
+                self._migration_ends[key_bytes] = anyio.Event()
                 self._spawn(self._migrate_one, held, owner, None)
 
     async def _migrate_one(self, held: _Held, target: str, stats: MoveStats | None) -> None:
@@ -1245,6 +1261,9 @@ class ActorHost:
                 self._unsettled = True
         finally:
             self._migrating.discard(held.key_bytes)
+            ended = self._migration_ends.pop(held.key_bytes, None)
+            if ended is not None:
+                ended.set()
 
     async def _freeze(self, held: _Held) -> None:
         held.frozen = True
@@ -1296,6 +1315,12 @@ class ActorHost:
             return await self._migrate(held, target, stats)
         finally:
             held.migrating = False
+            if (
+                held.doubt_stats is not None
+                and not held.in_doubt
+                and self._held.get(held.key_bytes) is held
+            ):
+                self._doubt_ended(held, None)  # back here: a drain counted it in doubt
 
     async def _migrate(self, held: _Held, target: str, stats: MoveStats) -> bool:
         await self._freeze(held)
@@ -1322,8 +1347,11 @@ class ActorHost:
             return True  # cancelled while waiting: in doubt (see _send_move)
         if move.accepted:
             self._moved(held, target, held.epoch + 1)
-            stats.moved += 1
-            stats.successors.add(target)
+            if held.doubt_stats is not None:
+                self._doubt_ended(held, target)  # a drain counted it in doubt meanwhile
+            else:
+                stats.moved += 1
+                stats.successors.add(target)
             return True
         if move.accepted is False:
             _count(stats.refused, f"{target}: {move.reason}")
@@ -1582,6 +1610,25 @@ class ActorHost:
         stats = MoveStats()
         limiter = anyio.CapacityLimiter(32)
 
+        async def adopt(held: _Held, ended: anyio.Event) -> None:
+            # A placement change is moving it: this drain waits for that move and counts
+            # its outcome (in doubt if the deadline comes first), or moves it itself.
+            try:
+                await ended.wait()
+            finally:
+                if not ended.is_set():
+                    self._doubt(held, stats)  # corrected when that move ends
+            if self._held.get(held.key_bytes) is not held:
+                forward = self._forwards.get(held.key_bytes)
+                stats.moved += 1
+                if forward is not None:
+                    stats.successors.add(forward[0])
+            elif held.in_doubt:
+                held.doubt_stats = None
+                self._doubt(held, stats)
+            else:
+                await one(held)
+
         async def one(held: _Held) -> None:
             async with limiter:
                 candidates = self._candidates(without_me=True)
@@ -1597,7 +1644,13 @@ class ActorHost:
         with anyio.move_on_after(max(0.0, deadline - self._clock.now())):
             async with anyio.create_task_group() as group:
                 for held in list(self._held.values()):
-                    if held.moving_to is None and held.key_bytes not in self._migrating:
+                    ended = self._migration_ends.get(held.key_bytes)
+                    if ended is not None:
+                        group.start_soon(adopt, held, ended)
+                    elif held.in_doubt:
+                        held.doubt_stats = None  # a move in doubt since before: counted here
+                        self._doubt(held, stats)
+                    elif held.moving_to is None and not held.migrating:
                         group.start_soon(one, held)
             # Messages this node sent as a caller are answered before it leaves, if they can.
             if self._unanswered:
