@@ -24,6 +24,7 @@ from handoff.engine._actors import (
     MoveStats,
     Status,
     place,
+    placement_score,
 )
 from handoff.protocol import ActorMove, ActorMoved, ActorReply, ActorSend, Message
 from tests.test_actors_sim import (
@@ -204,6 +205,27 @@ def test_a_record_landing_where_another_activation_runs_gives_way(
         assert c.host.superseded == 1
         assert (await call(net, c, key, 2)).status is Status.REPLIED
         assert handled(net, key) == [[b.name, 1], [c.name, 2]]
+
+    run(scenario)
+
+
+def test_two_records_of_one_actor_landing_at_once_keep_one() -> None:
+    """A chunk re-sent after a lost acknowledgement lands on a second successor: both
+    hold the record frozen; the lower placement score gives way, the other goes on."""
+
+    async def scenario(net: Net) -> None:
+        a, b, c = [await net.spawn_node() for _ in range(3)]
+        key = "twice"
+        assert b.host.put(key, [["old", 1]], None)
+        assert c.host.put(key, [["old", 1]], None)
+        for _ in range(4):
+            await tick(net)
+            single(net, key)
+        keeper, loser = sorted((b, c), key=lambda n: placement_score(n.name, kb(net, key)))[::-1]
+        assert holders(net, key, unfrozen=False) == [keeper.name]
+        assert (keeper.host.superseded, loser.host.superseded) == (0, 1)
+        assert (await call(net, a, key, 1)).status is Status.REPLIED
+        assert handled(net, key) == [["old", 1], [a.name, 1]]
 
     run(scenario)
 
