@@ -108,6 +108,10 @@ SETTLE = 1.0
 """Seconds an actor stays where it arrived before placement may move it again."""
 TICK = 0.02
 REFUSED_RETRY = 30.0
+DRAIN_MOVES = 8
+"""Moves a drain has in flight at once. An actor's pause runs from its freeze to its
+first message on the new owner, so a move queued behind many others on the one link pauses
+its actor for theirs too; a few in flight keep that link busy all the same."""
 CHANNEL_KEEP = 30.0
 """Seconds a sender's channel is kept after its last message, even past ``max_channels``:
 forgetting one whose reply was lost would handle the message's resend again."""
@@ -271,6 +275,9 @@ class _Query:
     holder: str = ""
     lost: bool = False
     claiming: bool = False
+    holding: bool = False
+    """Asked by a node that holds the key (a move in doubt): a peer claiming it (answer 2)
+    holds nothing, and cannot activate it while this node says it holds it."""
 
 
 @dataclass(slots=True)
@@ -1046,7 +1053,7 @@ class ActorHost:
         query.answered.add(peer)
         if message.answer == 1 and message.holder == peer:
             query.holder = peer
-        elif message.answer == 2:
+        elif message.answer == 2 and not query.holding:
             query.lost = True
         if query.holder or query.lost or not query.waiting:
             query.done.set()
@@ -1429,6 +1436,9 @@ class ActorHost:
         while self._running and self._held.get(held.key_bytes) is held and held.in_doubt:
             query = self._new_query(held.key_bytes, claiming=False)
             query.waiting.discard(self.node)
+            # Held here all along: a claim elsewhere cannot win, so it does not stall this
+            # question (each would otherwise make the other ask again, for ever).
+            query.holding = True
             answer = await self._ask_everyone(query)
             if answer is not None and not answer.startswith("?") and answer != self.node:
                 self._doubt_ended(held, answer)
@@ -1608,7 +1618,7 @@ class ActorHost:
         """Move every actor held here to its placement among the serving peers, before
         ``deadline``; what cannot move stays (the snapshot store may take it)."""
         stats = MoveStats()
-        limiter = anyio.CapacityLimiter(32)
+        limiter = anyio.CapacityLimiter(DRAIN_MOVES)
 
         async def adopt(held: _Held, ended: anyio.Event) -> None:
             # A placement change is moving it: this drain waits for that move and counts
@@ -1643,7 +1653,10 @@ class ActorHost:
 
         with anyio.move_on_after(max(0.0, deadline - self._clock.now())):
             async with anyio.create_task_group() as group:
-                for held in list(self._held.values()):
+                # The most recently messaged first: their callers wait the least, and a
+                # deadline leaves behind the actors nobody was talking to.
+                by_activity = sorted(self._held.values(), key=lambda h: -h.last_active)
+                for held in by_activity:
                     ended = self._migration_ends.get(held.key_bytes)
                     if ended is not None:
                         group.start_soon(adopt, held, ended)
