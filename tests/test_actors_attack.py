@@ -765,3 +765,19 @@ def test_malformed_move_payloads_are_refused_and_leave_nothing() -> None:
         assert not any(a.accepted for a in answers)
 
     run(scenario)
+
+
+def test_a_drain_moves_the_most_recently_messaged_actors_first() -> None:
+    async def scenario(net: Net) -> None:
+        a, b = await net.spawn_node(), await net.spawn_node()
+        keys = [key_placed_on(net, a, [a, b], prefix=p) for p in ("x", "y", "z")]
+        for key in (keys[2], keys[0], keys[1]):  # y last, then x, then z
+            assert (await call(net, b, key, 1)).status is Status.REPLIED
+            net.clock.advance(1.0)
+        a.serving = False
+        a.host._spawn(a.host.drain, net.clock.now() + 30)
+        await settle()
+        moves = [e.message.key for e in net.wire if isinstance(e.message, ActorMove)]
+        assert moves == [kb(net, keys[1]), kb(net, keys[0]), kb(net, keys[2])]
+
+    run(scenario)
