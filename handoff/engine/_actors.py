@@ -30,6 +30,13 @@ both ends of every conversation with an actor:
   and keeps a forwarding pointer. A move whose answer never comes (the link dropped) is *in
   doubt*: the actor stays frozen here until the question "who holds it now?" has an
   answer, so that it is never active on both nodes.
+- **Records** (what the drain could not move: to a successor's stream or the snapshot
+  store, :meth:`ActorHost.take`): the exporter answers for the key "wait" while the record
+  travels, until the node that took it says it holds it; a node that takes a record
+  (:meth:`ActorHost.put`) holds it frozen until no peer says it holds another activation,
+  and gives way to one that does.
+- **Start.** Until the mesh has linked (or found nobody at) every address of discovery's
+  first answer, those addresses count as unreachable peers that may hold any key.
 
 The actor's state crosses versions through the namespace's upgrade / downgrade hooks, like
 any record ``(key, state)``.
