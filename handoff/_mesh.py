@@ -30,6 +30,7 @@ from handoff._errors import (
     ConnectError,
     DiscoveryError,
     HandoffError,
+    HandoffTimeout,
     HeartbeatTimeout,
     NameConflict,
     ProtocolError,
@@ -230,6 +231,10 @@ class Mesh:
         # a handshake failing as "self" on our listener from one of these was our own.
         self._own_dials: dict[str, tuple[str, float]] = {}
         self._last_discovery_error = ""
+        # The first discovery round's addresses not linked yet and not found to be nobody
+        # (refused, or no peer of this cluster): None until discovery first answers. Empty
+        # (for good) once every one is settled; see :meth:`unlinked`.
+        self._first_round: set[str] | None = None
         self._tls: TLSContexts | None = None
         self._running = False
         self._stopping = False
@@ -254,6 +259,24 @@ class Mesh:
     def peers(self) -> list[Peer]:
         """The authenticated peers, sorted by name."""
         return self._membership.peers()
+
+    def unlinked(self) -> list[str]:
+        """Addresses of the first discovery round this node has neither linked nor found to
+        be nobody yet (``["discovery"]`` before discovery first answers): a node there may
+        hold what a just-started node would otherwise take for unclaimed (actors). An
+        address that times out stays here (it may be a partition) until it answers or
+        discovery stops giving it."""
+        pending = self._first_round
+        if pending is None:
+            return ["discovery (no answer yet)"] if self._running else []
+        for key in [k for k in pending if self._membership.knows_address(k)]:
+            pending.discard(key)
+        pending -= self._self_addresses
+        return sorted(pending)
+
+    def _settled(self, key: str) -> None:
+        if self._first_round is not None:
+            self._first_round.discard(key)
 
     def peer_links(self) -> list[tuple[Peer, PeerLink]]:
         """Every authenticated peer with the link that currently carries it."""
@@ -557,6 +580,10 @@ class Mesh:
                 await link.aclose()
                 raise
         except HandoffError as exc:
+            if not isinstance(exc, HandoffTimeout):
+                # Refused, or not a peer of this cluster (another cookie, itself): nobody
+                # there holds anything of ours. A timeout proves nothing (a partition).
+                self._settled(key)
             if target.probe and isinstance(exc, ConnectError):
                 # Nobody on this port of the range: normal, not worth a log line.
                 self._back_off(key)
@@ -576,6 +603,7 @@ class Mesh:
         finally:
             self._dialling.discard(key)
         self._probe_backoff.pop(key, None)
+        self._settled(key)  # a peer: linked now (or a duplicate of a link it has)
         await self._run_link(link, peer, events, dialled=True, address=key)
 
     def _back_off(self, key: str) -> None:
@@ -752,6 +780,10 @@ class Mesh:
                 self._last_discovery_error = ""
                 # Only addresses discovery still gives are remembered (bounded memory).
                 keys = {str(target) for target in found}
+                if self._first_round is None:
+                    self._first_round = keys - self._self_addresses
+                else:
+                    self._first_round &= keys
                 for gone in self._probe_backoff.keys() - keys:
                     del self._probe_backoff[gone]
                 for target in found:

@@ -559,6 +559,7 @@ class Node:
             limits=registry.limits,
             idle_timeout=registry.idle_timeout,
             probe=_refuses_connections,
+            unlinked=self._mesh.unlinked,
         )
         host.delivery_timeout = registry.delivery_timeout
         self._mesh.on_node_up(host.peer_up)

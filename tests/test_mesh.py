@@ -514,3 +514,30 @@ async def test_a_node_that_reaches_its_own_listener_stops_dialling_it(
         await anyio.sleep(0.5)  # five more polls
     assert caplog.text.count("this node's own listener") == 1
     assert a.mesh.peers() == []
+
+
+async def test_unlinked_lists_the_first_rounds_addresses_until_linked_or_refused() -> None:
+    """What a just-started node's actors count as possible holders (issue 10): every
+    address of discovery's first answer until it is linked or nothing listens there; an
+    address that never completes a handshake stays (a timeout may be a partition)."""
+    a = Harness("a", "127.0.0.2", handshake_timeout=0.3)
+    b = Harness("b", "127.0.0.3")
+    closed = await anyio.create_tcp_listener(local_host="127.0.0.4")
+    refused = PeerAddress("127.0.0.4", closed.extra(anyio.abc.SocketAttribute.local_port))
+    await closed.aclose()
+
+    async def hold(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await anyio.sleep(3)
+
+    assert a.mesh.unlinked() == []  # not started: no actor runs yet
+    silent_listener = await anyio.create_tcp_listener(local_host="127.0.0.5")
+    silent = PeerAddress("127.0.0.5", silent_listener.extra(anyio.abc.SocketAttribute.local_port))
+    async with silent_listener, anyio.create_task_group() as tasks:
+        tasks.start_soon(silent_listener.serve, hold)
+        async with b.run(), a.run(dial=[b], also=[refused, silent]):
+            await wait_until(lambda: len(a.mesh.peer_links()) == 1)
+            await wait_until(lambda: a.mesh.unlinked() == [str(silent)])
+            await anyio.sleep(0.5)  # past a's handshake timeout, several polls
+            assert a.mesh.unlinked() == [str(silent)]
+        tasks.cancel_scope.cancel()

@@ -30,6 +30,13 @@ both ends of every conversation with an actor:
   and keeps a forwarding pointer. A move whose answer never comes (the link dropped) is *in
   doubt*: the actor stays frozen here until the question "who holds it now?" has an
   answer, so that it is never active on both nodes.
+- **Records** (what the drain could not move: to a successor's stream or the snapshot
+  store, :meth:`ActorHost.take`): the exporter answers for the key "wait" while the record
+  travels, until the node that took it says it holds it; a node that takes a record
+  (:meth:`ActorHost.put`) holds it frozen until no peer says it holds another activation,
+  and gives way to one that does.
+- **Start.** Until the mesh has linked (or found nobody at) every address of discovery's
+  first answer, those addresses count as unreachable peers that may hold any key.
 
 The actor's state crosses versions through the namespace's upgrade / downgrade hooks, like
 any record ``(key, state)``.
@@ -108,6 +115,16 @@ SETTLE = 1.0
 """Seconds an actor stays where it arrived before placement may move it again."""
 TICK = 0.02
 REFUSED_RETRY = 30.0
+DRAIN_MOVES = 8
+"""Moves a drain has in flight at once. An actor's pause runs from its freeze to its
+first message on the new owner, so a move queued behind many others on the one link pauses
+its actor for theirs too; a few in flight keep that link busy all the same."""
+CHANNEL_KEEP = 30.0
+"""Seconds a sender's channel is kept after its last message, even past ``max_channels``:
+forgetting one whose reply was lost would handle the message's resend again."""
+CONFIRM_CONFLICTS = 5
+"""Rounds a restored actor waits, while another node says it holds the key, before it
+gives way (see :meth:`ActorHost.put`)."""
 """Seconds before placement tries again to move an actor whose move was refused."""
 
 
@@ -224,6 +241,7 @@ class _Channel:
         default_factory=collections.OrderedDict
     )
     early: dict[int, ActorSend] = field(default_factory=dict)
+    used: float = 0.0
 
 
 @dataclass(slots=True)
@@ -248,6 +266,11 @@ class _Held:
     migrating: bool = False
     move_request: ActorMove | None = None
     move_to: str = ""
+    confirming: bool = False
+    doubt_stats: MoveStats | None = None
+    """The migration report that counts this actor in doubt (corrected when that ends)."""
+    """Restored or handed over as a record: frozen until the cluster says no other node
+    holds the key (see :meth:`ActorHost.put`)."""
 
 
 @dataclass(slots=True)
@@ -259,6 +282,9 @@ class _Query:
     holder: str = ""
     lost: bool = False
     claiming: bool = False
+    holding: bool = False
+    """Asked by a node that holds the key (a move in doubt): a peer claiming it (answer 2)
+    holds nothing, and cannot activate it while this node says it holds it."""
 
 
 @dataclass(slots=True)
@@ -307,6 +333,7 @@ class ActorHost:
         limits: ActorLimits | None = None,
         idle_timeout: float | None = None,
         probe: Callable[[str], Awaitable[bool | None]] | None = None,
+        unlinked: Callable[[], Sequence[str]] = tuple,
     ) -> None:
         self.namespace = namespace
         self.node = node
@@ -322,6 +349,9 @@ class ActorHost:
         self.limits = limits or ActorLimits()
         self.idle_timeout = idle_timeout
         self._probe = probe
+        # Addresses discovery gave that the mesh has not linked (nor found gone) yet, while
+        # its first round lasts: a node there may hold any key (see _suspects).
+        self._unlinked = unlinked
         self._outboxes: dict[bytes, _Outbox] = {}
         self._unanswered = 0
         self._waiting_answers: set[bytes] = set()
@@ -350,6 +380,15 @@ class ActorHost:
         self._outgoing: dict[str, collections.deque[Message]] = {}
         self._wake: dict[str, anyio.Event] = {}
         self._migrating: set[bytes] = set()
+        # Placement changes' migrations in progress: key -> set when it ends (a drain
+        # waits for them and counts what they did).
+        self._migration_ends: dict[bytes, anyio.Event] = {}
+        # Actors the drain's export took, whose record travels (to a successor or the
+        # snapshot store): key -> epoch. Claims for them wait (see _on_where).
+        self._transit: dict[bytes, int] = {}
+        self._asking_back: set[tuple[str, bytes]] = set()
+        self.superseded = 0
+        """Restored actors dropped because another node held the key when they landed."""
         self.activations = 0
         """Activations started on this node (fresh, moved in, or restored)."""
         self.abandoned = 0
@@ -386,6 +425,7 @@ class ActorHost:
             "unanswered": self._unanswered,
             "activations": self.activations,
             "abandoned": self.abandoned,
+            "superseded": self.superseded,
         }
 
     def __len__(self) -> int:
@@ -462,11 +502,16 @@ class ActorHost:
 
     def _suspects(self) -> list[str]:
         linked = self._links()
-        return sorted(
+        suspects = sorted(
             name
             for name, member in self._members.items()
             if member.suspect or (name not in linked and name != self.node)
         )
+        # A node that just started knows only the peers it linked so far: one it found
+        # but has not reached yet may hold any key, so nothing is activated fresh until
+        # every address of the first discovery round is linked or known to be nobody.
+        suspects.extend(sorted(self._unlinked()))
+        return suspects
 
     async def _sleep(self, seconds: float) -> None:
         # On the engine's clock, so that tests move time instead of waiting for it.
@@ -533,7 +578,9 @@ class ActorHost:
         for peer in list(self._outgoing):
             self._spawn(self._send_loop, peer)
         for held in list(self._held.values()):
-            self._start(held)  # restored before the start, with messages queued
+            if held.confirming:
+                self._spawn(self._confirm, held)  # restored before the start
+            self._start(held)
 
     async def run(self) -> None:
         """Background work: re-sends, idle deactivation, placement changes. Runs until the
@@ -796,22 +843,36 @@ class ActorHost:
         )
 
     def _on_send(self, message: ActorSend, peer: str | None = None) -> None:
-        if peer is not None and message.hops == 0 and message.sender != peer:
-            # Sent directly, so the link's peer is its sender: another name would make this
-            # node answer (or silence) someone else's channel.
+        if peer is not None and not self._authentic(peer, message):
             return
         key_bytes = message.key
         held = self._held.get(key_bytes)
         if held is None:
             self._not_here(message)
             return
-        if held.moving_to is not None or held.in_doubt:
+        if held.moving_to is not None or held.in_doubt or held.confirming:
             if len(held.held) >= self.limits.mailbox:
                 self._reply(message, Status.BUSY, self._codec.packb("the actor is moving"))
                 return
             held.held.append(message)
             return
         self._accept(held, message)
+
+    def _authentic(self, peer: str, message: ActorSend) -> bool:
+        """Whether ``message`` may speak for its channel. Sent directly (``hops == 0``), the
+        link's peer is its sender. Direct or forwarded, its ``origin`` is its sender's
+        incarnation as far as this node knows it: another would let one peer answer, or
+        silence (with a higher ``gen``), another node's channel. A forwarded message from a
+        sender this node does not know is taken as it comes (it may be cut off from here)."""
+        if message.hops == 0 and message.sender != peer:
+            return False
+        if message.sender == self.node:
+            return message.origin == self.incarnation
+        link = self._links().get(message.sender)
+        if link is not None:
+            return message.origin == link[0].incarnation
+        member = self._members.get(message.sender)
+        return member is None or message.origin == member.incarnation
 
     def _not_here(self, message: ActorSend) -> None:
         key_bytes = message.key
@@ -824,10 +885,29 @@ class ActorHost:
             # Forwarded too often (the actor moved on since), or to a node that is not
             # linked: placement and the holders themselves tell where it is.
             del self._forwards[key_bytes]
+        if key_bytes in self._transit:
+            # Its record travels: the successor that takes it (or this node, if it comes
+            # back) answers once it holds it; activating it meanwhile would make two.
+            self._reply(
+                message,
+                Status.RETRY,
+                self._codec.packb("the actor is in transit (handed over by a drain)"),
+            )
+            return
+        # Messages waiting for a claim count in the node's bound like queued ones: a flood
+        # of fresh keys whose claims peers are slow to answer holds no more than that.
+        if self._queued >= self.limits.queued:
+            self._reply(
+                message,
+                Status.BUSY,
+                self._codec.packb(f"{self._queued} messages queued on {self.node}"),
+            )
+            return
         if key_bytes in self._claims:
             waiting = self._claim_waiting.setdefault(key_bytes, [])
             if len(waiting) < self.limits.mailbox:
                 waiting.append(message)
+                self._queued += 1
             else:
                 self._reply(message, Status.BUSY, self._codec.packb("activation in progress"))
             return
@@ -852,6 +932,7 @@ class ActorHost:
             )
         else:
             self._claim_waiting[key_bytes] = [message]
+            self._queued += 1
             query = self._new_query(key_bytes, claiming=True)
             self._spawn(self._claim, key_bytes, query)
 
@@ -899,6 +980,7 @@ class ActorHost:
             if self._claims.get(key_bytes) is query:
                 del self._claims[key_bytes]
         waiting = self._claim_waiting.pop(key_bytes, [])
+        self._queued -= len(waiting)
         if query.lost and not query.holder and answer is None:
             answer = "?another node claimed this actor at the same time"
         if answer is None and key_bytes not in self._held and self._serving():
@@ -934,6 +1016,14 @@ class ActorHost:
         held = self._held.get(key_bytes)
         if held is not None:
             answer, holder = 1, self.node
+        elif key_bytes in self._transit:
+            # Nobody may claim it while its record travels ("2": wait, as for a claim that
+            # wins). The asker may be the node that just took the record: asked back, its
+            # "held" ends the transit.
+            answer, holder = 2, self.node
+            if self._running and (peer, key_bytes) not in self._asking_back:
+                self._asking_back.add((peer, key_bytes))
+                self._spawn(self._ask_back, peer, key_bytes)
         else:
             claim = self._claims.get(key_bytes)
             if claim is not None:
@@ -944,6 +1034,24 @@ class ActorHost:
                     claim.done.set()
         self._post(peer, ActorHere(self.namespace, key_bytes, message.query, answer, holder))
 
+    async def _ask_back(self, peer: str, key_bytes: bytes) -> None:
+        try:
+            query = _Query(key_bytes, {peer})
+            query_id = next(self._query_ids)
+            self._queries[query_id] = query
+            try:
+                self._post(peer, ActorWhere(self.namespace, key_bytes, query_id))
+                await self._clock.wait(query.done, self._clock.now() + QUERY_TIMEOUT)
+            finally:
+                del self._queries[query_id]
+            epoch = self._transit.get(key_bytes)
+            if query.holder == peer and epoch is not None and key_bytes not in self._held:
+                del self._transit[key_bytes]
+                self._forwards[key_bytes] = (peer, epoch, self._clock.now())
+                self._forwards.move_to_end(key_bytes)
+        finally:
+            self._asking_back.discard((peer, key_bytes))
+
     def _on_here(self, peer: str, message: ActorHere) -> None:
         query = self._queries.get(message.query)
         if query is None or query.key_bytes != message.key or peer not in query.waiting:
@@ -952,7 +1060,7 @@ class ActorHost:
         query.answered.add(peer)
         if message.answer == 1 and message.holder == peer:
             query.holder = peer
-        elif message.answer == 2:
+        elif message.answer == 2 and not query.holding:
             query.lost = True
         if query.holder or query.lost or not query.waiting:
             query.done.set()
@@ -992,13 +1100,27 @@ class ActorHost:
     def _accept(self, held: _Held, message: ActorSend) -> None:
         channels = held.channels
         channel = channels.get(message.origin)
+        now = self._clock.now()
         if channel is None or message.gen > channel.gen:
+            if channel is None and len(channels) >= self.limits.max_channels:
+                # The least recently used goes, unless it was used lately: its sender may
+                # still re-send a message whose reply was lost, which a new channel would
+                # take for a new one.
+                if now - next(iter(channels.values())).used < CHANNEL_KEEP:
+                    self._reply(
+                        message,
+                        Status.BUSY,
+                        self._codec.packb(
+                            f"the actor has {len(channels)} senders in the last {CHANNEL_KEEP:g} s"
+                        ),
+                    )
+                    return
+                channels.popitem(last=False)
             channel = _Channel(message.gen, message.first_unacked)
             channels[message.origin] = channel
-            while len(channels) > self.limits.max_channels:
-                channels.popitem(last=False)
         elif message.gen < channel.gen:
             return  # an older channel's copy: everything in it was answered
+        channel.used = now
         channels.move_to_end(message.origin)
         if message.first_unacked > channel.next:
             # What this activation never saw was answered by an earlier one (state that
@@ -1133,6 +1255,7 @@ class ActorHost:
             if (
                 held.moving_to is not None
                 or held.in_doubt
+                or held.confirming
                 or key_bytes in self._migrating
                 or now - held.arrived_at < SETTLE
             ):
@@ -1141,6 +1264,7 @@ class ActorHost:
             owner = place(key_bytes, candidates)
             if owner is not None and owner != self.node:
                 self._migrating.add(key_bytes)
+                self._migration_ends[key_bytes] = anyio.Event()
                 self._spawn(self._migrate_one, held, owner, None)
 
     async def _migrate_one(self, held: _Held, target: str, stats: MoveStats | None) -> None:
@@ -1151,6 +1275,9 @@ class ActorHost:
                 self._unsettled = True
         finally:
             self._migrating.discard(held.key_bytes)
+            ended = self._migration_ends.pop(held.key_bytes, None)
+            if ended is not None:
+                ended.set()
 
     async def _freeze(self, held: _Held) -> None:
         held.frozen = True
@@ -1191,6 +1318,7 @@ class ActorHost:
             held.migrating
             or held.moving_to is not None
             or held.in_doubt
+            or held.confirming
             or target not in self._links()
         ):
             return False
@@ -1201,6 +1329,12 @@ class ActorHost:
             return await self._migrate(held, target, stats)
         finally:
             held.migrating = False
+            if (
+                held.doubt_stats is not None
+                and not held.in_doubt
+                and self._held.get(held.key_bytes) is held
+            ):
+                self._doubt_ended(held, None)  # back here: a drain counted it in doubt
 
     async def _migrate(self, held: _Held, target: str, stats: MoveStats) -> bool:
         await self._freeze(held)
@@ -1227,8 +1361,11 @@ class ActorHost:
             return True  # cancelled while waiting: in doubt (see _send_move)
         if move.accepted:
             self._moved(held, target, held.epoch + 1)
-            stats.moved += 1
-            stats.successors.add(target)
+            if held.doubt_stats is not None:
+                self._doubt_ended(held, target)  # a drain counted it in doubt meanwhile
+            else:
+                stats.moved += 1
+                stats.successors.add(target)
             return True
         if move.accepted is False:
             _count(stats.refused, f"{target}: {move.reason}")
@@ -1238,7 +1375,7 @@ class ActorHost:
         # No answer and no link: the move is in doubt. The actor stays frozen here until
         # someone tells who holds it now (see _resolve).
         held.in_doubt = True
-        stats.in_doubt += 1
+        self._doubt(held, stats)
         logger.warning(
             "%s: moving actor %r of %r to %s: no answer before its link ended; it stays "
             "frozen here until the cluster says who holds it",
@@ -1271,10 +1408,31 @@ class ActorHost:
             del self._moves[request.move]
             if not completed and move.accepted is None:
                 held.in_doubt = True
-                stats.in_doubt += 1
+                self._doubt(held, stats)
                 if self._running:
                     self._spawn(self._resolve, held, target)
         return move
+
+    @staticmethod
+    def _doubt(held: _Held, stats: MoveStats) -> None:
+        if held.doubt_stats is None:
+            held.doubt_stats = stats
+            stats.in_doubt += 1
+
+    @staticmethod
+    def _doubt_ended(held: _Held, moved_to: str | None) -> None:
+        # The drain's report is read after its streams: an actor whose doubt ended by then
+        # counts as moved, or is here again (exported by the streams, or stranded).
+        stats, held.doubt_stats = held.doubt_stats, None
+        if stats is not None:
+            stats.in_doubt -= 1
+            if moved_to is not None:
+                stats.moved += 1
+                stats.successors.add(moved_to)
+
+    def _is_member(self, name: str, incarnation: str) -> bool:
+        member = self._members.get(name)
+        return member is not None and member.incarnation == incarnation
 
     def _same_incarnation(self, name: str, incarnation: str) -> bool:
         link = self._links().get(name)
@@ -1285,8 +1443,12 @@ class ActorHost:
         while self._running and self._held.get(held.key_bytes) is held and held.in_doubt:
             query = self._new_query(held.key_bytes, claiming=False)
             query.waiting.discard(self.node)
+            # Held here all along: a claim elsewhere cannot win, so it does not stall this
+            # question (each would otherwise make the other ask again, for ever).
+            query.holding = True
             answer = await self._ask_everyone(query)
             if answer is not None and not answer.startswith("?") and answer != self.node:
+                self._doubt_ended(held, answer)
                 self._moved(held, answer, held.epoch + 1)
                 return
             if answer is None and self._same_incarnation(target, held.move_to):
@@ -1294,15 +1456,19 @@ class ActorHost:
                 # answers a move once, so a copy that did arrive is not taken twice).
                 move = await self._send_move(held, target, MoveStats())
                 if move is not None and move.accepted:
+                    self._doubt_ended(held, target)
                     self._moved(held, target, held.epoch + 1)
                     return
                 if move is not None and move.accepted is False:
+                    self._doubt_ended(held, None)
                     held.in_doubt = False
                     held.moving_to = None
                     self._thaw(held)
                     return
-            elif answer is None and target not in self._members:
-                # Nobody holds it and the target is gone: the move never took effect.
+            elif answer is None and not self._is_member(target, held.move_to):
+                # Nobody holds it and the process it went to is gone (left, or restarted
+                # under its name without it): the move never took effect, or died there.
+                self._doubt_ended(held, None)
                 held.in_doubt = held.frozen = False
                 held.moving_to = None
                 self._thaw(held)
@@ -1318,6 +1484,7 @@ class ActorHost:
         self._start(held)
 
     def _moved(self, held: _Held, target: str, epoch: int) -> None:
+        held.in_doubt = False
         if self._held.get(held.key_bytes) is held:
             del self._held[held.key_bytes]
         self._queued -= len(held.mailbox)
@@ -1379,7 +1546,7 @@ class ActorHost:
             answer(False, "activation failed on the new owner")
             return
         for origin, gen, next_seq, replies in channels:
-            channel = _Channel(gen, next_seq)
+            channel = _Channel(gen, next_seq, used=self._clock.now())
             for seq, status, body in replies:
                 channel.replies[seq] = (status, body)
             held.channels[origin] = channel
@@ -1458,7 +1625,26 @@ class ActorHost:
         """Move every actor held here to its placement among the serving peers, before
         ``deadline``; what cannot move stays (the snapshot store may take it)."""
         stats = MoveStats()
-        limiter = anyio.CapacityLimiter(32)
+        limiter = anyio.CapacityLimiter(DRAIN_MOVES)
+
+        async def adopt(held: _Held, ended: anyio.Event) -> None:
+            # A placement change is moving it: this drain waits for that move and counts
+            # its outcome (in doubt if the deadline comes first), or moves it itself.
+            try:
+                await ended.wait()
+            finally:
+                if not ended.is_set():
+                    self._doubt(held, stats)  # corrected when that move ends
+            if self._held.get(held.key_bytes) is not held:
+                forward = self._forwards.get(held.key_bytes)
+                stats.moved += 1
+                if forward is not None:
+                    stats.successors.add(forward[0])
+            elif held.in_doubt:
+                held.doubt_stats = None
+                self._doubt(held, stats)
+            else:
+                await one(held)
 
         async def one(held: _Held) -> None:
             async with limiter:
@@ -1474,8 +1660,17 @@ class ActorHost:
 
         with anyio.move_on_after(max(0.0, deadline - self._clock.now())):
             async with anyio.create_task_group() as group:
-                for held in list(self._held.values()):
-                    if held.moving_to is None and held.key_bytes not in self._migrating:
+                # The most recently messaged first: their callers wait the least, and a
+                # deadline leaves behind the actors nobody was talking to.
+                by_activity = sorted(self._held.values(), key=lambda h: -h.last_active)
+                for held in by_activity:
+                    ended = self._migration_ends.get(held.key_bytes)
+                    if ended is not None:
+                        group.start_soon(adopt, held, ended)
+                    elif held.in_doubt:
+                        held.doubt_stats = None  # a move in doubt since before: counted here
+                        self._doubt(held, stats)
+                    elif held.moving_to is None and not held.migrating:
                         group.start_soon(one, held)
             # Messages this node sent as a caller are answered before it leaves, if they can.
             if self._unanswered:
@@ -1488,7 +1683,7 @@ class ActorHost:
         message: ``(key, state, [channels, queued])`` for the snapshot store or a successor
         (the state alone is the record's value, so that upgrade hooks see only it)."""
         for key_bytes, held in list(self._held.items()):
-            if held.moving_to is not None or held.in_doubt or held.running:
+            if held.moving_to is not None or held.in_doubt or held.running or held.confirming:
                 continue
             try:
                 state = held.instance.state() if held.instance is not None else held.state
@@ -1498,6 +1693,7 @@ class ActorHost:
             channels = [[o, c.gen, c.next, []] for o, c in held.channels.items()]
             queued = [_queued(m) for m in held.mailbox]
             del self._held[key_bytes]
+            self._transit[key_bytes] = held.epoch
             self._queued -= len(held.mailbox)
             if held.instance is not None:
                 self._deactivated(held)
@@ -1509,8 +1705,16 @@ class ActorHost:
         return sum(1 for held in self._held.values() if held.moving_to is None)
 
     def put(self, key: Any, state: Any, meta: Any) -> bool:
-        """Hold a restored (or given back) actor, idle until its next message. False if
-        this node holds the key already."""
+        """Hold a restored (or given back, or handed over) actor. False if this node holds
+        the key already.
+
+        Its record may have travelled while another node activated the key (its exporter
+        crashed mid-stream, a snapshot restored late, a chunk re-sent after a lost Ack): the
+        actor is held frozen, and answers for the key so that nobody claims it, until every
+        peer says it holds no other activation (messages wait meanwhile). If one does, the
+        record gives way ("superseded": counted in ``stats()``, logged, its waiting messages
+        forwarded there): the running activation has answered callers already. Two records
+        landing on two nodes: the lower placement score gives way."""
         key_bytes = self._encode_key(key)
         if key_bytes in self._held:
             return False
@@ -1520,10 +1724,11 @@ class ActorHost:
             channels, queued = meta
         else:
             raise ValueError("an actor record's metadata is [channels, queued]")
-        held = self._activate(key_bytes, state, epoch=1, dormant=True)
+        held = self._activate(key_bytes, state, epoch=self._transit.pop(key_bytes, 1), dormant=True)
         assert held is not None
+        held.confirming = held.frozen = True
         for origin, gen, next_seq, _ in channels:
-            held.channels[str(origin)] = _Channel(int(gen), int(next_seq))
+            held.channels[str(origin)] = _Channel(int(gen), int(next_seq), used=self._clock.now())
         for origin, sender, gen, seq, want_reply, body in queued:
             held.mailbox.append(
                 ActorSend(
@@ -1531,8 +1736,52 @@ class ActorHost:
                 )
             )
             self._queued += 1
-        self._start(held)
+        if self._running:
+            self._spawn(self._confirm, held)
         return True
+
+    async def _confirm(self, held: _Held) -> None:
+        delay, conflicts = 0.02, 0
+        key_bytes = held.key_bytes
+        while self._running and self._held.get(key_bytes) is held and held.confirming:
+            query = self._new_query(key_bytes, claiming=False)
+            query.waiting.discard(self.node)
+            answer = await self._ask_everyone(query)
+            if self._held.get(key_bytes) is not held or not held.confirming:
+                return
+            if answer is None:
+                held.confirming = False
+                self._thaw(held)
+                return
+            if not answer.startswith("?") and answer != self.node:
+                conflicts += 1
+                # Both may be records still confirming: the lower score gives way at once;
+                # the higher one waits a few rounds for that, then gives way to what is
+                # running there.
+                if (
+                    placement_score(self.node, key_bytes) < placement_score(answer, key_bytes)
+                    or conflicts > CONFIRM_CONFLICTS
+                ):
+                    self._supersede(held, answer)
+                    return
+            await self._sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _supersede(self, held: _Held, holder: str) -> None:
+        logger.warning(
+            "%s: actor %r of %r arrived as a record while %s holds it: the record is dropped "
+            "(superseded), its waiting messages go there",
+            self.node,
+            held.key,
+            self.namespace,
+            holder,
+        )
+        self.superseded += 1
+        waiting = list(held.mailbox)
+        held.mailbox.clear()
+        self._queued -= len(waiting)
+        held.held[:0] = waiting
+        self._moved(held, holder, held.epoch)
 
 
 def _queued(message: ActorSend) -> list[Any]:
