@@ -31,6 +31,7 @@ from typing import Any, Self, TypeVar
 import anyio
 import anyio.abc
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.abc import SocketAttribute
 
@@ -1282,6 +1283,11 @@ class Node:
                 scope.deadline = anyio.current_time() + self.settings.drain_timeout + 5
                 await self._catch_up()
         await self._mesh.stop(reason)
+        # One turn of the loop first, so that a connection the listener was just handed is
+        # accepted, not cut: asyncio 3.11 sets the result of an accept cancelled in the same
+        # turn (InvalidStateError from its callback: fixed in 3.12). A drain with nothing
+        # to send and a mesh with no link reach this point without any await.
+        await anyio.lowlevel.checkpoint()
         # The task group must be exited from the scope that entered it, so not shielded.
         for scope in list(self._task_scopes):
             scope.cancel()

@@ -383,10 +383,18 @@ async def test_held_past_the_deadline_counters_are_counted_by_size_and_all_given
     ns = report.namespaces["usage"]
     assert_adds_up(report)
     assert ns.records == 300
-    assert ns.in_doubt > 0  # b's link dropped with chunks unacknowledged
+    # The chunks b holds unacknowledged are either in doubt (b's link dropped while the
+    # Cancel's write blocked the drain) or, since a blocked write holds only its own link
+    # (a writer per link), still bound to b at the deadline: dropped as "outcome unknown",
+    # neither re-sent nor given back. Either way each count is in one place.
+    unknown = sum(n for why, n in ns.dropped.items() if "unknown" in why)
+    assert ns.in_doubt + unknown > 0
     acknowledged = chunk_total(a_b, [m.seq for m in b_a.delivered if isinstance(m, Ack)])
-    assert counters.total() + acknowledged == expected
     assert in_b.total() >= acknowledged
+    if ns.in_doubt == 0:
+        assert counters.total() + in_b.total() == expected
+    else:
+        assert counters.total() + acknowledged == expected
 
 
 async def test_held_a_closed_from_a_peer_in_the_wrong_state_or_for_no_stream_is_harmless() -> None:

@@ -96,7 +96,8 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 # stream starts with chunks of START_CHUNK_BYTES, and only that many bytes unacknowledged
 # until its first Ack. A chunk acknowledged within CHUNK_SECONDS lets the next ones be twice
 # its size; one that took over twice that halves them, at most down to what the link carries
-# in CHUNK_SECONDS; always between MIN_CHUNK_BYTES and TARGET_CHUNK_BYTES. A fast link soon
+# in CHUNK_SECONDS and never below START_CHUNK_BYTES (only the deadline trims a chunk
+# further); always between MIN_CHUNK_BYTES and TARGET_CHUNK_BYTES. A fast link soon
 # gets full-sized chunks; a slow one small chunks, each acknowledged in a fraction of the
 # drain, instead of one chunk that cannot be written before the deadline (the write times
 # out, the link closes, and even the Acks already on their way are lost with it).
@@ -434,7 +435,11 @@ class Drainer:
         if elapsed <= CHUNK_SECONDS:
             sized = max(current, 2 * size)
         elif elapsed > 2 * CHUNK_SECONDS:
-            sized = min(current, max(current / 2, size * CHUNK_SECONDS / elapsed))
+            # Never below a starting chunk: a receiver whose cost is per chunk (a slow
+            # apply, a long round trip) would otherwise get ever smaller chunks that each
+            # cost as much; the deadline trim (see _room) keeps the last one deliverable.
+            floor = min(current, START_CHUNK_BYTES)
+            sized = min(current, max(current / 2, size * CHUNK_SECONDS / elapsed, floor))
         else:
             sized = current
         stream.chunk_bytes = int(max(min(MIN_CHUNK_BYTES, cap), min(cap, sized)))
