@@ -138,6 +138,17 @@ def _applied_total(node: NodeProcess) -> int:
     return max((int(e["total"]) for e in node.events if e["event"] == "applied"), default=0)
 
 
+def _wait_until_quiet(node: NodeProcess, quiet: float = 1.0, limit: float = 30.0) -> None:
+    """Until ``node`` applied nothing more for ``quiet`` seconds (at most ``limit``)."""
+    ends = time.monotonic() + limit
+    last, since = _applied_total(node), time.monotonic()
+    while time.monotonic() < ends and time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        total = _applied_total(node)
+        if total != last:
+            last, since = total, time.monotonic()
+
+
 def _check_report(
     old: NodeProcess, drained: Mapping[str, Any], namespace: str, entries: int, timeout: float
 ) -> dict[str, Any]:
@@ -237,11 +248,13 @@ def _partition_mid_stream(cluster: Cluster, timeout: float) -> tuple[dict[str, A
 
     # old's drain is over: it exits, as it would in a deploy. Left running, what it wrote
     # before the cut (up to 8 MiB in its socket buffers here) reached b at TCP's next
-    # retransmission, seconds after the heal, at random: b applied it 0.1 s a chunk with its
-    # loop blocked (a slow receiver on purpose), and its own drain below lost that time.
+    # retransmission, seconds after the heal, at random.
     old.kill()
     cluster.network.heal("b")
     cluster.network.heal("old")
+    # b still applies what reached its receive buffer before the cut (up to 8 MiB here,
+    # 0.1 s a chunk with its loop blocked); its own drain below must not start before.
+    _wait_until_quiet(b)
     _check_nothing_lost(cluster, state, [b, c])
     return ns, drained["report"]
 
