@@ -1286,8 +1286,10 @@ class Node:
         # One turn of the loop first, so that a connection the listener was just handed is
         # accepted, not cut: asyncio 3.11 sets the result of an accept cancelled in the same
         # turn (InvalidStateError from its callback: fixed in 3.12). A drain with nothing
-        # to send and a mesh with no link reach this point without any await.
-        await anyio.lowlevel.checkpoint()
+        # to send and a mesh with no link reach this point without any await. Shielded: a
+        # cancellation here would skip the task group's exit below.
+        with anyio.CancelScope(shield=True):
+            await anyio.lowlevel.checkpoint()
         # The task group must be exited from the scope that entered it, so not shielded.
         for scope in list(self._task_scopes):
             scope.cancel()
