@@ -52,8 +52,10 @@ async def test_a_duplicate_link_resolved_mid_drain_keeps_counters_exact() -> Non
                     dialled_back.set()
                     a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
                     await wait_until(
-                        lambda: a._mesh._membership.link_of("b") not in (first_link, None)
-                        and len(b._mesh._links) >= 2
+                        lambda: (
+                            a._mesh._membership.link_of("b") not in (first_link, None)
+                            and len(b._mesh._links) >= 2
+                        )
                     )
                     await anyio.sleep(0.05)  # the tie-break's closes go out meanwhile
                 return await handle(peer, link, message)
@@ -65,5 +67,9 @@ async def test_a_duplicate_link_resolved_mid_drain_keeps_counters_exact() -> Non
             await wait_until(lambda: len(a._mesh._links) == 1 and len(b._mesh._links) == 1)
             assert [p.name for p in b.peers()] == ["a"]
             held = new_usage.total()
+            received = b.last_received
     assert report.in_doubt == 0, report
     assert held == written
+    # The drain's Done reached b on the link its stream ran on, before that link closed.
+    assert received is not None
+    assert (received.peer, received.records) == ("a", KEYS)
