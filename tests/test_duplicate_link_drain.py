@@ -7,6 +7,10 @@ name), so the link the drain already streams on may be the one that loses. Closi
 once ended the stream as if the successor had crashed: the drain re-sent what it had not
 seen acknowledged (``in_doubt``) over the surviving link, to the same live successor, which
 had applied it already, and the counts landed twice.
+
+The drain's Done (which tells the successor what it received, and makes it warm) goes on the
+stream's link after its End: the variants hold it back at either end, for a few of the
+retiring link's checks, to show that neither end closes the link before it.
 """
 
 from __future__ import annotations
@@ -17,17 +21,23 @@ import anyio
 import pytest
 
 from handoff import Counters
+from handoff._mesh import RETIRE_POLL_INTERVAL
 from handoff.discovery import PeerAddress
-from handoff.protocol import Chunk, Message
+from handoff.protocol import Chunk, Done, End, Message
 from handoff.transport import PeerLink
 from tests._helpers import make_node, wait_until
 
 pytestmark = pytest.mark.anyio
 
 KEYS = 300
+# Long enough for a retiring link's owner to see its streams ended several times over.
+PAUSE = 4 * RETIRE_POLL_INTERVAL
 
 
-async def test_a_duplicate_link_resolved_mid_drain_keeps_counters_exact() -> None:
+@pytest.mark.parametrize("pause", ["none", "receiver after the End", "sender before the Done"])
+async def test_a_duplicate_link_resolved_mid_drain_keeps_counters_exact(
+    pause: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # "a" is the old node, "b" the new one: b dials a first (link 1); a's dial back
     # (link 2) is the one the tie-break keeps, as a is the smaller name.
     old_usage, new_usage = Counters(), Counters()
@@ -57,8 +67,22 @@ async def test_a_duplicate_link_resolved_mid_drain_keeps_counters_exact() -> Non
                             and len(b._mesh._links) >= 2
                         )
                     )
-                    await anyio.sleep(0.05)  # the tie-break's closes go out meanwhile
-                return await handle(peer, link, message)
+                    await anyio.sleep(PAUSE)  # the tie-break's closes go out meanwhile
+                result = await handle(peer, link, message)
+                if isinstance(message, End) and pause == "receiver after the End":
+                    await anyio.sleep(PAUSE)  # the stream is over here; its Done is not
+                return result
+
+            if pause == "sender before the Done":
+                link_1 = a._mesh._links[first_link or 0]
+                send = link_1.send
+
+                async def done_later(message: Message, *, time_limit: float | None = None) -> None:
+                    if isinstance(message, Done):
+                        await anyio.sleep(PAUSE)  # a's stream is over; its Done is not sent
+                    await send(message, time_limit=time_limit)
+
+                monkeypatch.setattr(link_1, "send", done_later)
 
             b._mesh._on_session_message = dial_back_at_first_chunk
             report = await a.drain(timeout=3.0)
