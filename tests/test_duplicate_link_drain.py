@@ -15,8 +15,6 @@ retiring link's checks, to show that neither end closes the link before it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 import pytest
 
@@ -55,7 +53,7 @@ async def test_a_duplicate_link_resolved_mid_drain_keeps_counters_exact(
             handle = b._mesh._on_session_message
             dialled_back = anyio.Event()
 
-            async def dial_back_at_first_chunk(peer: str, link: PeerLink, message: Message) -> Any:
+            async def dial_back_at_first_chunk(peer: str, link: PeerLink, message: Message) -> None:
                 # The first chunk of a's drain has reached b on link 1: now a's dial to b
                 # completes (link 2), before b applies and acknowledges that chunk.
                 if isinstance(message, Chunk) and not dialled_back.is_set():
@@ -68,10 +66,9 @@ async def test_a_duplicate_link_resolved_mid_drain_keeps_counters_exact(
                         )
                     )
                     await anyio.sleep(PAUSE)  # the tie-break's closes go out meanwhile
-                result = await handle(peer, link, message)
+                await handle(peer, link, message)
                 if isinstance(message, End) and pause == "receiver after the End":
                     await anyio.sleep(PAUSE)  # the stream is over here; its Done is not
-                return result
 
             if pause == "sender before the Done":
                 link_1 = a._mesh._links[first_link or 0]
