@@ -121,6 +121,9 @@ COOKIE_CHECK = (
 # dials everyone itself at start, so waiting costs no time to join, and the machines of a
 # big cluster do not knock on every empty port of each other's range every poll.
 PROBE_BACKOFF_LIMIT = 60.0
+# How often a duplicate link kept up for the streams it carries checks whether they ended
+# (see Mesh._retire): short next to a drain, and a duplicate is rare.
+RETIRE_POLL_INTERVAL = 0.05
 
 
 class Spawn(Protocol):
@@ -173,7 +176,9 @@ class Mesh:
     identity (state, address, namespaces). Background work goes through ``spawn``, which
     must keep tasks running until the owner stops the node: the mesh only spawns between
     :meth:`start` and the end of :meth:`stop`. ``log_clock`` times the limits on log lines
-    about refused connections (tests pass a fake one).
+    about refused connections (tests pass a fake one). ``streams_with(peer)`` says whether
+    the sessions have a stream with ``peer`` under way: a duplicate link is closed only
+    once it says no (see :meth:`_retire`).
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class Mesh:
         spawn: Spawn,
         on_session_message: SessionHandler,
         on_peer_lost: Callable[[str], None],
+        streams_with: Callable[[str], bool] = lambda peer: False,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
         log_clock: Callable[[], float] = anyio.current_time,
@@ -199,6 +205,7 @@ class Mesh:
         self._spawn = spawn
         self._on_session_message = on_session_message
         self._on_peer_lost = on_peer_lost
+        self._streams_with = streams_with
         self._state = NodeState.SERVING
         self._limits = Limits(
             handshake_timeout=settings.handshake_timeout,
@@ -697,10 +704,15 @@ class Mesh:
             now=anyio.current_time(),
             last_heard=self._last_heard,
         )
+        restarted = any(isinstance(event, NodeDown) for event in decision.events)
         for other in decision.close:
             stale = self._links.get(other)
             if stale is not None and self._running:
-                self._spawn(stale.aclose, DUPLICATE)
+                if restarted:
+                    # Its streams died with the old incarnation (peer_lost on the close).
+                    self._spawn(stale.aclose, DUPLICATE)
+                else:
+                    self._spawn(self._retire, other, stale, peer.name)
         if not decision.keep:
             if decision.reason == NAME_IN_USE and self._refusal_log.allow(
                 source_of(_host_of(address))
@@ -759,6 +771,20 @@ class Mesh:
                 self._publish(
                     self._membership.lost(link_id, reason, detail, now=anyio.current_time())
                 )
+
+    async def _retire(self, link_id: int, link: PeerLink, peer: str) -> None:
+        """Close ``link``, a duplicate of the peer's link in use, once no stream with the
+        peer is under way. Both nodes run the same tie-break and each keeps the link up
+        while it knows of a stream: closing it under a stream would end that stream as if
+        the peer had crashed, and its sender would re-send, to the same live peer, what the
+        peer had applied but not yet acknowledged (counted twice). Meanwhile the link
+        carries the stream's messages as before; new streams start on the link in use."""
+        # Polled: streams end in the receiver, the drain, a pre-copy or a finished drain's
+        # late answers, and no one event covers them all; a duplicate is rare.
+        while link_id in self._links and self._streams_with(peer):  # noqa: ASYNC110
+            await anyio.sleep(RETIRE_POLL_INTERVAL)
+        if link_id in self._links:
+            await link.aclose(DUPLICATE)
 
     # -- background loops -------------------------------------------------------------------
 

@@ -383,6 +383,7 @@ class Node:
             spawn=self._spawn,
             on_session_message=self._session_message,
             on_peer_lost=self._peer_lost,
+            streams_with=lambda peer: self._sessions.streams_with(peer),
             max_pending_handshakes=max_pending_handshakes,
         )
         self._exit_stack: AsyncExitStack | None = None

@@ -118,6 +118,14 @@ class Receiver:
         """Streams being received now (offered or open)."""
         return sum(1 for s in self._streams.values() if not s.machine.state.finished)
 
+    def streams_with(self, peer: str) -> bool:
+        """Whether a stream from ``peer`` is being received now (offered or open), or what
+        was applied from it awaits its Done (which comes on the streams' link)."""
+        return peer in self._outcomes or any(
+            name == peer and not stream.machine.state.finished
+            for (name, _), stream in self._streams.items()
+        )
+
     async def handle(self, peer: str, link: Link, message: Message) -> None:
         """Handle an Offer, Chunk, End, Cancel or Done from ``peer``."""
         if isinstance(message, Offer):

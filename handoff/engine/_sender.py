@@ -585,6 +585,16 @@ class Drainer:
         if tracked is not None:
             self._late_answer(self._streams[key], tracked, message)
 
+    def streams_with(self, peer: str) -> bool:
+        """Whether the link a stream to ``peer`` runs on must stay up (not be closed as a
+        duplicate): while the drain runs (its Done to the peer goes on that link too), and
+        after it while a late answer may still tell the fate of chunks."""
+        running = self._group is not None
+        return any(
+            key[0] == peer and (running or not stream.state.finished or key in self._unresolved)
+            for key, stream in self._streams.items()
+        )
+
     def forget_unresolved(self, peer: str) -> None:
         """``peer``'s link ended: the chunks it may hold keep an unknown outcome."""
         for key in [key for key in self._unresolved if key[0] == peer]:

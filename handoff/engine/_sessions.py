@@ -90,6 +90,15 @@ class Sessions:
         else:
             await self.receiver.handle(peer, link, message)
 
+    def streams_with(self, peer: str) -> bool:
+        """Whether a stream with ``peer`` is under way, in either direction, or may still
+        learn the fate of its chunks: the link it runs on must stay up until it ends (a
+        duplicate link closed under it would look like a crash of the peer)."""
+        drainers = [self._drainer, self._precopier, *self._finished]
+        return self.receiver.streams_with(peer) or any(
+            drainer.streams_with(peer) for drainer in drainers if drainer is not None
+        )
+
     def peer_lost(self, peer: str) -> None:
         """The current link to ``peer`` ended: its streams in both directions end too."""
         self.receiver.peer_lost(peer)
