@@ -61,7 +61,7 @@ import anyio.lowlevel
 
 from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
-from handoff._errors import HandoffError, NoTransformPath, SnapshotError
+from handoff._errors import HandoffError, NoTransformPath, ProtocolError, SnapshotError
 from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
@@ -374,6 +374,13 @@ class Drainer:
         if tracked is not None:
             self._late_answer(stream, tracked, message)
             return
+        if isinstance(message, Ack) and self._unwritten_chunk(stream, message.seq):
+            # Its writer has not begun to write that chunk: the peer cannot have applied
+            # it. Taken, the Ack would count it, and a withdrawal would then take it out
+            # of the queue unwritten: its records would vanish (counters from the cluster).
+            raise ProtocolError(
+                f"stream {stream.stream}: Ack for chunk {message.seq}, which was never written"
+            )
         was_open = stream.state is StreamState.OPEN
         # Raises ProtocolError for an answer the stream does not allow (the link drops,
         # and the stream's records go elsewhere); False for a late one.
@@ -411,6 +418,14 @@ class Drainer:
             if self._progress is not None:
                 self._progress(report)
         self._changed.set()
+
+    def _unwritten_chunk(self, stream: _OutStream, seq: int) -> bool:
+        """Whether chunk ``seq`` of ``stream`` still waits in its writer's queue."""
+        writer = self._writers.get(id(stream.link))
+        return writer is not None and any(
+            item is stream and isinstance(message, Chunk) and message.seq == seq
+            for item, message, _, _ in writer.queue
+        )
 
     def _chunk_cap(self) -> int:
         # A pre-copy's chunk_bytes (beside serving) caps what the Acks would grow to.
