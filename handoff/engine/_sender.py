@@ -459,7 +459,10 @@ class Drainer:
         if not self._bytes_per_record:
             return FIRST_CHUNK_RECORDS
         wanted = int(stream.chunk_bytes / self._bytes_per_record)
-        return max(16, min(MAX_CHUNK_RECORDS, wanted))
+        # At least a few records (per-chunk overhead), unless they are large: a slow link
+        # must get chunks of the size its Acks ask for, not 16 large values.
+        least = max(1, min(FIRST_CHUNK_RECORDS, int(START_CHUNK_BYTES / self._bytes_per_record)))
+        return max(least, min(MAX_CHUNK_RECORDS, wanted))
 
     def _room(self, stream: _OutStream, until: float) -> int:
         """How many records the stream's next chunk may hold now: 0 to wait for an Ack,
@@ -1404,7 +1407,11 @@ class Drainer:
             to_send = [to_send[i] for i in kept]
         if not records:
             return
-        if len(payload) > self._max_chunk_bytes:
+        if len(payload) > self._max_chunk_bytes or (
+            # Records larger than the average (or the first chunk, sized before the
+            # records' size is known): the link gets the size its Acks ask for.
+            len(records) > 1 and len(payload) > max(2 * stream.chunk_bytes, START_CHUNK_BYTES)
+        ):
             await self._send_split(stream, report, records, pending.pulled_at, until)
             return
         if self._chunk_bytes is not None:
