@@ -481,11 +481,19 @@ class Drainer:
             return limit
         if per_byte <= 0:
             return limit
-        budget = (until - self._clock.now()) / per_byte - unacked
+        now = self._clock.now()
+        budget = (until - now) / per_byte - unacked
         fit = int(budget / self._bytes_per_record) if self._bytes_per_record else limit
-        if fit >= 1:
-            return min(limit, fit)
-        return 0 if unacked else -1
+        if fit < 1:
+            return 0 if unacked else -1
+        # And what it acknowledges well within the stall time: a chunk whose Ack cannot
+        # come back before then gets a healthy but slow successor given up on as stalled
+        # (a small first chunk acknowledged at once leaves the size at its start).
+        window = (self._stall_after / 2) / per_byte - unacked
+        quick = int(window / self._bytes_per_record) if self._bytes_per_record else limit
+        if quick < 1:
+            return 0 if unacked else 1
+        return min(limit, fit, quick)
 
     def _count_acknowledged(
         self, count: int, applied: int, kept: int, dropped: Mapping[str, int]
