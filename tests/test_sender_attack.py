@@ -11,7 +11,6 @@ import pytest
 from handoff.engine import _sender
 from handoff.protocol import Ack, Chunk, Done, End, Message, Offer, Refuse
 from tests.test_engine_unit import (
-    track,
     Net,
     Wire,
     assert_adds_up,
@@ -21,6 +20,7 @@ from tests.test_engine_unit import (
     network,
     tally,
     total,
+    track,
     users,
 )
 
