@@ -291,3 +291,37 @@ async def test_a_peer_lost_while_its_writer_holds_end_and_done() -> None:
     assert elapsed < 10.0 / 2  # the dead link's queued writes did not wait for their limit
     assert keys_of(b.data("users")) | keys_of(c.data("users")) == set(held)
     assert ns.per_successor["b"].acknowledged == len(b.data("users"))
+
+
+async def test_a_link_lost_with_chunks_on_the_writer_puts_in_doubt_only_what_was_written() -> None:
+    """Counters: a's write of b's chunk 1 hangs, chunks behind it wait in a's writer, then
+    the link drops. Only chunk 1, whose write had begun, may have reached b: it alone is
+    re-sent as in doubt; the queued ones go to c as never sent (and the report's ``sent``
+    and ``bytes`` count them once, where they were written)."""
+    held = counts("k", 200)
+    expected = total(held)
+    async with network() as net:
+        a = net.node("a", tally("usage", dict(held)))
+        b = net.node("b", tally("usage", {}), release="v2")
+        c = net.node("c", tally("usage", {}), release="v2")
+        net.connect(a, b, c)
+        a_b, a_c = net.wire(a, b), net.wire(a, c)
+        block_after_chunk(a_b, 1)
+        draining = net.start(lambda: a.drain(time_limit=10.0))
+        await net.drive(lambda: len(queued_chunks(net, "a", a_b)) >= 2)
+
+        net.cut(a, b, "partition")
+        report = await net.finish(draining)
+
+    assert_adds_up(report)
+    assert not report.ok  # in doubt: it says so
+    ns = report.namespaces["usage"]
+    assert ns.acknowledged == 200
+    # Chunk 1 was being written (blocked, then the link dropped): 16 records in doubt.
+    assert [m.seq for m in a_b.sent if isinstance(m, Chunk)] == [0]
+    assert ns.in_doubt == 16
+    records, payload = written(a_b, a_c)
+    hung_bytes = ns.bytes - payload
+    assert ns.sent == records + 16  # the write that began counts, the queued ones do not
+    assert 0 < hung_bytes < payload
+    assert total(a.data("usage"), b.data("usage"), c.data("usage")) == expected
