@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 
 from handoff.engine import _sender
-from handoff.protocol import Ack, Chunk, Done, End, Message, Offer, Refuse
+from handoff.protocol import Ack, Cancel, Chunk, Done, End, Message, Offer, Refuse
 from tests.test_engine_unit import (
     Net,
     Wire,
     assert_adds_up,
     block_after_chunk,
+    chunk_total,
     counts,
     keys_of,
     network,
@@ -33,7 +34,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_sender, "TARGET_CHUNK_BYTES", 1)
 
 
-def writer_queue(net: Net, wire: Wire) -> list[Any]:
+def writer_queue(wire: Wire) -> list[Any]:
     """What the drain of ``wire``'s sender queued on its writer and has not begun to write:
     ``(stream, message, until, written)``."""
     drainer: Any = wire.src.sessions._drainer
@@ -43,10 +44,15 @@ def writer_queue(net: Net, wire: Wire) -> list[Any]:
     return [] if writer is None else list(writer.queue)
 
 
+def writer_items(wire: Wire) -> list[Any]:
+    """The messages queued on ``wire``'s writer (not yet begun)."""
+    return [message for _, message, _, _ in writer_queue(wire)]
+
+
 def queued_chunks(net: Net, node: str, wire: Wire) -> list[Chunk]:
     """Chunks ``node``'s drain queued on ``wire``'s writer that it has not begun to write."""
     assert wire.src is net.nodes[node]
-    return [message for _, message, _, _ in writer_queue(net, wire) if isinstance(message, Chunk)]
+    return [message for _, message, _, _ in writer_queue(wire) if isinstance(message, Chunk)]
 
 
 def inject(wire: Wire, *messages: Any) -> None:
@@ -278,7 +284,7 @@ async def test_a_peer_lost_while_its_writer_holds_end_and_done() -> None:
         a_b.on_send = on_send
         started = net.clock.now()
         draining = net.start(lambda: a.drain(time_limit=10.0))
-        await net.drive(lambda: any(isinstance(m, Done) for _, m, _, _ in writer_queue(net, a_b)))
+        await net.drive(lambda: any(isinstance(m, Done) for _, m, _, _ in writer_queue(a_b)))
         net.cut(a, b, "partition")
         report = await net.finish(draining)
         elapsed = net.clock.now() - started
@@ -357,3 +363,35 @@ async def test_spread_all_a_withdrawal_while_chunks_wait_on_the_writer_costs_not
     assert not any(isinstance(m, Chunk) for m in net.wire(a, d).sent)  # nothing re-sent
     assert (ns.sent, ns.bytes) == written(a_b, a_c)
     assert c.data("users") == held
+
+
+async def test_a_write_that_completes_after_its_stream_was_cancelled_counts_once() -> None:
+    """Counters: a's write of b's chunk 1 hangs, b is given up on as stalled (c answers)
+    and cancelled: the chunks queued behind go to c, chunk 1 stays bound to b. Then the
+    write gets out after all, before the Cancel: b applies chunk 1 and says so before its
+    Closed. Chunk 1 counts once, as b's; nothing in doubt; cluster totals exact."""
+    held = counts("k", 200)
+    expected = total(held)
+    async with network() as net:
+        a = net.node("a", tally("usage", dict(held)))
+        b = net.node("b", tally("usage", {}), release="v2")
+        c = net.node("c", tally("usage", {}), release="v2")
+        net.connect(a, b, c)
+        a_b = net.wire(a, b)
+        block_after_chunk(a_b, 1)
+        draining = net.start(lambda: a.drain(time_limit=10.0))
+        await net.drive(lambda: any(isinstance(m, Cancel) for m in writer_items(a_b)))
+        assert queued_chunks(net, "a", a_b) == []  # the Cancel took them back
+        a_b.unblock()
+        report = await net.finish(draining)
+
+    assert_adds_up(report)
+    assert report.ok, report.summary()
+    ns = report.namespaces["usage"]
+    assert ns.acknowledged == 200
+    assert ns.in_doubt == 0
+    assert [m.seq for m in a_b.sent if isinstance(m, Chunk)] == [0, 1]
+    assert ns.per_successor["b"].acknowledged == 32
+    assert total(b.data("usage")) == chunk_total(a_b, (0, 1))
+    assert total(a.data("usage"), b.data("usage"), c.data("usage")) == expected
+    assert total(b.data("usage"), c.data("usage")) == expected
