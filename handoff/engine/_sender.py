@@ -18,7 +18,9 @@ stalls like one that stops answering. Chunks its writer never began are bound to
 and go elsewhere; the one it was writing follows the rules below. Chunks are sized per
 successor by the rate its Acks come back at (:data:`CHUNK_SECONDS`), within the cap above,
 and a stream gets no chunk its link's observed rate cannot carry before the streaming time
-ends (:meth:`Drainer._room`): a slow link gets small chunks that complete.
+ends, nor more in flight than that rate acknowledges within half the stall time
+(:meth:`Drainer._room`): a slow link gets small chunks that complete, and its Acks keep it
+from counting as stalled.
 
 State that moves ownership (counters, actors) must arrive exactly once, so a chunk sent to
 a successor stays bound to it until its fate is known: acknowledged (applied there),
@@ -469,7 +471,8 @@ class Drainer:
         -1 if its link cannot carry a chunk before ``until`` (nothing is in flight and its
         observed rate leaves no time). Until the first Ack, only the bytes of one starting
         chunk are sent unacknowledged (the link's rate is unknown); then what the rate
-        says the link acknowledges before ``until``, beyond what is in flight."""
+        says the link acknowledges before ``until`` and within half the stall time, beyond
+        what is in flight (at least one record when nothing is)."""
         if stream.full:
             return -1
         limit = self._stream_chunk_records(stream)
