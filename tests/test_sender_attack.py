@@ -201,12 +201,12 @@ async def test_spread_all_a_slow_successor_does_not_hold_back_a_fast_one(
 async def test_spread_all_a_slow_but_answering_successor_does_not_cap_a_fast_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """As above, but c answers within the stall time (150 KB/s, 1 MB of cache): it is not
-    given up on, and the drain must not run at its pace: b (1 MB/s, the state in 1 s)
+    """As above, but c answers within the stall time (150 KB/s, 500 KB of cache, 2 s): it is not
+    given up on, and the drain must not run at its pace: b (1 MB/s, the state in 0.5 s)
     gets every record."""
     monkeypatch.setattr(_sender, "TARGET_CHUNK_BYTES", 1024 * 1024)
-    time_limit = 4.0
-    held = {f"k{i:04d}": "v" * 1000 for i in range(1000)}
+    time_limit = 2.0
+    held = {f"k{i:04d}": "v" * 1000 for i in range(500)}
     async with network() as net:
         a = net.node("a", track("cache", dict(held), spread="all"))
         b = net.node("b", track("cache", {}), release="v2")
@@ -218,8 +218,8 @@ async def test_spread_all_a_slow_but_answering_successor_does_not_cap_a_fast_one
 
     assert_adds_up(report)
     ns = report.namespaces["cache"]
-    assert 0 < len(c.data("cache")) < 1000  # c's link cannot carry it all
-    assert ns.acknowledged == 1000, report.summary()
+    assert 0 < len(c.data("cache")) < 500  # c's link cannot carry it all
+    assert ns.acknowledged == 500, report.summary()
     assert b.data("cache") == held
 
 
