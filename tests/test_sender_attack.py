@@ -4,6 +4,7 @@ Receiver and Sessions of fake nodes, and time moves only when the test moves it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -26,6 +27,10 @@ from tests.test_engine_unit import (
 )
 
 pytestmark = pytest.mark.anyio
+
+# The same mechanisms once more under spread ``all`` with HANDOFF_DEEP_TESTS=1 (the suite is
+# at its time limit).
+DEEP = os.environ.get("HANDOFF_DEEP_TESTS") == "1"
 
 
 @pytest.fixture(autouse=True)
@@ -232,7 +237,7 @@ async def test_counters_on_links_that_are_all_slow_keep_the_deadline_and_stay_ex
     the cluster's totals are exact."""
     monkeypatch.setattr(_sender, "TARGET_CHUNK_BYTES", 1024 * 1024)
     time_limit = 2.0
-    held = counts("k", 3000)
+    held = counts("k", 2000)
     expected = total(held)
     async with network() as net:
         a = net.node("a", tally("usage", dict(held)))
@@ -250,7 +255,7 @@ async def test_counters_on_links_that_are_all_slow_keep_the_deadline_and_stay_ex
     assert elapsed <= time_limit
     assert_adds_up(report)
     ns = report.namespaces["usage"]
-    assert 0 < ns.acknowledged < 3000
+    assert 0 < ns.acknowledged < 2000
     chunks = [m for w in (net.wire(a, b), net.wire(a, c)) for m in w.sent if isinstance(m, Chunk)]
     assert max(len(m.payload) for m in chunks) <= _sender.START_CHUNK_BYTES + 1024
     # b's first chunk (16 records) came back at once, which left the size at its start:
@@ -333,6 +338,7 @@ async def test_a_link_lost_with_chunks_on_the_writer_puts_in_doubt_only_what_was
     assert total(a.data("usage"), b.data("usage"), c.data("usage")) == expected
 
 
+@pytest.mark.skipif(not DEEP, reason="HANDOFF_DEEP_TESTS=1: split's version runs always")
 async def test_spread_all_a_withdrawal_while_chunks_wait_on_the_writer_costs_nothing() -> None:
     """Spread ``all``: a's write of b's chunk 1 hangs, chunks behind it wait; b withdraws.
     What b's queue held is still carried by c: nothing is re-sent, every record counts
