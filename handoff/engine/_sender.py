@@ -18,7 +18,9 @@ stalls like one that stops answering. Chunks its writer never began are bound to
 and go elsewhere; the one it was writing follows the rules below. Chunks are sized per
 successor by the rate its Acks come back at (:data:`CHUNK_SECONDS`), within the cap above,
 and a stream gets no chunk its link's observed rate cannot carry before the streaming time
-ends (:meth:`Drainer._room`): a slow link gets small chunks that complete.
+ends, nor more in flight than that rate acknowledges within half the stall time
+(:meth:`Drainer._room`): a slow link gets small chunks that complete, and its Acks keep it
+from counting as stalled.
 
 State that moves ownership (counters, actors) must arrive exactly once, so a chunk sent to
 a successor stays bound to it until its fate is known: acknowledged (applied there),
@@ -61,7 +63,7 @@ import anyio.lowlevel
 
 from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
-from handoff._errors import HandoffError, NoTransformPath, SnapshotError
+from handoff._errors import HandoffError, NoTransformPath, ProtocolError, SnapshotError
 from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
 from handoff.engine._link import ANYIO_CLOCK, Clock, Link
 from handoff.engine._planner import Router, successor_tiers
@@ -375,6 +377,13 @@ class Drainer:
         if tracked is not None:
             self._late_answer(stream, tracked, message)
             return
+        if isinstance(message, Ack) and self._unwritten_chunk(stream, message.seq):
+            # Its writer has not begun to write that chunk: the peer cannot have applied
+            # it. Taken, the Ack would count it, and a withdrawal would then take it out
+            # of the queue unwritten: its records would vanish (counters from the cluster).
+            raise ProtocolError(
+                f"stream {stream.stream}: Ack for chunk {message.seq}, which was never written"
+            )
         was_open = stream.state is StreamState.OPEN
         # Raises ProtocolError for an answer the stream does not allow (the link drops,
         # and the stream's records go elsewhere); False for a late one.
@@ -413,6 +422,14 @@ class Drainer:
                 self._progress(report)
         self._changed.set()
 
+    def _unwritten_chunk(self, stream: _OutStream, seq: int) -> bool:
+        """Whether chunk ``seq`` of ``stream`` still waits in its writer's queue."""
+        writer = self._writers.get(id(stream.link))
+        return writer is not None and any(
+            item is stream and isinstance(message, Chunk) and message.seq == seq
+            for item, message, _, _ in writer.queue
+        )
+
     def _chunk_cap(self) -> int:
         # A pre-copy's chunk_bytes (beside serving) caps what the Acks would grow to.
         aim = TARGET_CHUNK_BYTES if self._chunk_bytes is None else self._chunk_bytes
@@ -449,14 +466,18 @@ class Drainer:
         if not self._bytes_per_record:
             return FIRST_CHUNK_RECORDS
         wanted = int(stream.chunk_bytes / self._bytes_per_record)
-        return max(16, min(MAX_CHUNK_RECORDS, wanted))
+        # At least a few records (per-chunk overhead), unless they are large: a slow link
+        # must get chunks of the size its Acks ask for, not 16 large values.
+        least = max(1, min(FIRST_CHUNK_RECORDS, int(START_CHUNK_BYTES / self._bytes_per_record)))
+        return max(least, min(MAX_CHUNK_RECORDS, wanted))
 
     def _room(self, stream: _OutStream, until: float) -> int:
         """How many records the stream's next chunk may hold now: 0 to wait for an Ack,
         -1 if its link cannot carry a chunk before ``until`` (nothing is in flight and its
         observed rate leaves no time). Until the first Ack, only the bytes of one starting
         chunk are sent unacknowledged (the link's rate is unknown); then what the rate
-        says the link acknowledges before ``until``, beyond what is in flight."""
+        says the link acknowledges before ``until`` and within half the stall time, beyond
+        what is in flight (at least one record when nothing is)."""
         if stream.full:
             return -1
         limit = self._stream_chunk_records(stream)
@@ -468,11 +489,19 @@ class Drainer:
             return limit
         if per_byte <= 0:
             return limit
-        budget = (until - self._clock.now()) / per_byte - unacked
+        now = self._clock.now()
+        budget = (until - now) / per_byte - unacked
         fit = int(budget / self._bytes_per_record) if self._bytes_per_record else limit
-        if fit >= 1:
-            return min(limit, fit)
-        return 0 if unacked else -1
+        if fit < 1:
+            return 0 if unacked else -1
+        # And what it acknowledges well within the stall time: a chunk whose Ack cannot
+        # come back before then gets a healthy but slow successor given up on as stalled
+        # (a small first chunk acknowledged at once leaves the size at its start).
+        window = (self._stall_after / 2) / per_byte - unacked
+        quick = int(window / self._bytes_per_record) if self._bytes_per_record else limit
+        if quick < 1:
+            return 0 if unacked else 1
+        return min(limit, fit, quick)
 
     def _count_acknowledged(
         self, count: int, applied: int, kept: int, dropped: Mapping[str, int]
@@ -1404,7 +1433,11 @@ class Drainer:
             to_send = [to_send[i] for i in kept]
         if not records:
             return
-        if len(payload) > self._max_chunk_bytes:
+        if len(payload) > self._max_chunk_bytes or (
+            # Records larger than the average (or the first chunk, sized before the
+            # records' size is known): the link gets the size its Acks ask for.
+            len(records) > 1 and len(payload) > max(2 * stream.chunk_bytes, START_CHUNK_BYTES)
+        ):
             await self._send_split(stream, report, records, pending.pulled_at, until)
             return
         if self._chunk_bytes is not None:
