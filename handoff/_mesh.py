@@ -39,6 +39,7 @@ from handoff._errors import (
     VersionMismatch,
 )
 from handoff._guard import LogLimiter, PendingHandshakes, source_of
+from handoff._referrals import Referrals
 from handoff._text import peer_text
 from handoff.config import Settings
 from handoff.discovery import Discovery, PeerAddress
@@ -53,6 +54,8 @@ from handoff.membership import (
     Peer,
 )
 from handoff.protocol import (
+    MAX_REFERRALS,
+    REFERRAL_PROTOCOL,
     Connection,
     Event,
     Limits,
@@ -62,6 +65,7 @@ from handoff.protocol import (
     NodeState,
     PeerGoodbye,
     PeerInfo,
+    Peers,
     PeerStateChanged,
     Role,
 )
@@ -124,6 +128,12 @@ PROBE_BACKOFF_LIMIT = 60.0
 # How often a duplicate link kept up for the streams it carries checks whether they ended
 # (see Mesh._retire): short next to a drain, and a duplicate is rare.
 RETIRE_POLL_INTERVAL = 0.05
+# Changes of this node's links are told to its peers (Peers) this long after the first
+# change, and at most this often: a cluster that starts at once would otherwise send a list
+# to every peer at every link. Never at once on a new link either: a peer that refuses the
+# link (a name in use) says why in a Goodbye, which a write of ours racing it would turn
+# into a reset connection.
+REFERRAL_INTERVAL = 0.1
 
 
 class Spawn(Protocol):
@@ -242,6 +252,12 @@ class Mesh:
         # (refused, or no peer of this cluster): None until discovery first answers. Empty
         # (for good) once every one is settled; see :meth:`unlinked`.
         self._first_round: set[str] | None = None
+        # Peers linked while the first round lasts whose list of peers (Peers) has not come
+        # yet: one of the nodes they know may have left discovery while holding actors.
+        self._awaiting_lists: set[str] = set()
+        self._first_round_over = False
+        self._referrals = Referrals(settings.node_name)
+        self._links_changed: anyio.Event | None = None
         self._tls: TLSContexts | None = None
         self._running = False
         self._stopping = False
@@ -257,6 +273,7 @@ class Mesh:
             grace=settings.handshake_timeout,
             heartbeat_timeout=settings.heartbeat_timeout,
         )
+        self._referrals = Referrals(settings.node_name)
 
     @property
     def state(self) -> NodeState:
@@ -268,18 +285,36 @@ class Mesh:
         return self._membership.peers()
 
     def unlinked(self) -> list[str]:
-        """Addresses of the first discovery round this node has neither linked nor found to
-        be nobody yet (``["discovery"]`` before discovery first answers): a node there may
-        hold what a just-started node would otherwise take for unclaimed (actors). An
-        address that times out stays here (it may be a partition) until it answers or
-        discovery stops giving it."""
+        """Where a node may be that holds what this node would otherwise take for
+        unclaimed (actors), and that it has not linked yet:
+
+        - while the first discovery round lasts (``["discovery ..."]`` before discovery
+          first answers), its addresses not linked nor found to be nobody, and the peers
+          linked meanwhile whose list of peers has not come yet (they may know a node that
+          left discovery: a draining node leaves DNS while it still holds actors);
+        - always, the addresses peers list (:class:`~handoff.protocol.Peers`) whose node is
+          not linked and not found to be nobody (see :class:`~handoff._referrals.Referrals`).
+
+        An address that times out stays (it may be a partition) until it answers, or
+        discovery (for the first round) or the peers listing it stop giving it."""
         pending = self._first_round
         if pending is None:
             return ["discovery (no answer yet)"] if self._running else []
-        for key in [k for k in pending if self._membership.knows_address(k)]:
-            pending.discard(key)
-        pending -= self._self_addresses
-        return sorted(pending)
+        unlinked: list[str] = []
+        if not self._first_round_over:
+            for key in list(pending):
+                name = self._membership.name_at(key)
+                if name is not None and name not in self._awaiting_lists:
+                    pending.discard(key)
+            pending -= self._self_addresses
+            unlinked += sorted(pending)
+            unlinked += [f"{name} (its list of peers)" for name in sorted(self._awaiting_lists)]
+            # Over for good once settled: later peers are asked like any (see the actors).
+            self._first_round_over = not unlinked
+        return unlinked + self._referrals.pending(self._linked)
+
+    def _linked(self, name: str) -> bool:
+        return self._membership.link_of(name) is not None
 
     def _settled(self, key: str) -> None:
         if self._first_round is not None:
@@ -335,9 +370,11 @@ class Mesh:
         self._self_addresses = set(own_addresses)
         self._stopping = False
         self._running = True
+        self._links_changed = anyio.Event()
         self._spawn(self._accept_loop, listener)
         self._spawn(self._discovery_loop, discovery)
         self._spawn(self._expiry_loop)
+        self._spawn(self._referral_loop)
 
     async def stop(self, reason: str) -> None:
         """Say goodbye to every peer (at most 2 s, even when cancelled); no node-down
@@ -587,7 +624,9 @@ class Mesh:
                 await link.aclose()
                 raise
         except HandoffError as exc:
-            if not isinstance(exc, HandoffTimeout):
+            timed_out = isinstance(exc, HandoffTimeout)
+            self._referrals.dialled(key, reached=None, timed_out=timed_out)
+            if not timed_out:
                 # Refused, or not a peer of this cluster (another cookie, itself): nobody
                 # there holds anything of ours. A timeout proves nothing (a partition).
                 self._settled(key)
@@ -610,7 +649,11 @@ class Mesh:
         finally:
             self._dialling.discard(key)
         self._probe_backoff.pop(key, None)
-        self._settled(key)  # a peer: linked now (or a duplicate of a link it has)
+        self._referrals.dialled(key, reached=peer.name, timed_out=False)
+        if peer.protocol_version < REFERRAL_PROTOCOL:
+            # A peer: linked now (or a duplicate of a link it has). One that sends its list
+            # of peers is settled once that came (see unlinked).
+            self._settled(key)
         await self._run_link(link, peer, events, dialled=True, address=key)
 
     def _back_off(self, key: str) -> None:
@@ -727,11 +770,19 @@ class Mesh:
             await link.aclose(decision.reason)
             return
         self._links[link_id] = link
+        referrals = peer.protocol_version >= REFERRAL_PROTOCOL
+        if referrals and not self._first_round_over:
+            self._awaiting_lists.add(peer.name)
+        self._note_links_changed()  # every peer hears of it, this one included
         self._publish(decision.events)
         reason, detail = DownReason.CONNECTION_LOST, ""
         try:
             while True:
                 for event in events:
+                    if isinstance(event, MessageReceived) and isinstance(event.message, Peers):
+                        if referrals:
+                            self._on_list(peer.name, event.message)
+                        continue
                     if isinstance(event, PeerStateChanged):
                         self._publish(self._membership.state_changed(link_id, event.state))
                     elif isinstance(event, PeerGoodbye):
@@ -766,6 +817,10 @@ class Mesh:
             if self._membership.link_of(peer.name) in (link_id, None):
                 # Streams die with the link that carried them (not with a replaced duplicate).
                 self._on_peer_lost(peer.name)
+                # What it said about its peers counted while it was linked.
+                self._referrals.forget(peer.name)
+                self._awaiting_lists.discard(peer.name)
+                self._note_links_changed()
             await link.aclose()
             if not self._stopping:
                 self._publish(
@@ -822,7 +877,57 @@ class Mesh:
                     ):
                         continue
                     self._spawn(self._dial, target)
+            self._dial_listed()
             await anyio.sleep(self._settings.poll_interval)
+
+    # -- lists of peers (Peers) ---------------------------------------------------------------
+
+    def _list_for(self, recipient: str) -> Peers:
+        entries = [
+            (p.name, p.address) for p, _ in self.peer_links() if p.name != recipient and p.address
+        ]
+        return Peers(tuple(entries[:MAX_REFERRALS]))
+
+    async def _send_list(self, link: PeerLink, name: str) -> None:
+        try:
+            await link.send(self._list_for(name))
+        except HandoffError as exc:
+            logger.debug("could not send the list of peers to %s: %s", peer_text(name), exc)
+
+    def _note_links_changed(self) -> None:
+        if self._links_changed is not None:
+            self._links_changed.set()
+
+    async def _referral_loop(self) -> None:
+        """Tell every peer that speaks Peers the current list, REFERRAL_INTERVAL after its
+        links changed."""
+        while True:
+            assert self._links_changed is not None
+            await self._links_changed.wait()
+            await anyio.sleep(REFERRAL_INTERVAL)
+            self._links_changed = anyio.Event()
+            for peer, link in self.peer_links():
+                if peer.protocol_version >= REFERRAL_PROTOCOL:
+                    self._spawn(self._send_list, link, peer.name)
+
+    def _on_list(self, reporter: str, message: Peers) -> None:
+        self._referrals.report(reporter, message.peers, own=self._self_addresses.__contains__)
+        self._awaiting_lists.discard(reporter)
+        self._dial_listed()
+
+    def _dial_listed(self) -> None:
+        """Dial what peers listed and is not linked (bounded: see Referrals)."""
+        if not self._running or self._stopping:
+            return
+        for target in self._referrals.to_dial(self._linked):
+            key = str(target)
+            if (
+                key in self._self_addresses
+                or key in self._dialling
+                or self._membership.knows_address(key)
+            ):
+                continue
+            self._spawn(self._dial, target)
 
     async def _expiry_loop(self) -> None:
         while True:

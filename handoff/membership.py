@@ -192,6 +192,13 @@ class Membership:
             address in entry.addresses for entry, _ in self._held.values()
         )
 
+    def name_at(self, address: str) -> str | None:
+        """The name of the live peer reachable at ``address``, if any."""
+        for name, entry in self._entries.items():
+            if address in entry.addresses:
+                return name
+        return None
+
     def _preferred(self, peer_name: str, dialled: bool) -> bool:
         dialler = self._local_name if dialled else peer_name
         return dialler == min(self._local_name, peer_name)

@@ -260,3 +260,30 @@ async def test_a_registry_says_what_is_wrong() -> None:
             await loose.call(["a", "list"], 1)
         with pytest.raises(handoff.RecordEncodeError):
             await loose.call("k", object())
+
+
+async def test_a_holder_missing_from_discovery_is_learned_from_its_peers_never_doubled() -> None:
+    """A draining node leaves DNS (Fly, Kubernetes) while it still holds actors: a node
+    that starts then does not find it through discovery. It learns it from the peers it
+    does find (they share the peers they are linked to), and activates nothing fresh
+    before it has linked it: every key keeps one activation and its state."""
+    ra, rc, rn = ActorRegistry(Tally), ActorRegistry(Tally), ActorRegistry(Tally)
+    a = node("a", "127.0.0.1")
+    a.track("rooms", ra)
+    async with a:
+        c = node("c", "127.0.0.1", a)
+        c.track("rooms", rc)
+        async with c:
+            await wait_until(connected(a, c))
+            for key in KEYS:
+                assert await rc.call(key, "before") == 1
+            assert rc.local_keys()  # c holds some of them
+            n = node("n", "127.0.0.1", a)  # discovery gives a only
+            n.track("rooms", rn)
+            async with n:
+                for key in KEYS:
+                    assert await rn.call(key, "after") == 2, key
+                held = [set(r.local_keys()) for r in (ra, rc, rn)]
+                assert sorted(k for keys in held for k in keys) == sorted(KEYS)
+                assert ra.stats()["activations"] + rc.stats()["activations"] == len(KEYS)
+                assert rn.stats()["activations"] == len(held[2])  # moved in, none fresh

@@ -33,6 +33,7 @@ from handoff._errors import (
     VersionMismatch,
 )
 from handoff.protocol import (
+    MAX_REFERRALS,
     MESSAGE_TYPES,
     SESSION_MESSAGES,
     Accept,
@@ -67,6 +68,7 @@ from handoff.protocol import (
     Offer,
     PeerGoodbye,
     PeerInfo,
+    Peers,
     PeerStateChanged,
     Refuse,
     Reject,
@@ -876,6 +878,7 @@ SAMPLE_MESSAGES: dict[type[Message], Message] = {
     ActorHere: ActorHere("rooms", b"\xa1k", 1, 0, ""),
     ActorMove: ActorMove("rooms", b"\xa1k", 1, 2, 1, b"\x93\xc0\x90\x90"),
     ActorMoved: ActorMoved("rooms", b"\xa1k", 1, 1, ""),
+    Peers: Peers((("b", "10.0.0.2:4370"),)),
 }
 
 
@@ -1038,6 +1041,7 @@ SESSION_SAMPLES: list[Message] = [
     ActorHere("r", b"k", MAX_COUNT, 2, "n" * 255),
     ActorMove("r", b"k", MAX_COUNT, MAX_COUNT, 2**31 - 1, bytes(range(256)) * 64),
     ActorMoved("r", b"k", 1, 0, "r" * 1024),
+    Peers((("n" * 255, "h" * 300),) * MAX_REFERRALS),
 ]
 
 short_texts = st.text(min_size=1, max_size=40)

@@ -37,6 +37,7 @@ from handoff.protocol import (
     NamespaceVersion,
     NodeState,
     Offer,
+    Peers,
     Refuse,
     Reject,
     StateChange,
@@ -52,6 +53,7 @@ from handoff.protocol._messages import (
     MAX_NAME,
     MAX_NAMESPACES,
     MAX_REASON,
+    MAX_REFERRALS,
     MAX_STREAM,
     MAX_TALLY_RECORDS,
     MAX_VERSIONS,
@@ -171,6 +173,9 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     ActorMoved: st.builds(
         ActorMoved, names, payloads, st.integers(1, MAX_COUNT), st.integers(0, 1), reasons
     ),
+    Peers: st.lists(st.tuples(names, st.text(min_size=1, max_size=300)), max_size=5).map(
+        lambda pairs: Peers(tuple(pairs))
+    ),
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -207,6 +212,7 @@ SAMPLES: dict[type[Message], Message] = {
     ActorHere: ActorHere("rooms", b"\xa2r1", 12, 1, "node-b"),
     ActorMove: ActorMove("rooms", b"\xa2r1", 3, 2, 1, b"\x93\xc0\x90\x90"),
     ActorMoved: ActorMoved("rooms", b"\xa2r1", 3, 0, "draining"),
+    Peers: Peers((("node-b", "10.0.0.2:4370"),)),
 }
 
 
@@ -218,9 +224,9 @@ def test_every_message_type_is_covered() -> None:
 def test_session_messages_are_the_new_types() -> None:
     streams = {Offer, Accept, Refuse, Chunk, Ack, End, Cancel, Closed, Done, Tally}
     actors = {ActorSend, ActorReply, ActorWhere, ActorHere, ActorMove, ActorMoved}
-    assert streams | actors == SESSION_MESSAGES
+    assert streams | actors | {Peers} == SESSION_MESSAGES
     assert SESSION_MESSAGES.issubset(MESSAGE_TYPES.values())
-    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == [*range(16, 26), *range(30, 36)]
+    assert sorted(cls.TYPE for cls in SESSION_MESSAGES) == [*range(16, 26), *range(30, 37)]
 
 
 def test_type_codes_are_unique_and_registered() -> None:
@@ -290,6 +296,7 @@ GOLDEN_FRAMES: dict[type[Message], str] = {
     ActorHere: "000000169621a5726f6f6d73c403a272310c01a66e6f64652d62",
     ActorMove: "000000169722a5726f6f6d73c403a27231030201c40493c09090",
     ActorMoved: "000000189623a5726f6f6d73c403a272310300a8647261696e696e67",
+    Peers: "0000001992249192a66e6f64652d62ad31302e302e302e323a34333730",
 }
 
 
@@ -519,6 +526,16 @@ bad_namespaces = (
     )
 )
 
+bad_referrals = (
+    _not(list)
+    | st.just([["n", "h:1"]] * (MAX_REFERRALS + 1))
+    | st.sampled_from(
+        [[[]], [["n"]], [["n", "h:1", 2]], [["", "h:1"]], [["n", ""]], [["n", 1]], [[1, "h"]]]
+    )
+    | st.just([["n", "h" * 301]])
+    | st.just([["n" * (MAX_NAME + 1), "h:1"]])
+)
+
 # For each message: a strategy of invalid values for each of its fields, in wire order.
 BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     Hello: [bad_magic, bad_versions, bad_name, bad_name, bad_name, bad_blob32],
@@ -564,6 +581,7 @@ BAD_FIELDS: dict[type[Message], list[st.SearchStrategy[Any]]] = {
     ActorHere: [bad_name, bad_payload, bad_records, bad_answer, bad_address],
     ActorMove: [bad_name, bad_payload, bad_records, bad_records, bad_schema, bad_payload],
     ActorMoved: [bad_name, bad_payload, bad_records, bad_flag, bad_reason],
+    Peers: [bad_referrals],
 }
 
 
@@ -712,7 +730,7 @@ def test_session_limits_are_inclusive() -> None:
 # -- type codes and envelopes --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [0, 9, 10, 15, 26, 29, 36, 99, 255, -1, 2**63, 2**64 - 1])
+@pytest.mark.parametrize("code", [0, 9, 10, 15, 26, 29, 37, 99, 255, -1, 2**63, 2**64 - 1])
 def test_unknown_type_code(code: int) -> None:
     with pytest.raises(ProtocolError, match="unknown message type"):
         decode_message([code])

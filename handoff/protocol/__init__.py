@@ -24,8 +24,10 @@ from ._connection import (
 from ._framing import FrameDecoder, check_depth, encode_frame, size_limits
 from ._messages import (
     ACTOR_PROTOCOL,
+    MAX_REFERRALS,
     MAX_TALLY_RECORDS,
     MESSAGE_TYPES,
+    REFERRAL_PROTOCOL,
     SESSION_MESSAGES,
     Accept,
     Ack,
@@ -49,6 +51,7 @@ from ._messages import (
     NamespaceVersion,
     NodeState,
     Offer,
+    Peers,
     Refuse,
     Reject,
     RejectCode,
@@ -68,8 +71,10 @@ from ._streams import (
 
 __all__ = (
     "ACTOR_PROTOCOL",
+    "MAX_REFERRALS",
     "MAX_TALLY_RECORDS",
     "MESSAGE_TYPES",
+    "REFERRAL_PROTOCOL",
     "SENT_BY",
     "SESSION_MESSAGES",
     "STREAM_TRANSITIONS",
@@ -109,6 +114,7 @@ __all__ = (
     "PeerGoodbye",
     "PeerInfo",
     "PeerStateChanged",
+    "Peers",
     "Refuse",
     "Reject",
     "RejectCode",

@@ -99,8 +99,9 @@ __all__ = (
 # of its chunks the receiver applied, so counters handed off through it could count twice.
 # Version 4 adds the actor messages (ActorSend ... ActorMoved); a node speaks 3 as well, so
 # that a release of version 3 still hands its caches and counters to this one (the actor
-# messages never go to a peer of version 3).
-SUPPORTED_VERSIONS: tuple[int, ...] = (3, 4)
+# messages never go to a peer of version 3). Version 5 adds Peers (the peers a node is
+# linked to, so that a node learns those discovery no longer lists); never sent to 3 or 4.
+SUPPORTED_VERSIONS: tuple[int, ...] = (3, 4, 5)
 _UNENCRYPTED_VERSIONS = frozenset({1})
 _UNCONFIRMED_VERSIONS = frozenset({2})
 

@@ -39,8 +39,10 @@ from handoff._errors import ProtocolError
 __all__ = (
     "ACTOR_PROTOCOL",
     "MAGIC",
+    "MAX_REFERRALS",
     "MAX_TALLY_RECORDS",
     "MESSAGE_TYPES",
+    "REFERRAL_PROTOCOL",
     "SESSION_MESSAGES",
     "Accept",
     "Ack",
@@ -63,6 +65,7 @@ __all__ = (
     "NamespaceVersion",
     "NodeState",
     "Offer",
+    "Peers",
     "Refuse",
     "Reject",
     "RejectCode",
@@ -846,6 +849,58 @@ class ActorMoved(Message):
     move: Annotated[int, _QUERY]
     accepted: Annotated[int, Integer(0, 1)]
     reason: Annotated[str, Text(MAX_REASON, empty_ok=True)]
+
+
+REFERRAL_PROTOCOL = 5
+"""The first protocol version whose peers send and understand :class:`Peers`."""
+MAX_REFERRALS = 256
+"""Peers named in one :class:`Peers` at most (a node links to more: the first ones go)."""
+MAX_ADDRESS = 300
+"""Characters of one ``host:port`` (a DNS name is at most 253, a port 5, brackets 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Referrals(Kind):
+    """Up to :data:`MAX_REFERRALS` ``[name, address]`` arrays (a peer's name, 1..MAX_NAME
+    characters, and the ``host:port`` it listens on, 1..MAX_ADDRESS), stored as tuples.
+    Whether an address can be dialled is the mesh's question, not the codec's."""
+
+    def reader(self, message: str, field: str) -> Reader:
+        where = f"{message}: field {field!r}"
+        refused = f"{message}: {field} must be [name, address] pairs"
+
+        def read(value: object) -> tuple[tuple[str, str], ...]:
+            pairs = []
+            for item in _array(where, value, MAX_REFERRALS):
+                if (
+                    not isinstance(item, list)
+                    or len(item) != 2
+                    or not isinstance(item[0], str)
+                    or not 0 < len(item[0]) <= MAX_NAME
+                    or not isinstance(item[1], str)
+                    or not 0 < len(item[1]) <= MAX_ADDRESS
+                ):
+                    raise ProtocolError(refused)
+                pairs.append((item[0], item[1]))
+            return tuple(pairs)
+
+        return read
+
+    def writer(self) -> Callable[[Any], object]:
+        return lambda pairs: [list(pair) for pair in pairs]
+
+
+@_message(session=True)
+@dataclass(frozen=True, slots=True)
+class Peers(Message):
+    """The peers the sender is linked to now: ``[name, address]`` each (the recipient left
+    out). Sent when a link is established and again when the sender's links change. A node
+    that started after one of them left discovery (a draining node leaves DNS) learns it
+    here, dials it, and counts it as a possible holder of actors until linked (see
+    :mod:`handoff._referrals`)."""
+
+    TYPE: ClassVar[int] = 36
+    peers: Annotated[tuple[tuple[str, str], ...], Referrals()]
 
 
 SESSION_MESSAGES: frozenset[type[Message]] = frozenset(_SESSION)
