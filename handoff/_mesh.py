@@ -302,12 +302,13 @@ class Mesh:
             return ["discovery (no answer yet)"] if self._running else []
         unlinked: list[str] = []
         if not self._first_round_over:
-            for key in list(pending):
-                name = self._membership.name_at(key)
-                if name is not None and name not in self._awaiting_lists:
-                    pending.discard(key)
             pending -= self._self_addresses
-            unlinked += sorted(pending)
+            for key in sorted(pending):
+                name = self._membership.name_at(key)
+                if name is None:
+                    unlinked.append(key)
+                elif name not in self._awaiting_lists:
+                    pending.discard(key)
             unlinked += [f"{name} (its list of peers)" for name in sorted(self._awaiting_lists)]
             # Over for good once settled: later peers are asked like any (see the actors).
             self._first_round_over = not unlinked
