@@ -23,7 +23,8 @@ Prints one JSON object. Every node is a process of its own on 127.0.0.x; in the 
   each figure over the rounds.
 
 The machine is shared and noisy: read the ratios and percentiles, not the absolute numbers.
-Usage: ``python benchmarks/actors.py [--keys 100] [--rate 1000] [--seconds 2] [--repeat 1]``.
+Usage: ``python benchmarks/actors.py [--keys 100] [--rate 1000] [--seconds 2] [--repeat 1]
+[--migration-only]``.
 """
 
 from __future__ import annotations
@@ -447,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callers", type=int, default=32, help="for throughput")
     parser.add_argument("--seconds", type=float, default=2.0, help="throughput run")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--migration-only", action="store_true", help="skip the throughput measurements"
+    )
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"migration": {}, "throughput": {}}
     for label, size in SIZES.items():
@@ -461,13 +465,14 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": rounds,
         }
     rates = []
-    for index in range(args.repeat):
+    for index in range(0 if args.migration_only else args.repeat):
         print(f"throughput round {index + 1}...", file=sys.stderr, flush=True)
         rates.append(throughput(args.callers, args.seconds))
     # The median of each figure over the rounds (ratios from the same round).
-    results["throughput"] = {key: statistics.median(r[key] for r in rates) for key in rates[0]} | {
-        "rounds": rates
-    }
+    if rates:
+        results["throughput"] = {
+            key: statistics.median(r[key] for r in rates) for key in rates[0]
+        } | {"rounds": rates}
     print(
         json.dumps(
             {

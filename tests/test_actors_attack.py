@@ -353,7 +353,9 @@ def test_evicting_channels_does_not_handle_a_message_twice() -> None:
         assert [e for e in net.wire if isinstance(e.message, ActorReply)]
         net.wire.clear()  # ... its reply is lost (the link dropped)
         assert not pending.done.is_set()
-        # Other senders (forwarded from nodes o does not know) go past max_channels.
+        # Other senders (forwarded from nodes o does not know) go past max_channels; c
+        # forwards them as the node the actor came from (only that one may forward).
+        o.host._held[kb(net, key)].came_from = c.name
         for i in range(o.host.limits.max_channels):
             o.host.handle(
                 c.name,
@@ -779,5 +781,40 @@ def test_a_drain_moves_the_most_recently_messaged_actors_first() -> None:
         await settle()
         moves = [e.message.key for e in net.wire if isinstance(e.message, ActorMove)]
         assert moves == [kb(net, keys[1]), kb(net, keys[0]), kb(net, keys[2])]
+
+    run(scenario)
+
+
+def test_a_peer_that_never_held_an_actor_cannot_forward_messages_into_its_channels() -> None:
+    """A 'forwarded' message (hops > 0) speaks for its sender on the forwarder's word, so
+    only the node an actor came from may forward to it: another peer could otherwise put
+    a message of its own under a sender's next sequence number, and the sender's real
+    message would be answered with the forged one's reply (lost)."""
+
+    async def scenario(net: Net) -> None:
+        o, c, x = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, o, [o, c, x])
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        gen = c.host._outboxes[kb(net, key)].gen
+        forged = net.codec.packb(["x", 666])
+        fresh = key_placed_on(net, o, [o, c, x], prefix="fresh")
+        for hops, target_key in ((1, key), (1, fresh)):
+            o.host.handle(
+                x.name,
+                ActorSend(
+                    NAMESPACE, kb(net, target_key), c.incarnation, c.name, gen, 2, 1, 1, hops,
+                    forged,
+                ),
+            )  # fmt: skip
+        await flush(net)
+        pending = await call(net, c, key, 2)
+        for _ in range(3):
+            if pending.done.is_set():
+                break
+            await tick(net)
+        assert pending.status is Status.REPLIED
+        assert net.codec.unpackb(pending.answer) == 2
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
+        assert holders(net, fresh) == []  # nothing activated on a forwarder's word
 
     run(scenario)

@@ -6,15 +6,20 @@ network whose messages wait on a wire until a step delivers, duplicates, drops o
 them; time is a fake clock that only steps move. Steps: calls from any live node to any of a
 few keys, deliveries (in any order), duplicated and dropped messages, resend ticks, new
 nodes joining (placement moves keys to them), drains (serving nodes take the actors), links
-cut and healed (the peer is then unreachable but not known to be gone), and crashes (a node
-and everything it held vanish; its peers learn it is gone).
+cut and healed (the peer is then unreachable but not known to be gone), crashes (a node
+and everything it held vanish; its peers learn it is gone), and records: a drained node's
+export takes what it still holds (``take``, the path to a successor's stream or the snapshot
+store), and a record lands (``put``) on a serving node or back on its exporter, sometimes
+twice (a chunk re-sent after a lost acknowledgement), late, or after its exporter is gone
+(a snapshot restored later).
 
 Checked after every step: no two nodes ever run a key's handler at once, and at most one
 node holds a key unfrozen. Checked at the end, once every link is healed and every message
 has been delivered: every call from a live node was answered; each actor's state holds each
 live sender's messages exactly once, in the order sent; messages of crashed senders at most
 once, in order; a key whose holder crashed lost what that holder had handled (it starts
-again from nothing), never more.
+again from nothing), never more; so did a key whose record landed after its exporter was
+gone (the record gives way to an activation started meanwhile, or restores older state).
 """
 
 from __future__ import annotations
@@ -85,6 +90,16 @@ class Sent:
 
 
 @dataclass
+class Record:
+    """An actor a drained node's export took, travelling to where it will be put."""
+
+    source: str
+    key: Any
+    state: Any
+    meta: Any
+
+
+@dataclass
 class Net:
     clock: FakeClock
     group: anyio.abc.TaskGroup
@@ -97,6 +112,7 @@ class Net:
     counters: dict[str, int] = field(default_factory=dict)
     reset_keys: set[str] = field(default_factory=set)
     crashed: set[str] = field(default_factory=set)
+    records: list[Record] = field(default_factory=list)
     names: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     incarnations: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -239,6 +255,19 @@ class Net:
             return
         target.host.handle(envelope.source, envelope.message)
 
+    def take(self, node: SimNode) -> None:
+        for key, state, meta in node.host.take():
+            self.records.append(Record(node.name, key, state, meta))
+
+    def put(self, record: Record, target: SimNode) -> None:
+        source = self.nodes.get(record.source)
+        if source is None or not source.alive:
+            # Nothing kept the key from a fresh activation meanwhile: the record gives way
+            # to it (superseded), or brings back older state; either way what was handled
+            # in between may be gone, as documented.
+            self.reset_keys.add(record.key)
+        target.host.put(record.key, record.state, record.meta)
+
     def check_single_activation(self) -> None:
         for key in KEYS:
             key_bytes = self.codec.packb(key)
@@ -306,7 +335,9 @@ async def step(net: Net, op: str, a: int, b: int) -> None:
         for node in net.live():
             if node.serving:
                 node.host._rebalance()
-    elif op == "drain" and len([n for n in live if n.serving]) > 1:
+    elif op == "drain" and [n for n in live if n.serving]:
+        # The last serving node too: its actors cannot move, its export takes them (records
+        # for the snapshot store, put when a node serves again).
         node = [n for n in live if n.serving][a % len([n for n in live if n.serving])]
         node.serving = False
         done = node.drain_done = anyio.Event()
@@ -322,6 +353,20 @@ async def step(net: Net, op: str, a: int, b: int) -> None:
         drained = [n for n in live if n.drain_done is not None and n.drain_done.is_set()]
         if drained:
             net.leave(drained[a % len(drained)])
+    elif op == "take":
+        # A draining node's export: after its actors' part (whose deadline may cut moves
+        # still under way: those in flight or in doubt stay, the rest is taken).
+        draining = [n for n in live if not n.serving]
+        if draining:
+            net.take(draining[a % len(draining)])
+    elif op == "put" and net.records:
+        record = net.records[a % len(net.records)]
+        # A serving node's stream or snapshot restore, or the exporter taking it back.
+        targets = [n for n in live if n.serving or n.name == record.source]
+        if targets:
+            if b % 4:
+                net.records.remove(record)  # else it lands again later (a re-sent chunk)
+            net.put(record, targets[b % len(targets)])
     elif op == "cut" and len(live) >= 2:
         x, y = live[a % len(live)], live[b % len(live)]
         if x is not y:
@@ -341,6 +386,12 @@ async def quiesce(net: Net) -> None:
         # Crashes took every serving node: nothing can handle a message until a node
         # serves again, as the next release's would in a deploy.
         await net.spawn_node()
+    await settle()
+    # What is still in transit lands somewhere serving (the snapshot store's restore).
+    serving = [node for node in net.live() if node.serving]
+    for index, record in enumerate(net.records):
+        net.put(record, serving[index % len(serving)])
+    net.records.clear()
     await settle()
     for _ in range(400):
         while net.wire:
@@ -422,7 +473,7 @@ OPS = st.sampled_from(
     ["call"] * 8
     + ["deliver"] * 8
     + ["tick"] * 2
-    + ["duplicate", "drop", "join", "drain", "exit", "cut", "heal", "crash"]
+    + ["duplicate", "drop", "join", "drain", "exit", "cut", "heal", "crash", "take", "put"]
 )
 PROGRAMS = st.lists(
     st.tuples(OPS, st.integers(0, 1000), st.integers(0, 1000)), min_size=5, max_size=80
@@ -453,7 +504,7 @@ def test_long_random_runs(seed: int) -> None:
     """Longer programs than hypothesis draws, from fixed seeds."""
     rng = random.Random(seed)
     ops = ["call"] * 8 + ["deliver"] * 10 + ["tick"] * 2 + [
-        "duplicate", "drop", "join", "drain", "exit", "cut", "heal", "crash",
+        "duplicate", "drop", "join", "drain", "exit", "cut", "heal", "crash", "take", "put",
     ]  # fmt: skip
     program = [(rng.choice(ops), rng.randrange(1000), rng.randrange(1000)) for _ in range(300)]
     anyio.run(run_program, program)

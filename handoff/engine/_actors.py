@@ -262,6 +262,12 @@ class _Held:
     arrived_at: float = 0.0
     last_active: float = 0.0
     held: list[ActorSend] = field(default_factory=list)
+    came_from: str = ""
+    """The node that moved the actor here (``""``: activated here, or restored from a
+    record): the only one whose forwarded messages it takes (see ``_on_send``)."""
+    ahead: int = 0
+    """How many of ``held`` went ahead to ``moving_to`` already, behind the move (see
+    :meth:`ActorHost._on_send`)."""
     in_doubt: bool = False
     migrating: bool = False
     move_request: ActorMove | None = None
@@ -847,14 +853,34 @@ class ActorHost:
             return
         key_bytes = message.key
         held = self._held.get(key_bytes)
+        # A forwarded message speaks for its sender on the forwarder's word: only the node
+        # the actor came from may forward to it (it held the actor, channels and all). From
+        # another peer it could be forged under a sender's next sequence number, and the
+        # sender's real message would get its reply: the sender is told to send it itself
+        # (it keeps every message until answered, so nothing is lost).
+        forwarded = peer is not None and peer != self.node and message.hops > 0
         if held is None:
-            self._not_here(message)
+            self._not_here(message, forwarded=forwarded)
+            return
+        if forwarded and peer != held.came_from:
+            self._reply(message, Status.MOVED, b"\xc0", self.node)
             return
         if held.moving_to is not None or held.in_doubt or held.confirming:
             if len(held.held) >= self.limits.mailbox:
                 self._reply(message, Status.BUSY, self._codec.packb("the actor is moving"))
                 return
             held.held.append(message)
+            if (
+                held.moving_to is not None
+                and not held.in_doubt
+                and held.ahead == len(held.held) - 1
+            ):
+                # Sent right behind the move (one ordered queue per peer): the new owner
+                # handles it as soon as it activated the actor, a round trip before the
+                # answer would let it go. A copy stays here: if the move is refused, or in
+                # doubt, the actor's channels tell a copy handled twice from a new one.
+                held.ahead += 1
+                self._post(held.moving_to, _hop(message))
             return
         self._accept(held, message)
 
@@ -874,7 +900,7 @@ class ActorHost:
         member = self._members.get(message.sender)
         return member is None or message.origin == member.incarnation
 
-    def _not_here(self, message: ActorSend) -> None:
+    def _not_here(self, message: ActorSend, *, forwarded: bool = False) -> None:
         key_bytes = message.key
         forward = self._forwards.get(key_bytes)
         if forward is not None:
@@ -920,6 +946,13 @@ class ActorHost:
             )
         elif owner != self.node:
             self._reply(message, Status.MOVED, b"\xc0", owner)
+        elif forwarded:
+            # Never a fresh activation on a forwarder's word (see _on_send).
+            self._reply(
+                message,
+                Status.RETRY,
+                self._codec.packb("forwarded to a node that does not hold the actor"),
+            )
         elif not self._running:
             self._reply(message, Status.RETRY, self._codec.packb("the node is not running"))
         elif len(self._claims) >= MAX_CLAIMS:
@@ -1478,12 +1511,16 @@ class ActorHost:
 
     def _thaw(self, held: _Held) -> None:
         held.frozen = False
+        held.ahead = 0
         waiting, held.held = held.held, []
         for message in waiting:
             self._on_send(message)
         self._start(held)
 
     def _moved(self, held: _Held, target: str, epoch: int) -> None:
+        # What went ahead reached the target unless the move was in doubt (the link may
+        # have dropped them): then everything goes again (its channels drop the copies).
+        ahead = held.ahead if target == held.moving_to and not held.in_doubt else 0
         held.in_doubt = False
         if self._held.get(held.key_bytes) is held:
             del self._held[held.key_bytes]
@@ -1492,8 +1529,9 @@ class ActorHost:
             self._deactivated(held)
         self._forwards[held.key_bytes] = (target, epoch, self._clock.now())
         self._forwards.move_to_end(held.key_bytes)
-        for message in held.held:
+        for message in held.held[ahead:]:
             self._post(target, _hop(message))
+        held.ahead = 0
         for channel in held.channels.values():
             for early in channel.early.values():
                 self._post(target, _hop(early))
@@ -1545,6 +1583,7 @@ class ActorHost:
         if held is None:
             answer(False, "activation failed on the new owner")
             return
+        held.came_from = peer
         for origin, gen, next_seq, replies in channels:
             channel = _Channel(gen, next_seq, used=self._clock.now())
             for seq, status, body in replies:
@@ -1660,9 +1699,12 @@ class ActorHost:
 
         with anyio.move_on_after(max(0.0, deadline - self._clock.now())):
             async with anyio.create_task_group() as group:
-                # The most recently messaged first: their callers wait the least, and a
-                # deadline leaves behind the actors nobody was talking to.
-                by_activity = sorted(self._held.values(), key=lambda h: -h.last_active)
+                # Those with messages waiting first, then the most recently messaged:
+                # their callers wait the least, and a deadline leaves behind the actors
+                # nobody was talking to.
+                by_activity = sorted(
+                    self._held.values(), key=lambda h: (not h.mailbox, -h.last_active)
+                )
                 for held in by_activity:
                     ended = self._migration_ends.get(held.key_bytes)
                     if ended is not None:
