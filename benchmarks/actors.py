@@ -71,6 +71,7 @@ class _Log:
     def __init__(self) -> None:
         self.exports: dict[str, float] = {}
         self.first: dict[str, tuple[float, float]] = {}
+        self.activated: dict[str, float] = {}
 
 
 def _actor_class(size: int, log: _Log) -> Any:
@@ -78,6 +79,8 @@ def _actor_class(size: int, log: _Log) -> Any:
         def __init__(self, key: str, state: Any) -> None:
             self.key = key
             self.moved_in = state is not None
+            if self.moved_in:
+                log.activated[key] = time.monotonic()
             self.data: dict[str, Any] = state if state is not None else {"pad": b"s" * size, "n": 0}
 
         async def handle(self, message: Any) -> Any:
@@ -128,7 +131,9 @@ def _server(name: str, discovery: str, size: int, out: Connection) -> None:
                         }
                     )
                 elif command == "log":
-                    out.send({"exports": log.exports, "first": log.first})
+                    out.send(
+                        {"exports": log.exports, "first": log.first, "activated": log.activated}
+                    )
                 elif command == "held":
                     out.send({"held": len(registry.local_keys())})
                 else:
@@ -282,28 +287,41 @@ def migration(size: int, keys: int, rate: float, callers: int) -> dict[str, Any]
         old[1].send("log")
         exports = _recv(old[1], old[0])["exports"]
         new[1].send("log")
-        first = _recv(new[1], new[0])["first"]
+        seen = _recv(new[1], new[0])
+        first, activated = seen["first"], seen["activated"]
         new[1].send("held")
         held = _recv(new[1], new[0])["held"]
     finally:
         _finish(client, old, new)
-    pauses, raw = [], []
+    pauses, raw, transfer, after = [], [], [], []
     for key in names:
         if key not in exports or key not in first:
             continue  # never exported or never received a message after the move
         handled, sent = first[key]
         raw.append(handled - exports[key])
         pauses.append(handled - max(exports[key], sent))
+        if key in activated:
+            # Where a pause goes: the move itself (export to activation on the new
+            # owner), then the wait for a message (activation to the first one handled).
+            transfer.append(activated[key] - exports[key])
+            after.append(handled - max(activated[key], sent))
     window = (drained["started"], drained["started"] + drained["seconds"])
     rows = load["rows"]
     during = [answered - sent for sent, answered, _ in rows if window[0] <= sent <= window[1]]
+    # The same calls before the drain began (the load's first second): what a message
+    # waits anyway on this machine, the baseline of the pause in the same run.
+    before = [answered - sent for sent, answered, _ in rows if answered < window[0]]
     failed = sum(1 for *_, outcome in rows if outcome != "ok")
     return {
         "pauses": pauses,
+        "calls_before": before,
         "raw": raw,
         "pause": _percentiles(pauses),
         "export_to_first_handled": _percentiles(raw),
+        "export_to_activation": _percentiles(transfer),
+        "activation_to_first_handled": _percentiles(after),
         "call_latency_during_drain": _percentiles(during),
+        "call_latency_before_drain": _percentiles(before),
         "drain_seconds": round(drained["seconds"], 4),
         "moved": drained["moved"],
         "held_by_new": held,
@@ -459,9 +477,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"migration {label} round {index + 1}...", file=sys.stderr, flush=True)
             rounds.append(migration(size, args.keys, args.rate, args.senders))
         # Every actor of every round counts once in the pooled percentiles.
+        pause = _percentiles([p for r in rounds for p in r.pop("pauses")])
+        calls = _percentiles([c for r in rounds for c in r.pop("calls_before")])
         results["migration"][label] = {
-            "pause": _percentiles([p for r in rounds for p in r.pop("pauses")]),
+            "pause": pause,
             "export_to_first_handled": _percentiles([p for r in rounds for p in r.pop("raw")]),
+            "call_latency_before_drain": calls,
+            # A pause against what any call waited on this machine before the drain.
+            "pause_p50_over_call_p50": round(pause["p50_ms"] / calls["p50_ms"], 2)
+            if pause["count"] and calls["count"]
+            else None,
+            "pause_p99_over_call_p99": round(pause["p99_ms"] / calls["p99_ms"], 2)
+            if pause["count"] and calls["count"]
+            else None,
             "rounds": rounds,
         }
     rates = []

@@ -36,7 +36,12 @@ both ends of every conversation with an actor:
   (:meth:`ActorHost.put`) holds it frozen until no peer says it holds another activation,
   and gives way to one that does.
 - **Start.** Until the mesh has linked (or found nobody at) every address of discovery's
-  first answer, those addresses count as unreachable peers that may hold any key.
+  first answer, and every peer it linked meanwhile has sent its list of peers, those
+  addresses and peers count as unreachable peers that may hold any key; so, always, do
+  the nodes some peer lists that this node has not linked (a draining node left DNS while
+  it holds actors: only its peers still know it). See :meth:`handoff._mesh.Mesh.unlinked`.
+- **Forwarded messages** speak for their sender on the forwarder's word: an actor takes
+  them only from the node it came from, and a node never activates a key fresh for one.
 
 The actor's state crosses versions through the namespace's upgrade / downgrade hooks, like
 any record ``(key, state)``.
