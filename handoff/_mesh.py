@@ -907,14 +907,22 @@ class Mesh:
             await self._links_changed.wait()
             await anyio.sleep(REFERRAL_INTERVAL)
             self._links_changed = anyio.Event()
+            if self._stopping:
+                continue  # goodbyes say it all
             for peer, link in self.peer_links():
                 if peer.protocol_version >= REFERRAL_PROTOCOL:
                     self._spawn(self._send_list, link, peer.name)
 
     def _on_list(self, reporter: str, message: Peers) -> None:
-        self._referrals.report(reporter, message.peers, own=self._self_addresses.__contains__)
+        first = self._referrals.report(
+            reporter, message.peers, own=self._self_addresses.__contains__
+        )
         self._awaiting_lists.discard(reporter)
-        self._dial_listed()
+        if first:
+            # At once for a peer's first list (a just-started node waits for what it names);
+            # later lists at the next poll, so that a peer sending list after list of new
+            # addresses cannot make this node dial faster than MAX_LEARNED per poll.
+            self._dial_listed()
 
     def _dial_listed(self) -> None:
         """Dial what peers listed and is not linked (bounded: see Referrals)."""

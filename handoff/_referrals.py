@@ -11,8 +11,9 @@ Its peers still have links to it, and say so.
 Bounds, because the lists come from peers: an authenticated peer names at most
 :data:`~handoff.protocol.MAX_REFERRALS` peers per list, a list replaces that peer's last one,
 and at most ``max_addresses`` distinct addresses (over all reporters) are dialled or count as
-pending: a hostile peer can make a node dial no more than that many addresses per discovery
-poll, each of them only to run the usual handshake (nothing is sent before mutual
+pending, at once when a peer's first list comes, then at each discovery poll: a hostile
+peer can make a node dial no more than that many addresses per poll (and per link it
+establishes), each of them only to run the usual handshake (nothing is sent before mutual
 authentication but what every ``Hello`` says).
 """
 
@@ -48,9 +49,11 @@ class Referrals:
 
     def report(
         self, reporter: str, peers: Iterable[tuple[str, str]], *, own: Callable[[str], bool]
-    ) -> None:
-        """``reporter``'s list now (it replaces the last one). Entries naming this node, an
-        address of its own (``own``), or an address that is no ``host:port`` are left out."""
+    ) -> bool:
+        """``reporter``'s list now (it replaces the last one); True if it is the first from
+        ``reporter`` since it linked. Entries naming this node, an address of its own
+        (``own``), or an address that is no ``host:port`` are left out."""
+        first = reporter not in self._reports
         kept: dict[str, tuple[str, PeerAddress]] = {}
         for name, address in peers:
             if name == self._local_name or name == reporter:
@@ -65,6 +68,7 @@ class Referrals:
                 kept[key] = (name, target)
         self._reports[reporter] = tuple(kept.values())
         self._prune()
+        return first
 
     def forget(self, reporter: str) -> None:
         """``reporter``'s link is gone: its list no longer counts."""

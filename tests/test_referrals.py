@@ -54,13 +54,14 @@ def test_a_list_names_other_nodes_at_addresses_that_parse() -> None:
 
 def test_a_list_replaces_its_reporters_last_one_and_goes_with_its_link() -> None:
     table = Referrals("me")
-    table.report("a", [("c", "10.0.0.3:1")], own=not_own)
-    table.report("b", [("c", "10.0.0.3:1"), ("d", "10.0.0.4:1")], own=not_own)
+    assert table.report("a", [("c", "10.0.0.3:1")], own=not_own)  # a's first list
+    assert table.report("b", [("c", "10.0.0.3:1"), ("d", "10.0.0.4:1")], own=not_own)
     assert table.pending(NOBODY_LINKED.__contains__) == ["10.0.0.3:1", "10.0.0.4:1"]
-    table.report("b", [], own=not_own)  # b's link to d ended
+    assert not table.report("b", [], own=not_own)  # b's link to d ended
     assert table.pending(NOBODY_LINKED.__contains__) == ["10.0.0.3:1"]
     table.forget("a")
     assert table.pending(NOBODY_LINKED.__contains__) == []
+    assert table.report("a", [], own=not_own)  # linked again: a first list again
 
 
 def test_a_refused_dial_settles_an_address_and_a_timeout_does_not() -> None:
