@@ -23,8 +23,10 @@ that two activations running at once would interleave), and ``on_activate`` /
 CLOCK_MONOTONIC is one clock for every process of a Linux machine, so the parent compares
 the lines of all processes.
 
-With ``ACTORS_DEFER_START`` set the process waits for a first stdin line (any) before it
-starts the node: a test starts the interpreter ahead and lets the node join when it wants.
+With ``ACTORS_NO_PEER_LISTS`` set the node neither dials nor waits for the nodes its peers'
+lists name (see ``run``). With ``ACTORS_DEFER_START`` set the process waits for a first
+stdin line (any) before it starts the node: a test starts the interpreter ahead and lets
+the node join when it wants.
 
 Events are JSON lines on stdout (``listening`` first, ``node-up``, ``leaving``,
 ``node-down`` with ``reason``); commands, one per stdin line:
@@ -186,6 +188,14 @@ class Senders:
 
 
 async def run() -> int:
+    if os.environ.get("ACTORS_NO_PEER_LISTS"):
+        # A proxy that stops forwarding cuts one route to a node; the peers' lists name its
+        # own address, a route around the cut that a real partition would cut too. Such a
+        # test keeps the nodes to the routes discovery gives.
+        from handoff._referrals import Referrals
+
+        Referrals.to_dial = lambda self, linked: []  # type: ignore[method-assign]
+        Referrals.pending = lambda self, linked: []  # type: ignore[method-assign]
     node = Node()
     Recorder.node = node.name
     log_dir = os.environ["ACTORS_LOG_DIR"]
