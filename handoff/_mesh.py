@@ -128,12 +128,15 @@ PROBE_BACKOFF_LIMIT = 60.0
 # How often a duplicate link kept up for the streams it carries checks whether they ended
 # (see Mesh._retire): short next to a drain, and a duplicate is rare.
 RETIRE_POLL_INTERVAL = 0.05
-# Changes of this node's links are told to its peers (Peers) this long after the first
-# change, and at most this often: a cluster that starts at once would otherwise send a list
-# to every peer at every link. Never at once on a new link either: a peer that refuses the
-# link (a name in use) says why in a Goodbye, which a write of ours racing it would turn
-# into a reset connection.
-REFERRAL_INTERVAL = 0.1
+# A new link gets this node's list of peers (Peers) this long after it is established (a
+# just-started node waits for it), not at once: a peer that refuses the link (a name in
+# use) says why in a Goodbye, which a write of ours racing it would turn into a reset
+# connection.
+FIRST_LIST_DELAY = 0.1
+# Later changes of this node's links are told to every peer this long after the first
+# change, and at most this often: a cluster that starts at once (32 nodes: 31 links each)
+# would otherwise send a list to every peer at every link.
+REFERRAL_INTERVAL = 1.0
 
 
 class Spawn(Protocol):
@@ -258,6 +261,8 @@ class Mesh:
         self._first_round_over = False
         self._referrals = Referrals(settings.node_name)
         self._links_changed: anyio.Event | None = None
+        # What discovery gave last: dialled by the discovery loop, never again as listed.
+        self._discovered: set[str] = set()
         self._tls: TLSContexts | None = None
         self._running = False
         self._stopping = False
@@ -772,9 +777,12 @@ class Mesh:
             return
         self._links[link_id] = link
         referrals = peer.protocol_version >= REFERRAL_PROTOCOL
-        if referrals and not self._first_round_over:
-            self._awaiting_lists.add(peer.name)
-        self._note_links_changed()  # every peer hears of it, this one included
+        if referrals:
+            if not self._first_round_over:
+                self._awaiting_lists.add(peer.name)
+            if self._running:
+                self._spawn(self._send_first_list, link, peer.name, link_id)
+        self._note_links_changed()  # the other peers hear of it
         self._publish(decision.events)
         reason, detail = DownReason.CONNECTION_LOST, ""
         try:
@@ -862,6 +870,7 @@ class Mesh:
                 self._last_discovery_error = ""
                 # Only addresses discovery still gives are remembered (bounded memory).
                 keys = {str(target) for target in found}
+                self._discovered = keys
                 if self._first_round is None:
                     self._first_round = keys - self._self_addresses
                 else:
@@ -888,6 +897,11 @@ class Mesh:
             (p.name, p.address) for p, _ in self.peer_links() if p.name != recipient and p.address
         ]
         return Peers(tuple(entries[:MAX_REFERRALS]))
+
+    async def _send_first_list(self, link: PeerLink, name: str, link_id: int) -> None:
+        await anyio.sleep(FIRST_LIST_DELAY)
+        if self._membership.link_of(name) == link_id and not self._stopping:
+            await self._send_list(link, name)
 
     async def _send_list(self, link: PeerLink, name: str) -> None:
         try:
@@ -933,6 +947,7 @@ class Mesh:
             if (
                 key in self._self_addresses
                 or key in self._dialling
+                or key in self._discovered
                 or self._membership.knows_address(key)
             ):
                 continue
