@@ -353,9 +353,7 @@ def test_evicting_channels_does_not_handle_a_message_twice() -> None:
         assert [e for e in net.wire if isinstance(e.message, ActorReply)]
         net.wire.clear()  # ... its reply is lost (the link dropped)
         assert not pending.done.is_set()
-        # Other senders (forwarded from nodes o does not know) go past max_channels; c
-        # forwards them as the node the actor came from (only that one may forward).
-        o.host._held[kb(net, key)].came_from = c.name
+        # Other senders (forwarded from nodes o does not know) go past max_channels.
         for i in range(o.host.limits.max_channels):
             o.host.handle(
                 c.name,
@@ -785,6 +783,15 @@ def test_a_drain_moves_the_most_recently_messaged_actors_first() -> None:
     run(scenario)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: a 'forwarded' message (hops > 0) is taken into a held actor's channels "
+    "on any peer's word, so an authenticated peer can put a forged message under a sender's "
+    "next sequence number and the sender's real message gets its reply (lost). Taking "
+    "forwards only from the node the actor came from (others answered MOVED to the holder) "
+    "fixed this test but left a call unanswered in the simulation (test_long_random_runs "
+    "seed 10 with take/put): not in yet",
+)
 def test_a_peer_that_never_held_an_actor_cannot_forward_messages_into_its_channels() -> None:
     """A 'forwarded' message (hops > 0) speaks for its sender on the forwarder's word, so
     only the node an actor came from may forward to it: another peer could otherwise put
@@ -816,5 +823,28 @@ def test_a_peer_that_never_held_an_actor_cannot_forward_messages_into_its_channe
         assert net.codec.unpackb(pending.answer) == 2
         assert handled(net, key) == [[c.name, 1], [c.name, 2]]
         assert holders(net, fresh) == []  # nothing activated on a forwarder's word
+
+    run(scenario)
+
+
+def test_a_forwarded_message_never_starts_a_fresh_activation() -> None:
+    """A peer 'forwarding' a forged message for a key nobody holds does not make its
+    placement owner activate the key and handle the message under another sender's name."""
+
+    async def scenario(net: Net) -> None:
+        o, c, x = [await net.spawn_node() for _ in range(3)]
+        fresh = key_placed_on(net, o, [o, c, x], prefix="fresh")
+        forged = net.codec.packb(["x", 666])
+        o.host.handle(
+            x.name,
+            ActorSend(
+                NAMESPACE, kb(net, fresh), c.incarnation, c.name, 1, 1, 1, 1, 1, forged
+            ),
+        )  # fmt: skip
+        await flush(net)
+        assert holders(net, fresh, unfrozen=False) == []
+        pending = await call(net, c, fresh, 1)  # c's own first message: activated, handled
+        assert pending.status is Status.REPLIED
+        assert handled(net, fresh) == [[c.name, 1]]
 
     run(scenario)

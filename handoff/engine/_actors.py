@@ -40,8 +40,8 @@ both ends of every conversation with an actor:
   addresses and peers count as unreachable peers that may hold any key; so, always, do
   the nodes some peer lists that this node has not linked (a draining node left DNS while
   it holds actors: only its peers still know it). See :meth:`handoff._mesh.Mesh.unlinked`.
-- **Forwarded messages** speak for their sender on the forwarder's word: an actor takes
-  them only from the node it came from, and a node never activates a key fresh for one.
+- **Forwarded messages** speak for their sender on the forwarder's word: a node never
+  activates a key fresh for one.
 
 The actor's state crosses versions through the namespace's upgrade / downgrade hooks, like
 any record ``(key, state)``.
@@ -267,9 +267,6 @@ class _Held:
     arrived_at: float = 0.0
     last_active: float = 0.0
     held: list[ActorSend] = field(default_factory=list)
-    came_from: str = ""
-    """The node that moved the actor here (``""``: activated here, or restored from a
-    record): the only one whose forwarded messages it takes (see ``_on_send``)."""
     ahead: int = 0
     """How many of ``held`` went ahead to ``moving_to`` already, behind the move (see
     :meth:`ActorHost._on_send`)."""
@@ -858,17 +855,12 @@ class ActorHost:
             return
         key_bytes = message.key
         held = self._held.get(key_bytes)
-        # A forwarded message speaks for its sender on the forwarder's word: only the node
-        # the actor came from may forward to it (it held the actor, channels and all). From
-        # another peer it could be forged under a sender's next sequence number, and the
-        # sender's real message would get its reply: the sender is told to send it itself
-        # (it keeps every message until answered, so nothing is lost).
+        # A forwarded message speaks for its sender on the forwarder's word: it never starts
+        # a fresh activation (see _not_here). Into a held actor's channels it is still taken
+        # from any peer (README "Known gaps").
         forwarded = peer is not None and peer != self.node and message.hops > 0
         if held is None:
             self._not_here(message, forwarded=forwarded)
-            return
-        if forwarded and peer != held.came_from:
-            self._reply(message, Status.MOVED, b"\xc0", self.node)
             return
         if held.moving_to is not None or held.in_doubt or held.confirming:
             if len(held.held) >= self.limits.mailbox:
@@ -1588,7 +1580,6 @@ class ActorHost:
         if held is None:
             answer(False, "activation failed on the new owner")
             return
-        held.came_from = peer
         for origin, gen, next_seq, replies in channels:
             channel = _Channel(gen, next_seq, used=self._clock.now())
             for seq, status, body in replies:
