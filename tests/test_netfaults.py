@@ -36,8 +36,8 @@ from typing import Any
 
 import pytest
 
+from handoff._local.process import _CHILD_CODE, STATE_ENV, expected_digest
 from handoff.testing import NodeProcess
-from handoff.testing._process import _CHILD_CODE, STATE_ENV, expected_digest
 from tests import _netns as netns
 
 pytestmark = pytest.mark.slow

@@ -25,9 +25,9 @@ import anyio.from_thread
 import pytest
 
 from handoff import Node
+from handoff._local.process import STATE_ENV, expected_digest, state_value
 from handoff.lifecycle import drain_unstopped
 from handoff.testing import NodeProcess
-from handoff.testing._process import STATE_ENV, expected_digest, state_value
 from tests._helpers import loopback_aliases_usable
 
 APP = Path(__file__).resolve().parent / "_threaded_app.py"
