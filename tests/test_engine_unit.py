@@ -146,6 +146,9 @@ class Wire:
         """The most chunks of one stream sent and not yet acknowledged, as the sender saw."""
         self.bytes_per_second: float | None = None
         """A slow link: each chunk takes its payload's bytes at this rate to arrive."""
+        self.seconds_per_chunk = 0.0
+        """A receiver whose cost is per chunk (a slow apply, a long round trip): each chunk
+        takes this long to arrive, whatever its size."""
         self._more = anyio.Event()
         self._unblocked = anyio.Event()
 
@@ -217,9 +220,11 @@ class Wire:
                 await self._more.wait()
                 continue
             message = self.queue.popleft()
-            if self.bytes_per_second is not None and isinstance(message, Chunk):
+            if isinstance(message, Chunk) and (self.bytes_per_second or self.seconds_per_chunk):
                 clock = self.net.clock
-                arrives = clock.now() + len(message.payload) / self.bytes_per_second
+                arrives = clock.now() + self.seconds_per_chunk
+                if self.bytes_per_second is not None:
+                    arrives += len(message.payload) / self.bytes_per_second
                 await clock.wait(anyio.Event(), arrives)
                 if self.closed:
                     break

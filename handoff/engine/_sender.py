@@ -18,9 +18,7 @@ stalls like one that stops answering. Chunks its writer never began are bound to
 and go elsewhere; the one it was writing follows the rules below. Chunks are sized per
 successor by the rate its Acks come back at (:data:`CHUNK_SECONDS`), within the cap above,
 and a stream gets no chunk its link's observed rate cannot carry before the streaming time
-ends, nor more in flight than that rate acknowledges within half the stall time
-(:meth:`Drainer._room`): a slow link gets small chunks that complete, and its Acks keep it
-from counting as stalled.
+ends (:meth:`Drainer._room`): a slow link gets small chunks that complete.
 
 State that moves ownership (counters, actors) must arrive exactly once, so a chunk sent to
 a successor stays bound to it until its fate is known: acknowledged (applied there),
@@ -476,8 +474,7 @@ class Drainer:
         -1 if its link cannot carry a chunk before ``until`` (nothing is in flight and its
         observed rate leaves no time). Until the first Ack, only the bytes of one starting
         chunk are sent unacknowledged (the link's rate is unknown); then what the rate
-        says the link acknowledges before ``until`` and within half the stall time, beyond
-        what is in flight (at least one record when nothing is)."""
+        says the link acknowledges before ``until``, beyond what is in flight."""
         if stream.full:
             return -1
         limit = self._stream_chunk_records(stream)
@@ -489,19 +486,11 @@ class Drainer:
             return limit
         if per_byte <= 0:
             return limit
-        now = self._clock.now()
-        budget = (until - now) / per_byte - unacked
+        budget = (until - self._clock.now()) / per_byte - unacked
         fit = int(budget / self._bytes_per_record) if self._bytes_per_record else limit
-        if fit < 1:
-            return 0 if unacked else -1
-        # And what it acknowledges well within the stall time: a chunk whose Ack cannot
-        # come back before then gets a healthy but slow successor given up on as stalled
-        # (a small first chunk acknowledged at once leaves the size at its start).
-        window = (self._stall_after / 2) / per_byte - unacked
-        quick = int(window / self._bytes_per_record) if self._bytes_per_record else limit
-        if quick < 1:
-            return 0 if unacked else 1
-        return min(limit, fit, quick)
+        if fit >= 1:
+            return min(limit, fit)
+        return 0 if unacked else -1
 
     def _count_acknowledged(
         self, count: int, applied: int, kept: int, dropped: Mapping[str, int]
