@@ -129,7 +129,7 @@ def test_a_second_signal_does_not_cut_the_drain_short(stack: contextlib.ExitStac
     state = {"namespace": "cache", "type": "ttl", "entries": ENTRIES, "ttl": 300}
     # The successor sits on each chunk (two here) for a while: the drain is still running
     # when the second signal comes, milliseconds after the first.
-    slow = {**state, "entries": 0, "maxsize": 2 * ENTRIES, "apply_delay": 2.0}
+    slow = {**state, "entries": 0, "maxsize": 2 * ENTRIES, "apply_delay": 0.5}
     old, new = _start_pair(stack, state, slow)
 
     def logged(text: str) -> Callable[[dict[str, Any]], bool]:
