@@ -18,7 +18,9 @@ stalls like one that stops answering. Chunks its writer never began are bound to
 and go elsewhere; the one it was writing follows the rules below. Chunks are sized per
 successor by the rate its Acks come back at (:data:`CHUNK_SECONDS`), within the cap above,
 and a stream gets no chunk its link's observed rate cannot carry before the streaming time
-ends (:meth:`Drainer._room`): a slow link gets small chunks that complete.
+ends, nor more in flight than its Acks return within half the stall time
+(:meth:`Drainer._room`): a slow link gets small chunks that complete, and its Acks keep it
+from counting as stalled; a receiver whose cost is per chunk keeps full-sized chunks.
 
 State that moves ownership (counters, actors) must arrive exactly once, so a chunk sent to
 a successor stays bound to it until its fate is known: acknowledged (applied there),
@@ -174,6 +176,14 @@ class _OutStream:
     """Bytes acknowledged and the time they took, older Acks weighing less: their ratio
     is :attr:`seconds_per_byte`, by bytes (a small chunk's round trip says little)."""
     last_ack_at: float = -math.inf
+    last_sample: tuple[int, float] | None = None
+    """The bytes and time of the chunk acknowledged last (see :meth:`Drainer._learn_rate`)."""
+    fixed_seconds: float = math.nan
+    marginal_seconds_per_byte: float = math.nan
+    """Its link's cost as ``fixed + bytes x marginal`` per chunk, fitted from the last two
+    Acks of chunks of different sizes; NaN until then. A receiver whose cost is per chunk
+    (a slow apply) has a large fixed part, a slow link a large marginal one: only the
+    second is helped by smaller chunks."""
     full: bool = False
     """Its link cannot carry another chunk before the streaming time ends: it gets no more
     (what it holds in flight may still be acknowledged)."""
@@ -444,6 +454,14 @@ class Drainer:
         stream.recent_bytes = stream.recent_bytes / 2 + size
         stream.recent_seconds = stream.recent_seconds / 2 + elapsed
         stream.seconds_per_byte = stream.recent_seconds / max(1.0, stream.recent_bytes)
+        previous, stream.last_sample = stream.last_sample, (size, elapsed)
+        if previous is not None and 4 * abs(size - previous[0]) >= max(size, previous[0]):
+            before, took = previous
+            # The line through both points, kept within what either chunk alone says.
+            slope = (elapsed - took) / (size - before)
+            slope = min(max(slope, 0.0), max(elapsed / max(1, size), took / max(1, before)))
+            stream.marginal_seconds_per_byte = slope
+            stream.fixed_seconds = min(max(0.0, elapsed - slope * size), elapsed, took)
         current = stream.chunk_bytes
         cap = self._chunk_cap()
         sized: float
@@ -474,7 +492,9 @@ class Drainer:
         -1 if its link cannot carry a chunk before ``until`` (nothing is in flight and its
         observed rate leaves no time). Until the first Ack, only the bytes of one starting
         chunk are sent unacknowledged (the link's rate is unknown); then what the rate
-        says the link acknowledges before ``until``, beyond what is in flight."""
+        says the link acknowledges before ``until``, beyond what is in flight, and within
+        half the stall time (see :meth:`_quick_records`; at least a record when nothing is
+        in flight)."""
         if stream.full:
             return -1
         limit = self._stream_chunk_records(stream)
@@ -488,9 +508,27 @@ class Drainer:
             return limit
         budget = (until - self._clock.now()) / per_byte - unacked
         fit = int(budget / self._bytes_per_record) if self._bytes_per_record else limit
-        if fit >= 1:
-            return min(limit, fit)
-        return 0 if unacked else -1
+        if fit < 1:
+            return 0 if unacked else -1
+        quick = self._quick_records(stream, limit)
+        if quick >= 1:
+            return min(limit, fit, quick)
+        return 0 if unacked else 1
+
+    def _quick_records(self, stream: _OutStream, limit: int) -> int:
+        """Records the stream's link acknowledges, beyond what is in flight, within half
+        the stall time: more in flight, and a slow but healthy successor's Ack would come
+        too late (it would be given up on as stalled). By the link's fitted cost per chunk
+        (see :attr:`_OutStream.fixed_seconds`): when a chunk's fixed cost alone takes that
+        long, its size does not matter (smaller chunks would only cost as much each), and
+        ``limit`` stands. Until the cost is fitted, per byte."""
+        fixed, marginal = stream.fixed_seconds, stream.marginal_seconds_per_byte
+        if math.isnan(fixed):
+            fixed, marginal = 0.0, stream.seconds_per_byte
+        window = self._stall_after / 2 - fixed
+        if window <= 0 or marginal <= 0 or not self._bytes_per_record:
+            return limit
+        return int((window / marginal - stream.unacked_bytes) / self._bytes_per_record)
 
     def _count_acknowledged(
         self, count: int, applied: int, kept: int, dropped: Mapping[str, int]
