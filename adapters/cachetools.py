@@ -328,7 +328,12 @@ class _Changes:
 
     def note(self, key: Any) -> None:
         self.count += 1
-        self.changed[key] = self.count
+        changed = self.changed
+        # Re-inserted, so that the record is in the order of the changes: ``since`` reads
+        # it from the newest end and stops at the mark (a pre-copy's live stream asks
+        # every few milliseconds, and must not scan every key changed since the copy).
+        changed.pop(key, None)
+        changed[key] = self.count
         cache = self.cache
         if (
             not self.count % _CHECK_EVERY
@@ -352,7 +357,14 @@ class _Changes:
         if not isinstance(mark, tuple) or len(mark) != 2 or mark[0] != self.session:
             raise ValueError(f"{mark!r} is not a mark of this cache's tracking")
         after: int = mark[1]
-        return {key: count for key, count in self.changed.items() if count > after}
+        changed = self.changed
+        since: dict[Any, int] = {}
+        for key in reversed(changed):  # newest first: only what changed after the mark
+            count = changed[key]
+            if count <= after:
+                break
+            since[key] = count
+        return since
 
 
 def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:

@@ -54,6 +54,9 @@ __all__ = (
     "DELTA",
     "DELTA_SHARE",
     "LINK_WAIT",
+    "LIVE_FINISH_WAIT",
+    "LIVE_POLL",
+    "LIVE_TIME_LIMIT",
     "PRECOPY",
     "PRECOPY_CHUNK_BYTES",
     "PRECOPY_TIME_LIMIT",
@@ -86,6 +89,16 @@ LINK_WAIT: Final = 5.0
 """Seconds a pre-copy waits for the link of a peer that just came up."""
 CANCEL_WAIT: Final = 1.0
 """Seconds a drain waits for a pre-copy it stopped to cancel its streams."""
+LIVE_POLL: Final = 0.002
+"""Seconds between two looks for changes while a pre-copied peer serves beside this node
+(the live stream): what changed is sent as soon as the batch before it is acknowledged,
+so a change reaches the peer within about this plus one batch's round trips."""
+LIVE_TIME_LIMIT: Final = 30.0
+"""Seconds one batch of the live stream may take (it holds what changed since the last
+acknowledged batch; an unacknowledged one is sent again with the next)."""
+LIVE_FINISH_WAIT: Final = 0.25
+"""Seconds a drain lets the live stream's batch in flight finish before it stops it (what
+that batch did not get acknowledged is in the drain's delta)."""
 TOMBSTONE: Final = "handoff:deleted"
 """The meta of a delta record that deletes its key (value ``None``); in delta streams only."""
 RESET: Final = "handoff:reset"
@@ -199,14 +212,27 @@ class Precopy:
         """Entries per namespace when the copy began."""
         self.reset: set[str] = set()
         """Namespaces whose delta was the whole cache (:data:`RESET`)."""
+        self.streamed = 0
+        """Records the live stream got acknowledged (see :meth:`live_batch`)."""
+        self.live_lost: set[str] = set()
+        """Namespaces the live stream left to the drain's delta (their record of
+        changes outgrew its bound: that delta is the whole cache again)."""
+        self.live_stopped = False
+        """Set by the drain: no more live batches."""
+        self.live_done: anyio.Event | None = None
+        """Set when the live stream's task ends (``None``: it never started)."""
+        self.live_drainer: Drainer | None = None
+        """The live batch in flight, if any."""
 
     def status(self, peer: str) -> dict[str, object]:
-        """For ``handoff status``: the peer, the state, records copied of how many."""
+        """For ``handoff status``: the peer, the state, records copied of how many, and
+        records streamed live since the copy."""
         return {
             "peer": peer,
             "state": self.state,
             "copied": sum(self.copied.values()),
             "entries": sum(self.entries.values()),
+            "streamed": self.streamed,
         }
 
     def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
@@ -255,6 +281,33 @@ class Precopy:
             return records
 
         return {name: source(name) for name in self._marks}
+
+    def live_batch(self) -> dict[str, tuple[list[Record], object]]:
+        """The live stream's next batch: per namespace whose copy is complete, what
+        changed since its last acknowledged batch (or the copy's mark), in the order a
+        delta travels, with the mark to keep once the peer acknowledged all of it (see
+        :meth:`acknowledged`). Call it under the node's lock (the app's threads write
+        the caches). A namespace whose record of changes was lost leaves the live
+        stream: the drain's delta sends it whole (:data:`RESET`)."""
+        batch: dict[str, tuple[list[Record], object]] = {}
+        for name in sorted(self.complete & self.marked - self.live_lost):
+            adapter = self.tracked[name].adapter
+            assert isinstance(adapter, SupportsChangeTracking)
+            try:
+                changed = delta_order(adapter.changed_since(self._marks[name]))
+            except (ChangesLost, ValueError):
+                # (ValueError: tracking stopped.) Not marked again here: the drain's delta
+                # finds the loss itself and sends a reset and everything.
+                self.live_lost.add(name)
+                continue
+            if changed:
+                batch[name] = (list(to_wire(changed)), adapter.mark())
+        return batch
+
+    def acknowledged(self, name: str, mark: object, records: int) -> None:
+        """The peer applied a live batch whole: later deltas start at its ``mark``."""
+        self._marks[name] = mark
+        self.streamed += records
 
 
 def is_newer(peer: Peer, release: str, started_at: float) -> bool:
