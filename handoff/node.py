@@ -968,11 +968,16 @@ class Node:
                     precopy.live_drainer = None
                 for n, ns in report.namespaces.items():
                     if name in ns.refusals:
-                        logger.info("%s: %s refused the live stream of %r: %s",
+                        logger.warning("%s: %s refused the live stream of %r: %s",
                                     self.name, name, n, ns.refusals[name])  # fmt: skip
                         precopy.live_lost.add(n)
                     elif ns.records and ns.acknowledged == ns.records:
                         precopy.acknowledged(n, batch[n][1], ns.records)
+                    else:
+                        # Sent again with the next batch; the drain's delta if none.
+                        logger.warning(
+                            "%s: live stream to %s: %s", self.name, name, report.summary()
+                        )
                 logger.debug("%s: %s", self.name, report.summary())
         finally:
             precopy.live_done.set()
