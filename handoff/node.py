@@ -930,11 +930,22 @@ class Node:
         refuses, or when no namespace is left to stream."""
         precopy = self._precopy.begun[name]
         assert precopy.live_done is not None
+        absent_since: float | None = None
         try:
             while not precopy.live_stopped and self._state is NodeState.SERVING:
                 await anyio.sleep(LIVE_POLL)
-                if precopy.live_stopped or not self._precopy_peer(name):
+                if precopy.live_stopped:
                     return
+                if not self._precopy_peer(name):
+                    # Draining, gone, or between two links (a duplicate link is replaced
+                    # under way): only a peer that stays away that long ends the stream.
+                    draining = any(p.name == name for p, _ in self._mesh.peer_links())
+                    now = anyio.current_time()
+                    absent_since = now if absent_since is None else absent_since
+                    if draining or now - absent_since > LINK_WAIT:
+                        return
+                    continue
+                absent_since = None
                 with self.lock:
                     batch = precopy.live_batch()
                 if not batch:
