@@ -93,6 +93,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import itertools
 import logging
 import math
 from bisect import bisect_left, bisect_right
@@ -351,6 +352,15 @@ class _Changes:
         cls = type(cache)
         if cls in _TRACKING.values():
             cache.__class__ = cls.__mro__[1]
+
+    def forget_through(self, count: int) -> int:
+        """Forget the keys whose last change is at or before ``count`` (no mark in use is
+        older): the oldest first, as the record is ordered. Returns how many."""
+        changed = self.changed
+        old = list(itertools.takewhile(lambda key: changed[key] <= count, changed))
+        for key in old:
+            del changed[key]
+        return len(old)
 
     def since(self, mark: object) -> dict[Any, int]:
         """Each key changed after ``mark``, with the count of its last change."""
@@ -784,6 +794,29 @@ class CacheAdapter(Generic[_C]):
         for key in list(changes):
             if key not in data:
                 yield key, DELETED, None
+
+    def lists_changes_cheaply(self) -> bool:
+        """Whether :meth:`changed_since` reads only what changed, not every key (caches
+        ordered by last use whose record of changes is in that order): a pre-copy's
+        live stream asks every few milliseconds, and only then."""
+        tracking: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        return self._recency_ordered and (tracking is None or not tracking.reordered)
+
+    def forget_changes_before(self, marks: Iterable[object]) -> int:
+        """Forget what changed before the oldest of ``marks`` (every mark still in use:
+        no ``changed_since`` will ask for it), so that the record of changes holds what
+        changed since the live streams' last acknowledged batches, not since the copy.
+        Marks of an earlier tracking are ignored (they raise :exc:`~handoff.ChangesLost`
+        anyway). Returns how many keys were forgotten."""
+        tracking: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if tracking is None:
+            return 0
+        counts = [
+            mark[1]
+            for mark in marks
+            if isinstance(mark, tuple) and len(mark) == 2 and mark[0] == tracking.session
+        ]
+        return tracking.forget_through(min(counts)) if counts else 0
 
     def stop_tracking(self) -> None:
         """Forget the mark, and give the cache back its own class (see :meth:`mark`)."""

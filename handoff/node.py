@@ -984,6 +984,8 @@ class Node:
                         precopy.live_lost.add(n)
                     elif ns.records and ns.acknowledged == ns.records:
                         precopy.acknowledged(n, batch[n][1], ns.records)
+                        with self.lock:
+                            self._precopy.forget_changes(n)
                     else:
                         # Sent again with the next batch; the drain's delta if none.
                         logger.warning(

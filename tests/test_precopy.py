@@ -31,6 +31,7 @@ from handoff.engine._precopy import (
     RESET,
     TOMBSTONE,
     Precopy,
+    PrecopyState,
     apply_delta,
     delta_order,
 )
@@ -147,6 +148,45 @@ def test_a_live_batch_not_acknowledged_is_part_of_the_next() -> None:
     assert [k for k, _, _ in records] == ["k4"]
     # The drain's delta starts at the last acknowledged batch too.
     assert [k for k, _, _ in precopy.delta_sources()["users"]()] == ["k4"]
+
+
+def test_the_record_of_changes_keeps_what_a_live_stream_has_not_had_acknowledged() -> None:
+    """Bounded by the live streams' lag, not by the time since the copy: once every
+    pre-copy's mark is past a change, the record forgets it."""
+    timer = Timer()
+    cache = make("ttl", timer)
+    cache.update({f"k{i}": i for i in range(10)})
+    tracked = {"users": engine_track("users", cache)}
+    first, second = Precopy(tracked), Precopy(tracked)
+    state = PrecopyState(begun={"a": first, "b": second})
+    for precopy in (first, second):
+        list(precopy.copy_sources()["users"]())
+        precopy.complete = frozenset({"users"})
+    cache["k1"] = "one"
+    del cache["k2"]
+    record = cache.__dict__["_handoff_changes"].changed
+    for precopy, forgotten in ((first, 0), (second, 2)):  # b's mark holds them until its Ack
+        [(records, mark)] = precopy.live_batch().values()
+        assert [k for k, _, _ in records] == ["k2", "k1"]
+        precopy.acknowledged("users", mark, len(records))
+        assert state.forget_changes("users") == forgotten
+    assert len(record) == 0
+    cache["k3"] = "three"
+    for precopy in (first, second):
+        assert [k for k, _, _ in precopy.delta_sources()["users"]()] == ["k3"]
+
+
+def test_caches_whose_changes_are_listed_by_listing_every_key_are_left_to_the_drain() -> None:
+    timer = Timer()
+    cache = make("fifo", timer)
+    cache.update({f"k{i}": i for i in range(10)})
+    precopy = Precopy({"users": engine_track("users", cache)})
+    list(precopy.copy_sources()["users"]())
+    precopy.complete = frozenset({"users"})
+    cache["k1"] = "one"
+    assert precopy.live_batch() == {}
+    assert precopy.live_lost == {"users"}
+    assert [k for k, _, _ in precopy.delta_sources()["users"]()] == ["k1"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -215,8 +215,10 @@ class Precopy:
         self.streamed = 0
         """Records the live stream got acknowledged (see :meth:`live_batch`)."""
         self.live_lost: set[str] = set()
-        """Namespaces the live stream left to the drain's delta (their record of
-        changes outgrew its bound: that delta is the whole cache again)."""
+        """Namespaces the live stream left to the drain's delta: their adapter lists
+        changes only by listing every key (not ordered by last use, or an import placed
+        entries out of that order), or their record of changes outgrew its bound (that
+        delta is then the whole cache again)."""
         self.live_stopped = False
         """Set by the drain: no more live batches."""
         self.live_done: anyio.Event | None = None
@@ -293,8 +295,17 @@ class Precopy:
         for name in sorted(self.complete & self.marked - self.live_lost):
             adapter = self.tracked[name].adapter
             assert isinstance(adapter, SupportsChangeTracking)
+            cheaply = getattr(adapter, "lists_changes_cheaply", None)
+            if not callable(cheaply) or not cheaply():
+                # Listing its changes means listing every key: not every few milliseconds.
+                self.live_lost.add(name)
+                continue
             try:
                 changed = delta_order(adapter.changed_since(self._marks[name]))
+            except RuntimeError:
+                # A thread changed the cache without the node's lock while it was listed:
+                # the mark stays, the next look lists it again.
+                continue
             except (ChangesLost, ValueError):
                 # (ValueError: tracking stopped.) Not marked again here: the drain's delta
                 # finds the loss itself and sends a reset and everything.
@@ -308,6 +319,10 @@ class Precopy:
         """The peer applied a live batch whole: later deltas start at its ``mark``."""
         self._marks[name] = mark
         self.streamed += records
+
+    def mark_of(self, name: str) -> object | None:
+        """Where the next delta of namespace ``name`` starts (``None``: not marked)."""
+        return self._marks.get(name)
 
 
 def is_newer(peer: Peer, release: str, started_at: float) -> bool:
@@ -331,3 +346,15 @@ class PrecopyState:
     running: Drainer | None = None
     lock: anyio.Lock | None = None
     """One pre-copy at a time; made when the node starts (in its event loop)."""
+
+    def forget_changes(self, name: str) -> int:
+        """After a live batch of namespace ``name``: let its adapter forget what changed
+        before every pre-copy's mark (a peer that left keeps its own, and so what it
+        would need), so that the record of changes holds the live streams' lag, not
+        everything since the first copy. Returns how many keys were forgotten."""
+        marks = [p.mark_of(name) for p in self.begun.values() if name in p.marked]
+        holders = [p for p in self.begun.values() if name in p.tracked]
+        if not marks or not holders:
+            return 0
+        forget = getattr(holders[0].tracked[name].adapter, "forget_changes_before", None)
+        return int(forget(marks)) if callable(forget) else 0
