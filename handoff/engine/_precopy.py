@@ -1,14 +1,19 @@
 """Pre-copy streams: copying caches to a newer node while both serve, then only the delta.
 
-Not wired into the node yet (see the README's "Pre-copy"): these are the engine's parts,
-tested with the fake link. A pre-copy runs as two drains of the copyable namespaces whose
-adapters track changes (:class:`~handoff.SupportsChangeTracking` and ``import_delta``, as
-the cachetools adapters do) to one newer peer:
+The engine's parts (the node runs them, see the README's "Pre-copy"). A pre-copy runs as
+drains of the copyable namespaces whose adapters track changes
+(:class:`~handoff.SupportsChangeTracking` and ``import_delta``, as the cachetools adapters
+do) to one newer peer:
 
 - the copy: :meth:`Precopy.copy_sources` marks each namespace (from then on its adapter
   notes every key written, read where reads reorder, or deleted), then exports it. The
   stream is offered with the kind ``<kind>+precopy`` and applied as any handoff (records
   arrive hottest first and keep their order; a key the receiver holds is kept).
+- the live stream, while both serve, once the copy is complete: batch after batch,
+  :meth:`Precopy.live_batch` lists what changed since the last batch the peer
+  acknowledged whole (:meth:`Precopy.acknowledged`), sent as a delta (below); a batch cut
+  short is listed again with the next. Only for adapters that list changes without
+  listing every key (``lists_changes_cheaply``); the others wait for the drain's delta.
 - the delta, at the sender's drain: :meth:`Precopy.delta_sources` yields only what
   changed since the mark, deletions as tombstones, offered as ``<kind>+delta``: the
   receiver applies it with ``import_delta`` (each record replaces the entry it holds and
