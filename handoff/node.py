@@ -986,7 +986,7 @@ class Node:
                         precopy.acknowledged(n, batch[n][1], ns.records)
                         with self.lock:
                             self._precopy.forget_changes(n)
-                    else:
+                    elif not precopy.live_stopped:  # (stopped by the drain: its delta)
                         # Sent again with the next batch; the drain's delta if none.
                         logger.warning(
                             "%s: live stream to %s: %s", self.name, name, report.summary()
