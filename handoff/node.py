@@ -66,7 +66,9 @@ from handoff.engine._actors import ActorHost, MoveStats
 from handoff.engine._fingerprint import ExportLog, changed_records
 from handoff.engine._planner import successor_tiers
 from handoff.engine._precopy import (
+    ANSWER_WAIT,
     CANCEL_WAIT,
+    COPY_ATTEMPTS,
     DELTA,
     DELTA_SHARE,
     LINK_WAIT,
@@ -878,31 +880,39 @@ class Node:
                 while not any(p.name == name for p, _ in self._mesh.peer_links()):  # noqa: ASYNC110
                     await anyio.sleep(0.02)
             precopy.state = "copying"
-            precopy.entries = {n: len(t.adapter) for n, t in precopy.tracked.items()}
-            drainer = Drainer(
-                node=self.name,
-                release=self.release,
-                cluster=self.cluster,
-                tracked=precopy.tracked,
-                transforms=self.transforms,
-                codec=self.codec,
-                snapshots=None,
-                peers=lambda: [(p, link) for p, link in self._mesh.peer_links() if p.name == name],
-                lock=self.lock,
-                reason="pre-copy",
-                started_at=self.started_at,
-                sources=precopy.copy_sources(),
-                stream_ids=self._stream_ids,
-                kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
-                pace=state.pace,
-                chunk_bytes=PRECOPY_CHUNK_BYTES,
-                progress=lambda ns: precopy.copied.__setitem__(ns.namespace, ns.acknowledged),
-            )
-            state.running = drainer
-            try:
-                report = await self._sessions.precopy(drainer, time_limit=PRECOPY_TIME_LIMIT)
-            finally:
-                state.running = None
+            for _ in range(COPY_ATTEMPTS):
+                precopy.entries = {n: len(t.adapter) for n, t in precopy.tracked.items()}
+                precopy.copied = {}
+                drainer = Drainer(
+                    node=self.name,
+                    release=self.release,
+                    cluster=self.cluster,
+                    tracked=precopy.tracked,
+                    transforms=self.transforms,
+                    codec=self.codec,
+                    snapshots=None,
+                    peers=lambda: [
+                        (p, link) for p, link in self._mesh.peer_links() if p.name == name
+                    ],
+                    lock=self.lock,
+                    reason="pre-copy",
+                    started_at=self.started_at,
+                    sources=precopy.copy_sources(),
+                    stream_ids=self._stream_ids,
+                    kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
+                    pace=state.pace,
+                    chunk_bytes=PRECOPY_CHUNK_BYTES,
+                    progress=lambda ns: precopy.copied.__setitem__(ns.namespace, ns.acknowledged),
+                )
+                state.running = drainer
+                try:
+                    report, answered = await self._run_precopy(drainer, PRECOPY_TIME_LIMIT)
+                finally:
+                    state.running = None
+                if answered or self._state is not NodeState.SERVING:
+                    break
+                logger.info("%s: %s did not answer the pre-copy's offer: offered again",
+                            self.name, name)  # fmt: skip
             precopy.complete = frozenset(
                 n
                 for n, ns in report.namespaces.items()
@@ -915,6 +925,24 @@ class Node:
             if precopy.complete and self._state is NodeState.SERVING:
                 precopy.live_done = anyio.Event()
                 self._spawn(self._stream_changes, name)
+
+    async def _run_precopy(self, drainer: Drainer, time_limit: float) -> tuple[DrainReport, bool]:
+        """Run a pre-copy's ``drainer`` (see ``Sessions.precopy``), stopped if no offer of
+        it is answered within ``ANSWER_WAIT``; and whether one was."""
+        answered = True
+
+        async def watch() -> None:
+            nonlocal answered
+            await anyio.sleep(ANSWER_WAIT)
+            if not drainer.offer_answered():
+                answered = False
+                drainer.stop()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            report = await self._sessions.precopy(drainer, time_limit=time_limit)
+            group.cancel_scope.cancel()
+        return report, answered
 
     def _precopy_peer(self, name: str) -> list[tuple[Peer, Link]]:
         """The link to peer ``name`` while it serves (a pre-copy's only successor)."""
@@ -974,7 +1002,8 @@ class Node:
                 )
                 precopy.live_drainer = drainer
                 try:
-                    report = await self._sessions.precopy(drainer, time_limit=LIVE_TIME_LIMIT)
+                    # (Unanswered: stopped, and what it carried goes with the next batch.)
+                    report, _ = await self._run_precopy(drainer, LIVE_TIME_LIMIT)
                 finally:
                     precopy.live_drainer = None
                 for n, ns in report.namespaces.items():

@@ -35,7 +35,7 @@ from handoff.engine._precopy import (
     apply_delta,
     delta_order,
 )
-from handoff.protocol import Ack, Chunk
+from handoff.protocol import Ack, Chunk, Offer
 from tests._helpers import handoff_node, wait_until
 from tests.test_engine_unit import CLUSTER, FakeNode, network, small_chunks
 from tests.test_engine_unit import track as engine_track
@@ -848,3 +848,36 @@ async def test_a_peer_leaving_ends_its_live_stream_and_the_drain_report_stays_tr
     assert ns.acknowledged == 0
     assert ns.dropped == {"no successor, no snapshot store": held}
     assert not report.ok
+
+
+@pytest.mark.anyio
+async def test_a_precopy_offer_left_unanswered_is_offered_again() -> None:
+    """A drain waits for a lone successor's answer as long as it lasts; a pre-copy stops
+    after ANSWER_WAIT and offers again (an offer can be lost with a duplicate link)."""
+    cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=500, ttl=300)
+    cache.update({f"k{i:04d}": {"n": i} for i in range(500)})
+    received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=500, ttl=300)
+    new = handoff_node("new", "127.0.0.3", release="v2")
+    new.track("users", received)
+    async with new:
+        receiver = new._sessions.receiver
+        original = receiver.handle
+        lost: list[Offer] = []
+
+        async def lose_the_first_offer(peer: str, link: Any, message: Any) -> None:
+            if isinstance(message, Offer) and not lost:
+                lost.append(message)
+                return
+            await original(peer, link, message)
+
+        receiver.handle = lose_the_first_offer  # type: ignore[method-assign]
+        old = handoff_node("old", "127.0.0.2", new, release="v1", precopy=True)
+        old.track("users", cache)
+        async with old:
+            await wait_until(lambda: _precopy(old).get("state") in ("complete", "partial"), 10)
+            status = _precopy(old)
+            got = _state(received)
+            final = _state(cache)
+    assert len(lost) == 1
+    assert status["state"] == "complete"
+    assert got == final

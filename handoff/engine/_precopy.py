@@ -55,7 +55,9 @@ if TYPE_CHECKING:
     from handoff.engine._sender import Drainer
 
 __all__ = (
+    "ANSWER_WAIT",
     "CANCEL_WAIT",
+    "COPY_ATTEMPTS",
     "DELTA",
     "DELTA_SHARE",
     "LINK_WAIT",
@@ -94,6 +96,13 @@ LINK_WAIT: Final = 5.0
 """Seconds a pre-copy waits for the link of a peer that just came up."""
 CANCEL_WAIT: Final = 1.0
 """Seconds a drain waits for a pre-copy it stopped to cancel its streams."""
+ANSWER_WAIT: Final = 1.0
+"""Seconds a pre-copy (its copy, or a batch of its live stream) waits for its peer to
+answer its offer before it stops and offers again: a drain waits for a lone successor as
+long as it lasts, but an offer can go unanswered while the peer serves (seen when it was
+sent on a link that the two nodes then closed as a duplicate of the other)."""
+COPY_ATTEMPTS: Final = 3
+"""Offers of a copy that went unanswered (:data:`ANSWER_WAIT`) before it is partial."""
 LIVE_POLL: Final = 0.002
 """Seconds between two looks for changes while a pre-copied peer serves beside this node
 (the live stream): what changed is sent as soon as the batch before it is acknowledged,
