@@ -96,7 +96,7 @@ LINK_WAIT: Final = 5.0
 """Seconds a pre-copy waits for the link of a peer that just came up."""
 CANCEL_WAIT: Final = 1.0
 """Seconds a drain waits for a pre-copy it stopped to cancel its streams."""
-ANSWER_WAIT: Final = 1.0
+ANSWER_WAIT: Final = 0.5
 """Seconds a pre-copy (its copy, or a batch of its live stream) waits for its peer to
 answer its offer before it stops and offers again: a drain waits for a lone successor as
 long as it lasts, but an offer can go unanswered while the peer serves (seen when it was
