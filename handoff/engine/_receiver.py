@@ -153,7 +153,8 @@ class Receiver:
                 stream.machine.send(closed)
                 await link.send(closed)
             if isinstance(message, End):
-                logger.info(
+                # A delta may be one batch of a live stream, every few milliseconds.
+                (logger.debug if stream.delta else logger.info)(
                     "received %d records of %r from %s",
                     stream.machine.records,
                     stream.namespace,

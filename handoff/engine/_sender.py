@@ -366,6 +366,10 @@ class Drainer:
         self._stopped = True
         self._changed.set()
 
+    def offer_answered(self) -> bool:
+        """Whether a successor answered an offer of this drain (accepted or refused)."""
+        return any(s.state is not StreamState.OFFERED for s in self._streams.values())
+
     @property
     def unresolved(self) -> bool:
         """Whether a late answer may still give chunks back (see :meth:`on_message`)."""
