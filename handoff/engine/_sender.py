@@ -26,9 +26,12 @@ State that moves ownership (counters, actors) must arrive exactly once, so a chu
 a successor stays bound to it until its fate is known: acknowledged (applied there),
 refused or withdrawn (not applied: the receiver's Acks precede its Refuse on the wire), or
 cancelled and confirmed (the receiver's Closed follows the Acks of what it applied). Only
-then does the rest go elsewhere. A successor whose link ends first is presumed crashed,
-taking what it applied with it: its unacknowledged chunks are re-sent and counted in the
-report as ``in_doubt`` (exact if it crashed, twice if it still runs behind a partition). A
+then does the rest go elsewhere. A successor whose link ends first may still run: for the
+stall time the drain waits for it on a new link and asks which chunks it applied (a Cancel
+of the stream there; the receiver replays the Acks it kept and a Closed). Not back in time,
+it is presumed crashed, taking what it applied with it: its unacknowledged chunks are
+re-sent and counted in the report as ``in_doubt`` (exact if it crashed, twice if it still
+runs behind a longer partition). A
 chunk still bound at the deadline is reported as of unknown outcome, never re-sent nor
 snapshotted; what nobody received at all is given back to the adapter. If the successor
 answers later (the node runs on after a manual drain), what it says it did not apply is
@@ -162,6 +165,12 @@ class _OutStream:
     until their fate is known (see the module documentation)."""
     link_lost: bool = False
     """The stream failed because its link ended (the successor is presumed crashed)."""
+    asking_until: float = -math.inf
+    """Ownership, its link lost with chunks unacknowledged: until then (or an answer) the
+    drain waits for the successor to come back on a new link and say which it applied
+    (see :meth:`Drainer.on_peer_up`); its chunks stay bound meanwhile."""
+    answered: bool = False
+    """The successor answered on a new link: the chunks still in flight were not applied."""
     progress_at: float = 0.0
     """When the successor last answered on this stream, or the drain began to wait on it."""
     report: NamespaceReport | None = None
@@ -377,6 +386,9 @@ class Drainer:
         if tracked is not None:
             self._late_answer(stream, tracked, message)
             return
+        if stream.asking_until > -math.inf:
+            self._recovered(stream, message)
+            return
         if isinstance(message, Ack) and self._unwritten_chunk(stream, message.seq):
             # Its writer has not begun to write that chunk: the peer cannot have applied
             # it. Taken, the Ack would count it, and a withdrawal would then take it out
@@ -409,18 +421,22 @@ class Drainer:
                 # A cache's chunk that crossed its Cancel: its records were already sent
                 # elsewhere, and count there.
                 return
-            report = self._report
-            count = len(entry[0])
-            stream.acknowledged += count
-            dropped = dict(message.dropped)
-            report.successor_acked(peer, count, message.applied, message.kept, dropped)
-            if self._everywhere:
-                self._first_acknowledgements(entry[0], message.kept, dropped)
-            else:
-                self._count_acknowledged(count, message.applied, message.kept, dropped)
-            if self._progress is not None:
-                self._progress(report)
+            self._acknowledged(stream, message, entry[0])
         self._changed.set()
+
+    def _acknowledged(self, stream: _OutStream, ack: Ack, records: list[Record]) -> None:
+        """Count a chunk of ``records`` acknowledged by ``ack``."""
+        report = self._report
+        count = len(records)
+        stream.acknowledged += count
+        dropped = dict(ack.dropped)
+        report.successor_acked(stream.peer.name, count, ack.applied, ack.kept, dropped)
+        if self._everywhere:
+            self._first_acknowledgements(records, ack.kept, dropped)
+        else:
+            self._count_acknowledged(count, ack.applied, ack.kept, dropped)
+        if self._progress is not None:
+            self._progress(report)
 
     def _unwritten_chunk(self, stream: _OutStream, seq: int) -> bool:
         """Whether chunk ``seq`` of ``stream`` still waits in its writer's queue."""
@@ -631,12 +647,83 @@ class Drainer:
             self._streams[key].inflight.clear()
 
     def on_peer_lost(self, peer: str) -> None:
-        """``peer``'s link ended: its unacknowledged records must go elsewhere."""
+        """``peer``'s link ended: its unacknowledged records must go elsewhere. Those of
+        ownership state wait a stall time for the peer to come back on a new link and say
+        which it applied (:meth:`on_peer_up`): a live peer whose link dropped (a protocol
+        error, a heartbeat missed in a pause) must not count them twice. If it does not
+        come back, they are re-sent and reported as in doubt (exact if it crashed)."""
         self.forget_unresolved(peer)
         for (name, _), stream in self._streams.items():
-            if name == peer:
-                self._fail(stream, "went down during the drain", link_lost=True)
+            if name != peer:
+                continue
+            self._fail(stream, "went down during the drain", link_lost=True)
+            if (
+                stream.link_lost
+                and stream.ownership
+                and stream.inflight
+                and not stream.answered
+                and self._group is not None
+                and stream.asking_until == -math.inf
+            ):
+                stream.asking_until = self._clock.now() + self._stall_after
         self._changed.set()
+
+    def on_peer_up(self, peer: str) -> None:
+        """A link to ``peer`` came up: streams whose link to it ended with chunks of unknown
+        fate ask on it (a Cancel of the stream): the receiver replays the Acks of what it
+        applied, then a Closed. A peer of another incarnation restarted: what it applied
+        died with it, so its chunks are re-sent at once (in doubt, exact)."""
+        if self._group is None:
+            return
+        links = [(p, link) for p, link in self._peers() if p.name == peer]
+        for (name, _), stream in self._streams.items():
+            if name != peer or stream.asking_until == -math.inf or stream.answered:
+                continue
+            for found, link in links:
+                if found.incarnation != stream.peer.incarnation:
+                    stream.asking_until = -math.inf
+                elif link is not stream.link:
+                    stream.link = link
+                    ask = Cancel(stream.stream, "its link ended: which chunks were applied?")
+                    self._enqueue(link, None, ask, self._deadline)
+                    logger.info(
+                        "asked %s which of %d chunks it applied (its link had ended)",
+                        peer,
+                        len(stream.inflight),
+                    )
+        self._changed.set()
+
+    def _recovered(self, stream: _OutStream, message: Message) -> None:
+        """An answer to :meth:`on_peer_up`'s question: an Ack (replayed) of a chunk still
+        unacknowledged here counts it as applied there; the Closed after them says the
+        rest was not, and it is re-sent (not in doubt)."""
+        if isinstance(message, Ack):
+            entry = stream.inflight.pop(message.seq, None)
+            stream.sizes.pop(message.seq, None)
+            if entry is not None:
+                self._acknowledged(stream, message, entry[0])
+        elif isinstance(message, Closed):
+            stream.answered = True
+            stream.asking_until = -math.inf
+            logger.info(
+                "%s answered: %d chunks it had not acknowledged were not applied there",
+                stream.peer.name,
+                len(stream.inflight),
+            )
+        self._changed.set()
+
+    def _end_questions(self, now: float, *, all_of_them: bool = False) -> None:
+        """Streams that asked and got no answer in time: their chunks go elsewhere."""
+        for stream in self._streams.values():
+            if stream.asking_until > -math.inf and (all_of_them or stream.asking_until <= now):
+                stream.asking_until = -math.inf
+                self._changed.set()
+
+    def _next_question_end(self) -> float:
+        return min(
+            (s.asking_until for s in self._streams.values() if s.asking_until > -math.inf),
+            default=math.inf,
+        )
 
     # -- the drain --------------------------------------------------------------------------
 
@@ -836,6 +923,9 @@ class Drainer:
             # for that (within the time kept for the end), so that what they did not
             # apply can still go to the snapshot store, and only the rest is unknown.
             await self._wait(lambda: not self._bound(offered), self._resolve_until(deadline))
+        # A successor asked whether it applied chunks after its link ended, without an
+        # answer yet: presumed crashed now, its chunks go to the snapshot store (in doubt).
+        self._end_questions(self._clock.now(), all_of_them=True)
         for stream in offered:
             leftovers.extend(self._released(self._take_back(stream)))
             self._report_unknown(stream, report)
@@ -1226,7 +1316,9 @@ class Drainer:
             return False
         state = stream.state
         if state is StreamState.FAILED:
-            return not stream.link_lost  # given up locally: the successor may hold them
+            # Given up locally: the successor may hold them. Its link lost: it may come
+            # back and say (while the drain asks), or it crashed with them.
+            return not stream.link_lost or stream.asking_until > -math.inf
         return state is StreamState.CANCELLING or state is StreamState.OPEN
 
     @staticmethod
@@ -1277,7 +1369,7 @@ class Drainer:
         queued = self._take_pending(stream)
         if self._bound_here(stream):
             return queued
-        if stream.ownership and stream.link_lost and stream.inflight:
+        if stream.ownership and stream.link_lost and stream.inflight and not stream.answered:
             count = sum(len(records) for records, _ in stream.inflight.values())
             self._report.in_doubt += count
             self._report.refusals.setdefault(
@@ -1303,19 +1395,21 @@ class Drainer:
         """Wait until ``done()`` (True) or ``until`` (False). With ``stalls``, the streams of
         the tier that stall meanwhile are cancelled (see :data:`STALL_SHARE`): ``done`` must
         then hold once the stream the caller waits on is no longer open."""
-        while not done():
+        while True:
             now = self._clock.now()
+            self._end_questions(now)
+            if done():
+                return True
             if now >= until or self._stopped:
                 return False
-            wake = until
+            wake = min(until, self._next_question_end())
             if stalls:
                 if await self._give_up_on_stalled():
                     continue
                 # Woken by the next stall, not only by messages: a silent peer sends none.
-                wake = min(until, self._next_stall(now))
+                wake = min(wake, self._next_stall(now))
             self._changed = anyio.Event()
             await self._clock.wait(self._changed, wake)
-        return True
 
     def _stalls_at(self, stream: _OutStream) -> float:
         """When ``stream`` counts as stalled if its successor stays silent; never if the
