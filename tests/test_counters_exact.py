@@ -704,14 +704,6 @@ def test_a_stale_snapshot_restored_once_is_not_restored_again(tmp_path: Path) ->
     anyio.run(_stale_replay, tmp_path, False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "snapshot: a snapshot file put back after its restore (a volume backup restored, "
-        "a copy left by an operator) is restored again and its counts are added twice: "
-        "the store keeps no record of the snapshot ids it has restored"
-    ),
-)
 def test_a_stale_snapshot_file_put_back_is_not_added_twice(tmp_path: Path) -> None:
     anyio.run(_stale_replay, tmp_path, True)
 
