@@ -28,6 +28,7 @@ the mesh redials, and the drain asks it which chunks it applied before re-sendin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 import shutil
@@ -48,6 +49,7 @@ from handoff._codec import Codec
 from handoff._errors import ProtocolError
 from handoff.adapters.counters import CountersAdapter
 from handoff.engine import DrainReport, Tracked
+from handoff.engine._receiver import MAX_LOST_STREAMS, REPLAYED_ACKS, Receiver
 from handoff.engine._restore import restore_snapshots
 from handoff.protocol import (
     Accept,
@@ -63,6 +65,7 @@ from handoff.protocol import (
     StreamState,
 )
 from handoff.snapshot import DirectorySnapshotStore
+from handoff.transforms import Transforms
 from tests.test_engine_unit import (
     CLUSTER,
     FakeNode,
@@ -714,6 +717,124 @@ async def test_a_duplicated_chunk_drops_the_link_and_the_sender_asks_what_was_ap
     else:
         assert ns.in_doubt >= len(b.data(NAMESPACE))  # re-sent, and said so
         assert b_held + c_held > expected
+
+
+@pytest.mark.anyio
+async def test_a_successor_back_as_a_new_incarnation_is_not_waited_for() -> None:
+    """b's link drops and b comes back restarted (another incarnation): what it applied
+    died with it, so a re-sends at once (in doubt, and exact), without the stall wait."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        c = _counters_node(net, "c", "v2")
+        net.connect(a, b, c)
+        a_b, b_a = net.wire(a, b), net.wire(b, a)
+        b_a.hold_after = lambda m: isinstance(m, Accept)
+        a_b.on_send = lambda m: a_b.queue.append(m) if isinstance(m, Chunk) and m.seq == 1 else None
+        cut = net.cut
+        cut_at: list[float] = []
+
+        def restart(x: FakeNode, y: FakeNode, reason: str) -> None:
+            cut(x, y, reason)
+            cut_at.append(net.clock.now())
+            b.data(NAMESPACE)._values.clear()  # what b applied died with it
+            b.as_peer = lambda state: dataclasses.replace(  # type: ignore[method-assign]
+                FakeNode.as_peer(b, state), incarnation="b-2"
+            )
+            net.connect(x, y)
+
+        net.cut = restart  # type: ignore[method-assign,assignment]
+        report = await net.finish(net.start(a.drain))
+        ended = net.clock.now()
+
+    ns = report.namespaces[NAMESPACE]
+    assert ns.in_doubt > 0
+    assert _held(c.data(NAMESPACE)) == sum(held.values())
+    # Re-sent and acknowledged well before the stall time (2 s of a 10 s drain) ran out:
+    # the fake clock, not a timed assertion.
+    assert len(cut_at) == 1
+    assert ended - cut_at[0] < 1.0
+
+
+class _Recorder:
+    """A link that keeps what is sent on it."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    async def send(self, message: Message, *, time_limit: float | None = None) -> None:
+        self.sent.append(message)
+
+
+def _receiver() -> Receiver:
+    counters = Counters()
+    return Receiver(
+        node="b",
+        tracked={NAMESPACE: Tracked(NAMESPACE, counters, CountersAdapter(counters), 1)},
+        transforms=Transforms(),
+        codec=_codec,
+        accepting=lambda: "",
+        on_complete=lambda peer, records, outcome: None,
+    )
+
+
+async def _stream(receiver: Receiver, peer: str, link: _Recorder, stream: int, chunks: int) -> None:
+    await receiver.handle(peer, link, Offer(stream, NAMESPACE, "counters", 1, chunks))
+    for seq in range(chunks):
+        payload, _ = _codec.encode_records([(f"k{seq}", 1, None)])
+        await receiver.handle(peer, link, Chunk(stream, seq, 1, 0.0, payload))
+
+
+@pytest.mark.anyio
+async def test_the_receiver_replays_the_last_acks_of_a_lost_stream_once() -> None:
+    receiver = _receiver()
+    old, new = _Recorder(), _Recorder()
+    await _stream(receiver, "a", old, 1, 12)
+    receiver.peer_lost("a")
+    await receiver.handle("a", new, Cancel(1, "which chunks were applied?"))
+    assert [m.seq for m in new.sent if isinstance(m, Ack)] == list(range(12 - REPLAYED_ACKS, 12))
+    assert new.sent[:-1] == [m for m in old.sent if isinstance(m, Ack)][-REPLAYED_ACKS:]
+    assert new.sent[-1] == Closed(1)
+    # Asked again, or of a stream never held: no answer (the sender's question times out).
+    await receiver.handle("a", new, Cancel(1, "which?"))
+    await receiver.handle("a", new, Cancel(9, "which?"))
+    assert len(new.sent) == REPLAYED_ACKS + 1
+
+
+@pytest.mark.anyio
+async def test_a_cancel_on_another_link_replays_the_acks_of_an_open_stream() -> None:
+    """The sender lost the link, this receiver did not notice yet: the Acks on the old link
+    may never arrive, so they precede the Closed on the link the Cancel came on."""
+    receiver = _receiver()
+    old, new = _Recorder(), _Recorder()
+    await _stream(receiver, "a", old, 1, 3)
+    await receiver.handle("a", new, Cancel(1, "which?"))
+    assert [type(m).__name__ for m in new.sent] == ["Ack", "Ack", "Ack", "Closed"]
+    assert receiver.active == 0
+
+
+@pytest.mark.anyio
+async def test_the_receiver_keeps_a_bounded_number_of_lost_streams() -> None:
+    receiver = _receiver()
+    links = {f"p{i}": _Recorder() for i in range(MAX_LOST_STREAMS + 8)}
+    for peer, link in links.items():
+        await _stream(receiver, peer, link, 1, 1)
+        receiver.peer_lost(peer)
+    answered = []
+    for peer in links:
+        asked = _Recorder()
+        await receiver.handle(peer, asked, Cancel(1, "which?"))
+        answered.append(bool(asked.sent))
+    assert answered == [False] * 8 + [True] * MAX_LOST_STREAMS  # the oldest forgotten
+    # A stream id offered again (its sender restarted): the former one is forgotten.
+    await _stream(receiver, "p0", _Recorder(), 2, 1)
+    receiver.peer_lost("p0")
+    await _stream(receiver, "p0", _Recorder(), 2, 1)
+    await receiver.handle("p0", _Recorder(), End(2, 1))
+    asked = _Recorder()
+    await receiver.handle("p0", asked, Cancel(2, "which?"))
+    assert asked.sent == []
 
 
 def test_a_stale_snapshot_restored_once_is_not_restored_again(tmp_path: Path) -> None:
