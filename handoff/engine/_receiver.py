@@ -222,8 +222,10 @@ class Receiver:
         asks on a new one which chunks were applied. The kept Acks, then a Closed (nothing
         else was applied, nor will be) let it re-send exactly the rest. A stream not kept
         (forgotten, or never an ownership stream) gets no answer: its sender's question
-        times out and it re-sends what it did not see acknowledged, as in doubt."""
-        acks = self._lost.pop(key, None)
+        times out and it re-sends what it did not see acknowledged, as in doubt. Kept after
+        the answer: the sender asks again if the answer's link is closed under it (two
+        links at once, one closed by the tie-break); a late repeat it ignores."""
+        acks = self._lost.get(key)
         if acks is None:
             return
         for ack in acks:

@@ -141,6 +141,10 @@ STALL_CEILING = 3.0
 # buffers are full (a peer partitioned away) holds the drain back at most this long per
 # message, while the write goes on in the link's writer until its own time limit.
 WRITE_PATIENCE = 0.05
+# Seconds between two questions to a successor whose link ended (see Drainer.on_peer_up),
+# once it came back: two nodes that dial each other at once make two links, and a question
+# sent on the one the tie-break closes may never be read; the next goes on the link kept.
+ASK_AGAIN = 0.2
 
 
 @dataclass(slots=True)
@@ -171,6 +175,8 @@ class _OutStream:
     (see :meth:`Drainer.on_peer_up`); its chunks stay bound meanwhile."""
     answered: bool = False
     """The successor answered on a new link: the chunks still in flight were not applied."""
+    asked_at: float = -math.inf
+    """When the question was last sent (see :data:`ASK_AGAIN`)."""
     progress_at: float = 0.0
     """When the successor last answered on this stream, or the drain began to wait on it."""
     report: NamespaceReport | None = None
@@ -671,27 +677,41 @@ class Drainer:
     def on_peer_up(self, peer: str) -> None:
         """A link to ``peer`` came up: streams whose link to it ended with chunks of unknown
         fate ask on it (a Cancel of the stream): the receiver replays the Acks of what it
-        applied, then a Closed. A peer of another incarnation restarted: what it applied
-        died with it, so its chunks are re-sent at once (in doubt, exact)."""
-        if self._group is None:
-            return
-        links = [(p, link) for p, link in self._peers() if p.name == peer]
+        applied, then a Closed. Asked again every :data:`ASK_AGAIN` seconds on the link in
+        use until it answers or the stall time ends. A peer of another incarnation
+        restarted: what it applied died with it, so its chunks are re-sent at once (in
+        doubt, and exact)."""
+        if self._group is not None:
+            self._ask(self._clock.now(), peer)
+
+    def _ask(self, now: float, peer: str | None = None) -> None:
+        """Ask (again) the successors whose streams wait for an answer: ``peer``'s now,
+        the others' if they were asked :data:`ASK_AGAIN` ago and are linked."""
+        links: dict[str, tuple[Peer, Link]] | None = None
         for (name, _), stream in self._streams.items():
-            if name != peer or stream.asking_until == -math.inf or stream.answered:
+            if stream.asking_until == -math.inf:
                 continue
-            for found, link in links:
-                if found.incarnation != stream.peer.incarnation:
-                    stream.asking_until = -math.inf
-                elif link is not stream.link:
-                    stream.link = link
-                    ask = Cancel(stream.stream, "its link ended: which chunks were applied?")
-                    self._enqueue(link, None, ask, self._deadline)
-                    logger.info(
-                        "asked %s which of %d chunks it applied (its link had ended)",
-                        peer,
-                        len(stream.inflight),
-                    )
-        self._changed.set()
+            if name != peer and (stream.asked_at == -math.inf or now < stream.asked_at + ASK_AGAIN):
+                continue
+            if links is None:
+                links = {p.name: (p, link) for p, link in self._peers()}
+            found = links.get(name)
+            if found is None:
+                continue
+            if found[0].incarnation != stream.peer.incarnation:
+                stream.asking_until = -math.inf
+                self._changed.set()
+                continue
+            stream.link = found[1]
+            stream.asked_at = now
+            self._changed.set()  # a waiting drain wakes to ask again in time
+            ask = Cancel(stream.stream, "its link ended: which chunks were applied?")
+            self._enqueue(found[1], None, ask, self._deadline)
+            logger.info(
+                "asked %s which of %d chunks it applied (its link had ended)",
+                name,
+                len(stream.inflight),
+            )
 
     def _recovered(self, stream: _OutStream, message: Message) -> None:
         """An answer to :meth:`on_peer_up`'s question: an Ack (replayed) of a chunk still
@@ -720,8 +740,16 @@ class Drainer:
                 self._changed.set()
 
     def _next_question_end(self) -> float:
+        """When a question ends unanswered, or is to be asked again."""
         return min(
-            (s.asking_until for s in self._streams.values() if s.asking_until > -math.inf),
+            (
+                # Asked already: again soon (before that, on_peer_up asks at once).
+                min(s.asking_until, s.asked_at + ASK_AGAIN)
+                if s.asked_at > -math.inf
+                else s.asking_until
+                for s in self._streams.values()
+                if s.asking_until > -math.inf
+            ),
             default=math.inf,
         )
 
@@ -892,6 +920,14 @@ class Drainer:
                         )
                         # Past the streaming time, the end of the namespace deals with
                         # what is still bound (and cancels the streams, ended or not).
+                        continue
+                    if any(
+                        s.state is not StreamState.OPEN and (s.inflight or s.pending.records)
+                        for s in offered
+                    ):
+                        # Let go while the acknowledgements were awaited (an answer came:
+                        # a Closed, a successor's reply on a new link): taken back at the
+                        # top of the loop and sent on, not left behind.
                         continue
                     for stream in open_streams:
                         # Each End is an await: a successor may withdraw or go down before
@@ -1398,6 +1434,7 @@ class Drainer:
         while True:
             now = self._clock.now()
             self._end_questions(now)
+            self._ask(now)
             if done():
                 return True
             if now >= until or self._stopped:
