@@ -720,6 +720,46 @@ async def test_a_duplicated_chunk_drops_the_link_and_the_sender_asks_what_was_ap
 
 
 @pytest.mark.anyio
+async def test_an_answer_while_the_drain_awaits_the_last_acks_is_sent_on() -> None:
+    """b's answer (on the new link) comes while a, its export done, awaits c's last Acks:
+    what b did not apply still goes to c, and the report adds up."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        c = _counters_node(net, "c", "v2")
+        net.connect(a, b, c)
+        a_b, b_a, c_a = net.wire(a, b), net.wire(b, a), net.wire(c, a)
+        b_a.hold_after = lambda m: isinstance(m, Accept)
+        c_a.hold_after = lambda m: isinstance(m, Accept)
+        a_b.on_send = lambda m: a_b.queue.append(m) if isinstance(m, Chunk) and m.seq == 1 else None
+        cut = net.cut
+
+        def redial(x: FakeNode, y: FakeNode, reason: str) -> None:
+            cut(x, y, reason)
+            net.connect(x, y)
+            net.wire(b, a).hold()  # b's answer waits
+
+        net.cut = redial  # type: ignore[method-assign,assignment]
+
+        async def answer_then_acks() -> None:
+            await net.clock.wait(anyio.Event(), net.clock.now() + 0.5)
+            net.wire(b, a).release()
+            await anyio.wait_all_tasks_blocked()
+            c_a.release()
+
+        draining = net.start(a.drain)
+        net.start(answer_then_acks)
+        report = await net.finish(draining)
+
+    assert_adds_up(report)
+    ns = report.namespaces[NAMESPACE]
+    assert ns.in_doubt == 0
+    assert not ns.dropped, ns
+    assert _held(b.data(NAMESPACE)) + _held(c.data(NAMESPACE)) == sum(held.values())
+
+
+@pytest.mark.anyio
 async def test_a_successor_back_as_a_new_incarnation_is_not_waited_for() -> None:
     """b's link drops and b comes back restarted (another incarnation): what it applied
     died with it, so a re-sends at once (in doubt, and exact), without the stall wait."""
