@@ -47,6 +47,7 @@ from handoff import Counters
 from handoff._adapter import Record
 from handoff._codec import Codec
 from handoff._errors import ProtocolError
+from handoff._observe import ObservedLink, Observer, Observers
 from handoff.adapters.counters import CountersAdapter
 from handoff.engine import DrainReport, Tracked
 from handoff.engine._receiver import MAX_LOST_STREAMS, REPLAYED_ACKS, Receiver
@@ -855,6 +856,27 @@ async def test_a_cancel_on_another_link_replays_the_acks_of_an_open_stream() -> 
     await receiver.handle("a", new, Cancel(1, "which?"))
     assert [type(m).__name__ for m in new.sent] == ["Ack", "Ack", "Ack", "Closed"]
     assert receiver.active == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancel_on_the_streams_own_link_replays_nothing_even_observed() -> None:
+    """The node wraps its link anew for every message when observers watch (tracing,
+    metrics): a Cancel on the stream's own link gets only the Closed (a replayed Ack there
+    would be a second Ack of a chunk, a protocol error at the sender)."""
+    receiver = _receiver()
+    link = _Recorder()
+    observers = Observers()
+    observers.add(Observer())
+
+    def observed() -> ObservedLink:
+        return ObservedLink(link, "a", observers)
+
+    await receiver.handle("a", observed(), Offer(1, NAMESPACE, "counters", 1, 3))
+    for seq in range(3):
+        payload, _ = _codec.encode_records([(f"k{seq}", 1, None)])
+        await receiver.handle("a", observed(), Chunk(1, seq, 1, 0.0, payload))
+    await receiver.handle("a", observed(), Cancel(1, "stalled"))
+    assert [type(m).__name__ for m in link.sent] == ["Accept", "Ack", "Ack", "Ack", "Closed"]
 
 
 @pytest.mark.anyio

@@ -162,7 +162,7 @@ class Receiver:
             del self._streams[key]
             self._changed.set()
             if stream.machine.state is StreamState.CANCELLING:
-                if link is not stream.link:
+                if link != stream.link:
                     # The sender asks on a new link (it lost the stream's): the Acks on the
                     # old one may never reach it, so they precede the Closed here too.
                     for ack in stream.acks:
