@@ -613,6 +613,20 @@ class Mesh:
         self._settled(key)  # a peer: linked now (or a duplicate of a link it has)
         await self._run_link(link, peer, events, dialled=True, address=key)
 
+    def _redial(self, address: str) -> None:
+        """Dial ``address`` (``host:port``, ``[v6]:port``) now, unless a link or a dial to
+        it is under way."""
+        host, _, port = address.rpartition(":")
+        if not self._running or self._stopping or not port.isdigit() or not host:
+            return
+        target = PeerAddress(host.strip("[]"), int(port))
+        key = str(target)
+        if key in self._dialling or key in self._self_addresses:
+            return
+        if self._membership.knows_address(key):
+            return
+        self._spawn(self._dial, target)
+
     def _back_off(self, key: str) -> None:
         _, wait = self._probe_backoff.get(key, (0.0, self._settings.poll_interval / 2))
         wait = min(wait * 2, PROBE_BACKOFF_LIMIT)
@@ -763,14 +777,21 @@ class Mesh:
             reason, detail = DownReason.PROTOCOL_ERROR, peer_text(f"internal error: {exc!r}")
         finally:
             self._links.pop(link_id, None)
+            redial = False
             if self._membership.link_of(peer.name) in (link_id, None):
                 # Streams die with the link that carried them (not with a replaced duplicate).
                 self._on_peer_lost(peer.name)
+                # A drain streams to it: dialled again now, not at the next discovery poll,
+                # so that the drain can ask it what it applied before re-sending (a live
+                # peer must not count twice what the lost link did not confirm).
+                redial = reason is not DownReason.GOODBYE and self._streams_with(peer.name)
             await link.aclose()
             if not self._stopping:
                 self._publish(
                     self._membership.lost(link_id, reason, detail, now=anyio.current_time())
                 )
+                if redial:
+                    self._redial(peer.address or address)
 
     async def _retire(self, link_id: int, link: PeerLink, peer: str) -> None:
         """Close ``link``, a duplicate of the peer's link in use, once no stream with the

@@ -110,6 +110,16 @@ class ObservedLink:
         self._peer = peer
         self._observers = observers
 
+    def __eq__(self, other: object) -> bool:
+        # The node wraps a link anew for every message it hands on: two wrappers of one
+        # link are the same link (the receiver tells a stream's link from a new one).
+        if isinstance(other, ObservedLink):
+            return other._link is self._link
+        return other is self._link
+
+    def __hash__(self) -> int:
+        return id(self._link)
+
     async def send(self, message: Message, *, time_limit: float | None = None) -> None:
         """Tell the observers, then send on the wrapped link."""
         self._observers.sent(self._peer, message)

@@ -391,6 +391,8 @@ class Node:
             streams_with=lambda peer: self._sessions.streams_with(peer),
             max_pending_handshakes=max_pending_handshakes,
         )
+        # A peer back on a new link: a drain whose link to it ended asks what it applied.
+        self._mesh.on_node_up(lambda peer: self._sessions.peer_up(peer.name))
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._port = s.bind_port

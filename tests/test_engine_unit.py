@@ -380,7 +380,9 @@ class Net:
         return node
 
     def connect(self, *nodes: FakeNode) -> None:
-        """Link every pair of ``nodes`` (each sees the other serving)."""
+        """Link every pair of ``nodes`` (each sees the other in its current state); a
+        pair linked again (the mesh redials) hears that the peer is up, as the node does."""
+        linked: list[tuple[FakeNode, FakeNode]] = []
         for a in nodes:
             for b in nodes:
                 if a is not b and b.name not in a.links:
@@ -388,6 +390,9 @@ class Net:
                     a.links[b.name] = wire
                     a.view[b.name] = b.state
                     self._group.start_soon(wire.pump)
+                    linked.append((a, b))
+        for a, b in linked:
+            a.sessions.peer_up(b.name)
 
     def wire(self, src: FakeNode, dst: FakeNode) -> Wire:
         return self.wires[(src.name, dst.name)]

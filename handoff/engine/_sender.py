@@ -26,9 +26,12 @@ State that moves ownership (counters, actors) must arrive exactly once, so a chu
 a successor stays bound to it until its fate is known: acknowledged (applied there),
 refused or withdrawn (not applied: the receiver's Acks precede its Refuse on the wire), or
 cancelled and confirmed (the receiver's Closed follows the Acks of what it applied). Only
-then does the rest go elsewhere. A successor whose link ends first is presumed crashed,
-taking what it applied with it: its unacknowledged chunks are re-sent and counted in the
-report as ``in_doubt`` (exact if it crashed, twice if it still runs behind a partition). A
+then does the rest go elsewhere. A successor whose link ends first may still run: for the
+stall time the drain waits for it on a new link and asks which chunks it applied (a Cancel
+of the stream there; the receiver replays the Acks it kept and a Closed). Not back in time,
+it is presumed crashed, taking what it applied with it: its unacknowledged chunks are
+re-sent and counted in the report as ``in_doubt`` (exact if it crashed, twice if it still
+runs behind a longer partition). A
 chunk still bound at the deadline is reported as of unknown outcome, never re-sent nor
 snapshotted; what nobody received at all is given back to the adapter. If the successor
 answers later (the node runs on after a manual drain), what it says it did not apply is
@@ -138,6 +141,10 @@ STALL_CEILING = 3.0
 # buffers are full (a peer partitioned away) holds the drain back at most this long per
 # message, while the write goes on in the link's writer until its own time limit.
 WRITE_PATIENCE = 0.05
+# Seconds between two questions to a successor whose link ended (see Drainer.on_peer_up),
+# once it came back: two nodes that dial each other at once make two links, and a question
+# sent on the one the tie-break closes may never be read; the next goes on the link kept.
+ASK_AGAIN = 0.2
 
 
 @dataclass(slots=True)
@@ -162,6 +169,14 @@ class _OutStream:
     until their fate is known (see the module documentation)."""
     link_lost: bool = False
     """The stream failed because its link ended (the successor is presumed crashed)."""
+    asking_until: float = -math.inf
+    """Ownership, its link lost with chunks unacknowledged: until then (or an answer) the
+    drain waits for the successor to come back on a new link and say which it applied
+    (see :meth:`Drainer.on_peer_up`); its chunks stay bound meanwhile."""
+    answered: bool = False
+    """The successor answered on a new link: the chunks still in flight were not applied."""
+    asked_at: float = -math.inf
+    """When the question was last sent (see :data:`ASK_AGAIN`)."""
     progress_at: float = 0.0
     """When the successor last answered on this stream, or the drain began to wait on it."""
     report: NamespaceReport | None = None
@@ -389,6 +404,9 @@ class Drainer:
         if tracked is not None:
             self._late_answer(stream, tracked, message)
             return
+        if stream.asking_until > -math.inf:
+            self._recovered(stream, message)
+            return
         if isinstance(message, Ack) and self._unwritten_chunk(stream, message.seq):
             # Its writer has not begun to write that chunk: the peer cannot have applied
             # it. Taken, the Ack would count it, and a withdrawal would then take it out
@@ -421,18 +439,22 @@ class Drainer:
                 # A cache's chunk that crossed its Cancel: its records were already sent
                 # elsewhere, and count there.
                 return
-            report = self._report
-            count = len(entry[0])
-            stream.acknowledged += count
-            dropped = dict(message.dropped)
-            report.successor_acked(peer, count, message.applied, message.kept, dropped)
-            if self._everywhere:
-                self._first_acknowledgements(entry[0], message.kept, dropped)
-            else:
-                self._count_acknowledged(count, message.applied, message.kept, dropped)
-            if self._progress is not None:
-                self._progress(report)
+            self._acknowledged(stream, message, entry[0])
         self._changed.set()
+
+    def _acknowledged(self, stream: _OutStream, ack: Ack, records: list[Record]) -> None:
+        """Count a chunk of ``records`` acknowledged by ``ack``."""
+        report = self._report
+        count = len(records)
+        stream.acknowledged += count
+        dropped = dict(ack.dropped)
+        report.successor_acked(stream.peer.name, count, ack.applied, ack.kept, dropped)
+        if self._everywhere:
+            self._first_acknowledgements(records, ack.kept, dropped)
+        else:
+            self._count_acknowledged(count, ack.applied, ack.kept, dropped)
+        if self._progress is not None:
+            self._progress(report)
 
     def _unwritten_chunk(self, stream: _OutStream, seq: int) -> bool:
         """Whether chunk ``seq`` of ``stream`` still waits in its writer's queue."""
@@ -662,12 +684,105 @@ class Drainer:
             self._streams[key].inflight.clear()
 
     def on_peer_lost(self, peer: str) -> None:
-        """``peer``'s link ended: its unacknowledged records must go elsewhere."""
+        """``peer``'s link ended: its unacknowledged records must go elsewhere. Those of
+        ownership state wait a stall time for the peer to come back on a new link and say
+        which it applied (:meth:`on_peer_up`): a live peer whose link dropped (a protocol
+        error, a heartbeat missed in a pause) must not count them twice. If it does not
+        come back, they are re-sent and reported as in doubt (exact if it crashed)."""
         self.forget_unresolved(peer)
         for (name, _), stream in self._streams.items():
-            if name == peer:
-                self._fail(stream, "went down during the drain", link_lost=True)
+            if name != peer:
+                continue
+            self._fail(stream, "went down during the drain", link_lost=True)
+            if (
+                stream.link_lost
+                and stream.ownership
+                and stream.inflight
+                and not stream.answered
+                and self._group is not None
+                and stream.asking_until == -math.inf
+            ):
+                stream.asking_until = self._clock.now() + self._stall_after
         self._changed.set()
+
+    def on_peer_up(self, peer: str) -> None:
+        """A link to ``peer`` came up: streams whose link to it ended with chunks of unknown
+        fate ask on it (a Cancel of the stream): the receiver replays the Acks of what it
+        applied, then a Closed. Asked again every :data:`ASK_AGAIN` seconds on the link in
+        use until it answers or the stall time ends. A peer of another incarnation
+        restarted: what it applied died with it, so its chunks are re-sent at once (in
+        doubt, and exact)."""
+        if self._group is not None:
+            self._ask(self._clock.now(), peer)
+
+    def _ask(self, now: float, peer: str | None = None) -> None:
+        """Ask (again) the successors whose streams wait for an answer: ``peer``'s now,
+        the others' if they were asked :data:`ASK_AGAIN` ago and are linked."""
+        links: dict[str, tuple[Peer, Link]] | None = None
+        for (name, _), stream in self._streams.items():
+            if stream.asking_until == -math.inf:
+                continue
+            if name != peer and (stream.asked_at == -math.inf or now < stream.asked_at + ASK_AGAIN):
+                continue
+            if links is None:
+                links = {p.name: (p, link) for p, link in self._peers()}
+            found = links.get(name)
+            if found is None:
+                continue
+            if found[0].incarnation != stream.peer.incarnation:
+                stream.asking_until = -math.inf
+                self._changed.set()
+                continue
+            stream.link = found[1]
+            stream.asked_at = now
+            self._changed.set()  # a waiting drain wakes to ask again in time
+            ask = Cancel(stream.stream, "its link ended: which chunks were applied?")
+            self._enqueue(found[1], None, ask, self._deadline)
+            logger.info(
+                "asked %s which of %d chunks it applied (its link had ended)",
+                name,
+                len(stream.inflight),
+            )
+
+    def _recovered(self, stream: _OutStream, message: Message) -> None:
+        """An answer to :meth:`on_peer_up`'s question: an Ack (replayed) of a chunk still
+        unacknowledged here counts it as applied there; the Closed after them says the
+        rest was not, and it is re-sent (not in doubt)."""
+        if isinstance(message, Ack):
+            entry = stream.inflight.pop(message.seq, None)
+            stream.sizes.pop(message.seq, None)
+            if entry is not None:
+                self._acknowledged(stream, message, entry[0])
+        elif isinstance(message, Closed):
+            stream.answered = True
+            stream.asking_until = -math.inf
+            logger.info(
+                "%s answered: %d chunks it had not acknowledged were not applied there",
+                stream.peer.name,
+                len(stream.inflight),
+            )
+        self._changed.set()
+
+    def _end_questions(self, now: float, *, all_of_them: bool = False) -> None:
+        """Streams that asked and got no answer in time: their chunks go elsewhere."""
+        for stream in self._streams.values():
+            if stream.asking_until > -math.inf and (all_of_them or stream.asking_until <= now):
+                stream.asking_until = -math.inf
+                self._changed.set()
+
+    def _next_question_end(self) -> float:
+        """When a question ends unanswered, or is to be asked again."""
+        return min(
+            (
+                # Asked already: again soon (before that, on_peer_up asks at once).
+                min(s.asking_until, s.asked_at + ASK_AGAIN)
+                if s.asked_at > -math.inf
+                else s.asking_until
+                for s in self._streams.values()
+                if s.asking_until > -math.inf
+            ),
+            default=math.inf,
+        )
 
     # -- the drain --------------------------------------------------------------------------
 
@@ -837,6 +952,14 @@ class Drainer:
                         # Past the streaming time, the end of the namespace deals with
                         # what is still bound (and cancels the streams, ended or not).
                         continue
+                    if any(
+                        s.state is not StreamState.OPEN and (s.inflight or s.pending.records)
+                        for s in offered
+                    ):
+                        # Let go while the acknowledgements were awaited (an answer came:
+                        # a Closed, a successor's reply on a new link): taken back at the
+                        # top of the loop and sent on, not left behind.
+                        continue
                     for stream in open_streams:
                         # Each End is an await: a successor may withdraw or go down before
                         # its turn. Everything it had is acknowledged, so it needs no End.
@@ -867,6 +990,9 @@ class Drainer:
             # for that (within the time kept for the end), so that what they did not
             # apply can still go to the snapshot store, and only the rest is unknown.
             await self._wait(lambda: not self._bound(offered), self._resolve_until(deadline))
+        # A successor asked whether it applied chunks after its link ended, without an
+        # answer yet: presumed crashed now, its chunks go to the snapshot store (in doubt).
+        self._end_questions(self._clock.now(), all_of_them=True)
         for stream in offered:
             leftovers.extend(self._released(self._take_back(stream)))
             self._report_unknown(stream, report)
@@ -1257,7 +1383,9 @@ class Drainer:
             return False
         state = stream.state
         if state is StreamState.FAILED:
-            return not stream.link_lost  # given up locally: the successor may hold them
+            # Given up locally: the successor may hold them. Its link lost: it may come
+            # back and say (while the drain asks), or it crashed with them.
+            return not stream.link_lost or stream.asking_until > -math.inf
         return state is StreamState.CANCELLING or state is StreamState.OPEN
 
     @staticmethod
@@ -1308,7 +1436,7 @@ class Drainer:
         queued = self._take_pending(stream)
         if self._bound_here(stream):
             return queued
-        if stream.ownership and stream.link_lost and stream.inflight:
+        if stream.ownership and stream.link_lost and stream.inflight and not stream.answered:
             count = sum(len(records) for records, _ in stream.inflight.values())
             self._report.in_doubt += count
             self._report.refusals.setdefault(
@@ -1334,19 +1462,22 @@ class Drainer:
         """Wait until ``done()`` (True) or ``until`` (False). With ``stalls``, the streams of
         the tier that stall meanwhile are cancelled (see :data:`STALL_SHARE`): ``done`` must
         then hold once the stream the caller waits on is no longer open."""
-        while not done():
+        while True:
             now = self._clock.now()
+            self._end_questions(now)
+            self._ask(now)
+            if done():
+                return True
             if now >= until or self._stopped:
                 return False
-            wake = until
+            wake = min(until, self._next_question_end())
             if stalls:
                 if await self._give_up_on_stalled():
                     continue
                 # Woken by the next stall, not only by messages: a silent peer sends none.
-                wake = min(until, self._next_stall(now))
+                wake = min(wake, self._next_stall(now))
             self._changed = anyio.Event()
             await self._clock.wait(self._changed, wake)
-        return True
 
     def _stalls_at(self, stream: _OutStream) -> float:
         """When ``stream`` counts as stalled if its successor stays silent; never if the

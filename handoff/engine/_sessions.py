@@ -100,6 +100,13 @@ class Sessions:
             drainer.streams_with(peer) for drainer in drainers if drainer is not None
         )
 
+    def peer_up(self, peer: str) -> None:
+        """A link to ``peer`` came up: a drain whose link to it had ended asks on it what
+        the peer applied (see :meth:`Drainer.on_peer_up`)."""
+        for drainer in (self._drainer, self._precopier):
+            if drainer is not None:
+                drainer.on_peer_up(peer)
+
     def peer_lost(self, peer: str) -> None:
         """The current link to ``peer`` ended: its streams in both directions end too."""
         self.receiver.peer_lost(peer)
