@@ -103,9 +103,10 @@ class Sessions:
     def peer_up(self, peer: str) -> None:
         """A link to ``peer`` came up: a drain whose link to it had ended asks on it what
         the peer applied (see :meth:`Drainer.on_peer_up`)."""
-        for drainer in (self._drainer, self._precopier):
-            if drainer is not None:
-                drainer.on_peer_up(peer)
+        if self._drainer is not None:
+            self._drainer.on_peer_up(peer)
+        for precopier in self._precopiers:
+            precopier.on_peer_up(peer)
 
     def peer_lost(self, peer: str) -> None:
         """The current link to ``peer`` ended: its streams in both directions end too."""
