@@ -295,6 +295,17 @@ class Mesh:
                 pairs.append((peer, link))
         return pairs
 
+    async def await_replacements(self, until: float) -> None:
+        """Wait, until ``until`` at most, while a peer is absent only because its link is
+        being replaced: the other side kept the duplicate it completed first and closed
+        the link in use here, whose replacement is still in its handshake (the server side
+        of a handshake completes first). A drain choosing successors meanwhile would find
+        none; the replacement normally takes a moment, its handshake time at most."""
+        while anyio.current_time() < min(  # noqa: ASYNC110
+            until, self._membership.replacing(anyio.current_time())
+        ):
+            await anyio.sleep(RETIRE_POLL_INTERVAL)
+
     async def set_state(self, state: NodeState) -> None:
         """Change this node's state and tell every peer (serving -> draining)."""
         if state is self._state:

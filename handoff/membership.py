@@ -305,6 +305,15 @@ class Membership:
                 )
         return events
 
+    def replacing(self, now: float) -> float:
+        """Until when a peer whose link the other side closed as a duplicate may still
+        get its replacement (``-inf`` if none is awaited): until then it is absent from
+        :meth:`peers`, yet alive, its new link's handshake still completing here."""
+        return max(
+            (deadline for _, deadline in self._held.values() if deadline > now),
+            default=-math.inf,
+        )
+
     def next_deadline(self) -> float:
         """When ``expire`` has something to do (``inf`` if never)."""
         return min((deadline for _, deadline in self._held.values()), default=math.inf)

@@ -171,6 +171,10 @@ _A = TypeVar("_A")
 
 ACTOR_SHARE = 0.5
 """Share of a drain's time that actor migrations may take; the streams get the rest."""
+REPLACEMENT_SHARE = 0.2
+"""Share of a drain's time it may wait, before choosing successors, for a peer whose link
+is being replaced (a duplicate resolved the other way round): see
+``Mesh.await_replacements``."""
 
 
 def _add_moves(
@@ -725,6 +729,7 @@ class Node:
                 # Actors move first (their own migrations), then pre-copied peers get their
                 # deltas, then the streams take what is left, all within ``limit``.
                 started = anyio.current_time()
+                await self._mesh.await_replacements(started + limit * REPLACEMENT_SHARE)
                 moves = await self._move_actors(started + limit * ACTOR_SHARE)
                 deltas, skip, done = await self._precopy_deltas(
                     max(0.0, limit - (anyio.current_time() - started))
@@ -784,6 +789,7 @@ class Node:
                 # leaves out the namespaces they cover whole, instead of re-sending those
                 # in full (the drain did not export them) to be kept as they were.
                 started = anyio.current_time()
+                await self._mesh.await_replacements(started + limit * REPLACEMENT_SHARE)
                 deltas, skip, done = await self._precopy_deltas(limit, require_complete=False)
                 drainer = self._drainer(CATCH_UP, sources=sources, skip=skip, exclude=done)
                 remaining = max(0.0, limit - (anyio.current_time() - started))
