@@ -178,7 +178,8 @@ class Mesh:
     :meth:`start` and the end of :meth:`stop`. ``log_clock`` times the limits on log lines
     about refused connections (tests pass a fake one). ``streams_with(peer)`` says whether
     the sessions have a stream with ``peer`` under way: a duplicate link is closed only
-    once it says no (see :meth:`_retire`).
+    once it says no (see :meth:`_retire`); ``on_link_lost(peer, link)`` says that such a
+    link, not the one in use, ended: the streams it carried end with it.
     """
 
     def __init__(
@@ -190,6 +191,7 @@ class Mesh:
         on_session_message: SessionHandler,
         on_peer_lost: Callable[[str], None],
         streams_with: Callable[[str], bool] = lambda peer: False,
+        on_link_lost: Callable[[str, PeerLink], None] = lambda peer, link: None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
         log_clock: Callable[[], float] = anyio.current_time,
@@ -206,6 +208,7 @@ class Mesh:
         self._on_session_message = on_session_message
         self._on_peer_lost = on_peer_lost
         self._streams_with = streams_with
+        self._on_link_lost = on_link_lost
         self._state = NodeState.SERVING
         self._limits = Limits(
             handshake_timeout=settings.handshake_timeout,
@@ -775,8 +778,12 @@ class Mesh:
         finally:
             self._links.pop(link_id, None)
             if self._membership.link_of(peer.name) in (link_id, None):
-                # Streams die with the link that carried them (not with a replaced duplicate).
+                # Streams die with the link that carried them.
                 self._on_peer_lost(peer.name)
+            else:
+                # A replaced duplicate (kept up for its streams, or of an old incarnation):
+                # only the streams it carried die with it.
+                self._on_link_lost(peer.name, link)
             await link.aclose()
             if not self._stopping:
                 self._publish(

@@ -388,6 +388,7 @@ class Node:
             on_session_message=self._session_message,
             on_peer_lost=self._peer_lost,
             streams_with=lambda peer: self._sessions.streams_with(peer),
+            on_link_lost=lambda peer, link: self._sessions.link_lost(peer, link),
             max_pending_handshakes=max_pending_handshakes,
         )
         self._exit_stack: AsyncExitStack | None = None

@@ -17,7 +17,7 @@ import pytest
 
 from handoff import Counters
 from handoff.discovery import PeerAddress
-from handoff.protocol import NodeState
+from handoff.protocol import Chunk, Message, NodeState, StreamState
 from handoff.transport import PeerLink
 from tests._helpers import make_node, wait_until
 
@@ -78,3 +78,61 @@ async def test_a_drain_that_starts_while_its_successors_link_is_being_replaced_w
             assert ns.successors == ["final"], ns
             assert ns.acknowledged == ns.records == KEYS, ns
             assert held.total() == total
+
+
+async def test_a_kept_duplicate_that_fails_ends_the_streams_it_carried_on_both_sides() -> None:
+    # b dialled a (link 1) and a's drain streams on it; a dials back (link 2, kept: a is
+    # the smaller name) at the first chunk, so both sides keep link 1 up for the stream
+    # (Mesh._retire). Then link 1 fails for real, with the chunk lost on the way. It was
+    # not the link in use, so neither side called on_peer_lost: b's receiver kept the
+    # stream open (its own drain would wait for it, 40% of its time) and a's drain waited
+    # for an Ack until it gave up on a stall, with the chunk's fate bound.
+    old_usage, new_usage = Counters(), Counters()
+    for i in range(KEYS):
+        old_usage.incr(f"k{i}", 1)
+    a = make_node("a", "127.0.0.2")
+    a.track("usage", old_usage)
+    async with a:
+        b = make_node("b", "127.0.0.3", peers=[a])
+        b.track("usage", new_usage)
+        async with b:
+            await wait_until(lambda: [p.name for p in a.peers()] == ["b"])
+            first_link = a._mesh._membership.link_of("b")
+            handle = b._mesh._on_session_message
+            cut = anyio.Event()
+            streams: list[Any] = []  # a's drain's streams, once it sends
+
+            async def cut_at_first_chunk(peer: str, link: PeerLink, message: Message) -> None:
+                if isinstance(message, Chunk) and not cut.is_set():
+                    cut.set()
+                    assert a._sessions._drainer is not None
+                    streams.extend(a._sessions._drainer._streams.values())
+                    a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
+                    await wait_until(
+                        lambda: (
+                            a._mesh._membership.link_of("b") not in (first_link, None)
+                            and len(b._mesh._links) == len(a._mesh._links) == 2
+                        )
+                    )
+                    await anyio.aclose_forcefully(link._stream)  # the chunk never arrives
+                    return
+                await handle(peer, link, message)
+
+            b._mesh._on_session_message = cut_at_first_chunk
+            reports: list[Any] = []
+
+            async def drain() -> None:
+                reports.append(await a.drain(timeout=30.0))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(drain)
+                await wait_until(lambda: cut.is_set() and len(b._mesh._links) == 1)
+                await wait_until(lambda: b._sessions.receiver.active == 0)
+                await wait_until(
+                    lambda: all(s.state is not StreamState.OPEN for s in streams), limit=10
+                )
+                # Ended because its link did, not given up as stalled.
+                assert [s.link_lost for s in streams] == [True]
+            # The cut chunk reached nobody: its counts are back on a, none twice, none lost.
+            assert reports[0].namespaces["usage"].acknowledged == 0
+            assert new_usage.total() + old_usage.total() == KEYS

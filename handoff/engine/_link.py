@@ -12,7 +12,7 @@ import anyio
 
 from handoff.protocol import Message
 
-__all__ = ("ANYIO_CLOCK", "AnyioClock", "Clock", "Link")
+__all__ = ("ANYIO_CLOCK", "AnyioClock", "Clock", "Link", "carried_by")
 
 
 class Link(Protocol):
@@ -22,6 +22,12 @@ class Link(Protocol):
         """Send a session message within ``time_limit`` seconds (else the link's own send
         timeout). Raises a :class:`handoff.HandoffError` when the link fails."""
         ...
+
+
+def carried_by(link: Link, transport: object) -> bool:
+    """Whether ``link`` is ``transport``, or a wrapper of it (an observed link keeps the
+    link it wraps in ``wrapped``)."""
+    return link is transport or getattr(link, "wrapped", None) is transport
 
 
 class Clock(Protocol):

@@ -65,7 +65,7 @@ from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, ProtocolError, SnapshotError
 from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
-from handoff.engine._link import ANYIO_CLOCK, Clock, Link
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link, carried_by
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
 from handoff.engine._tracked import ALL, Tracked
@@ -624,17 +624,24 @@ class Drainer:
             for key, stream in self._streams.items()
         )
 
-    def forget_unresolved(self, peer: str) -> None:
-        """``peer``'s link ended: the chunks it may hold keep an unknown outcome."""
-        for key in [key for key in self._unresolved if key[0] == peer]:
+    def forget_unresolved(self, peer: str, link: object | None = None) -> None:
+        """``peer``'s link ended (``link``, or every link to it if ``None``): the chunks
+        it may hold keep an unknown outcome."""
+        for key in [
+            key
+            for key in self._unresolved
+            if key[0] == peer and (link is None or carried_by(self._streams[key].link, link))
+        ]:
             del self._unresolved[key]
             self._streams[key].inflight.clear()
 
-    def on_peer_lost(self, peer: str) -> None:
-        """``peer``'s link ended: its unacknowledged records must go elsewhere."""
-        self.forget_unresolved(peer)
+    def on_peer_lost(self, peer: str, link: object | None = None) -> None:
+        """``peer``'s link ended: its unacknowledged records must go elsewhere. With
+        ``link``, only that link ended (a duplicate kept up for the streams it carried,
+        see ``Mesh._retire``): only the streams on it end."""
+        self.forget_unresolved(peer, link)
         for (name, _), stream in self._streams.items():
-            if name == peer:
+            if name == peer and (link is None or carried_by(stream.link, link)):
                 self._fail(stream, "went down during the drain", link_lost=True)
         self._changed.set()
 
