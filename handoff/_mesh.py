@@ -309,6 +309,12 @@ class Mesh:
         ):
             await anyio.sleep(RETIRE_POLL_INTERVAL)
 
+    def replacing(self, peer: str) -> bool:
+        """Whether ``peer`` is absent only because its link is being replaced (see
+        :meth:`await_replacements`)."""
+        now = anyio.current_time()
+        return self._membership.replacing(now, peer) > now
+
     async def set_state(self, state: NodeState) -> None:
         """Change this node's state and tell every peer (serving -> draining)."""
         if state is self._state:

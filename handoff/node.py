@@ -841,6 +841,7 @@ class Node:
             codec=self.codec,
             snapshots=self._snapshots,
             peers=self._peer_links,
+            relinking=self._mesh.replacing,
             lock=self.lock,
             progress=self._drain_progress,
             reason=reason,

@@ -17,7 +17,7 @@ import pytest
 
 from handoff import Counters
 from handoff.discovery import PeerAddress
-from handoff.protocol import Chunk, Message, NodeState, StreamState
+from handoff.protocol import Chunk, Message, NodeState, Offer, StreamState
 from handoff.transport import PeerLink
 from tests._helpers import make_node, wait_until
 
@@ -133,6 +133,53 @@ async def test_a_kept_duplicate_that_fails_ends_the_streams_it_carried_on_both_s
                 )
                 # Ended because its link did, not given up as stalled.
                 assert [s.link_lost for s in streams] == [True]
-            # The cut chunk reached nobody: its counts are back on a, none twice, none lost.
-            assert reports[0].namespaces["usage"].acknowledged == 0
+            # The cut chunk's fate is unknown to a: in doubt, and b, though linked still,
+            # is not offered it again (were it applied there, it would count twice). It
+            # reached nobody: its counts are back on a, none twice, none lost.
+            ns = reports[0].namespaces["usage"]
+            assert (ns.acknowledged, ns.in_doubt, ns.refusals) == (
+                0,
+                KEYS,
+                {"b": "its link ended before it acknowledged every chunk"},
+            )
             assert new_usage.total() + old_usage.total() == KEYS
+
+
+async def test_a_duplicate_resolved_while_the_offer_is_on_its_way_still_reaches_the_successor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # b dialled a (link 1); a's drain chose b on link 1 and sends its Offer there just as
+    # a's own dial completes (link 2, the one both keep). b finished link 2 first (server
+    # side) and, knowing of no stream with a yet, closed link 1 at once: the Offer is lost
+    # with it. b is alive and serving on link 2: the drain must still hand everything to
+    # it, not give up on b as if it had gone down.
+    old_usage, new_usage = Counters(), Counters()
+    for i in range(KEYS):
+        old_usage.incr(f"k{i}", 1)
+    a = make_node("a", "127.0.0.2")
+    a.track("usage", old_usage)
+    async with a:
+        b = make_node("b", "127.0.0.3", peers=[a])
+        b.track("usage", new_usage)
+        async with b:
+            await wait_until(lambda: [p.name for p in a.peers()] == ["b"])
+            first = a._mesh._membership.link_of("b")
+            assert first is not None
+            link_1 = a._mesh._links[first]
+            b_first = b._mesh._membership.link_of("a")
+            send = link_1.send
+
+            async def offer_meets_the_dial_back(
+                message: Message, *, time_limit: float | None = None
+            ) -> None:
+                if isinstance(message, Offer):
+                    a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
+                    await wait_until(lambda: b_first not in b._mesh._links)
+                await send(message, time_limit=time_limit)
+
+            monkeypatch.setattr(link_1, "send", offer_meets_the_dial_back)
+            report = await a.drain(timeout=4.0)
+            ns = report.namespaces["usage"]
+            assert ns.successors == ["b"], ns
+            assert ns.acknowledged == KEYS, ns
+            assert new_usage.total() == KEYS

@@ -12,7 +12,7 @@ import anyio
 
 from handoff.protocol import Message
 
-__all__ = ("ANYIO_CLOCK", "AnyioClock", "Clock", "Link", "carried_by")
+__all__ = ("ANYIO_CLOCK", "AnyioClock", "Clock", "Link", "carried_by", "transport_of")
 
 
 class Link(Protocol):
@@ -24,10 +24,15 @@ class Link(Protocol):
         ...
 
 
+def transport_of(link: Link) -> object:
+    """The link that carries ``link``'s messages: itself, or the link a wrapper wraps (an
+    observed link keeps it in ``wrapped``)."""
+    return getattr(link, "wrapped", link)
+
+
 def carried_by(link: Link, transport: object) -> bool:
-    """Whether ``link`` is ``transport``, or a wrapper of it (an observed link keeps the
-    link it wraps in ``wrapped``)."""
-    return link is transport or getattr(link, "wrapped", None) is transport
+    """Whether ``link`` is ``transport``, or a wrapper of it."""
+    return transport_of(link) is transport
 
 
 class Clock(Protocol):
