@@ -10,6 +10,7 @@ replacement link on its way.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio
@@ -17,7 +18,8 @@ import pytest
 
 from handoff import Counters
 from handoff.discovery import PeerAddress
-from handoff.protocol import Chunk, Message, NodeState, Offer, StreamState
+from handoff.membership import DUPLICATE, DownReason, Membership
+from handoff.protocol import Chunk, Message, NodeState, Offer, PeerInfo, StreamState
 from handoff.transport import PeerLink
 from tests._helpers import make_node, wait_until
 
@@ -183,3 +185,30 @@ async def test_a_duplicate_resolved_while_the_offer_is_on_its_way_still_reaches_
             assert ns.successors == ["b"], ns
             assert ns.acknowledged == KEYS, ns
             assert new_usage.total() == KEYS
+
+
+def test_membership_says_until_when_a_held_peers_replacement_may_come() -> None:
+    membership = Membership("b", grace=1.0)
+    info = PeerInfo(
+        name="final",
+        incarnation="i1",
+        cluster="shop",
+        release="v3",
+        started_at=0.0,
+        state=NodeState.SERVING,
+        address="127.0.0.3:4370",
+        namespaces=(),
+        protocol_version=1,
+        clock_offset=0.0,
+    )
+    assert membership.established(1, info, dialled=False, address="127.0.0.3:5000", now=10.0).keep
+    assert membership.replacing(10.0) == -math.inf
+    # The other side kept the duplicate it completed first and closed the link in use.
+    assert membership.lost(1, DownReason.GOODBYE, DUPLICATE, now=10.0) == []
+    assert membership.peers() == []
+    assert membership.replacing(10.5) == membership.replacing(10.5, "final") == 11.0
+    assert membership.replacing(10.5, "other") == -math.inf
+    assert membership.replacing(11.0) == -math.inf  # its grace is over: expired, not awaited
+    assert membership.established(2, info, dialled=True, address="127.0.0.3:4370", now=10.2).keep
+    assert membership.replacing(10.2) == -math.inf
+    assert [p.name for p in membership.peers()] == ["final"]

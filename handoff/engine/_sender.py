@@ -1044,8 +1044,8 @@ class Drainer:
         (it knew of no stream yet: an Offer on its way), and the stream ends as if the
         successor had crashed while it serves on. Not a successor that may hold ownership
         state of the ended stream (it would count twice), and at most :data:`MAX_RELINKS`
-        times each. Waits, until ``until`` at most, while a link to one of them is being
-        replaced."""
+        times each. Waits, until ``until`` and for a stall's time at most, while a link to
+        one of them is being replaced."""
         ended: dict[str, list[object]] = {}
         for stream in offered:
             name = stream.peer.name
@@ -1058,6 +1058,8 @@ class Drainer:
                 ended.setdefault(name, []).append(transport_of(stream.link))
         if not ended:
             return []
+        # A replacement normally takes a handshake's time: no longer than a stall.
+        until = min(until, self._clock.now() + self._stall_after)
         back: set[str] = set()
         while True:
             links = {peer.name: transport_of(link) for peer, link in self._peers()}
