@@ -18,6 +18,7 @@ import pytest
 
 from handoff import Counters
 from handoff.discovery import PeerAddress
+from handoff.engine._sender import FIRST_CHUNK_RECORDS
 from handoff.membership import DUPLICATE, DownReason, Membership
 from handoff.protocol import Chunk, Message, NodeState, Offer, PeerInfo, StreamState
 from handoff.transport import PeerLink
@@ -212,3 +213,51 @@ def test_membership_says_until_when_a_held_peers_replacement_may_come() -> None:
     assert membership.established(2, info, dialled=True, address="127.0.0.3:4370", now=10.2).keep
     assert membership.replacing(10.2) == -math.inf
     assert [p.name for p in membership.peers()] == ["final"]
+
+
+async def test_after_an_offer_again_the_done_goes_on_a_link_that_is_up() -> None:
+    # As above, a cache this time (re-sent freely: no chunk of it is in doubt), and link 1
+    # ends after b acknowledged a first chunk: a offers it again on link 2, where the rest
+    # arrives. The Done, which tells b what it received (and makes it warm), went on the
+    # link of the first stream that b acknowledged something on: link 1, gone.
+    entries = 4 * FIRST_CHUNK_RECORDS
+    cache = {f"k{i}": f"v{i}" for i in range(entries)}
+    received: dict[str, str] = {}
+    a = make_node("a", "127.0.0.2")
+    a.track("cache", cache)
+    async with a:
+        b = make_node("b", "127.0.0.3", peers=[a])
+        b.track("cache", received)
+        async with b:
+            await wait_until(lambda: len(a.peers()) == len(b.peers()) == 1)
+            first_link = a._mesh._membership.link_of("b")
+            link_1 = b._mesh._links[b._mesh._membership.link_of("a") or 0]
+            handle = b._mesh._on_session_message
+            chunks = 0
+
+            async def cut_at_second_chunk(peer: str, link: PeerLink, message: Message) -> None:
+                nonlocal chunks
+                if isinstance(message, Chunk) and link is link_1:
+                    chunks += 1
+                    if chunks == 1:
+                        a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
+                        await wait_until(
+                            lambda: (
+                                a._mesh._membership.link_of("b") not in (first_link, None)
+                                and len(b._mesh._links) == len(a._mesh._links) == 2
+                            )
+                        )
+                    else:
+                        await anyio.aclose_forcefully(link._stream)  # never arrives
+                        return
+                await handle(peer, link, message)
+
+            b._mesh._on_session_message = cut_at_second_chunk
+            report = await a.drain(timeout=4.0)
+            ns = report.namespaces["cache"]
+            assert chunks >= 2
+            assert ns.acknowledged == entries, ns
+            assert received == cache
+            await wait_until(lambda: b.last_received is not None)
+            assert b.last_received is not None
+            assert (b.last_received.peer, b.last_received.records) == ("a", entries)

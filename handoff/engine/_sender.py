@@ -728,10 +728,24 @@ class Drainer:
     async def _say_done(self, deadline: float) -> None:
         """Tell every successor that took something that nothing more will come."""
         served: dict[str, tuple[Link, int]] = {}
+        lost: set[str] = set()
         for (name, _), stream in self._streams.items():
             if stream.state is StreamState.ENDED or stream.acknowledged:
                 link, acknowledged = served.get(name, (stream.link, 0))
+                # On the link of its last stream (after its End) that did not end with
+                # its link: a stream offered again after a duplicate link closed under the
+                # first one runs on the link now in use.
+                if stream.link_lost:
+                    lost.add(name)
+                else:
+                    link = stream.link
+                    lost.discard(name)
                 served[name] = (link, acknowledged + stream.acknowledged)
+        if lost:
+            current = {peer.name: link for peer, link in self._peers()}
+            for name in lost:
+                link, acknowledged = served[name]
+                served[name] = (current.get(name, link), acknowledged)
         for link, acknowledged in served.values():
             if deadline <= self._clock.now():
                 break
