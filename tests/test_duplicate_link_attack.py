@@ -261,3 +261,54 @@ async def test_after_an_offer_again_the_done_goes_on_a_link_that_is_up() -> None
             await wait_until(lambda: b.last_received is not None)
             assert b.last_received is not None
             assert (b.last_received.peer, b.last_received.records) == ("a", entries)
+
+
+async def test_a_successor_that_dies_while_its_duplicate_link_is_retired_is_not_offered_again() -> (
+    None
+):
+    # As kill -9 of b: at its second chunk, on link 1 (kept for the stream), both of b's
+    # links end at once and the chunk is never applied. a must not wait for b nor offer it
+    # the rest: the first chunk is acknowledged, the second in doubt, every count in one
+    # place (the in-doubt ones back on a, as b never applied them).
+    old_usage, new_usage = Counters(), Counters()
+    for i in range(4 * FIRST_CHUNK_RECORDS):
+        old_usage.incr(f"k{i}", 1)
+    total = old_usage.total()
+    a = make_node("a", "127.0.0.2")
+    a.track("usage", old_usage)
+    async with a:
+        b = make_node("b", "127.0.0.3", peers=[a])
+        b.track("usage", new_usage)
+        async with b:
+            await wait_until(lambda: len(a.peers()) == len(b.peers()) == 1)
+            first_link = a._mesh._membership.link_of("b")
+            link_1 = b._mesh._links[b._mesh._membership.link_of("a") or 0]
+            handle = b._mesh._on_session_message
+            chunks = 0
+
+            async def die_at_second_chunk(peer: str, link: PeerLink, message: Message) -> None:
+                nonlocal chunks
+                if isinstance(message, Chunk) and link is link_1:
+                    chunks += 1
+                    if chunks == 1:
+                        a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
+                        await wait_until(
+                            lambda: (
+                                a._mesh._membership.link_of("b") not in (first_link, None)
+                                and len(b._mesh._links) == len(a._mesh._links) == 2
+                            )
+                        )
+                    else:
+                        for each in list(b._mesh._links.values()):
+                            await anyio.aclose_forcefully(each._stream)
+                        return
+                await handle(peer, link, message)
+
+            b._mesh._on_session_message = die_at_second_chunk
+            report = await a.drain(timeout=4.0)
+            ns = report.namespaces["usage"]
+            assert chunks == 2
+            assert ns.acknowledged == new_usage.total() > 0, ns
+            assert ns.in_doubt > 0, ns
+            assert ns.acknowledged + ns.in_doubt <= total
+            assert new_usage.total() + old_usage.total() == total
