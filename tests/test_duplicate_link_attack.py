@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from handoff import Counters
+from handoff._observe import Observer
 from handoff.discovery import PeerAddress
 from handoff.engine._sender import FIRST_CHUNK_RECORDS
 from handoff.membership import DUPLICATE, DownReason, Membership
@@ -83,13 +84,17 @@ async def test_a_drain_that_starts_while_its_successors_link_is_being_replaced_w
             assert held.total() == total
 
 
-async def test_a_kept_duplicate_that_fails_ends_the_streams_it_carried_on_both_sides() -> None:
+@pytest.mark.parametrize("observed", [False, True], ids=["plain", "observed"])
+async def test_a_kept_duplicate_that_fails_ends_the_streams_it_carried_on_both_sides(
+    observed: bool,
+) -> None:
     # b dialled a (link 1) and a's drain streams on it; a dials back (link 2, kept: a is
     # the smaller name) at the first chunk, so both sides keep link 1 up for the stream
     # (Mesh._retire). Then link 1 fails for real, with the chunk lost on the way. It was
     # not the link in use, so neither side called on_peer_lost: b's receiver kept the
     # stream open (its own drain would wait for it, 40% of its time) and a's drain waited
-    # for an Ack until it gave up on a stall, with the chunk's fate bound.
+    # for an Ack until it gave up on a stall, with the chunk's fate bound. Observed: with
+    # an observer (metrics, tracing) the engine holds wrappers of the mesh's links.
     old_usage, new_usage = Counters(), Counters()
     for i in range(KEYS):
         old_usage.incr(f"k{i}", 1)
@@ -98,6 +103,9 @@ async def test_a_kept_duplicate_that_fails_ends_the_streams_it_carried_on_both_s
     async with a:
         b = make_node("b", "127.0.0.3", peers=[a])
         b.track("usage", new_usage)
+        if observed:
+            a._observers.add(Observer())
+            b._observers.add(Observer())
         async with b:
             await wait_until(lambda: [p.name for p in a.peers()] == ["b"])
             first_link = a._mesh._membership.link_of("b")
