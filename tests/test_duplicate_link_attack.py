@@ -21,7 +21,7 @@ from handoff._observe import Observer
 from handoff.discovery import PeerAddress
 from handoff.engine._sender import FIRST_CHUNK_RECORDS
 from handoff.membership import DUPLICATE, DownReason, Membership
-from handoff.protocol import Chunk, Message, NodeState, Offer, PeerInfo, StreamState
+from handoff.protocol import Chunk, Done, Message, NodeState, Offer, PeerInfo, StreamState
 from handoff.transport import PeerLink
 from tests._helpers import make_node, wait_until
 
@@ -320,3 +320,45 @@ async def test_a_successor_that_dies_while_its_duplicate_link_is_retired_is_not_
             assert ns.in_doubt > 0, ns
             assert ns.acknowledged + ns.in_doubt <= total
             assert new_usage.total() + old_usage.total() == total
+
+
+async def test_a_done_that_never_comes_does_not_keep_the_duplicate_link_open() -> None:
+    # The receiver keeps a duplicate link up until the sender's Done arrives on it (what
+    # it applied awaits that Done); a Done never sent (the deadline came first) must not
+    # keep it forever: the sender's end closes it once its drain is over.
+    old_usage, new_usage = Counters(), Counters()
+    for i in range(KEYS):
+        old_usage.incr(f"k{i}", 1)
+    a = make_node("a", "127.0.0.2")
+    a.track("usage", old_usage)
+    async with a:
+        b = make_node("b", "127.0.0.3", peers=[a])
+        b.track("usage", new_usage)
+        async with b:
+            await wait_until(lambda: len(a.peers()) == len(b.peers()) == 1)
+            first = a._mesh._membership.link_of("b")
+            assert first is not None
+            link_1 = a._mesh._links[first]
+            send = link_1.send
+            handle = b._mesh._on_session_message
+            dialled_back = anyio.Event()
+
+            async def dial_back_at_first_chunk(peer: str, link: PeerLink, message: Message) -> None:
+                if isinstance(message, Chunk) and not dialled_back.is_set():
+                    dialled_back.set()
+                    a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
+                    await wait_until(lambda: len(b._mesh._links) == len(a._mesh._links) == 2)
+                await handle(peer, link, message)
+
+            async def no_done(message: Message, *, time_limit: float | None = None) -> None:
+                if not isinstance(message, Done):
+                    await send(message, time_limit=time_limit)
+
+            b._mesh._on_session_message = dial_back_at_first_chunk
+            link_1.send = no_done  # type: ignore[method-assign]
+            report = await a.drain(timeout=3.0)
+            assert dialled_back.is_set()
+            assert report.namespaces["usage"].acknowledged == KEYS
+            assert b._sessions.streams_with("a")  # b still waits for the Done
+            await wait_until(lambda: len(a._mesh._links) == len(b._mesh._links) == 1)
+            assert new_usage.total() == KEYS
