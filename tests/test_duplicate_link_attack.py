@@ -6,6 +6,11 @@ Info, then sends its own), so the node that keeps the new link may close the old
 (Goodbye "duplicate") before the other node has finished the new link's handshake: for that
 moment the other node holds the peer (``Membership._held``), absent from its peers, its
 replacement link on its way.
+
+Each test forces one moment of a drain at which the duplicate appears or goes: before the
+drain chooses successors, with its Offer on the way, at its first chunk (the kept link
+then failing, or the successor dying with both links), and its Done (never sent, or due
+after a stream was offered again on the other link).
 """
 
 from __future__ import annotations
