@@ -484,11 +484,14 @@ class Drainer:
         # At least a few records (per-chunk overhead), unless they are large: a slow link
         # must get chunks of the size its Acks ask for, not 16 large values.
         least = max(1, min(FIRST_CHUNK_RECORDS, int(START_CHUNK_BYTES / self._bytes_per_record)))
-        if math.isnan(stream.seconds_per_byte):
-            # Its link's rate is unknown until its first Ack: a small chunk, whose Ack
-            # comes back within the stall time. Sized to the starting bytes (the drain
-            # knew the records' size from another successor), a first chunk took 2 s at
-            # 5 KB/s, and the successor was given up on as stalled before it could answer.
+        if stream.machine.next_seq == 0:
+            # Its link's rate is unknown until its first Ack: its first chunk is small, as
+            # the drain's very first is, and its Ack comes back within the stall time.
+            # Sized to the starting bytes (the drain knew the records' size from another
+            # successor), a first chunk took 2 s at 5 KB/s, and the successor was given up
+            # on as stalled before it could answer. Only the first: until its Ack nothing
+            # more goes out (see _room), and a receiver whose cost is per chunk would pay
+            # it for many small ones.
             return least
         return max(least, min(MAX_CHUNK_RECORDS, wanted))
 
