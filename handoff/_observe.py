@@ -107,6 +107,8 @@ class ObservedLink:
 
     def __init__(self, link: Link, peer: str, observers: Observers) -> None:
         self._link = link
+        self.wrapped = link
+        """The link this one sends on (the engine matches streams to a link that ended)."""
         self._peer = peer
         self._observers = observers
 

@@ -176,6 +176,10 @@ _A = TypeVar("_A")
 
 ACTOR_SHARE = 0.5
 """Share of a drain's time that actor migrations may take; the streams get the rest."""
+REPLACEMENT_SHARE = 0.2
+"""Share of a drain's time it may wait, before choosing successors, for a peer whose link
+is being replaced (a duplicate resolved the other way round): see
+``Mesh.await_replacements``."""
 
 
 def _add_moves(
@@ -389,6 +393,7 @@ class Node:
             on_session_message=self._session_message,
             on_peer_lost=self._peer_lost,
             streams_with=lambda peer: self._sessions.streams_with(peer),
+            on_link_lost=lambda peer, link: self._sessions.link_lost(peer, link),
             max_pending_handshakes=max_pending_handshakes,
         )
         # A peer back on a new link: a drain whose link to it ended asks what it applied.
@@ -732,6 +737,7 @@ class Node:
                 # Actors move first (their own migrations), then pre-copied peers get their
                 # deltas, then the streams take what is left, all within ``limit``.
                 started = anyio.current_time()
+                await self._mesh.await_replacements(started + limit * REPLACEMENT_SHARE)
                 moves = await self._move_actors(started + limit * ACTOR_SHARE)
                 deltas, skip, done = await self._precopy_deltas(
                     max(0.0, limit - (anyio.current_time() - started))
@@ -791,6 +797,7 @@ class Node:
                 # leaves out the namespaces they cover whole, instead of re-sending those
                 # in full (the drain did not export them) to be kept as they were.
                 started = anyio.current_time()
+                await self._mesh.await_replacements(started + limit * REPLACEMENT_SHARE)
                 deltas, skip, done = await self._precopy_deltas(limit, require_complete=False)
                 drainer = self._drainer(CATCH_UP, sources=sources, skip=skip, exclude=done)
                 remaining = max(0.0, limit - (anyio.current_time() - started))
@@ -841,6 +848,7 @@ class Node:
             codec=self.codec,
             snapshots=self._snapshots,
             peers=self._peer_links,
+            relinking=self._mesh.replacing,
             lock=self.lock,
             progress=self._drain_progress,
             reason=reason,

@@ -289,16 +289,6 @@ async def test_counters_on_links_that_are_all_slow_keep_the_deadline_and_stay_ex
     assert difference == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: with the two-term link cost (fixed + bytes x marginal) b's chunks now stay "
-    "within the stall time and b is acknowledged about what its link carries, but the report "
-    "still lists b under refusals ('made no progress for 0.5 s') once its stream is full near "
-    "the deadline, and c's stream, begun only then, gets a first chunk sized before its rate "
-    "is known (64 KiB: 13 s at 5 KB/s). Proposed fix: a full stream with nothing in flight is "
-    "not a stall; a stream's first chunk on a tier whose other links are slow starts at their "
-    "measured size",
-)
 async def test_counters_on_links_that_are_all_slow_get_what_a_link_carries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -24,7 +24,7 @@ from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, PayloadRefused, ProtocolError
 from handoff.engine._intake import admit, import_guarded
-from handoff.engine._link import ANYIO_CLOCK, Clock, Link
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link, carried_by
 from handoff.engine._precopy import DELTA, apply_delta, split_kind, supports_delta
 from handoff.engine._tracked import Tracked
 from handoff.protocol import (
@@ -192,7 +192,16 @@ class Receiver:
     def peer_lost(self, peer: str) -> None:
         """Forget the streams of a peer whose link ended (an ownership stream's last Acks
         are kept for the sender's question on a new link, see :meth:`_answer_lost`)."""
-        for key in [key for key in self._streams if key[0] == peer]:
+        self.link_lost(peer, None)
+
+    def link_lost(self, peer: str, link: object | None) -> None:
+        """Forget the streams of ``peer`` that ran on ``link`` (all of them if ``None``):
+        it ended (a duplicate link kept up for them, see ``Mesh._retire``, that failed)."""
+        for key in [
+            key
+            for key, stream in self._streams.items()
+            if key[0] == peer and (link is None or carried_by(stream.link, link))
+        ]:
             stream = self._streams.pop(key)
             machine = stream.machine
             # Ends the stream here too: a chunk still being decoded sees it is no longer

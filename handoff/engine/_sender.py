@@ -68,7 +68,7 @@ from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, ProtocolError, SnapshotError
 from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
-from handoff.engine._link import ANYIO_CLOCK, Clock, Link
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link, carried_by, transport_of
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
 from handoff.engine._tracked import ALL, Tracked
@@ -135,6 +135,12 @@ CANCEL_RESERVE = 0.1
 STALL_SHARE = 0.2
 STALL_FLOOR = 0.5
 STALL_CEILING = 3.0
+# How many times a namespace is offered again to a successor whose stream ended with its
+# link while the successor stayed linked (a duplicate link closed under it): bounded, so
+# that links that keep failing cannot hold the drain in a loop.
+MAX_RELINKS = 2
+# How often a drain looks whether a successor's replacement link arrived.
+RELINK_POLL = 0.02
 # Seconds the drain waits for a message it queued to be written before it carries on. A
 # healthy link's socket takes a write at once, so the drain keeps its order of events (an
 # answer that a written message brings comes before the drain's next step); a link whose
@@ -177,6 +183,9 @@ class _OutStream:
     """The successor answered on a new link: the chunks still in flight were not applied."""
     asked_at: float = -math.inf
     """When the question was last sent (see :data:`ASK_AGAIN`)."""
+    doubtful: bool = False
+    """It failed with chunks of ownership state unacknowledged: the successor may hold
+    them, so it is not offered the namespace again (they would count twice)."""
     progress_at: float = 0.0
     """When the successor last answered on this stream, or the drain began to wait on it."""
     report: NamespaceReport | None = None
@@ -292,6 +301,7 @@ class Drainer:
         skip: Mapping[str, frozenset[str]] | None = None,
         exclude: frozenset[str] = frozenset(),
         chunk_bytes: int | None = None,
+        relinking: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
@@ -315,8 +325,13 @@ class Drainer:
         grow to by their Acks (see :meth:`_learn_rate`): the event loop is busy for one
         chunk at a time (pulling, encoding, encrypting), so a drain that runs beside
         serving (a pre-copy) keeps it small, and then yields to the loop before each chunk
-        (default: :data:`TARGET_CHUNK_BYTES`, no yield)."""
+        (default: :data:`TARGET_CHUNK_BYTES`, no yield). ``relinking(peer)`` says whether
+        a link to ``peer`` is being replaced (it is briefly absent from ``peers``): a
+        successor whose stream ended with its link is offered the namespace again once it
+        is back (see :meth:`_relinked`)."""
         self._skip = skip if skip is not None else {}
+        self._relinking = relinking
+        self._relinks: dict[str, int] = {}
         self._exclude = exclude
         self._stopped = False
         if pace is not None and not pace > 0:
@@ -511,6 +526,15 @@ class Drainer:
         # At least a few records (per-chunk overhead), unless they are large: a slow link
         # must get chunks of the size its Acks ask for, not 16 large values.
         least = max(1, min(FIRST_CHUNK_RECORDS, int(START_CHUNK_BYTES / self._bytes_per_record)))
+        if stream.machine.next_seq == 0:
+            # Its link's rate is unknown until its first Ack: its first chunk is small, as
+            # the drain's very first is, and its Ack comes back within the stall time.
+            # Sized to the starting bytes (the drain knew the records' size from another
+            # successor), a first chunk took 2 s at 5 KB/s, and the successor was given up
+            # on as stalled before it could answer. Only the first: until its Ack nothing
+            # more goes out (see _room), and a receiver whose cost is per chunk would pay
+            # it for many small ones.
+            return least
         return max(least, min(MAX_CHUNK_RECORDS, wanted))
 
     def _room(self, stream: _OutStream, until: float) -> int:
@@ -677,21 +701,28 @@ class Drainer:
             for key, stream in self._streams.items()
         )
 
-    def forget_unresolved(self, peer: str) -> None:
-        """``peer``'s link ended: the chunks it may hold keep an unknown outcome."""
-        for key in [key for key in self._unresolved if key[0] == peer]:
+    def forget_unresolved(self, peer: str, link: object | None = None) -> None:
+        """``peer``'s link ended (``link``, or every link to it if ``None``): the chunks
+        it may hold keep an unknown outcome."""
+        for key in [
+            key
+            for key in self._unresolved
+            if key[0] == peer and (link is None or carried_by(self._streams[key].link, link))
+        ]:
             del self._unresolved[key]
             self._streams[key].inflight.clear()
 
-    def on_peer_lost(self, peer: str) -> None:
-        """``peer``'s link ended: its unacknowledged records must go elsewhere. Those of
-        ownership state wait a stall time for the peer to come back on a new link and say
-        which it applied (:meth:`on_peer_up`): a live peer whose link dropped (a protocol
-        error, a heartbeat missed in a pause) must not count them twice. If it does not
-        come back, they are re-sent and reported as in doubt (exact if it crashed)."""
-        self.forget_unresolved(peer)
+    def on_peer_lost(self, peer: str, link: object | None = None) -> None:
+        """``peer``'s link ended: its unacknowledged records must go elsewhere. With
+        ``link``, only that link ended (a duplicate kept up for the streams it carried,
+        see ``Mesh._retire``): only the streams on it end. Those of ownership state wait a
+        stall time for the peer to come back on a new link and say which it applied
+        (:meth:`on_peer_up`): a live peer whose link dropped (a protocol error, a
+        heartbeat missed in a pause) must not count them twice. If it does not come back,
+        they are re-sent and reported as in doubt (exact if it crashed)."""
+        self.forget_unresolved(peer, link)
         for (name, _), stream in self._streams.items():
-            if name != peer:
+            if name != peer or not (link is None or carried_by(stream.link, link)):
                 continue
             self._fail(stream, "went down during the drain", link_lost=True)
             if (
@@ -852,10 +883,24 @@ class Drainer:
     async def _say_done(self, deadline: float) -> None:
         """Tell every successor that took something that nothing more will come."""
         served: dict[str, tuple[Link, int]] = {}
+        lost: set[str] = set()
         for (name, _), stream in self._streams.items():
             if stream.state is StreamState.ENDED or stream.acknowledged:
                 link, acknowledged = served.get(name, (stream.link, 0))
+                # On the link of its last stream (after its End) that did not end with
+                # its link: a stream offered again after a duplicate link closed under the
+                # first one runs on the link now in use.
+                if stream.link_lost:
+                    lost.add(name)
+                else:
+                    link = stream.link
+                    lost.discard(name)
                 served[name] = (link, acknowledged + stream.acknowledged)
+        if lost:
+            current = {peer.name: link for peer, link in self._peers()}
+            for name in lost:
+                link, acknowledged = served[name]
+                served[name] = (current.get(name, link), acknowledged)
         for link, acknowledged in served.values():
             if deadline <= self._clock.now():
                 break
@@ -867,6 +912,7 @@ class Drainer:
         self._report = report
         self._namespace = tracked
         self._given_back = 0
+        self._relinks = {}
         self._everywhere = tracked.effective_spread == ALL
         report.spread = tracked.effective_spread
         self._owed = {}
@@ -893,6 +939,8 @@ class Drainer:
                     retry.extend(self._released(self._take_back(stream)))
             open_streams = [s for s in streams if s.state is StreamState.OPEN]
             if not open_streams:
+                if not tiers:
+                    tiers = await self._relinked(tracked, report, offered, stream_until)
                 if not tiers:
                     break
                 streams = await self._offer(tracked, tiers.pop(0), report, stream_until, deadline)
@@ -1163,6 +1211,56 @@ class Drainer:
                 tiers.append(eligible)
         return tiers
 
+    async def _relinked(
+        self,
+        tracked: Tracked,
+        report: NamespaceReport,
+        offered: list[_OutStream],
+        until: float,
+    ) -> list[list[_Target]]:
+        """Successors whose stream ended with its link while they stay linked, as a tier
+        to offer the namespace again, on the link now in use. Two nodes that dialled each
+        other keep one link; the other node may close the one a stream had just started on
+        (it knew of no stream yet: an Offer on its way), and the stream ends as if the
+        successor had crashed while it serves on. Not a successor that may hold ownership
+        state of the ended stream (it would count twice), and at most :data:`MAX_RELINKS`
+        times each. Waits, until ``until`` and for a stall's time at most, while a link to
+        one of them is being replaced."""
+        ended: dict[str, list[object]] = {}
+        for stream in offered:
+            name = stream.peer.name
+            if (
+                stream.state is StreamState.FAILED
+                and stream.link_lost
+                and not stream.doubtful
+                and self._relinks.get(name, 0) < MAX_RELINKS
+            ):
+                ended.setdefault(name, []).append(transport_of(stream.link))
+        if not ended:
+            return []
+        # A replacement normally takes a handshake's time: no longer than a stall.
+        until = min(until, self._clock.now() + self._stall_after)
+        back: set[str] = set()
+        while True:
+            links = {peer.name: transport_of(link) for peer, link in self._peers()}
+            back = {n for n, old in ended.items() if n in links and links[n] not in old}
+            waiting = [n for n in ended if n not in back and self._relinking(n)]
+            if back or not waiting or self._clock.now() >= until:
+                break
+            await self._clock.wait(anyio.Event(), min(until, self._clock.now() + RELINK_POLL))
+        if not back:
+            return []
+        for name in back:
+            self._relinks[name] = self._relinks.get(name, 0) + 1
+            logger.info(
+                "%s: its link ended under the stream of %r while it stays linked (a "
+                "duplicate link closed): offered again",
+                name,
+                tracked.name,
+            )
+        tier = [t for tier in self._eligible_tiers(tracked, report) for t in tier]
+        return [[t for t in tier if t.peer.name in back]] if tier else []
+
     async def _offer(
         self,
         tracked: Tracked,
@@ -1348,6 +1446,7 @@ class Drainer:
     def _fail(self, stream: _OutStream, why: str, *, link_lost: bool = False) -> None:
         if stream.machine.fail(why):
             stream.link_lost = link_lost
+            stream.doubtful = stream.ownership and bool(stream.inflight)
             self._unqueue(stream)
             logger.warning("successor %s %s", stream.peer.name, why)
             self._changed.set()

@@ -121,6 +121,19 @@ class Sessions:
             drainer.forget_unresolved(peer)
         self._finished = [d for d in self._finished if d.unresolved]
 
+    def link_lost(self, peer: str, link: object) -> None:
+        """``link`` to ``peer`` ended, not the link in use (a duplicate kept up for the
+        streams it carried, see ``Mesh._retire``): the streams on it end, as if the peer
+        had gone (their chunks' fate is unknown); those on the link in use go on."""
+        self.receiver.link_lost(peer, link)
+        if self._drainer is not None:
+            self._drainer.on_peer_lost(peer, link)
+        for precopier in self._precopiers:
+            precopier.on_peer_lost(peer, link)
+        for drainer in self._finished:
+            drainer.forget_unresolved(peer, link)
+        self._finished = [d for d in self._finished if d.unresolved]
+
     async def drain(self, drainer: Drainer, *, time_limit: float) -> DrainReport:
         """Finish or withdraw inbound streams, then run ``drainer``, all within
         ``time_limit`` seconds. The caller has already stopped accepting offers."""
