@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import pytest
 
-from handoff import Counters
+from handoff import Counters, Node
 from handoff._observe import Observer
 from handoff.discovery import PeerAddress
 from handoff.engine._sender import FIRST_CHUNK_RECORDS
@@ -228,6 +228,37 @@ def test_membership_says_until_when_a_held_peers_replacement_may_come() -> None:
     assert [p.name for p in membership.peers()] == ["final"]
 
 
+def cut_at_second_chunk(a: Node, b: Node, *, every_link: bool) -> list[int]:
+    """Make b, on its first chunk on the link in use (link 1), have a dial it again (two
+    links: link 1 is kept for the stream), and on its second end link 1 (``every_link``:
+    all of b's links, as kill -9 would) so that chunk never arrives. Returns a one-item
+    list: how many chunks came on link 1."""
+    first_link = a._mesh._membership.link_of("b")
+    link_1 = b._mesh._links[b._mesh._membership.link_of("a") or 0]
+    handle = b._mesh._on_session_message
+    chunks = [0]
+
+    async def cut(peer: str, link: PeerLink, message: Message) -> None:
+        if isinstance(message, Chunk) and link is link_1:
+            chunks[0] += 1
+            if chunks[0] == 1:
+                a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
+                await wait_until(
+                    lambda: (
+                        a._mesh._membership.link_of("b") not in (first_link, None)
+                        and len(b._mesh._links) == len(a._mesh._links) == 2
+                    )
+                )
+            else:
+                for each in list(b._mesh._links.values()) if every_link else [link]:
+                    await anyio.aclose_forcefully(each._stream)
+                return
+        await handle(peer, link, message)
+
+    b._mesh._on_session_message = cut
+    return chunks
+
+
 async def test_after_an_offer_again_the_done_goes_on_a_link_that_is_up() -> None:
     # As above, a cache this time (re-sent freely: no chunk of it is in doubt), and link 1
     # ends after b acknowledged a first chunk: a offers it again on link 2, where the rest
@@ -243,32 +274,10 @@ async def test_after_an_offer_again_the_done_goes_on_a_link_that_is_up() -> None
         b.track("cache", received)
         async with b:
             await wait_until(lambda: len(a.peers()) == len(b.peers()) == 1)
-            first_link = a._mesh._membership.link_of("b")
-            link_1 = b._mesh._links[b._mesh._membership.link_of("a") or 0]
-            handle = b._mesh._on_session_message
-            chunks = 0
-
-            async def cut_at_second_chunk(peer: str, link: PeerLink, message: Message) -> None:
-                nonlocal chunks
-                if isinstance(message, Chunk) and link is link_1:
-                    chunks += 1
-                    if chunks == 1:
-                        a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
-                        await wait_until(
-                            lambda: (
-                                a._mesh._membership.link_of("b") not in (first_link, None)
-                                and len(b._mesh._links) == len(a._mesh._links) == 2
-                            )
-                        )
-                    else:
-                        await anyio.aclose_forcefully(link._stream)  # never arrives
-                        return
-                await handle(peer, link, message)
-
-            b._mesh._on_session_message = cut_at_second_chunk
+            chunks = cut_at_second_chunk(a, b, every_link=False)
             report = await a.drain(timeout=4.0)
             ns = report.namespaces["cache"]
-            assert chunks >= 2
+            assert chunks[0] >= 2
             assert ns.acknowledged == entries, ns
             assert received == cache
             await wait_until(lambda: b.last_received is not None)
@@ -295,33 +304,10 @@ async def test_a_successor_that_dies_while_its_duplicate_link_is_retired_is_not_
         b.track("usage", new_usage)
         async with b:
             await wait_until(lambda: len(a.peers()) == len(b.peers()) == 1)
-            first_link = a._mesh._membership.link_of("b")
-            link_1 = b._mesh._links[b._mesh._membership.link_of("a") or 0]
-            handle = b._mesh._on_session_message
-            chunks = 0
-
-            async def die_at_second_chunk(peer: str, link: PeerLink, message: Message) -> None:
-                nonlocal chunks
-                if isinstance(message, Chunk) and link is link_1:
-                    chunks += 1
-                    if chunks == 1:
-                        a._spawn(a._mesh._dial, PeerAddress("127.0.0.3", b.port))
-                        await wait_until(
-                            lambda: (
-                                a._mesh._membership.link_of("b") not in (first_link, None)
-                                and len(b._mesh._links) == len(a._mesh._links) == 2
-                            )
-                        )
-                    else:
-                        for each in list(b._mesh._links.values()):
-                            await anyio.aclose_forcefully(each._stream)
-                        return
-                await handle(peer, link, message)
-
-            b._mesh._on_session_message = die_at_second_chunk
+            chunks = cut_at_second_chunk(a, b, every_link=True)
             report = await a.drain(timeout=4.0)
             ns = report.namespaces["usage"]
-            assert chunks >= 2
+            assert chunks[0] >= 2
             assert ns.acknowledged == new_usage.total() > 0, ns
             assert ns.acknowledged + ns.in_doubt <= total
             assert new_usage.total() + old_usage.total() == total
