@@ -541,7 +541,7 @@ async def run_program(program: list[tuple[str, int, int]], windowed: bool) -> No
 
 
 @settings(
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
