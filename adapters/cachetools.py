@@ -93,6 +93,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import itertools
 import logging
 import math
 from bisect import bisect_left, bisect_right
@@ -328,7 +329,12 @@ class _Changes:
 
     def note(self, key: Any) -> None:
         self.count += 1
-        self.changed[key] = self.count
+        changed = self.changed
+        # Re-inserted, so that the record is in the order of the changes: ``since`` reads
+        # it from the newest end and stops at the mark (a pre-copy's live stream asks
+        # every few milliseconds, and must not scan every key changed since the copy).
+        changed.pop(key, None)
+        changed[key] = self.count
         cache = self.cache
         if (
             not self.count % _CHECK_EVERY
@@ -347,12 +353,28 @@ class _Changes:
         if cls in _TRACKING.values():
             cache.__class__ = cls.__mro__[1]
 
+    def forget_through(self, count: int) -> int:
+        """Forget the keys whose last change is at or before ``count`` (no mark in use is
+        older): the oldest first, as the record is ordered. Returns how many."""
+        changed = self.changed
+        old = list(itertools.takewhile(lambda key: changed[key] <= count, changed))
+        for key in old:
+            del changed[key]
+        return len(old)
+
     def since(self, mark: object) -> dict[Any, int]:
         """Each key changed after ``mark``, with the count of its last change."""
         if not isinstance(mark, tuple) or len(mark) != 2 or mark[0] != self.session:
             raise ValueError(f"{mark!r} is not a mark of this cache's tracking")
         after: int = mark[1]
-        return {key: count for key, count in self.changed.items() if count > after}
+        changed = self.changed
+        since: dict[Any, int] = {}
+        for key in reversed(changed):  # newest first: only what changed after the mark
+            count = changed[key]
+            if count <= after:
+                break
+            since[key] = count
+        return since
 
 
 def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
@@ -772,6 +794,29 @@ class CacheAdapter(Generic[_C]):
         for key in list(changes):
             if key not in data:
                 yield key, DELETED, None
+
+    def lists_changes_cheaply(self) -> bool:
+        """Whether :meth:`changed_since` reads only what changed, not every key (caches
+        ordered by last use whose record of changes is in that order): a pre-copy's
+        live stream asks every few milliseconds, and only then."""
+        tracking: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        return self._recency_ordered and (tracking is None or not tracking.reordered)
+
+    def forget_changes_before(self, marks: Iterable[object]) -> int:
+        """Forget what changed before the oldest of ``marks`` (every mark still in use:
+        no ``changed_since`` will ask for it), so that the record of changes holds what
+        changed since the live streams' last acknowledged batches, not since the copy.
+        Marks of an earlier tracking are ignored (they raise :exc:`~handoff.ChangesLost`
+        anyway). Returns how many keys were forgotten."""
+        tracking: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if tracking is None:
+            return 0
+        counts = [
+            mark[1]
+            for mark in marks
+            if isinstance(mark, tuple) and len(mark) == 2 and mark[0] == tracking.session
+        ]
+        return tracking.forget_through(min(counts)) if counts else 0
 
     def stop_tracking(self) -> None:
         """Forget the mark, and give the cache back its own class (see :meth:`mark`)."""

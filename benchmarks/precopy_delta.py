@@ -11,7 +11,12 @@ the same as the drain benchmark's), the new node an empty one. In the same run:
 - ``delta_drain``: seconds of ``old.drain()`` after the pre-copy and ``--changed`` (a share)
   of the keys written again: only the delta crosses (SIGTERM to done);
 - ``delta_over_full`` = ``delta_drain / full_drain`` (the issue's target: ``delta_drain``
-  at most 0.3 s for a million entries with 1 % changed);
+  at most 0.3 s for a million entries with 1 % changed). By default the changes are made
+  all at once just before the drain (the live stream has no time to send them: the
+  drain's delta carries them all); with ``--write-seconds S`` they are spread over ``S``
+  seconds while the old node serves, and the live stream sends them as they happen, so
+  the drain's delta (``delta_records``) is what changed in the last lag
+  (``streamed``: records the live stream got acknowledged before the drain);
 - ``serve_idle`` / ``serve_precopy``: the old node's serving latency, p50 / p99 / max in
   milliseconds, idle and while it pre-copies: a request due every millisecond on its
   event loop (one read of one of 1,000 hot keys each; each turn of the loop serves all
@@ -26,7 +31,7 @@ the same as the drain benchmark's), the new node an empty one. In the same run:
   ``--rounds``; ``read_ratio`` = tracked / plain.
 
 Usage: ``python benchmarks/precopy_delta.py [--entries 1000000] [--changed 0.01]
-[--pace BYTES_PER_S] [--gc-freeze] [--repeat 1]``.
+[--pace BYTES_PER_S] [--write-seconds 0] [--gc-freeze] [--repeat 1]``.
 """
 
 from __future__ import annotations
@@ -108,7 +113,13 @@ def _receiver(n: int, sender_address: str, out: Connection) -> None:
 
 
 def _sender(
-    n: int, precopy: bool, pace: float, changed: float, freeze: bool, out: Connection
+    n: int,
+    precopy: bool,
+    pace: float,
+    changed: float,
+    freeze: bool,
+    write_seconds: float,
+    out: Connection,
 ) -> None:
     import gc
 
@@ -167,10 +178,22 @@ def _sender(
                 result["precopy_state"] = node.stats()["precopy"][0]["state"]
                 result["serve_precopy"] = _percentiles(samples)
                 result["loop_busy_precopy"] = _percentiles(busy)
-            serving = False
             step = max(1, round(1 / changed))
-            for i in range(0, n, step):
-                cache[f"key:{i}"] = "w" * 100
+            written = range(0, n, step)
+            if write_seconds > 0:
+                # Spread over write_seconds while serving: the live stream sends them.
+                per_turn = max(1, round(len(written) * 0.01 / write_seconds))
+                for at in range(0, len(written), per_turn):
+                    for i in written[at : at + per_turn]:
+                        cache[f"key:{i}"] = "w" * 100
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.05)  # (the last batch's round trip)
+            else:
+                for i in written:
+                    cache[f"key:{i}"] = "w" * 100
+            serving = False
+            if precopy:
+                result["streamed"] = node.stats()["precopy"][0]["streamed"]
             started = time.perf_counter()
             report = await node.drain()
             result["drain"] = time.perf_counter() - started
@@ -182,8 +205,10 @@ def _sender(
     anyio.run(main)
 
 
-def _deploy(n: int, precopy: bool, pace: float, changed: float, freeze: bool) -> dict[str, Any]:
-    sender, sconn = _start(_sender, n, precopy, pace, changed, freeze)
+def _deploy(
+    n: int, precopy: bool, pace: float, changed: float, freeze: bool, write_seconds: float
+) -> dict[str, Any]:
+    sender, sconn = _start(_sender, n, precopy, pace, changed, freeze, write_seconds)
     address = _recv(sconn, sender)["address"]
     receiver, rconn = _start(_receiver, n, address)
     result = _recv(sconn, sender)
@@ -213,6 +238,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
+        "--write-seconds",
+        type=float,
+        default=0.0,
+        help="spread the changes over this many seconds while serving (0: all at once)",
+    )
+    parser.add_argument(
         "--gc-freeze", action="store_true", help="gc.freeze() the old node's filled cache"
     )
     args = parser.parse_args()
@@ -221,8 +252,12 @@ def main() -> None:
     runs = []
     for index in range(args.repeat):
         print(f"round {index + 1}/{args.repeat}...", file=sys.stderr, flush=True)
-        full = _deploy(args.entries, False, args.pace, args.changed, args.gc_freeze)
-        pre = _deploy(args.entries, True, args.pace, args.changed, args.gc_freeze)
+        full = _deploy(
+            args.entries, False, args.pace, args.changed, args.gc_freeze, args.write_seconds
+        )
+        pre = _deploy(
+            args.entries, True, args.pace, args.changed, args.gc_freeze, args.write_seconds
+        )
         runs.append((full, pre))
     cache = _filled(min(args.entries, 100_000))
     keys = list(cache)[:50_000]
@@ -237,6 +272,7 @@ def main() -> None:
         "changed": args.changed,
         "pace": args.pace or None,
         "gc_freeze": args.gc_freeze,
+        "write_seconds": args.write_seconds,
         "full_drain": round(full_drain, 4),
         "delta_drain": round(delta_drain, 4),
         "delta_over_full": round(delta_drain / full_drain, 4),
@@ -247,6 +283,7 @@ def main() -> None:
                 "full_records": full["records"],
                 "delta_drain": round(pre["drain"], 4),
                 "delta_records": pre["records"],
+                "streamed": pre.get("streamed"),
                 "precopy": round(pre["precopy"], 4),
                 "precopy_state": pre["precopy_state"],
                 "serve_idle": pre["serve_idle"],

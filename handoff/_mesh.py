@@ -191,7 +191,8 @@ class Mesh:
     :meth:`start` and the end of :meth:`stop`. ``log_clock`` times the limits on log lines
     about refused connections (tests pass a fake one). ``streams_with(peer)`` says whether
     the sessions have a stream with ``peer`` under way: a duplicate link is closed only
-    once it says no (see :meth:`_retire`).
+    once it says no (see :meth:`_retire`); ``on_link_lost(peer, link)`` says that such a
+    link, not the one in use, ended: the streams it carried end with it.
     """
 
     def __init__(
@@ -203,6 +204,7 @@ class Mesh:
         on_session_message: SessionHandler,
         on_peer_lost: Callable[[str], None],
         streams_with: Callable[[str], bool] = lambda peer: False,
+        on_link_lost: Callable[[str, PeerLink], None] = lambda peer, link: None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
         log_clock: Callable[[], float] = anyio.current_time,
@@ -219,6 +221,7 @@ class Mesh:
         self._on_session_message = on_session_message
         self._on_peer_lost = on_peer_lost
         self._streams_with = streams_with
+        self._on_link_lost = on_link_lost
         self._state = NodeState.SERVING
         self._limits = Limits(
             handshake_timeout=settings.handshake_timeout,
@@ -335,6 +338,23 @@ class Mesh:
             if link is not None:
                 pairs.append((peer, link))
         return pairs
+
+    async def await_replacements(self, until: float) -> None:
+        """Wait, until ``until`` at most, while a peer is absent only because its link is
+        being replaced: the other side kept the duplicate it completed first and closed
+        the link in use here, whose replacement is still in its handshake (the server side
+        of a handshake completes first). A drain choosing successors meanwhile would find
+        none; the replacement normally takes a moment, its handshake time at most."""
+        while anyio.current_time() < min(  # noqa: ASYNC110
+            until, self._membership.replacing(anyio.current_time())
+        ):
+            await anyio.sleep(RETIRE_POLL_INTERVAL)
+
+    def replacing(self, peer: str) -> bool:
+        """Whether ``peer`` is absent only because its link is being replaced (see
+        :meth:`await_replacements`)."""
+        now = anyio.current_time()
+        return self._membership.replacing(now, peer) > now
 
     async def set_state(self, state: NodeState) -> None:
         """Change this node's state and tell every peer (serving -> draining)."""
@@ -662,6 +682,20 @@ class Mesh:
             self._settled(key)
         await self._run_link(link, peer, events, dialled=True, address=key)
 
+    def _redial(self, address: str) -> None:
+        """Dial ``address`` (``host:port``, ``[v6]:port``) now, unless a link or a dial to
+        it is under way."""
+        host, _, port = address.rpartition(":")
+        if not self._running or self._stopping or not port.isdigit() or not host:
+            return
+        target = PeerAddress(host.strip("[]"), int(port))
+        key = str(target)
+        if key in self._dialling or key in self._self_addresses:
+            return
+        if self._membership.knows_address(key):
+            return
+        self._spawn(self._dial, target)
+
     def _back_off(self, key: str) -> None:
         _, wait = self._probe_backoff.get(key, (0.0, self._settings.poll_interval / 2))
         wait = min(wait * 2, PROBE_BACKOFF_LIMIT)
@@ -823,18 +857,29 @@ class Mesh:
             reason, detail = DownReason.PROTOCOL_ERROR, peer_text(f"internal error: {exc!r}")
         finally:
             self._links.pop(link_id, None)
+            redial = False
             if self._membership.link_of(peer.name) in (link_id, None):
-                # Streams die with the link that carried them (not with a replaced duplicate).
+                # Streams die with the link that carried them.
                 self._on_peer_lost(peer.name)
                 # What it said about its peers counted while it was linked.
                 self._referrals.forget(peer.name)
                 self._awaiting_lists.discard(peer.name)
                 self._note_links_changed()
+                # A drain streams to it: dialled again now, not at the next discovery poll,
+                # so that the drain can ask it what it applied before re-sending (a live
+                # peer must not count twice what the lost link did not confirm).
+                redial = reason is not DownReason.GOODBYE and self._streams_with(peer.name)
+            else:
+                # A replaced duplicate (kept up for its streams, or of an old incarnation):
+                # only the streams it carried die with it.
+                self._on_link_lost(peer.name, link)
             await link.aclose()
             if not self._stopping:
                 self._publish(
                     self._membership.lost(link_id, reason, detail, now=anyio.current_time())
                 )
+                if redial:
+                    self._redial(peer.address or address)
 
     async def _retire(self, link_id: int, link: PeerLink, peer: str) -> None:
         """Close ``link``, a duplicate of the peer's link in use, once no stream with the

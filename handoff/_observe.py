@@ -107,8 +107,20 @@ class ObservedLink:
 
     def __init__(self, link: Link, peer: str, observers: Observers) -> None:
         self._link = link
+        self.wrapped = link
+        """The link this one sends on (the engine matches streams to a link that ended)."""
         self._peer = peer
         self._observers = observers
+
+    def __eq__(self, other: object) -> bool:
+        # The node wraps a link anew for every message it hands on: two wrappers of one
+        # link are the same link (the receiver tells a stream's link from a new one).
+        if isinstance(other, ObservedLink):
+            return other._link is self._link
+        return other is self._link
+
+    def __hash__(self) -> int:
+        return id(self._link)
 
     async def send(self, message: Message, *, time_limit: float | None = None) -> None:
         """Tell the observers, then send on the wrapped link."""

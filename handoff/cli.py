@@ -463,6 +463,11 @@ def _status_lines(status: Mapping[str, Any]) -> list[str]:
             lines.append(
                 f"pre-copy to {t(precopy['peer'])}: {t(precopy['state'])}, "
                 f"{precopy['copied']} of {precopy['entries']} entries copied"
+                + (
+                    f", {streamed} changes streamed since"
+                    if type(streamed := precopy.get("streamed")) is int and streamed
+                    else ""
+                )
             )
     received = status.get("last_received")
     if shape_problem(received, RECEIVED_SHAPE) is not None:

@@ -312,6 +312,20 @@ class Membership:
                 )
         return events
 
+    def replacing(self, now: float, name: str | None = None) -> float:
+        """Until when a peer (``name``, or any) whose link the other side closed as a
+        duplicate may still get its replacement (``-inf`` if none is awaited): until then
+        it is absent from :meth:`peers`, yet alive, its new link's handshake still
+        completing here."""
+        return max(
+            (
+                deadline
+                for held, (_, deadline) in self._held.items()
+                if deadline > now and name in (None, held)
+            ),
+            default=-math.inf,
+        )
+
     def next_deadline(self) -> float:
         """When ``expire`` has something to do (``inf`` if never)."""
         return min((deadline for _, deadline in self._held.values()), default=math.inf)

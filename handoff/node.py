@@ -66,10 +66,15 @@ from handoff.engine._actors import ActorHost, MoveStats
 from handoff.engine._fingerprint import ExportLog, changed_records
 from handoff.engine._planner import successor_tiers
 from handoff.engine._precopy import (
+    ANSWER_WAIT,
     CANCEL_WAIT,
+    COPY_ATTEMPTS,
     DELTA,
     DELTA_SHARE,
     LINK_WAIT,
+    LIVE_FINISH_WAIT,
+    LIVE_POLL,
+    LIVE_TIME_LIMIT,
     PRECOPY,
     PRECOPY_CHUNK_BYTES,
     PRECOPY_TIME_LIMIT,
@@ -171,6 +176,10 @@ _A = TypeVar("_A")
 
 ACTOR_SHARE = 0.5
 """Share of a drain's time that actor migrations may take; the streams get the rest."""
+REPLACEMENT_SHARE = 0.2
+"""Share of a drain's time it may wait, before choosing successors, for a peer whose link
+is being replaced (a duplicate resolved the other way round): see
+``Mesh.await_replacements``."""
 
 
 def _add_moves(
@@ -384,8 +393,11 @@ class Node:
             on_session_message=self._session_message,
             on_peer_lost=self._peer_lost,
             streams_with=lambda peer: self._sessions.streams_with(peer),
+            on_link_lost=lambda peer, link: self._sessions.link_lost(peer, link),
             max_pending_handshakes=max_pending_handshakes,
         )
+        # A peer back on a new link: a drain whose link to it ended asks what it applied.
+        self._mesh.on_node_up(lambda peer: self._sessions.peer_up(peer.name))
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._port = s.bind_port
@@ -725,6 +737,7 @@ class Node:
                 # Actors move first (their own migrations), then pre-copied peers get their
                 # deltas, then the streams take what is left, all within ``limit``.
                 started = anyio.current_time()
+                await self._mesh.await_replacements(started + limit * REPLACEMENT_SHARE)
                 moves = await self._move_actors(started + limit * ACTOR_SHARE)
                 deltas, skip, done = await self._precopy_deltas(
                     max(0.0, limit - (anyio.current_time() - started))
@@ -784,6 +797,7 @@ class Node:
                 # leaves out the namespaces they cover whole, instead of re-sending those
                 # in full (the drain did not export them) to be kept as they were.
                 started = anyio.current_time()
+                await self._mesh.await_replacements(started + limit * REPLACEMENT_SHARE)
                 deltas, skip, done = await self._precopy_deltas(limit, require_complete=False)
                 drainer = self._drainer(CATCH_UP, sources=sources, skip=skip, exclude=done)
                 remaining = max(0.0, limit - (anyio.current_time() - started))
@@ -834,6 +848,7 @@ class Node:
             codec=self.codec,
             snapshots=self._snapshots,
             peers=self._peer_links,
+            relinking=self._mesh.replacing,
             lock=self.lock,
             progress=self._drain_progress,
             reason=reason,
@@ -875,31 +890,39 @@ class Node:
                 while not any(p.name == name for p, _ in self._mesh.peer_links()):  # noqa: ASYNC110
                     await anyio.sleep(0.02)
             precopy.state = "copying"
-            precopy.entries = {n: len(t.adapter) for n, t in precopy.tracked.items()}
-            drainer = Drainer(
-                node=self.name,
-                release=self.release,
-                cluster=self.cluster,
-                tracked=precopy.tracked,
-                transforms=self.transforms,
-                codec=self.codec,
-                snapshots=None,
-                peers=lambda: [(p, link) for p, link in self._mesh.peer_links() if p.name == name],
-                lock=self.lock,
-                reason="pre-copy",
-                started_at=self.started_at,
-                sources=precopy.copy_sources(),
-                stream_ids=self._stream_ids,
-                kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
-                pace=state.pace,
-                chunk_bytes=PRECOPY_CHUNK_BYTES,
-                progress=lambda ns: precopy.copied.__setitem__(ns.namespace, ns.acknowledged),
-            )
-            state.running = drainer
-            try:
-                report = await self._sessions.precopy(drainer, time_limit=PRECOPY_TIME_LIMIT)
-            finally:
-                state.running = None
+            for _ in range(COPY_ATTEMPTS):
+                precopy.entries = {n: len(t.adapter) for n, t in precopy.tracked.items()}
+                precopy.copied = {}
+                drainer = Drainer(
+                    node=self.name,
+                    release=self.release,
+                    cluster=self.cluster,
+                    tracked=precopy.tracked,
+                    transforms=self.transforms,
+                    codec=self.codec,
+                    snapshots=None,
+                    peers=lambda: [
+                        (p, link) for p, link in self._mesh.peer_links() if p.name == name
+                    ],
+                    lock=self.lock,
+                    reason="pre-copy",
+                    started_at=self.started_at,
+                    sources=precopy.copy_sources(),
+                    stream_ids=self._stream_ids,
+                    kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
+                    pace=state.pace,
+                    chunk_bytes=PRECOPY_CHUNK_BYTES,
+                    progress=lambda ns: precopy.copied.__setitem__(ns.namespace, ns.acknowledged),
+                )
+                state.running = drainer
+                try:
+                    report, answered = await self._run_precopy(drainer, PRECOPY_TIME_LIMIT)
+                finally:
+                    state.running = None
+                if answered or self._state is not NodeState.SERVING:
+                    break
+                logger.info("%s: %s did not answer the pre-copy's offer: offered again",
+                            self.name, name)  # fmt: skip
             precopy.complete = frozenset(
                 n
                 for n, ns in report.namespaces.items()
@@ -909,6 +932,125 @@ class Node:
             )
             precopy.state = "complete" if precopy.complete == set(precopy.tracked) else "partial"
             logger.info("%s: %s", self.name, report.summary())
+            if precopy.complete and self._state is NodeState.SERVING:
+                precopy.live_done = anyio.Event()
+                self._spawn(self._stream_changes, name)
+
+    async def _run_precopy(self, drainer: Drainer, time_limit: float) -> tuple[DrainReport, bool]:
+        """Run a pre-copy's ``drainer`` (see ``Sessions.precopy``), stopped if no offer of
+        it is answered within ``ANSWER_WAIT``; and whether one was."""
+        answered = True
+
+        async def watch() -> None:
+            nonlocal answered
+            await anyio.sleep(ANSWER_WAIT)
+            if not drainer.offer_answered():
+                answered = False
+                drainer.stop()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            report = await self._sessions.precopy(drainer, time_limit=time_limit)
+            group.cancel_scope.cancel()
+        return report, answered
+
+    def _precopy_peer(self, name: str) -> list[tuple[Peer, Link]]:
+        """The link to peer ``name`` while it serves (a pre-copy's only successor)."""
+        return [(p, link) for p, link in self._mesh.peer_links() if p.name == name and p.serving]
+
+    async def _stream_changes(self, name: str) -> None:
+        """The live stream: while both serve, send the peer that took a complete copy
+        what changed since, batch after batch as deltas (each applied as the drain's
+        delta is), so that it lags this node by about a batch's round trips, not by the
+        time until the drain. A batch the peer did not acknowledge whole is sent again
+        with the next (its mark is kept only once acknowledged). Ends when the drain
+        stops it (which then sends the rest as its delta), when the peer leaves or
+        refuses, or when no namespace is left to stream."""
+        precopy = self._precopy.begun[name]
+        assert precopy.live_done is not None
+        absent_since: float | None = None
+        try:
+            while not precopy.live_stopped and self._state is NodeState.SERVING:
+                await anyio.sleep(LIVE_POLL)
+                if precopy.live_stopped:
+                    return
+                if not self._precopy_peer(name):
+                    # Draining, gone, or between two links (a duplicate link is replaced
+                    # under way): only a peer that stays away that long ends the stream.
+                    draining = any(p.name == name for p, _ in self._mesh.peer_links())
+                    now = anyio.current_time()
+                    absent_since = now if absent_since is None else absent_since
+                    if draining or now - absent_since > LINK_WAIT:
+                        return
+                    continue
+                absent_since = None
+                with self.lock:
+                    batch = precopy.live_batch()
+                if not batch:
+                    if not precopy.complete & precopy.marked - precopy.live_lost:
+                        return
+                    continue
+                drainer = Drainer(
+                    node=self.name,
+                    release=self.release,
+                    cluster=self.cluster,
+                    tracked={n: precopy.tracked[n] for n in batch},
+                    transforms=self.transforms,
+                    codec=self.codec,
+                    snapshots=None,  # a delta applies only on top of its copy
+                    peers=lambda: self._precopy_peer(name),
+                    lock=self.lock,
+                    reason="pre-copy live delta",
+                    started_at=self.started_at,
+                    sources={
+                        n: functools.partial(iter, records) for n, (records, _) in batch.items()
+                    },
+                    stream_ids=self._stream_ids,
+                    kinds={n: precopy.tracked[n].adapter.kind + DELTA for n in batch},
+                    pace=self._precopy.pace,
+                    chunk_bytes=PRECOPY_CHUNK_BYTES,
+                )
+                precopy.live_drainer = drainer
+                try:
+                    # (Unanswered: stopped, and what it carried goes with the next batch.)
+                    report, _ = await self._run_precopy(drainer, LIVE_TIME_LIMIT)
+                finally:
+                    precopy.live_drainer = None
+                for n, ns in report.namespaces.items():
+                    if name in ns.refusals:
+                        logger.warning("%s: %s refused the live stream of %r: %s",
+                                    self.name, name, n, ns.refusals[name])  # fmt: skip
+                        precopy.live_lost.add(n)
+                    elif ns.records and ns.acknowledged == ns.records:
+                        precopy.acknowledged(n, batch[n][1], ns.records)
+                        with self.lock:
+                            self._precopy.forget_changes(n)
+                    elif not precopy.live_stopped:  # (stopped by the drain: its delta)
+                        # Sent again with the next batch; the drain's delta if none.
+                        logger.warning(
+                            "%s: live stream to %s: %s", self.name, name, report.summary()
+                        )
+                logger.debug("%s: %s", self.name, report.summary())
+        finally:
+            precopy.live_done.set()
+
+    async def _stop_live_streams(self) -> None:
+        """At the drain: let each live stream's batch in flight finish (briefly), then
+        stop it; what it did not get acknowledged is in the drain's delta."""
+        streams = [p for p in self._precopy.begun.values() if p.live_done is not None]
+        for precopy in streams:
+            precopy.live_stopped = True
+        with anyio.move_on_after(LIVE_FINISH_WAIT):
+            for precopy in streams:
+                assert precopy.live_done is not None
+                await precopy.live_done.wait()
+        for precopy in streams:
+            if precopy.live_drainer is not None:
+                precopy.live_drainer.stop()
+        with anyio.move_on_after(CANCEL_WAIT):
+            for precopy in streams:
+                assert precopy.live_done is not None
+                await precopy.live_done.wait()
 
     def _precopy_status(self) -> list[dict[str, object]]:
         """Each pre-copy of this node (``handoff status``): see ``Precopy.status``."""
@@ -929,6 +1071,7 @@ class Node:
             return [], {}, frozenset()
         if state.running is not None:
             state.running.stop()
+        await self._stop_live_streams()
         with anyio.move_on_after(CANCEL_WAIT):
             async with state.lock:
                 pass

@@ -51,9 +51,10 @@ from typing import Any, TextIO
 from xml.sax.saxutils import escape
 
 from handoff._demo import BALANCES, TrafficSpec
+from handoff._local.dns import DNSResponder
+from handoff._local.process import STATE_ENV, NodeProcess, free_port_on_all
 from handoff._text import duration
 from handoff.engine._tracked import SPREADS
-from handoff.testing import STATE_ENV, DNSResponder, NodeProcess, free_port_on_all
 
 __all__ = (
     "DEMO_ENTRIES",

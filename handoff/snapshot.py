@@ -39,6 +39,14 @@ Guarantees of the directory store:
   one that was removed or moved before the claim was won, so its records are applied
   once. The kernel drops the lock with a process that dies (even by ``SIGKILL``), so the
   next node to start restores what a crashed one left.
+* Restored once, even when the file comes back: a restorer records the snapshot's id (from
+  its authenticated header) as restored before it deletes the file, in ``restored.ids``
+  beside the snapshots and in the store object's memory (for a directory that has become
+  read-only). A snapshot whose id is recorded (a file whose deletion failed, a copy put
+  back by an operator or a volume backup) is moved to ``corrupt/`` unapplied. The record
+  keeps the 4096 newest ids by creation time (:data:`MAX_RESTORED`); past that, the
+  creation time of the newest id it forgot is kept instead, and a snapshot not newer than
+  it is also moved aside unapplied: it may have been restored already.
 
 File format, version 2 (all integers big-endian; ``K`` is the snapshot key, ``H`` the
 header's tag, ``mac(...)`` HMAC-SHA256 under ``K`` of the concatenation)::
@@ -74,6 +82,7 @@ import errno
 import fcntl
 import hmac
 import logging
+import math
 import os
 import pwd
 import re
@@ -112,6 +121,22 @@ TEMP_SUFFIX: Final = ".tmp"
 STALE_TEMP_SECONDS: Final = 3600.0
 CORRUPT_DIR: Final = "corrupt"
 REASON_SUFFIX: Final = ".reason.txt"
+RESTORED_FILE: Final = "restored.ids"
+MAX_RESTORED: Final = 4096
+"""Ids of restored snapshots a directory store remembers (the newest by creation time)."""
+_MAX_RESTORED_BYTES: Final = 4 * 1024 * 1024
+_WATERMARK: Final = "forgotten-up-to"
+# Lines are about 50 bytes: the record is rewritten with its newest MAX_RESTORED ids when
+# it holds about twice as many.
+_COMPACT_AT: Final = 2 * MAX_RESTORED * 50
+ALREADY_RESTORED: Final = (
+    "already restored (snapshot id {id}): a copy put back, or a file whose deletion failed; "
+    "not applied again"
+)
+TOO_OLD: Final = (
+    "made at or before the newest restored snapshot the store has forgotten: it may have "
+    "been restored already; not applied"
+)
 
 _U32 = struct.Struct(">I")
 _CHUNK = struct.Struct(">II")
@@ -154,6 +179,8 @@ class SnapshotInfo:
     release: str
     created_at: float
     records: int
+    id: str = ""
+    """The header's random id: the same for every copy of the file."""
 
 
 @runtime_checkable
@@ -526,6 +553,7 @@ def snapshot_info(path: Path, header: dict[str, Any], records: int) -> SnapshotI
         release=header["release"],
         created_at=header["created_at"],
         records=records,
+        id=header["id"],
     )
 
 
@@ -766,6 +794,9 @@ class DirectorySnapshotStore:
         self.path = Path(path)
         self._key = key
         self._clock = clock
+        # Ids this object restored (their creation times): kept even when the directory
+        # cannot record them (read-only), so that this process never applies one twice.
+        self._applied: dict[str, float] = {}
         where = f"HANDOFF_SNAPSHOT_DIR ({self.path})"
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{where} exists and is not a directory: point it at a directory")
@@ -831,6 +862,7 @@ class DirectorySnapshotStore:
         except OSError as exc:
             raise SnapshotError(f"cannot list snapshots in {self.path}: {exc}") from exc
         now = self._clock()
+        restored, forgotten_up_to = self._restored()
         for entry in entries:
             if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
                 self._clean_temp(entry, now)
@@ -852,9 +884,114 @@ class DirectorySnapshotStore:
             except OSError as exc:
                 logger.warning("snapshot %s skipped: %s", path, exc)
                 continue
+            if info.id in restored or info.created_at <= forgotten_up_to:
+                why = ALREADY_RESTORED.format(id=info.id) if info.id in restored else TOO_OLD
+                logger.warning("snapshot %s moved aside: %s", path, why)
+                self.quarantine(path, why)
+                continue
             found.append(info)
         found.sort(key=lambda i: (i.created_at, i.path.name))
         return found
+
+    # -- the record of restored snapshots ----------------------------------------------------
+
+    def _restored(self) -> tuple[dict[str, float], float]:
+        """The ids of restored snapshots (with their creation times), this store object's
+        and the record's, and the creation time up to which the record forgot."""
+        ids = dict(self._applied)
+        forgotten_up_to = -math.inf
+        try:
+            fd = os.open(self.path / RESTORED_FILE, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return ids, forgotten_up_to
+        except OSError as exc:
+            logger.warning("cannot read %s: %s", self.path / RESTORED_FILE, exc)
+            return ids, forgotten_up_to
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_RESTORED_BYTES:
+                logger.warning(
+                    "%s is not a record of restored snapshots (not a regular file, or over "
+                    "%d bytes): ignored",
+                    self.path / RESTORED_FILE,
+                    _MAX_RESTORED_BYTES,
+                )
+                return ids, forgotten_up_to
+            os.set_blocking(fd, True)
+            with os.fdopen(fd, "rb", closefd=False) as file:
+                text = file.read(_MAX_RESTORED_BYTES).decode("ascii", "replace")
+        except OSError as exc:
+            logger.warning("cannot read %s: %s", self.path / RESTORED_FILE, exc)
+            return ids, forgotten_up_to
+        finally:
+            os.close(fd)
+        record, forgotten_up_to = _parse_restored(text)
+        record.update(ids)
+        return record, forgotten_up_to
+
+    def _record_restored(self, info: SnapshotInfo) -> None:
+        """Remember ``info`` as restored: in memory (always), and in the record file (a
+        failure is logged: this store object still never applies it again)."""
+        if not info.id:
+            return
+        self._applied[info.id] = info.created_at
+        if len(self._applied) > MAX_RESTORED:
+            del self._applied[min(self._applied, key=self._applied.__getitem__)]
+        path = self.path / RESTORED_FILE
+        line = f"{info.id} {info.created_at!r}\n".encode("ascii")
+        problem = "compacted by other processes again and again"
+        try:
+            for _ in range(8):
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        problem = "not a regular file"
+                        break
+                    if not _still_named(path, st):
+                        continue  # compacted meanwhile: append to the new file
+                    os.write(fd, line)
+                    os.fsync(fd)
+                    if st.st_size + len(line) > _COMPACT_AT:
+                        self._compact(fd)
+                    return
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            problem = str(exc)
+        logger.warning(
+            "snapshot %s restored, but not recorded in %s (%s): a copy put back later would "
+            "be restored again by another process",
+            info.path,
+            path,
+            problem,
+        )
+
+    def _compact(self, fd: int) -> None:
+        """Rewrite the record with its :data:`MAX_RESTORED` newest ids (the lock held)."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb") as file:
+            text = file.read(_MAX_RESTORED_BYTES).decode("ascii", "replace")
+        record, forgotten_up_to = _parse_restored(text)
+        newest = sorted(record.items(), key=lambda item: item[1], reverse=True)
+        kept, dropped = newest[:MAX_RESTORED], newest[MAX_RESTORED:]
+        if dropped:
+            forgotten_up_to = max(forgotten_up_to, dropped[0][1])
+        lines = [f"{_WATERMARK} {forgotten_up_to!r}\n"] if forgotten_up_to > -math.inf else []
+        lines += [f"{ident} {created!r}\n" for ident, created in reversed(kept)]
+        temp, name = _mkstemp(self.path, RESTORED_FILE)
+        try:
+            with os.fdopen(temp, "w", encoding="ascii") as out:
+                out.writelines(lines)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(name, self.path / RESTORED_FILE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
+        _fsync_dir(self.path)
 
     def _clean_temp(self, entry: os.DirEntry[str], now: float) -> None:
         try:
@@ -1009,6 +1146,26 @@ class DirectorySnapshotStore:
             raise SnapshotError(f"cannot remove restored snapshot {info.path}: {exc}") from exc
 
 
+def _parse_restored(text: str) -> tuple[dict[str, float], float]:
+    """The record's ids with their creation times, and its watermark (malformed lines,
+    a torn last one included, are skipped)."""
+    ids: dict[str, float] = {}
+    forgotten_up_to = -math.inf
+    for line in text.splitlines():
+        ident, _, created = line.partition(" ")
+        try:
+            when = float(created)
+        except ValueError:
+            continue
+        if not math.isfinite(when) or not ident:
+            continue
+        if ident == _WATERMARK:
+            forgotten_up_to = max(forgotten_up_to, when)
+        else:
+            ids[ident] = when
+    return ids, forgotten_up_to
+
+
 def _still_named(path: Path, st: os.stat_result) -> bool:
     """Whether ``path`` still names the file whose status is ``st`` (without following links)."""
     try:
@@ -1049,6 +1206,9 @@ class _DirectoryClaim:
         try:
             if self._file is None:
                 raise SnapshotError(f"the claim on snapshot {self._info.path} was released")
+            # Recorded first: if the deletion fails, or the file comes back, it is never
+            # applied again (pending() moves it aside).
+            self._store._record_restored(self._info)
             # Only a holder removes or moves a claimed file, so the name is still ours unless
             # someone outside the protocol touched it: never delete what we did not restore.
             if _still_named(self._info.path, self._st):

@@ -44,7 +44,10 @@ object store offers:
   outside normal operation.
 * Retention: at every commit, snapshots of the same namespace beyond the newest ``keep``
   (default 64) and those older than ``max_age`` (default 7 days) are deleted, unless a
-  live claim holds them; so are objects under ``corrupt/`` older than ``max_age``. Only
+  live claim holds them; so are objects under ``corrupt/`` older than ``max_age``. Ages are
+  the server's: each object's Last-Modified against the newest one's (the snapshot just
+  committed), never a node's clock, so a node whose clock runs ahead deletes nothing fresh
+  (the header's ``created_at`` only breaks ties in the order). Only
   snapshots whose header authenticates are counted or deleted by the rule; anything else
   is for :meth:`S3SnapshotStore.pending` to move aside. ``keep`` is generous on purpose:
   several machines draining at once each leave a snapshot of the same namespace, and the
@@ -858,25 +861,33 @@ class S3SnapshotStore:
 
         Keeps the newest :attr:`keep` whose header authenticates and deletes the rest and
         any older than :attr:`max_age`, except those a live claim holds; deletes
-        ``corrupt/`` objects older than :attr:`max_age`. Run at every commit; never raises
-        (failures are logged: the next commit tries again).
+        ``corrupt/`` objects older than :attr:`max_age`. Ages and order are by the server's
+        Last-Modified, measured against the newest snapshot's (the one just committed):
+        the writers' clocks (a header's ``created_at``, the name's time) may be far off.
+        Run at every commit; never raises (failures are logged: the next commit tries again).
         """
         folder = cluster_folder(cluster)
         now = self._clock()
         deleted = 0
         try:
-            # The names say which objects may be this namespace's and how old: when they
-            # show nothing to delete (the usual case), no header is read at all.
+            listed = self.objects.list(folder + _SNAPSHOTS)
+            # The server's time now: the newest Last-Modified (the snapshot just committed).
+            server_now = max((meta.modified for meta in listed), default=None)
+            # The names say which objects may be this namespace's: when there are few
+            # enough and none is old (the usual case), no header is read at all.
             tag = namespace_tag(namespace)
             named = []
-            for meta in self.objects.list(folder + _SNAPSHOTS):
+            for meta in listed:
                 fields = name_fields(meta.key.rsplit("/", 1)[-1])
                 if fields is not None and fields[1] == tag:
-                    named.append((fields[0], meta))
+                    named.append(meta)
             doomed: list[str] = []
-            if len(named) > self.keep or any(now - t > self.max_age for t, _ in named):
-                ours: list[tuple[float, str]] = []
-                for _, meta in named:
+            if server_now is not None and (
+                len(named) > self.keep
+                or any(server_now - meta.modified > self.max_age for meta in named)
+            ):
+                ours: list[tuple[float, float, str]] = []
+                for meta in named:
                     try:
                         header = read_header(
                             _ranged(self.objects, meta), meta.key, self._key, cluster
@@ -884,12 +895,12 @@ class S3SnapshotStore:
                     except SnapshotError:
                         continue  # pending() moves it aside, or it is gone already
                     if header["namespace"] == namespace:
-                        ours.append((header["created_at"], meta.key))
+                        ours.append((meta.modified, header["created_at"], meta.key))
                 ours.sort(reverse=True)
                 doomed = [
                     key
-                    for index, (created, key) in enumerate(ours)
-                    if index >= self.keep or now - created > self.max_age
+                    for index, (modified, _, key) in enumerate(ours)
+                    if index >= self.keep or server_now - modified > self.max_age
                 ]
             for key in doomed:
                 if self._claimed(key, now):
@@ -898,7 +909,7 @@ class S3SnapshotStore:
                 deleted += 1
                 logger.info("retention: deleted snapshot %s", key)
             for meta in self.objects.list(folder + _CORRUPT):
-                if now - meta.modified > self.max_age:
+                if server_now is not None and server_now - meta.modified > self.max_age:
                     self.objects.delete(meta.key)
         except SnapshotError as exc:
             logger.warning("retention of %r snapshots not applied: %s", namespace, exc)

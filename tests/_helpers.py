@@ -15,11 +15,11 @@ import anyio.abc
 import anyio.lowlevel
 
 from handoff import Node
+from handoff._local.process import STATE_ENV
 from handoff.membership import MembershipEvent, NodeDown, NodeUp
 from handoff.protocol import FrameDecoder, Message, decode_message
 from handoff.simulate import loopback_aliases_usable
 from handoff.testing import NodeProcess
-from handoff.testing._process import STATE_ENV
 
 __all__ = (
     "CLUSTER",

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import handoff
-from handoff.testing._process import STATE_ENV, StateConfig
+from handoff._local.process import STATE_ENV, StateConfig
 
 
 def emit(event: dict[str, Any]) -> None:

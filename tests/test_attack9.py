@@ -270,16 +270,6 @@ async def test_finding_9f_an_end_the_deadline_left_no_time_for_still_reaches_its
     assert other.receiver.active == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "finding 9g: restore_snapshots applies a snapshot, then removes it; when the removal "
-        "fails (SnapshotError: EROFS, EIO) the counts are already in memory, the file stays, "
-        "and the next restore in a process that goes on (start() retried after the error, "
-        "another store object) applies it again. Fixing it needs the claim to unlink before "
-        "applying and read on through its descriptor (a change to the SnapshotClaim protocol)"
-    ),
-)
 def test_finding_9g_a_counters_snapshot_whose_removal_fails_is_not_applied_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -180,7 +180,10 @@ async def pair(tmp_path: Path, entries: int = 0) -> AsyncIterator[tuple[Node, No
         b = make_node("b", tmp_path / "b.sock", discovery=f"static:{a.address}", release="v2")
         b.track("users", {}, version=2)
         async with b:
+            # Both ways: b's node-up of a may come after a's of b (a test that watches
+            # node-ups from here on must not see it).
             await wait_for_peer(a, "b")
+            await wait_for_peer(b, "a")
             yield a, b
 
 

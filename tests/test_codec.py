@@ -8,6 +8,7 @@ import decimal
 import enum
 import gc
 import math
+import os
 import struct
 import threading
 import uuid
@@ -22,6 +23,9 @@ from hypothesis import strategies as st
 
 from handoff._codec import MAX_BIGINT_BITS, Codec, _check_decimal, _find_problem
 from handoff._errors import ProtocolError, RecordDecodeError, RecordEncodeError
+
+# Slow examples (big generated records): fewer in the default run, the suite's time budget.
+EXAMPLES = 60 if os.environ.get("HANDOFF_DEEP_TESTS") == "1" else 20
 
 try:
     BERLIN: zoneinfo.ZoneInfo | None = zoneinfo.ZoneInfo("Europe/Berlin")
@@ -128,7 +132,7 @@ records = st.lists(st.tuples(hashables, values, values), max_size=8)
 # -- round trips ------------------------------------------------------------------------------
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(records)
 def test_records_round_trip_exactly(recs: list[tuple[Any, Any, Any]]) -> None:
     codec = Codec()

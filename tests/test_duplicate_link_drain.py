@@ -21,7 +21,7 @@ import pytest
 from handoff import Counters
 from handoff._mesh import RETIRE_POLL_INTERVAL
 from handoff.discovery import PeerAddress
-from handoff.protocol import Chunk, Done, End, Message
+from handoff.protocol import Ack, Chunk, Done, End, Message
 from handoff.transport import PeerLink
 from tests._helpers import make_node, wait_until
 
@@ -94,3 +94,54 @@ async def test_a_duplicate_link_resolved_mid_drain_keeps_counters_exact(
     # The drain's Done reached b on the link its stream ran on, before that link closed.
     assert received is not None
     assert (received.peer, received.records) == ("a", KEYS)
+
+
+class _AckLost:
+    """b's end of the link, for one chunk: its Ack never leaves, the connection drops
+    instead (applied at b, unconfirmed at a)."""
+
+    def __init__(self, link: PeerLink) -> None:
+        self.link = link
+
+    async def send(self, message: Message, *, time_limit: float | None = None) -> None:
+        if isinstance(message, Ack):
+            await anyio.aclose_forcefully(self.link._stream)
+            return
+        await self.link.send(message, time_limit=time_limit)
+
+
+async def test_a_link_lost_with_an_ack_is_asked_again_and_nothing_counts_twice() -> None:
+    """a drains counters to b; b applies a chunk, and the link drops before its Ack gets
+    out. b runs on: the mesh links them again at once, a asks b which chunks it applied,
+    b replays the Ack, and what b did not apply comes back to a (no other successor):
+    nothing is in doubt and every count exists once."""
+    old_usage, new_usage = Counters(), Counters()
+    for i in range(KEYS):
+        old_usage.incr(f"k{i}", 1 + i % 5)
+    written = old_usage.total()
+    a = make_node("a", "127.0.0.2")
+    a.track("usage", old_usage)
+    async with a:
+        b = make_node("b", "127.0.0.3", peers=[a])
+        b.track("usage", new_usage)
+        async with b:
+            await wait_until(lambda: [p.name for p in a.peers()] == ["b"])
+            handle = b._mesh._on_session_message
+            cut: list[int] = []
+
+            async def lose_an_ack(peer: str, link: PeerLink, message: Message) -> None:
+                if isinstance(message, Chunk) and not cut:
+                    cut.append(message.seq)
+                    await handle(peer, _AckLost(link), message)  # type: ignore[arg-type]
+                    return
+                await handle(peer, link, message)
+
+            b._mesh._on_session_message = lose_an_ack
+            report = await a.drain(timeout=10.0)
+            held_b, held_a = new_usage.total(), old_usage.total()
+    assert cut == [0]
+    ns = report.namespaces["usage"]
+    assert ns.in_doubt == 0, report
+    assert ns.per_successor["b"].applied > 0  # the replayed Ack counted
+    assert held_b > 0
+    assert held_a + held_b == written

@@ -146,6 +146,9 @@ class Wire:
         """The most chunks of one stream sent and not yet acknowledged, as the sender saw."""
         self.bytes_per_second: float | None = None
         """A slow link: each chunk takes its payload's bytes at this rate to arrive."""
+        self.seconds_per_chunk = 0.0
+        """A receiver whose cost is per chunk (a slow apply, a long round trip): each chunk
+        takes this long to arrive, whatever its size."""
         self._more = anyio.Event()
         self._unblocked = anyio.Event()
 
@@ -217,9 +220,11 @@ class Wire:
                 await self._more.wait()
                 continue
             message = self.queue.popleft()
-            if self.bytes_per_second is not None and isinstance(message, Chunk):
+            if isinstance(message, Chunk) and (self.bytes_per_second or self.seconds_per_chunk):
                 clock = self.net.clock
-                arrives = clock.now() + len(message.payload) / self.bytes_per_second
+                arrives = clock.now() + self.seconds_per_chunk
+                if self.bytes_per_second is not None:
+                    arrives += len(message.payload) / self.bytes_per_second
                 await clock.wait(anyio.Event(), arrives)
                 if self.closed:
                     break
@@ -375,7 +380,9 @@ class Net:
         return node
 
     def connect(self, *nodes: FakeNode) -> None:
-        """Link every pair of ``nodes`` (each sees the other serving)."""
+        """Link every pair of ``nodes`` (each sees the other in its current state); a
+        pair linked again (the mesh redials) hears that the peer is up, as the node does."""
+        linked: list[tuple[FakeNode, FakeNode]] = []
         for a in nodes:
             for b in nodes:
                 if a is not b and b.name not in a.links:
@@ -383,6 +390,9 @@ class Net:
                     a.links[b.name] = wire
                     a.view[b.name] = b.state
                     self._group.start_soon(wire.pump)
+                    linked.append((a, b))
+        for a, b in linked:
+            a.sessions.peer_up(b.name)
 
     def wire(self, src: FakeNode, dst: FakeNode) -> Wire:
         return self.wires[(src.name, dst.name)]

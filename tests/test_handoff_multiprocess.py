@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from handoff._local.process import expected_digest
 from handoff.testing import NodeProcess, NodeProcessError, free_port
-from handoff.testing._process import expected_digest
 from tests._helpers import ProcessCluster as Nodes
 from tests._helpers import loopback_aliases_usable
 

@@ -67,6 +67,8 @@ class Harness:
         handshake_timeout: float = 1.0,
         heartbeat_timeout: float = 2.0,
         log_clock: Callable[[], float] = anyio.current_time,
+        poll_interval: float = 0.1,
+        streams_with: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         self.name, self.host, self.port = name, host, 0
         self.settings = resolve_settings(
@@ -77,7 +79,7 @@ class Harness:
             release=f"release-of-{name}",
             bind=f"{host}:0",
             discovery="none",
-            poll_interval=0.1,
+            poll_interval=poll_interval,
             heartbeat_timeout=heartbeat_timeout,
             handshake_timeout=handshake_timeout,
             connect_timeout=1.0,
@@ -91,6 +93,7 @@ class Harness:
             spawn=self._spawn,
             on_session_message=self._session,
             on_peer_lost=self.lost.append,
+            streams_with=streams_with,
             max_pending_handshakes=max_pending,
             max_pending_per_source=max_pending_per_source,
             log_clock=log_clock,
@@ -541,3 +544,25 @@ async def test_unlinked_lists_the_first_rounds_addresses_until_linked_or_refused
             await anyio.sleep(0.5)  # past a's handshake timeout, several polls
             assert a.mesh.unlinked() == [str(silent)]
         tasks.cancel_scope.cancel()
+
+
+async def test_a_peer_whose_link_drops_during_a_stream_is_dialled_again_at_once() -> None:
+    """a streams to b (``streams_with``) and their link drops (not a goodbye): a dials b
+    again at once, not at its next discovery poll (a minute away), so that its drain can
+    ask b what it applied before re-sending anything."""
+    a = Harness("a", "127.0.0.2", poll_interval=60.0, streams_with=lambda peer: peer == "b")
+    b = Harness("b", "127.0.0.3")
+    with a.mesh.subscribe() as events:
+        async with b.run(), a.run(dial=[b]):
+            up = await next_event(events)
+            assert isinstance(up, NodeUp)
+            await wait_until(lambda: len(b.mesh.peer_links()) == 1)
+            [(_, link)] = b.mesh.peer_links()
+            await anyio.aclose_forcefully(link._stream)  # cut, no goodbye
+            down = await next_event(events)
+            assert isinstance(down, NodeDown)
+            assert down.reason is not DownReason.GOODBYE
+            again = await next_event(events)
+            assert isinstance(again, NodeUp)
+            assert again.peer.name == "b"
+            assert a.lost == ["b"]

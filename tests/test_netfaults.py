@@ -36,8 +36,8 @@ from typing import Any
 
 import pytest
 
+from handoff._local.process import _CHILD_CODE, STATE_ENV, expected_digest
 from handoff.testing import NodeProcess
-from handoff.testing._process import _CHILD_CODE, STATE_ENV, expected_digest
 from tests import _netns as netns
 
 pytestmark = pytest.mark.slow
@@ -199,7 +199,7 @@ def _check_nothing_lost(
         node.command("stop", timeout=30)
         (drained,) = [e for e in node.events if e["event"] == "drained"]
         ns = drained["report"]["namespaces"][state["namespace"]]
-        assert ns["dropped"] == {} == ns["receiver_dropped"], ns
+        assert ns["dropped"] == {} == ns["receiver_dropped"], (ns, node.stderr_tail())
         assert ns["successors"] == ["final"], (ns, node.stderr_tail())
     stats = final.command("stats")
     assert stats["unexpected"] == 0

@@ -47,3 +47,25 @@ def test_editable_install_maps_adapters_into_the_package() -> None:
     import handoff.adapters
 
     assert Path(handoff.adapters.__file__).resolve().parent == ROOT / "adapters"
+
+
+def test_product_code_never_imports_the_testing_package() -> None:
+    """DESIGN.md: product commands (``handoff simulate``) run no code from
+    :mod:`handoff.testing`, so that a test helper's change never changes the product."""
+    import ast
+
+    offenders = []
+    for root in (ROOT / "handoff", ROOT / "adapters"):
+        for path in root.rglob("*.py"):
+            if "testing" in path.relative_to(ROOT).parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names, line = [alias.name for alias in node.names], node.lineno
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names, line = [node.module], node.lineno
+                else:
+                    continue
+                if any(n == "handoff.testing" or n.startswith("handoff.testing.") for n in names):
+                    offenders.append(f"{path.relative_to(ROOT)}:{line}")
+    assert offenders == []

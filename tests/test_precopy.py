@@ -25,8 +25,17 @@ from handoff.adapters.cachetools import (
 from handoff.cli import _status_lines
 from handoff.config import resolve_settings
 from handoff.engine import Drainer, Tracked
-from handoff.engine._precopy import DELTA, PRECOPY, RESET, Precopy, apply_delta, delta_order
-from handoff.protocol import Ack, Chunk
+from handoff.engine._precopy import (
+    DELTA,
+    PRECOPY,
+    RESET,
+    TOMBSTONE,
+    Precopy,
+    PrecopyState,
+    apply_delta,
+    delta_order,
+)
+from handoff.protocol import Ack, Chunk, Offer
 from tests._helpers import handoff_node, wait_until
 from tests.test_engine_unit import CLUSTER, FakeNode, network, small_chunks
 from tests.test_engine_unit import track as engine_track
@@ -92,6 +101,92 @@ def test_changed_since_names_what_was_written_or_deleted_after_the_mark(kind: st
     # Written keys as the export yields them (its order, its metadata), then deletions.
     assert changed[: len(written)] == [r for r in source.export() if r[0] in written]
     assert sorted(changed[len(written) :]) == sorted((key, DELETED, None) for key in deleted)
+
+
+def test_a_key_changed_before_a_mark_and_again_after_it_is_in_the_changes_since() -> None:
+    """The record is read from its newest end down to the mark (the live stream asks
+    often): a key changed again after the mark counts, one changed only before does not."""
+    timer = Timer()
+    cache = make("lru", timer)
+    source = adapter(cache)
+    first = source.mark()
+    for key in "abcd":
+        cache[key] = key
+    second = source.mark()
+    cache["b"] = "b2"
+    del cache["c"]
+    _ = cache["a"]
+    assert list(source.changed_since(second)) == [
+        ("a", "a", None), ("b", "b2", None), ("c", DELETED, None)
+    ]  # fmt: skip
+    assert [k for k, _, _ in source.changed_since(first)] == ["a", "b", "d", "c"]
+
+
+def test_a_live_batch_not_acknowledged_is_part_of_the_next() -> None:
+    """The live stream's mark moves only once the peer acknowledged a batch whole: what a
+    batch cut short carried is sent again, with what changed since."""
+    timer = Timer()
+    cache = make("ttl", timer)
+    cache.update({f"k{i}": i for i in range(10)})
+    precopy = Precopy({"users": engine_track("users", cache)})
+    list(precopy.copy_sources()["users"]())
+    assert precopy.live_batch() == {}  # not complete: the drain sends everything
+    precopy.complete = frozenset({"users"})
+    assert precopy.live_batch() == {}  # nothing changed
+    cache["k1"] = "one"
+    del cache["k2"]
+    [(records, mark)] = precopy.live_batch().values()
+    assert records == [("k2", None, TOMBSTONE), ("k1", "one", 300.0)]
+    cache["k3"] = "three"  # the batch above was not acknowledged: it comes again
+    [(records, mark)] = precopy.live_batch().values()
+    assert [k for k, _, _ in records] == ["k2", "k1", "k3"]
+    precopy.acknowledged("users", mark, len(records))
+    assert precopy.live_batch() == {}
+    assert precopy.streamed == 3
+    cache["k4"] = "four"
+    [(records, mark)] = precopy.live_batch().values()
+    assert [k for k, _, _ in records] == ["k4"]
+    # The drain's delta starts at the last acknowledged batch too.
+    assert [k for k, _, _ in precopy.delta_sources()["users"]()] == ["k4"]
+
+
+def test_the_record_of_changes_keeps_what_a_live_stream_has_not_had_acknowledged() -> None:
+    """Bounded by the live streams' lag, not by the time since the copy: once every
+    pre-copy's mark is past a change, the record forgets it."""
+    timer = Timer()
+    cache = make("ttl", timer)
+    cache.update({f"k{i}": i for i in range(10)})
+    tracked = {"users": engine_track("users", cache)}
+    first, second = Precopy(tracked), Precopy(tracked)
+    state = PrecopyState(begun={"a": first, "b": second})
+    for precopy in (first, second):
+        list(precopy.copy_sources()["users"]())
+        precopy.complete = frozenset({"users"})
+    cache["k1"] = "one"
+    del cache["k2"]
+    record = cache.__dict__["_handoff_changes"].changed
+    for precopy, forgotten in ((first, 0), (second, 2)):  # b's mark holds them until its Ack
+        [(records, mark)] = precopy.live_batch().values()
+        assert [k for k, _, _ in records] == ["k2", "k1"]
+        precopy.acknowledged("users", mark, len(records))
+        assert state.forget_changes("users") == forgotten
+    assert len(record) == 0
+    cache["k3"] = "three"
+    for precopy in (first, second):
+        assert [k for k, _, _ in precopy.delta_sources()["users"]()] == ["k3"]
+
+
+def test_caches_whose_changes_are_listed_by_listing_every_key_are_left_to_the_drain() -> None:
+    timer = Timer()
+    cache = make("fifo", timer)
+    cache.update({f"k{i}": i for i in range(10)})
+    precopy = Precopy({"users": engine_track("users", cache)})
+    list(precopy.copy_sources()["users"]())
+    precopy.complete = frozenset({"users"})
+    cache["k1"] = "one"
+    assert precopy.live_batch() == {}
+    assert precopy.live_lost == {"users"}
+    assert [k for k, _, _ in precopy.delta_sources()["users"]()] == ["k1"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -393,6 +488,11 @@ async def test_a_precopy_cut_short_by_the_receiver_leaving_costs_nothing(
 # -- nodes: pre-copy at node-up, the delta at the drain ---------------------------------------
 
 
+def _state(cache: cachetools.Cache[str, Any]) -> list[tuple[Any, Any]]:
+    """Keys and values hottest first (an export reads without touching the order)."""
+    return [(k, v) for k, v, _ in adapter(cache).export()]
+
+
 def _changes_after_the_copy(cache: cachetools.Cache[str, Any]) -> None:
     for i in range(0, 2000, 97):
         cache[f"k{i:04d}"] = {"n": i, "v": 2}  # pre-copied, then changed
@@ -422,19 +522,28 @@ async def test_a_precopy_warms_the_new_node_and_the_drain_sends_only_the_delta()
             assert len(received) == 2000
             await wait_until(lambda: old.stats()["precopy"][0]["state"] == "complete")
             assert old.stats()["precopy"] == [
-                {"peer": "new", "state": "complete", "copied": 2000, "entries": 2000}
-            ]
+                {"peer": "new", "state": "complete", "copied": 2000, "entries": 2000,
+                 "streamed": 0}
+            ]  # fmt: skip
             assert "pre-copy to new: complete, 2000 of 2000 entries copied" in _status_lines(
                 old.stats()
             )
             _changes_after_the_copy(cache)
+            # While both serve, the changes reach the new node (the live stream): values,
+            # deletions and order, without a drain.
+            await wait_until(lambda: _state(received) == _state(cache))
+            # (Counted once the sender has the batch's last Ack.)
+            await wait_until(lambda: _precopy(old)["streamed"] > 0)
+            streamed = old.stats()["precopy"][0]["streamed"]
+            assert f", {streamed} changes streamed since" in "".join(_status_lines(old.stats()))
             report = await old.drain()
             final = list(adapter(cache).export())
             got = list(adapter(received).export())
 
     assert report.ok, report.summary()
+    assert 0 < streamed < 200  # the changes, not the cache
     ns = report.namespaces["users"]
-    assert 0 < ns.records < 200  # only the delta crossed at the drain
+    assert ns.records < 200  # only what the live stream had not sent crossed at the drain
     assert ns.records == ns.acknowledged
     assert [k for k, _, _ in got] == [k for k, _, _ in final]
     assert {k: v for k, v, _ in got} == {k: v for k, v, _ in final}
@@ -526,14 +635,19 @@ async def test_two_new_nodes_each_get_a_precopy_and_their_own_delta() -> None:
                     await new.wait_warm()
             await wait_until(lambda: all(len(t) == 2000 for t in targets))
             _changes_after_the_copy(cache)
+            # Each peer's live stream brings it the changes while all serve.
+            await wait_until(lambda: all(_state(t) == _state(cache) for t in targets))
+            await wait_until(lambda: all(p["streamed"] for p in old.stats()["precopy"]))
+            streamed = [p["streamed"] for p in old.stats()["precopy"]]
             report = await old.drain()
             final = {k: v for k, v, _ in adapter(cache).export()}
             got = [dict(t.items()) for t in targets]
 
     assert report.ok, report.summary()
+    assert len(streamed) == 2
+    assert all(0 < n < 200 for n in streamed)  # the changes, to each
     ns = report.namespaces["users"]
-    assert sorted(ns.successors) == ["new0", "new1"]
-    assert ns.records == ns.acknowledged < 400  # two deltas, no second copy
+    assert ns.records == ns.acknowledged < 400  # what was left of two deltas, no second copy
     assert got == [final, final]
 
 
@@ -654,3 +768,116 @@ def test_a_handoff_received_while_tracking_is_part_of_the_delta(kind: str) -> No
     assert {key for key, _, _ in changed} == expected
     # As the export yields them, whatever order the imports gave the cache.
     assert changed == [record for record in source.export() if record[0] in expected]
+
+
+def _precopy(node: handoff.Node) -> dict[str, Any]:
+    """The node's only pre-copy's status (empty before it begins)."""
+    precopies: list[dict[str, Any]] = node.stats()["precopy"]
+    return precopies[0] if precopies else {}
+
+
+async def _write_until(cache: cachetools.Cache[str, Any], stop: anyio.Event) -> None:
+    """The app writing and deleting while both serve, until ``stop`` (bounded)."""
+    for i in range(20_000):
+        if stop.is_set():
+            return
+        cache[f"k{(i * 37) % 2000:04d}"] = {"n": i}
+        if i % 7 == 0:
+            cache.pop(f"k{(i * 11) % 2000:04d}", None)
+        await anyio.sleep(0.0005)
+
+
+@pytest.mark.anyio
+async def test_a_drain_during_the_live_stream_loses_nothing_and_leaves_nothing_stale() -> None:
+    """SIGTERM while the live stream carries changes (a batch may be in flight): the
+    drain lets it finish or stops it, and its delta sends the rest, so the receiver ends
+    with the sender's final state."""
+    cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    for i in reversed(range(2000)):
+        cache[f"k{i:04d}"] = {"n": i}
+    received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=2000, ttl=300)
+    old = handoff_node("old", "127.0.0.2", release="v1", precopy=True)
+    old.track("users", cache)
+    async with old:
+        new = handoff_node("new", "127.0.0.3", old, release="v2")
+        new.track("users", received)
+        async with new:
+            await wait_until(lambda: _precopy(old).get("state") == "complete", 10)
+            stop = anyio.Event()
+            async with anyio.create_task_group() as group:
+                group.start_soon(_write_until, cache, stop)
+                await wait_until(lambda: _precopy(old)["streamed"] > 200, 10)
+                stop.set()
+                report = await old.drain()
+            final = _state(cache)
+            got = _state(received)
+
+    assert report.ok, report.summary()
+    ns = report.namespaces["users"]
+    assert ns.records == ns.acknowledged
+    assert got == final
+
+
+@pytest.mark.anyio
+async def test_a_peer_leaving_ends_its_live_stream_and_the_drain_report_stays_true() -> None:
+    cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=500, ttl=300)
+    cache.update({f"k{i:04d}": {"n": i} for i in range(500)})
+    received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=500, ttl=300)
+    old = handoff_node("old", "127.0.0.2", release="v1", precopy=True)
+    old.track("users", cache)
+    async with old:
+        new = handoff_node("new", "127.0.0.3", old, release="v2")
+        new.track("users", received)
+        stop = anyio.Event()
+        async with anyio.create_task_group() as group:
+            async with new:
+                await wait_until(lambda: _precopy(old).get("state") == "complete", 10)
+                group.start_soon(_write_until, cache, stop)
+                await wait_until(lambda: _precopy(old)["streamed"] > 50, 10)
+            # (new left: it drained what it held back to old, the only node serving)
+            live = old._precopy.begun["new"].live_done
+            assert live is not None
+            with anyio.fail_after(5):
+                await live.wait()  # its live stream ended with it
+            stop.set()
+        report = await old.drain()
+        held = len(cache)
+
+    ns = report.namespaces["users"]
+    assert ns.records == held > 0
+    assert ns.acknowledged == 0
+    assert ns.dropped == {"no successor, no snapshot store": held}
+    assert not report.ok
+
+
+@pytest.mark.anyio
+async def test_a_precopy_offer_left_unanswered_is_offered_again() -> None:
+    """A drain waits for a lone successor's answer as long as it lasts; a pre-copy stops
+    after ANSWER_WAIT and offers again (an offer can be lost with a duplicate link)."""
+    cache: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=500, ttl=300)
+    cache.update({f"k{i:04d}": {"n": i} for i in range(500)})
+    received: cachetools.TTLCache[str, Any] = cachetools.TTLCache(maxsize=500, ttl=300)
+    new = handoff_node("new", "127.0.0.3", release="v2")
+    new.track("users", received)
+    async with new:
+        receiver = new._sessions.receiver
+        original = receiver.handle
+        lost: list[Offer] = []
+
+        async def lose_the_first_offer(peer: str, link: Any, message: Any) -> None:
+            if isinstance(message, Offer) and not lost:
+                lost.append(message)
+                return
+            await original(peer, link, message)
+
+        receiver.handle = lose_the_first_offer  # type: ignore[method-assign]
+        old = handoff_node("old", "127.0.0.2", new, release="v1", precopy=True)
+        old.track("users", cache)
+        async with old:
+            await wait_until(lambda: _precopy(old).get("state") in ("complete", "partial"), 10)
+            status = _precopy(old)
+            got = _state(received)
+            final = _state(cache)
+    assert len(lost) == 1
+    assert status["state"] == "complete"
+    assert got == final

@@ -374,7 +374,10 @@ async def test_a_drain_whose_upload_fails_reports_nothing_snapshotted(
     assert not report.ok
     assert sum(users.dropped.values()) == 3000
     assert any("snapshot store failed" in why for why in users.dropped)
-    assert keys(objects, "shop") == []  # nothing half-written is visible
+    # Nothing half-written is visible: what is there (the catch-up's snapshot at stop, of
+    # what the drain could not hand on) is complete and authenticates.
+    complete = [str(info.path) for info in n._snapshots.pending("shop")]
+    assert keys(objects, "shop") == complete
 
 
 # -- listings, names, clocks -------------------------------------------------------------------
@@ -416,16 +419,6 @@ def test_cluster_folders_never_collide_nor_escape(one: str, other: str) -> None:
         assert folder[:-1] not in ("", ".", "..")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open: retention ages snapshots by their header's created_at (the writer's clock) "
-        "against the committing node's clock: one node whose clock is max_age ahead deletes "
-        "every other node's fresh snapshot of the namespace at its commit. Proposed fix: age "
-        "by the objects' Last-Modified against the Last-Modified of the snapshot just "
-        "committed (both the server's clock), created_at only breaking ties."
-    ),
-)
 def test_a_node_with_a_clock_far_ahead_does_not_delete_fresh_snapshots(clock: Clock) -> None:
     objects = MemoryObjects(clock)  # the server's clock: the true time
     honest = make_store(objects, clock)

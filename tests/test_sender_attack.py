@@ -228,17 +228,36 @@ async def test_spread_all_a_slow_but_answering_successor_does_not_cap_a_fast_one
     assert b.data("cache") == held
 
 
-async def test_counters_on_links_that_are_all_slow_keep_the_deadline_and_stay_exact(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("records", [2000, 200])
+async def test_a_successor_whose_cost_is_per_chunk_gets_everything_in_time(
+    monkeypatch: pytest.MonkeyPatch, records: int
 ) -> None:
-    """Counters, both successors at 5 KB/s, 2 s to drain (0.5 s stall time): chunks shrink
-    to what the links carry, the drain ends in time, its report adds up, a slow successor
-    is not taken for a stalled one, and once the late answers are in (the node runs on)
-    the cluster's totals are exact."""
+    """b takes 2 s for every chunk, whatever its size (it applies slowly, as
+    test_threads' successor does), and the drain has 20 s: chunks must stay at least the
+    starting size, or the measured rate (bytes per second of tiny chunks) shrinks them to a
+    record each and the deadline cuts nearly everything."""
     monkeypatch.setattr(_sender, "TARGET_CHUNK_BYTES", 1024 * 1024)
-    time_limit = 2.0
+    held = {f"k{i:05d}": "v" * 100 for i in range(records)}
+    async with network() as net:
+        a = net.node("a", track("cache", dict(held)))
+        b = net.node("b", track("cache", {}), release="v2")
+        net.connect(a, b)
+        net.wire(a, b).seconds_per_chunk = 2.0
+        report = await net.finish(net.start(lambda: a.drain(time_limit=20.0)))
+
+    assert_adds_up(report)
+    assert report.namespaces["cache"].acknowledged == records, report.summary()
+    assert b.data("cache") == held
+
+
+async def _drain_counters_over_slow_links(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Any, float, int, int]:
+    """Counters, both successors at 5 KB/s, 2 s to drain (0.5 s stall time); the node runs
+    on afterwards so that the late answers come in. Returns the report, the drain's time,
+    the largest chunk sent and the cluster's total count less the one held before."""
+    monkeypatch.setattr(_sender, "TARGET_CHUNK_BYTES", 1024 * 1024)
     held = counts("k", 2000)
-    expected = total(held)
     async with network() as net:
         a = net.node("a", tally("usage", dict(held)))
         b = net.node("b", tally("usage", {}), release="v2")
@@ -247,26 +266,38 @@ async def test_counters_on_links_that_are_all_slow_keep_the_deadline_and_stay_ex
         for peer in (b, c):
             net.wire(a, peer).bytes_per_second = 5_000.0
         started = net.clock.now()
-        report = await net.finish(net.start(lambda: a.drain(time_limit=time_limit)))
+        report = await net.finish(net.start(lambda: a.drain(time_limit=2.0)))
         elapsed = net.clock.now() - started
         # The node runs on: the late Cancels go out, the successors' answers come back.
         await net.drive(lambda: not a.sessions._finished, jumps=400)
+    wires = (net.wire(a, b), net.wire(a, c))
+    largest = max(len(m.payload) for w in wires for m in w.sent if isinstance(m, Chunk))
+    difference = total(a.data("usage"), b.data("usage"), c.data("usage")) - total(held)
+    return report, elapsed, largest, difference
 
-    assert elapsed <= time_limit
+
+async def test_counters_on_links_that_are_all_slow_keep_the_deadline_and_stay_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chunks shrink to what the links carry, the drain ends in time, its report adds up,
+    and once the late answers are in the cluster's totals are exact."""
+    report, elapsed, largest, difference = await _drain_counters_over_slow_links(monkeypatch)
+    assert elapsed <= 2.0
     assert_adds_up(report)
+    assert 0 < report.namespaces["usage"].acknowledged < 2000
+    assert largest <= _sender.START_CHUNK_BYTES + 1024
+    assert difference == 0
+
+
+async def test_counters_on_links_that_are_all_slow_get_what_a_link_carries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow successor is not taken for a stalled one: about what one link carries in the
+    drain's time is acknowledged."""
+    report, _, _, _ = await _drain_counters_over_slow_links(monkeypatch)
     ns = report.namespaces["usage"]
-    assert 0 < ns.acknowledged < 2000
-    chunks = [m for w in (net.wire(a, b), net.wire(a, c)) for m in w.sent if isinstance(m, Chunk)]
-    assert max(len(m.payload) for m in chunks) <= _sender.START_CHUNK_BYTES + 1024
-    # b's first chunk (16 records) came back at once, which left the size at its start:
-    # the next one, cut only to the time left, took longer than the stall time, and b
-    # was given up on while c answered (then c, its rate unknown, got a start-sized chunk
-    # it could not carry either). Chunks its Acks return within the stall time keep b
-    # going: about what one link carries is acknowledged.
     assert "b" not in ns.refusals
-    bytes_per_record = ns.bytes / ns.sent
-    assert ns.acknowledged * bytes_per_record >= 5_000.0 * (time_limit - 0.1) * 0.5
-    assert total(a.data("usage"), b.data("usage"), c.data("usage")) == expected
+    assert ns.acknowledged * (ns.bytes / ns.sent) >= 5_000.0 * (2.0 - 0.1) * 0.5
 
 
 async def test_a_peer_lost_while_its_writer_holds_end_and_done() -> None:

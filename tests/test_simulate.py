@@ -599,7 +599,7 @@ def test_a_precopy_run_reports_its_blackout_and_accounts_for_every_record() -> N
     assert report["ok"] is True, report["error"]
     assert report["settings"]["precopy"] is True
     assert report["blackout_seconds"] >= 0
-    # Counted (see the README's "Pre-copy": reads until the delta lands may be stale).
+    # Counted (see the README's "Pre-copy": reads within the live stream's lag may be stale).
     assert isinstance(report["stale_reads"], int)
     assert report["cold"]["stale_reads"] == 0
     assert report["cold"]["blackout_seconds"] is None

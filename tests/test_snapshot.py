@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from handoff import snapshot
 from handoff._codec import Codec
 from handoff._errors import ConfigError, SnapshotCorrupt, SnapshotError
 from handoff.snapshot import (
@@ -388,11 +389,14 @@ def test_a_snapshot_removed_while_its_claim_was_awaited_is_skipped(
     holder = first.claim(info)
     assert holder is not None
     real_flock = fcntl.flock
+    removed: list[bool] = []
 
     def holder_finishes_first(fd: int, operation: int) -> None:
         # The second claimant opened the file; the holder removes it and lets go before the
-        # second one locks it: the lock is won on a file that is no longer there.
-        if operation & fcntl.LOCK_EX and holder is not None and fd != holder_fd:
+        # second one locks it: the lock is won on a file that is no longer there. (Once:
+        # the removal locks the record of restored ids too.)
+        if operation & fcntl.LOCK_EX and holder is not None and fd != holder_fd and not removed:
+            removed.append(True)
             holder.remove()
         real_flock(fd, operation)
 
@@ -422,3 +426,79 @@ def test_a_link_planted_before_the_claim_is_refused(tmp_path: Path) -> None:
     info.path.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(SnapshotCorrupt, match="unreadable"):
         store.claim(info)
+
+
+# -- restored once: the record of restored ids ------------------------------------------------
+
+
+def _restore_all(store: DirectorySnapshotStore) -> list[str]:
+    """Claim, read and remove every pending snapshot; the ids restored."""
+    done = []
+    for info in store.pending("shop"):
+        claim = store.claim(info)
+        assert claim is not None
+        with claim:
+            list(claim.read())
+            claim.remove()
+        done.append(info.id)
+    return done
+
+
+def test_a_copy_put_back_is_moved_aside_by_every_store(tmp_path: Path) -> None:
+    first = make_store(tmp_path)
+    info = write(first, [chunk(0, 2)])
+    data = info.path.read_bytes()
+    assert _restore_all(first) == [info.id]
+    info.path.write_bytes(data)  # a volume backup put back
+    info.path.chmod(0o600)
+    other = make_store(tmp_path)  # another process: only the record file knows
+    assert other.pending("shop") == []
+    assert not info.path.exists()
+    reason = (tmp_path / "corrupt" / (info.path.name + ".reason.txt")).read_text()
+    assert f"already restored (snapshot id {info.id})" in reason
+    fresh = write(other, [chunk(0, 1)])  # a new snapshot is restored as ever
+    assert _restore_all(other) == [fresh.id]
+
+
+def test_a_store_that_cannot_record_nor_delete_never_restores_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = make_store(tmp_path)
+    info = write(store, [chunk(0, 2)])
+    (tmp_path / "restored.ids").mkdir()  # the record cannot be written (nor read)
+
+    def read_only(self: DirectorySnapshotStore, info: SnapshotInfo) -> None:
+        raise SnapshotError("[Errno 30] Read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DirectorySnapshotStore, "remove", read_only)
+        with pytest.raises(SnapshotError):
+            _restore_all(store)
+    assert "not recorded" in caplog.text
+    assert info.path.exists()
+    assert store.pending("shop") == []  # this store object remembers it
+    assert not info.path.exists()
+
+
+def test_the_record_stays_bounded_and_refuses_what_it_forgot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(snapshot, "MAX_RESTORED", 4)
+    monkeypatch.setattr(snapshot, "_COMPACT_AT", 8 * 50)
+    store = make_store(tmp_path)
+    copies = {}
+    for i in range(20):
+        info = write(store, [chunk(i, 1)], created_at=NOW - 100 + i)
+        copies[info.path] = info.path.read_bytes()
+        assert _restore_all(store) == [info.id]
+    lines = (tmp_path / "restored.ids").read_text().splitlines()
+    assert len(lines) <= 8 + 1
+    assert lines[0].startswith("forgotten-up-to ")
+    # Every copy put back is refused: by its id, or as older than what was forgotten.
+    for path, data in copies.items():
+        path.write_bytes(data)
+        path.chmod(0o600)
+    assert make_store(tmp_path).pending("shop") == []
+    assert len(list((tmp_path / "corrupt").glob("*.snapshot"))) == 20
+    newer = write(store, [chunk(0, 1)], created_at=NOW)
+    assert [i.id for i in make_store(tmp_path).pending("shop")] == [newer.id]

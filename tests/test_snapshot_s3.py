@@ -632,7 +632,9 @@ def test_retention_keeps_the_newest_per_namespace(objects: s3.Objects, clock: Cl
     )
 
 
-def test_retention_deletes_old_ones_unless_claimed(objects: s3.Objects, clock: Clock) -> None:
+def test_retention_deletes_old_ones_unless_claimed(clock: Clock) -> None:
+    # Ages are the server's (Last-Modified): only the in-memory server's clock can be moved.
+    objects = MemoryObjects(clock)
     store = make_store(objects, clock, max_age=3600.0)
     clock.now = NOW - 7200
     old = write(store, [chunk(0, 1)], created_at=NOW - 7200)

@@ -25,9 +25,9 @@ import anyio.from_thread
 import pytest
 
 from handoff import Node
+from handoff._local.process import STATE_ENV, expected_digest, state_value
 from handoff.lifecycle import drain_unstopped
 from handoff.testing import NodeProcess
-from handoff.testing._process import STATE_ENV, expected_digest, state_value
 from tests._helpers import loopback_aliases_usable
 
 APP = Path(__file__).resolve().parent / "_threaded_app.py"
@@ -129,7 +129,7 @@ def test_a_second_signal_does_not_cut_the_drain_short(stack: contextlib.ExitStac
     state = {"namespace": "cache", "type": "ttl", "entries": ENTRIES, "ttl": 300}
     # The successor sits on each chunk (two here) for a while: the drain is still running
     # when the second signal comes, milliseconds after the first.
-    slow = {**state, "entries": 0, "maxsize": 2 * ENTRIES, "apply_delay": 2.0}
+    slow = {**state, "entries": 0, "maxsize": 2 * ENTRIES, "apply_delay": 0.5}
     old, new = _start_pair(stack, state, slow)
 
     def logged(text: str) -> Callable[[dict[str, Any]], bool]:

@@ -12,7 +12,7 @@ import anyio
 
 from handoff.protocol import Message
 
-__all__ = ("ANYIO_CLOCK", "AnyioClock", "Clock", "Link")
+__all__ = ("ANYIO_CLOCK", "AnyioClock", "Clock", "Link", "carried_by", "transport_of")
 
 
 class Link(Protocol):
@@ -22,6 +22,17 @@ class Link(Protocol):
         """Send a session message within ``time_limit`` seconds (else the link's own send
         timeout). Raises a :class:`handoff.HandoffError` when the link fails."""
         ...
+
+
+def transport_of(link: Link) -> object:
+    """The link that carries ``link``'s messages: itself, or the link a wrapper wraps (an
+    observed link keeps it in ``wrapped``)."""
+    return getattr(link, "wrapped", link)
+
+
+def carried_by(link: Link, transport: object) -> bool:
+    """Whether ``link`` is ``transport``, or a wrapper of it."""
+    return transport_of(link) is transport
 
 
 class Clock(Protocol):

@@ -1,14 +1,19 @@
 """Pre-copy streams: copying caches to a newer node while both serve, then only the delta.
 
-Not wired into the node yet (see the README's "Pre-copy"): these are the engine's parts,
-tested with the fake link. A pre-copy runs as two drains of the copyable namespaces whose
-adapters track changes (:class:`~handoff.SupportsChangeTracking` and ``import_delta``, as
-the cachetools adapters do) to one newer peer:
+The engine's parts (the node runs them, see the README's "Pre-copy"). A pre-copy runs as
+drains of the copyable namespaces whose adapters track changes
+(:class:`~handoff.SupportsChangeTracking` and ``import_delta``, as the cachetools adapters
+do) to one newer peer:
 
 - the copy: :meth:`Precopy.copy_sources` marks each namespace (from then on its adapter
   notes every key written, read where reads reorder, or deleted), then exports it. The
   stream is offered with the kind ``<kind>+precopy`` and applied as any handoff (records
   arrive hottest first and keep their order; a key the receiver holds is kept).
+- the live stream, while both serve, once the copy is complete: batch after batch,
+  :meth:`Precopy.live_batch` lists what changed since the last batch the peer
+  acknowledged whole (:meth:`Precopy.acknowledged`), sent as a delta (below); a batch cut
+  short is listed again with the next. Only for adapters that list changes without
+  listing every key (``lists_changes_cheaply``); the others wait for the drain's delta.
 - the delta, at the sender's drain: :meth:`Precopy.delta_sources` yields only what
   changed since the mark, deletions as tombstones, offered as ``<kind>+delta``: the
   receiver applies it with ``import_delta`` (each record replaces the entry it holds and
@@ -50,10 +55,15 @@ if TYPE_CHECKING:
     from handoff.engine._sender import Drainer
 
 __all__ = (
+    "ANSWER_WAIT",
     "CANCEL_WAIT",
+    "COPY_ATTEMPTS",
     "DELTA",
     "DELTA_SHARE",
     "LINK_WAIT",
+    "LIVE_FINISH_WAIT",
+    "LIVE_POLL",
+    "LIVE_TIME_LIMIT",
     "PRECOPY",
     "PRECOPY_CHUNK_BYTES",
     "PRECOPY_TIME_LIMIT",
@@ -86,6 +96,23 @@ LINK_WAIT: Final = 5.0
 """Seconds a pre-copy waits for the link of a peer that just came up."""
 CANCEL_WAIT: Final = 1.0
 """Seconds a drain waits for a pre-copy it stopped to cancel its streams."""
+ANSWER_WAIT: Final = 0.5
+"""Seconds a pre-copy (its copy, or a batch of its live stream) waits for its peer to
+answer its offer before it stops and offers again: a drain waits for a lone successor as
+long as it lasts, but an offer can go unanswered while the peer serves (seen when it was
+sent on a link that the two nodes then closed as a duplicate of the other)."""
+COPY_ATTEMPTS: Final = 3
+"""Offers of a copy that went unanswered (:data:`ANSWER_WAIT`) before it is partial."""
+LIVE_POLL: Final = 0.002
+"""Seconds between two looks for changes while a pre-copied peer serves beside this node
+(the live stream): what changed is sent as soon as the batch before it is acknowledged,
+so a change reaches the peer within about this plus one batch's round trips."""
+LIVE_TIME_LIMIT: Final = 30.0
+"""Seconds one batch of the live stream may take (it holds what changed since the last
+acknowledged batch; an unacknowledged one is sent again with the next)."""
+LIVE_FINISH_WAIT: Final = 0.25
+"""Seconds a drain lets the live stream's batch in flight finish before it stops it (what
+that batch did not get acknowledged is in the drain's delta)."""
 TOMBSTONE: Final = "handoff:deleted"
 """The meta of a delta record that deletes its key (value ``None``); in delta streams only."""
 RESET: Final = "handoff:reset"
@@ -199,14 +226,29 @@ class Precopy:
         """Entries per namespace when the copy began."""
         self.reset: set[str] = set()
         """Namespaces whose delta was the whole cache (:data:`RESET`)."""
+        self.streamed = 0
+        """Records the live stream got acknowledged (see :meth:`live_batch`)."""
+        self.live_lost: set[str] = set()
+        """Namespaces the live stream left to the drain's delta: their adapter lists
+        changes only by listing every key (not ordered by last use, or an import placed
+        entries out of that order), or their record of changes outgrew its bound (that
+        delta is then the whole cache again)."""
+        self.live_stopped = False
+        """Set by the drain: no more live batches."""
+        self.live_done: anyio.Event | None = None
+        """Set when the live stream's task ends (``None``: it never started)."""
+        self.live_drainer: Drainer | None = None
+        """The live batch in flight, if any."""
 
     def status(self, peer: str) -> dict[str, object]:
-        """For ``handoff status``: the peer, the state, records copied of how many."""
+        """For ``handoff status``: the peer, the state, records copied of how many, and
+        records streamed live since the copy."""
         return {
             "peer": peer,
             "state": self.state,
             "copied": sum(self.copied.values()),
             "entries": sum(self.entries.values()),
+            "streamed": self.streamed,
         }
 
     def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
@@ -256,6 +298,46 @@ class Precopy:
 
         return {name: source(name) for name in self._marks}
 
+    def live_batch(self) -> dict[str, tuple[list[Record], object]]:
+        """The live stream's next batch: per namespace whose copy is complete, what
+        changed since its last acknowledged batch (or the copy's mark), in the order a
+        delta travels, with the mark to keep once the peer acknowledged all of it (see
+        :meth:`acknowledged`). Call it under the node's lock (the app's threads write
+        the caches). A namespace whose record of changes was lost leaves the live
+        stream: the drain's delta sends it whole (:data:`RESET`)."""
+        batch: dict[str, tuple[list[Record], object]] = {}
+        for name in sorted(self.complete & self.marked - self.live_lost):
+            adapter = self.tracked[name].adapter
+            assert isinstance(adapter, SupportsChangeTracking)
+            cheaply = getattr(adapter, "lists_changes_cheaply", None)
+            if not callable(cheaply) or not cheaply():
+                # Listing its changes means listing every key: not every few milliseconds.
+                self.live_lost.add(name)
+                continue
+            try:
+                changed = delta_order(adapter.changed_since(self._marks[name]))
+            except RuntimeError:
+                # A thread changed the cache without the node's lock while it was listed:
+                # the mark stays, the next look lists it again.
+                continue
+            except (ChangesLost, ValueError):
+                # (ValueError: tracking stopped.) Not marked again here: the drain's delta
+                # finds the loss itself and sends a reset and everything.
+                self.live_lost.add(name)
+                continue
+            if changed:
+                batch[name] = (list(to_wire(changed)), adapter.mark())
+        return batch
+
+    def acknowledged(self, name: str, mark: object, records: int) -> None:
+        """The peer applied a live batch whole: later deltas start at its ``mark``."""
+        self._marks[name] = mark
+        self.streamed += records
+
+    def mark_of(self, name: str) -> object | None:
+        """Where the next delta of namespace ``name`` starts (``None``: not marked)."""
+        return self._marks.get(name)
+
 
 def is_newer(peer: Peer, release: str, started_at: float) -> bool:
     """Whether ``peer`` is what a node of ``release`` that started at ``started_at`` would
@@ -278,3 +360,15 @@ class PrecopyState:
     running: Drainer | None = None
     lock: anyio.Lock | None = None
     """One pre-copy at a time; made when the node starts (in its event loop)."""
+
+    def forget_changes(self, name: str) -> int:
+        """After a live batch of namespace ``name``: let its adapter forget what changed
+        before every pre-copy's mark (a peer that left keeps its own, and so what it
+        would need), so that the record of changes holds the live streams' lag, not
+        everything since the first copy. Returns how many keys were forgotten."""
+        marks = [p.mark_of(name) for p in self.begun.values() if name in p.marked]
+        holders = [p for p in self.begun.values() if name in p.tracked]
+        if not marks or not holders:
+            return 0
+        forget = getattr(holders[0].tracked[name].adapter, "forget_changes_before", None)
+        return int(forget(marks)) if callable(forget) else 0

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.to_thread
@@ -23,7 +24,7 @@ from handoff._adapter import ImportResult, Record
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, PayloadRefused, ProtocolError
 from handoff.engine._intake import admit, import_guarded
-from handoff.engine._link import ANYIO_CLOCK, Clock, Link
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link, carried_by
 from handoff.engine._precopy import DELTA, apply_delta, split_kind, supports_delta
 from handoff.engine._tracked import Tracked
 from handoff.protocol import (
@@ -58,6 +59,14 @@ MAX_STREAMS_PER_PEER = 32
 # Senders whose outcome (applied, kept, dropped) is summed until their Done: one entry per
 # sender, the oldest forgotten past this many (a sender that never says Done).
 MAX_OUTCOMES = 256
+# Acks kept per stream to replay to a sender that lost its link: at least the chunks it
+# can have unacknowledged (the credit this receiver grants: one per Ack, INITIAL_CREDIT at
+# most in flight).
+REPLAYED_ACKS = 2 * INITIAL_CREDIT
+# Ownership streams whose link ended here, kept (their last Acks) for their sender's
+# question on a new link; the oldest forgotten past this many (the sender then re-sends
+# what it did not see acknowledged, reported in doubt, as when a successor crashed).
+MAX_LOST_STREAMS = 64
 
 
 @dataclass(slots=True)
@@ -69,6 +78,8 @@ class _InStream:
     link: Link
     delta: bool = False
     """A pre-copy's delta: records replace what this node holds (see ``_precopy``)."""
+    acks: deque[Ack] = field(default_factory=lambda: deque(maxlen=REPLAYED_ACKS))
+    """The last Acks sent, replayed if the sender asks on another link."""
 
 
 def _wire_reasons(dropped: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
@@ -111,6 +122,9 @@ class Receiver:
         # that chunks and an End that crossed the withdrawal on the wire are recognised.
         self._streams: dict[tuple[str, int], _InStream] = {}
         self._outcomes: dict[str, ImportResult] = {}
+        # Ownership streams whose link ended while their sender may still run: the Acks
+        # it may have missed, by (peer, stream), for its question (see _answer_lost).
+        self._lost: dict[tuple[str, int], tuple[Ack, ...]] = {}
         self._changed = anyio.Event()
 
     @property
@@ -141,19 +155,26 @@ class Receiver:
             if stream is None:
                 if isinstance(message, End):
                     raise ProtocolError(f"End for unknown stream {message.stream}")
+                await self._answer_lost(key, link)
                 return
             if not stream.machine.receive(message):
                 return  # crossed this node's withdrawal: already handled
             del self._streams[key]
             self._changed.set()
             if stream.machine.state is StreamState.CANCELLING:
+                if link != stream.link:
+                    # The sender asks on a new link (it lost the stream's): the Acks on the
+                    # old one may never reach it, so they precede the Closed here too.
+                    for ack in stream.acks:
+                        await link.send(ack)
                 # After the Acks of every chunk applied here (none is applied from now on):
                 # the sender learns exactly which of its chunks count here.
                 closed = Closed(message.stream)
                 stream.machine.send(closed)
                 await link.send(closed)
             if isinstance(message, End):
-                logger.info(
+                # A delta may be one batch of a live stream, every few milliseconds.
+                (logger.debug if stream.delta else logger.info)(
                     "received %d records of %r from %s",
                     stream.machine.records,
                     stream.namespace,
@@ -169,26 +190,62 @@ class Receiver:
                 )
 
     def peer_lost(self, peer: str) -> None:
-        """Forget the streams of a peer whose link ended."""
-        for key in [key for key in self._streams if key[0] == peer]:
+        """Forget the streams of a peer whose link ended (an ownership stream's last Acks
+        are kept for the sender's question on a new link, see :meth:`_answer_lost`)."""
+        self.link_lost(peer, None)
+
+    def link_lost(self, peer: str, link: object | None) -> None:
+        """Forget the streams of ``peer`` that ran on ``link`` (all of them if ``None``):
+        it ended (a duplicate link kept up for them, see ``Mesh._retire``, that failed)."""
+        for key in [
+            key
+            for key, stream in self._streams.items()
+            if key[0] == peer and (link is None or carried_by(stream.link, link))
+        ]:
             stream = self._streams.pop(key)
             machine = stream.machine
             # Ends the stream here too: a chunk still being decoded sees it is no longer
             # open and applies nothing (its sender re-sends what it did not see acknowledged).
             was_open = machine.fail("the link to the sender ended")
-            if was_open and machine.records and stream.tracked.adapter.moves_ownership:
-                # The sender cannot know which of the last chunks were applied here: if it
-                # is alive and re-sends them elsewhere, they count in both places. Its
-                # report counts them as in doubt; this line says where the other copy is.
+            if not stream.tracked.adapter.moves_ownership:
+                continue
+            if len(self._lost) >= MAX_LOST_STREAMS:
+                del self._lost[next(iter(self._lost))]
+            self._lost[key] = tuple(stream.acks)
+            if was_open and machine.records:
+                # The sender cannot know which of the last chunks were applied here: it
+                # asks on a new link (the Acks kept here answer it); if it cannot, it
+                # re-sends them elsewhere and they count in both places. Its report counts
+                # them as in doubt; this line says where the other copy is.
                 logger.warning(
                     "the link to %s ended during its handoff of %r (%d records received "
-                    "here): what it had not seen acknowledged may be re-sent elsewhere, "
-                    "and would then count twice",
+                    "here): unless it reconnects and asks what was applied here, what it "
+                    "had not seen acknowledged may be re-sent elsewhere, and count twice",
                     peer,
                     stream.namespace,
                     machine.records,
                 )
         self._changed.set()
+
+    async def _answer_lost(self, key: tuple[str, int], link: Link) -> None:
+        """A Cancel of a stream whose link ended here: its sender lost the link too, and
+        asks on a new one which chunks were applied. The kept Acks, then a Closed (nothing
+        else was applied, nor will be) let it re-send exactly the rest. A stream not kept
+        (forgotten, or never an ownership stream) gets no answer: its sender's question
+        times out and it re-sends what it did not see acknowledged, as in doubt. Kept after
+        the answer: the sender asks again if the answer's link is closed under it (two
+        links at once, one closed by the tie-break); a late repeat it ignores."""
+        acks = self._lost.get(key)
+        if acks is None:
+            return
+        for ack in acks:
+            await link.send(ack)
+        await link.send(Closed(key[1]))
+        logger.info(
+            "told %s which chunks of its stream %d were applied here (its link had ended)",
+            key[0],
+            key[1],
+        )
 
     async def settle(self, until: float) -> bool:
         """Wait until no stream is being received, or until ``until``. True if none is."""
@@ -267,6 +324,8 @@ class Receiver:
         key = (peer, offer.stream)
         if key in self._streams:
             raise ProtocolError(f"stream {offer.stream} offered twice")
+        # A stream id reused (the sender restarted): what was kept of the former is stale.
+        self._lost.pop(key, None)
         machine = InboundStream(offer)
         held = sum(1 for other, _ in self._streams if other == peer)
         if held >= MAX_STREAMS_PER_PEER:
@@ -328,6 +387,7 @@ class Receiver:
             1,
         )
         stream.machine.send(ack)
+        stream.acks.append(ack)
         await link.send(ack)
 
     def _note_outcome(self, peer: str, outcome: ImportResult) -> None:

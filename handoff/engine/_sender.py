@@ -18,17 +18,20 @@ stalls like one that stops answering. Chunks its writer never began are bound to
 and go elsewhere; the one it was writing follows the rules below. Chunks are sized per
 successor by the rate its Acks come back at (:data:`CHUNK_SECONDS`), within the cap above,
 and a stream gets no chunk its link's observed rate cannot carry before the streaming time
-ends, nor more in flight than that rate acknowledges within half the stall time
+ends, nor more in flight than its Acks return within half the stall time
 (:meth:`Drainer._room`): a slow link gets small chunks that complete, and its Acks keep it
-from counting as stalled.
+from counting as stalled; a receiver whose cost is per chunk keeps full-sized chunks.
 
 State that moves ownership (counters, actors) must arrive exactly once, so a chunk sent to
 a successor stays bound to it until its fate is known: acknowledged (applied there),
 refused or withdrawn (not applied: the receiver's Acks precede its Refuse on the wire), or
 cancelled and confirmed (the receiver's Closed follows the Acks of what it applied). Only
-then does the rest go elsewhere. A successor whose link ends first is presumed crashed,
-taking what it applied with it: its unacknowledged chunks are re-sent and counted in the
-report as ``in_doubt`` (exact if it crashed, twice if it still runs behind a partition). A
+then does the rest go elsewhere. A successor whose link ends first may still run: for the
+stall time the drain waits for it on a new link and asks which chunks it applied (a Cancel
+of the stream there; the receiver replays the Acks it kept and a Closed). Not back in time,
+it is presumed crashed, taking what it applied with it: its unacknowledged chunks are
+re-sent and counted in the report as ``in_doubt`` (exact if it crashed, twice if it still
+runs behind a longer partition). A
 chunk still bound at the deadline is reported as of unknown outcome, never re-sent nor
 snapshotted; what nobody received at all is given back to the adapter. If the successor
 answers later (the node runs on after a manual drain), what it says it did not apply is
@@ -65,7 +68,7 @@ from handoff._adapter import Record, SupportsGiveBack
 from handoff._codec import Codec, gc_paused
 from handoff._errors import HandoffError, NoTransformPath, ProtocolError, SnapshotError
 from handoff.engine._fingerprint import SCAN_PAUSE, ChangedRecords, ExportLog
-from handoff.engine._link import ANYIO_CLOCK, Clock, Link
+from handoff.engine._link import ANYIO_CLOCK, Clock, Link, carried_by, transport_of
 from handoff.engine._planner import Router, successor_tiers
 from handoff.engine._report import DrainReport, NamespaceReport
 from handoff.engine._tracked import ALL, Tracked
@@ -132,12 +135,22 @@ CANCEL_RESERVE = 0.1
 STALL_SHARE = 0.2
 STALL_FLOOR = 0.5
 STALL_CEILING = 3.0
+# How many times a namespace is offered again to a successor whose stream ended with its
+# link while the successor stayed linked (a duplicate link closed under it): bounded, so
+# that links that keep failing cannot hold the drain in a loop.
+MAX_RELINKS = 2
+# How often a drain looks whether a successor's replacement link arrived.
+RELINK_POLL = 0.02
 # Seconds the drain waits for a message it queued to be written before it carries on. A
 # healthy link's socket takes a write at once, so the drain keeps its order of events (an
 # answer that a written message brings comes before the drain's next step); a link whose
 # buffers are full (a peer partitioned away) holds the drain back at most this long per
 # message, while the write goes on in the link's writer until its own time limit.
 WRITE_PATIENCE = 0.05
+# Seconds between two questions to a successor whose link ended (see Drainer.on_peer_up),
+# once it came back: two nodes that dial each other at once make two links, and a question
+# sent on the one the tie-break closes may never be read; the next goes on the link kept.
+ASK_AGAIN = 0.2
 
 
 @dataclass(slots=True)
@@ -162,6 +175,17 @@ class _OutStream:
     until their fate is known (see the module documentation)."""
     link_lost: bool = False
     """The stream failed because its link ended (the successor is presumed crashed)."""
+    asking_until: float = -math.inf
+    """Ownership, its link lost with chunks unacknowledged: until then (or an answer) the
+    drain waits for the successor to come back on a new link and say which it applied
+    (see :meth:`Drainer.on_peer_up`); its chunks stay bound meanwhile."""
+    answered: bool = False
+    """The successor answered on a new link: the chunks still in flight were not applied."""
+    asked_at: float = -math.inf
+    """When the question was last sent (see :data:`ASK_AGAIN`)."""
+    doubtful: bool = False
+    """It failed with chunks of ownership state unacknowledged: the successor may hold
+    them, so it is not offered the namespace again (they would count twice)."""
     progress_at: float = 0.0
     """When the successor last answered on this stream, or the drain began to wait on it."""
     report: NamespaceReport | None = None
@@ -176,6 +200,14 @@ class _OutStream:
     """Bytes acknowledged and the time they took, older Acks weighing less: their ratio
     is :attr:`seconds_per_byte`, by bytes (a small chunk's round trip says little)."""
     last_ack_at: float = -math.inf
+    last_sample: tuple[int, float] | None = None
+    """The bytes and time of the chunk acknowledged last (see :meth:`Drainer._learn_rate`)."""
+    fixed_seconds: float = math.nan
+    marginal_seconds_per_byte: float = math.nan
+    """Its link's cost as ``fixed + bytes x marginal`` per chunk, fitted from the last two
+    Acks of chunks of different sizes; NaN until then. A receiver whose cost is per chunk
+    (a slow apply) has a large fixed part, a slow link a large marginal one: only the
+    second is helped by smaller chunks."""
     full: bool = False
     """Its link cannot carry another chunk before the streaming time ends: it gets no more
     (what it holds in flight may still be acknowledged)."""
@@ -269,6 +301,7 @@ class Drainer:
         skip: Mapping[str, frozenset[str]] | None = None,
         exclude: frozenset[str] = frozenset(),
         chunk_bytes: int | None = None,
+        relinking: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         """``progress(report)`` is called with the namespace's report (updated in place)
         after each acknowledgement and when the namespace is done; it must not block.
@@ -292,8 +325,13 @@ class Drainer:
         grow to by their Acks (see :meth:`_learn_rate`): the event loop is busy for one
         chunk at a time (pulling, encoding, encrypting), so a drain that runs beside
         serving (a pre-copy) keeps it small, and then yields to the loop before each chunk
-        (default: :data:`TARGET_CHUNK_BYTES`, no yield)."""
+        (default: :data:`TARGET_CHUNK_BYTES`, no yield). ``relinking(peer)`` says whether
+        a link to ``peer`` is being replaced (it is briefly absent from ``peers``): a
+        successor whose stream ended with its link is offered the namespace again once it
+        is back (see :meth:`_relinked`)."""
         self._skip = skip if skip is not None else {}
+        self._relinking = relinking
+        self._relinks: dict[str, int] = {}
         self._exclude = exclude
         self._stopped = False
         if pace is not None and not pace > 0:
@@ -358,6 +396,10 @@ class Drainer:
         self._stopped = True
         self._changed.set()
 
+    def offer_answered(self) -> bool:
+        """Whether a successor answered an offer of this drain (accepted or refused)."""
+        return any(s.state is not StreamState.OFFERED for s in self._streams.values())
+
     @property
     def unresolved(self) -> bool:
         """Whether a late answer may still give chunks back (see :meth:`on_message`)."""
@@ -376,6 +418,9 @@ class Drainer:
         tracked = self._unresolved.get((peer, message.stream))
         if tracked is not None:
             self._late_answer(stream, tracked, message)
+            return
+        if stream.asking_until > -math.inf:
+            self._recovered(stream, message)
             return
         if isinstance(message, Ack) and self._unwritten_chunk(stream, message.seq):
             # Its writer has not begun to write that chunk: the peer cannot have applied
@@ -409,18 +454,22 @@ class Drainer:
                 # A cache's chunk that crossed its Cancel: its records were already sent
                 # elsewhere, and count there.
                 return
-            report = self._report
-            count = len(entry[0])
-            stream.acknowledged += count
-            dropped = dict(message.dropped)
-            report.successor_acked(peer, count, message.applied, message.kept, dropped)
-            if self._everywhere:
-                self._first_acknowledgements(entry[0], message.kept, dropped)
-            else:
-                self._count_acknowledged(count, message.applied, message.kept, dropped)
-            if self._progress is not None:
-                self._progress(report)
+            self._acknowledged(stream, message, entry[0])
         self._changed.set()
+
+    def _acknowledged(self, stream: _OutStream, ack: Ack, records: list[Record]) -> None:
+        """Count a chunk of ``records`` acknowledged by ``ack``."""
+        report = self._report
+        count = len(records)
+        stream.acknowledged += count
+        dropped = dict(ack.dropped)
+        report.successor_acked(stream.peer.name, count, ack.applied, ack.kept, dropped)
+        if self._everywhere:
+            self._first_acknowledgements(records, ack.kept, dropped)
+        else:
+            self._count_acknowledged(count, ack.applied, ack.kept, dropped)
+        if self._progress is not None:
+            self._progress(report)
 
     def _unwritten_chunk(self, stream: _OutStream, seq: int) -> bool:
         """Whether chunk ``seq`` of ``stream`` still waits in its writer's queue."""
@@ -446,6 +495,14 @@ class Drainer:
         stream.recent_bytes = stream.recent_bytes / 2 + size
         stream.recent_seconds = stream.recent_seconds / 2 + elapsed
         stream.seconds_per_byte = stream.recent_seconds / max(1.0, stream.recent_bytes)
+        previous, stream.last_sample = stream.last_sample, (size, elapsed)
+        if previous is not None and 4 * abs(size - previous[0]) >= max(size, previous[0]):
+            before, took = previous
+            # The line through both points, kept within what either chunk alone says.
+            slope = (elapsed - took) / (size - before)
+            slope = min(max(slope, 0.0), max(elapsed / max(1, size), took / max(1, before)))
+            stream.marginal_seconds_per_byte = slope
+            stream.fixed_seconds = min(max(0.0, elapsed - slope * size), elapsed, took)
         current = stream.chunk_bytes
         cap = self._chunk_cap()
         sized: float
@@ -469,6 +526,15 @@ class Drainer:
         # At least a few records (per-chunk overhead), unless they are large: a slow link
         # must get chunks of the size its Acks ask for, not 16 large values.
         least = max(1, min(FIRST_CHUNK_RECORDS, int(START_CHUNK_BYTES / self._bytes_per_record)))
+        if stream.machine.next_seq == 0:
+            # Its link's rate is unknown until its first Ack: its first chunk is small, as
+            # the drain's very first is, and its Ack comes back within the stall time.
+            # Sized to the starting bytes (the drain knew the records' size from another
+            # successor), a first chunk took 2 s at 5 KB/s, and the successor was given up
+            # on as stalled before it could answer. Only the first: until its Ack nothing
+            # more goes out (see _room), and a receiver whose cost is per chunk would pay
+            # it for many small ones.
+            return least
         return max(least, min(MAX_CHUNK_RECORDS, wanted))
 
     def _room(self, stream: _OutStream, until: float) -> int:
@@ -476,8 +542,9 @@ class Drainer:
         -1 if its link cannot carry a chunk before ``until`` (nothing is in flight and its
         observed rate leaves no time). Until the first Ack, only the bytes of one starting
         chunk are sent unacknowledged (the link's rate is unknown); then what the rate
-        says the link acknowledges before ``until`` and within half the stall time, beyond
-        what is in flight (at least one record when nothing is)."""
+        says the link acknowledges before ``until``, beyond what is in flight, and within
+        half the stall time (see :meth:`_quick_records`; at least a record when nothing is
+        in flight)."""
         if stream.full:
             return -1
         limit = self._stream_chunk_records(stream)
@@ -489,19 +556,29 @@ class Drainer:
             return limit
         if per_byte <= 0:
             return limit
-        now = self._clock.now()
-        budget = (until - now) / per_byte - unacked
+        budget = (until - self._clock.now()) / per_byte - unacked
         fit = int(budget / self._bytes_per_record) if self._bytes_per_record else limit
         if fit < 1:
             return 0 if unacked else -1
-        # And what it acknowledges well within the stall time: a chunk whose Ack cannot
-        # come back before then gets a healthy but slow successor given up on as stalled
-        # (a small first chunk acknowledged at once leaves the size at its start).
-        window = (self._stall_after / 2) / per_byte - unacked
-        quick = int(window / self._bytes_per_record) if self._bytes_per_record else limit
-        if quick < 1:
-            return 0 if unacked else 1
-        return min(limit, fit, quick)
+        quick = self._quick_records(stream, limit)
+        if quick >= 1:
+            return min(limit, fit, quick)
+        return 0 if unacked else 1
+
+    def _quick_records(self, stream: _OutStream, limit: int) -> int:
+        """Records the stream's link acknowledges, beyond what is in flight, within half
+        the stall time: more in flight, and a slow but healthy successor's Ack would come
+        too late (it would be given up on as stalled). By the link's fitted cost per chunk
+        (see :attr:`_OutStream.fixed_seconds`): when a chunk's fixed cost alone takes that
+        long, its size does not matter (smaller chunks would only cost as much each), and
+        ``limit`` stands. Until the cost is fitted, per byte."""
+        fixed, marginal = stream.fixed_seconds, stream.marginal_seconds_per_byte
+        if math.isnan(fixed):
+            fixed, marginal = 0.0, stream.seconds_per_byte
+        window = self._stall_after / 2 - fixed
+        if window <= 0 or marginal <= 0 or not self._bytes_per_record:
+            return limit
+        return int((window / marginal - stream.unacked_bytes) / self._bytes_per_record)
 
     def _count_acknowledged(
         self, count: int, applied: int, kept: int, dropped: Mapping[str, int]
@@ -624,19 +701,119 @@ class Drainer:
             for key, stream in self._streams.items()
         )
 
-    def forget_unresolved(self, peer: str) -> None:
-        """``peer``'s link ended: the chunks it may hold keep an unknown outcome."""
-        for key in [key for key in self._unresolved if key[0] == peer]:
+    def forget_unresolved(self, peer: str, link: object | None = None) -> None:
+        """``peer``'s link ended (``link``, or every link to it if ``None``): the chunks
+        it may hold keep an unknown outcome."""
+        for key in [
+            key
+            for key in self._unresolved
+            if key[0] == peer and (link is None or carried_by(self._streams[key].link, link))
+        ]:
             del self._unresolved[key]
             self._streams[key].inflight.clear()
 
-    def on_peer_lost(self, peer: str) -> None:
-        """``peer``'s link ended: its unacknowledged records must go elsewhere."""
-        self.forget_unresolved(peer)
+    def on_peer_lost(self, peer: str, link: object | None = None) -> None:
+        """``peer``'s link ended: its unacknowledged records must go elsewhere. With
+        ``link``, only that link ended (a duplicate kept up for the streams it carried,
+        see ``Mesh._retire``): only the streams on it end. Those of ownership state wait a
+        stall time for the peer to come back on a new link and say which it applied
+        (:meth:`on_peer_up`): a live peer whose link dropped (a protocol error, a
+        heartbeat missed in a pause) must not count them twice. If it does not come back,
+        they are re-sent and reported as in doubt (exact if it crashed)."""
+        self.forget_unresolved(peer, link)
         for (name, _), stream in self._streams.items():
-            if name == peer:
-                self._fail(stream, "went down during the drain", link_lost=True)
+            if name != peer or not (link is None or carried_by(stream.link, link)):
+                continue
+            self._fail(stream, "went down during the drain", link_lost=True)
+            if (
+                stream.link_lost
+                and stream.ownership
+                and stream.inflight
+                and not stream.answered
+                and self._group is not None
+                and stream.asking_until == -math.inf
+            ):
+                stream.asking_until = self._clock.now() + self._stall_after
         self._changed.set()
+
+    def on_peer_up(self, peer: str) -> None:
+        """A link to ``peer`` came up: streams whose link to it ended with chunks of unknown
+        fate ask on it (a Cancel of the stream): the receiver replays the Acks of what it
+        applied, then a Closed. Asked again every :data:`ASK_AGAIN` seconds on the link in
+        use until it answers or the stall time ends. A peer of another incarnation
+        restarted: what it applied died with it, so its chunks are re-sent at once (in
+        doubt, and exact)."""
+        if self._group is not None:
+            self._ask(self._clock.now(), peer)
+
+    def _ask(self, now: float, peer: str | None = None) -> None:
+        """Ask (again) the successors whose streams wait for an answer: ``peer``'s now,
+        the others' if they were asked :data:`ASK_AGAIN` ago and are linked."""
+        links: dict[str, tuple[Peer, Link]] | None = None
+        for (name, _), stream in self._streams.items():
+            if stream.asking_until == -math.inf:
+                continue
+            if name != peer and (stream.asked_at == -math.inf or now < stream.asked_at + ASK_AGAIN):
+                continue
+            if links is None:
+                links = {p.name: (p, link) for p, link in self._peers()}
+            found = links.get(name)
+            if found is None:
+                continue
+            if found[0].incarnation != stream.peer.incarnation:
+                stream.asking_until = -math.inf
+                self._changed.set()
+                continue
+            stream.link = found[1]
+            stream.asked_at = now
+            self._changed.set()  # a waiting drain wakes to ask again in time
+            ask = Cancel(stream.stream, "its link ended: which chunks were applied?")
+            self._enqueue(found[1], None, ask, self._deadline)
+            logger.info(
+                "asked %s which of %d chunks it applied (its link had ended)",
+                name,
+                len(stream.inflight),
+            )
+
+    def _recovered(self, stream: _OutStream, message: Message) -> None:
+        """An answer to :meth:`on_peer_up`'s question: an Ack (replayed) of a chunk still
+        unacknowledged here counts it as applied there; the Closed after them says the
+        rest was not, and it is re-sent (not in doubt)."""
+        if isinstance(message, Ack):
+            entry = stream.inflight.pop(message.seq, None)
+            stream.sizes.pop(message.seq, None)
+            if entry is not None:
+                self._acknowledged(stream, message, entry[0])
+        elif isinstance(message, Closed):
+            stream.answered = True
+            stream.asking_until = -math.inf
+            logger.info(
+                "%s answered: %d chunks it had not acknowledged were not applied there",
+                stream.peer.name,
+                len(stream.inflight),
+            )
+        self._changed.set()
+
+    def _end_questions(self, now: float, *, all_of_them: bool = False) -> None:
+        """Streams that asked and got no answer in time: their chunks go elsewhere."""
+        for stream in self._streams.values():
+            if stream.asking_until > -math.inf and (all_of_them or stream.asking_until <= now):
+                stream.asking_until = -math.inf
+                self._changed.set()
+
+    def _next_question_end(self) -> float:
+        """When a question ends unanswered, or is to be asked again."""
+        return min(
+            (
+                # Asked already: again soon (before that, on_peer_up asks at once).
+                min(s.asking_until, s.asked_at + ASK_AGAIN)
+                if s.asked_at > -math.inf
+                else s.asking_until
+                for s in self._streams.values()
+                if s.asking_until > -math.inf
+            ),
+            default=math.inf,
+        )
 
     # -- the drain --------------------------------------------------------------------------
 
@@ -706,10 +883,24 @@ class Drainer:
     async def _say_done(self, deadline: float) -> None:
         """Tell every successor that took something that nothing more will come."""
         served: dict[str, tuple[Link, int]] = {}
+        lost: set[str] = set()
         for (name, _), stream in self._streams.items():
             if stream.state is StreamState.ENDED or stream.acknowledged:
                 link, acknowledged = served.get(name, (stream.link, 0))
+                # On the link of its last stream (after its End) that did not end with
+                # its link: a stream offered again after a duplicate link closed under the
+                # first one runs on the link now in use.
+                if stream.link_lost:
+                    lost.add(name)
+                else:
+                    link = stream.link
+                    lost.discard(name)
                 served[name] = (link, acknowledged + stream.acknowledged)
+        if lost:
+            current = {peer.name: link for peer, link in self._peers()}
+            for name in lost:
+                link, acknowledged = served[name]
+                served[name] = (current.get(name, link), acknowledged)
         for link, acknowledged in served.values():
             if deadline <= self._clock.now():
                 break
@@ -721,6 +912,7 @@ class Drainer:
         self._report = report
         self._namespace = tracked
         self._given_back = 0
+        self._relinks = {}
         self._everywhere = tracked.effective_spread == ALL
         report.spread = tracked.effective_spread
         self._owed = {}
@@ -747,6 +939,8 @@ class Drainer:
                     retry.extend(self._released(self._take_back(stream)))
             open_streams = [s for s in streams if s.state is StreamState.OPEN]
             if not open_streams:
+                if not tiers:
+                    tiers = await self._relinked(tracked, report, offered, stream_until)
                 if not tiers:
                     break
                 streams = await self._offer(tracked, tiers.pop(0), report, stream_until, deadline)
@@ -806,6 +1000,14 @@ class Drainer:
                         # Past the streaming time, the end of the namespace deals with
                         # what is still bound (and cancels the streams, ended or not).
                         continue
+                    if any(
+                        s.state is not StreamState.OPEN and (s.inflight or s.pending.records)
+                        for s in offered
+                    ):
+                        # Let go while the acknowledgements were awaited (an answer came:
+                        # a Closed, a successor's reply on a new link): taken back at the
+                        # top of the loop and sent on, not left behind.
+                        continue
                     for stream in open_streams:
                         # Each End is an await: a successor may withdraw or go down before
                         # its turn. Everything it had is acknowledged, so it needs no End.
@@ -836,6 +1038,9 @@ class Drainer:
             # for that (within the time kept for the end), so that what they did not
             # apply can still go to the snapshot store, and only the rest is unknown.
             await self._wait(lambda: not self._bound(offered), self._resolve_until(deadline))
+        # A successor asked whether it applied chunks after its link ended, without an
+        # answer yet: presumed crashed now, its chunks go to the snapshot store (in doubt).
+        self._end_questions(self._clock.now(), all_of_them=True)
         for stream in offered:
             leftovers.extend(self._released(self._take_back(stream)))
             self._report_unknown(stream, report)
@@ -1005,6 +1210,56 @@ class Drainer:
             if eligible:
                 tiers.append(eligible)
         return tiers
+
+    async def _relinked(
+        self,
+        tracked: Tracked,
+        report: NamespaceReport,
+        offered: list[_OutStream],
+        until: float,
+    ) -> list[list[_Target]]:
+        """Successors whose stream ended with its link while they stay linked, as a tier
+        to offer the namespace again, on the link now in use. Two nodes that dialled each
+        other keep one link; the other node may close the one a stream had just started on
+        (it knew of no stream yet: an Offer on its way), and the stream ends as if the
+        successor had crashed while it serves on. Not a successor that may hold ownership
+        state of the ended stream (it would count twice), and at most :data:`MAX_RELINKS`
+        times each. Waits, until ``until`` and for a stall's time at most, while a link to
+        one of them is being replaced."""
+        ended: dict[str, list[object]] = {}
+        for stream in offered:
+            name = stream.peer.name
+            if (
+                stream.state is StreamState.FAILED
+                and stream.link_lost
+                and not stream.doubtful
+                and self._relinks.get(name, 0) < MAX_RELINKS
+            ):
+                ended.setdefault(name, []).append(transport_of(stream.link))
+        if not ended:
+            return []
+        # A replacement normally takes a handshake's time: no longer than a stall.
+        until = min(until, self._clock.now() + self._stall_after)
+        back: set[str] = set()
+        while True:
+            links = {peer.name: transport_of(link) for peer, link in self._peers()}
+            back = {n for n, old in ended.items() if n in links and links[n] not in old}
+            waiting = [n for n in ended if n not in back and self._relinking(n)]
+            if back or not waiting or self._clock.now() >= until:
+                break
+            await self._clock.wait(anyio.Event(), min(until, self._clock.now() + RELINK_POLL))
+        if not back:
+            return []
+        for name in back:
+            self._relinks[name] = self._relinks.get(name, 0) + 1
+            logger.info(
+                "%s: its link ended under the stream of %r while it stays linked (a "
+                "duplicate link closed): offered again",
+                name,
+                tracked.name,
+            )
+        tier = [t for tier in self._eligible_tiers(tracked, report) for t in tier]
+        return [[t for t in tier if t.peer.name in back]] if tier else []
 
     async def _offer(
         self,
@@ -1191,6 +1446,7 @@ class Drainer:
     def _fail(self, stream: _OutStream, why: str, *, link_lost: bool = False) -> None:
         if stream.machine.fail(why):
             stream.link_lost = link_lost
+            stream.doubtful = stream.ownership and bool(stream.inflight)
             self._unqueue(stream)
             logger.warning("successor %s %s", stream.peer.name, why)
             self._changed.set()
@@ -1226,7 +1482,9 @@ class Drainer:
             return False
         state = stream.state
         if state is StreamState.FAILED:
-            return not stream.link_lost  # given up locally: the successor may hold them
+            # Given up locally: the successor may hold them. Its link lost: it may come
+            # back and say (while the drain asks), or it crashed with them.
+            return not stream.link_lost or stream.asking_until > -math.inf
         return state is StreamState.CANCELLING or state is StreamState.OPEN
 
     @staticmethod
@@ -1277,7 +1535,7 @@ class Drainer:
         queued = self._take_pending(stream)
         if self._bound_here(stream):
             return queued
-        if stream.ownership and stream.link_lost and stream.inflight:
+        if stream.ownership and stream.link_lost and stream.inflight and not stream.answered:
             count = sum(len(records) for records, _ in stream.inflight.values())
             self._report.in_doubt += count
             self._report.refusals.setdefault(
@@ -1303,19 +1561,22 @@ class Drainer:
         """Wait until ``done()`` (True) or ``until`` (False). With ``stalls``, the streams of
         the tier that stall meanwhile are cancelled (see :data:`STALL_SHARE`): ``done`` must
         then hold once the stream the caller waits on is no longer open."""
-        while not done():
+        while True:
             now = self._clock.now()
+            self._end_questions(now)
+            self._ask(now)
+            if done():
+                return True
             if now >= until or self._stopped:
                 return False
-            wake = until
+            wake = min(until, self._next_question_end())
             if stalls:
                 if await self._give_up_on_stalled():
                     continue
                 # Woken by the next stall, not only by messages: a silent peer sends none.
-                wake = min(until, self._next_stall(now))
+                wake = min(wake, self._next_stall(now))
             self._changed = anyio.Event()
             await self._clock.wait(self._changed, wake)
-        return True
 
     def _stalls_at(self, stream: _OutStream) -> float:
         """When ``stream`` counts as stalled if its successor stays silent; never if the

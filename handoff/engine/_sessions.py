@@ -58,8 +58,9 @@ class Sessions:
         self.actors: Mapping[str, ActorHost] = actors if actors is not None else {}
         self._clock = clock
         self._drainer: Drainer | None = None
-        self._precopier: Drainer | None = None
-        """A pre-copy running while the node serves (see ``_precopy``)."""
+        self._precopiers: list[Drainer] = []
+        """Pre-copies running while the node serves: a copy, and the live streams of
+        changes to peers whose copy is complete (see ``_precopy``)."""
         # Finished drains that may still learn the fate of chunks (Drainer.unresolved).
         self._finished: list[Drainer] = []
         self._late: list[tuple[str, Link, Message]] = []
@@ -67,10 +68,10 @@ class Sessions:
     async def handle(self, peer: str, link: Link, message: Message) -> None:
         """Route one session message from ``peer`` (ProtocolError: drop the link)."""
         if isinstance(message, Accept | Refuse | Ack | Closed):
-            if self._precopier is not None:
+            for precopier in self._precopiers:
                 # Each drain knows its own streams (the node numbers them all alike) and
                 # ignores the others'.
-                self._precopier.on_message(peer, message)
+                precopier.on_message(peer, message)
             if self._drainer is not None:
                 self._drainer.on_message(peer, message)
             else:
@@ -94,10 +95,18 @@ class Sessions:
         """Whether a stream with ``peer`` is under way, in either direction, or may still
         learn the fate of its chunks: the link it runs on must stay up until it ends (a
         duplicate link closed under it would look like a crash of the peer)."""
-        drainers = [self._drainer, self._precopier, *self._finished]
+        drainers = [self._drainer, *self._precopiers, *self._finished]
         return self.receiver.streams_with(peer) or any(
             drainer.streams_with(peer) for drainer in drainers if drainer is not None
         )
+
+    def peer_up(self, peer: str) -> None:
+        """A link to ``peer`` came up: a drain whose link to it had ended asks on it what
+        the peer applied (see :meth:`Drainer.on_peer_up`)."""
+        if self._drainer is not None:
+            self._drainer.on_peer_up(peer)
+        for precopier in self._precopiers:
+            precopier.on_peer_up(peer)
 
     def peer_lost(self, peer: str) -> None:
         """The current link to ``peer`` ended: its streams in both directions end too."""
@@ -106,10 +115,23 @@ class Sessions:
             self.tallies.peer_lost(peer)
         if self._drainer is not None:
             self._drainer.on_peer_lost(peer)
-        if self._precopier is not None:
-            self._precopier.on_peer_lost(peer)
+        for precopier in self._precopiers:
+            precopier.on_peer_lost(peer)
         for drainer in self._finished:
             drainer.forget_unresolved(peer)
+        self._finished = [d for d in self._finished if d.unresolved]
+
+    def link_lost(self, peer: str, link: object) -> None:
+        """``link`` to ``peer`` ended, not the link in use (a duplicate kept up for the
+        streams it carried, see ``Mesh._retire``): the streams on it end, as if the peer
+        had gone (their chunks' fate is unknown); those on the link in use go on."""
+        self.receiver.link_lost(peer, link)
+        if self._drainer is not None:
+            self._drainer.on_peer_lost(peer, link)
+        for precopier in self._precopiers:
+            precopier.on_peer_lost(peer, link)
+        for drainer in self._finished:
+            drainer.forget_unresolved(peer, link)
         self._finished = [d for d in self._finished if d.unresolved]
 
     async def drain(self, drainer: Drainer, *, time_limit: float) -> DrainReport:
@@ -134,16 +156,15 @@ class Sessions:
                 self._finished.append(drainer)
 
     async def precopy(self, drainer: Drainer, *, time_limit: float) -> DrainReport:
-        """Run a pre-copy's ``drainer`` while the node serves: no inbound stream is settled
-        or withdrawn, and it may run alongside a drain (which should cancel it first).
-        Give it the node's own stream numbering (``Drainer(stream_ids=...)``)."""
-        if self._precopier is not None:
-            raise RuntimeError("a pre-copy is already running")
-        self._precopier = drainer
+        """Run a pre-copy's ``drainer`` (a copy, or a batch of a live stream) while the
+        node serves: no inbound stream is settled or withdrawn, and it may run alongside
+        other pre-copies and a drain (which should stop it first). Give it the node's own
+        stream numbering (``Drainer(stream_ids=...)``)."""
+        self._precopiers.append(drainer)
         try:
             return await drainer.run(time_limit=time_limit)
         finally:
-            self._precopier = None
+            self._precopiers.remove(drainer)
             self._late.extend(drainer.late)
 
     async def send_late(self, time_limit: float = LATE_SEND_LIMIT) -> None:

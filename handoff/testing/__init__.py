@@ -13,8 +13,8 @@ the child also holds a cache or mapping to hand off, and takes ``drain`` / ``sta
 
 from __future__ import annotations
 
-from handoff.testing._dns import DNSResponder
-from handoff.testing._process import (
+from handoff._local.dns import DNSResponder
+from handoff._local.process import (
     STATE_ENV,
     NodeProcess,
     NodeProcessError,

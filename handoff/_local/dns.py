@@ -26,7 +26,7 @@ import dns.rrset
 
 __all__ = ("DNSResponder",)
 
-logger = logging.getLogger("handoff.testing")
+logger = logging.getLogger("handoff.local")
 
 # Without EDNS a UDP answer may not exceed 512 bytes (RFC 1035 4.2.1); dnspython's resolver
 # sends no EDNS by default, so this is the limit that matters for it.

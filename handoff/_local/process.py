@@ -1,6 +1,6 @@
 """Run a node in a child process, watch its events and drive it, for multi-process tests.
 
-:class:`NodeProcess` starts ``python -c "...handoff.testing._process.main()"`` with the
+:class:`NodeProcess` starts ``python -c "...handoff._local.process.main()"`` with the
 ``HANDOFF_*`` environment you give it. The child builds ``handoff.Node()`` purely from that
 environment, writes one JSON object per line to its stdout, and nothing else:
 
@@ -150,7 +150,7 @@ __all__ = (
     "state_value",
 )
 
-logger = logging.getLogger("handoff.testing")
+logger = logging.getLogger("handoff.local")
 
 STATE_ENV: Final = "HANDOFF_TEST_STATE"
 """The variable holding a child's :class:`StateConfig` as JSON."""
@@ -161,7 +161,7 @@ _PLATFORM_VARIABLES = ("KUBERNETES_SERVICE_HOST", "POD_IP")
 _PLATFORM_PREFIXES = ("HANDOFF_", "FLY_")
 
 _STDERR_TAIL_LINES = 200
-_CHILD_CODE = "import sys; from handoff.testing._process import main; sys.exit(main())"
+_CHILD_CODE = "import sys; from handoff._local.process import main; sys.exit(main())"
 
 #: The event each command answers with (:meth:`NodeProcess.command`).
 _REPLIES: Final[Mapping[str, str]] = {
@@ -1317,7 +1317,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     """Entry point of the child process: run one node from ``HANDOFF_*`` until signalled
     (or told to stop on stdin)."""
     parser = argparse.ArgumentParser(
-        prog="handoff.testing._process",
+        prog="handoff._local.process",
         description="Run one warm-handoff node configured by HANDOFF_* variables, printing "
         f"its events as JSON lines, until SIGTERM or SIGINT. {STATE_ENV} gives it state to "
         "hand off; stdin takes the commands drain, stats [--no-digest], stop and traffic SPEC.",
