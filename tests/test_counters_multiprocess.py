@@ -1,5 +1,5 @@
 """Counters across a chain of deploys of real node processes (v1 -> v2 -> ...: 20 deploys with
-HANDOFF_DEEP_TESTS=1, 8 by default).
+HANDOFF_DEEP_TESTS=1, 6 by default).
 
 Each node is a child process (tests/_counters_child.py) holding ``handoff.Counters``. Every
 deploy starts the next release, increments on both nodes, drains the old one into the new
@@ -31,10 +31,10 @@ pytestmark = pytest.mark.slow
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 CLUSTER = "shop"
 CHILD = Path(__file__).with_name("_counters_child.py")
-# 20 deploys with HANDOFF_DEEP_TESTS=1; 8 in the default run (the suite's time budget).
+# 20 deploys with HANDOFF_DEEP_TESTS=1; 6 in the default run (the suite's time budget).
 DEEP = os.environ.get("HANDOFF_DEEP_TESTS") == "1"
-DEPLOYS = 20 if DEEP else 8
-KILLED_IN = (4, 11, 17) if DEEP else (3, 6)
+DEPLOYS = 20 if DEEP else 6
+KILLED_IN = (4, 11, 17) if DEEP else (2, 5)
 """Deploys (1-based) whose slow successor is SIGKILLed mid-stream."""
 KEYS = 30_000
 """Key space: the draining node holds most of it, so a stream has several chunks."""
