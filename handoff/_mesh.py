@@ -133,9 +133,8 @@ RETIRE_POLL_INTERVAL = 0.05
 # use) says why in a Goodbye, which a write of ours racing it would turn into a reset
 # connection.
 FIRST_LIST_DELAY = 0.1
-# Later changes of this node's links are told to every peer this long after the first
-# change, and at most this often: a cluster that starts at once (32 nodes: 31 links each)
-# would otherwise send a list to every peer at every link.
+# A link of this node that ended is told (a new list) to the peers it was listed to this
+# long after the first such change, and at most this often.
 REFERRAL_INTERVAL = 1.0
 
 
@@ -264,6 +263,8 @@ class Mesh:
         self._first_round_over = False
         self._referrals = Referrals(settings.node_name)
         self._links_changed: anyio.Event | None = None
+        # Per peer that speaks Peers: the names in the last list sent to it.
+        self._names_sent: dict[str, frozenset[str]] = {}
         # What discovery gave last: dialled by the discovery loop, never again as listed.
         self._discovered: set[str] = set()
         self._tls: TLSContexts | None = None
@@ -949,8 +950,10 @@ class Mesh:
             await self._send_list(link, name)
 
     async def _send_list(self, link: PeerLink, name: str) -> None:
+        peers = self._list_for(name)
+        self._names_sent[name] = frozenset(entry[0] for entry in peers.peers)
         try:
-            await link.send(self._list_for(name))
+            await link.send(peers)
         except HandoffError as exc:
             logger.debug("could not send the list of peers to %s: %s", peer_text(name), exc)
 
@@ -959,8 +962,16 @@ class Mesh:
             self._links_changed.set()
 
     async def _referral_loop(self) -> None:
-        """Tell every peer that speaks Peers the current list, REFERRAL_INTERVAL after its
-        links changed."""
+        """Send the current list, REFERRAL_INTERVAL after this node's links changed, to
+        every peer that was told of a node this one is no longer linked to.
+
+        Only endings are told: a peer keeps a listed node it cannot reach pending (its fresh
+        actor keys unavailable) until no list names it, so an ended link must reach it. A new
+        link need not: the first list tells a just-started node what it cannot find itself
+        (a node that left discovery), and a node that starts later finds its peers and dials
+        them. Telling every link to every peer made a 32-node join send thousands of lists
+        (~1,000 a second for 20 s), and the CPU they took dropped half-made links and DNS
+        answers."""
         while True:
             assert self._links_changed is not None
             await self._links_changed.wait()
@@ -968,8 +979,16 @@ class Mesh:
             self._links_changed = anyio.Event()
             if self._stopping:
                 continue  # goodbyes say it all
+            linked = {peer.name for peer, _ in self.peer_links()}
+            for name in self._names_sent.keys() - linked:
+                del self._names_sent[name]
             for peer, link in self.peer_links():
-                if peer.protocol_version >= REFERRAL_PROTOCOL:
+                sent = self._names_sent.get(peer.name)
+                if (
+                    peer.protocol_version >= REFERRAL_PROTOCOL
+                    and sent is not None
+                    and not sent <= linked
+                ):
                     self._spawn(self._send_list, link, peer.name)
 
     def _on_list(self, reporter: str, message: Peers) -> None:
@@ -977,10 +996,16 @@ class Mesh:
             reporter, message.peers, own=self._self_addresses.__contains__
         )
         self._awaiting_lists.discard(reporter)
-        if first:
-            # At once for a peer's first list (a just-started node waits for what it names);
-            # later lists at the next poll, so that a peer sending list after list of new
-            # addresses cannot make this node dial faster than MAX_LEARNED per poll.
+        if first and self._discovered - self._self_addresses:
+            # At once for a peer's first list (a just-started node waits for what it names),
+            # once this node's own discovery has found its peers: before that (a cluster
+            # whose nodes start and enter DNS together), the lists name nodes that discovery
+            # is about to give, and dialling them now, while they dial each other from
+            # their own polls, doubles the handshakes of the join (32 nodes: listeners
+            # evicted pending handshakes and links dropped half-made). Those wait for the
+            # next poll, which dials what discovery did not give. Later lists too, so that
+            # a peer sending list after list of new addresses cannot make this node dial
+            # faster than MAX_LEARNED per poll.
             self._dial_listed()
 
     def _dial_listed(self) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
+from handoff import _mesh
 from handoff._referrals import Referrals
 from handoff.protocol import Connection, LocalNode, Role
 from handoff.protocol._connection import SUPPORTED_VERSIONS
@@ -185,3 +186,31 @@ async def test_a_peer_of_protocol_4_is_never_sent_a_list() -> None:
         await anyio.sleep(0.2)
         assert "old" not in a.lists_sent + c.lists_sent
         assert "a" not in old.lists_sent
+
+
+@pytest.mark.anyio
+async def test_a_new_link_is_not_told_to_peers_but_an_ended_one_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Lists after the first go only to peers told of a node this one is no longer linked
+    to: telling every new link to every peer made a 32-node join send ~1,000 lists a second,
+    whose CPU dropped half-made links (tests/test_scale.py)."""
+    monkeypatch.setattr(_mesh, "REFERRAL_INTERVAL", 0.05)
+    a, b, c = (
+        Advertised("a", "127.0.0.2"),
+        Advertised("b", "127.0.0.3"),
+        Advertised("c", "127.0.0.4"),
+    )
+    async with a.run(), c.run(dial=[a]):
+        await wait_until(lambda: names(a) == ["c"])
+        async with b.run(dial=[a]):
+            await wait_until(lambda: names(a) == ["b", "c"] and names(b) == ["a", "c"])
+            await wait_until(lambda: "b" in a.lists_sent)
+            await anyio.sleep(0.3)  # several intervals after a's links changed
+            assert a.lists_sent.count("b") == 1, a.lists_sent
+            assert a.lists_sent.count("c") == 1, a.lists_sent
+            # c leaves: b, told of c by a, hears that a's link to c ended.
+            await c.mesh.stop("leaving")
+            await wait_until(lambda: names(a) == ["b"])
+            await wait_until(lambda: a.lists_sent.count("b") == 2)
+            assert "c" not in a.mesh._names_sent
