@@ -194,15 +194,6 @@ async def test_spread_all_a_slow_successor_does_not_hold_back_a_fast_one(
     assert b.data("cache") == held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sender: spread all queues each batch on every stream in turn and waits for each "
-    "stream's credit and room (_copy_to_all -> _flush_full -> _flush), so a successor that "
-    "answers but slowly sets the pace for all: b (1 MB/s) gets only what c (150 KB/s) "
-    "carries, the rest is dropped at the deadline. Proposed fix: a stream that has no room "
-    "while another of the tier has does not get the batch (its carriers count drops, as "
-    "when a stream stops), so the fast one goes on and the slow one skips ahead",
-)
 async def test_spread_all_a_slow_but_answering_successor_does_not_cap_a_fast_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
