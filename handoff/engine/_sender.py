@@ -9,7 +9,8 @@ for the stall time, :data:`STALL_SHARE`) is treated the same way: its stream is 
 and acknowledgements it sends after that are late and count for nothing.
 What is left at the deadline, or with nobody to take it, goes to the snapshot store if there
 is one, and is otherwise counted as dropped. Memory held at any time is bounded by the
-successors' credit times the chunk size, whatever the size of the state.
+successors' credit times the chunk size (and, with spread ``all``, each one's backlog),
+whatever the size of the state.
 
 Each link's messages are written by a task of its own (:class:`_Writer`), in order: a write
 that blocks (a successor partitioned away, its socket buffers full) holds back that link
@@ -39,13 +40,16 @@ given back too, and leaves with the catch-up.
 
 Spread ``all`` (caches and mappings only, see :attr:`Tracked.effective_spread`): every
 record goes to every successor of the tier, each successor's stream carrying the same
-records in the same (hottest-first) order. A record counts once, as acknowledged by the
-first successor that acknowledges it; while it is unacknowledged the drain knows how many
-streams still carry it (pending or in flight), and only when the last of them lets it go
-(failed, withdrawn, stalled, a chunk it could not encode) is it re-sent to the next tier,
-snapshotted or counted as dropped. So a successor that dies mid-stream costs nothing while
-another one holds the same records. A chunk of the same records is encoded once for all
-successors that read the same version.
+records in the same (hottest-first) order, at its own pace: a successor slower than
+another of its tier gets records queued up to its backlog (:data:`BACKLOG_BYTES`), then
+skips batches until it has room again (see :meth:`Drainer._copy_to_all`). A record counts
+once, as acknowledged by the first successor that acknowledges it; while it is
+unacknowledged the drain knows how many streams still carry it (pending or in flight), and
+only when the last of them lets it go (failed, withdrawn, stalled, a chunk it could not
+encode) is it re-sent (to the streams still open, then the next tier), snapshotted or
+counted as dropped. So a successor that dies mid-stream costs nothing while another one
+holds the same records. A chunk of the same records is encoded once for all successors
+that read the same version (within :data:`ENCODED_BYTES` of recent chunks).
 """
 
 from __future__ import annotations
@@ -1173,20 +1177,28 @@ class Drainer:
             # Wait for a stream to be able to send; after a round that sent nothing, for
             # any change (an Ack, credit, a stream that stops) instead: a stream that may
             # send but did not must not make this loop spin.
-            before = [self._flush_state(s) for s in live] if not progressed else None
-
-            def ready(live: list[_OutStream] = live, before: list[object] | None = before) -> bool:
-                if any(s.state is not StreamState.OPEN or s.full for s in live):
-                    return True
-                if before is not None:
-                    return [self._flush_state(s) for s in live] != before
-                return any(s.pending.records and self._sendable(s, until) for s in live)
-
+            before = None if progressed else list(map(self._flush_state, live))
+            ready = functools.partial(self._may_flush, live, before, until)
             if not await self._wait(ready, until, stalls=True):
                 return
 
+    def _may_flush(
+        self,
+        live: list[_OutStream],
+        before: list[tuple[int, int, int, int]] | None,
+        until: float,
+    ) -> bool:
+        """Whether :meth:`_flush_each` should look again: a stream stopped, or one may send
+        (or, given ``before``, anything changed since)."""
+        if any(s.state is not StreamState.OPEN or s.full for s in live):
+            return True
+        if before is not None:
+            return list(map(self._flush_state, live)) != before
+        return any(s.pending.records and self._sendable(s, until) for s in live)
+
     @staticmethod
     def _flush_state(stream: _OutStream) -> tuple[int, int, int, int]:
+        """What changes when a stream's chance to send may have."""
         return (
             stream.credit,
             len(stream.inflight),
