@@ -1104,7 +1104,7 @@ class Drainer:
             owed[id(entry.record)] = entry
         for stream in streams:
             if stream.state is not StreamState.OPEN or stream.full:
-                continue  # stopped while an earlier one flushed: it never gets this batch
+                continue  # stopped or full meanwhile: it never gets this batch
             if len(stream.pending.records) >= self._backlog(stream, until):
                 continue  # behind the others: it skips this batch
             pending = stream.pending
