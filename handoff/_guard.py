@@ -3,9 +3,9 @@
 Pure bookkeeping with time passed in, so every rule is tested without sockets:
 
 - :class:`PendingHandshakes`: incoming handshakes in progress, capped per source address and
-  in total. A flood from one address only ever displaces its own handshakes, and a peer with
-  a single handshake in progress is never evicted to make room: a slow, distant peer still
-  gets in while someone else connects as fast as it can.
+  in total. A flood from one address only ever displaces its own handshakes (and at most one
+  other), so a slow, distant peer still gets in while someone else connects as fast as it
+  can; and holding one handshake from each of many addresses cannot keep a newcomer out.
 - :class:`LogLimiter`: at most so many log lines per source per interval about refused or
   failed connections, then one summary line, so that whoever provokes them does not also
   decide how much the node logs.
@@ -42,10 +42,10 @@ def source_of(host: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """The answer to a new incoming connection: its id (``None``: turned away, close it) and
-    the pending handshakes to cancel to make room for it."""
+    """The answer to a new incoming connection: its id and the pending handshakes to cancel
+    to make room for it."""
 
-    id: int | None
+    id: int
     evicted: tuple[int, ...] = ()
 
 
@@ -54,8 +54,16 @@ class PendingHandshakes:
 
     At most ``per_source`` per source: past it, that source's oldest is evicted. At most
     ``total`` in all: past it, the oldest handshake of the source holding the most (the
-    newcomer counted) is evicted; if every source holds only one, the newcomer is turned
-    away instead, since evicting would cost some lone peer its only chance.
+    newcomer counted) is evicted; if every source holds only one, the oldest handshake of
+    all is evicted.
+
+    Why the oldest lone one and not the newcomer: turning newcomers away would let whoever
+    holds ``total`` addresses, one silent handshake each renewed at every handshake timeout,
+    keep every new peer out for good. A genuine handshake completes in a round trip, so the
+    oldest is the likeliest silent one; to evict a genuine one, an attacker must open
+    ``total`` connections from as many new addresses within that round trip. One source
+    alone evicts at most one handshake of another: from its second on it is the source
+    holding the most, and pays itself.
     """
 
     def __init__(self, total: int, per_source: int) -> None:
@@ -85,8 +93,11 @@ class PendingHandshakes:
                 key=lambda s: (len(self._by_source[s]) + (s == source), s == source),
             )
             if len(self._by_source[biggest]) + (biggest == source) <= 1:
-                return Admission(None)
-            evicted = (self._oldest_of(biggest),)
+                # Every source holds one and the newcomer's holds none: ids grow with
+                # time, so the smallest is the oldest.
+                evicted = (min(self._source),)
+            else:
+                evicted = (self._oldest_of(biggest),)
         for pending in evicted:
             self.done(pending)
         pending_id, self._next_id = self._next_id, self._next_id + 1

@@ -100,8 +100,8 @@ SessionHandler = Callable[[str, PeerLink, Message], Awaitable[None]]
 EVENT_BUFFER = 1024
 EVICTION_LOG_INTERVAL = 10.0
 # Handshakes in progress at once; past this one is dropped to admit a newcomer (see
-# PendingHandshakes: the source holding the most pays), so peers that connect and never
-# authenticate cost a socket each and cannot lock others out.
+# PendingHandshakes: the source holding the most pays, or the oldest when each holds one), so
+# peers that connect and never authenticate cost a socket each and cannot lock others out.
 MAX_PENDING_HANDSHAKES = 256
 # Handshakes in progress from one address (an IPv6 /64): a flood from there only ever
 # displaces its own. Several worker nodes on one machine dial at once (as many as the
@@ -539,11 +539,8 @@ class Mesh:
                 scope = self._pending_scopes.pop(evicted, None)
                 if scope is not None:
                     scope.cancel()
-            if admission.evicted or admission.id is None:
+            if admission.evicted:
                 self._note_eviction(source)
-            if admission.id is None:
-                await anyio.aclose_forcefully(stream)
-                continue
             scope = anyio.CancelScope()
             self._pending_scopes[admission.id] = scope
             self._spawn(self._serve_incoming, stream, source, admission.id, scope)
@@ -555,8 +552,8 @@ class Mesh:
         if now - self._evictions_logged_at >= EVICTION_LOG_INTERVAL:
             logger.warning(
                 "%d pending handshakes (the cap is %d in all, %d per address): dropped %d "
-                "so that new peers get in, taken from the addresses holding the most "
-                "(latest from %s, which holds %d)",
+                "so that new peers get in, taken from the addresses holding the most, or "
+                "the oldest when each holds one (latest from %s, which holds %d)",
                 len(self._pending),
                 self._pending.total,
                 self._pending.per_source,

@@ -211,16 +211,22 @@ def test_a_snapshot_is_restored_by_one_node_only(tmp_path: Path) -> None:
 # -- pending handshakes held by many addresses, one each ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when every source holds one pending handshake the newcomer is turned away, so "
-    "whoever holds MAX_PENDING_HANDSHAKES source addresses (256 IPv4 hosts, or a /8 of "
-    "loopback) and reconnects at each handshake timeout keeps every new peer out of the "
-    "listener (dials out still work). Fix: evict the oldest pending handshake instead; a "
-    "genuine one completes in a round trip, a silent one is the oldest",
-)
 def test_singleton_sources_cannot_keep_a_new_peer_out() -> None:
+    """Whoever holds ``total`` addresses, one silent handshake each, renewed as each times
+    out or is evicted, used to keep every newcomer out. Now the newcomer evicts the oldest,
+    and the attacker must open ``total`` new connections from distinct addresses before the
+    newcomer's round trip ends to evict it in turn."""
     pending = PendingHandshakes(total=4, per_source=2)
-    for i in range(4):
-        assert pending.admit(f"127.0.0.{10 + i}").id is not None
-    assert pending.admit("127.0.0.3").id is not None
+    attacker = {f"127.0.0.{10 + i}": pending.admit(f"127.0.0.{10 + i}").id for i in range(4)}
+    newcomer = pending.admit("127.0.0.3")
+    assert newcomer.evicted == (attacker["127.0.0.10"],)
+    assert pending.count("127.0.0.3") == 1
+    assert len(pending) == 4
+    # The attacker renews what was evicted, each renewal evicting the oldest left: its own.
+    renewals = ["127.0.0.10", "127.0.0.11", "127.0.0.12"]
+    for host in renewals:
+        renewal = pending.admit(host)
+        assert newcomer.id not in renewal.evicted
+        assert pending.count("127.0.0.3") == 1
+    pending.done(newcomer.id)  # the genuine peer's round trip ends: it is in
+    assert len(pending) == 3

@@ -74,6 +74,7 @@ from tests.test_engine_unit import (
     Wire,
     assert_adds_up,
     network,
+    settled,
     small_chunks,
 )
 
@@ -746,7 +747,7 @@ async def test_an_answer_while_the_drain_awaits_the_last_acks_is_sent_on() -> No
         async def answer_then_acks() -> None:
             await net.clock.wait(anyio.Event(), net.clock.now() + 0.5)
             net.wire(b, a).release()
-            await anyio.wait_all_tasks_blocked()
+            await settled()
             c_a.release()
 
         draining = net.start(a.drain)

@@ -47,19 +47,38 @@ def test_at_the_total_cap_the_biggest_source_pays_never_a_lone_peer() -> None:
     assert (pending.count("10.0.0.3"), pending.count("10.0.0.4")) == (1, 1)
 
 
-def test_when_every_source_holds_one_the_newcomer_is_turned_away() -> None:
+def test_when_every_source_holds_one_the_oldest_makes_room() -> None:
     pending = PendingHandshakes(total=3, per_source=8)
     ids = [pending.admit(f"10.0.0.{i}").id for i in range(3)]
-    assert pending.admit("10.0.0.99") == pending.admit("10.0.0.98")
-    assert pending.admit("10.0.0.99").id is None
+    newcomer = pending.admit("10.0.0.99")
+    assert newcomer.evicted == (ids[0],)
+    assert pending.count("10.0.0.0") == 0
+    assert pending.count("10.0.0.99") == 1
     assert len(pending) == 3
-    # One finished: room again.
-    pending.done(ids[0])  # type: ignore[arg-type]
-    pending.done(ids[0])  # type: ignore[arg-type]  # idempotent
-    assert pending.admit("10.0.0.99").id is not None
+    # The next newcomer evicts the next oldest, not the previous newcomer.
+    assert pending.admit("10.0.0.98").evicted == (ids[1],)
+    # One finished: room again, nobody evicted.
+    pending.done(ids[2])
+    pending.done(ids[2])  # idempotent
+    assert pending.admit("10.0.0.97").evicted == ()
     # A second one from a source that holds one already evicts that source's own.
-    again = pending.admit("10.0.0.1")
-    assert again.evicted == (ids[1],)
+    again = pending.admit("10.0.0.99")
+    assert again.evicted == (newcomer.id,)
+
+
+def test_one_source_flooding_evicts_at_most_one_lone_handshake() -> None:
+    pending = PendingHandshakes(total=4, per_source=2)
+    lone = {pending.admit(f"10.0.0.{i}").id for i in range(4)}
+    flood: set[int] = set()
+    evicted: set[int] = set()
+    for _ in range(50):
+        admission = pending.admit("10.0.0.9")
+        flood.add(admission.id)
+        evicted.update(admission.evicted)
+    assert len(evicted & lone) == 1, "the flood took more than its first room from others"
+    assert sum(pending.count(f"10.0.0.{i}") for i in range(4)) == 3
+    assert pending.count("10.0.0.9") == 1
+    assert evicted - lone <= flood
 
 
 def test_caps_below_one_are_refused() -> None:

@@ -300,21 +300,26 @@ async def test_one_address_holds_at_most_its_share_of_pending_handshakes() -> No
                 await anyio.aclose_forcefully(stream)
 
 
-async def test_lone_handshakes_are_never_evicted_the_newcomer_waits() -> None:
+async def test_when_each_address_holds_one_the_oldest_handshake_makes_room() -> None:
     hosts = [f"127.0.0.{i}" for i in (10, 11, 12, 13)]
     if not loopback_aliases_usable(hosts):
         pytest.skip("needs loopback aliases (127.0.0.0/8 bindable)")
     a = Harness("a", "127.0.0.2", max_pending=3, handshake_timeout=60.0)
     async with a.run():
         lone = [(await _flood(a.port, 1, source=host))[0] for host in hosts[:3]]
+        # Admitted in order (the accept loop admits one connection at a time), so the first
+        # is the oldest by the time the newcomer comes.
+        await wait_until(lambda: len(a.mesh._pending) == 3)
         [newcomer] = await _flood(a.port, 1, source=hosts[3])
         try:
-            # Every address holds one: the newcomer is turned away, nobody is evicted.
-            assert await read_until_closed(newcomer, within=2.0) == b""
-            for stream in lone:
+            # Every address holds one: the oldest is evicted and its socket closed (the last
+            # thing its task does), and the newcomer waits for its handshake like the others.
+            assert await read_until_closed(lone[0], within=2.0) == b""
+            for stream in [*lone[1:], newcomer]:
                 with anyio.move_on_after(0.2) as waited:
                     await stream.receive()
-                assert waited.cancelled_caught, "a lone pending handshake was evicted"
+                assert waited.cancelled_caught, "a younger pending handshake was evicted"
+            assert len(a.mesh._pending) == 3
         finally:
             for stream in [*lone, newcomer]:
                 await anyio.aclose_forcefully(stream)

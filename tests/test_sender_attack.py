@@ -16,6 +16,7 @@ from tests.test_engine_unit import (
     Wire,
     assert_adds_up,
     block_after_chunk,
+    chunk_keys,
     chunk_total,
     counts,
     keys_of,
@@ -194,15 +195,6 @@ async def test_spread_all_a_slow_successor_does_not_hold_back_a_fast_one(
     assert b.data("cache") == held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sender: spread all queues each batch on every stream in turn and waits for each "
-    "stream's credit and room (_copy_to_all -> _flush_full -> _flush), so a successor that "
-    "answers but slowly sets the pace for all: b (1 MB/s) gets only what c (150 KB/s) "
-    "carries, the rest is dropped at the deadline. Proposed fix: a stream that has no room "
-    "while another of the tier has does not get the batch (its carriers count drops, as "
-    "when a stream stops), so the fast one goes on and the slow one skips ahead",
-)
 async def test_spread_all_a_slow_but_answering_successor_does_not_cap_a_fast_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -226,6 +218,96 @@ async def test_spread_all_a_slow_but_answering_successor_does_not_cap_a_fast_one
     assert 0 < len(c.data("cache")) < 500  # c's link cannot carry it all
     assert ns.acknowledged == 500, report.summary()
     assert b.data("cache") == held
+
+
+def watch_backlogs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The most records each successor's stream held queued (not yet sent) after the drain
+    pulled a batch for spread ``all``, by successor."""
+    most: dict[str, int] = {}
+    copy = _sender.Drainer._copy_to_all
+
+    async def watched(self: Any, batch: Any, pulled_at: Any, streams: Any, *rest: Any) -> None:
+        await copy(self, batch, pulled_at, streams, *rest)
+        for stream in streams:
+            name = stream.peer.name
+            most[name] = max(most.get(name, 0), len(stream.pending.records))
+
+    monkeypatch.setattr(_sender.Drainer, "_copy_to_all", watched)
+    return most
+
+
+async def test_spread_all_a_slow_successor_s_queue_does_not_grow_with_the_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spread ``all``, b at 4 MB/s, c at 100 KB/s, 1.6 MB of cache: b takes it all in half
+    a second, and the records b is ahead by must not pile up for c (invariant 8). c's queue
+    stays within its backlog (BACKLOG_BYTES here 64 KiB, less than two of c's chunks of 64
+    KiB: 2 x 64 records) plus one batch (b's chunk, at most 256 KiB here: 256 records); it
+    skips the rest, which b acknowledged. (Few chunks: each costs the fake network a tenth
+    of a second of real time.)"""
+    monkeypatch.setattr(_sender, "TARGET_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(_sender, "BACKLOG_BYTES", 64 * 1024)
+    backlogs = watch_backlogs(monkeypatch)
+    held = {f"k{i:04d}": "v" * 1000 for i in range(1600)}
+    async with network() as net:
+        a = net.node("a", track("cache", dict(held), spread="all"))
+        b = net.node("b", track("cache", {}), release="v2")
+        c = net.node("c", track("cache", {}), release="v2")
+        net.connect(a, b, c)
+        net.wire(a, b).bytes_per_second = 4_000_000.0
+        net.wire(a, c).bytes_per_second = 100_000.0
+        report = await net.finish(net.start(lambda: a.drain(time_limit=1.5)))
+
+    assert_adds_up(report)
+    ns = report.namespaces["cache"]
+    assert ns.acknowledged == 1600, report.summary()
+    assert b.data("cache") == held
+    assert 0 < backlogs["c"] <= 2 * 64 + 256
+    assert 0 < len(c.data("cache")) < 1600
+    assert ns.per_successor["c"].acknowledged == len(c.data("cache"))
+    assert ns.per_successor["b"].acknowledged == 1600
+
+
+async def test_spread_all_what_a_slow_successor_skipped_goes_to_it_when_the_fast_one_dies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spread ``all``: c (slow) skipped records while b was ahead; b's link ends with some of
+    them applied there but not acknowledged. Those are nobody's now: they go to c (it has
+    the time), while those b acknowledged count as acknowledged and c never gets them."""
+    monkeypatch.setattr(_sender, "TARGET_CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(_sender, "BACKLOG_BYTES", 64 * 1024)
+    backlogs = watch_backlogs(monkeypatch)
+    held = {f"k{i:04d}": "v" * 1000 for i in range(400)}
+    async with network() as net:
+        a = net.node("a", track("cache", dict(held), spread="all"))
+        b = net.node("b", track("cache", {}), release="v2")
+        c = net.node("c", track("cache", {}), release="v2")
+        net.connect(a, b, c)
+        a_b, b_a = net.wire(a, b), net.wire(b, a)
+        a_b.bytes_per_second = 2_000_000.0
+        net.wire(a, c).bytes_per_second = 50_000.0
+        # b applies what it gets, but its Acks stop once it applied 300 records.
+        b_a.hold_after = lambda m: isinstance(m, Ack) and len(b.data("cache")) >= 300
+        draining = net.start(lambda: a.drain(time_limit=10.0))
+        await net.drive(lambda: b_a.held)
+        acked = [m.seq for m in b_a.delivered if isinstance(m, Ack)]
+        acknowledged_by_b = set(chunk_keys(a_b, acked))
+        net.cut(a, b, "b crashed")
+        report = await net.finish(draining)
+
+    assert_adds_up(report)
+    assert report.ok, report.summary()
+    ns = report.namespaces["cache"]
+    assert ns.acknowledged == 400
+    assert ns.per_successor["b"].acknowledged == len(acknowledged_by_b) < 400
+    assert backlogs["c"] <= 2 * 64 + 64
+    got_c = keys_of(c.data("cache"))
+    skipped = set(held) - got_c
+    assert skipped, "c skipped nothing: b was never ahead of c's backlog"
+    assert skipped <= acknowledged_by_b
+    assert got_c >= set(held) - acknowledged_by_b
+    assert max(got_c) > min(skipped)  # it took up again after what it skipped
+    assert ns.per_successor["c"].acknowledged == len(got_c)
 
 
 @pytest.mark.parametrize("records", [2000, 200])

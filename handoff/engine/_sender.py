@@ -9,7 +9,8 @@ for the stall time, :data:`STALL_SHARE`) is treated the same way: its stream is 
 and acknowledgements it sends after that are late and count for nothing.
 What is left at the deadline, or with nobody to take it, goes to the snapshot store if there
 is one, and is otherwise counted as dropped. Memory held at any time is bounded by the
-successors' credit times the chunk size, whatever the size of the state.
+successors' credit times the chunk size (and, with spread ``all``, each one's backlog),
+whatever the size of the state.
 
 Each link's messages are written by a task of its own (:class:`_Writer`), in order: a write
 that blocks (a successor partitioned away, its socket buffers full) holds back that link
@@ -39,13 +40,16 @@ given back too, and leaves with the catch-up.
 
 Spread ``all`` (caches and mappings only, see :attr:`Tracked.effective_spread`): every
 record goes to every successor of the tier, each successor's stream carrying the same
-records in the same (hottest-first) order. A record counts once, as acknowledged by the
-first successor that acknowledges it; while it is unacknowledged the drain knows how many
-streams still carry it (pending or in flight), and only when the last of them lets it go
-(failed, withdrawn, stalled, a chunk it could not encode) is it re-sent to the next tier,
-snapshotted or counted as dropped. So a successor that dies mid-stream costs nothing while
-another one holds the same records. A chunk of the same records is encoded once for all
-successors that read the same version.
+records in the same (hottest-first) order, at its own pace: a successor slower than
+another of its tier gets records queued up to its backlog (:data:`BACKLOG_BYTES`), then
+skips batches until it has room again (see :meth:`Drainer._copy_to_all`). A record counts
+once, as acknowledged by the first successor that acknowledges it; while it is
+unacknowledged the drain knows how many streams still carry it (pending or in flight), and
+only when the last of them lets it go (failed, withdrawn, stalled, a chunk it could not
+encode) is it re-sent (to the streams still open, then the next tier), snapshotted or
+counted as dropped. So a successor that dies mid-stream costs nothing while another one
+holds the same records. A chunk of the same records is encoded once for all successors
+that read the same version (within :data:`ENCODED_BYTES` of recent chunks).
 """
 
 from __future__ import annotations
@@ -147,6 +151,17 @@ RELINK_POLL = 0.02
 # buffers are full (a peer partitioned away) holds the drain back at most this long per
 # message, while the write goes on in the link's writer until its own time limit.
 WRITE_PATIENCE = 0.05
+# Spread ``all``: records that wait on a successor's stream because it is slower than
+# another of its tier are at most what its link carries by the end of the streaming time,
+# within BACKLOG_BYTES (the drain holds no more for it: it skips batches, see
+# Drainer._copy_to_all), and at least BACKLOG_CHUNKS of its chunks: not 1, so that a fast
+# successor waiting for an Ack while a slow one has room does not skip.
+BACKLOG_BYTES = MAX_CHUNK_BYTES
+BACKLOG_CHUNKS = 2
+# Spread ``all``: bytes of the latest chunks' encodings kept for the other successors that
+# get the same chunks. Not only the last chunk: each successor sends at its own pace, so one
+# may be several chunks ahead of another (within its backlog).
+ENCODED_BYTES = BACKLOG_BYTES
 # Seconds between two questions to a successor whose link ended (see Drainer.on_peer_up),
 # once it came back: two nodes that dial each other at once make two links, and a question
 # sent on the one the tie-break closes may never be read; the next goes on the link kept.
@@ -376,12 +391,13 @@ class Drainer:
         """The current namespace goes to every successor (spread ``all``)."""
         self._owed: dict[int, _Owed] = {}
         """Spread ``all``: the records no successor acknowledged yet, by ``id(record)``."""
-        self._encoded: (
-            tuple[list[Record], tuple[int, ...], bytes, list[tuple[Record, str]]] | None
-        ) = None
-        """Spread ``all``: the last chunk encoded (its records, kept alive so that their
-        identities stay theirs, and those identities), for the next successor that gets
-        the same chunk."""
+        self._encoded: dict[
+            tuple[int, ...], tuple[list[Record], bytes, list[tuple[Record, str]]]
+        ] = {}
+        """Spread ``all``: the latest chunks encoded (:data:`ENCODED_BYTES` of them), by
+        their records' identities (the records kept alive so that their identities stay
+        theirs), for the other successors that get the same chunk."""
+        self._encoded_bytes = 0
         self._writers: dict[int, _Writer] = {}
         """One writer per link (by ``id``), started by the first message for it."""
         self._group: anyio.abc.TaskGroup | None = None
@@ -916,7 +932,8 @@ class Drainer:
         self._everywhere = tracked.effective_spread == ALL
         report.spread = tracked.effective_spread
         self._owed = {}
-        self._encoded = None
+        self._encoded = {}
+        self._encoded_bytes = 0
         source = self._sources.get(tracked.name) if self._sources is not None else None
         exporter = iter(source() if source is not None else tracked.adapter.export())
         retry: deque[tuple[Record, float]] = deque()
@@ -1069,24 +1086,125 @@ class Drainer:
         retry: deque[tuple[Record, float]],
         until: float,
     ) -> None:
-        """Spread ``all``: queue ``batch`` on every open stream, in order, each carrying
-        every record; a record that no stream took (all stopped meanwhile) is retried."""
+        """Spread ``all``: queue ``batch`` on every open stream that has room for it in its
+        backlog, each carrying every record it takes, and send each stream's chunks at its
+        own pace; return once a stream can take the next batch (or none is open, or at
+        ``until``). A record that no stream took (all stopped meanwhile) is retried.
+
+        A successor slower than another of its tier falls behind: records queue on its
+        stream, up to :meth:`_backlog` (what its link carries by ``until``, within
+        :data:`BACKLOG_BYTES`). Past that it skips batches (its carriers count does not
+        include it) and takes up again at the batch current when it has room: it never
+        holds back a faster one, and never makes the drain hold more than its backlog for
+        it. What it skipped is acknowledged by the others; if they let it go, it is re-sent
+        like any record that nobody carries (see :meth:`_released`)."""
         owed = self._owed
         entries = [_Owed(record) for record in batch]
         for entry in entries:
             owed[id(entry.record)] = entry
         for stream in streams:
-            if stream.state is not StreamState.OPEN:
-                continue  # stopped while an earlier one flushed: it never gets this batch
+            if stream.state is not StreamState.OPEN or stream.full:
+                continue  # stopped or full meanwhile: it never gets this batch
+            if len(stream.pending.records) >= self._backlog(stream, until):
+                continue  # behind the others: it skips this batch
             pending = stream.pending
             pending.pulled_at = min(pending.pulled_at, pulled_at) if pending.records else pulled_at
             pending.records.extend(batch)
             for entry in entries:
                 entry.carriers += 1
-            await self._flush_full(stream, self._report, until)
+        await self._flush_each(
+            streams, until, whole=False, done=lambda live: not all(map(self._behind, live))
+        )
         for entry in entries:
             if entry.carriers == 0 and owed.pop(id(entry.record), None) is not None:
                 retry.append((entry.record, pulled_at))
+
+    def _behind(self, stream: _OutStream) -> bool:
+        """Spread ``all``: the stream holds a chunk's worth of records it could not send yet."""
+        return len(stream.pending.records) >= self._stream_chunk_records(stream)
+
+    def _backlog(self, stream: _OutStream, until: float) -> int:
+        """Spread ``all``: how many records may queue on the stream before it skips batches:
+        what its link carries by ``until`` beyond what is in flight (at its observed rate),
+        within :data:`BACKLOG_BYTES`; at least :data:`BACKLOG_CHUNKS` chunks, so that a fast
+        successor waiting for an Ack while a slower one has room does not skip."""
+        least = BACKLOG_CHUNKS * self._stream_chunk_records(stream)
+        per_record = self._bytes_per_record
+        if not per_record:
+            return least
+        most = BACKLOG_BYTES / per_record
+        per_byte = stream.seconds_per_byte
+        if not math.isnan(per_byte) and per_byte > 0:
+            carried = ((until - self._clock.now()) / per_byte - stream.unacked_bytes) / per_record
+            most = min(most, carried)
+        return max(least, int(most))
+
+    def _sendable(self, stream: _OutStream, until: float) -> bool:
+        """The stream may send a chunk now (see :meth:`_flush`)."""
+        return stream.credit > 0 and self._room(stream, until) != 0
+
+    async def _flush_each(
+        self,
+        streams: list[_OutStream],
+        until: float,
+        *,
+        whole: bool,
+        done: Callable[[list[_OutStream]], bool],
+    ) -> None:
+        """Spread ``all``: send every stream's queued chunks as its credit and room allow,
+        waiting for none in particular, until ``done(live)`` holds for the streams still
+        open and not full (or none is, or ``until`` came). ``whole``: queued records that
+        make less than a chunk are sent too (the end of the namespace)."""
+        report = self._report
+        while self._clock.now() < until:
+            progressed = False
+            for stream in streams:
+                while (
+                    stream.state is StreamState.OPEN
+                    and not stream.full
+                    and stream.pending.records
+                    and (whole or self._behind(stream))
+                    and self._sendable(stream, until)
+                ):
+                    queued = len(stream.pending.records)
+                    await self._flush(stream, report, until)
+                    if len(stream.pending.records) >= queued:
+                        break  # nothing sent: out of time, or paced past the end
+                    progressed = True
+            live = [s for s in streams if s.state is StreamState.OPEN and not s.full]
+            if not live or done(live):
+                return
+            # Wait for a stream to be able to send; after a round that sent nothing, for
+            # any change (an Ack, credit, a stream that stops) instead: a stream that may
+            # send but did not must not make this loop spin.
+            before = None if progressed else list(map(self._flush_state, live))
+            ready = functools.partial(self._may_flush, live, before, until)
+            if not await self._wait(ready, until, stalls=True):
+                return
+
+    def _may_flush(
+        self,
+        live: list[_OutStream],
+        before: list[tuple[int, int, int, int]] | None,
+        until: float,
+    ) -> bool:
+        """Whether :meth:`_flush_each` should look again: a stream stopped, or one may send
+        (or, given ``before``, anything changed since)."""
+        if any(s.state is not StreamState.OPEN or s.full for s in live):
+            return True
+        if before is not None:
+            return list(map(self._flush_state, live)) != before
+        return any(s.pending.records and self._sendable(s, until) for s in live)
+
+    @staticmethod
+    def _flush_state(stream: _OutStream) -> tuple[int, int, int, int]:
+        """What changes when a stream's chance to send may have."""
+        return (
+            stream.credit,
+            len(stream.inflight),
+            len(stream.pending.records),
+            stream.sent_records,
+        )
 
     @staticmethod
     def _split(
@@ -1755,11 +1873,16 @@ class Drainer:
         if not self._everywhere or stream.chain is not None:
             return self._codec.encode_records(records)
         identity = tuple(map(id, records))
-        cached = self._encoded
-        if cached is not None and cached[1] == identity:
-            return cached[2], cached[3]
+        cached = self._encoded.get(identity)
+        if cached is not None:
+            return cached[1], cached[2]
         payload, rejected = self._codec.encode_records(records)
-        self._encoded = (records, identity, payload, rejected)
+        encoded = self._encoded
+        encoded[identity] = (records, payload, rejected)
+        self._encoded_bytes += len(payload)
+        while self._encoded_bytes > ENCODED_BYTES and len(encoded) > 1:
+            oldest = encoded.pop(next(iter(encoded)))
+            self._encoded_bytes -= len(oldest[1])
         return payload, rejected
 
     async def _send_split(
@@ -1794,6 +1917,15 @@ class Drainer:
         """Flush what is queued and wait for every acknowledgement. False: go round again
         (a successor failed and its records are back in play)."""
         report = self._report
+        if self._everywhere:
+            # Each at its own pace: a slow successor's queue must not hold back the last
+            # chunk of a fast one.
+            await self._flush_each(
+                streams,
+                until,
+                whole=True,
+                done=lambda live: not any(s.pending.records for s in live),
+            )
         for stream in streams:
             while stream.pending.records and stream.state is StreamState.OPEN and not stream.full:
                 queued = len(stream.pending.records)
