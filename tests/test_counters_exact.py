@@ -555,7 +555,12 @@ def simulate(program: list[tuple[str, int, int]], windowed: bool) -> None:
 def test_counters_stay_exact_over_simulated_deploys() -> None:
     before = TOTAL.steps
     increments_before = TOTAL.increments
-    simulate()
+    # 30 random programs make ~180,000 steps on average but drew 96,887 once in ~20 runs:
+    # another round of programs then, rather than a floor that fails by chance.
+    for _ in range(3):
+        simulate()
+        if TOTAL.steps - before >= MIN_STEPS:
+            break
     steps = TOTAL.steps - before
     assert steps >= MIN_STEPS, steps
     assert (TOTAL.increments - increments_before) * 2 > steps  # increments are most steps
