@@ -759,6 +759,10 @@ class Drainer:
                 links = {p.name: (p, link) for p, link in self._peers()}
             found = links.get(name)
             if found is None:
+                # Linked nowhere (the link asked on ended too): asked again when it comes
+                # back (on_peer_up), not every ASK_AGAIN, which would be past from now on
+                # and wake the drain's wait at once, again and again, without a yield.
+                stream.asked_at = -math.inf
                 continue
             if found[0].incarnation != stream.peer.incarnation:
                 stream.asking_until = -math.inf
@@ -780,10 +784,21 @@ class Drainer:
         unacknowledged here counts it as applied there; the Closed after them says the
         rest was not, and it is re-sent (not in doubt)."""
         if isinstance(message, Ack):
-            entry = stream.inflight.pop(message.seq, None)
+            entry = stream.inflight.get(message.seq)
+            if entry is None:
+                return  # seen on the old link before it ended
+            # The stream's machine, failed with its link, checks no Ack any more: an
+            # answer that does not add up is the protocol error it is on a live stream
+            # (the link drops; the chunk stays unanswered, and in doubt if it stays so).
+            outcome = message.applied + message.kept + sum(n for _, n in message.dropped)
+            if outcome != len(entry[0]):
+                raise ProtocolError(
+                    f"stream {stream.stream}: replayed Ack of chunk {message.seq} accounts "
+                    f"for {outcome} records, the chunk held {len(entry[0])}"
+                )
+            del stream.inflight[message.seq]
             stream.sizes.pop(message.seq, None)
-            if entry is not None:
-                self._acknowledged(stream, message, entry[0])
+            self._acknowledged(stream, message, entry[0])
         elif isinstance(message, Closed):
             stream.answered = True
             stream.asking_until = -math.inf

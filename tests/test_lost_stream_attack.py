@@ -1,0 +1,117 @@
+"""Attacks on the question a drain asks a successor whose link ended (see README,
+"Counters stay exact"): the sender asks on a new link which chunks were applied (a Cancel
+of the stream), the receiver replays the Acks it kept and a Closed.
+
+Each test forces one moment with the fake network of ``tests/test_engine_unit.py`` (fake
+clock, no sockets): an answer whose Acks do not add up, a question that comes while the
+receiver has withdrawn from the stream on its old link, and more lost streams than the
+receiver keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from handoff.protocol import Accept, Ack, Chunk, Message
+from tests.test_counters_exact import NAMESPACE, _counters_node, _held
+from tests.test_engine_unit import FakeNode, assert_adds_up, network, small_chunks
+
+__all__ = ("small_chunks",)  # the fixture: 16 records a chunk here too
+
+pytestmark = pytest.mark.anyio
+
+
+def _cut_at_duplicate_of_chunk_1(net: object, a: FakeNode, b: FakeNode) -> None:
+    """b's Acks wait on the wire, and a's chunk 1 arrives twice: b drops the link (a
+    protocol error) having applied chunks 0 and 1; a never saw their Acks."""
+    a_b, b_a = net.wire(a, b), net.wire(b, a)  # type: ignore[attr-defined]
+    b_a.hold_after = lambda m: isinstance(m, Accept)
+    a_b.on_send = lambda m: a_b.queue.append(m) if isinstance(m, Chunk) and m.seq == 1 else None
+
+
+async def test_a_replayed_ack_that_does_not_add_up_drops_the_link_and_is_not_counted() -> None:
+    """b answers a's question with an Ack of chunk 0 that accounts for a million records
+    (a buggy or hostile successor): on the stream's own link such an Ack drops the link;
+    as an answer it was counted as it said (the report claimed a million applied records
+    of a 16-record chunk). Now it is a protocol error too: the link drops, the replayed
+    Ack counts nothing, and the report adds up."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        c = _counters_node(net, "c", "v2")
+        net.connect(a, b, c)
+        _cut_at_duplicate_of_chunk_1(net, a, b)
+        cut = net.cut
+
+        def forge(message: Message) -> Message:
+            if isinstance(message, Ack):
+                return dataclasses.replace(message, applied=1_000_000)
+            return message
+
+        def redial(x: FakeNode, y: FakeNode, reason: str) -> None:
+            cut(x, y, reason)
+            if len(net.cuts) == 1:
+                net.connect(x, y)
+                net.wire(b, a).tamper = forge
+
+        net.cut = redial  # type: ignore[method-assign,assignment]
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    ns = report.namespaces[NAMESPACE]
+    assert ns.applied <= ns.records, ns
+    assert ("a", "b") in [(x, y) for x, y, _ in net.protocol_errors]  # a dropped b's link
+    # b's answer never came true: what it may hold is re-sent and said to be in doubt.
+    assert ns.in_doubt > 0
+    assert _held(c.data(NAMESPACE)) + _held(b.data(NAMESPACE)) >= sum(held.values())
+
+
+async def test_a_question_whose_link_ends_unanswered_does_not_spin_the_drain() -> None:
+    """a asks b on the new link; that link ends too before b answers, and b does not come
+    back. The question was to be asked again 0.2 s later, but b is linked nowhere: the
+    drain's wait woke at once for a question it could not ask, again and again, without
+    ever yielding (on a real loop: no heartbeat, no other link served until the stall time
+    ran out; on the fake clock: forever). Now it waits for b to come back or the stall
+    time to end, and re-sends in doubt."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        c = _counters_node(net, "c", "v2")
+        net.connect(a, b, c)
+        _cut_at_duplicate_of_chunk_1(net, a, b)
+        cut = net.cut
+
+        def redial(x: FakeNode, y: FakeNode, reason: str) -> None:
+            cut(x, y, reason)
+            if len(net.cuts) == 1:
+                net.connect(x, y)
+                b_a = net.wire(b, a)
+                b_a.hold()  # b's answer waits on the wire ...
+                # ... and the link ends once a's question is out.
+                net.wire(a, b).on_send = lambda m: net.start(end_link) and None
+
+        async def end_link() -> None:
+            net.cut(a, b, "the new link ended too")
+
+        peers = a.peers
+        calls = [0]
+
+        def counted() -> list:  # type: ignore[type-arg]
+            calls[0] += 1
+            # A spinning drain asks for its peers without end; an honest one a few times.
+            assert calls[0] < 10_000, "the drain spins"
+            return peers()
+
+        a.peers = counted  # type: ignore[method-assign]
+        net.cut = redial  # type: ignore[method-assign,assignment]
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    assert len(net.cuts) == 2
+    ns = report.namespaces[NAMESPACE]
+    assert ns.in_doubt > 0  # b never answered: re-sent, and said so
+    assert _held(c.data(NAMESPACE)) + _held(b.data(NAMESPACE)) >= sum(held.values())
