@@ -14,8 +14,15 @@ import dataclasses
 
 import pytest
 
-from handoff.protocol import Accept, Ack, Chunk, Message
-from tests.test_counters_exact import NAMESPACE, _counters_node, _held
+from handoff.protocol import Accept, Ack, Cancel, Chunk, Closed, Message, Refuse
+from tests.test_counters_exact import (
+    NAMESPACE,
+    _counters_node,
+    _held,
+    _receiver,
+    _Recorder,
+    _stream,
+)
 from tests.test_engine_unit import FakeNode, assert_adds_up, network, small_chunks
 
 __all__ = ("small_chunks",)  # the fixture: 16 records a chunk here too
@@ -115,3 +122,23 @@ async def test_a_question_whose_link_ends_unanswered_does_not_spin_the_drain() -
     ns = report.namespaces[NAMESPACE]
     assert ns.in_doubt > 0  # b never answered: re-sent, and said so
     assert _held(c.data(NAMESPACE)) + _held(b.data(NAMESPACE)) >= sum(held.values())
+
+
+async def test_a_question_about_a_stream_this_node_withdrew_from_is_answered() -> None:
+    """b (draining) withdrew from a's stream on the old link (Acks, then a Refuse), and
+    has not yet seen that link end (a duplicate kept up for it, a heartbeat not yet
+    missed); a lost that link and asks on the new one. The withdrawn stream stays here
+    until its link ends, finished: the Cancel was taken for one that crossed the
+    withdrawal and got no answer, so a's question went unanswered for as long as b took to
+    notice (past a's stall time: re-sent in doubt, counted twice). Now the Acks are
+    replayed on the new link, then a Closed (nothing is applied after a withdrawal)."""
+    receiver = _receiver()
+    old, new = _Recorder(), _Recorder()
+    await _stream(receiver, "a", old, 1, 3)
+    assert await receiver.withdraw("draining", until=1e9) == 1
+    assert [type(m).__name__ for m in old.sent] == ["Accept", "Ack", "Ack", "Ack", "Refuse"]
+    await receiver.handle("a", new, Cancel(1, "its link ended: which chunks were applied?"))
+    assert new.sent == [*(m for m in old.sent if isinstance(m, Ack)), Closed(1)]
+    # A Cancel that crossed the withdrawal on the stream's own link is late: no answer.
+    await receiver.handle("a", old, Cancel(1, "stalled"))
+    assert isinstance(old.sent[-1], Refuse)

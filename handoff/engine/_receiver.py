@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -158,6 +158,15 @@ class Receiver:
                 await self._answer_lost(key, link)
                 return
             if not stream.machine.receive(message):
+                if (
+                    isinstance(message, Cancel)
+                    and link != stream.link
+                    and stream.tracked.adapter.moves_ownership
+                ):
+                    # Withdrawn here, and the sender asks on a new link (it lost the old
+                    # one, this node has not noticed yet): the Acks and the Refuse on the
+                    # old link may never reach it. Nothing is applied after a withdrawal.
+                    await self._answer(key, tuple(stream.acks), link)
                 return  # crossed this node's withdrawal: already handled
             del self._streams[key]
             self._changed.set()
@@ -236,8 +245,12 @@ class Receiver:
         the answer: the sender asks again if the answer's link is closed under it (two
         links at once, one closed by the tie-break); a late repeat it ignores."""
         acks = self._lost.get(key)
-        if acks is None:
-            return
+        if acks is not None:
+            await self._answer(key, acks, link)
+
+    async def _answer(self, key: tuple[str, int], acks: Iterable[Ack], link: Link) -> None:
+        """Tell the sender of stream ``key`` which of its chunks were applied here: the
+        Acks kept, then a Closed (nothing else was applied, nor will be)."""
         for ack in acks:
             await link.send(ack)
         await link.send(Closed(key[1]))
