@@ -14,6 +14,7 @@ import dataclasses
 
 import pytest
 
+from handoff.engine._receiver import MAX_LOST_STREAMS, MAX_STREAMS_PER_PEER, Receiver
 from handoff.protocol import Accept, Ack, Cancel, Chunk, Closed, Message, Refuse
 from tests.test_counters_exact import (
     NAMESPACE,
@@ -23,17 +24,17 @@ from tests.test_counters_exact import (
     _Recorder,
     _stream,
 )
-from tests.test_engine_unit import FakeNode, assert_adds_up, network, small_chunks
+from tests.test_engine_unit import FakeNode, Net, assert_adds_up, network, small_chunks
 
 __all__ = ("small_chunks",)  # the fixture: 16 records a chunk here too
 
 pytestmark = pytest.mark.anyio
 
 
-def _cut_at_duplicate_of_chunk_1(net: object, a: FakeNode, b: FakeNode) -> None:
+def _cut_at_duplicate_of_chunk_1(net: Net, a: FakeNode, b: FakeNode) -> None:
     """b's Acks wait on the wire, and a's chunk 1 arrives twice: b drops the link (a
     protocol error) having applied chunks 0 and 1; a never saw their Acks."""
-    a_b, b_a = net.wire(a, b), net.wire(b, a)  # type: ignore[attr-defined]
+    a_b, b_a = net.wire(a, b), net.wire(b, a)
     b_a.hold_after = lambda m: isinstance(m, Accept)
     a_b.on_send = lambda m: a_b.queue.append(m) if isinstance(m, Chunk) and m.seq == 1 else None
 
@@ -99,7 +100,10 @@ async def test_a_question_whose_link_ends_unanswered_does_not_spin_the_drain() -
                 b_a = net.wire(b, a)
                 b_a.hold()  # b's answer waits on the wire ...
                 # ... and the link ends once a's question is out.
-                net.wire(a, b).on_send = lambda m: net.start(end_link) and None
+                net.wire(a, b).on_send = end_after_sending
+
+        def end_after_sending(message: Message) -> None:
+            net.start(end_link)
 
         async def end_link() -> None:
             net.cut(a, b, "the new link ended too")
@@ -142,3 +146,44 @@ async def test_a_question_about_a_stream_this_node_withdrew_from_is_answered() -
     # A Cancel that crossed the withdrawal on the stream's own link is late: no answer.
     await receiver.handle("a", old, Cancel(1, "stalled"))
     assert isinstance(old.sent[-1], Refuse)
+
+
+async def _answered(receiver: Receiver, peer: str, stream: int) -> bool:
+    asked = _Recorder()
+    await receiver.handle(peer, asked, Cancel(stream, "which?"))
+    return bool(asked.sent) and asked.sent[-1] == Closed(stream)
+
+
+async def test_one_peer_losing_many_streams_does_not_evict_another_peers() -> None:
+    """a's stream to b lost its link (b keeps its Acks for a's question); then h, a hostile
+    or buggy peer, opens as many streams as b keeps (32 at a time, the most it may hold
+    open) and drops its link after each batch. The kept streams were forgotten oldest
+    first, whoever they came from: a's went, and a's question got no answer (a re-sent in
+    doubt, counted twice). Now a full table forgets the oldest of the peer that holds the
+    most: h's own."""
+    receiver = _receiver()
+    await _stream(receiver, "a", _Recorder(), 1, 2)
+    receiver.peer_lost("a")
+    ids = iter(range(1, 10 * MAX_LOST_STREAMS))
+    for _ in range(-(-MAX_LOST_STREAMS // MAX_STREAMS_PER_PEER)):
+        link = _Recorder()
+        for _ in range(MAX_STREAMS_PER_PEER):
+            await _stream(receiver, "h", link, next(ids), 1)
+        receiver.peer_lost("h")
+    assert await _answered(receiver, "a", 1)
+    assert not await _answered(receiver, "h", 1)  # h's oldest went instead
+    assert await _answered(receiver, "h", next(ids) - 1)
+
+
+async def test_a_receiver_that_loses_a_hundred_senders_at_once_answers_each() -> None:
+    """A blue-green deploy of a hundred nodes: every old node splits its counters over
+    the new ones, so each new node receives from a hundred senders at once, and a blip of
+    its network ends every one of those links together. It kept 64 lost streams: the
+    other senders' questions got no answer (re-sent in doubt, counted twice)."""
+    receiver = _receiver()
+    senders = [f"old{i:03d}" for i in range(100)]
+    for peer in senders:
+        await _stream(receiver, peer, _Recorder(), 7, 2)
+    for peer in senders:
+        receiver.peer_lost(peer)
+    assert [peer for peer in senders if not await _answered(receiver, peer, 7)] == []

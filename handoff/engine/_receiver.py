@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -64,9 +64,13 @@ MAX_OUTCOMES = 256
 # most in flight).
 REPLAYED_ACKS = 2 * INITIAL_CREDIT
 # Ownership streams whose link ended here, kept (their last Acks) for their sender's
-# question on a new link; the oldest forgotten past this many (the sender then re-sends
-# what it did not see acknowledged, reported in doubt, as when a successor crashed).
-MAX_LOST_STREAMS = 64
+# question on a new link; past this many, the oldest of the peer that holds the most is
+# forgotten (the sender then re-sends what it did not see acknowledged, reported in doubt,
+# as when a successor crashed). Every old node of a blue-green deploy splits its counters
+# over the new ones, so one new node whose network blips loses the streams of all of them
+# at once: a fleet of a few hundred fits. A few hundred bytes each (8 Acks, whose drop
+# reasons are this node's own short texts).
+MAX_LOST_STREAMS = 256
 
 
 @dataclass(slots=True)
@@ -218,8 +222,8 @@ class Receiver:
             was_open = machine.fail("the link to the sender ended")
             if not stream.tracked.adapter.moves_ownership:
                 continue
-            if len(self._lost) >= MAX_LOST_STREAMS:
-                del self._lost[next(iter(self._lost))]
+            if key not in self._lost and len(self._lost) >= MAX_LOST_STREAMS:
+                self._forget_lost()
             self._lost[key] = tuple(stream.acks)
             if was_open and machine.records:
                 # The sender cannot know which of the last chunks were applied here: it
@@ -235,6 +239,15 @@ class Receiver:
                     machine.records,
                 )
         self._changed.set()
+
+    def _forget_lost(self) -> None:
+        """Make room in the kept lost streams: forget the oldest of the peer that holds
+        the most. Oldest of all, a peer that keeps losing streams (hostile, or a link that
+        flaps) would push out every other sender's, whose questions would then go
+        unanswered (their chunks re-sent in doubt, counted twice)."""
+        held = Counter(peer for peer, _ in self._lost)
+        most = max(held.values())
+        del self._lost[next(key for key in self._lost if held[key[0]] == most)]
 
     async def _answer_lost(self, key: tuple[str, int], link: Link) -> None:
         """A Cancel of a stream whose link ended here: its sender lost the link too, and
