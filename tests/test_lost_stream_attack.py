@@ -187,3 +187,39 @@ async def test_a_receiver_that_loses_a_hundred_senders_at_once_answers_each() ->
     for peer in senders:
         receiver.peer_lost(peer)
     assert [peer for peer in senders if not await _answered(receiver, peer, 7)] == []
+
+
+async def test_a_cancelled_stream_whose_link_ends_before_the_closed_arrives_is_answered() -> None:
+    """b stalls (its Acks do not get back), a cancels b's stream and sends the rest to c;
+    b answers the Cancel (its Acks, then a Closed) on the stalled link, which then ends
+    (a stalled link is often one about to). a asks b on the new link which chunks it
+    applied, but b had forgotten the stream at the Cancel (it ended it), not at the link's
+    end: no answer, and a re-sent b's chunks in doubt (counted twice, b runs on). Now a
+    cancelled ownership stream's Acks are kept as a lost one's."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        c = _counters_node(net, "c", "v2")
+        net.connect(a, b, c)
+        b_a = net.wire(b, a)
+        b_a.hold_after = lambda m: isinstance(m, Accept)  # b stalls: its Acks wait
+
+        async def cut_and_redial() -> None:
+            net.cut(a, b, "the stalled link ended")
+            net.connect(a, b)
+
+        def on_b_send(message: Message) -> None:
+            if isinstance(message, Closed) and not net.cuts:
+                net.start(cut_and_redial)
+
+        b_a.on_send = on_b_send
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    assert len(net.cuts) == 1
+    ns = report.namespaces[NAMESPACE]
+    b_held = _held(b.data(NAMESPACE))
+    assert b_held > 0  # b applied chunks whose Acks the stalled link held
+    assert ns.in_doubt == 0, ns
+    assert b_held + _held(c.data(NAMESPACE)) == sum(held.values())

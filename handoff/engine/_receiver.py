@@ -126,8 +126,9 @@ class Receiver:
         # that chunks and an End that crossed the withdrawal on the wire are recognised.
         self._streams: dict[tuple[str, int], _InStream] = {}
         self._outcomes: dict[str, ImportResult] = {}
-        # Ownership streams whose link ended while their sender may still run: the Acks
-        # it may have missed, by (peer, stream), for its question (see _answer_lost).
+        # Ownership streams whose link ended while their sender may still run, or that it
+        # cancelled (the answer may be lost with the link): the Acks it may have missed,
+        # by (peer, stream), for its question (see _answer_lost).
         self._lost: dict[tuple[str, int], tuple[Ack, ...]] = {}
         self._changed = anyio.Event()
 
@@ -184,6 +185,11 @@ class Receiver:
                 # the sender learns exactly which of its chunks count here.
                 closed = Closed(message.stream)
                 stream.machine.send(closed)
+                if stream.tracked.adapter.moves_ownership:
+                    # The Acks and this Closed may never reach the sender (it cancelled a
+                    # stalled stream: its link may be about to end): kept for its question
+                    # on a new link, as when the link ends under an open stream.
+                    self._keep_lost(key, stream.acks)
                 await link.send(closed)
             if isinstance(message, End):
                 # A delta may be one batch of a live stream, every few milliseconds.
@@ -222,9 +228,7 @@ class Receiver:
             was_open = machine.fail("the link to the sender ended")
             if not stream.tracked.adapter.moves_ownership:
                 continue
-            if key not in self._lost and len(self._lost) >= MAX_LOST_STREAMS:
-                self._forget_lost()
-            self._lost[key] = tuple(stream.acks)
+            self._keep_lost(key, stream.acks)
             if was_open and machine.records:
                 # The sender cannot know which of the last chunks were applied here: it
                 # asks on a new link (the Acks kept here answer it); if it cannot, it
@@ -240,6 +244,12 @@ class Receiver:
                 )
         self._changed.set()
 
+    def _keep_lost(self, key: tuple[str, int], acks: Iterable[Ack]) -> None:
+        """Keep the last Acks of ownership stream ``key`` for its sender's question."""
+        if key not in self._lost and len(self._lost) >= MAX_LOST_STREAMS:
+            self._forget_lost()
+        self._lost[key] = tuple(acks)
+
     def _forget_lost(self) -> None:
         """Make room in the kept lost streams: forget the oldest of the peer that holds
         the most. Oldest of all, a peer that keeps losing streams (hostile, or a link that
@@ -250,8 +260,9 @@ class Receiver:
         del self._lost[next(key for key in self._lost if held[key[0]] == most)]
 
     async def _answer_lost(self, key: tuple[str, int], link: Link) -> None:
-        """A Cancel of a stream whose link ended here: its sender lost the link too, and
-        asks on a new one which chunks were applied. The kept Acks, then a Closed (nothing
+        """A Cancel of a stream whose link ended here (or that was cancelled and
+        answered already): its sender lost the link too, and asks on a new one which
+        chunks were applied. The kept Acks, then a Closed (nothing
         else was applied, nor will be) let it re-send exactly the rest. A stream not kept
         (forgotten, or never an ownership stream) gets no answer: its sender's question
         times out and it re-sends what it did not see acknowledged, as in doubt. Kept after
