@@ -223,3 +223,33 @@ async def test_a_cancelled_stream_whose_link_ends_before_the_closed_arrives_is_a
     assert b_held > 0  # b applied chunks whose Acks the stalled link held
     assert ns.in_doubt == 0, ns
     assert b_held + _held(c.data(NAMESPACE)) == sum(held.values())
+
+
+async def test_a_sole_successor_that_answered_is_offered_the_rest() -> None:
+    """a's only successor b drops the link at a duplicated chunk, comes back and answers
+    which chunks it applied. The rest was to be re-sent, but b was the only one to re-send
+    it to, and a stream that failed with chunks unacknowledged was never offered again
+    (they might count twice): once b has said exactly what it applied, that fear is gone.
+    Before, the rest went to "no successor" (given back and reported dropped: lost when a
+    exits) although b was linked and serving."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        net.connect(a, b)
+        _cut_at_duplicate_of_chunk_1(net, a, b)
+        cut = net.cut
+
+        def redial(x: FakeNode, y: FakeNode, reason: str) -> None:
+            cut(x, y, reason)
+            net.connect(x, y)
+
+        net.cut = redial  # type: ignore[method-assign,assignment]
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    ns = report.namespaces[NAMESPACE]
+    assert len(net.cuts) == 1
+    assert ns.in_doubt == 0
+    assert not ns.dropped, ns
+    assert _held(b.data(NAMESPACE)) == sum(held.values())

@@ -259,6 +259,11 @@ class _Writer:
     closing: bool = False
 
 
+def _none_asking(streams: list[_OutStream]) -> bool:
+    """Whether none of ``streams`` awaits its successor's answer on a new link."""
+    return all(stream.asking_until == -math.inf for stream in streams)
+
+
 def _pull_until_pause(records: Iterator[Record], size: int) -> tuple[list[Record], bool]:
     """Up to ``size`` records, stopping early at a :data:`SCAN_PAUSE`; and whether
     ``records`` ran out."""
@@ -956,6 +961,11 @@ class Drainer:
             if not open_streams:
                 if not tiers:
                     tiers = await self._relinked(tracked, report, offered, stream_until)
+                if not tiers and any(s.asking_until > -math.inf for s in offered):
+                    # A successor asked which chunks it applied (its link ended) may
+                    # answer, and then take the rest (see _relinked): the last one left.
+                    await self._wait(functools.partial(_none_asking, offered), stream_until)
+                    continue
                 if not tiers:
                     break
                 streams = await self._offer(tracked, tiers.pop(0), report, stream_until, deadline)
@@ -1238,19 +1248,25 @@ class Drainer:
         other keep one link; the other node may close the one a stream had just started on
         (it knew of no stream yet: an Offer on its way), and the stream ends as if the
         successor had crashed while it serves on. Not a successor that may hold ownership
-        state of the ended stream (it would count twice), and at most :data:`MAX_RELINKS`
-        times each. Waits, until ``until`` and for a stall's time at most, while a link to
-        one of them is being replaced."""
-        ended: dict[str, list[object]] = {}
+        state of the ended stream (it would count twice), unless it came back and said
+        which chunks it applied (see :meth:`on_peer_up`: the last successor left takes the
+        rest), and at most :data:`MAX_RELINKS` times each. Waits, until ``until`` and for a
+        stall's time at most, while a link to one of them is being replaced."""
+        ended: dict[str, list[object | None]] = {}
         for stream in offered:
             name = stream.peer.name
             if (
                 stream.state is StreamState.FAILED
                 and stream.link_lost
-                and not stream.doubtful
+                and (stream.answered or not stream.doubtful)
                 and self._relinks.get(name, 0) < MAX_RELINKS
             ):
-                ended.setdefault(name, []).append(transport_of(stream.link))
+                # Answered on a new link (see on_peer_up): it said which chunks it applied,
+                # so the rest cannot count twice there, and it is back already (the
+                # question moved the stream onto the link in use: None stands for "any").
+                ended.setdefault(name, []).append(
+                    None if stream.answered else transport_of(stream.link)
+                )
         if not ended:
             return []
         # A replacement normally takes a handshake's time: no longer than a stall.
@@ -1258,7 +1274,9 @@ class Drainer:
         back: set[str] = set()
         while True:
             links = {peer.name: transport_of(link) for peer, link in self._peers()}
-            back = {n for n, old in ended.items() if n in links and links[n] not in old}
+            back = {
+                n for n, old in ended.items() if n in links and (None in old or links[n] not in old)
+            }
             waiting = [n for n in ended if n not in back and self._relinking(n)]
             if back or not waiting or self._clock.now() >= until:
                 break
