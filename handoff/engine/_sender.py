@@ -959,13 +959,13 @@ class Drainer:
                     retry.extend(self._released(self._take_back(stream)))
             open_streams = [s for s in streams if s.state is StreamState.OPEN]
             if not open_streams:
-                if not tiers:
-                    tiers = await self._relinked(tracked, report, offered, stream_until)
-                if not tiers and any(s.asking_until > -math.inf for s in offered):
+                if not tiers and not _none_asking(offered):
                     # A successor asked which chunks it applied (its link ended) may
                     # answer, and then take the rest (see _relinked): the last one left.
                     await self._wait(functools.partial(_none_asking, offered), stream_until)
                     continue
+                if not tiers:
+                    tiers = await self._relinked(tracked, report, offered, stream_until)
                 if not tiers:
                     break
                 streams = await self._offer(tracked, tiers.pop(0), report, stream_until, deadline)
@@ -1253,12 +1253,13 @@ class Drainer:
         rest), and at most :data:`MAX_RELINKS` times each. Waits, until ``until`` and for a
         stall's time at most, while a link to one of them is being replaced."""
         ended: dict[str, list[object | None]] = {}
+        doubted = {s.peer.name for s in offered if s.doubtful and not s.answered}
         for stream in offered:
             name = stream.peer.name
             if (
                 stream.state is StreamState.FAILED
                 and stream.link_lost
-                and (stream.answered or not stream.doubtful)
+                and name not in doubted
                 and self._relinks.get(name, 0) < MAX_RELINKS
             ):
                 # Answered on a new link (see on_peer_up): it said which chunks it applied,
