@@ -253,3 +253,45 @@ async def test_a_sole_successor_that_answered_is_offered_the_rest() -> None:
     assert ns.in_doubt == 0
     assert not ns.dropped, ns
     assert _held(b.data(NAMESPACE)) == sum(held.values())
+
+
+async def test_an_answer_cut_short_by_another_link_drop_is_asked_again() -> None:
+    """Held: b's answer on the new link gets one Ack through, then that link ends too. a
+    asks again on the third link; b replays the same Acks (the one a counted is not
+    counted again) and the Closed: exact, nothing in doubt."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        c = _counters_node(net, "c", "v2")
+        net.connect(a, b, c)
+        _cut_at_duplicate_of_chunk_1(net, a, b)
+        cut = net.cut
+
+        async def cut_again() -> None:
+            net.cut(a, b, "the answer's link ended too")
+
+        def after_the_first_ack(message: Message) -> bool:
+            if isinstance(message, Ack):
+                net.start(cut_again)  # runs once a has taken this Ack
+                return True
+            return False
+
+        def redial(x: FakeNode, y: FakeNode, reason: str) -> None:
+            cut(x, y, reason)
+            net.connect(x, y)
+            if len(net.cuts) == 1:
+                net.wire(b, a).hold_after = after_the_first_ack
+
+        net.cut = redial  # type: ignore[method-assign,assignment]
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    # (The fake network also cuts the third link when b's answer on the second fails.)
+    assert len(net.cuts) >= 2
+    ns = report.namespaces[NAMESPACE]
+    assert ns.in_doubt == 0
+    assert not ns.dropped, ns
+    b_held = _held(b.data(NAMESPACE))
+    assert ns.per_successor["b"].applied == len(b.data(NAMESPACE)) > 0
+    assert b_held + _held(c.data(NAMESPACE)) == sum(held.values())
