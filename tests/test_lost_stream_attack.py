@@ -3,9 +3,12 @@
 of the stream), the receiver replays the Acks it kept and a Closed.
 
 Each test forces one moment with the fake network of ``tests/test_engine_unit.py`` (fake
-clock, no sockets): an answer whose Acks do not add up, a question that comes while the
-receiver has withdrawn from the stream on its old link, and more lost streams than the
-receiver keeps.
+clock, no sockets) or drives a Receiver directly: an answer whose Acks do not add up; a
+question whose link ends before the answer, with the peer gone (the drain spun); a
+question about a stream the receiver withdrew from; a cancelled stream whose link ends
+before its Closed arrives; one peer losing more streams than the receiver keeps, and a
+hundred senders losing theirs at once; a sole successor that answered; and what held: an
+answer cut short by another link drop, a question about another peer's stream.
 """
 
 from __future__ import annotations
@@ -295,3 +298,16 @@ async def test_an_answer_cut_short_by_another_link_drop_is_asked_again() -> None
     b_held = _held(b.data(NAMESPACE))
     assert ns.per_successor["b"].applied == len(b.data(NAMESPACE)) > 0
     assert b_held + _held(c.data(NAMESPACE)) == sum(held.values())
+
+
+async def test_a_question_about_another_peers_stream_gets_no_answer() -> None:
+    """Held: h asks about stream 1, which a lost here: streams are kept by (sender, id),
+    and the sender's name is the one its link authenticated, so h learns nothing of a's
+    (and a's question still gets its answer)."""
+    receiver = _receiver()
+    await _stream(receiver, "a", _Recorder(), 1, 3)
+    receiver.peer_lost("a")
+    asked = _Recorder()
+    await receiver.handle("h", asked, Cancel(1, "which?"))
+    assert asked.sent == []
+    assert await _answered(receiver, "a", 1)
