@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import anyio
 import pytest
 
 from handoff.engine._receiver import MAX_LOST_STREAMS, MAX_STREAMS_PER_PEER, Receiver
@@ -311,3 +312,29 @@ async def test_a_question_about_another_peers_stream_gets_no_answer() -> None:
     await receiver.handle("h", asked, Cancel(1, "which?"))
     assert asked.sent == []
     assert await _answered(receiver, "a", 1)
+
+
+async def test_chunks_of_unknown_outcome_whose_link_ends_after_the_drain_are_asked_about() -> None:
+    """A drain by hand (the node runs on): b, the only successor, stops answering; at the
+    deadline a's chunks to b are of unknown outcome (reported dropped, "outcome unknown"),
+    and a waits for b's late answer to give back what b did not apply. The stalled link
+    then ends and the mesh links them again: b kept its Acks for the question (chunks 0
+    and 1 applied, 2 and 3 never arrived), but a forgot the chunks when the link ended,
+    and never asks: the counts of chunks 2 and 3 are gone from the cluster."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        net.connect(a, b)
+        a_b, b_a = net.wire(a, b), net.wire(b, a)
+        b_a.hold_after = lambda m: isinstance(m, Accept)  # b's Acks wait
+        a_b.hold_after = lambda m: isinstance(m, Chunk) and m.seq == 1  # 2, 3 never arrive
+        report = await net.finish(net.start(a.drain))
+        ns = report.namespaces[NAMESPACE]
+        assert any(reason.startswith("outcome unknown") for reason in ns.dropped), ns
+        net.cut(a, b, "the stalled link ended")
+        net.connect(a, b)
+        await anyio.wait_all_tasks_blocked()
+
+    assert _held(b.data(NAMESPACE)) > 0
+    assert _held(a.data(NAMESPACE)) + _held(b.data(NAMESPACE)) == sum(held.values())

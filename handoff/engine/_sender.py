@@ -259,6 +259,26 @@ class _Writer:
     closing: bool = False
 
 
+def _take_replayed(stream: _OutStream, ack: Ack) -> list[Record] | None:
+    """The records of the chunk a replayed ``ack`` (an answer on a new link) says was
+    applied, taken off the stream; None if it was acknowledged before the link ended."""
+    entry = stream.inflight.get(ack.seq)
+    if entry is None:
+        return None
+    # The stream's machine, ended with its link, checks no Ack any more: an answer that
+    # does not add up is the protocol error it is on a live stream (the link drops; the
+    # chunk stays unanswered, and in doubt if it stays so).
+    outcome = ack.applied + ack.kept + sum(n for _, n in ack.dropped)
+    if outcome != len(entry[0]):
+        raise ProtocolError(
+            f"stream {stream.stream}: replayed Ack of chunk {ack.seq} accounts for "
+            f"{outcome} records, the chunk held {len(entry[0])}"
+        )
+    del stream.inflight[ack.seq]
+    stream.sizes.pop(ack.seq, None)
+    return entry[0]
+
+
 def _none_asking(streams: list[_OutStream]) -> bool:
     """Whether none of ``streams`` awaits its successor's answer on a new link."""
     return all(stream.asking_until == -math.inf for stream in streams)
@@ -394,6 +414,9 @@ class Drainer:
         """Cancelled ownership streams whose chunks the end of their namespace reported as
         of unknown outcome: the successor's late answer (after the namespace, or after the
         drain when the node runs on) still tells which it did not apply, to give back."""
+        self._ask_late: set[tuple[str, int]] = set()
+        """Of :attr:`_unresolved`, those whose link ended: asked on the next (see
+        :meth:`late_questions`)."""
 
     def stop(self) -> None:
         """End the drain early (a pre-copy when the node starts draining): the streams
@@ -665,15 +688,24 @@ class Drainer:
     def _late_answer(self, stream: _OutStream, tracked: Tracked, message: Message) -> None:
         """An answer on a stream already reported as of unknown outcome: an Ack says its
         chunk was applied there; a Refuse or Closed (after the Acks) says the rest was not,
-        and it goes back to the adapter (it leaves with the catch-up)."""
-        if not stream.machine.receive(message):
+        and it goes back to the adapter (it leaves with the catch-up). Also the answer to
+        :meth:`late_questions` on a new link: the Acks the successor kept, then a Closed."""
+        key = (stream.peer.name, stream.stream)
+        if key in self._ask_late:
+            if isinstance(message, Ack):
+                _take_replayed(stream, message)
+                return
+            if not isinstance(message, Closed):
+                return
+            self._ask_late.discard(key)
+        elif not stream.machine.receive(message):
             return
-        if isinstance(message, Ack):
+        elif isinstance(message, Ack):
             stream.inflight.pop(message.seq, None)
             return
-        if not stream.state.finished:
+        elif not stream.state.finished:
             return
-        del self._unresolved[(stream.peer.name, stream.stream)]
+        del self._unresolved[key]
         records = [record for seq in sorted(stream.inflight) for record in stream.inflight[seq][0]]
         stream.inflight.clear()
         if records:
@@ -708,14 +740,42 @@ class Drainer:
 
     def forget_unresolved(self, peer: str, link: object | None = None) -> None:
         """``peer``'s link ended (``link``, or every link to it if ``None``): the chunks
-        it may hold keep an unknown outcome."""
-        for key in [
+        it may hold keep an unknown outcome until it is back on a new link and says which
+        it applied (see :meth:`late_questions`)."""
+        self._ask_late.update(
             key
             for key in self._unresolved
             if key[0] == peer and (link is None or carried_by(self._streams[key].link, link))
-        ]:
-            del self._unresolved[key]
-            self._streams[key].inflight.clear()
+        )
+
+    def late_questions(self, peer: str) -> list[tuple[Link, Cancel]]:
+        """``peer`` is back on a new link: for each stream of unknown outcome whose link to
+        it ended, the question to send on that link (a Cancel of the stream); the receiver
+        replays the Acks it kept and a Closed, and what it did not apply goes back to the
+        adapter (see :meth:`_late_answer`). The stalled link of such a stream is often one
+        about to end: forgotten then, those counts were gone from the cluster. Back as
+        another incarnation (it restarted), it cannot say: the outcome stays unknown."""
+        keys = [key for key in self._ask_late if key[0] == peer]
+        found = {p.name: (p, link) for p, link in self._peers()}.get(peer) if keys else None
+        if found is None:
+            return []
+        questions: list[tuple[Link, Cancel]] = []
+        for key in keys:
+            stream = self._streams[key]
+            if found[0].incarnation != stream.peer.incarnation:
+                self._ask_late.discard(key)
+                del self._unresolved[key]
+                stream.inflight.clear()
+                continue
+            stream.link = found[1]
+            question = Cancel(stream.stream, "its link ended: which chunks were applied?")
+            questions.append((found[1], question))
+            logger.info(
+                "asked %s which of %d chunks of unknown outcome it applied (its link had ended)",
+                peer,
+                len(stream.inflight),
+            )
+        return questions
 
     def on_peer_lost(self, peer: str, link: object | None = None) -> None:
         """``peer``'s link ended: its unacknowledged records must go elsewhere. With
@@ -789,21 +849,9 @@ class Drainer:
         unacknowledged here counts it as applied there; the Closed after them says the
         rest was not, and it is re-sent (not in doubt)."""
         if isinstance(message, Ack):
-            entry = stream.inflight.get(message.seq)
-            if entry is None:
-                return  # seen on the old link before it ended
-            # The stream's machine, failed with its link, checks no Ack any more: an
-            # answer that does not add up is the protocol error it is on a live stream
-            # (the link drops; the chunk stays unanswered, and in doubt if it stays so).
-            outcome = message.applied + message.kept + sum(n for _, n in message.dropped)
-            if outcome != len(entry[0]):
-                raise ProtocolError(
-                    f"stream {stream.stream}: replayed Ack of chunk {message.seq} accounts "
-                    f"for {outcome} records, the chunk held {len(entry[0])}"
-                )
-            del stream.inflight[message.seq]
-            stream.sizes.pop(message.seq, None)
-            self._acknowledged(stream, message, entry[0])
+            records = _take_replayed(stream, message)
+            if records is not None:
+                self._acknowledged(stream, message, records)
         elif isinstance(message, Closed):
             stream.answered = True
             stream.asking_until = -math.inf
