@@ -338,3 +338,44 @@ async def test_chunks_of_unknown_outcome_whose_link_ends_after_the_drain_are_ask
 
     assert _held(b.data(NAMESPACE)) > 0
     assert _held(a.data(NAMESPACE)) + _held(b.data(NAMESPACE)) == sum(held.values())
+
+
+async def test_a_kept_duplicate_that_fails_under_chunks_is_asked_about_on_the_link_in_use() -> (
+    None
+):
+    """a streams to b on a link that has just become a kept duplicate (the other link is
+    in use now, see ``Mesh._retire``); b applied chunk 0, its Ack and chunks 1 to 3 are on
+    the way when the duplicate fails. b stays linked on the link in use, so no node-up
+    comes, and a never asked b which chunks it applied: after the stall time it re-sent
+    them in doubt (chunk 0 counted twice). Now a asks at once on the link in use; b answers
+    (chunk 0 applied, nothing else), and the rest goes to b again: exact, not in doubt."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        net.connect(a, b)
+        old_ab, old_ba = net.wire(a, b), net.wire(b, a)
+        old_ba.hold_after = lambda m: isinstance(m, Accept)  # b's Acks wait
+        old_ab.hold_after = lambda m: isinstance(m, Chunk) and m.seq == 0  # 1 to 3 wait
+
+        async def duplicate_fails() -> None:
+            # The link in use is another one now; the old one, kept for the stream, fails.
+            del a.links["b"], b.links["a"]
+            net.connect(a, b)
+            old_ab.close()
+            old_ba.close()
+            a.sessions.link_lost("b", old_ab)
+            b.sessions.link_lost("a", old_ba)
+
+        def on_send(message: Message) -> None:
+            if isinstance(message, Chunk) and message.seq == 3:
+                net.start(duplicate_fails)
+
+        old_ab.on_send = on_send
+        report = await net.finish(net.start(a.drain))
+
+    assert_adds_up(report)
+    ns = report.namespaces[NAMESPACE]
+    assert ns.in_doubt == 0, ns
+    assert not ns.dropped, ns
+    assert _held(b.data(NAMESPACE)) == sum(held.values())

@@ -782,9 +782,10 @@ class Drainer:
         ``link``, only that link ended (a duplicate kept up for the streams it carried,
         see ``Mesh._retire``): only the streams on it end. Those of ownership state wait a
         stall time for the peer to come back on a new link and say which it applied
-        (:meth:`on_peer_up`): a live peer whose link dropped (a protocol error, a
-        heartbeat missed in a pause) must not count them twice. If it does not come back,
-        they are re-sent and reported as in doubt (exact if it crashed)."""
+        (:meth:`on_peer_up`; at once when only a kept duplicate ended and the peer stays
+        linked): a live peer whose link dropped (a protocol error, a heartbeat missed in a
+        pause) must not count them twice. If it does not come back, they are re-sent and
+        reported as in doubt (exact if it crashed)."""
         self.forget_unresolved(peer, link)
         for (name, _), stream in self._streams.items():
             if name != peer or not (link is None or carried_by(stream.link, link)):
@@ -799,6 +800,10 @@ class Drainer:
                 and stream.asking_until == -math.inf
             ):
                 stream.asking_until = self._clock.now() + self._stall_after
+        if link is not None and self._group is not None:
+            # A kept duplicate failed while the peer stays linked on the link in use: no
+            # node-up will come to ask on it, so asked now.
+            self._ask(self._clock.now(), peer)
         self._changed.set()
 
     def on_peer_up(self, peer: str) -> None:
@@ -824,10 +829,11 @@ class Drainer:
                 links = {p.name: (p, link) for p, link in self._peers()}
             found = links.get(name)
             if found is None:
-                # Linked nowhere (the link asked on ended too): asked again when it comes
-                # back (on_peer_up), not every ASK_AGAIN, which would be past from now on
-                # and wake the drain's wait at once, again and again, without a yield.
-                stream.asked_at = -math.inf
+                # Linked nowhere (the link asked on ended too): looked for again in
+                # ASK_AGAIN (a replacement link may come without a node-up), and asked at
+                # once by on_peer_up. Not left at the old time: past from now on, it woke
+                # the drain's wait at once, again and again, without a yield.
+                stream.asked_at = now
                 continue
             if found[0].incarnation != stream.peer.incarnation:
                 stream.asking_until = -math.inf
