@@ -340,9 +340,7 @@ async def test_chunks_of_unknown_outcome_whose_link_ends_after_the_drain_are_ask
     assert _held(a.data(NAMESPACE)) + _held(b.data(NAMESPACE)) == sum(held.values())
 
 
-async def test_a_kept_duplicate_that_fails_under_chunks_is_asked_about_on_the_link_in_use() -> (
-    None
-):
+async def test_a_kept_duplicate_that_fails_under_chunks_is_asked_about_on_the_link_in_use() -> None:
     """a streams to b on a link that has just become a kept duplicate (the other link is
     in use now, see ``Mesh._retire``); b applied chunk 0, its Ack and chunks 1 to 3 are on
     the way when the duplicate fails. b stays linked on the link in use, so no node-up
