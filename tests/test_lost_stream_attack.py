@@ -86,8 +86,8 @@ async def test_a_question_whose_link_ends_unanswered_does_not_spin_the_drain() -
     back. The question was to be asked again 0.2 s later, but b is linked nowhere: the
     drain's wait woke at once for a question it could not ask, again and again, without
     ever yielding (on a real loop: no heartbeat, no other link served until the stall time
-    ran out; on the fake clock: forever). Now it waits for b to come back or the stall
-    time to end, and re-sends in doubt."""
+    ran out; on the fake clock: forever). Now it looks for b again every 0.2 s until b
+    comes back or the stall time ends, and re-sends in doubt."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
     async with network() as net:
         a = _counters_node(net, "a", "v1", **held)
