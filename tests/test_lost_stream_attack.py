@@ -314,13 +314,18 @@ async def test_a_question_about_another_peers_stream_gets_no_answer() -> None:
     assert await _answered(receiver, "a", 1)
 
 
-async def test_chunks_of_unknown_outcome_whose_link_ends_after_the_drain_are_asked_about() -> None:
+@pytest.mark.parametrize("restarted", [False, True], ids=["same", "restarted"])
+async def test_chunks_of_unknown_outcome_whose_link_ends_after_the_drain_are_asked_about(
+    restarted: bool,
+) -> None:
     """A drain by hand (the node runs on): b, the only successor, stops answering; at the
     deadline a's chunks to b are of unknown outcome (reported dropped, "outcome unknown"),
     and a waits for b's late answer to give back what b did not apply. The stalled link
     then ends and the mesh links them again: b kept its Acks for the question (chunks 0
     and 1 applied, 2 and 3 never arrived), but a forgot the chunks when the link ended,
-    and never asks: the counts of chunks 2 and 3 are gone from the cluster."""
+    and never asked: the counts of chunks 2 and 3 were gone from the cluster. Now a asks,
+    and gets them back. Restarted, b cannot say (what it applied died with it): a asks
+    nothing and gives nothing back (the outcome stays unknown, as reported)."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
     async with network() as net:
         a = _counters_node(net, "a", "v1", **held)
@@ -333,11 +338,23 @@ async def test_chunks_of_unknown_outcome_whose_link_ends_after_the_drain_are_ask
         ns = report.namespaces[NAMESPACE]
         assert any(reason.startswith("outcome unknown") for reason in ns.dropped), ns
         net.cut(a, b, "the stalled link ended")
+        if restarted:
+            b.data(NAMESPACE)._values.clear()  # what b applied died with it
+            b.as_peer = lambda state: dataclasses.replace(  # type: ignore[method-assign]
+                FakeNode.as_peer(b, state), incarnation="b-2"
+            )
+            b.receiver = b.sessions.receiver = _receiver()  # a new process: nothing kept
         net.connect(a, b)
         await anyio.wait_all_tasks_blocked()
 
-    assert _held(b.data(NAMESPACE)) > 0
-    assert _held(a.data(NAMESPACE)) + _held(b.data(NAMESPACE)) == sum(held.values())
+    questions = [m for m in net.wire(a, b).delivered if isinstance(m, Cancel)]
+    if restarted:
+        assert questions == []
+        assert _held(a.data(NAMESPACE)) == 0
+    else:
+        assert len(questions) == 1
+        assert _held(b.data(NAMESPACE)) > 0
+        assert _held(a.data(NAMESPACE)) + _held(b.data(NAMESPACE)) == sum(held.values())
 
 
 async def test_a_kept_duplicate_that_fails_under_chunks_is_asked_about_on_the_link_in_use() -> None:
