@@ -394,3 +394,38 @@ async def test_a_kept_duplicate_that_fails_under_chunks_is_asked_about_on_the_li
     assert ns.in_doubt == 0, ns
     assert not ns.dropped, ns
     assert _held(b.data(NAMESPACE)) == sum(held.values())
+
+
+async def test_an_answer_after_the_stall_time_changes_nothing_and_the_report_says_so() -> None:
+    """Held: b comes back at once but its answer waits on the wire past the stall time; a
+    has re-sent b's chunks to c by then, reported in doubt. The late Acks and Closed are
+    ignored (the stream is over): nothing is counted again, and the report says in doubt
+    what indeed counts twice (b runs on)."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        c = _counters_node(net, "c", "v2")
+        net.connect(a, b, c)
+        _cut_at_duplicate_of_chunk_1(net, a, b)
+        cut = net.cut
+
+        def redial(x: FakeNode, y: FakeNode, reason: str) -> None:
+            cut(x, y, reason)
+            net.connect(x, y)
+            net.wire(b, a).hold()  # b's answer waits until the drain is over
+
+        net.cut = redial  # type: ignore[method-assign,assignment]
+        report = await net.finish(net.start(a.drain))
+        late = net.wire(b, a)
+        late.release()
+        await anyio.wait_all_tasks_blocked()
+
+    assert [type(m).__name__ for m in late.delivered][-1] == "Closed"  # it did come
+    assert_adds_up(report)
+    ns = report.namespaces[NAMESPACE]
+    b_held = _held(b.data(NAMESPACE))
+    assert ns.in_doubt >= len(b.data(NAMESPACE)) > 0
+    assert "b" not in ns.per_successor  # no late Ack counted
+    assert _held(c.data(NAMESPACE)) == sum(held.values())
+    assert b_held > 0  # counted twice: b's and c's, as the report warns
