@@ -191,7 +191,7 @@ class Mesh:
         on_session_message: SessionHandler,
         on_peer_lost: Callable[[str], None],
         streams_with: Callable[[str], bool] = lambda peer: False,
-        on_link_lost: Callable[[str, PeerLink], None] = lambda peer, link: None,
+        on_link_lost: Callable[[str, PeerLink], Awaitable[None] | None] = lambda peer, link: None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
         log_clock: Callable[[], float] = anyio.current_time,
@@ -444,8 +444,11 @@ class Mesh:
         except Exception:
             logger.exception("membership callback %r failed", callback)
             return
-        if inspect.isawaitable(result) and self._running:
-            self._spawn(self._await_callback, callback, result)
+        if inspect.isawaitable(result):
+            if self._running:
+                self._spawn(self._await_callback, callback, result)
+            elif inspect.iscoroutine(result):
+                result.close()  # stopping: nobody runs it (and no "never awaited" warning)
 
     @staticmethod
     async def _await_callback(callback: object, result: Awaitable[None]) -> None:
@@ -807,8 +810,9 @@ class Mesh:
                 redial = reason is not DownReason.GOODBYE and self._streams_with(peer.name)
             else:
                 # A replaced duplicate (kept up for its streams, or of an old incarnation):
-                # only the streams it carried die with it.
-                self._on_link_lost(peer.name, link)
+                # only the streams it carried die with it (what the callback returns to
+                # await, questions about them on the link in use, runs as a task).
+                self._call(self._on_link_lost, peer.name, link)
             await link.aclose()
             if not self._stopping:
                 self._publish(

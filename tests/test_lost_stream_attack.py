@@ -429,3 +429,33 @@ async def test_an_answer_after_the_stall_time_changes_nothing_and_the_report_say
     assert "b" not in ns.per_successor  # no late Ack counted
     assert _held(c.data(NAMESPACE)) == sum(held.values())
     assert b_held > 0  # counted twice: b's and c's, as the report warns
+
+
+async def test_chunks_of_unknown_outcome_on_a_kept_duplicate_that_fails_are_asked_about() -> None:
+    """As above, but the stalled stream's link is a kept duplicate (another link is in use
+    now) and fails after the drain: b stays linked, no node-up comes, and a never asked;
+    the counts of the chunks b never got were gone. Now the end of the duplicate asks on
+    the link in use (the mesh runs what ``Sessions.link_lost`` returns)."""
+    held = {f"k{i:03d}": i + 1 for i in range(64)}
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        b = _counters_node(net, "b", "v2")
+        net.connect(a, b)
+        old_ab, old_ba = net.wire(a, b), net.wire(b, a)
+        old_ba.hold_after = lambda m: isinstance(m, Accept)  # b's Acks wait
+        old_ab.hold_after = lambda m: isinstance(m, Chunk) and m.seq == 1  # 2, 3 never arrive
+        report = await net.finish(net.start(a.drain))
+        assert any(r.startswith("outcome unknown") for r in report.namespaces[NAMESPACE].dropped)
+        # The link in use is another one now; the old one, kept for the stream, fails.
+        del a.links["b"], b.links["a"]
+        net.connect(a, b)
+        old_ab.close()
+        old_ba.close()
+        b.sessions.link_lost("a", old_ba)
+        asking = a.sessions.link_lost("b", old_ab)
+        assert asking is not None
+        await asking
+        await anyio.wait_all_tasks_blocked()
+
+    assert _held(b.data(NAMESPACE)) > 0
+    assert _held(a.data(NAMESPACE)) + _held(b.data(NAMESPACE)) == sum(held.values())

@@ -133,10 +133,13 @@ class Sessions:
             drainer.forget_unresolved(peer)
         self._finished = [d for d in self._finished if d.unresolved]
 
-    def link_lost(self, peer: str, link: object) -> None:
+    def link_lost(self, peer: str, link: object) -> Awaitable[None] | None:
         """``link`` to ``peer`` ended, not the link in use (a duplicate kept up for the
         streams it carried, see ``Mesh._retire``): the streams on it end, as if the peer
-        had gone (their chunks' fate is unknown); those on the link in use go on."""
+        had gone (their chunks' fate is unknown); those on the link in use go on. The
+        peer stays linked, so no node-up comes: a drain asks at once which chunks it
+        applied (see :meth:`Drainer.on_peer_lost`), and for finished drains' chunks of
+        unknown outcome this returns the sending of the questions, as :meth:`peer_up`."""
         self.receiver.link_lost(peer, link)
         if self._drainer is not None:
             self._drainer.on_peer_lost(peer, link)
@@ -145,6 +148,8 @@ class Sessions:
         for drainer in self._finished:
             drainer.forget_unresolved(peer, link)
         self._finished = [d for d in self._finished if d.unresolved]
+        questions = [q for drainer in self._finished for q in drainer.late_questions(peer)]
+        return self._ask_late(peer, questions) if questions else None
 
     async def drain(self, drainer: Drainer, *, time_limit: float) -> DrainReport:
         """Finish or withdraw inbound streams, then run ``drainer``, all within
