@@ -7,8 +7,11 @@ clock, no sockets) or drives a Receiver directly: an answer whose Acks do not ad
 question whose link ends before the answer, with the peer gone (the drain spun); a
 question about a stream the receiver withdrew from; a cancelled stream whose link ends
 before its Closed arrives; one peer losing more streams than the receiver keeps, and a
-hundred senders losing theirs at once; a sole successor that answered; and what held: an
-answer cut short by another link drop, a question about another peer's stream.
+hundred senders losing theirs at once; a sole successor that answered; chunks of unknown
+outcome whose link ends after the drain (a new link, or a kept duplicate failing); a kept
+duplicate failing under a running drain's chunks; and what held: an answer cut short by
+another link drop, a question about another peer's stream, an answer after the stall
+time, a restarted successor.
 """
 
 from __future__ import annotations
@@ -432,10 +435,11 @@ async def test_an_answer_after_the_stall_time_changes_nothing_and_the_report_say
 
 
 async def test_chunks_of_unknown_outcome_on_a_kept_duplicate_that_fails_are_asked_about() -> None:
-    """As above, but the stalled stream's link is a kept duplicate (another link is in use
-    now) and fails after the drain: b stays linked, no node-up comes, and a never asked;
-    the counts of the chunks b never got were gone. Now the end of the duplicate asks on
-    the link in use (the mesh runs what ``Sessions.link_lost`` returns)."""
+    """As in the test of chunks of unknown outcome whose link ends after the drain, but the
+    stalled stream's link is a kept duplicate (another link is in use now) and fails: b
+    stays linked, no node-up comes, and a never asked; the counts of the chunks b never
+    got were gone. Now the end of the duplicate asks on the link in use (the mesh runs what
+    ``Sessions.link_lost`` returns)."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
     async with network() as net:
         a = _counters_node(net, "a", "v1", **held)
