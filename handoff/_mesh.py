@@ -203,7 +203,7 @@ class Mesh:
         on_session_message: SessionHandler,
         on_peer_lost: Callable[[str], None],
         streams_with: Callable[[str], bool] = lambda peer: False,
-        on_link_lost: Callable[[str, PeerLink], None] = lambda peer, link: None,
+        on_link_lost: Callable[[str, PeerLink], Awaitable[None] | None] = lambda peer, link: None,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
         log_clock: Callable[[], float] = anyio.current_time,
@@ -488,8 +488,11 @@ class Mesh:
         except Exception:
             logger.exception("membership callback %r failed", callback)
             return
-        if inspect.isawaitable(result) and self._running:
-            self._spawn(self._await_callback, callback, result)
+        if inspect.isawaitable(result):
+            if self._running:
+                self._spawn(self._await_callback, callback, result)
+            elif inspect.iscoroutine(result):
+                result.close()  # stopping: nobody runs it (and no "never awaited" warning)
 
     @staticmethod
     async def _await_callback(callback: object, result: Awaitable[None]) -> None:
@@ -793,7 +796,7 @@ class Mesh:
                     # Its streams died with the old incarnation (peer_lost on the close).
                     self._spawn(stale.aclose, DUPLICATE)
                 else:
-                    self._spawn(self._retire, other, stale, peer.name)
+                    self._spawn(self._retire, other, stale, peer.name, link_id)
         if not decision.keep:
             if decision.reason == NAME_IN_USE and self._refusal_log.allow(
                 source_of(_host_of(address))
@@ -869,8 +872,9 @@ class Mesh:
                 redial = reason is not DownReason.GOODBYE and self._streams_with(peer.name)
             else:
                 # A replaced duplicate (kept up for its streams, or of an old incarnation):
-                # only the streams it carried die with it.
-                self._on_link_lost(peer.name, link)
+                # only the streams it carried die with it (what the callback returns to
+                # await, questions about them on the link in use, runs as a task).
+                self._call(self._on_link_lost, peer.name, link)
             await link.aclose()
             if not self._stopping:
                 self._publish(
@@ -879,16 +883,23 @@ class Mesh:
                 if redial:
                     self._redial(peer.address or address)
 
-    async def _retire(self, link_id: int, link: PeerLink, peer: str) -> None:
-        """Close ``link``, a duplicate of the peer's link in use, once no stream with the
-        peer is under way. Both nodes run the same tie-break and each keeps the link up
-        while it knows of a stream: closing it under a stream would end that stream as if
-        the peer had crashed, and its sender would re-send, to the same live peer, what the
-        peer had applied but not yet acknowledged (counted twice). Meanwhile the link
-        carries the stream's messages as before; new streams start on the link in use."""
+    async def _retire(self, link_id: int, link: PeerLink, peer: str, kept: int) -> None:
+        """Close ``link``, a duplicate of the peer's link in use (``kept``), once no stream
+        with the peer is under way, or once ``kept`` is no longer in use: its end ended
+        every stream with the peer, on every link (a peer that kept ending its link in use
+        while a stream with it ran made this node keep one more duplicate each time). Both
+        nodes run the same tie-break and each keeps the link up while it knows of a stream:
+        closing it under a stream would end that stream as if the peer had crashed, and its
+        sender would re-send, to the same live peer, what the peer had applied but not yet
+        acknowledged (counted twice). Meanwhile the link carries the stream's messages as
+        before; new streams start on the link in use."""
         # Polled: streams end in the receiver, the drain, a pre-copy or a finished drain's
         # late answers, and no one event covers them all; a duplicate is rare.
-        while link_id in self._links and self._streams_with(peer):  # noqa: ASYNC110
+        while (  # noqa: ASYNC110
+            link_id in self._links
+            and self._membership.link_of(peer) == kept
+            and self._streams_with(peer)
+        ):
             await anyio.sleep(RETIRE_POLL_INTERVAL)
         if link_id in self._links:
             await link.aclose(DUPLICATE)

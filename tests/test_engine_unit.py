@@ -395,7 +395,9 @@ class Net:
                     self._group.start_soon(wire.pump)
                     linked.append((a, b))
         for a, b in linked:
-            a.sessions.peer_up(b.name)
+            asking = a.sessions.peer_up(b.name)
+            if asking is not None:  # finished drains' questions, sent as the mesh does
+                self._group.start_soon(_awaited, asking)
 
     def wire(self, src: FakeNode, dst: FakeNode) -> Wire:
         return self.wires[(src.name, dst.name)]
@@ -478,6 +480,10 @@ async def settled() -> None:
             for task in asyncio.all_tasks()
         ):
             return
+
+
+async def _awaited(work: Awaitable[None]) -> None:
+    await work
 
 
 @asynccontextmanager

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -64,9 +64,13 @@ MAX_OUTCOMES = 256
 # most in flight).
 REPLAYED_ACKS = 2 * INITIAL_CREDIT
 # Ownership streams whose link ended here, kept (their last Acks) for their sender's
-# question on a new link; the oldest forgotten past this many (the sender then re-sends
-# what it did not see acknowledged, reported in doubt, as when a successor crashed).
-MAX_LOST_STREAMS = 64
+# question on a new link; past this many, the oldest of the peer that holds the most is
+# forgotten (the sender then re-sends what it did not see acknowledged, reported in doubt,
+# as when a successor crashed). Every old node of a blue-green deploy splits its counters
+# over the new ones, so one new node whose network blips loses the streams of all of them
+# at once: a fleet of a few hundred fits. A few hundred bytes each (8 Acks, whose drop
+# reasons are this node's own short texts).
+MAX_LOST_STREAMS = 256
 
 
 @dataclass(slots=True)
@@ -122,8 +126,9 @@ class Receiver:
         # that chunks and an End that crossed the withdrawal on the wire are recognised.
         self._streams: dict[tuple[str, int], _InStream] = {}
         self._outcomes: dict[str, ImportResult] = {}
-        # Ownership streams whose link ended while their sender may still run: the Acks
-        # it may have missed, by (peer, stream), for its question (see _answer_lost).
+        # Ownership streams whose link ended while their sender may still run, or that it
+        # cancelled (the answer may be lost with the link): the Acks it may have missed,
+        # by (peer, stream), for its question (see _answer_lost).
         self._lost: dict[tuple[str, int], tuple[Ack, ...]] = {}
         self._changed = anyio.Event()
 
@@ -158,6 +163,15 @@ class Receiver:
                 await self._answer_lost(key, link)
                 return
             if not stream.machine.receive(message):
+                if (
+                    isinstance(message, Cancel)
+                    and link != stream.link
+                    and stream.tracked.adapter.moves_ownership
+                ):
+                    # Withdrawn here, and the sender asks on a new link (it lost the old
+                    # one, this node has not noticed yet): the Acks and the Refuse on the
+                    # old link may never reach it. Nothing is applied after a withdrawal.
+                    await self._answer(key, tuple(stream.acks), link)
                 return  # crossed this node's withdrawal: already handled
             del self._streams[key]
             self._changed.set()
@@ -171,6 +185,11 @@ class Receiver:
                 # the sender learns exactly which of its chunks count here.
                 closed = Closed(message.stream)
                 stream.machine.send(closed)
+                if stream.tracked.adapter.moves_ownership:
+                    # The Acks and this Closed may never reach the sender (it cancelled a
+                    # stalled stream: its link may be about to end): kept for its question
+                    # on a new link, as when the link ends under an open stream.
+                    self._keep_lost(key, stream.acks)
                 await link.send(closed)
             if isinstance(message, End):
                 # A delta may be one batch of a live stream, every few milliseconds.
@@ -209,9 +228,7 @@ class Receiver:
             was_open = machine.fail("the link to the sender ended")
             if not stream.tracked.adapter.moves_ownership:
                 continue
-            if len(self._lost) >= MAX_LOST_STREAMS:
-                del self._lost[next(iter(self._lost))]
-            self._lost[key] = tuple(stream.acks)
+            self._keep_lost(key, stream.acks)
             if was_open and machine.records:
                 # The sender cannot know which of the last chunks were applied here: it
                 # asks on a new link (the Acks kept here answer it); if it cannot, it
@@ -227,17 +244,37 @@ class Receiver:
                 )
         self._changed.set()
 
+    def _keep_lost(self, key: tuple[str, int], acks: Iterable[Ack]) -> None:
+        """Keep the last Acks of ownership stream ``key`` for its sender's question."""
+        if key not in self._lost and len(self._lost) >= MAX_LOST_STREAMS:
+            self._forget_lost()
+        self._lost[key] = tuple(acks)
+
+    def _forget_lost(self) -> None:
+        """Make room in the kept lost streams: forget the oldest of the peer that holds
+        the most. Oldest of all, a peer that keeps losing streams (hostile, or a link that
+        flaps) would push out every other sender's, whose questions would then go
+        unanswered (their chunks re-sent in doubt, counted twice)."""
+        held = Counter(peer for peer, _ in self._lost)
+        most = max(held.values())
+        del self._lost[next(key for key in self._lost if held[key[0]] == most)]
+
     async def _answer_lost(self, key: tuple[str, int], link: Link) -> None:
-        """A Cancel of a stream whose link ended here: its sender lost the link too, and
-        asks on a new one which chunks were applied. The kept Acks, then a Closed (nothing
+        """A Cancel of a stream whose link ended here (or that was cancelled and
+        answered already): its sender lost the link too, and asks on a new one which
+        chunks were applied. The kept Acks, then a Closed (nothing
         else was applied, nor will be) let it re-send exactly the rest. A stream not kept
         (forgotten, or never an ownership stream) gets no answer: its sender's question
         times out and it re-sends what it did not see acknowledged, as in doubt. Kept after
         the answer: the sender asks again if the answer's link is closed under it (two
         links at once, one closed by the tie-break); a late repeat it ignores."""
         acks = self._lost.get(key)
-        if acks is None:
-            return
+        if acks is not None:
+            await self._answer(key, acks, link)
+
+    async def _answer(self, key: tuple[str, int], acks: Iterable[Ack], link: Link) -> None:
+        """Tell the sender of stream ``key`` which of its chunks were applied here: the
+        Acks kept, then a Closed (nothing else was applied, nor will be)."""
         for ack in acks:
             await link.send(ack)
         await link.send(Closed(key[1]))

@@ -274,6 +274,31 @@ class _Writer:
     closing: bool = False
 
 
+def _take_replayed(stream: _OutStream, ack: Ack) -> list[Record] | None:
+    """The records of the chunk a replayed ``ack`` (an answer on a new link) says was
+    applied, taken off the stream; None if it was acknowledged before the link ended."""
+    entry = stream.inflight.get(ack.seq)
+    if entry is None:
+        return None
+    # The stream's machine, ended with its link, checks no Ack any more: an answer that
+    # does not add up is the protocol error it is on a live stream (the link drops; the
+    # chunk stays unanswered, and in doubt if it stays so).
+    outcome = ack.applied + ack.kept + sum(n for _, n in ack.dropped)
+    if outcome != len(entry[0]):
+        raise ProtocolError(
+            f"stream {stream.stream}: replayed Ack of chunk {ack.seq} accounts for "
+            f"{outcome} records, the chunk held {len(entry[0])}"
+        )
+    del stream.inflight[ack.seq]
+    stream.sizes.pop(ack.seq, None)
+    return entry[0]
+
+
+def _none_asking(streams: list[_OutStream]) -> bool:
+    """Whether none of ``streams`` awaits its successor's answer on a new link."""
+    return all(stream.asking_until == -math.inf for stream in streams)
+
+
 def _pull_until_pause(records: Iterator[Record], size: int) -> tuple[list[Record], bool]:
     """Up to ``size`` records, stopping early at a :data:`SCAN_PAUSE`; and whether
     ``records`` ran out."""
@@ -405,6 +430,9 @@ class Drainer:
         """Cancelled ownership streams whose chunks the end of their namespace reported as
         of unknown outcome: the successor's late answer (after the namespace, or after the
         drain when the node runs on) still tells which it did not apply, to give back."""
+        self._ask_late: set[tuple[str, int]] = set()
+        """Of :attr:`_unresolved`, those whose link ended: asked on the next (see
+        :meth:`late_questions`)."""
 
     def stop(self) -> None:
         """End the drain early (a pre-copy when the node starts draining): the streams
@@ -676,15 +704,24 @@ class Drainer:
     def _late_answer(self, stream: _OutStream, tracked: Tracked, message: Message) -> None:
         """An answer on a stream already reported as of unknown outcome: an Ack says its
         chunk was applied there; a Refuse or Closed (after the Acks) says the rest was not,
-        and it goes back to the adapter (it leaves with the catch-up)."""
-        if not stream.machine.receive(message):
+        and it goes back to the adapter (it leaves with the catch-up). Also the answer to
+        :meth:`late_questions` on a new link: the Acks the successor kept, then a Closed."""
+        key = (stream.peer.name, stream.stream)
+        if key in self._ask_late:
+            if isinstance(message, Ack):
+                _take_replayed(stream, message)
+                return
+            if not isinstance(message, Closed):
+                return
+            self._ask_late.discard(key)
+        elif not stream.machine.receive(message):
             return
-        if isinstance(message, Ack):
+        elif isinstance(message, Ack):
             stream.inflight.pop(message.seq, None)
             return
-        if not stream.state.finished:
+        elif not stream.state.finished:
             return
-        del self._unresolved[(stream.peer.name, stream.stream)]
+        del self._unresolved[key]
         records = [record for seq in sorted(stream.inflight) for record in stream.inflight[seq][0]]
         stream.inflight.clear()
         if records:
@@ -719,23 +756,52 @@ class Drainer:
 
     def forget_unresolved(self, peer: str, link: object | None = None) -> None:
         """``peer``'s link ended (``link``, or every link to it if ``None``): the chunks
-        it may hold keep an unknown outcome."""
-        for key in [
+        it may hold keep an unknown outcome until it is back on a new link and says which
+        it applied (see :meth:`late_questions`)."""
+        self._ask_late.update(
             key
             for key in self._unresolved
             if key[0] == peer and (link is None or carried_by(self._streams[key].link, link))
-        ]:
-            del self._unresolved[key]
-            self._streams[key].inflight.clear()
+        )
+
+    def late_questions(self, peer: str) -> list[tuple[Link, Cancel]]:
+        """``peer`` is back on a new link: for each stream of unknown outcome whose link to
+        it ended, the question to send on that link (a Cancel of the stream); the receiver
+        replays the Acks it kept and a Closed, and what it did not apply goes back to the
+        adapter (see :meth:`_late_answer`). The stalled link of such a stream is often one
+        about to end: forgotten then, those counts were gone from the cluster. Back as
+        another incarnation (it restarted), it cannot say: the outcome stays unknown."""
+        keys = [key for key in self._ask_late if key[0] == peer]
+        found = {p.name: (p, link) for p, link in self._peers()}.get(peer) if keys else None
+        if found is None:
+            return []
+        questions: list[tuple[Link, Cancel]] = []
+        for key in keys:
+            stream = self._streams[key]
+            if found[0].incarnation != stream.peer.incarnation:
+                self._ask_late.discard(key)
+                del self._unresolved[key]
+                stream.inflight.clear()
+                continue
+            stream.link = found[1]
+            question = Cancel(stream.stream, "its link ended: which chunks were applied?")
+            questions.append((found[1], question))
+            logger.info(
+                "asked %s which of %d chunks of unknown outcome it applied (its link had ended)",
+                peer,
+                len(stream.inflight),
+            )
+        return questions
 
     def on_peer_lost(self, peer: str, link: object | None = None) -> None:
         """``peer``'s link ended: its unacknowledged records must go elsewhere. With
         ``link``, only that link ended (a duplicate kept up for the streams it carried,
         see ``Mesh._retire``): only the streams on it end. Those of ownership state wait a
         stall time for the peer to come back on a new link and say which it applied
-        (:meth:`on_peer_up`): a live peer whose link dropped (a protocol error, a
-        heartbeat missed in a pause) must not count them twice. If it does not come back,
-        they are re-sent and reported as in doubt (exact if it crashed)."""
+        (:meth:`on_peer_up`; at once when only a kept duplicate ended and the peer stays
+        linked): a live peer whose link dropped (a protocol error, a heartbeat missed in a
+        pause) must not count them twice. If it does not come back, they are re-sent and
+        reported as in doubt (exact if it crashed)."""
         self.forget_unresolved(peer, link)
         for (name, _), stream in self._streams.items():
             if name != peer or not (link is None or carried_by(stream.link, link)):
@@ -750,6 +816,10 @@ class Drainer:
                 and stream.asking_until == -math.inf
             ):
                 stream.asking_until = self._clock.now() + self._stall_after
+        if link is not None and self._group is not None:
+            # A kept duplicate failed while the peer stays linked on the link in use: no
+            # node-up will come to ask on it, so asked now.
+            self._ask(self._clock.now(), peer)
         self._changed.set()
 
     def on_peer_up(self, peer: str) -> None:
@@ -775,6 +845,11 @@ class Drainer:
                 links = {p.name: (p, link) for p, link in self._peers()}
             found = links.get(name)
             if found is None:
+                # Linked nowhere (the link asked on ended too): looked for again in
+                # ASK_AGAIN (a replacement link may come without a node-up), and asked at
+                # once by on_peer_up. Not left at the old time: past from now on, it woke
+                # the drain's wait at once, again and again, without a yield.
+                stream.asked_at = now
                 continue
             if found[0].incarnation != stream.peer.incarnation:
                 stream.asking_until = -math.inf
@@ -796,10 +871,9 @@ class Drainer:
         unacknowledged here counts it as applied there; the Closed after them says the
         rest was not, and it is re-sent (not in doubt)."""
         if isinstance(message, Ack):
-            entry = stream.inflight.pop(message.seq, None)
-            stream.sizes.pop(message.seq, None)
-            if entry is not None:
-                self._acknowledged(stream, message, entry[0])
+            records = _take_replayed(stream, message)
+            if records is not None:
+                self._acknowledged(stream, message, records)
         elif isinstance(message, Closed):
             stream.answered = True
             stream.asking_until = -math.inf
@@ -956,6 +1030,11 @@ class Drainer:
                     retry.extend(self._released(self._take_back(stream)))
             open_streams = [s for s in streams if s.state is StreamState.OPEN]
             if not open_streams:
+                if not tiers and not _none_asking(offered):
+                    # A successor asked which chunks it applied (its link ended) may
+                    # answer, and then take the rest (see _relinked): the last one left.
+                    await self._wait(functools.partial(_none_asking, offered), stream_until)
+                    continue
                 if not tiers:
                     tiers = await self._relinked(tracked, report, offered, stream_until)
                 if not tiers:
@@ -1341,19 +1420,26 @@ class Drainer:
         other keep one link; the other node may close the one a stream had just started on
         (it knew of no stream yet: an Offer on its way), and the stream ends as if the
         successor had crashed while it serves on. Not a successor that may hold ownership
-        state of the ended stream (it would count twice), and at most :data:`MAX_RELINKS`
-        times each. Waits, until ``until`` and for a stall's time at most, while a link to
-        one of them is being replaced."""
-        ended: dict[str, list[object]] = {}
+        state of the ended stream (it would count twice), unless it came back and said
+        which chunks it applied (see :meth:`on_peer_up`: the last successor left takes the
+        rest), and at most :data:`MAX_RELINKS` times each. Waits, until ``until`` and for a
+        stall's time at most, while a link to one of them is being replaced."""
+        ended: dict[str, list[object | None]] = {}
+        doubted = {s.peer.name for s in offered if s.doubtful and not s.answered}
         for stream in offered:
             name = stream.peer.name
             if (
                 stream.state is StreamState.FAILED
                 and stream.link_lost
-                and not stream.doubtful
+                and name not in doubted
                 and self._relinks.get(name, 0) < MAX_RELINKS
             ):
-                ended.setdefault(name, []).append(transport_of(stream.link))
+                # Answered on a new link (see on_peer_up): it said which chunks it applied,
+                # so the rest cannot count twice there, and it is back already (the
+                # question moved the stream onto the link in use: None stands for "any").
+                ended.setdefault(name, []).append(
+                    None if stream.answered else transport_of(stream.link)
+                )
         if not ended:
             return []
         # A replacement normally takes a handshake's time: no longer than a stall.
@@ -1361,7 +1447,9 @@ class Drainer:
         back: set[str] = set()
         while True:
             links = {peer.name: transport_of(link) for peer, link in self._peers()}
-            back = {n for n, old in ended.items() if n in links and links[n] not in old}
+            back = {
+                n for n, old in ended.items() if n in links and (None in old or links[n] not in old)
+            }
             waiting = [n for n in ended if n not in back and self._relinking(n)]
             if back or not waiting or self._clock.now() >= until:
                 break

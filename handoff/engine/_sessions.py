@@ -16,7 +16,7 @@ acknowledged leaves with its own drain.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 
 import anyio
 
@@ -74,11 +74,11 @@ class Sessions:
                 precopier.on_message(peer, message)
             if self._drainer is not None:
                 self._drainer.on_message(peer, message)
-            else:
-                for drainer in self._finished:
-                    drainer.on_late(peer, message)
-                self._finished = [d for d in self._finished if d.unresolved]
-                logger.debug("%s answered a stream after the drain: %r", peer, message)
+            # Also while a later drain runs (the catch-up): stream ids are the node's, so
+            # each drain takes only answers about its own streams.
+            for drainer in self._finished:
+                drainer.on_late(peer, message)
+            self._finished = [d for d in self._finished if d.unresolved]
         elif isinstance(message, ACTOR_MESSAGES):
             host = self.actors.get(message.namespace)
             if host is not None:
@@ -100,13 +100,25 @@ class Sessions:
             drainer.streams_with(peer) for drainer in drainers if drainer is not None
         )
 
-    def peer_up(self, peer: str) -> None:
+    def peer_up(self, peer: str) -> Awaitable[None] | None:
         """A link to ``peer`` came up: a drain whose link to it had ended asks on it what
-        the peer applied (see :meth:`Drainer.on_peer_up`)."""
+        the peer applied (see :meth:`Drainer.on_peer_up`), and so do finished drains about
+        chunks of unknown outcome (see :meth:`Drainer.late_questions`): for those, returns
+        the sending of the questions, for the caller to await (the mesh runs it as a task)."""
         if self._drainer is not None:
             self._drainer.on_peer_up(peer)
         for precopier in self._precopiers:
             precopier.on_peer_up(peer)
+        drainers = [*self._finished, *([self._drainer] if self._drainer is not None else [])]
+        questions = [q for drainer in drainers for q in drainer.late_questions(peer)]
+        return self._ask_late(peer, questions) if questions else None
+
+    async def _ask_late(self, peer: str, questions: Sequence[tuple[Link, Message]]) -> None:
+        for link, question in questions:
+            try:
+                await link.send(question, time_limit=LATE_SEND_LIMIT)
+            except HandoffError as exc:
+                logger.debug("could not ask %s about %r: %s", peer, question, exc)
 
     def peer_lost(self, peer: str) -> None:
         """The current link to ``peer`` ended: its streams in both directions end too."""
@@ -121,10 +133,13 @@ class Sessions:
             drainer.forget_unresolved(peer)
         self._finished = [d for d in self._finished if d.unresolved]
 
-    def link_lost(self, peer: str, link: object) -> None:
+    def link_lost(self, peer: str, link: object) -> Awaitable[None] | None:
         """``link`` to ``peer`` ended, not the link in use (a duplicate kept up for the
         streams it carried, see ``Mesh._retire``): the streams on it end, as if the peer
-        had gone (their chunks' fate is unknown); those on the link in use go on."""
+        had gone (their chunks' fate is unknown); those on the link in use go on. The
+        peer stays linked, so no node-up comes: a drain asks at once which chunks it
+        applied (see :meth:`Drainer.on_peer_lost`), and for finished drains' chunks of
+        unknown outcome this returns the sending of the questions, as :meth:`peer_up`."""
         self.receiver.link_lost(peer, link)
         if self._drainer is not None:
             self._drainer.on_peer_lost(peer, link)
@@ -133,6 +148,8 @@ class Sessions:
         for drainer in self._finished:
             drainer.forget_unresolved(peer, link)
         self._finished = [d for d in self._finished if d.unresolved]
+        questions = [q for drainer in self._finished for q in drainer.late_questions(peer)]
+        return self._ask_late(peer, questions) if questions else None
 
     async def drain(self, drainer: Drainer, *, time_limit: float) -> DrainReport:
         """Finish or withdraw inbound streams, then run ``drainer``, all within
