@@ -107,7 +107,7 @@ from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 import cachetools
 
-from handoff._adapter import DELETED, ChangesLost, ImportResult, Record
+from handoff._adapter import DELETED, PAUSE, ChangesLost, ImportResult, Record
 from handoff._errors import HandoffError
 from handoff._registry import ClassFactory
 
@@ -316,7 +316,7 @@ class _Changes:
     record outgrows its bound (:data:`CHANGES_SHARE`): then it is dropped, the cache gets
     its own class back, and every mark of it is lost."""
 
-    __slots__ = ("cache", "changed", "count", "reordered", "session")
+    __slots__ = ("cache", "changed", "count", "reordered", "session", "walk")
 
     def __init__(self, cache: cachetools.Cache[Any, Any]) -> None:
         self.session = next(_SESSIONS)
@@ -326,6 +326,8 @@ class _Changes:
         self.reordered = False
         """Whether an import placed entries elsewhere than at the hot end (then the
         order of the notes is not the cache's order)."""
+        self.walk: _Walk | None = None
+        """The listing of the cache's keys under way in steps, if any (see :class:`_Walk`)."""
 
     def note(self, key: Any) -> None:
         self.count += 1
@@ -345,6 +347,8 @@ class _Changes:
 
     def lose(self, cache: cachetools.Cache[Any, Any]) -> None:
         """Drop the record and stop tracking (the cache's accesses cost nothing more)."""
+        if self.walk is not None:
+            self.walk.settle()  # while the record still says which keys were touched
         _LOST_SESSIONS.add(self.session)
         self.changed = {}
         self.cache = None
@@ -356,6 +360,8 @@ class _Changes:
     def forget_through(self, count: int) -> int:
         """Forget the keys whose last change is at or before ``count`` (no mark in use is
         older): the oldest first, as the record is ordered. Returns how many."""
+        if self.walk is not None:  # it must tell the keys touched since it began
+            count = min(count, self.walk.start)
         changed = self.changed
         old = list(itertools.takewhile(lambda key: changed[key] <= count, changed))
         for key in old:
@@ -386,6 +392,7 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
     if cls is not None:
         return cls
     base_set, base_del, base_get = base.__setitem__, base.__delitem__, base.__getitem__
+    base_popitem = base.popitem
 
     def __setitem__(self: Any, key: Any, value: Any) -> None:
         base_set(self, key, value)
@@ -399,13 +406,35 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         if changes is not None:
             changes.note(key)
 
+    def popitem(self: Any) -> tuple[Any, Any]:
+        changes = self.__dict__.get(_CHANGES)
+        walk = None if changes is None else changes.walk
+        if walk is None:
+            return base_popitem(self)  # type: ignore[no-any-return]
+        # A walk moved the keys it listed to the hot end: the least recently used is
+        # the coldest of those still untouched, if any (see _Walk).
+        timer = getattr(self, "timer", None)
+        with timer if timer is not None else contextlib.nullcontext():
+            expire = getattr(self, "expire", None)
+            if expire is not None:
+                expire()  # as the base popitem does first
+            key = walk.coldest()
+            if key is _MISSING:
+                return base_popitem(self)  # type: ignore[no-any-return]
+            return key, self.pop(key)
+
+    def __reduce_ex__(self: Any, protocol: Any) -> Any:
+        # Pickled (or copied) as the cache it is: the tracking stays with this object.
+        _settle(self)
+        return _reduce_untracked(self, base, protocol)
+
     namespace: dict[str, Any] = {
         "__setitem__": __setitem__,
         "__delitem__": __delitem__,
+        "popitem": popitem,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
-        # Pickled (or copied) as the cache it is: the tracking stays with this object.
-        "__reduce_ex__": lambda self, protocol: _reduce_untracked(self, base, protocol),
+        "__reduce_ex__": __reduce_ex__,
     }
     if reads:
 
@@ -465,6 +494,7 @@ def _noting_imports(
     def import_records(
         self: CacheAdapter[Any], records: Sequence[Record], *, age: float = 0.0
     ) -> ImportResult:
+        _settle(self.cache)  # imports place entries at the cold end, where a walk lists
         result = method(self, records, age=age)
         changes: _Changes | None = self.cache.__dict__.get(_CHANGES)
         if changes is not None and records:
@@ -478,10 +508,111 @@ def _noting_imports(
 
 
 def _untrack(cache: cachetools.Cache[Any, Any]) -> None:
+    _settle(cache)
     cache.__dict__.pop(_CHANGES, None)
     cls = type(cache)
     if cls in _TRACKING.values():
         cache.__class__ = cls.__mro__[1]
+
+
+WALK_STEP: Final = 4096
+"""Keys a listing in steps (:meth:`CacheAdapter.export_paused`) takes from the cache's
+order at a time, then a pause: ~10 ms of the event loop's time at a million entries
+(measured 2-3 us a key: walking a C ``OrderedDict`` looks each key up again, and each is
+then moved), whatever the cache's size."""
+
+
+class _Walk:
+    """Lists the keys of a tracked cache ordered by an ``OrderedDict`` (LRU, TTL, TLRU,
+    FIFO) in steps of bounded time, while the cache serves between them.
+
+    An ``OrderedDict`` iterator fails once the dict changes, and can only start at either
+    end: each step takes the coldest keys not yet listed from the cold end and moves them
+    to the hot end (``move_to_end``, which changes nothing else). Between steps the cache
+    changes, every change noted by its tracking (see :func:`_tracking_class`): a key used
+    or written goes to the hot end, a deleted one leaves. So the order is always: the keys
+    not yet listed and not touched since the walk began (coldest first, as they were),
+    then the listed ones and the touched ones, interleaved; the walk ends at the first key
+    that is touched, or is the first listed one still there untouched.
+
+    The true recency order meanwhile is: the untouched listed keys (as they were listed),
+    the untouched unlisted ones, the touched ones by their last use. The tracking class's
+    ``popitem`` evicts by it (:meth:`coldest`); at the end :meth:`finish` moves the
+    touched keys to the hot end by their last use, which restores the cache's own order
+    exactly, and a walk left unfinished is undone by :meth:`settle`. Imports (which place
+    entries at the cold end) and anything that reads the order settle first.
+    """
+
+    __slots__ = ("changes", "cursor", "listed", "order", "start")
+
+    def __init__(self, order: OrderedDict[Any, Any], changes: _Changes) -> None:
+        self.order = order
+        self.changes = changes
+        self.start = changes.count
+        """Keys whose last change counts above this were touched since the walk began."""
+        self.listed: list[Any] = []
+        """Keys in the order listed: coldest first, as they were when the walk began."""
+        self.cursor = 0
+        """Listed keys before this index are gone from the cache or touched."""
+
+    def _untouched(self, key: Any) -> bool:
+        return self.changes.changed.get(key, 0) <= self.start
+
+    def coldest(self) -> Any:
+        """The listed key least recently used (gone and touched ones skipped), or
+        ``_MISSING`` if none is left."""
+        listed, order = self.listed, self.order
+        while self.cursor < len(listed):
+            key = listed[self.cursor]
+            if key in order and self._untouched(key):
+                return key
+            self.cursor += 1
+        return _MISSING
+
+    def step(self, limit: int) -> bool:
+        """List up to ``limit`` more keys; True once every untouched key is listed."""
+        order = self.order
+        stop = self.coldest()
+        changed, start = self.changes.changed, self.start
+        part = list(islice(order, limit))
+        end = len(part) < limit
+        for index, key in enumerate(part):
+            if key is stop or changed.get(key, 0) > start:
+                del part[index:]
+                end = True
+                break
+        _run(map(order.move_to_end, part))
+        self.listed += part
+        return end
+
+    def finish(self) -> list[Any]:
+        """End the (complete) walk: the keys touched since it began and still held go to
+        the hot end by their last use. Returns them, the most recently used first."""
+        changes = self.changes
+        changes.walk = None
+        order = self.order
+        touched = [key for key in changes.since((changes.session, self.start)) if key in order]
+        _run(map(order.move_to_end, reversed(touched)))
+        return touched
+
+    def settle(self) -> None:
+        """End the walk, done or not: the untouched listed keys go back to the cold end
+        as they were (one pass over them, at most the whole cache once)."""
+        changes = self.changes
+        if changes.walk is not self:
+            return
+        changes.walk = None
+        order, untouched = self.order, self._untouched
+        back = [key for key in reversed(self.listed) if key in order and untouched(key)]
+        _run(map(order.move_to_end, back, repeat(False)))
+
+
+def _settle(cache: cachetools.Cache[Any, Any]) -> None:
+    """Undo a walk under way on ``cache``, if any (before its order is read or changed
+    by anything but its own users)."""
+    changes: _Changes | None = cache.__dict__.get(_CHANGES)
+    if changes is not None and changes.walk is not None:
+        changes.walk.settle()
 
 
 def _run(calls: Iterable[object]) -> None:
@@ -751,7 +882,41 @@ class CacheAdapter(Generic[_C]):
         # A generator: the keys are listed at the first pull (under the node's lock).
         yield from self._records(self._hottest_first())
 
-    def _records(self, keys: list[Any]) -> Iterator[Record]:
+    def export_paused(self) -> Iterator[Record]:
+        """What :meth:`export` yields, with ``PAUSE`` between steps of the listing of the
+        keys that each take a bounded time (:data:`WALK_STEP` keys), while the cache is
+        tracked (a pre-copy marked it) and ordered by recency or insertion; otherwise
+        the export itself. Keys touched during the listing (see :class:`_Walk`) come
+        first, most recently used first, then the others as they were when it began:
+        the cache's order when the listing ends. The cache serves between the steps, in
+        the same order (its evictions too) as without the listing."""
+        order = self._walk_order()
+        changes: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if order is None or changes is None:
+            yield from self.export()
+            return
+        _settle(self.cache)  # (another walk left unfinished)
+        walk = changes.walk = _Walk(order, changes)
+        try:
+            while not walk.step(WALK_STEP):
+                yield PAUSE
+                if changes.walk is not walk:
+                    # Settled meanwhile (its tracking was lost, an import came): what is
+                    # left is listed at once, as the export lists it.
+                    yield from self.export()
+                    return
+            touched = walk.finish()
+        finally:
+            walk.settle()  # (a no-op once finished)
+        skip = frozenset(touched)
+        rest = itertools.filterfalse(skip.__contains__, reversed(walk.listed))
+        yield from self._records(chain(touched, rest))
+
+    def _walk_order(self) -> OrderedDict[Any, Any] | None:
+        """The ``OrderedDict`` whose order the export follows (coldest first), if any."""
+        return None
+
+    def _records(self, keys: Iterable[Any]) -> Iterator[Record]:
         """The records of ``keys`` (hottest first), skipping those gone or expired."""
         data = _data(self.cache)
         for key in keys:
@@ -834,6 +999,7 @@ class CacheAdapter(Generic[_C]):
         is the hottest of all, above every entry the delta does not name. Otherwise the
         rules of :meth:`import_records` apply (lifetimes, sizes, drops)."""
         cache = self.cache
+        _settle(cache)
         data = _data(cache)
         result = ImportResult()
         deleted = 0
@@ -959,7 +1125,11 @@ class _OrderedAdapter(CacheAdapter[_C]):
     def _order(self) -> OrderedDict[Any, None]:
         raise NotImplementedError
 
+    def _walk_order(self) -> OrderedDict[Any, Any] | None:
+        return self._order()
+
     def _hottest_first(self) -> list[Any]:
+        _settle(self.cache)
         return list(reversed(self._order()))
 
     def _to_hot_end(self, key: Any) -> None:
@@ -1025,7 +1195,7 @@ class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
         # A generator: the keys are listed at the first pull (under the node's lock).
         yield from self._records(self._hottest_first())
 
-    def _records(self, keys: list[Any]) -> Iterator[Record]:
+    def _records(self, keys: Iterable[Any]) -> Iterator[Record]:
         data = _data(self.cache)
         count_of = self._count_of()
         for key in keys:
@@ -1151,13 +1321,17 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
         # A generator: the keys are listed at the first pull (under the node's lock).
         yield from self._records(self._hottest_first())
 
+    def _walk_order(self) -> OrderedDict[Any, Any] | None:
+        return _ttl_links(self.cache)
+
     def _hottest_first(self) -> list[Any]:
+        _settle(self.cache)
         return list(reversed(_ttl_links(self.cache)))
 
     def _to_hot_end(self, key: Any) -> None:
         _ttl_links(self.cache).move_to_end(key)
 
-    def _records(self, keys: list[Any]) -> Iterator[Record]:
+    def _records(self, keys: Iterable[Any]) -> Iterator[Record]:
         cache = self.cache
         data, links, timer = _data(cache), _ttl_links(cache), cache.timer
         for key in keys:
@@ -1465,13 +1639,17 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
         # A generator: the keys are listed at the first pull (under the node's lock).
         yield from self._records(self._hottest_first())
 
+    def _walk_order(self) -> OrderedDict[Any, Any] | None:
+        return _tlru_items(self.cache)
+
     def _hottest_first(self) -> list[Any]:
+        _settle(self.cache)
         return list(reversed(_tlru_items(self.cache)))
 
     def _to_hot_end(self, key: Any) -> None:
         _tlru_items(self.cache).move_to_end(key)
 
-    def _records(self, keys: list[Any]) -> Iterator[Record]:
+    def _records(self, keys: Iterable[Any]) -> Iterator[Record]:
         cache = self.cache
         data, items, timer = _data(cache), _tlru_items(cache), cache.timer
         for key in keys:

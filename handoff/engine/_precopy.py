@@ -44,6 +44,7 @@ from handoff._adapter import (
     ImportResult,
     Record,
     SupportsChangeTracking,
+    SupportsPausedExport,
 )
 from handoff.engine._intake import admit
 from handoff.engine._planner import compare_releases
@@ -253,13 +254,17 @@ class Precopy:
 
     def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
         """The Drainer's ``sources`` for the copy: each marks its namespace, then exports
-        it (the mark first: a write during the export is in the delta)."""
+        it (the mark first: a write during the export is in the delta), with pauses in
+        its listing where the adapter makes them (:class:`SupportsPausedExport`: the
+        Drainer lets the event loop run at each, so that the node keeps serving)."""
 
         def source(name: str) -> Callable[[], Iterator[Record]]:
             def records() -> Iterator[Record]:
                 adapter = self.tracked[name].adapter
                 assert isinstance(adapter, SupportsChangeTracking)
                 self._marks[name] = adapter.mark()
+                if isinstance(adapter, SupportsPausedExport):
+                    return iter(adapter.export_paused())
                 return iter(adapter.export())
 
             return records
