@@ -316,7 +316,7 @@ class _Changes:
     record outgrows its bound (:data:`CHANGES_SHARE`): then it is dropped, the cache gets
     its own class back, and every mark of it is lost."""
 
-    __slots__ = ("cache", "changed", "count", "reordered", "session", "walk")
+    __slots__ = ("cache", "changed", "count", "reordered", "session", "wakers", "walk")
 
     def __init__(self, cache: cachetools.Cache[Any, Any]) -> None:
         self.session = next(_SESSIONS)
@@ -328,6 +328,8 @@ class _Changes:
         order of the notes is not the cache's order)."""
         self.walk: _Walk | None = None
         """The listing of the cache's keys under way in steps, if any (see :class:`_Walk`)."""
+        self.wakers: list[Callable[[], None]] = []
+        """Called once at the next change (see :meth:`CacheAdapter.wake_on_change`)."""
 
     def note(self, key: Any) -> None:
         self.count += 1
@@ -337,6 +339,8 @@ class _Changes:
         # every few milliseconds, and must not scan every key changed since the copy).
         changed.pop(key, None)
         changed[key] = self.count
+        if self.wakers:  # (nobody waits: this check is all a change costs)
+            self.wake()
         cache = self.cache
         if (
             not self.count % _CHECK_EVERY
@@ -345,11 +349,21 @@ class _Changes:
         ):
             self.lose(cache)
 
+    def wake(self) -> None:
+        """Call (and forget) the wakers: something changed, or tracking ends."""
+        wakers, self.wakers = self.wakers, []
+        for wake in wakers:
+            try:
+                wake()
+            except Exception:  # (the cache's user must not pay for a waker's bug)
+                logger.exception("a waker of %r failed", self.cache)
+
     def lose(self, cache: cachetools.Cache[Any, Any]) -> None:
         """Drop the record and stop tracking (the cache's accesses cost nothing more)."""
         if self.walk is not None:
             self.walk.settle()  # while the record still says which keys were touched
         _LOST_SESSIONS.add(self.session)
+        self.wake()
         self.changed = {}
         self.cache = None
         cache.__dict__.pop(_CHANGES, None)
@@ -509,7 +523,9 @@ def _noting_imports(
 
 def _untrack(cache: cachetools.Cache[Any, Any]) -> None:
     _settle(cache)
-    cache.__dict__.pop(_CHANGES, None)
+    changes: _Changes | None = cache.__dict__.pop(_CHANGES, None)
+    if changes is not None:
+        changes.wake()
     cls = type(cache)
     if cls in _TRACKING.values():
         cache.__class__ = cls.__mro__[1]
@@ -982,6 +998,19 @@ class CacheAdapter(Generic[_C]):
             if isinstance(mark, tuple) and len(mark) == 2 and mark[0] == tracking.session
         ]
         return tracking.forget_through(min(counts)) if counts else 0
+
+    def wake_on_change(self, waker: Callable[[], None]) -> bool:
+        """Call ``waker()`` once, at the next change the tracking notes (or when tracking
+        stops or its record is lost), in the thread that makes it, which may hold the
+        node's lock: it must not block (a pre-copy's live stream sets an event of its
+        event loop, thread-safely). Returns False, and never calls it, if the cache is
+        not tracked."""
+        tracking: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if tracking is None:
+            return False
+        if waker not in tracking.wakers:  # (a waiter that timed out and waits again)
+            tracking.wakers.append(waker)
+        return True
 
     def stop_tracking(self) -> None:
         """Forget the mark, and give the cache back its own class (see :meth:`mark`)."""

@@ -73,11 +73,13 @@ from handoff.engine._precopy import (
     DELTA_SHARE,
     LINK_WAIT,
     LIVE_FINISH_WAIT,
+    LIVE_IDLE_LOOK,
     LIVE_POLL,
     LIVE_TIME_LIMIT,
     PRECOPY,
     PRECOPY_CHUNK_BYTES,
     PRECOPY_TIME_LIMIT,
+    Bell,
     Precopy,
     PrecopyState,
     is_newer,
@@ -969,9 +971,19 @@ class Node:
         precopy = self._precopy.begun[name]
         assert precopy.live_done is not None
         absent_since: float | None = None
+        # Woken by a change of a cache it carries (from any thread), or by the drain;
+        # without either it looks every LIVE_IDLE_LOOK (LIVE_POLL where an adapter cannot
+        # wake it, or while the peer is away).
+        bell = precopy.bell = Bell()
+        wait = 0.0  # the first look: at once
         try:
             while not precopy.live_stopped and self._state is NodeState.SERVING:
-                await anyio.sleep(LIVE_POLL)
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        await bell.event.wait()
+                else:
+                    await anyio.lowlevel.checkpoint()
+                wait = LIVE_POLL
                 if precopy.live_stopped:
                     return
                 if not self._precopy_peer(name):
@@ -985,7 +997,11 @@ class Node:
                     continue
                 absent_since = None
                 with self.lock:
+                    bell.rearm()
                     batch = precopy.live_batch()
+                    # Under the lock with the listing: a change after it rings the bell.
+                    if not batch and precopy.wake_on_change(bell.ring):
+                        wait = LIVE_IDLE_LOOK
                 if not batch:
                     if not precopy.complete & precopy.marked - precopy.live_lost:
                         return
@@ -1031,6 +1047,7 @@ class Node:
                             "%s: live stream to %s: %s", self.name, name, report.summary()
                         )
                 logger.debug("%s: %s", self.name, report.summary())
+                wait = 0.0  # what changed while the batch was in flight: at once
         finally:
             precopy.live_done.set()
 
@@ -1040,6 +1057,8 @@ class Node:
         streams = [p for p in self._precopy.begun.values() if p.live_done is not None]
         for precopy in streams:
             precopy.live_stopped = True
+            if precopy.bell is not None:
+                precopy.bell.ring()  # (waiting for a change)
         with anyio.move_on_after(LIVE_FINISH_WAIT):
             for precopy in streams:
                 assert precopy.live_done is not None
