@@ -66,8 +66,12 @@ Change tracking (the building blocks of pre-copy)
     records coldest first (so that it can arrive in chunks), on top of a pre-copy: a
     written record replaces the entry held (it is newer) and becomes the hottest, above
     every entry the delta does not name, so that the receiver ends with the sender's
-    entries, values, lifetimes and order; ``DELETED`` removes the key. The engine does not
-    use these yet (see the README's "Pre-copy").
+    entries, values, lifetimes and order; ``DELETED`` removes the key (see the README's
+    "Pre-copy"). ``export_paused()`` is the export of a tracked cache ordered by an
+    ``OrderedDict`` (LRU, TTL, TLRU, FIFO) listed in steps of :data:`WALK_STEP` keys, the
+    cache serving between them as it would without the listing (see :class:`_Walk`); and
+    ``wake_on_change(waker)`` has ``waker()`` called once at the next change, for a
+    pre-copy's live stream to wait for changes rather than poll.
 
 cachetools internals
     Reading without side effects and writing in place need a few private attributes

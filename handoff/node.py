@@ -909,7 +909,7 @@ class Node:
                     lock=self.lock,
                     reason="pre-copy",
                     started_at=self.started_at,
-                    sources=precopy.copy_sources(),
+                    sources=precopy.copy_sources(self.lock),
                     stream_ids=self._stream_ids,
                     kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
                     pace=state.pace,

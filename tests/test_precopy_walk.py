@@ -16,6 +16,7 @@ import cachetools
 import pytest
 
 from handoff._adapter import PAUSE, Record
+from handoff.adapters import cachetools as cachetools_adapter
 from handoff.engine._precopy import DELTA, PRECOPY, Precopy, delta_order
 from tests._cachetools_versions import FLAVOURS, flavour
 from tests.test_engine_unit import network
@@ -317,3 +318,37 @@ def test_caches_without_an_order_to_walk_export_as_before() -> None:
         records, pauses = pull(cache, lambda: None)
         assert pauses == 0
         assert records == list(adapter(cache).export())
+
+
+def test_a_precopys_listing_left_unfinished_is_undone_under_the_nodes_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The drain stops a pre-copy mid-listing: its export is collected on the event loop,
+    where the node's lock is not held; undoing the listing must not race the app's
+    threads, so it is closed under the lock."""
+
+    class Lock:
+        held = False
+
+        def __enter__(self) -> None:
+            self.held = True
+
+        def __exit__(self, *_: object) -> None:
+            self.held = False
+
+    lock = Lock()
+    settled_holding: list[bool] = []
+    settle = cachetools_adapter._Walk.settle
+
+    def recording(walk: Any) -> None:
+        if walk.changes.walk is walk:
+            settled_holding.append(lock.held)
+        settle(walk)
+
+    monkeypatch.setattr(cachetools_adapter._Walk, "settle", recording)
+    cache = filled("lru", Timer())
+    precopy = Precopy({"users": engine_track("users", cache)})
+    records = precopy.copy_sources(lock)["users"]()
+    assert next(records) is PAUSE
+    del records  # (collected)
+    assert settled_holding == [True]

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Final
@@ -304,11 +305,15 @@ class Precopy:
             "streamed": self.streamed,
         }
 
-    def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
+    def copy_sources(
+        self, lock: AbstractContextManager[object] | None = None
+    ) -> dict[str, Callable[[], Iterator[Record]]]:
         """The Drainer's ``sources`` for the copy: each marks its namespace, then exports
         it (the mark first: a write during the export is in the delta), with pauses in
         its listing where the adapter makes them (:class:`SupportsPausedExport`: the
-        Drainer lets the event loop run at each, so that the node keeps serving)."""
+        Drainer lets the event loop run at each, so that the node keeps serving). Such an
+        export left unfinished is closed under ``lock`` (the node's: closing it puts the
+        cache's order back, which the app's threads must not see half done)."""
 
         def source(name: str) -> Callable[[], Iterator[Record]]:
             def records() -> Iterator[Record]:
@@ -316,7 +321,7 @@ class Precopy:
                 assert isinstance(adapter, SupportsChangeTracking)
                 self._marks[name] = adapter.mark()
                 if isinstance(adapter, SupportsPausedExport):
-                    return iter(adapter.export_paused())
+                    return _closed_under(adapter.export_paused(), lock or nullcontext())
                 return iter(adapter.export())
 
             return records
@@ -406,6 +411,20 @@ class Precopy:
     def mark_of(self, name: str) -> object | None:
         """Where the next delta of namespace ``name`` starts (``None``: not marked)."""
         return self._marks.get(name)
+
+
+def _closed_under(
+    records: Iterator[Record], lock: AbstractContextManager[object]
+) -> Iterator[Record]:
+    """``records``, closed under ``lock`` when this ends (finished, closed, collected)."""
+    try:
+        for record in records:  # noqa: UP028 (``yield from`` would close them first)
+            yield record
+    finally:
+        close = getattr(records, "close", None)
+        if callable(close):
+            with lock:
+                close()
 
 
 def is_newer(peer: Peer, release: str, started_at: float) -> bool:
