@@ -454,6 +454,14 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         "__qualname__": base.__qualname__,
         "__reduce_ex__": __reduce_ex__,
     }
+    base_copy = getattr(base, "__copy__", None)
+    if base_copy is not None:
+
+        def __copy__(self: Any) -> Any:
+            _settle(self)  # (a copy in the middle of a walk would copy its order)
+            return base_copy(self)
+
+        namespace["__copy__"] = __copy__
     if reads:
 
         def __getitem__(self: Any, key: Any) -> Any:

@@ -6,6 +6,8 @@ the steps: the event loop's own tasks, or threads that hold the node's lock."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -352,3 +354,15 @@ def test_a_precopys_listing_left_unfinished_is_undone_under_the_nodes_lock(
     assert next(records) is PAUSE
     del records  # (collected)
     assert settled_holding == [True]
+
+
+@pytest.mark.parametrize("how", ["copy", "pickle"])
+def test_a_copy_made_during_a_listing_has_the_caches_own_order(how: str) -> None:
+    timer = Timer()
+    cache, twin = filled("lru", timer), filled("lru", timer)
+    adapter(cache).mark()
+    listing = adapter(cache).export_paused()
+    assert next(listing) is PAUSE
+    made = copy.copy(cache) if how == "copy" else pickle.loads(pickle.dumps(cache))
+    assert list(made) == list(twin)
+    assert_same_state(list(adapter(made).export()), list(adapter(twin).export()), exact_meta=True)
