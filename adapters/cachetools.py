@@ -550,6 +550,9 @@ order at a time, then a pause: ~10 ms of the event loop's time at a million entr
 then moved), whatever the cache's size."""
 
 
+_STEP_ATTEMPTS: Final = 3
+
+
 class _Walk:
     """Lists the keys of a tracked cache ordered by an ``OrderedDict`` (LRU, TTL, TLRU,
     FIFO) in steps of bounded time, while the cache serves between them.
@@ -598,18 +601,41 @@ class _Walk:
         return _MISSING
 
     def step(self, limit: int) -> bool:
-        """List up to ``limit`` more keys; True once every untouched key is listed."""
-        order = self.order
-        stop = self.coldest()
-        changed, start = self.changes.changed, self.start
-        part = list(islice(order, limit))
-        end = len(part) < limit
-        for index, key in enumerate(part):
-            if key is stop or changed.get(key, 0) > start:
-                del part[index:]
-                end = True
+        """List up to ``limit`` more keys; True once every untouched key is listed.
+
+        Raises :exc:`RuntimeError` if the cache keeps changing during the step itself
+        (threads that change it without the node's lock, between two keys whose hashing
+        runs Python code): the listing is then made at once."""
+        order, changes = self.order, self.changes
+        for _ in range(_STEP_ATTEMPTS):
+            count = changes.count
+            stop = self.coldest()
+            try:
+                part = list(islice(order, limit))
+            except (RuntimeError, KeyError):  # (KeyError: the key it was at left)
+                continue
+            changed, start = changes.changed, self.start
+            end = len(part) < limit
+            for index, key in enumerate(part):
+                if key is stop or changed.get(key, 0) > start:
+                    del part[index:]
+                    end = True
+                    break
+            # Nothing noted meanwhile: the keys taken are the coldest unlisted ones (a
+            # change noted during the step may have left or moved one of them, making it
+            # look like the end). A step starts at the cold end: it can start again.
+            if changes.count == count:
                 break
-        _run(map(order.move_to_end, part))
+        else:
+            raise RuntimeError("the cache changed during each attempt at a step of its listing")
+        try:
+            _run(map(order.move_to_end, part))
+        except KeyError:
+            # A key left meanwhile (the same): the keys still held, in order (those moved
+            # already move again, in the same order).
+            for key in part:
+                if key in order:
+                    order.move_to_end(key)
         self.listed += part
         return end
 
@@ -926,13 +952,19 @@ class CacheAdapter(Generic[_C]):
         _settle(self.cache)  # (another walk left unfinished)
         walk = changes.walk = _Walk(order, changes)
         try:
-            while not walk.step(WALK_STEP):
-                yield PAUSE
+            while True:
+                try:
+                    done = walk.step(WALK_STEP)
+                except RuntimeError:
+                    walk.settle()
                 if changes.walk is not walk:
-                    # Settled meanwhile (its tracking was lost, an import came): what is
-                    # left is listed at once, as the export lists it.
+                    # Settled (its tracking was lost, an import came, or it kept changing
+                    # under the step): what is left is listed at once, as the export does.
                     yield from self.export()
                     return
+                if done:
+                    break
+                yield PAUSE
             touched = walk.finish()
         finally:
             walk.settle()  # (a no-op once finished)

@@ -366,3 +366,51 @@ def test_a_copy_made_during_a_listing_has_the_caches_own_order(how: str) -> None
     made = copy.copy(cache) if how == "copy" else pickle.loads(pickle.dumps(cache))
     assert list(made) == list(twin)
     assert_same_state(list(adapter(made).export()), list(adapter(twin).export()), exact_meta=True)
+
+
+class Key(str):
+    """A key whose hashing runs Python code: a thread that ignores the node's lock can
+    change the cache there, in the middle of a step. Here the key does it itself, at the
+    ``countdown``-th hashing."""
+
+    __slots__ = ()
+    countdown = 0
+    sneak: Callable[[], None] = staticmethod(lambda: None)
+
+    def __hash__(self) -> int:
+        Key.countdown -= 1
+        if Key.countdown == 0:
+            Key.sneak()
+        return str.__hash__(self)
+
+    def __eq__(self, other: object) -> bool:
+        return str.__eq__(self, other)
+
+
+def test_a_key_deleted_in_the_middle_of_a_step_is_skipped() -> None:
+    """Whether the step is iterating the order (it starts again) or moving the keys it
+    took (the ones still held move): the listing, the cache and the copy plus its delta
+    stay right."""
+    for countdown in range(1, 3 * STEP):  # hashings in the first step, and after it
+        timer = Timer()
+        cache, twin = make("lru", timer, maxsize=SIZE), make("lru", timer, maxsize=SIZE)
+        for i in range(SIZE):
+            cache[Key(f"k{i:03d}")] = i
+            twin[f"k{i:03d}"] = i
+        source = adapter(cache)
+        mark = source.mark()
+
+        def unlocked_thread(cache: Any = cache, twin: Any = twin) -> None:
+            del cache["k005"]  # (in the first step)
+            del twin["k005"]
+
+        listing = source.export_paused()
+        Key.countdown, Key.sneak = countdown, unlocked_thread
+        copied = [record for record in listing if record is not PAUSE]
+        assert Key.countdown < 0  # it ran
+        assert "k005" not in keys_of(copied)
+        assert keys_of(list(source.export())) == keys_of(list(adapter(twin).export())), countdown
+        received = make("lru", timer, maxsize=SIZE)
+        adapter(received).import_records(copied)
+        adapter(received).import_delta(delta_order(source.changed_since(mark)))
+        assert keys_of(list(adapter(received).export())) == keys_of(list(adapter(twin).export()))
