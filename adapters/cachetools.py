@@ -952,11 +952,13 @@ class CacheAdapter(Generic[_C]):
         _settle(self.cache)  # (another walk left unfinished)
         walk = changes.walk = _Walk(order, changes)
         try:
+            done = False
             while True:
-                try:
-                    done = walk.step(WALK_STEP)
-                except RuntimeError:
-                    walk.settle()
+                if changes.walk is walk:  # (not settled during the pause)
+                    try:
+                        done = walk.step(WALK_STEP)
+                    except RuntimeError:
+                        walk.settle()
                 if changes.walk is not walk:
                     # Settled (its tracking was lost, an import came, or it kept changing
                     # under the step): what is left is listed at once, as the export does.

@@ -176,10 +176,9 @@ def test_a_listing_left_unfinished_leaves_the_cache_as_it_would_be(kind: str) ->
     assert_same_state(list(adapter(cache).export()), list(adapter(twin).export()), exact_meta=True)
 
 
-def test_an_import_or_lost_tracking_during_a_listing_settles_it() -> None:
+def test_an_import_during_a_listing_settles_it() -> None:
     """An import places entries at the cold end, where the listing takes its next keys:
-    the listing is undone first, and what is left is listed at once (as is everything
-    once the record of changes is lost: nothing says what was touched any more)."""
+    the listing is undone first, and what is left is listed at once."""
     timer = Timer()
     cache, twin = filled("lru", timer), filled("lru", timer)
     adapter(cache).mark()
@@ -414,3 +413,27 @@ def test_a_key_deleted_in_the_middle_of_a_step_is_skipped() -> None:
         adapter(received).import_records(copied)
         adapter(received).import_delta(delta_order(source.changed_since(mark)))
         assert keys_of(list(adapter(received).export())) == keys_of(list(adapter(twin).export()))
+
+
+def test_a_listing_whose_record_of_changes_is_lost_is_undone_then_made_at_once() -> None:
+    """Churn between two steps outgrows the record of changes: tracking stops (nothing
+    says any more which keys were touched), so the listing is undone while the record
+    still says it, and what is left is listed at once; the cache keeps its own order."""
+    timer = Timer()
+    size = 2 * cachetools_adapter.CHANGES_FLOOR
+    cache, twin = make("lru", timer, maxsize=size), make("lru", timer, maxsize=size)
+    for c in (cache, twin):
+        c.update({f"old{i}": i for i in range(size)})
+    adapter(cache).mark()
+
+    def churn() -> None:
+        for c in (cache, twin):
+            for i in range(size * 3 // 4):
+                c[f"new{i}"] = i  # evicts: each a deletion noted
+
+    once = iter([churn])
+    copied, pauses = pull(cache, lambda: next(once, lambda: None)())
+    assert pauses == 1
+    assert type(cache) is cachetools.LRUCache  # tracking stopped
+    assert keys_of(copied) == keys_of(list(adapter(twin).export()))
+    assert keys_of(list(adapter(cache).export())) == keys_of(list(adapter(twin).export()))
