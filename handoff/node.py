@@ -1032,6 +1032,9 @@ class Node:
                     report, _ = await self._run_precopy(drainer, LIVE_TIME_LIMIT)
                 finally:
                     precopy.live_drainer = None
+                # What changed while the batch was in flight: at once, if it went well
+                # (one that failed is sent again after LIVE_POLL, not in a tight loop).
+                wait = 0.0
                 for n, ns in report.namespaces.items():
                     if name in ns.refusals:
                         logger.warning("%s: %s refused the live stream of %r: %s",
@@ -1043,11 +1046,11 @@ class Node:
                             self._precopy.forget_changes(n)
                     elif not precopy.live_stopped:  # (stopped by the drain: its delta)
                         # Sent again with the next batch; the drain's delta if none.
+                        wait = LIVE_POLL
                         logger.warning(
                             "%s: live stream to %s: %s", self.name, name, report.summary()
                         )
                 logger.debug("%s: %s", self.name, report.summary())
-                wait = 0.0  # what changed while the batch was in flight: at once
         finally:
             precopy.live_done.set()
 
