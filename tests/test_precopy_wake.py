@@ -102,3 +102,16 @@ async def test_changes_go_out_without_the_poll_from_the_loop_and_from_threads(
             await wait_until(lambda: "k002" not in received and "t2" in received, 10)
             assert _state(received) == _state(cache)
             assert _precopy(old)["streamed"] >= 5
+
+
+def test_a_bell_rung_from_a_thread_wakes_a_trio_loop_too() -> None:
+    async def main() -> bool:
+        bell = Bell()
+        thread = threading.Thread(target=bell.ring)
+        thread.start()
+        thread.join(timeout=10)
+        with anyio.fail_after(10):
+            await bell.event.wait()
+        return bell.event.is_set()
+
+    assert anyio.run(main, backend="trio")
