@@ -66,8 +66,12 @@ Change tracking (the building blocks of pre-copy)
     records coldest first (so that it can arrive in chunks), on top of a pre-copy: a
     written record replaces the entry held (it is newer) and becomes the hottest, above
     every entry the delta does not name, so that the receiver ends with the sender's
-    entries, values, lifetimes and order; ``DELETED`` removes the key. The engine does not
-    use these yet (see the README's "Pre-copy").
+    entries, values, lifetimes and order; ``DELETED`` removes the key (see the README's
+    "Pre-copy"). ``export_paused()`` is the export of a tracked cache ordered by an
+    ``OrderedDict`` (LRU, TTL, TLRU, FIFO) listed in steps of :data:`WALK_STEP` keys, the
+    cache serving between them as it would without the listing (see :class:`_Walk`); and
+    ``wake_on_change(waker)`` has ``waker()`` called once at the next change, for a
+    pre-copy's live stream to wait for changes rather than poll.
 
 cachetools internals
     Reading without side effects and writing in place need a few private attributes
@@ -107,7 +111,7 @@ from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 import cachetools
 
-from handoff._adapter import DELETED, ChangesLost, ImportResult, Record
+from handoff._adapter import DELETED, PAUSE, ChangesLost, ImportResult, Record
 from handoff._errors import HandoffError
 from handoff._registry import ClassFactory
 
@@ -316,7 +320,7 @@ class _Changes:
     record outgrows its bound (:data:`CHANGES_SHARE`): then it is dropped, the cache gets
     its own class back, and every mark of it is lost."""
 
-    __slots__ = ("cache", "changed", "count", "reordered", "session")
+    __slots__ = ("cache", "changed", "count", "reordered", "session", "wakers", "walk")
 
     def __init__(self, cache: cachetools.Cache[Any, Any]) -> None:
         self.session = next(_SESSIONS)
@@ -326,6 +330,10 @@ class _Changes:
         self.reordered = False
         """Whether an import placed entries elsewhere than at the hot end (then the
         order of the notes is not the cache's order)."""
+        self.walk: _Walk | None = None
+        """The listing of the cache's keys under way in steps, if any (see :class:`_Walk`)."""
+        self.wakers: list[Callable[[], None]] = []
+        """Called once at the next change (see :meth:`CacheAdapter.wake_on_change`)."""
 
     def note(self, key: Any) -> None:
         self.count += 1
@@ -335,6 +343,8 @@ class _Changes:
         # every few milliseconds, and must not scan every key changed since the copy).
         changed.pop(key, None)
         changed[key] = self.count
+        if self.wakers:  # (nobody waits: this check is all a change costs)
+            self.wake()
         cache = self.cache
         if (
             not self.count % _CHECK_EVERY
@@ -343,9 +353,21 @@ class _Changes:
         ):
             self.lose(cache)
 
+    def wake(self) -> None:
+        """Call (and forget) the wakers: something changed, or tracking ends."""
+        wakers, self.wakers = self.wakers, []
+        for wake in wakers:
+            try:
+                wake()
+            except Exception:  # (the cache's user must not pay for a waker's bug)
+                logger.exception("a waker of %r failed", self.cache)
+
     def lose(self, cache: cachetools.Cache[Any, Any]) -> None:
         """Drop the record and stop tracking (the cache's accesses cost nothing more)."""
+        if self.walk is not None:
+            self.walk.settle()  # while the record still says which keys were touched
         _LOST_SESSIONS.add(self.session)
+        self.wake()
         self.changed = {}
         self.cache = None
         cache.__dict__.pop(_CHANGES, None)
@@ -356,6 +378,8 @@ class _Changes:
     def forget_through(self, count: int) -> int:
         """Forget the keys whose last change is at or before ``count`` (no mark in use is
         older): the oldest first, as the record is ordered. Returns how many."""
+        if self.walk is not None:  # it must tell the keys touched since it began
+            count = min(count, self.walk.start)
         changed = self.changed
         old = list(itertools.takewhile(lambda key: changed[key] <= count, changed))
         for key in old:
@@ -386,6 +410,7 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
     if cls is not None:
         return cls
     base_set, base_del, base_get = base.__setitem__, base.__delitem__, base.__getitem__
+    base_popitem = base.popitem
 
     def __setitem__(self: Any, key: Any, value: Any) -> None:
         base_set(self, key, value)
@@ -399,14 +424,44 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         if changes is not None:
             changes.note(key)
 
+    def popitem(self: Any) -> tuple[Any, Any]:
+        changes = self.__dict__.get(_CHANGES)
+        walk = None if changes is None else changes.walk
+        if walk is None:
+            return base_popitem(self)  # type: ignore[no-any-return]
+        # A walk moved the keys it listed to the hot end: the least recently used is
+        # the coldest of those still untouched, if any (see _Walk).
+        timer = getattr(self, "timer", None)
+        with timer if timer is not None else contextlib.nullcontext():
+            expire = getattr(self, "expire", None)
+            if expire is not None:
+                expire()  # as the base popitem does first
+            key = walk.coldest()
+            if key is _MISSING:
+                return base_popitem(self)  # type: ignore[no-any-return]
+            return key, self.pop(key)
+
+    def __reduce_ex__(self: Any, protocol: Any) -> Any:
+        # Pickled (or copied) as the cache it is: the tracking stays with this object.
+        _settle(self)
+        return _reduce_untracked(self, base, protocol)
+
     namespace: dict[str, Any] = {
         "__setitem__": __setitem__,
         "__delitem__": __delitem__,
+        "popitem": popitem,
         "__module__": base.__module__,
         "__qualname__": base.__qualname__,
-        # Pickled (or copied) as the cache it is: the tracking stays with this object.
-        "__reduce_ex__": lambda self, protocol: _reduce_untracked(self, base, protocol),
+        "__reduce_ex__": __reduce_ex__,
     }
+    base_copy = getattr(base, "__copy__", None)
+    if base_copy is not None:
+
+        def __copy__(self: Any) -> Any:
+            _settle(self)  # (a copy in the middle of a walk would copy its order)
+            return base_copy(self)
+
+        namespace["__copy__"] = __copy__
     if reads:
 
         def __getitem__(self: Any, key: Any) -> Any:
@@ -465,6 +520,7 @@ def _noting_imports(
     def import_records(
         self: CacheAdapter[Any], records: Sequence[Record], *, age: float = 0.0
     ) -> ImportResult:
+        _settle(self.cache)  # imports place entries at the cold end, where a walk lists
         result = method(self, records, age=age)
         changes: _Changes | None = self.cache.__dict__.get(_CHANGES)
         if changes is not None and records:
@@ -478,10 +534,141 @@ def _noting_imports(
 
 
 def _untrack(cache: cachetools.Cache[Any, Any]) -> None:
-    cache.__dict__.pop(_CHANGES, None)
+    _settle(cache)
+    changes: _Changes | None = cache.__dict__.pop(_CHANGES, None)
+    if changes is not None:
+        changes.wake()
     cls = type(cache)
     if cls in _TRACKING.values():
         cache.__class__ = cls.__mro__[1]
+
+
+WALK_STEP: Final = 4096
+"""Keys a listing in steps (:meth:`CacheAdapter.export_paused`) takes from the cache's
+order at a time, then a pause: ~10 ms of the event loop's time at a million entries
+(measured 1.5-3 us a key: walking a C ``OrderedDict`` looks each key up again, and each is
+then moved), whatever the cache's size."""
+
+
+_STEP_ATTEMPTS: Final = 3
+
+
+class _Walk:
+    """Lists the keys of a tracked cache ordered by an ``OrderedDict`` (LRU, TTL, TLRU,
+    FIFO) in steps of bounded time, while the cache serves between them.
+
+    An ``OrderedDict`` iterator fails once the dict changes, and can only start at either
+    end: each step takes the coldest keys not yet listed from the cold end and moves them
+    to the hot end (``move_to_end``, which changes nothing else). Between steps the cache
+    changes, every change noted by its tracking (see :func:`_tracking_class`): a key used
+    or written goes to the hot end, a deleted one leaves. So the order is always: the keys
+    not yet listed and not touched since the walk began (coldest first, as they were),
+    then the listed ones and the touched ones, interleaved; the walk ends at the first key
+    that is touched, or is the first listed one still there untouched.
+
+    The true recency order meanwhile is: the untouched listed keys (as they were listed),
+    the untouched unlisted ones, the touched ones by their last use. The tracking class's
+    ``popitem`` evicts by it (:meth:`coldest`); at the end :meth:`finish` moves the
+    touched keys to the hot end by their last use, which restores the cache's own order
+    exactly, and a walk left unfinished is undone by :meth:`settle`. Imports (which place
+    entries at the cold end) and anything that reads the order settle first.
+    """
+
+    __slots__ = ("changes", "cursor", "listed", "order", "start")
+
+    def __init__(self, order: OrderedDict[Any, Any], changes: _Changes) -> None:
+        self.order = order
+        self.changes = changes
+        self.start = changes.count
+        """Keys whose last change counts above this were touched since the walk began."""
+        self.listed: list[Any] = []
+        """Keys in the order listed: coldest first, as they were when the walk began."""
+        self.cursor = 0
+        """Listed keys before this index are gone from the cache or touched."""
+
+    def _untouched(self, key: Any) -> bool:
+        return self.changes.changed.get(key, 0) <= self.start
+
+    def coldest(self) -> Any:
+        """The listed key least recently used (gone and touched ones skipped), or
+        ``_MISSING`` if none is left."""
+        listed, order = self.listed, self.order
+        while self.cursor < len(listed):
+            key = listed[self.cursor]
+            if key in order and self._untouched(key):
+                return key
+            self.cursor += 1
+        return _MISSING
+
+    def step(self, limit: int) -> bool:
+        """List up to ``limit`` more keys; True once every untouched key is listed.
+
+        Raises :exc:`RuntimeError` if the cache keeps changing during the step itself
+        (threads that change it without the node's lock, between two keys whose hashing
+        runs Python code): the listing is then made at once."""
+        order, changes = self.order, self.changes
+        for _ in range(_STEP_ATTEMPTS):
+            count = changes.count
+            stop = self.coldest()
+            try:
+                part = list(islice(order, limit))
+            except (RuntimeError, KeyError):  # (KeyError: the key it was at left)
+                continue
+            changed, start = changes.changed, self.start
+            end = len(part) < limit
+            # (In C first: usually no key taken was ever noted, nor is the first listed.)
+            if not changed.keys().isdisjoint(part) or (stop is not _MISSING and stop in part):
+                for index, key in enumerate(part):
+                    if key is stop or changed.get(key, 0) > start:
+                        del part[index:]
+                        end = True
+                        break
+            # Nothing noted meanwhile: the keys taken are the coldest unlisted ones (a
+            # change noted during the step may have left or moved one of them, making it
+            # look like the end). A step starts at the cold end: it can start again.
+            if changes.count == count:
+                break
+        else:
+            raise RuntimeError("the cache changed during each attempt at a step of its listing")
+        try:
+            _run(map(order.move_to_end, part))
+        except KeyError:
+            # A key left meanwhile (the same): the keys still held, in order (those moved
+            # already move again, in the same order).
+            for key in part:
+                if key in order:
+                    order.move_to_end(key)
+        self.listed += part
+        return end
+
+    def finish(self) -> list[Any]:
+        """End the (complete) walk: the keys touched since it began and still held go to
+        the hot end by their last use. Returns them, the most recently used first."""
+        changes = self.changes
+        changes.walk = None
+        order = self.order
+        touched = [key for key in changes.since((changes.session, self.start)) if key in order]
+        _run(map(order.move_to_end, reversed(touched)))
+        return touched
+
+    def settle(self) -> None:
+        """End the walk, done or not: the untouched listed keys go back to the cold end
+        as they were (one pass over them, at most the whole cache once)."""
+        changes = self.changes
+        if changes.walk is not self:
+            return
+        changes.walk = None
+        order, untouched = self.order, self._untouched
+        back = [key for key in reversed(self.listed) if key in order and untouched(key)]
+        _run(map(order.move_to_end, back, repeat(False)))
+
+
+def _settle(cache: cachetools.Cache[Any, Any]) -> None:
+    """Undo a walk under way on ``cache``, if any (before its order is read or changed
+    by anything but its own users)."""
+    changes: _Changes | None = cache.__dict__.get(_CHANGES)
+    if changes is not None and changes.walk is not None:
+        changes.walk.settle()
 
 
 def _run(calls: Iterable[object]) -> None:
@@ -751,7 +938,49 @@ class CacheAdapter(Generic[_C]):
         # A generator: the keys are listed at the first pull (under the node's lock).
         yield from self._records(self._hottest_first())
 
-    def _records(self, keys: list[Any]) -> Iterator[Record]:
+    def export_paused(self) -> Iterator[Record]:
+        """What :meth:`export` yields, with ``PAUSE`` between steps of the listing of the
+        keys that each take a bounded time (:data:`WALK_STEP` keys), while the cache is
+        tracked (a pre-copy marked it) and ordered by recency or insertion; otherwise
+        the export itself. Keys touched during the listing (see :class:`_Walk`) come
+        first, most recently used first, then the others as they were when it began:
+        the cache's order when the listing ends. The cache serves between the steps, in
+        the same order (its evictions too) as without the listing."""
+        order = self._walk_order()
+        changes: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if order is None or changes is None:
+            yield from self.export()
+            return
+        _settle(self.cache)  # (another walk left unfinished)
+        walk = changes.walk = _Walk(order, changes)
+        try:
+            done = False
+            while True:
+                if changes.walk is walk:  # (not settled during the pause)
+                    try:
+                        done = walk.step(WALK_STEP)
+                    except RuntimeError:
+                        walk.settle()
+                if changes.walk is not walk:
+                    # Settled (its tracking was lost, an import came, or it kept changing
+                    # under the step): what is left is listed at once, as the export does.
+                    yield from self.export()
+                    return
+                if done:
+                    break
+                yield PAUSE
+            touched = walk.finish()
+        finally:
+            walk.settle()  # (a no-op once finished)
+        skip = frozenset(touched)
+        rest = itertools.filterfalse(skip.__contains__, reversed(walk.listed))
+        yield from self._records(chain(touched, rest))
+
+    def _walk_order(self) -> OrderedDict[Any, Any] | None:
+        """The ``OrderedDict`` whose order the export follows (coldest first), if any."""
+        return None
+
+    def _records(self, keys: Iterable[Any]) -> Iterator[Record]:
         """The records of ``keys`` (hottest first), skipping those gone or expired."""
         data = _data(self.cache)
         for key in keys:
@@ -818,6 +1047,19 @@ class CacheAdapter(Generic[_C]):
         ]
         return tracking.forget_through(min(counts)) if counts else 0
 
+    def wake_on_change(self, waker: Callable[[], None]) -> bool:
+        """Call ``waker()`` once, at the next change the tracking notes (or when tracking
+        stops or its record is lost), in the thread that makes it, which may hold the
+        node's lock: it must not block (a pre-copy's live stream sets an event of its
+        event loop, thread-safely). Returns False, and never calls it, if the cache is
+        not tracked."""
+        tracking: _Changes | None = self.cache.__dict__.get(_CHANGES)
+        if tracking is None:
+            return False
+        if waker not in tracking.wakers:  # (a waiter that timed out and waits again)
+            tracking.wakers.append(waker)
+        return True
+
     def stop_tracking(self) -> None:
         """Forget the mark, and give the cache back its own class (see :meth:`mark`)."""
         _untrack(self.cache)
@@ -834,6 +1076,7 @@ class CacheAdapter(Generic[_C]):
         is the hottest of all, above every entry the delta does not name. Otherwise the
         rules of :meth:`import_records` apply (lifetimes, sizes, drops)."""
         cache = self.cache
+        _settle(cache)
         data = _data(cache)
         result = ImportResult()
         deleted = 0
@@ -959,7 +1202,11 @@ class _OrderedAdapter(CacheAdapter[_C]):
     def _order(self) -> OrderedDict[Any, None]:
         raise NotImplementedError
 
+    def _walk_order(self) -> OrderedDict[Any, Any] | None:
+        return self._order()
+
     def _hottest_first(self) -> list[Any]:
+        _settle(self.cache)
         return list(reversed(self._order()))
 
     def _to_hot_end(self, key: Any) -> None:
@@ -1025,7 +1272,7 @@ class LFUCacheAdapter(CacheAdapter[cachetools.LFUCache[Any, Any]]):
         # A generator: the keys are listed at the first pull (under the node's lock).
         yield from self._records(self._hottest_first())
 
-    def _records(self, keys: list[Any]) -> Iterator[Record]:
+    def _records(self, keys: Iterable[Any]) -> Iterator[Record]:
         data = _data(self.cache)
         count_of = self._count_of()
         for key in keys:
@@ -1151,13 +1398,17 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
         # A generator: the keys are listed at the first pull (under the node's lock).
         yield from self._records(self._hottest_first())
 
+    def _walk_order(self) -> OrderedDict[Any, Any] | None:
+        return _ttl_links(self.cache)
+
     def _hottest_first(self) -> list[Any]:
+        _settle(self.cache)
         return list(reversed(_ttl_links(self.cache)))
 
     def _to_hot_end(self, key: Any) -> None:
         _ttl_links(self.cache).move_to_end(key)
 
-    def _records(self, keys: list[Any]) -> Iterator[Record]:
+    def _records(self, keys: Iterable[Any]) -> Iterator[Record]:
         cache = self.cache
         data, links, timer = _data(cache), _ttl_links(cache), cache.timer
         for key in keys:
@@ -1465,13 +1716,17 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
         # A generator: the keys are listed at the first pull (under the node's lock).
         yield from self._records(self._hottest_first())
 
+    def _walk_order(self) -> OrderedDict[Any, Any] | None:
+        return _tlru_items(self.cache)
+
     def _hottest_first(self) -> list[Any]:
+        _settle(self.cache)
         return list(reversed(_tlru_items(self.cache)))
 
     def _to_hot_end(self, key: Any) -> None:
         _tlru_items(self.cache).move_to_end(key)
 
-    def _records(self, keys: list[Any]) -> Iterator[Record]:
+    def _records(self, keys: Iterable[Any]) -> Iterator[Record]:
         cache = self.cache
         data, items, timer = _data(cache), _tlru_items(cache), cache.timer
         for key in keys:

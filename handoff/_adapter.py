@@ -21,6 +21,7 @@ from handoff._errors import HandoffError
 
 __all__ = (
     "DELETED",
+    "PAUSE",
     "Adapter",
     "ChangesLost",
     "ImportResult",
@@ -28,6 +29,7 @@ __all__ = (
     "SupportsChangeTracking",
     "SupportsFreeze",
     "SupportsGiveBack",
+    "SupportsPausedExport",
 )
 
 Record = tuple[Any, Any, Any]
@@ -47,6 +49,12 @@ class _Deleted:
 DELETED: Final[Any] = _Deleted()
 """The value of a record that says its key was deleted (:class:`SupportsChangeTracking`).
 Not a wire value: a pre-copy's delta must carry deletions its own way."""
+
+
+PAUSE: Final[Record] = (object(), None, None)
+"""Not a record: what :meth:`SupportsPausedExport.export_paused` yields between two bounded
+steps of its work, for the engine to give the event loop (and threads waiting for the
+node's lock) a turn before it pulls on."""
 
 
 class ChangesLost(HandoffError, LookupError):
@@ -137,6 +145,20 @@ class SupportsChangeTracking(Protocol):
         first, as the export yields them; then ``(key, DELETED, None)`` for keys deleted
         since (a value of ``None`` stays a value). Raises :exc:`ChangesLost` when it can
         no longer tell (the record of changes is bounded)."""
+        ...
+
+
+@runtime_checkable
+class SupportsPausedExport(Protocol):
+    """Adapters whose export can list a large object in bounded steps (a pre-copy runs
+    while the node serves: one listing of a million keys in one go stops its event loop
+    for most of a second)."""
+
+    def export_paused(self) -> Iterator[Record]:
+        """What :meth:`Adapter.export` yields, with :data:`PAUSE` between two steps of
+        work that each take a bounded time; the caller releases the node's lock and lets
+        the event loop run at each. Keys changed between two steps are those the object's
+        change tracking notes (the export may leave them to the delta)."""
         ...
 
 

@@ -73,11 +73,13 @@ from handoff.engine._precopy import (
     DELTA_SHARE,
     LINK_WAIT,
     LIVE_FINISH_WAIT,
+    LIVE_IDLE_LOOK,
     LIVE_POLL,
     LIVE_TIME_LIMIT,
     PRECOPY,
     PRECOPY_CHUNK_BYTES,
     PRECOPY_TIME_LIMIT,
+    Bell,
     Precopy,
     PrecopyState,
     is_newer,
@@ -907,7 +909,7 @@ class Node:
                     lock=self.lock,
                     reason="pre-copy",
                     started_at=self.started_at,
-                    sources=precopy.copy_sources(),
+                    sources=precopy.copy_sources(self.lock),
                     stream_ids=self._stream_ids,
                     kinds={n: t.adapter.kind + PRECOPY for n, t in precopy.tracked.items()},
                     pace=state.pace,
@@ -969,9 +971,19 @@ class Node:
         precopy = self._precopy.begun[name]
         assert precopy.live_done is not None
         absent_since: float | None = None
+        # Woken by a change of a cache it carries (from any thread), or by the drain;
+        # without either it looks every LIVE_IDLE_LOOK (LIVE_POLL where an adapter cannot
+        # wake it, or while the peer is away).
+        bell = precopy.bell = Bell()
+        wait = 0.0  # the first look: at once
         try:
             while not precopy.live_stopped and self._state is NodeState.SERVING:
-                await anyio.sleep(LIVE_POLL)
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        await bell.event.wait()
+                else:
+                    await anyio.lowlevel.checkpoint()
+                wait = LIVE_POLL
                 if precopy.live_stopped:
                     return
                 if not self._precopy_peer(name):
@@ -985,7 +997,11 @@ class Node:
                     continue
                 absent_since = None
                 with self.lock:
+                    bell.rearm()
                     batch = precopy.live_batch()
+                    # Under the lock with the listing: a change after it rings the bell.
+                    if not batch and precopy.wake_on_change(bell.ring):
+                        wait = LIVE_IDLE_LOOK
                 if not batch:
                     if not precopy.complete & precopy.marked - precopy.live_lost:
                         return
@@ -1016,6 +1032,9 @@ class Node:
                     report, _ = await self._run_precopy(drainer, LIVE_TIME_LIMIT)
                 finally:
                     precopy.live_drainer = None
+                # What changed while the batch was in flight: at once, if it went well
+                # (one that failed is sent again after LIVE_POLL, not in a tight loop).
+                wait = 0.0
                 for n, ns in report.namespaces.items():
                     if name in ns.refusals:
                         logger.warning("%s: %s refused the live stream of %r: %s",
@@ -1027,6 +1046,7 @@ class Node:
                             self._precopy.forget_changes(n)
                     elif not precopy.live_stopped:  # (stopped by the drain: its delta)
                         # Sent again with the next batch; the drain's delta if none.
+                        wait = LIVE_POLL
                         logger.warning(
                             "%s: live stream to %s: %s", self.name, name, report.summary()
                         )
@@ -1040,6 +1060,8 @@ class Node:
         streams = [p for p in self._precopy.begun.values() if p.live_done is not None]
         for precopy in streams:
             precopy.live_stopped = True
+            if precopy.bell is not None:
+                precopy.bell.ring()  # (waiting for a change)
         with anyio.move_on_after(LIVE_FINISH_WAIT):
             for precopy in streams:
                 assert precopy.live_done is not None

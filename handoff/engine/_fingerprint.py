@@ -23,16 +23,16 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from handoff._adapter import Adapter, Record
+from handoff._adapter import PAUSE, Adapter, Record
 
 __all__ = ("SCAN_PAUSE", "SCAN_STEP", "ChangedRecords", "ExportLog", "changed_records")
 
 SCAN_STEP = 4096
-SCAN_PAUSE: Record = (object(), None, None)
-"""Yielded by :func:`changed_records` after :data:`SCAN_STEP` records that did not change:
-the drain then gives the event loop its turn. A catch-up of a large cache that barely
-changed would otherwise scan all of it (seconds for a million records) in one pull, and
-stop the node's heartbeats for as long."""
+SCAN_PAUSE: Record = PAUSE
+"""(The adapters' :data:`~handoff._adapter.PAUSE`.) Yielded by :func:`changed_records`
+after :data:`SCAN_STEP` records that did not change: the drain then gives the event loop
+its turn. A catch-up of a large cache that barely changed would otherwise scan all of it
+(seconds for a million records) in one pull, and stop the node's heartbeats for as long."""
 
 
 class ExportLog:

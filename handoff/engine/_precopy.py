@@ -30,7 +30,11 @@ will take its delta, and an old receiver simply gets the whole namespace at the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Final
@@ -44,6 +48,7 @@ from handoff._adapter import (
     ImportResult,
     Record,
     SupportsChangeTracking,
+    SupportsPausedExport,
 )
 from handoff.engine._intake import admit
 from handoff.engine._planner import compare_releases
@@ -62,6 +67,7 @@ __all__ = (
     "DELTA_SHARE",
     "LINK_WAIT",
     "LIVE_FINISH_WAIT",
+    "LIVE_IDLE_LOOK",
     "LIVE_POLL",
     "LIVE_TIME_LIMIT",
     "PRECOPY",
@@ -69,6 +75,7 @@ __all__ = (
     "PRECOPY_TIME_LIMIT",
     "RESET",
     "TOMBSTONE",
+    "Bell",
     "Precopy",
     "PrecopyState",
     "apply_delta",
@@ -104,9 +111,15 @@ sent on a link that the two nodes then closed as a duplicate of the other)."""
 COPY_ATTEMPTS: Final = 3
 """Offers of a copy that went unanswered (:data:`ANSWER_WAIT`) before it is partial."""
 LIVE_POLL: Final = 0.002
-"""Seconds between two looks for changes while a pre-copied peer serves beside this node
-(the live stream): what changed is sent as soon as the batch before it is acknowledged,
-so a change reaches the peer within about this plus one batch's round trips."""
+"""Seconds between two looks for changes of the live stream (while a pre-copied peer
+serves beside this node) where nothing wakes it: when an adapter cannot call back at a
+change (no ``wake_on_change``), and while the peer is away (between two links). The
+cachetools adapters wake the stream at the change instead (see :class:`Bell`): what
+changed is sent as soon as the batch before it is acknowledged, so a change reaches the
+peer within one batch's round trips."""
+LIVE_IDLE_LOOK: Final = 1.0
+"""Seconds a live stream woken by changes waits before it looks anyway (whether the peer
+left, whether the node still serves)."""
 LIVE_TIME_LIMIT: Final = 30.0
 """Seconds one batch of the live stream may take (it holds what changed since the last
 acknowledged batch; an unacknowledged one is sent again with the next)."""
@@ -208,6 +221,45 @@ def apply_delta(
     return result + ImportResult(applied=reset), dropped
 
 
+def _threadsafe_soon() -> Callable[[Callable[[], object]], object]:
+    """Of the running event loop: schedule a call from any thread, without waiting."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:  # not asyncio: anyio's other backend
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+
+
+class Bell:
+    """Wakes a live stream's task when a tracked cache changes, from whichever thread
+    changes it (a sync app writes from its threads, holding the node's lock): on the
+    event loop's thread :meth:`ring` sets the event; from another it schedules that on
+    the loop and returns at once (it must not wait for the loop: the writer may hold the
+    node's lock, which the loop may be waiting for). Made on the loop's thread."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self._thread = threading.get_ident()
+        self._soon = _threadsafe_soon()
+
+    def ring(self) -> None:
+        """Something changed: wake the waiter (thread-safe, never blocks)."""
+        if threading.get_ident() == self._thread:
+            self.event.set()
+            return
+        with contextlib.suppress(Exception):  # the loop has ended: nobody waits
+            self._soon(self._set)
+
+    def _set(self) -> None:
+        self.event.set()  # (the event current when it runs: a spurious look at worst)
+
+    def rearm(self) -> None:
+        """Before listing what changed: a change noted after the listing rings anew."""
+        if self.event.is_set():
+            self.event = anyio.Event()
+
+
 class Precopy:
     """The marks of one pre-copy: which namespaces, and since when they changed."""
 
@@ -239,6 +291,8 @@ class Precopy:
         """Set when the live stream's task ends (``None``: it never started)."""
         self.live_drainer: Drainer | None = None
         """The live batch in flight, if any."""
+        self.bell: Bell | None = None
+        """Wakes the live stream (a change, or the drain); made when it starts."""
 
     def status(self, peer: str) -> dict[str, object]:
         """For ``handoff status``: the peer, the state, records copied of how many, and
@@ -251,15 +305,23 @@ class Precopy:
             "streamed": self.streamed,
         }
 
-    def copy_sources(self) -> dict[str, Callable[[], Iterator[Record]]]:
+    def copy_sources(
+        self, lock: AbstractContextManager[object] | None = None
+    ) -> dict[str, Callable[[], Iterator[Record]]]:
         """The Drainer's ``sources`` for the copy: each marks its namespace, then exports
-        it (the mark first: a write during the export is in the delta)."""
+        it (the mark first: a write during the export is in the delta), with pauses in
+        its listing where the adapter makes them (:class:`SupportsPausedExport`: the
+        Drainer lets the event loop run at each, so that the node keeps serving). Such an
+        export left unfinished is closed under ``lock`` (the node's: closing it puts the
+        cache's order back, which the app's threads must not see half done)."""
 
         def source(name: str) -> Callable[[], Iterator[Record]]:
             def records() -> Iterator[Record]:
                 adapter = self.tracked[name].adapter
                 assert isinstance(adapter, SupportsChangeTracking)
                 self._marks[name] = adapter.mark()
+                if isinstance(adapter, SupportsPausedExport):
+                    return _closed_under(adapter.export_paused(), lock or nullcontext())
                 return iter(adapter.export())
 
             return records
@@ -329,6 +391,18 @@ class Precopy:
                 batch[name] = (list(to_wire(changed)), adapter.mark())
         return batch
 
+    def wake_on_change(self, waker: Callable[[], None]) -> bool:
+        """Have ``waker()`` called at the next change of any namespace the live stream
+        carries; False if one of them cannot call back (then the stream polls). Call it
+        under the node's lock, with the listing of the batch it follows: a change after
+        that listing wakes it, and one before it is in the batch."""
+        every = True
+        for name in sorted(self.complete & self.marked - self.live_lost):
+            wake_on_change = getattr(self.tracked[name].adapter, "wake_on_change", None)
+            if not callable(wake_on_change) or not wake_on_change(waker):
+                every = False
+        return every
+
     def acknowledged(self, name: str, mark: object, records: int) -> None:
         """The peer applied a live batch whole: later deltas start at its ``mark``."""
         self._marks[name] = mark
@@ -337,6 +411,20 @@ class Precopy:
     def mark_of(self, name: str) -> object | None:
         """Where the next delta of namespace ``name`` starts (``None``: not marked)."""
         return self._marks.get(name)
+
+
+def _closed_under(
+    records: Iterator[Record], lock: AbstractContextManager[object]
+) -> Iterator[Record]:
+    """``records``, closed under ``lock`` when this ends (finished, closed, collected)."""
+    try:
+        for record in records:  # noqa: UP028 (``yield from`` would close them first)
+            yield record
+    finally:
+        close = getattr(records, "close", None)
+        if callable(close):
+            with lock:
+                close()
 
 
 def is_newer(peer: Peer, release: str, started_at: float) -> bool:
