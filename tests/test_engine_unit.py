@@ -60,6 +60,7 @@ from handoff.protocol import (
 )
 from handoff.snapshot import DirectorySnapshotStore
 from handoff.transforms import Transforms
+from tests._helpers import wait_all_tasks_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -420,7 +421,7 @@ class Net:
         """Let everything run; whenever all tasks are blocked and ``until()`` is still
         false, move the clock to the next deadline somebody waits for."""
         while True:
-            await anyio.wait_all_tasks_blocked()
+            await wait_all_tasks_blocked()
             if until():
                 return
             deadline = self.clock.next_deadline()
