@@ -190,8 +190,10 @@ async def wait_all_tasks_blocked() -> None:
                 await asyncio.sleep(0)
         raise AssertionError("the tasks never all blocked: one runs without waiting")
     finally:
-        _quiescence_waiters.remove(entry)
-        entry[1].set_result(None)
+        if entry in _quiescence_waiters:
+            _quiescence_waiters.remove(entry)
+        if not entry[1].done():
+            entry[1].set_result(None)
 
 
 async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
