@@ -3,9 +3,11 @@ processes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import anyio.to_thread
 
 from handoff import Node
 from handoff._local.process import STATE_ENV
@@ -35,6 +38,7 @@ __all__ = (
     "make_node",
     "read_until_closed",
     "static_to",
+    "wait_all_tasks_blocked",
     "wait_until",
     "watch",
 )
@@ -47,15 +51,32 @@ OTHER_COOKIE = b"not-the-cookie-9876543210zyxw"
 _CLIENT_FRAME_LIMIT = 1024 * 1024
 _CLIENT_DEPTH = 32
 _WAIT_STEPS = 100_000
+# Event loop turns one wait for quiescence may take: far more than any burst of work in the
+# fake-clock tests (a task that never blocks is a hang, which this turns into a failure).
+_QUIESCENCE_TURNS = 10_000_000
 
 
 class ProcessCluster:
     """Starts node processes of one cluster; every one is ended (and reaped) when
-    ``stack`` closes."""
+    ``stack`` closes.
+
+    At the end they are SIGKILLed all at once, not stopped one by one with SIGTERM: a test
+    that wants a clean stop does it (and checks it) itself, and a SIGTERM at teardown only
+    made each node drain its state to nobody, one node after another, for nothing.
+    """
 
     def __init__(self, stack: contextlib.ExitStack) -> None:
         self._stack = stack
         self._cookie = secrets.token_urlsafe(32)
+        self._nodes: list[NodeProcess] = []
+
+    def _kill_all(self) -> None:
+        for node in self._nodes:
+            if node.running:
+                node.send_signal(signal.SIGKILL)
+        for node in self._nodes:
+            if node.running:
+                node.kill()
 
     def start(
         self,
@@ -86,7 +107,12 @@ class ProcessCluster:
         if snapshot_dir is not None:
             env["HANDOFF_SNAPSHOT_DIR"] = str(snapshot_dir)
         # Entered into the stack as soon as it exists: closed even if a later step fails.
-        return self._stack.enter_context(NodeProcess(env, name=name))
+        node = self._stack.enter_context(NodeProcess(env, name=name))
+        self._nodes.append(node)
+        # Runs before the closes of every node started so far (the stack unwinds in
+        # reverse); the later copies find nothing left running.
+        self._stack.callback(self._kill_all)
+        return node
 
 
 # Timings for in-process handoff tests: quick to connect, quick to notice a dead peer.
@@ -105,6 +131,69 @@ def handoff_node(name: str, host: str, *peers: Node, release: str = "v1", **kwar
     discovery = "static:" + ",".join(p.address for p in peers) if peers else "none"
     return Node(CLUSTER, name=name, release=release, bind=f"{host}:0", discovery=discovery,
                 **{**FAST, **kwargs})  # fmt: skip
+
+
+def _blocked(task: asyncio.Task[Any]) -> bool:
+    waiter = task._fut_waiter  # type: ignore[attr-defined]
+    return waiter is not None and not waiter.done()
+
+
+# The tasks inside wait_all_tasks_blocked, the latest last, each with the future it sets
+# when it returns: an earlier one waits on the latest's (so that it counts as blocked).
+_quiescence_waiters: list[tuple[asyncio.Task[Any], asyncio.Future[None]]] = []
+
+
+async def wait_all_tasks_blocked() -> None:
+    """Return once every other task waits on something other than a worker thread, and the
+    event loop has no callback left to run.
+
+    :func:`anyio.wait_all_tasks_blocked` on asyncio sleeps 0.1 s whenever a task can still
+    run, so a fake-clock test that waits for quiescence thousands of times spent most of
+    its time asleep. That sleep also hid two things it does not check: a task that awaits a
+    worker thread (the receiver decodes chunks in one) counts as blocked, and so does one
+    whose child task just ended (the callback that wakes it is still queued). This one
+    gives the loop one turn at a time and checks both: done as soon as the tasks are, and
+    the same on a loaded machine. When several tasks wait at once, the latest to start
+    returns first (a helper task's wait inside a test's ``drive``), then the others.
+    Other backends (trio) have a native, exact wait.
+    """
+    try:
+        this = asyncio.current_task()
+    except RuntimeError:  # not on asyncio
+        this = None
+    if this is None:
+        await anyio.wait_all_tasks_blocked()
+        return
+    await anyio.lowlevel.checkpoint()
+    loop = asyncio.get_running_loop()
+    threads = anyio.to_thread.current_default_thread_limiter()
+    # (Entries of a task that ended, or of another test's loop, are stale.)
+    _quiescence_waiters[:] = [
+        waiter
+        for waiter in _quiescence_waiters
+        if not waiter[0].done() and waiter[1].get_loop() is loop
+    ]
+    entry = (this, loop.create_future())
+    _quiescence_waiters.append(entry)
+    try:
+        for _ in range(_QUIESCENCE_TURNS):
+            if _quiescence_waiters[-1] is not entry:
+                await asyncio.shield(_quiescence_waiters[-1][1])
+            elif threads.borrowed_tokens:
+                # A worker thread at work (or its task about to resume): it takes real time.
+                await asyncio.sleep(0.0005)
+            elif not loop._ready and all(  # type: ignore[attr-defined]
+                task is this or _blocked(task) for task in asyncio.all_tasks()
+            ):
+                return
+            else:
+                await asyncio.sleep(0)
+        raise AssertionError("the tasks never all blocked: one runs without waiting")
+    finally:
+        if entry in _quiescence_waiters:
+            _quiescence_waiters.remove(entry)
+        if not entry[1].done():
+            entry[1].set_result(None)
 
 
 async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:

@@ -79,8 +79,8 @@ def key_placed_on(net: Net, owner: SimNode, nodes: list[SimNode], prefix: str = 
 
 
 async def flush(net: Net, drop: Callable[[Message], bool] = lambda message: False) -> None:
-    """Deliver everything on the wire, in order, a batch between settles (each settle may
-    cost anyio 0.1 s of real time); ``drop`` says which messages are lost instead."""
+    """Deliver everything on the wire, in order, a batch between settles; ``drop`` says
+    which messages are lost instead."""
     await settle()
     for _ in range(200):
         if not net.wire:

@@ -43,6 +43,7 @@ from handoff.engine._actors import ActorHost, Status
 from handoff.membership import DownReason, Peer
 from handoff.protocol import ACTOR_PROTOCOL, Message, NodeState
 from handoff.transforms import Transforms
+from tests._helpers import wait_all_tasks_blocked
 from tests.test_engine_unit import FakeClock
 
 NAMESPACE = "rooms"
@@ -301,7 +302,7 @@ class LogActor:
 
 
 async def settle() -> None:
-    await anyio.wait_all_tasks_blocked()
+    await wait_all_tasks_blocked()
 
 
 async def step(net: Net, op: str, a: int, b: int) -> None:

@@ -22,6 +22,7 @@ from handoff.engine._restore import restore_snapshots
 from handoff.protocol import Ack, Chunk, Closed, End, Message
 from handoff.snapshot import DirectorySnapshotStore, _DirectoryWriter
 from handoff.transforms import Transforms
+from tests._helpers import wait_all_tasks_blocked
 from tests.test_engine_unit import (
     CLUSTER,
     Wire,
@@ -262,7 +263,7 @@ async def test_finding_9f_an_end_the_deadline_left_no_time_for_still_reaches_its
         report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
         other = {"b": c, "c": b}[blocked[0]]
         # The node runs on (a manual drain): what the drain had no time for goes out now.
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_tasks_blocked()
 
     assert_adds_up(report)
     assert report.namespaces["usage"].acknowledged == 200
@@ -440,7 +441,7 @@ async def test_finding_9h_counts_a_late_withdrawal_proves_unapplied_are_given_ba
         b_report = await net.finish(net.start(lambda: b.drain(time_limit=2.0)))
         a_b.release()
         b_a.release()
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_tasks_blocked()
 
     assert "outcome unknown: sent to b" in report.summary()
     assert b_report.namespaces["usage"].records == 0  # b applied nothing

@@ -67,6 +67,7 @@ from handoff.protocol import (
 )
 from handoff.snapshot import DirectorySnapshotStore
 from handoff.transforms import Transforms
+from tests._helpers import wait_all_tasks_blocked
 from tests.test_engine_unit import (
     CLUSTER,
     FakeNode,
@@ -74,7 +75,6 @@ from tests.test_engine_unit import (
     Wire,
     assert_adds_up,
     network,
-    settled,
     small_chunks,
 )
 
@@ -752,7 +752,7 @@ async def test_an_answer_while_the_drain_awaits_the_last_acks_is_sent_on() -> No
         async def answer_then_acks() -> None:
             await net.clock.wait(anyio.Event(), net.clock.now() + 0.5)
             net.wire(b, a).release()
-            await settled()
+            await wait_all_tasks_blocked()
             c_a.release()
 
         draining = net.start(a.drain)

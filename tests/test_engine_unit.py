@@ -21,10 +21,8 @@ hundred records make many chunks.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import re
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -63,6 +61,7 @@ from handoff.protocol import (
 )
 from handoff.snapshot import DirectorySnapshotStore
 from handoff.transforms import Transforms
+from tests._helpers import wait_all_tasks_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -425,7 +424,7 @@ class Net:
         """Let everything run; whenever all tasks are blocked and ``until()`` is still
         false, move the clock to the next deadline somebody waits for."""
         while True:
-            await all_tasks_blocked()
+            await wait_all_tasks_blocked()
             if until():
                 return
             deadline = self.clock.next_deadline()
@@ -442,44 +441,6 @@ class Net:
         await self.drive(running.done.is_set)
         assert running.result is not None
         return running.result
-
-
-async def all_tasks_blocked() -> None:
-    """``anyio.wait_all_tasks_blocked`` (the same test of a task: it waits on a future not
-    yet done), looking again every millisecond instead of every tenth of a second: each
-    jump of the clock wakes tasks, and a tenth of a second each was most of the time these
-    tests took. A task waiting on a worker thread (a chunk decoded, a snapshot written)
-    counts as blocked only once its thread has had that tenth of a second, as before: the
-    clock must not jump while a thread is merely at work."""
-    this = asyncio.current_task()
-    threads = anyio.to_thread.current_default_thread_limiter()
-    since = time.monotonic()
-    while True:
-        await anyio.lowlevel.checkpoint()
-        blocked = all(
-            task is this or (task._fut_waiter is not None and not task._fut_waiter.done())  # type: ignore[attr-defined]
-            for task in asyncio.all_tasks()
-        )
-        if not blocked:
-            since = time.monotonic()
-        elif not threads.borrowed_tokens or time.monotonic() - since >= 0.1:
-            return
-        await anyio.sleep(0.001)
-
-
-async def settled() -> None:
-    """For a task of a test that runs beside :meth:`Net.drive`: wait until every other task
-    is blocked and no worker thread is at work, without letting the clock move (this task
-    never blocks meanwhile, so ``drive`` does not move it)."""
-    this = asyncio.current_task()
-    threads = anyio.to_thread.current_default_thread_limiter()
-    while True:
-        await anyio.lowlevel.checkpoint()
-        if not threads.borrowed_tokens and all(
-            task is this or (task._fut_waiter is not None and not task._fut_waiter.done())  # type: ignore[attr-defined]
-            for task in asyncio.all_tasks()
-        ):
-            return
 
 
 async def _awaited(work: Awaitable[None]) -> None:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import anyio
 import pytest
 
 from handoff.engine._receiver import MAX_LOST_STREAMS, MAX_STREAMS_PER_PEER, Receiver
 from handoff.protocol import Accept, Ack, Cancel, Chunk, Closed, Message, Refuse
+from tests._helpers import wait_all_tasks_blocked
 from tests.test_counters_exact import (
     NAMESPACE,
     _counters_node,
@@ -348,7 +348,7 @@ async def test_chunks_of_unknown_outcome_whose_link_ends_after_the_drain_are_ask
             )
             b.receiver = b.sessions.receiver = _receiver()  # a new process: nothing kept
         net.connect(a, b)
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_tasks_blocked()
 
     questions = [m for m in net.wire(a, b).delivered if isinstance(m, Cancel)]
     if restarted:
@@ -422,7 +422,7 @@ async def test_an_answer_after_the_stall_time_changes_nothing_and_the_report_say
         report = await net.finish(net.start(a.drain))
         late = net.wire(b, a)
         late.release()
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_tasks_blocked()
 
     assert [type(m).__name__ for m in late.delivered][-1] == "Closed"  # it did come
     assert_adds_up(report)
@@ -459,7 +459,7 @@ async def test_chunks_of_unknown_outcome_on_a_kept_duplicate_that_fails_are_aske
         asking = a.sessions.link_lost("b", old_ab)
         assert asking is not None
         await asking
-        await anyio.wait_all_tasks_blocked()
+        await wait_all_tasks_blocked()
 
     assert _held(b.data(NAMESPACE)) > 0
     assert _held(a.data(NAMESPACE)) + _held(b.data(NAMESPACE)) == sum(held.values())
