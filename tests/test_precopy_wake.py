@@ -101,7 +101,9 @@ async def test_changes_go_out_without_the_poll_from_the_loop_and_from_threads(
             await anyio.to_thread.run_sync(app_thread)
             await wait_until(lambda: "k002" not in received and "t2" in received, 10)
             assert _state(received) == _state(cache)
-            assert _precopy(old)["streamed"] >= 5
+            # The new node applies a batch before the old one reads its acknowledgement:
+            # the count follows (asserting it at once failed under load, ~1 run in 20).
+            await wait_until(lambda: _precopy(old)["streamed"] >= 5, 10)
 
 
 def test_a_bell_rung_from_a_thread_wakes_a_trio_loop_too() -> None:
