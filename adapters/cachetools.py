@@ -102,7 +102,7 @@ import logging
 import math
 from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from itertools import chain, compress, islice, repeat
 from math import floor, frexp, ldexp
@@ -410,7 +410,12 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
     if cls is not None:
         return cls
     base_set, base_del, base_get = base.__setitem__, base.__delitem__, base.__getitem__
-    base_popitem = base.popitem
+    base_popitem, base_clear = base.popitem, base.clear
+    # A subclass the app wrote may choose (or watch) evictions in its own ``popitem``,
+    # which calls cachetools' own and would take the cold end of an order a walk moved:
+    # its walk is undone first (the listing is then made at once).
+    popitem_owner = next(klass for klass in base.__mro__ if "popitem" in vars(klass))
+    own_popitem = popitem_owner.__module__.partition(".")[0] == "cachetools"
 
     def __setitem__(self: Any, key: Any, value: Any) -> None:
         base_set(self, key, value)
@@ -429,6 +434,9 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         walk = None if changes is None else changes.walk
         if walk is None:
             return base_popitem(self)  # type: ignore[no-any-return]
+        if not own_popitem:
+            walk.settle()
+            return base_popitem(self)  # type: ignore[no-any-return]
         # A walk moved the keys it listed to the hot end: the least recently used is
         # the coldest of those still untouched, if any (see _Walk).
         timer = getattr(self, "timer", None)
@@ -446,8 +454,22 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         _settle(self)
         return _reduce_untracked(self, base, protocol)
 
+    def clear(self: Any) -> None:
+        changes = self.__dict__.get(_CHANGES)
+        if changes is None or base_clear is MutableMapping.clear:
+            base_clear(self)  # (through ``popitem``: each deletion noted)
+            return
+        # Newer cachetools clear without ``__delitem__``: each key is noted as deleted,
+        # or a receiver would keep what the app cleared.
+        _settle(self)
+        cleared = list(_data(self))
+        base_clear(self)
+        for key in cleared:
+            changes.note(key)
+
     namespace: dict[str, Any] = {
         "__setitem__": __setitem__,
+        "clear": clear,
         "__delitem__": __delitem__,
         "popitem": popitem,
         "__module__": base.__module__,

@@ -1,0 +1,105 @@
+"""Attacks on the pre-copy's listing in steps and the tracking it relies on: the app's
+own view of its cache (what it evicts, which of its hooks run) and the delta a receiver
+applies must be what they would be without a pre-copy, whatever public method the app
+calls between the steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from handoff._adapter import PAUSE
+from handoff.engine._precopy import delta_order
+from tests._cachetools_versions import FLAVOURS, flavour
+from tests.test_precopy import Timer
+from tests.test_precopy_walk import adapter_in, keys_of, make_in
+
+SIZE = 40
+STEP = 4
+
+
+@pytest.fixture(autouse=True)
+def small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in FLAVOURS:
+        monkeypatch.setattr(flavour(name).adapters, "WALK_STEP", STEP)
+
+
+@pytest.mark.parametrize("version", FLAVOURS)
+@pytest.mark.parametrize("kind", ["lru", "fifo", "ttl", "tlru"])
+def test_a_clear_after_the_mark_deletes_every_key_on_the_receiver(kind: str, version: str) -> None:
+    """``clear()`` (which newer cachetools make O(1), without ``__delitem__``) between the
+    copy and the delta, and during a listing: the receiver ends empty but for what was
+    written after it, not holding the entries the app cleared."""
+    timer = Timer()
+    cache = make_in(version, kind, timer)
+    cache.update({f"k{i:03d}": i for i in range(SIZE)})
+    source = adapter_in(version, cache)
+    mark = source.mark()
+    listing = source.export_paused()
+    assert next(listing) is PAUSE
+    cache.clear()
+    cache["after"] = "written after the clear"
+    copied = [record for record in listing if record is not PAUSE]
+    received = make_in(version, kind, timer)
+    receiver = adapter_in(version, received)
+    receiver.import_records([(f"k{i:03d}", i, None) for i in range(SIZE)])  # an earlier copy
+    receiver.import_records(copied)
+    receiver.import_delta(delta_order(source.changed_since(mark)))
+    assert dict(received) == dict(cache) == {"after": "written after the clear"}
+
+
+@pytest.mark.parametrize("version", FLAVOURS)
+@pytest.mark.parametrize("kind", ["lru", "fifo", "ttl", "tlru"])
+def test_a_subclass_popitem_hook_sees_every_eviction_during_a_listing(
+    kind: str, version: str
+) -> None:
+    """The eviction hook the cachetools documentation shows (a subclass's ``popitem``
+    that calls ``super().popitem()``) runs for each eviction while a listing is under
+    way, evicting what a twin nobody lists evicts; the listing still comes out right."""
+    timer = Timer()
+    base = type(make_in(version, kind, timer))
+
+    def hooked(evicted: list[Any]) -> Any:
+        class Hooked(base):  # type: ignore[misc,valid-type]
+            def popitem(self) -> tuple[Any, Any]:
+                key, value = super().popitem()
+                evicted.append(key)
+                return key, value
+
+        args: dict[str, Any] = {"maxsize": SIZE}
+        if kind == "ttl":
+            args.update(ttl=300, timer=timer)
+        if kind == "tlru":
+            args.update(ttu=lambda k, v, now: now + 300, timer=timer)
+        cache = Hooked(**args)
+        cache.update({f"k{i:03d}": i for i in range(SIZE)})
+        for i in range(0, SIZE, 3):
+            _ = cache.get(f"k{(i * 7) % SIZE:03d}")
+        return cache
+
+    evicted: list[Any] = []
+    evicted_by_twin: list[Any] = []
+    cache, twin = hooked(evicted), hooked(evicted_by_twin)
+    kinds = {"TTLCache": "TTL", "TLRUCache": "TLRU", "LRUCache": "LRU", "FIFOCache": "FIFO"}
+    adapter_class = getattr(flavour(version).adapters, kinds[base.__name__] + "CacheAdapter")
+    source, twin_source = adapter_class(cache), adapter_class(twin)
+    source.mark()
+    turns = iter(range(100))
+
+    def serve() -> None:
+        turn = next(turns)
+        for c in (cache, twin):
+            c[f"new{turn:03d}"] = turn  # full: evicts through the hook
+            _ = c.get(f"k{(turn * 13 + 5) % SIZE:03d}")
+
+    copied = []
+    for record in source.export_paused():
+        if record is PAUSE:
+            serve()
+        else:
+            copied.append(record)
+    assert evicted == evicted_by_twin
+    assert evicted  # (the hook ran)
+    assert keys_of(copied) == keys_of(list(twin_source.export()))
+    assert keys_of(list(source.export())) == keys_of(list(twin_source.export()))
