@@ -573,6 +573,7 @@ then moved), whatever the cache's size."""
 
 
 _STEP_ATTEMPTS: Final = 3
+_LIST_ATTEMPTS: Final = 8
 
 
 class _Walk:
@@ -666,11 +667,24 @@ class _Walk:
     def finish(self) -> list[Any]:
         """End the (complete) walk: the keys touched since it began and still held go to
         the hot end by their last use. Returns them, the most recently used first."""
-        changes = self.changes
+        changes, order = self.changes, self.order
+        # (A Python loop: a thread without the node's lock may note a key while it reads
+        # the record, which fails. It ends only once read whole, or the caller settles.)
+        for _ in range(_STEP_ATTEMPTS):
+            with contextlib.suppress(RuntimeError):
+                since = changes.since((changes.session, self.start))
+                break
+        else:
+            raise RuntimeError("the cache changed during each attempt at ending its listing")
         changes.walk = None
-        order = self.order
-        touched = [key for key in changes.since((changes.session, self.start)) if key in order]
-        _run(map(order.move_to_end, reversed(touched)))
+        touched = [key for key in since if key in order]
+        try:
+            _run(map(order.move_to_end, reversed(touched)))
+        except KeyError:  # (one left meanwhile: the keys still held, in order)
+            touched = [key for key in touched if key in order]
+            for key in reversed(touched):
+                with contextlib.suppress(KeyError):
+                    order.move_to_end(key)
         return touched
 
     def settle(self) -> None:
@@ -691,6 +705,17 @@ def _settle(cache: cachetools.Cache[Any, Any]) -> None:
     changes: _Changes | None = cache.__dict__.get(_CHANGES)
     if changes is not None and changes.walk is not None:
         changes.walk.settle()
+
+
+def _hottest_first_of(order: OrderedDict[Any, Any]) -> list[Any]:
+    """The keys of ``order``, the hot end first. Iterating an ``OrderedDict`` hashes each
+    key: where that runs Python code, a thread that changes the cache without the node's
+    lock makes the iteration fail (``RuntimeError``, or ``KeyError`` for a key that left
+    under it); it is tried again, a few times, before that failure is let through."""
+    for _ in range(_LIST_ATTEMPTS - 1):
+        with contextlib.suppress(RuntimeError, KeyError):
+            return list(reversed(order))
+    return list(reversed(order))
 
 
 def _run(calls: Iterable[object]) -> None:
@@ -991,7 +1016,12 @@ class CacheAdapter(Generic[_C]):
                 if done:
                     break
                 yield PAUSE
-            touched = walk.finish()
+            try:
+                touched = walk.finish()
+            except RuntimeError:
+                walk.settle()  # (kept changing under it: made at once, as above)
+                yield from self.export()
+                return
         finally:
             walk.settle()  # (a no-op once finished)
         skip = frozenset(touched)
@@ -1229,7 +1259,7 @@ class _OrderedAdapter(CacheAdapter[_C]):
 
     def _hottest_first(self) -> list[Any]:
         _settle(self.cache)
-        return list(reversed(self._order()))
+        return _hottest_first_of(self._order())
 
     def _to_hot_end(self, key: Any) -> None:
         self._order().move_to_end(key)
@@ -1425,7 +1455,7 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
 
     def _hottest_first(self) -> list[Any]:
         _settle(self.cache)
-        return list(reversed(_ttl_links(self.cache)))
+        return _hottest_first_of(_ttl_links(self.cache))
 
     def _to_hot_end(self, key: Any) -> None:
         _ttl_links(self.cache).move_to_end(key)
@@ -1743,7 +1773,7 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
 
     def _hottest_first(self) -> list[Any]:
         _settle(self.cache)
-        return list(reversed(_tlru_items(self.cache)))
+        return _hottest_first_of(_tlru_items(self.cache))
 
     def _to_hot_end(self, key: Any) -> None:
         _tlru_items(self.cache).move_to_end(key)

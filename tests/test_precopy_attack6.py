@@ -13,10 +13,11 @@ from handoff._adapter import PAUSE
 from handoff.engine._precopy import delta_order
 from tests._cachetools_versions import FLAVOURS, flavour
 from tests.test_precopy import Timer
-from tests.test_precopy_walk import adapter_in, keys_of, make_in
+from tests.test_precopy_walk import Key, adapter_in, keys_of, make_in
 
 SIZE = 40
 STEP = 4
+HELD = 20  # entries of a cache the thread test lists at each of its hashings
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +104,70 @@ def test_a_subclass_popitem_hook_sees_every_eviction_during_a_listing(
     assert evicted  # (the hook ran)
     assert keys_of(copied) == keys_of(list(twin_source.export()))
     assert keys_of(list(source.export())) == keys_of(list(twin_source.export()))
+
+
+@pytest.mark.parametrize("writes", ["once", "at every hashing after"])
+def test_a_thread_without_the_lock_writing_at_any_hashing_of_a_listing_loses_nothing(
+    writes: str,
+) -> None:
+    """A thread that ignores the node's lock writes a new key at any moment of a listing
+    (here: at a hashing of a key, one run per hashing, the end of the listing included;
+    or from then on at every hashing, which makes each attempt at a step or at the end
+    fail): the listing never fails, the cache keeps every key and, but for where the
+    keys written land, its own order; the copy plus its delta give the receiver the
+    sender's entries."""
+    timer = Timer()
+
+    def run(countdown: int) -> int:
+        cache = make_in("installed", "lru", timer)
+        twin = make_in("installed", "lru", timer)
+        for i in range(HELD):  # (room for the keys the thread writes: nothing is evicted)
+            cache[Key(f"k{i:03d}")] = i
+            twin[f"k{i:03d}"] = i
+        source = adapter_in("installed", cache)
+        mark = source.mark()
+        turns = iter(range(100))
+
+        def serve() -> None:
+            turn = next(turns)
+            key = f"k{(turn * 7) % HELD:03d}"
+            _ = cache.get(Key(key)), twin.get(key)  # touched: read
+
+        # (Once: one write. Every: one at each of the next six hashings, which makes
+        # each of three attempts at a step, or at its end, fail: an attempt may hash a
+        # key twice before it notices.)
+        sneaked = iter(range(1 if writes == "once" else 6))
+
+        def unlocked_thread() -> None:
+            n = next(sneaked, None)
+            if n is not None:
+                cache[f"sneaked{n}"] = twin[f"sneaked{n}"] = "written without the lock"
+                Key.countdown = 1  # (and at the next hashing, if any is left)
+
+        Key.countdown, Key.sneak = countdown, unlocked_thread
+        try:
+            copied = []
+            for record in source.export_paused():
+                if record is PAUSE:
+                    serve()
+                else:
+                    copied.append(record)
+        finally:
+            left, Key.countdown = Key.countdown, 0
+        assert dict(cache) == dict(twin)
+
+        def without_sneaked(c: Any) -> list[Any]:
+            listed = keys_of(list(adapter_in("installed", c).export()))
+            return [k for k in listed if not k.startswith("sneaked")]
+
+        assert without_sneaked(cache) == without_sneaked(twin), countdown
+        received = make_in("installed", "lru", timer)
+        adapter_in("installed", received).import_records(copied)
+        adapter_in("installed", received).import_delta(delta_order(source.changed_since(mark)))
+        assert dict(received) == dict(cache), countdown
+        return countdown - left
+
+    hashings = run(1 << 30)  # (never reached: how many hashings a listing makes)
+    assert hashings > SIZE
+    for countdown in range(1, hashings + 1):
+        run(countdown)
