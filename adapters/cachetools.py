@@ -481,7 +481,13 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
 
         def __copy__(self: Any) -> Any:
             _settle(self)  # (a copy in the middle of a walk would copy its order)
-            return base_copy(self)
+            made = base_copy(self)
+            # cachetools' ``__copy__`` copies the instance dict: the copy would share the
+            # record of changes (its writes noted as the original's, its evictions made
+            # by the original's walk), and keep the tracking class after it stopped.
+            made.__dict__.pop(_CHANGES, None)
+            made.__class__ = base
+            return made
 
         namespace["__copy__"] = __copy__
     if reads:

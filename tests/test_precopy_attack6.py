@@ -5,11 +5,12 @@ calls between the steps."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 
-from handoff._adapter import PAUSE
+from handoff._adapter import DELETED, PAUSE
 from handoff.engine._precopy import delta_order
 from tests._cachetools_versions import FLAVOURS, flavour
 from tests.test_precopy import Timer
@@ -171,3 +172,42 @@ def test_a_thread_without_the_lock_writing_at_any_hashing_of_a_listing_loses_not
     assert hashings > SIZE
     for countdown in range(1, hashings + 1):
         run(countdown)
+
+
+@pytest.mark.parametrize("kind", ["lru", "fifo", "ttl", "tlru"])
+def test_a_copy_of_a_tracked_cache_is_a_cache_of_its_own(kind: str) -> None:
+    """``copy.copy`` of a cache a pre-copy tracks (cachetools' ``__copy__`` copies its
+    instance dict, the record of changes too) in the middle of a listing: the copy is
+    untracked, of the cache's own class; its writes evict its own coldest entries (not
+    by the original's listing) and are not in the original's delta. (cachetools 5.3.0
+    has no ``__copy__``: its shallow copy shares the original's dicts, tracked or not.)"""
+    version = "installed"
+    timer = Timer()
+    cache = make_in(version, kind, timer)
+    full = cache.maxsize
+    cache.update({f"k{i:03d}": i for i in range(full)})
+    own_class = type(cache)
+    source = adapter_in(version, cache)
+    mark = source.mark()
+    listing = source.export_paused()
+    assert next(listing) is PAUSE
+    del cache["k000"]  # the original's listing goes on without the coldest
+    made = copy.copy(cache)
+    assert type(made) is own_class
+    assert not any("handoff" in name for name in vars(made))
+    made.update({f"copy{i}": i for i in range(3)})  # full: evicts the copy's coldest
+    assert list(made) == [f"k{i:03d}" for i in range(3, full)] + ["copy0", "copy1", "copy2"]
+    copied = [record for record in listing if record is not PAUSE]
+    assert keys_of(copied) == [f"k{i:03d}" for i in reversed(range(1, full))]
+    assert list(source.changed_since(mark)) == [("k000", DELETED, None)]
+
+    # A copy made before a listing, holding other keys: its writes, which evict, during
+    # the original's listing (they raised KeyError: the original's coldest key).
+    earlier = copy.copy(cache)
+    earlier.clear()
+    earlier.update({f"own{i:03d}": i for i in range(full)})
+    listing = source.export_paused()
+    assert next(listing) is PAUSE
+    earlier["one more"] = 1
+    assert "own000" not in earlier
+    listing.close()
