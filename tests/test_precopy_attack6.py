@@ -14,7 +14,16 @@ from handoff._adapter import DELETED, PAUSE
 from handoff.engine._precopy import delta_order
 from tests._cachetools_versions import FLAVOURS, flavour
 from tests.test_precopy import Timer
-from tests.test_precopy_walk import Key, adapter_in, keys_of, make_in
+from tests.test_precopy_walk import SIZE as WALK_SIZE
+from tests.test_precopy_walk import (
+    Key,
+    adapter_in,
+    assert_same_state,
+    filled,
+    keys_of,
+    make_in,
+    operate,
+)
 
 SIZE = 40
 STEP = 4
@@ -211,3 +220,45 @@ def test_a_copy_of_a_tracked_cache_is_a_cache_of_its_own(kind: str) -> None:
     earlier["one more"] = 1
     assert "own000" not in earlier
     listing.close()
+
+
+@pytest.mark.parametrize("version", FLAVOURS)
+@pytest.mark.parametrize("kind", ["lru", "fifo", "ttl", "tlru"])
+def test_a_listing_stopped_at_any_step_leaves_the_cache_its_own_order_and_lifetimes(
+    kind: str, version: str
+) -> None:
+    """The drain stops a pre-copy's listing after any of its steps (or while it yields
+    its records, or before it began), entries expiring meanwhile: the drain's export
+    then has the order and the remaining lifetimes of a twin nobody listed, and both
+    evict alike afterwards."""
+    timer = Timer()
+    probe = filled(kind, timer, version)
+    adapter_in(version, probe).mark()
+    steps = sum(record is PAUSE for record in adapter_in(version, probe).export_paused())
+    assert steps >= WALK_SIZE // STEP - 1
+    for stop in [0, *range(1, steps + 1), steps + 1, steps + WALK_SIZE // 2]:
+        timer.now = 0.0
+        cache, twin = filled(kind, timer, version), filled(kind, timer, version)
+        source, twin_source = adapter_in(version, cache), adapter_in(version, twin)
+        source.mark()
+        turns = iter(range(1000))
+
+        def serve(cache: Any = cache, twin: Any = twin, turns: Any = turns) -> None:
+            turn = next(turns)
+            operate(cache, turn)
+            operate(twin, turn)
+            timer.now += 5.0  # (entries written 2 s apart: some expire at each turn)
+
+        listing = source.export_paused()
+        for pulled, record in enumerate(listing, start=1):
+            if record is PAUSE:
+                serve()
+            if pulled >= stop:
+                break
+        listing.close()  # (the drain, under the node's lock)
+        serve()
+        drained = list(source.export())
+        assert_same_state(drained, list(twin_source.export()), exact_meta=True)
+        for _ in range(5):
+            serve()
+            assert list(cache) == list(twin), stop
