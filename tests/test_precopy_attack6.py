@@ -6,12 +6,15 @@ calls between the steps."""
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 from typing import Any
 
+import anyio
 import pytest
 
 from handoff._adapter import DELETED, PAUSE
-from handoff.engine._precopy import delta_order
+from handoff.engine._precopy import Bell, delta_order
 from tests._cachetools_versions import FLAVOURS, flavour
 from tests.test_precopy import Timer
 from tests.test_precopy_walk import SIZE as WALK_SIZE
@@ -262,3 +265,31 @@ def test_a_listing_stopped_at_any_step_leaves_the_cache_its_own_order_and_lifeti
         for _ in range(5):
             serve()
             assert list(cache) == list(twin), stop
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_change_after_the_live_streams_loop_ended_rings_its_bell_harmlessly(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node stopped (its event loop ended) while its live stream's bell still waits
+    on a tracked cache: the app's next writes, from the loop's old thread or another,
+    ring it without an exception or an error logged."""
+
+    async def make_bell() -> Bell:
+        return Bell()
+
+    bell = anyio.run(make_bell, backend=backend)
+    cache = make_in("installed", "lru", Timer())
+    source = adapter_in("installed", cache)
+    source.mark()
+    for thread_runs_it in (False, True):
+        assert source.wake_on_change(bell.ring)
+        if thread_runs_it:
+            writer = threading.Thread(target=cache.__setitem__, args=("from a thread", 1))
+            writer.start()
+            writer.join(timeout=10)
+            assert not writer.is_alive()
+        else:
+            cache["from the loop's thread"] = 1
+    assert dict(cache) == {"from the loop's thread": 1, "from a thread": 1}
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
