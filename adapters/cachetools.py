@@ -429,14 +429,24 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         if changes is not None:
             changes.note(key)
 
+    def own_base_popitem(self: Any) -> tuple[Any, Any]:
+        # cachetools' popitem takes ``next(iter(order))``: a step of a walk (or its end)
+        # made by a thread that ignores the node's lock between the two fails it with
+        # RuntimeError before anything is removed (the app's writes would raise it).
+        for _ in range(_STEP_ATTEMPTS - 1):
+            with contextlib.suppress(RuntimeError):
+                return base_popitem(self)  # type: ignore[no-any-return]
+        return base_popitem(self)  # type: ignore[no-any-return]
+
     def popitem(self: Any) -> tuple[Any, Any]:
         changes = self.__dict__.get(_CHANGES)
         walk = None if changes is None else changes.walk
-        if walk is None:
-            return base_popitem(self)  # type: ignore[no-any-return]
         if not own_popitem:
-            walk.settle()
+            if walk is not None:
+                walk.settle()
             return base_popitem(self)  # type: ignore[no-any-return]
+        if walk is None:
+            return own_base_popitem(self)
         # A walk moved the keys it listed to the hot end: the least recently used is
         # the coldest of those still untouched, if any (see _Walk).
         timer = getattr(self, "timer", None)
@@ -446,7 +456,7 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
                 expire()  # as the base popitem does first
             key = walk.coldest()
             if key is _MISSING:
-                return base_popitem(self)  # type: ignore[no-any-return]
+                return own_base_popitem(self)
             return key, self.pop(key)
 
     def __reduce_ex__(self: Any, protocol: Any) -> Any:

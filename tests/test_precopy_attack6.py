@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import threading
 from typing import Any
 
@@ -293,3 +294,55 @@ def test_a_change_after_the_live_streams_loop_ended_rings_its_bell_harmlessly(
             cache["from the loop's thread"] = 1
     assert dict(cache) == {"from the loop's thread": 1, "from a thread": 1}
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("version", FLAVOURS)
+@pytest.mark.parametrize("kind", ["lru", "fifo", "ttl", "tlru"])
+def test_a_step_between_any_two_instructions_of_an_eviction_raises_nothing_in_the_app(
+    kind: str, version: str
+) -> None:
+    """A thread that ignores the node's lock evicts (a write to a full cache) while the
+    listing takes a step: cachetools' ``popitem`` takes ``next(iter(order))``, and a step
+    between the two made the app's write raise ``RuntimeError``. Here the step is taken
+    at each bytecode instruction of that ``popitem`` in turn (a trace function stands
+    for the thread switch): the write succeeds, and evicts one entry (at worst not the
+    one a twin evicts: the rule is that threads hold the node's lock)."""
+    timer = Timer()
+    own_popitem = type(make_in(version, kind, timer)).popitem.__code__
+    at = 0
+    while True:
+        at += 1
+        cache, twin = make_in(version, kind, timer), make_in(version, kind, timer)
+        for c in (cache, twin):
+            c.update({f"k{i:03d}": i for i in range(c.maxsize)})
+        adapter_in(version, cache).mark()
+        listing = adapter_in(version, cache).export_paused()
+        instructions = 0
+
+        def step_at(frame: Any, event: str, _arg: Any, listing: Any = listing, at: int = at) -> Any:
+            nonlocal instructions
+            if event == "opcode":
+                instructions += 1
+                if instructions == at:
+                    assert next(listing) is PAUSE  # (the first step, "from the loop")
+            return step_at
+
+        def in_popitem(frame: Any, _event: str, _arg: Any) -> Any:
+            if frame.f_code is not own_popitem:
+                return None
+            frame.f_trace_opcodes = True
+            return step_at
+
+        tracer = sys.gettrace()
+        sys.settrace(in_popitem)
+        try:
+            cache["new"] = twin["new"] = "written by a thread without the lock"
+        finally:
+            sys.settrace(tracer)
+        assert len(cache) == len(twin), at
+        assert "new" in cache, at
+        assert len(set(twin) - set(cache)) <= 1, at
+        listing.close()
+        if instructions < at:  # (the step came after the eviction: every place tried)
+            break
+    assert at > 5
