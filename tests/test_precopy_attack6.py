@@ -346,3 +346,21 @@ def test_a_step_between_any_two_instructions_of_an_eviction_raises_nothing_in_th
         if instructions < at:  # (the step came after the eviction: every place tried)
             break
     assert at > 5
+
+
+@pytest.mark.parametrize("version", FLAVOURS)
+@pytest.mark.parametrize("kind", ["lru", "fifo", "ttl", "tlru"])
+def test_an_eviction_by_cachetools_own_popitem_keeps_the_listing_in_steps(
+    kind: str, version: str
+) -> None:
+    """Only a subclass's own ``popitem`` undoes a listing: cachetools' classes (the
+    installed release and the side-loaded one) evict by the listing and it goes on."""
+    cache = make_in(version, kind, Timer())
+    cache.update({f"k{i:03d}": i for i in range(cache.maxsize)})
+    source = adapter_in(version, cache)
+    source.mark()
+    listing = source.export_paused()
+    assert next(listing) is PAUSE
+    cache["new"] = 1  # full: evicts
+    assert next(listing) is PAUSE  # (a listing undone is made at once: no more pauses)
+    listing.close()
