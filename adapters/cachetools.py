@@ -102,7 +102,7 @@ import logging
 import math
 from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from itertools import chain, compress, islice, repeat
 from math import floor, frexp, ldexp
@@ -410,7 +410,12 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
     if cls is not None:
         return cls
     base_set, base_del, base_get = base.__setitem__, base.__delitem__, base.__getitem__
-    base_popitem = base.popitem
+    base_popitem, base_clear = base.popitem, base.clear
+    # A subclass the app wrote may choose (or watch) evictions in its own ``popitem``,
+    # which calls cachetools' own and would take the cold end of an order a walk moved:
+    # its walk is undone first (the listing is then made at once).
+    popitem_owner = next(klass for klass in base.__mro__ if "popitem" in vars(klass))
+    own_popitem = popitem_owner.__module__.partition(".")[0] == "cachetools"
 
     def __setitem__(self: Any, key: Any, value: Any) -> None:
         base_set(self, key, value)
@@ -424,11 +429,24 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         if changes is not None:
             changes.note(key)
 
+    def own_base_popitem(self: Any) -> tuple[Any, Any]:
+        # cachetools' popitem takes ``next(iter(order))``: a step of a walk (or its end)
+        # made by a thread that ignores the node's lock between the two fails it with
+        # RuntimeError before anything is removed (the app's writes would raise it).
+        for _ in range(_STEP_ATTEMPTS - 1):
+            with contextlib.suppress(RuntimeError):
+                return base_popitem(self)  # type: ignore[no-any-return]
+        return base_popitem(self)  # type: ignore[no-any-return]
+
     def popitem(self: Any) -> tuple[Any, Any]:
         changes = self.__dict__.get(_CHANGES)
         walk = None if changes is None else changes.walk
-        if walk is None:
+        if not own_popitem:
+            if walk is not None:
+                walk.settle()
             return base_popitem(self)  # type: ignore[no-any-return]
+        if walk is None:
+            return own_base_popitem(self)
         # A walk moved the keys it listed to the hot end: the least recently used is
         # the coldest of those still untouched, if any (see _Walk).
         timer = getattr(self, "timer", None)
@@ -438,7 +456,7 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
                 expire()  # as the base popitem does first
             key = walk.coldest()
             if key is _MISSING:
-                return base_popitem(self)  # type: ignore[no-any-return]
+                return own_base_popitem(self)
             return key, self.pop(key)
 
     def __reduce_ex__(self: Any, protocol: Any) -> Any:
@@ -446,8 +464,22 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
         _settle(self)
         return _reduce_untracked(self, base, protocol)
 
+    def clear(self: Any) -> None:
+        changes = self.__dict__.get(_CHANGES)
+        if changes is None or base_clear is MutableMapping.clear:
+            base_clear(self)  # (through ``popitem``: each deletion noted)
+            return
+        # Newer cachetools clear without ``__delitem__``: each key is noted as deleted,
+        # or a receiver would keep what the app cleared.
+        _settle(self)
+        cleared = list(_data(self))
+        base_clear(self)
+        for key in cleared:
+            changes.note(key)
+
     namespace: dict[str, Any] = {
         "__setitem__": __setitem__,
+        "clear": clear,
         "__delitem__": __delitem__,
         "popitem": popitem,
         "__module__": base.__module__,
@@ -459,7 +491,13 @@ def _tracking_class(base: type[Any], *, reads: bool) -> type[Any]:
 
         def __copy__(self: Any) -> Any:
             _settle(self)  # (a copy in the middle of a walk would copy its order)
-            return base_copy(self)
+            made = base_copy(self)
+            # cachetools' ``__copy__`` copies the instance dict: the copy would share the
+            # record of changes (its writes noted as the original's, its evictions made
+            # by the original's walk), and keep the tracking class after it stopped.
+            made.__dict__.pop(_CHANGES, None)
+            made.__class__ = base
+            return made
 
         namespace["__copy__"] = __copy__
     if reads:
@@ -551,6 +589,7 @@ then moved), whatever the cache's size."""
 
 
 _STEP_ATTEMPTS: Final = 3
+_LIST_ATTEMPTS: Final = 8
 
 
 class _Walk:
@@ -644,11 +683,24 @@ class _Walk:
     def finish(self) -> list[Any]:
         """End the (complete) walk: the keys touched since it began and still held go to
         the hot end by their last use. Returns them, the most recently used first."""
-        changes = self.changes
+        changes, order = self.changes, self.order
+        # (A Python loop: a thread without the node's lock may note a key while it reads
+        # the record, which fails. It ends only once read whole, or the caller settles.)
+        for _ in range(_STEP_ATTEMPTS):
+            with contextlib.suppress(RuntimeError):
+                since = changes.since((changes.session, self.start))
+                break
+        else:
+            raise RuntimeError("the cache changed during each attempt at ending its listing")
         changes.walk = None
-        order = self.order
-        touched = [key for key in changes.since((changes.session, self.start)) if key in order]
-        _run(map(order.move_to_end, reversed(touched)))
+        touched = [key for key in since if key in order]
+        try:
+            _run(map(order.move_to_end, reversed(touched)))
+        except KeyError:  # (one left meanwhile: the keys still held, in order)
+            touched = [key for key in touched if key in order]
+            for key in reversed(touched):
+                with contextlib.suppress(KeyError):
+                    order.move_to_end(key)
         return touched
 
     def settle(self) -> None:
@@ -669,6 +721,17 @@ def _settle(cache: cachetools.Cache[Any, Any]) -> None:
     changes: _Changes | None = cache.__dict__.get(_CHANGES)
     if changes is not None and changes.walk is not None:
         changes.walk.settle()
+
+
+def _hottest_first_of(order: OrderedDict[Any, Any]) -> list[Any]:
+    """The keys of ``order``, the hot end first. Iterating an ``OrderedDict`` hashes each
+    key: where that runs Python code, a thread that changes the cache without the node's
+    lock makes the iteration fail (``RuntimeError``, or ``KeyError`` for a key that left
+    under it); it is tried again, a few times, before that failure is let through."""
+    for _ in range(_LIST_ATTEMPTS - 1):
+        with contextlib.suppress(RuntimeError, KeyError):
+            return list(reversed(order))
+    return list(reversed(order))
 
 
 def _run(calls: Iterable[object]) -> None:
@@ -969,7 +1032,12 @@ class CacheAdapter(Generic[_C]):
                 if done:
                     break
                 yield PAUSE
-            touched = walk.finish()
+            try:
+                touched = walk.finish()
+            except RuntimeError:
+                walk.settle()  # (kept changing under it: made at once, as above)
+                yield from self.export()
+                return
         finally:
             walk.settle()  # (a no-op once finished)
         skip = frozenset(touched)
@@ -1207,7 +1275,7 @@ class _OrderedAdapter(CacheAdapter[_C]):
 
     def _hottest_first(self) -> list[Any]:
         _settle(self.cache)
-        return list(reversed(self._order()))
+        return _hottest_first_of(self._order())
 
     def _to_hot_end(self, key: Any) -> None:
         self._order().move_to_end(key)
@@ -1403,7 +1471,7 @@ class TTLCacheAdapter(CacheAdapter[cachetools.TTLCache[Any, Any, Any]]):
 
     def _hottest_first(self) -> list[Any]:
         _settle(self.cache)
-        return list(reversed(_ttl_links(self.cache)))
+        return _hottest_first_of(_ttl_links(self.cache))
 
     def _to_hot_end(self, key: Any) -> None:
         _ttl_links(self.cache).move_to_end(key)
@@ -1721,7 +1789,7 @@ class TLRUCacheAdapter(CacheAdapter[cachetools.TLRUCache[Any, Any, Any]]):
 
     def _hottest_first(self) -> list[Any]:
         _settle(self.cache)
-        return list(reversed(_tlru_items(self.cache)))
+        return _hottest_first_of(_tlru_items(self.cache))
 
     def _to_hot_end(self, key: Any) -> None:
         _tlru_items(self.cache).move_to_end(key)
