@@ -26,8 +26,11 @@ version ``version_base + i + 1``, a clock shared by the streams of one run, and 
 carries it (:func:`versioned`); the backend answers a load with the newest version any
 request of the stream wrote so far. A stream given its ``previous`` stream (the old node's,
 before the switch) replays it first (:func:`final_writes`) and counts a ``stale`` read for
-each hit that returns an older version than the last one the old node wrote to that key:
-a handoff that left an outdated value behind.
+each hit that returns an older version than the last one the old node wrote to that key.
+A :class:`StaleReads` splits them by the order in which the serving node did things: a
+stale read that the node's last applied handed-off records followed happened while the old
+node's last writes were still on their way (``stale_in_flight``); one after them is an
+outdated value the handoff left behind (``stale_after_handoff``).
 
 Counters are kept per ``interval``-long bin counted from ``epoch`` (by the time each
 request was due, so a busy event loop does not move requests between bins) and emitted as
@@ -64,6 +67,7 @@ __all__ = (
     "LATE_LIMIT",
     "MAX_KEYS",
     "VERSION_MARK",
+    "StaleReads",
     "TrafficSpec",
     "final_writes",
     "is_stale",
@@ -303,6 +307,45 @@ def final_writes(
 
 
 @dataclass(slots=True)
+class StaleReads:
+    """Stale reads of one node, split by whether the handoff had completed on that node.
+
+    ``applied`` (given to :meth:`read` and :meth:`settle`) is a count that grows whenever
+    the node applies records handed off by the old node (pre-copy, live delta, drain). A
+    stale read that a later application followed was read while the old node's last
+    writes were still in flight (:attr:`in_flight`); the stale reads since the last
+    application are outdated values the handoff left behind (:attr:`after_handoff`, final
+    once the handoff is over). Reads and applications must be counted in the order the
+    node did them (in the simulation both run on the node's event loop, under its lock),
+    so the split needs no clock and two integers of memory.
+    """
+
+    in_flight: int = 0
+    after_handoff: int = 0
+    """Stale reads since the last application seen."""
+    applied: int = 0
+    """The application count at the last :meth:`read` or :meth:`settle`."""
+
+    def settle(self, applied: int) -> None:
+        """Take note of the application count now: if it grew, every stale read so far
+        was in flight."""
+        if applied != self.applied:
+            self.in_flight += self.after_handoff
+            self.after_handoff = 0
+            self.applied = applied
+
+    def read(self, applied: int) -> None:
+        """Count a stale read made now (``applied`` as in :meth:`settle`)."""
+        self.settle(applied)
+        self.after_handoff += 1
+
+    @property
+    def total(self) -> int:
+        """Every stale read."""
+        return self.in_flight + self.after_handoff
+
+
+@dataclass(slots=True)
 class _Bin:
     requests: int = 0
     hits: int = 0
@@ -322,6 +365,7 @@ async def run_traffic(
     stopped: Callable[[], bool],
     lock: AbstractContextManager[object],
     clock: Callable[[], float],
+    handed_off: Callable[[], int] = lambda: 0,
 ) -> dict[str, object]:
     """Serve ``me``'s share of ``spec`` from ``cache`` until the stream ends (or ``stopped()``
     turns true), emitting one ``traffic`` event per bin and a ``traffic-done`` event last,
@@ -329,7 +373,9 @@ async def run_traffic(
 
     ``key_of(rank)`` and ``value_of(rank)`` give the key and the backend's value of a rank
     (a string where ``spec.writes``: written values carry their version, see
-    :func:`versioned`).
+    :func:`versioned`). ``handed_off()`` is a count that grows whenever the node applies
+    handed-off records (see :class:`StaleReads`); ``traffic-done`` splits ``stale`` into
+    ``stale_in_flight`` and ``stale_after_handoff`` by it.
     """
     table = zipf_table(spec.keys, spec.exponent)
     top = spec.keys - 1
@@ -349,6 +395,7 @@ async def run_traffic(
     current = spec.first_bin()
     counters = _Bin()
     totals = _Bin()
+    stale_reads = StaleReads()
     index = 0
     late = False
 
@@ -418,6 +465,7 @@ async def run_traffic(
                         counters.hits += 1
                         if floor and is_stale(value, floor.get(key, 0)):
                             counters.stale += 1
+                            stale_reads.read(handed_off())
                     else:
                         counters.backend_calls += 1
                         pending.append((due + delay, key, rank))
@@ -429,6 +477,9 @@ async def run_traffic(
         # Stopped, late or cancelled: the bin in progress is the last one reported.
         complete = index >= total
         close_bins(last_bin + 1 if complete else current + 1)
+        # The handoff is over by the end of the stream (the simulation's is within
+        # milliseconds of the switch): reads since its last records are after it.
+        stale_reads.settle(handed_off())
         done: dict[str, object] = {
             "event": "traffic-done",
             "requests": totals.requests,
@@ -436,6 +487,8 @@ async def run_traffic(
             "backend_calls": totals.backend_calls,
             "writes": totals.writes,
             "stale": totals.stale,
+            "stale_in_flight": stale_reads.in_flight,
+            "stale_after_handoff": stale_reads.after_handoff,
             "entries": len(cache),
             "complete": complete,
             "late": late,

@@ -25,7 +25,11 @@ at the switch the balancer sends each key to one new node and ``node-a`` gets SI
 Both runs draw the same request stream (same seeds), so the difference is the handoff:
 hit rate over time, backend calls during and after the deploy, entries moved and lost, and
 stale reads (:data:`WRITE_SHARE` of the requests write; a read on a new node older than the
-old node's last write to its key before the switch is stale, see :mod:`handoff._demo`).
+old node's last write to its key before the switch is stale, see :mod:`handoff._demo`):
+``stale_reads`` after the new node applied the last records handed to it (what the handoff
+left behind), ``stale_reads_in_flight`` before (the old node's last writes on their way).
+With pre-copy the traffic starts once every new node reports warm (its readiness), at most
+:data:`READY_TIMEOUT` later.
 """
 
 from __future__ import annotations
@@ -114,6 +118,10 @@ TRAFFIC_LEAD = 0.3
 TRAFFIC_LEAD_PER_KEY = 1e-6
 #: The balancer moves traffic to the new nodes, then the old node gets SIGTERM.
 SIGTERM_AFTER_SWITCH = 0.02
+#: With pre-copy, the traffic (and with it the switch) waits until every new node reports
+#: warm (its pre-copy complete), as a platform's readiness check would; at most this long,
+#: then it goes ahead and the run says so (``ready_wait_timed_out``).
+READY_TIMEOUT = 20.0
 STARTUP_TIMEOUT = 30.0
 #: The exit code of bad arguments (as argparse's; ``handoff.cli.EXIT_USAGE``).
 EXIT_USAGE = 2
@@ -433,8 +441,18 @@ class DeployRun:
     bins and ``requests`` count reads)."""
     stale_reads: int | None = None
     """Reads on the new nodes that returned an older value than the old node last wrote
-    to that key before the switch (``None`` when the old node's traffic did not finish
-    before SIGTERM, so its last writes are not known)."""
+    to that key before the switch, after the new node had applied the last records the
+    old node handed to it: outdated values the handoff left behind (``None`` when the old
+    node's traffic did not finish before SIGTERM, so its last writes are not known)."""
+    stale_reads_in_flight: int | None = None
+    """Such reads before the new node had applied the last records handed to it: the old
+    node's last writes were still on their way (live delta, or the drain's delta)."""
+    ready_wait_seconds: float | None = None
+    """With pre-copy: how long the traffic waited for every new node to report warm
+    before it started (``None`` without pre-copy: the traffic starts at once)."""
+    ready_wait_timed_out: bool = False
+    """The wait for warm new nodes reached :data:`READY_TIMEOUT` and the traffic went
+    ahead without them all warm."""
 
     def __post_init__(self) -> None:
         if not self.bins:
@@ -512,6 +530,9 @@ class DeployRun:
             "snapshotted": self.snapshotted,
             "handoff_seconds": self.handoff_seconds,
             "blackout_seconds": _rounded(self.blackout_seconds),
+            "stale_reads_in_flight": self.stale_reads_in_flight,
+            "ready_wait_seconds": _rounded(self.ready_wait_seconds),
+            "ready_wait_timed_out": self.ready_wait_timed_out,
             "writes": dict(self.writes),
             "stale_reads": self.stale_reads,
             "precopies": self.precopies,
@@ -554,7 +575,10 @@ class Comparison:
             "lost": None if warm is None else warm.lost,
             "handoff_seconds": None if warm is None else warm.handoff_seconds,
             "blackout_seconds": None if warm is None else _rounded(warm.blackout_seconds),
+            "stale_reads_in_flight": None if warm is None else warm.stale_reads_in_flight,
             "stale_reads": None if warm is None else warm.stale_reads,
+            "ready_wait_seconds": None if warm is None else _rounded(warm.ready_wait_seconds),
+            "ready_wait_timed_out": None if warm is None else warm.ready_wait_timed_out,
             "hit_rate_before": _rate_before(warm),
             "hit_rate_cold": rate(cold),
             "hit_rate_warm": rate(warm),
@@ -706,6 +730,8 @@ class _Simulation:
                 f"{self.socket_dir})"
             )
             self._form_mesh()
+            if self.handoff and self.run_data.settings.precopy:
+                self._await_warm()
             self._traffic()
         return self.result
 
@@ -751,6 +777,34 @@ class _Simulation:
 
         self._pump(handle, done=lambda: not wanted, missing=missing, alive=set(names))
         self.say(f"  full mesh: every node sees the other {len(names) - 1} ({self.elapsed():.2f}s)")
+
+    def _await_warm(self) -> None:
+        """Wait, at most :data:`READY_TIMEOUT`, until every new node reports warm (its
+        pre-copy is in): a platform sends a node traffic once its readiness check passes."""
+        new = set(self.new_names)
+        started = time.monotonic()
+        cap = started + READY_TIMEOUT
+        self.deadline = max(self.deadline, cap + 1.0)
+        self._pump(
+            lambda _o, _e: None,
+            done=lambda: new <= self.result.warm.keys() or time.monotonic() >= cap,
+            missing=lambda: ", ".join(f"{n} to report warm" for n in sorted(new)),
+            alive=set(self.procs),
+            until=cap,
+        )
+        run = self.run_data
+        run.ready_wait_seconds = time.monotonic() - started
+        cold = sorted(new - self.result.warm.keys())
+        run.ready_wait_timed_out = bool(cold)
+        if cold:
+            self.say(
+                f"  {_names(cold)} not warm after {READY_TIMEOUT:g} s: the traffic starts anyway"
+            )
+        else:
+            self.say(
+                f"  readiness: {_names(sorted(new))} warm (pre-copies in) after "
+                f"{run.ready_wait_seconds:.2f}s; the traffic starts"
+            )
 
     def _stop_old_node(self) -> None:
         victim = self.procs[_STOPPED]
@@ -903,11 +957,9 @@ class _Simulation:
             ),
         }
         if old.get("complete"):  # else the old node's last writes are not known
-            run.stale_reads = sum(
-                int(done.get("stale", 0))
-                for name, done in self.traffic_done.items()
-                if name != _STOPPED
-            )
+            new = [done for name, done in self.traffic_done.items() if name != _STOPPED]
+            run.stale_reads = sum(int(done.get("stale_after_handoff", 0)) for done in new)
+            run.stale_reads_in_flight = sum(int(done.get("stale_in_flight", 0)) for done in new)
         for name, done in self.traffic_done.items():
             if done.get("late"):
                 run.late.append(name)
@@ -1241,7 +1293,9 @@ def render_table(comparison: Comparison) -> list[str]:
         ("handoff", cells(handoff)),
         ("entries moved", cells(lambda r: f"{r.entries_moved} of {r.entries_before}")),
         ("entries lost", cells(_lost)),
-        ("stale reads", cells(lambda r: "-" if r.stale_reads is None else f"{r.stale_reads}")),
+        ("waited for warm new nodes", cells(_ready_wait)),
+        ("stale reads after the handoff", cells(lambda r: _count(r.stale_reads))),
+        ("stale reads in flight", cells(lambda r: _count(r.stale_reads_in_flight))),
     ]
     header = ("", ["cold: no handoff", "warm: handoff"])
     name_width = max(len(name) for name, _ in rows)
@@ -1249,6 +1303,17 @@ def render_table(comparison: Comparison) -> list[str]:
     return [
         f"{name:<{name_width}}{a:>{widths[0]}}{b:>{widths[1]}}" for name, (a, b) in (header, *rows)
     ]
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value}"
+
+
+def _ready_wait(run: DeployRun) -> str:
+    seconds = run.ready_wait_seconds
+    if seconds is None:
+        return "-"
+    return duration(seconds) + (" (timed out)" if run.ready_wait_timed_out else "")
 
 
 def _lost(run: DeployRun) -> str:
@@ -1637,7 +1702,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--precopy",
         action="store_true",
         help="in the warm run, node-a pre-copies its cache to each new node as it comes up "
-        "(HANDOFF_PRECOPY=on) and drains only what changed since",
+        "(HANDOFF_PRECOPY=on) and drains only what changed since; the traffic starts once "
+        f"every new node reports warm (at most {READY_TIMEOUT:g} s later)",
     )
     parser.add_argument(
         "--json",

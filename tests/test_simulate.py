@@ -29,6 +29,7 @@ import anyio
 import pytest
 
 from handoff._demo import (
+    StaleReads,
     TrafficSpec,
     final_writes,
     is_stale,
@@ -146,6 +147,7 @@ def _collect(
             stopped=kwargs.get("stopped", lambda: False),
             lock=threading.RLock(),
             clock=time.monotonic,
+            handed_off=kwargs.get("handed_off", lambda: 0),
         )
 
     anyio.run(main)
@@ -236,6 +238,62 @@ def test_the_new_stream_counts_each_read_older_than_the_old_streams_last_write()
     returned = sum(1 for key, value in stale.returned if key == hottest and value == outdated)
     assert returned > 0
     assert done["stale"] == returned
+    # Nothing handed off after them: each is an outdated value the handoff left behind.
+    assert (done["stale_in_flight"], done["stale_after_handoff"]) == (0, returned)
+
+
+class _Delta(_Reads):
+    """A receiver whose handoff's last records land between the first read of ``key`` and
+    the next read (with ``early``, before the first read of any key): with ``value`` (the
+    old node's last write to ``key``) or without it (a delta that missed the key, while
+    carrying others)."""
+
+    def __init__(self, held: dict[Any, Any], key: Any, value: Any, *, early: bool) -> None:
+        super().__init__(held)
+        self.key, self.value = key, value
+        self.applied = 0  # records applied (what the node's adapter counts)
+        self.due = early
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if self.due:
+            self.due, self.applied = False, 1
+            if self.value is not None:
+                self[self.key] = self.value
+        found = super().get(key, default)
+        self.due = self.due or (key == self.key and not self.applied)
+        return found
+
+
+def test_a_stale_read_before_the_handoffs_last_record_is_in_flight_after_it_left_behind() -> None:
+    now = time.monotonic()
+    new = _spec(epoch=now, start=now + 0.2, end=now + 0.4, writes=0.2, previous=(now, now + 0.2, 5))
+    written = final_writes(new, lambda rank: f"k{rank}")
+    hottest = min(written, key=lambda key: int(key[1:]))
+    current = versioned("v" + hottest[1:], written[hottest])
+    outdated = versioned("v" + hottest[1:], written[hottest] - 1)
+    held = {key: versioned("v" + key[1:], version) for key, version in written.items()}
+    # The last write arrives after one read returned the value before it: in flight.
+    late = _Delta({**held, hottest: outdated}, hottest, current, early=False)
+    done = _collect(new, "node-b", late, handed_off=lambda: late.applied)[-1]
+    assert (done["stale"], done["stale_in_flight"], done["stale_after_handoff"]) == (1, 1, 0)
+    # A delta that missed the key: every read of it after the last record is left behind.
+    missed = _Delta({**held, hottest: outdated}, hottest, None, early=True)
+    done = _collect(new, "node-b", missed, handed_off=lambda: missed.applied)[-1]
+    returned = sum(1 for key, value in missed.returned if key == hottest and value == outdated)
+    assert returned > 0
+    assert (done["stale_in_flight"], done["stale_after_handoff"]) == (0, returned)
+
+
+def test_stale_reads_split_at_the_last_application_of_handed_off_records() -> None:
+    reads = StaleReads()
+    reads.read(0)
+    reads.read(3)  # records applied since the first: it was in flight
+    reads.read(3)
+    assert (reads.in_flight, reads.after_handoff, reads.total) == (1, 2, 3)
+    reads.settle(3)  # nothing applied since: still left behind
+    assert (reads.in_flight, reads.after_handoff) == (1, 2)
+    reads.settle(4)  # a later record: they were in flight too
+    assert (reads.in_flight, reads.after_handoff, reads.total) == (3, 0, 3)
 
 
 # -- the output, from a made-up comparison ------------------------------------------------------
@@ -599,10 +657,17 @@ def test_a_precopy_run_reports_its_blackout_and_accounts_for_every_record() -> N
     assert report["ok"] is True, report["error"]
     assert report["settings"]["precopy"] is True
     assert report["blackout_seconds"] >= 0
-    # Counted (see the README's "Pre-copy": reads within the live stream's lag may be stale).
-    assert isinstance(report["stale_reads"], int)
+    # The traffic started once both new nodes were warm (their pre-copies in).
+    assert report["ready_wait_timed_out"] is False
+    assert report["ready_wait_seconds"] >= 0
+    assert set(report["warm"]["warm"]) == {"node-b", "node-c"}
+    # Nothing outdated is left behind once a new node has applied the last records handed
+    # to it; before that, reads within the live stream's lag may be stale (README).
+    assert report["stale_reads"] == 0
+    assert report["stale_reads_in_flight"] >= 0
     assert report["cold"]["stale_reads"] == 0
     assert report["cold"]["blackout_seconds"] is None
+    assert report["cold"]["ready_wait_seconds"] is None
     # What the pre-copies had done by SIGTERM (their timing is the machine's).
     assert {p["peer"] for p in report["warm"]["precopies"]} == {"node-b", "node-c"}
     ns = report["warm"]["drain"]["namespaces"]["cache"]

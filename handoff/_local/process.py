@@ -1168,6 +1168,9 @@ class _Runner:
                 stopped=self.stop_requested.is_set,
                 lock=self.node.lock,
                 clock=time.monotonic,
+                # Records handed to this node applied so far: imports run on this loop
+                # under the node's lock, as the traffic's reads do.
+                handed_off=lambda: held.adapter.total,
             )
         finally:
             self._traffic = False
