@@ -353,7 +353,9 @@ def test_evicting_channels_does_not_handle_a_message_twice() -> None:
         assert [e for e in net.wire if isinstance(e.message, ActorReply)]
         net.wire.clear()  # ... its reply is lost (the link dropped)
         assert not pending.done.is_set()
-        # Other senders (forwarded from nodes o does not know) go past max_channels.
+        # Other senders (forwarded from nodes o does not know, by c, which held the actor
+        # before as far as o knows) go past max_channels.
+        o.host._remember_holder(kb(net, key), c.name)
         for i in range(o.host.limits.max_channels):
             o.host.handle(
                 c.name,
@@ -783,18 +785,9 @@ def test_a_drain_moves_the_most_recently_messaged_actors_first() -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a 'forwarded' message (hops > 0) is taken into a held actor's channels "
-    "on any peer's word, so an authenticated peer can put a forged message under a sender's "
-    "next sequence number and the sender's real message gets its reply (lost). Taking "
-    "forwards only from the node the actor came from (others answered MOVED to the holder) "
-    "fixed this test but left a call unanswered in the simulation (test_long_random_runs "
-    "seed 10 with take/put): not in yet",
-)
 def test_a_peer_that_never_held_an_actor_cannot_forward_messages_into_its_channels() -> None:
     """A 'forwarded' message (hops > 0) speaks for its sender on the forwarder's word, so
-    only the node an actor came from may forward to it: another peer could otherwise put
+    only a node the actor came from may forward to it: another peer could otherwise put
     a message of its own under a sender's next sequence number, and the sender's real
     message would be answered with the forged one's reply (lost)."""
 
