@@ -841,3 +841,75 @@ def test_a_forwarded_message_never_starts_a_fresh_activation() -> None:
         assert handled(net, fresh) == [[c.name, 1]]
 
     run(scenario)
+
+
+def test_a_reply_or_redirect_counts_only_from_a_node_the_message_went_to() -> None:
+    """A peer the message never went to cannot answer it (the sender would return a forged
+    reply and the real one would be lost to it) nor redirect it (to itself, to answer the
+    re-sent message as it likes): a sender takes answers only from the node it sent the
+    message to, and from those that one said the message went to."""
+
+    async def scenario(net: Net) -> None:
+        o, c, x = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, o, [o, c, x])
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        gen = c.host._outboxes[kb(net, key)].gen
+        second = await c.host.submit(key, [c.name, 2], want_reply=True, time_limit=10)
+        third = await c.host.submit(key, [c.name, 3], want_reply=True, time_limit=10)
+        await settle()
+        assert [e.target for e in net.wire] == [o.name, o.name]  # not delivered yet
+        forged = net.codec.packb(["x", 666])
+        c.host.handle(x.name, ActorReply(NAMESPACE, kb(net, key), gen, 2, 0, "", forged))
+        c.host.handle(x.name, ActorReply(NAMESPACE, kb(net, key), gen, 3, 3, x.name, b"\xc0"))
+        await settle()
+        assert not second.done.is_set()
+        assert not [e for e in net.wire if e.target == x.name]  # nothing re-sent to x
+        await flush(net)
+        for number, pending in ((2, second), (3, third)):
+            assert pending.status is Status.REPLIED
+            assert net.codec.unpackb(pending.answer) == number
+        assert handled(net, key) == [[c.name, 1], [c.name, 2], [c.name, 3]]
+
+    run(scenario)
+
+
+def test_messages_a_moved_owner_hands_over_or_forwards_are_answered_by_the_new_one() -> None:
+    """What a moving owner's mailbox hands over, and what it forwards afterwards, is
+    answered by the new owner: the old one tells each sender where its messages went, so
+    their answers count (a sender takes answers only from the nodes its messages went to)."""
+
+    async def scenario(net: Net) -> None:
+        o, c = await net.spawn_node(), await net.spawn_node()
+        # Placed on o, and on the node that joins next once it serves (so that o keeps a
+        # forwarding pointer instead of asking where the actor is).
+        key = next(
+            k
+            for k in (f"k{i}" for i in range(10_000))
+            if place(kb(net, k), [o.name, c.name]) == o.name
+            and place(kb(net, k), [o.name, c.name, "n3"]) == "n3"
+        )
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        held = o.host._held[kb(net, key)]
+        await o.host._freeze(held)
+        pendings = [
+            await c.host.submit(key, [c.name, n], want_reply=True, time_limit=10) for n in (2, 3)
+        ]
+        await flush(net)
+        assert len(held.mailbox) == 2 and not any(p.done.is_set() for p in pendings)
+        n = await net.spawn_node()
+        assert n.name == "n3"
+        async with anyio.create_task_group() as group:
+            group.start_soon(o.host.migrate, held, n.name, MoveStats())
+            await flush(net)
+        assert holders(net, key) == [n.name]
+        assert [net.codec.unpackb(p.answer) for p in pendings] == [2, 3]  # no re-send needed
+        # c still routes to o (as if n's replies had not come yet): o's pointer forwards.
+        c.host._outboxes[kb(net, key)].route = o.name
+        fourth = await c.host.submit(key, [c.name, 4], want_reply=True, time_limit=10)
+        await flush(net)
+        assert fourth.status is Status.REPLIED
+        assert net.codec.unpackb(fourth.answer) == 4
+        assert holders(net, key) == [n.name]
+        assert handled(net, key) == [[c.name, n] for n in (1, 2, 3, 4)]
+
+    run(scenario)
