@@ -895,7 +895,8 @@ def test_messages_a_moved_owner_hands_over_or_forwards_are_answered_by_the_new_o
             await c.host.submit(key, [c.name, n], want_reply=True, time_limit=10) for n in (2, 3)
         ]
         await flush(net)
-        assert len(held.mailbox) == 2 and not any(p.done.is_set() for p in pendings)
+        assert len(held.mailbox) == 2
+        assert not any(p.done.is_set() for p in pendings)
         n = await net.spawn_node()
         assert n.name == "n3"
         async with anyio.create_task_group() as group:

@@ -41,7 +41,10 @@ both ends of every conversation with an actor:
   the nodes some peer lists that this node has not linked (a draining node left DNS while
   it holds actors: only its peers still know it). See :meth:`handoff._mesh.Mesh.unlinked`.
 - **Forwarded messages** speak for their sender on the forwarder's word: a node never
-  activates a key fresh for one.
+  activates a key fresh for one, and a held actor takes one only from a node that held it
+  before (moved it here, or exported the record restored here). Every forwarder, and a
+  moving owner for what it hands over, tells the sender where its messages went: a sender
+  takes answers for a message only from the nodes it sent it to and those they named.
 
 The actor's state crosses versions through the namespace's upgrade / downgrade hooks, like
 any record ``(key, state)``.
