@@ -798,6 +798,11 @@ def test_a_peer_that_never_held_an_actor_cannot_forward_messages_into_its_channe
         gen = c.host._outboxes[kb(net, key)].gen
         forged = net.codec.packb(["x", 666])
         fresh = key_placed_on(net, o, [o, c, x], prefix="fresh")
+        # Moves of the actor o holds, "repeated" (epoch 1) and refused (2): neither makes x
+        # a node the actor came from.
+        payload = net.codec.packb([None, [], []])
+        for epoch in (1, 2):
+            o.host.handle(x.name, ActorMove(NAMESPACE, kb(net, key), 7 + epoch, epoch, 1, payload))
         for hops, target_key in ((1, key), (1, fresh)):
             o.host.handle(
                 x.name,
@@ -912,5 +917,32 @@ def test_messages_a_moved_owner_hands_over_or_forwards_are_answered_by_the_new_o
         assert net.codec.unpackb(fourth.answer) == 4
         assert holders(net, key) == [n.name]
         assert handled(net, key) == [[c.name, n] for n in (1, 2, 3, 4)]
+
+    run(scenario)
+
+
+def test_a_message_queued_in_a_record_is_answered_by_the_node_that_took_it() -> None:
+    """A message queued when the drain's export took its actor is handled where the record
+    lands; the exporter tells the sender so once that node says it holds the actor, and its
+    answer counts without waiting for a re-send."""
+
+    async def scenario(net: Net) -> None:
+        a, b, c = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, a, [a, b, c])
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        a.host._held[kb(net, key)].frozen = True  # the next message waits in the mailbox
+        pending = await call(net, c, key, 2)
+        a.serving = False
+        (record,) = a.host.take()
+        assert record[2][1]  # the queued message travels in the record
+        assert b.host.put(*record)
+        for _ in range(5):  # less than RESEND_AFTER in all: no re-send
+            if pending.done.is_set():
+                break
+            await tick(net, 0.1)
+        assert pending.status is Status.REPLIED
+        assert net.codec.unpackb(pending.answer) == 2
+        assert holders(net, key) == [b.name]
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
 
     run(scenario)

@@ -414,6 +414,10 @@ class ActorHost:
         # Actors the drain's export took, whose record travels (to a successor or the
         # snapshot store): key -> epoch. Claims for them wait (see _on_where).
         self._transit: dict[bytes, int] = {}
+        # The messages queued in those records: their senders are told where they went once
+        # the node that took the record says it holds it (they take answers only from the
+        # nodes their messages went to).
+        self._transit_queued: dict[bytes, list[ActorSend]] = {}
         self._asking_back: set[tuple[str, bytes]] = set()
         self.superseded = 0
         """Restored actors dropped because another node held the key when they landed."""
@@ -1115,6 +1119,8 @@ class ActorHost:
                 del self._transit[key_bytes]
                 self._forwards[key_bytes] = (peer, epoch, self._clock.now())
                 self._forwards.move_to_end(key_bytes)
+                for message in self._transit_queued.pop(key_bytes, ()):
+                    self._reply(message, Status.MOVED, b"\xc0", peer)
         finally:
             self._asking_back.discard((peer, key_bytes))
 
@@ -1615,7 +1621,6 @@ class ActorHost:
             )
 
         key_bytes = message.key
-        self._remember_holder(key_bytes, peer)
         existing = self._held.get(key_bytes)
         if existing is not None and existing.epoch >= message.epoch:
             answer(True)  # a repeated move that arrived before: it is here
@@ -1639,6 +1644,9 @@ class ActorHost:
         if held is None:
             answer(False, "activation failed on the new owner")
             return
+        # Only a move that activated the actor here makes its sender an earlier holder
+        # (any peer can send a move: one refused, or repeated, proves nothing).
+        self._remember_holder(key_bytes, peer)
         for origin, gen, next_seq, replies in channels:
             channel = _Channel(gen, next_seq, used=self._clock.now())
             for seq, status, body in replies:
@@ -1791,6 +1799,8 @@ class ActorHost:
             queued = [_queued(m) for m in held.mailbox]
             del self._held[key_bytes]
             self._transit[key_bytes] = held.epoch
+            if held.mailbox:
+                self._transit_queued[key_bytes] = list(held.mailbox)
             self._queued -= len(held.mailbox)
             if held.instance is not None:
                 self._deactivated(held)
@@ -1822,6 +1832,7 @@ class ActorHost:
         else:
             raise ValueError("an actor record's metadata is [channels, queued]")
         held = self._activate(key_bytes, state, epoch=self._transit.pop(key_bytes, 1), dormant=True)
+        self._transit_queued.pop(key_bytes, None)  # back here: this node answers them
         assert held is not None
         held.confirming = held.frozen = True
         for origin, gen, next_seq, _ in channels:
