@@ -105,11 +105,11 @@ ACTOR_MESSAGES = (ActorSend, ActorReply, ActorWhere, ActorHere, ActorMove, Actor
 WINDOW = 64
 """Unanswered messages per sender and key; also the replies an owner keeps per channel."""
 MAX_HOPS = 8
+"""Redirects a message follows before its sender backs off and asks placement again."""
 MAX_ANSWERERS = 16
 """Nodes whose answers count for one message (the oldest go first)."""
 MAX_LINEAGE = 8
 """Earlier holders of one actor whose forwarded messages its holder takes."""
-"""Redirects a message follows before its sender backs off and asks placement again."""
 RESEND_AFTER = 1.0
 """Seconds without an answer before a message is sent again."""
 BACKOFF_FIRST, BACKOFF_MAX = 0.005, 0.5
