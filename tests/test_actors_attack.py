@@ -946,3 +946,29 @@ def test_a_message_queued_in_a_record_is_answered_by_the_node_that_took_it() -> 
         assert handled(net, key) == [[c.name, 1], [c.name, 2]]
 
     run(scenario)
+
+
+def test_a_reply_lost_before_the_export_is_answered_where_the_record_lands() -> None:
+    """A record carries its channels' kept replies: a message handled before the export,
+    whose reply was lost, is answered again where the record lands (never silence for
+    ever, never handled twice)."""
+
+    async def scenario(net: Net) -> None:
+        a, b, c = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, a, [a, b, c])
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        pending = await c.host.submit(key, [c.name, 2], want_reply=True, time_limit=10)
+        await flush(net, drop=lambda message: isinstance(message, ActorReply))
+        assert not pending.done.is_set()
+        a.serving = False
+        (record,) = a.host.take()
+        assert b.host.put(*record)
+        for _ in range(4):
+            if pending.done.is_set():
+                break
+            await tick(net)
+        assert pending.status is Status.REPLIED
+        assert net.codec.unpackb(pending.answer) == 2
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
+
+    run(scenario)

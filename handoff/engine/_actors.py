@@ -1795,7 +1795,12 @@ class ActorHost:
             except Exception:
                 logger.exception("%s: state() of actor %r failed", self.node, held.key)
                 continue  # stays here, counted by stranded()
-            channels = [[o, c.gen, c.next, []] for o, c in held.channels.items()]
+            # With their kept replies: a sender whose answer was lost (or not taken: it came
+            # from a node the sender did not know held the actor) is answered again.
+            channels = [
+                [o, c.gen, c.next, [[seq, st, body] for seq, (st, body) in c.replies.items()]]
+                for o, c in held.channels.items()
+            ]
             queued = [_queued(m) for m in held.mailbox]
             del self._held[key_bytes]
             self._transit[key_bytes] = held.epoch
@@ -1831,12 +1836,15 @@ class ActorHost:
             channels, queued = meta
         else:
             raise ValueError("an actor record's metadata is [channels, queued]")
+        replies = [_record_replies(channel) for channel in channels]
         held = self._activate(key_bytes, state, epoch=self._transit.pop(key_bytes, 1), dormant=True)
         self._transit_queued.pop(key_bytes, None)  # back here: this node answers them
         assert held is not None
         held.confirming = held.frozen = True
-        for origin, gen, next_seq, _ in channels:
-            held.channels[str(origin)] = _Channel(int(gen), int(next_seq), used=self._clock.now())
+        for (origin, gen, next_seq, _), kept in zip(channels, replies, strict=True):
+            channel = _Channel(int(gen), int(next_seq), used=self._clock.now())
+            channel.replies.update(kept)
+            held.channels[str(origin)] = channel
         for origin, sender, gen, seq, want_reply, body in queued:
             held.mailbox.append(
                 ActorSend(
@@ -1894,6 +1902,25 @@ class ActorHost:
         self._queued -= len(waiting)
         held.held[:0] = waiting
         self._moved(held, holder, held.epoch)
+
+
+def _record_replies(channel: Any) -> list[tuple[int, tuple[int, bytes]]]:
+    """The kept replies of a record's channel ``[origin, gen, next, replies]`` (records of
+    earlier builds keep none); checked, never converted."""
+    if not isinstance(channel, list | tuple) or len(channel) != 4:
+        raise ValueError("an actor record's channel is [origin, gen, next, replies]")
+    replies = channel[3]
+    if not isinstance(replies, list | tuple) or len(replies) > WINDOW:
+        raise ValueError("an actor record's channel keeps at most WINDOW replies")
+    kept = []
+    for reply in replies:
+        if not isinstance(reply, list | tuple) or len(reply) != 3:
+            raise ValueError("malformed reply in an actor record")
+        seq, status, body = reply
+        if not (_positive(seq) and status in _STATUSES and isinstance(body, bytes)):
+            raise ValueError("malformed reply in an actor record")
+        kept.append((seq, (status, body)))
+    return kept
 
 
 def _may_answer(pending: _Pending, node: str) -> None:
