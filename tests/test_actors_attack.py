@@ -353,7 +353,9 @@ def test_evicting_channels_does_not_handle_a_message_twice() -> None:
         assert [e for e in net.wire if isinstance(e.message, ActorReply)]
         net.wire.clear()  # ... its reply is lost (the link dropped)
         assert not pending.done.is_set()
-        # Other senders (forwarded from nodes o does not know) go past max_channels.
+        # Other senders (forwarded from nodes o does not know, by c, which held the actor
+        # before as far as o knows) go past max_channels.
+        o.host._remember_holder(kb(net, key), c.name)
         for i in range(o.host.limits.max_channels):
             o.host.handle(
                 c.name,
@@ -783,18 +785,9 @@ def test_a_drain_moves_the_most_recently_messaged_actors_first() -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a 'forwarded' message (hops > 0) is taken into a held actor's channels "
-    "on any peer's word, so an authenticated peer can put a forged message under a sender's "
-    "next sequence number and the sender's real message gets its reply (lost). Taking "
-    "forwards only from the node the actor came from (others answered MOVED to the holder) "
-    "fixed this test but left a call unanswered in the simulation (test_long_random_runs "
-    "seed 10 with take/put): not in yet",
-)
 def test_a_peer_that_never_held_an_actor_cannot_forward_messages_into_its_channels() -> None:
     """A 'forwarded' message (hops > 0) speaks for its sender on the forwarder's word, so
-    only the node an actor came from may forward to it: another peer could otherwise put
+    only a node the actor came from may forward to it: another peer could otherwise put
     a message of its own under a sender's next sequence number, and the sender's real
     message would be answered with the forged one's reply (lost)."""
 
@@ -805,6 +798,11 @@ def test_a_peer_that_never_held_an_actor_cannot_forward_messages_into_its_channe
         gen = c.host._outboxes[kb(net, key)].gen
         forged = net.codec.packb(["x", 666])
         fresh = key_placed_on(net, o, [o, c, x], prefix="fresh")
+        # Moves of the actor o holds, "repeated" (epoch 1) and refused (2): neither makes x
+        # a node the actor came from.
+        payload = net.codec.packb([None, [], []])
+        for epoch in (1, 2):
+            o.host.handle(x.name, ActorMove(NAMESPACE, kb(net, key), 7 + epoch, epoch, 1, payload))
         for hops, target_key in ((1, key), (1, fresh)):
             o.host.handle(
                 x.name,
@@ -846,5 +844,131 @@ def test_a_forwarded_message_never_starts_a_fresh_activation() -> None:
         pending = await call(net, c, fresh, 1)  # c's own first message: activated, handled
         assert pending.status is Status.REPLIED
         assert handled(net, fresh) == [[c.name, 1]]
+
+    run(scenario)
+
+
+def test_a_reply_or_redirect_counts_only_from_a_node_the_message_went_to() -> None:
+    """A peer the message never went to cannot answer it (the sender would return a forged
+    reply and the real one would be lost to it) nor redirect it (to itself, to answer the
+    re-sent message as it likes): a sender takes answers only from the node it sent the
+    message to, and from those that one said the message went to."""
+
+    async def scenario(net: Net) -> None:
+        o, c, x = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, o, [o, c, x])
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        gen = c.host._outboxes[kb(net, key)].gen
+        second = await c.host.submit(key, [c.name, 2], want_reply=True, time_limit=10)
+        third = await c.host.submit(key, [c.name, 3], want_reply=True, time_limit=10)
+        await settle()
+        assert [e.target for e in net.wire] == [o.name, o.name]  # not delivered yet
+        forged = net.codec.packb(["x", 666])
+        c.host.handle(x.name, ActorReply(NAMESPACE, kb(net, key), gen, 2, 0, "", forged))
+        c.host.handle(x.name, ActorReply(NAMESPACE, kb(net, key), gen, 3, 3, x.name, b"\xc0"))
+        await settle()
+        assert not second.done.is_set()
+        assert not [e for e in net.wire if e.target == x.name]  # nothing re-sent to x
+        await flush(net)
+        for number, pending in ((2, second), (3, third)):
+            assert pending.status is Status.REPLIED
+            assert net.codec.unpackb(pending.answer) == number
+        assert handled(net, key) == [[c.name, 1], [c.name, 2], [c.name, 3]]
+
+    run(scenario)
+
+
+def test_messages_a_moved_owner_hands_over_or_forwards_are_answered_by_the_new_one() -> None:
+    """What a moving owner's mailbox hands over, and what it forwards afterwards, is
+    answered by the new owner: the old one tells each sender where its messages went, so
+    their answers count (a sender takes answers only from the nodes its messages went to)."""
+
+    async def scenario(net: Net) -> None:
+        o, c = await net.spawn_node(), await net.spawn_node()
+        # Placed on o, and on the node that joins next once it serves (so that o keeps a
+        # forwarding pointer instead of asking where the actor is).
+        key = next(
+            k
+            for k in (f"k{i}" for i in range(10_000))
+            if place(kb(net, k), [o.name, c.name]) == o.name
+            and place(kb(net, k), [o.name, c.name, "n3"]) == "n3"
+        )
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        held = o.host._held[kb(net, key)]
+        await o.host._freeze(held)
+        pendings = [
+            await c.host.submit(key, [c.name, n], want_reply=True, time_limit=10) for n in (2, 3)
+        ]
+        await flush(net)
+        assert len(held.mailbox) == 2
+        assert not any(p.done.is_set() for p in pendings)
+        n = await net.spawn_node()
+        assert n.name == "n3"
+        async with anyio.create_task_group() as group:
+            group.start_soon(o.host.migrate, held, n.name, MoveStats())
+            await flush(net)
+        assert holders(net, key) == [n.name]
+        assert [net.codec.unpackb(p.answer) for p in pendings] == [2, 3]  # no re-send needed
+        # c still routes to o (as if n's replies had not come yet): o's pointer forwards.
+        c.host._outboxes[kb(net, key)].route = o.name
+        fourth = await c.host.submit(key, [c.name, 4], want_reply=True, time_limit=10)
+        await flush(net)
+        assert fourth.status is Status.REPLIED
+        assert net.codec.unpackb(fourth.answer) == 4
+        assert holders(net, key) == [n.name]
+        assert handled(net, key) == [[c.name, n] for n in (1, 2, 3, 4)]
+
+    run(scenario)
+
+
+def test_a_message_queued_in_a_record_is_answered_by_the_node_that_took_it() -> None:
+    """A message queued when the drain's export took its actor is handled where the record
+    lands; the exporter tells the sender so once that node says it holds the actor, and its
+    answer counts without waiting for a re-send."""
+
+    async def scenario(net: Net) -> None:
+        a, b, c = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, a, [a, b, c])
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        a.host._held[kb(net, key)].frozen = True  # the next message waits in the mailbox
+        pending = await call(net, c, key, 2)
+        a.serving = False
+        (record,) = a.host.take()
+        assert record[2][1]  # the queued message travels in the record
+        assert b.host.put(*record)
+        for _ in range(5):  # less than RESEND_AFTER in all: no re-send
+            if pending.done.is_set():
+                break
+            await tick(net, 0.1)
+        assert pending.status is Status.REPLIED
+        assert net.codec.unpackb(pending.answer) == 2
+        assert holders(net, key) == [b.name]
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
+
+    run(scenario)
+
+
+def test_a_reply_lost_before_the_export_is_answered_where_the_record_lands() -> None:
+    """A record carries its channels' kept replies: a message handled before the export,
+    whose reply was lost, is answered again where the record lands (never silence for
+    ever, never handled twice)."""
+
+    async def scenario(net: Net) -> None:
+        a, b, c = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, a, [a, b, c])
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        pending = await c.host.submit(key, [c.name, 2], want_reply=True, time_limit=10)
+        await flush(net, drop=lambda message: isinstance(message, ActorReply))
+        assert not pending.done.is_set()
+        a.serving = False
+        (record,) = a.host.take()
+        assert b.host.put(*record)
+        for _ in range(4):
+            if pending.done.is_set():
+                break
+            await tick(net)
+        assert pending.status is Status.REPLIED
+        assert net.codec.unpackb(pending.answer) == 2
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
 
     run(scenario)

@@ -41,7 +41,10 @@ both ends of every conversation with an actor:
   the nodes some peer lists that this node has not linked (a draining node left DNS while
   it holds actors: only its peers still know it). See :meth:`handoff._mesh.Mesh.unlinked`.
 - **Forwarded messages** speak for their sender on the forwarder's word: a node never
-  activates a key fresh for one.
+  activates a key fresh for one, and a held actor takes one only from a node that held it
+  before (moved it here, or exported the record restored here). Every forwarder, and a
+  moving owner for what it hands over, tells the sender where its messages went: a sender
+  takes answers for a message only from the nodes it sent it to and those they named.
 
 The actor's state crosses versions through the namespace's upgrade / downgrade hooks, like
 any record ``(key, state)``.
@@ -103,6 +106,10 @@ WINDOW = 64
 """Unanswered messages per sender and key; also the replies an owner keeps per channel."""
 MAX_HOPS = 8
 """Redirects a message follows before its sender backs off and asks placement again."""
+MAX_ANSWERERS = 16
+"""Nodes whose answers count for one message (the oldest go first)."""
+MAX_LINEAGE = 8
+"""Earlier holders of one actor whose forwarded messages its holder takes."""
 RESEND_AFTER = 1.0
 """Seconds without an answer before a message is sent again."""
 BACKOFF_FIRST, BACKOFF_MAX = 0.005, 0.5
@@ -215,6 +222,10 @@ class _Pending:
     sent_to: str | None = None
     sent_at: float = 0.0
     created: float = 0.0
+    answerers: list[str] = field(default_factory=list)
+    """The nodes whose answers for this message count: those it was sent to, and those
+    one of them said it went to (a redirect, or a forward). Any other peer could forge a
+    reply or a redirect (see :meth:`ActorHost._on_reply`)."""
 
 
 @dataclass(slots=True)
@@ -293,6 +304,9 @@ class _Query:
     holding: bool = False
     """Asked by a node that holds the key (a move in doubt): a peer claiming it (answer 2)
     holds nothing, and cannot activate it while this node says it holds it."""
+    waiting_for: set[str] = field(default_factory=set)
+    """Peers that answered "wait" (2): one that exported the record this node restored
+    (or that claims the key and wins)."""
 
 
 @dataclass(slots=True)
@@ -372,6 +386,12 @@ class ActorHost:
         self._forwards: collections.OrderedDict[bytes, tuple[str, int, float]] = (
             collections.OrderedDict()
         )
+        # Per key, the nodes this node knows held the actor before it came here (moved it
+        # here, or exported the record it restored): the nodes whose forwarding pointers
+        # may point here, long after the actor left and came back.
+        self._lineage: collections.OrderedDict[bytes, tuple[tuple[str, ...], float]] = (
+            collections.OrderedDict()
+        )
         self._queries: dict[int, _Query] = {}
         self._query_ids = itertools.count(1)
         self._claims: dict[bytes, _Query] = {}
@@ -394,6 +414,10 @@ class ActorHost:
         # Actors the drain's export took, whose record travels (to a successor or the
         # snapshot store): key -> epoch. Claims for them wait (see _on_where).
         self._transit: dict[bytes, int] = {}
+        # The messages queued in those records: their senders are told where they went once
+        # the node that took the record says it holds it (they take answers only from the
+        # nodes their messages went to).
+        self._transit_queued: dict[bytes, list[ActorSend]] = {}
         self._asking_back: set[tuple[str, bytes]] = set()
         self.superseded = 0
         """Restored actors dropped because another node held the key when they landed."""
@@ -747,6 +771,7 @@ class ActorHost:
         first = outbox.first_unacked()
         for pending in pendings:
             pending.sent_to, pending.sent_at = route, now
+            _may_answer(pending, route)
             self._post(
                 route,
                 ActorSend(
@@ -774,7 +799,10 @@ class ActorHost:
         if outbox is None or outbox.gen != reply.gen:
             return
         pending = outbox.pending.get(reply.seq)
-        if pending is None:
+        # Only a node the message went to answers for it: one it was sent to, or one such
+        # a node redirected or forwarded it to. Another peer's reply or redirect is forged
+        # (the message was never there); the real one follows, or the message is re-sent.
+        if pending is None or peer not in pending.answerers:
             return
         status = Status(reply.status)
         now = self._clock.now()
@@ -785,8 +813,13 @@ class ActorHost:
             return
         reason = _text(self._codec, reply.body)
         if status is Status.MOVED and reply.holder:
+            _may_answer(pending, reply.holder)
+            if reply.holder == pending.sent_to:
+                # Forwarded to where it was re-sent already (each message forwarded during
+                # a move says so): that node answers.
+                return
             outbox.hops += 1
-            if outbox.hops <= MAX_HOPS and reply.holder != pending.sent_to:
+            if outbox.hops <= MAX_HOPS:
                 outbox.route = reply.holder
                 outbox.last_reason = f"moved to {reply.holder}"
                 self._flush(
@@ -856,11 +889,16 @@ class ActorHost:
         key_bytes = message.key
         held = self._held.get(key_bytes)
         # A forwarded message speaks for its sender on the forwarder's word: it never starts
-        # a fresh activation (see _not_here). Into a held actor's channels it is still taken
-        # from any peer (README "Known gaps").
+        # a fresh activation (see _not_here), and a held actor takes it only from a node
+        # that held the actor before (its channels): another peer could put a forged
+        # message under a sender's next sequence number, and the sender's real one would
+        # get its reply (lost). Every forwarder tells the sender where the message went,
+        # so a message dropped here is sent here again by its sender itself.
         forwarded = peer is not None and peer != self.node and message.hops > 0
         if held is None:
             self._not_here(message, forwarded=forwarded)
+            return
+        if forwarded and peer not in self._lineage.get(key_bytes, ((), 0.0))[0]:
             return
         if held.moving_to is not None or held.in_doubt or held.confirming:
             if len(held.held) >= self.limits.mailbox:
@@ -904,6 +942,8 @@ class ActorHost:
             placed_here = place(key_bytes, self._candidates()) == self.node
             if message.hops < MAX_HOPS // 2 and forward[0] in self._links() and not placed_here:
                 self._post(forward[0], _hop(message))
+                # Its sender takes answers only from the nodes the message went to.
+                self._reply(message, Status.MOVED, b"\xc0", forward[0])
                 return
             # Forwarded too often (the actor moved on since), or to a node that is not
             # linked: placement and the holders themselves tell where it is.
@@ -1079,6 +1119,8 @@ class ActorHost:
                 del self._transit[key_bytes]
                 self._forwards[key_bytes] = (peer, epoch, self._clock.now())
                 self._forwards.move_to_end(key_bytes)
+                for message in self._transit_queued.pop(key_bytes, ()):
+                    self._reply(message, Status.MOVED, b"\xc0", peer)
         finally:
             self._asking_back.discard((peer, key_bytes))
 
@@ -1092,6 +1134,8 @@ class ActorHost:
             query.holder = peer
         elif message.answer == 2 and not query.holding:
             query.lost = True
+            if message.holder == peer:
+                query.waiting_for.add(peer)
         if query.holder or query.lost or not query.waiting:
             query.done.set()
 
@@ -1267,6 +1311,22 @@ class ActorHost:
             if now - since < FORWARD_TTL and len(self._forwards) <= MAX_FORWARDS:
                 break
             del self._forwards[key_bytes]
+        # An earlier holder's pointer here lasts FORWARD_TTL on its clock; this memory of
+        # it (from when the actor arrived, later) outlasts it.
+        while self._lineage:
+            key_bytes, (_, since) = next(iter(self._lineage.items()))
+            if now - since < 2 * FORWARD_TTL and len(self._lineage) <= MAX_FORWARDS:
+                break
+            del self._lineage[key_bytes]
+
+    def _remember_holder(self, key_bytes: bytes, node: str) -> None:
+        """``node`` held the actor ``key_bytes`` before this node: its forwarding pointer
+        may point here, and the actor takes the messages it forwards (see ``_on_send``)."""
+        if node == self.node:
+            return
+        known = tuple(n for n in self._lineage.get(key_bytes, ((), 0.0))[0] if n != node)
+        self._lineage[key_bytes] = ((*known, node)[-MAX_LINEAGE:], self._clock.now())
+        self._lineage.move_to_end(key_bytes)
 
     # -- migration ------------------------------------------------------------------------
 
@@ -1529,9 +1589,13 @@ class ActorHost:
         for message in held.held[ahead:]:
             self._post(target, _hop(message))
         held.ahead = 0
-        for channel in held.channels.values():
-            for early in channel.early.values():
-                self._post(target, _hop(early))
+        early = [m for channel in held.channels.values() for m in channel.early.values()]
+        for message in early:
+            self._post(target, _hop(message))
+        # Their senders take answers only from the nodes their messages went to: each is
+        # told where it went (the queued ones moved in the payload).
+        for message in itertools.chain(held.mailbox, held.held, early):
+            self._reply(message, Status.MOVED, b"\xc0", target)
         held.held = []
 
     def _on_move(self, peer: str, message: ActorMove) -> None:
@@ -1580,6 +1644,9 @@ class ActorHost:
         if held is None:
             answer(False, "activation failed on the new owner")
             return
+        # Only a move that activated the actor here makes its sender an earlier holder
+        # (any peer can send a move: one refused, or repeated, proves nothing).
+        self._remember_holder(key_bytes, peer)
         for origin, gen, next_seq, replies in channels:
             channel = _Channel(gen, next_seq, used=self._clock.now())
             for seq, status, body in replies:
@@ -1728,10 +1795,17 @@ class ActorHost:
             except Exception:
                 logger.exception("%s: state() of actor %r failed", self.node, held.key)
                 continue  # stays here, counted by stranded()
-            channels = [[o, c.gen, c.next, []] for o, c in held.channels.items()]
+            # With their kept replies: a sender whose answer was lost (or not taken: it came
+            # from a node the sender did not know held the actor) is answered again.
+            channels = [
+                [o, c.gen, c.next, [[seq, st, body] for seq, (st, body) in c.replies.items()]]
+                for o, c in held.channels.items()
+            ]
             queued = [_queued(m) for m in held.mailbox]
             del self._held[key_bytes]
             self._transit[key_bytes] = held.epoch
+            if held.mailbox:
+                self._transit_queued[key_bytes] = list(held.mailbox)
             self._queued -= len(held.mailbox)
             if held.instance is not None:
                 self._deactivated(held)
@@ -1762,11 +1836,15 @@ class ActorHost:
             channels, queued = meta
         else:
             raise ValueError("an actor record's metadata is [channels, queued]")
+        replies = [_record_replies(channel) for channel in channels]
         held = self._activate(key_bytes, state, epoch=self._transit.pop(key_bytes, 1), dormant=True)
+        self._transit_queued.pop(key_bytes, None)  # back here: this node answers them
         assert held is not None
         held.confirming = held.frozen = True
-        for origin, gen, next_seq, _ in channels:
-            held.channels[str(origin)] = _Channel(int(gen), int(next_seq), used=self._clock.now())
+        for (origin, gen, next_seq, _), kept in zip(channels, replies, strict=True):
+            channel = _Channel(int(gen), int(next_seq), used=self._clock.now())
+            channel.replies.update(kept)
+            held.channels[str(origin)] = channel
         for origin, sender, gen, seq, want_reply, body in queued:
             held.mailbox.append(
                 ActorSend(
@@ -1785,6 +1863,10 @@ class ActorHost:
             query = self._new_query(key_bytes, claiming=False)
             query.waiting.discard(self.node)
             answer = await self._ask_everyone(query)
+            for exporter in query.waiting_for:
+                # Its record travels until this node says it holds it: then it forwards
+                # what its callers send it here.
+                self._remember_holder(key_bytes, exporter)
             if self._held.get(key_bytes) is not held or not held.confirming:
                 return
             if answer is None:
@@ -1820,6 +1902,33 @@ class ActorHost:
         self._queued -= len(waiting)
         held.held[:0] = waiting
         self._moved(held, holder, held.epoch)
+
+
+def _record_replies(channel: Any) -> list[tuple[int, tuple[int, bytes]]]:
+    """The kept replies of a record's channel ``[origin, gen, next, replies]`` (records of
+    earlier builds keep none); checked, never converted."""
+    if not isinstance(channel, list | tuple) or len(channel) != 4:
+        raise ValueError("an actor record's channel is [origin, gen, next, replies]")
+    replies = channel[3]
+    if not isinstance(replies, list | tuple) or len(replies) > WINDOW:
+        raise ValueError("an actor record's channel keeps at most WINDOW replies")
+    kept = []
+    for reply in replies:
+        if not isinstance(reply, list | tuple) or len(reply) != 3:
+            raise ValueError("malformed reply in an actor record")
+        seq, status, body = reply
+        if not (_positive(seq) and status in _STATUSES and isinstance(body, bytes)):
+            raise ValueError("malformed reply in an actor record")
+        kept.append((seq, (status, body)))
+    return kept
+
+
+def _may_answer(pending: _Pending, node: str) -> None:
+    if node in pending.answerers:
+        return
+    pending.answerers.append(node)
+    if len(pending.answerers) > MAX_ANSWERERS:
+        del pending.answerers[0]
 
 
 def _queued(message: ActorSend) -> list[Any]:
