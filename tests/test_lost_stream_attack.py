@@ -17,6 +17,8 @@ time, a restarted successor.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -38,6 +40,19 @@ __all__ = ("small_chunks",)  # the fixture: 16 records a chunk here too
 pytestmark = pytest.mark.anyio
 
 
+@asynccontextmanager
+async def counts_on_a(
+    held: dict[str, int], *successors: str
+) -> AsyncIterator[tuple[Net, FakeNode, list[FakeNode]]]:
+    """A fake network where a (v1) holds the counts ``held`` and every one of
+    ``successors`` (v2, empty) is linked to it and to each other."""
+    async with network() as net:
+        a = _counters_node(net, "a", "v1", **held)
+        others = [_counters_node(net, name, "v2") for name in successors]
+        net.connect(a, *others)
+        yield net, a, others
+
+
 def _cut_at_duplicate_of_chunk_1(net: Net, a: FakeNode, b: FakeNode) -> None:
     """b's Acks wait on the wire, and a's chunk 1 arrives twice: b drops the link (a
     protocol error) having applied chunks 0 and 1; a never saw their Acks."""
@@ -53,11 +68,7 @@ async def test_a_replayed_ack_that_does_not_add_up_drops_the_link_and_is_not_cou
     of a 16-record chunk). Now it is a protocol error too: the link drops, the replayed
     Ack counts nothing, and the report adds up."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        c = _counters_node(net, "c", "v2")
-        net.connect(a, b, c)
+    async with counts_on_a(held, "b", "c") as (net, a, (b, c)):
         _cut_at_duplicate_of_chunk_1(net, a, b)
         cut = net.cut
 
@@ -92,11 +103,7 @@ async def test_a_question_whose_link_ends_unanswered_does_not_spin_the_drain() -
     ran out; on the fake clock: forever). Now it looks for b again every 0.2 s until b
     comes back or the stall time ends, and re-sends in doubt."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        c = _counters_node(net, "c", "v2")
-        net.connect(a, b, c)
+    async with counts_on_a(held, "b", "c") as (net, a, (b, c)):
         _cut_at_duplicate_of_chunk_1(net, a, b)
         cut = net.cut
 
@@ -204,11 +211,7 @@ async def test_a_cancelled_stream_whose_link_ends_before_the_closed_arrives_is_a
     end: no answer, and a re-sent b's chunks in doubt (counted twice, b runs on). Now a
     cancelled ownership stream's Acks are kept as a lost one's."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        c = _counters_node(net, "c", "v2")
-        net.connect(a, b, c)
+    async with counts_on_a(held, "b", "c") as (net, a, (b, c)):
         b_a = net.wire(b, a)
         b_a.hold_after = lambda m: isinstance(m, Accept)  # b stalls: its Acks wait
 
@@ -240,10 +243,7 @@ async def test_a_sole_successor_that_answered_is_offered_the_rest() -> None:
     Before, the rest went to "no successor" (given back and reported dropped: lost when a
     exits) although b was linked and serving."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        net.connect(a, b)
+    async with counts_on_a(held, "b") as (net, a, (b,)):
         _cut_at_duplicate_of_chunk_1(net, a, b)
         cut = net.cut
 
@@ -267,11 +267,7 @@ async def test_an_answer_cut_short_by_another_link_drop_is_asked_again() -> None
     asks again on the third link; b replays the same Acks (the one a counted is not
     counted again) and the Closed: exact, nothing in doubt."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        c = _counters_node(net, "c", "v2")
-        net.connect(a, b, c)
+    async with counts_on_a(held, "b", "c") as (net, a, (b, c)):
         _cut_at_duplicate_of_chunk_1(net, a, b)
         cut = net.cut
 
@@ -330,10 +326,7 @@ async def test_chunks_of_unknown_outcome_whose_link_ends_after_the_drain_are_ask
     and gets them back. Restarted, b cannot say (what it applied died with it): a asks
     nothing and gives nothing back (the outcome stays unknown, as reported)."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        net.connect(a, b)
+    async with counts_on_a(held, "b") as (net, a, (b,)):
         a_b, b_a = net.wire(a, b), net.wire(b, a)
         b_a.hold_after = lambda m: isinstance(m, Accept)  # b's Acks wait
         a_b.hold_after = lambda m: isinstance(m, Chunk) and m.seq == 1  # 2, 3 never arrive
@@ -368,10 +361,7 @@ async def test_a_kept_duplicate_that_fails_under_chunks_is_asked_about_on_the_li
     them in doubt (chunk 0 counted twice). Now a asks at once on the link in use; b answers
     (chunk 0 applied, nothing else), and the rest goes to b again: exact, not in doubt."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        net.connect(a, b)
+    async with counts_on_a(held, "b") as (net, a, (b,)):
         old_ab, old_ba = net.wire(a, b), net.wire(b, a)
         old_ba.hold_after = lambda m: isinstance(m, Accept)  # b's Acks wait
         old_ab.hold_after = lambda m: isinstance(m, Chunk) and m.seq == 0  # 1 to 3 wait
@@ -405,11 +395,7 @@ async def test_an_answer_after_the_stall_time_changes_nothing_and_the_report_say
     ignored (the stream is over): nothing is counted again, and the report says in doubt
     what indeed counts twice (b runs on)."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        c = _counters_node(net, "c", "v2")
-        net.connect(a, b, c)
+    async with counts_on_a(held, "b", "c") as (net, a, (b, c)):
         _cut_at_duplicate_of_chunk_1(net, a, b)
         cut = net.cut
 
@@ -441,10 +427,7 @@ async def test_chunks_of_unknown_outcome_on_a_kept_duplicate_that_fails_are_aske
     got were gone. Now the end of the duplicate asks on the link in use (the mesh runs what
     ``Sessions.link_lost`` returns)."""
     held = {f"k{i:03d}": i + 1 for i in range(64)}
-    async with network() as net:
-        a = _counters_node(net, "a", "v1", **held)
-        b = _counters_node(net, "b", "v2")
-        net.connect(a, b)
+    async with counts_on_a(held, "b") as (net, a, (b,)):
         old_ab, old_ba = net.wire(a, b), net.wire(b, a)
         old_ba.hold_after = lambda m: isinstance(m, Accept)  # b's Acks wait
         old_ab.hold_after = lambda m: isinstance(m, Chunk) and m.seq == 1  # 2, 3 never arrive
