@@ -972,3 +972,32 @@ def test_a_reply_lost_before_the_export_is_answered_where_the_record_lands() -> 
         assert handled(net, key) == [[c.name, 1], [c.name, 2]]
 
     run(scenario)
+
+
+def test_a_malformed_record_is_refused_and_leaves_nothing() -> None:
+    """A record whose channels or queued messages are malformed (a forged or corrupt chunk,
+    a snapshot of another build) is refused before the actor is held: refused after, the
+    key stayed held frozen with nobody confirming it (wedged for ever, every message to it
+    queued), and a good record of it was then kept out ('held already')."""
+
+    async def scenario(net: Net) -> None:
+        o, c = await net.spawn_node(), await net.spawn_node()
+        body = net.codec.packb([c.name, 1])
+        bad = [
+            [[[c.incarnation, "not a gen", 2, []]], []],
+            [[[c.incarnation, 1, b"12", []]], []],
+            [[], [[c.incarnation, c.name, 1]]],
+            [[], [[c.incarnation, c.name, "g", 1, 1, body]]],
+            [[], [[c.incarnation, c.name, 1, 1, 1, "not bytes"]]],
+            [[[None, 1, 2, []]], []],
+            [[[c.incarnation, 1, 2, []]] * (ActorLimits().max_channels + 1), []],
+            [[], [[c.incarnation, c.name, 1, s, 1, body] for s in range(1, 2_002)]],
+        ]
+        for i, meta in enumerate(bad, start=1):
+            with pytest.raises((TypeError, ValueError)):
+                o.host.put(f"r{i}", [], meta)
+            assert kb(net, f"r{i}") not in o.host._held, i
+        assert o.host._queued == 0
+        assert o.host.put("r1", [], [[[c.incarnation, 1, 2, []]], []])
+
+    run(scenario)
