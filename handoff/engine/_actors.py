@@ -1662,9 +1662,7 @@ class ActorHost:
         answer(True)
         self._start(held)
 
-    def _decode_payload(
-        self, message: ActorMove
-    ) -> tuple[Any, list[tuple[str, int, int, list[tuple[int, int, bytes]]]], list[Any]]:
+    def _decode_payload(self, message: ActorMove) -> tuple[Any, _Channels, _Queued]:
         decoded = self._codec.unpackb(message.payload)
         if not isinstance(decoded, list | tuple) or len(decoded) != 3:
             raise ValueError("not [state, channels, queued]")
@@ -1676,49 +1674,7 @@ class ActorHost:
             if not converted:
                 raise ValueError(next(iter(dropped), "transform failed"))
             state = converted[0][1]
-        if not isinstance(raw_channels, list | tuple) or not isinstance(raw_queued, list | tuple):
-            raise ValueError("channels and queued messages must be arrays")
-        if len(raw_channels) > self.limits.max_channels or len(raw_queued) > self.limits.mailbox:
-            raise ValueError("more channels or queued messages than this node takes")
-        channels = []
-        for item in raw_channels:
-            if not isinstance(item, list | tuple) or len(item) != 4:
-                raise ValueError("malformed channel")
-            origin, gen, next_seq, replies = item
-            if not (
-                isinstance(origin, str)
-                and _positive(gen)
-                and _positive(next_seq)
-                and isinstance(replies, list | tuple)
-                and len(replies) <= WINDOW
-            ):
-                raise ValueError("malformed channel")
-            kept: list[tuple[int, int, bytes]] = []
-            for reply in replies:
-                if not isinstance(reply, list | tuple) or len(reply) != 3:
-                    raise ValueError("malformed reply")
-                seq, status, body = reply
-                # Checked, never converted: bytes(n) of a number makes n bytes.
-                if not (_positive(seq) and status in _STATUSES and isinstance(body, bytes)):
-                    raise ValueError("malformed reply")
-                kept.append((seq, status, body))
-            channels.append((origin, gen, next_seq, kept))
-        queued = []
-        for item in raw_queued:
-            if not isinstance(item, list | tuple) or len(item) != 6:
-                raise ValueError("malformed queued message")
-            origin, sender, gen, seq, want_reply, body = item
-            if not (
-                isinstance(origin, str)
-                and isinstance(sender, str)
-                and _positive(gen)
-                and _positive(seq)
-                and isinstance(want_reply, int)
-                and isinstance(body, bytes)
-                and body
-            ):
-                raise ValueError("malformed queued message")
-            queued.append((origin, sender, gen, seq, int(bool(want_reply)), body))
+        channels, queued = _checked_meta(raw_channels, raw_queued, self.limits)
         return state, channels, queued
 
     # -- drain ----------------------------------------------------------------------------
@@ -1830,21 +1786,23 @@ class ActorHost:
         key_bytes = self._encode_key(key)
         if key_bytes in self._held:
             return False
-        if meta is None:
-            channels, queued = [], []
-        elif isinstance(meta, list | tuple) and len(meta) == 2:
-            channels, queued = meta
-        else:
+        channels: _Channels = []
+        queued: _Queued = []
+        if isinstance(meta, list | tuple) and len(meta) == 2:
+            # Checked whole before the actor is held: refused after, the key stayed held
+            # frozen with nobody confirming it (every message to it queued for ever).
+            channels, queued = _checked_meta(meta[0], meta[1], self.limits)
+        elif meta is not None:
             raise ValueError("an actor record's metadata is [channels, queued]")
-        replies = [_record_replies(channel) for channel in channels]
         held = self._activate(key_bytes, state, epoch=self._transit.pop(key_bytes, 1), dormant=True)
         self._transit_queued.pop(key_bytes, None)  # back here: this node answers them
         assert held is not None
         held.confirming = held.frozen = True
-        for (origin, gen, next_seq, _), kept in zip(channels, replies, strict=True):
-            channel = _Channel(int(gen), int(next_seq), used=self._clock.now())
-            channel.replies.update(kept)
-            held.channels[str(origin)] = channel
+        for origin, gen, next_seq, replies in channels:
+            channel = _Channel(gen, next_seq, used=self._clock.now())
+            for seq, status, body in replies:
+                channel.replies[seq] = (status, body)
+            held.channels[origin] = channel
         for origin, sender, gen, seq, want_reply, body in queued:
             held.mailbox.append(
                 ActorSend(
@@ -1904,23 +1862,60 @@ class ActorHost:
         self._moved(held, holder, held.epoch)
 
 
-def _record_replies(channel: Any) -> list[tuple[int, tuple[int, bytes]]]:
-    """The kept replies of a record's channel ``[origin, gen, next, replies]`` (records of
-    earlier builds keep none); checked, never converted."""
-    if not isinstance(channel, list | tuple) or len(channel) != 4:
-        raise ValueError("an actor record's channel is [origin, gen, next, replies]")
-    replies = channel[3]
-    if not isinstance(replies, list | tuple) or len(replies) > WINDOW:
-        raise ValueError("an actor record's channel keeps at most WINDOW replies")
-    kept = []
-    for reply in replies:
-        if not isinstance(reply, list | tuple) or len(reply) != 3:
-            raise ValueError("malformed reply in an actor record")
-        seq, status, body = reply
-        if not (_positive(seq) and status in _STATUSES and isinstance(body, bytes)):
-            raise ValueError("malformed reply in an actor record")
-        kept.append((seq, (status, body)))
-    return kept
+_Channels = list[tuple[str, int, int, list[tuple[int, int, bytes]]]]
+_Queued = list[tuple[str, str, int, int, int, bytes]]
+
+
+def _checked_meta(
+    raw_channels: Any, raw_queued: Any, limits: ActorLimits
+) -> tuple[_Channels, _Queued]:
+    """The channels ``[origin, gen, next, replies]`` and queued messages ``[origin, sender,
+    gen, seq, want_reply, body]`` of a move's payload or an actor record (records of earlier
+    builds keep no replies), within this node's bounds; checked, never converted (bytes(n)
+    of a number makes n bytes, int() of a string or a float is no sequence number)."""
+    if not isinstance(raw_channels, list | tuple) or not isinstance(raw_queued, list | tuple):
+        raise ValueError("channels and queued messages must be arrays")
+    if len(raw_channels) > limits.max_channels or len(raw_queued) > limits.mailbox:
+        raise ValueError("more channels or queued messages than this node takes")
+    channels: _Channels = []
+    for item in raw_channels:
+        if not isinstance(item, list | tuple) or len(item) != 4:
+            raise ValueError("malformed channel")
+        origin, gen, next_seq, replies = item
+        if not (
+            isinstance(origin, str)
+            and _positive(gen)
+            and _positive(next_seq)
+            and isinstance(replies, list | tuple)
+            and len(replies) <= WINDOW
+        ):
+            raise ValueError("malformed channel")
+        kept: list[tuple[int, int, bytes]] = []
+        for reply in replies:
+            if not isinstance(reply, list | tuple) or len(reply) != 3:
+                raise ValueError("malformed reply")
+            seq, status, body = reply
+            if not (_positive(seq) and status in _STATUSES and isinstance(body, bytes)):
+                raise ValueError("malformed reply")
+            kept.append((seq, status, body))
+        channels.append((origin, gen, next_seq, kept))
+    queued: _Queued = []
+    for item in raw_queued:
+        if not isinstance(item, list | tuple) or len(item) != 6:
+            raise ValueError("malformed queued message")
+        origin, sender, gen, seq, want_reply, body = item
+        if not (
+            isinstance(origin, str)
+            and isinstance(sender, str)
+            and _positive(gen)
+            and _positive(seq)
+            and isinstance(want_reply, int)
+            and isinstance(body, bytes)
+            and body
+        ):
+            raise ValueError("malformed queued message")
+        queued.append((origin, sender, gen, seq, int(bool(want_reply)), body))
+    return channels, queued
 
 
 def _may_answer(pending: _Pending, node: str) -> None:
