@@ -19,6 +19,7 @@ import pytest
 
 from handoff.engine._actors import (
     CHANNEL_KEEP,
+    MAX_ANSWERERS,
     WINDOW,
     ActorLimits,
     MoveStats,
@@ -999,5 +1000,44 @@ def test_a_malformed_record_is_refused_and_leaves_nothing() -> None:
             assert kb(net, f"r{i}") not in o.host._held, i
         assert o.host._queued == 0
         assert o.host.put("r1", [], [[[c.incarnation, 1, 2, []]], []])
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("named", ["strangers", "the sender", "a circle"])
+def test_redirects_past_the_answerer_bound_do_not_lose_a_call(named: str) -> None:
+    """A node the message went to (here x, made one by hand) names more nodes than a
+    message keeps answerers for (17 redirects: strangers, the sender itself, or a circle
+    through itself) while the holder's reply is on its way: the holder's answer may be
+    dropped (it left the bound), but the call is answered (the re-send reaches the holder,
+    which answers from its kept reply) and handled once."""
+
+    async def scenario(net: Net) -> None:
+        o, c, x = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, o, [o, c, x])
+        assert (await call(net, c, key, 1)).status is Status.REPLIED
+        outbox = c.host._outboxes[kb(net, key)]
+        pending = await c.host.submit(key, [c.name, 2], want_reply=True, time_limit=60)
+        await settle()
+        pending.answerers.append(x.name)
+        net.deliver(0)  # o takes the message; its reply waits on the wire
+        await settle()
+        names = {
+            "strangers": [f"ghost{i}" for i in range(MAX_ANSWERERS + 1)],
+            "the sender": [c.name] * (MAX_ANSWERERS + 1),
+            "a circle": [x.name, o.name] * MAX_ANSWERERS,
+        }[named]
+        for holder in names:
+            reply = ActorReply(NAMESPACE, kb(net, key), outbox.gen, 2, 3, holder, b"\xc0")
+            c.host.handle(x.name, reply)
+            await settle()
+        for _ in range(10):
+            await tick(net)
+            if pending.done.is_set():
+                break
+        assert pending.status is Status.REPLIED
+        assert net.codec.unpackb(pending.answer) == 2
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
+        single(net, key)
 
     run(scenario)
