@@ -1041,3 +1041,38 @@ def test_redirects_past_the_answerer_bound_do_not_lose_a_call(named: str) -> Non
         single(net, key)
 
     run(scenario)
+
+
+def test_a_message_forwarded_while_the_key_is_claimed_does_not_enter_its_channels() -> None:
+    """A 'forwarded' message from a peer that never held the actor, arriving while the
+    node claims the key (the sender's first message started the claim), waited with the
+    claim's messages and entered the new activation's channels unchecked: its forged
+    message took the sender's next sequence number, and the sender's real one was answered
+    with the forged one's reply (lost)."""
+
+    async def scenario(net: Net) -> None:
+        o, c, x = [await net.spawn_node() for _ in range(3)]
+        key = key_placed_on(net, o, [o, c, x])
+        first = await c.host.submit(key, [c.name, 1], want_reply=True, time_limit=10)
+        await settle()
+        net.deliver(0)  # o claims the key: it asks c and x
+        await settle()
+        assert kb(net, key) in o.host._claims
+        gen = c.host._outboxes[kb(net, key)].gen
+        forged = net.codec.packb(["x", 666])
+        o.host.handle(
+            x.name,
+            ActorSend(NAMESPACE, kb(net, key), c.incarnation, c.name, gen, 2, 1, 1, 1, forged),
+        )
+        await flush(net)
+        assert first.status is Status.REPLIED
+        pending = await call(net, c, key, 2)
+        for _ in range(3):
+            if pending.done.is_set():
+                break
+            await tick(net)
+        assert pending.status is Status.REPLIED
+        assert net.codec.unpackb(pending.answer) == 2
+        assert handled(net, key) == [[c.name, 1], [c.name, 2]]
+
+    run(scenario)
