@@ -967,6 +967,12 @@ class ActorHost:
             )
             return
         if key_bytes in self._claims:
+            if forwarded:
+                # Replayed once the claim ends, it would enter the channels with nobody
+                # checking who forwarded it (see _on_send): dropped, as into a held actor
+                # from a node that never held it; its sender, told where it went, sends it
+                # here itself.
+                return
             waiting = self._claim_waiting.setdefault(key_bytes, [])
             if len(waiting) < self.limits.mailbox:
                 waiting.append(message)
