@@ -977,7 +977,7 @@ def test_a_reply_lost_before_the_export_is_answered_where_the_record_lands() -> 
 
 def test_a_malformed_record_is_refused_and_leaves_nothing() -> None:
     """A record whose channels or queued messages are malformed (a forged or corrupt chunk,
-    a snapshot of another build) is refused before the actor is held: refused after, the
+    more replies than a channel keeps) is refused before the actor is held: refused after, the
     key stayed held frozen with nobody confirming it (wedged for ever, every message to it
     queued), and a good record of it was then kept out ('held already')."""
 
@@ -991,15 +991,20 @@ def test_a_malformed_record_is_refused_and_leaves_nothing() -> None:
             [[], [[c.incarnation, c.name, "g", 1, 1, body]]],
             [[], [[c.incarnation, c.name, 1, 1, 1, "not bytes"]]],
             [[[None, 1, 2, []]], []],
-            [[[c.incarnation, 1, 2, []]] * (ActorLimits().max_channels + 1), []],
-            [[], [[c.incarnation, c.name, 1, s, 1, body] for s in range(1, 2_002)]],
+            [[[c.incarnation, 1, 2, [[1, 0, b"r"]] * (WINDOW + 1)]], []],
         ]
         for i, meta in enumerate(bad, start=1):
             with pytest.raises((TypeError, ValueError)):
                 o.host.put(f"r{i}", [], meta)
             assert kb(net, f"r{i}") not in o.host._held, i
         assert o.host._queued == 0
+        # A record of an earlier build (no kept replies) is held; so is one from a node
+        # with a larger mailbox (the record is the actor's only copy).
         assert o.host.put("r1", [], [[[c.incarnation, 1, 2, []]], []])
+        more = ActorLimits().mailbox + 1
+        queued = [[c.incarnation, c.name, 1, s, 1, body] for s in range(2, 2 + more)]
+        assert o.host.put("r2", [], [[], queued])
+        assert len(o.host._held[kb(net, "r2")].mailbox) == o.host._queued == more
 
     run(scenario)
 

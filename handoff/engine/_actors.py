@@ -1797,7 +1797,9 @@ class ActorHost:
         if isinstance(meta, list | tuple) and len(meta) == 2:
             # Checked whole before the actor is held: refused after, the key stayed held
             # frozen with nobody confirming it (every message to it queued for ever).
-            channels, queued = _checked_meta(meta[0], meta[1], self.limits)
+            # A record is the actor's only copy: one from a node with larger limits is
+            # held all the same (its extra queued messages count in the node's bound).
+            channels, queued = _checked_meta(meta[0], meta[1], None)
         elif meta is not None:
             raise ValueError("an actor record's metadata is [channels, queued]")
         held = self._activate(key_bytes, state, epoch=self._transit.pop(key_bytes, 1), dormant=True)
@@ -1873,15 +1875,17 @@ _Queued = list[tuple[str, str, int, int, int, bytes]]
 
 
 def _checked_meta(
-    raw_channels: Any, raw_queued: Any, limits: ActorLimits
+    raw_channels: Any, raw_queued: Any, limits: ActorLimits | None
 ) -> tuple[_Channels, _Queued]:
     """The channels ``[origin, gen, next, replies]`` and queued messages ``[origin, sender,
     gen, seq, want_reply, body]`` of a move's payload or an actor record (records of earlier
-    builds keep no replies), within this node's bounds; checked, never converted (bytes(n)
+    builds keep no replies), within ``limits`` if given; checked, never converted (bytes(n)
     of a number makes n bytes, int() of a string or a float is no sequence number)."""
     if not isinstance(raw_channels, list | tuple) or not isinstance(raw_queued, list | tuple):
         raise ValueError("channels and queued messages must be arrays")
-    if len(raw_channels) > limits.max_channels or len(raw_queued) > limits.mailbox:
+    if limits is not None and (
+        len(raw_channels) > limits.max_channels or len(raw_queued) > limits.mailbox
+    ):
         raise ValueError("more channels or queued messages than this node takes")
     channels: _Channels = []
     for item in raw_channels:
