@@ -1491,14 +1491,26 @@ class _CostlyStore(DirectorySnapshotStore):
         return Costly()
 
 
-@pytest.mark.parametrize("reserve", ["fixed", "measured"])
+def test_the_snapshot_reserve_is_between_its_floor_and_its_cap() -> None:
+    floor, cap = _sender.SNAPSHOT_RESERVE * 10.0, _sender.SNAPSHOT_RESERVE_CAP * 10.0
+    assert _sender.snapshot_reserve(10.0, 100, 0.001) == floor
+    assert _sender.snapshot_reserve(10.0, 0, 0.0) == floor
+    between = _sender.snapshot_reserve(10.0, 3000, 0.001)
+    assert floor < between < cap
+    assert between == pytest.approx(3.0)
+    assert _sender.snapshot_reserve(10.0, 1_000_000, 0.001) == cap
+    assert _sender.snapshot_reserve(0.0, 1_000_000, 0.001) == 0.0
+
+
+@pytest.mark.parametrize("reserve", ["fixed", "measured", "fast successor"])
 async def test_the_snapshot_reserve_is_sized_by_the_measured_cost_of_what_is_left(
     reserve: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A slow successor leaves most records to a store that writes one per 2 ms, as
     encoding one costs 1 ms while streaming: the fixed 25 % of a 10 s drain (2.5 s) cannot
     write the ~1,700 left and drops the rest "deadline"; the reserve sized by the measured
-    cost (twice the encoding's) snapshots them all, within the deadline."""
+    cost (twice the encoding's) snapshots them all, within the deadline. A fast successor
+    still takes everything."""
     encode_seconds = 0.001
     cpu = [0.0]
     encode = Codec.encode_records
@@ -1519,7 +1531,8 @@ async def test_the_snapshot_reserve_is_sized_by_the_measured_cost_of_what_is_lef
         a = net.node("a", track("users", users("u", 2000)), snapshots=snapshots)
         b = net.node("b", track("users", {}), release="v2")
         net.connect(a, b)
-        net.wire(a, b).seconds_per_chunk = 0.25
+        if reserve != "fast successor":
+            net.wire(a, b).seconds_per_chunk = 0.25
         started = net.clock.now()
         report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
         ended = net.clock.now()
@@ -1529,7 +1542,10 @@ async def test_the_snapshot_reserve_is_sized_by_the_measured_cost_of_what_is_lef
     ns = report.namespaces["users"]
     assert ns.acknowledged > 0
     left = ns.records - ns.acknowledged
-    if reserve == "fixed":
+    if reserve == "fast successor":
+        # The costly store does not hold back a successor that takes everything.
+        assert (ns.acknowledged, ns.snapshotted, ns.dropped) == (2000, 0, {})
+    elif reserve == "fixed":
         assert ns.dropped.get("deadline", 0) > 0, report.summary()
     else:
         assert (ns.snapshotted, ns.dropped) == (left, {}), report.summary()
