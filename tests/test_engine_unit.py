@@ -1460,3 +1460,93 @@ async def test_a_slow_link_gets_small_chunks_that_are_all_acknowledged(
     assert elapsed <= time_limit
     assert a_b.max_in_flight <= INITIAL_CREDIT
     assert [m for m in a_b.sent if isinstance(m, Cancel)] != []  # stream ended at deadline
+
+
+# -- the snapshot reserve ---------------------------------------------------------------------
+
+
+class _CostlyStore(DirectorySnapshotStore):
+    """A directory store whose writes cost fake time per record (a loaded box)."""
+
+    def __init__(self, path: Path, clock: FakeClock, seconds_per_record: float) -> None:
+        super().__init__(path, key=bytes(32))
+        self.clock, self.seconds_per_record = clock, seconds_per_record
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        writer = super().begin(*args, **kwargs)
+        store = self
+
+        class Costly:
+            def write_chunk(self, payload: bytes, records: int) -> None:
+                # From the writer's thread: the time passes, sleepers wake at the next jump.
+                store.clock._now += records * store.seconds_per_record
+                writer.write_chunk(payload, records)
+
+            def commit(self) -> Any:
+                return writer.commit()
+
+            def abort(self) -> None:
+                writer.abort()
+
+        return Costly()
+
+
+def test_the_snapshot_reserve_is_between_its_floor_and_its_cap() -> None:
+    floor, cap = _sender.SNAPSHOT_RESERVE * 10.0, _sender.SNAPSHOT_RESERVE_CAP * 10.0
+    assert _sender.snapshot_reserve(10.0, 100, 0.001) == floor
+    assert _sender.snapshot_reserve(10.0, 0, 0.0) == floor
+    between = _sender.snapshot_reserve(10.0, 3000, 0.001)
+    assert floor < between < cap
+    assert between == pytest.approx(3.0)
+    assert _sender.snapshot_reserve(10.0, 1_000_000, 0.001) == cap
+    assert _sender.snapshot_reserve(0.0, 1_000_000, 0.001) == 0.0
+
+
+@pytest.mark.parametrize("reserve", ["fixed", "measured", "fast successor"])
+async def test_the_snapshot_reserve_is_sized_by_the_measured_cost_of_what_is_left(
+    reserve: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow successor leaves most records to a store that writes one per 2 ms, as
+    encoding one costs 1 ms while streaming: the fixed 25 % of a 10 s drain (2.5 s) cannot
+    write the ~1,700 left and drops the rest "deadline"; the reserve sized by the measured
+    cost (twice the encoding's) snapshots them all, within the deadline. A fast successor
+    still takes everything."""
+    encode_seconds = 0.001
+    cpu = [0.0]
+    encode = Codec.encode_records
+
+    def costly_encode(self: Codec, records: list[Record]) -> Any:
+        cpu[0] += encode_seconds * len(records)
+        return encode(self, records)
+
+    monkeypatch.setattr(Codec, "encode_records", costly_encode)
+    monkeypatch.setattr(_sender, "_cpu_clock", lambda: cpu[0])
+    # A snapshot chunk starts only before the deadline, but once started it is written
+    # whole: small chunks keep that overrun small (one chunk's 32 ms).
+    monkeypatch.setattr(_sender, "MAX_CHUNK_RECORDS", 16)
+    if reserve == "fixed":
+        monkeypatch.setattr(_sender, "SNAPSHOT_RESERVE_CAP", _sender.SNAPSHOT_RESERVE)
+    async with network() as net:
+        snapshots = _CostlyStore(tmp_path / "snapshots", net.clock, 2 * encode_seconds)
+        a = net.node("a", track("users", users("u", 2000)), snapshots=snapshots)
+        b = net.node("b", track("users", {}), release="v2")
+        net.connect(a, b)
+        if reserve != "fast successor":
+            net.wire(a, b).seconds_per_chunk = 0.25
+        started = net.clock.now()
+        report = await net.finish(net.start(lambda: a.drain(time_limit=10.0)))
+        ended = net.clock.now()
+
+    assert ended - started <= 10.0 + 16 * 2 * encode_seconds
+    assert_adds_up(report)
+    ns = report.namespaces["users"]
+    assert ns.acknowledged > 0
+    left = ns.records - ns.acknowledged
+    if reserve == "fast successor":
+        # The costly store does not hold back a successor that takes everything.
+        assert (ns.acknowledged, ns.snapshotted, ns.dropped) == (2000, 0, {})
+    elif reserve == "fixed":
+        assert ns.dropped.get("deadline", 0) > 0, report.summary()
+    else:
+        assert (ns.snapshotted, ns.dropped) == (left, {}), report.summary()
+        assert ended - started <= 10.0 + 1e-9  # the fake clock's sums of floats

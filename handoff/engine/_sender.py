@@ -117,8 +117,16 @@ CHUNK_SECONDS = 0.25
 # make the first chunk huge.
 FIRST_CHUNK_RECORDS = 16
 MAX_CHUNK_RECORDS = 8192
-# Share of the drain timeout kept for writing the snapshot when a store is configured.
+# Share of the drain timeout kept at least for writing the snapshot when a store is
+# configured; more (up to SNAPSHOT_RESERVE_CAP, so that a successor still gets its share) when
+# the records not yet acknowledged would take longer to snapshot at the measured cost (see
+# snapshot_reserve).
 SNAPSHOT_RESERVE = 0.25
+SNAPSHOT_RESERVE_CAP = 0.5
+# A snapshot record costs its encoding (measured while streaming, under the box's load of
+# the moment) and its write (msgpack chunks written by a thread): counted as twice the
+# encoding.
+SNAPSHOT_COST_FACTOR = 2.0
 CATCH_UP = "catch-up"
 OUTCOME_UNKNOWN = (
     "outcome unknown: sent to {peer}, which neither acknowledged nor refused it in time"
@@ -126,6 +134,8 @@ OUTCOME_UNKNOWN = (
 STOPPED = "stopped"
 NOT_CHECKED = "deadline: not checked for changes since the drain (may be unchanged)"
 KEPT_OLDER = "written after the drain, the successor kept its older copy"
+# The clock the encoding's cost is measured by (CPU work: real seconds; tests replace it).
+_cpu_clock: Callable[[], float] = time.perf_counter
 # Seconds (at most) kept at the end of a drain to cancel the streams still open.
 CANCEL_RESERVE = 0.1
 # A successor that owes the drain an answer (to its offer, an acknowledgement, credit) and
@@ -406,6 +416,9 @@ class Drainer:
         self._streams: dict[tuple[str, int], _OutStream] = {}
         self._changed = anyio.Event()
         self._bytes_per_record = 0.0
+        # Seconds of CPU an encoded record took while streaming (0: not measured yet).
+        self._encode_seconds_per_record = 0.0
+        self._time_limit = 0.0
         self._stall_after = STALL_CEILING
         self._tier: list[_OutStream] = []
         """The streams of the tier the current namespace goes to: each other's fallback."""
@@ -934,6 +947,7 @@ class Drainer:
     async def _run(self, time_limit: float) -> DrainReport:
         started = self._clock.now()
         deadline = self._deadline = started + time_limit
+        self._time_limit = time_limit
         self._stall_after = min(STALL_CEILING, max(STALL_FLOOR, time_limit * STALL_SHARE))
         # Streaming stops a moment before the deadline, so that the streams still open can
         # be cancelled in time: a receiver would otherwise count them as arriving, and wait
@@ -1022,7 +1036,18 @@ class Drainer:
         routed: list[str] = []
         exhausted = False
         too_slow = False
-        while self._clock.now() < stream_until and not self._stopped:
+        floor_until = stream_until
+        while not self._stopped:
+            if self._snapshots is not None:
+                # Never later than the floor's (the stream_until given): sooner while the
+                # records left would take longer to snapshot than the floor leaves; later
+                # again as a successor acknowledges them.
+                stream_until = min(
+                    floor_until,
+                    self._stream_until(tracked, report, deadline, sized=source is None),
+                )
+            if self._clock.now() >= stream_until:
+                break
             # Streams that stopped (and, for ownership, whose chunks' fate became known)
             # give back what they had: it goes to the successors still open.
             for stream in offered:
@@ -1953,18 +1978,43 @@ class Drainer:
             await self._clock.wait(self._changed, due)
         return True
 
+    def _timed_encode(self, records: list[Record]) -> tuple[bytes, list[tuple[Record, str]]]:
+        """Encode, learning the encoding's cost per record: it sizes the snapshot reserve
+        (real seconds, not the engine's clock: it is CPU work, slower on a loaded box)."""
+        started = _cpu_clock()
+        result = self._codec.encode_records(records)
+        if records:
+            cost = (_cpu_clock() - started) / len(records)
+            previous = self._encode_seconds_per_record
+            self._encode_seconds_per_record = cost if not previous else (previous + cost) / 2
+        return result
+
+    def _stream_until(
+        self, tracked: Tracked, report: NamespaceReport, deadline: float, *, sized: bool
+    ) -> float:
+        """When streaming stops, with a snapshot store: the reserve for the records not
+        acknowledged yet (see :func:`snapshot_reserve`). ``sized``: the export is the
+        adapter's own, so its size tells how many are still to be pulled."""
+        left = report.records - report.acknowledged
+        if sized:
+            left += max(0, len(tracked.adapter) - report.records)
+        reserve = snapshot_reserve(
+            self._time_limit, left, self._encode_seconds_per_record * SNAPSHOT_COST_FACTOR
+        )
+        return deadline - reserve
+
     def _encode(
         self, stream: _OutStream, records: list[Record]
     ) -> tuple[bytes, list[tuple[Record, str]]]:
         """Encode a chunk; with spread ``all`` the same records for the next successor
         reuse the encoding (records converted by a chain are new objects each time)."""
         if not self._everywhere or stream.chain is not None:
-            return self._codec.encode_records(records)
+            return self._timed_encode(records)
         identity = tuple(map(id, records))
         cached = self._encoded.get(identity)
         if cached is not None:
             return cached[1], cached[2]
-        payload, rejected = self._codec.encode_records(records)
+        payload, rejected = self._timed_encode(records)
         encoded = self._encoded
         encoded[identity] = (records, payload, rejected)
         self._encoded_bytes += len(payload)
@@ -2178,6 +2228,16 @@ class Drainer:
         self._bytes_per_record = len(payload) / count
         await anyio.to_thread.run_sync(writer.write_chunk, payload, count)
         return count
+
+
+def snapshot_reserve(time_limit: float, left: int, seconds_per_record: float) -> float:
+    """Seconds kept at the end of a drain of ``time_limit`` for snapshotting ``left``
+    records at ``seconds_per_record``: at least :data:`SNAPSHOT_RESERVE` of the time limit,
+    at most :data:`SNAPSHOT_RESERVE_CAP` of it (a successor still gets its share)."""
+    if time_limit <= 0:
+        return 0.0
+    wanted = left * seconds_per_record
+    return time_limit * min(SNAPSHOT_RESERVE_CAP, max(SNAPSHOT_RESERVE, wanted / time_limit))
 
 
 @dataclass(frozen=True, slots=True)
