@@ -402,6 +402,7 @@ class Node:
         self._mesh.on_node_up(lambda peer: self._sessions.peer_up(peer.name))
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._listener: anyio.abc.SocketListener | None = None
         self._port = s.bind_port
 
     def _new_sessions(self) -> tuple[Receiver, Sessions]:
@@ -1293,7 +1294,7 @@ class Node:
         except BaseException:
             await stack.aclose()
             raise
-        self._exit_stack, self._control = stack, control
+        self._exit_stack, self._control, self._listener = stack, control, listener
         self._mesh.start(listener, discovery=discovery, tls=tls, own_addresses=own_addresses)
         self._spawn(self._warmup)
         for host in self._actors.values():
@@ -1449,12 +1450,18 @@ class Node:
                 scope.deadline = anyio.current_time() + self.settings.drain_timeout + 5
                 await self._catch_up()
         await self._mesh.stop(reason)
-        # One turn of the loop first, so that a connection the listener was just handed is
-        # accepted, not cut: asyncio 3.11 sets the result of an accept cancelled in the same
-        # turn (InvalidStateError from its callback: fixed in 3.12). A drain with nothing
-        # to send and a mesh with no link reach this point without any await. Shielded: a
-        # cancellation here would skip the task group's exit below.
+        # The listener is closed before the accept loop's task is cancelled: asyncio 3.11
+        # sets the result of an accept cancelled in the loop's turn that found a connection
+        # waiting (its reader callback was already queued): an InvalidStateError from the
+        # callback (bpo-41317; fixed in 3.12). The listener's aclose unregisters that
+        # callback (which cancels it even when queued) before it cancels the accept. A
+        # connection can arrive at any moment (a peer, or a stray dial), so the turn of the
+        # loop taken here before did not close the race. Shielded: a cancellation here
+        # would skip the task group's exit below.
+        listener, self._listener = self._listener, None
         with anyio.CancelScope(shield=True):
+            if listener is not None:
+                await listener.aclose()
             await anyio.lowlevel.checkpoint()
         # The task group must be exited from the scope that entered it, so not shielded.
         for scope in list(self._task_scopes):
