@@ -111,6 +111,17 @@ async def tick(net: Net, seconds: float = 1.1) -> None:
     await flush(net)
 
 
+async def answer_within(net: Net, pending: Any, ticks: int, seconds: float = 1.1) -> Any:
+    """Move the fake clock up to ``ticks`` times (``seconds`` each) until ``pending`` is
+    answered; assert that it was replied to, and return the reply."""
+    for _ in range(ticks):
+        if pending.done.is_set():
+            break
+        await tick(net, seconds)
+    assert pending.status is Status.REPLIED
+    return net.codec.unpackb(pending.answer)
+
+
 def handled(net: Net, key: Any) -> list[list[Any]]:
     (name,) = holders(net, key, unfrozen=False)
     held = net.nodes[name].host._held[kb(net, key)]
@@ -814,12 +825,7 @@ def test_a_peer_that_never_held_an_actor_cannot_forward_messages_into_its_channe
             )  # fmt: skip
         await flush(net)
         pending = await call(net, c, key, 2)
-        for _ in range(3):
-            if pending.done.is_set():
-                break
-            await tick(net)
-        assert pending.status is Status.REPLIED
-        assert net.codec.unpackb(pending.answer) == 2
+        assert await answer_within(net, pending, 3) == 2
         assert handled(net, key) == [[c.name, 1], [c.name, 2]]
         assert holders(net, fresh) == []  # nothing activated on a forwarder's word
 
@@ -937,12 +943,8 @@ def test_a_message_queued_in_a_record_is_answered_by_the_node_that_took_it() -> 
         (record,) = a.host.take()
         assert record[2][1]  # the queued message travels in the record
         assert b.host.put(*record)
-        for _ in range(5):  # less than RESEND_AFTER in all: no re-send
-            if pending.done.is_set():
-                break
-            await tick(net, 0.1)
-        assert pending.status is Status.REPLIED
-        assert net.codec.unpackb(pending.answer) == 2
+        # Five ticks of 0.1 s: less than RESEND_AFTER in all, so no re-send.
+        assert await answer_within(net, pending, 5, 0.1) == 2
         assert holders(net, key) == [b.name]
         assert handled(net, key) == [[c.name, 1], [c.name, 2]]
 
@@ -964,12 +966,7 @@ def test_a_reply_lost_before_the_export_is_answered_where_the_record_lands() -> 
         a.serving = False
         (record,) = a.host.take()
         assert b.host.put(*record)
-        for _ in range(4):
-            if pending.done.is_set():
-                break
-            await tick(net)
-        assert pending.status is Status.REPLIED
-        assert net.codec.unpackb(pending.answer) == 2
+        assert await answer_within(net, pending, 4) == 2
         assert handled(net, key) == [[c.name, 1], [c.name, 2]]
 
     run(scenario)
@@ -1036,12 +1033,7 @@ def test_redirects_past_the_answerer_bound_do_not_lose_a_call(named: str) -> Non
             reply = ActorReply(NAMESPACE, kb(net, key), outbox.gen, 2, 3, holder, b"\xc0")
             c.host.handle(x.name, reply)
             await settle()
-        for _ in range(10):
-            await tick(net)
-            if pending.done.is_set():
-                break
-        assert pending.status is Status.REPLIED
-        assert net.codec.unpackb(pending.answer) == 2
+        assert await answer_within(net, pending, 10) == 2
         assert handled(net, key) == [[c.name, 1], [c.name, 2]]
         single(net, key)
 
@@ -1072,12 +1064,7 @@ def test_a_message_forwarded_while_the_key_is_claimed_does_not_enter_its_channel
         await flush(net)
         assert first.status is Status.REPLIED
         pending = await call(net, c, key, 2)
-        for _ in range(3):
-            if pending.done.is_set():
-                break
-            await tick(net)
-        assert pending.status is Status.REPLIED
-        assert net.codec.unpackb(pending.answer) == 2
+        assert await answer_within(net, pending, 3) == 2
         assert handled(net, key) == [[c.name, 1], [c.name, 2]]
 
     run(scenario)
@@ -1104,10 +1091,6 @@ def test_a_record_taker_that_crashes_before_confirming_does_not_wedge_the_key() 
         await settle()
         net.crash(b)  # before its confirmation reached a (its questions die with it)
         pending = await c.host.submit(key, [c.name, 2], want_reply=True, time_limit=60)
-        for _ in range(8):
-            await tick(net)
-            if pending.done.is_set():
-                break
-        assert pending.status is Status.REPLIED
+        await answer_within(net, pending, 8)
 
     run(scenario)
